@@ -1,0 +1,12 @@
+//! wsrelay: a WebSocket relay server on a hand-rolled, single-threaded event loop.
+//!
+//! Layers, each depending only on the ones below it (SPEC §1):
+//!
+//! * `server`   — the reactor: event loop, connection slab, accept, dispatch, timers, shutdown.
+//! * `protocol` — pure code: HTTP upgrade handshake, RFC 6455 frame codec, close codes.
+//! * `poller`   — readiness notification (epoll/kqueue through mio; poll(2); select(2)).
+//!
+//! Start reading at `server::Reactor::run`, then `protocol::frame`.
+
+pub mod poller;
+pub mod protocol;

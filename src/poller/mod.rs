@@ -1,0 +1,110 @@
+//! Readiness notification behind one trait: the reactor asks "which descriptors can make
+//! progress?" and does not care whether epoll, kqueue, poll(2) or select(2) answers.
+//!
+//! Owns: the `Poller` trait, `Token`, `Interest`, `Event`, and the backends (`mio.rs`; poll(2) and
+//! select(2) siblings implement the same surface).
+//! Does not: know anything about WebSockets, HTTP or connections. It sees descriptors and tokens.
+//!
+//! # The contract every caller relies on (SPEC §2, §10)
+//!
+//! * **Readiness is a hint, not a promise.** An event says an operation *may* make progress. The
+//!   caller must treat `WouldBlock` as "not ready after all" and spurious events as harmless.
+//! * **Drain or remember.** The mio backend is edge-triggered: it reports a descriptor once when it
+//!   *becomes* ready, not while it *stays* ready. A caller that stops reading before `WouldBlock`
+//!   will never hear about the remaining bytes again. So the reactor either reads until
+//!   `WouldBlock` or puts the connection on its own ready list and serves it on the next
+//!   iteration with a zero timeout. poll(2) and select(2) are level-triggered and would report the
+//!   descriptor again, but the reactor never relies on it, so one reactor works on all backends.
+//! * **Writable interest only while there is something to write.** A level-triggered backend
+//!   reports an idle socket as writable on every wait; registering write interest permanently
+//!   would turn the loop into a busy spin.
+//! * **Tokens are the caller's.** A backend hands back exactly the token it was given at
+//!   `register`/`reregister`. It never invents or reuses tokens.
+
+mod mio;
+
+pub use self::mio::MioPoller;
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+/// Opaque value that identifies a registered descriptor in the events a backend returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Token(pub usize);
+
+/// Which kinds of readiness a registration wants to hear about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interest {
+    pub readable: bool,
+    pub writable: bool,
+}
+
+impl Interest {
+    pub const READABLE: Interest = Interest {
+        readable: true,
+        writable: false,
+    };
+    pub const WRITABLE: Interest = Interest {
+        readable: false,
+        writable: true,
+    };
+    pub const BOTH: Interest = Interest {
+        readable: true,
+        writable: true,
+    };
+}
+
+/// One readiness report. `hangup` and `error` are hints that the next read or write will tell
+/// the caller what happened; they are never the only way the caller learns of an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub token: Token,
+    pub readable: bool,
+    pub writable: bool,
+    pub hangup: bool,
+    pub error: bool,
+}
+
+/// A readiness-notification backend.
+///
+/// Implementations are siblings with one surface (register, reregister, deregister, wait) and no
+/// policy: everything about *what to do* with readiness lives in the reactor.
+pub trait Poller {
+    /// Short name for logs and /metrics: "epoll", "kqueue", "poll", "select".
+    fn name(&self) -> &'static str;
+
+    /// The largest descriptor number plus one this backend can watch, if it has such a limit.
+    /// select(2) cannot watch descriptors at or above `FD_SETSIZE`; the reactor refuses such
+    /// connections at accept time instead of corrupting memory.
+    fn fd_limit(&self) -> Option<usize> {
+        None
+    }
+
+    /// Start watching `fd` for `interest`, reporting it as `token`.
+    ///
+    /// # Errors
+    /// The OS refused (for example the descriptor is already registered, or is invalid).
+    fn register(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()>;
+
+    /// Change the interest (and token) of an already registered `fd`.
+    ///
+    /// # Errors
+    /// The descriptor is not registered, or the OS refused.
+    fn reregister(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()>;
+
+    /// Stop watching `fd`. Must be called before the descriptor is closed, so that no event for
+    /// it (or for a new socket that reuses its number) is reported afterwards.
+    ///
+    /// # Errors
+    /// The descriptor is not registered, or the OS refused.
+    fn deregister(&mut self, fd: RawFd) -> io::Result<()>;
+
+    /// Wait until at least one registered descriptor is ready or `timeout` passes (`None`: wait
+    /// forever; `Some(ZERO)`: just look). Clears `events` and fills it with what is ready.
+    /// `EINTR` is not an error: the call returns with whatever was collected (possibly nothing).
+    ///
+    /// # Errors
+    /// Only unexpected OS failures; the reactor treats them as fatal.
+    fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
+}

@@ -1,0 +1,18 @@
+//! The WebSocket protocol as pure code: bytes in, decisions and bytes out.
+//!
+//! Owns: the HTTP upgrade handshake (`handshake`), the RFC 6455 frame codec (`frame`, `mask`),
+//! message assembly with UTF-8 validation (`message`, `utf8`), close codes (`close`) and the
+//! protocol errors with the close code each one produces (`error`).
+//! Does not: touch sockets, clocks or the reactor. Nothing here performs I/O, so every rule is
+//! unit-tested and fuzzed without a network.
+//!
+//! Promise: no function in this layer panics on any input a peer can send; lengths from the wire
+//! are checked against limits before anything is allocated.
+
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod close;
+pub mod error;
+
+pub use close::CloseCode;
+pub use error::ProtocolError;
