@@ -5,8 +5,12 @@
 //! * `server`   — the reactor: event loop, connection slab, accept, dispatch, timers, shutdown.
 //! * `protocol` — pure code: HTTP upgrade handshake, RFC 6455 frame codec, close codes.
 //! * `poller`   — readiness notification (epoll/kqueue through mio; poll(2); select(2)).
+//! * `timer`    — a hashed timing wheel: heartbeats and deadlines, driven by the reactor's clock.
 //!
-//! Start reading at `server::Reactor::run`, then `protocol::frame`.
+//! Start reading at `server::Reactor::run`, then `protocol::frame`. docs/architecture.md draws
+//! the whole picture.
 
 pub mod poller;
 pub mod protocol;
+pub mod server;
+pub mod timer;

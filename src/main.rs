@@ -1,1 +1,172 @@
-fn main(){}
+//! The command line: flags in, a running server out (SPEC §0, §1 "cli").
+//!
+//! Owns: flag parsing (clap), logging set-up, choosing the poller, raising the descriptor limit.
+//! Does not: anything a library user would need; all behaviour lives in the `wsrelay` crate.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+use wsrelay::poller::{MioPoller, PollPoller, Poller, SelectPoller};
+use wsrelay::server::{Config, Reactor};
+
+#[derive(Parser)]
+#[command(
+    name = "wsrelay",
+    version,
+    about = "A WebSocket relay server on a hand-rolled event loop"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PollerKind {
+    /// mio: epoll on Linux, kqueue on macOS/BSD.
+    Epoll,
+    /// poll(2): one pollfd array, scanned by the kernel on every wait.
+    Poll,
+    /// select(2): fd_set bitmaps; descriptors at or above FD_SETSIZE (1024) are refused.
+    Select,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (use port 0 for any free port; the chosen one is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// Readiness backend.
+    #[arg(long, value_enum, default_value = "epoll")]
+    poller: PollerKind,
+
+    /// Largest message or frame accepted (bytes; K/M/G suffixes are binary); larger closes 1009.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    max_message: usize,
+
+    /// Bytes queued for one connection before the slow-consumer policy applies (close 1008).
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    max_outbound: usize,
+
+    /// Open connections beyond which new ones get HTTP 503.
+    #[arg(long, default_value_t = 100_000)]
+    max_connections: usize,
+
+    /// Time a client has to complete its upgrade request (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+
+    /// Time the peer has to answer our Close (or hang up after an HTTP response).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    close_timeout: Duration,
+
+    /// Silence after which the server sends a Ping.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+
+    /// Time after a heartbeat Ping within which some frame must arrive, else the connection is dropped.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Duration,
+
+    /// Granularity of the timer wheel.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    timer_tick: Duration,
+}
+
+/// Parses "4096", "64K", "1M", "16MiB", "1G" (binary multiples).
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let n: usize = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 4096, 64K, 1M)"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("wsrelay=info"))
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    raise_fd_limit();
+    let config = Config {
+        listen: args.listen,
+        max_message: args.max_message,
+        max_outbound: args.max_outbound,
+        max_connections: args.max_connections,
+        handshake_timeout: args.handshake_timeout,
+        close_timeout: args.close_timeout,
+        heartbeat_interval: args.heartbeat_interval,
+        heartbeat_timeout: args.heartbeat_timeout,
+        timer_tick: args.timer_tick,
+    };
+    let result = match args.poller {
+        PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, config)),
+        PollerKind::Poll => PollPoller::new().and_then(|p| run(p, config)),
+        PollerKind::Select => SelectPoller::new().and_then(|p| run(p, config)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsrelay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run<P: Poller>(poller: P, config: Config) -> std::io::Result<()> {
+    let listen = config.listen;
+    let mut reactor = Reactor::bind(poller, config)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
+    // One fixed line on stdout, so scripts and tests learn the port when `--listen` used port 0.
+    println!(
+        "wsrelay listening on {} (poller: {})",
+        reactor.local_addr(),
+        reactor.poller_name()
+    );
+    reactor.run().map(|_| ())
+}
+
+/// Raises the soft descriptor limit to the hard one: every connection costs a descriptor.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => log::debug!("descriptor limit {n}"),
+        Err(e) => log::warn!("could not raise the descriptor limit: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

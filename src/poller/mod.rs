@@ -1,8 +1,9 @@
 //! Readiness notification behind one trait: the reactor asks "which descriptors can make
 //! progress?" and does not care whether epoll, kqueue, poll(2) or select(2) answers.
 //!
-//! Owns: the `Poller` trait, `Token`, `Interest`, `Event`, and the backends (`mio.rs`; poll(2) and
-//! select(2) siblings implement the same surface).
+//! Owns: the `Poller` trait, `Token`, `Interest`, `Event`, and the backends: `mio.rs`
+//! (`MioPoller`, edge-triggered), `poll.rs` (`PollPoller`) and `select.rs` (`SelectPoller`), both
+//! level-triggered siblings with the same surface. `tests.rs` runs the shared behaviour on all three.
 //! Does not: know anything about WebSockets, HTTP or connections. It sees descriptors and tokens.
 //!
 //! # The contract every caller relies on (SPEC §2, §10)
@@ -22,8 +23,14 @@
 //!   `register`/`reregister`. It never invents or reuses tokens.
 
 mod mio;
+mod poll;
+mod select;
+#[cfg(test)]
+mod tests;
 
 pub use self::mio::MioPoller;
+pub use self::poll::PollPoller;
+pub use self::select::SelectPoller;
 
 use std::io;
 use std::os::fd::RawFd;

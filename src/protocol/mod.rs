@@ -12,7 +12,13 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod close;
+pub mod decoder;
 pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod mask;
+pub mod message;
+pub mod utf8;
 
 pub use close::CloseCode;
 pub use error::ProtocolError;

@@ -1,1 +1,10 @@
+//! Integration tests: the real server over loopback sockets, driven by independent peers
+//! (the `tungstenite` crate, and frames built by hand). One test crate, so it links once.
+//! Every case runs on every poller through `poller_tests!`.
 
+mod support;
+
+mod close;
+mod echo;
+mod frames;
+mod http;

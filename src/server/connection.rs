@@ -1,0 +1,179 @@
+//! One client connection: its socket, where it is in its life, and its buffers.
+//!
+//! Owns: the per-connection state of SPEC §3 (`State`), the partial-input buffer, the message
+//! assembler, the outbound queue, the connection's one pending timer and its activity clock.
+//! Does not: read or write sockets on its own initiative, or know about other connections. The
+//! reactor drives it.
+//!
+//! ```text
+//!                 complete upgrade           peer Close / our Close
+//!  Handshaking ────────────────────▶ Open ───────────────────────────▶ Closing ──▶ closed
+//!       │                             │  protocol error                  ▲ (Failing: input
+//!       │                             └─────────────────────────────────▶│  discarded)
+//!       │ plain HTTP request or rejection                                │ response flushed,
+//!       └─────────────────────────▶ HttpResponding ──────────────────────┘ peer hung up / timeout
+//! ```
+//!
+//! Memory invariant (SPEC §2): an idle open connection holds no heap buffers. `inbound` is empty
+//! (no allocation) unless a partial request or frame is waiting for its tail; the assembler holds
+//! a buffer only while a fragmented message is open; `outbound` releases its storage when flushed.
+
+use super::outbound::Outbound;
+use crate::protocol::message::Assembler;
+use crate::timer::TimerHandle;
+use mio::net::TcpStream;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// Identifies a connection for as long as it lives, and never again afterwards.
+///
+/// The slab reuses slots, so a bare slot number could name a different connection later (an
+/// event queued for a socket closed earlier in the same loop iteration, a timer that fires after
+/// its connection is gone). The generation makes such stale references harmless: they no longer
+/// match the connection in the slot and are ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub slot: u32,
+    pub generation: u32,
+}
+
+impl ConnId {
+    /// Packs the id into a poller token (64-bit targets: generation in the high half).
+    pub fn token(self) -> usize {
+        ((self.generation as usize) << 32) | self.slot as usize
+    }
+
+    pub fn from_token(token: usize) -> ConnId {
+        ConnId {
+            slot: (token & 0xffff_ffff) as u32,
+            generation: (token >> 32) as u32,
+        }
+    }
+}
+
+/// What the connection is for, decided by the request path at upgrade time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/echo`: every data message comes back to its sender (SPEC §6).
+    Echo,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Waiting for a complete HTTP request head (at most 8 KiB, within the handshake deadline).
+    Handshaking,
+    /// Upgraded: WebSocket frames flow both ways.
+    Open(Endpoint),
+    /// A plain HTTP response (or a rejection) is being written; then the write side is shut and
+    /// whatever the client still sends is discarded until it hangs up.
+    HttpResponding,
+    /// A Close frame has been sent. `received` tells whether the peer's Close has arrived too;
+    /// once it has, the socket is closed as soon as the queue is flushed.
+    Closing { received: bool },
+    /// The peer broke the protocol: our Close is queued, and after it the write side is shut.
+    /// Input is no longer parsed (RFC 6455 §7.1.7: after failing the connection, data from the
+    /// peer must not be processed; after a framing error its bytes cannot even be delimited), only
+    /// discarded until the peer hangs up or the close deadline passes. Reading on, instead of
+    /// closing at once, keeps unread input from turning our close into a reset that could
+    /// destroy the Close frame before the peer reads it.
+    Failing,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Handshaking => "handshaking",
+            State::Open(_) => "open",
+            State::HttpResponding => "http",
+            State::Closing { .. } | State::Failing => "closing",
+        }
+    }
+}
+
+/// What the connection's one pending timer means (SPEC §5). A connection never needs two at
+/// once: each state has exactly one deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deadline {
+    Handshake,
+    /// Silence check: re-armed for the remaining time if there was activity, else a Ping.
+    Heartbeat,
+    /// A Ping is out; some frame must arrive before this fires.
+    Pong,
+    /// Our Close (or HTTP response) is out; the peer has until this fires to finish.
+    Close,
+}
+
+pub struct Connection {
+    pub id: ConnId,
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub state: State,
+    /// Bytes received but not yet consumed: a partial request head while handshaking, the tail
+    /// of a partial frame while open. Empty, and unallocated, most of the time.
+    pub inbound: Vec<u8>,
+    pub assembler: Assembler,
+    pub outbound: Outbound,
+    /// Whether writable interest is registered. Invariant: true iff `outbound` is non-empty
+    /// after the last flush (poll/select would otherwise wake up for every idle socket).
+    pub write_interest: bool,
+    /// Set when the connection should be closed as soon as `outbound` is flushed.
+    pub close_after_flush: bool,
+    /// Whether this connection sits on the reactor's ready list (read budget ran out).
+    pub on_ready_list: bool,
+    pub timer: Option<TimerHandle>,
+    /// When a frame last arrived. Traffic updates this instead of touching the timer wheel.
+    pub last_activity: Instant,
+    /// When the last heartbeat Ping was sent; a frame after it proves the peer is alive.
+    pub pinged_at: Instant,
+}
+
+impl Connection {
+    pub fn new(
+        id: ConnId,
+        stream: TcpStream,
+        peer: SocketAddr,
+        max_message: usize,
+        now: Instant,
+    ) -> Connection {
+        Connection {
+            id,
+            stream,
+            peer,
+            state: State::Handshaking,
+            inbound: Vec::new(),
+            assembler: Assembler::new(max_message),
+            outbound: Outbound::default(),
+            write_interest: false,
+            close_after_flush: false,
+            on_ready_list: false,
+            timer: None,
+            last_activity: now,
+            pinged_at: now,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip() {
+        for id in [
+            ConnId {
+                slot: 0,
+                generation: 0,
+            },
+            ConnId {
+                slot: 7,
+                generation: 1,
+            },
+            ConnId {
+                slot: u32::MAX - 1,
+                generation: u32::MAX,
+            },
+        ] {
+            assert_eq!(ConnId::from_token(id.token()), id);
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! A connection's queue of encoded bytes waiting for the socket, flushed with vectored writes.
+//!
+//! Owns: the chunks not yet written, the offset into the first one, and the count of queued bytes
+//! that the backpressure limit (`--max-outbound`, SPEC §2) is checked against.
+//! Does not: encode frames itself beyond appending to its own tail, decide what to do when a limit
+//! is exceeded (the reactor applies the slow-consumer policy), or register interest.
+//!
+//! Two kinds of chunk, for two kinds of traffic:
+//! * `Owned` bytes written for this connection alone (an echo, a pong, an HTTP response). Small
+//!   frames are appended to the tail chunk instead of getting an allocation each, so a read that
+//!   produced sixteen echoes queues one buffer.
+//! * `Shared` frames encoded once and sent to many connections (a room broadcast): a
+//!   reference-counted immutable buffer; queueing it costs a pointer copy, not a payload copy.
+//!
+//! The simple version would be one `Vec<u8>` per connection that everything is copied into. That
+//! copies every broadcast payload once per recipient; the shared chunks avoid it.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::rc::Rc;
+
+/// Chunks smaller than this are coalesced into the tail `Owned` chunk.
+const COALESCE_LIMIT: usize = 16 * 1024;
+
+/// At most this many chunks go into one `writev`. Linux allows 1024 (IOV_MAX); 64 already turns a
+/// burst of small frames into one syscall while keeping the slice array on the stack.
+const MAX_IOVECS: usize = 64;
+
+#[derive(Debug)]
+pub enum Chunk {
+    Owned(Vec<u8>),
+    Shared(Rc<[u8]>),
+}
+
+impl Chunk {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Chunk::Owned(v) => v,
+            Chunk::Shared(s) => s,
+        }
+    }
+}
+
+/// What a flush achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flush {
+    /// Everything queued is on the wire (in the kernel's send buffer).
+    Done,
+    /// The socket's send buffer is full; bytes remain queued and writable interest is needed.
+    Blocked,
+}
+
+#[derive(Debug, Default)]
+pub struct Outbound {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of `chunks[0]` already written.
+    head_offset: usize,
+    /// Bytes queued and not yet written. Invariant: the sum of chunk lengths minus `head_offset`.
+    queued_bytes: usize,
+}
+
+impl Outbound {
+    pub fn is_empty(&self) -> bool {
+        self.queued_bytes == 0
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Appends bytes produced by `write` for this connection alone, coalescing small writes.
+    pub fn push_owned_with(&mut self, len_hint: usize, write: impl FnOnce(&mut Vec<u8>)) {
+        let tail = match self.chunks.back_mut() {
+            // The head chunk may be partly written; appending to it is still correct because
+            // `head_offset` only counts from its start.
+            Some(Chunk::Owned(v)) if v.len() + len_hint <= COALESCE_LIMIT => v,
+            _ => {
+                self.chunks
+                    .push_back(Chunk::Owned(Vec::with_capacity(len_hint.max(256))));
+                match self.chunks.back_mut() {
+                    Some(Chunk::Owned(v)) => v,
+                    _ => unreachable!("an Owned chunk was just pushed"),
+                }
+            }
+        };
+        let before = tail.len();
+        write(tail);
+        self.queued_bytes += tail.len() - before;
+    }
+
+    /// Queues a frame shared with other connections, without copying it.
+    pub fn push_shared(&mut self, frame: Rc<[u8]>) {
+        self.queued_bytes += frame.len();
+        self.chunks.push_back(Chunk::Shared(frame));
+    }
+
+    /// Writes as much as the socket takes, many chunks per `writev`, until the queue is empty
+    /// or the socket would block. `Interrupted` is retried.
+    ///
+    /// # Errors
+    /// Any I/O error other than `WouldBlock`/`Interrupted`; the caller closes the connection.
+    pub fn flush(&mut self, sink: &mut impl Write) -> io::Result<Flush> {
+        while !self.chunks.is_empty() {
+            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
+                let bytes = chunk.as_slice();
+                iov[i] = IoSlice::new(if i == 0 {
+                    &bytes[self.head_offset..]
+                } else {
+                    bytes
+                });
+                count += 1;
+            }
+            match sink.write_vectored(&iov[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.consume(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        // Release the ring buffer too: an idle connection holds no buffers (SPEC §2).
+        self.chunks = VecDeque::new();
+        Ok(Flush::Done)
+    }
+
+    /// Drops everything queued (the connection is going away).
+    pub fn clear(&mut self) {
+        *self = Outbound::default();
+    }
+
+    fn consume(&mut self, mut written: usize) {
+        self.queued_bytes -= written;
+        while written > 0 {
+            let Some(head) = self.chunks.front() else {
+                break;
+            };
+            let left = head.as_slice().len() - self.head_offset;
+            if written >= left {
+                written -= left;
+                self.head_offset = 0;
+                self.chunks.pop_front();
+            } else {
+                self.head_offset += written;
+                written = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that accepts at most `limit` bytes per call, then blocks after `calls` calls.
+    struct Trickle {
+        out: Vec<u8>,
+        limit: usize,
+        calls_left: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.calls_left == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.calls_left -= 1;
+            let mut n = 0;
+            for b in bufs {
+                let take = (self.limit - n).min(b.len());
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.limit {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_keep_order_and_count() {
+        let mut q = Outbound::default();
+        q.push_owned_with(3, |v| v.extend_from_slice(b"abc"));
+        q.push_shared(Rc::from(&b"defgh"[..]));
+        q.push_owned_with(2, |v| v.extend_from_slice(b"ij"));
+        assert_eq!(q.queued_bytes(), 10);
+
+        let mut sink = Trickle {
+            out: Vec::new(),
+            limit: 4,
+            calls_left: 2,
+        };
+        assert_eq!(q.flush(&mut sink).unwrap(), Flush::Blocked);
+        assert_eq!(sink.out, b"abcdefgh");
+        assert_eq!(q.queued_bytes(), 2);
+
+        sink.calls_left = 10;
+        assert_eq!(q.flush(&mut sink).unwrap(), Flush::Done);
+        assert_eq!(sink.out, b"abcdefghij");
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn small_owned_writes_coalesce_into_one_chunk() {
+        let mut q = Outbound::default();
+        for _ in 0..16 {
+            q.push_owned_with(66, |v| v.extend_from_slice(&[7u8; 66]));
+        }
+        assert_eq!(q.chunks.len(), 1);
+        assert_eq!(q.queued_bytes(), 16 * 66);
+    }
+
+    #[test]
+    fn many_chunks_need_several_writev_calls() {
+        let mut q = Outbound::default();
+        for i in 0..200u8 {
+            q.push_shared(Rc::from(&[i][..]));
+        }
+        let mut sink = Trickle {
+            out: Vec::new(),
+            limit: usize::MAX,
+            calls_left: 100,
+        };
+        assert_eq!(q.flush(&mut sink).unwrap(), Flush::Done);
+        assert_eq!(sink.out, (0..200u8).collect::<Vec<_>>());
+        // 200 chunks in batches of MAX_IOVECS.
+        assert_eq!(sink.calls_left, 100 - 200usize.div_ceil(MAX_IOVECS));
+    }
+}

@@ -1,0 +1,71 @@
+//! The close handshake, started by either side (RFC 6455 §5.5.1, §7).
+
+use crate::poller_tests;
+use crate::support::*;
+use std::io::Write;
+use tungstenite::protocol::frame::coding::CloseCode as TCode;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Error, Message};
+
+fn client_initiated_close_is_echoed(poller: &str) {
+    let server = Server::start(poller, &[]);
+    let mut ws = server.ws("/echo");
+    ws.close(Some(CloseFrame {
+        code: TCode::Library(4001),
+        reason: "bye".into(),
+    }))
+    .unwrap();
+    let reply = match ws.read() {
+        Ok(Message::Close(frame)) => frame,
+        other => panic!("expected the close reply, got {other:?}"),
+    };
+    assert_eq!(
+        reply.map(|f| u16::from(f.code)),
+        Some(4001),
+        "same code echoed"
+    );
+    // After the handshake the server closes TCP.
+    assert!(matches!(ws.read(), Err(Error::ConnectionClosed)));
+    assert_eq!(
+        server.metric("wsrelay_closes_received_total{code=\"4001\"}"),
+        1.0
+    );
+}
+
+fn empty_close_gets_empty_close(poller: &str) {
+    let server = Server::start(poller, &[]);
+    let mut s = raw_upgrade(&server, "/echo");
+    s.write_all(&client_frame(0x88, b"")).unwrap();
+    assert_eq!(read_close_code(&mut s), None);
+    expect_eof(&mut s);
+}
+
+fn protocol_error_fails_the_connection(poller: &str) {
+    let server = Server::start(poller, &[]);
+    let mut s = raw_upgrade(&server, "/echo");
+    // A protocol error makes the server send Close 1002 and then shut its write side: it does
+    // not process anything the client sends afterwards (RFC 6455 §7.1.7) ...
+    s.write_all(&client_frame(0x83, b"")).unwrap();
+    s.write_all(&client_frame(0x81, b"never echoed")).unwrap();
+    assert_eq!(read_close_code(&mut s), Some(1002));
+    // ... so the next thing the client sees is EOF, not an echo.
+    expect_eof(&mut s);
+}
+
+fn close_timeout_ends_a_silent_peer(poller: &str) {
+    let server = Server::start(poller, &["--close-timeout", "300ms"]);
+    let mut s = raw_upgrade(&server, "/echo");
+    s.write_all(&client_frame(0x83, b"")).unwrap();
+    assert_eq!(read_close_code(&mut s), Some(1002));
+    // We never answer nor hang up; the server gives up at its close deadline.
+    server.wait_for_metric("wsrelay_close_timeouts_total", 1.0);
+    assert_eq!(server.metric("wsrelay_connections{state=\"closing\"}"), 0.0);
+    drop(s);
+}
+
+poller_tests!(
+    client_initiated_close_is_echoed,
+    empty_close_gets_empty_close,
+    protocol_error_fails_the_connection,
+    close_timeout_ends_a_silent_peer,
+);
