@@ -36,6 +36,7 @@ pub struct Metrics {
     pub pings_sent: u64,
     pub half_open_drops: u64,
     pub slow_consumer_closes: u64,
+    pub slow_consumer_drops: u64,
     pub timer_expiries: u64,
     pub loop_iterations: u64,
     pub poll_wakeups: u64,
