@@ -99,6 +99,8 @@ pub struct Reactor<P: Poller, H: Handler> {
     /// shutdown).
     listening: bool,
     conns: Slab<Connection>,
+    /// How many connections in the slab were admitted only to be refused with 503.
+    rejecting: usize,
     /// The app's per-connection state, indexed by slab slot; `Some` exactly for open
     /// connections. Kept beside the slab (not inside `Connection`) so that a callback can hold a
     /// session and the `Outbox` (which borrows the slab) at the same time.
@@ -161,6 +163,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             local_addr,
             listening: true,
             conns: Slab::new(),
+            rejecting: 0,
             sessions: Vec::new(),
             next_generation: 0,
             recv_buf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
@@ -423,7 +426,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
 
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
         self.metrics.accepted += 1;
-        if self.conns.len() >= self.config.max_connections + MAX_REJECTING {
+        let over_limit = self.conns.len() - self.rejecting >= self.config.max_connections;
+        if over_limit && self.rejecting >= MAX_REJECTING {
             // Too many even to answer: close at once (the client sees a reset or EOF).
             Metrics::bump(&mut self.metrics.rejected, "max_connections");
             return;
@@ -461,10 +465,16 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         ));
         entry.insert(conn);
         trace!("{peer} connected as {id:?}");
-        if self.conns.len() > self.config.max_connections {
+        if over_limit {
             // Over the limit: answer 503 (SPEC §2) through the normal response path, which
-            // waits for the client to hang up so that the answer is not lost to a reset.
+            // waits for the client to hang up so that the answer is not lost to a reset. Such
+            // connections do not count toward the limit, or a stream of refused clients could
+            // keep the slot of a departed one occupied.
             Metrics::bump(&mut self.metrics.rejected, "max_connections");
+            self.rejecting += 1;
+            if let Some(conn) = self.conn_mut(id) {
+                conn.rejected = true;
+            }
             self.respond(id, 503, HandshakeError::ServiceUnavailable.response());
             self.mark_dirty(id);
             return;
@@ -1123,6 +1133,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         self.closed_for_app(id);
         let conn = self.conns.remove(id.slot as usize);
+        if conn.rejected {
+            self.rejecting -= 1;
+        }
         if let Some(timer) = conn.timer {
             self.timers.cancel(timer);
         }
