@@ -131,6 +131,8 @@ pub struct Reactor<P: Poller, H: Handler> {
     metrics: Metrics,
     /// The time read once per loop iteration; everything in one iteration uses it.
     now: Instant,
+    /// When the reactor was created (uptime in /stats.json).
+    started: Instant,
 }
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
@@ -179,6 +181,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             config,
             metrics: Metrics::default(),
             now,
+            started: now,
         })
     }
 
@@ -860,6 +863,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     self.respond(id, 200, ok);
                     return true;
                 }
+                "/stats.json" => {
+                    let body = self.render_stats();
+                    let response = handshake::http_response(
+                        200,
+                        "application/json",
+                        &[("Cache-Control", "no-store")],
+                        body.as_bytes(),
+                    );
+                    self.respond(id, 200, response);
+                    return true;
+                }
                 "/metrics" => {
                     let body = self.render_metrics();
                     let response = handshake::http_response(
@@ -979,6 +993,32 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         );
         self.mark_dirty(id);
         debug!("{id:?} answered HTTP {status}");
+    }
+
+    /// The live counters of the demo page (SPEC §8) as one flat JSON object of numbers (and
+    /// the poller's name).
+    fn render_stats(&self) -> String {
+        let open = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Open)
+            .count() as u64;
+        let mut fields: Vec<(&'static str, u64)> = vec![
+            ("connections", open),
+            ("accepted", self.metrics.accepted),
+            ("messages_in", self.metrics.messages_in),
+            ("messages_out", self.metrics.messages_out),
+            ("bytes_in", self.metrics.bytes_in),
+            ("bytes_out", self.metrics.bytes_out),
+            ("uptime_ms", self.started.elapsed().as_millis() as u64),
+        ];
+        self.handler.stats(&mut fields);
+        let mut json = format!("{{\"poller\":\"{}\"", self.poller.name());
+        for (name, value) in fields {
+            json.push_str(&format!(",\"{name}\":{value}"));
+        }
+        json.push('}');
+        json
     }
 
     fn render_metrics(&self) -> String {
