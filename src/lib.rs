@@ -10,6 +10,7 @@
 //! Start reading at `server::Reactor::run`, then `protocol::frame`. docs/architecture.md draws
 //! the whole picture.
 
+pub mod bench;
 pub mod poller;
 pub mod protocol;
 pub mod server;

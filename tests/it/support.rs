@@ -71,6 +71,11 @@ impl Server {
         Server { child, addr }
     }
 
+    /// The server's process id (for `wsrelay bench --server-pid`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }
