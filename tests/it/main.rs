@@ -4,6 +4,7 @@
 
 mod support;
 
+mod bench;
 mod close;
 mod echo;
 mod frames;
