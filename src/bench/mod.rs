@@ -48,7 +48,7 @@ const PROGRESS_AFTER: Duration = Duration::from_secs(3);
 const SPARE_FDS: u64 = 64;
 
 #[derive(clap::Args, Debug)]
-#[command(after_long_help = JSON_FIELDS)]
+#[command(after_long_help = long_help())]
 pub struct BenchArgs {
     #[command(subcommand)]
     pub mode: Mode,
@@ -57,17 +57,30 @@ pub struct BenchArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum Mode {
     /// Connections to an echo endpoint, each keeping --window messages in flight.
-    #[command(after_long_help = JSON_FIELDS)]
+    #[command(after_long_help = long_help())]
     Echo(EchoArgs),
     /// Rooms whose members relay each other's messages (/r/<room>); counts deliveries.
-    #[command(after_long_help = JSON_FIELDS)]
+    #[command(after_long_help = long_help())]
     Broadcast(BroadcastArgs),
     /// Open connections and hold them quiet: server memory per connection, idle CPU.
-    #[command(after_long_help = JSON_FIELDS)]
+    #[command(after_long_help = long_help())]
     Idle(IdleArgs),
     /// Connect, handshake and close again, as fast as possible: connections per second.
-    #[command(after_long_help = JSON_FIELDS)]
+    #[command(after_long_help = long_help())]
     Connect(ConnectArgs),
+}
+
+/// What `--help` says after the flags: how a run is bounded, then every JSON field.
+fn long_help() -> String {
+    format!(
+        "Every run ends by itself: connections open (each within --connect-timeout), then the \
+         warm-up, the measured window, at most {} s for the messages in flight to come back, and \
+         at most {} s of close handshakes. Load goes only to loopback addresses unless \
+         --allow-remote. One process opens as many connections as its descriptor limit allows \
+         (raised to the hard limit); for more, run several processes.\n\n{JSON_FIELDS}",
+        worker::DRAIN_TIMEOUT.as_secs(),
+        worker::CLOSE_TIMEOUT.as_secs(),
+    )
 }
 
 /// Flags every mode takes.

@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 const OPEN_BATCH: usize = 128;
 
 /// How long the in-flight messages may take to come back after the stop.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long the close handshakes may take.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The longest a thread sleeps in `poll` without looking at the clock and the shared flags.
 const TICK: Duration = Duration::from_millis(50);
