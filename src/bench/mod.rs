@@ -296,7 +296,13 @@ fn execute(mode: &Mode) -> Result<Report, String> {
     let bar = progress_bar(common.warmup + common.duration);
     let show = |phase: &str| {
         if !bar.is_hidden() {
-            bar.set_message(progress_line(&shared, phase, setup.connections));
+            bar.set_message(progress_line(
+                &shared,
+                phase,
+                setup.traffic,
+                setup.connections,
+            ));
+            bar.tick();
         }
     };
     while shared.ready() < threads {
@@ -666,15 +672,23 @@ fn progress_bar(length: Duration) -> ProgressBar {
     bar
 }
 
-fn progress_line(shared: &Shared, phase: &str, connections: u64) -> String {
+fn progress_line(shared: &Shared, phase: &str, traffic: Traffic, connections: u64) -> String {
     let sum = |f: fn(&worker::Progress) -> u64| shared.progress.iter().map(f).sum::<u64>();
     let opened = sum(|p| p.opened.load(Ordering::Relaxed));
-    let received = sum(|p| p.received_total.load(Ordering::Relaxed));
-    let completed = sum(|p| p.completed.load(Ordering::Relaxed));
     let errors = sum(|p| p.errors.load(Ordering::Relaxed));
-    format!(
-        "{phase}: {opened}/{connections} opened, {received} messages received, {completed} cycles, {errors} errors"
-    )
+    match traffic {
+        Traffic::Echo | Traffic::Broadcast => {
+            let received = sum(|p| p.received_total.load(Ordering::Relaxed));
+            format!("{phase}: {opened}/{connections} open, {received} messages received, {errors} errors")
+        }
+        Traffic::Idle => format!("{phase}: {opened}/{connections} open, {errors} errors"),
+        Traffic::Connect => {
+            let completed = sum(|p| p.completed.load(Ordering::Relaxed));
+            format!(
+                "{phase}: {opened} handshakes, {completed} cycles in the window, {errors} errors"
+            )
+        }
+    }
 }
 
 /// Sleeps until `deadline`, calling `tick` about every 200 ms (the progress line).
