@@ -44,6 +44,9 @@ use worker::{ConnPlan, Plan, Shared, Traffic, Worker};
 /// Runs longer than this (warm-up plus window) show a progress line on stderr.
 const PROGRESS_AFTER: Duration = Duration::from_secs(3);
 
+/// The longest any phase of a run may be (a bench is a bounded run, not a soak test).
+const MAX_PHASE: Duration = Duration::from_secs(24 * 3600);
+
 /// Descriptors a process needs besides its connections (stdio, pollers, wakers).
 const SPARE_FDS: u64 = 64;
 
@@ -409,6 +412,18 @@ fn plan(mode: &Mode) -> Result<Setup, String> {
     if common.duration.is_zero() {
         return Err("--duration must be above zero".into());
     }
+    for (flag, value) in [
+        ("--duration", common.duration),
+        ("--warmup", common.warmup),
+        ("--connect-timeout", common.connect_timeout),
+    ] {
+        if value > MAX_PHASE {
+            return Err(format!(
+                "{flag} may be at most {}",
+                humantime::format_duration(MAX_PHASE)
+            ));
+        }
+    }
     let max_threads = match common.threads {
         Some(0) => return Err("--threads must be at least 1".into()),
         Some(n) => n,
@@ -729,6 +744,11 @@ mod tests {
             ("echo ws://127.0.0.1:1/echo --rate 0", "--rate"),
             ("echo ws://127.0.0.1:1/echo --threads 0", "--threads"),
             ("echo ws://127.0.0.1:1/echo --duration 0s", "--duration"),
+            (
+                "echo ws://127.0.0.1:1/echo --duration 1000years",
+                "--duration",
+            ),
+            ("idle ws://127.0.0.1:1/echo --warmup 25h", "--warmup"),
             (
                 "echo ws://127.0.0.1:1/echo --connections 0",
                 "--connections",
