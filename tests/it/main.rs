@@ -8,3 +8,9 @@ mod close;
 mod echo;
 mod frames;
 mod http;
+mod relay_support;
+
+mod access;
+mod envelope;
+mod offline;
+mod rooms;
