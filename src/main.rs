@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Generate load against a running server and measure it (SPEC §11).
+    Bench(wsrelay::bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -208,6 +210,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => wsrelay::bench::run(args),
     }
 }
 

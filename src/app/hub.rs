@@ -645,6 +645,25 @@ impl Hub {
         self.dedup.sweep(now);
     }
 
+    /// The live figures of /stats.json (the demo page's counters).
+    pub fn stats(&self, out: &mut Vec<(&'static str, u64)>) {
+        let m = &self.metrics;
+        out.extend([
+            (
+                "rooms",
+                (self.rooms.room_count() + self.raw_rooms.room_count()) as u64,
+            ),
+            (
+                "room_members",
+                (self.rooms.member_count() + self.raw_rooms.member_count()) as u64,
+            ),
+            ("ids_online", self.online.len() as u64),
+            ("direct_messages", m.direct_messages),
+            ("publish_messages", m.publish_messages + m.raw_messages),
+            ("offline_pending", self.mailboxes.pending() as u64),
+        ]);
+    }
+
     /// Appends the hub's metrics (Prometheus text).
     pub fn render_metrics(&self, out: &mut String) {
         let gauges = HubGauges {

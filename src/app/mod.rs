@@ -97,4 +97,8 @@ impl Handler for App {
     fn render_metrics(&self, out: &mut String) {
         self.hub.render_metrics(out);
     }
+
+    fn stats(&self, out: &mut Vec<(&'static str, u64)>) {
+        self.hub.stats(out);
+    }
 }

@@ -11,6 +11,7 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod client_handshake;
 pub mod close;
 pub mod decoder;
 pub mod error;

@@ -113,6 +113,8 @@ pub struct Connection {
     pub close_after_flush: bool,
     /// Whether this connection sits on the reactor's ready list (read budget ran out).
     pub on_ready_list: bool,
+    /// Admitted over `--max-connections` only to be told 503; does not count toward the limit.
+    pub rejected: bool,
     /// Whether this connection sits on the reactor's dirty list (bytes queued since its last
     /// flush); every dirty connection is flushed once at the end of the loop iteration.
     pub dirty: bool,
@@ -143,6 +145,7 @@ impl Connection {
             close_after_flush: false,
             on_ready_list: false,
             dirty: false,
+            rejected: false,
             timer: None,
             last_activity: now,
             pinged_at: now,

@@ -195,6 +195,11 @@ impl Metrics {
             self.slow_consumer_closes,
         );
         w.counter(
+            "wsrelay_slow_consumer_drops_total",
+            "Messages dropped for a consumer over --max-outbound (policy drop).",
+            self.slow_consumer_drops,
+        );
+        w.counter(
             "wsrelay_timer_expiries_total",
             "Timers that fired.",
             self.timer_expiries,

@@ -4,11 +4,13 @@
 
 mod support;
 
+mod bench;
 mod close;
 mod echo;
 mod frames;
 mod http;
 mod relay_support;
+mod robustness;
 
 mod access;
 mod envelope;
