@@ -9,4 +9,10 @@ mod close;
 mod echo;
 mod frames;
 mod http;
+mod relay_support;
 mod robustness;
+
+mod access;
+mod envelope;
+mod offline;
+mod rooms;
