@@ -103,5 +103,18 @@ fn utf8(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, encode, unmasking, utf8);
+/// The server's common case: small payloads at whatever alignment they land in the read buffer.
+fn unmasking_small(c: &mut Criterion) {
+    let mut group = c.benchmark_group("unmask_small");
+    for size in [16usize, 64, 125] {
+        let mut storage = vec![0x5au8; size + 3];
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_function(BenchmarkId::new("unaligned", size), |b| {
+            b.iter(|| unmask(black_box(&mut storage[3..]), KEY))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode, encode, unmasking, unmasking_small, utf8);
 criterion_main!(benches);
