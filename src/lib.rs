@@ -2,6 +2,7 @@
 //!
 //! Layers, each depending only on the ones below it (SPEC §1):
 //!
+//! * `app`      — the application: endpoints (/echo), behind the `server::Handler` seam.
 //! * `server`   — the reactor: event loop, connection slab, accept, dispatch, timers, shutdown.
 //! * `protocol` — pure code: HTTP upgrade handshake, RFC 6455 frame codec, close codes.
 //! * `poller`   — readiness notification (epoll/kqueue through mio; poll(2); select(2)).
@@ -10,6 +11,7 @@
 //! Start reading at `server::Reactor::run`, then `protocol::frame`. docs/architecture.md draws
 //! the whole picture.
 
+pub mod app;
 pub mod poller;
 pub mod protocol;
 pub mod server;

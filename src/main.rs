@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
+use wsrelay::app::App;
 use wsrelay::poller::{MioPoller, PollPoller, Poller, SelectPoller};
-use wsrelay::server::{Config, Reactor};
+use wsrelay::server::{Config, Exit, Reactor, SlowConsumer};
 
 #[derive(Parser)]
 #[command(
@@ -51,9 +52,14 @@ struct ServeArgs {
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     max_message: usize,
 
-    /// Bytes queued for one connection before the slow-consumer policy applies (close 1008).
+    /// Bytes queued for one connection before the slow-consumer policy applies.
     #[arg(long, default_value = "4M", value_parser = parse_size)]
     max_outbound: usize,
+
+    /// What happens to a connection over --max-outbound: `close` it with 1008, or `drop` the
+    /// new message for that connection only.
+    #[arg(long, value_enum, default_value = "close")]
+    slow_consumer: SlowConsumerPolicy,
 
     /// Open connections beyond which new ones get HTTP 503.
     #[arg(long, default_value_t = 100_000)]
@@ -78,6 +84,16 @@ struct ServeArgs {
     /// Granularity of the timer wheel.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     timer_tick: Duration,
+
+    /// On SIGINT/SIGTERM, how long to wait for close handshakes before closing what is left.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SlowConsumerPolicy {
+    Close,
+    Drop,
 }
 
 /// Parses "4096", "64K", "1M", "16MiB", "1G" (binary multiples).
@@ -114,12 +130,17 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         max_message: args.max_message,
         max_outbound: args.max_outbound,
+        slow_consumer: match args.slow_consumer {
+            SlowConsumerPolicy::Close => SlowConsumer::Close,
+            SlowConsumerPolicy::Drop => SlowConsumer::Drop,
+        },
         max_connections: args.max_connections,
         handshake_timeout: args.handshake_timeout,
         close_timeout: args.close_timeout,
         heartbeat_interval: args.heartbeat_interval,
         heartbeat_timeout: args.heartbeat_timeout,
         timer_tick: args.timer_tick,
+        shutdown_timeout: args.shutdown_timeout,
     };
     let result = match args.poller {
         PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, config)),
@@ -127,7 +148,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         PollerKind::Select => SelectPoller::new().and_then(|p| run(p, config)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Exit::Graceful) => ExitCode::SUCCESS,
+        // A second signal cut the graceful shutdown short.
+        Ok(Exit::Immediate) => ExitCode::from(130),
         Err(e) => {
             eprintln!("wsrelay: {e}");
             ExitCode::FAILURE
@@ -135,17 +158,18 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn run<P: Poller>(poller: P, config: Config) -> std::io::Result<()> {
+fn run<P: Poller>(poller: P, config: Config) -> std::io::Result<Exit> {
     let listen = config.listen;
-    let mut reactor = Reactor::bind(poller, config)
+    let mut reactor = Reactor::bind(poller, App::new(), config)
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
+    reactor.handle_signals()?;
     // One fixed line on stdout, so scripts and tests learn the port when `--listen` used port 0.
     println!(
         "wsrelay listening on {} (poller: {})",
         reactor.local_addr(),
         reactor.poller_name()
     );
-    reactor.run().map(|_| ())
+    reactor.run()
 }
 
 /// Raises the soft descriptor limit to the hard one: every connection costs a descriptor.

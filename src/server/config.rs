@@ -3,6 +3,7 @@
 //! Owns: the knobs and their defaults (the CLI in `main.rs` shows the same defaults in `--help`).
 //! Does not: parse flags (clap does, in `main.rs`) or validate addresses (bind does).
 
+use super::handler::SlowConsumer;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ pub struct Config {
     /// Bytes that may wait in one connection's outbound queue before the slow-consumer policy
     /// applies (SPEC §2).
     pub max_outbound: usize,
+    /// What happens to a connection over `max_outbound`: close 1008, or drop the message.
+    pub slow_consumer: SlowConsumer,
     /// Open connections beyond which new ones get HTTP 503 (SPEC §2).
     pub max_connections: usize,
     /// How long a client may take to send its complete upgrade request (slowloris defence).
@@ -28,6 +31,8 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     /// Granularity of the timer wheel.
     pub timer_tick: Duration,
+    /// How long a graceful shutdown waits for close handshakes before closing what is left.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Config {
@@ -36,12 +41,14 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_message: 1 << 20,
             max_outbound: 4 << 20,
+            slow_consumer: SlowConsumer::Close,
             max_connections: 100_000,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(10),
             timer_tick: Duration::from_millis(100),
+            shutdown_timeout: Duration::from_secs(5),
         }
     }
 }

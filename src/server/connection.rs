@@ -51,19 +51,12 @@ impl ConnId {
     }
 }
 
-/// What the connection is for, decided by the request path at upgrade time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `/echo`: every data message comes back to its sender (SPEC §6).
-    Echo,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     /// Waiting for a complete HTTP request head (at most 8 KiB, within the handshake deadline).
     Handshaking,
-    /// Upgraded: WebSocket frames flow both ways.
-    Open(Endpoint),
+    /// Upgraded: WebSocket frames flow both ways; data messages go to the app (`Handler`).
+    Open,
     /// A plain HTTP response (or a rejection) is being written; then the write side is shut and
     /// whatever the client still sends is discarded until it hangs up.
     HttpResponding,
@@ -83,14 +76,14 @@ impl State {
     pub fn name(self) -> &'static str {
         match self {
             State::Handshaking => "handshaking",
-            State::Open(_) => "open",
+            State::Open => "open",
             State::HttpResponding => "http",
             State::Closing { .. } | State::Failing => "closing",
         }
     }
 }
 
-/// What the connection's one pending timer means (SPEC §5). A connection never needs two at
+/// What a connection's one pending timer means (SPEC §5). A connection never needs two at
 /// once: each state has exactly one deadline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Deadline {
@@ -120,6 +113,11 @@ pub struct Connection {
     pub close_after_flush: bool,
     /// Whether this connection sits on the reactor's ready list (read budget ran out).
     pub on_ready_list: bool,
+    /// Admitted over `--max-connections` only to be told 503; does not count toward the limit.
+    pub rejected: bool,
+    /// Whether this connection sits on the reactor's dirty list (bytes queued since its last
+    /// flush); every dirty connection is flushed once at the end of the loop iteration.
+    pub dirty: bool,
     pub timer: Option<TimerHandle>,
     /// When a frame last arrived. Traffic updates this instead of touching the timer wheel.
     pub last_activity: Instant,
@@ -146,6 +144,8 @@ impl Connection {
             write_interest: false,
             close_after_flush: false,
             on_ready_list: false,
+            dirty: false,
+            rejected: false,
             timer: None,
             last_activity: now,
             pinged_at: now,

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub pings_sent: u64,
     pub half_open_drops: u64,
     pub slow_consumer_closes: u64,
+    pub slow_consumer_drops: u64,
     pub timer_expiries: u64,
     pub loop_iterations: u64,
     pub poll_wakeups: u64,
@@ -192,6 +193,11 @@ impl Metrics {
             "wsrelay_slow_consumer_closes_total",
             "Connections closed (1008) for exceeding --max-outbound.",
             self.slow_consumer_closes,
+        );
+        w.counter(
+            "wsrelay_slow_consumer_drops_total",
+            "Messages dropped for a consumer over --max-outbound (policy drop).",
+            self.slow_consumer_drops,
         );
         w.counter(
             "wsrelay_timer_expiries_total",

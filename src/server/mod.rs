@@ -12,31 +12,36 @@
 //! 2. Dispatch every event: accept on the listener until `WouldBlock`; read a connection until
 //!    `WouldBlock` or its budget is spent; write a connection that became writable.
 //! 3. Serve the ready list carried over from the previous iteration.
-//! 4. Fire expired timers (handshake, heartbeat, pong and close deadlines).
-//!
-//! Each connection is flushed right after its input has been processed, so all the replies one
-//! read produced leave in one vectored write.
+//! 4. Fire expired timers (handshake, heartbeat, pong and close deadlines, accept retry,
+//!    shutdown).
+//! 5. Flush every connection that had bytes queued in this iteration (the dirty list): what the
+//!    app sent to one connection in one iteration leaves in one vectored write.
 
 pub mod config;
 pub mod connection;
+pub mod handler;
 pub mod metrics;
 pub mod outbound;
+mod signals;
 
 pub use config::Config;
+pub use connection::ConnId;
+pub use handler::{Handler, Outbox, Route, Sent, SlowConsumer};
 
 use crate::poller::{Event, Interest, Poller, Token};
 use crate::protocol::frame::{self, OpCode, Role};
-use crate::protocol::handshake::{self, HandshakeError, Request};
+use crate::protocol::handshake::{self, HandshakeError};
 use crate::protocol::message::Event as WsEvent;
 use crate::protocol::{CloseCode, ProtocolError};
 use crate::timer::TimerWheel;
-use connection::{ConnId, Connection, Deadline, Endpoint, State};
+use connection::{Connection, Deadline, State};
 use log::{debug, info, trace, warn};
 use metrics::{Gauges, Metrics};
 use mio::net::{TcpListener, TcpStream};
 use outbound::Flush;
 use slab::Slab;
-use std::io::{self, Read, Write};
+use std::borrow::Cow;
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -52,21 +57,54 @@ const READ_BUDGET_BYTES: usize = 4 * RECV_BUFFER_BYTES;
 /// the default heartbeat interval, so the common timers never need a second round.
 const TIMER_SLOTS: usize = 512;
 
+/// Tokens outside the range of `ConnId::token` (no slab slot reaches u32::MAX - 2).
 const LISTENER: Token = Token(usize::MAX);
+const SIGNALS: Token = Token(usize::MAX - 1);
+
+/// How long the listener stays paused after accept failed for lack of descriptors.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Connections admitted beyond `--max-connections` only to be told 503 (and then closed). Past
+/// this many at once, excess sockets are closed without an answer.
+const MAX_REJECTING: usize = 64;
 
 /// Why the loop stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Exit {
-    /// Shutdown completed (all connections closed or the shutdown deadline passed).
+    /// Shutdown completed: every connection closed, or the shutdown deadline passed.
     Graceful,
+    /// A second signal arrived during shutdown: stop at once.
+    Immediate,
 }
 
-pub struct Reactor<P: Poller> {
+/// What a timer in the wheel stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TimerEvent {
+    /// A connection's deadline; ignored if the connection is gone (generation mismatch).
+    Conn(ConnId, Deadline),
+    /// The listener was paused on EMFILE/ENFILE; try accepting again.
+    AcceptRetry,
+    /// Graceful shutdown has waited `--shutdown-timeout`: close what is left.
+    ShutdownDeadline,
+}
+
+pub struct Reactor<P: Poller, H: Handler> {
     /// The readiness backend (epoll/kqueue, poll or select).
     poller: P,
+    /// The application: endpoints, rooms, messaging. Sees `ConnId`s, never sockets.
+    handler: H,
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// Whether the listener is registered (it is paused on descriptor exhaustion and at
+    /// shutdown).
+    listening: bool,
     conns: Slab<Connection>,
+    /// How many connections in the slab were admitted only to be refused with 503.
+    rejecting: usize,
+    /// The app's per-connection state, indexed by slab slot; `Some` exactly for open
+    /// connections. Kept beside the slab (not inside `Connection`) so that a callback can hold a
+    /// session and the `Outbox` (which borrows the slab) at the same time.
+    sessions: Vec<Option<H::Session>>,
     /// Bumped for every accepted connection, so that ids of closed connections are never reused.
     next_generation: u32,
     /// The one receive buffer of SPEC §2, shared by every connection.
@@ -75,21 +113,32 @@ pub struct Reactor<P: Poller> {
     /// the next iteration, with a zero poll timeout: edge-triggered backends would not report
     /// them again.
     ready: Vec<ConnId>,
+    /// Connections with bytes queued since their last flush (see `Outbox`).
+    dirty: Vec<ConnId>,
+    /// Closes the app asked for during a callback, applied right after it.
+    close_requests: Vec<(ConnId, CloseCode, &'static str)>,
     events: Vec<Event>,
-    timers: TimerWheel<(ConnId, Deadline)>,
-    expired: Vec<(ConnId, Deadline)>,
+    timers: TimerWheel<TimerEvent>,
+    expired: Vec<TimerEvent>,
+    /// SIGINT/SIGTERM arrive as bytes on this socket (see `signals.rs`), which every poller can
+    /// watch like any other descriptor.
+    signals: Option<signals::SignalPipe>,
+    /// Set once shutdown has begun: no more accepting; the loop ends when the slab is empty.
+    shutting_down: bool,
+    /// When the last "out of descriptors" warning was logged (they are rate-limited).
+    last_accept_warning: Option<Instant>,
     config: Config,
     metrics: Metrics,
     /// The time read once per loop iteration; everything in one iteration uses it.
     now: Instant,
 }
 
-impl<P: Poller> Reactor<P> {
+impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Binds the listener and registers it with the poller.
     ///
     /// # Errors
     /// The address is taken or invalid, or the poller refuses the listener.
-    pub fn bind(mut poller: P, mut config: Config) -> io::Result<Reactor<P>> {
+    pub fn bind(mut poller: P, handler: H, mut config: Config) -> io::Result<Reactor<P, H>> {
         let listener = TcpListener::bind(config.listen)?;
         if let Some(limit) = poller.fd_limit() {
             // Descriptors below the listener's are taken by stdio, the poller and the listener
@@ -109,15 +158,24 @@ impl<P: Poller> Reactor<P> {
         let now = Instant::now();
         Ok(Reactor {
             poller,
+            handler,
             listener,
             local_addr,
+            listening: true,
             conns: Slab::new(),
+            rejecting: 0,
+            sessions: Vec::new(),
             next_generation: 0,
             recv_buf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
             ready: Vec::new(),
+            dirty: Vec::new(),
+            close_requests: Vec::new(),
             events: Vec::with_capacity(1024),
             timers: TimerWheel::new(config.timer_tick, TIMER_SLOTS, now),
             expired: Vec::new(),
+            signals: None,
+            shutting_down: false,
+            last_accept_warning: None,
             config,
             metrics: Metrics::default(),
             now,
@@ -132,18 +190,33 @@ impl<P: Poller> Reactor<P> {
         self.poller.name()
     }
 
+    /// Routes SIGINT and SIGTERM into the loop: the first starts a graceful shutdown, a second
+    /// one ends the loop at once.
+    ///
+    /// # Errors
+    /// The signal pipe could not be created or registered.
+    pub fn handle_signals(&mut self) -> io::Result<()> {
+        let pipe = signals::SignalPipe::new()?;
+        self.poller
+            .register(pipe.as_raw_fd(), SIGNALS, Interest::READABLE)?;
+        self.signals = Some(pipe);
+        Ok(())
+    }
+
     /// Runs the loop until shutdown.
     ///
     /// # Errors
     /// Only a failure of the poller itself; errors on one connection close that connection.
     pub fn run(&mut self) -> io::Result<Exit> {
         loop {
-            self.turn()?;
+            if let Some(exit) = self.turn()? {
+                return Ok(exit);
+            }
         }
     }
 
-    /// One iteration of the loop (see the module doc).
-    fn turn(&mut self) -> io::Result<()> {
+    /// One iteration of the loop (see the module doc). Returns `Some` when the loop is over.
+    fn turn(&mut self) -> io::Result<Option<Exit>> {
         self.metrics.loop_iterations += 1;
         self.now = Instant::now();
         let timeout = if self.ready.is_empty() {
@@ -160,21 +233,27 @@ impl<P: Poller> Reactor<P> {
         self.metrics.poll_wakeups += 1;
         self.metrics.poll_events += events.len() as u64;
 
+        let mut exit = None;
         for event in &events {
             trace!("event {event:?}");
-            if event.token == LISTENER {
-                self.accept_all();
-            } else {
-                let id = ConnId::from_token(event.token.0);
-                if event.readable {
-                    self.on_readable(id);
-                }
-                if event.writable {
-                    self.flush(id);
+            match event.token {
+                LISTENER => self.accept_all(),
+                SIGNALS => exit = exit.or(self.on_signal()),
+                token => {
+                    let id = ConnId::from_token(token.0);
+                    if event.readable {
+                        self.on_readable(id);
+                    }
+                    if event.writable {
+                        self.flush(id);
+                    }
                 }
             }
         }
         self.events = events;
+        if exit.is_some() {
+            return Ok(exit);
+        }
 
         for id in std::mem::take(&mut self.ready) {
             if let Some(conn) = self.conn_mut(id) {
@@ -184,11 +263,94 @@ impl<P: Poller> Reactor<P> {
         }
 
         self.timers.expire(self.now, &mut self.expired);
-        for (id, deadline) in std::mem::take(&mut self.expired) {
+        for timer in std::mem::take(&mut self.expired) {
             self.metrics.timer_expiries += 1;
-            self.on_deadline(id, deadline);
+            match timer {
+                TimerEvent::Conn(id, deadline) => self.on_deadline(id, deadline),
+                TimerEvent::AcceptRetry => self.resume_accepting(),
+                TimerEvent::ShutdownDeadline => {
+                    info!(
+                        "shutdown deadline passed; closing {} remaining connections",
+                        self.conns.len()
+                    );
+                    let ids: Vec<ConnId> = self.conns.iter().map(|(_, c)| c.id).collect();
+                    for id in ids {
+                        self.close_now(id);
+                    }
+                }
+            }
         }
-        Ok(())
+
+        self.flush_dirty();
+
+        if self.shutting_down && self.conns.is_empty() {
+            info!("all connections closed; exiting");
+            return Ok(Some(Exit::Graceful));
+        }
+        Ok(None)
+    }
+
+    /// Flushes every connection that had bytes queued in this iteration.
+    fn flush_dirty(&mut self) {
+        while !self.dirty.is_empty() {
+            for id in std::mem::take(&mut self.dirty) {
+                if let Some(conn) = self.conn_mut(id) {
+                    conn.dirty = false;
+                    self.flush(id);
+                }
+            }
+        }
+    }
+
+    /// Queues the connection for the end-of-iteration flush.
+    fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(conn) = live(&mut self.conns, id) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    // ----- signals and shutdown ---------------------------------------------------------
+
+    fn on_signal(&mut self) -> Option<Exit> {
+        let count = self.signals.as_mut().map_or(0, |s| s.drain());
+        if count == 0 {
+            return None;
+        }
+        if self.shutting_down || count > 1 {
+            warn!("second signal: exiting now");
+            return Some(Exit::Immediate);
+        }
+        self.begin_shutdown();
+        None
+    }
+
+    /// SPEC §2: stop accepting, send Close 1001 to every open connection, and give the close
+    /// handshakes up to `--shutdown-timeout`; the loop ends when the slab is empty.
+    pub fn begin_shutdown(&mut self) {
+        info!(
+            "shutting down: closing {} connections (up to {:?})",
+            self.conns.len(),
+            self.config.shutdown_timeout
+        );
+        self.shutting_down = true;
+        self.pause_listener();
+        self.timers.arm(
+            self.now + self.config.shutdown_timeout,
+            TimerEvent::ShutdownDeadline,
+        );
+        let ids: Vec<(ConnId, State)> = self.conns.iter().map(|(_, c)| (c.id, c.state)).collect();
+        for (id, state) in ids {
+            match state {
+                State::Open => self.start_close(id, CloseCode::GOING_AWAY, "server shutting down"),
+                // Nothing promised to these yet: they go now.
+                State::Handshaking => self.close_now(id),
+                // Already finishing.
+                State::HttpResponding | State::Closing { .. } | State::Failing => {}
+            }
+        }
     }
 
     /// The connection `id` names, if it is still the one in its slot (see `ConnId`).
@@ -199,32 +361,75 @@ impl<P: Poller> Reactor<P> {
     // ----- accept ------------------------------------------------------------------------
 
     fn accept_all(&mut self) {
-        loop {
+        while self.listening {
             match self.listener.accept() {
                 Ok((stream, peer)) => self.admit(stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The peer gave up while queued; nothing to do.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
                 Err(e) => {
-                    // EMFILE/ENFILE and friends: stop for this iteration; the listener stays
-                    // registered, and edge-triggered backends report it again on the next
-                    // connection attempt.
-                    warn!("accept failed: {e}");
+                    // EMFILE/ENFILE (descriptors exhausted) and the like. The pending connection
+                    // stays in the kernel's backlog and would make a level-triggered backend
+                    // report the listener again and again: pause it instead, and retry from a
+                    // timer. Existing connections keep being served meanwhile.
                     self.metrics.accept_pauses += 1;
+                    let rate_limited = self
+                        .last_accept_warning
+                        .is_some_and(|t| self.now < t + Duration::from_secs(10));
+                    if !rate_limited {
+                        warn!(
+                            "accept failed ({e}); pausing the listener, retrying every {ACCEPT_RETRY:?} \
+                             (this warning repeats at most every 10 s)"
+                        );
+                        self.last_accept_warning = Some(self.now);
+                    }
+                    self.pause_listener();
+                    self.timers
+                        .arm(self.now + ACCEPT_RETRY, TimerEvent::AcceptRetry);
                     return;
                 }
             }
         }
     }
 
+    fn pause_listener(&mut self) {
+        if self.listening {
+            self.listening = false;
+            if let Err(e) = self.poller.deregister(self.listener.as_raw_fd()) {
+                warn!("could not pause the listener: {e}");
+            }
+        }
+    }
+
+    fn resume_accepting(&mut self) {
+        if self.listening || self.shutting_down {
+            return;
+        }
+        match self
+            .poller
+            .register(self.listener.as_raw_fd(), LISTENER, Interest::READABLE)
+        {
+            Ok(()) => {
+                self.listening = true;
+                // Connections may have queued while paused; an edge-triggered backend will not
+                // report them as new.
+                self.accept_all();
+            }
+            Err(e) => {
+                warn!("could not resume the listener: {e}");
+                self.timers
+                    .arm(self.now + ACCEPT_RETRY, TimerEvent::AcceptRetry);
+            }
+        }
+    }
+
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
         self.metrics.accepted += 1;
-        if self.conns.len() >= self.config.max_connections {
+        let over_limit = self.conns.len() - self.rejecting >= self.config.max_connections;
+        if over_limit && self.rejecting >= MAX_REJECTING {
+            // Too many even to answer: close at once (the client sees a reset or EOF).
             Metrics::bump(&mut self.metrics.rejected, "max_connections");
-            Metrics::bump_code(&mut self.metrics.http_responses, 503);
-            // Best effort: a fresh socket's send buffer is empty, so this small write fits.
-            let _ = (&stream).write(&HandshakeError::ServiceUnavailable.response());
-            let _ = stream.shutdown(Shutdown::Write);
             return;
         }
         if let Some(limit) = self.poller.fd_limit() {
@@ -256,10 +461,24 @@ impl<P: Poller> Reactor<P> {
         let mut conn = Connection::new(id, stream, peer, self.config.max_message, self.now);
         conn.timer = Some(self.timers.arm(
             self.now + self.config.handshake_timeout,
-            (id, Deadline::Handshake),
+            TimerEvent::Conn(id, Deadline::Handshake),
         ));
         entry.insert(conn);
-        debug!("{peer} connected as {id:?}");
+        trace!("{peer} connected as {id:?}");
+        if over_limit {
+            // Over the limit: answer 503 (SPEC §2) through the normal response path, which
+            // waits for the client to hang up so that the answer is not lost to a reset. Such
+            // connections do not count toward the limit, or a stream of refused clients could
+            // keep the slot of a departed one occupied.
+            Metrics::bump(&mut self.metrics.rejected, "max_connections");
+            self.rejecting += 1;
+            if let Some(conn) = self.conn_mut(id) {
+                conn.rejected = true;
+            }
+            self.respond(id, 503, HandshakeError::ServiceUnavailable.response());
+            self.mark_dirty(id);
+            return;
+        }
         // Data may already be waiting; edge-triggered backends only report new arrivals.
         self.on_readable(id);
     }
@@ -308,7 +527,9 @@ impl<P: Poller> Reactor<P> {
                 break;
             }
         }
-        self.flush(id);
+        if self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
+            self.mark_dirty(id);
+        }
     }
 
     fn on_eof(&mut self, id: ConnId) {
@@ -318,7 +539,7 @@ impl<P: Poller> Reactor<P> {
         match conn.state {
             // The peer hung up after our response or our Close: the expected ending.
             State::HttpResponding | State::Closing { .. } | State::Failing => {}
-            State::Handshaking | State::Open(_) => {
+            State::Handshaking | State::Open => {
                 debug!("{id:?} hung up without a close handshake");
                 self.metrics.abnormal_closes += 1;
             }
@@ -337,7 +558,7 @@ impl<P: Poller> Reactor<P> {
                 conn.inbound.extend_from_slice(&self.recv_buf[..n]);
                 self.on_request_bytes(id)
             }
-            State::Open(_) | State::Closing { .. } => {
+            State::Open | State::Closing { .. } => {
                 if conn.inbound.is_empty() {
                     // The common case: parse straight out of the shared buffer, and copy only an
                     // incomplete tail into the connection.
@@ -444,25 +665,21 @@ impl<P: Poller> Reactor<P> {
         match event {
             WsEvent::Message { opcode, data } => {
                 self.metrics.messages_in += 1;
-                // Only Open connections get here: frames after our Close skip the assembler.
-                let State::Open(endpoint) = conn.state else {
-                    return true;
+                // A single-frame message borrows the frame's payload; an assembled one is owned.
+                // Taking the owned buffer out ends the borrow of the assembler, so the app can
+                // be given the slab (through the Outbox) while it reads the message.
+                let assembled = match data {
+                    Cow::Owned(bytes) => Some(bytes),
+                    Cow::Borrowed(_) => None,
                 };
-                match endpoint {
-                    Endpoint::Echo => {
-                        conn.outbound.push_owned_with(
-                            frame::header_len(data.len(), false) + data.len(),
-                            |out| frame::encode_into(out, true, opcode, &data, None),
-                        );
-                        self.metrics.messages_out += 1;
-                    }
-                }
-                drop(data);
-                self.check_outbound(id)
+                let message = assembled.as_deref().unwrap_or(payload);
+                self.deliver(id, opcode, message);
+                self.conn_mut(id)
+                    .is_some_and(|c| matches!(c.state, State::Open))
             }
             WsEvent::Ping(payload) => {
                 // RFC 6455 §5.5.2: a Pong carries the Ping's payload. Not after our Close.
-                if matches!(conn.state, State::Open(_)) {
+                if matches!(conn.state, State::Open) {
                     conn.outbound.push_owned_with(2 + payload.len(), |out| {
                         frame::encode_into(out, true, OpCode::Pong, payload, None)
                     });
@@ -478,7 +695,7 @@ impl<P: Poller> Reactor<P> {
                     code.map_or(CloseCode::NO_STATUS.0, |c| c.0),
                 );
                 match conn.state {
-                    State::Open(_) => {
+                    State::Open => {
                         // RFC 6455 §5.5.1: answer with a Close, echoing the status code.
                         let reply = match code {
                             Some(code) => frame::close_payload(code, ""),
@@ -501,8 +718,56 @@ impl<P: Poller> Reactor<P> {
                 }
                 // The server closes TCP first once both Close frames are out (RFC 6455 §7.1.1).
                 conn.close_after_flush = true;
+                self.mark_dirty(id);
+                self.closed_for_app(id);
                 false
             }
+        }
+    }
+
+    /// Hands a data message to the app, with an `Outbox` for its replies.
+    fn deliver(&mut self, id: ConnId, opcode: OpCode, message: &[u8]) {
+        let slot = id.slot as usize;
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let mut out = Outbox {
+            conns: &mut self.conns,
+            metrics: &mut self.metrics,
+            dirty: &mut self.dirty,
+            closes: &mut self.close_requests,
+            max_outbound: self.config.max_outbound,
+            policy: self.config.slow_consumer,
+        };
+        self.handler
+            .on_message(id, session, opcode, message, &mut out);
+        self.apply_close_requests();
+    }
+
+    /// The connection stops being open for the app (it is closing or gone): `on_close`, once.
+    fn closed_for_app(&mut self, id: ConnId) {
+        let Some(session) = self
+            .sessions
+            .get_mut(id.slot as usize)
+            .and_then(Option::take)
+        else {
+            return;
+        };
+        let mut out = Outbox {
+            conns: &mut self.conns,
+            metrics: &mut self.metrics,
+            dirty: &mut self.dirty,
+            closes: &mut self.close_requests,
+            max_outbound: self.config.max_outbound,
+            policy: self.config.slow_consumer,
+        };
+        self.handler.on_close(id, session, &mut out);
+        self.apply_close_requests();
+    }
+
+    fn apply_close_requests(&mut self) {
+        while let Some((id, code, reason)) = self.close_requests.pop() {
+            self.start_close(id, code, reason);
         }
     }
 
@@ -515,6 +780,8 @@ impl<P: Poller> Reactor<P> {
         if conn.outbound.queued_bytes() <= limit {
             return true;
         }
+        // Control replies (pongs) are not droppable: a peer that floods pings without reading
+        // is a slow consumer whatever the policy.
         self.metrics.slow_consumer_closes += 1;
         debug!("{id:?} exceeded --max-outbound; closing 1008");
         self.start_close(id, CloseCode::POLICY_VIOLATION, "slow consumer");
@@ -528,7 +795,7 @@ impl<P: Poller> Reactor<P> {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
-        if !matches!(conn.state, State::Open(_)) {
+        if !matches!(conn.state, State::Open) {
             // Already closing: a broken frame now ends the wait for the peer's Close.
             self.close_now(id);
             return;
@@ -548,7 +815,7 @@ impl<P: Poller> Reactor<P> {
         let Some(conn) = live(&mut self.conns, id) else {
             return;
         };
-        if !matches!(conn.state, State::Open(_)) {
+        if !matches!(conn.state, State::Open) {
             return;
         }
         let payload = frame::close_payload(code, reason);
@@ -560,7 +827,12 @@ impl<P: Poller> Reactor<P> {
         if let Some(old) = conn.timer.take() {
             self.timers.cancel(old);
         }
-        conn.timer = Some(self.timers.arm(deadline, (id, Deadline::Close)));
+        conn.timer = Some(
+            self.timers
+                .arm(deadline, TimerEvent::Conn(id, Deadline::Close)),
+        );
+        self.mark_dirty(id);
+        self.closed_for_app(id);
     }
 
     // ----- handshake ---------------------------------------------------------------------
@@ -578,54 +850,106 @@ impl<P: Poller> Reactor<P> {
                 return true;
             }
         };
-        match route(&request) {
-            Route::Upgrade(endpoint) => match handshake::validate_upgrade(&request) {
-                Ok(upgrade) => {
-                    let response = handshake::upgrade_response(&upgrade.accept, None);
-                    self.open(id, endpoint, response, head_len)
+        let upgrade = request.is_upgrade_attempt();
+        // The reactor's own endpoints: liveness and counters.
+        if !upgrade && request.method == "GET" {
+            match request.path.as_str() {
+                "/healthz" => {
+                    let ok =
+                        handshake::http_response(200, "text/plain; charset=utf-8", &[], b"ok\n");
+                    self.respond(id, 200, ok);
+                    return true;
                 }
+                "/metrics" => {
+                    let body = self.render_metrics();
+                    let response = handshake::http_response(
+                        200,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        &[],
+                        body.as_bytes(),
+                    );
+                    self.respond(id, 200, response);
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        let accept = if upgrade {
+            match handshake::validate_upgrade(&request) {
+                Ok(valid) => Some(valid.accept),
                 Err(e) => {
                     self.respond(id, e.status(), e.response());
-                    true
+                    return true;
                 }
-            },
-            Route::Respond(status, response) => {
-                self.respond(id, status, response);
+            }
+        } else {
+            None
+        };
+        match (self.handler.route(id, &request), accept) {
+            (Route::Upgrade { session, protocol }, Some(accept)) => {
+                let response = handshake::upgrade_response(&accept, protocol);
+                self.open(id, session, response, head_len)
+            }
+            (Route::Upgrade { .. }, None) => {
+                let e = HandshakeError::NotWebSocket;
+                self.respond(id, e.status(), e.response());
                 true
             }
-            Route::Metrics => {
-                let body = self.render_metrics();
-                let response = handshake::http_response(
-                    200,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    &[],
-                    body.as_bytes(),
-                );
-                self.respond(id, 200, response);
+            (Route::Respond(status, response), _) => {
+                self.respond(id, status, response);
                 true
             }
         }
     }
 
-    /// Completes the upgrade: queues the 101 response and processes frames that the client
-    /// pipelined right behind its request (SPEC §3: they are kept, not lost).
-    fn open(&mut self, id: ConnId, endpoint: Endpoint, response: Vec<u8>, head_len: usize) -> bool {
+    /// Completes the upgrade: queues the 101 response, tells the app, and processes frames that
+    /// the client pipelined right behind its request (SPEC §3: they are kept, not lost).
+    fn open(
+        &mut self,
+        id: ConnId,
+        session: H::Session,
+        response: Vec<u8>,
+        head_len: usize,
+    ) -> bool {
         let heartbeat = self.now + self.config.heartbeat_interval;
         let Some(conn) = live(&mut self.conns, id) else {
             return false;
         };
         conn.outbound
             .push_owned_with(response.len(), |out| out.extend_from_slice(&response));
-        conn.state = State::Open(endpoint);
+        conn.state = State::Open;
         conn.last_activity = self.now;
         if let Some(old) = conn.timer.take() {
             self.timers.cancel(old);
         }
-        conn.timer = Some(self.timers.arm(heartbeat, (id, Deadline::Heartbeat)));
-        self.metrics.upgrades += 1;
-        debug!("{id:?} upgraded to {endpoint:?}");
-
+        conn.timer = Some(
+            self.timers
+                .arm(heartbeat, TimerEvent::Conn(id, Deadline::Heartbeat)),
+        );
         conn.inbound.drain(..head_len);
+        self.metrics.upgrades += 1;
+        debug!("{id:?} upgraded");
+
+        let slot = id.slot as usize;
+        if self.sessions.len() <= slot {
+            self.sessions.resize_with(slot + 1, || None);
+        }
+        let session = self.sessions[slot].insert(session);
+        let mut out = Outbox {
+            conns: &mut self.conns,
+            metrics: &mut self.metrics,
+            dirty: &mut self.dirty,
+            closes: &mut self.close_requests,
+            max_outbound: self.config.max_outbound,
+            policy: self.config.slow_consumer,
+        };
+        self.handler.on_open(id, session, &mut out);
+        self.apply_close_requests();
+        self.mark_dirty(id);
+
+        let Some(conn) = self.conn_mut(id) else {
+            return false;
+        };
         if conn.inbound.is_empty() {
             conn.inbound = Vec::new();
             true
@@ -649,7 +973,11 @@ impl<P: Poller> Reactor<P> {
         if let Some(old) = conn.timer.take() {
             self.timers.cancel(old);
         }
-        conn.timer = Some(self.timers.arm(deadline, (id, Deadline::Close)));
+        conn.timer = Some(
+            self.timers
+                .arm(deadline, TimerEvent::Conn(id, Deadline::Close)),
+        );
+        self.mark_dirty(id);
         debug!("{id:?} answered HTTP {status}");
     }
 
@@ -666,10 +994,12 @@ impl<P: Poller> Reactor<P> {
                 entry.1 += 1;
             }
         }
-        self.metrics.render(&Gauges {
+        let mut text = self.metrics.render(&Gauges {
             poller: self.poller.name(),
             connections: &counts,
-        })
+        });
+        self.handler.render_metrics(&mut text);
+        text
     }
 
     // ----- write -------------------------------------------------------------------------
@@ -762,26 +1092,29 @@ impl<P: Poller> Reactor<P> {
                 let quiet_since = conn.last_activity;
                 if now < quiet_since + interval {
                     // There was traffic: sleep for the rest of the interval (SPEC §5).
-                    conn.timer = Some(
-                        self.timers
-                            .arm(quiet_since + interval, (id, Deadline::Heartbeat)),
-                    );
+                    conn.timer = Some(self.timers.arm(
+                        quiet_since + interval,
+                        TimerEvent::Conn(id, Deadline::Heartbeat),
+                    ));
                 } else {
                     conn.outbound.push_owned_with(2, |out| {
                         frame::encode_into(out, true, OpCode::Ping, b"", None)
                     });
                     conn.pinged_at = now;
-                    conn.timer = Some(self.timers.arm(now + pong_timeout, (id, Deadline::Pong)));
+                    conn.timer = Some(
+                        self.timers
+                            .arm(now + pong_timeout, TimerEvent::Conn(id, Deadline::Pong)),
+                    );
                     self.metrics.pings_sent += 1;
-                    self.flush(id);
+                    self.mark_dirty(id);
                 }
             }
             Deadline::Pong => {
                 if conn.last_activity > conn.pinged_at {
-                    conn.timer = Some(
-                        self.timers
-                            .arm(conn.last_activity + interval, (id, Deadline::Heartbeat)),
-                    );
+                    conn.timer = Some(self.timers.arm(
+                        conn.last_activity + interval,
+                        TimerEvent::Conn(id, Deadline::Heartbeat),
+                    ));
                 } else {
                     debug!("{id:?} did not answer the heartbeat; dropping as half-open");
                     self.metrics.half_open_drops += 1;
@@ -798,7 +1131,11 @@ impl<P: Poller> Reactor<P> {
         if self.conn_mut(id).is_none() {
             return;
         }
+        self.closed_for_app(id);
         let conn = self.conns.remove(id.slot as usize);
+        if conn.rejected {
+            self.rejecting -= 1;
+        }
         if let Some(timer) = conn.timer {
             self.timers.cancel(timer);
         }
@@ -838,56 +1175,5 @@ fn reserve_for_frame(inbound: &mut Vec<u8>, partial: &[u8], max_payload: usize) 
         if total > RECV_BUFFER_BYTES {
             inbound.reserve_exact(total.saturating_sub(inbound.len()));
         }
-    }
-}
-
-/// Where a request goes, decided by method and path alone.
-enum Route {
-    Upgrade(Endpoint),
-    Respond(u16, Vec<u8>),
-    Metrics,
-}
-
-fn route(request: &Request) -> Route {
-    let websocket_endpoint = match request.path.as_str() {
-        "/echo" => Some(Endpoint::Echo),
-        _ => None,
-    };
-    if request.method != "GET" {
-        return Route::Respond(405, HandshakeError::MethodNotAllowed.response());
-    }
-    if let Some(endpoint) = websocket_endpoint {
-        if request.is_upgrade_attempt() {
-            return Route::Upgrade(endpoint);
-        }
-        return Route::Respond(
-            426,
-            handshake::http_response(
-                426,
-                "text/plain; charset=utf-8",
-                &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")],
-                b"this endpoint speaks WebSocket: send an upgrade request\n",
-            ),
-        );
-    }
-    if request.is_upgrade_attempt() {
-        return Route::Respond(404, HandshakeError::NotFound.response());
-    }
-    match request.path.as_str() {
-        "/healthz" => Route::Respond(
-            200,
-            handshake::http_response(200, "text/plain; charset=utf-8", &[], b"ok\n"),
-        ),
-        "/metrics" => Route::Metrics,
-        "/" => Route::Respond(
-            200,
-            handshake::http_response(
-                200,
-                "text/plain; charset=utf-8",
-                &[],
-                b"wsrelay\n\nendpoints: /echo (WebSocket echo), /healthz, /metrics\n",
-            ),
-        ),
-        _ => Route::Respond(404, HandshakeError::NotFound.response()),
     }
 }

@@ -42,7 +42,7 @@ fn plain_requests(poller: &str) {
             "echo without upgrade",
             "GET /echo HTTP/1.1\r\nHost: x\r\n\r\n".into(),
             426,
-            "WebSocket",
+            "websocket",
         ),
         (
             "bad version",

@@ -8,3 +8,4 @@ mod close;
 mod echo;
 mod frames;
 mod http;
+mod robustness;

@@ -36,10 +36,30 @@ pub struct Server {
 }
 
 impl Server {
+    /// Like `start`, but the server runs under `prlimit --nofile=N:N`, so that raising its own
+    /// soft limit cannot take it past N descriptors.
+    pub fn start_with_fd_limit(poller: &str, nofile: u32, extra: &[&str]) -> Server {
+        Server::spawn(
+            Command::new("prlimit")
+                .arg(format!("--nofile={nofile}:{nofile}"))
+                .arg(env!("CARGO_BIN_EXE_wsrelay")),
+            poller,
+            extra,
+        )
+    }
+
     /// Starts `wsrelay serve` on 127.0.0.1:0 with the given poller and extra flags, and waits
     /// (bounded) for the line that announces the port.
     pub fn start(poller: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        Server::spawn(
+            &mut Command::new(env!("CARGO_BIN_EXE_wsrelay")),
+            poller,
+            extra,
+        )
+    }
+
+    fn spawn(command: &mut Command, poller: &str, extra: &[&str]) -> Server {
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--poller", poller])
             .args(extra)
             .env(
@@ -69,6 +89,55 @@ impl Server {
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line: {line}"));
         Server { child, addr }
+    }
+
+    /// The server's process id (prlimit execs the server, so it is the same process).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the server process, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// CPU time (user + system) the server has used, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    /// Sends a signal to the server.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the server to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < within,
+                "server did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10)); // poll interval for try_wait
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -106,7 +175,16 @@ impl Server {
 
     /// The value of one sample of /metrics, e.g. `metric("wsrelay_closes_sent_total{code=\"1002\"}")`.
     pub fn metric(&self, sample: &str) -> f64 {
-        let text = self.get("/metrics").body_text();
+        let start = std::time::Instant::now();
+        let response = loop {
+            // A server at --max-connections answers 503 until a connection closes.
+            let r = self.get("/metrics");
+            if r.status != 503 || start.elapsed() > DEADLINE {
+                break r;
+            }
+        };
+        assert_eq!(response.status, 200, "GET /metrics");
+        let text = response.body_text();
         text.lines()
             .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
             .map(|v| v.trim().parse().unwrap())

@@ -1,0 +1,157 @@
+//! The seam between the reactor and the application: what the reactor tells the app, and the
+//! one way the app can act on connections.
+//!
+//! Owns: the `Handler` trait (route a request, hear about opens, messages and closes), `Route`,
+//! and `Outbox`, the app's handle for queueing frames on connections and closing them.
+//! Does not: implement any endpoint (that is `app/`), or expose sockets or descriptors to the app.
+//! The app sees `ConnId`s and messages only (SPEC §1).
+//!
+//! Dependency direction: `app` implements `Handler`, so `app` depends on `server`, never the other
+//! way round. The reactor is generic over the handler (`Reactor<P, H>`), so calls into the app
+//! are static.
+
+use super::connection::{ConnId, Connection, State};
+use super::metrics::Metrics;
+use crate::protocol::frame::{self, OpCode};
+use crate::protocol::handshake::Request;
+use crate::protocol::CloseCode;
+use slab::Slab;
+use std::rc::Rc;
+
+/// What to do with a request the reactor does not answer itself (it answers /healthz, /metrics).
+pub enum Route<S> {
+    /// Upgrade to WebSocket. `session` is the app's per-connection state, kept by the reactor in
+    /// the connection and handed back on every callback; `protocol` is the subprotocol to confirm
+    /// in the 101 response, if any.
+    Upgrade {
+        session: S,
+        protocol: Option<&'static str>,
+    },
+    /// Answer with this complete HTTP response (status for the metrics) and close.
+    Respond(u16, Vec<u8>),
+}
+
+/// The application behind the reactor.
+pub trait Handler {
+    /// Per-connection state of an upgraded connection.
+    type Session;
+
+    /// Decides what a request head becomes: an upgrade or an HTTP answer.
+    fn route(&mut self, conn: ConnId, request: &Request) -> Route<Self::Session>;
+
+    /// The 101 response is queued; the connection is open. Messages sent now follow it.
+    fn on_open(&mut self, conn: ConnId, session: &mut Self::Session, out: &mut Outbox<'_>);
+
+    /// A complete data message (text already validated as UTF-8).
+    fn on_message(
+        &mut self,
+        conn: ConnId,
+        session: &mut Self::Session,
+        opcode: OpCode,
+        payload: &[u8],
+        out: &mut Outbox<'_>,
+    );
+
+    /// The connection is gone (whatever the reason). Called once for every opened connection.
+    fn on_close(&mut self, conn: ConnId, session: Self::Session, out: &mut Outbox<'_>);
+
+    /// Appends the app's own metrics (Prometheus text) to /metrics.
+    fn render_metrics(&self, _out: &mut String) {}
+}
+
+/// What the slow-consumer policy does when a connection's queue is over `--max-outbound`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlowConsumer {
+    /// Close the connection with 1008 (the default).
+    Close,
+    /// Drop the new message for that connection only.
+    Drop,
+}
+
+/// The outcome of one send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Queued on the connection; it leaves with the connection's next flush.
+    Queued,
+    /// Not queued: the connection is over `--max-outbound` and the policy is `drop`.
+    Dropped,
+    /// Not queued: the connection is over `--max-outbound` and is being closed (1008).
+    Closed,
+    /// Not queued: no such open connection (it closed, or is closing).
+    Gone,
+}
+
+/// The app's handle on connections during a callback. It queues bytes and marks connections
+/// dirty; the reactor flushes every dirty connection once at the end of the loop iteration, so
+/// everything queued for one connection in one iteration leaves in one vectored write.
+pub struct Outbox<'a> {
+    pub(super) conns: &'a mut Slab<Connection>,
+    pub(super) metrics: &'a mut Metrics,
+    pub(super) dirty: &'a mut Vec<ConnId>,
+    /// Closes requested during the callback; applied by the reactor right after it.
+    pub(super) closes: &'a mut Vec<(ConnId, CloseCode, &'static str)>,
+    pub(super) max_outbound: usize,
+    pub(super) policy: SlowConsumer,
+}
+
+impl Outbox<'_> {
+    /// Queues a frame encoded once and shared by many recipients (no copy per recipient).
+    pub fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
+        self.queue(to, frame.len(), |conn| {
+            conn.outbound.push_shared(Rc::clone(frame))
+        })
+    }
+
+    /// Encodes a message for one connection, straight into its outbound queue.
+    pub fn send(&mut self, to: ConnId, opcode: OpCode, payload: &[u8]) -> Sent {
+        let len = frame::header_len(payload.len(), false) + payload.len();
+        self.queue(to, len, |conn| {
+            conn.outbound.push_owned_with(len, |out| {
+                frame::encode_into(out, true, opcode, payload, None)
+            })
+        })
+    }
+
+    /// Asks the reactor to close `conn` with `code` once the callback returns.
+    pub fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
+        self.closes.push((conn, code, reason));
+    }
+
+    /// Encodes an unmasked server frame for `send_shared`.
+    pub fn encode_shared(opcode: OpCode, payload: &[u8]) -> Rc<[u8]> {
+        Rc::from(frame::encode(true, opcode, payload, None))
+    }
+
+    fn queue(&mut self, to: ConnId, len: usize, push: impl FnOnce(&mut Connection)) -> Sent {
+        let Some(conn) = self
+            .conns
+            .get_mut(to.slot as usize)
+            .filter(|c| c.id == to && matches!(c.state, State::Open))
+        else {
+            return Sent::Gone;
+        };
+        // SPEC §2 backpressure: the limit applies before queueing, so memory stays bounded by
+        // --max-outbound plus one message whatever the consumer does.
+        if conn.outbound.queued_bytes() + len > self.max_outbound && !conn.outbound.is_empty() {
+            return match self.policy {
+                SlowConsumer::Drop => {
+                    self.metrics.slow_consumer_drops += 1;
+                    Sent::Dropped
+                }
+                SlowConsumer::Close => {
+                    self.metrics.slow_consumer_closes += 1;
+                    self.closes
+                        .push((to, CloseCode::POLICY_VIOLATION, "slow consumer"));
+                    Sent::Closed
+                }
+            };
+        }
+        push(conn);
+        self.metrics.messages_out += 1;
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(to);
+        }
+        Sent::Queued
+    }
+}
