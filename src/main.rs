@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Connect to a relay and send lines from stdin (interactive, or a script when piped).
+    Client(wsrelay::client::ClientArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -121,6 +123,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Client(args) => wsrelay::client::run(args),
     }
 }
 
