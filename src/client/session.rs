@@ -285,6 +285,13 @@ impl Session {
                     ping_count: 0,
                     close_due: None,
                 }));
+                let (unacked, queued) = (self.outbox.unacked(), self.outbox.queued());
+                if unacked > 0 {
+                    eprintln!("wsrelay client: re-sending {unacked} un-acked message(s)");
+                }
+                if queued > 0 {
+                    eprintln!("wsrelay client: sending {queued} line(s) typed while disconnected");
+                }
                 for out in self.outbox.on_connect() {
                     if !matches!(self.link, Link::Up(_)) {
                         break;
@@ -558,6 +565,7 @@ impl Session {
         let text = envelope::encode(out);
         match up.conn.send(OpCode::Text, text.as_bytes()) {
             Ok(()) => {
+                log::debug!("client: wrote {text}");
                 if matches!(out, Outgoing::Raw(_)) {
                     self.raw_unconfirmed = true;
                 }

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod client;
 mod close;
 mod echo;
 mod frames;
