@@ -12,6 +12,7 @@
 //! the whole picture.
 
 pub mod app;
+pub mod bench;
 pub mod client;
 pub mod poller;
 pub mod protocol;

@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Generate load against a running server and measure it (SPEC §11).
+    Bench(wsrelay::bench::BenchArgs),
     /// Connect to a relay and send lines from stdin (interactive, or a script when piped).
     Client(wsrelay::client::ClientArgs),
 }
@@ -123,6 +125,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => wsrelay::bench::run(args),
         Command::Client(args) => wsrelay::client::run(args),
     }
 }

@@ -52,12 +52,24 @@ struct OpenMessage {
     data: Vec<u8>,
 }
 
+/// How far the payload of a text frame that has not fully arrived has been validated.
+#[derive(Debug)]
+struct PartialText {
+    /// Validator state after the checked bytes (continuing the open message's, for a
+    /// continuation frame).
+    utf8: Utf8Validator,
+    /// Payload bytes of the incomplete frame validated so far.
+    checked: usize,
+}
+
 /// Assembles messages from the frames of one connection, in order.
 #[derive(Debug)]
 pub struct Assembler {
     max_message: usize,
     open: Option<OpenMessage>,
     utf8: Utf8Validator,
+    /// Validation of a text frame still arriving (see `check_partial`); cleared by `push`.
+    partial: Option<PartialText>,
 }
 
 impl Assembler {
@@ -67,6 +79,7 @@ impl Assembler {
             max_message,
             open: None,
             utf8: Utf8Validator::default(),
+            partial: None,
         }
     }
 
@@ -95,6 +108,8 @@ impl Assembler {
         payload: &'a [u8],
     ) -> Result<Option<Event<'a>>, ProtocolError> {
         debug_assert_eq!(header.payload_len, payload.len() as u64);
+        // The frame is whole now; `start`/`continue_message` validate all of it.
+        self.partial = None;
         match header.opcode {
             OpCode::Text | OpCode::Binary => self.start(header.opcode, header.fin, payload),
             OpCode::Continuation => self.continue_message(header.fin, payload),
@@ -116,6 +131,57 @@ impl Assembler {
     pub fn reset(&mut self) {
         self.open = None;
         self.utf8.reset();
+        self.partial = None;
+    }
+
+    /// Validates the part of a text frame's payload that has arrived so far, before the whole
+    /// frame is there, so that invalid UTF-8 fails the connection at once rather than when the
+    /// frame completes (RFC 6455 §8.1; Autobahn cases 6.4.x). `masked_prefix` is the payload
+    /// received so far, as it is on the wire (still masked); only the bytes beyond those checked
+    /// by earlier calls are unmasked (in a copy) and fed to the validator. Frames that are not
+    /// text (nor the continuation of a text message) are ignored.
+    ///
+    /// The simple alternative, validating only complete frames, is what `push` does anyway; this
+    /// costs one copy of the newly arrived bytes of incomplete text frames, which in practice
+    /// means frames larger than one read.
+    ///
+    /// # Errors
+    /// `InvalidUtf8` when the bytes so far can never become valid UTF-8.
+    pub fn check_partial(
+        &mut self,
+        header: &FrameHeader,
+        masked_prefix: &[u8],
+    ) -> Result<(), ProtocolError> {
+        let continues_text = self
+            .open
+            .as_ref()
+            .is_some_and(|open| open.opcode == OpCode::Text);
+        let fresh = match header.opcode {
+            OpCode::Text if self.open.is_none() => Utf8Validator::default(),
+            OpCode::Continuation if continues_text => self.utf8.clone(),
+            // Anything else is validated (or refused) by `push` when it completes.
+            _ => return Ok(()),
+        };
+        let partial = self.partial.get_or_insert(PartialText {
+            utf8: fresh,
+            checked: 0,
+        });
+        let Some(new) = masked_prefix.get(partial.checked..) else {
+            return Ok(());
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = new.to_vec();
+        if let Some(key) = header.mask {
+            super::mask::unmask_from(&mut bytes, key, partial.checked);
+        }
+        partial.checked += bytes.len();
+        let result = partial.utf8.feed(&bytes);
+        if result.is_err() {
+            self.reset();
+        }
+        result
     }
 
     /// A Text or Binary frame: a whole message, or the first fragment of one.
@@ -438,5 +504,49 @@ mod tests {
         assert!(!a.in_message());
         assert_eq!(a.buffered_bytes(), 0);
         assert!(a.open.is_none(), "no heap buffer held between messages");
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)] // test inputs are built here, not received
+    fn partial_text_frame_fails_before_it_completes() {
+        use crate::protocol::frame::{decode_header, encode, Role};
+        let key = [1, 2, 3, 4];
+        // "κόσμε" then an invalid sequence, in a frame of 100 bytes of which 20 have arrived.
+        let mut payload = "κόσμε".as_bytes().to_vec();
+        payload.extend_from_slice(&[0xf4, 0x90, 0x80, 0x80]);
+        payload.resize(100, b'a');
+        let wire = encode(true, OpCode::Text, &payload, Some(key));
+        let header = decode_header(&wire, Role::Server, 1 << 20)
+            .unwrap()
+            .unwrap();
+        let body = &wire[header.header_len..];
+
+        let mut a = Assembler::new(1 << 20);
+        assert_eq!(a.check_partial(&header, &body[..5]), Ok(()), "valid so far");
+        assert_eq!(a.check_partial(&header, &body[..5]), Ok(()), "nothing new");
+        assert_eq!(
+            a.check_partial(&header, &body[..12]),
+            Err(ProtocolError::InvalidUtf8)
+        );
+
+        // A valid frame arriving in pieces passes every check and then assembles.
+        let good = "é".repeat(40);
+        let wire = encode(true, OpCode::Text, good.as_bytes(), Some(key));
+        let header = decode_header(&wire, Role::Server, 1 << 20)
+            .unwrap()
+            .unwrap();
+        let mut a = Assembler::new(1 << 20);
+        for end in header.header_len..wire.len() {
+            assert_eq!(
+                a.check_partial(&header, &wire[header.header_len..end]),
+                Ok(())
+            );
+        }
+        let mut whole = wire.clone();
+        let decoded = crate::protocol::frame::decode_frame(&mut whole, Role::Server, 1 << 20)
+            .unwrap()
+            .unwrap();
+        let event = a.push(&decoded.header, &whole[decoded.payload]).unwrap();
+        assert!(matches!(event, Some(Event::Message { .. })));
     }
 }

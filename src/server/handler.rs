@@ -57,6 +57,9 @@ pub trait Handler {
 
     /// Appends the app's own metrics (Prometheus text) to /metrics.
     fn render_metrics(&self, _out: &mut String) {}
+
+    /// Adds the app's live figures (rooms, ids online, ...) to /stats.json.
+    fn stats(&self, _out: &mut Vec<(&'static str, u64)>) {}
 }
 
 /// What the slow-consumer policy does when a connection's queue is over `--max-outbound`.

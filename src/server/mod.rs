@@ -131,6 +131,8 @@ pub struct Reactor<P: Poller, H: Handler> {
     metrics: Metrics,
     /// The time read once per loop iteration; everything in one iteration uses it.
     now: Instant,
+    /// When the reactor was created (uptime in /stats.json).
+    started: Instant,
 }
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
@@ -179,6 +181,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             config,
             metrics: Metrics::default(),
             now,
+            started: now,
         })
     }
 
@@ -567,8 +570,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     self.recv_buf = recv_buf;
                     match result {
                         Some(used) => {
+                            let max_message = self.config.max_message;
                             if let Some(conn) = live(&mut self.conns, id) {
-                                keep_tail(&mut conn.inbound, &self.recv_buf[used..n]);
+                                let budget =
+                                    max_message.saturating_sub(conn.assembler.buffered_bytes());
+                                keep_tail(&mut conn.inbound, &self.recv_buf[used..n], budget);
                             }
                             true
                         }
@@ -591,14 +597,20 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return false;
         };
         let mut inbound = std::mem::take(&mut conn.inbound);
+        let max_message = self.config.max_message;
         match self.on_frame_bytes(id, &mut inbound) {
             Some(used) => {
                 if let Some(conn) = self.conn_mut(id) {
                     if used == inbound.len() {
                         // Release the buffer: an idle connection holds none.
                         conn.inbound = Vec::new();
-                    } else {
+                    } else if used > 0 {
+                        // A new partial frame now leads the buffer.
                         inbound.drain(..used);
+                        let budget = max_message.saturating_sub(conn.assembler.buffered_bytes());
+                        reserve_whole_frame(&mut inbound, budget);
+                        conn.inbound = inbound;
+                    } else {
                         conn.inbound = inbound;
                     }
                 }
@@ -626,7 +638,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let decoded = match frame::decode_frame(rest, Role::Server, max_payload as u64) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
-                    reserve_for_frame(&mut conn.inbound, rest, max_payload);
+                    if let Err(e) = on_partial_frame(conn, rest, max_payload) {
+                        self.protocol_error(id, e);
+                        return self.conn_mut(id).map(|_| data.len());
+                    }
                     return Some(used);
                 }
                 Err(e) => {
@@ -860,6 +875,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     self.respond(id, 200, ok);
                     return true;
                 }
+                "/stats.json" => {
+                    let body = self.render_stats();
+                    let response = handshake::http_response(
+                        200,
+                        "application/json",
+                        &[("Cache-Control", "no-store")],
+                        body.as_bytes(),
+                    );
+                    self.respond(id, 200, response);
+                    return true;
+                }
                 "/metrics" => {
                     let body = self.render_metrics();
                     let response = handshake::http_response(
@@ -979,6 +1005,32 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         );
         self.mark_dirty(id);
         debug!("{id:?} answered HTTP {status}");
+    }
+
+    /// The live counters of the demo page (SPEC §8) as one flat JSON object of numbers (and
+    /// the poller's name).
+    fn render_stats(&self) -> String {
+        let open = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Open)
+            .count() as u64;
+        let mut fields: Vec<(&'static str, u64)> = vec![
+            ("connections", open),
+            ("accepted", self.metrics.accepted),
+            ("messages_in", self.metrics.messages_in),
+            ("messages_out", self.metrics.messages_out),
+            ("bytes_in", self.metrics.bytes_in),
+            ("bytes_out", self.metrics.bytes_out),
+            ("uptime_ms", self.started.elapsed().as_millis() as u64),
+        ];
+        self.handler.stats(&mut fields);
+        let mut json = format!("{{\"poller\":\"{}\"", self.poller.name());
+        for (name, value) in fields {
+            json.push_str(&format!(",\"{name}\":{value}"));
+        }
+        json.push('}');
+        json
     }
 
     fn render_metrics(&self) -> String {
@@ -1160,20 +1212,34 @@ fn live(conns: &mut Slab<Connection>, id: ConnId) -> Option<&mut Connection> {
 }
 
 /// Keeps the unconsumed tail of the shared buffer in the connection (allocating only then).
-fn keep_tail(inbound: &mut Vec<u8>, tail: &[u8]) {
+fn keep_tail(inbound: &mut Vec<u8>, tail: &[u8], max_payload: usize) {
     debug_assert!(inbound.is_empty());
     if !tail.is_empty() {
         inbound.extend_from_slice(tail);
+        reserve_whole_frame(inbound, max_payload);
     }
 }
 
-/// When the header of a large partial frame is known, reserve room for all of it at once
-/// instead of growing the buffer read by read.
-fn reserve_for_frame(inbound: &mut Vec<u8>, partial: &[u8], max_payload: usize) {
-    if let Ok(Some(header)) = frame::decode_header(partial, Role::Server, max_payload as u64) {
+/// An incomplete frame waits for its tail. Once its header is known, text is validated as far
+/// as it has arrived, failing fast on invalid UTF-8.
+fn on_partial_frame(
+    conn: &mut Connection,
+    partial: &[u8],
+    max_payload: usize,
+) -> Result<(), ProtocolError> {
+    let Ok(Some(header)) = frame::decode_header(partial, Role::Server, max_payload as u64) else {
+        return Ok(());
+    };
+    let payload = partial.get(header.header_len..).unwrap_or_default();
+    conn.assembler.check_partial(&header, payload)
+}
+
+/// `inbound` holds the start of a frame: reserve room for all of it at once (the header says
+/// how much), instead of letting the buffer double its way there read by read, which could
+/// reach twice the frame's size.
+fn reserve_whole_frame(inbound: &mut Vec<u8>, max_payload: usize) {
+    if let Ok(Some(header)) = frame::decode_header(inbound, Role::Server, max_payload as u64) {
         let total = header.header_len + header.payload_len as usize;
-        if total > RECV_BUFFER_BYTES {
-            inbound.reserve_exact(total.saturating_sub(inbound.len()));
-        }
+        inbound.reserve_exact(total.saturating_sub(inbound.len()));
     }
 }

@@ -20,7 +20,19 @@ fn cases() -> Vec<(&'static str, Vec<u8>, u16)> {
             0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5, 0xf4, 0x90,
         ],
     );
+    // A 200-byte text frame of which only the first 40 bytes ever arrive, invalid at byte 12:
+    // the close must come without the rest of the frame (Autobahn 6.4.x, strict).
+    let mut bad_text = "κόσμε".as_bytes().to_vec();
+    bad_text.extend_from_slice(&[0xf4, 0x90, 0x80, 0x80]);
+    bad_text.resize(200, b'a');
+    let mut incomplete_invalid_frame = client_frame(0x81, &bad_text);
+    incomplete_invalid_frame.truncate(2 + 2 + 4 + 40);
     vec![
+        (
+            "incomplete text frame, invalid so far",
+            incomplete_invalid_frame,
+            1007,
+        ),
         ("unmasked client frame", unmasked, 1002),
         ("rsv1 without extension", client_frame(0xc1, b"x"), 1002),
         ("rsv3", client_frame(0x92, b"x"), 1002),

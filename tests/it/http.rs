@@ -174,7 +174,26 @@ fn request_split_into_single_bytes(poller: &str) {
     assert_eq!(read_server_frame(&mut s), (0x81, b"slow".to_vec()));
 }
 
+fn stats_json_has_the_live_counters(poller: &str) {
+    let server = Server::start(poller, &[]);
+    let mut ws = server.ws("/echo");
+    ws.send(tungstenite::Message::text("one")).unwrap();
+    ws.read().unwrap();
+    let r = server.get("/stats.json");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    assert_eq!(r.header("Cache-Control"), Some("no-store"));
+    let body = r.body_text();
+    assert!(
+        body.starts_with(&format!("{{\"poller\":\"{poller}\"")),
+        "{body}"
+    );
+    assert!(body.contains("\"connections\":1,"), "{body}");
+    assert!(body.contains("\"messages_in\":1,"), "{body}");
+}
+
 poller_tests!(
+    stats_json_has_the_live_counters,
     plain_requests,
     oversized_head_gets_431,
     upgrade_response_is_exact,

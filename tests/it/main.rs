@@ -4,6 +4,7 @@
 
 mod support;
 
+mod bench;
 mod client;
 mod close;
 mod echo;

@@ -1,0 +1,812 @@
+//! `wsrelay bench`: a multi-threaded load generator on the project's own codec, in the client
+//! role.
+//!
+//! Owns: the flags (`BenchArgs`) and their checks, the plan of which thread opens which
+//! connection, and the coordinator: start the workers, give the go once every connection is
+//! open, sample the server at the edges of the measured window, stop, collect, report.
+//! Does not: speak WebSocket itself (`client.rs`, on `protocol/`), run the per-thread loops
+//! (`worker.rs`), or do the arithmetic of the report (`stats.rs`).
+//!
+//! SPEC §11; the load policy of this machine (loopback only, bounded runs).
+//!
+//! Layout:
+//! * `mod.rs`    flags, plan, coordinator;
+//! * `worker.rs` one thread: a mio `Poll` over its connections, stages, windows, rate limit;
+//! * `client.rs` one connection: non-blocking connect, handshake, masked frames, close;
+//! * `stats.rs`  payload stamps, per-thread tallies, latency summary, report math;
+//! * `report.rs` the `Report`, its JSON field documentation and its text form;
+//! * `procfs.rs` the server's CPU time and RSS from /proc;
+//! * `target.rs` loopback check, `--source-addrs`, room names.
+//!
+//! A run: every thread opens its connections; when all threads are ready the coordinator
+//! gives the go; traffic runs through the warm-up and the measured window; at the end of the
+//! window the coordinator samples the server and says stop; threads drain what is in flight,
+//! close every connection with a close handshake, and hand back their tallies. Every stage has
+//! a deadline, so a run ends by itself whatever the server does.
+
+pub mod client;
+pub mod procfs;
+pub mod report;
+pub mod stats;
+pub mod target;
+pub mod worker;
+
+use crate::protocol::client_handshake::WsUrl;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use report::{Report, ServerFigures, JSON_FIELDS};
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use worker::{ConnPlan, Plan, Shared, Traffic, Worker};
+
+/// Runs longer than this (warm-up plus window) show a progress line on stderr.
+const PROGRESS_AFTER: Duration = Duration::from_secs(3);
+
+/// Descriptors a process needs besides its connections (stdio, pollers, wakers).
+const SPARE_FDS: u64 = 64;
+
+#[derive(clap::Args, Debug)]
+#[command(after_long_help = JSON_FIELDS)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub mode: Mode,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Mode {
+    /// Connections to an echo endpoint, each keeping --window messages in flight.
+    #[command(after_long_help = JSON_FIELDS)]
+    Echo(EchoArgs),
+    /// Rooms whose members relay each other's messages (/r/<room>); counts deliveries.
+    #[command(after_long_help = JSON_FIELDS)]
+    Broadcast(BroadcastArgs),
+    /// Open connections and hold them quiet: server memory per connection, idle CPU.
+    #[command(after_long_help = JSON_FIELDS)]
+    Idle(IdleArgs),
+    /// Connect, handshake and close again, as fast as possible: connections per second.
+    #[command(after_long_help = JSON_FIELDS)]
+    Connect(ConnectArgs),
+}
+
+/// Flags every mode takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CommonArgs {
+    /// The server's URL, e.g. ws://127.0.0.1:8080/echo. Broadcast: the base of the room names
+    /// (ws://127.0.0.1:8080/r/bench gives rooms /r/bench-0, /r/bench-1, ...).
+    pub url: String,
+
+    /// Length of the measured window, after the warm-up.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Traffic before the measured window, excluded from every figure.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+
+    /// Worker threads, each with its own poll loop [default: the CPUs this process may use].
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Local addresses to bind the client sockets to, round-robin: one address (127.0.0.2) or
+    /// a range (127.0.0.1-127.0.0.20). Each address has its own ~28k ephemeral ports.
+    #[arg(long, value_parser = parse_sources)]
+    pub source_addrs: Option<SourceAddrs>,
+
+    /// The server's process id: also report its CPU time per message and its RSS growth per
+    /// connection, from /proc (Linux).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// Time each connection has to connect and complete its handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Print exactly one JSON object (fields below) instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Allow a target outside the loopback range (127.0.0.0/8, ::1).
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+/// The parsed `--source-addrs`.
+#[derive(Clone, Debug)]
+pub struct SourceAddrs(pub Vec<IpAddr>);
+
+fn parse_sources(text: &str) -> Result<SourceAddrs, String> {
+    target::parse_source_addrs(text).map(SourceAddrs)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EchoArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Connections to open.
+    #[arg(long, default_value_t = 100)]
+    pub connections: usize,
+    /// Messages each connection keeps in flight: a new one leaves when one comes back.
+    #[arg(long, default_value_t = 16)]
+    pub window: u32,
+    /// Payload bytes per message (at least 8: the send time rides in the first 8).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Cap on messages sent per second, all connections together [default: no cap].
+    #[arg(long)]
+    pub rate: Option<f64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BroadcastArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Rooms; all members of a room share one thread, so use at least as many rooms as threads.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+    /// Members per room (at least 2).
+    #[arg(long, default_value_t = 10)]
+    pub members: usize,
+    /// Members per room that send; every member counts what it receives.
+    #[arg(long, default_value_t = 1)]
+    pub senders: usize,
+    /// Messages each sender keeps in flight, until the next member of its room has them.
+    #[arg(long, default_value_t = 16)]
+    pub window: u32,
+    /// Payload bytes per message (at least 12: send time and sender ride in the first 12).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Cap on messages sent per second, all senders together [default: no cap].
+    #[arg(long)]
+    pub rate: Option<f64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct IdleArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Connections to open and hold.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Connection cycles in flight at once.
+    #[arg(long, default_value_t = 10)]
+    pub concurrency: usize,
+    /// At most this many cycles in the whole run.
+    #[arg(long, default_value_t = 100_000)]
+    pub connections: u64,
+}
+
+impl Mode {
+    fn common(&self) -> &CommonArgs {
+        match self {
+            Mode::Echo(a) => &a.common,
+            Mode::Broadcast(a) => &a.common,
+            Mode::Idle(a) => &a.common,
+            Mode::Connect(a) => &a.common,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::Echo(_) => "echo",
+            Mode::Broadcast(_) => "broadcast",
+            Mode::Idle(_) => "idle",
+            Mode::Connect(_) => "connect",
+        }
+    }
+}
+
+/// Runs one bench and prints its report. Exit status: 0 if at least one connection opened,
+/// 1 if none did (the report says why), 2 if the run could not start (bad flags, refused
+/// target, unreadable server pid).
+pub fn run(args: BenchArgs) -> ExitCode {
+    let json = args.mode.common().json;
+    match execute(&args.mode) {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("wsrelay bench: cannot encode the report: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                print!("{}", report.to_text());
+            }
+            if report.opened > 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("wsrelay bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The checked shape of a run, before any socket exists.
+#[derive(Debug)]
+struct Setup {
+    traffic: Traffic,
+    /// Connections asked for (see `connections` in `JSON_FIELDS`).
+    connections: u64,
+    /// Connect mode: the cycle budget; 0 otherwise.
+    cycles: u64,
+    plans: Vec<Plan>,
+}
+
+fn execute(mode: &Mode) -> Result<Report, String> {
+    let common = mode.common();
+    let setup = plan(mode)?;
+    let pid = common.server_pid;
+    let before = match pid {
+        Some(pid) => Some(
+            procfs::sample(pid)
+                .map_err(|e| format!("cannot read /proc/{pid} (--server-pid): {e}"))?,
+        ),
+        None => None,
+    };
+    raise_fd_limit(setup.connections);
+
+    let threads = setup.plans.len();
+    let shared = Arc::new(Shared::new(threads, setup.cycles));
+    let mut wakers = Vec::with_capacity(threads);
+    let mut handles = Vec::with_capacity(threads);
+    for (i, plan) in setup.plans.into_iter().enumerate() {
+        let poll = mio::Poll::new().map_err(|e| format!("cannot create a poller: {e}"))?;
+        let waker = mio::Waker::new(poll.registry(), worker::WAKER)
+            .map_err(|e| format!("cannot create a waker: {e}"))?;
+        wakers.push(waker);
+        let shared = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name(format!("bench-{i}"))
+            .spawn(move || Worker::new(i, plan, poll, shared).run())
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        handles.push(handle);
+    }
+    let wake_all = || {
+        for w in &wakers {
+            let _ = w.wake();
+        }
+    };
+
+    let bar = progress_bar(common.warmup + common.duration);
+    let show = |phase: &str| {
+        if !bar.is_hidden() {
+            bar.set_message(progress_line(&shared, phase, setup.connections));
+        }
+    };
+    while shared.ready() < threads {
+        show("opening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let go = Instant::now();
+    shared.go(go);
+    wake_all();
+    let window_start = go + common.warmup;
+    let window_end = window_start + common.duration;
+    sleep_until(window_start, || show("warm-up"));
+    let at_start = match pid {
+        Some(pid) => procfs::sample(pid).ok(),
+        None => None,
+    };
+    sleep_until(window_end, || show("measuring"));
+    let at_end = match pid {
+        Some(pid) => procfs::sample(pid).ok(),
+        None => None,
+    };
+    shared.stop();
+    wake_all();
+    show("closing");
+
+    let mut tally = stats::Tally::new();
+    let mut first_error = None;
+    for handle in handles {
+        match handle.join() {
+            Ok((t, err)) => {
+                tally.merge(&t);
+                first_error = first_error.or(err);
+            }
+            Err(_) => first_error = first_error.or(Some("a worker thread panicked".to_string())),
+        }
+    }
+    bar.finish_and_clear();
+
+    let window = common.duration;
+    let traffic = setup.traffic;
+    let server = match (pid, before, at_start, at_end) {
+        (Some(pid), Some(before), Some(start), Some(end)) => {
+            let cpu_secs = end.cpu_secs_since(&start);
+            let messages = match traffic {
+                Traffic::Echo | Traffic::Broadcast => Some(tally.received),
+                Traffic::Idle | Traffic::Connect => None,
+            };
+            Some(ServerFigures {
+                pid,
+                cpu_secs,
+                rss_before_kib: before.rss_kib,
+                rss_after_kib: start.rss_kib,
+                rss_per_connection_bytes: match traffic {
+                    Traffic::Connect => None,
+                    _ => stats::rss_per_connection(before.rss_kib, start.rss_kib, tally.opened),
+                },
+                cpu_us_per_message: messages.and_then(|m| stats::cpu_us_per(cpu_secs, m)),
+                messages_per_cpu_sec: messages.and_then(|m| stats::per_cpu_sec(m, cpu_secs)),
+                cpu_us_per_connection: match traffic {
+                    Traffic::Connect => stats::cpu_us_per(cpu_secs, tally.completed),
+                    _ => None,
+                },
+            })
+        }
+        (Some(pid), ..) => {
+            first_error = first_error.or(Some(format!("process {pid} vanished during the run")));
+            None
+        }
+        _ => None,
+    };
+    let rate_per_sec = match traffic {
+        Traffic::Echo | Traffic::Broadcast => stats::per_sec(tally.received, window),
+        Traffic::Connect => stats::per_sec(tally.completed, window),
+        Traffic::Idle => 0.0,
+    };
+    Ok(Report {
+        mode: mode.name(),
+        url: common.url.clone(),
+        threads,
+        connections: setup.connections,
+        opened: tally.opened,
+        warmup_secs: common.warmup.as_secs_f64(),
+        duration_secs: window.as_secs_f64(),
+        sent_total: tally.sent_total,
+        received_total: tally.received_total,
+        sent: tally.sent,
+        received: tally.received,
+        completed: tally.completed,
+        rate_per_sec,
+        bytes_per_sec: stats::per_sec(tally.received_bytes, window),
+        clean_closes: tally.clean_closes,
+        errors: tally.errors,
+        first_error,
+        latency_us: stats::summarize(&tally.latency),
+        server,
+    })
+}
+
+/// Checks the flags and decides which thread opens which connection.
+fn plan(mode: &Mode) -> Result<Setup, String> {
+    let common = mode.common();
+    let url = WsUrl::parse(&common.url).map_err(|e| format!("{}: {e}", common.url))?;
+    let target = target::resolve(&url.host, url.port, common.allow_remote)?;
+    if common.duration.is_zero() {
+        return Err("--duration must be above zero".into());
+    }
+    let max_threads = match common.threads {
+        Some(0) => return Err("--threads must be at least 1".into()),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let sources = common.source_addrs.clone().map(|s| s.0).unwrap_or_default();
+    let source_of = |g: usize| (!sources.is_empty()).then(|| sources[g % sources.len()]);
+    let check_rate = |rate: Option<f64>| match rate {
+        Some(r) if !(r > 0.0 && r.is_finite()) => {
+            Err("--rate must be a positive number".to_string())
+        }
+        _ => Ok(()),
+    };
+    let check_size = |size: usize, min: usize| {
+        if size < min {
+            Err(format!(
+                "--size must be at least {min} (the send time rides in the payload)"
+            ))
+        } else if size > client::MAX_MESSAGE {
+            Err(format!("--size must be at most {}", client::MAX_MESSAGE))
+        } else {
+            Ok(())
+        }
+    };
+
+    let shape = match mode {
+        Mode::Echo(a) => {
+            if a.connections == 0 || a.window == 0 {
+                return Err("--connections and --window must be at least 1".into());
+            }
+            check_size(a.size, stats::STAMP_BYTES)?;
+            check_rate(a.rate)?;
+            let threads = max_threads.min(a.connections);
+            let per_thread = spread(a.connections, threads, |g| ConnPlan {
+                resource: url.resource.clone(),
+                source: source_of(g),
+                witness: None,
+            });
+            Shape {
+                traffic: Traffic::Echo,
+                connections: a.connections as u64,
+                cycles: 0,
+                size: a.size,
+                window: a.window,
+                rate: a.rate,
+                per_thread,
+            }
+        }
+        Mode::Idle(a) => {
+            if a.connections == 0 {
+                return Err("--connections must be at least 1".into());
+            }
+            let threads = max_threads.min(a.connections);
+            let per_thread = spread(a.connections, threads, |g| ConnPlan {
+                resource: url.resource.clone(),
+                source: source_of(g),
+                witness: None,
+            });
+            Shape {
+                traffic: Traffic::Idle,
+                connections: a.connections as u64,
+                cycles: 0,
+                size: 0,
+                window: 0,
+                rate: None,
+                per_thread,
+            }
+        }
+        Mode::Broadcast(a) => {
+            if a.rooms == 0 || a.members < 2 || a.senders == 0 || a.senders > a.members {
+                return Err(
+                    "need --rooms >= 1, --members >= 2 and 1 <= --senders <= --members".into(),
+                );
+            }
+            if a.window == 0 {
+                return Err("--window must be at least 1".into());
+            }
+            check_size(a.size, stats::STAMP_BYTES + stats::SENDER_BYTES)?;
+            check_rate(a.rate)?;
+            let threads = max_threads.min(a.rooms);
+            let per_thread = broadcast_layout(a.rooms, a.members, a.senders, threads)
+                .into_iter()
+                .map(|members| {
+                    let senders = members.iter().filter(|m| m.witness.is_some()).count();
+                    let conns = members
+                        .into_iter()
+                        .map(|m| ConnPlan {
+                            resource: target::room_resource(&url.resource, m.room),
+                            source: source_of(m.global),
+                            witness: m.witness,
+                        })
+                        .collect();
+                    ThreadShare {
+                        conns,
+                        weight: senders as f64,
+                    }
+                })
+                .collect();
+            let total = (a.rooms * a.members) as u64;
+            Shape {
+                traffic: Traffic::Broadcast,
+                connections: total,
+                cycles: 0,
+                size: a.size,
+                window: a.window,
+                rate: a.rate,
+                per_thread,
+            }
+        }
+        Mode::Connect(a) => {
+            if a.concurrency == 0 || a.connections == 0 {
+                return Err("--concurrency and --connections must be at least 1".into());
+            }
+            let threads = max_threads.min(a.concurrency);
+            let per_thread = spread(a.concurrency, threads, |_| ConnPlan {
+                resource: url.resource.clone(),
+                source: None,
+                witness: None,
+            });
+            Shape {
+                traffic: Traffic::Connect,
+                connections: a.concurrency as u64,
+                cycles: a.connections,
+                size: 0,
+                window: 0,
+                rate: None,
+                per_thread,
+            }
+        }
+    };
+
+    // Each thread's share of --rate follows its share of the senders.
+    let weight_total: f64 = shape.per_thread.iter().map(|t| t.weight).sum();
+    let threads = shape.per_thread.len();
+    let host = url.host_header();
+    let plans = shape
+        .per_thread
+        .into_iter()
+        .enumerate()
+        .map(|(i, share)| Plan {
+            traffic: shape.traffic,
+            target,
+            host: host.clone(),
+            conns: share.conns,
+            sources: sources.clone(),
+            source_offset: i,
+            source_step: threads,
+            connect_timeout: common.connect_timeout,
+            warmup: common.warmup,
+            duration: common.duration,
+            window: shape.window,
+            size: shape.size,
+            rate: shape.rate.map(|r| r * share.weight / weight_total.max(1.0)),
+            seed: fastrand::u64(..),
+        })
+        .collect();
+    Ok(Setup {
+        traffic: shape.traffic,
+        connections: shape.connections,
+        cycles: shape.cycles,
+        plans,
+    })
+}
+
+/// What the flags of one mode come to, before it is cut into `Plan`s.
+struct Shape {
+    traffic: Traffic,
+    /// Connections asked for (see `connections` in `JSON_FIELDS`).
+    connections: u64,
+    /// Connect mode: the cycle budget; 0 otherwise.
+    cycles: u64,
+    size: usize,
+    window: u32,
+    rate: Option<f64>,
+    per_thread: Vec<ThreadShare>,
+}
+
+/// The connections of one thread, and its weight in sharing `--rate` (its senders).
+struct ThreadShare {
+    conns: Vec<ConnPlan>,
+    weight: f64,
+}
+
+/// Deals `n` connections round-robin to `threads` threads (connection `g` to thread
+/// `g % threads`); each thread's weight for the rate share is its connection count.
+fn spread(n: usize, threads: usize, conn: impl Fn(usize) -> ConnPlan) -> Vec<ThreadShare> {
+    let mut out: Vec<ThreadShare> = (0..threads)
+        .map(|_| ThreadShare {
+            conns: Vec::new(),
+            weight: 0.0,
+        })
+        .collect();
+    for g in 0..n {
+        if let Some(share) = out.get_mut(g % threads) {
+            share.conns.push(conn(g));
+            share.weight += 1.0;
+        }
+    }
+    out
+}
+
+/// One member of a broadcast run, as its thread sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Member {
+    room: usize,
+    /// Index over all members of the run (for the source address).
+    global: usize,
+    /// For a sender: the slot of its witness in the same thread.
+    witness: Option<usize>,
+}
+
+/// Lays out the members of every room: room `r` goes to thread `r % threads`, its members in
+/// consecutive slots there; the first `senders` members of each room send, each witnessed by
+/// the next member of its room (`worker::witness`).
+fn broadcast_layout(
+    rooms: usize,
+    members: usize,
+    senders: usize,
+    threads: usize,
+) -> Vec<Vec<Member>> {
+    let mut out: Vec<Vec<Member>> = (0..threads).map(|_| Vec::new()).collect();
+    for room in 0..rooms {
+        let Some(slots) = out.get_mut(room % threads) else {
+            continue;
+        };
+        let room_start = slots.len();
+        for m in 0..members {
+            let slot = room_start + m;
+            slots.push(Member {
+                room,
+                global: room * members + m,
+                witness: (m < senders).then(|| worker::witness(slot, room_start, members)),
+            });
+        }
+    }
+    out
+}
+
+/// Raises the soft descriptor limit to the hard one, and says so if that is still too few.
+fn raise_fd_limit(connections: u64) {
+    let need = connections + SPARE_FDS;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < need => eprintln!(
+            "wsrelay bench: the descriptor limit is {limit}, below the {need} this run needs; \
+             the rest will fail to connect (split the load over several bench processes)"
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("wsrelay bench: cannot raise the descriptor limit: {e}"),
+    }
+}
+
+fn progress_bar(length: Duration) -> ProgressBar {
+    if length <= PROGRESS_AFTER {
+        return ProgressBar::hidden();
+    }
+    // Hidden by indicatif itself when stderr is not a terminal.
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {elapsed} {msg}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn progress_line(shared: &Shared, phase: &str, connections: u64) -> String {
+    let sum = |f: fn(&worker::Progress) -> u64| shared.progress.iter().map(f).sum::<u64>();
+    let opened = sum(|p| p.opened.load(Ordering::Relaxed));
+    let received = sum(|p| p.received_total.load(Ordering::Relaxed));
+    let completed = sum(|p| p.completed.load(Ordering::Relaxed));
+    let errors = sum(|p| p.errors.load(Ordering::Relaxed));
+    format!(
+        "{phase}: {opened}/{connections} opened, {received} messages received, {completed} cycles, {errors} errors"
+    )
+}
+
+/// Sleeps until `deadline`, calling `tick` about every 200 ms (the progress line).
+fn sleep_until(deadline: Instant, mut tick: impl FnMut()) {
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(200)));
+        tick();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        mode: Mode,
+    }
+
+    fn setup(args: &str) -> Result<Setup, String> {
+        let argv = std::iter::once("bench").chain(args.split_whitespace());
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        plan(&cli.mode)
+    }
+
+    #[test]
+    fn flags_are_checked_before_any_socket() {
+        let bad: &[(&str, &str)] = &[
+            ("echo ws://192.0.2.1/echo", "loopback"),
+            ("echo wss://127.0.0.1/echo", "wss"),
+            ("echo ws://127.0.0.1:1/echo --size 7", "--size"),
+            ("echo ws://127.0.0.1:1/echo --rate 0", "--rate"),
+            ("echo ws://127.0.0.1:1/echo --threads 0", "--threads"),
+            ("echo ws://127.0.0.1:1/echo --duration 0s", "--duration"),
+            (
+                "echo ws://127.0.0.1:1/echo --connections 0",
+                "--connections",
+            ),
+            ("broadcast ws://127.0.0.1:1/r/b --members 1", "--members"),
+            ("broadcast ws://127.0.0.1:1/r/b --senders 11", "--senders"),
+            ("broadcast ws://127.0.0.1:1/r/b --size 11", "--size"),
+            (
+                "connect ws://127.0.0.1:1/echo --concurrency 0",
+                "--concurrency",
+            ),
+            (
+                "idle ws://127.0.0.1:1/echo --source-addrs 127.0.0.9-127.0.0.1",
+                "range",
+            ),
+        ];
+        for (args, needle) in bad {
+            match setup(args) {
+                Ok(_) => panic!("{args}: accepted"),
+                Err(e) => assert!(e.contains(needle), "{args}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn echo_connections_are_dealt_round_robin_with_their_source_addresses() {
+        let s = setup("echo ws://127.0.0.1:9/echo --connections 5 --threads 2 --rate 100 --source-addrs 127.0.0.1-127.0.0.3")
+            .unwrap();
+        assert_eq!(
+            (s.traffic, s.plans.len(), s.connections),
+            (Traffic::Echo, 2, 5)
+        );
+        let sources: Vec<Vec<String>> = s
+            .plans
+            .iter()
+            .map(|p| {
+                p.conns
+                    .iter()
+                    .map(|c| c.source.unwrap().to_string())
+                    .collect()
+            })
+            .collect();
+        // Connection g goes to thread g % 2 and binds address g % 3.
+        assert_eq!(sources[0], ["127.0.0.1", "127.0.0.3", "127.0.0.2"]);
+        assert_eq!(sources[1], ["127.0.0.2", "127.0.0.1"]);
+        // The rate is shared by connection count: 3/5 and 2/5 of 100.
+        assert_eq!(s.plans[0].rate, Some(60.0));
+        assert_eq!(s.plans[1].rate, Some(40.0));
+        assert_eq!(s.plans[0].host, "127.0.0.1:9");
+        assert!(s.plans[0].conns.iter().all(|c| c.resource == "/echo"));
+    }
+
+    #[test]
+    fn threads_never_outnumber_the_work() {
+        let s = setup("idle ws://127.0.0.1:9/ --connections 1 --threads 8").unwrap();
+        assert_eq!(s.plans.len(), 1);
+        let s = setup("broadcast ws://127.0.0.1:9/r/b --rooms 3 --threads 8").unwrap();
+        assert_eq!(s.plans.len(), 3);
+        let s = setup("connect ws://127.0.0.1:9/echo --concurrency 5 --threads 2 --connections 40")
+            .unwrap();
+        assert_eq!((s.plans.len(), s.connections, s.cycles), (2, 5, 40));
+        assert_eq!(s.plans[0].conns.len() + s.plans[1].conns.len(), 5);
+    }
+
+    #[test]
+    fn broadcast_rooms_stay_on_one_thread_with_witnesses_inside_the_room() {
+        let layout = broadcast_layout(3, 4, 2, 2);
+        // Rooms 0 and 2 on thread 0, room 1 on thread 1.
+        let rooms: Vec<Vec<usize>> = layout
+            .iter()
+            .map(|t| t.iter().map(|m| m.room).collect())
+            .collect();
+        assert_eq!(rooms[0], [0, 0, 0, 0, 2, 2, 2, 2]);
+        assert_eq!(rooms[1], [1, 1, 1, 1]);
+        let witnesses: Vec<Option<usize>> = layout[0].iter().map(|m| m.witness).collect();
+        assert_eq!(
+            witnesses,
+            [Some(1), Some(2), None, None, Some(5), Some(6), None, None]
+        );
+        for thread in &layout {
+            for m in thread {
+                if let Some(w) = m.witness {
+                    assert_eq!(thread[w].room, m.room);
+                }
+            }
+        }
+        let globals: Vec<usize> = layout[1].iter().map(|m| m.global).collect();
+        assert_eq!(globals, [4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn broadcast_rooms_are_named_from_the_base_url() {
+        let s =
+            setup("broadcast ws://127.0.0.1:9/r/bench --rooms 2 --members 2 --threads 1 --rate 10")
+                .unwrap();
+        let resources: Vec<&str> = s.plans[0]
+            .conns
+            .iter()
+            .map(|c| c.resource.as_str())
+            .collect();
+        assert_eq!(
+            resources,
+            ["/r/bench-0", "/r/bench-0", "/r/bench-1", "/r/bench-1"]
+        );
+        assert_eq!(s.plans[0].rate, Some(10.0));
+        assert!(s.plans[0].target.ip().is_loopback());
+    }
+}

@@ -1,0 +1,338 @@
+//! `wsrelay bench` against the real server: each mode runs for about a second with small
+//! counts, and its JSON is checked against what the server counted in /metrics.
+//!
+//! How the numbers compare. The server counts every message and every upgrade of the whole run,
+//! warm-up included, so the bench's `*_total` fields are the ones to compare, and they compare
+//! exactly: a run ends with a close handshake on every connection, and the bench sends nothing
+//! after its Close, so by the time the server's Close reply has arrived (the bench waits for it
+//! and for the server to hang up), the server has counted every message the bench sent, and the
+//! bench has received every echo the server queued before its reply. The window figures
+//! (`sent`, `received`, `completed`) are a part of the totals, so they are only checked to be
+//! no larger.
+
+use crate::poller_tests;
+use crate::support::*;
+use serde_json::Value;
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Runs `wsrelay bench ARGS --json` with a short window, and returns its exit code and JSON.
+fn bench(args: &[&str]) -> (i32, Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .arg("bench")
+        .args(args)
+        .args([
+            "--json",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--threads",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn wsrelay bench");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        let _ = tx.send(text);
+    });
+    // The run bounds itself (window, drain and close deadlines: a few seconds at most); this
+    // deadline only keeps a broken bench from hanging the test suite.
+    let text = match rx.recv_timeout(3 * DEADLINE) {
+        Ok(text) => text,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("wsrelay bench {args:?} did not finish");
+        }
+    };
+    let status = child.wait().expect("wait for wsrelay bench");
+    let json = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {text:?}"));
+    (status.code().unwrap_or(-1), json)
+}
+
+fn u(json: &Value, path: &str) -> u64 {
+    let mut v = json;
+    for key in path.split('.') {
+        v = &v[key];
+    }
+    v.as_u64()
+        .unwrap_or_else(|| panic!("{path} is not a count in {json}"))
+}
+
+/// Every field of `json` (nested ones as `outer.inner`) is documented in `wsrelay bench MODE
+/// --help`.
+fn assert_documented(mode: &str, json: &Value) {
+    let help = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["bench", mode, "--help"])
+        .output()
+        .expect("run --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let mut missing = Vec::new();
+    let mut stack = vec![(String::new(), json)];
+    while let Some((prefix, value)) = stack.pop() {
+        if let Value::Object(map) = value {
+            for (k, v) in map {
+                let name = format!("{prefix}{k}");
+                if !help
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(name.as_str()))
+                {
+                    missing.push(name.clone());
+                }
+                stack.push((format!("{name}."), v));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "undocumented in --help: {missing:?}");
+}
+
+fn bench_echo_counts_match_the_server(poller: &str) {
+    let server = Server::start(poller, &[]);
+    let pid = server.pid().to_string();
+    let url = server.url("/echo");
+    let (code, r) = bench(&[
+        "echo",
+        &url,
+        "--connections",
+        "10",
+        "--window",
+        "4",
+        "--size",
+        "32",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["mode"], "echo");
+    assert_eq!(u(&r, "errors.total"), 0, "{r}");
+    assert_eq!(u(&r, "opened"), 10);
+    assert_eq!(u(&r, "clean_closes"), 10);
+
+    // Every message came back before the close handshake ended, and the server saw them all.
+    let sent_total = u(&r, "sent_total");
+    assert!(sent_total > 0);
+    assert_eq!(u(&r, "received_total"), sent_total);
+    assert_eq!(
+        server.metric("wsrelay_messages_in_total"),
+        sent_total as f64
+    );
+    assert_eq!(
+        server.metric("wsrelay_messages_out_total"),
+        sent_total as f64
+    );
+    assert_eq!(server.metric("wsrelay_upgrades_total"), 10.0);
+    assert_eq!(
+        server.metric("wsrelay_closes_received_total{code=\"1000\"}"),
+        10.0
+    );
+
+    // The window is part of the run; each message received in it has a latency.
+    let received = u(&r, "received");
+    assert!(received > 0 && received <= sent_total);
+    assert!(u(&r, "sent") <= sent_total);
+    assert_eq!(u(&r, "latency_us.count"), received);
+    assert_eq!(u(&r, "server.pid"), server.pid() as u64);
+    assert!(u(&r, "server.rss_before_kib") > 0);
+    assert!(r["server"]["rss_per_connection_bytes"].is_number());
+    assert!(r["server"]["cpu_secs"].is_number());
+    assert_documented("echo", &r);
+}
+
+fn bench_idle_counts_match_the_server(poller: &str) {
+    let server = Server::start(poller, &[]);
+    let pid = server.pid().to_string();
+    let url = server.url("/echo");
+    let (code, r) = bench(&["idle", &url, "--connections", "10", "--server-pid", &pid]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(u(&r, "errors.total"), 0, "{r}");
+    assert_eq!(u(&r, "opened"), 10);
+    assert_eq!(u(&r, "clean_closes"), 10);
+    assert_eq!(u(&r, "sent_total"), 0);
+    assert!(r["latency_us"].is_null());
+    assert_eq!(server.metric("wsrelay_upgrades_total"), 10.0);
+    assert_eq!(server.metric("wsrelay_messages_in_total"), 0.0);
+    assert_eq!(
+        server.metric("wsrelay_closes_received_total{code=\"1000\"}"),
+        10.0
+    );
+    // The server closed each connection after the close handshake: none is left open.
+    assert_eq!(server.metric("wsrelay_connections{state=\"open\"}"), 0.0);
+    assert!(r["server"]["rss_per_connection_bytes"].is_number());
+    assert!(r["server"]["cpu_us_per_message"].is_null());
+    assert_documented("idle", &r);
+}
+
+fn bench_connect_counts_match_the_server(poller: &str) {
+    let server = Server::start(poller, &[]);
+    let pid = server.pid().to_string();
+    let url = server.url("/echo");
+    let (code, r) = bench(&[
+        "connect",
+        &url,
+        "--concurrency",
+        "2",
+        "--connections",
+        "300",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(u(&r, "errors.total"), 0, "{r}");
+    let opened = u(&r, "opened");
+    assert!(opened > 0 && opened <= 300, "{r}");
+    // Every cycle that opened also closed cleanly, and the server agrees on both counts.
+    assert_eq!(u(&r, "clean_closes"), opened);
+    assert_eq!(server.metric("wsrelay_upgrades_total"), opened as f64);
+    assert_eq!(
+        server.metric("wsrelay_closes_received_total{code=\"1000\"}"),
+        opened as f64
+    );
+    assert!(u(&r, "completed") <= opened);
+    if !r["latency_us"].is_null() {
+        assert!(u(&r, "latency_us.count") <= opened);
+    }
+    assert!(r["server"]["rss_per_connection_bytes"].is_null());
+    assert_documented("connect", &r);
+}
+
+poller_tests!(
+    bench_echo_counts_match_the_server,
+    bench_idle_counts_match_the_server,
+    bench_connect_counts_match_the_server,
+);
+
+#[test]
+fn bench_refuses_a_target_outside_loopback_before_sending_anything() {
+    // 192.0.2.0/24 is reserved for documentation; the address is refused before any socket.
+    let out = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args([
+            "bench",
+            "idle",
+            "ws://192.0.2.1:9/echo",
+            "--connections",
+            "1",
+        ])
+        .output()
+        .expect("run wsrelay bench");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+/// A stand-in for the `/r/<room>` relay of SPEC §6 (not built yet), so the broadcast client can
+/// be checked end to end now: tungstenite, one thread per connection, every binary message
+/// relayed to the other members of the room. It accepts `expected` connections, then stops.
+fn stand_in_relay(expected: usize) -> std::net::SocketAddr {
+    type Members = Vec<(usize, mpsc::Sender<Vec<u8>>)>;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rooms: Arc<Mutex<std::collections::HashMap<String, Members>>> = Arc::default();
+    std::thread::spawn(move || {
+        for id in 0..expected {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            let rooms = Arc::clone(&rooms);
+            std::thread::spawn(move || {
+                let mut path = String::new();
+                // tungstenite's callback type fixes the large error variant, not us.
+                #[allow(clippy::result_large_err)]
+                let callback = |req: &tungstenite::handshake::server::Request, resp| {
+                    path = req.uri().path().to_string();
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tungstenite::accept_hdr(stream.try_clone().unwrap(), callback)
+                else {
+                    return;
+                };
+                let (tx, rx) = mpsc::channel::<Vec<u8>>();
+                rooms
+                    .lock()
+                    .unwrap()
+                    .entry(path.clone())
+                    .or_default()
+                    .push((id, tx));
+                // Reads wait at most this long, so relayed messages go out in between.
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(2)))
+                    .unwrap();
+                loop {
+                    match ws.read() {
+                        Ok(tungstenite::Message::Binary(data)) => {
+                            for (other, tx) in
+                                rooms.lock().unwrap().get(&path).into_iter().flatten()
+                            {
+                                if *other != id {
+                                    let _ = tx.send(data.to_vec());
+                                }
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(tungstenite::Error::Io(e))
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => break, // closed (tungstenite answered the Close) or failed
+                    }
+                    for data in rx.try_iter() {
+                        if ws.write(tungstenite::Message::binary(data)).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = ws.flush();
+                }
+                if let Some(members) = rooms.lock().unwrap().get_mut(&path) {
+                    members.retain(|(other, _)| *other != id);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn bench_broadcast_counts_deliveries_through_a_stand_in_relay() {
+    let (rooms, members) = (2u64, 3u64);
+    let addr = stand_in_relay((rooms * members) as usize);
+    let url = format!("ws://{addr}/r/bench");
+    let (code, r) = bench(&[
+        "broadcast",
+        &url,
+        "--rooms",
+        "2",
+        "--members",
+        "3",
+        "--senders",
+        "2",
+        "--window",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(u(&r, "errors.total"), 0, "{r}");
+    assert_eq!(u(&r, "opened"), rooms * members);
+    assert_eq!(u(&r, "clean_closes"), rooms * members);
+    let sent = u(&r, "sent_total");
+    let delivered = u(&r, "received_total");
+    assert!(sent > 0, "{r}");
+    // Each message reached at least its witness (the drain waits for that) and at most the
+    // other members of its room.
+    assert!(
+        delivered >= sent && delivered <= sent * (members - 1),
+        "{r}"
+    );
+    assert!(u(&r, "received") <= delivered);
+    assert_eq!(u(&r, "latency_us.count"), u(&r, "received"));
+    assert_documented("broadcast", &r);
+}
