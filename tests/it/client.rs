@@ -40,13 +40,16 @@ fn line_channel(pipe: impl Read + Send + 'static) -> Receiver<String> {
 impl ClientProcess {
     /// Starts `wsrelay client ARGS...` with piped stdio (so: script mode).
     pub fn start(args: &[&str]) -> ClientProcess {
+        let log = std::env::var("TEST_CLIENT_LOG").unwrap_or_else(|_| "wsrelay=info".into());
+        ClientProcess::start_logging(args, &log)
+    }
+
+    /// Like `start`, with `RUST_LOG` set to `filter` (`wsrelay=debug` logs every frame written).
+    pub fn start_logging(args: &[&str], filter: &str) -> ClientProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
             .arg("client")
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_CLIENT_LOG").unwrap_or_else(|_| "wsrelay=info".into()),
-            )
+            .env("RUST_LOG", filter)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -152,7 +155,7 @@ impl Drop for ClientProcess {
 }
 
 /// `[HH:MM:SS] text`, the human form of a received raw message.
-fn is_timestamped(line: &str, text: &str) -> bool {
+pub fn is_timestamped(line: &str, text: &str) -> bool {
     let Some(rest) = line.strip_prefix('[') else {
         return false;
     };
