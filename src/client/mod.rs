@@ -63,15 +63,15 @@ pub struct ClientArgs {
 
     /// After the end of input: how long to wait for outstanding acks (raw URLs: for the
     /// closing handshake) before giving up with exit status 1.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
     /// Send a Ping this often (0 turns the heartbeat off).
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
 
     /// Reconnect when a Ping gets no Pong within this time.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub pong_timeout: Duration,
 
     /// Lines kept while disconnected; more are dropped (and reported).
@@ -103,7 +103,7 @@ Examples:
   wsrelay client ws://127.0.0.1:8080/echo
   wsrelay client --id alice ws://127.0.0.1:8080/ws
   echo 'hi bob' | wsrelay client --id alice --to bob ws://127.0.0.1:8080/ws
-  wsrelay client --id bob --json ws://127.0.0.1:8080/ws ws://10.0.0.2:8080/ws";
+  wsrelay client --id bob --json ws://relay1.example:8080/ws ws://relay2.example:8080/ws";
 
 /// Runs `wsrelay client`; returns the process exit status.
 pub fn run(args: ClientArgs) -> ExitCode {

@@ -373,6 +373,36 @@ fn reconnects_with_backoff_after_the_server_restarts() {
     );
 }
 
+/// SPEC §7: "after three failed attempts the client fails over to the next" URL.
+#[test]
+fn fails_over_to_the_next_url_after_three_failures() {
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = format!("ws://{closed}/echo");
+    let server = Server::start("epoll", &[]);
+    let up = server.url("/echo");
+    let mut client = ClientProcess::start(&[&down, &up]);
+    let failover = client.stderr_until("failing over");
+    assert!(
+        failover.contains(&format!(
+            "{down} failed 3 times in a row; failing over to {up}"
+        )),
+        "{failover}"
+    );
+    let next = client.stderr_until("reconnecting to");
+    assert!(next.contains(&up), "{next}");
+    client.stderr_until(&format!("connected to {up}"));
+    let refused = format!("wsrelay client: cannot connect to {down}: connection refused");
+    let failures = client.log.iter().filter(|l| **l == refused).count();
+    assert_eq!(failures, 3, "{}", client.log());
+    client.send_line("via the second URL");
+    assert!(is_timestamped(&client.stdout_line(), "via the second URL"));
+    client.close_stdin();
+    assert_eq!(client.wait_exit(), 0, "{}", client.log());
+}
+
 /// A peer that completes the handshake and then never reads: our Pings get no Pong, so the
 /// client gives up on the connection after `--pong-timeout` and reconnects.
 #[test]
