@@ -254,6 +254,9 @@ impl Seen {
     /// The welcome's `last_msg_id`: the newest message the relay retains for us. Before we have
     /// received anything ourselves, it is where recovery starts: a later `?since=` then covers
     /// every message that arrives after this welcome, even one lost with its connection.
+    /// (Without it, a reconnect would ask for nothing and such a message would be lost. What
+    /// this cannot recover is a message queued while we were offline, handed to this very
+    /// first connection and lost with it: its msg_id is not above the welcome's.)
     pub fn welcome(&mut self, last_msg_id: Option<&str>) {
         if self.last.is_none() {
             self.last = last_msg_id.map(str::to_string);

@@ -204,8 +204,11 @@ impl Session {
             if let Some(code) = self.exit {
                 return code;
             }
-            self.on_time(Instant::now());
+            // Finishing first: a run that owes nothing need not reconnect just to say goodbye.
             self.check_finished(Instant::now());
+            if self.exit.is_none() {
+                self.on_time(Instant::now());
+            }
             if let Some(code) = self.exit {
                 return code;
             }
