@@ -33,7 +33,7 @@ use super::backoff::{Backoff, BackoffPolicy};
 use super::connection::{self, Connection, LinkEvent};
 use super::envelope::{self, ServerEnvelope};
 use super::line::{self, DefaultTarget, Line};
-use super::outbox::{Outbox, Outgoing, Seen};
+use super::outbox::{AckStatus, Outbox, Outgoing, Seen};
 use super::target::{Endpoint, Target};
 use crate::protocol::decoder::OwnedEvent;
 use crate::protocol::frame::OpCode;
@@ -700,7 +700,7 @@ impl Session {
                 let Some(sent) = id.as_deref().and_then(|id| self.outbox.ack(id)) else {
                     return; // the second ack of a message re-sent after a reconnect
                 };
-                if status == "rejected" {
+                if AckStatus::parse(&status) == Some(AckStatus::Rejected) {
                     self.failures += 1;
                     eprintln!(
                         "wsrelay client: message to {} rejected: {}",
