@@ -161,11 +161,6 @@ impl Client {
         self.handshake_done
     }
 
-    /// Are there bytes waiting to be written?
-    pub fn has_output(&self) -> bool {
-        self.written < self.outbound.len()
-    }
-
     /// Queues one binary message, masked with a fresh key (RFC 6455 §5.3: the key must not be
     /// predictable, so every frame draws a new one). Call `flush` to write it.
     pub fn send_binary(&mut self, payload: &[u8], rng: &mut fastrand::Rng) {

@@ -44,11 +44,14 @@ use worker::{ConnPlan, Plan, Shared, Traffic, Worker};
 /// Runs longer than this (warm-up plus window) show a progress line on stderr.
 const PROGRESS_AFTER: Duration = Duration::from_secs(3);
 
+/// The longest any phase of a run may be (a bench is a bounded run, not a soak test).
+const MAX_PHASE: Duration = Duration::from_secs(24 * 3600);
+
 /// Descriptors a process needs besides its connections (stdio, pollers, wakers).
 const SPARE_FDS: u64 = 64;
 
 #[derive(clap::Args, Debug)]
-#[command(after_long_help = JSON_FIELDS)]
+#[command(after_long_help = long_help())]
 pub struct BenchArgs {
     #[command(subcommand)]
     pub mode: Mode,
@@ -57,17 +60,30 @@ pub struct BenchArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum Mode {
     /// Connections to an echo endpoint, each keeping --window messages in flight.
-    #[command(after_long_help = JSON_FIELDS)]
+    #[command(after_long_help = long_help())]
     Echo(EchoArgs),
     /// Rooms whose members relay each other's messages (/r/<room>); counts deliveries.
-    #[command(after_long_help = JSON_FIELDS)]
+    #[command(after_long_help = long_help())]
     Broadcast(BroadcastArgs),
     /// Open connections and hold them quiet: server memory per connection, idle CPU.
-    #[command(after_long_help = JSON_FIELDS)]
+    #[command(after_long_help = long_help())]
     Idle(IdleArgs),
     /// Connect, handshake and close again, as fast as possible: connections per second.
-    #[command(after_long_help = JSON_FIELDS)]
+    #[command(after_long_help = long_help())]
     Connect(ConnectArgs),
+}
+
+/// What `--help` says after the flags: how a run is bounded, then every JSON field.
+fn long_help() -> String {
+    format!(
+        "Every run ends by itself: connections open (each within --connect-timeout), then the \
+         warm-up, the measured window, at most {} s for the messages in flight to come back, and \
+         at most {} s of close handshakes. Load goes only to loopback addresses unless \
+         --allow-remote. One process opens as many connections as its descriptor limit allows \
+         (raised to the hard limit); for more, run several processes.\n\n{JSON_FIELDS}",
+        worker::DRAIN_TIMEOUT.as_secs(),
+        worker::CLOSE_TIMEOUT.as_secs(),
+    )
 }
 
 /// Flags every mode takes.
@@ -283,7 +299,13 @@ fn execute(mode: &Mode) -> Result<Report, String> {
     let bar = progress_bar(common.warmup + common.duration);
     let show = |phase: &str| {
         if !bar.is_hidden() {
-            bar.set_message(progress_line(&shared, phase, setup.connections));
+            bar.set_message(progress_line(
+                &shared,
+                phase,
+                setup.traffic,
+                setup.connections,
+            ));
+            bar.tick();
         }
     };
     while shared.ready() < threads {
@@ -389,6 +411,18 @@ fn plan(mode: &Mode) -> Result<Setup, String> {
     let target = target::resolve(&url.host, url.port, common.allow_remote)?;
     if common.duration.is_zero() {
         return Err("--duration must be above zero".into());
+    }
+    for (flag, value) in [
+        ("--duration", common.duration),
+        ("--warmup", common.warmup),
+        ("--connect-timeout", common.connect_timeout),
+    ] {
+        if value > MAX_PHASE {
+            return Err(format!(
+                "{flag} may be at most {}",
+                humantime::format_duration(MAX_PHASE)
+            ));
+        }
     }
     let max_threads = match common.threads {
         Some(0) => return Err("--threads must be at least 1".into()),
@@ -653,15 +687,23 @@ fn progress_bar(length: Duration) -> ProgressBar {
     bar
 }
 
-fn progress_line(shared: &Shared, phase: &str, connections: u64) -> String {
+fn progress_line(shared: &Shared, phase: &str, traffic: Traffic, connections: u64) -> String {
     let sum = |f: fn(&worker::Progress) -> u64| shared.progress.iter().map(f).sum::<u64>();
     let opened = sum(|p| p.opened.load(Ordering::Relaxed));
-    let received = sum(|p| p.received_total.load(Ordering::Relaxed));
-    let completed = sum(|p| p.completed.load(Ordering::Relaxed));
     let errors = sum(|p| p.errors.load(Ordering::Relaxed));
-    format!(
-        "{phase}: {opened}/{connections} opened, {received} messages received, {completed} cycles, {errors} errors"
-    )
+    match traffic {
+        Traffic::Echo | Traffic::Broadcast => {
+            let received = sum(|p| p.received_total.load(Ordering::Relaxed));
+            format!("{phase}: {opened}/{connections} open, {received} messages received, {errors} errors")
+        }
+        Traffic::Idle => format!("{phase}: {opened}/{connections} open, {errors} errors"),
+        Traffic::Connect => {
+            let completed = sum(|p| p.completed.load(Ordering::Relaxed));
+            format!(
+                "{phase}: {opened} handshakes, {completed} cycles in the window, {errors} errors"
+            )
+        }
+    }
 }
 
 /// Sleeps until `deadline`, calling `tick` about every 200 ms (the progress line).
@@ -702,6 +744,11 @@ mod tests {
             ("echo ws://127.0.0.1:1/echo --rate 0", "--rate"),
             ("echo ws://127.0.0.1:1/echo --threads 0", "--threads"),
             ("echo ws://127.0.0.1:1/echo --duration 0s", "--duration"),
+            (
+                "echo ws://127.0.0.1:1/echo --duration 1000years",
+                "--duration",
+            ),
+            ("idle ws://127.0.0.1:1/echo --warmup 25h", "--warmup"),
             (
                 "echo ws://127.0.0.1:1/echo --connections 0",
                 "--connections",

@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 const OPEN_BATCH: usize = 128;
 
 /// How long the in-flight messages may take to come back after the stop.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long the close handshakes may take.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The longest a thread sleeps in `poll` without looking at the clock and the shared flags.
 const TICK: Duration = Duration::from_millis(50);
@@ -165,6 +165,15 @@ impl Shared {
 /// crosses threads. Rooms occupy `members` consecutive slots from `room_start`.
 pub fn witness(sender: usize, room_start: usize, members: usize) -> usize {
     room_start + (sender - room_start + 1) % members
+}
+
+/// Messages a sender limited to `rate` per second may still send, `elapsed` after it started,
+/// having sent `sent`: a token bucket that starts with one token and earns `rate` per second.
+/// A sender that fell behind (a busy thread) catches up in a burst.
+pub fn tokens(rate: f64, elapsed: Duration, sent: u64) -> u64 {
+    // `as` saturates: a huge rate times a long time is u64::MAX, not a wrap.
+    let earned = ((rate * elapsed.as_secs_f64()) as u64).saturating_add(1);
+    earned.saturating_sub(sent)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -432,9 +441,11 @@ impl Worker {
         if let (Stage::Running, Some(rate), false) =
             (self.stage, self.plan.rate, self.wanting.is_empty())
         {
-            let next_token =
-                self.go.unwrap_or(now) + Duration::from_secs_f64(self.rate_sent as f64 / rate);
-            timeout = timeout.min(next_token.saturating_duration_since(now));
+            // A rate so low that the next token lies beyond `Duration`'s range just waits a tick.
+            if let Ok(after_go) = Duration::try_from_secs_f64(self.rate_sent as f64 / rate) {
+                let next_token = self.go.unwrap_or(now) + after_go;
+                timeout = timeout.min(next_token.saturating_duration_since(now));
+            }
         }
         if let Stage::Draining { until } | Stage::Closing { until } = self.stage {
             timeout = timeout.min(until.saturating_duration_since(now));
@@ -678,8 +689,7 @@ impl Worker {
     fn allowance(&self, now: Instant) -> u64 {
         match (self.plan.rate, self.go) {
             (Some(rate), Some(go)) => {
-                let earned = (rate * now.saturating_duration_since(go).as_secs_f64()) as u64 + 1;
-                earned.saturating_sub(self.rate_sent)
+                tokens(rate, now.saturating_duration_since(go), self.rate_sent)
             }
             _ => u64::MAX,
         }
@@ -772,6 +782,29 @@ mod tests {
                 witness(sender, start, members),
                 want,
                 "{sender} in {start}+{members}"
+            );
+        }
+    }
+
+    #[test]
+    fn rate_tokens() {
+        let ms = Duration::from_millis;
+        // (rate per second, elapsed, sent, tokens left)
+        let cases: &[(f64, Duration, u64, u64)] = &[
+            (1000.0, ms(0), 0, 1),
+            (1000.0, ms(0), 1, 0),
+            (1000.0, ms(10), 1, 10),
+            (1000.0, ms(10), 11, 0),
+            (1000.0, ms(10), 50, 0),
+            (0.5, ms(1999), 1, 0),
+            (0.5, ms(2000), 1, 1),
+            (f64::MAX, Duration::from_secs(3600), 5, u64::MAX - 5),
+        ];
+        for &(rate, elapsed, sent, want) in cases {
+            assert_eq!(
+                tokens(rate, elapsed, sent),
+                want,
+                "{rate}/s after {elapsed:?}, {sent} sent"
             );
         }
     }
