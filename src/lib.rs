@@ -2,7 +2,8 @@
 //!
 //! Layers, each depending only on the ones below it (SPEC §1):
 //!
-//! * `app`      — the application: endpoints (/echo), behind the `server::Handler` seam.
+//! * `app`      — the application: /echo, raw rooms and the /ws relay (the hub), behind the
+//!   `server::Handler` seam.
 //! * `server`   — the reactor: event loop, connection slab, accept, dispatch, timers, shutdown.
 //! * `protocol` — pure code: HTTP upgrade handshake, RFC 6455 frame codec, close codes.
 //! * `poller`   — readiness notification (epoll/kqueue through mio; poll(2); select(2)).

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
-use wsrelay::app::App;
+use wsrelay::app::{App, AppConfig, RateLimit};
 use wsrelay::poller::{MioPoller, PollPoller, Poller, SelectPoller};
 use wsrelay::server::{Config, Exit, Reactor, SlowConsumer};
 
@@ -92,6 +92,93 @@ struct ServeArgs {
     /// On SIGINT/SIGTERM, how long to wait for close handshakes before closing what is left.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
+
+    #[command(flatten)]
+    relay: RelayArgs,
+}
+
+/// The relay's flags (SPEC §6); they become an `AppConfig`.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Relay (/ws and /r/<room>)")]
+struct RelayArgs {
+    /// Direct messages retained per id, for offline delivery and ?since= recovery (0: none).
+    #[arg(long, default_value_t = 1000)]
+    offline_max: usize,
+
+    /// How long a retained direct message is kept.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    offline_ttl: Duration,
+
+    /// Bytes retained over all ids; beyond it the oldest messages are dropped first.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    offline_max_bytes: usize,
+
+    /// HS256 secret: /ws and /r/ then require a JWT (?token= or Authorization: Bearer) whose
+    /// `sub` is the id. Visible in `ps`: prefer --jwt-secret-file.
+    #[arg(long, conflicts_with = "jwt_secret_file")]
+    jwt_secret: Option<String>,
+
+    /// File holding the HS256 secret (a trailing newline is ignored).
+    #[arg(long)]
+    jwt_secret_file: Option<std::path::PathBuf>,
+
+    /// An allowed Origin (repeatable), e.g. https://chat.example.com; others get 403.
+    /// Requests without Origin (not from a browser) are allowed.
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    allow_origins: Vec<String>,
+
+    /// Messages per second a connection may send (e.g. 50 or 50/s); beyond it, close 1008.
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<f64>,
+
+    /// Messages a connection may send at once under --rate [default: the rate, at least 1].
+    #[arg(long, requires = "rate")]
+    burst: Option<u32>,
+}
+
+impl RelayArgs {
+    fn app_config(self) -> Result<AppConfig, String> {
+        let jwt_secret = match (self.jwt_secret, self.jwt_secret_file) {
+            (Some(secret), _) => Some(secret.into_bytes()),
+            (None, Some(path)) => {
+                let mut bytes = std::fs::read(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    bytes.pop();
+                }
+                Some(bytes)
+            }
+            (None, None) => None,
+        };
+        if jwt_secret.as_ref().is_some_and(Vec::is_empty) {
+            return Err("the JWT secret is empty".into());
+        }
+        let rate_limit = self.rate.map(|per_second| RateLimit {
+            per_second,
+            burst: self
+                .burst
+                .map_or(per_second.ceil().max(1.0), f64::from)
+                .max(1.0),
+        });
+        Ok(AppConfig {
+            offline_max: self.offline_max,
+            offline_ttl: self.offline_ttl,
+            offline_max_bytes: self.offline_max_bytes,
+            jwt_secret,
+            allow_origins: self.allow_origins,
+            rate_limit,
+            ..AppConfig::default()
+        })
+    }
+}
+
+/// Parses "50" or "50/s" (messages per second, more than 0).
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let number = text.trim().trim_end_matches("/s");
+    match number.parse::<f64>() {
+        Ok(n) if n > 0.0 && n.is_finite() => Ok(n),
+        _ => Err(format!("{text:?} is not a rate (examples: 50, 50/s, 0.5)")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -132,6 +219,18 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> ExitCode {
     raise_fd_limit();
+    let app = match args.relay.app_config() {
+        Ok(config) => App::new(config),
+        Err(e) => {
+            eprintln!("wsrelay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !app.authenticates() {
+        log::warn!(
+            "no --jwt-secret: /ws trusts the ?id= each client claims (anyone can be anyone)"
+        );
+    }
     let config = Config {
         listen: args.listen,
         max_message: args.max_message,
@@ -149,9 +248,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         shutdown_timeout: args.shutdown_timeout,
     };
     let result = match args.poller {
-        PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, config)),
-        PollerKind::Poll => PollPoller::new().and_then(|p| run(p, config)),
-        PollerKind::Select => SelectPoller::new().and_then(|p| run(p, config)),
+        PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, app, config)),
+        PollerKind::Poll => PollPoller::new().and_then(|p| run(p, app, config)),
+        PollerKind::Select => SelectPoller::new().and_then(|p| run(p, app, config)),
     };
     match result {
         Ok(Exit::Graceful) => ExitCode::SUCCESS,
@@ -164,9 +263,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn run<P: Poller>(poller: P, config: Config) -> std::io::Result<Exit> {
+fn run<P: Poller>(poller: P, app: App, config: Config) -> std::io::Result<Exit> {
     let listen = config.listen;
-    let mut reactor = Reactor::bind(poller, App::new(), config)
+    let mut reactor = Reactor::bind(poller, app, config)
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
     reactor.handle_signals()?;
     // One fixed line on stdout, so scripts and tests learn the port when `--listen` used port 0.
@@ -189,6 +288,14 @@ fn raise_fd_limit() {
 #[cfg(test)]
 mod tests {
     use super::parse_size;
+
+    #[test]
+    fn rates() {
+        assert_eq!(super::parse_rate("50"), Ok(50.0));
+        assert_eq!(super::parse_rate("0.5/s"), Ok(0.5));
+        assert!(super::parse_rate("0").is_err());
+        assert!(super::parse_rate("fast").is_err());
+    }
 
     #[test]
     fn sizes() {

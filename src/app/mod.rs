@@ -1,29 +1,70 @@
-//! The application behind the reactor: which paths exist and what their messages do (SPEC §6).
+//! The application behind the reactor: the endpoints and the relay (SPEC §6).
 //!
-//! Owns: `App`, the `Handler` the server runs; routing of request paths to endpoints; each
-//! endpoint's behaviour. Today: `/echo`.
+//! Owns: `App`, the `Handler` the server runs, which hands every callback to the `Hub` with the
+//! reactor's `Outbox` as its `Transport`; the hub's parts, one concept per file:
+//! * `hub.rs`: admission, raw rooms, the envelope commands, presence, acks, offline delivery;
+//! * `envelope.rs`: the JSON wire format of `/ws` and its error codes;
+//! * `rooms.rs`: room membership with O(1) join and leave;
+//! * `mailbox.rs`: retained direct messages (offline queue, recovery) and their bounds;
+//! * `dedup.rs`: duplicate suppression by client message id;
+//! * `auth.rs`: JWT, token sources, the Origin allow-list;
+//! * `ratelimit.rs`: the per-connection token bucket;
+//! * `clock.rs`: injectable time; `config.rs`: `AppConfig`; `metrics.rs`: the hub's counters.
+//!
 //! Does not: see sockets, descriptors or bytes of frames. It receives whole messages for
 //! connection ids and answers through the `Outbox` (SPEC §1: the hub knows nothing of file
 //! descriptors).
 
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod dedup;
+pub mod envelope;
+pub mod hub;
+pub mod mailbox;
+pub mod metrics;
+pub mod ratelimit;
+pub mod rooms;
+
+#[cfg(test)]
+mod tests;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::AppConfig;
+pub use hub::{Hub, Session, Transport};
+pub use ratelimit::RateLimit;
+
 use crate::protocol::frame::OpCode;
-use crate::protocol::handshake::{self, HandshakeError, Request};
+use crate::protocol::handshake::Request;
 use crate::server::{ConnId, Handler, Outbox, Route};
 
-/// Which endpoint an open connection belongs to.
-#[derive(Debug)]
-pub enum Session {
-    /// `/echo`: every data message comes back to its sender, same opcode.
-    Echo,
+/// The wsrelay application.
+pub struct App {
+    hub: Hub,
 }
 
-/// The wsrelay application.
-#[derive(Default)]
-pub struct App {}
-
 impl App {
-    pub fn new() -> App {
-        App {}
+    /// The application on the system clock.
+    pub fn new(config: AppConfig) -> App {
+        App::with_clock(config, Box::new(SystemClock))
+    }
+
+    /// The application on a given clock (tests use `ManualClock`).
+    pub fn with_clock(config: AppConfig, clock: Box<dyn Clock>) -> App {
+        App {
+            hub: Hub::new(config, clock),
+        }
+    }
+
+    /// Is `--jwt-secret` configured? Without it, `/ws` trusts the `?id=` each client claims.
+    pub fn authenticates(&self) -> bool {
+        self.hub.authenticates()
+    }
+}
+
+impl Default for App {
+    fn default() -> App {
+        App::new(AppConfig::default())
     }
 }
 
@@ -31,32 +72,12 @@ impl Handler for App {
     type Session = Session;
 
     fn route(&mut self, _conn: ConnId, request: &Request) -> Route<Session> {
-        if request.method != "GET" {
-            let e = HandshakeError::MethodNotAllowed;
-            return Route::Respond(e.status(), e.response());
-        }
-        match request.path.as_str() {
-            "/echo" => Route::Upgrade {
-                session: Session::Echo,
-                protocol: None,
-            },
-            "/" => Route::Respond(
-                200,
-                handshake::http_response(
-                    200,
-                    "text/plain; charset=utf-8",
-                    &[],
-                    b"wsrelay\n\nendpoints: /echo (WebSocket echo), /healthz, /metrics\n",
-                ),
-            ),
-            _ => {
-                let e = HandshakeError::NotFound;
-                Route::Respond(e.status(), e.response())
-            }
-        }
+        self.hub.route(request)
     }
 
-    fn on_open(&mut self, _conn: ConnId, _session: &mut Session, _out: &mut Outbox<'_>) {}
+    fn on_open(&mut self, conn: ConnId, session: &mut Session, out: &mut Outbox<'_>) {
+        self.hub.open(conn, session, out);
+    }
 
     fn on_message(
         &mut self,
@@ -66,12 +87,18 @@ impl Handler for App {
         payload: &[u8],
         out: &mut Outbox<'_>,
     ) {
-        match session {
-            Session::Echo => {
-                out.send(conn, opcode, payload);
-            }
-        }
+        self.hub.message(conn, session, opcode, payload, out);
     }
 
-    fn on_close(&mut self, _conn: ConnId, _session: Session, _out: &mut Outbox<'_>) {}
+    fn on_close(&mut self, conn: ConnId, session: Session, out: &mut Outbox<'_>) {
+        self.hub.close(conn, session, out);
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.hub.render_metrics(out);
+    }
+
+    fn stats(&self, out: &mut Vec<(&'static str, u64)>) {
+        self.hub.stats(out);
+    }
 }

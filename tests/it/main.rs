@@ -6,8 +6,15 @@ mod support;
 
 mod bench;
 mod client;
+mod client_ws;
 mod close;
 mod echo;
 mod frames;
 mod http;
+mod relay_support;
 mod robustness;
+
+mod access;
+mod envelope;
+mod offline;
+mod rooms;

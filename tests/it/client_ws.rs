@@ -1,10 +1,6 @@
 //! `wsrelay client` on the relay's `/ws` envelope protocol (SPEC §6, §7): script mode delivering
 //! to a second client, rooms, interactive acks and presence through a pseudo-terminal, the
 //! relay's own 401, and an un-acked message re-sent across a server restart and delivered once.
-//!
-//! To enable once `/ws` is on main: rename this file to `client_ws.rs` and add `mod client_ws;`
-//! to tests/it/main.rs. It needs the relay's `--jwt-secret` flag and the `jsonwebtoken` crate
-//! (a dependency of the relay's JWT check).
 
 use crate::client::{is_timestamped, ClientProcess};
 use crate::support::*;
@@ -85,7 +81,10 @@ fn rooms_by_flag_and_by_prefix() {
 
     for text in ["to the room by default", "by prefix"] {
         let line = carol.stdout_line();
-        assert!(line.ends_with(&format!("] dave -> #lobby: {text}")), "{line}");
+        assert!(
+            line.ends_with(&format!("] dave -> #lobby: {text}")),
+            "{line}"
+        );
     }
 }
 
@@ -106,7 +105,8 @@ fn interactive_ws_prints_acks_presence_and_errors() {
     p.exp_string("connected to").unwrap();
     p.exp_string("as alice").unwrap();
     p.send_line("@bob hi bob").unwrap();
-    p.exp_regex(r"\[\d\d:\d\d:\d\d\] \* delivered to bob").unwrap();
+    p.exp_regex(r"\[\d\d:\d\d:\d\d\] \* delivered to bob")
+        .unwrap();
     p.send_line("@nobody-online hello?").unwrap();
     p.exp_string("* queued for nobody-online, who is offline")
         .unwrap();
@@ -205,7 +205,10 @@ fn unacked_message_is_resent_and_delivered_once_after_a_restart() {
     assert_eq!(marker.wait_exit(), 0, "{}", marker.log());
 
     let got = messages_until(&mut bob, "marker");
-    let copies = got.iter().filter(|m| m["payload"] == "exactly once").count();
+    let copies = got
+        .iter()
+        .filter(|m| m["payload"] == "exactly once")
+        .count();
     assert_eq!(copies, 1, "{got:?}");
 }
 

@@ -1,0 +1,409 @@
+//! Who may connect: HS256 JWT verification, where the token is found, and the Origin
+//! allow-list (SPEC §6 "Identity", issue 6 item 5).
+//!
+//! Owns: `JwtVerifier` (signature, algorithm, `exp`/`nbf`, `sub` and `rooms` claims), `AuthError`,
+//! `token_of` (query or `Authorization: Bearer`) and `origin_allowed`.
+//! Does not: answer requests (the hub turns an `AuthError` into 401, a bad Origin into 403), or
+//! read a clock (it is handed the time).
+//!
+//! The signature check is the `jsonwebtoken` crate's. It is asked for HS256 and nothing else, so
+//! a token whose header says `none`, RS256 or any other algorithm is refused before any key is
+//! used: the classic "alg confusion" attacks (an unsigned token, or an HMAC keyed with a public
+//! key) have nothing to work with. Time claims are checked here rather than in the crate, against
+//! the hub's injectable clock, so tests can put a token exactly at its expiry.
+
+use super::envelope::{validate_id, validate_room};
+use crate::protocol::handshake::Request;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+/// Seconds a token stays acceptable after its `exp` (and before its `nbf`): clock skew between
+/// the issuer and the relay. RFC 7519 §4.1.4 allows "a small leeway, usually no more than a few
+/// minutes"; half a minute keeps expired tokens short-lived.
+pub const LEEWAY_SECS: u64 = 30;
+
+/// What a valid token grants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The `sub` claim: the connection's id.
+    pub id: String,
+    /// The `rooms` claim, if present: the only rooms this connection may join or publish to.
+    pub rooms: Option<Vec<String>>,
+}
+
+impl Grant {
+    /// May this grant use `room`?
+    pub fn allows(&self, room: &str) -> bool {
+        self.rooms
+            .as_ref()
+            .is_none_or(|rooms| rooms.iter().any(|r| r == room))
+    }
+}
+
+/// Why a token was refused; every variant is answered with 401 before the upgrade.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthError {
+    /// No `?token=` and no `Authorization: Bearer`.
+    Missing,
+    /// Not a JWT, bad base64 or JSON, or claims of the wrong type.
+    Malformed,
+    /// The header names an algorithm other than HS256 (including `none`).
+    WrongAlgorithm,
+    /// The HMAC does not match the configured secret.
+    BadSignature,
+    /// `exp` is absent, or `exp` (plus the leeway) has passed.
+    Expired,
+    /// `nbf` is still in the future (beyond the leeway).
+    NotYetValid,
+    /// `sub` is absent or not a usable id; or `rooms` names an invalid room.
+    BadClaims,
+}
+
+impl AuthError {
+    /// A short label, for /metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::WrongAlgorithm => "wrong_algorithm",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::BadClaims => "bad_claims",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    exp: Option<f64>,
+    nbf: Option<f64>,
+    rooms: Option<Vec<String>>,
+}
+
+pub struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl JwtVerifier {
+    pub fn new(secret: &[u8]) -> JwtVerifier {
+        let mut validation = Validation::new(Algorithm::HS256);
+        // Time claims are ours to check (see the module doc); audience is not configured.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        JwtVerifier {
+            key: DecodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    /// Verifies `token` at wall-clock time `now_ms` (milliseconds since the epoch).
+    ///
+    /// # Errors
+    /// Any `AuthError` but `Missing`.
+    pub fn verify(&self, token: &str, now_ms: u64) -> Result<Grant, AuthError> {
+        // The crate refuses other algorithms too, but cannot even parse a header saying
+        // `none` (it has no such algorithm). Reading `alg` first names that refusal for what
+        // it is, and keeps the rule visible here: HS256 only (RFC 8725 §3.1).
+        if header_alg(token)? != "HS256" {
+            return Err(AuthError::WrongAlgorithm);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    AuthError::WrongAlgorithm
+                }
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                _ => AuthError::Malformed,
+            },
+        )?;
+        let claims = data.claims;
+        let now = now_ms as f64 / 1000.0;
+        let leeway = LEEWAY_SECS as f64;
+        // RFC 7519 §4.1.4: not accepted "on or after" exp. Tokens without exp never expire,
+        // which SPEC §6 does not intend: require it.
+        match claims.exp {
+            Some(exp) if now < exp + leeway => {}
+            _ => return Err(AuthError::Expired),
+        }
+        // RFC 7519 §4.1.5: not accepted before nbf.
+        if claims.nbf.is_some_and(|nbf| now + leeway < nbf) {
+            return Err(AuthError::NotYetValid);
+        }
+        let id = claims.sub.ok_or(AuthError::BadClaims)?;
+        validate_id(&id).map_err(|_| AuthError::BadClaims)?;
+        if let Some(rooms) = &claims.rooms {
+            if rooms.iter().any(|r| validate_room(r).is_err()) {
+                return Err(AuthError::BadClaims);
+            }
+        }
+        Ok(Grant {
+            id,
+            rooms: claims.rooms,
+        })
+    }
+}
+
+/// The `alg` of a token's header (RFC 7515 §4.1.1), read without trusting anything else.
+fn header_alg(token: &str) -> Result<String, AuthError> {
+    #[derive(Deserialize)]
+    struct Header {
+        alg: String,
+    }
+    let encoded = token.split('.').next().ok_or(AuthError::Malformed)?;
+    let json = URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|_| AuthError::Malformed)?;
+    let header: Header = serde_json::from_slice(&json).map_err(|_| AuthError::Malformed)?;
+    Ok(header.alg)
+}
+
+/// The bearer token of a request: `?token=` first (browsers cannot set headers on a WebSocket),
+/// then `Authorization: Bearer <token>` (RFC 6750 §2.1; the scheme is case-insensitive).
+pub fn token_of(request: &Request) -> Option<String> {
+    if let Some(token) = request.query_param("token") {
+        return Some(token);
+    }
+    let value = request.header("authorization")?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+/// May a request with this `Origin` header upgrade? With no allow-list, yes. With one, a request
+/// that names an Origin must name a listed one (compared ASCII case-insensitively, RFC 6454 §6.2
+/// serialises scheme and host in lowercase). A request without Origin is not from a browser
+/// (browsers always send it on a WebSocket, RFC 6455 §4.1 item 8), and the allow-list exists to
+/// stop other sites' pages from using a browser's credentials: so it is let through.
+pub fn origin_allowed(allow: &[String], origin: Option<&str>) -> bool {
+    match origin {
+        _ if allow.is_empty() => true,
+        None => true,
+        Some(origin) => allow.iter().any(|a| a.eq_ignore_ascii_case(origin)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const SECRET: &[u8] = b"test secret";
+    const NOW_MS: u64 = 1_700_000_000_000;
+    const NOW: u64 = NOW_MS / 1000;
+
+    fn hs256(claims: &serde_json::Value, secret: &[u8]) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    }
+
+    /// A token with an arbitrary header and signature, built by hand.
+    fn forged(header: &str, claims: &serde_json::Value, signature: &[u8]) -> String {
+        format!(
+            "{}.{}.{}",
+            B64.encode(header),
+            B64.encode(claims.to_string()),
+            B64.encode(signature)
+        )
+    }
+
+    /// The expected outcome: the id and rooms granted, or the refusal.
+    type Expected = Result<(&'static str, Option<Vec<&'static str>>), AuthError>;
+
+    fn check(name: &str, token: &str, expected: Expected) {
+        let got = JwtVerifier::new(SECRET).verify(token, NOW_MS);
+        let expected = expected.map(|(id, rooms)| Grant {
+            id: id.to_string(),
+            rooms: rooms.map(|r| r.into_iter().map(String::from).collect()),
+        });
+        assert_eq!(got, expected, "{name}");
+    }
+
+    #[test]
+    fn jwt_table() {
+        use serde_json::json;
+        let good = json!({"sub": "alice", "exp": NOW + 3600});
+        let cases: Vec<(&str, String, Expected)> = vec![
+            ("valid", hs256(&good, SECRET), Ok(("alice", None))),
+            (
+                "rooms claim",
+                hs256(
+                    &json!({"sub": "bob", "exp": NOW + 1, "rooms": ["lobby", "x"]}),
+                    SECRET,
+                ),
+                Ok(("bob", Some(vec!["lobby", "x"]))),
+            ),
+            (
+                "expired",
+                hs256(&json!({"sub": "alice", "exp": NOW - 3600}), SECRET),
+                Err(AuthError::Expired),
+            ),
+            (
+                "within the leeway",
+                hs256(
+                    &json!({"sub": "alice", "exp": NOW - LEEWAY_SECS + 1}),
+                    SECRET,
+                ),
+                Ok(("alice", None)),
+            ),
+            (
+                "just past the leeway",
+                hs256(&json!({"sub": "alice", "exp": NOW - LEEWAY_SECS}), SECRET),
+                Err(AuthError::Expired),
+            ),
+            (
+                "no exp",
+                hs256(&json!({"sub": "alice"}), SECRET),
+                Err(AuthError::Expired),
+            ),
+            (
+                "not yet valid",
+                hs256(
+                    &json!({"sub": "alice", "exp": NOW + 7200, "nbf": NOW + 3600}),
+                    SECRET,
+                ),
+                Err(AuthError::NotYetValid),
+            ),
+            (
+                "wrong signature",
+                hs256(&good, b"another secret"),
+                Err(AuthError::BadSignature),
+            ),
+            (
+                "alg none",
+                forged(r#"{"alg":"none","typ":"JWT"}"#, &good, b""),
+                Err(AuthError::WrongAlgorithm),
+            ),
+            (
+                "RS256",
+                forged(
+                    r#"{"alg":"RS256","typ":"JWT"}"#,
+                    &good,
+                    b"not really a signature",
+                ),
+                Err(AuthError::WrongAlgorithm),
+            ),
+            (
+                "HS512 with the right secret",
+                encode(
+                    &Header::new(Algorithm::HS512),
+                    &good,
+                    &EncodingKey::from_secret(SECRET),
+                )
+                .unwrap(),
+                Err(AuthError::WrongAlgorithm),
+            ),
+            ("not a jwt", "hello".into(), Err(AuthError::Malformed)),
+            ("empty", String::new(), Err(AuthError::Malformed)),
+            (
+                "no sub",
+                hs256(&json!({"exp": NOW + 60}), SECRET),
+                Err(AuthError::BadClaims),
+            ),
+            (
+                "sub too long",
+                hs256(&json!({"sub": "x".repeat(129), "exp": NOW + 60}), SECRET),
+                Err(AuthError::BadClaims),
+            ),
+            (
+                "sub of the wrong type",
+                hs256(&json!({"sub": 5, "exp": NOW + 60}), SECRET),
+                Err(AuthError::Malformed),
+            ),
+            (
+                "invalid room in the claim",
+                hs256(
+                    &json!({"sub": "a", "exp": NOW + 60, "rooms": ["a b"]}),
+                    SECRET,
+                ),
+                Err(AuthError::BadClaims),
+            ),
+        ];
+        for (name, token, expected) in cases {
+            check(name, &token, expected);
+        }
+    }
+
+    #[test]
+    fn grants_restrict_rooms_only_when_the_claim_is_present() {
+        let open = Grant {
+            id: "a".into(),
+            rooms: None,
+        };
+        let narrow = Grant {
+            id: "a".into(),
+            rooms: Some(vec!["lobby".into()]),
+        };
+        assert!(open.allows("anything"));
+        assert!(narrow.allows("lobby"));
+        assert!(!narrow.allows("Lobby"));
+    }
+
+    fn request(head: &str) -> Request {
+        let raw = format!("{head}\r\n\r\n");
+        crate::protocol::handshake::parse_request(raw.as_bytes())
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn token_sources() {
+        let cases = [
+            ("GET /ws?token=abc HTTP/1.1\r\nHost: x", Some("abc")),
+            (
+                "GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer  xyz",
+                Some("xyz"),
+            ),
+            (
+                "GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: bearer xyz",
+                Some("xyz"),
+            ),
+            (
+                "GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Basic xyz",
+                None,
+            ),
+            (
+                "GET /ws?token=q HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer h",
+                Some("q"),
+            ),
+            ("GET /ws HTTP/1.1\r\nHost: x", None),
+        ];
+        for (head, expected) in cases {
+            assert_eq!(token_of(&request(head)).as_deref(), expected, "{head}");
+        }
+    }
+
+    #[test]
+    fn origins() {
+        let allow = vec!["https://chat.example".to_string()];
+        let cases: [(&[String], Option<&str>, bool); 6] = [
+            (&[], Some("https://evil.example"), true),
+            (&allow, Some("https://chat.example"), true),
+            (&allow, Some("HTTPS://Chat.Example"), true),
+            (&allow, Some("https://evil.example"), false),
+            (&allow, Some("null"), false),
+            (&allow, None, true),
+        ];
+        for (list, origin, expected) in cases {
+            assert_eq!(
+                origin_allowed(list, origin),
+                expected,
+                "{list:?} {origin:?}"
+            );
+        }
+    }
+}

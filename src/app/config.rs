@@ -1,0 +1,39 @@
+//! The application's settings: offline queue bounds, identity and access (SPEC §6).
+//!
+//! Owns: `AppConfig` and its defaults (which are the CLI's defaults too).
+//! Does not: parse flags (main.rs does) or read files (the JWT secret arrives as bytes).
+
+use super::ratelimit::RateLimit;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct AppConfig {
+    /// Messages retained per id (offline queue and recovery log); 0 disables both.
+    pub offline_max: usize,
+    /// How long a retained message is kept.
+    pub offline_ttl: Duration,
+    /// Bytes retained over all ids; beyond it the oldest go first (see `mailbox.rs`).
+    pub offline_max_bytes: usize,
+    /// Client message ids remembered per sender for duplicate suppression.
+    pub dedup_window: usize,
+    /// HS256 secret; when set, `/ws` and `/r/` require a token.
+    pub jwt_secret: Option<Vec<u8>>,
+    /// Allowed `Origin` values; empty allows any.
+    pub allow_origins: Vec<String>,
+    /// Per-connection message rate limit; beyond it the connection is closed with 1008.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl Default for AppConfig {
+    fn default() -> AppConfig {
+        AppConfig {
+            offline_max: 1000,
+            offline_ttl: Duration::from_secs(3600),
+            offline_max_bytes: 64 << 20,
+            dedup_window: 256,
+            jwt_secret: None,
+            allow_origins: Vec::new(),
+            rate_limit: None,
+        }
+    }
+}

@@ -1,0 +1,662 @@
+//! The `/ws` envelope protocol as pure code: a client's JSON text in, a typed `Command` or an
+//! `EnvelopeError` out; server messages (welcome, message, ack, presence, error) as JSON bytes.
+//!
+//! Owns: the wire shape of every envelope (SPEC §6), the limits on ids and room names, `MsgId`,
+//! and `EnvelopeError` with its one mapping to an error `code`.
+//! Does not: decide who receives what (`hub.rs`), touch connections, or read a clock.
+//!
+//! The client's `payload` is kept as `serde_json::value::RawValue`: a borrowed slice of the
+//! client's own text, checked to be valid JSON by the parser and written back out byte for byte.
+//! It is never turned into a value tree and re-serialised, so `{"b":1,"a":2}` keeps its key order,
+//! spacing and number spelling, and relaying costs one scan of the text.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
+
+/// The longest id (`?id=`, JWT `sub`, a `to` field) and client message id, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// SPEC §6: room names are 1-64 characters of `[A-Za-z0-9._-]`.
+pub const MAX_ROOM_BYTES: usize = 64;
+
+/// A server-assigned message id: unique within a server run and increasing (SPEC §6). On the
+/// wire it is a decimal string, so clients in any language can carry it without precision loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MsgId(pub u64);
+
+impl fmt::Display for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for MsgId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl MsgId {
+    /// Parses the decimal form used on the wire and in `?since=`.
+    pub fn parse(text: &str) -> Option<MsgId> {
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        text.parse().ok().map(MsgId)
+    }
+}
+
+/// A valid client envelope.
+#[derive(Debug)]
+pub enum Command<'a> {
+    /// A direct message to every connection of the id `to`.
+    Send {
+        to: Cow<'a, str>,
+        payload: &'a RawValue,
+        id: Option<Cow<'a, str>>,
+    },
+    /// A message to every member of `room` but the sender.
+    Publish {
+        room: Cow<'a, str>,
+        payload: &'a RawValue,
+        id: Option<Cow<'a, str>>,
+    },
+    Join {
+        room: Cow<'a, str>,
+    },
+    Leave {
+        room: Cow<'a, str>,
+    },
+}
+
+/// Why a client's input was refused; each maps to the `code` of an `error` message (or, for
+/// `Forbidden` on a send or publish, to a `rejected` ack). The connection stays open (SPEC §6:
+/// only protocol violations close it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnvelopeError {
+    /// Not JSON at all, or truncated.
+    MalformedJson,
+    /// JSON, but not an object, or a field of the wrong type (`"to": 5`), or a field twice.
+    InvalidField,
+    /// A field the `type` requires is absent (or null).
+    MissingField(&'static str),
+    /// `type` names no command.
+    UnknownType,
+    /// An id (`to`, client `id`) longer than `MAX_ID_BYTES`.
+    IdTooLong,
+    /// An empty id, or one with control characters.
+    InvalidId,
+    /// A room name longer than `MAX_ROOM_BYTES`.
+    RoomTooLong,
+    /// An empty room name or one with characters outside `[A-Za-z0-9._-]`.
+    InvalidRoom,
+    /// A binary frame on `/ws`, which speaks JSON text only.
+    BinaryFrame,
+    /// The room is outside the `rooms` claim of the connection's token.
+    Forbidden,
+    /// The connection is already in `MAX_ROOMS_PER_CONNECTION` rooms.
+    TooManyRooms,
+}
+
+impl EnvelopeError {
+    /// The `code` field of the `error` message.
+    pub fn code(self) -> &'static str {
+        match self {
+            EnvelopeError::MalformedJson => "malformed_json",
+            EnvelopeError::InvalidField => "invalid_field",
+            EnvelopeError::MissingField(_) => "missing_field",
+            EnvelopeError::UnknownType => "unknown_type",
+            EnvelopeError::IdTooLong => "id_too_long",
+            EnvelopeError::InvalidId => "invalid_id",
+            EnvelopeError::RoomTooLong => "room_too_long",
+            EnvelopeError::InvalidRoom => "invalid_room",
+            EnvelopeError::BinaryFrame => "binary_not_supported",
+            EnvelopeError::Forbidden => "forbidden",
+            EnvelopeError::TooManyRooms => "too_many_rooms",
+        }
+    }
+
+    /// The `message` field: what was wrong, in words.
+    pub fn message(self) -> Cow<'static, str> {
+        Cow::Borrowed(match self {
+            EnvelopeError::MalformedJson => "the message is not valid JSON",
+            EnvelopeError::InvalidField => {
+                "expected a JSON object whose fields have the documented types"
+            }
+            EnvelopeError::MissingField(field) => {
+                return Cow::Owned(format!("missing field \"{field}\""))
+            }
+            EnvelopeError::UnknownType => {
+                "type must be one of \"send\", \"publish\", \"join\", \"leave\""
+            }
+            EnvelopeError::IdTooLong => "ids are at most 128 bytes",
+            EnvelopeError::InvalidId => "ids are non-empty and contain no control characters",
+            EnvelopeError::RoomTooLong => "room names are at most 64 characters",
+            EnvelopeError::InvalidRoom => "room names are 1-64 characters of A-Z a-z 0-9 . _ -",
+            EnvelopeError::BinaryFrame => "/ws accepts JSON in text frames only",
+            EnvelopeError::Forbidden => "this room is not allowed by your token",
+            EnvelopeError::TooManyRooms => "this connection is in too many rooms",
+        })
+    }
+}
+
+/// Every field any command may have; which are required depends on `type`. Unknown fields are
+/// ignored, so clients may add their own.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    /// `Some` whenever the field is present, even as `null` (a valid payload).
+    #[serde(borrow, default, deserialize_with = "present")]
+    payload: Option<&'a RawValue>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Parses one text message from a client.
+///
+/// # Errors
+/// Any `EnvelopeError` but `BinaryFrame`, `Forbidden` and `TooManyRooms` (the hub's own).
+pub fn parse(text: &str) -> Result<Command<'_>, EnvelopeError> {
+    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => EnvelopeError::InvalidField,
+        _ => EnvelopeError::MalformedJson,
+    })?;
+    let kind = wire.kind.ok_or(EnvelopeError::MissingField("type"))?;
+    let command = match kind.as_ref() {
+        "send" => Command::Send {
+            to: wire.to.ok_or(EnvelopeError::MissingField("to"))?,
+            payload: wire.payload.ok_or(EnvelopeError::MissingField("payload"))?,
+            id: wire.id,
+        },
+        "publish" => Command::Publish {
+            room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
+            payload: wire.payload.ok_or(EnvelopeError::MissingField("payload"))?,
+            id: wire.id,
+        },
+        "join" => Command::Join {
+            room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
+        },
+        "leave" => Command::Leave {
+            room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
+        },
+        _ => return Err(EnvelopeError::UnknownType),
+    };
+    match &command {
+        Command::Send { to, id, .. } => {
+            validate_id(to)?;
+            if let Some(id) = id {
+                validate_id(id)?;
+            }
+        }
+        Command::Publish { room, id, .. } => {
+            validate_room(room)?;
+            if let Some(id) = id {
+                validate_id(id)?;
+            }
+        }
+        Command::Join { room } | Command::Leave { room } => validate_room(room)?,
+    }
+    Ok(command)
+}
+
+/// Checks an id (a connection's identity, a recipient, a client message id).
+///
+/// # Errors
+/// `IdTooLong` over `MAX_ID_BYTES`; `InvalidId` if empty or with control characters.
+pub fn validate_id(id: &str) -> Result<(), EnvelopeError> {
+    if id.len() > MAX_ID_BYTES {
+        return Err(EnvelopeError::IdTooLong);
+    }
+    if id.is_empty() || id.chars().any(char::is_control) {
+        return Err(EnvelopeError::InvalidId);
+    }
+    Ok(())
+}
+
+/// Checks a room name (SPEC §6: 1-64 characters of `[A-Za-z0-9._-]`).
+///
+/// # Errors
+/// `RoomTooLong` over `MAX_ROOM_BYTES`; `InvalidRoom` if empty or with another character.
+pub fn validate_room(room: &str) -> Result<(), EnvelopeError> {
+    if room.len() > MAX_ROOM_BYTES {
+        return Err(EnvelopeError::RoomTooLong);
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+    if room.is_empty() || !room.bytes().all(allowed) {
+        return Err(EnvelopeError::InvalidRoom);
+    }
+    Ok(())
+}
+
+// ----- server -> client ----------------------------------------------------------------------
+
+/// The outcome of a `send` or `publish`, as told in its ack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckStatus {
+    /// Queued on at least one connection of the recipient (send) or handed to every current
+    /// member of the room (publish).
+    Delivered,
+    /// The recipient has no connection that took it; it waits in the offline queue.
+    Queued,
+    /// Not accepted; `reason` says why.
+    Rejected,
+}
+
+impl AckStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            AckStatus::Delivered => "delivered",
+            AckStatus::Queued => "queued",
+            AckStatus::Rejected => "rejected",
+        }
+    }
+}
+
+impl Serialize for AckStatus {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// What happened in a room, for `presence` messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceEvent {
+    Join,
+    Leave,
+}
+
+#[derive(Serialize)]
+struct Welcome<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: &'a str,
+    last_msg_id: Option<MsgId>,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    msg_id: MsgId,
+    from: &'a str,
+    to: Option<&'a str>,
+    room: Option<&'a str>,
+    /// Written verbatim: serde_json emits a `RawValue` as its text.
+    payload: &'a RawValue,
+    timestamp: u64,
+}
+
+#[derive(Serialize)]
+struct Ack<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: Option<&'a str>,
+    msg_id: Option<MsgId>,
+    status: AckStatus,
+    reason: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Presence<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    room: &'a str,
+    id: &'a str,
+    event: PresenceEvent,
+}
+
+#[derive(Serialize)]
+struct Error<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    code: &'a str,
+    message: &'a str,
+}
+
+/// Serialises one of the structs above. They hold only strings, integers and raw JSON, which
+/// serde_json cannot fail to write into a `Vec`; an empty object stands in if it ever did.
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// `{"type":"welcome","id":...,"last_msg_id":...}`: the first message of every `/ws` connection.
+pub fn welcome(id: &str, last_msg_id: Option<MsgId>) -> Vec<u8> {
+    to_json(&Welcome {
+        kind: "welcome",
+        id,
+        last_msg_id,
+    })
+}
+
+/// A relayed message, direct (`to`) or published (`room`).
+pub fn message(
+    msg_id: MsgId,
+    from: &str,
+    to: Option<&str>,
+    room: Option<&str>,
+    payload: &RawValue,
+    timestamp_ms: u64,
+) -> Vec<u8> {
+    to_json(&Message {
+        kind: "message",
+        msg_id,
+        from,
+        to,
+        room,
+        payload,
+        timestamp: timestamp_ms,
+    })
+}
+
+/// The answer to a `send` or `publish`.
+pub fn ack(
+    id: Option<&str>,
+    msg_id: Option<MsgId>,
+    status: AckStatus,
+    reason: Option<&str>,
+) -> Vec<u8> {
+    to_json(&Ack {
+        kind: "ack",
+        id,
+        msg_id,
+        status,
+        reason,
+    })
+}
+
+/// Someone joined or left a room.
+pub fn presence(room: &str, id: &str, event: PresenceEvent) -> Vec<u8> {
+    to_json(&Presence {
+        kind: "presence",
+        room,
+        id,
+        event,
+    })
+}
+
+/// Bad input; the connection stays open.
+pub fn error(e: EnvelopeError) -> Vec<u8> {
+    to_json(&Error {
+        kind: "error",
+        code: e.code(),
+        message: &e.message(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape a parse produced, without borrowed lifetimes, for table comparisons.
+    fn check(input: &str, expected: Result<&str, EnvelopeError>) {
+        let got = parse(input).map(|c| match c {
+            Command::Send { to, payload, id } => {
+                format!("send to={to} payload={} id={id:?}", payload.get())
+            }
+            Command::Publish { room, payload, id } => {
+                format!("publish room={room} payload={} id={id:?}", payload.get())
+            }
+            Command::Join { room } => format!("join room={room}"),
+            Command::Leave { room } => format!("leave room={room}"),
+        });
+        assert_eq!(got.as_deref().map_err(|e| *e), expected, "input: {input}");
+    }
+
+    #[test]
+    fn parse_table() {
+        use EnvelopeError::*;
+        let long_id = "x".repeat(129);
+        let long_room = "r".repeat(65);
+        let cases: Vec<(&str, String, Result<&str, EnvelopeError>)> = vec![
+            (
+                "send",
+                r#"{"type":"send","to":"bob","payload":{"b":1, "a":[1.50,2]},"id":"c1"}"#.into(),
+                Ok(r#"send to=bob payload={"b":1, "a":[1.50,2]} id=Some("c1")"#),
+            ),
+            (
+                "send without id",
+                r#"{"type":"send","to":"bob","payload":"hi"}"#.into(),
+                Ok(r#"send to=bob payload="hi" id=None"#),
+            ),
+            (
+                "null payload is a payload",
+                r#"{"type":"send","to":"bob","payload":null}"#.into(),
+                Ok("send to=bob payload=null id=None"),
+            ),
+            (
+                "escaped strings",
+                r#"{"type":"send","to":"b\u00f6b","payload":1}"#.into(),
+                Ok("send to=böb payload=1 id=None"),
+            ),
+            (
+                "unknown fields ignored",
+                r#"{"type":"join","room":"lobby","x":{"y":[]}}"#.into(),
+                Ok("join room=lobby"),
+            ),
+            (
+                "publish",
+                r#"{"type":"publish","room":"a.b_c-9","payload":[],"id":"7"}"#.into(),
+                Ok(r#"publish room=a.b_c-9 payload=[] id=Some("7")"#),
+            ),
+            (
+                "leave",
+                r#"{"type":"leave","room":"lobby"}"#.into(),
+                Ok("leave room=lobby"),
+            ),
+            ("not json", "hello".into(), Err(MalformedJson)),
+            ("truncated", r#"{"type":"send""#.into(), Err(MalformedJson)),
+            ("empty", "".into(), Err(MalformedJson)),
+            (
+                "trailing garbage",
+                r#"{"type":"join","room":"a"} x"#.into(),
+                Err(MalformedJson),
+            ),
+            ("array", "[1,2]".into(), Err(InvalidField)),
+            ("string", r#""send""#.into(), Err(InvalidField)),
+            (
+                "wrong field type",
+                r#"{"type":"send","to":5,"payload":1}"#.into(),
+                Err(InvalidField),
+            ),
+            (
+                "duplicate field",
+                r#"{"type":"join","room":"a","room":"b"}"#.into(),
+                Err(InvalidField),
+            ),
+            (
+                "no type",
+                r#"{"to":"bob"}"#.into(),
+                Err(MissingField("type")),
+            ),
+            (
+                "unknown type",
+                r#"{"type":"shout"}"#.into(),
+                Err(UnknownType),
+            ),
+            (
+                "send without to",
+                r#"{"type":"send","payload":1}"#.into(),
+                Err(MissingField("to")),
+            ),
+            (
+                "null to",
+                r#"{"type":"send","to":null,"payload":1}"#.into(),
+                Err(MissingField("to")),
+            ),
+            (
+                "send without payload",
+                r#"{"type":"send","to":"bob"}"#.into(),
+                Err(MissingField("payload")),
+            ),
+            (
+                "publish without room",
+                r#"{"type":"publish","payload":1}"#.into(),
+                Err(MissingField("room")),
+            ),
+            (
+                "join without room",
+                r#"{"type":"join"}"#.into(),
+                Err(MissingField("room")),
+            ),
+            (
+                "recipient too long",
+                format!(r#"{{"type":"send","to":"{long_id}","payload":1}}"#),
+                Err(IdTooLong),
+            ),
+            (
+                "client id too long",
+                format!(r#"{{"type":"send","to":"bob","payload":1,"id":"{long_id}"}}"#),
+                Err(IdTooLong),
+            ),
+            (
+                "empty recipient",
+                r#"{"type":"send","to":"","payload":1}"#.into(),
+                Err(InvalidId),
+            ),
+            (
+                "control character in id",
+                r#"{"type":"send","to":"a\nb","payload":1}"#.into(),
+                Err(InvalidId),
+            ),
+            (
+                "room too long",
+                format!(r#"{{"type":"join","room":"{long_room}"}}"#),
+                Err(RoomTooLong),
+            ),
+            (
+                "bad room",
+                r#"{"type":"join","room":"a b"}"#.into(),
+                Err(InvalidRoom),
+            ),
+            (
+                "empty room",
+                r#"{"type":"leave","room":""}"#.into(),
+                Err(InvalidRoom),
+            ),
+            (
+                "bad room on publish",
+                r#"{"type":"publish","room":"é","payload":1}"#.into(),
+                Err(InvalidRoom),
+            ),
+        ];
+        for (name, input, expected) in &cases {
+            let _ = name;
+            check(input, *expected);
+        }
+    }
+
+    #[test]
+    fn room_names() {
+        let longest = "a".repeat(64);
+        for (room, ok) in [
+            ("lobby", true),
+            ("A.z_0-9", true),
+            (longest.as_str(), true),
+            ("", false),
+            ("a/b", false),
+            ("a%20b", false),
+            ("ü", false),
+        ] {
+            assert_eq!(validate_room(room).is_ok(), ok, "{room:?}");
+        }
+        assert_eq!(
+            validate_room(&"a".repeat(65)),
+            Err(EnvelopeError::RoomTooLong)
+        );
+    }
+
+    #[test]
+    fn error_codes_are_distinct() {
+        use EnvelopeError::*;
+        let all = [
+            MalformedJson,
+            InvalidField,
+            MissingField("x"),
+            UnknownType,
+            IdTooLong,
+            InvalidId,
+            RoomTooLong,
+            InvalidRoom,
+            BinaryFrame,
+            Forbidden,
+            TooManyRooms,
+        ];
+        let mut codes: Vec<_> = all.iter().map(|e| e.code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), all.len());
+    }
+
+    #[test]
+    fn server_messages() {
+        let payload = RawValue::from_string(r#"{"z": 1,  "a":"\u00e9"}"#.to_string()).unwrap();
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "welcome",
+                welcome("alice", Some(MsgId(42))),
+                r#"{"type":"welcome","id":"alice","last_msg_id":"42"}"#,
+            ),
+            (
+                "welcome, nothing retained",
+                welcome("a\"b", None),
+                r#"{"type":"welcome","id":"a\"b","last_msg_id":null}"#,
+            ),
+            (
+                "direct message keeps the payload byte for byte",
+                message(
+                    MsgId(7),
+                    "alice",
+                    Some("bob"),
+                    None,
+                    &payload,
+                    1700000000000,
+                ),
+                r#"{"type":"message","msg_id":"7","from":"alice","to":"bob","room":null,"payload":{"z": 1,  "a":"\u00e9"},"timestamp":1700000000000}"#,
+            ),
+            (
+                "ack",
+                ack(Some("c1"), Some(MsgId(9)), AckStatus::Queued, None),
+                r#"{"type":"ack","id":"c1","msg_id":"9","status":"queued","reason":null}"#,
+            ),
+            (
+                "rejected ack",
+                ack(None, None, AckStatus::Rejected, Some("offline queue full")),
+                r#"{"type":"ack","id":null,"msg_id":null,"status":"rejected","reason":"offline queue full"}"#,
+            ),
+            (
+                "presence",
+                presence("lobby", "bob", PresenceEvent::Leave),
+                r#"{"type":"presence","room":"lobby","id":"bob","event":"leave"}"#,
+            ),
+            (
+                "error",
+                error(EnvelopeError::MissingField("to")),
+                r#"{"type":"error","code":"missing_field","message":"missing field \"to\""}"#,
+            ),
+        ];
+        for (name, got, want) in cases {
+            assert_eq!(String::from_utf8(got).unwrap(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn msg_ids_parse_as_decimal_only() {
+        assert_eq!(MsgId::parse("0"), Some(MsgId(0)));
+        assert_eq!(MsgId::parse("18446744073709551615"), Some(MsgId(u64::MAX)));
+        for bad in ["", "-1", "+1", "1.0", "0x10", "18446744073709551616", " 1"] {
+            assert_eq!(MsgId::parse(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The hub's counters and their Prometheus text, appended to the reactor's /metrics (SPEC §9).
+//!
+//! Owns: `HubMetrics` (plain integers bumped on the hot path) and its rendering.
+//! Does not: derive gauges (rooms, members, ids online, retained messages): the hub passes
+//! those in at render time, as the reactor does for connection states.
+
+use super::mailbox::{Expiring, Removed};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+#[derive(Debug, Default)]
+pub struct HubMetrics {
+    /// Messages received on raw rooms (`/r/<room>`), and copies queued for their members.
+    pub raw_messages: u64,
+    pub raw_deliveries: u64,
+    /// `send` envelopes accepted (duplicates excluded), and copies queued for connections.
+    pub direct_messages: u64,
+    pub direct_deliveries: u64,
+    /// `publish` envelopes accepted, and copies queued for room members.
+    pub publish_messages: u64,
+    pub publish_deliveries: u64,
+    /// Presence events queued for room members.
+    pub presence_deliveries: u64,
+    /// Direct messages that reached no connection and were queued offline.
+    pub offline_queued: u64,
+    /// Queued messages delivered when their id connected.
+    pub offline_delivered: u64,
+    /// Direct messages refused because the recipient's offline queue was full of pending ones.
+    pub offline_refused_full: u64,
+    /// Retained messages sent again to a connection that asked with `?since=`.
+    pub recovery_replayed: u64,
+    /// Sends and publishes whose client id was seen before: acked again, not delivered.
+    pub duplicates: u64,
+    /// Acks by status.
+    pub acks: BTreeMap<&'static str, u64>,
+    /// `error` messages by code.
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Connections closed (1008) for exceeding `--rate`/`--burst`.
+    pub rate_limited: u64,
+    /// Upgrades refused with 401, by reason.
+    pub auth_failures: BTreeMap<&'static str, u64>,
+    /// Upgrades refused with 403 for their Origin.
+    pub origin_rejections: u64,
+}
+
+/// Values derived from the hub's state at render time.
+pub struct HubGauges {
+    pub raw_rooms: usize,
+    pub raw_members: usize,
+    pub rooms: usize,
+    pub room_members: usize,
+    pub ids_online: usize,
+    pub retained_messages: usize,
+    pub retained_bytes: usize,
+    pub offline_pending: usize,
+    /// What the bounds removed so far, and what has expired but is not yet swept.
+    pub removed: Removed,
+    pub expiring: Expiring,
+}
+
+impl HubMetrics {
+    pub fn bump(map: &mut BTreeMap<&'static str, u64>, key: &'static str) {
+        *map.entry(key).or_insert(0) += 1;
+    }
+
+    /// Appends every hub metric in the Prometheus text format.
+    pub fn render(&self, g: &HubGauges, out: &mut String) {
+        let mut w = Writer { out };
+        let (rm, ex) = (&g.removed, &g.expiring);
+
+        w.family(
+            "wsrelay_rooms",
+            "gauge",
+            "Rooms with at least one member, by kind.",
+        );
+        w.sample("wsrelay_rooms", &[("kind", "raw")], g.raw_rooms as u64);
+        w.sample("wsrelay_rooms", &[("kind", "envelope")], g.rooms as u64);
+        w.family(
+            "wsrelay_room_members",
+            "gauge",
+            "Room memberships (a connection in two rooms counts twice), by kind.",
+        );
+        w.sample(
+            "wsrelay_room_members",
+            &[("kind", "raw")],
+            g.raw_members as u64,
+        );
+        w.sample(
+            "wsrelay_room_members",
+            &[("kind", "envelope")],
+            g.room_members as u64,
+        );
+        w.gauge(
+            "wsrelay_ids_online",
+            "Ids with at least one /ws connection.",
+            g.ids_online,
+        );
+
+        w.counter(
+            "wsrelay_raw_messages_total",
+            "Messages received on raw rooms.",
+            self.raw_messages,
+        );
+        w.counter(
+            "wsrelay_raw_deliveries_total",
+            "Raw room messages queued for members.",
+            self.raw_deliveries,
+        );
+        w.counter(
+            "wsrelay_direct_messages_total",
+            "Direct messages (send) accepted.",
+            self.direct_messages,
+        );
+        w.counter(
+            "wsrelay_direct_deliveries_total",
+            "Direct messages queued live on a recipient connection.",
+            self.direct_deliveries,
+        );
+        w.counter(
+            "wsrelay_publish_messages_total",
+            "Room messages (publish) accepted.",
+            self.publish_messages,
+        );
+        w.counter(
+            "wsrelay_publish_deliveries_total",
+            "Room messages queued for members.",
+            self.publish_deliveries,
+        );
+        w.counter(
+            "wsrelay_presence_deliveries_total",
+            "Presence events queued for room members.",
+            self.presence_deliveries,
+        );
+
+        w.counter(
+            "wsrelay_offline_queued_total",
+            "Direct messages queued for an id with no connection.",
+            self.offline_queued,
+        );
+        w.counter(
+            "wsrelay_offline_delivered_total",
+            "Queued messages delivered when their id connected.",
+            self.offline_delivered,
+        );
+        w.counter(
+            "wsrelay_offline_expired_total",
+            "Queued messages that reached --offline-ttl undelivered.",
+            rm.expired_pending + ex.pending,
+        );
+        w.family(
+            "wsrelay_offline_dropped_total",
+            "counter",
+            "Direct messages lost to the bounds: refused by a full per-id queue, or queued and evicted by --offline-max-bytes.",
+        );
+        w.sample(
+            "wsrelay_offline_dropped_total",
+            &[("reason", "queue_full")],
+            self.offline_refused_full,
+        );
+        w.sample(
+            "wsrelay_offline_dropped_total",
+            &[("reason", "global_bytes")],
+            rm.dropped_global,
+        );
+        w.gauge(
+            "wsrelay_offline_pending",
+            "Queued messages not yet delivered.",
+            g.offline_pending.saturating_sub(ex.pending as usize),
+        );
+        w.gauge(
+            "wsrelay_retained_messages",
+            "Direct messages retained (queued or kept for recovery).",
+            g.retained_messages.saturating_sub(ex.messages),
+        );
+        w.gauge(
+            "wsrelay_retained_bytes",
+            "Bytes retained, as counted against --offline-max-bytes.",
+            g.retained_bytes.saturating_sub(ex.bytes),
+        );
+        w.family(
+            "wsrelay_retained_evicted_total",
+            "counter",
+            "Delivered messages removed from the recovery log, by reason.",
+        );
+        let ttl = rm.expired_delivered + (ex.messages as u64).saturating_sub(ex.pending);
+        w.sample("wsrelay_retained_evicted_total", &[("reason", "ttl")], ttl);
+        w.sample(
+            "wsrelay_retained_evicted_total",
+            &[("reason", "per_id")],
+            rm.evicted_per_id,
+        );
+        w.sample(
+            "wsrelay_retained_evicted_total",
+            &[("reason", "global_bytes")],
+            rm.evicted_global,
+        );
+        w.counter(
+            "wsrelay_recovery_replayed_total",
+            "Retained messages sent again to a connection that asked with ?since=.",
+            self.recovery_replayed,
+        );
+        w.counter(
+            "wsrelay_duplicates_total",
+            "Sends and publishes with an already seen client id (acked again, not delivered).",
+            self.duplicates,
+        );
+        w.family("wsrelay_acks_total", "counter", "Acks sent, by status.");
+        for status in ["delivered", "queued", "rejected"] {
+            let n = self.acks.get(status).copied().unwrap_or(0);
+            w.sample("wsrelay_acks_total", &[("status", status)], n);
+        }
+        w.family(
+            "wsrelay_envelope_errors_total",
+            "counter",
+            "Error messages sent, by code.",
+        );
+        for (code, n) in &self.errors {
+            w.sample("wsrelay_envelope_errors_total", &[("code", code)], *n);
+        }
+        w.counter(
+            "wsrelay_rate_limited_total",
+            "Connections closed (1008) for exceeding --rate/--burst.",
+            self.rate_limited,
+        );
+        w.family(
+            "wsrelay_auth_failures_total",
+            "counter",
+            "Upgrades refused with 401, by reason.",
+        );
+        for (reason, n) in &self.auth_failures {
+            w.sample("wsrelay_auth_failures_total", &[("reason", reason)], *n);
+        }
+        w.counter(
+            "wsrelay_origin_rejections_total",
+            "Upgrades refused with 403 for their Origin.",
+            self.origin_rejections,
+        );
+    }
+}
+
+/// Writes the text format; label values here are our own identifiers (no escaping needed).
+struct Writer<'a> {
+    out: &'a mut String,
+}
+
+impl Writer<'_> {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
+        self.family(name, "counter", help);
+        self.sample(name, &[], value);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: usize) {
+        self.family(name, "gauge", help);
+        self.sample(name, &[], value as u64);
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{v}\"");
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}

@@ -1,0 +1,788 @@
+//! The hub driven without sockets: requests are parsed from text, callbacks are called by hand,
+//! and a `Recorder` transport keeps what would have been sent. Time is a `ManualClock`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use crate::protocol::frame::{self, Role};
+use crate::protocol::handshake::parse_request;
+use crate::protocol::CloseCode;
+use crate::server::Sent;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::time::Duration;
+
+const START_MS: u64 = 1_700_000_000_000;
+
+/// One queued frame: (recipient, opcode, payload, the shared frame if it was shared).
+type Queued = (ConnId, OpCode, Vec<u8>, Option<Rc<[u8]>>);
+
+/// A transport that records instead of sending.
+#[derive(Default)]
+struct Recorder {
+    /// Every frame queued, in order.
+    sent: Vec<Queued>,
+    closes: Vec<(ConnId, CloseCode, &'static str)>,
+    /// Connections that refuse everything as slow consumers (`Sent::Dropped`).
+    slow: HashSet<ConnId>,
+}
+
+impl Transport for Recorder {
+    fn send(&mut self, to: ConnId, opcode: OpCode, payload: &[u8]) -> Sent {
+        if self.slow.contains(&to) {
+            return Sent::Dropped;
+        }
+        self.sent.push((to, opcode, payload.to_vec(), None));
+        Sent::Queued
+    }
+
+    fn send_shared(&mut self, to: ConnId, shared: &Rc<[u8]>) -> Sent {
+        if self.slow.contains(&to) {
+            return Sent::Dropped;
+        }
+        let mut bytes = shared.to_vec();
+        let decoded = frame::decode_frame(&mut bytes, Role::Client, u64::MAX)
+            .unwrap()
+            .unwrap();
+        let payload = bytes[decoded.payload].to_vec();
+        self.sent
+            .push((to, decoded.header.opcode, payload, Some(Rc::clone(shared))));
+        Sent::Queued
+    }
+
+    fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
+        self.closes.push((conn, code, reason));
+    }
+}
+
+struct Harness {
+    hub: Hub,
+    clock: ManualClock,
+    tx: Recorder,
+    sessions: HashMap<ConnId, Session>,
+    next_slot: u32,
+}
+
+impl Harness {
+    fn new(config: AppConfig) -> Harness {
+        let clock = ManualClock::new(START_MS);
+        Harness {
+            hub: Hub::new(config, Box::new(clock.clone())),
+            clock,
+            tx: Recorder::default(),
+            sessions: HashMap::new(),
+            next_slot: 0,
+        }
+    }
+
+    fn plain() -> Harness {
+        Harness::new(AppConfig::default())
+    }
+
+    /// Routes `GET target` with extra header lines; on an upgrade, opens the connection.
+    fn request(
+        &mut self,
+        target: &str,
+        headers: &str,
+    ) -> Result<(ConnId, Option<&'static str>), (u16, String)> {
+        let raw = format!("GET {target} HTTP/1.1\r\nHost: test\r\n{headers}\r\n");
+        let (request, _) = parse_request(raw.as_bytes()).unwrap().unwrap();
+        match self.hub.route(&request) {
+            Route::Respond(status, response) => {
+                let text = String::from_utf8_lossy(&response).into_owned();
+                let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+                Err((status, body))
+            }
+            Route::Upgrade {
+                mut session,
+                protocol,
+            } => {
+                let conn = ConnId {
+                    slot: self.next_slot,
+                    generation: self.next_slot + 1000,
+                };
+                self.next_slot += 1;
+                self.hub.open(conn, &mut session, &mut self.tx);
+                self.sessions.insert(conn, session);
+                Ok((conn, protocol))
+            }
+        }
+    }
+
+    fn connect(&mut self, target: &str) -> ConnId {
+        self.request(target, "")
+            .unwrap_or_else(|e| panic!("{target}: {e:?}"))
+            .0
+    }
+
+    fn frame(&mut self, conn: ConnId, opcode: OpCode, payload: &[u8]) {
+        let session = self.sessions.get_mut(&conn).unwrap();
+        self.hub
+            .message(conn, session, opcode, payload, &mut self.tx);
+    }
+
+    fn say(&mut self, conn: ConnId, value: Value) {
+        self.frame(conn, OpCode::Text, value.to_string().as_bytes());
+    }
+
+    fn disconnect(&mut self, conn: ConnId) {
+        let session = self.sessions.remove(&conn).unwrap();
+        self.hub.close(conn, session, &mut self.tx);
+    }
+
+    /// Takes the raw payloads queued for `conn` so far.
+    fn raw(&mut self, conn: ConnId) -> Vec<(OpCode, Vec<u8>)> {
+        let (mine, rest) = std::mem::take(&mut self.tx.sent)
+            .into_iter()
+            .partition(|(to, ..)| *to == conn);
+        self.tx.sent = rest;
+        mine.into_iter()
+            .map(|(_, op, payload, _)| (op, payload))
+            .collect()
+    }
+
+    /// Takes the JSON messages queued for `conn` so far.
+    fn inbox(&mut self, conn: ConnId) -> Vec<Value> {
+        self.raw(conn)
+            .into_iter()
+            .map(|(op, payload)| {
+                assert_eq!(op, OpCode::Text);
+                serde_json::from_slice(&payload).unwrap()
+            })
+            .collect()
+    }
+
+    fn metric(&self, sample: &str) -> f64 {
+        let mut text = String::new();
+        self.hub.render_metrics(&mut text);
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+}
+
+/// The messages of type `message` in `inbox`, as (from, payload).
+fn messages(inbox: &[Value]) -> Vec<(String, Value)> {
+    inbox
+        .iter()
+        .filter(|m| m["type"] == "message")
+        .map(|m| {
+            (
+                m["from"].as_str().unwrap().to_string(),
+                m["payload"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn send(to: &str, payload: Value, id: &str) -> Value {
+    json!({"type": "send", "to": to, "payload": payload, "id": id})
+}
+
+#[test]
+fn direct_messages_both_ways_with_acks() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    let b = h.connect("/ws?id=bob");
+    assert_eq!(
+        h.inbox(a),
+        vec![json!({"type": "welcome", "id": "alice", "last_msg_id": null})]
+    );
+    h.inbox(b);
+
+    // The payload is relayed as the exact text the sender wrote.
+    let text = r#"{"type":"send","to":"bob","payload":{"z":1,  "a":[1.50]},"id":"c1"}"#;
+    h.frame(a, OpCode::Text, text.as_bytes());
+    let (_, payload) = h.raw(b).pop().unwrap();
+    let payload = String::from_utf8(payload).unwrap();
+    assert!(
+        payload.contains(r#""payload":{"z":1,  "a":[1.50]}"#),
+        "{payload}"
+    );
+    let got: Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(
+        (got["from"].as_str(), got["to"].as_str()),
+        (Some("alice"), Some("bob"))
+    );
+    assert_eq!(got["room"], Value::Null);
+    assert_eq!(got["timestamp"], json!(START_MS));
+    let ack = h.inbox(a).pop().unwrap();
+    assert_eq!(
+        ack,
+        json!({"type": "ack", "id": "c1", "msg_id": got["msg_id"], "status": "delivered", "reason": null})
+    );
+
+    h.say(b, send("alice", json!("pong"), "r1"));
+    assert_eq!(
+        messages(&h.inbox(a)),
+        vec![("bob".to_string(), json!("pong"))]
+    );
+    assert_eq!(h.inbox(b)[0]["status"], "delivered");
+    assert_eq!(h.metric("wsrelay_direct_messages_total"), 2.0);
+    assert_eq!(h.metric("wsrelay_acks_total{status=\"delivered\"}"), 2.0);
+    assert_eq!(h.metric("wsrelay_ids_online"), 2.0);
+}
+
+#[test]
+fn msg_ids_start_at_the_clock_and_increase() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=a");
+    for i in 0..3 {
+        h.say(a, send("nobody", json!(i), &format!("c{i}")));
+    }
+    let ids: Vec<u64> = h
+        .inbox(a)
+        .iter()
+        .filter(|m| m["type"] == "ack")
+        .map(|m| m["msg_id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![START_MS * 1000, START_MS * 1000 + 1, START_MS * 1000 + 2]
+    );
+}
+
+#[test]
+fn offline_messages_arrive_in_order_before_live_ones() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    for i in 0..10 {
+        h.say(a, send("bob", json!(i), &format!("c{i}")));
+    }
+    let acks = h.inbox(a);
+    assert!(
+        acks[1..].iter().all(|m| m["status"] == "queued"),
+        "{acks:?}"
+    );
+    let last = acks.last().unwrap()["msg_id"].clone();
+
+    let b = h.connect("/ws?id=bob");
+    h.say(a, send("bob", json!("live"), "c10"));
+    let inbox = h.inbox(b);
+    assert_eq!(
+        inbox[0],
+        json!({"type": "welcome", "id": "bob", "last_msg_id": last})
+    );
+    let payloads: Vec<Value> = messages(&inbox).into_iter().map(|(_, p)| p).collect();
+    let mut expected: Vec<Value> = (0..10).map(|i| json!(i)).collect();
+    expected.push(json!("live"));
+    assert_eq!(payloads, expected);
+    assert_eq!(h.metric("wsrelay_offline_queued_total"), 10.0);
+    assert_eq!(h.metric("wsrelay_offline_delivered_total"), 10.0);
+
+    // Delivered once: a second device gets nothing old without ?since.
+    let b2 = h.connect("/ws?id=bob");
+    assert!(messages(&h.inbox(b2)).is_empty());
+}
+
+#[test]
+fn since_replays_what_a_dead_connection_may_have_lost() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    let b = h.connect("/ws?id=bob");
+    for i in 0..5 {
+        h.say(a, send("bob", json!(i), &format!("c{i}")));
+    }
+    let seen = h.inbox(b);
+    let third = seen[3]["msg_id"].as_str().unwrap().to_string(); // payload 2
+    h.disconnect(b);
+    h.say(a, send("bob", json!(5), "c5"));
+    let b = h.connect(&format!("/ws?id=bob&since={third}"));
+    let payloads: Vec<Value> = messages(&h.inbox(b)).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(payloads, vec![json!(3), json!(4), json!(5)]);
+    assert_eq!(h.metric("wsrelay_recovery_replayed_total"), 2.0);
+    assert_eq!(h.metric("wsrelay_offline_delivered_total"), 1.0);
+}
+
+#[test]
+fn ttl_expires_queued_messages() {
+    let mut h = Harness::new(AppConfig {
+        offline_ttl: Duration::from_secs(10),
+        ..AppConfig::default()
+    });
+    let a = h.connect("/ws?id=alice");
+    h.say(a, send("bob", json!("old"), "c1"));
+    h.clock.advance(Duration::from_secs(5));
+    h.say(a, send("bob", json!("new"), "c2"));
+    h.clock.advance(Duration::from_secs(5));
+    // The hub has not run since: /metrics still counts the expiry at scrape time.
+    assert_eq!(h.metric("wsrelay_offline_expired_total"), 1.0);
+    assert_eq!(h.metric("wsrelay_offline_pending"), 1.0);
+    let b = h.connect("/ws?id=bob");
+    assert_eq!(
+        messages(&h.inbox(b)),
+        vec![("alice".to_string(), json!("new"))]
+    );
+    assert_eq!(h.metric("wsrelay_offline_expired_total"), 1.0);
+}
+
+#[test]
+fn per_id_bound_rejects_beyond_the_pending_limit() {
+    let mut h = Harness::new(AppConfig {
+        offline_max: 3,
+        ..AppConfig::default()
+    });
+    let a = h.connect("/ws?id=alice");
+    h.inbox(a);
+    for i in 0..5 {
+        h.say(a, send("bob", json!(i), &format!("c{i}")));
+    }
+    let statuses: Vec<Value> = h.inbox(a).iter().map(|m| m["status"].clone()).collect();
+    assert_eq!(
+        statuses,
+        vec!["queued", "queued", "queued", "rejected", "rejected"]
+    );
+    assert_eq!(
+        h.metric("wsrelay_offline_dropped_total{reason=\"queue_full\"}"),
+        2.0
+    );
+    // A rejected id may be retried (it was not remembered) and is rejected again while full.
+    h.say(a, send("bob", json!(3), "c3"));
+    assert_eq!(h.inbox(a)[0]["status"], "rejected");
+    let b = h.connect("/ws?id=bob");
+    let payloads: Vec<Value> = messages(&h.inbox(b)).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(payloads, vec![json!(0), json!(1), json!(2)]);
+}
+
+#[test]
+fn duplicate_client_ids_are_acked_again_not_delivered() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    let b = h.connect("/ws?id=bob");
+    h.inbox(a);
+    h.say(a, send("bob", json!("once"), "same"));
+    let first = h.inbox(a).pop().unwrap();
+    // The sender reconnects and retries.
+    h.disconnect(a);
+    let a = h.connect("/ws?id=alice");
+    h.inbox(a);
+    h.say(a, send("bob", json!("once"), "same"));
+    assert_eq!(h.inbox(a).pop().unwrap(), first);
+    assert_eq!(messages(&h.inbox(b)).len(), 1);
+    assert_eq!(h.metric("wsrelay_duplicates_total"), 1.0);
+    // Another sender may use the same client id.
+    let c = h.connect("/ws?id=carol");
+    h.say(c, send("bob", json!("mine"), "same"));
+    assert_eq!(messages(&h.inbox(b)).len(), 1);
+}
+
+#[test]
+fn every_device_of_an_id_gets_direct_messages() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    let phone = h.connect("/ws?id=bob");
+    let laptop = h.connect("/ws?id=bob");
+    h.say(a, send("bob", json!("hi"), "c1"));
+    assert_eq!(messages(&h.inbox(phone)).len(), 1);
+    assert_eq!(messages(&h.inbox(laptop)).len(), 1);
+    assert_eq!(h.metric("wsrelay_ids_online"), 2.0);
+    h.disconnect(phone);
+    h.say(a, send("bob", json!("again"), "c2"));
+    assert_eq!(messages(&h.inbox(laptop)).len(), 1);
+    h.disconnect(laptop);
+    assert_eq!(h.metric("wsrelay_ids_online"), 1.0);
+}
+
+#[test]
+fn a_recipient_whose_every_connection_refuses_gets_it_queued() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    let b = h.connect("/ws?id=bob");
+    h.inbox(b);
+    h.tx.slow.insert(b);
+    h.say(a, send("bob", json!("later"), "c1"));
+    assert_eq!(h.inbox(a).pop().unwrap()["status"], "queued");
+    h.tx.slow.clear();
+    h.disconnect(b);
+    let b = h.connect("/ws?id=bob");
+    assert_eq!(
+        messages(&h.inbox(b)),
+        vec![("alice".to_string(), json!("later"))]
+    );
+}
+
+#[test]
+fn rooms_publish_presence_and_leave() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    let b = h.connect("/ws?id=bob");
+    let c = h.connect("/ws?id=carol");
+    for conn in [a, b, c] {
+        h.inbox(conn);
+    }
+    let presence = |id: &str, event: &str| json!({"type": "presence", "room": "lobby", "id": id, "event": event});
+
+    h.say(a, json!({"type": "join", "room": "lobby"}));
+    assert_eq!(
+        h.inbox(a),
+        vec![presence("alice", "join")],
+        "the joiner's confirmation"
+    );
+    h.say(b, json!({"type": "join", "room": "lobby"}));
+    assert_eq!(h.inbox(a), vec![presence("bob", "join")]);
+    assert_eq!(h.inbox(b), vec![presence("bob", "join")]);
+    h.say(b, json!({"type": "join", "room": "lobby"}));
+    assert_eq!(h.inbox(a), Vec::<Value>::new(), "a second join is not news");
+    assert_eq!(h.inbox(b), vec![presence("bob", "join")]);
+
+    h.say(
+        a,
+        json!({"type": "publish", "room": "lobby", "payload": {"t": "hi"}, "id": "p1"}),
+    );
+    let ack = h.inbox(a);
+    assert_eq!(ack.len(), 1, "never its own message: {ack:?}");
+    assert_eq!(ack[0]["status"], "delivered");
+    let got = h.inbox(b);
+    assert_eq!(got[0]["room"], "lobby");
+    assert_eq!(got[0]["to"], Value::Null);
+    assert_eq!(
+        messages(&got),
+        vec![("alice".to_string(), json!({"t": "hi"}))]
+    );
+    assert_eq!(h.inbox(c), Vec::<Value>::new(), "not a member");
+
+    // Publishing without joining is allowed; the publisher is not a member, so all hear it.
+    h.say(c, json!({"type": "publish", "room": "lobby", "payload": 1}));
+    assert_eq!(messages(&h.inbox(a)).len(), 1);
+    assert_eq!(messages(&h.inbox(b)).len(), 1);
+    assert_eq!(h.inbox(c)[0]["id"], Value::Null);
+
+    h.say(b, json!({"type": "leave", "room": "lobby"}));
+    assert_eq!(h.inbox(a), vec![presence("bob", "leave")]);
+    assert_eq!(h.inbox(b), vec![presence("bob", "leave")]);
+    h.say(b, json!({"type": "join", "room": "lobby"}));
+    h.inbox(a);
+    h.disconnect(b);
+    assert_eq!(h.inbox(a), vec![presence("bob", "leave")]);
+    assert_eq!(h.metric("wsrelay_rooms{kind=\"envelope\"}"), 1.0);
+    h.disconnect(a);
+    assert_eq!(h.metric("wsrelay_rooms{kind=\"envelope\"}"), 0.0);
+}
+
+#[test]
+fn raw_rooms_share_one_frame_and_skip_the_sender() {
+    let mut h = Harness::plain();
+    let members: Vec<ConnId> = (0..5).map(|_| h.connect("/r/lobby")).collect();
+    let other = h.connect("/r/other");
+    h.frame(members[0], OpCode::Binary, &[1, 2, 3]);
+    let frames: Vec<_> = std::mem::take(&mut h.tx.sent);
+    assert_eq!(frames.len(), 4, "every other member, once");
+    assert!(frames.iter().all(|(to, op, payload, _)| *to != members[0]
+        && *to != other
+        && *op == OpCode::Binary
+        && payload == &[1, 2, 3]));
+    let first = frames[0].3.as_ref().unwrap();
+    assert!(
+        frames
+            .iter()
+            .all(|f| Rc::ptr_eq(f.3.as_ref().unwrap(), first)),
+        "one encoded frame shared by all recipients"
+    );
+    assert_eq!(h.metric("wsrelay_room_members{kind=\"raw\"}"), 6.0);
+    for m in members {
+        h.disconnect(m);
+    }
+    assert_eq!(h.metric("wsrelay_rooms{kind=\"raw\"}"), 1.0);
+}
+
+#[test]
+fn rate_limit_closes_with_1008() {
+    let mut h = Harness::new(AppConfig {
+        rate_limit: Some(RateLimit {
+            per_second: 1.0,
+            burst: 2.0,
+        }),
+        ..AppConfig::default()
+    });
+    let a = h.connect("/echo");
+    h.frame(a, OpCode::Text, b"1");
+    h.frame(a, OpCode::Text, b"2");
+    assert!(h.tx.closes.is_empty());
+    h.frame(a, OpCode::Text, b"3");
+    assert_eq!(
+        h.tx.closes,
+        vec![(a, CloseCode::POLICY_VIOLATION, "rate limit exceeded")]
+    );
+    assert_eq!(h.raw(a).len(), 2, "the third message was not handled");
+    assert_eq!(h.metric("wsrelay_rate_limited_total"), 1.0);
+}
+
+#[test]
+fn bad_input_gets_an_error_and_the_connection_stays_usable() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    let b = h.connect("/ws?id=bob");
+    h.inbox(a);
+    let long = "x".repeat(200);
+    let cases: Vec<(&str, OpCode, String, &str)> = vec![
+        (
+            "malformed JSON",
+            OpCode::Text,
+            "{nope".into(),
+            "malformed_json",
+        ),
+        (
+            "unknown type",
+            OpCode::Text,
+            r#"{"type":"yell"}"#.into(),
+            "unknown_type",
+        ),
+        (
+            "missing field",
+            OpCode::Text,
+            r#"{"type":"send","payload":1}"#.into(),
+            "missing_field",
+        ),
+        (
+            "wrong type",
+            OpCode::Text,
+            r#"{"type":"send","to":[],"payload":1}"#.into(),
+            "invalid_field",
+        ),
+        (
+            "id too long",
+            OpCode::Text,
+            format!(r#"{{"type":"send","to":"{long}","payload":1}}"#),
+            "id_too_long",
+        ),
+        (
+            "room too long",
+            OpCode::Text,
+            format!(r#"{{"type":"join","room":"{long}"}}"#),
+            "room_too_long",
+        ),
+        (
+            "bad room",
+            OpCode::Text,
+            r#"{"type":"join","room":"a b"}"#.into(),
+            "invalid_room",
+        ),
+        (
+            "binary",
+            OpCode::Binary,
+            "{}".into(),
+            "binary_not_supported",
+        ),
+    ];
+    for (name, opcode, input, code) in cases {
+        h.frame(a, opcode, input.as_bytes());
+        let got = h.inbox(a);
+        assert_eq!(got.len(), 1, "{name}: {got:?}");
+        assert_eq!(
+            (got[0]["type"].as_str(), got[0]["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{name}"
+        );
+        assert!(
+            got[0]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
+        // Still usable.
+        h.say(a, send("bob", json!(name), &format!("id {name}")));
+        assert_eq!(h.inbox(a)[0]["status"], "delivered", "{name}");
+        assert_eq!(messages(&h.inbox(b)).len(), 1, "{name}");
+    }
+    assert!(h.tx.closes.is_empty());
+    assert_eq!(
+        h.metric("wsrelay_envelope_errors_total{code=\"malformed_json\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn too_many_rooms_is_an_error() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    for i in 0..hub::MAX_ROOMS_PER_CONNECTION {
+        h.say(a, json!({"type": "join", "room": format!("r{i}")}));
+    }
+    h.inbox(a);
+    h.say(a, json!({"type": "join", "room": "one-more"}));
+    assert_eq!(h.inbox(a)[0]["code"], "too_many_rooms");
+}
+
+#[test]
+fn admission_table() {
+    let mut h = Harness::plain();
+    // (target, extra headers, expected status or "upgrade" as 101, body fragment)
+    let cases: Vec<(&str, &str, u16, &str)> = vec![
+        ("/echo", "", 101, ""),
+        ("/r/lobby", "", 101, ""),
+        ("/r/a.b_c-D9", "", 101, ""),
+        ("/r/", "", 400, "room names"),
+        ("/r/a%20b", "", 400, "room names"),
+        ("/r/a/b", "", 404, ""),
+        ("/nope", "", 404, ""),
+        ("/ws?id=alice", "", 101, ""),
+        ("/ws", "", 400, "?id="),
+        ("/ws?id=", "", 400, "ids"),
+        ("/ws?id=alice&since=12", "", 101, ""),
+        ("/ws?id=alice&since=-1", "", 400, "since"),
+        ("/", "", 200, "/r/<room>"),
+    ];
+    for (target, headers, status, fragment) in cases {
+        match h.request(target, headers) {
+            Ok(_) => assert_eq!(status, 101, "{target}"),
+            Err((got, body)) => {
+                assert_eq!(got, status, "{target}: {body}");
+                assert!(body.contains(fragment), "{target}: {body}");
+            }
+        }
+    }
+    let too_long = format!("/ws?id={}", "x".repeat(129));
+    assert_eq!(h.request(&too_long, "").unwrap_err().0, 400);
+}
+
+#[test]
+fn subprotocol_is_confirmed_only_when_offered() {
+    let mut h = Harness::plain();
+    let offered = h
+        .request("/ws?id=a", "Sec-WebSocket-Protocol: chat, wsrelay.v1\r\n")
+        .unwrap();
+    assert_eq!(offered.1, Some("wsrelay.v1"));
+    let other = h
+        .request("/ws?id=a", "Sec-WebSocket-Protocol: chat\r\n")
+        .unwrap();
+    assert_eq!(other.1, None);
+    let none = h.request("/ws?id=a", "").unwrap();
+    assert_eq!(none.1, None);
+}
+
+#[test]
+fn origin_allow_list() {
+    let mut h = Harness::new(AppConfig {
+        allow_origins: vec!["https://chat.example".into()],
+        ..AppConfig::default()
+    });
+    assert!(h
+        .request("/ws?id=a", "Origin: https://chat.example\r\n")
+        .is_ok());
+    assert!(
+        h.request("/ws?id=a", "").is_ok(),
+        "no Origin: not a browser"
+    );
+    assert_eq!(
+        h.request("/ws?id=a", "Origin: https://evil.example\r\n")
+            .unwrap_err()
+            .0,
+        403
+    );
+    assert_eq!(
+        h.request("/r/x", "Origin: https://evil.example\r\n")
+            .unwrap_err()
+            .0,
+        403
+    );
+    assert_eq!(
+        h.request("/echo", "Origin: https://evil.example\r\n")
+            .unwrap_err()
+            .0,
+        403
+    );
+    assert_eq!(h.metric("wsrelay_origin_rejections_total"), 3.0);
+}
+
+mod jwt {
+    use super::*;
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+    const SECRET: &[u8] = b"s3cret";
+
+    fn token(claims: Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    fn harness() -> Harness {
+        Harness::new(AppConfig {
+            jwt_secret: Some(SECRET.to_vec()),
+            ..AppConfig::default()
+        })
+    }
+
+    fn exp(h: &Harness, secs: i64) -> i64 {
+        (h.clock.unix_ms() / 1000) as i64 + secs
+    }
+
+    #[test]
+    fn the_token_is_the_identity() {
+        let mut h = harness();
+        let t = token(json!({"sub": "alice", "exp": exp(&h, 60)}));
+        let a = h.connect(&format!("/ws?token={t}&id=mallory"));
+        assert_eq!(h.inbox(a)[0]["id"], "alice", "?id= is ignored under auth");
+        let b = h
+            .request("/ws", &format!("Authorization: Bearer {t}\r\n"))
+            .unwrap()
+            .0;
+        assert_eq!(h.inbox(b)[0]["id"], "alice");
+    }
+
+    #[test]
+    fn refusals_are_401_with_the_reason() {
+        let mut h = harness();
+        let expired = token(json!({"sub": "alice", "exp": exp(&h, -3600)}));
+        for (target, reason) in [
+            ("/ws".to_string(), "missing"),
+            ("/ws?id=alice".to_string(), "missing"),
+            (format!("/ws?token={expired}"), "expired"),
+            ("/ws?token=garbage".to_string(), "malformed"),
+            ("/r/lobby".to_string(), "missing"),
+        ] {
+            let (status, body) = h.request(&target, "").unwrap_err();
+            assert_eq!(status, 401, "{target}");
+            assert!(body.contains(reason), "{target}: {body}");
+        }
+        assert_eq!(
+            h.metric("wsrelay_auth_failures_total{reason=\"missing\"}"),
+            3.0
+        );
+        assert!(h.request("/echo", "").is_ok(), "/echo needs no token");
+    }
+
+    #[test]
+    fn a_token_expires_on_the_hub_clock() {
+        let mut h = harness();
+        let t = token(json!({"sub": "alice", "exp": exp(&h, 10)}));
+        assert!(h.request(&format!("/ws?token={t}"), "").is_ok());
+        h.clock.advance(Duration::from_secs(10 + auth::LEEWAY_SECS));
+        assert_eq!(h.request(&format!("/ws?token={t}"), "").unwrap_err().0, 401);
+    }
+
+    #[test]
+    fn the_rooms_claim_restricts_joins_publishes_and_raw_rooms() {
+        let mut h = harness();
+        let t = token(json!({"sub": "alice", "exp": exp(&h, 60), "rooms": ["lobby"]}));
+        let a = h.connect(&format!("/ws?token={t}"));
+        h.inbox(a);
+        h.say(a, json!({"type": "join", "room": "lobby"}));
+        assert_eq!(h.inbox(a)[0]["type"], "presence");
+        h.say(a, json!({"type": "join", "room": "secret"}));
+        assert_eq!(h.inbox(a)[0]["code"], "forbidden");
+        h.say(
+            a,
+            json!({"type": "publish", "room": "secret", "payload": 1, "id": "p"}),
+        );
+        let ack = h.inbox(a).pop().unwrap();
+        assert_eq!(
+            (ack["status"].as_str(), ack["msg_id"].as_str()),
+            (Some("rejected"), None)
+        );
+        h.say(
+            a,
+            json!({"type": "publish", "room": "lobby", "payload": 1, "id": "q"}),
+        );
+        assert_eq!(h.inbox(a)[0]["status"], "delivered");
+        assert!(h.request(&format!("/r/lobby?token={t}"), "").is_ok());
+        assert_eq!(
+            h.request(&format!("/r/secret?token={t}"), "")
+                .unwrap_err()
+                .0,
+            403
+        );
+    }
+}
