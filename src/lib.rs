@@ -14,6 +14,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod client;
 pub mod poller;
 pub mod protocol;
 pub mod server;

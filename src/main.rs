@@ -28,6 +28,8 @@ enum Command {
     Serve(ServeArgs),
     /// Generate load against a running server and measure it (SPEC §11).
     Bench(wsrelay::bench::BenchArgs),
+    /// Connect to a relay and send lines from stdin (interactive, or a script when piped).
+    Client(wsrelay::client::ClientArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -211,6 +213,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => wsrelay::bench::run(args),
+        Command::Client(args) => wsrelay::client::run(args),
     }
 }
 

@@ -156,16 +156,39 @@ pub fn key_from_nonce(nonce: [u8; 16]) -> String {
 /// The bytes of an upgrade request for `resource` on `host` (the `Host` header value, see
 /// `WsUrl::host_header`), offering no extension and no subprotocol (RFC 6455 §4.1).
 pub fn upgrade_request(host: &str, resource: &str, key: &str) -> Vec<u8> {
-    format!(
+    upgrade_request_with_headers(host, resource, key, &[])
+}
+
+/// `upgrade_request` plus `extra` header fields, written in order after the required ones
+/// (RFC 6455 §4.1 item 12: "The request MAY include any other header fields"). The client uses
+/// it for `Authorization: Bearer <token>` (SPEC §6).
+///
+/// # Panics
+/// In debug builds, if a name or value holds CR or LF: a caller bug (it would end the head
+/// early and let the rest be read as another header), never peer input. Callers check first.
+pub fn upgrade_request_with_headers(
+    host: &str,
+    resource: &str,
+    key: &str,
+    extra: &[(&str, &str)],
+) -> Vec<u8> {
+    let mut request = format!(
         "GET {resource} HTTP/1.1\r\n\
          Host: {host}\r\n\
          Upgrade: websocket\r\n\
          Connection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\n\
-         Sec-WebSocket-Version: 13\r\n\
-         \r\n"
-    )
-    .into_bytes()
+         Sec-WebSocket-Version: 13\r\n"
+    );
+    for (name, value) in extra {
+        debug_assert!(
+            !name.contains(['\r', '\n']) && !value.contains(['\r', '\n']),
+            "header fields may not contain CR or LF"
+        );
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.into_bytes()
 }
 
 /// Checks the server's answer to a request sent with `key`.
@@ -390,6 +413,26 @@ mod tests {
         assert_eq!(
             parse_response(&response, &key),
             Ok(Some(&[0x81u8, 0x00][..]))
+        );
+    }
+
+    /// Extra fields follow the required ones and reach the server's parser intact.
+    #[test]
+    fn extra_headers_are_sent() {
+        let key = key_from_nonce([9; 16]);
+        let request = upgrade_request_with_headers(
+            "h",
+            "/ws?id=a",
+            &key,
+            &[("Authorization", "Bearer abc.def.ghi")],
+        );
+        let (parsed, len) = parse_request(&request).unwrap().unwrap();
+        assert_eq!(len, request.len());
+        assert_eq!(parsed.header("authorization"), Some("Bearer abc.def.ghi"));
+        assert!(validate_upgrade(&parsed).is_ok());
+        assert_eq!(
+            upgrade_request_with_headers("h", "/", &key, &[]),
+            upgrade_request("h", "/", &key)
         );
     }
 

@@ -5,6 +5,8 @@
 mod support;
 
 mod bench;
+mod client;
+mod client_ws;
 mod close;
 mod echo;
 mod frames;

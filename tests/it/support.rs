@@ -44,6 +44,17 @@ impl Server {
                 .arg(format!("--nofile={nofile}:{nofile}"))
                 .arg(env!("CARGO_BIN_EXE_wsrelay")),
             poller,
+            "127.0.0.1:0",
+            extra,
+        )
+    }
+
+    /// Like `start`, but on a fixed address: a server restarted where its clients knew it.
+    pub fn start_on(poller: &str, listen: SocketAddr, extra: &[&str]) -> Server {
+        Server::spawn(
+            &mut Command::new(env!("CARGO_BIN_EXE_wsrelay")),
+            poller,
+            &listen.to_string(),
             extra,
         )
     }
@@ -54,13 +65,14 @@ impl Server {
         Server::spawn(
             &mut Command::new(env!("CARGO_BIN_EXE_wsrelay")),
             poller,
+            "127.0.0.1:0",
             extra,
         )
     }
 
-    fn spawn(command: &mut Command, poller: &str, extra: &[&str]) -> Server {
+    fn spawn(command: &mut Command, poller: &str, listen: &str, extra: &[&str]) -> Server {
         let mut child = command
-            .args(["serve", "--listen", "127.0.0.1:0", "--poller", poller])
+            .args(["serve", "--listen", listen, "--poller", poller])
             .args(extra)
             .env(
                 "RUST_LOG",

@@ -1,0 +1,350 @@
+//! One WebSocket connection of the client: TCP connect, the opening handshake, masked frames
+//! out, and a reader thread that turns received bytes into events.
+//!
+//! Owns: `connect` (resolve, connect, upgrade, check the 101), `Connection` (writes frames, each
+//! masked with a fresh key), the reader thread, `LinkEvent` and `ConnectError`.
+//! Does not: decide what to send, when to ping or when to reconnect (`session.rs`), or parse
+//! HTTP and frames itself: `protocol::client_handshake` and `protocol::decoder` do, in the
+//! client role.
+//!
+//! SPEC §4 (client role: "a random mask key per frame"), §7; RFC 6455 §4.1 (the client's
+//! handshake), §5.3 (masking).
+//!
+//! Blocking I/O on purpose: the client has one connection at a time, so a thread that sleeps in
+//! `read` is simpler to follow than a readiness loop. The session thread writes; the reader
+//! thread owns a clone of the socket and the `StreamDecoder`, and reports through a callback.
+//! `Connection::shutdown` (also run on drop) wakes a reader blocked in `read`, so no thread
+//! outlives its connection for long.
+
+use crate::protocol::client_handshake::{
+    key_from_nonce, parse_response, upgrade_request_with_headers, ClientHandshakeError, WsUrl,
+};
+use crate::protocol::decoder::{OwnedEvent, StreamDecoder};
+use crate::protocol::frame::{self, OpCode, Role};
+use crate::protocol::{CloseCode, ProtocolError};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+/// Time for TCP connect to one address.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time for the server's 101 to arrive after the request is sent.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A write that makes no progress this long means the server (or the path to it) is stuck:
+/// the connection is treated as lost, so the session thread is never blocked for good.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest message the client accepts. Relayed messages are bounded by the server's
+/// `--max-message` (1 MiB by default) plus the envelope; this leaves room for servers run with
+/// a larger limit while still bounding memory.
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// What the reader thread reports.
+#[derive(Debug, PartialEq)]
+pub enum LinkEvent {
+    /// A message, Ping, Pong or Close from the server.
+    Frame(OwnedEvent),
+    /// The server broke RFC 6455; the connection must be failed with this error's close code.
+    Protocol(ProtocolError),
+    /// The connection ended (EOF or an I/O error); the text says how.
+    Lost(String),
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The host name did not resolve.
+    Resolve(io::Error),
+    /// It resolved to no address at all.
+    NoAddress,
+    /// TCP connect failed (refused, unreachable, timed out) on every address.
+    Connect(io::Error),
+    /// Writing the request or reading the answer failed.
+    Io(io::Error),
+    /// The server hung up before a complete answer.
+    ClosedEarly,
+    /// No complete answer within `HANDSHAKE_TIMEOUT`.
+    Timeout,
+    /// The answer was not an acceptable 101.
+    Handshake(ClientHandshakeError),
+}
+
+impl ConnectError {
+    /// A refusal that trying again will not change: a 4xx answer to the upgrade (401 and 403
+    /// above all: a missing or bad token, a forbidden origin; SPEC §7 "A 401/403 is final").
+    /// 408 and 429 say "later" and are retried, like 5xx (503: the server is full).
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Handshake(ClientHandshakeError::Status(code))
+                if (400..500).contains(code) && *code != 408 && *code != 429
+        )
+    }
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::Resolve(e) => write!(f, "cannot resolve the host name: {e}"),
+            ConnectError::NoAddress => f.write_str("the host name has no address"),
+            ConnectError::Connect(e) => f.write_str(&describe(e)),
+            ConnectError::Io(e) => write!(f, "during the handshake: {}", describe(e)),
+            ConnectError::ClosedEarly => {
+                f.write_str("the server closed the connection during the handshake")
+            }
+            ConnectError::Timeout => write!(
+                f,
+                "no answer to the upgrade request within {}s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ),
+            ConnectError::Handshake(ClientHandshakeError::Status(401)) => {
+                f.write_str("HTTP 401 Unauthorized: the relay needs a valid token (--token)")
+            }
+            ConnectError::Handshake(ClientHandshakeError::Status(403)) => f.write_str(
+                "HTTP 403 Forbidden: the relay refuses this client (token, origin or room)",
+            ),
+            ConnectError::Handshake(e) => f.write_str(&e.to_string()),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// An I/O error in a few words, without the "(os error 111)" noise.
+fn describe(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+        io::ErrorKind::ConnectionReset => "connection reset by the server".to_string(),
+        io::ErrorKind::ConnectionAborted => "connection aborted".to_string(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timed out".to_string(),
+        io::ErrorKind::BrokenPipe => "the server closed the connection".to_string(),
+        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// An open WebSocket connection; its reader thread runs until the socket is shut down.
+#[derive(Debug)]
+pub struct Connection {
+    stream: TcpStream,
+    /// When the handshake completed.
+    pub opened_at: Instant,
+}
+
+/// Connects to `url`, requests `resource` with the `extra` header fields, and checks the 101.
+/// On success the reader thread is running and reports every event through `on_event`, which
+/// returns `false` once nobody listens any more (then the thread ends).
+///
+/// # Errors
+/// A `ConnectError` naming the step that failed.
+pub fn connect(
+    url: &WsUrl,
+    resource: &str,
+    extra: &[(&str, &str)],
+    on_event: impl FnMut(LinkEvent) -> bool + Send + 'static,
+) -> Result<Connection, ConnectError> {
+    let mut stream = open_tcp(url)?;
+    // The client sends small frames (typed lines); Nagle's algorithm would only delay them.
+    stream.set_nodelay(true).map_err(ConnectError::Io)?;
+    stream
+        .set_write_timeout(Some(WRITE_TIMEOUT))
+        .map_err(ConnectError::Io)?;
+
+    // RFC 6455 §4.1: "a randomly selected 16-byte value", new for every connection.
+    let key = key_from_nonce(fastrand::u128(..).to_ne_bytes());
+    let request = upgrade_request_with_headers(&url.host_header(), resource, &key, extra);
+    stream.write_all(&request).map_err(ConnectError::Io)?;
+    let rest = read_response(&mut stream, &key)?;
+
+    // From here on the reader blocks in `read` without a timeout: silence is normal on an idle
+    // connection, and the heartbeat (SPEC §7) is what detects a dead one.
+    stream.set_read_timeout(None).map_err(ConnectError::Io)?;
+    let reader = stream.try_clone().map_err(ConnectError::Io)?;
+    std::thread::Builder::new()
+        .name("wsrelay-client-reader".into())
+        .spawn(move || read_loop(reader, &rest, on_event))
+        .map_err(ConnectError::Io)?;
+    Ok(Connection {
+        stream,
+        opened_at: Instant::now(),
+    })
+}
+
+/// TCP connect to the first address of `url` that answers.
+fn open_tcp(url: &WsUrl) -> Result<TcpStream, ConnectError> {
+    let addrs: Vec<SocketAddr> = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .map_err(ConnectError::Resolve)?
+        .collect();
+    let mut last_error = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.map_or(ConnectError::NoAddress, ConnectError::Connect))
+}
+
+/// Reads until `parse_response` decides; returns the bytes that followed the head (frames the
+/// server sent right behind its 101, which belong to the WebSocket stream).
+fn read_response(stream: &mut TcpStream, key: &str) -> Result<Vec<u8>, ConnectError> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match parse_response(&buf, key) {
+            Ok(Some(rest)) => return Ok(rest.to_vec()),
+            Ok(None) => {}
+            Err(e) => return Err(ConnectError::Handshake(e)),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ConnectError::Timeout);
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(ConnectError::Io)?;
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err(ConnectError::ClosedEarly),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ConnectError::Timeout)
+            }
+            Err(e) => return Err(ConnectError::Io(e)),
+        }
+    }
+}
+
+/// The reader thread: bytes from the socket into the client-role decoder, events out, until
+/// EOF, an error, or nobody listening.
+fn read_loop(mut stream: TcpStream, rest: &[u8], mut on_event: impl FnMut(LinkEvent) -> bool) {
+    // RFC 6455 §5.1: in the client role, a masked frame from the server is an error.
+    let mut decoder = StreamDecoder::new(Role::Client, MAX_MESSAGE);
+    decoder.feed(rest);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        loop {
+            match decoder.next_event() {
+                Ok(Some(event)) => {
+                    if !on_event(LinkEvent::Frame(event)) {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    on_event(LinkEvent::Protocol(e));
+                    return;
+                }
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                on_event(LinkEvent::Lost("the server closed the connection".into()));
+                return;
+            }
+            Ok(n) => decoder.feed(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                on_event(LinkEvent::Lost(describe(&e)));
+                return;
+            }
+        }
+    }
+}
+
+impl Connection {
+    /// Writes one unfragmented frame, masked with a fresh key.
+    ///
+    /// # Errors
+    /// The write's I/O error (including a timeout after `WRITE_TIMEOUT`): the connection is
+    /// then unusable.
+    pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
+        // RFC 6455 §5.3: each frame gets a new masking key the server cannot predict. It exists
+        // so that script-chosen bytes cannot pose as another protocol to a proxy on the path.
+        // fastrand (wyrand, seeded from the OS per thread) is not a cryptographic generator;
+        // the RFC asks for "a strong source of entropy", which matters against hostile scripts
+        // in a browser, not for a command-line user who chooses every byte anyway.
+        let key = fastrand::u32(..).to_ne_bytes();
+        self.stream
+            .write_all(&frame::encode(true, opcode, payload, Some(key)))
+    }
+
+    /// Sends a Close frame with `code` (RFC 6455 §5.5.1), or an empty one for `None`.
+    ///
+    /// # Errors
+    /// As `send`.
+    pub fn send_close(&mut self, code: Option<CloseCode>) -> io::Result<()> {
+        let payload = code.map_or_else(Vec::new, |code| frame::close_payload(code, ""));
+        self.send(OpCode::Close, &payload)
+    }
+
+    /// Shuts both directions: the reader thread's `read` returns and the thread ends.
+    pub fn shutdown(&self) {
+        // NotConnected when the peer already reset us: nothing left to shut.
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_refusals() {
+        use ClientHandshakeError::*;
+        let cases: Vec<(&str, ConnectError, bool)> = vec![
+            ("401", ConnectError::Handshake(Status(401)), true),
+            ("403", ConnectError::Handshake(Status(403)), true),
+            ("404", ConnectError::Handshake(Status(404)), true),
+            ("408", ConnectError::Handshake(Status(408)), false),
+            ("429", ConnectError::Handshake(Status(429)), false),
+            ("503", ConnectError::Handshake(Status(503)), false),
+            ("bad accept", ConnectError::Handshake(WrongAccept), false),
+            (
+                "refused",
+                ConnectError::Connect(io::ErrorKind::ConnectionRefused.into()),
+                false,
+            ),
+            ("timeout", ConnectError::Timeout, false),
+            ("closed", ConnectError::ClosedEarly, false),
+        ];
+        for (name, error, want) in cases {
+            assert_eq!(error.is_final(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn messages_are_one_line() {
+        let errors = [
+            ConnectError::Connect(io::ErrorKind::ConnectionRefused.into()),
+            ConnectError::Handshake(ClientHandshakeError::Status(401)),
+            ConnectError::Handshake(ClientHandshakeError::Status(404)),
+            ConnectError::Timeout,
+            ConnectError::NoAddress,
+        ];
+        for e in errors {
+            let text = e.to_string();
+            assert!(!text.is_empty() && !text.contains('\n'), "{text:?}");
+        }
+        assert_eq!(
+            ConnectError::Connect(io::ErrorKind::ConnectionRefused.into()).to_string(),
+            "connection refused"
+        );
+    }
+}

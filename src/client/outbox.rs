@@ -1,0 +1,434 @@
+//! What the client owes the server and what it has already seen: the bookkeeping that makes
+//! reconnects lose nothing and duplicate nothing.
+//!
+//! Owns: `Outbox` (client message ids, the bounded queue of lines typed while disconnected, the
+//! messages written but not yet acked, the rooms joined) and `Seen` (received msg_ids for
+//! deduplication, and the last one, for `?since=`).
+//! Does not: encode JSON (`envelope.rs`), write to a socket or decide when to reconnect
+//! (`session.rs`).
+//!
+//! SPEC §6 (acks, `?since=` recovery, msg_id), §7 ("messages typed while disconnected are
+//! queued (bounded) and sent after reconnect; un-acked messages are re-sent").
+//!
+//! Invariants:
+//! - a message with a client id is in exactly one place until its ack: `queued` (never
+//!   written) or `unacked` (written at least once);
+//! - a re-sent message keeps its client id, so the relay can tell the copy from a new message
+//!   and deliver it once;
+//! - `Seen` holds at most `capacity` ids; the oldest are forgotten first.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+/// One thing the client sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outgoing {
+    /// `{"type":"send"}`: a direct message, acked by its client id.
+    Send {
+        id: String,
+        to: String,
+        text: String,
+    },
+    /// `{"type":"publish"}`: a room message, acked by its client id.
+    Publish {
+        id: String,
+        room: String,
+        text: String,
+    },
+    /// `{"type":"join"}`: not acked; remembered and repeated on every new connection.
+    Join(String),
+    /// `{"type":"leave"}`: not acked.
+    Leave(String),
+    /// A line for a raw endpoint, sent as one text frame: no id, no ack.
+    Raw(String),
+}
+
+impl Outgoing {
+    /// The client message id the server's ack will carry, for the kinds that are acked.
+    pub fn client_id(&self) -> Option<&str> {
+        match self {
+            Outgoing::Send { id, .. } | Outgoing::Publish { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// "bob" or "#lobby": who a send or publish is for, for messages to the user.
+    pub fn recipient(&self) -> String {
+        match self {
+            Outgoing::Send { to, .. } => to.clone(),
+            Outgoing::Publish { room, .. } => format!("#{room}"),
+            Outgoing::Join(room) | Outgoing::Leave(room) => format!("#{room}"),
+            Outgoing::Raw(_) => "the server".to_string(),
+        }
+    }
+}
+
+/// A line could not be queued: the queue already holds its limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Overflow(pub Outgoing);
+
+/// The ack `status` values of SPEC §6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckStatus {
+    /// Handed to at least one live connection of the recipient (or to the room).
+    Delivered,
+    /// The recipient is offline; the relay holds the message for it.
+    Queued,
+    /// Refused (for instance, a room outside the token's `rooms` claim).
+    Rejected,
+}
+
+impl AckStatus {
+    /// The status for its wire spelling; unknown spellings are `None`.
+    pub fn parse(text: &str) -> Option<AckStatus> {
+        match text {
+            "delivered" => Some(AckStatus::Delivered),
+            "queued" => Some(AckStatus::Queued),
+            "rejected" => Some(AckStatus::Rejected),
+            _ => None,
+        }
+    }
+}
+
+/// Outgoing messages from the moment they are typed to the moment they are acked.
+#[derive(Debug)]
+pub struct Outbox {
+    /// Prefix of every client id of this run, so ids of two runs with the same `--id` never
+    /// collide in the relay's de-duplication.
+    run_tag: String,
+    /// The number in the next client id.
+    next_seq: u64,
+    /// The key of the next message recorded in `unacked` (the order it was first written).
+    next_order: u64,
+    /// Typed while disconnected, never written; at most `limit`.
+    queued: VecDeque<Outgoing>,
+    limit: usize,
+    /// Written, not acked yet, by sequence number: re-sent in the order they were typed.
+    unacked: BTreeMap<u64, Outgoing>,
+    /// Client id -> its key in `unacked`.
+    unacked_ids: HashMap<String, u64>,
+    /// Rooms joined (a join written and no leave since): joined again on every new connection.
+    rooms: BTreeSet<String>,
+}
+
+impl Outbox {
+    /// An empty outbox whose client ids start with `run_tag` and whose queue holds `limit`.
+    pub fn new(run_tag: String, limit: usize) -> Self {
+        Outbox {
+            run_tag,
+            next_seq: 1,
+            next_order: 0,
+            queued: VecDeque::new(),
+            limit,
+            unacked: BTreeMap::new(),
+            unacked_ids: HashMap::new(),
+            rooms: BTreeSet::new(),
+        }
+    }
+
+    /// A fresh client message id: `<run tag>-<n>`.
+    pub fn next_id(&mut self) -> String {
+        let id = format!("{}-{}", self.run_tag, self.next_seq);
+        self.next_seq += 1;
+        id
+    }
+
+    /// Records `out` as written now on the open connection and gives it back to be written.
+    pub fn send_now(&mut self, out: Outgoing) -> Outgoing {
+        self.record_written(&out);
+        out
+    }
+
+    /// Keeps `out` until the next connection.
+    ///
+    /// # Errors
+    /// `Overflow` with the message when the queue already holds `limit` lines.
+    pub fn queue(&mut self, out: Outgoing) -> Result<(), Overflow> {
+        if self.queued.len() >= self.limit {
+            return Err(Overflow(out));
+        }
+        self.queued.push_back(out);
+        Ok(())
+    }
+
+    /// Everything to write on a new connection, in order: a join for every room we were in,
+    /// every un-acked message (same client ids) in the order typed, then the queued lines. The
+    /// queued lines are recorded as written.
+    pub fn on_connect(&mut self) -> Vec<Outgoing> {
+        let mut out: Vec<Outgoing> = self.rooms.iter().cloned().map(Outgoing::Join).collect();
+        out.extend(self.unacked.values().cloned());
+        while let Some(next) = self.queued.pop_front() {
+            self.record_written(&next);
+            out.push(next);
+        }
+        out
+    }
+
+    /// Adds a room to join on every connection from now on (`--room`).
+    pub fn remember_room(&mut self, room: &str) {
+        self.rooms.insert(room.to_string());
+    }
+
+    /// Takes the message `id` out of the un-acked set. Returns it, or `None` for an id that is
+    /// not (or no longer) waiting, such as the second ack of a message re-sent after a
+    /// reconnect.
+    pub fn ack(&mut self, id: &str) -> Option<Outgoing> {
+        let seq = self.unacked_ids.remove(id)?;
+        self.unacked.remove(&seq)
+    }
+
+    /// Messages waiting for an ack.
+    pub fn unacked(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Lines waiting for a connection.
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Nothing is queued and nothing waits for an ack.
+    pub fn is_settled(&self) -> bool {
+        self.queued.is_empty() && self.unacked.is_empty()
+    }
+
+    fn record_written(&mut self, out: &Outgoing) {
+        match out {
+            Outgoing::Send { id, .. } | Outgoing::Publish { id, .. } => {
+                if !self.unacked_ids.contains_key(id) {
+                    let order = self.next_order;
+                    self.next_order += 1;
+                    self.unacked_ids.insert(id.clone(), order);
+                    self.unacked.insert(order, out.clone());
+                }
+            }
+            Outgoing::Join(room) => {
+                self.rooms.insert(room.clone());
+            }
+            Outgoing::Leave(room) => {
+                self.rooms.remove(room);
+            }
+            Outgoing::Raw(_) => {}
+        }
+    }
+}
+
+/// The msg_ids received, for de-duplication, and the one to ask `?since=` for.
+#[derive(Debug)]
+pub struct Seen {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+    capacity: usize,
+    last: Option<String>,
+}
+
+impl Seen {
+    /// Remembers up to `capacity` msg_ids (at least one).
+    pub fn new(capacity: usize) -> Self {
+        Seen {
+            order: VecDeque::new(),
+            set: HashSet::new(),
+            capacity: capacity.max(1),
+            last: None,
+        }
+    }
+
+    /// Records a received msg_id. Returns `false` for one already seen: a copy replayed by
+    /// `?since=` recovery or re-sent after a reconnect, which must not be shown twice.
+    pub fn first_time(&mut self, msg_id: &str) -> bool {
+        if self.set.contains(msg_id) {
+            return false;
+        }
+        if self.order.len() >= self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.set.remove(&oldest);
+            }
+        }
+        self.order.push_back(msg_id.to_string());
+        self.set.insert(msg_id.to_string());
+        // Messages arrive in msg_id order on one connection (SPEC §6: "in order, before live
+        // traffic"), so the newest arrival is the highest seen.
+        self.last = Some(msg_id.to_string());
+        true
+    }
+
+    /// The welcome's `last_msg_id`: the newest message the relay retains for us. Before we have
+    /// received anything ourselves, it is where recovery starts: a later `?since=` then covers
+    /// every message that arrives after this welcome, even one lost with its connection.
+    /// (Without it, a reconnect would ask for nothing and such a message would be lost. What
+    /// this cannot recover is a message queued while we were offline, handed to this very
+    /// first connection and lost with it: its msg_id is not above the welcome's.)
+    pub fn welcome(&mut self, last_msg_id: Option<&str>) {
+        if self.last.is_none() {
+            self.last = last_msg_id.map(str::to_string);
+        }
+    }
+
+    /// The value for `?since=` on the next connection.
+    pub fn since(&self) -> Option<&str> {
+        self.last.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(outbox: &mut Outbox, to: &str, text: &str) -> Outgoing {
+        Outgoing::Send {
+            id: outbox.next_id(),
+            to: to.into(),
+            text: text.into(),
+        }
+    }
+
+    fn ids(messages: &[Outgoing]) -> Vec<String> {
+        messages
+            .iter()
+            .map(|m| match m {
+                Outgoing::Join(room) => format!("join {room}"),
+                Outgoing::Leave(room) => format!("leave {room}"),
+                Outgoing::Raw(text) => format!("raw {text}"),
+                other => other.client_id().unwrap_or_default().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn client_ids_carry_the_run_tag_and_count_up() {
+        let mut a = Outbox::new("1f2e".into(), 10);
+        assert_eq!(a.next_id(), "1f2e-1");
+        assert_eq!(a.next_id(), "1f2e-2");
+    }
+
+    #[test]
+    fn acks_settle_messages_once() {
+        let mut o = Outbox::new("t".into(), 10);
+        let m = send(&mut o, "bob", "hi");
+        let id = m.client_id().unwrap_or_default().to_string();
+        o.send_now(m.clone());
+        assert_eq!(o.unacked(), 1);
+        assert!(!o.is_settled());
+        let cases: &[(&str, &str, Option<&Outgoing>)] = &[
+            ("unknown id", "t-99", None),
+            ("the ack", &id, Some(&m)),
+            ("a second ack of a re-sent copy", &id, None),
+        ];
+        for &(name, ack, want) in cases {
+            assert_eq!(o.ack(ack).as_ref(), want, "{name}");
+        }
+        assert!(o.is_settled());
+    }
+
+    /// After a reconnect: rooms first, then un-acked messages with their original ids in the
+    /// order typed, then what was typed while disconnected.
+    #[test]
+    fn reconnect_resends_in_order() {
+        let mut o = Outbox::new("t".into(), 10);
+        o.remember_room("lobby");
+        let a = send(&mut o, "bob", "a"); // t-1
+        let b = send(&mut o, "bob", "b"); // t-2
+        let c = send(&mut o, "bob", "c"); // t-3
+        o.send_now(Outgoing::Join("dev".into()));
+        for m in [&a, &b, &c] {
+            o.send_now(m.clone());
+        }
+        o.ack("t-2");
+        // Connection lost; two more lines typed.
+        let d = send(&mut o, "carol", "d"); // t-4
+        assert_eq!(o.queue(d), Ok(()));
+        assert_eq!(o.queue(Outgoing::Leave("lobby".into())), Ok(()));
+        assert_eq!(
+            ids(&o.on_connect()),
+            ["join dev", "join lobby", "t-1", "t-3", "t-4", "leave lobby"]
+        );
+        assert_eq!(o.queued(), 0);
+        // Still not acked: the next connection sends them again, with the same ids, and the
+        // room left is not joined again.
+        assert_eq!(ids(&o.on_connect()), ["join dev", "t-1", "t-3", "t-4"]);
+        for id in ["t-1", "t-3", "t-4"] {
+            assert!(o.ack(id).is_some(), "{id}");
+        }
+        assert_eq!(ids(&o.on_connect()), ["join dev"]);
+        assert!(o.is_settled());
+    }
+
+    #[test]
+    fn the_queue_is_bounded() {
+        let mut o = Outbox::new("t".into(), 2);
+        assert_eq!(o.queue(Outgoing::Raw("1".into())), Ok(()));
+        assert_eq!(o.queue(Outgoing::Raw("2".into())), Ok(()));
+        assert_eq!(
+            o.queue(Outgoing::Raw("3".into())),
+            Err(Overflow(Outgoing::Raw("3".into())))
+        );
+        assert_eq!(ids(&o.on_connect()), ["raw 1", "raw 2"]);
+        assert_eq!(o.queue(Outgoing::Raw("4".into())), Ok(()));
+    }
+
+    #[test]
+    fn raw_lines_are_never_resent() {
+        let mut o = Outbox::new("t".into(), 10);
+        o.send_now(Outgoing::Raw("x".into()));
+        assert!(o.is_settled());
+        assert!(o.on_connect().is_empty());
+    }
+
+    #[test]
+    fn ack_statuses() {
+        let cases: &[(&str, Option<AckStatus>)] = &[
+            ("delivered", Some(AckStatus::Delivered)),
+            ("queued", Some(AckStatus::Queued)),
+            ("rejected", Some(AckStatus::Rejected)),
+            ("Delivered", None),
+            ("", None),
+        ];
+        for &(text, want) in cases {
+            assert_eq!(AckStatus::parse(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_since_follows_the_last() {
+        let mut seen = Seen::new(100);
+        let cases: &[(&str, bool, &str)] = &[
+            ("41", true, "41"),
+            ("42", true, "42"),
+            ("42", false, "42"),
+            ("41", false, "42"),
+            ("43", true, "43"),
+        ];
+        for &(msg_id, first, since) in cases {
+            assert_eq!(seen.first_time(msg_id), first, "{msg_id}");
+            assert_eq!(seen.since(), Some(since), "after {msg_id}");
+        }
+    }
+
+    #[test]
+    fn welcome_sets_where_recovery_starts_until_something_arrives() {
+        let mut seen = Seen::new(10);
+        assert_eq!(seen.since(), None);
+        seen.welcome(None);
+        assert_eq!(seen.since(), None);
+        seen.welcome(Some("10"));
+        assert_eq!(seen.since(), Some("10"));
+        // A later welcome (on a reconnect) must not skip what recovery is about to replay.
+        seen.welcome(Some("15"));
+        assert_eq!(seen.since(), Some("10"));
+        seen.first_time("11");
+        seen.welcome(Some("20"));
+        assert_eq!(seen.since(), Some("11"));
+    }
+
+    #[test]
+    fn dedup_memory_is_bounded() {
+        let mut seen = Seen::new(3);
+        for id in ["1", "2", "3", "4"] {
+            assert!(seen.first_time(id));
+        }
+        assert_eq!(seen.order.len(), 3);
+        assert!(!seen.first_time("4"));
+        assert!(!seen.first_time("2"));
+        // "1" was forgotten first.
+        assert!(seen.first_time("1"));
+    }
+}
