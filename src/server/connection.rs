@@ -121,8 +121,10 @@ pub struct Connection {
     pub timer: Option<TimerHandle>,
     /// When a frame last arrived. Traffic updates this instead of touching the timer wheel.
     pub last_activity: Instant,
-    /// When the last heartbeat Ping was sent; a frame after it proves the peer is alive.
-    pub pinged_at: Instant,
+    /// A heartbeat Ping is out and nothing has arrived since. The first bytes that arrive
+    /// clear it and re-arm the heartbeat: one timer operation per heartbeat cycle, none per
+    /// message (SPEC §5).
+    pub awaiting_pong: bool,
 }
 
 impl Connection {
@@ -148,7 +150,7 @@ impl Connection {
             rejected: false,
             timer: None,
             last_activity: now,
-            pinged_at: now,
+            awaiting_pong: false,
         }
     }
 }

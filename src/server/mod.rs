@@ -514,6 +514,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             };
             self.metrics.bytes_in += n as u64;
             conn.last_activity = self.now;
+            if conn.awaiting_pong && conn.state == State::Open {
+                // The peer is alive: the pong deadline gives way to the next heartbeat.
+                conn.awaiting_pong = false;
+                if let Some(timer) = conn.timer.take() {
+                    self.timers.cancel(timer);
+                }
+                conn.timer = Some(self.timers.arm(
+                    self.now + self.config.heartbeat_interval,
+                    TimerEvent::Conn(id, Deadline::Heartbeat),
+                ));
+            }
             if !self.ingest(id, n) {
                 return; // closed
             }
@@ -1152,7 +1163,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     conn.outbound.push_owned_with(2, |out| {
                         frame::encode_into(out, true, OpCode::Ping, b"", None)
                     });
-                    conn.pinged_at = now;
+                    conn.awaiting_pong = true;
                     conn.timer = Some(
                         self.timers
                             .arm(now + pong_timeout, TimerEvent::Conn(id, Deadline::Pong)),
@@ -1162,16 +1173,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 }
             }
             Deadline::Pong => {
-                if conn.last_activity > conn.pinged_at {
-                    conn.timer = Some(self.timers.arm(
-                        conn.last_activity + interval,
-                        TimerEvent::Conn(id, Deadline::Heartbeat),
-                    ));
-                } else {
-                    debug!("{id:?} did not answer the heartbeat; dropping as half-open");
-                    self.metrics.half_open_drops += 1;
-                    self.close_now(id);
-                }
+                // Had anything arrived since the Ping, this timer would have been cancelled.
+                debug!("{id:?} did not answer the heartbeat; dropping as half-open");
+                self.metrics.half_open_drops += 1;
+                self.close_now(id);
             }
         }
     }

@@ -103,6 +103,30 @@ fn half_open_peer_is_dropped_and_a_live_one_is_not(poller: &str) {
     assert_eq!(server.metric("wsrelay_half_open_drops_total"), 1.0);
 }
 
+fn heartbeat_pings_every_interval_of_silence(poller: &str) {
+    // The pong deadline is long: the next Ping must follow one interval after the Pong, not
+    // after the deadline.
+    let server = Server::start(
+        poller,
+        &[
+            "--heartbeat-interval",
+            "200ms",
+            "--heartbeat-timeout",
+            "60s",
+        ],
+    );
+    let mut ws = server.ws("/echo");
+    let mut pings = 0;
+    while pings < 5 {
+        // tungstenite answers each Ping with a Pong as part of reading.
+        match ws.read().expect("pinged within the deadline") {
+            Message::Ping(_) => pings += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(server.metric("wsrelay_half_open_drops_total"), 0.0);
+}
+
 /// A client that sends echo requests as fast as it can and never reads the replies.
 /// The thread hands the socket back when stopped, so the caller decides when it closes.
 fn flood_without_reading(
@@ -425,6 +449,7 @@ fn garbage_floods_get_their_answers_and_memory_stays_bounded(poller: &str) {
 
 poller_tests!(
     slowloris_is_closed_at_the_handshake_deadline,
+    heartbeat_pings_every_interval_of_silence,
     half_open_peer_is_dropped_and_a_live_one_is_not,
     slow_consumer_is_closed_and_memory_stays_bounded,
     slow_consumer_drop_policy_keeps_the_connection,
