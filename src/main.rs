@@ -85,8 +85,8 @@ struct ServeArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
 
-    /// Granularity of the timer wheel.
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    /// Granularity of the timer wheel (at least 1ms).
+    #[arg(long, default_value = "100ms", value_parser = parse_tick)]
     timer_tick: Duration,
 
     /// On SIGINT/SIGTERM, how long to wait for close handshakes before closing what is left.
@@ -185,6 +185,17 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 enum SlowConsumerPolicy {
     Close,
     Drop,
+}
+
+/// A timer tick: a duration of at least a millisecond (a zero tick would never advance).
+fn parse_tick(text: &str) -> Result<Duration, String> {
+    let tick = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if tick < Duration::from_millis(1) {
+        return Err(format!(
+            "{text:?} is too small: the tick must be at least 1ms"
+        ));
+    }
+    Ok(tick)
 }
 
 /// Parses "4096", "64K", "1M", "16MiB", "1G" (binary multiples).
@@ -288,6 +299,7 @@ fn raise_fd_limit() {
 #[cfg(test)]
 mod tests {
     use super::parse_size;
+    use std::time::Duration;
 
     #[test]
     fn rates() {
@@ -295,6 +307,14 @@ mod tests {
         assert_eq!(super::parse_rate("0.5/s"), Ok(0.5));
         assert!(super::parse_rate("0").is_err());
         assert!(super::parse_rate("fast").is_err());
+    }
+
+    #[test]
+    fn ticks() {
+        assert_eq!(super::parse_tick("100ms"), Ok(Duration::from_millis(100)));
+        assert!(super::parse_tick("0s").is_err());
+        assert!(super::parse_tick("500us").is_err());
+        assert!(super::parse_tick("soon").is_err());
     }
 
     #[test]

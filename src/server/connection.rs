@@ -113,6 +113,9 @@ pub struct Connection {
     pub close_after_flush: bool,
     /// Whether this connection sits on the reactor's ready list (read budget ran out).
     pub on_ready_list: bool,
+    /// The app's `Outbox` has asked for this connection to be closed (slow consumer); nothing
+    /// more is queued for it until the reactor applies the close.
+    pub close_requested: bool,
     /// Admitted over `--max-connections` only to be told 503; does not count toward the limit.
     pub rejected: bool,
     /// Whether this connection sits on the reactor's dirty list (bytes queued since its last
@@ -148,6 +151,7 @@ impl Connection {
             on_ready_list: false,
             dirty: false,
             rejected: false,
+            close_requested: false,
             timer: None,
             last_activity: now,
             awaiting_pong: false,

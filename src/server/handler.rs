@@ -133,6 +133,9 @@ impl Outbox<'_> {
         else {
             return Sent::Gone;
         };
+        if conn.close_requested {
+            return Sent::Closed;
+        }
         // SPEC §2 backpressure: the limit applies before queueing, so memory stays bounded by
         // --max-outbound plus one message whatever the consumer does.
         if conn.outbound.queued_bytes() + len > self.max_outbound && !conn.outbound.is_empty() {
@@ -142,9 +145,13 @@ impl Outbox<'_> {
                     Sent::Dropped
                 }
                 SlowConsumer::Close => {
-                    self.metrics.slow_consumer_closes += 1;
-                    self.closes
-                        .push((to, CloseCode::POLICY_VIOLATION, "slow consumer"));
+                    // Once per connection: later sends in the same callback find it marked.
+                    if !conn.close_requested {
+                        conn.close_requested = true;
+                        self.metrics.slow_consumer_closes += 1;
+                        self.closes
+                            .push((to, CloseCode::POLICY_VIOLATION, "slow consumer"));
+                    }
                     Sent::Closed
                 }
             };

@@ -117,6 +117,8 @@ pub struct Reactor<P: Poller, H: Handler> {
     dirty: Vec<ConnId>,
     /// Closes the app asked for during a callback, applied right after it.
     close_requests: Vec<(ConnId, CloseCode, &'static str)>,
+    /// Set while `apply_close_requests` runs (see there).
+    applying_closes: bool,
     events: Vec<Event>,
     timers: TimerWheel<TimerEvent>,
     expired: Vec<TimerEvent>,
@@ -145,7 +147,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         if let Some(limit) = poller.fd_limit() {
             // Descriptors below the listener's are taken by stdio, the poller and the listener
             // itself; every connection needs one more, below the backend's limit.
-            let cap = limit.saturating_sub(listener.as_raw_fd() as usize + 1);
+            // A few more are opened after this point (the signal pipe): keep a margin.
+            let cap = limit.saturating_sub(listener.as_raw_fd() as usize + 1 + 8);
             if config.max_connections > cap {
                 info!(
                     "the {} poller cannot watch descriptors >= {limit}: capping --max-connections from {} to {cap}",
@@ -172,6 +175,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             ready: Vec::new(),
             dirty: Vec::new(),
             close_requests: Vec::new(),
+            applying_closes: false,
             events: Vec::with_capacity(1024),
             timers: TimerWheel::new(config.timer_tick, TIMER_SLOTS, now),
             expired: Vec::new(),
@@ -558,6 +562,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 self.metrics.abnormal_closes += 1;
             }
         }
+        // The peer may only have shut its sending side: give what it was answered in this read
+        // one chance to leave (best effort, never blocking) before the socket goes.
+        if self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
+            self.flush(id);
+        }
         self.close_now(id);
     }
 
@@ -644,7 +653,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             }
             // A frame may carry at most what is left of the message budget, which keeps the
             // partial-frame tail plus the open message within --max-message (SPEC §4).
-            let max_payload = max_message.saturating_sub(conn.assembler.buffered_bytes());
+            // Control frames (at most 125 bytes) may still arrive when the budget is nearly used
+            // up; the assembler checks the message total for data frames itself.
+            let max_payload = max_message
+                .saturating_sub(conn.assembler.buffered_bytes())
+                .max(frame::MAX_CONTROL_PAYLOAD);
             let rest = &mut data[used..];
             let decoded = match frame::decode_frame(rest, Role::Server, max_payload as u64) {
                 Ok(Some(f)) => f,
@@ -734,6 +747,15 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                             frame::encode_into(out, true, OpCode::Close, &reply, None)
                         });
                         conn.state = State::Closing { received: true };
+                        // The heartbeat no longer applies: the peer has until the close
+                        // deadline to take our reply, or the socket is closed anyway.
+                        if let Some(old) = conn.timer.take() {
+                            self.timers.cancel(old);
+                        }
+                        conn.timer = Some(self.timers.arm(
+                            self.now + self.config.close_timeout,
+                            TimerEvent::Conn(id, Deadline::Close),
+                        ));
                         debug!("{id:?} peer closed ({code:?}), answered");
                     }
                     State::Closing { .. } => {
@@ -791,10 +813,18 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         self.apply_close_requests();
     }
 
+    /// Applies the closes the app asked for. Closing one connection tells the app, which may
+    /// ask for more closes (a slow member's departure announced to other slow members): those
+    /// are applied by the outermost call's loop, not by recursion, so the depth stays constant.
     fn apply_close_requests(&mut self) {
+        if self.applying_closes {
+            return;
+        }
+        self.applying_closes = true;
         while let Some((id, code, reason)) = self.close_requests.pop() {
             self.start_close(id, code, reason);
         }
+        self.applying_closes = false;
     }
 
     /// Applies the slow-consumer policy (SPEC §2). Returns false if the connection is closing.
@@ -1151,6 +1181,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 self.metrics.close_timeouts += 1;
                 self.close_now(id);
             }
+            // A stale heartbeat for a connection that is no longer open: its close deadline
+            // governs now (armed when it left Open).
+            Deadline::Heartbeat | Deadline::Pong if conn.state != State::Open => {}
             Deadline::Heartbeat => {
                 let quiet_since = conn.last_activity;
                 if now < quiet_since + interval {

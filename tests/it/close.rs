@@ -63,7 +63,40 @@ fn close_timeout_ends_a_silent_peer(poller: &str) {
     drop(s);
 }
 
+fn peer_close_is_bounded_by_the_close_deadline(poller: &str) {
+    // The server's answer to our Close cannot leave: we never read, and its queue toward us is
+    // full. The close deadline must end the connection (not the heartbeat, 30 s away).
+    let server = Server::start(
+        poller,
+        &["--close-timeout", "500ms", "--max-outbound", "64M"],
+    );
+    let mut s = raw_upgrade(&server, "/echo");
+    s.set_write_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let frame = client_frame(0x82, &vec![7u8; 64 * 1024]);
+    // Echoes pile up on the server's side once the socket buffers are full.
+    for _ in 0..256 {
+        if s.write_all(&frame).is_err() {
+            break;
+        }
+    }
+    let _ = s.write_all(&client_frame(0x88, &1000u16.to_be_bytes()));
+    server.wait_for_metric("wsrelay_close_timeouts_total", 1.0);
+    assert_eq!(server.metric("wsrelay_connections{state=\"closing\"}"), 0.0);
+}
+
+fn half_closed_peer_still_gets_its_answers(poller: &str) {
+    let server = Server::start(poller, &[]);
+    let mut s = raw_upgrade(&server, "/echo");
+    // The request and our end of sending arrive together: the echo must still come back.
+    s.write_all(&client_frame(0x81, b"last words")).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_server_frame(&mut s), (0x81, b"last words".to_vec()));
+}
+
 poller_tests!(
+    peer_close_is_bounded_by_the_close_deadline,
+    half_closed_peer_still_gets_its_answers,
     client_initiated_close_is_echoed,
     empty_close_gets_empty_close,
     protocol_error_fails_the_connection,

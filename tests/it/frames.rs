@@ -129,7 +129,22 @@ fn fragmented_message_over_limit_gets_1009(poller: &str) {
     assert_eq!(read_close_code(&mut s), Some(1009));
 }
 
+fn control_frames_fit_when_the_message_budget_is_nearly_used(poller: &str) {
+    let server = Server::start(poller, &["--max-message", "64K"]);
+    let mut s = raw_upgrade(&server, "/echo");
+    // A fragment that leaves 6 bytes of the 64 KiB budget, then a 10-byte Ping, then the end.
+    s.write_all(&client_frame(0x02, &vec![1u8; 65_530]))
+        .unwrap();
+    s.write_all(&client_frame(0x89, b"0123456789")).unwrap();
+    assert_eq!(read_server_frame(&mut s), (0x8a, b"0123456789".to_vec()));
+    s.write_all(&client_frame(0x80, &[2u8; 6])).unwrap();
+    let (b0, payload) = read_server_frame(&mut s);
+    assert_eq!(b0, 0x82);
+    assert_eq!(payload.len(), 65_536);
+}
+
 poller_tests!(
+    control_frames_fit_when_the_message_budget_is_nearly_used,
     invalid_frames_get_their_close_codes,
     fragmented_message_over_limit_gets_1009,
 );

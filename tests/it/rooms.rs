@@ -208,7 +208,43 @@ fn a_slow_member_gets_the_policy_alone(poller: &str) {
     );
 }
 
+/// Two slow members of one envelope room: closing one announces its departure to the other,
+/// which may already be over --max-outbound and waiting for its own close. Each is closed, and
+/// counted, once. (The double count this guards against needs both to cross the limit on the
+/// same publish; the reviewer saw it, this test does not force it every run.)
+fn slow_members_are_each_closed_and_counted_once(poller: &str) {
+    let server = Server::start(poller, &["--max-outbound", "64K"]);
+    let mut sender = Client::as_id(&server, "sender");
+    sender.join("busy", "sender");
+    let mut slow = Vec::new();
+    for name in ["slow1", "slow2"] {
+        let mut c = Client::as_id(&server, name);
+        c.join("busy", name);
+        slow.push(c); // never read again
+    }
+    let payload = "x".repeat(8 * 1024);
+    let mut published = 0;
+    while server.metric("wsrelay_slow_consumer_closes_total") < 2.0 {
+        assert!(published < 20_000, "the slow members were never closed");
+        for _ in 0..50 {
+            published += 1;
+            sender.send(
+                json!({"type": "publish", "room": "busy", "payload": payload,
+                               "id": format!("p{published}")}),
+            );
+            // Acks and presence events come back to the sender; it keeps reading.
+            while sender.recv()["type"] != "ack" {}
+        }
+    }
+    assert_eq!(server.metric("wsrelay_slow_consumer_closes_total"), 2.0);
+    assert_eq!(
+        server.metric("wsrelay_closes_sent_total{code=\"1008\"}"),
+        2.0
+    );
+}
+
 poller_tests!(
+    slow_members_are_each_closed_and_counted_once,
     room_of_200_with_5_senders_exactly_once_in_order,
     raw_rooms_relay_verbatim_and_stay_apart,
     envelope_room_of_50_with_3_publishers,
