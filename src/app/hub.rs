@@ -1,6 +1,7 @@
 //! The hub: who is connected as whom, in which rooms, and where every message goes.
 //!
-//! Owns: admission of WebSocket requests (paths, Origin, identity, `?since=`, subprotocol),
+//! Owns: routing of requests to the demo page's files (served by `demo`) and admission of
+//! WebSocket requests (paths, Origin, identity, `?since=`, subprotocol),
 //! raw rooms (`/r/<room>`), the `/ws` envelope commands (send, publish, join, leave), presence,
 //! acks, msg_id and timestamp stamping, the offline queue and recovery (through `Mailboxes`),
 //! duplicate suppression (`Dedup`), the rate limit, and the hub's metrics.
