@@ -226,6 +226,8 @@ describe('the demo page', () => {
     const reply = await say(bob, 'hi alice, bob here');
     await acked(reply, 'delivered');
     await sees(alice, 'room:lobby', 'hi alice, bob here');
+    // Phone width: everything fits across, nothing scrolls sideways.
+    assert.ok(await bob.evaluate(() => document.documentElement.scrollWidth) <= 390);
     clean(alice);
     clean(bob);
   });

@@ -353,7 +353,7 @@
     const li = addMessage(conv, msg.from, payloadText(msg.payload), msg.timestamp, mine);
     // Our own message to ourselves also comes back as a message; its ack will tell whether it
     // was sent from this page (and is already shown) or from another device.
-    if (mine) state.echoes.set(msg.msg_id, li);
+    if (mine && msg.to === state.me) state.echoes.set(msg.msg_id, li);
     if (state.active === null) select(conv);
   }
 
