@@ -1,6 +1,7 @@
 //! The hub: who is connected as whom, in which rooms, and where every message goes.
 //!
-//! Owns: admission of WebSocket requests (paths, Origin, identity, `?since=`, subprotocol),
+//! Owns: routing of requests to the demo page's files (served by `demo`) and admission of
+//! WebSocket requests (paths, Origin, identity, `?since=`, subprotocol),
 //! raw rooms (`/r/<room>`), the `/ws` envelope commands (send, publish, join, leave), presence,
 //! acks, msg_id and timestamp stamping, the offline queue and recovery (through `Mailboxes`),
 //! duplicate suppression (`Dedup`), the rate limit, and the hub's metrics.
@@ -20,6 +21,7 @@ use super::auth::{self, AuthError, Grant, JwtVerifier};
 use super::clock::Clock;
 use super::config::AppConfig;
 use super::dedup::{Dedup, Recorded};
+use super::demo;
 use super::envelope::{self, AckStatus, Command, EnvelopeError, MsgId, PresenceEvent};
 use super::mailbox::{Limits, Mailboxes, Refused};
 use super::metrics::{HubGauges, HubMetrics};
@@ -164,8 +166,8 @@ impl Hub {
             return Route::Respond(e.status(), e.response());
         }
         let path = request.path.as_str();
-        if path == "/" {
-            return Route::Respond(200, index_page());
+        if let Some(page) = demo::response(path) {
+            return Route::Respond(200, page);
         }
         let is_endpoint = path == "/echo" || path == "/ws" || path.starts_with("/r/");
         if !is_endpoint {
@@ -661,6 +663,8 @@ impl Hub {
             ("direct_messages", m.direct_messages),
             ("publish_messages", m.publish_messages + m.raw_messages),
             ("offline_pending", self.mailboxes.pending() as u64),
+            // 1 with --jwt-secret: the demo page then asks for a token instead of an id.
+            ("auth_required", u64::from(self.authenticates())),
         ]);
     }
 
@@ -688,15 +692,5 @@ fn refuse(status: u16, reason: &str) -> Route<Session> {
     Route::Respond(
         status,
         handshake::http_response(status, "text/plain; charset=utf-8", &[], body.as_bytes()),
-    )
-}
-
-/// `GET /`: what this server offers (the demo page of SPEC §8 will replace it).
-fn index_page() -> Vec<u8> {
-    handshake::http_response(
-        200,
-        "text/plain; charset=utf-8",
-        &[],
-        b"wsrelay\n\nendpoints:\n  /echo          WebSocket echo\n  /r/<room>      raw broadcast room\n  /ws?id=<id>    envelope protocol (JSON): direct messages, rooms, offline delivery\n  /healthz       liveness\n  /metrics       Prometheus counters\n",
     )
 }

@@ -7,6 +7,7 @@
 //! * `rooms.rs`: room membership with O(1) join and leave;
 //! * `mailbox.rs`: retained direct messages (offline queue, recovery) and their bounds;
 //! * `dedup.rs`: duplicate suppression by client message id;
+//! * `demo/`: the demo page served at `/` (SPEC §8);
 //! * `auth.rs`: JWT, token sources, the Origin allow-list;
 //! * `ratelimit.rs`: the per-connection token bucket;
 //! * `clock.rs`: injectable time; `config.rs`: `AppConfig`; `metrics.rs`: the hub's counters.
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod dedup;
+pub mod demo;
 pub mod envelope;
 pub mod hub;
 pub mod mailbox;

@@ -619,7 +619,8 @@ fn admission_table() {
         ("/ws?id=", "", 400, "ids"),
         ("/ws?id=alice&since=12", "", 101, ""),
         ("/ws?id=alice&since=-1", "", 400, "since"),
-        ("/", "", 200, "/r/<room>"),
+        ("/", "", 200, "<script src=\"/demo.js\""),
+        ("/demo.js", "", 200, "wsrelay.v1"),
     ];
     for (target, headers, status, fragment) in cases {
         match h.request(target, headers) {
@@ -707,6 +708,20 @@ mod jwt {
 
     fn exp(h: &Harness, secs: i64) -> i64 {
         (h.clock.unix_ms() / 1000) as i64 + secs
+    }
+
+    #[test]
+    fn stats_say_whether_a_token_is_required() {
+        let auth_required = |h: &Harness| {
+            let mut figures = Vec::new();
+            h.hub.stats(&mut figures);
+            figures
+                .into_iter()
+                .find(|(name, _)| *name == "auth_required")
+                .map(|(_, value)| value)
+        };
+        assert_eq!(auth_required(&Harness::plain()), Some(0));
+        assert_eq!(auth_required(&harness()), Some(1));
     }
 
     #[test]

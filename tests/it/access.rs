@@ -202,7 +202,54 @@ fn rate_limit_closes_with_1008(poller: &str) {
     assert_eq!(server.metric("wsrelay_rate_limited_total"), 1.0);
 }
 
+/// The demo page's check before it opens a WebSocket (a browser cannot see why an upgrade was
+/// refused): a plain GET on `/ws` is told about its id or token first, and only a good one gets
+/// the 426 that every plain GET on a WebSocket path gets.
+fn plain_get_on_ws_checks_identity_before_426(poller: &str) {
+    let valid = hs256(&json!({"sub": "alice", "exp": now() + 3600}), SECRET);
+    let bad = hs256(&json!({"sub": "alice", "exp": now() + 3600}), "other");
+    let with_auth = Server::start(poller, &["--jwt-secret", SECRET]);
+    let without = Server::start(poller, &[]);
+    // (name, server, target, expected status, body fragment)
+    let cases: Vec<(&str, &Server, String, u16, &str)> = vec![
+        (
+            "good token",
+            &with_auth,
+            format!("/ws?token={valid}"),
+            426,
+            "",
+        ),
+        (
+            "bad token",
+            &with_auth,
+            format!("/ws?token={bad}"),
+            401,
+            "bad_signature",
+        ),
+        (
+            "no token",
+            &with_auth,
+            "/ws?id=alice".into(),
+            401,
+            "missing",
+        ),
+        ("good id", &without, "/ws?id=alice".into(), 426, ""),
+        ("empty id", &without, "/ws?id=".into(), 400, "ids"),
+        ("no id", &without, "/ws".into(), 400, "?id="),
+    ];
+    for (name, server, target, status, fragment) in cases {
+        let r = server.get(&target);
+        assert_eq!(r.status, status, "{name}");
+        assert!(
+            r.body_text().contains(fragment),
+            "{name}: {}",
+            r.body_text()
+        );
+    }
+}
+
 poller_tests!(
+    plain_get_on_ws_checks_identity_before_426,
     jwt_table,
     the_rooms_claim_restricts_joins_and_publishes,
     jwt_secret_file_works,

@@ -24,7 +24,7 @@ fn plain_requests(poller: &str) {
             "index",
             "GET / HTTP/1.1\r\nHost: x\r\n\r\n".into(),
             200,
-            "/echo",
+            "<!doctype html>",
         ),
         (
             "unknown path",
@@ -190,6 +190,7 @@ fn stats_json_has_the_live_counters(poller: &str) {
     );
     assert!(body.contains("\"connections\":1,"), "{body}");
     assert!(body.contains("\"messages_in\":1,"), "{body}");
+    assert!(body.contains("\"auth_required\":0"), "{body}");
 }
 
 poller_tests!(
