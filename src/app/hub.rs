@@ -304,12 +304,25 @@ impl Hub {
                 let welcome = envelope::welcome(&peer.id, self.mailboxes.newest(&peer.id));
                 tx.send(conn, OpCode::Text, &welcome);
                 // SPEC §6: queued (and, with `since`, retained) messages in order, before any
-                // live traffic. If the connection's queue fills up, the rest stays pending.
+                // live traffic. If the connection's queue fills up, the rest stays pending and
+                // the connection is closed (1008): letting live traffic overtake the rest would
+                // break the order, and the client gets the rest when it reconnects (with the
+                // `close` policy the outbox has already asked for that close).
+                let mut stalled = false;
                 let (first, again) = self.mailboxes.deliver(&peer.id, peer.since, |m| {
-                    tx.send_shared(conn, &m.frame) == Sent::Queued
+                    let queued = tx.send_shared(conn, &m.frame) == Sent::Queued;
+                    stalled |= !queued;
+                    queued
                 });
                 self.metrics.offline_delivered += first;
                 self.metrics.recovery_replayed += again;
+                if stalled {
+                    tx.close(
+                        conn,
+                        CloseCode::POLICY_VIOLATION,
+                        "backlog exceeds --max-outbound",
+                    );
+                }
             }
         }
     }
@@ -446,11 +459,32 @@ impl Hub {
         let frame = Outbox::encode_shared(OpCode::Text, &text);
         self.metrics.direct_messages += 1;
         let mut delivered = false;
+        let mut dropped = false;
         for &device in self.online.get(to).into_iter().flatten() {
-            if tx.send_shared(device, &frame) == Sent::Queued {
-                delivered = true;
-                self.metrics.direct_deliveries += 1;
+            match tx.send_shared(device, &frame) {
+                Sent::Queued => {
+                    delivered = true;
+                    self.metrics.direct_deliveries += 1;
+                }
+                Sent::Dropped => dropped = true,
+                Sent::Closed | Sent::Gone => {}
             }
+        }
+        if dropped && !delivered {
+            // The recipient is online but over --max-outbound with the `drop` policy. Queueing
+            // it as pending would leave it waiting while live traffic overtakes it (pending
+            // messages are delivered on connect): say plainly that it was not delivered.
+            let reason = Some("recipient is online but too far behind to take it");
+            self.ack(
+                conn,
+                &peer.id,
+                client_id,
+                msg_id,
+                AckStatus::Rejected,
+                reason,
+                tx,
+            );
+            return;
         }
         let (status, reason) = match self.mailboxes.retain(to, msg_id, frame, !delivered, now) {
             // Delivered live; retained for recovery if the bounds allowed.

@@ -385,20 +385,59 @@ fn every_device_of_an_id_gets_direct_messages() {
 }
 
 #[test]
-fn a_recipient_whose_every_connection_refuses_gets_it_queued() {
+fn a_recipient_online_but_dropping_everything_gets_it_rejected() {
+    // With `--slow-consumer drop`, a connected recipient over its outbound limit drops the
+    // message. Acking it `queued` would promise a delivery that only a reconnect would make
+    // (and the TTL could expire first while the recipient stays connected): it is rejected.
     let mut h = Harness::plain();
     let a = h.connect("/ws?id=alice");
     let b = h.connect("/ws?id=bob");
     h.inbox(b);
     h.tx.slow.insert(b);
     h.say(a, send("bob", json!("later"), "c1"));
-    assert_eq!(h.inbox(a).pop().unwrap()["status"], "queued");
+    let ack = h.inbox(a).pop().unwrap();
+    assert_eq!(ack["status"], "rejected");
+    assert_eq!(
+        ack["reason"],
+        "recipient is online but too far behind to take it"
+    );
+    h.tx.slow.clear();
+    h.disconnect(b);
+    let b = h.connect("/ws?id=bob");
+    assert_eq!(messages(&h.inbox(b)), vec![], "nothing was kept as pending");
+}
+
+#[test]
+fn a_backlog_that_does_not_fit_closes_the_connection_and_stays_pending() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    h.inbox(a);
+    for i in 0..3 {
+        h.say(a, send("bob", json!(i), &format!("c{i}")));
+    }
+    // bob connects, but his connection refuses the replay: closed 1008, nothing lost.
+    let b_slot = ConnId {
+        slot: h.next_slot,
+        generation: h.next_slot + 1000,
+    };
+    h.tx.slow.insert(b_slot);
+    let b = h.connect("/ws?id=bob");
+    assert_eq!(b, b_slot);
+    assert!(h
+        .tx
+        .closes
+        .iter()
+        .any(|&(conn, code, _)| conn == b && code == CloseCode::POLICY_VIOLATION));
     h.tx.slow.clear();
     h.disconnect(b);
     let b = h.connect("/ws?id=bob");
     assert_eq!(
         messages(&h.inbox(b)),
-        vec![("alice".to_string(), json!("later"))]
+        vec![
+            ("alice".to_string(), json!(0)),
+            ("alice".to_string(), json!(1)),
+            ("alice".to_string(), json!(2)),
+        ]
     );
 }
 
