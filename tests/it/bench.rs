@@ -14,11 +14,8 @@ use crate::poller_tests;
 use crate::support::*;
 use serde_json::Value;
 use std::io::Read;
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// Runs `wsrelay bench ARGS --json` with a short window, and returns its exit code and JSON.
 fn bench(args: &[&str]) -> (i32, Value) {
@@ -206,6 +203,7 @@ fn bench_connect_counts_match_the_server(poller: &str) {
 }
 
 poller_tests!(
+    bench_broadcast_counts_match_the_server,
     bench_echo_counts_match_the_server,
     bench_idle_counts_match_the_server,
     bench_connect_counts_match_the_server,
@@ -230,83 +228,10 @@ fn bench_refuses_a_target_outside_loopback_before_sending_anything() {
     assert!(out.stdout.is_empty());
 }
 
-/// A stand-in for the `/r/<room>` relay of SPEC §6 (not built yet), so the broadcast client can
-/// be checked end to end now: tungstenite, one thread per connection, every binary message
-/// relayed to the other members of the room. It accepts `expected` connections, then stops.
-fn stand_in_relay(expected: usize) -> std::net::SocketAddr {
-    type Members = Vec<(usize, mpsc::Sender<Vec<u8>>)>;
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let rooms: Arc<Mutex<std::collections::HashMap<String, Members>>> = Arc::default();
-    std::thread::spawn(move || {
-        for id in 0..expected {
-            let Ok((stream, _)) = listener.accept() else {
-                return;
-            };
-            let rooms = Arc::clone(&rooms);
-            std::thread::spawn(move || {
-                let mut path = String::new();
-                // tungstenite's callback type fixes the large error variant, not us.
-                #[allow(clippy::result_large_err)]
-                let callback = |req: &tungstenite::handshake::server::Request, resp| {
-                    path = req.uri().path().to_string();
-                    Ok(resp)
-                };
-                let Ok(mut ws) = tungstenite::accept_hdr(stream.try_clone().unwrap(), callback)
-                else {
-                    return;
-                };
-                let (tx, rx) = mpsc::channel::<Vec<u8>>();
-                rooms
-                    .lock()
-                    .unwrap()
-                    .entry(path.clone())
-                    .or_default()
-                    .push((id, tx));
-                // Reads wait at most this long, so relayed messages go out in between.
-                stream
-                    .set_read_timeout(Some(Duration::from_millis(2)))
-                    .unwrap();
-                loop {
-                    match ws.read() {
-                        Ok(tungstenite::Message::Binary(data)) => {
-                            for (other, tx) in
-                                rooms.lock().unwrap().get(&path).into_iter().flatten()
-                            {
-                                if *other != id {
-                                    let _ = tx.send(data.to_vec());
-                                }
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(tungstenite::Error::Io(e))
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) => {}
-                        Err(_) => break, // closed (tungstenite answered the Close) or failed
-                    }
-                    for data in rx.try_iter() {
-                        if ws.write(tungstenite::Message::binary(data)).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = ws.flush();
-                }
-                if let Some(members) = rooms.lock().unwrap().get_mut(&path) {
-                    members.retain(|(other, _)| *other != id);
-                }
-            });
-        }
-    });
-    addr
-}
-
-#[test]
-fn bench_broadcast_counts_deliveries_through_a_stand_in_relay() {
+fn bench_broadcast_counts_match_the_server(poller: &str) {
+    let server = Server::start(poller, &[]);
     let (rooms, members) = (2u64, 3u64);
-    let addr = stand_in_relay((rooms * members) as usize);
-    let url = format!("ws://{addr}/r/bench");
+    let url = server.url("/r/bench");
     let (code, r) = bench(&[
         "broadcast",
         &url,
@@ -326,13 +251,24 @@ fn bench_broadcast_counts_deliveries_through_a_stand_in_relay() {
     let sent = u(&r, "sent_total");
     let delivered = u(&r, "received_total");
     assert!(sent > 0, "{r}");
-    // Each message reached at least its witness (the drain waits for that) and at most the
-    // other members of its room.
+    // The server saw every message, and relayed each to the other members of its room (all
+    // present until the drain ended: the bench closes only after it).
+    assert_eq!(server.metric("wsrelay_raw_messages_total"), sent as f64);
+    assert_eq!(
+        server.metric("wsrelay_raw_deliveries_total"),
+        (sent * (members - 1)) as f64
+    );
+    // The bench counted at least each message's witness, and never more than was relayed.
     assert!(
         delivered >= sent && delivered <= sent * (members - 1),
         "{r}"
     );
     assert!(u(&r, "received") <= delivered);
     assert_eq!(u(&r, "latency_us.count"), u(&r, "received"));
+    assert_eq!(
+        server.metric("wsrelay_rooms{kind=\"raw\"}"),
+        0.0,
+        "rooms vanish with their last member"
+    );
     assert_documented("broadcast", &r);
 }
