@@ -69,6 +69,10 @@ pub enum Command<'a> {
     Leave {
         room: Cow<'a, str>,
     },
+    /// Who is in `room` now (answered with a `members` message to the asker only).
+    Members {
+        room: Cow<'a, str>,
+    },
 }
 
 /// Why a client's input was refused; each maps to the `code` of an `error` message (or, for
@@ -190,6 +194,9 @@ pub fn parse(text: &str) -> Result<Command<'_>, EnvelopeError> {
         "leave" => Command::Leave {
             room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
         },
+        "members" => Command::Members {
+            room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
+        },
         _ => return Err(EnvelopeError::UnknownType),
     };
     match &command {
@@ -205,7 +212,9 @@ pub fn parse(text: &str) -> Result<Command<'_>, EnvelopeError> {
                 validate_id(id)?;
             }
         }
-        Command::Join { room } | Command::Leave { room } => validate_room(room)?,
+        Command::Join { room } | Command::Leave { room } | Command::Members { room } => {
+            validate_room(room)?
+        }
     }
     Ok(command)
 }
@@ -386,6 +395,24 @@ pub fn presence(room: &str, id: &str, event: PresenceEvent) -> Vec<u8> {
     })
 }
 
+#[derive(Serialize)]
+struct Members<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    room: &'a str,
+    ids: &'a [&'a str],
+}
+
+/// The members of a room: one entry per connection in it (an id with two devices there appears
+/// twice), sorted.
+pub fn members(room: &str, ids: &[&str]) -> Vec<u8> {
+    to_json(&Members {
+        kind: "members",
+        room,
+        ids,
+    })
+}
+
 /// Bad input; the connection stays open.
 pub fn error(e: EnvelopeError) -> Vec<u8> {
     to_json(&Error {
@@ -410,6 +437,7 @@ mod tests {
             }
             Command::Join { room } => format!("join room={room}"),
             Command::Leave { room } => format!("leave room={room}"),
+            Command::Members { room } => format!("members room={room}"),
         });
         assert_eq!(got.as_deref().map_err(|e| *e), expected, "input: {input}");
     }
@@ -424,6 +452,16 @@ mod tests {
                 "send",
                 r#"{"type":"send","to":"bob","payload":{"b":1, "a":[1.50,2]},"id":"c1"}"#.into(),
                 Ok(r#"send to=bob payload={"b":1, "a":[1.50,2]} id=Some("c1")"#),
+            ),
+            (
+                "members",
+                r#"{"type":"members","room":"lobby"}"#.into(),
+                Ok("members room=lobby"),
+            ),
+            (
+                "members without a room",
+                r#"{"type":"members"}"#.into(),
+                Err(MissingField("room")),
             ),
             (
                 "send without id",

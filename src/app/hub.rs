@@ -117,6 +117,8 @@ pub struct Hub {
     rooms: Rooms,
     /// The open `/ws` connections of each id (its devices). An id is here iff it has one.
     online: HashMap<Rc<str>, Vec<ConnId>>,
+    /// The id of each open `/ws` connection (the reverse of `online`), for member lists.
+    names: HashMap<ConnId, Rc<str>>,
     mailboxes: Mailboxes,
     dedup: Dedup,
     /// The next msg_id to hand out.
@@ -138,6 +140,7 @@ impl Hub {
             raw_rooms: Rooms::default(),
             rooms: Rooms::default(),
             online: HashMap::new(),
+            names: HashMap::new(),
             mailboxes: Mailboxes::new(Limits {
                 per_id: config.offline_max,
                 ttl: config.offline_ttl,
@@ -300,6 +303,7 @@ impl Hub {
                     .entry(Rc::clone(&peer.id))
                     .or_default()
                     .push(conn);
+                self.names.insert(conn, Rc::clone(&peer.id));
                 self.dedup.active(&peer.id);
                 let welcome = envelope::welcome(&peer.id, self.mailboxes.newest(&peer.id));
                 tx.send(conn, OpCode::Text, &welcome);
@@ -365,6 +369,7 @@ impl Hub {
                 self.raw_rooms.leave(conn, &room);
             }
             Endpoint::Envelope(peer) => {
+                self.names.remove(&conn);
                 for room in self.rooms.leave_all(conn) {
                     self.presence(&room, &peer.id, PresenceEvent::Leave, None, tx);
                 }
@@ -429,6 +434,7 @@ impl Hub {
             }
             Ok(Command::Join { room }) => self.join(conn, peer, &room, tx),
             Ok(Command::Leave { room }) => self.leave(conn, peer, &room, tx),
+            Ok(Command::Members { room }) => self.members(conn, peer, &room, tx),
         }
     }
 
@@ -576,6 +582,21 @@ impl Hub {
         } else {
             self.presence(room, &peer.id, PresenceEvent::Leave, Some(conn), tx);
         }
+    }
+
+    /// Tells the asker who is in `room` now: presence events only announce changes, so a joiner
+    /// asks this once to learn who was there before it.
+    fn members(&mut self, conn: ConnId, peer: &Peer, room: &str, tx: &mut impl Transport) {
+        if !peer.allows(room) {
+            return self.error(conn, EnvelopeError::Forbidden, tx);
+        }
+        let mut ids: Vec<&str> = self
+            .rooms
+            .members(room)
+            .filter_map(|member| self.names.get(&member).map(|id| &**id))
+            .collect();
+        ids.sort_unstable();
+        tx.send(conn, OpCode::Text, &envelope::members(room, &ids));
     }
 
     /// Sends a presence event to `only`, or else to every member of `room`.

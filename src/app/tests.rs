@@ -442,6 +442,37 @@ fn a_backlog_that_does_not_fit_closes_the_connection_and_stays_pending() {
 }
 
 #[test]
+fn members_lists_who_is_in_the_room_for_the_asker_only() {
+    let mut h = Harness::plain();
+    let a = h.connect("/ws?id=alice");
+    let b1 = h.connect("/ws?id=bob");
+    let b2 = h.connect("/ws?id=bob"); // a second device
+    let c = h.connect("/ws?id=carol");
+    for conn in [a, b1, b2, c] {
+        h.say(conn, json!({"type": "join", "room": "lobby"}));
+    }
+    h.say(c, json!({"type": "leave", "room": "lobby"}));
+    for conn in [a, b1, b2, c] {
+        h.inbox(conn);
+    }
+    h.say(b1, json!({"type": "members", "room": "lobby"}));
+    assert_eq!(
+        h.inbox(b1),
+        vec![json!({"type": "members", "room": "lobby", "ids": ["alice", "bob", "bob"]})]
+    );
+    assert_eq!(h.inbox(a), Vec::<Value>::new(), "only the asker hears it");
+    h.say(a, json!({"type": "members", "room": "empty"}));
+    assert_eq!(
+        h.inbox(a),
+        vec![json!({"type": "members", "room": "empty", "ids": []})]
+    );
+    h.disconnect(b2);
+    h.inbox(a);
+    h.say(a, json!({"type": "members", "room": "lobby"}));
+    assert_eq!(h.inbox(a)[0]["ids"], json!(["alice", "bob"]));
+}
+
+#[test]
 fn rooms_publish_presence_and_leave() {
     let mut h = Harness::plain();
     let a = h.connect("/ws?id=alice");

@@ -215,10 +215,10 @@ describe('the demo page', () => {
     await login(bob, 'bob');
     await joinRoom(alice, 'lobby');
     await joinRoom(bob, 'lobby');
-    // Alice was there first: she hears bob arrive. Bob cannot learn that alice is there (the
-    // protocol sends no member list), so his list starts with himself.
+    // Alice was there first: she hears bob arrive. Bob asks who was there before him (the
+    // `members` command), so his list shows alice too.
     await alice.locator('#members li[data-id="bob"]').waitFor();
-    assert.equal(await bob.locator('#members li[data-id="alice"]').count(), 0);
+    await bob.locator('#members li[data-id="alice"]').waitFor();
 
     const hello = await say(alice, 'hello from alice');
     await acked(hello, 'delivered');

@@ -304,6 +304,7 @@
       case 'message': return onMessage(msg);
       case 'ack': return onAck(msg);
       case 'presence': return onPresence(msg);
+      case 'members': return onMembers(msg);
       case 'error': return onError(msg);
       default: return undefined;
     }
@@ -370,6 +371,18 @@
     }
   }
 
+  // The answer to our `members` request: who is in the room now, one entry per connection.
+  // It replaces the list; presence events after it apply on top.
+  function onMembers(msg) {
+    const conv = state.conversations.get('room:' + msg.room);
+    if (conv === undefined || !conv.joined || !Array.isArray(msg.ids)) return;
+    conv.members = new Map();
+    for (const id of msg.ids) {
+      if (typeof id === 'string') conv.members.set(id, (conv.members.get(id) || 0) + 1);
+    }
+    if (conv === state.active) renderMembers(conv);
+  }
+
   function onPresence(msg) {
     const conv = state.conversations.get('room:' + msg.room);
     if (conv === undefined) return;
@@ -379,6 +392,8 @@
       conv.joined = true;
       conv.members = new Map([[state.me, 1]]);
       system(conv, 'you joined');
+      // Presence only announces changes: ask who was here before us.
+      send({ type: 'members', room: msg.room });
       if (state.active === null) select(conv);
     } else if (msg.event === 'join') {
       conv.members.set(msg.id, (conv.members.get(msg.id) || 0) + 1);
