@@ -5,8 +5,8 @@
 //! those in at render time, as the reactor does for connection states.
 
 use super::mailbox::{Expiring, Removed};
+use crate::server::metrics::Writer;
 use std::collections::BTreeMap;
-use std::fmt::Write;
 
 #[derive(Debug, Default)]
 pub struct HubMetrics {
@@ -65,7 +65,7 @@ impl HubMetrics {
 
     /// Appends every hub metric in the Prometheus text format.
     pub fn render(&self, g: &HubGauges, out: &mut String) {
-        let mut w = Writer { out };
+        let mut w = Writer::new(out);
         let (rm, ex) = (&g.removed, &g.expiring);
 
         w.family(
@@ -235,41 +235,5 @@ impl HubMetrics {
             "Upgrades refused with 403 for their Origin.",
             self.origin_rejections,
         );
-    }
-}
-
-/// Writes the text format; label values here are our own identifiers (no escaping needed).
-struct Writer<'a> {
-    out: &'a mut String,
-}
-
-impl Writer<'_> {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-
-    fn counter(&mut self, name: &str, help: &str, value: u64) {
-        self.family(name, "counter", help);
-        self.sample(name, &[], value);
-    }
-
-    fn gauge(&mut self, name: &str, help: &str, value: usize) {
-        self.family(name, "gauge", help);
-        self.sample(name, &[], value as u64);
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{k}=\"{v}\"");
-            }
-            self.out.push('}');
-        }
-        let _ = writeln!(self.out, " {value}");
     }
 }

@@ -64,10 +64,10 @@ impl Metrics {
     /// Renders every metric in the Prometheus text format.
     pub fn render(&self, gauges: &Gauges<'_>) -> String {
         let mut out = String::with_capacity(4096);
-        let mut w = Writer { out: &mut out };
+        let mut w = Writer::new(&mut out);
 
         w.family("wsrelay_poller_info", "gauge", "Readiness backend in use.");
-        w.sample("wsrelay_poller_info", &[("poller", gauges.poller)], 1.0);
+        w.sample("wsrelay_poller_info", &[("poller", gauges.poller)], 1);
 
         w.family(
             "wsrelay_connections",
@@ -75,7 +75,7 @@ impl Metrics {
             "Open TCP connections by state.",
         );
         for (state, n) in gauges.connections {
-            w.sample("wsrelay_connections", &[("state", state)], *n as f64);
+            w.sample("wsrelay_connections", &[("state", state)], *n);
         }
 
         w.counter(
@@ -89,7 +89,7 @@ impl Metrics {
             "Connections refused, by reason.",
         );
         for (reason, n) in &self.rejected {
-            w.sample("wsrelay_rejected_total", &[("reason", reason)], *n as f64);
+            w.sample("wsrelay_rejected_total", &[("reason", reason)], *n);
         }
         w.counter(
             "wsrelay_upgrades_total",
@@ -105,7 +105,7 @@ impl Metrics {
             w.sample(
                 "wsrelay_http_responses_total",
                 &[("status", &status.to_string())],
-                *n as f64,
+                *n,
             );
         }
         w.counter(
@@ -137,7 +137,7 @@ impl Metrics {
             w.sample(
                 "wsrelay_closes_sent_total",
                 &[("code", &code.to_string())],
-                *n as f64,
+                *n,
             );
         }
         w.family(
@@ -149,7 +149,7 @@ impl Metrics {
             w.sample(
                 "wsrelay_closes_received_total",
                 &[("code", &code.to_string())],
-                *n as f64,
+                *n,
             );
         }
         w.family(
@@ -158,11 +158,7 @@ impl Metrics {
             "Protocol violations by peers, by kind.",
         );
         for (reason, n) in &self.protocol_errors {
-            w.sample(
-                "wsrelay_protocol_errors_total",
-                &[("reason", reason)],
-                *n as f64,
-            );
+            w.sample("wsrelay_protocol_errors_total", &[("reason", reason)], *n);
         }
         w.counter(
             "wsrelay_abnormal_closes_total",
@@ -238,21 +234,33 @@ impl Metrics {
     }
 }
 
-struct Writer<'a> {
+/// Writes the Prometheus text format (exposition format 0.0.4): `# HELP` and `# TYPE` lines
+/// per family, then `name{label="value"} number` samples. Shared by the reactor's metrics and
+/// the app's (`app/metrics.rs`), so the format lives in one place.
+pub struct Writer<'a> {
     out: &'a mut String,
 }
 
 impl Writer<'_> {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
+    pub fn new(out: &mut String) -> Writer<'_> {
+        Writer { out }
+    }
+
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
-    fn counter(&mut self, name: &str, help: &str, value: u64) {
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) {
         self.family(name, "counter", help);
-        self.sample(name, &[], value as f64);
+        self.sample(name, &[], value);
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+    pub fn gauge(&mut self, name: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, "gauge", help);
+        self.sample(name, &[], value);
+    }
+
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
         self.out.push_str(name);
         if !labels.is_empty() {
             self.out.push('{');

@@ -773,12 +773,18 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
     }
 
-    /// Hands a data message to the app, with an `Outbox` for its replies.
-    fn deliver(&mut self, id: ConnId, opcode: OpCode, message: &[u8]) {
+    /// Calls into the app with the connection's session slot and an `Outbox`, then applies the
+    /// closes the app asked for. The slot is `Some` exactly while the connection is open for
+    /// the app.
+    fn call_app(
+        &mut self,
+        id: ConnId,
+        call: impl FnOnce(&mut H, &mut Option<H::Session>, &mut Outbox<'_>),
+    ) {
         let slot = id.slot as usize;
-        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
-            return;
-        };
+        if self.sessions.len() <= slot {
+            self.sessions.resize_with(slot + 1, || None);
+        }
         let mut out = Outbox {
             conns: &mut self.conns,
             metrics: &mut self.metrics,
@@ -787,30 +793,26 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             max_outbound: self.config.max_outbound,
             policy: self.config.slow_consumer,
         };
-        self.handler
-            .on_message(id, session, opcode, message, &mut out);
+        call(&mut self.handler, &mut self.sessions[slot], &mut out);
         self.apply_close_requests();
+    }
+
+    /// Hands a data message to the app, with an `Outbox` for its replies.
+    fn deliver(&mut self, id: ConnId, opcode: OpCode, message: &[u8]) {
+        self.call_app(id, |app, slot, out| {
+            if let Some(session) = slot.as_mut() {
+                app.on_message(id, session, opcode, message, out);
+            }
+        });
     }
 
     /// The connection stops being open for the app (it is closing or gone): `on_close`, once.
     fn closed_for_app(&mut self, id: ConnId) {
-        let Some(session) = self
-            .sessions
-            .get_mut(id.slot as usize)
-            .and_then(Option::take)
-        else {
-            return;
-        };
-        let mut out = Outbox {
-            conns: &mut self.conns,
-            metrics: &mut self.metrics,
-            dirty: &mut self.dirty,
-            closes: &mut self.close_requests,
-            max_outbound: self.config.max_outbound,
-            policy: self.config.slow_consumer,
-        };
-        self.handler.on_close(id, session, &mut out);
-        self.apply_close_requests();
+        self.call_app(id, |app, slot, out| {
+            if let Some(session) = slot.take() {
+                app.on_close(id, session, out);
+            }
+        });
     }
 
     /// Applies the closes the app asked for. Closing one connection tells the app, which may
@@ -997,21 +999,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         self.metrics.upgrades += 1;
         debug!("{id:?} upgraded");
 
-        let slot = id.slot as usize;
-        if self.sessions.len() <= slot {
-            self.sessions.resize_with(slot + 1, || None);
-        }
-        let session = self.sessions[slot].insert(session);
-        let mut out = Outbox {
-            conns: &mut self.conns,
-            metrics: &mut self.metrics,
-            dirty: &mut self.dirty,
-            closes: &mut self.close_requests,
-            max_outbound: self.config.max_outbound,
-            policy: self.config.slow_consumer,
-        };
-        self.handler.on_open(id, session, &mut out);
-        self.apply_close_requests();
+        self.call_app(id, |app, slot, out| {
+            app.on_open(id, slot.insert(session), out)
+        });
         self.mark_dirty(id);
 
         let Some(conn) = self.conn_mut(id) else {
