@@ -301,6 +301,14 @@ struct Setup {
     plans: Vec<Plan>,
 }
 
+/// What this process is in a run: the whole bench (alone, or coordinating `--processes`), or
+/// one child of a `--processes` run (`--child`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Whole,
+    Child,
+}
+
 /// What the bench's own side of a run counted, from its threads or its child processes.
 struct Run {
     tally: stats::Tally,
@@ -316,12 +324,14 @@ fn execute(mode: &Mode) -> Result<Report, String> {
     let part = common.child.unwrap_or(Part::WHOLE);
     let setup = plan(mode, part)?;
     // A child leaves the server to its coordinator, which samples once for all processes.
-    let is_child = common.child.is_some();
-    let pid = common.server_pid.filter(|_| !is_child);
-    let processes = if is_child {
-        1
-    } else {
-        processes_for(common.processes, setup.connections, setup.units)
+    let role = match common.child {
+        Some(_) => Role::Child,
+        None => Role::Whole,
+    };
+    let pid = common.server_pid.filter(|_| role == Role::Whole);
+    let processes = match role {
+        Role::Child => 1,
+        Role::Whole => processes_for(common.processes, setup.connections, setup.units),
     };
     let before = match pid {
         Some(pid) => Some(
@@ -334,15 +344,15 @@ fn execute(mode: &Mode) -> Result<Report, String> {
     let run = if processes > 1 {
         multi::coordinate(common, processes, setup.units, setup.connections, pid)?
     } else {
-        raise_fd_limit(setup.connections, is_child);
-        run_threads(common, setup, pid, is_child)?
+        raise_fd_limit(setup.connections, role);
+        run_threads(common, setup, pid, role)?
     };
-    let child = match is_child {
-        true => Some(ChildExtra {
+    let child = match role {
+        Role::Child => Some(ChildExtra {
             received_bytes: run.tally.received_bytes,
             latency_histogram: stats::encode_histogram(&run.tally.latency)?,
         }),
-        false => None,
+        Role::Whole => None,
     };
     let mut report = build_report(mode, traffic, connections, processes, run, pid, before);
     report.child = child;
@@ -356,7 +366,7 @@ fn run_threads(
     common: &CommonArgs,
     setup: Setup,
     pid: Option<u32>,
-    is_child: bool,
+    role: Role,
 ) -> Result<Run, String> {
     let threads = setup.plans.len();
     let shared = Arc::new(Shared::new(threads, setup.cycles));
@@ -380,9 +390,9 @@ fn run_threads(
         }
     };
 
-    let bar = match is_child {
-        true => ProgressBar::hidden(),
-        false => progress_bar(common.warmup + common.duration),
+    let bar = match role {
+        Role::Child => ProgressBar::hidden(),
+        Role::Whole => progress_bar(common.warmup + common.duration),
     };
     let show = |phase: &str| {
         if !bar.is_hidden() {
@@ -400,7 +410,10 @@ fn run_threads(
         std::thread::sleep(Duration::from_millis(20));
     }
     // A child whose coordinator is gone (no `go`) closes its connections without traffic.
-    let go_ahead = !is_child || multi::ready_then_wait_for_go();
+    let go_ahead = match role {
+        Role::Child => multi::ready_then_wait_for_go(),
+        Role::Whole => true,
+    };
     let (mut at_start, mut at_end) = (None, None);
     if go_ahead {
         let go = Instant::now();
@@ -829,13 +842,16 @@ fn auto_processes(connections: u64, hard_limit: u64) -> usize {
 }
 
 /// Raises the soft descriptor limit to the hard one, and says so if that is still too few.
-fn raise_fd_limit(connections: u64, is_child: bool) {
+fn raise_fd_limit(connections: u64, role: Role) {
     let need = connections + SPARE_FDS;
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < need => eprintln!(
             "wsrelay bench: the descriptor limit is {limit}, below the {need} this {} needs; \
              the rest will fail to connect (share the load: --processes {}, or --processes auto)",
-            if is_child { "process" } else { "run" },
+            match role {
+                Role::Child => "process",
+                Role::Whole => "run",
+            },
             auto_processes(connections, limit),
         ),
         Ok(_) => {}

@@ -564,6 +564,59 @@ mod tests {
         );
     }
 
+    /// What the coordinator knows of a child: (ready, has a report, why it is lost).
+    type KidState = (bool, bool, Option<String>);
+
+    /// Feeds `lines` to a fresh child and returns its state.
+    fn check(lines: Vec<Line>) -> KidState {
+        let mut kid = Kid {
+            part: Part { index: 1, of: 2 },
+            process: None,
+            stdin: None,
+            ready: false,
+            report: None,
+            ended: false,
+            failure: None,
+        };
+        for line in lines {
+            kid.on_line(line);
+        }
+        (kid.ready, kid.report.is_some(), kid.failure)
+    }
+
+    #[test]
+    fn a_child_is_ready_then_reports_or_counts_as_lost() {
+        let text = |t: &str| Line::Text(t.to_string());
+        let lost = |why: &str| Some(format!("bench process 1/2 {why}"));
+        let cases: Vec<(&str, Vec<Line>, KidState)> = vec![
+            ("nothing yet", vec![], (false, false, None)),
+            ("ready", vec![text("ready")], (true, false, None)),
+            (
+                "ready, report, exit",
+                vec![text("ready"), text("{}"), Line::End],
+                (true, true, None),
+            ),
+            (
+                "died before ready",
+                vec![Line::End],
+                (false, false, lost("exited before it was ready")),
+            ),
+            (
+                "died after go",
+                vec![text("ready"), Line::End],
+                (true, false, lost("exited without a report")),
+            ),
+            (
+                "chatter before ready",
+                vec![text("hello")],
+                (false, false, lost("printed an unexpected line: \"hello\"")),
+            ),
+        ];
+        for (name, lines, want) in cases {
+            assert_eq!(check(lines), want, "{name}");
+        }
+    }
+
     #[test]
     fn ready_budget_grows_with_the_largest_part() {
         let s = Duration::from_secs;
