@@ -11,6 +11,8 @@
 //!
 //! Layout:
 //! * `mod.rs`    flags, plan, coordinator;
+//! * `multi.rs`  `--processes N`: child processes of this executable, each with its part of
+//!   the plan, their windows lined up, their reports merged;
 //! * `worker.rs` one thread: a mio `Poll` over its connections, stages, windows, rate limit;
 //! * `client.rs` one connection: non-blocking connect, handshake, masked frames, close;
 //! * `stats.rs`  payload stamps, per-thread tallies, latency summary, report math;
@@ -22,9 +24,12 @@
 //! gives the go; traffic runs through the warm-up and the measured window; at the end of the
 //! window the coordinator samples the server and says stop; threads drain what is in flight,
 //! close every connection with a close handshake, and hand back their tallies. Every stage has
-//! a deadline, so a run ends by itself whatever the server does.
+//! a deadline, so a run ends by itself whatever the server does. With `--processes N` the
+//! same run happens in N child processes, each on its part of the plan, and this process only
+//! coordinates them (`multi.rs`).
 
 pub mod client;
+pub mod multi;
 pub mod procfs;
 pub mod report;
 pub mod stats;
@@ -33,7 +38,8 @@ pub mod worker;
 
 use crate::protocol::client_handshake::WsUrl;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use report::{Report, ServerFigures, JSON_FIELDS};
+use multi::Part;
+use report::{ChildExtra, Report, ServerFigures, JSON_FIELDS};
 use std::net::IpAddr;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -80,7 +86,9 @@ fn long_help() -> String {
          warm-up, the measured window, at most {} s for the messages in flight to come back, and \
          at most {} s of close handshakes. Load goes only to loopback addresses unless \
          --allow-remote. One process opens as many connections as its descriptor limit allows \
-         (raised to the hard limit); for more, run several processes.\n\n{JSON_FIELDS}",
+         (raised to the hard limit); for more, --processes N shares the load among N bench \
+         processes whose windows line up (--processes auto picks N from the limit).\n\n\
+         {JSON_FIELDS}",
         worker::DRAIN_TIMEOUT.as_secs(),
         worker::CLOSE_TIMEOUT.as_secs(),
     )
@@ -126,6 +134,34 @@ pub struct CommonArgs {
     /// Allow a target outside the loopback range (127.0.0.0/8, ::1).
     #[arg(long)]
     pub allow_remote: bool,
+
+    /// Bench processes sharing the load, for more connections than one process has
+    /// descriptors: each gets its share of --connections (broadcast: of --rooms; connect: of
+    /// --concurrency and of the cycles) and of --rate, and runs --threads threads of its own.
+    /// `auto`: as few as the descriptor limit allows.
+    #[arg(long, default_value = "1", value_parser = parse_processes)]
+    pub processes: Processes,
+
+    /// Internal: this process is part INDEX/COUNT of a --processes run (`multi.rs`).
+    #[arg(long, hide = true, value_parser = multi::parse_part)]
+    pub child: Option<Part>,
+}
+
+/// The parsed `--processes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Processes {
+    Count(usize),
+    Auto,
+}
+
+fn parse_processes(text: &str) -> Result<Processes, String> {
+    match text {
+        "auto" => Ok(Processes::Auto),
+        _ => match text.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(Processes::Count(n)),
+            _ => Err("expected a number of processes (at least 1) or `auto`".into()),
+        },
+    }
 }
 
 /// The parsed `--source-addrs`.
@@ -223,7 +259,8 @@ impl Mode {
 /// 1 if none did (the report says why), 2 if the run could not start (bad flags, refused
 /// target, unreadable server pid).
 pub fn run(args: BenchArgs) -> ExitCode {
-    let json = args.mode.common().json;
+    // A child always speaks JSON: its coordinator reads the report.
+    let json = args.mode.common().json || args.mode.common().child.is_some();
     match execute(&args.mode) {
         Ok(report) => {
             if json {
@@ -250,7 +287,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
     }
 }
 
-/// The checked shape of a run, before any socket exists.
+/// The checked shape of a run (or of one process's part of it), before any socket exists.
 #[derive(Debug)]
 struct Setup {
     traffic: Traffic,
@@ -258,13 +295,44 @@ struct Setup {
     connections: u64,
     /// Connect mode: the cycle budget; 0 otherwise.
     cycles: u64,
+    /// What `--processes` divides: connections (echo, idle), rooms (broadcast) or concurrent
+    /// slots (connect).
+    units: usize,
     plans: Vec<Plan>,
+}
+
+/// What this process is in a run: the whole bench (alone, or coordinating `--processes`), or
+/// one child of a `--processes` run (`--child`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Whole,
+    Child,
+}
+
+/// What the bench's own side of a run counted, from its threads or its child processes.
+struct Run {
+    tally: stats::Tally,
+    threads: usize,
+    first_error: Option<String>,
+    /// The server at the start and at the end of the measured window (`--server-pid`).
+    at_start: Option<procfs::Sample>,
+    at_end: Option<procfs::Sample>,
 }
 
 fn execute(mode: &Mode) -> Result<Report, String> {
     let common = mode.common();
-    let setup = plan(mode)?;
-    let pid = common.server_pid;
+    let part = common.child.unwrap_or(Part::WHOLE);
+    let setup = plan(mode, part)?;
+    // A child leaves the server to its coordinator, which samples once for all processes.
+    let role = match common.child {
+        Some(_) => Role::Child,
+        None => Role::Whole,
+    };
+    let pid = common.server_pid.filter(|_| role == Role::Whole);
+    let processes = match role {
+        Role::Child => 1,
+        Role::Whole => processes_for(common.processes, setup.connections, setup.units),
+    };
     let before = match pid {
         Some(pid) => Some(
             procfs::sample(pid)
@@ -272,8 +340,34 @@ fn execute(mode: &Mode) -> Result<Report, String> {
         ),
         None => None,
     };
-    raise_fd_limit(setup.connections);
+    let (traffic, connections) = (setup.traffic, setup.connections);
+    let run = if processes > 1 {
+        multi::coordinate(common, processes, setup.units, setup.connections, pid)?
+    } else {
+        raise_fd_limit(setup.connections, role);
+        run_threads(common, setup, pid, role)?
+    };
+    let child = match role {
+        Role::Child => Some(ChildExtra {
+            received_bytes: run.tally.received_bytes,
+            latency_histogram: stats::encode_histogram(&run.tally.latency)?,
+        }),
+        Role::Whole => None,
+    };
+    let mut report = build_report(mode, traffic, connections, processes, run, pid, before);
+    report.child = child;
+    Ok(report)
+}
 
+/// Runs the whole load in this process: starts the threads, gives the go once all are ready
+/// (a child first says `ready` and waits for its coordinator's `go`), samples the server at
+/// the edges of the window, stops, collects.
+fn run_threads(
+    common: &CommonArgs,
+    setup: Setup,
+    pid: Option<u32>,
+    role: Role,
+) -> Result<Run, String> {
     let threads = setup.plans.len();
     let shared = Arc::new(Shared::new(threads, setup.cycles));
     let mut wakers = Vec::with_capacity(threads);
@@ -296,7 +390,10 @@ fn execute(mode: &Mode) -> Result<Report, String> {
         }
     };
 
-    let bar = progress_bar(common.warmup + common.duration);
+    let bar = match role {
+        Role::Child => ProgressBar::hidden(),
+        Role::Whole => progress_bar(common.warmup + common.duration),
+    };
     let show = |phase: &str| {
         if !bar.is_hidden() {
             bar.set_message(progress_line(
@@ -312,21 +409,23 @@ fn execute(mode: &Mode) -> Result<Report, String> {
         show("opening");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let go = Instant::now();
-    shared.go(go);
-    wake_all();
-    let window_start = go + common.warmup;
-    let window_end = window_start + common.duration;
-    sleep_until(window_start, || show("warm-up"));
-    let at_start = match pid {
-        Some(pid) => procfs::sample(pid).ok(),
-        None => None,
+    // A child whose coordinator is gone (no `go`) closes its connections without traffic.
+    let go_ahead = match role {
+        Role::Child => multi::ready_then_wait_for_go(),
+        Role::Whole => true,
     };
-    sleep_until(window_end, || show("measuring"));
-    let at_end = match pid {
-        Some(pid) => procfs::sample(pid).ok(),
-        None => None,
-    };
+    let (mut at_start, mut at_end) = (None, None);
+    if go_ahead {
+        let go = Instant::now();
+        shared.go(go);
+        wake_all();
+        let window_start = go + common.warmup;
+        let window_end = window_start + common.duration;
+        sleep_until(window_start, || show("warm-up"));
+        at_start = pid.and_then(|pid| procfs::sample(pid).ok());
+        sleep_until(window_end, || show("measuring"));
+        at_end = pid.and_then(|pid| procfs::sample(pid).ok());
+    }
     shared.stop();
     wake_all();
     show("closing");
@@ -343,9 +442,35 @@ fn execute(mode: &Mode) -> Result<Report, String> {
         }
     }
     bar.finish_and_clear();
+    Ok(Run {
+        tally,
+        threads,
+        first_error,
+        at_start,
+        at_end,
+    })
+}
 
+/// The report of a run: the bench's counts turned into rates over the window, and the
+/// server's figures from the samples.
+fn build_report(
+    mode: &Mode,
+    traffic: Traffic,
+    connections: u64,
+    processes: usize,
+    run: Run,
+    pid: Option<u32>,
+    before: Option<procfs::Sample>,
+) -> Report {
+    let common = mode.common();
     let window = common.duration;
-    let traffic = setup.traffic;
+    let Run {
+        tally,
+        threads,
+        mut first_error,
+        at_start,
+        at_end,
+    } = run;
     let server = match (pid, before, at_start, at_end) {
         (Some(pid), Some(before), Some(start), Some(end)) => {
             let cpu_secs = end.cpu_secs_since(&start);
@@ -381,11 +506,12 @@ fn execute(mode: &Mode) -> Result<Report, String> {
         Traffic::Connect => stats::per_sec(tally.completed, window),
         Traffic::Idle => 0.0,
     };
-    Ok(Report {
+    Report {
         mode: mode.name(),
         url: common.url.clone(),
+        processes,
         threads,
-        connections: setup.connections,
+        connections,
         opened: tally.opened,
         warmup_secs: common.warmup.as_secs_f64(),
         duration_secs: window.as_secs_f64(),
@@ -401,11 +527,15 @@ fn execute(mode: &Mode) -> Result<Report, String> {
         first_error,
         latency_us: stats::summarize(&tally.latency),
         server,
-    })
+        child: None,
+    }
 }
 
-/// Checks the flags and decides which thread opens which connection.
-fn plan(mode: &Mode) -> Result<Setup, String> {
+/// Checks the flags and decides which thread opens which connection, for the whole run or
+/// for one process's part of it (`Part::share`: a consecutive run of connections, rooms or
+/// slots, so global connection numbers, room names and source addresses stay what one process
+/// would have used).
+fn plan(mode: &Mode, part: Part) -> Result<Setup, String> {
     let common = mode.common();
     let url = WsUrl::parse(&common.url).map_err(|e| format!("{}: {e}", common.url))?;
     let target = target::resolve(&url.host, url.port, common.allow_remote)?;
@@ -449,6 +579,15 @@ fn plan(mode: &Mode) -> Result<Setup, String> {
         }
     };
 
+    // This process's consecutive share of `units`, and of `rate` in proportion.
+    let share = |units: usize, rate: Option<f64>| {
+        let (first, count) = part.share(units);
+        if count == 0 {
+            return Err(format!("part {part} of {units} is empty"));
+        }
+        Ok((first, count, rate.map(|r| r * count as f64 / units as f64)))
+    };
+
     let shape = match mode {
         Mode::Echo(a) => {
             if a.connections == 0 || a.window == 0 {
@@ -456,19 +595,22 @@ fn plan(mode: &Mode) -> Result<Setup, String> {
             }
             check_size(a.size, stats::STAMP_BYTES)?;
             check_rate(a.rate)?;
-            let threads = max_threads.min(a.connections);
-            let per_thread = spread(a.connections, threads, |g| ConnPlan {
+            let (first, count, rate) = share(a.connections, a.rate)?;
+            let threads = max_threads.min(count);
+            let per_thread = spread(count, threads, |k| ConnPlan {
                 resource: url.resource.clone(),
-                source: source_of(g),
+                source: source_of(first + k),
                 witness: None,
             });
             Shape {
                 traffic: Traffic::Echo,
-                connections: a.connections as u64,
+                connections: count as u64,
                 cycles: 0,
+                first,
+                units: count,
                 size: a.size,
                 window: a.window,
-                rate: a.rate,
+                rate,
                 per_thread,
             }
         }
@@ -476,16 +618,19 @@ fn plan(mode: &Mode) -> Result<Setup, String> {
             if a.connections == 0 {
                 return Err("--connections must be at least 1".into());
             }
-            let threads = max_threads.min(a.connections);
-            let per_thread = spread(a.connections, threads, |g| ConnPlan {
+            let (first, count, _) = share(a.connections, None)?;
+            let threads = max_threads.min(count);
+            let per_thread = spread(count, threads, |k| ConnPlan {
                 resource: url.resource.clone(),
-                source: source_of(g),
+                source: source_of(first + k),
                 witness: None,
             });
             Shape {
                 traffic: Traffic::Idle,
-                connections: a.connections as u64,
+                connections: count as u64,
                 cycles: 0,
+                first,
+                units: count,
                 size: 0,
                 window: 0,
                 rate: None,
@@ -503,8 +648,11 @@ fn plan(mode: &Mode) -> Result<Setup, String> {
             }
             check_size(a.size, stats::STAMP_BYTES + stats::SENDER_BYTES)?;
             check_rate(a.rate)?;
-            let threads = max_threads.min(a.rooms);
-            let per_thread = broadcast_layout(a.rooms, a.members, a.senders, threads)
+            // Rooms are never split: all members of a room share one thread of one process.
+            let (first, count, rate) = share(a.rooms, a.rate)?;
+            let threads = max_threads.min(count);
+            let rooms = first..first + count;
+            let per_thread = broadcast_layout(rooms, a.members, a.senders, threads)
                 .into_iter()
                 .map(|members| {
                     let senders = members.iter().filter(|m| m.witness.is_some()).count();
@@ -522,14 +670,15 @@ fn plan(mode: &Mode) -> Result<Setup, String> {
                     }
                 })
                 .collect();
-            let total = (a.rooms * a.members) as u64;
             Shape {
                 traffic: Traffic::Broadcast,
-                connections: total,
+                connections: (count * a.members) as u64,
                 cycles: 0,
+                first,
+                units: count,
                 size: a.size,
                 window: a.window,
-                rate: a.rate,
+                rate,
                 per_thread,
             }
         }
@@ -537,16 +686,19 @@ fn plan(mode: &Mode) -> Result<Setup, String> {
             if a.concurrency == 0 || a.connections == 0 {
                 return Err("--concurrency and --connections must be at least 1".into());
             }
-            let threads = max_threads.min(a.concurrency);
-            let per_thread = spread(a.concurrency, threads, |_| ConnPlan {
+            let (first, count, _) = share(a.concurrency, None)?;
+            let threads = max_threads.min(count);
+            let per_thread = spread(count, threads, |_| ConnPlan {
                 resource: url.resource.clone(),
                 source: None,
                 witness: None,
             });
             Shape {
                 traffic: Traffic::Connect,
-                connections: a.concurrency as u64,
-                cycles: a.connections,
+                connections: count as u64,
+                cycles: part.share_u64(a.connections).1,
+                first,
+                units: count,
                 size: 0,
                 window: 0,
                 rate: None,
@@ -569,7 +721,7 @@ fn plan(mode: &Mode) -> Result<Setup, String> {
             host: host.clone(),
             conns: share.conns,
             sources: sources.clone(),
-            source_offset: i,
+            source_offset: shape.first + i,
             source_step: threads,
             connect_timeout: common.connect_timeout,
             warmup: common.warmup,
@@ -584,6 +736,7 @@ fn plan(mode: &Mode) -> Result<Setup, String> {
         traffic: shape.traffic,
         connections: shape.connections,
         cycles: shape.cycles,
+        units: shape.units,
         plans,
     })
 }
@@ -595,6 +748,9 @@ struct Shape {
     connections: u64,
     /// Connect mode: the cycle budget; 0 otherwise.
     cycles: u64,
+    /// The first connection, room or slot of this process's part, and how many it has.
+    first: usize,
+    units: usize,
     size: usize,
     window: u32,
     rate: Option<f64>,
@@ -635,18 +791,18 @@ struct Member {
     witness: Option<usize>,
 }
 
-/// Lays out the members of every room: room `r` goes to thread `r % threads`, its members in
-/// consecutive slots there; the first `senders` members of each room send, each witnessed by
-/// the next member of its room (`worker::witness`).
+/// Lays out the members of the rooms of this process: its `k`-th room goes to thread
+/// `k % threads`, its members in consecutive slots there; the first `senders` members of each
+/// room send, each witnessed by the next member of its room (`worker::witness`).
 fn broadcast_layout(
-    rooms: usize,
+    rooms: std::ops::Range<usize>,
     members: usize,
     senders: usize,
     threads: usize,
 ) -> Vec<Vec<Member>> {
     let mut out: Vec<Vec<Member>> = (0..threads).map(|_| Vec::new()).collect();
-    for room in 0..rooms {
-        let Some(slots) = out.get_mut(room % threads) else {
+    for (k, room) in rooms.enumerate() {
+        let Some(slots) = out.get_mut(k % threads) else {
             continue;
         };
         let room_start = slots.len();
@@ -662,13 +818,41 @@ fn broadcast_layout(
     out
 }
 
+/// How many processes `--processes` comes to: never more than there are units to share;
+/// `auto` divides the connections by what one process may open under the hard descriptor
+/// limit.
+fn processes_for(asked: Processes, connections: u64, units: usize) -> usize {
+    let n = match asked {
+        Processes::Count(n) => n,
+        Processes::Auto => {
+            let hard = rlimit::Resource::NOFILE
+                .get()
+                .map_or(u64::MAX, |(_soft, hard)| hard);
+            auto_processes(connections, hard)
+        }
+    };
+    n.clamp(1, units.max(1))
+}
+
+/// Processes needed for `connections` when each may hold `hard_limit` descriptors, of which
+/// `SPARE_FDS` are not for connections.
+fn auto_processes(connections: u64, hard_limit: u64) -> usize {
+    let per_process = hard_limit.saturating_sub(SPARE_FDS).max(1);
+    usize::try_from(connections.div_ceil(per_process)).unwrap_or(usize::MAX)
+}
+
 /// Raises the soft descriptor limit to the hard one, and says so if that is still too few.
-fn raise_fd_limit(connections: u64) {
+fn raise_fd_limit(connections: u64, role: Role) {
     let need = connections + SPARE_FDS;
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < need => eprintln!(
-            "wsrelay bench: the descriptor limit is {limit}, below the {need} this run needs; \
-             the rest will fail to connect (split the load over several bench processes)"
+            "wsrelay bench: the descriptor limit is {limit}, below the {need} this {} needs; \
+             the rest will fail to connect (share the load: --processes {}, or --processes auto)",
+            match role {
+                Role::Child => "process",
+                Role::Whole => "run",
+            },
+            auto_processes(connections, limit),
         ),
         Ok(_) => {}
         Err(e) => eprintln!("wsrelay bench: cannot raise the descriptor limit: {e}"),
@@ -732,7 +916,7 @@ mod tests {
     fn setup(args: &str) -> Result<Setup, String> {
         let argv = std::iter::once("bench").chain(args.split_whitespace());
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
-        plan(&cli.mode)
+        plan(&cli.mode, cli.mode.common().child.unwrap_or(Part::WHOLE))
     }
 
     #[test]
@@ -763,6 +947,13 @@ mod tests {
             (
                 "idle ws://127.0.0.1:1/echo --source-addrs 127.0.0.9-127.0.0.1",
                 "range",
+            ),
+            ("idle ws://127.0.0.1:1/echo --processes 0", "--processes"),
+            ("idle ws://127.0.0.1:1/echo --processes x", "--processes"),
+            ("idle ws://127.0.0.1:1/echo --child 2/2", "--child"),
+            (
+                "idle ws://127.0.0.1:1/echo --connections 1 --child 1/2",
+                "empty",
             ),
         ];
         for (args, needle) in bad {
@@ -815,7 +1006,7 @@ mod tests {
 
     #[test]
     fn broadcast_rooms_stay_on_one_thread_with_witnesses_inside_the_room() {
-        let layout = broadcast_layout(3, 4, 2, 2);
+        let layout = broadcast_layout(0..3, 4, 2, 2);
         // Rooms 0 and 2 on thread 0, room 1 on thread 1.
         let rooms: Vec<Vec<usize>> = layout
             .iter()
@@ -855,5 +1046,65 @@ mod tests {
         );
         assert_eq!(s.plans[0].rate, Some(10.0));
         assert!(s.plans[0].target.ip().is_loopback());
+    }
+
+    #[test]
+    fn a_child_plans_its_consecutive_part_with_global_numbers() {
+        // Connections 3 and 4 of 0..5 (part 1 of 2 takes the last two) bind addresses 3 % 3
+        // and 4 % 3, as one process would have; the rate follows the share: 2/5 of 100.
+        let s = setup("echo ws://127.0.0.1:9/echo --connections 5 --threads 1 --rate 100 --source-addrs 127.0.0.1-127.0.0.3 --child 1/2")
+            .unwrap();
+        assert_eq!((s.connections, s.units), (2, 2));
+        let sources: Vec<String> = s.plans[0]
+            .conns
+            .iter()
+            .map(|c| c.source.unwrap().to_string())
+            .collect();
+        assert_eq!(sources, ["127.0.0.1", "127.0.0.2"]);
+        assert_eq!(s.plans[0].rate, Some(40.0));
+
+        // Broadcast: whole rooms; part 1 of 2 of 3 rooms is room 2 alone, named as usual.
+        let s =
+            setup("broadcast ws://127.0.0.1:9/r/b --rooms 3 --members 2 --threads 4 --child 1/2")
+                .unwrap();
+        assert_eq!((s.connections, s.units, s.plans.len()), (2, 1, 1));
+        assert!(s.plans[0].conns.iter().all(|c| c.resource == "/r/b-2"));
+
+        // Connect: a share of the slots and of the cycle budget, sources from the part's first
+        // slot on.
+        let s = setup("connect ws://127.0.0.1:9/echo --concurrency 4 --connections 11 --threads 2 --child 1/2")
+            .unwrap();
+        assert_eq!((s.connections, s.cycles), (2, 5));
+        let offsets: Vec<usize> = s.plans.iter().map(|p| p.source_offset).collect();
+        assert_eq!(offsets, [2, 3]);
+    }
+
+    #[test]
+    fn process_counts() {
+        // (asked, connections, units, hard descriptor limit for auto, expected)
+        let cases: &[(Processes, u64, usize, usize)] = &[
+            (Processes::Count(1), 100, 100, 1),
+            (Processes::Count(4), 100, 100, 4),
+            (Processes::Count(4), 2, 2, 2),
+            (Processes::Count(4), 30, 3, 3),
+        ];
+        for &(asked, connections, units, want) in cases {
+            assert_eq!(processes_for(asked, connections, units), want, "{asked:?}");
+        }
+        // auto: 20,000 descriptors per process, 64 spare.
+        let cases: &[(u64, usize)] = &[(1, 1), (19_936, 1), (19_937, 2), (50_000, 3)];
+        for &(connections, want) in cases {
+            assert_eq!(auto_processes(connections, 20_000), want, "{connections}");
+        }
+        assert_eq!(
+            auto_processes(10, 0),
+            10,
+            "a limit below the spare: one each"
+        );
+        assert_eq!(
+            processes_for(Processes::Auto, 10, 10),
+            1,
+            "10 connections fit any limit"
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! SPEC §11.
 
 use super::stats::{Errors, Latency};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
 /// What `--json` prints, field by field. Shown after `--help`; a unit test keeps it in step
@@ -19,7 +19,8 @@ others cover only the measured window that follows the warm-up. Latencies are in
 
   mode                            \"echo\", \"broadcast\", \"idle\" or \"connect\"
   url                             the URL as given
-  threads                         worker threads used
+  processes                       bench processes that shared the load (--processes)
+  threads                         worker threads used, all processes together
   connections                     connections asked for (broadcast: rooms x members; connect:
                                   --concurrency, the cycles in flight)
   opened                          WebSocket handshakes completed (connect: over the whole run)
@@ -42,6 +43,8 @@ others cover only the measured window that follows the warm-up. Latencies are in
   errors.protocol                 connections the server's frames broke RFC 6455 on
   errors.server_closed            connections the server closed while in use
   errors.disconnected             connections reset or hung up without a close handshake
+  errors.process                  --processes: bench processes that died, never got ready or
+                                  never reported; their connections are in no other count
   errors.total                    the sum of the errors above
   first_error                     the first failure seen, in words, or null
   latency_us                      null when nothing was measured (idle), else:
@@ -71,6 +74,7 @@ others cover only the measured window that follows the warm-up. Latencies are in
 pub struct Report {
     pub mode: &'static str,
     pub url: String,
+    pub processes: usize,
     pub threads: usize,
     pub connections: u64,
     pub opened: u64,
@@ -88,6 +92,19 @@ pub struct Report {
     pub first_error: Option<String>,
     pub latency_us: Option<Latency>,
     pub server: Option<ServerFigures>,
+    /// Only in the report of a child process (`--child`), for its coordinator; not shown in
+    /// `JSON_FIELDS` because no user ever sees it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub child: Option<ChildExtra>,
+}
+
+/// What a child process adds to its report so that its coordinator can merge exactly: the
+/// payload bytes behind `bytes_per_sec`, and the latency histogram itself (`stats::
+/// encode_histogram`), since percentiles of parts do not add up to percentiles of the whole.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChildExtra {
+    pub received_bytes: u64,
+    pub latency_histogram: String,
 }
 
 /// What `--server-pid` adds: the server's side of the run, from /proc.
@@ -109,8 +126,8 @@ impl Report {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "wsrelay bench {} {}: {} connections ({} opened), {} thread(s), {:.1} s measured after {:.1} s warm-up",
-            self.mode, self.url, self.connections, self.opened, self.threads, self.duration_secs, self.warmup_secs
+            "wsrelay bench {} {}: {} connections ({} opened), {} thread(s) in {} process(es), {:.1} s measured after {:.1} s warm-up",
+            self.mode, self.url, self.connections, self.opened, self.threads, self.processes, self.duration_secs, self.warmup_secs
         );
         match self.mode {
             "connect" => {
@@ -186,8 +203,8 @@ impl Report {
         } else {
             let _ = writeln!(
                 t,
-                "errors: {} (connect {}, handshake {}, timeout {}, protocol {}, server closed {}, disconnected {}); {} clean closes",
-                e.total, e.connect, e.handshake, e.timeout, e.protocol, e.server_closed, e.disconnected, self.clean_closes
+                "errors: {} (connect {}, handshake {}, timeout {}, protocol {}, server closed {}, disconnected {}, process {}); {} clean closes",
+                e.total, e.connect, e.handshake, e.timeout, e.protocol, e.server_closed, e.disconnected, e.process, self.clean_closes
             );
         }
         if let Some(first) = &self.first_error {
@@ -214,6 +231,7 @@ mod tests {
         Report {
             mode: "echo",
             url: "ws://127.0.0.1:1/echo".into(),
+            processes: 1,
             threads: 1,
             connections: 10,
             opened: 10,
@@ -249,6 +267,7 @@ mod tests {
                 messages_per_cpu_sec: Some(1.0),
                 cpu_us_per_connection: Some(1.0),
             }),
+            child: None,
         }
     }
 

@@ -10,8 +10,10 @@
 //! SPEC §11.
 
 use super::client::Failure;
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer as _, V2Serializer};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Bytes of the send time at the start of every payload: nanoseconds since the run's base
@@ -53,7 +55,7 @@ pub fn read_sender(payload: &[u8]) -> Option<u32> {
 }
 
 /// Connection failures by kind. Every failure is counted here, never a panic.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Errors {
     /// TCP connect failed (refused, no route, no free local port for the source address).
     pub connect: u64,
@@ -67,6 +69,10 @@ pub struct Errors {
     pub server_closed: u64,
     /// The connection was reset or hung up without a close handshake.
     pub disconnected: u64,
+    /// With `--processes`: bench processes that died, never got ready or never reported
+    /// (their connections are missing from every other count).
+    #[serde(default)]
+    pub process: u64,
     /// The sum of the above.
     pub total: u64,
 }
@@ -85,6 +91,12 @@ impl Errors {
         self.total += 1;
     }
 
+    /// Counts one bench process lost (see `process`).
+    pub fn count_process(&mut self) {
+        self.process += 1;
+        self.total += 1;
+    }
+
     pub fn merge(&mut self, other: &Errors) {
         self.connect += other.connect;
         self.handshake += other.handshake;
@@ -92,6 +104,7 @@ impl Errors {
         self.protocol += other.protocol;
         self.server_closed += other.server_closed;
         self.disconnected += other.disconnected;
+        self.process += other.process;
         self.total += other.total;
     }
 }
@@ -163,6 +176,28 @@ impl Default for Tally {
 fn new_histogram() -> Histogram<u64> {
     // 3 significant digits: every latency is known to within 0.1%.
     Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("constant, valid bounds")
+}
+
+/// A histogram in hdrhistogram's V2 format, base64: how a bench child hands its latencies to
+/// the coordinating process, which adds them up before taking percentiles (percentiles
+/// themselves cannot be merged).
+pub fn encode_histogram(h: &Histogram<u64>) -> Result<String, String> {
+    let mut bytes = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut bytes)
+        .map_err(|e| format!("cannot serialize a histogram: {e:?}"))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// The inverse of `encode_histogram`; the text comes from a child process, so a malformed one
+/// is an error, never a panic.
+pub fn decode_histogram(text: &str) -> Result<Histogram<u64>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("histogram is not base64: {e}"))?;
+    Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| format!("histogram is not in the V2 format: {e:?}"))
 }
 
 /// A latency distribution in microseconds.
@@ -269,6 +304,22 @@ mod tests {
         let mut sum = e;
         sum.merge(&e);
         assert_eq!((sum.connect, sum.disconnected, sum.total), (4, 2, 10));
+        sum.count_process();
+        assert_eq!((sum.process, sum.total), (1, 11));
+    }
+
+    #[test]
+    fn histograms_survive_encoding() {
+        let mut t = Tally::new();
+        for ns in [1, 999, 1_000_000, u64::MAX] {
+            t.record_latency(ns);
+        }
+        let text = encode_histogram(&t.latency).unwrap();
+        let back = decode_histogram(&text).unwrap();
+        assert_eq!(back, t.latency);
+        for bad in ["", "not base64!", "AAAA"] {
+            assert!(decode_histogram(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 /// Connections of one thread in connect or handshake at once while opening: enough to keep
 /// the server busy, few enough not to overflow its accept backlog.
-const OPEN_BATCH: usize = 128;
+pub const OPEN_BATCH: usize = 128;
 
 /// How long the in-flight messages may take to come back after the stop.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);

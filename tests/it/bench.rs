@@ -9,6 +9,9 @@
 //! bench has received every echo the server queued before its reply. The window figures
 //! (`sent`, `received`, `completed`) are a part of the totals, so they are only checked to be
 //! no larger.
+//!
+//! With `--processes 2` the same checks hold for the merged report: each child closes its own
+//! connections with a close handshake before it reports, and the coordinator adds the reports.
 
 use crate::poller_tests;
 use crate::support::*;
@@ -94,9 +97,16 @@ fn assert_documented(mode: &str, json: &Value) {
 }
 
 fn bench_echo_counts_match_the_server(poller: &str) {
+    echo_counts_match(poller, 1);
+}
+
+/// An echo run of 10 connections in `processes` bench processes (one thread each), checked
+/// against /metrics; with several processes the report is the coordinator's merge.
+fn echo_counts_match(poller: &str, processes: usize) {
     let server = Server::start(poller, &[]);
     let pid = server.pid().to_string();
     let url = server.url("/echo");
+    let processes_arg = processes.to_string();
     let (code, r) = bench(&[
         "echo",
         &url,
@@ -108,9 +118,17 @@ fn bench_echo_counts_match_the_server(poller: &str) {
         "32",
         "--server-pid",
         &pid,
+        "--processes",
+        &processes_arg,
     ]);
     assert_eq!(code, 0, "{r}");
     assert_eq!(r["mode"], "echo");
+    assert_eq!(u(&r, "processes"), processes as u64);
+    assert_eq!(u(&r, "threads"), processes as u64);
+    assert!(
+        r.get("child").is_none(),
+        "the children's hidden field stays hidden"
+    );
     assert_eq!(u(&r, "errors.total"), 0, "{r}");
     assert_eq!(u(&r, "opened"), 10);
     assert_eq!(u(&r, "clean_closes"), 10);
@@ -146,11 +164,27 @@ fn bench_echo_counts_match_the_server(poller: &str) {
 }
 
 fn bench_idle_counts_match_the_server(poller: &str) {
+    idle_counts_match(poller, 1);
+}
+
+/// An idle run of 10 connections in `processes` bench processes, checked against /metrics.
+fn idle_counts_match(poller: &str, processes: usize) {
     let server = Server::start(poller, &[]);
     let pid = server.pid().to_string();
     let url = server.url("/echo");
-    let (code, r) = bench(&["idle", &url, "--connections", "10", "--server-pid", &pid]);
+    let processes_arg = processes.to_string();
+    let (code, r) = bench(&[
+        "idle",
+        &url,
+        "--connections",
+        "10",
+        "--server-pid",
+        &pid,
+        "--processes",
+        &processes_arg,
+    ]);
     assert_eq!(code, 0, "{r}");
+    assert_eq!(u(&r, "processes"), processes as u64);
     assert_eq!(u(&r, "errors.total"), 0, "{r}");
     assert_eq!(u(&r, "opened"), 10);
     assert_eq!(u(&r, "clean_closes"), 10);
@@ -200,6 +234,16 @@ fn bench_connect_counts_match_the_server(poller: &str) {
     }
     assert!(r["server"]["rss_per_connection_bytes"].is_null());
     assert_documented("connect", &r);
+}
+
+#[test]
+fn bench_echo_in_two_processes_counts_match_the_server() {
+    echo_counts_match("epoll", 2);
+}
+
+#[test]
+fn bench_idle_in_two_processes_counts_match_the_server() {
+    idle_counts_match("epoll", 2);
 }
 
 poller_tests!(
