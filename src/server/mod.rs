@@ -38,7 +38,7 @@ use connection::{Connection, Deadline, State};
 use log::{debug, info, trace, warn};
 use metrics::{Gauges, Metrics};
 use mio::net::{TcpListener, TcpStream};
-use outbound::Flush;
+use outbound::{Flush, SpareRings};
 use slab::Slab;
 use std::borrow::Cow;
 use std::io::{self, Read};
@@ -115,6 +115,8 @@ pub struct Reactor<P: Poller, H: Handler> {
     ready: Vec<ConnId>,
     /// Connections with bytes queued since their last flush (see `Outbox`).
     dirty: Vec<ConnId>,
+    /// Empty outbound rings kept for the next fan-out (`outbound::SpareRings`).
+    spare_rings: SpareRings,
     /// Closes the app asked for during a callback, applied right after it.
     close_requests: Vec<(ConnId, CloseCode, &'static str)>,
     events: Vec<Event>,
@@ -171,6 +173,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             recv_buf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
             ready: Vec::new(),
             dirty: Vec::new(),
+            spare_rings: SpareRings::default(),
             close_requests: Vec::new(),
             events: Vec::with_capacity(1024),
             timers: TimerWheel::new(config.timer_tick, TIMER_SLOTS, now),
@@ -751,6 +754,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             metrics: &mut self.metrics,
             dirty: &mut self.dirty,
             closes: &mut self.close_requests,
+            spare_rings: &mut self.spare_rings,
             max_outbound: self.config.max_outbound,
             policy: self.config.slow_consumer,
         };
@@ -773,6 +777,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             metrics: &mut self.metrics,
             dirty: &mut self.dirty,
             closes: &mut self.close_requests,
+            spare_rings: &mut self.spare_rings,
             max_outbound: self.config.max_outbound,
             policy: self.config.slow_consumer,
         };
@@ -966,6 +971,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             metrics: &mut self.metrics,
             dirty: &mut self.dirty,
             closes: &mut self.close_requests,
+            spare_rings: &mut self.spare_rings,
             max_outbound: self.config.max_outbound,
             policy: self.config.slow_consumer,
         };
@@ -1065,7 +1071,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return;
         }
         let before = conn.outbound.queued_bytes();
-        let result = conn.outbound.flush(&mut conn.stream);
+        let result = conn.outbound.flush(&mut conn.stream, &mut self.spare_rings);
         self.metrics.bytes_out += (before - conn.outbound.queued_bytes()) as u64;
         match result {
             Ok(Flush::Done) => {
