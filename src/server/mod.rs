@@ -115,6 +115,8 @@ pub struct Reactor<P: Poller, H: Handler> {
     ready: Vec<ConnId>,
     /// Connections with bytes queued since their last flush (see `Outbox`).
     dirty: Vec<ConnId>,
+    /// The dirty list being flushed; kept between iterations so its storage is reused.
+    flushing: Vec<ConnId>,
     /// Empty outbound rings kept for the next fan-out (`outbound::SpareRings`).
     spare_rings: SpareRings,
     /// Closes the app asked for during a callback, applied right after it.
@@ -173,6 +175,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             recv_buf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
             ready: Vec::new(),
             dirty: Vec::new(),
+            flushing: Vec::new(),
             spare_rings: SpareRings::default(),
             close_requests: Vec::new(),
             events: Vec::with_capacity(1024),
@@ -297,15 +300,21 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     /// Flushes every connection that had bytes queued in this iteration.
+    ///
+    /// The list is swapped with `flushing` rather than taken: `mem::take` would free its storage
+    /// every iteration, and a fan-out to n members would regrow it (log n allocations each time).
     fn flush_dirty(&mut self) {
+        let mut batch = std::mem::take(&mut self.flushing);
         while !self.dirty.is_empty() {
-            for id in std::mem::take(&mut self.dirty) {
+            std::mem::swap(&mut batch, &mut self.dirty);
+            for id in batch.drain(..) {
                 if let Some(conn) = self.conn_mut(id) {
                     conn.dirty = false;
                     self.flush(id);
                 }
             }
         }
+        self.flushing = batch;
     }
 
     /// Queues the connection for the end-of-iteration flush.
