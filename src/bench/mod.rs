@@ -221,6 +221,10 @@ pub struct IdleArgs {
     /// Connections to open and hold.
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
+    /// Give each connection an id of its own, for /ws: `id=bench-<n>` (n = 0, 1, ...) is added
+    /// to the URL's query. Without it every connection uses the URL as given (one id's devices).
+    #[arg(long)]
+    pub unique_ids: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -621,7 +625,11 @@ fn plan(mode: &Mode, part: Part) -> Result<Setup, String> {
             let (first, count, _) = share(a.connections, None)?;
             let threads = max_threads.min(count);
             let per_thread = spread(count, threads, |k| ConnPlan {
-                resource: url.resource.clone(),
+                resource: if a.unique_ids {
+                    target::unique_id_resource(&url.resource, first + k)
+                } else {
+                    url.resource.clone()
+                },
                 source: source_of(first + k),
                 witness: None,
             });
@@ -1028,6 +1036,30 @@ mod tests {
         }
         let globals: Vec<usize> = layout[1].iter().map(|m| m.global).collect();
         assert_eq!(globals, [4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn idle_connections_share_the_url_unless_each_gets_its_own_id() {
+        let resources = |args: &str| -> Vec<Vec<String>> {
+            setup(args)
+                .unwrap()
+                .plans
+                .iter()
+                .map(|p| p.conns.iter().map(|c| c.resource.clone()).collect())
+                .collect()
+        };
+        assert_eq!(
+            resources("idle ws://127.0.0.1:9/ws?id=a --connections 3 --threads 2"),
+            [vec!["/ws?id=a", "/ws?id=a"], vec!["/ws?id=a"]]
+        );
+        // Connection g (dealt to thread g % 2) is bench-g.
+        assert_eq!(
+            resources("idle ws://127.0.0.1:9/ws --connections 3 --threads 2 --unique-ids"),
+            [
+                vec!["/ws?id=bench-0", "/ws?id=bench-2"],
+                vec!["/ws?id=bench-1"]
+            ]
+        );
     }
 
     #[test]

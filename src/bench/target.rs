@@ -2,7 +2,7 @@
 //!
 //! Owns: resolving the URL's host and refusing any target outside the loopback range unless
 //! `--allow-remote` is given; parsing `--source-addrs` ranges; naming the rooms of a broadcast
-//! run.
+//! run and the ids of an idle run with `--unique-ids`.
 //! Does not: open sockets (`client.rs` binds and connects).
 //!
 //! SPEC §11; the machine policy of this project: load goes only to 127.0.0.0/8 (or ::1).
@@ -89,6 +89,17 @@ pub fn room_resource(base: &str, room: usize) -> String {
         Some((path, query)) => format!("{path}-{room}?{query}"),
         None => format!("{base}-{room}"),
     }
+}
+
+/// The resource of connection `n` of an idle run with `--unique-ids`: `id=bench-<n>` added to
+/// the query (`/ws` -> `/ws?id=bench-7`, `/ws?since=1` -> `/ws?since=1&id=bench-7`).
+pub fn unique_id_resource(base: &str, n: usize) -> String {
+    let separator = match base.split_once('?') {
+        None => "?",
+        Some((_, "")) => "",
+        Some(_) => "&",
+    };
+    format!("{base}{separator}id=bench-{n}")
 }
 
 #[cfg(test)]
@@ -193,6 +204,19 @@ mod tests {
         ];
         for &(base, room, want) in cases {
             assert_eq!(room_resource(base, room), want);
+        }
+    }
+
+    #[test]
+    fn unique_ids() {
+        let cases: &[(&str, usize, &str)] = &[
+            ("/ws", 0, "/ws?id=bench-0"),
+            ("/ws", 9999, "/ws?id=bench-9999"),
+            ("/ws?", 3, "/ws?id=bench-3"),
+            ("/ws?since=12", 3, "/ws?since=12&id=bench-3"),
+        ];
+        for &(base, n, want) in cases {
+            assert_eq!(unique_id_resource(base, n), want);
         }
     }
 }

@@ -12,6 +12,7 @@
 
 use super::connection::{ConnId, Connection, State};
 use super::metrics::Metrics;
+use super::outbound::SpareRings;
 use crate::protocol::frame::{self, OpCode};
 use crate::protocol::handshake::Request;
 use crate::protocol::CloseCode;
@@ -93,6 +94,9 @@ pub struct Outbox<'a> {
     pub(super) dirty: &'a mut Vec<ConnId>,
     /// Closes requested during the callback; applied by the reactor right after it.
     pub(super) closes: &'a mut Vec<(ConnId, CloseCode, &'static str)>,
+    /// The reactor's empty chunk rings: a fan-out reuses them instead of allocating one per
+    /// recipient (see `outbound`).
+    pub(super) spare_rings: &'a mut SpareRings,
     pub(super) max_outbound: usize,
     pub(super) policy: SlowConsumer,
 }
@@ -100,15 +104,15 @@ pub struct Outbox<'a> {
 impl Outbox<'_> {
     /// Queues a frame encoded once and shared by many recipients (no copy per recipient).
     pub fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
-        self.queue(to, frame.len(), |conn| {
-            conn.outbound.push_shared(Rc::clone(frame))
+        self.queue(to, frame.len(), |conn, spares| {
+            conn.outbound.push_shared(Rc::clone(frame), spares)
         })
     }
 
     /// Encodes a message for one connection, straight into its outbound queue.
     pub fn send(&mut self, to: ConnId, opcode: OpCode, payload: &[u8]) -> Sent {
         let len = frame::header_len(payload.len(), false) + payload.len();
-        self.queue(to, len, |conn| {
+        self.queue(to, len, |conn, _| {
             conn.outbound.push_owned_with(len, |out| {
                 frame::encode_into(out, true, opcode, payload, None)
             })
@@ -125,7 +129,12 @@ impl Outbox<'_> {
         Rc::from(frame::encode(true, opcode, payload, None))
     }
 
-    fn queue(&mut self, to: ConnId, len: usize, push: impl FnOnce(&mut Connection)) -> Sent {
+    fn queue(
+        &mut self,
+        to: ConnId,
+        len: usize,
+        push: impl FnOnce(&mut Connection, &mut SpareRings),
+    ) -> Sent {
         let Some(conn) = self
             .conns
             .get_mut(to.slot as usize)
@@ -156,7 +165,7 @@ impl Outbox<'_> {
                 }
             };
         }
-        push(conn);
+        push(conn, self.spare_rings);
         self.metrics.messages_out += 1;
         if !conn.dirty {
             conn.dirty = true;

@@ -38,7 +38,7 @@ use connection::{Connection, Deadline, State};
 use log::{debug, info, trace, warn};
 use metrics::{Gauges, Metrics};
 use mio::net::{TcpListener, TcpStream};
-use outbound::Flush;
+use outbound::{Flush, SpareRings};
 use slab::Slab;
 use std::borrow::Cow;
 use std::io::{self, Read};
@@ -115,6 +115,10 @@ pub struct Reactor<P: Poller, H: Handler> {
     ready: Vec<ConnId>,
     /// Connections with bytes queued since their last flush (see `Outbox`).
     dirty: Vec<ConnId>,
+    /// The dirty list being flushed; kept between iterations so its storage is reused.
+    flushing: Vec<ConnId>,
+    /// Empty outbound rings kept for the next fan-out (`outbound::SpareRings`).
+    spare_rings: SpareRings,
     /// Closes the app asked for during a callback, applied right after it.
     close_requests: Vec<(ConnId, CloseCode, &'static str)>,
     /// Set while `apply_close_requests` runs (see there).
@@ -174,6 +178,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             recv_buf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
             ready: Vec::new(),
             dirty: Vec::new(),
+            flushing: Vec::new(),
+            spare_rings: SpareRings::default(),
             close_requests: Vec::new(),
             applying_closes: false,
             events: Vec::with_capacity(1024),
@@ -298,15 +304,21 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     /// Flushes every connection that had bytes queued in this iteration.
+    ///
+    /// The list is swapped with `flushing` rather than taken: `mem::take` would free its storage
+    /// every iteration, and a fan-out to n members would regrow it (log n allocations each time).
     fn flush_dirty(&mut self) {
+        let mut batch = std::mem::take(&mut self.flushing);
         while !self.dirty.is_empty() {
-            for id in std::mem::take(&mut self.dirty) {
+            std::mem::swap(&mut batch, &mut self.dirty);
+            for id in batch.drain(..) {
                 if let Some(conn) = self.conn_mut(id) {
                     conn.dirty = false;
                     self.flush(id);
                 }
             }
         }
+        self.flushing = batch;
     }
 
     /// Queues the connection for the end-of-iteration flush.
@@ -790,6 +802,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             metrics: &mut self.metrics,
             dirty: &mut self.dirty,
             closes: &mut self.close_requests,
+            spare_rings: &mut self.spare_rings,
             max_outbound: self.config.max_outbound,
             policy: self.config.slow_consumer,
         };
@@ -1096,7 +1109,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return;
         }
         let before = conn.outbound.queued_bytes();
-        let result = conn.outbound.flush(&mut conn.stream);
+        let result = conn.outbound.flush(&mut conn.stream, &mut self.spare_rings);
         self.metrics.bytes_out += (before - conn.outbound.queued_bytes()) as u64;
         match result {
             Ok(Flush::Done) => {
