@@ -12,7 +12,7 @@
 
 use super::connection::{ConnId, Connection, State};
 use super::metrics::Metrics;
-use super::outbound::SpareRings;
+use super::outbound::OutboundPool;
 use crate::protocol::frame::{self, OpCode};
 use crate::protocol::handshake::Request;
 use crate::protocol::CloseCode;
@@ -94,9 +94,9 @@ pub struct Outbox<'a> {
     pub(super) dirty: &'a mut Vec<ConnId>,
     /// Closes requested during the callback; applied by the reactor right after it.
     pub(super) closes: &'a mut Vec<(ConnId, CloseCode, &'static str)>,
-    /// The reactor's empty chunk rings: a fan-out reuses them instead of allocating one per
-    /// recipient (see `outbound`).
-    pub(super) spare_rings: &'a mut SpareRings,
+    /// The reactor's storage for outbound queues: a fan-out reuses its rings instead of
+    /// allocating one per recipient (see `outbound`).
+    pub(super) pool: &'a mut OutboundPool,
     pub(super) max_outbound: usize,
     pub(super) policy: SlowConsumer,
 }
@@ -104,8 +104,8 @@ pub struct Outbox<'a> {
 impl Outbox<'_> {
     /// Queues a frame encoded once and shared by many recipients (no copy per recipient).
     pub fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
-        self.queue(to, frame.len(), |conn, spares| {
-            conn.outbound.push_shared(Rc::clone(frame), spares)
+        self.queue(to, frame.len(), |conn, pool| {
+            conn.outbound.push_shared(Rc::clone(frame), pool)
         })
     }
 
@@ -133,7 +133,7 @@ impl Outbox<'_> {
         &mut self,
         to: ConnId,
         len: usize,
-        push: impl FnOnce(&mut Connection, &mut SpareRings),
+        push: impl FnOnce(&mut Connection, &mut OutboundPool),
     ) -> Sent {
         let Some(conn) = self
             .conns
@@ -165,7 +165,7 @@ impl Outbox<'_> {
                 }
             };
         }
-        push(conn, self.spare_rings);
+        push(conn, self.pool);
         self.metrics.messages_out += 1;
         if !conn.dirty {
             conn.dirty = true;

@@ -38,7 +38,7 @@ use connection::{Connection, Deadline, State};
 use log::{debug, info, trace, warn};
 use metrics::{Gauges, Metrics};
 use mio::net::{TcpListener, TcpStream};
-use outbound::{Flush, SpareRings};
+use outbound::{Flush, OutboundPool};
 use slab::Slab;
 use std::borrow::Cow;
 use std::io::{self, Read};
@@ -117,8 +117,8 @@ pub struct Reactor<P: Poller, H: Handler> {
     dirty: Vec<ConnId>,
     /// The dirty list being flushed; kept between iterations so its storage is reused.
     flushing: Vec<ConnId>,
-    /// Empty outbound rings kept for the next fan-out (`outbound::SpareRings`).
-    spare_rings: SpareRings,
+    /// Storage lent to the outbound queues: spare rings, the gather buffer (`OutboundPool`).
+    outbound_pool: OutboundPool,
     /// Closes the app asked for during a callback, applied right after it.
     close_requests: Vec<(ConnId, CloseCode, &'static str)>,
     /// Set while `apply_close_requests` runs (see there).
@@ -179,7 +179,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             ready: Vec::new(),
             dirty: Vec::new(),
             flushing: Vec::new(),
-            spare_rings: SpareRings::default(),
+            outbound_pool: OutboundPool::default(),
             close_requests: Vec::new(),
             applying_closes: false,
             events: Vec::with_capacity(1024),
@@ -802,7 +802,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             metrics: &mut self.metrics,
             dirty: &mut self.dirty,
             closes: &mut self.close_requests,
-            spare_rings: &mut self.spare_rings,
+            pool: &mut self.outbound_pool,
             max_outbound: self.config.max_outbound,
             policy: self.config.slow_consumer,
         };
@@ -1109,7 +1109,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return;
         }
         let before = conn.outbound.queued_bytes();
-        let result = conn.outbound.flush(&mut conn.stream, &mut self.spare_rings);
+        let result = conn
+            .outbound
+            .flush(&mut conn.stream, &mut self.outbound_pool);
         self.metrics.bytes_out += (before - conn.outbound.queued_bytes()) as u64;
         match result {
             Ok(Flush::Done) => {

@@ -1,8 +1,8 @@
 //! A connection's queue of encoded bytes waiting for the socket, flushed with vectored writes.
 //!
 //! Owns: the chunks not yet written, the offset into the first one, and the count of queued bytes
-//! that the backpressure limit (`--max-outbound`, SPEC §2) is checked against; `SpareRings`, the
-//! reactor's stock of empty chunk rings.
+//! that the backpressure limit (`--max-outbound`, SPEC §2) is checked against; `OutboundPool`,
+//! the storage the reactor lends to every queue (empty chunk rings, one gather buffer).
 //! Does not: encode frames itself beyond appending to its own tail, decide what to do when a limit
 //! is exceeded (the reactor applies the slow-consumer policy), or register interest.
 //!
@@ -17,11 +17,19 @@
 //! copies every broadcast payload once per recipient; the shared chunks avoid it.
 //!
 //! The chunks sit in a ring (`VecDeque`). A flushed queue gives its ring up, so an idle connection
-//! holds no buffer (SPEC §2), but not to the allocator: it goes to `SpareRings`, and the next
-//! fan-out takes it back. The simple version, a fresh ring for every queue that fills, allocates
-//! (and regrows) one ring per recipient per loop iteration: O(members) allocations per message
-//! batch, 29% of a broadcast server's instructions under callgrind (docs/benchmarks.md,
+//! holds no buffer (SPEC §2), but not to the allocator: it goes to the `OutboundPool`, and the
+//! next fan-out takes it back. The simple version, a fresh ring for every queue that fills,
+//! allocates (and regrows) one ring per recipient per loop iteration: O(members) allocations per
+//! message batch, 29% of a broadcast server's instructions under callgrind (docs/benchmarks.md,
 //! "Allocations per fan-out").
+//!
+//! Writing: one `writev` carries many chunks, but the kernel charges for every iovec, and for a
+//! 66-byte frame that charge (some 30 ns on Linux) is larger than copying the frame. So a flush
+//! first copies the run of small chunks at the head of the queue (up to `GATHER_CHUNK_BYTES`
+//! each) into the pool's gather buffer, which becomes the first iovec; larger chunks keep an
+//! iovec of their own, never copied. The queue itself still holds each shared frame once, by
+//! reference; the copy exists only for the duration of one write. The simple version, one iovec
+//! per chunk, stays in the tests as the oracle (`gathered_writes_match_one_iovec_per_chunk`).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -38,8 +46,8 @@ const OWNED_CHUNK_BYTES: usize = 4 * 1024;
 
 /// At most this many chunks go into one `writev`: IOV_MAX on Linux, macOS and the BSDs. A room
 /// fan-out queues one shared chunk per message, so a member of a busy room often has hundreds
-/// waiting; the earlier cap of 64 split them into several `writev`s, and each one is a full TCP
-/// send. Raising it cut the server's CPU per delivery by 25-45% in a 1,000-member room with 256
+/// waiting (those over `GATHER_CHUNK_BYTES` each keep an iovec); the earlier cap of 64 split them
+/// into several `writev`s, and each one is a full TCP send. Raising it cut the server's CPU per delivery by 25-45% in a 1,000-member room with 256
 /// messages in flight (docs/benchmarks.md, "Broadcast vs tokio-tungstenite").
 const MAX_IOVECS: usize = 1024;
 
@@ -47,10 +55,19 @@ const MAX_IOVECS: usize = 1024;
 /// the full `MAX_IOVECS` array is 16 KiB to initialise on every call.
 const FEW_IOVECS: usize = 64;
 
-/// The most memory `SpareRings` keeps in empty rings; rings beyond it go back to the allocator.
+/// The most memory the pool keeps in empty rings; rings beyond it go back to the allocator.
 /// A 1,000-member room with 256 messages in flight per member cycles about 6 MiB of rings; the
 /// cap keeps an idle server's stock small while covering rooms of hundreds at full speed.
 const MAX_SPARE_RING_BYTES: usize = 4 * 1024 * 1024;
+
+/// Chunks up to this size are copied into the gather buffer at flush time instead of getting an
+/// iovec each. Measured in a 1,000-member room (docs/benchmarks.md, "Broadcast vs
+/// tokio-tungstenite"): with 64-byte messages, gathering cut the server's CPU per delivery by a
+/// third; with 1 KiB messages it made no difference, with 4 KiB it cost more than it saved.
+const GATHER_CHUNK_BYTES: usize = 512;
+
+/// The most bytes gathered for one write (the gather buffer's size once grown).
+const GATHER_BYTES: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub enum Chunk {
@@ -116,10 +133,10 @@ impl Outbound {
     }
 
     /// Queues a frame shared with other connections, without copying it. An empty queue takes
-    /// a ring from `spares` rather than from the allocator (see the module doc).
-    pub fn push_shared(&mut self, frame: Rc<[u8]>, spares: &mut SpareRings) {
+    /// a ring from `pool` rather than from the allocator (see the module doc).
+    pub fn push_shared(&mut self, frame: Rc<[u8]>, pool: &mut OutboundPool) {
         if self.chunks.capacity() == 0 {
-            self.chunks = spares.take();
+            self.chunks = pool.take_ring();
         }
         self.queued_bytes += frame.len();
         self.chunks.push_back(Chunk::Shared(frame));
@@ -127,16 +144,19 @@ impl Outbound {
 
     /// Writes as much as the socket takes, many chunks per `writev`, until the queue is empty
     /// or the socket would block. `Interrupted` is retried. An emptied queue puts its ring in
-    /// `spares`.
+    /// `pool`.
     ///
     /// # Errors
     /// Any I/O error other than `WouldBlock`/`Interrupted`; the caller closes the connection.
-    pub fn flush(&mut self, sink: &mut impl Write, spares: &mut SpareRings) -> io::Result<Flush> {
+    pub fn flush(&mut self, sink: &mut impl Write, pool: &mut OutboundPool) -> io::Result<Flush> {
         while !self.chunks.is_empty() {
-            let written = if self.chunks.len() <= FEW_IOVECS {
-                self.write_some::<FEW_IOVECS>(sink)
+            let gathered = self.gather_head(&mut pool.gather);
+            // The gather buffer replaces the chunks it holds with one iovec.
+            let iovecs = self.chunks.len() - gathered + usize::from(gathered > 0);
+            let written = if iovecs <= FEW_IOVECS {
+                self.write_some::<FEW_IOVECS>(sink, &pool.gather, gathered)
             } else {
-                self.write_some::<MAX_IOVECS>(sink)
+                self.write_some::<MAX_IOVECS>(sink, &pool.gather, gathered)
             };
             match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -147,21 +167,59 @@ impl Outbound {
             }
         }
         // Give up the ring too: an idle connection holds no buffers (SPEC §2).
-        spares.put(std::mem::take(&mut self.chunks));
+        pool.put_ring(std::mem::take(&mut self.chunks));
         Ok(Flush::Done)
     }
 
-    /// One `writev` of the first `N` chunks at most.
-    fn write_some<const N: usize>(&self, sink: &mut impl Write) -> io::Result<usize> {
-        let mut iov = [IoSlice::new(&[]); N];
-        let mut count = 0;
-        for (i, chunk) in self.chunks.iter().take(N).enumerate() {
+    /// The bytes still to write, chunk by chunk (the first one less what is already written).
+    fn pending(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks.iter().enumerate().map(|(i, chunk)| {
             let bytes = chunk.as_slice();
-            iov[i] = IoSlice::new(if i == 0 {
+            if i == 0 {
                 &bytes[self.head_offset..]
             } else {
                 bytes
-            });
+            }
+        })
+    }
+
+    /// Copies the run of small chunks at the head of the queue into `gather` (see the module
+    /// doc) and returns how many it holds; 0, with `gather` empty, if the run is shorter than two
+    /// chunks, since copying a lone chunk saves nothing.
+    fn gather_head(&self, gather: &mut Vec<u8>) -> usize {
+        gather.clear();
+        let mut gathered = 0;
+        for bytes in self.pending() {
+            if bytes.len() > GATHER_CHUNK_BYTES || gather.len() + bytes.len() > GATHER_BYTES {
+                break;
+            }
+            gather.extend_from_slice(bytes);
+            gathered += 1;
+        }
+        if gathered < 2 {
+            gather.clear();
+            return 0;
+        }
+        gathered
+    }
+
+    /// One `writev` of at most `N` iovecs: the `gathered` head chunks as one (their copy in
+    /// `gather`), then the following chunks one each.
+    fn write_some<const N: usize>(
+        &self,
+        sink: &mut impl Write,
+        gather: &[u8],
+        gathered: usize,
+    ) -> io::Result<usize> {
+        let head = (gathered > 0).then_some(gather);
+        let mut iov = [IoSlice::new(&[]); N];
+        let mut count = 0;
+        for bytes in head
+            .into_iter()
+            .chain(self.pending().skip(gathered))
+            .take(N)
+        {
+            iov[count] = IoSlice::new(bytes);
             count += 1;
         }
         sink.write_vectored(&iov[..count])
@@ -201,22 +259,25 @@ impl Outbound {
     }
 }
 
-/// Empty chunk rings left by flushed queues, for the next queues that fill. One per reactor.
+/// Storage the reactor lends to its outbound queues, one per reactor: the empty chunk rings
+/// left by flushed queues, for the next queues that fill, and the buffer a flush gathers small
+/// chunks into (see the module doc).
 ///
-/// Invariant: every ring here is empty, and `bytes` is the sum of their capacities in bytes, at
-/// most `MAX_SPARE_RING_BYTES`.
+/// Invariant: every ring here is empty, and `ring_bytes` is the sum of their capacities in
+/// bytes, at most `MAX_SPARE_RING_BYTES`. `gather` holds nothing between flushes.
 #[derive(Debug, Default)]
-pub struct SpareRings {
+pub struct OutboundPool {
     rings: Vec<VecDeque<Chunk>>,
-    bytes: usize,
+    ring_bytes: usize,
+    gather: Vec<u8>,
 }
 
-impl SpareRings {
+impl OutboundPool {
     /// A ring with room for chunks, or a new empty one if there is none in stock.
-    fn take(&mut self) -> VecDeque<Chunk> {
+    fn take_ring(&mut self) -> VecDeque<Chunk> {
         match self.rings.pop() {
             Some(ring) => {
-                self.bytes -= ring_bytes(&ring);
+                self.ring_bytes -= ring_bytes(&ring);
                 ring
             }
             None => VecDeque::new(),
@@ -224,11 +285,11 @@ impl SpareRings {
     }
 
     /// Keeps an emptied ring for reuse, or frees it if the stock is full.
-    fn put(&mut self, ring: VecDeque<Chunk>) {
+    fn put_ring(&mut self, ring: VecDeque<Chunk>) {
         debug_assert!(ring.is_empty());
         let bytes = ring_bytes(&ring);
-        if bytes > 0 && self.bytes + bytes <= MAX_SPARE_RING_BYTES {
-            self.bytes += bytes;
+        if bytes > 0 && self.ring_bytes + bytes <= MAX_SPARE_RING_BYTES {
+            self.ring_bytes += bytes;
             self.rings.push(ring);
         }
     }
@@ -241,12 +302,26 @@ fn ring_bytes(ring: &VecDeque<Chunk>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
-    /// A sink that accepts at most `limit` bytes per call, then blocks after `calls` calls.
+    /// A sink that accepts at most `limit` bytes per call and blocks once `calls_left` is spent;
+    /// it records how many iovecs each call was given.
     struct Trickle {
         out: Vec<u8>,
         limit: usize,
         calls_left: usize,
+        iovecs: Vec<usize>,
+    }
+
+    impl Trickle {
+        fn new(limit: usize, calls_left: usize) -> Trickle {
+            Trickle {
+                out: Vec::new(),
+                limit,
+                calls_left,
+                iovecs: Vec::new(),
+            }
+        }
     }
 
     impl Write for Trickle {
@@ -258,6 +333,7 @@ mod tests {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             self.calls_left -= 1;
+            self.iovecs.push(bufs.len());
             let mut n = 0;
             for b in bufs {
                 let take = (self.limit - n).min(b.len());
@@ -274,73 +350,139 @@ mod tests {
         }
     }
 
+    /// A queue of shared frames of these sizes, each filled with its own index (mod 251), and
+    /// the bytes they make together (what the simple version, one iovec per chunk, writes).
+    fn frames(sizes: &[usize], pool: &mut OutboundPool) -> (Outbound, Vec<u8>) {
+        let mut q = Outbound::default();
+        let mut expected = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            let frame = vec![(i % 251) as u8; size];
+            expected.extend_from_slice(&frame);
+            q.push_shared(Rc::from(frame), pool);
+        }
+        (q, expected)
+    }
+
     #[test]
     fn partial_writes_keep_order_and_count() {
+        let mut pool = OutboundPool::default();
         let mut q = Outbound::default();
         q.push_owned_with(3, |v| v.extend_from_slice(b"abc"));
-        q.push_shared(Rc::from(&b"defgh"[..]), &mut SpareRings::default());
+        q.push_shared(Rc::from(&b"defgh"[..]), &mut pool);
         q.push_owned_with(2, |v| v.extend_from_slice(b"ij"));
         assert_eq!(q.queued_bytes(), 10);
 
-        let mut sink = Trickle {
-            out: Vec::new(),
-            limit: 4,
-            calls_left: 2,
-        };
-        assert_eq!(
-            q.flush(&mut sink, &mut SpareRings::default()).unwrap(),
-            Flush::Blocked
-        );
+        let mut sink = Trickle::new(4, 2);
+        assert_eq!(q.flush(&mut sink, &mut pool).unwrap(), Flush::Blocked);
         assert_eq!(sink.out, b"abcdefgh");
         assert_eq!(q.queued_bytes(), 2);
 
         sink.calls_left = 10;
-        assert_eq!(
-            q.flush(&mut sink, &mut SpareRings::default()).unwrap(),
-            Flush::Done
-        );
+        assert_eq!(q.flush(&mut sink, &mut pool).unwrap(), Flush::Done);
         assert_eq!(sink.out, b"abcdefghij");
         assert!(q.is_empty());
     }
 
     #[test]
+    fn small_chunks_are_gathered_and_large_ones_keep_their_iovec() {
+        fn check(name: &str, sizes: &[usize], iovecs_per_call: &[usize]) {
+            let mut pool = OutboundPool::default();
+            let (mut q, expected) = frames(sizes, &mut pool);
+            let mut sink = Trickle::new(usize::MAX, 100);
+            assert_eq!(
+                q.flush(&mut sink, &mut pool).unwrap(),
+                Flush::Done,
+                "{name}"
+            );
+            assert_eq!(sink.out, expected, "{name}");
+            assert_eq!(sink.iovecs, iovecs_per_call, "{name}");
+            assert!(pool.gather.len() <= GATHER_BYTES, "{name}");
+        }
+        let small = GATHER_CHUNK_BYTES;
+        let large = GATHER_CHUNK_BYTES + 1;
+        check("small frames leave as one iovec", &[66; 300], &[1]);
+        check("a lone small frame is not copied", &[66], &[1]);
+        check("large frames keep one iovec each", &[large; 3], &[3]);
+        check(
+            "a small run, then a large frame and what follows it",
+            &[66, small, 66, 4096, 66, 66],
+            &[4],
+        );
+        check("a large head: nothing gathered", &[4096, 66, 66], &[3]);
+        // 128 chunks of 512 bytes fill the 64 KiB gather buffer; the other 72 follow it.
+        check("the gather buffer is bounded", &[small; 200], &[73]);
+        check(
+            "at most MAX_IOVECS per writev",
+            &vec![large; 2 * MAX_IOVECS + 3],
+            &[MAX_IOVECS, MAX_IOVECS, 3],
+        );
+        check(
+            "just over FEW_IOVECS",
+            &vec![large; FEW_IOVECS + 1],
+            &[FEW_IOVECS + 1],
+        );
+    }
+
+    proptest! {
+        /// Whatever the chunk sizes and however little the socket takes per call, the bytes
+        /// arrive as the simple version (one iovec per chunk) would send them.
+        #[test]
+        fn gathered_writes_match_one_iovec_per_chunk(
+            sizes in proptest::collection::vec(
+                prop_oneof![1usize..=GATHER_CHUNK_BYTES, GATHER_CHUNK_BYTES + 1..3000],
+                0..60,
+            ),
+            limit in 1usize..5000,
+        ) {
+            let mut pool = OutboundPool::default();
+            let (mut q, expected) = frames(&sizes, &mut pool);
+            let mut sink = Trickle::new(limit, 0);
+            loop {
+                sink.calls_left = 3;
+                if q.flush(&mut sink, &mut pool).unwrap() == Flush::Done {
+                    break;
+                }
+                prop_assert_eq!(q.queued_bytes(), expected.len() - sink.out.len());
+            }
+            prop_assert_eq!(sink.out, expected);
+            prop_assert!(q.is_empty());
+        }
+    }
+
+    #[test]
     fn flushed_rings_are_reused_up_to_the_cap() {
-        let mut spares = SpareRings::default();
-        let mut sink = Trickle {
-            out: Vec::new(),
-            limit: usize::MAX,
-            calls_left: 100,
-        };
+        let mut pool = OutboundPool::default();
+        let mut sink = Trickle::new(usize::MAX, 100);
         let frame: Rc<[u8]> = Rc::from(&b"x"[..]);
         let mut a = Outbound::default();
         for _ in 0..100 {
-            a.push_shared(Rc::clone(&frame), &mut spares);
+            a.push_shared(Rc::clone(&frame), &mut pool);
         }
         let grown = a.chunks.capacity();
-        assert_eq!(a.flush(&mut sink, &mut spares).unwrap(), Flush::Done);
+        assert_eq!(a.flush(&mut sink, &mut pool).unwrap(), Flush::Done);
         assert_eq!(a.chunks.capacity(), 0, "an idle queue holds no ring");
-        assert_eq!(spares.rings.len(), 1);
+        assert_eq!(pool.rings.len(), 1);
 
         // The next queue to fill gets that ring, already grown.
         let mut b = Outbound::default();
-        b.push_shared(Rc::clone(&frame), &mut spares);
+        b.push_shared(Rc::clone(&frame), &mut pool);
         assert_eq!(b.chunks.capacity(), grown);
-        assert_eq!((spares.rings.len(), spares.bytes), (0, 0));
+        assert_eq!((pool.rings.len(), pool.ring_bytes), (0, 0));
 
         // The stock never holds more than its cap.
         let slots = MAX_SPARE_RING_BYTES / std::mem::size_of::<Chunk>();
-        spares.put(VecDeque::with_capacity(slots));
-        spares.put(VecDeque::with_capacity(4));
+        pool.put_ring(VecDeque::with_capacity(slots));
+        pool.put_ring(VecDeque::with_capacity(4));
         assert_eq!(
-            spares.rings.len(),
+            pool.rings.len(),
             1,
             "the second ring is over the cap and freed"
         );
-        assert!(spares.bytes <= MAX_SPARE_RING_BYTES);
+        assert!(pool.ring_bytes <= MAX_SPARE_RING_BYTES);
         // A ring that never allocated is not worth keeping.
-        spares.take();
-        spares.put(VecDeque::new());
-        assert_eq!((spares.rings.len(), spares.bytes), (0, 0));
+        pool.take_ring();
+        pool.put_ring(VecDeque::new());
+        assert_eq!((pool.rings.len(), pool.ring_bytes), (0, 0));
     }
 
     #[test]
@@ -351,37 +493,5 @@ mod tests {
         }
         assert_eq!(q.chunks.len(), 1);
         assert_eq!(q.queued_bytes(), 16 * 66);
-    }
-
-    #[test]
-    fn chunks_go_out_in_writevs_of_at_most_max_iovecs() {
-        // (chunks queued, writev calls expected)
-        let cases = [
-            (1, 1),
-            (FEW_IOVECS, 1),
-            (FEW_IOVECS + 1, 1),
-            (MAX_IOVECS, 1),
-            (MAX_IOVECS + 1, 2),
-            (2 * MAX_IOVECS + 3, 3),
-        ];
-        for (chunks, calls) in cases {
-            let mut q = Outbound::default();
-            let expected: Vec<u8> = (0..chunks).map(|i| i as u8).collect();
-            for &b in &expected {
-                q.push_shared(Rc::from(&[b][..]), &mut SpareRings::default());
-            }
-            let mut sink = Trickle {
-                out: Vec::new(),
-                limit: usize::MAX,
-                calls_left: 100,
-            };
-            assert_eq!(
-                q.flush(&mut sink, &mut SpareRings::default()).unwrap(),
-                Flush::Done,
-                "{chunks} chunks"
-            );
-            assert_eq!(sink.out, expected, "{chunks} chunks");
-            assert_eq!(100 - sink.calls_left, calls, "{chunks} chunks");
-        }
     }
 }
