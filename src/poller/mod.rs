@@ -115,3 +115,17 @@ pub trait Poller {
     /// Only unexpected OS failures; the reactor treats them as fatal.
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
 }
+
+/// Fails with the OS error (EBADF) if `fd` is not an open descriptor. poll(2) would accept a bad
+/// one and report POLLNVAL on every wait, and for select(2) one bad descriptor in the sets makes
+/// the *whole* call fail with EBADF; checking at `register` gives the caller the answer epoll
+/// gives, and keeps bad descriptors out of the backends' tables.
+fn check_open(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFD only reads the descriptor flags of `fd`; it takes no pointer and has no
+    // effect on the descriptor. Any `fd` value, valid or not, is safe to pass.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -108,19 +108,6 @@ fn timeout_ms(timeout: Option<Duration>) -> libc::c_int {
     }
 }
 
-/// Fails with the OS error (EBADF) if `fd` is not an open descriptor. poll(2) itself would accept
-/// it and report POLLNVAL on every wait; checking here gives the caller the same answer at
-/// `register` that epoll gives, and keeps a bad descriptor out of the array.
-fn check_open(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFD only reads the descriptor flags of `fd`; it takes no pointer and has no
-    // effect on the descriptor. Any `fd` value, valid or not, is safe to pass.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn not_registered(fd: RawFd) -> io::Error {
     io::Error::new(
         io::ErrorKind::NotFound,
@@ -141,7 +128,7 @@ impl Poller for PollPoller {
                 format!("descriptor {fd} is already registered with the poll backend"),
             ));
         }
-        check_open(fd)?;
+        super::check_open(fd)?;
         self.index.insert(fd, self.pollfds.len());
         self.pollfds.push(libc::pollfd {
             fd,

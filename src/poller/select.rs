@@ -125,18 +125,6 @@ fn to_timeval(timeout: Duration) -> libc::timeval {
     }
 }
 
-/// Fails with the OS error (EBADF) if `fd` is not an open descriptor. This matters more here than
-/// for poll(2): one bad descriptor in the sets makes the *whole* select call fail with EBADF.
-fn check_open(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFD only reads the descriptor flags of `fd`; it takes no pointer and has no
-    // effect on the descriptor. Any `fd` value, valid or not, is safe to pass.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn not_registered(fd: RawFd) -> io::Error {
     io::Error::new(
         io::ErrorKind::NotFound,
@@ -201,7 +189,7 @@ impl Poller for SelectPoller {
             ));
         }
         // Also refuses negative numbers (EBADF), so every registered fd is in 0..FD_SETSIZE.
-        check_open(fd)?;
+        super::check_open(fd)?;
         self.registrations.insert(fd, (token, interest));
         self.apply_interest(fd, interest);
         self.max_fd = Some(self.max_fd.map_or(fd, |max| max.max(fd)));

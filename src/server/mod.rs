@@ -533,13 +533,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             if conn.awaiting_pong && conn.state == State::Open {
                 // The peer is alive: the pong deadline gives way to the next heartbeat.
                 conn.awaiting_pong = false;
-                if let Some(timer) = conn.timer.take() {
-                    self.timers.cancel(timer);
-                }
-                conn.timer = Some(self.timers.arm(
+                set_deadline(
+                    &mut self.timers,
+                    conn,
                     self.now + self.config.heartbeat_interval,
-                    TimerEvent::Conn(id, Deadline::Heartbeat),
-                ));
+                    Deadline::Heartbeat,
+                );
             }
             if !self.ingest(id, n) {
                 return; // closed
@@ -761,13 +760,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                         conn.state = State::Closing { received: true };
                         // The heartbeat no longer applies: the peer has until the close
                         // deadline to take our reply, or the socket is closed anyway.
-                        if let Some(old) = conn.timer.take() {
-                            self.timers.cancel(old);
-                        }
-                        conn.timer = Some(self.timers.arm(
+                        set_deadline(
+                            &mut self.timers,
+                            conn,
                             self.now + self.config.close_timeout,
-                            TimerEvent::Conn(id, Deadline::Close),
-                        ));
+                            Deadline::Close,
+                        );
                         debug!("{id:?} peer closed ({code:?}), answered");
                     }
                     State::Closing { .. } => {
@@ -895,13 +893,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         });
         conn.state = State::Closing { received: false };
         Metrics::bump_code(&mut self.metrics.closes_sent, code.0);
-        if let Some(old) = conn.timer.take() {
-            self.timers.cancel(old);
-        }
-        conn.timer = Some(
-            self.timers
-                .arm(deadline, TimerEvent::Conn(id, Deadline::Close)),
-        );
+        set_deadline(&mut self.timers, conn, deadline, Deadline::Close);
         self.mark_dirty(id);
         self.closed_for_app(id);
     }
@@ -1001,13 +993,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             .push_owned_with(response.len(), |out| out.extend_from_slice(&response));
         conn.state = State::Open;
         conn.last_activity = self.now;
-        if let Some(old) = conn.timer.take() {
-            self.timers.cancel(old);
-        }
-        conn.timer = Some(
-            self.timers
-                .arm(heartbeat, TimerEvent::Conn(id, Deadline::Heartbeat)),
-        );
+        set_deadline(&mut self.timers, conn, heartbeat, Deadline::Heartbeat);
         conn.inbound.drain(..head_len);
         self.metrics.upgrades += 1;
         debug!("{id:?} upgraded");
@@ -1040,13 +1026,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             .push_owned_with(response.len(), |out| out.extend_from_slice(&response));
         conn.inbound = Vec::new();
         conn.state = State::HttpResponding;
-        if let Some(old) = conn.timer.take() {
-            self.timers.cancel(old);
-        }
-        conn.timer = Some(
-            self.timers
-                .arm(deadline, TimerEvent::Conn(id, Deadline::Close)),
-        );
+        set_deadline(&mut self.timers, conn, deadline, Deadline::Close);
         self.mark_dirty(id);
         debug!("{id:?} answered HTTP {status}");
     }
@@ -1244,6 +1224,20 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         );
         // Dropping the stream closes the descriptor.
     }
+}
+
+/// Replaces the connection's one pending timer (each state has exactly one deadline). A free
+/// function for the same reason as `live`.
+fn set_deadline(
+    timers: &mut TimerWheel<TimerEvent>,
+    conn: &mut Connection,
+    at: Instant,
+    deadline: Deadline,
+) {
+    if let Some(old) = conn.timer.take() {
+        timers.cancel(old);
+    }
+    conn.timer = Some(timers.arm(at, TimerEvent::Conn(conn.id, deadline)));
 }
 
 /// The connection `id` names, if it is still the one in its slot. A free function (not a
