@@ -112,8 +112,8 @@ impl Outbox<'_> {
     /// Encodes a message for one connection, straight into its outbound queue.
     pub fn send(&mut self, to: ConnId, opcode: OpCode, payload: &[u8]) -> Sent {
         let len = frame::header_len(payload.len(), false) + payload.len();
-        self.queue(to, len, |conn, _| {
-            conn.outbound.push_owned_with(len, |out| {
+        self.queue(to, len, |conn, pool| {
+            conn.outbound.push_owned_with(len, pool, |out| {
                 frame::encode_into(out, true, opcode, payload, None)
             })
         })

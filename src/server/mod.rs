@@ -707,9 +707,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             WsEvent::Ping(payload) => {
                 // RFC 6455 §5.5.2: a Pong carries the Ping's payload. Not after our Close.
                 if matches!(conn.state, State::Open) {
-                    conn.outbound.push_owned_with(2 + payload.len(), |out| {
-                        frame::encode_into(out, true, OpCode::Pong, payload, None)
-                    });
+                    conn.outbound.push_owned_with(
+                        2 + payload.len(),
+                        &mut self.outbound_pool,
+                        |out| frame::encode_into(out, true, OpCode::Pong, payload, None),
+                    );
                 }
                 self.check_outbound(id)
             }
@@ -731,9 +733,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                         if let Some(code) = code {
                             Metrics::bump_code(&mut self.metrics.closes_sent, code.0);
                         }
-                        conn.outbound.push_owned_with(2 + reply.len(), |out| {
-                            frame::encode_into(out, true, OpCode::Close, &reply, None)
-                        });
+                        conn.outbound.push_owned_with(
+                            2 + reply.len(),
+                            &mut self.outbound_pool,
+                            |out| frame::encode_into(out, true, OpCode::Close, &reply, None),
+                        );
                         conn.state = State::Closing { received: true };
                         debug!("{id:?} peer closed ({code:?}), answered");
                     }
@@ -848,9 +852,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return;
         }
         let payload = frame::close_payload(code, reason);
-        conn.outbound.push_owned_with(2 + payload.len(), |out| {
-            frame::encode_into(out, true, OpCode::Close, &payload, None)
-        });
+        conn.outbound
+            .push_owned_with(2 + payload.len(), &mut self.outbound_pool, |out| {
+                frame::encode_into(out, true, OpCode::Close, &payload, None)
+            });
         conn.state = State::Closing { received: false };
         Metrics::bump_code(&mut self.metrics.closes_sent, code.0);
         if let Some(old) = conn.timer.take() {
@@ -956,7 +961,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return false;
         };
         conn.outbound
-            .push_owned_with(response.len(), |out| out.extend_from_slice(&response));
+            .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
+                out.extend_from_slice(&response)
+            });
         conn.state = State::Open;
         conn.last_activity = self.now;
         if let Some(old) = conn.timer.take() {
@@ -1008,7 +1015,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         Metrics::bump_code(&mut self.metrics.http_responses, status);
         conn.outbound
-            .push_owned_with(response.len(), |out| out.extend_from_slice(&response));
+            .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
+                out.extend_from_slice(&response)
+            });
         conn.inbound = Vec::new();
         conn.state = State::HttpResponding;
         if let Some(old) = conn.timer.take() {
@@ -1166,9 +1175,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                         TimerEvent::Conn(id, Deadline::Heartbeat),
                     ));
                 } else {
-                    conn.outbound.push_owned_with(2, |out| {
-                        frame::encode_into(out, true, OpCode::Ping, b"", None)
-                    });
+                    conn.outbound
+                        .push_owned_with(2, &mut self.outbound_pool, |out| {
+                            frame::encode_into(out, true, OpCode::Ping, b"", None)
+                        });
                     conn.pinged_at = now;
                     conn.timer = Some(
                         self.timers

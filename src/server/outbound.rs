@@ -111,8 +111,17 @@ impl Outbound {
         self.queued_bytes
     }
 
-    /// Appends bytes produced by `write` for this connection alone, coalescing small writes.
-    pub fn push_owned_with(&mut self, len_hint: usize, write: impl FnOnce(&mut Vec<u8>)) {
+    /// Appends bytes produced by `write` for this connection alone, coalescing small writes. An
+    /// empty queue takes a ring from `pool`, as `push_shared` does.
+    pub fn push_owned_with(
+        &mut self,
+        len_hint: usize,
+        pool: &mut OutboundPool,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) {
+        if self.chunks.capacity() == 0 {
+            self.chunks = pool.take_ring();
+        }
         let tail = match self.chunks.back_mut() {
             // The head chunk may be partly written; appending to it is still correct because
             // `head_offset` only counts from its start.
@@ -133,7 +142,8 @@ impl Outbound {
     }
 
     /// Queues a frame shared with other connections, without copying it. An empty queue takes
-    /// a ring from `pool` rather than from the allocator (see the module doc).
+    /// a ring from `pool` rather than from the allocator (see the module doc); every push does,
+    /// so that the rings flushed queues give back are the ones the next pushes use.
     pub fn push_shared(&mut self, frame: Rc<[u8]>, pool: &mut OutboundPool) {
         if self.chunks.capacity() == 0 {
             self.chunks = pool.take_ring();
@@ -367,9 +377,9 @@ mod tests {
     fn partial_writes_keep_order_and_count() {
         let mut pool = OutboundPool::default();
         let mut q = Outbound::default();
-        q.push_owned_with(3, |v| v.extend_from_slice(b"abc"));
+        q.push_owned_with(3, &mut pool, |v| v.extend_from_slice(b"abc"));
         q.push_shared(Rc::from(&b"defgh"[..]), &mut pool);
-        q.push_owned_with(2, |v| v.extend_from_slice(b"ij"));
+        q.push_owned_with(2, &mut pool, |v| v.extend_from_slice(b"ij"));
         assert_eq!(q.queued_bytes(), 10);
 
         let mut sink = Trickle::new(4, 2);
@@ -469,6 +479,18 @@ mod tests {
         assert_eq!(b.chunks.capacity(), grown);
         assert_eq!((pool.rings.len(), pool.ring_bytes), (0, 0));
 
+        // Owned pushes take from the stock too: queues that only ever get their own bytes (a
+        // /ws welcome) cycle one ring instead of leaving one each in the stock.
+        assert_eq!(b.flush(&mut sink, &mut pool).unwrap(), Flush::Done);
+        for _ in 0..10 {
+            let mut c = Outbound::default();
+            c.push_owned_with(2, &mut pool, |v| v.extend_from_slice(b"hi"));
+            assert_eq!(c.chunks.capacity(), grown);
+            assert_eq!(c.flush(&mut sink, &mut pool).unwrap(), Flush::Done);
+        }
+        assert_eq!(pool.rings.len(), 1);
+        pool.take_ring();
+
         // The stock never holds more than its cap.
         let slots = MAX_SPARE_RING_BYTES / std::mem::size_of::<Chunk>();
         pool.put_ring(VecDeque::with_capacity(slots));
@@ -488,8 +510,9 @@ mod tests {
     #[test]
     fn small_owned_writes_coalesce_into_one_chunk() {
         let mut q = Outbound::default();
+        let mut pool = OutboundPool::default();
         for _ in 0..16 {
-            q.push_owned_with(66, |v| v.extend_from_slice(&[7u8; 66]));
+            q.push_owned_with(66, &mut pool, |v| v.extend_from_slice(&[7u8; 66]));
         }
         assert_eq!(q.chunks.len(), 1);
         assert_eq!(q.queued_bytes(), 16 * 66);
