@@ -27,7 +27,7 @@ use super::mailbox::{Limits, Mailboxes, Refused};
 use super::metrics::{HubGauges, HubMetrics};
 use super::ratelimit::{RateLimit, TokenBucket};
 use super::rooms::Rooms;
-use crate::protocol::frame::OpCode;
+use crate::protocol::frame::{self, OpCode};
 use crate::protocol::handshake::{self, HandshakeError, Request};
 use crate::protocol::CloseCode;
 use crate::server::{ConnId, Outbox, Route, Sent};
@@ -48,7 +48,12 @@ pub const MAX_ROOMS_PER_CONNECTION: usize = 256;
 pub trait Transport {
     /// Encodes `payload` as one frame for `to` alone.
     fn send(&mut self, to: ConnId, opcode: OpCode, payload: &[u8]) -> Sent;
-    /// Queues a frame encoded once (`Outbox::encode_shared`) and shared by many recipients.
+    /// Encodes `payload` once as a frame for `send_shared` to many recipients. (`Outbox` does
+    /// the same in one allocation instead of two.)
+    fn encode_shared(&mut self, opcode: OpCode, payload: &[u8]) -> Rc<[u8]> {
+        Rc::from(frame::encode(true, opcode, payload, None))
+    }
+    /// Queues a frame encoded once (`encode_shared`) and shared by many recipients.
     fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent;
     /// Closes `conn` with `code` once the current callback returns.
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str);
@@ -57,6 +62,10 @@ pub trait Transport {
 impl Transport for Outbox<'_> {
     fn send(&mut self, to: ConnId, opcode: OpCode, payload: &[u8]) -> Sent {
         Outbox::send(self, to, opcode, payload)
+    }
+
+    fn encode_shared(&mut self, opcode: OpCode, payload: &[u8]) -> Rc<[u8]> {
+        Outbox::encode_shared(self, opcode, payload)
     }
 
     fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
@@ -398,7 +407,7 @@ impl Hub {
         tx: &mut impl Transport,
     ) {
         self.metrics.raw_messages += 1;
-        let frame = Outbox::encode_shared(opcode, payload);
+        let frame = tx.encode_shared(opcode, payload);
         for member in self.raw_rooms.members(room) {
             if member != conn && tx.send_shared(member, &frame) == Sent::Queued {
                 self.metrics.raw_deliveries += 1;
@@ -462,7 +471,7 @@ impl Hub {
             payload,
             self.clock.unix_ms(),
         );
-        let frame = Outbox::encode_shared(OpCode::Text, &text);
+        let frame = tx.encode_shared(OpCode::Text, &text);
         self.metrics.direct_messages += 1;
         let mut delivered = false;
         let mut dropped = false;
@@ -539,7 +548,7 @@ impl Hub {
             payload,
             self.clock.unix_ms(),
         );
-        let frame = Outbox::encode_shared(OpCode::Text, &text);
+        let frame = tx.encode_shared(OpCode::Text, &text);
         self.metrics.publish_messages += 1;
         for member in self.rooms.members(room) {
             if member != conn && tx.send_shared(member, &frame) == Sent::Queued {
@@ -608,7 +617,7 @@ impl Hub {
         only: Option<ConnId>,
         tx: &mut impl Transport,
     ) {
-        let frame = Outbox::encode_shared(OpCode::Text, &envelope::presence(room, id, event));
+        let frame = tx.encode_shared(OpCode::Text, &envelope::presence(room, id, event));
         if let Some(conn) = only {
             tx.send_shared(conn, &frame);
             return;

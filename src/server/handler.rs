@@ -112,8 +112,8 @@ impl Outbox<'_> {
     /// Encodes a message for one connection, straight into its outbound queue.
     pub fn send(&mut self, to: ConnId, opcode: OpCode, payload: &[u8]) -> Sent {
         let len = frame::header_len(payload.len(), false) + payload.len();
-        self.queue(to, len, |conn, _| {
-            conn.outbound.push_owned_with(len, |out| {
+        self.queue(to, len, |conn, pool| {
+            conn.outbound.push_owned_with(len, pool, |out| {
                 frame::encode_into(out, true, opcode, payload, None)
             })
         })
@@ -124,9 +124,11 @@ impl Outbox<'_> {
         self.closes.push((conn, code, reason));
     }
 
-    /// Encodes an unmasked server frame for `send_shared`.
-    pub fn encode_shared(opcode: OpCode, payload: &[u8]) -> Rc<[u8]> {
-        Rc::from(frame::encode(true, opcode, payload, None))
+    /// Encodes an unmasked server frame once, for `send_shared` to many recipients, in one
+    /// allocation (`OutboundPool::build_shared`; the simple version is `Transport`'s default).
+    pub fn encode_shared(&mut self, opcode: OpCode, payload: &[u8]) -> Rc<[u8]> {
+        self.pool
+            .build_shared(|out| frame::encode_into(out, true, opcode, payload, None))
     }
 
     fn queue(

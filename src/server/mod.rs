@@ -730,9 +730,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             WsEvent::Ping(payload) => {
                 // RFC 6455 §5.5.2: a Pong carries the Ping's payload. Not after our Close.
                 if matches!(conn.state, State::Open) {
-                    conn.outbound.push_owned_with(2 + payload.len(), |out| {
-                        frame::encode_into(out, true, OpCode::Pong, payload, None)
-                    });
+                    conn.outbound.push_owned_with(
+                        2 + payload.len(),
+                        &mut self.outbound_pool,
+                        |out| frame::encode_into(out, true, OpCode::Pong, payload, None),
+                    );
                 }
                 self.check_outbound(id)
             }
@@ -754,9 +756,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                         if let Some(code) = code {
                             Metrics::bump_code(&mut self.metrics.closes_sent, code.0);
                         }
-                        conn.outbound.push_owned_with(2 + reply.len(), |out| {
-                            frame::encode_into(out, true, OpCode::Close, &reply, None)
-                        });
+                        conn.outbound.push_owned_with(
+                            2 + reply.len(),
+                            &mut self.outbound_pool,
+                            |out| frame::encode_into(out, true, OpCode::Close, &reply, None),
+                        );
                         conn.state = State::Closing { received: true };
                         // The heartbeat no longer applies: the peer has until the close
                         // deadline to take our reply, or the socket is closed anyway.
@@ -888,9 +892,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return;
         }
         let payload = frame::close_payload(code, reason);
-        conn.outbound.push_owned_with(2 + payload.len(), |out| {
-            frame::encode_into(out, true, OpCode::Close, &payload, None)
-        });
+        conn.outbound
+            .push_owned_with(2 + payload.len(), &mut self.outbound_pool, |out| {
+                frame::encode_into(out, true, OpCode::Close, &payload, None)
+            });
         conn.state = State::Closing { received: false };
         Metrics::bump_code(&mut self.metrics.closes_sent, code.0);
         set_deadline(&mut self.timers, conn, deadline, Deadline::Close);
@@ -990,7 +995,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return false;
         };
         conn.outbound
-            .push_owned_with(response.len(), |out| out.extend_from_slice(&response));
+            .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
+                out.extend_from_slice(&response)
+            });
         conn.state = State::Open;
         conn.last_activity = self.now;
         set_deadline(&mut self.timers, conn, heartbeat, Deadline::Heartbeat);
@@ -1023,7 +1030,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         Metrics::bump_code(&mut self.metrics.http_responses, status);
         conn.outbound
-            .push_owned_with(response.len(), |out| out.extend_from_slice(&response));
+            .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
+                out.extend_from_slice(&response)
+            });
         conn.inbound = Vec::new();
         conn.state = State::HttpResponding;
         set_deadline(&mut self.timers, conn, deadline, Deadline::Close);
@@ -1178,9 +1187,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                         TimerEvent::Conn(id, Deadline::Heartbeat),
                     ));
                 } else {
-                    conn.outbound.push_owned_with(2, |out| {
-                        frame::encode_into(out, true, OpCode::Ping, b"", None)
-                    });
+                    conn.outbound
+                        .push_owned_with(2, &mut self.outbound_pool, |out| {
+                            frame::encode_into(out, true, OpCode::Ping, b"", None)
+                        });
                     conn.awaiting_pong = true;
                     conn.timer = Some(
                         self.timers

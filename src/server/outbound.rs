@@ -2,7 +2,7 @@
 //!
 //! Owns: the chunks not yet written, the offset into the first one, and the count of queued bytes
 //! that the backpressure limit (`--max-outbound`, SPEC §2) is checked against; `OutboundPool`,
-//! the storage the reactor lends to every queue (empty chunk rings, one gather buffer).
+//! the storage the reactor lends to every queue (empty chunk rings, one scratch buffer).
 //! Does not: encode frames itself beyond appending to its own tail, decide what to do when a limit
 //! is exceeded (the reactor applies the slow-consumer policy), or register interest.
 //!
@@ -26,7 +26,7 @@
 //! Writing: one `writev` carries many chunks, but the kernel charges for every iovec, and for a
 //! 66-byte frame that charge (some 30 ns on Linux) is larger than copying the frame. So a flush
 //! first copies the run of small chunks at the head of the queue (up to `GATHER_CHUNK_BYTES`
-//! each) into the pool's gather buffer, which becomes the first iovec; larger chunks keep an
+//! each) into the pool's scratch buffer, which becomes the first iovec; larger chunks keep an
 //! iovec of their own, never copied. The queue itself still holds each shared frame once, by
 //! reference; the copy exists only for the duration of one write. The simple version, one iovec
 //! per chunk, stays in the tests as the oracle (`gathered_writes_match_one_iovec_per_chunk`).
@@ -60,13 +60,13 @@ const FEW_IOVECS: usize = 64;
 /// cap keeps an idle server's stock small while covering rooms of hundreds at full speed.
 const MAX_SPARE_RING_BYTES: usize = 4 * 1024 * 1024;
 
-/// Chunks up to this size are copied into the gather buffer at flush time instead of getting an
+/// Chunks up to this size are copied into the scratch buffer at flush time instead of getting an
 /// iovec each. Measured in a 1,000-member room (docs/benchmarks.md, "Broadcast vs
 /// tokio-tungstenite"): with 64-byte messages, gathering cut the server's CPU per delivery by a
 /// third; with 1 KiB messages it made no difference, with 4 KiB it cost more than it saved.
 const GATHER_CHUNK_BYTES: usize = 512;
 
-/// The most bytes gathered for one write (the gather buffer's size once grown).
+/// The most bytes gathered for one write, and the most the scratch buffer keeps between uses.
 const GATHER_BYTES: usize = 64 * 1024;
 
 #[derive(Debug)]
@@ -111,8 +111,17 @@ impl Outbound {
         self.queued_bytes
     }
 
-    /// Appends bytes produced by `write` for this connection alone, coalescing small writes.
-    pub fn push_owned_with(&mut self, len_hint: usize, write: impl FnOnce(&mut Vec<u8>)) {
+    /// Appends bytes produced by `write` for this connection alone, coalescing small writes. An
+    /// empty queue takes a ring from `pool`, as `push_shared` does.
+    pub fn push_owned_with(
+        &mut self,
+        len_hint: usize,
+        pool: &mut OutboundPool,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) {
+        if self.chunks.capacity() == 0 {
+            self.chunks = pool.take_ring();
+        }
         let tail = match self.chunks.back_mut() {
             // The head chunk may be partly written; appending to it is still correct because
             // `head_offset` only counts from its start.
@@ -133,7 +142,8 @@ impl Outbound {
     }
 
     /// Queues a frame shared with other connections, without copying it. An empty queue takes
-    /// a ring from `pool` rather than from the allocator (see the module doc).
+    /// a ring from `pool` rather than from the allocator (see the module doc); every push does,
+    /// so that the rings flushed queues give back are the ones the next pushes use.
     pub fn push_shared(&mut self, frame: Rc<[u8]>, pool: &mut OutboundPool) {
         if self.chunks.capacity() == 0 {
             self.chunks = pool.take_ring();
@@ -150,13 +160,13 @@ impl Outbound {
     /// Any I/O error other than `WouldBlock`/`Interrupted`; the caller closes the connection.
     pub fn flush(&mut self, sink: &mut impl Write, pool: &mut OutboundPool) -> io::Result<Flush> {
         while !self.chunks.is_empty() {
-            let gathered = self.gather_head(&mut pool.gather);
-            // The gather buffer replaces the chunks it holds with one iovec.
+            let gathered = self.gather_head(&mut pool.scratch);
+            // The gathered copy replaces the chunks it holds with one iovec.
             let iovecs = self.chunks.len() - gathered + usize::from(gathered > 0);
             let written = if iovecs <= FEW_IOVECS {
-                self.write_some::<FEW_IOVECS>(sink, &pool.gather, gathered)
+                self.write_some::<FEW_IOVECS>(sink, &pool.scratch, gathered)
             } else {
-                self.write_some::<MAX_IOVECS>(sink, &pool.gather, gathered)
+                self.write_some::<MAX_IOVECS>(sink, &pool.scratch, gathered)
             };
             match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -260,19 +270,35 @@ impl Outbound {
 }
 
 /// Storage the reactor lends to its outbound queues, one per reactor: the empty chunk rings
-/// left by flushed queues, for the next queues that fill, and the buffer a flush gathers small
-/// chunks into (see the module doc).
+/// left by flushed queues, for the next queues that fill, and a scratch buffer that a flush
+/// gathers small chunks into and that shared frames are built in (see the module doc).
 ///
 /// Invariant: every ring here is empty, and `ring_bytes` is the sum of their capacities in
-/// bytes, at most `MAX_SPARE_RING_BYTES`. `gather` holds nothing between flushes.
+/// bytes, at most `MAX_SPARE_RING_BYTES`. `scratch` holds nothing between uses, and keeps at
+/// most `GATHER_BYTES` of capacity.
 #[derive(Debug, Default)]
 pub struct OutboundPool {
     rings: Vec<VecDeque<Chunk>>,
     ring_bytes: usize,
-    gather: Vec<u8>,
+    scratch: Vec<u8>,
 }
 
 impl OutboundPool {
+    /// The bytes `write` produces, in a new `Rc<[u8]>` built in the scratch buffer: one
+    /// allocation, where writing a `Vec` and converting it takes two (the `Vec`, then the `Rc`
+    /// it is copied into). A fan-out then allocates once per message.
+    pub fn build_shared(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Rc<[u8]> {
+        self.scratch.clear();
+        write(&mut self.scratch);
+        let shared = Rc::from(&self.scratch[..]);
+        self.scratch.clear();
+        if self.scratch.capacity() > GATHER_BYTES {
+            // A large frame went through; do not keep its buffer.
+            self.scratch = Vec::new();
+        }
+        shared
+    }
+
     /// A ring with room for chunks, or a new empty one if there is none in stock.
     fn take_ring(&mut self) -> VecDeque<Chunk> {
         match self.rings.pop() {
@@ -367,9 +393,9 @@ mod tests {
     fn partial_writes_keep_order_and_count() {
         let mut pool = OutboundPool::default();
         let mut q = Outbound::default();
-        q.push_owned_with(3, |v| v.extend_from_slice(b"abc"));
+        q.push_owned_with(3, &mut pool, |v| v.extend_from_slice(b"abc"));
         q.push_shared(Rc::from(&b"defgh"[..]), &mut pool);
-        q.push_owned_with(2, |v| v.extend_from_slice(b"ij"));
+        q.push_owned_with(2, &mut pool, |v| v.extend_from_slice(b"ij"));
         assert_eq!(q.queued_bytes(), 10);
 
         let mut sink = Trickle::new(4, 2);
@@ -396,7 +422,7 @@ mod tests {
             );
             assert_eq!(sink.out, expected, "{name}");
             assert_eq!(sink.iovecs, iovecs_per_call, "{name}");
-            assert!(pool.gather.len() <= GATHER_BYTES, "{name}");
+            assert!(pool.scratch.len() <= GATHER_BYTES, "{name}");
         }
         let small = GATHER_CHUNK_BYTES;
         let large = GATHER_CHUNK_BYTES + 1;
@@ -409,8 +435,8 @@ mod tests {
             &[4],
         );
         check("a large head: nothing gathered", &[4096, 66, 66], &[3]);
-        // 128 chunks of 512 bytes fill the 64 KiB gather buffer; the other 72 follow it.
-        check("the gather buffer is bounded", &[small; 200], &[73]);
+        // 128 chunks of 512 bytes fill 64 KiB of scratch; the other 72 follow it.
+        check("the gathered copy is bounded", &[small; 200], &[73]);
         check(
             "at most MAX_IOVECS per writev",
             &vec![large; 2 * MAX_IOVECS + 3],
@@ -469,6 +495,18 @@ mod tests {
         assert_eq!(b.chunks.capacity(), grown);
         assert_eq!((pool.rings.len(), pool.ring_bytes), (0, 0));
 
+        // Owned pushes take from the stock too: queues that only ever get their own bytes (a
+        // /ws welcome) cycle one ring instead of leaving one each in the stock.
+        assert_eq!(b.flush(&mut sink, &mut pool).unwrap(), Flush::Done);
+        for _ in 0..10 {
+            let mut c = Outbound::default();
+            c.push_owned_with(2, &mut pool, |v| v.extend_from_slice(b"hi"));
+            assert_eq!(c.chunks.capacity(), grown);
+            assert_eq!(c.flush(&mut sink, &mut pool).unwrap(), Flush::Done);
+        }
+        assert_eq!(pool.rings.len(), 1);
+        pool.take_ring();
+
         // The stock never holds more than its cap.
         let slots = MAX_SPARE_RING_BYTES / std::mem::size_of::<Chunk>();
         pool.put_ring(VecDeque::with_capacity(slots));
@@ -486,10 +524,27 @@ mod tests {
     }
 
     #[test]
+    fn shared_frames_are_built_in_scratch_that_stays_small() {
+        let mut pool = OutboundPool::default();
+        let small = pool.build_shared(|out| out.extend_from_slice(b"hello"));
+        assert_eq!(&small[..], b"hello");
+        assert!(pool.scratch.is_empty());
+        let big = vec![9u8; 3 * GATHER_BYTES];
+        let shared = pool.build_shared(|out| out.extend_from_slice(&big));
+        assert_eq!(&shared[..], &big[..]);
+        assert_eq!(
+            pool.scratch.capacity(),
+            0,
+            "a large frame's buffer is not kept"
+        );
+    }
+
+    #[test]
     fn small_owned_writes_coalesce_into_one_chunk() {
         let mut q = Outbound::default();
+        let mut pool = OutboundPool::default();
         for _ in 0..16 {
-            q.push_owned_with(66, |v| v.extend_from_slice(&[7u8; 66]));
+            q.push_owned_with(66, &mut pool, |v| v.extend_from_slice(&[7u8; 66]));
         }
         assert_eq!(q.chunks.len(), 1);
         assert_eq!(q.queued_bytes(), 16 * 66);
