@@ -34,8 +34,14 @@ pub enum ProtocolError {
     InvalidCloseCode(u16),
     /// RFC 6455 §8.1: a text message (or a close reason) is not valid UTF-8.
     InvalidUtf8,
-    /// SPEC §4: a frame or message exceeds `--max-message`.
+    /// SPEC §4: a frame or message exceeds `--max-message` (for a compressed message, once
+    /// inflated: SPEC §17).
     MessageTooBig,
+    /// RFC 7692 §6.2: the payload of a compressed message is not valid DEFLATE data. RFC 7692
+    /// names no close code; 1007 is RFC 6455 §7.4.1's "data within a message that was not
+    /// consistent with the type of the message": the framing was valid and RSV1 was allowed,
+    /// it is the message's data that cannot be what RSV1 says it is (as Node's `ws` answers).
+    InvalidCompressedData,
 }
 
 impl ProtocolError {
@@ -53,7 +59,9 @@ impl ProtocolError {
             | ProtocolError::LengthTopBit
             | ProtocolError::CloseTooShort
             | ProtocolError::InvalidCloseCode(_) => CloseCode::PROTOCOL_ERROR,
-            ProtocolError::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
+            ProtocolError::InvalidUtf8 | ProtocolError::InvalidCompressedData => {
+                CloseCode::INVALID_PAYLOAD
+            }
             ProtocolError::MessageTooBig => CloseCode::MESSAGE_TOO_BIG,
         }
     }
@@ -74,6 +82,7 @@ impl ProtocolError {
             ProtocolError::InvalidCloseCode(_) => "invalid close code",
             ProtocolError::InvalidUtf8 => "invalid UTF-8",
             ProtocolError::MessageTooBig => "message too big",
+            ProtocolError::InvalidCompressedData => "invalid compressed data",
         }
     }
 }
@@ -107,6 +116,7 @@ mod tests {
             (InvalidCloseCode(1005), 1002),
             (InvalidUtf8, 1007),
             (MessageTooBig, 1009),
+            (InvalidCompressedData, 1007),
         ];
         for &(err, code) in table {
             assert_eq!(err.close_code().0, code, "{err:?}");

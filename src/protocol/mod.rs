@@ -1,8 +1,9 @@
 //! The WebSocket protocol as pure code: bytes in, decisions and bytes out.
 //!
 //! Owns: the HTTP upgrade handshake (`handshake`), the RFC 6455 frame codec (`frame`, `mask`),
-//! message assembly with UTF-8 validation (`message`, `utf8`), close codes (`close`) and the
-//! protocol errors with the close code each one produces (`error`).
+//! message assembly with UTF-8 validation (`message`, `utf8`), close codes (`close`), the
+//! protocol errors with the close code each one produces (`error`), and permessage-deflate
+//! negotiation and codec (`deflate`, RFC 7692).
 //! Does not: touch sockets, clocks or the reactor. Nothing here performs I/O, so every rule is
 //! unit-tested and fuzzed without a network.
 //!
@@ -14,6 +15,7 @@
 pub mod client_handshake;
 pub mod close;
 pub mod decoder;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod handshake;
