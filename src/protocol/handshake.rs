@@ -271,13 +271,35 @@ pub fn accept_key(key: &str) -> String {
 /// `protocol` should be one of `Upgrade::protocols`. A value that is not an RFC 7230 token is
 /// left out rather than written, so no caller can inject a header through it.
 pub fn upgrade_response(accept: &str, protocol: Option<&str>) -> Vec<u8> {
-    let mut head = String::with_capacity(160);
+    upgrade_response_with_extensions(accept, protocol, None)
+}
+
+/// `upgrade_response` plus `Sec-WebSocket-Extensions: <extensions>` when extensions were
+/// accepted (RFC 6455 §4.2.2 item 5.6), e.g. `DeflateParams::header_value()` after
+/// `deflate::negotiate` on the request's `Sec-WebSocket-Extensions` values.
+///
+/// The value is written only if it is a well-formed extension list (RFC 6455 §9.1) without
+/// control characters; anything else is left out, so the 101 is never malformed and the
+/// connection then simply runs without extensions.
+pub fn upgrade_response_with_extensions(
+    accept: &str,
+    protocol: Option<&str>,
+    extensions: Option<&str>,
+) -> Vec<u8> {
+    let mut head = String::with_capacity(200);
     head.push_str("HTTP/1.1 101 Switching Protocols\r\n");
     push_header(&mut head, "Upgrade", "websocket");
     push_header(&mut head, "Connection", "Upgrade");
     push_header(&mut head, "Sec-WebSocket-Accept", accept);
     if let Some(protocol) = protocol.filter(|p| is_token(p)) {
         push_header(&mut head, "Sec-WebSocket-Protocol", protocol);
+    }
+    let well_formed = |value: &&str| {
+        let mut elements = super::deflate::negotiate::elements(value).peekable();
+        elements.peek().is_some() && elements.all(|element| element.is_ok())
+    };
+    if let Some(extensions) = extensions.filter(well_formed) {
+        push_header(&mut head, "Sec-WebSocket-Extensions", extensions);
     }
     head.push_str("\r\n");
     head.into_bytes()
@@ -586,7 +608,8 @@ fn hex_value(b: u8) -> Option<u8> {
 ///
 /// Asserts, for any input: no panic; a consumed length within the input and the limit; feeding
 /// the input in chunks (re-parsing the accumulated prefix, as the reactor does) reaches the same
-/// decision as parsing it whole; and every response we would send starts with `HTTP/1.1 `.
+/// decision as parsing it whole; every response we would send starts with `HTTP/1.1 `; and the
+/// 101 is well-formed whatever `Sec-WebSocket-Extensions` offered.
 /// Unlike the rest of this layer it panics by design: a failed assertion is the finding.
 #[doc(hidden)]
 pub fn fuzz_check(data: &[u8]) {
@@ -633,9 +656,41 @@ pub fn fuzz_check(data: &[u8]) {
                 Ok(upgrade) => {
                     assert_eq!(upgrade.accept.len(), 28, "accept is base64 of 20 bytes");
                     let protocol = upgrade.protocols.first().map(String::as_str);
-                    let response = upgrade_response(&upgrade.accept, protocol);
+                    // Whatever the client offered, the answer is one well-formed 101 whose
+                    // extension (if any) passes a client's checks.
+                    let offers = request.headers("sec-websocket-extensions");
+                    let config = super::deflate::CompressionConfig::default();
+                    let params = super::deflate::negotiate(offers, &config);
+                    let extensions = params.map(|p| p.header_value());
+                    let response = upgrade_response_with_extensions(
+                        &upgrade.accept,
+                        protocol,
+                        extensions.as_deref(),
+                    );
                     assert!(response.starts_with(b"HTTP/1.1 101 "));
                     assert!(response.ends_with(b"\r\n\r\n"));
+                    let mut headers = [httparse::EMPTY_HEADER; 8];
+                    let mut parsed = httparse::Response::new(&mut headers);
+                    let n = parsed.parse(&response);
+                    assert_eq!(n, Ok(httparse::Status::Complete(response.len())));
+                    let answered: Vec<&str> = parsed
+                        .headers
+                        .iter()
+                        .filter(|h| h.name == "Sec-WebSocket-Extensions")
+                        .filter_map(|h| std::str::from_utf8(h.value).ok())
+                        .collect();
+                    assert_eq!(answered.len(), usize::from(params.is_some()));
+                    if let Some(params) = params {
+                        let browser = super::deflate::DeflateOffer::BROWSER;
+                        let check = super::deflate::accept_response(answered, &browser);
+                        // The browser's offer is answered validly; other offers may have asked
+                        // for things the browser's did not, which the check then refuses.
+                        if request.header("sec-websocket-extensions")
+                            == Some("permessage-deflate; client_max_window_bits")
+                        {
+                            assert_eq!(check, Ok(Some(params)));
+                        }
+                    }
                 }
                 Err(e) => assert!(e.response().starts_with(b"HTTP/1.1 ")),
             }
@@ -657,6 +712,7 @@ pub fn fuzz_check(data: &[u8]) {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::protocol::deflate::{self, CompressionConfig};
     use proptest::prelude::*;
 
     /// A typical browser opening handshake (Chrome's header set), with the RFC 6455 sample key.
@@ -753,6 +809,60 @@ mod tests {
              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
              \r\n",
         );
+    }
+
+    #[test]
+    fn upgrade_response_with_extension_bytes() {
+        fn check(name: &str, extensions: Option<&str>, expected_line: Option<&str>) {
+            let got = upgrade_response_with_extensions(SAMPLE_ACCEPT, None, extensions);
+            let line = expected_line.map_or(String::new(), |l| format!("{l}\r\n"));
+            let expected = format!(
+                "HTTP/1.1 101 Switching Protocols\r\n\
+                 Upgrade: websocket\r\n\
+                 Connection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+                 {line}\r\n"
+            );
+            assert_eq!(String::from_utf8_lossy(&got), expected, "{name}");
+        }
+        let pmd = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+        check(
+            "deflate",
+            Some(pmd),
+            Some(&format!("Sec-WebSocket-Extensions: {pmd}")),
+        );
+        check("none", None, None);
+        check("empty is left out", Some(""), None);
+        check("CRLF is left out", Some("permessage-deflate\r\nX: y"), None);
+        check(
+            "not a list is left out",
+            Some("permessage-deflate; ;"),
+            None,
+        );
+        assert_eq!(
+            upgrade_response_with_extensions(SAMPLE_ACCEPT, Some("chat"), None),
+            upgrade_response(SAMPLE_ACCEPT, Some("chat"))
+        );
+    }
+
+    /// The whole server side on a browser's request: the offer is negotiated under the default
+    /// configuration and answered in the 101.
+    #[test]
+    fn browser_offer_is_answered_in_the_101() {
+        let (req, _) = parse_complete(BROWSER.as_bytes());
+        let upgrade = validate_upgrade(&req).unwrap();
+        let params = deflate::negotiate(
+            req.headers("sec-websocket-extensions"),
+            &CompressionConfig::default(),
+        )
+        .unwrap();
+        let response =
+            upgrade_response_with_extensions(&upgrade.accept, None, Some(&params.header_value()));
+        let text = String::from_utf8(response).unwrap();
+        assert!(text.contains(
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; \
+             client_no_context_takeover\r\n"
+        ));
     }
 
     #[test]
