@@ -5,12 +5,14 @@
 //! upgrade request, and the client's checks of the server's answer (`parse_response`), with
 //! `ClientHandshakeError` naming each way the answer can be wrong.
 //! Does not: read sockets, resolve names, draw random numbers (the caller passes the 16-byte
-//! nonce, so this stays a pure function), negotiate extensions or subprotocols, or speak TLS
-//! (`wss://` is refused with its own error).
+//! nonce, so this stays a pure function), negotiate subprotocols, or speak TLS (`wss://` is
+//! refused with its own error). The one extension it can offer, permessage-deflate, is
+//! negotiated by `deflate::negotiate`; this module only checks the server's answer with it.
 //!
 //! SPEC §7 and §11 (the client and the load generator); RFC 6455 §3 (ws URIs), §4.1 (the
 //! client's requirements), §4.2.2 (the accept value, computed by `handshake::accept_key`).
 
+use super::deflate::{accept_response, DeflateOffer, DeflateParams, ExtensionError};
 use super::handshake::{accept_key, MAX_HEADERS, MAX_REQUEST_BYTES};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -191,22 +193,49 @@ pub fn upgrade_request_with_headers(
     request.into_bytes()
 }
 
-/// Checks the server's answer to a request sent with `key`.
+/// Checks the server's answer to a request sent with `key` that offered no extension.
 ///
 /// Returns `Ok(None)` while the response head is incomplete (call again with more bytes), and
 /// `Ok(Some(rest))` once a complete, valid 101 is found, where `rest` is what followed the head:
 /// frames the server sent right behind it, which belong to the WebSocket stream.
 ///
 /// # Errors
-/// In the order of the checks of RFC 6455 §4.1 ("the client MUST _Fail the WebSocket
-/// Connection_" if any fails): `TooLarge` beyond `MAX_RESPONSE_BYTES` without a complete head,
-/// `Malformed` for bytes that are not an HTTP/1.x response, `NotHttp11`, `Status(code)` for
-/// anything but 101, `NoUpgrade`, `NoConnectionUpgrade`, `WrongAccept`, `UnrequestedExtension`,
-/// `UnrequestedProtocol`.
+/// As `parse_response_with_offer` with no offer.
 pub fn parse_response<'a>(
     buf: &'a [u8],
     key: &str,
 ) -> Result<Option<&'a [u8]>, ClientHandshakeError> {
+    parse_response_with_offer(buf, key, None).map(|accepted| accepted.map(|a| a.rest))
+}
+
+/// What a complete, valid 101 gives the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted<'a> {
+    /// The bytes after the head: frames the server sent right behind it.
+    pub rest: &'a [u8],
+    /// The permessage-deflate agreement, when we offered it and the server accepted.
+    pub deflate: Option<DeflateParams>,
+}
+
+/// Checks the server's answer to a request sent with `key` and, if `offer` is given, a
+/// `Sec-WebSocket-Extensions` header with `offer.header_value()`.
+///
+/// Returns `Ok(None)` while the response head is incomplete (call again with more bytes), and
+/// `Ok(Some(accepted))` once a complete, valid 101 is found.
+///
+/// # Errors
+/// In the order of the checks of RFC 6455 §4.1 ("the client MUST _Fail the WebSocket
+/// Connection_" if any fails): `TooLarge` beyond `MAX_RESPONSE_BYTES` without a complete head,
+/// `Malformed` for bytes that are not an HTTP/1.x response, `NotHttp11`, `Status(code)` for
+/// anything but 101, `NoUpgrade`, `NoConnectionUpgrade`, `WrongAccept`, then
+/// `UnrequestedExtension` (an extension when we offered none) or `BadExtension` (an answer to
+/// our offer that RFC 7692 does not allow, see `deflate::accept_response`), and
+/// `UnrequestedProtocol`.
+pub fn parse_response_with_offer<'a>(
+    buf: &'a [u8],
+    key: &str,
+    offer: Option<&DeflateOffer>,
+) -> Result<Option<Accepted<'a>>, ClientHandshakeError> {
     let window = buf.get(..MAX_RESPONSE_BYTES).unwrap_or(buf);
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
@@ -257,15 +286,29 @@ pub fn parse_response<'a>(
         Some(v) if v.trim() == accept_key(key) => {}
         _ => return Err(ClientHandshakeError::WrongAccept),
     }
-    // §4.1 items 5 and 6: we offered no extension and no subprotocol, so the server may not
-    // pick one.
-    if header("sec-websocket-extensions").is_some_and(|v| !v.trim().is_empty()) {
-        return Err(ClientHandshakeError::UnrequestedExtension);
-    }
+    // §4.1 item 5: only an extension we offered may be in use.
+    let extensions: Vec<String> = response
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+        .collect();
+    let deflate = match offer {
+        None if extensions.iter().any(|v| !v.trim().is_empty()) => {
+            return Err(ClientHandshakeError::UnrequestedExtension)
+        }
+        None => None,
+        Some(offer) => accept_response(extensions.iter().map(String::as_str), offer)
+            .map_err(ClientHandshakeError::BadExtension)?,
+    };
+    // §4.1 item 6: we offered no subprotocol, so the server may not pick one.
     if header("sec-websocket-protocol").is_some_and(|v| !v.trim().is_empty()) {
         return Err(ClientHandshakeError::UnrequestedProtocol);
     }
-    Ok(Some(buf.get(head_len..).unwrap_or_default()))
+    Ok(Some(Accepted {
+        rest: buf.get(head_len..).unwrap_or_default(),
+        deflate,
+    }))
 }
 
 /// Why the server's answer did not open a WebSocket connection.
@@ -286,8 +329,10 @@ pub enum ClientHandshakeError {
     NoConnectionUpgrade,
     /// `Sec-WebSocket-Accept` missing or not the value our key asks for.
     WrongAccept,
-    /// The server chose an extension we did not offer.
+    /// The server chose an extension when we offered none.
     UnrequestedExtension,
+    /// The server's answer to our permessage-deflate offer breaks RFC 7692 (§5.2, §7.1).
+    BadExtension(ExtensionError),
     /// The server chose a subprotocol we did not offer.
     UnrequestedProtocol,
 }
@@ -310,6 +355,9 @@ impl fmt::Display for ClientHandshakeError {
             }
             ClientHandshakeError::UnrequestedExtension => {
                 f.write_str("the server chose an extension we did not offer")
+            }
+            ClientHandshakeError::BadExtension(e) => {
+                write!(f, "invalid answer to our permessage-deflate offer: {e}")
             }
             ClientHandshakeError::UnrequestedProtocol => {
                 f.write_str("the server chose a subprotocol we did not offer")
@@ -413,6 +461,99 @@ mod tests {
         assert_eq!(
             parse_response(&response, &key),
             Ok(Some(&[0x81u8, 0x00][..]))
+        );
+    }
+
+    /// Our offer, the server's negotiation and our check of its answer agree, for every mode.
+    #[test]
+    fn deflate_offer_round_trip() {
+        use crate::protocol::deflate::{self, CompressionConfig, CompressionMode};
+        let key = key_from_nonce([3; 16]);
+        let offer = DeflateOffer::BROWSER;
+        let value = offer.header_value();
+        let request = upgrade_request_with_headers(
+            "h",
+            "/echo",
+            &key,
+            &[("Sec-WebSocket-Extensions", &value)],
+        );
+        let (parsed, _) = parse_request(&request).unwrap().unwrap();
+        let upgrade = validate_upgrade(&parsed).unwrap();
+        for mode in [
+            CompressionMode::Off,
+            CompressionMode::Shared,
+            CompressionMode::Dedicated,
+        ] {
+            let config = CompressionConfig::new(mode, 12, 128).unwrap();
+            let params = deflate::negotiate(parsed.headers("sec-websocket-extensions"), &config);
+            assert_eq!(params.is_some(), mode != CompressionMode::Off);
+            let answer = params.map(|p| p.header_value());
+            let mut response = handshake::upgrade_response_with_extensions(
+                &upgrade.accept,
+                None,
+                answer.as_deref(),
+            );
+            response.extend_from_slice(&[0xc1, 0x01, 0x00]);
+            let accepted = parse_response_with_offer(&response, &key, Some(&offer));
+            assert_eq!(
+                accepted,
+                Ok(Some(Accepted {
+                    rest: &[0xc1, 0x01, 0x00],
+                    deflate: params
+                })),
+                "{mode}"
+            );
+            // Without our offer, the same answer is an extension we did not ask for.
+            let plain = parse_response(&response, &key);
+            if params.is_some() {
+                assert_eq!(plain, Err(ClientHandshakeError::UnrequestedExtension));
+            } else {
+                assert!(plain.is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn answers_to_a_deflate_offer() {
+        use crate::protocol::deflate::ExtensionError;
+        let s101 = "HTTP/1.1 101 Switching Protocols";
+        let accept = format!("Sec-WebSocket-Accept: {SAMPLE_ACCEPT}");
+        let with = |extra: &[&str]| -> Vec<u8> {
+            let mut h = vec!["Upgrade: websocket", "Connection: Upgrade", accept.as_str()];
+            h.extend_from_slice(extra);
+            response(s101, &h)
+        };
+        let check = |name: &str,
+                     bytes: Vec<u8>,
+                     expected: Result<Option<&str>, ClientHandshakeError>| {
+            let got = parse_response_with_offer(&bytes, SAMPLE_KEY, Some(&DeflateOffer::BROWSER))
+                .map(|a| a.and_then(|a| a.deflate).map(|p| p.header_value()));
+            assert_eq!(got, expected.map(|o| o.map(str::to_string)), "{name}");
+        };
+        let bad = ClientHandshakeError::BadExtension;
+        check("declined", with(&[]), Ok(None));
+        check(
+            "accepted",
+            with(&["Sec-WebSocket-Extensions: permessage-deflate"]),
+            Ok(Some("permessage-deflate")),
+        );
+        check(
+            "over two lines is two answers",
+            with(&[
+                "Sec-WebSocket-Extensions: permessage-deflate",
+                "Sec-WebSocket-Extensions: permessage-deflate",
+            ]),
+            Err(bad(ExtensionError::SeveralResponses)),
+        );
+        check(
+            "window out of range",
+            with(&["Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=16"]),
+            Err(bad(ExtensionError::BadWindowBits)),
+        );
+        check(
+            "another extension",
+            with(&["Sec-WebSocket-Extensions: x-foo"]),
+            Err(bad(ExtensionError::UnknownExtension)),
         );
     }
 
