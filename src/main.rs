@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use wsrelay::app::{App, AppConfig, RateLimit};
 use wsrelay::poller::{MioPoller, PollPoller, Poller, SelectPoller};
+use wsrelay::protocol::deflate::{CompressionConfig, CompressionMode};
 use wsrelay::server::{Config, Exit, Reactor, SlowConsumer};
 
 #[derive(Parser)]
@@ -95,6 +96,47 @@ struct ServeArgs {
 
     #[command(flatten)]
     relay: RelayArgs,
+
+    #[command(flatten)]
+    compression: CompressionArgs,
+}
+
+/// permessage-deflate (SPEC §17); they become a `CompressionConfig`.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Compression (permessage-deflate, RFC 7692)")]
+struct CompressionArgs {
+    /// `shared`: one compressor per reactor, reset after each message, so an idle connection
+    /// holds no compressor; `dedicated`: one per connection, keeping context between messages
+    /// (better ratio, more memory); `off`: never negotiate it.
+    #[arg(long, value_enum, default_value = "shared")]
+    compression: CompressionKind,
+
+    /// Largest LZ77 window, in bits (8-15), the server compresses with; in `dedicated` mode
+    /// also the largest a client may use, bounding the zlib memory per connection.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u8).range(8..=15))]
+    compression_window: u8,
+
+    /// Messages shorter than this are sent uncompressed (K/M suffixes are binary).
+    #[arg(long, default_value = "128", value_parser = parse_size)]
+    compression_min: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CompressionKind {
+    Off,
+    Shared,
+    Dedicated,
+}
+
+impl CompressionArgs {
+    fn config(&self) -> Result<CompressionConfig, String> {
+        let mode = match self.compression {
+            CompressionKind::Off => CompressionMode::Off,
+            CompressionKind::Shared => CompressionMode::Shared,
+            CompressionKind::Dedicated => CompressionMode::Dedicated,
+        };
+        CompressionConfig::new(mode, self.compression_window, self.compression_min)
+    }
 }
 
 /// The relay's flags (SPEC §6); they become an `AppConfig`.
@@ -230,6 +272,15 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> ExitCode {
     raise_fd_limit();
+    let compression = match args.compression.config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("wsrelay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Checked and ready; the reactor does not negotiate it yet, so it is only reported.
+    log::debug!("compression: {compression:?} (not negotiated by this build yet)");
     let app = match args.relay.app_config() {
         Ok(config) => App::new(config),
         Err(e) => {
@@ -315,6 +366,44 @@ mod tests {
         assert!(super::parse_tick("0s").is_err());
         assert!(super::parse_tick("500us").is_err());
         assert!(super::parse_tick("soon").is_err());
+    }
+
+    #[test]
+    fn compression_flags() {
+        use super::{Cli, Command};
+        use clap::Parser;
+        use wsrelay::protocol::deflate::{CompressionConfig, CompressionMode};
+        let config = |args: &[&str]| -> Result<CompressionConfig, String> {
+            let cli = Cli::try_parse_from([&["wsrelay", "serve"], args].concat())
+                .map_err(|e| e.kind().to_string())?;
+            match cli.command {
+                Command::Serve(serve) => serve.compression.config(),
+                _ => unreachable!("parsed serve"),
+            }
+        };
+        assert_eq!(config(&[]), Ok(CompressionConfig::default()));
+        assert_eq!(
+            config(&[
+                "--compression",
+                "dedicated",
+                "--compression-window",
+                "10",
+                "--compression-min",
+                "1K"
+            ]),
+            CompressionConfig::new(CompressionMode::Dedicated, 10, 1024)
+        );
+        assert_eq!(
+            config(&["--compression", "off"]).map(|c| c.mode),
+            Ok(CompressionMode::Off)
+        );
+        assert_eq!(
+            config(&["--compression-window", "8"]).map(|c| c.window_bits),
+            Ok(8)
+        );
+        assert!(config(&["--compression-window", "7"]).is_err());
+        assert!(config(&["--compression-window", "16"]).is_err());
+        assert!(config(&["--compression", "fast"]).is_err());
     }
 
     #[test]
