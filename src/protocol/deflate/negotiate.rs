@@ -557,6 +557,50 @@ fn trim_ows(s: &str) -> &str {
     s.trim_matches([' ', '\t'])
 }
 
+/// The fuzzing oracle (fuzz/fuzz_targets/extensions.rs, and the corpus replay test).
+///
+/// `data` is read as header lines (split at `\n`, invalid UTF-8 replaced). Asserts, for every
+/// mode and window: no panic; the answer is the one `answer` gives for the first valid offer;
+/// and a client that sent that offer accepts the answer unchanged. The client's checks of the
+/// same lines as a response never panic either. Unlike the rest of this layer it panics by
+/// design: a failed assertion is the finding.
+#[doc(hidden)]
+pub fn fuzz_check(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let lines: Vec<&str> = text.split('\n').collect();
+    let first_offer = lines
+        .iter()
+        .flat_map(|line| elements(line))
+        .filter_map(|element| match element {
+            Ok(ext) if ext.name == EXTENSION_NAME => DeflateOffer::from_params(&ext.params).ok(),
+            _ => None,
+        })
+        .next();
+    for mode in [
+        CompressionMode::Off,
+        CompressionMode::Shared,
+        CompressionMode::Dedicated,
+    ] {
+        for window_bits in [MIN_WINDOW_BITS, 12, MAX_WINDOW_BITS] {
+            let config = CompressionConfig {
+                mode,
+                window_bits,
+                min_bytes: 0,
+            };
+            let params = negotiate(lines.iter().copied(), &config);
+            let expected = first_offer
+                .filter(|_| mode != CompressionMode::Off)
+                .map(|offer| answer(&offer, &config));
+            assert_eq!(params, expected, "{mode} {window_bits}");
+            if let (Some(params), Some(offer)) = (params, first_offer) {
+                let value = params.header_value();
+                assert_eq!(accept_response([value.as_str()], &offer), Ok(Some(params)));
+            }
+        }
+    }
+    let _ = accept_response(lines.iter().copied(), &DeflateOffer::BROWSER);
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
@@ -943,6 +987,59 @@ mod tests {
             }
         }
     }
+
+    /// Replays the checked-in fuzz corpus so stable CI keeps every finding fixed.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/extensions");
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            fuzz_check(&std::fs::read(entry.unwrap().path()).unwrap());
+            replayed += 1;
+        }
+        assert!(replayed > 0, "no corpus in {}", dir.display());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_headers_hold_the_invariants(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            fuzz_check(&data);
+        }
+
+        /// Near-valid headers reach deeper: pieces of real offers, shuffled together.
+        #[test]
+        fn assembled_headers_hold_the_invariants(
+            pieces in proptest::collection::vec(0usize..PIECES.len(), 0..12)
+        ) {
+            let text: String = pieces.iter().map(|&i| PIECES[i]).collect();
+            fuzz_check(text.as_bytes());
+        }
+    }
+
+    const PIECES: &[&str] = &[
+        "permessage-deflate",
+        "x-webkit-deflate-frame",
+        "; ",
+        ";",
+        ", ",
+        ",",
+        "\n",
+        " ",
+        "\"",
+        "=",
+        "server_no_context_takeover",
+        "client_no_context_takeover",
+        "server_max_window_bits",
+        "client_max_window_bits",
+        "8",
+        "9",
+        "10",
+        "15",
+        "16",
+        "07",
+        "\"12\"",
+        "\\",
+    ];
 
     #[test]
     fn directions_follow_the_role() {
