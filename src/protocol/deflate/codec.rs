@@ -249,9 +249,19 @@ impl Inflater {
                 (consumed, produced, status, 1)
             } else {
                 let len = out.len();
-                let chunk = room.min(MIN_INFLATE_CHUNK.max(len).max(input.len() * 4));
-                // `reserve_exact` keeps the allocation within `limit` (`reserve` may double).
-                out.reserve_exact(chunk);
+                // How much to offer zlib in this call: about what this input may inflate to,
+                // at least a few KiB (a bomb then takes many calls, each bounded).
+                let step = MIN_INFLATE_CHUNK
+                    .max(input.len().saturating_mul(4))
+                    .min(room);
+                if out.capacity() - len < step {
+                    // Grow geometrically, so a message in many small frames is not copied
+                    // once per frame, but never past `limit`: `reserve_exact`, because
+                    // `reserve` may round the allocation up beyond it.
+                    let target = (len + step).max(out.capacity().saturating_mul(2));
+                    out.reserve_exact(target.min(limit) - len);
+                }
+                let chunk = step;
                 out.resize(len + chunk, 0);
                 let result = match out.get_mut(len..) {
                     Some(space) => self.run(input, space),
@@ -499,14 +509,21 @@ mod tests {
             inflater.finish(&mut out, LIMIT).unwrap();
             assert_eq!(out, message, "split at {at}");
         }
-        // One byte per frame.
+        // One byte per frame, for a larger message: the output grows geometrically, not
+        // once per frame.
+        let message = json(200_000);
+        let payload = compress(&mut Deflater::new(15, false), &message);
         let mut inflater = Inflater::new(15, false);
         let mut out = Vec::new();
+        let mut growths = 0;
         for byte in &payload {
+            let capacity = out.capacity();
             inflater.push(&[*byte], &mut out, LIMIT).unwrap();
+            growths += usize::from(out.capacity() != capacity);
         }
         inflater.finish(&mut out, LIMIT).unwrap();
         assert_eq!(out, message);
+        assert!(growths <= 12, "{growths} reallocations");
     }
 
     /// A zip bomb: a few KB that inflate to 4 MiB are refused at the limit, and the output
