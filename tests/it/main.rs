@@ -16,5 +16,6 @@ mod robustness;
 
 mod access;
 mod envelope;
+mod hostile;
 mod offline;
 mod rooms;
