@@ -256,6 +256,9 @@ pub enum AckStatus {
     /// Queued on at least one connection of the recipient (send) or handed to every current
     /// member of the room (publish).
     Delivered,
+    /// Publish only: queued for some current members and dropped for others (over
+    /// `--max-outbound` with `--slow-consumer drop`); `reason` says for how many.
+    Partial,
     /// The recipient has no connection that took it; it waits in the offline queue.
     Queued,
     /// Not accepted; `reason` says why.
@@ -266,6 +269,7 @@ impl AckStatus {
     pub fn name(self) -> &'static str {
         match self {
             AckStatus::Delivered => "delivered",
+            AckStatus::Partial => "partial",
             AckStatus::Queued => "queued",
             AckStatus::Rejected => "rejected",
         }

@@ -550,20 +550,38 @@ impl Hub {
         );
         let frame = tx.encode_shared(OpCode::Text, &text);
         self.metrics.publish_messages += 1;
+        let (mut queued, mut dropped) = (0usize, 0usize);
         for member in self.rooms.members(room) {
-            if member != conn && tx.send_shared(member, &frame) == Sent::Queued {
-                self.metrics.publish_deliveries += 1;
+            if member == conn {
+                continue;
+            }
+            match tx.send_shared(member, &frame) {
+                Sent::Queued => queued += 1,
+                Sent::Dropped => dropped += 1,
+                // Being closed as a slow consumer (or already gone): it is leaving the room,
+                // and its departure is announced to the others.
+                Sent::Closed | Sent::Gone => {}
             }
         }
-        self.ack(
-            conn,
-            &peer.id,
-            client_id,
-            msg_id,
-            AckStatus::Delivered,
-            None,
-            tx,
-        );
+        self.metrics.publish_deliveries += queued as u64;
+        // The ack says what happened to the members (docs/protocol.md, "Acks"): the sender
+        // must not read `delivered` when a current member dropped the message.
+        let reason;
+        let (status, reason) = match (queued, dropped) {
+            (_, 0) => (AckStatus::Delivered, None),
+            (0, _) => (
+                AckStatus::Rejected,
+                Some("every member is too far behind to take it"),
+            ),
+            (queued, dropped) => {
+                reason = format!(
+                    "dropped for {dropped} of {} members (over --max-outbound)",
+                    queued + dropped
+                );
+                (AckStatus::Partial, Some(reason.as_str()))
+            }
+        };
+        self.ack(conn, &peer.id, client_id, msg_id, status, reason, tx);
     }
 
     /// Joins a room and tells every member, the joiner included (its confirmation). Joining a

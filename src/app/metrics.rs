@@ -205,7 +205,7 @@ impl HubMetrics {
             self.duplicates,
         );
         w.family("wsrelay_acks_total", "counter", "Acks sent, by status.");
-        for status in ["delivered", "queued", "rejected"] {
+        for status in ["delivered", "partial", "queued", "rejected"] {
             let n = self.acks.get(status).copied().unwrap_or(0);
             w.sample("wsrelay_acks_total", &[("status", status)], n);
         }

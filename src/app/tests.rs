@@ -531,6 +531,75 @@ fn rooms_publish_presence_and_leave() {
 }
 
 #[test]
+fn a_publish_ack_says_what_the_members_did_with_it() {
+    // (members that take it, members that drop it) -> (status, reason, msg_id present).
+    let cases: [(usize, usize, &str, Value, bool); 4] = [
+        (0, 0, "delivered", Value::Null, true),
+        (2, 0, "delivered", Value::Null, true),
+        (
+            2,
+            1,
+            "partial",
+            json!("dropped for 1 of 3 members (over --max-outbound)"),
+            true,
+        ),
+        (
+            0,
+            2,
+            "rejected",
+            json!("every member is too far behind to take it"),
+            false,
+        ),
+    ];
+    for (taking, dropping, status, reason, has_msg_id) in cases {
+        let mut h = Harness::plain();
+        let sender = h.connect("/ws?id=sender");
+        let mut members = Vec::new();
+        for i in 0..taking + dropping {
+            let id = format!("m{i}");
+            let m = h.connect(&format!("/ws?id={id}"));
+            h.say(m, json!({"type": "join", "room": "r"}));
+            if i >= taking {
+                h.tx.slow.insert(m);
+            }
+            members.push(m);
+        }
+        h.inbox(sender);
+        h.say(
+            sender,
+            json!({"type": "publish", "room": "r", "payload": 1, "id": "p1"}),
+        );
+        let ack = h.inbox(sender).pop().unwrap();
+        let case = format!("{taking} taking, {dropping} dropping: {ack}");
+        assert_eq!(ack["status"], status, "{case}");
+        assert_eq!(ack["reason"], reason, "{case}");
+        assert_eq!(ack["msg_id"].is_string(), has_msg_id, "{case}");
+        for &m in &members[..taking] {
+            assert_eq!(messages(&h.inbox(m)).len(), 1, "{case}");
+        }
+        // A retry is answered from the dedup window unless the publish was rejected.
+        h.say(
+            sender,
+            json!({"type": "publish", "room": "r", "payload": 1, "id": "p1"}),
+        );
+        let again = h.inbox(sender).pop().unwrap();
+        for field in ["id", "msg_id", "status"] {
+            assert_eq!(again[field], ack[field], "{case}: {again}");
+        }
+        assert_eq!(
+            h.metric("wsrelay_duplicates_total"),
+            if has_msg_id { 1.0 } else { 0.0 },
+            "{case}"
+        );
+        assert_eq!(
+            h.metric(&format!("wsrelay_acks_total{{status=\"{status}\"}}")),
+            2.0,
+            "{case}"
+        );
+    }
+}
+
+#[test]
 fn raw_rooms_share_one_frame_and_skip_the_sender() {
     let mut h = Harness::plain();
     let members: Vec<ConnId> = (0..5).map(|_| h.connect("/r/lobby")).collect();

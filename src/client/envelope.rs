@@ -147,6 +147,10 @@ pub fn render_ack(time: &str, sent: &Outgoing, status: &str, reason: Option<&str
     let who = printable(&sent.recipient());
     let text = match status {
         "delivered" => format!("delivered to {who}"),
+        "partial" => format!(
+            "partly delivered to {who}: {}",
+            printable(reason.unwrap_or("no reason given"))
+        ),
         "queued" => format!("queued for {who}, who is offline"),
         "rejected" => format!(
             "rejected (to {who}): {}",
@@ -327,6 +331,8 @@ mod tests {
             ("escape sequence", render_message(t, "a\u{1b}[2J", Some("b"), None, &json!("x\ny")), "[12:00:01] a\\u{1b}[2J -> b: x\\ny"),
             ("delivered", render_ack(t, &send, "delivered", None), "[12:00:01] * delivered to bob"),
             ("queued", render_ack(t, &send, "queued", None), "[12:00:01] * queued for bob, who is offline"),
+            ("partial", render_ack(t, &publish, "partial", Some("dropped for 1 of 3 members (over --max-outbound)")),
+             "[12:00:01] * partly delivered to #lobby: dropped for 1 of 3 members (over --max-outbound)"),
             ("rejected", render_ack(t, &publish, "rejected", Some("forbidden")), "[12:00:01] * rejected (to #lobby): forbidden"),
             ("joined", render_presence(t, "lobby", "bob", "join"), "[12:00:01] * bob joined #lobby"),
             ("left", render_presence(t, "lobby", "bob", "leave"), "[12:00:01] * bob left #lobby"),

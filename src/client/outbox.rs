@@ -69,8 +69,10 @@ pub struct Overflow(pub Outgoing);
 /// The ack `status` values of SPEC §6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AckStatus {
-    /// Handed to at least one live connection of the recipient (or to the room).
+    /// Handed to at least one live connection of the recipient (or to every room member).
     Delivered,
+    /// A publish that some room members took and others dropped (they were too far behind).
+    Partial,
     /// The recipient is offline; the relay holds the message for it.
     Queued,
     /// Refused (for instance, a room outside the token's `rooms` claim).
@@ -82,6 +84,7 @@ impl AckStatus {
     pub fn parse(text: &str) -> Option<AckStatus> {
         match text {
             "delivered" => Some(AckStatus::Delivered),
+            "partial" => Some(AckStatus::Partial),
             "queued" => Some(AckStatus::Queued),
             "rejected" => Some(AckStatus::Rejected),
             _ => None,
@@ -377,6 +380,7 @@ mod tests {
     fn ack_statuses() {
         let cases: &[(&str, Option<AckStatus>)] = &[
             ("delivered", Some(AckStatus::Delivered)),
+            ("partial", Some(AckStatus::Partial)),
             ("queued", Some(AckStatus::Queued)),
             ("rejected", Some(AckStatus::Rejected)),
             ("Delivered", None),

@@ -23,6 +23,62 @@ fn metric(server: &Server, sample: &str) -> f64 {
         .unwrap()
 }
 
+// ----- a publish ack says what happened ------------------------------------------------------
+
+/// With `--slow-consumer drop`, a member over `--max-outbound` drops a publish: the ack must not
+/// say `delivered`. Partly delivered is `partial`; dropped by every member is `rejected`.
+fn a_publish_ack_says_when_a_member_dropped_it(poller: &str) {
+    let server = Server::start(
+        poller,
+        &["--max-outbound", "64K", "--slow-consumer", "drop"],
+    );
+    let mut sender = Client::as_id(&server, "sender");
+    let mut reader = Client::as_id(&server, "reader");
+    reader.join("room", "reader");
+    let mut slow = Client::as_id(&server, "slow");
+    slow.join("room", "slow");
+    // reader hears slow join; slow never reads again, so its buffers and then its queue fill.
+    assert_eq!(reader.expect("presence")["id"], "slow");
+    let payload = "z".repeat(32 * 1024);
+    let mut partial = None;
+    for n in 0..2000 {
+        sender.send(
+            json!({"type": "publish", "room": "room", "payload": payload,
+                           "id": format!("p{n}")}),
+        );
+        let ack = sender.expect("ack");
+        assert_eq!(
+            reader.expect("message")["payload"],
+            json!(payload),
+            "the reader gets all"
+        );
+        if ack["status"] != "delivered" {
+            partial = Some(ack);
+            break;
+        }
+    }
+    let ack = partial.expect("the slow member dropped a publish, yet every ack said delivered");
+    assert_eq!(ack["status"], "partial", "{ack}");
+    assert!(ack["msg_id"].is_string(), "it exists: {ack}");
+    assert_eq!(
+        ack["reason"],
+        "dropped for 1 of 2 members (over --max-outbound)"
+    );
+    assert!(metric(&server, "wsrelay_slow_consumer_drops_total") >= 1.0);
+    assert_eq!(
+        metric(&server, "wsrelay_acks_total{status=\"partial\"}"),
+        1.0
+    );
+    // The reader leaves: now the slow member is the whole audience, and drops it too.
+    reader.send(json!({"type": "leave", "room": "room"}));
+    assert_eq!(reader.expect("presence")["event"], "leave");
+    sender.send(json!({"type": "publish", "room": "room", "payload": payload, "id": "last"}));
+    let ack = sender.expect("ack");
+    assert_eq!(ack["status"], "rejected", "{ack}");
+    assert_eq!(ack["msg_id"], Value::Null);
+    assert_eq!(ack["reason"], "every member is too far behind to take it");
+}
+
 // ----- JWT: RFC 7515 §4.1.11 ------------------------------------------------------------------
 
 /// A correctly signed HS256 token with the given header fields added.
@@ -77,4 +133,7 @@ fn a_jwt_with_an_unknown_crit_header_is_refused_401(poller: &str) {
     );
 }
 
-poller_tests!(a_jwt_with_an_unknown_crit_header_is_refused_401);
+poller_tests!(
+    a_publish_ack_says_when_a_member_dropped_it,
+    a_jwt_with_an_unknown_crit_header_is_refused_401,
+);
