@@ -55,6 +55,9 @@ pub trait Transport {
     }
     /// Queues a frame encoded once (`encode_shared`) and shared by many recipients.
     fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent;
+    /// Like `send_shared`, but queued even over `--max-outbound`: for the welcome and the first
+    /// message of a backlog, which a connection must always be able to take (see `open`).
+    fn send_shared_unbounded(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent;
     /// Closes `conn` with `code` once the current callback returns.
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str);
 }
@@ -70,6 +73,10 @@ impl Transport for Outbox<'_> {
 
     fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
         Outbox::send_shared(self, to, frame)
+    }
+
+    fn send_shared_unbounded(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
+        Outbox::send_shared_unbounded(self, to, frame)
     }
 
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
@@ -314,16 +321,28 @@ impl Hub {
                     .push(conn);
                 self.names.insert(conn, Rc::clone(&peer.id));
                 self.dedup.active(&peer.id);
+                // SPEC §6: the welcome, then queued (and, with `since`, retained) messages in
+                // order, before any live traffic. The welcome and the first message of the
+                // backlog are queued whatever --max-outbound says (the 101 response already
+                // fills part of it): otherwise one message that fits --max-message but not what
+                // the limit leaves would be refused on every connection, and nothing behind it
+                // would ever arrive. The rest goes while it fits; if the queue fills up, the
+                // rest stays pending and the connection is closed (1008): letting live traffic
+                // overtake the rest would break the order, and the client gets the rest when it
+                // reconnects (with the `close` policy the outbox has already asked for that
+                // close). So every connection makes progress through its backlog.
                 let welcome = envelope::welcome(&peer.id, self.mailboxes.newest(&peer.id));
-                tx.send(conn, OpCode::Text, &welcome);
-                // SPEC §6: queued (and, with `since`, retained) messages in order, before any
-                // live traffic. If the connection's queue fills up, the rest stays pending and
-                // the connection is closed (1008): letting live traffic overtake the rest would
-                // break the order, and the client gets the rest when it reconnects (with the
-                // `close` policy the outbox has already asked for that close).
+                let welcome = tx.encode_shared(OpCode::Text, &welcome);
+                tx.send_shared_unbounded(conn, &welcome);
                 let mut stalled = false;
+                let mut head = true;
                 let (first, again) = self.mailboxes.deliver(&peer.id, peer.since, |m| {
-                    let queued = tx.send_shared(conn, &m.frame) == Sent::Queued;
+                    let sent = if std::mem::take(&mut head) {
+                        tx.send_shared_unbounded(conn, &m.frame)
+                    } else {
+                        tx.send_shared(conn, &m.frame)
+                    };
+                    let queued = sent == Sent::Queued;
                     stalled |= !queued;
                     queued
                 });

@@ -11,6 +11,7 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{json, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tungstenite::protocol::frame::coding::CloseCode;
 
 /// One sample of /metrics; a series that is absent fails the test (it never reads as 0).
 fn metric(server: &Server, sample: &str) -> f64 {
@@ -21,6 +22,135 @@ fn metric(server: &Server, sample: &str) -> f64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+fn msg_id(v: &Value) -> u64 {
+    v["msg_id"].as_str().expect("a msg_id").parse().unwrap()
+}
+
+// ----- a large message must not lock its recipient out --------------------------------------
+
+/// `--max-outbound` below `--max-message`: a direct message bigger than what the limit leaves
+/// after the welcome, queued while bob is offline, must reach bob; so must what queued behind
+/// it, on the next connection at the latest.
+fn a_large_queued_message_does_not_lock_its_recipient_out(poller: &str) {
+    let server = Server::start(poller, &["--max-outbound", "16K", "--max-message", "256K"]);
+    let mut a = Client::as_id(&server, "alice");
+    let big = "x".repeat(32 * 1024);
+    assert_eq!(a.send_acked("bob", json!(big), "big")["status"], "queued");
+    for i in 0..3 {
+        assert_eq!(
+            a.send_acked("bob", json!(i), &format!("small{i}"))["status"],
+            "queued"
+        );
+    }
+    // Each connection must deliver at least one message of the backlog; the backlog comes in
+    // order, over as many connections as it takes (each ended by Close 1008 while some remain).
+    let mut got = Vec::new();
+    for attempt in 0..4 {
+        let mut b = Client::as_id(&server, "bob");
+        let before = got.len();
+        loop {
+            match b
+                .ws
+                .read()
+                .expect("a message or a close within the deadline")
+            {
+                tungstenite::Message::Text(text) => {
+                    let m: Value = serde_json::from_str(text.as_str()).unwrap();
+                    assert_eq!(m["type"], "message", "{m}");
+                    got.push(m["payload"].clone());
+                    if got.len() == 4 {
+                        break;
+                    }
+                }
+                tungstenite::Message::Close(frame) => {
+                    let code = frame.expect("a close code").code;
+                    assert_eq!(code, CloseCode::Policy);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            got.len() > before,
+            "connection {attempt} delivered nothing of the backlog (got {} of 4)",
+            got.len()
+        );
+        if got.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(got, vec![json!(big), json!(0), json!(1), json!(2)]);
+    // And the lock-out is over: live traffic flows to bob's next connection.
+    let mut b = Client::as_id(&server, "bob");
+    assert_eq!(
+        a.send_acked("bob", json!("live"), "live")["status"],
+        "delivered"
+    );
+    assert_eq!(b.expect("message")["payload"], "live");
+}
+
+/// The same through recovery: a `?since=` replay that starts with a message bigger than the
+/// limit leaves after the welcome must deliver it, and a client that moves its `since` forward
+/// gets the rest.
+fn a_since_replay_of_a_large_message_makes_progress(poller: &str) {
+    let server = Server::start(poller, &["--max-outbound", "16K", "--max-message", "256K"]);
+    let mut a = Client::as_id(&server, "alice");
+    let mut b = Client::as_id(&server, "bob");
+    let big = "y".repeat(32 * 1024);
+    // Live, both fit: bob's queue is empty when each arrives.
+    assert_eq!(
+        a.send_acked("bob", json!(big), "big")["status"],
+        "delivered"
+    );
+    let first = b.expect("message");
+    assert_eq!(
+        a.send_acked("bob", json!("after"), "after")["status"],
+        "delivered"
+    );
+    let second = b.expect("message");
+    drop(b);
+    // Bob lost both (say) and asks for everything after what he had before them.
+    let mut since = msg_id(&first) - 1;
+    let mut got = Vec::new();
+    for attempt in 0..3 {
+        let (mut b, _) = Client::connect(&server, &format!("/ws?id=bob&since={since}"));
+        let before = got.len();
+        loop {
+            match b
+                .ws
+                .read()
+                .expect("a message or a close within the deadline")
+            {
+                tungstenite::Message::Text(text) => {
+                    let m: Value = serde_json::from_str(text.as_str()).unwrap();
+                    assert_eq!(m["type"], "message", "{m}");
+                    since = msg_id(&m);
+                    got.push(m["payload"].clone());
+                    if got.len() == 2 {
+                        break;
+                    }
+                }
+                tungstenite::Message::Close(frame) => {
+                    assert_eq!(frame.expect("a close code").code, CloseCode::Policy);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            got.len() > before,
+            "replay {attempt} delivered nothing (since={since})"
+        );
+        if got.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        got,
+        vec![first["payload"].clone(), second["payload"].clone()]
+    );
 }
 
 // ----- a publish ack says what happened ------------------------------------------------------
@@ -134,6 +264,8 @@ fn a_jwt_with_an_unknown_crit_header_is_refused_401(poller: &str) {
 }
 
 poller_tests!(
+    a_large_queued_message_does_not_lock_its_recipient_out,
+    a_since_replay_of_a_large_message_makes_progress,
     a_publish_ack_says_when_a_member_dropped_it,
     a_jwt_with_an_unknown_crit_header_is_refused_401,
 );
