@@ -162,7 +162,11 @@ impl Hub {
                 ttl: config.offline_ttl,
                 max_bytes: config.offline_max_bytes,
             }),
-            dedup: Dedup::new(config.dedup_window, config.offline_ttl),
+            dedup: Dedup::new(
+                config.dedup_window,
+                config.offline_ttl,
+                config.dedup_max_bytes,
+            ),
             next_msg_id,
             metrics: HubMetrics::default(),
             clock,
@@ -782,6 +786,9 @@ impl Hub {
             offline_pending: self.mailboxes.pending(),
             removed: self.mailboxes.removed,
             expiring: self.mailboxes.expiring(self.clock.now()),
+            dedup_records: self.dedup.records(),
+            dedup_bytes: self.dedup.bytes(),
+            dedup_evicted: self.dedup.evicted(),
         };
         self.metrics.render(&gauges, out);
     }

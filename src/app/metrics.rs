@@ -56,6 +56,11 @@ pub struct HubGauges {
     /// What the bounds removed so far, and what has expired but is not yet swept.
     pub removed: Removed,
     pub expiring: Expiring,
+    /// Client ids remembered for duplicate suppression, the bytes counted for them against
+    /// --dedup-max-bytes, and how many that bound made the relay forget early.
+    pub dedup_records: usize,
+    pub dedup_bytes: usize,
+    pub dedup_evicted: u64,
 }
 
 impl HubMetrics {
@@ -203,6 +208,21 @@ impl HubMetrics {
             "wsrelay_duplicates_total",
             "Sends and publishes with an already seen client id (acked again, not delivered).",
             self.duplicates,
+        );
+        w.gauge(
+            "wsrelay_dedup_records",
+            "Client message ids remembered for duplicate suppression.",
+            g.dedup_records,
+        );
+        w.gauge(
+            "wsrelay_dedup_bytes",
+            "Bytes the duplicate windows take, as counted against --dedup-max-bytes.",
+            g.dedup_bytes,
+        );
+        w.counter(
+            "wsrelay_dedup_evicted_total",
+            "Client message ids forgotten before their time to stay within --dedup-max-bytes (a retry of one is delivered again).",
+            g.dedup_evicted,
         );
         w.family("wsrelay_acks_total", "counter", "Acks sent, by status.");
         for status in ["delivered", "partial", "queued", "rejected"] {

@@ -10,6 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{json, Value};
+use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -153,6 +154,97 @@ fn a_since_replay_of_a_large_message_makes_progress(poller: &str) {
     );
 }
 
+// ----- duplicate suppression: a memory bound, and the promise within it ---------------------
+
+/// A raw `/ws` connection for `id` that publishes one message with client id `cid` to an empty
+/// room, reads the ack and hangs up: one round trip per sender (the upgrade and the frame are
+/// written together; frames pipelined behind the handshake are kept, SPEC §3).
+fn publish_once(server: &Server, id: &str, cid: &str) -> Value {
+    let mut s = server.tcp();
+    let envelope = json!({"type": "publish", "room": "void", "payload": 1, "id": cid});
+    let mut bytes = format!(
+        "GET /ws?id={id} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.extend(client_frame(0x81, envelope.to_string().as_bytes()));
+    s.write_all(&bytes).unwrap();
+    let head = read_http_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_, welcome) = read_server_frame(&mut s);
+    assert!(welcome.starts_with(br#"{"type":"welcome""#));
+    let (_, ack) = read_server_frame(&mut s);
+    serde_json::from_slice(&ack).unwrap()
+}
+
+/// docs/protocol.md promises that a retry within `--offline-ttl` of the sender's last
+/// connection is recognised. 4,100 other senders that each send once and leave do not come
+/// near the memory bound, so they must not make the relay forget it.
+fn a_retry_is_recognised_after_4100_other_senders_went_idle(poller: &str) {
+    let server = Server::start(poller, &[]);
+    let first = publish_once(&server, "alice", "c1");
+    assert_eq!(first["status"], "delivered", "{first}");
+    for i in 0..4100 {
+        let ack = publish_once(&server, &format!("s{i}"), "c1");
+        assert_eq!(ack["status"], "delivered", "{ack}");
+    }
+    // Every one of them has gone idle on the server before alice retries.
+    server.wait_for_metric("wsrelay_ids_online", 0.0);
+    let retry = publish_once(&server, "alice", "c1");
+    assert_eq!(retry, first, "the retry is answered with the original ack");
+    assert_eq!(metric(&server, "wsrelay_duplicates_total"), 1.0);
+    assert_eq!(metric(&server, "wsrelay_dedup_evicted_total"), 0.0);
+}
+
+/// `--dedup-max-bytes` bounds what the windows hold, whoever sends: beyond it the oldest
+/// remembered ids of all senders go first, counted, and a retry of a forgotten one is delivered
+/// again (the promise in docs/protocol.md says so), while recent ones are still recognised.
+fn dedup_memory_is_bounded_by_a_flag_and_evictions_are_counted(poller: &str) {
+    let bound = 64 * 1024;
+    let server = Server::start(poller, &["--dedup-max-bytes", "64K"]);
+    let mut senders = Vec::new();
+    let mut acks = Vec::new();
+    for s in 0..20 {
+        let mut c = Client::as_id(&server, &format!("sender{s}"));
+        for n in 0..100 {
+            c.send(json!({"type": "publish", "room": "void", "payload": n,
+                          "id": format!("m{n}")}));
+        }
+        for _ in 0..100 {
+            let ack = c.expect("ack");
+            assert_eq!(ack["status"], "delivered");
+            acks.push(ack);
+        }
+        senders.push(c);
+    }
+    let bytes = metric(&server, "wsrelay_dedup_bytes");
+    assert!(bytes > 0.0 && bytes <= bound as f64, "{bytes} bytes held");
+    let evicted = metric(&server, "wsrelay_dedup_evicted_total");
+    let records = metric(&server, "wsrelay_dedup_records");
+    assert_eq!(
+        evicted + records,
+        2000.0,
+        "every id is held or counted as evicted"
+    );
+    // The oldest were forgotten: sender0's first id is new again. The newest are remembered.
+    let first = &mut senders[0];
+    first.send(json!({"type": "publish", "room": "void", "payload": 0, "id": "m0"}));
+    let again = first.expect("ack");
+    assert_eq!(again["status"], "delivered");
+    assert!(
+        msg_id(&again) > msg_id(&acks[1999]),
+        "a new message: {again}"
+    );
+    let last = &mut senders[19];
+    last.send(json!({"type": "publish", "room": "void", "payload": 99, "id": "m99"}));
+    assert_eq!(
+        last.expect("ack"),
+        acks[1999],
+        "recognised: the original ack"
+    );
+    assert_eq!(metric(&server, "wsrelay_duplicates_total"), 1.0);
+}
+
 // ----- a publish ack says what happened ------------------------------------------------------
 
 /// With `--slow-consumer drop`, a member over `--max-outbound` drops a publish: the ack must not
@@ -266,6 +358,8 @@ fn a_jwt_with_an_unknown_crit_header_is_refused_401(poller: &str) {
 poller_tests!(
     a_large_queued_message_does_not_lock_its_recipient_out,
     a_since_replay_of_a_large_message_makes_progress,
+    a_retry_is_recognised_after_4100_other_senders_went_idle,
+    dedup_memory_is_bounded_by_a_flag_and_evictions_are_counted,
     a_publish_ack_says_when_a_member_dropped_it,
     a_jwt_with_an_unknown_crit_header_is_refused_401,
 );
