@@ -589,21 +589,21 @@ impl Hub {
         self.metrics.publish_deliveries += queued as u64;
         // The ack says what happened to the members (docs/protocol.md, "Acks"): the sender
         // must not read `delivered` when a current member dropped the message.
-        let reason;
         let (status, reason) = match (queued, dropped) {
             (_, 0) => (AckStatus::Delivered, None),
             (0, _) => (
                 AckStatus::Rejected,
-                Some("every member is too far behind to take it"),
+                Some("every member is too far behind to take it".to_string()),
             ),
-            (queued, dropped) => {
-                reason = format!(
+            (queued, dropped) => (
+                AckStatus::Partial,
+                Some(format!(
                     "dropped for {dropped} of {} members (over --max-outbound)",
                     queued + dropped
-                );
-                (AckStatus::Partial, Some(reason.as_str()))
-            }
+                )),
+            ),
         };
+        let reason = reason.as_deref();
         self.ack(conn, &peer.id, client_id, msg_id, status, reason, tx);
     }
 
