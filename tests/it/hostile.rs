@@ -33,9 +33,25 @@ fn msg_id(v: &Value) -> u64 {
 
 /// `--max-outbound` below `--max-message`: a direct message bigger than what the limit leaves
 /// after the welcome, queued while bob is offline, must reach bob; so must what queued behind
-/// it, on the next connection at the latest.
+/// it, on the next connection at the latest. Under either slow-consumer policy.
 fn a_large_queued_message_does_not_lock_its_recipient_out(poller: &str) {
-    let server = Server::start(poller, &["--max-outbound", "16K", "--max-message", "256K"]);
+    for policy in ["close", "drop"] {
+        a_large_queued_message_reaches_its_recipient(poller, policy);
+    }
+}
+
+fn a_large_queued_message_reaches_its_recipient(poller: &str, policy: &str) {
+    let server = Server::start(
+        poller,
+        &[
+            "--max-outbound",
+            "16K",
+            "--max-message",
+            "256K",
+            "--slow-consumer",
+            policy,
+        ],
+    );
     let mut a = Client::as_id(&server, "alice");
     let big = "x".repeat(32 * 1024);
     assert_eq!(a.send_acked("bob", json!(big), "big")["status"], "queued");
@@ -75,7 +91,7 @@ fn a_large_queued_message_does_not_lock_its_recipient_out(poller: &str) {
         }
         assert!(
             got.len() > before,
-            "connection {attempt} delivered nothing of the backlog (got {} of 4)",
+            "{policy}: connection {attempt} delivered nothing of the backlog (got {} of 4)",
             got.len()
         );
         if got.len() == 4 {
