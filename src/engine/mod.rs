@@ -26,7 +26,7 @@
 //! out again (SPEC §13, "acks never lie").
 //!
 //! Engines that complete later wake the reactor through the `Wake` callback they were given
-//! (see `server/waker.rs`); the reactor then calls the app, which calls `poll`.
+//! (see `poller/waker.rs`); the reactor then calls the app, which calls `poll`.
 //!
 //! docs/architecture.md ("The engine seam") argues why Redis (SPEC §15) and the workers' bus
 //! (SPEC §14) fit behind this trait without changing the hub.
