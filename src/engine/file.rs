@@ -35,8 +35,8 @@ use super::storage::{Done, Marks, Op, Storage};
 pub use super::storage::{FsyncPolicy, StoreFault};
 use super::streams::{Entry, Gone, Limits, Streams};
 use super::{
-    Append, Completion, Engine, Epoch, Now, Outcome, Position, Publish, Refusal, Since, StreamId,
-    Ticket, Wake,
+    Append, Completion, Engine, Epoch, Event, Now, Outcome, Position, Publish, Refusal, Since,
+    StreamId, Ticket, Wake,
 };
 use crate::app::dedup::{Dedup, Recorded};
 use crate::app::envelope::{AckStatus, MsgId};
@@ -706,11 +706,11 @@ impl Engine for FileEngine {
         self.send(None, Work::Quiet, bytes);
     }
 
-    fn sender_online(&mut self, sender: &str) {
+    fn online(&mut self, sender: &str) {
         self.mem.dedup.active(sender);
     }
 
-    fn sender_offline(&mut self, sender: &Rc<str>, now: Now) {
+    fn offline(&mut self, sender: &Rc<str>, now: Now) {
         self.mem.dedup.idle(sender, now.instant);
     }
 
@@ -722,11 +722,11 @@ impl Engine for FileEngine {
         self.maybe_compact(now);
     }
 
-    fn poll(&mut self, out: &mut Vec<Completion>) {
+    fn poll(&mut self, out: &mut Vec<Event>) {
         while let Ok(done) = self.done.try_recv() {
             self.apply(done);
         }
-        out.extend(self.mem.ready.drain(..));
+        out.extend(self.mem.ready.drain(..).map(Event::Completed));
     }
 
     fn in_flight(&self) -> usize {

@@ -81,6 +81,7 @@ const TRIM: u8 = 4;
 const PUBLISHED: u8 = 5;
 
 const INBOX: u8 = 1;
+const ROOM: u8 = 2;
 
 impl Record {
     /// Appends the record, framed and checksummed, to `out`.
@@ -253,6 +254,7 @@ pub fn read_segment(bytes: &[u8], mut each: impl FnMut(usize, Record)) -> Tail {
 pub fn stream_key(stream: &StreamId) -> String {
     match stream {
         StreamId::Inbox(id) => format!("inbox:{id}"),
+        StreamId::Room(name) => format!("room:{name}"),
     }
 }
 
@@ -305,6 +307,10 @@ fn put_stream(out: &mut Vec<u8>, stream: &StreamId) {
         StreamId::Inbox(id) => {
             out.push(INBOX);
             put_name(out, id);
+        }
+        StreamId::Room(name) => {
+            out.push(ROOM);
+            put_name(out, name);
         }
     }
 }
@@ -359,6 +365,7 @@ impl<'a> Reader<'a> {
     fn stream(&mut self) -> Option<StreamId> {
         match self.u8()? {
             INBOX => Some(StreamId::inbox(&self.name()?)),
+            ROOM => Some(StreamId::room(&self.name()?)),
             _ => None,
         }
     }
@@ -389,7 +396,7 @@ mod tests {
                 positions: vec![Position(101), Position(102)],
             },
             Record::Trim {
-                stream: StreamId::inbox("bob"),
+                stream: StreamId::room("lobby"),
                 through: Position(101),
             },
             Record::Published {

@@ -9,8 +9,8 @@
 
 use super::streams::{Gone, Limits, Refused, Removed, Streams};
 use super::{
-    Append, Completion, Engine, Epoch, Now, Outcome, Position, Publish, Recovery, Refusal, Since,
-    StreamId, Ticket,
+    Append, Completion, Engine, Epoch, Event, Now, Outcome, Position, Publish, Recovery, Refusal,
+    Since, StreamId, Ticket,
 };
 use crate::app::dedup::{Dedup, Recorded};
 use crate::app::envelope::{AckStatus, MsgId};
@@ -293,11 +293,11 @@ impl Engine for MemoryEngine {
         self.streams.mark_delivered(stream, positions);
     }
 
-    fn sender_online(&mut self, sender: &str) {
+    fn online(&mut self, sender: &str) {
         self.dedup.active(sender);
     }
 
-    fn sender_offline(&mut self, sender: &Rc<str>, now: Now) {
+    fn offline(&mut self, sender: &Rc<str>, now: Now) {
         self.dedup.idle(sender, now.instant);
     }
 
@@ -306,8 +306,8 @@ impl Engine for MemoryEngine {
         self.dedup.sweep(now.instant);
     }
 
-    fn poll(&mut self, out: &mut Vec<Completion>) {
-        out.extend(self.ready.drain(..));
+    fn poll(&mut self, out: &mut Vec<Event>) {
+        out.extend(self.ready.drain(..).map(Event::Completed));
     }
 
     fn in_flight(&self) -> usize {
@@ -357,7 +357,10 @@ mod tests {
         let mut out = Vec::new();
         e.poll(&mut out);
         assert_eq!(out.len(), 1);
-        out.pop().map(|c| c.outcome).unwrap()
+        match out.pop() {
+            Some(Event::Completed(c)) => c.outcome,
+            other => panic!("expected one completion, got {other:?}"),
+        }
     }
 
     fn stored(e: &mut MemoryEngine) -> Position {
@@ -375,8 +378,10 @@ mod tests {
         e.publish(
             Ticket(2),
             Publish {
+                room: Rc::from("lobby"),
                 sender: Rc::from("alice"),
                 client_id: None,
+                body: Rc::from(&b"{}"[..]),
             },
             now(1_000),
         );

@@ -48,12 +48,15 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// A stream: an ordered, bounded sequence of messages with positions (SPEC §13). Today every
-/// id's inbox; room history (SPEC §16) will add `Room`.
+/// A stream: an ordered, bounded sequence of messages with positions (SPEC §13). Every id's
+/// inbox, and every room (which retains nothing until room history, SPEC §16, but already has
+/// positions and is where a room's messages arrive from other nodes).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StreamId {
     /// The direct messages to one id.
     Inbox(Rc<str>),
+    /// The messages published to one envelope room.
+    Room(Rc<str>),
 }
 
 impl StreamId {
@@ -61,10 +64,14 @@ impl StreamId {
         StreamId::Inbox(Rc::from(id))
     }
 
+    pub fn room(name: &str) -> StreamId {
+        StreamId::Room(Rc::from(name))
+    }
+
     /// The id or room name, without the kind.
     pub fn name(&self) -> &str {
         match self {
-            StreamId::Inbox(id) => id,
+            StreamId::Inbox(name) | StreamId::Room(name) => name,
         }
     }
 }
@@ -146,11 +153,26 @@ pub struct Append {
 }
 
 /// A room message: not retained (rooms have no history yet), but it takes a position and, with
-/// a client id, a place in the sender's duplicate window.
+/// a client id, a place in the sender's duplicate window. The local engines need neither the
+/// room nor the body; an engine that shares rooms with other nodes publishes both.
 #[derive(Clone, Debug)]
 pub struct Publish {
+    pub room: Rc<str>,
     pub sender: Rc<str>,
     pub client_id: Option<Rc<str>>,
+    pub body: Rc<[u8]>,
+}
+
+/// What `poll` hands the hub, in the order the hub must act on it.
+#[derive(Debug)]
+pub enum Event {
+    /// Work this hub submitted has finished.
+    Completed(Completion),
+    /// A message stored by someone else (another node through Redis, SPEC §15; another worker
+    /// through the bus, SPEC §14) for an id or room this hub holds connections for (`online`,
+    /// `joined`). The hub delivers it to those connections. The local engines never produce one:
+    /// in a single process the hub that submitted a message delivers it itself.
+    Arrived(Arrival),
 }
 
 /// One finished piece of work.
@@ -158,6 +180,14 @@ pub struct Publish {
 pub struct Completion {
     pub ticket: Ticket,
     pub outcome: Outcome,
+}
+
+/// A message from elsewhere, already stored by whoever sent it.
+#[derive(Debug)]
+pub struct Arrival {
+    pub stream: StreamId,
+    pub position: Position,
+    pub body: Rc<[u8]>,
 }
 
 #[derive(Debug)]
@@ -248,16 +278,22 @@ pub trait Engine {
     /// These messages reached a connection: they are no longer pending.
     fn delivered(&mut self, stream: &StreamId, positions: &[Position]);
 
-    /// `sender` has a connection again / lost its last one: its duplicate window is kept while
-    /// it is connected and for the retention TTL after.
-    fn sender_online(&mut self, sender: &str);
-    fn sender_offline(&mut self, sender: &Rc<str>, now: Now);
+    /// This hub now holds a connection of `id` / no longer holds any. The id's duplicate window
+    /// is kept while it is connected and for the retention TTL after; an engine shared with
+    /// other nodes or workers subscribes to the id's inbox while it is online here.
+    fn online(&mut self, id: &str);
+    fn offline(&mut self, id: &Rc<str>, now: Now);
+
+    /// This hub now holds a member of `room` / no longer holds any. Only engines that share
+    /// rooms with other nodes or workers care (they subscribe); the local ones ignore it.
+    fn joined(&mut self, _room: &str) {}
+    fn left(&mut self, _room: &str) {}
 
     /// Applies TTLs and bounds, and (file engine) reclaims disk space. Cheap when nothing is due.
     fn maintain(&mut self, now: Now);
 
-    /// Moves every completion that is ready into `out`.
-    fn poll(&mut self, out: &mut Vec<Completion>);
+    /// Moves every event that is ready into `out`, in order.
+    fn poll(&mut self, out: &mut Vec<Event>);
 
     /// Work submitted and not yet completed: acks waiting for durability.
     fn in_flight(&self) -> usize;

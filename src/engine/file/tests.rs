@@ -59,9 +59,28 @@ fn settle(e: &mut FileEngine) -> Vec<Completion> {
         e.settle(SETTLE),
         "the storage thread did not answer in time"
     );
+    completions(e)
+}
+
+/// What is ready now; the local engines produce no `Arrived`.
+fn completions(e: &mut FileEngine) -> Vec<Completion> {
     let mut out = Vec::new();
     e.poll(&mut out);
-    out
+    out.into_iter()
+        .map(|event| match event {
+            Event::Completed(c) => c,
+            Event::Arrived(a) => panic!("a local engine produced {a:?}"),
+        })
+        .collect()
+}
+
+fn publish(client_id: Option<&str>) -> Publish {
+    Publish {
+        room: Rc::from("lobby"),
+        sender: Rc::from("alice"),
+        client_id: client_id.map(Rc::from),
+        body: Rc::from(&b"{}"[..]),
+    }
 }
 
 fn stored(c: &Completion) -> Position {
@@ -115,8 +134,7 @@ fn a_fresh_directory_is_created_and_stored_means_written() {
     let mut e = FileEngine::open(config(&dir), wake, at(1_000)).unwrap();
     assert!(dir.join("LOCK").exists());
     e.append(Ticket(1), append("bob", None, "hi"), at(1_000));
-    let mut out = Vec::new();
-    e.poll(&mut out);
+    let out = completions(&mut e);
     assert!(out.is_empty() || matches!(out[0].outcome, Outcome::Stored { .. }));
     assert_eq!(e.in_flight() + out.len(), 1);
     let done = settle(&mut e);
@@ -163,27 +181,13 @@ fn duplicates_survive_a_restart() {
     let original = {
         let mut e = open(config(tmp.path()), 1_000);
         e.append(Ticket(1), append("bob", Some("c-1"), "once"), at(1_000));
-        e.publish(
-            Ticket(2),
-            Publish {
-                sender: Rc::from("alice"),
-                client_id: Some(Rc::from("c-2")),
-            },
-            at(1_000),
-        );
+        e.publish(Ticket(2), publish(Some("c-2")), at(1_000));
         let done = settle(&mut e);
         (stored(&done[0]), stored(&done[1]))
     };
     let mut e = open(config(tmp.path()), 2_000);
     e.append(Ticket(3), append("bob", Some("c-1"), "once"), at(2_000));
-    e.publish(
-        Ticket(4),
-        Publish {
-            sender: Rc::from("alice"),
-            client_id: Some(Rc::from("c-2")),
-        },
-        at(2_000),
-    );
+    e.publish(Ticket(4), publish(Some("c-2")), at(2_000));
     let done = settle(&mut e);
     assert!(matches!(
         done[0].outcome,
@@ -474,8 +478,7 @@ fn recovery_leaves_out_what_is_not_stored_yet() {
     // it, and it completes after.
     e.recover(Ticket(1), &StreamId::inbox("bob"), None, at(1_000));
     e.append(Ticket(2), append("bob", None, "later"), at(1_000));
-    let mut out = Vec::new();
-    e.poll(&mut out);
+    let mut out = completions(&mut e);
     out.extend(settle(&mut e));
     let Outcome::Recovered(r) = &out[0].outcome else {
         panic!()
