@@ -4,6 +4,8 @@
 //!
 //! * `app`      — the application: /echo, raw rooms and the /ws relay (the hub), behind the
 //!   `server::Handler` seam.
+//! * `engine`   — where streams live (each id's inbox): in memory, or durably in a data
+//!   directory; the hub submits work and polls completions (SPEC §13).
 //! * `server`   — the reactor: event loop, connection slab, accept, dispatch, timers, shutdown.
 //! * `protocol` — pure code: HTTP upgrade handshake, RFC 6455 frame codec, close codes.
 //! * `poller`   — readiness notification (epoll/kqueue through mio; poll(2); select(2)).
@@ -15,6 +17,7 @@
 pub mod app;
 pub mod bench;
 pub mod client;
+pub mod engine;
 pub mod poller;
 pub mod protocol;
 pub mod server;
