@@ -72,6 +72,8 @@ pub struct FileConfig {
     pub dedup_window: usize,
     /// How long an idle sender's duplicate window is kept (the retention TTL).
     pub dedup_idle: Duration,
+    /// The memory bound over every sender's duplicate window (`--dedup-max-bytes`).
+    pub dedup_max_bytes: usize,
     pub fault: StoreFault,
 }
 
@@ -886,7 +888,11 @@ impl Loader {
             foreign: None,
             high_water: Position(0),
             streams: Streams::new(config.limits),
-            dedup: Dedup::new(config.dedup_window, config.dedup_idle),
+            dedup: Dedup::new(
+                config.dedup_window,
+                config.dedup_idle,
+                config.dedup_max_bytes,
+            ),
             senders: HashSet::new(),
             records: 0,
             torn_bytes: 0,

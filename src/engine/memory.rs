@@ -17,7 +17,6 @@ use crate::app::envelope::{AckStatus, MsgId};
 use crate::server::metrics::Writer;
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::time::Duration;
 
 pub struct MemoryEngine {
     epoch: Epoch,
@@ -45,12 +44,12 @@ impl MemoryEngine {
     /// A fresh engine: new epoch; positions start at the Unix time in µs-ish (ms x 1000), so they
     /// keep increasing across restarts in practice (unless a run averaged over 1,000 messages
     /// per millisecond). The file engine does better: it resumes from what it stored.
-    pub fn new(limits: Limits, dedup_window: usize, dedup_idle: Duration, now: Now) -> Self {
+    pub fn new(limits: Limits, dedup: Dedup, now: Now) -> Self {
         MemoryEngine::resume(
             Epoch::random(),
             Position(0),
             Streams::new(limits),
-            Dedup::new(dedup_window, dedup_idle),
+            dedup,
             now,
         )
     }
@@ -341,7 +340,11 @@ mod tests {
             ttl_ms: 60_000,
             max_bytes: 1 << 20,
         };
-        MemoryEngine::new(limits, 16, Duration::from_secs(60), now(unix_ms))
+        MemoryEngine::new(
+            limits,
+            Dedup::new(16, std::time::Duration::from_secs(60), 64 << 20),
+            now(unix_ms),
+        )
     }
 
     fn append(to: &str, client_id: Option<&str>) -> Append {

@@ -22,6 +22,7 @@ fn config(dir: &Path) -> FileConfig {
         },
         dedup_window: 64,
         dedup_idle: Duration::from_secs(60),
+        dedup_max_bytes: 64 << 20,
         fault: StoreFault::Off,
     }
 }
