@@ -3,7 +3,7 @@
 //! Owns: `Dedup`, a bounded window per sender id, and the forgetting of idle senders.
 //! Does not: decide what a duplicate gets (the hub re-sends the recorded ack), or read a clock.
 //!
-//! Implements the duplicate rule of issue 6 item 4 on SPEC §6: a client that re-sends a message
+//! Implements the duplicate rule of SPEC §6 (docs/protocol.md "Duplicates"): a client that re-sends a message
 //! with the same `id` (typically after a reconnect, not knowing whether the first try arrived)
 //! gets the same ack again and the message is not delivered a second time.
 //!
