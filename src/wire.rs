@@ -18,6 +18,9 @@ pub enum AckStatus {
     /// Queued on at least one connection of the recipient (send) or handed to every current
     /// member of the room (publish).
     Delivered,
+    /// Publish only: queued for some current members and dropped for others (over
+    /// `--max-outbound` with `--slow-consumer drop`); `reason` says for how many.
+    Partial,
     /// The recipient has no connection that took it; it waits in the offline queue.
     Queued,
     /// Not accepted; the ack's `reason` says why (for instance, a room outside the token's
@@ -27,12 +30,18 @@ pub enum AckStatus {
 
 impl AckStatus {
     /// Every status, for tests and listings.
-    pub const ALL: [AckStatus; 3] = [AckStatus::Delivered, AckStatus::Queued, AckStatus::Rejected];
+    pub const ALL: [AckStatus; 4] = [
+        AckStatus::Delivered,
+        AckStatus::Partial,
+        AckStatus::Queued,
+        AckStatus::Rejected,
+    ];
 
     /// The spelling on the wire (and in the `status` label of `wsrelay_acks_total`).
     pub fn name(self) -> &'static str {
         match self {
             AckStatus::Delivered => "delivered",
+            AckStatus::Partial => "partial",
             AckStatus::Queued => "queued",
             AckStatus::Rejected => "rejected",
         }
@@ -64,6 +73,7 @@ mod tests {
             );
         }
         assert_eq!(AckStatus::parse("delivered"), Some(AckStatus::Delivered));
+        assert_eq!(AckStatus::parse("partial"), Some(AckStatus::Partial));
         assert_eq!(AckStatus::parse("queued"), Some(AckStatus::Queued));
         assert_eq!(AckStatus::parse("rejected"), Some(AckStatus::Rejected));
         for unknown in ["Delivered", "", "accepted"] {
