@@ -9,7 +9,7 @@
 //! connections only through `Transport` (send a message or a shared frame to a `ConnId`, close
 //! one), which `App` implements with the reactor's `Outbox` and tests with a recorder.
 //!
-//! Implements SPEC §6 (endpoints and the relay) and issue 6.
+//! Implements SPEC §6 (endpoints and the relay), as docs/protocol.md tells it to clients.
 //!
 //! Ordering guarantees, all from the single-threaded loop: messages from one sender reach each
 //! recipient in the order they were sent (every recipient queue is FIFO and nothing reorders);
