@@ -14,12 +14,14 @@
 //!       └─────────────────────────▶ HttpResponding ──────────────────────┘ peer hung up / timeout
 //! ```
 //!
-//! Memory invariant (SPEC §2): an idle open connection holds no heap buffers. `inbound` is empty
-//! (no allocation) unless a partial request or frame is waiting for its tail; the assembler holds
-//! a buffer only while a fragmented message is open; `outbound` releases its storage when flushed.
+//! Memory invariant (SPEC §2): an idle open connection holds no heap buffers. `request` is empty
+//! (no allocation) unless a partial request head is waiting for its end; the reader holds a
+//! buffer only while a frame or a fragmented message is incomplete; `outbound` releases its
+//! storage when flushed.
 
 use super::outbound::Outbound;
-use crate::protocol::message::Assembler;
+use crate::protocol::decoder::FrameReader;
+use crate::protocol::frame::Role;
 use crate::timer::TimerHandle;
 use mio::net::TcpStream;
 use std::net::SocketAddr;
@@ -101,10 +103,11 @@ pub struct Connection {
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub state: State,
-    /// Bytes received but not yet consumed: a partial request head while handshaking, the tail
-    /// of a partial frame while open. Empty, and unallocated, most of the time.
-    pub inbound: Vec<u8>,
-    pub assembler: Assembler,
+    /// The request head received so far, while handshaking. Empty, and unallocated, after.
+    pub request: Vec<u8>,
+    /// Frames in, events out: holds the tail of a frame that has not fully arrived and the
+    /// message being assembled (and nothing while idle).
+    pub reader: FrameReader,
     pub outbound: Outbound,
     /// Whether writable interest is registered. Invariant: true iff `outbound` is non-empty
     /// after the last flush (poll/select would otherwise wake up for every idle socket).
@@ -143,8 +146,8 @@ impl Connection {
             stream,
             peer,
             state: State::Handshaking,
-            inbound: Vec::new(),
-            assembler: Assembler::new(max_message),
+            request: Vec::new(),
+            reader: FrameReader::new(Role::Server, max_message),
             outbound: Outbound::default(),
             write_interest: false,
             close_after_flush: false,

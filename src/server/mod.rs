@@ -29,6 +29,7 @@ pub use connection::ConnId;
 pub use handler::{Handler, Outbox, Route, Sent, SlowConsumer};
 
 use crate::poller::{Event, Interest, Poller, Token};
+use crate::protocol::decoder::{FrameReader, Input};
 use crate::protocol::frame::{self, OpCode, Role};
 use crate::protocol::handshake::{self, HandshakeError};
 use crate::protocol::message::Event as WsEvent;
@@ -40,7 +41,6 @@ use metrics::{Gauges, Metrics};
 use mio::net::{TcpListener, TcpStream};
 use outbound::{Flush, OutboundPool};
 use slab::Slab;
-use std::borrow::Cow;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -589,32 +589,16 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         match conn.state {
             State::Handshaking => {
-                conn.inbound.extend_from_slice(&self.recv_buf[..n]);
+                conn.request.extend_from_slice(&self.recv_buf[..n]);
                 self.on_request_bytes(id)
             }
             State::Open | State::Closing { .. } => {
-                if conn.inbound.is_empty() {
-                    // The common case: parse straight out of the shared buffer, and copy only an
-                    // incomplete tail into the connection.
-                    let mut recv_buf = std::mem::take(&mut self.recv_buf);
-                    let result = self.on_frame_bytes(id, &mut recv_buf[..n]);
-                    self.recv_buf = recv_buf;
-                    match result {
-                        Some(used) => {
-                            let max_message = self.config.max_message;
-                            if let Some(conn) = live(&mut self.conns, id) {
-                                let budget =
-                                    max_message.saturating_sub(conn.assembler.buffered_bytes());
-                                keep_tail(&mut conn.inbound, &self.recv_buf[used..n], budget);
-                            }
-                            true
-                        }
-                        None => false,
-                    }
-                } else {
-                    conn.inbound.extend_from_slice(&self.recv_buf[..n]);
-                    self.on_buffered_frames(id)
-                }
+                // Frames are parsed straight out of the shared buffer (SPEC §2); the reader
+                // copies only an incomplete tail into the connection.
+                let mut recv_buf = std::mem::take(&mut self.recv_buf);
+                self.on_frames(id, &mut recv_buf[..n]);
+                self.recv_buf = recv_buf;
+                self.conn_mut(id).is_some()
             }
             // The response (or our Close after a protocol error) is on its way; what the
             // client still sends is discarded.
@@ -622,110 +606,53 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
     }
 
-    /// Parses frames out of the connection's own `inbound` buffer.
-    fn on_buffered_frames(&mut self, id: ConnId) -> bool {
+    /// Reads the WebSocket frames in `bytes` (one read, or what the client pipelined behind its
+    /// request) with the connection's `FrameReader`, and handles every event.
+    ///
+    /// After our Close (the app closed the connection, or it became a slow consumer) the rest of
+    /// `bytes` is still read, frame by frame, to find the peer's Close (RFC 6455 §5.5.1): the
+    /// next read then starts on a frame boundary, never in the middle of a frame.
+    fn on_frames(&mut self, id: ConnId, bytes: &mut [u8]) {
         let Some(conn) = self.conn_mut(id) else {
-            return false;
+            return;
         };
-        let mut inbound = std::mem::take(&mut conn.inbound);
-        let max_message = self.config.max_message;
-        match self.on_frame_bytes(id, &mut inbound) {
-            Some(used) => {
-                if let Some(conn) = self.conn_mut(id) {
-                    if used == inbound.len() {
-                        // Release the buffer: an idle connection holds none.
-                        conn.inbound = Vec::new();
-                    } else if used > 0 {
-                        // A new partial frame now leads the buffer.
-                        inbound.drain(..used);
-                        let budget = max_message.saturating_sub(conn.assembler.buffered_bytes());
-                        reserve_whole_frame(&mut inbound, budget);
-                        conn.inbound = inbound;
-                    } else {
-                        conn.inbound = inbound;
-                    }
-                }
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Decodes and handles every complete frame at the start of `data` (unmasking in place).
-    /// Returns how many bytes were consumed, or None if the connection was closed.
-    fn on_frame_bytes(&mut self, id: ConnId, data: &mut [u8]) -> Option<usize> {
-        let max_message = self.config.max_message;
-        let mut used = 0;
+        // The reader is lent out of the connection while its events are handled: an event may
+        // borrow it, and handling one needs the whole reactor (the app, other connections). The
+        // placeholder left behind allocates nothing.
+        let mut reader = std::mem::replace(&mut conn.reader, FrameReader::new(Role::Server, 0));
+        let mut input = Input::new(bytes);
         loop {
-            let conn = self.conn_mut(id)?;
-            if conn.close_after_flush {
-                // Both Close frames are exchanged; nothing after them means anything.
-                return Some(data.len());
+            let Some(conn) = self.conn_mut(id) else {
+                return; // closed: the reader goes with it
+            };
+            match conn.state {
+                State::Open => {}
+                State::Closing { .. } => reader.await_close(),
+                State::Handshaking | State::HttpResponding | State::Failing => break,
             }
-            // A frame may carry at most what is left of the message budget, which keeps the
-            // partial-frame tail plus the open message within --max-message (SPEC §4).
-            // Control frames (at most 125 bytes) may still arrive when the budget is nearly used
-            // up; the assembler checks the message total for data frames itself.
-            let max_payload = max_message
-                .saturating_sub(conn.assembler.buffered_bytes())
-                .max(frame::MAX_CONTROL_PAYLOAD);
-            let rest = &mut data[used..];
-            let decoded = match frame::decode_frame(rest, Role::Server, max_payload as u64) {
-                Ok(Some(f)) => f,
-                Ok(None) => {
-                    if let Err(e) = on_partial_frame(conn, rest, max_payload) {
-                        self.protocol_error(id, e);
-                        return self.conn_mut(id).map(|_| data.len());
-                    }
-                    return Some(used);
-                }
+            match reader.next_event(&mut input) {
+                Ok(Some(event)) => self.on_event(id, event),
+                Ok(None) => break,
                 Err(e) => {
                     self.protocol_error(id, e);
-                    return self.conn_mut(id).map(|_| data.len());
+                    break;
                 }
-            };
-            let start = used;
-            used += decoded.len;
-            let payload = &data[start + decoded.payload.start..start + decoded.payload.end];
-            if !self.on_frame(id, &decoded.header, payload) {
-                return self.conn_mut(id).map(|_| data.len());
             }
+        }
+        if let Some(conn) = self.conn_mut(id) {
+            conn.reader = reader;
         }
     }
 
-    /// Handles one decoded frame. Returns false when no further frames of this connection
-    /// should be processed (it is closing or closed).
-    fn on_frame(&mut self, id: ConnId, header: &frame::FrameHeader, payload: &[u8]) -> bool {
+    /// Handles one event of an open or closing connection.
+    fn on_event(&mut self, id: ConnId, event: WsEvent<'_>) {
         let Some(conn) = live(&mut self.conns, id) else {
-            return false;
-        };
-        if matches!(conn.state, State::Closing { .. }) && header.opcode != OpCode::Close {
-            // After our Close, frames are read only to find the peer's Close (RFC 6455 §5.5.1);
-            // data is ignored rather than assembled, so it cannot trip the message limits again.
-            return true;
-        }
-        let event = match conn.assembler.push(header, payload) {
-            Ok(Some(event)) => event,
-            Ok(None) => return true,
-            Err(e) => {
-                self.protocol_error(id, e);
-                return false;
-            }
+            return;
         };
         match event {
-            WsEvent::Message { opcode, data } => {
+            WsEvent::Message { opcode, data, .. } => {
                 self.metrics.messages_in += 1;
-                // A single-frame message borrows the frame's payload; an assembled one is owned.
-                // Taking the owned buffer out ends the borrow of the assembler, so the app can
-                // be given the slab (through the Outbox) while it reads the message.
-                let assembled = match data {
-                    Cow::Owned(bytes) => Some(bytes),
-                    Cow::Borrowed(_) => None,
-                };
-                let message = assembled.as_deref().unwrap_or(payload);
-                self.deliver(id, opcode, message);
-                self.conn_mut(id)
-                    .is_some_and(|c| matches!(c.state, State::Open))
+                self.deliver(id, opcode, &data);
             }
             WsEvent::Ping(payload) => {
                 // RFC 6455 §5.5.2: a Pong carries the Ping's payload. Not after our Close.
@@ -736,10 +663,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                         |out| frame::encode_into(out, true, OpCode::Pong, payload, None),
                     );
                 }
-                self.check_outbound(id)
+                self.check_outbound(id);
             }
             // Unsolicited Pongs are allowed and ignored (§5.5.3); any frame proves liveness.
-            WsEvent::Pong(_) => true,
+            WsEvent::Pong(_) => {}
             WsEvent::Close(close) => {
                 let code = close.as_ref().map(|c| c.code);
                 Metrics::bump_code(
@@ -782,7 +709,6 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 conn.close_after_flush = true;
                 self.mark_dirty(id);
                 self.closed_for_app(id);
-                false
             }
         }
     }
@@ -873,9 +799,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.close_now(id);
             return;
         }
-        // Whatever message was being assembled is abandoned; release its buffer now.
-        conn.assembler.reset();
-        conn.inbound = Vec::new();
+        // The reader has already dropped whatever message was being assembled.
         self.start_close(id, error.close_code(), error.reason());
         if let Some(conn) = self.conn_mut(id) {
             conn.state = State::Failing;
@@ -910,7 +834,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let Some(conn) = self.conn_mut(id) else {
             return false;
         };
-        let (request, head_len) = match handshake::parse_request(&conn.inbound) {
+        let (request, head_len) = match handshake::parse_request(&conn.request) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => return true,
             Err(e) => {
@@ -1001,7 +925,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         conn.state = State::Open;
         conn.last_activity = self.now;
         set_deadline(&mut self.timers, conn, heartbeat, Deadline::Heartbeat);
-        conn.inbound.drain(..head_len);
+        // Frames the client pipelined right behind its request (SPEC §3: kept, not lost).
+        let mut pipelined = conn.request.split_off(head_len);
+        conn.request = Vec::new();
         self.metrics.upgrades += 1;
         debug!("{id:?} upgraded");
 
@@ -1010,15 +936,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         });
         self.mark_dirty(id);
 
-        let Some(conn) = self.conn_mut(id) else {
-            return false;
-        };
-        if conn.inbound.is_empty() {
-            conn.inbound = Vec::new();
-            true
-        } else {
-            self.on_buffered_frames(id)
+        if !pipelined.is_empty() {
+            self.on_frames(id, &mut pipelined);
         }
+        self.conn_mut(id).is_some()
     }
 
     /// Queues a complete HTTP response; the connection closes once it is sent and the client
@@ -1033,7 +954,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
                 out.extend_from_slice(&response)
             });
-        conn.inbound = Vec::new();
+        conn.request = Vec::new();
         conn.state = State::HttpResponding;
         set_deadline(&mut self.timers, conn, deadline, Deadline::Close);
         self.mark_dirty(id);
@@ -1256,37 +1177,4 @@ fn live(conns: &mut Slab<Connection>, id: ConnId) -> Option<&mut Connection> {
     conns
         .get_mut(id.slot as usize)
         .filter(|c| c.id.generation == id.generation)
-}
-
-/// Keeps the unconsumed tail of the shared buffer in the connection (allocating only then).
-fn keep_tail(inbound: &mut Vec<u8>, tail: &[u8], max_payload: usize) {
-    debug_assert!(inbound.is_empty());
-    if !tail.is_empty() {
-        inbound.extend_from_slice(tail);
-        reserve_whole_frame(inbound, max_payload);
-    }
-}
-
-/// An incomplete frame waits for its tail. Once its header is known, text is validated as far
-/// as it has arrived, failing fast on invalid UTF-8.
-fn on_partial_frame(
-    conn: &mut Connection,
-    partial: &[u8],
-    max_payload: usize,
-) -> Result<(), ProtocolError> {
-    let Ok(Some(header)) = frame::decode_header(partial, Role::Server, max_payload as u64) else {
-        return Ok(());
-    };
-    let payload = partial.get(header.header_len..).unwrap_or_default();
-    conn.assembler.check_partial(&header, payload)
-}
-
-/// `inbound` holds the start of a frame: reserve room for all of it at once (the header says
-/// how much), instead of letting the buffer double its way there read by read, which could
-/// reach twice the frame's size.
-fn reserve_whole_frame(inbound: &mut Vec<u8>, max_payload: usize) {
-    if let Ok(Some(header)) = frame::decode_header(inbound, Role::Server, max_payload as u64) {
-        let total = header.header_len + header.payload_len as usize;
-        inbound.reserve_exact(total.saturating_sub(inbound.len()));
-    }
 }
