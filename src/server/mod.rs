@@ -93,10 +93,14 @@ pub struct Reactor<P: Poller, H: Handler> {
     poller: P,
     /// The application: endpoints, rooms, messaging. Sees `ConnId`s, never sockets.
     handler: H,
-    listener: TcpListener,
+    /// The listening socket; `None` once shutdown has begun (closed, so that new clients are
+    /// refused at once instead of waiting in the kernel's backlog for an answer that never
+    /// comes).
+    listener: Option<TcpListener>,
+    /// The address bound, kept for `local_addr` after the listener is closed.
     local_addr: SocketAddr,
-    /// Whether the listener is registered (it is paused on descriptor exhaustion and at
-    /// shutdown).
+    /// Whether the listener is registered with the poller (it is paused on descriptor
+    /// exhaustion, see `accept_all`).
     listening: bool,
     conns: Slab<Connection>,
     /// How many connections in the slab were admitted only to be refused with 503.
@@ -168,7 +172,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         Ok(Reactor {
             poller,
             handler,
-            listener,
+            listener: Some(listener),
             local_addr,
             listening: true,
             conns: Slab::new(),
@@ -242,6 +246,15 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let before = Instant::now();
         self.poller.wait(&mut events, timeout)?;
         self.now = Instant::now();
+        if events.is_empty() && self.timers.next_timeout(self.now) == Some(Duration::ZERO) {
+            // A wait that reports nothing may have ended long after input arrived: a signal
+            // interrupted it (epoll_wait fails with EINTR after SIGSTOP/SIGCONT, which the
+            // backends report as no events), or the whole process stalled. Deadlines are about
+            // to be judged: look again without blocking first, so that a Pong that arrived
+            // during the stall is read before its deadline fires (SPEC §5).
+            self.poller.wait(&mut events, Some(Duration::ZERO))?;
+            self.now = Instant::now();
+        }
         self.metrics.poll_wait += self.now - before;
         self.metrics.poll_wakeups += 1;
         self.metrics.poll_events += events.len() as u64;
@@ -355,7 +368,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.config.shutdown_timeout
         );
         self.shutting_down = true;
-        self.pause_listener();
+        self.close_listener();
         self.timers.arm(
             self.now + self.config.shutdown_timeout,
             TimerEvent::ShutdownDeadline,
@@ -381,7 +394,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
 
     fn accept_all(&mut self) {
         while self.listening {
-            match self.listener.accept() {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
                 Ok((stream, peer)) => self.admit(stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -413,21 +429,35 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     fn pause_listener(&mut self) {
-        if self.listening {
-            self.listening = false;
-            if let Err(e) = self.poller.deregister(self.listener.as_raw_fd()) {
+        if !self.listening {
+            return;
+        }
+        self.listening = false;
+        if let Some(listener) = &self.listener {
+            if let Err(e) = self.poller.deregister(listener.as_raw_fd()) {
                 warn!("could not pause the listener: {e}");
             }
         }
     }
 
+    /// Stops accepting for good (shutdown): deregisters the listener and closes it, so that the
+    /// kernel refuses new connections (a client retries another node at once) instead of
+    /// queueing them for a process that will never accept them.
+    fn close_listener(&mut self) {
+        self.pause_listener();
+        self.listener = None;
+    }
+
     fn resume_accepting(&mut self) {
-        if self.listening || self.shutting_down {
+        if self.listening {
             return;
         }
+        let Some(listener) = &self.listener else {
+            return; // closed at shutdown
+        };
         match self
             .poller
-            .register(self.listener.as_raw_fd(), LISTENER, Interest::READABLE)
+            .register(listener.as_raw_fd(), LISTENER, Interest::READABLE)
         {
             Ok(()) => {
                 self.listening = true;

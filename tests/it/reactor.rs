@@ -83,4 +83,98 @@ fn a_close_started_mid_read_keeps_the_stream_in_step(poller: &str) {
     assert_eq!(metric(&server, "wsrelay_abnormal_closes_total"), 0.0);
 }
 
-poller_tests!(a_close_started_mid_read_keeps_the_stream_in_step);
+/// Waits (bounded) until the process is in `state` in /proc/<pid>/stat: 'S' (asleep, for the
+/// single-threaded server: in its poller's wait), 'T' (stopped; a signal is delivered
+/// asynchronously, after `kill` has returned).
+fn wait_for_state(pid: u32, state: char) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // The state follows the command name, which is in parentheses.
+        let now = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if now == Some(state) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} never in state {state}: {stat}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// SPEC §2: a graceful shutdown closes the listening socket as it starts, so a new client is
+/// refused by the kernel at once (and can retry another node) instead of waiting in the backlog
+/// of a process that will never accept it, while open connections finish their close handshake.
+fn graceful_shutdown_refuses_new_clients_at_once(poller: &str) {
+    let mut server = Server::start(poller, &["--shutdown-timeout", "5s"]);
+    let mut open = raw_upgrade(&server, "/echo");
+    server.signal("TERM");
+    // Shutdown has begun once the open connection is told 1001.
+    assert_eq!(read_close_code(&mut open), Some(1001));
+    let started = Instant::now();
+    match TcpStream::connect_timeout(&server.addr, DEADLINE) {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}"),
+        Ok(_) => panic!("a new connection was accepted during shutdown"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refusal was not immediate"
+    );
+    // The open connection still completes its close handshake, and then the server exits.
+    open.write_all(&client_frame(0x88, &1001u16.to_be_bytes()))
+        .unwrap();
+    expect_clean_eof(&mut open);
+    assert_eq!(server.wait_exit(DEADLINE), Some(0));
+}
+
+/// SPEC §5: a process stalled longer than --heartbeat-timeout (SIGSTOP, a paused VM) must not
+/// drop a client whose Pong arrived during the stall: input that is ready is read before
+/// deadlines are judged. (With epoll, the wait fails with EINTR after SIGCONT; read as "no
+/// events", the Pong deadline used to fire first.)
+fn a_stall_longer_than_the_heartbeat_timeout_keeps_clients_that_answered(poller: &str) {
+    let server = Server::start(
+        poller,
+        &[
+            "--heartbeat-interval",
+            "300ms",
+            "--heartbeat-timeout",
+            "500ms",
+        ],
+    );
+    let mut s = raw_upgrade(&server, "/echo");
+    let (b0, ping) = read_server_frame(&mut s);
+    assert_eq!(b0, 0x89, "the heartbeat Ping");
+    // Stopped while it waits for the Pong: that wait is what the stall interrupts.
+    wait_for_state(server.pid(), 'S');
+    server.signal("STOP");
+    wait_for_state(server.pid(), 'T');
+    s.write_all(&client_frame(0x8A, &ping)).unwrap();
+    // The stall itself is what is tested: it must outlast the Pong deadline (500 ms after the
+    // Ping). It is not a wait for the server, which is stopped.
+    std::thread::sleep(Duration::from_millis(1500));
+    server.signal("CONT");
+
+    s.write_all(&client_frame(0x81, b"still here")).unwrap();
+    loop {
+        let (b0, payload) = read_server_frame(&mut s);
+        match b0 {
+            // The next heartbeat may come first.
+            0x89 => s.write_all(&client_frame(0x8A, &payload)).unwrap(),
+            0x81 => {
+                assert_eq!(payload, b"still here");
+                break;
+            }
+            other => panic!("expected the echo, got frame {other:#x} {payload:?}"),
+        }
+    }
+    assert_eq!(metric(&server, "wsrelay_half_open_drops_total"), 0.0);
+}
+
+poller_tests!(
+    a_close_started_mid_read_keeps_the_stream_in_step,
+    graceful_shutdown_refuses_new_clients_at_once,
+    a_stall_longer_than_the_heartbeat_timeout_keeps_clients_that_answered,
+);
