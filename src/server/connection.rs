@@ -267,6 +267,8 @@ mod tests {
     }
 
     type Edge = fn(&mut Connection) -> bool;
+    /// (name, edge, the (from, to) pairs where it is taken)
+    type EdgeCase<'a> = (&'a str, Edge, &'a [(State, State)]);
 
     /// Every edge from every state: taken exactly where the diagram in the module doc has it,
     /// refused (state unchanged) everywhere else.
@@ -283,7 +285,7 @@ mod tests {
             (Closed, &[Connection::upgraded, Connection::close_received]),
             (Failing, &[Connection::upgraded, Connection::failed]),
         ];
-        let edges: &[(&str, Edge, &[(State, State)])] = &[
+        let edges: &[EdgeCase] = &[
             ("upgraded", Connection::upgraded, &[(Handshaking, Open)]),
             (
                 "responding",
