@@ -176,6 +176,7 @@ impl FrameHeader {
 ///
 /// # Errors
 /// Those of `decode_header_with`.
+#[inline]
 pub fn decode_header(
     buf: &[u8],
     role: Role,
@@ -203,6 +204,7 @@ pub fn decode_header(
 /// - `LengthTopBit`: a 64-bit length with its most significant bit set (seen on its first byte);
 /// - `ControlTooLong`: a control frame with a payload above 125 bytes;
 /// - `MessageTooBig`: `payload_len > max_payload`.
+#[inline]
 pub fn decode_header_with(
     buf: &[u8],
     role: Role,
@@ -309,6 +311,7 @@ pub struct DecodedFrame {
 /// # Errors
 /// Those of `decode_header`; also `MessageTooBig` if the length does not fit in `usize` (only
 /// possible on targets narrower than 64 bits).
+#[inline]
 pub fn decode_frame(
     buf: &mut [u8],
     role: Role,
@@ -321,6 +324,7 @@ pub fn decode_frame(
 ///
 /// # Errors
 /// Those of `decode_frame`.
+#[inline]
 pub fn decode_frame_with(
     buf: &mut [u8],
     role: Role,
@@ -350,6 +354,7 @@ pub fn decode_frame_with(
 
 /// Bytes of the header `encode` writes for a payload of `payload_len` bytes: 2, plus 2 or 8 for an
 /// extended length, plus 4 for a masking key.
+#[inline]
 pub fn header_len(payload_len: usize, masked: bool) -> usize {
     header_len_u64(payload_len as u64, masked)
 }
@@ -371,6 +376,7 @@ fn header_len_u64(payload_len: u64, masked: bool) -> usize {
 ///
 /// # Panics
 /// In debug builds, on a fragmented or over-long control frame: a caller bug, never peer input.
+#[inline]
 pub fn encode_into(
     out: &mut Vec<u8>,
     fin: bool,

@@ -158,6 +158,7 @@ impl Assembler {
     /// As `push`.
     /// The event borrows only `payload` (an assembled message is moved out, owned), so the
     /// assembler is free again as soon as this returns.
+    #[inline]
     pub fn push_final<'p>(
         &mut self,
         header: &FrameHeader,
@@ -329,6 +330,7 @@ impl Assembler {
 
 /// Whether a frame completes an event when pushed: control frames and frames with FIN do; a
 /// data frame without FIN only adds to a fragmented message.
+#[inline]
 pub fn completes_event(header: &FrameHeader) -> bool {
     header.fin || header.opcode.is_control()
 }

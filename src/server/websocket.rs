@@ -132,7 +132,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             policy: self.config.slow_consumer,
         };
         call(&mut self.handler, &mut self.sessions[slot], &mut out);
-        self.apply_close_requests();
+        if !self.close_requests.is_empty() {
+            self.apply_close_requests();
+        }
     }
 
     /// Hands a data message to the app, with an `Outbox` for its replies.
