@@ -279,18 +279,34 @@ impl FrameReader {
         }
     }
 
-    /// The largest payload the next frame may carry: what is left of the message budget, which
-    /// keeps a partial frame plus the open message within `max_message` (SPEC §4). Control
-    /// frames (at most 125 bytes) may still arrive when the budget is nearly used up; the
-    /// assembler checks the message total for data frames itself.
-    fn max_payload(&self) -> u64 {
-        let budget = match self.phase {
+    /// What is left of the message budget: the largest payload the next data frame may carry,
+    /// which keeps a partial frame plus the open message within `max_message` (SPEC §4).
+    fn budget(&self) -> usize {
+        match self.phase {
             Phase::Open => self
                 .max_message
                 .saturating_sub(self.assembler.buffered_bytes()),
             _ => self.max_message,
-        };
-        budget.max(frame::MAX_CONTROL_PAYLOAD) as u64
+        }
+    }
+
+    /// The limit the header decoder applies: the budget, but at least what a control frame may
+    /// carry (125 bytes), since a Ping may arrive when the budget is nearly used up.
+    fn max_payload(&self) -> u64 {
+        self.budget().max(frame::MAX_CONTROL_PAYLOAD) as u64
+    }
+
+    /// A data frame over the budget (which `max_payload` let through for control frames' sake)
+    /// is refused as soon as its header is known, whether the frame arrived whole or not, so
+    /// the error never depends on where the reads were cut.
+    fn check_budget(&self, header: &FrameHeader) -> Result<(), ProtocolError> {
+        if self.phase == Phase::Open
+            && !header.opcode.is_control()
+            && header.payload_len > self.budget() as u64
+        {
+            return Err(ProtocolError::MessageTooBig);
+        }
+        Ok(())
     }
 
     /// Finds the next whole frame: first the one whose start is in `tail`, then in `input`.
@@ -304,6 +320,7 @@ impl FrameReader {
         let rest = input.bytes.get_mut(start..).unwrap_or_default();
         match decode_frame_with(rest, self.role, max_payload, self.rsv1_allowed)? {
             Some(frame) => {
+                self.check_budget(&frame.header)?;
                 input.used += frame.len;
                 Ok(Some(Located {
                     header: frame.header,
@@ -327,6 +344,7 @@ impl FrameReader {
             return Ok(());
         }
         if let Some(header) = decode_header_with(rest, self.role, max_payload, self.rsv1_allowed)? {
+            self.check_budget(&header)?;
             if self.phase == Phase::Open {
                 let prefix = rest.get(header.header_len..).unwrap_or_default();
                 self.assembler.check_partial(&header, prefix)?;
@@ -368,6 +386,7 @@ impl FrameReader {
                 }
             }
         };
+        self.check_budget(&header)?;
         let len = frame_len(&header)?;
         input.fill(&mut self.tail, len);
         if self.tail.len() < len {
@@ -782,6 +801,20 @@ mod tests {
         // Announces 4096 bytes, sends none.
         let want = (vec![], Some(ProtocolError::MessageTooBig));
         check("too big", setup, &[&[0x82, 0x7E, 0x10, 0x00]], &want);
+
+        // Below the 125 bytes the header decoder lets through for control frames, but over a
+        // 64-byte limit, and not UTF-8: too big however the reads are cut (found by proptest;
+        // fed in pieces, the partial UTF-8 check used to answer first).
+        let setup = Setup {
+            max_message: 64,
+            ..server()
+        };
+        let wire = frame::encode(true, OpCode::Text, &[0xFF; 100], KEY);
+        check_every_split(setup, &wire, &want);
+        // The same for a continuation that takes an open message over the limit.
+        let mut wire = frame::encode(false, OpCode::Text, &[b'a'; 40], KEY);
+        frame::encode_into(&mut wire, true, OpCode::Continuation, &[0xFF; 30], KEY);
+        check_every_split(setup, &wire, &want);
     }
 
     #[test]
@@ -999,6 +1032,33 @@ mod tests {
             }
             pieces.push(&wire[start..]);
             prop_assert_eq!(read_all(server(), &pieces), (want, None));
+        }
+
+        /// Random bytes rarely get past the first header; streams of well-formed frames with
+        /// random first bytes (any opcode, FIN and RSV bits), masks and payloads reach the
+        /// assembler, the limits, the phases and the partial UTF-8 check.
+        #[test]
+        fn fuzz_check_holds_on_frame_like_streams(
+            setup in any::<u8>(),
+            seed in any::<u8>(),
+            frames in proptest::collection::vec(
+                (any::<u8>(), any::<bool>(), proptest::collection::vec(any::<u8>(), 0..140)),
+                0..8,
+            ),
+        ) {
+            let mut data = vec![setup, seed];
+            for (first, masked, payload) in &frames {
+                let header = FrameHeader::new(true, OpCode::Binary, None, payload.len() as u64);
+                let start = data.len();
+                header.emit(&mut data);
+                data[start] = *first;
+                if *masked {
+                    data[start + 1] |= 0x80;
+                    data.extend_from_slice(&[seed, 1, 2, 3]);
+                }
+                data.extend_from_slice(payload);
+            }
+            fuzz_check(&data);
         }
 
         #[test]
