@@ -170,6 +170,7 @@ impl Connection {
         }
     }
 
+    #[inline]
     pub fn state(&self) -> State {
         self.state
     }

@@ -351,6 +351,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     /// The connection `id` names, if it is still the one in its slot (see `ConnId`).
+    #[inline]
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Connection> {
         live(&mut self.conns, id)
     }
@@ -358,6 +359,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
 
 /// The connection `id` names, if it is still the one in its slot. A free function (not a
 /// method) so that callers can borrow other fields of the reactor at the same time.
+#[inline]
 fn live(conns: &mut Slab<Connection>, id: ConnId) -> Option<&mut Connection> {
     conns
         .get_mut(id.slot as usize)
