@@ -114,6 +114,7 @@ pub enum Deadline {
 pub struct Connection {
     /// Who this is; also the poller token and the key of its timers.
     pub id: ConnId,
+    /// Read only in `Reactor::on_readable`, written only in `Reactor::flush`.
     pub stream: TcpStream,
     /// For log lines only.
     pub peer: SocketAddr,
@@ -124,6 +125,7 @@ pub struct Connection {
     /// Frames in, events out: holds the tail of a frame that has not fully arrived and the
     /// message being assembled (and nothing while idle).
     pub reader: FrameReader,
+    /// Encoded frames (and HTTP responses) waiting to be written.
     pub outbound: Outbound,
     /// Whether writable interest is registered. Invariant: true iff `outbound` is non-empty
     /// after the last flush (poll/select would otherwise wake up for every idle socket).

@@ -137,6 +137,7 @@ pub struct Reactor<P: Poller, H: Handler> {
     shutting_down: bool,
     /// When the last "out of descriptors" warning was logged (they are rate-limited).
     last_accept_warning: Option<Instant>,
+    /// The flags this server runs with: limits, timeouts, the slow-consumer policy.
     config: Config,
     /// The counters of /metrics and /stats.json.
     metrics: Metrics,
