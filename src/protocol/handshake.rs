@@ -24,7 +24,7 @@
 //!
 //! Invariant: `parse_request` is a pure function of its input, and for any `buf` a prefix of it
 //! that gives a decision (`Some` or `Err`) gives the same decision as `buf` itself. So the reactor
-//! may feed bytes in any chunking and re-parse the accumulated buffer; `fuzz_check` tests this.
+//! may feed bytes in any chunking and re-parse the accumulated buffer; `fuzz::check` tests this.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -604,106 +604,112 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-/// The fuzzing oracle (fuzz/fuzz_targets/handshake.rs, and the corpus replay test).
-///
-/// Asserts, for any input: no panic; a consumed length within the input and the limit; feeding
-/// the input in chunks (re-parsing the accumulated prefix, as the reactor does) reaches the same
-/// decision as parsing it whole; every response we would send starts with `HTTP/1.1 `; and the
-/// 101 is well-formed whatever `Sec-WebSocket-Extensions` offered.
-/// Unlike the rest of this layer it panics by design: a failed assertion is the finding.
-#[doc(hidden)]
-pub fn fuzz_check(data: &[u8]) {
-    let whole = parse_request(data);
+/// The fuzzing oracle, compiled only for tests and fuzzing builds (`cargo fuzz` passes
+/// `--cfg fuzzing`), never into the shipped library.
+#[cfg(any(test, fuzzing))]
+pub mod fuzz {
+    use super::*;
 
-    // The chunk size comes from the input so the fuzzer explores chunkings too; at most ~32
-    // re-parses keep each run cheap.
-    let hint = data.first().map_or(1, |&b| usize::from(b % 32) + 1);
-    let chunk = (data.len() / hint).max(1);
-    let mut fed = 0;
-    let chunked = loop {
-        fed = (fed + chunk).min(data.len());
-        let prefix = data.get(..fed).unwrap_or(data);
-        match parse_request(prefix) {
-            Ok(None) if fed < data.len() => continue,
-            decision => break decision,
-        }
-    };
-    assert_eq!(chunked, whole, "chunked feeding (chunk {chunk}) disagrees");
+    /// The fuzzing oracle (fuzz/fuzz_targets/handshake.rs, and the corpus replay test).
+    ///
+    /// Asserts, for any input: no panic; a consumed length within the input and the limit; feeding
+    /// the input in chunks (re-parsing the accumulated prefix, as the reactor does) reaches the same
+    /// decision as parsing it whole; every response we would send starts with `HTTP/1.1 `; and
+    /// the 101 is well-formed whatever `Sec-WebSocket-Extensions` offered.
+    /// Unlike the rest of this layer it panics by design: a failed assertion is the finding.
+    pub fn check(data: &[u8]) {
+        let whole = parse_request(data);
 
-    match whole {
-        Ok(None) => assert!(
-            data.len() <= MAX_REQUEST_BYTES,
-            "incomplete beyond the limit"
-        ),
-        Ok(Some((request, n))) => {
-            assert!(
-                n > 0 && n <= data.len() && n <= MAX_REQUEST_BYTES,
-                "consumed {n}"
-            );
-            // One byte short of the head is never a head; the head alone is the same request.
-            let short = data.get(..n - 1).unwrap_or(data);
-            assert_eq!(parse_request(short), Ok(None), "head minus one byte");
-            let exact = data.get(..n).unwrap_or(data);
-            assert_eq!(
-                parse_request(exact),
-                Ok(Some((request.clone(), n))),
-                "head alone"
-            );
-            // Exercise the accessors on whatever arrived.
-            let _ = request.query_param("id");
-            let _ = request.has_token("connection", "upgrade");
-            match validate_upgrade(&request) {
-                Ok(upgrade) => {
-                    assert_eq!(upgrade.accept.len(), 28, "accept is base64 of 20 bytes");
-                    let protocol = upgrade.protocols.first().map(String::as_str);
-                    // Whatever the client offered, the answer is one well-formed 101 whose
-                    // extension (if any) passes a client's checks.
-                    let offers = request.headers("sec-websocket-extensions");
-                    let config = super::deflate::CompressionConfig::default();
-                    let params = super::deflate::negotiate(offers, &config);
-                    let extensions = params.map(|p| p.header_value());
-                    let response = upgrade_response_with_extensions(
-                        &upgrade.accept,
-                        protocol,
-                        extensions.as_deref(),
-                    );
-                    assert!(response.starts_with(b"HTTP/1.1 101 "));
-                    assert!(response.ends_with(b"\r\n\r\n"));
-                    let mut headers = [httparse::EMPTY_HEADER; 8];
-                    let mut parsed = httparse::Response::new(&mut headers);
-                    let n = parsed.parse(&response);
-                    assert_eq!(n, Ok(httparse::Status::Complete(response.len())));
-                    let answered: Vec<&str> = parsed
-                        .headers
-                        .iter()
-                        .filter(|h| h.name == "Sec-WebSocket-Extensions")
-                        .filter_map(|h| std::str::from_utf8(h.value).ok())
-                        .collect();
-                    assert_eq!(answered.len(), usize::from(params.is_some()));
-                    if let Some(params) = params {
-                        let browser = super::deflate::DeflateOffer::BROWSER;
-                        let check = super::deflate::accept_response(answered, &browser);
-                        // The browser's offer is answered validly; other offers may have asked
-                        // for things the browser's did not, which the check then refuses.
-                        if request.header("sec-websocket-extensions")
-                            == Some("permessage-deflate; client_max_window_bits")
-                        {
-                            assert_eq!(check, Ok(Some(params)));
-                        }
+        // The chunk size comes from the input so the fuzzer explores chunkings too; at most ~32
+        // re-parses keep each run cheap.
+        let hint = data.first().map_or(1, |&b| usize::from(b % 32) + 1);
+        let chunk = (data.len() / hint).max(1);
+        let mut fed = 0;
+        let chunked = loop {
+            fed = (fed + chunk).min(data.len());
+            let prefix = data.get(..fed).unwrap_or(data);
+            match parse_request(prefix) {
+                Ok(None) if fed < data.len() => continue,
+                decision => break decision,
+            }
+        };
+        assert_eq!(chunked, whole, "chunked feeding (chunk {chunk}) disagrees");
+
+        match whole {
+            Ok(None) => assert!(
+                data.len() <= MAX_REQUEST_BYTES,
+                "incomplete beyond the limit"
+            ),
+            Ok(Some((request, n))) => {
+                assert!(
+                    n > 0 && n <= data.len() && n <= MAX_REQUEST_BYTES,
+                    "consumed {n}"
+                );
+                // One byte short of the head is never a head; the head alone is the same request.
+                let short = data.get(..n - 1).unwrap_or(data);
+                assert_eq!(parse_request(short), Ok(None), "head minus one byte");
+                let exact = data.get(..n).unwrap_or(data);
+                assert_eq!(
+                    parse_request(exact),
+                    Ok(Some((request.clone(), n))),
+                    "head alone"
+                );
+                // Exercise the accessors on whatever arrived.
+                let _ = request.query_param("id");
+                let _ = request.has_token("connection", "upgrade");
+                match validate_upgrade(&request) {
+                    Ok(upgrade) => {
+                        assert_eq!(upgrade.accept.len(), 28, "accept is base64 of 20 bytes");
+                        let protocol = upgrade.protocols.first().map(String::as_str);
+                        check_extensions_answer(&request, &upgrade.accept, protocol);
                     }
+                    Err(e) => assert!(e.response().starts_with(b"HTTP/1.1 ")),
                 }
-                Err(e) => assert!(e.response().starts_with(b"HTTP/1.1 ")),
+                // Header values taken from the request must not break a response we build.
+                let echoed = request.header("origin").unwrap_or("");
+                let response = http_response(200, "text/plain", &[("X-Echo", echoed)], data);
+                assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"));
             }
-            // Header values taken from the request must not break a response we build.
-            let echoed = request.header("origin").unwrap_or("");
-            let response = http_response(200, "text/plain", &[("X-Echo", echoed)], data);
-            assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"));
+            Err(e) => {
+                if e == HandshakeError::TooLarge {
+                    assert!(data.len() > MAX_REQUEST_BYTES, "TooLarge within the limit");
+                }
+                assert!(e.response().starts_with(b"HTTP/1.1 "));
+            }
         }
-        Err(e) => {
-            if e == HandshakeError::TooLarge {
-                assert!(data.len() > MAX_REQUEST_BYTES, "TooLarge within the limit");
+    }
+
+    /// Whatever the client offered, the answer is one well-formed 101 whose extension (if any)
+    /// passes a client's checks.
+    fn check_extensions_answer(request: &Request, accept: &str, protocol: Option<&str>) {
+        let offers = request.headers("sec-websocket-extensions");
+        let config = crate::protocol::deflate::CompressionConfig::default();
+        let params = crate::protocol::deflate::negotiate(offers, &config);
+        let extensions = params.map(|p| p.header_value());
+        let response = upgrade_response_with_extensions(accept, protocol, extensions.as_deref());
+        assert!(response.starts_with(b"HTTP/1.1 101 "));
+        assert!(response.ends_with(b"\r\n\r\n"));
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let n = parsed.parse(&response);
+        assert_eq!(n, Ok(httparse::Status::Complete(response.len())));
+        let answered: Vec<&str> = parsed
+            .headers
+            .iter()
+            .filter(|h| h.name == "Sec-WebSocket-Extensions")
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .collect();
+        assert_eq!(answered.len(), usize::from(params.is_some()));
+        if let Some(params) = params {
+            let browser = crate::protocol::deflate::DeflateOffer::BROWSER;
+            let check = crate::protocol::deflate::accept_response(answered, &browser);
+            // The browser's offer is answered validly; other offers may have asked for things
+            // the browser's did not, which the check then refuses.
+            if request.header("sec-websocket-extensions")
+                == Some("permessage-deflate; client_max_window_bits")
+            {
+                assert_eq!(check, Ok(Some(params)));
             }
-            assert!(e.response().starts_with(b"HTTP/1.1 "));
         }
     }
 }
@@ -711,6 +717,7 @@ pub fn fuzz_check(data: &[u8]) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
+    use super::fuzz::check as fuzz_check;
     use super::*;
     use crate::protocol::deflate::{self, CompressionConfig};
     use proptest::prelude::*;

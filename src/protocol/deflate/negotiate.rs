@@ -557,53 +557,62 @@ fn trim_ows(s: &str) -> &str {
     s.trim_matches([' ', '\t'])
 }
 
-/// The fuzzing oracle (fuzz/fuzz_targets/extensions.rs, and the corpus replay test).
-///
-/// `data` is read as header lines (split at `\n`, invalid UTF-8 replaced). Asserts, for every
-/// mode and window: no panic; the answer is the one `answer` gives for the first valid offer;
-/// and a client that sent that offer accepts the answer unchanged. The client's checks of the
-/// same lines as a response never panic either. Unlike the rest of this layer it panics by
-/// design: a failed assertion is the finding.
-#[doc(hidden)]
-pub fn fuzz_check(data: &[u8]) {
-    let text = String::from_utf8_lossy(data);
-    let lines: Vec<&str> = text.split('\n').collect();
-    let first_offer = lines
-        .iter()
-        .flat_map(|line| elements(line))
-        .filter_map(|element| match element {
-            Ok(ext) if ext.name == EXTENSION_NAME => DeflateOffer::from_params(&ext.params).ok(),
-            _ => None,
-        })
-        .next();
-    for mode in [
-        CompressionMode::Off,
-        CompressionMode::Shared,
-        CompressionMode::Dedicated,
-    ] {
-        for window_bits in [MIN_WINDOW_BITS, 12, MAX_WINDOW_BITS] {
-            let config = CompressionConfig {
-                mode,
-                window_bits,
-                min_bytes: 0,
-            };
-            let params = negotiate(lines.iter().copied(), &config);
-            let expected = first_offer
-                .filter(|_| mode != CompressionMode::Off)
-                .map(|offer| answer(&offer, &config));
-            assert_eq!(params, expected, "{mode} {window_bits}");
-            if let (Some(params), Some(offer)) = (params, first_offer) {
-                let value = params.header_value();
-                assert_eq!(accept_response([value.as_str()], &offer), Ok(Some(params)));
+/// The fuzzing oracle, compiled only for tests and fuzzing builds (`cargo fuzz` passes
+/// `--cfg fuzzing`), never into the shipped library.
+#[cfg(any(test, fuzzing))]
+pub mod fuzz {
+    use super::*;
+
+    /// The fuzzing oracle (fuzz/fuzz_targets/extensions.rs, and the corpus replay test).
+    ///
+    /// `data` is read as header lines (split at `\n`, invalid UTF-8 replaced). Asserts, for every
+    /// mode and window: no panic; the answer is the one `answer` gives for the first valid offer;
+    /// and a client that sent that offer accepts the answer unchanged. The client's checks of the
+    /// same lines as a response never panic either. Unlike the rest of this layer it panics by
+    /// design: a failed assertion is the finding.
+    pub fn check(data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        let lines: Vec<&str> = text.split('\n').collect();
+        let first_offer = lines
+            .iter()
+            .flat_map(|line| elements(line))
+            .filter_map(|element| match element {
+                Ok(ext) if ext.name == EXTENSION_NAME => {
+                    DeflateOffer::from_params(&ext.params).ok()
+                }
+                _ => None,
+            })
+            .next();
+        for mode in [
+            CompressionMode::Off,
+            CompressionMode::Shared,
+            CompressionMode::Dedicated,
+        ] {
+            for window_bits in [MIN_WINDOW_BITS, 12, MAX_WINDOW_BITS] {
+                let config = CompressionConfig {
+                    mode,
+                    window_bits,
+                    min_bytes: 0,
+                };
+                let params = negotiate(lines.iter().copied(), &config);
+                let expected = first_offer
+                    .filter(|_| mode != CompressionMode::Off)
+                    .map(|offer| answer(&offer, &config));
+                assert_eq!(params, expected, "{mode} {window_bits}");
+                if let (Some(params), Some(offer)) = (params, first_offer) {
+                    let value = params.header_value();
+                    assert_eq!(accept_response([value.as_str()], &offer), Ok(Some(params)));
+                }
             }
         }
+        let _ = accept_response(lines.iter().copied(), &DeflateOffer::BROWSER);
     }
-    let _ = accept_response(lines.iter().copied(), &DeflateOffer::BROWSER);
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
+    use super::fuzz::check as fuzz_check;
     use super::*;
 
     const SNCT: &str = "server_no_context_takeover";
