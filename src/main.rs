@@ -285,8 +285,6 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Checked and ready; the reactor does not negotiate it yet, so it is only reported.
-    log::debug!("compression: {compression:?} (not negotiated by this build yet)");
     let app = match args.relay.app_config() {
         Ok(config) => App::new(config),
         Err(e) => {
@@ -314,6 +312,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         heartbeat_timeout: args.heartbeat_timeout,
         timer_tick: args.timer_tick,
         shutdown_timeout: args.shutdown_timeout,
+        compression,
     };
     let result = match args.poller {
         PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, app, config)),

@@ -4,6 +4,7 @@
 //! Does not: parse flags (clap does, in `main.rs`) or validate addresses (bind does).
 
 use super::handler::SlowConsumer;
+use crate::protocol::deflate::CompressionConfig;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -33,6 +34,9 @@ pub struct Config {
     pub timer_tick: Duration,
     /// How long a graceful shutdown waits for close handshakes before closing what is left.
     pub shutdown_timeout: Duration,
+    /// permessage-deflate: off, shared or dedicated, the window and the size threshold
+    /// (SPEC §17).
+    pub compression: CompressionConfig,
 }
 
 impl Default for Config {
@@ -49,6 +53,7 @@ impl Default for Config {
             heartbeat_timeout: Duration::from_secs(10),
             timer_tick: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(5),
+            compression: CompressionConfig::default(),
         }
     }
 }

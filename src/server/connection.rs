@@ -26,6 +26,7 @@
 //! buffer only while a frame or a fragmented message is incomplete; `outbound` releases its
 //! storage when flushed.
 
+use super::compression::Negotiated;
 use super::outbound::Outbound;
 use super::TimerEvent;
 use crate::protocol::decoder::FrameReader;
@@ -127,6 +128,8 @@ pub struct Connection {
     pub reader: FrameReader,
     /// Encoded frames (and HTTP responses) waiting to be written.
     pub outbound: Outbound,
+    /// What permessage-deflate this connection agreed on, if any (SPEC §17). Set with the 101.
+    pub deflate: Option<Negotiated>,
     /// Whether writable interest is registered. Invariant: true iff `outbound` is non-empty
     /// after the last flush (poll/select would otherwise wake up for every idle socket).
     pub write_interest: bool,
@@ -163,6 +166,7 @@ impl Connection {
             request: Vec::new(),
             reader: FrameReader::new(Role::Server, max_message),
             outbound: Outbound::default(),
+            deflate: None,
             write_interest: false,
             on_ready_list: false,
             dirty: false,

@@ -10,6 +10,7 @@
 //! way round. The reactor is generic over the handler (`Reactor<P, H>`), so calls into the app
 //! are static.
 
+use super::compression::Compressor;
 use super::connection::{ConnId, Connection, State};
 use super::metrics::Metrics;
 use super::outbound::OutboundPool;
@@ -108,13 +109,19 @@ pub struct Outbox<'a> {
     pub(super) pool: &'a mut OutboundPool,
     pub(super) max_outbound: usize,
     pub(super) policy: SlowConsumer,
+    /// permessage-deflate: a connection that negotiated it gets its data messages compressed
+    /// (SPEC §17), transparently to the app, which encodes and sends frames as it always does.
+    pub(super) compressor: &'a mut Compressor,
 }
 
 impl Outbox<'_> {
-    /// Queues a frame encoded once and shared by many recipients (no copy per recipient).
+    /// Queues a frame encoded once and shared by many recipients (no copy per recipient). To
+    /// a connection that negotiated permessage-deflate, the frame goes compressed: compressed
+    /// once per callback for all such connections (see `compression`).
     pub fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
+        let frame = self.for_recipient(to, frame);
         self.queue(to, frame.len(), Limit::Apply, |conn, pool| {
-            conn.outbound.push_shared(Rc::clone(frame), pool)
+            conn.outbound.push_shared(frame, pool)
         })
     }
 
@@ -125,13 +132,43 @@ impl Outbox<'_> {
     /// (SPEC §6: the backlog must make progress). The queue stays bounded by `--max-outbound`
     /// plus those frames.
     pub fn send_shared_unbounded(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
+        let frame = self.for_recipient(to, frame);
         self.queue(to, frame.len(), Limit::Exempt, |conn, pool| {
-            conn.outbound.push_shared(Rc::clone(frame), pool)
+            conn.outbound.push_shared(frame, pool)
         })
     }
 
-    /// Encodes a message for one connection, straight into its outbound queue.
+    /// The form of a shared frame that `to` gets: compressed if it negotiated permessage-deflate
+    /// and compressing is worth it, else the frame itself.
+    fn for_recipient(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Rc<[u8]> {
+        let negotiated = self
+            .conns
+            .get_mut(to.slot as usize)
+            .filter(|c| c.id == to)
+            .and_then(|c| c.deflate.as_mut());
+        negotiated
+            .and_then(|n| self.compressor.compress_shared(n, frame))
+            .unwrap_or_else(|| Rc::clone(frame))
+    }
+
+    /// Encodes a message for one connection, straight into its outbound queue (compressed if
+    /// the connection negotiated permessage-deflate and compressing is worth it).
     pub fn send(&mut self, to: ConnId, opcode: OpCode, payload: &[u8]) -> Sent {
+        let negotiated = self
+            .conns
+            .get_mut(to.slot as usize)
+            .filter(|c| c.id == to && c.state() == State::Open)
+            .and_then(|c| c.deflate.as_mut());
+        if let Some(compressed) =
+            negotiated.and_then(|n| self.compressor.compress_for(n, opcode, payload))
+        {
+            return self.queue(to, compressed.len(), Limit::Apply, |conn, pool| {
+                conn.outbound
+                    .push_owned_with(compressed.len(), pool, |out| {
+                        out.extend_from_slice(&compressed)
+                    })
+            });
+        }
         let len = frame::header_len(payload.len(), false) + payload.len();
         self.queue(to, len, Limit::Apply, |conn, pool| {
             conn.outbound.push_owned_with(len, pool, |out| {

@@ -6,10 +6,12 @@
 //! side is shut), and rendering /stats.json and /metrics.
 //! Does not: parse HTTP itself (`protocol::handshake`), or decide the app's routes (`Handler`).
 
+use super::compression::Negotiated;
 use super::connection::{ConnId, Deadline, State};
 use super::metrics::{Gauges, Metrics};
 use super::{live, Handler, Reactor, Route};
 use crate::poller::Poller;
+use crate::protocol::deflate::{self, DeflateParams};
 use crate::protocol::handshake::{self, HandshakeError};
 use log::debug;
 
@@ -76,8 +78,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         match (self.handler.route(id, &request), accept) {
             (Route::Upgrade { session, protocol }, Some(accept)) => {
-                let response = handshake::upgrade_response(&accept, protocol);
-                self.open(id, session, response, head_len)
+                // SPEC §17: the first offer we can honour, or none (the 101 then carries no
+                // extension and no frame may set RSV1).
+                let offers = request.headers("sec-websocket-extensions");
+                let deflate = deflate::negotiate(offers, &self.config.compression);
+                let extension = deflate.map(|params| params.header_value());
+                let response = handshake::upgrade_response_with_extensions(
+                    &accept,
+                    protocol,
+                    extension.as_deref(),
+                );
+                self.open(id, session, response, head_len, deflate)
             }
             (Route::Upgrade { .. }, None) => {
                 let e = HandshakeError::NotWebSocket;
@@ -93,12 +104,14 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
 
     /// Completes the upgrade: queues the 101 response, tells the app, and processes frames that
     /// the client pipelined right behind its request (SPEC §3: they are kept, not lost).
+    /// `deflate`: the permessage-deflate parameters the 101 states, if any.
     fn open(
         &mut self,
         id: ConnId,
         session: H::Session,
         response: Vec<u8>,
         head_len: usize,
+        deflate: Option<DeflateParams>,
     ) -> bool {
         let heartbeat = self.now + self.config.heartbeat_interval;
         let Some(conn) = live(&mut self.conns, id) else {
@@ -111,6 +124,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
                 out.extend_from_slice(&response)
             });
+        if let Some(params) = deflate {
+            conn.deflate = Some(Negotiated::new(&params));
+            conn.reader.allow_rsv1();
+        }
         conn.last_activity = self.now;
         conn.set_deadline(&mut self.timers, heartbeat, Deadline::Heartbeat);
         let mut pipelined = conn.request.split_off(head_len);
@@ -199,6 +216,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             poller: self.poller.name(),
             connections: &counts,
         });
+        self.compressor.metrics.render(&mut text);
         self.handler.render_metrics(&mut text);
         text
     }

@@ -13,6 +13,7 @@
 //! - `http.rs`: the request head, the upgrade, plain HTTP answers and the reactor's endpoints;
 //! - `flush.rs`: what leaves (queueing control frames, the dirty list, the one socket write);
 //! - `lifecycle.rs`: deadlines, closing a connection (gracefully or not), signals and shutdown;
+//! - `compression.rs`: permessage-deflate's codecs per reactor and per connection;
 //! - `connection.rs`: one connection's state machine; `outbound.rs`: its queue; `handler.rs`:
 //!   the seam to the app.
 //!
@@ -20,6 +21,7 @@
 //! (`Reactor::flush`), so that a transport (TLS) can slot in between the socket and the bytes.
 
 mod accept;
+pub mod compression;
 pub mod config;
 pub mod connection;
 mod flush;
@@ -39,6 +41,7 @@ pub use handler::{Handler, Outbox, Route, Sent, SlowConsumer};
 use crate::poller::{Event, Interest, Poller, Token};
 use crate::protocol::CloseCode;
 use crate::timer::{TimerWheel, DEFAULT_SLOTS};
+use compression::Compressor;
 use connection::{Connection, Deadline};
 use log::{info, trace};
 use metrics::Metrics;
@@ -120,6 +123,9 @@ pub struct Reactor<P: Poller, H: Handler> {
     flushing: Vec<ConnId>,
     /// Storage lent to the outbound queues: spare rings, the gather buffer (`OutboundPool`).
     outbound_pool: OutboundPool,
+    /// permessage-deflate: the shared codecs, the cache of compressed shared frames, and the
+    /// compression counters (SPEC §17).
+    compressor: Compressor,
     /// Closes the app asked for during a callback, applied right after it.
     close_requests: Vec<(ConnId, CloseCode, &'static str)>,
     /// Set while `apply_close_requests` runs (see there).
@@ -187,6 +193,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             dirty: Vec::new(),
             flushing: Vec::new(),
             outbound_pool: OutboundPool::default(),
+            compressor: Compressor::new(config.compression),
             close_requests: Vec::new(),
             applying_closes: false,
             events: Vec::with_capacity(1024),

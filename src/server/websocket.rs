@@ -11,6 +11,7 @@ use super::metrics::Metrics;
 use super::{live, Handler, Reactor};
 use crate::poller::Poller;
 use crate::protocol::decoder::{FrameReader, Input};
+use crate::protocol::error::ProtocolError;
 use crate::protocol::frame::{self, OpCode, Role};
 use crate::protocol::message::Event;
 use crate::protocol::CloseCode;
@@ -63,9 +64,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         let open = conn.state() == State::Open;
         match event {
-            Event::Message { opcode, data, .. } => {
+            Event::Message {
+                opcode,
+                data,
+                compressed,
+            } => {
                 self.metrics.messages_in += 1;
-                self.deliver(id, opcode, &data);
+                if compressed {
+                    self.deliver_compressed(id, opcode, &data);
+                } else {
+                    self.deliver(id, opcode, &data);
+                }
             }
             Event::Ping(payload) => {
                 // RFC 6455 §5.5.2: a Pong carries the Ping's payload. Not after our Close.
@@ -130,8 +139,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             pool: &mut self.outbound_pool,
             max_outbound: self.config.max_outbound,
             policy: self.config.slow_consumer,
+            compressor: &mut self.compressor,
         };
         call(&mut self.handler, &mut self.sessions[slot], &mut out);
+        self.compressor.end_of_callback();
         if !self.close_requests.is_empty() {
             self.apply_close_requests();
         }
@@ -144,6 +155,31 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 app.on_message(id, session, opcode, message, out);
             }
         });
+    }
+
+    /// Inflates a compressed message (RSV1, RFC 7692 §6.2) and hands it to the app. Bounded by
+    /// `--max-message` after decompression (1009), its data checked (1007) (SPEC §17).
+    fn deliver_compressed(&mut self, id: ConnId, opcode: OpCode, compressed: &[u8]) {
+        let limit = self.config.max_message;
+        let Some(mut negotiated) = self.conn_mut(id).and_then(|c| c.deflate.take()) else {
+            // The reader allows RSV1 only once the extension is negotiated.
+            self.protocol_error(id, ProtocolError::ReservedBits);
+            return;
+        };
+        let result = self
+            .compressor
+            .inflate(&mut negotiated, opcode, compressed, limit);
+        if let Some(conn) = self.conn_mut(id) {
+            conn.deflate = Some(negotiated);
+        }
+        match result {
+            // The app gets a plain slice, as for any message; the buffer goes back after.
+            Ok(message) => {
+                self.deliver(id, opcode, &message);
+                self.compressor.give_back(message);
+            }
+            Err(e) => self.protocol_error(id, e),
+        }
     }
 
     /// The connection stops being open for the app (it is closing or gone): `on_close`, once.
