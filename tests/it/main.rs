@@ -8,6 +8,7 @@ mod bench;
 mod client;
 mod client_ws;
 mod close;
+mod deflate;
 mod echo;
 mod frames;
 mod http;
