@@ -8,6 +8,7 @@ Every wait is bounded by a timeout; nothing sleeps to synchronise.
 import argparse
 import asyncio
 import select
+import urllib.request
 import subprocess
 import sys
 
@@ -56,7 +57,42 @@ async def check_server_close(url):
             assert e.rcvd is not None and e.rcvd.code == 1009, e
 
 
+def metric(url, name):
+    """A counter from the server's /metrics; a missing one fails (it never reads as 0)."""
+    http = url.replace("ws://", "http://").rsplit("/", 1)[0] + "/metrics"
+    with urllib.request.urlopen(http, timeout=TIMEOUT) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
+async def check_compression(url):
+    # websockets offers permessage-deflate by default (RFC 7692) and compresses what it sends.
+    before_in = metric(url, "wsrelay_compressed_messages_in_total")
+    before_out = metric(url, "wsrelay_compressed_messages_out_total")
+    async with websockets.connect(url, open_timeout=TIMEOUT) as ws:
+        answer = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        assert answer.startswith("permessage-deflate"), answer
+        chat = '{"type":"message","room":"lobby","from":"alice","text":"hello"}' * 64
+        for _ in range(10):
+            await ws.send(chat)
+            got = await asyncio.wait_for(ws.recv(), TIMEOUT)
+            assert got == chat
+        data = bytes(range(256)) * 16
+        await ws.send(data)
+        assert await asyncio.wait_for(ws.recv(), TIMEOUT) == data
+    assert metric(url, "wsrelay_compressed_messages_in_total") - before_in == 11
+    assert metric(url, "wsrelay_compressed_messages_out_total") - before_out == 11
+    # Without the offer, the same messages flow uncompressed.
+    async with websockets.connect(url, open_timeout=TIMEOUT, compression=None) as ws:
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        await ws.send(chat)
+        assert await asyncio.wait_for(ws.recv(), TIMEOUT) == chat
+
+
 async def main_async(url):
+    await check_compression(url)
     await check_echo(url)
     await check_client_close(url)
     await check_server_close(url)
