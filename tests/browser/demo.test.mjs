@@ -211,6 +211,36 @@ describe('the demo page', () => {
     await page.context().close();
   });
 
+  test('Chromium negotiates permessage-deflate and compressed messages go both ways', async () => {
+    const before = await (await fetch(url + 'metrics')).text();
+    const count = (text, name) => {
+      const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+      assert.ok(line, `${name} missing from /metrics`);
+      return Number(line.split(' ')[1]);
+    };
+    // The browser's own WebSocket, from the page (same origin, within its policy).
+    const result = await alice.evaluate(async (deadline) => {
+      const ws = new WebSocket(location.origin.replace(/^http/, 'ws') + '/echo');
+      const message = JSON.stringify(Array.from({ length: 20 }, (_, i) => ({ from: 'alice', text: `hi ${i}` })));
+      const echoed = await new Promise((resolve, reject) => {
+        setTimeout(() => reject(new Error('no echo')), deadline);
+        ws.onopen = () => ws.send(message);
+        ws.onmessage = (e) => resolve(e.data);
+        ws.onerror = () => reject(new Error('websocket error'));
+      });
+      ws.close();
+      return { extensions: ws.extensions, intact: echoed === message };
+    }, DEADLINE_MS);
+    assert.equal(result.extensions,
+      'permessage-deflate; server_no_context_takeover; client_no_context_takeover');
+    assert.ok(result.intact, 'the echo is the message');
+    const after = await (await fetch(url + 'metrics')).text();
+    for (const name of ['wsrelay_compressed_messages_in_total', 'wsrelay_compressed_messages_out_total']) {
+      assert.ok(count(after, name) > count(before, name), `${name} moved`);
+    }
+    clean(alice);
+  });
+
   test('two pages join a room and talk both ways; presence fills the member lists', async () => {
     await login(alice, 'alice');
     await login(bob, 'bob');
