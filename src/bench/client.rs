@@ -13,6 +13,7 @@
 
 use crate::protocol::client_handshake::{self, ClientHandshakeError};
 use crate::protocol::decoder::{FrameReader, Input};
+use crate::protocol::deflate::{ClientWindowOffer, DeflateOffer, Deflater, Inflater};
 use crate::protocol::frame::{self, OpCode, Role};
 use crate::protocol::message::Event;
 use crate::protocol::{CloseCode, ProtocolError};
@@ -25,6 +26,35 @@ use std::time::Instant;
 /// The largest message the decoder accepts from the server. Only a bound on memory: the bench
 /// itself sends at most this much (checked when the flags are read).
 pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// What `wsrelay bench --compression` offers: permessage-deflate with no context takeover in
+/// either direction (RFC 7692 §7.1.1), so that one compressor and one decompressor per worker
+/// thread serve all its connections. A server that accepts must echo
+/// `server_no_context_takeover` (§7.1.1.1; `accept_response` checks it).
+pub const BENCH_OFFER: DeflateOffer = DeflateOffer {
+    server_no_context_takeover: true,
+    client_no_context_takeover: true,
+    server_max_window_bits: None,
+    client_max_window_bits: ClientWindowOffer::Absent,
+};
+
+/// A worker's permessage-deflate codecs, shared by its connections (see `BENCH_OFFER`); each
+/// is created when first used, so a run without `--compression` allocates no zlib state.
+#[derive(Default)]
+pub struct Codec {
+    deflater: Option<Deflater>,
+    inflater: Option<Inflater>,
+    /// The compressed payload being built.
+    compressed: Vec<u8>,
+    /// The message being inflated.
+    inflated: Vec<u8>,
+}
+
+impl Codec {
+    pub fn new() -> Codec {
+        Codec::default()
+    }
+}
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +126,10 @@ pub struct Client {
     pub started: Instant,
     /// True once the 101 was accepted, even if the connection failed later.
     handshake_done: bool,
+    /// The permessage-deflate offer sent (`--compression`), checked against the 101.
+    offer: Option<DeflateOffer>,
+    /// The server accepted the offer: messages go compressed and may arrive compressed.
+    compressing: bool,
 }
 
 impl Client {
@@ -110,6 +144,7 @@ impl Client {
         source: Option<IpAddr>,
         host: &str,
         resource: &str,
+        compression: bool,
         rng: &mut fastrand::Rng,
         now: Instant,
     ) -> io::Result<Client> {
@@ -134,7 +169,14 @@ impl Client {
         let mut nonce = [0u8; 16];
         rng.fill(&mut nonce);
         let key = client_handshake::key_from_nonce(nonce);
-        let outbound = client_handshake::upgrade_request(host, resource, &key);
+        let offer = compression.then_some(BENCH_OFFER);
+        let value = offer.map(|o| o.header_value());
+        let extra: Vec<(&str, &str)> = value
+            .as_deref()
+            .map(|v| ("Sec-WebSocket-Extensions", v))
+            .into_iter()
+            .collect();
+        let outbound = client_handshake::upgrade_request_with_headers(host, resource, &key, &extra);
         Ok(Client {
             stream,
             state: State::Connecting,
@@ -145,6 +187,8 @@ impl Client {
             reader: FrameReader::new(Role::Client, MAX_MESSAGE),
             started: now,
             handshake_done: false,
+            offer,
+            compressing: false,
         })
     }
 
@@ -163,9 +207,25 @@ impl Client {
     }
 
     /// Queues one binary message, masked with a fresh key (RFC 6455 §5.3: the key must not be
-    /// predictable, so every frame draws a new one). Call `flush` to write it.
-    pub fn send_binary(&mut self, payload: &[u8], rng: &mut fastrand::Rng) {
+    /// predictable, so every frame draws a new one), compressed with `codec` if the server
+    /// accepted permessage-deflate. Call `flush` to write it.
+    pub fn send_binary(&mut self, payload: &[u8], codec: &mut Codec, rng: &mut fastrand::Rng) {
         debug_assert_eq!(self.state, State::Open);
+        if self.compressing {
+            codec.compressed.clear();
+            let deflater = codec
+                .deflater
+                .get_or_insert_with(|| Deflater::new(15, false));
+            if deflater.compress(payload, &mut codec.compressed).is_ok() {
+                frame::encode_compressed_into(
+                    &mut self.outbound,
+                    OpCode::Binary,
+                    &codec.compressed,
+                    Some(mask(rng)),
+                );
+                return;
+            }
+        }
         frame::encode_into(
             &mut self.outbound,
             true,
@@ -222,6 +282,7 @@ impl Client {
     pub fn on_ready(
         &mut self,
         buf: &mut [u8],
+        codec: &mut Codec,
         rng: &mut fastrand::Rng,
         mut on_message: impl FnMut(&[u8]),
     ) -> Result<Step, Failure> {
@@ -243,20 +304,25 @@ impl Client {
             let data = buf.get_mut(..n).unwrap_or_default();
             if self.state == State::Handshaking {
                 self.head.extend_from_slice(data);
-                match client_handshake::parse_response(&self.head, &self.key) {
+                let offer = self.offer.as_ref();
+                match client_handshake::parse_response_with_offer(&self.head, &self.key, offer) {
                     Ok(None) => continue,
-                    Ok(Some(rest)) => {
+                    Ok(Some(accepted)) => {
                         // Frames the server sent right behind its 101 belong to the stream.
-                        let mut rest = rest.to_vec();
+                        let mut rest = accepted.rest.to_vec();
+                        if accepted.deflate.is_some() {
+                            self.compressing = true;
+                            self.reader.allow_rsv1();
+                        }
                         self.head = Vec::new();
                         self.state = State::Open;
                         self.handshake_done = true;
-                        self.drain_events(&mut rest, rng, &mut on_message)?;
+                        self.drain_events(&mut rest, codec, rng, &mut on_message)?;
                     }
                     Err(e) => return Err(Failure::Handshake(Some(e))),
                 }
             } else {
-                self.drain_events(data, rng, &mut on_message)?;
+                self.drain_events(data, codec, rng, &mut on_message)?;
             }
         }
         // Pongs and a Close reply queued while reading.
@@ -291,6 +357,7 @@ impl Client {
     fn drain_events(
         &mut self,
         bytes: &mut [u8],
+        codec: &mut Codec,
         rng: &mut fastrand::Rng,
         on_message: &mut impl FnMut(&[u8]),
     ) -> Result<(), Failure> {
@@ -302,6 +369,24 @@ impl Client {
                 Err(e) => return Err(Failure::Protocol(e)),
             };
             match event {
+                Event::Message {
+                    data,
+                    compressed: true,
+                    ..
+                } => {
+                    codec.inflated.clear();
+                    let inflater = codec
+                        .inflater
+                        .get_or_insert_with(|| Inflater::new(15, false));
+                    let inflated =
+                        inflater.inflate_message(&data, &mut codec.inflated, MAX_MESSAGE);
+                    if let Err(e) = inflated {
+                        // The worker's other connections share the inflater.
+                        inflater.reset();
+                        return Err(Failure::Protocol(e));
+                    }
+                    on_message(&codec.inflated);
+                }
                 Event::Message { data, .. } => on_message(&data),
                 Event::Ping(payload) => {
                     // RFC 6455 §5.5.2: answer with a Pong carrying the same payload (not after

@@ -85,6 +85,11 @@ pub struct CommonArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
+    /// Offer permessage-deflate (RFC 7692, no context takeover either way) and send chat-like
+    /// JSON; messages are compressed and inflated when the server accepts.
+    #[arg(long)]
+    pub compression: bool,
+
     /// Print exactly one JSON object (fields below) instead of text.
     #[arg(long)]
     pub json: bool,

@@ -88,6 +88,7 @@ pub(super) fn plan(mode: &Mode, part: Part) -> Result<Setup, String> {
             size: shape.size,
             rate: shape.rate.map(|r| r * share.weight / weight_total.max(1.0)),
             seed: fastrand::u64(..),
+            compression: common.compression,
         })
         .collect();
     Ok(Setup {

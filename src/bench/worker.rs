@@ -17,7 +17,7 @@
 //!    for what is in flight.
 //! 5. Closing: close handshake on every connection, at most `CLOSE_TIMEOUT`.
 
-use super::client::{Client, Failure, State, Step};
+use super::client::{Client, Codec, Failure, State, Step};
 use super::stats::{self, Tally};
 use mio::{Events, Interest, Poll, Token};
 use std::net::{IpAddr, SocketAddr};
@@ -90,6 +90,31 @@ pub struct Plan {
     /// This thread's share of `--rate`, in messages per second.
     pub rate: Option<f64>,
     pub seed: u64,
+    /// `--compression`: offer permessage-deflate, and send chat-like JSON (which it is for)
+    /// instead of the alphabet filler (which compresses unrealistically well).
+    pub compression: bool,
+}
+
+/// `size` bytes of chat-like JSON records, with varying names and numbers so that it compresses
+/// the way real chat traffic does (several times, not a hundred times). The stamp and sender
+/// id overwrite its first bytes when it is sent.
+fn chat_filler(size: usize) -> Vec<u8> {
+    let names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"];
+    let mut out = String::with_capacity(size + 128);
+    let mut i: u64 = 0;
+    while out.len() < size {
+        let name = names[(i as usize * 5) % names.len()];
+        out.push_str(&format!(
+            r#"{{"type":"message","room":"room-{}","from":"{name}","id":"{:08x}","text":"message {i} from {name}","ts":{}}},"#,
+            i % 13,
+            i.wrapping_mul(0x9e37_79b9) as u32,
+            1_700_000_000_000 + i * 7919,
+        ));
+        i += 1;
+    }
+    let mut bytes = out.into_bytes();
+    bytes.truncate(size);
+    bytes
 }
 
 /// Progress counters a worker publishes once per loop iteration, for the progress line.
@@ -212,6 +237,8 @@ pub struct Worker {
     recv_buf: Box<[u8]>,
     /// The message sent, rewritten with a fresh stamp each time.
     payload: Vec<u8>,
+    /// permessage-deflate codecs for all this thread's connections (`--compression`).
+    codec: Codec,
     tally: Tally,
     stage: Stage,
     /// Opening: the next slot to connect, and how many are connecting now.
@@ -236,11 +263,12 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(index: usize, plan: Plan, poll: Poll, shared: Arc<Shared>) -> Worker {
-        let mut payload = vec![0u8; plan.size];
-        // Recognisable filler for anyone reading a packet capture.
-        for (i, b) in payload.iter_mut().enumerate() {
-            *b = b'a' + (i % 26) as u8;
-        }
+        let payload = if plan.compression {
+            chat_filler(plan.size)
+        } else {
+            // Recognisable filler for anyone reading a packet capture.
+            (0..plan.size).map(|i| b'a' + (i % 26) as u8).collect()
+        };
         let slots = (0..plan.conns.len()).map(|_| Slot::default()).collect();
         let rng = fastrand::Rng::with_seed(plan.seed);
         let now = Instant::now();
@@ -253,6 +281,7 @@ impl Worker {
             rng,
             recv_buf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
             payload,
+            codec: Codec::new(),
             tally: Tally::new(),
             stage: Stage::Opening,
             next_open: 0,
@@ -485,6 +514,7 @@ impl Worker {
             source,
             &self.plan.host,
             &plan.resource,
+            self.plan.compression,
             &mut self.rng,
             now,
         ) {
@@ -535,7 +565,8 @@ impl Worker {
         let credits = &mut self.credits;
         let broadcast = self.plan.traffic == Traffic::Broadcast;
         let mut received = 0u64;
-        let result = client.on_ready(&mut self.recv_buf, &mut self.rng, |payload| {
+        let codec = &mut self.codec;
+        let result = client.on_ready(&mut self.recv_buf, codec, &mut self.rng, |payload| {
             received += 1;
             tally.received_total += 1;
             if in_window {
@@ -733,7 +764,7 @@ impl Worker {
         if self.plan.traffic == Traffic::Broadcast {
             stats::write_sender(&mut self.payload, i as u32);
         }
-        client.send_binary(&self.payload, &mut self.rng);
+        client.send_binary(&self.payload, &mut self.codec, &mut self.rng);
         self.slots[i].inflight += 1;
         self.inflight_total += 1;
         self.rate_sent += 1;

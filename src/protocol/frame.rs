@@ -398,6 +398,30 @@ pub fn encode_into(
     }
 }
 
+/// Appends one unfragmented frame of a compressed message (permessage-deflate, RFC 7692 §6:
+/// RSV1 set on the message's first frame), `payload` being the compressed bytes. Otherwise as
+/// `encode_into`.
+pub fn encode_compressed_into(
+    out: &mut Vec<u8>,
+    opcode: OpCode,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) {
+    debug_assert!(
+        matches!(opcode, OpCode::Text | OpCode::Binary),
+        "RFC 7692 §6.1: only data messages are compressed"
+    );
+    let mut header = FrameHeader::new(true, opcode, mask, payload.len() as u64);
+    header.rsv1 = true;
+    out.reserve(header.header_len + payload.len());
+    header.emit(out);
+    let payload_start = out.len();
+    out.extend_from_slice(payload);
+    if let Some(key) = mask {
+        unmask(&mut out[payload_start..], key);
+    }
+}
+
 /// One frame as a new buffer of exactly its length. See `encode_into`.
 pub fn encode(fin: bool, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     let mut out = Vec::with_capacity(header_len(payload.len(), mask.is_some()) + payload.len());

@@ -25,7 +25,7 @@ use crate::protocol::deflate::{
     CompressionConfig, CompressionMetrics, DeflateParams, Deflater, Inflater, MAX_WINDOW_BITS,
 };
 use crate::protocol::error::ProtocolError;
-use crate::protocol::frame::{self, FrameHeader, OpCode, Role};
+use crate::protocol::frame::{self, OpCode, Role};
 use std::rc::Rc;
 
 /// Shared frames remembered in compressed form within one app callback: a fan-out sends one
@@ -298,11 +298,8 @@ fn data_payload(plain: &[u8]) -> Option<(OpCode, &[u8])> {
 /// One unfragmented frame of a compressed message: RSV1 set (RFC 7692 §6), the payload as
 /// compressed.
 fn compressed_frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
-    let mut header = FrameHeader::new(true, opcode, None, payload.len() as u64);
-    header.rsv1 = true;
-    let mut out = Vec::with_capacity(header.header_len + payload.len());
-    header.emit(&mut out);
-    out.extend_from_slice(payload);
+    let mut out = Vec::with_capacity(frame::header_len(payload.len(), false) + payload.len());
+    frame::encode_compressed_into(&mut out, opcode, payload, None);
     out
 }
 
