@@ -336,6 +336,14 @@ mod tests {
         out
     }
 
+    /// SPEC §17: `shared` adds at most 64 bytes per idle connection. The connection's whole
+    /// share is this field (the codecs are the reactor's), with no heap behind it.
+    #[test]
+    fn an_idle_connection_pays_16_bytes() {
+        assert!(std::mem::size_of::<Option<Negotiated>>() <= 16);
+        assert!(Negotiated::new(&params()).own.is_none());
+    }
+
     #[test]
     fn a_shared_frame_is_compressed_once_for_every_connection() {
         let mut c = Compressor::new(CompressionConfig::default());
