@@ -13,7 +13,7 @@
 
 use crate::protocol::client_handshake::{self, ClientHandshakeError};
 use crate::protocol::decoder::{FrameReader, Input};
-use crate::protocol::deflate::{ClientWindowOffer, DeflateOffer, Deflater, Inflater};
+use crate::protocol::deflate::{DeflateOffer, Deflater, Inflater};
 use crate::protocol::frame::{self, OpCode, Role};
 use crate::protocol::message::Event;
 use crate::protocol::{CloseCode, ProtocolError};
@@ -27,18 +27,8 @@ use std::time::Instant;
 /// itself sends at most this much (checked when the flags are read).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
-/// What `wsrelay bench --compression` offers: permessage-deflate with no context takeover in
-/// either direction (RFC 7692 §7.1.1), so that one compressor and one decompressor per worker
-/// thread serve all its connections. A server that accepts must echo
-/// `server_no_context_takeover` (§7.1.1.1; `accept_response` checks it).
-pub const BENCH_OFFER: DeflateOffer = DeflateOffer {
-    server_no_context_takeover: true,
-    client_no_context_takeover: true,
-    server_max_window_bits: None,
-    client_max_window_bits: ClientWindowOffer::Absent,
-};
-
-/// A worker's permessage-deflate codecs, shared by its connections (see `BENCH_OFFER`); each
+/// A worker's permessage-deflate codecs, shared by its connections: `wsrelay bench
+/// --compression` offers `DeflateOffer::NO_CONTEXT_TAKEOVER`, so no connection needs its own. Each
 /// is created when first used, so a run without `--compression` allocates no zlib state.
 #[derive(Default)]
 pub struct Codec {
@@ -169,7 +159,7 @@ impl Client {
         let mut nonce = [0u8; 16];
         rng.fill(&mut nonce);
         let key = client_handshake::key_from_nonce(nonce);
-        let offer = compression.then_some(BENCH_OFFER);
+        let offer = compression.then_some(DeflateOffer::NO_CONTEXT_TAKEOVER);
         let value = offer.map(|o| o.header_value());
         let extra: Vec<(&str, &str)> = value
             .as_deref()

@@ -17,10 +17,13 @@
 //! outlives its connection for long.
 
 use crate::protocol::client_handshake::{
-    key_from_nonce, parse_response, upgrade_request_with_headers, ClientHandshakeError, WsUrl,
+    key_from_nonce, parse_response_with_offer, upgrade_request_with_headers, ClientHandshakeError,
+    WsUrl,
 };
 use crate::protocol::decoder::{FrameReader, Input, OwnedEvent};
+use crate::protocol::deflate::{CompressionConfig, DeflateOffer, Deflater, Inflater};
 use crate::protocol::frame::{self, OpCode, Role};
+use crate::protocol::message::Event;
 use crate::protocol::{CloseCode, ProtocolError};
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -132,6 +135,8 @@ pub struct Connection {
     stream: TcpStream,
     /// When the handshake completed.
     pub opened_at: Instant,
+    /// The compressor, when the server accepted permessage-deflate.
+    deflater: Option<Deflater>,
 }
 
 /// Connects to `url`, requests `resource` with the `extra` header fields, and checks the 101.
@@ -155,9 +160,15 @@ pub fn connect(
 
     // RFC 6455 §4.1: "a randomly selected 16-byte value", new for every connection.
     let key = key_from_nonce(fastrand::u128(..).to_ne_bytes());
-    let request = upgrade_request_with_headers(&url.host_header(), resource, &key, extra);
+    // permessage-deflate (SPEC §17), offered as browsers do, without context takeover so that
+    // each message stands alone and the codecs keep nothing between messages.
+    let offer = DeflateOffer::NO_CONTEXT_TAKEOVER;
+    let offer_value = offer.header_value();
+    let mut headers = extra.to_vec();
+    headers.push(("Sec-WebSocket-Extensions", offer_value.as_str()));
+    let request = upgrade_request_with_headers(&url.host_header(), resource, &key, &headers);
     stream.write_all(&request).map_err(ConnectError::Io)?;
-    let rest = read_response(&mut stream, &key)?;
+    let (rest, compressed) = read_response(&mut stream, &key, &offer)?;
 
     // From here on the reader blocks in `read` without a timeout: silence is normal on an idle
     // connection, and the heartbeat (SPEC §7) is what detects a dead one.
@@ -165,11 +176,12 @@ pub fn connect(
     let reader = stream.try_clone().map_err(ConnectError::Io)?;
     std::thread::Builder::new()
         .name("wsrelay-client-reader".into())
-        .spawn(move || read_loop(reader, &rest, on_event))
+        .spawn(move || read_loop(reader, &rest, compressed, on_event))
         .map_err(ConnectError::Io)?;
     Ok(Connection {
         stream,
         opened_at: Instant::now(),
+        deflater: compressed.then(|| Deflater::new(15, false)),
     })
 }
 
@@ -189,15 +201,20 @@ fn open_tcp(url: &WsUrl) -> Result<TcpStream, ConnectError> {
     Err(last_error.map_or(ConnectError::NoAddress, ConnectError::Connect))
 }
 
-/// Reads until `parse_response` decides; returns the bytes that followed the head (frames the
-/// server sent right behind its 101, which belong to the WebSocket stream).
-fn read_response(stream: &mut TcpStream, key: &str) -> Result<Vec<u8>, ConnectError> {
+/// Reads until `parse_response_with_offer` decides; returns the bytes that followed the head
+/// (frames the server sent right behind its 101, which belong to the WebSocket stream) and
+/// whether the server accepted permessage-deflate.
+fn read_response(
+    stream: &mut TcpStream,
+    key: &str,
+    offer: &DeflateOffer,
+) -> Result<(Vec<u8>, bool), ConnectError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        match parse_response(&buf, key) {
-            Ok(Some(rest)) => return Ok(rest.to_vec()),
+        match parse_response_with_offer(&buf, key, Some(offer)) {
+            Ok(Some(accepted)) => return Ok((accepted.rest.to_vec(), accepted.deflate.is_some())),
             Ok(None) => {}
             Err(e) => return Err(ConnectError::Handshake(e)),
         }
@@ -227,11 +244,26 @@ fn read_response(stream: &mut TcpStream, key: &str) -> Result<Vec<u8>, ConnectEr
 
 /// The reader thread: bytes from the socket into the client-role reader, events out, until
 /// EOF, an error, or nobody listening.
-fn read_loop(mut stream: TcpStream, rest: &[u8], mut on_event: impl FnMut(LinkEvent) -> bool) {
+fn read_loop(
+    mut stream: TcpStream,
+    rest: &[u8],
+    compressed: bool,
+    mut on_event: impl FnMut(LinkEvent) -> bool,
+) {
     // RFC 6455 §5.1: in the client role, a masked frame from the server is an error.
     let mut reader = FrameReader::new(Role::Client, MAX_MESSAGE);
+    // With permessage-deflate agreed, RSV1 marks a compressed message (RFC 7692 §6); the
+    // decompressor exists from the first one on, and is reset after each (no context takeover).
+    let mut inflater = None;
+    if compressed {
+        reader.allow_rsv1();
+    }
+    let mut link = Link {
+        reader: &mut reader,
+        inflater: &mut inflater,
+    };
     // Frames the server sent right behind its 101 come first.
-    if !report_events(&mut reader, &mut rest.to_vec(), &mut on_event) {
+    if !link.report_events(&mut rest.to_vec(), &mut on_event) {
         return;
     }
     let mut buf = vec![0u8; 64 * 1024];
@@ -242,7 +274,7 @@ fn read_loop(mut stream: TcpStream, rest: &[u8], mut on_event: impl FnMut(LinkEv
                 return;
             }
             Ok(n) => {
-                if !report_events(&mut reader, &mut buf[..n], &mut on_event) {
+                if !link.report_events(&mut buf[..n], &mut on_event) {
                     return;
                 }
             }
@@ -255,28 +287,61 @@ fn read_loop(mut stream: TcpStream, rest: &[u8], mut on_event: impl FnMut(LinkEv
     }
 }
 
-/// Reports every event in `bytes`. Returns false when the reader thread should end: nobody
-/// listens any more, or the server broke the protocol.
-fn report_events(
-    reader: &mut FrameReader,
-    bytes: &mut [u8],
-    on_event: &mut impl FnMut(LinkEvent) -> bool,
-) -> bool {
-    let mut input = Input::new(bytes);
-    loop {
-        match reader.next_event(&mut input) {
-            Ok(Some(event)) => {
-                if !on_event(LinkEvent::Frame(event.into())) {
+/// What the reader thread reads with: the frame reader, and the decompressor once needed.
+struct Link<'a> {
+    reader: &'a mut FrameReader,
+    inflater: &'a mut Option<Inflater>,
+}
+
+impl Link<'_> {
+    /// Reports every event in `bytes`, compressed messages inflated (bounded by the same
+    /// `MAX_MESSAGE`, RFC 7692 §7.2.2). Returns false when the reader thread should end: nobody
+    /// listens any more, or the server broke the protocol.
+    fn report_events(
+        &mut self,
+        bytes: &mut [u8],
+        on_event: &mut impl FnMut(LinkEvent) -> bool,
+    ) -> bool {
+        let mut input = Input::new(bytes);
+        loop {
+            let event = match self.reader.next_event(&mut input) {
+                Ok(Some(Event::Message {
+                    opcode,
+                    data,
+                    compressed: true,
+                })) => inflate(self.inflater, opcode, &data),
+                Ok(Some(event)) => Ok(event.into()),
+                Ok(None) => return true,
+                Err(e) => Err(e),
+            };
+            match event {
+                Ok(event) => {
+                    if !on_event(LinkEvent::Frame(event)) {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    on_event(LinkEvent::Protocol(e));
                     return false;
                 }
             }
-            Ok(None) => return true,
-            Err(e) => {
-                on_event(LinkEvent::Protocol(e));
-                return false;
-            }
         }
     }
+}
+
+/// A compressed message, inflated and (for text) checked as UTF-8.
+fn inflate(
+    inflater: &mut Option<Inflater>,
+    opcode: OpCode,
+    compressed: &[u8],
+) -> Result<OwnedEvent, ProtocolError> {
+    let inflater = inflater.get_or_insert_with(|| Inflater::new(15, false));
+    let mut data = Vec::new();
+    inflater.inflate_message(compressed, &mut data, MAX_MESSAGE)?;
+    if opcode == OpCode::Text && std::str::from_utf8(&data).is_err() {
+        return Err(ProtocolError::InvalidUtf8);
+    }
+    Ok(OwnedEvent::Message { opcode, data })
 }
 
 impl Connection {
@@ -292,6 +357,18 @@ impl Connection {
         // the RFC asks for "a strong source of entropy", which matters against hostile scripts
         // in a browser, not for a command-line user who chooses every byte anyway.
         let key = fastrand::u32(..).to_ne_bytes();
+        // permessage-deflate, when agreed: data messages from `--compression-min`'s default
+        // size up go compressed (SPEC §17), the rest as they are (RSV1 is per message).
+        let data = matches!(opcode, OpCode::Text | OpCode::Binary);
+        let worth_it = payload.len() >= CompressionConfig::default().min_bytes;
+        if let Some(deflater) = self.deflater.as_mut().filter(|_| data && worth_it) {
+            let mut compressed = Vec::new();
+            if deflater.compress(payload, &mut compressed).is_ok() {
+                let mut out = Vec::with_capacity(compressed.len() + 14);
+                frame::encode_compressed_into(&mut out, opcode, &compressed, Some(key));
+                return self.stream.write_all(&out);
+            }
+        }
         self.stream
             .write_all(&frame::encode(true, opcode, payload, Some(key)))
     }

@@ -202,6 +202,27 @@ fn raw_script_mode_echoes_every_line_and_exits_0() {
     assert!(client.log().contains("connected to"), "{}", client.log());
 }
 
+/// The client offers permessage-deflate (SPEC §17): a long line goes compressed, its echo comes
+/// back compressed and is printed as sent; a short one goes plain.
+#[test]
+fn long_lines_travel_compressed_both_ways() {
+    let server = Server::start("epoll", &[]);
+    let mut client = ClientProcess::start(&[&server.url("/echo")]);
+    let long = format!("{{\"text\":\"{}\"}}", "chat chat chat ".repeat(40));
+    client.send_line(&long);
+    client.send_line("short");
+    client.close_stdin();
+    assert_eq!(client.wait_exit(), 0, "{}", client.log());
+    let out = client.remaining_stdout();
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(is_timestamped(&out[0], &long), "{:?}", out[0]);
+    assert!(is_timestamped(&out[1], "short"), "{:?}", out[1]);
+    let m = server.metrics();
+    assert_eq!(m.get("wsrelay_compressed_messages_in_total"), 1.0);
+    assert_eq!(m.get("wsrelay_compressed_messages_out_total"), 1.0);
+    assert_eq!(m.get("wsrelay_compression_small_messages_out_total"), 1.0);
+}
+
 #[test]
 fn raw_json_mode_prints_one_object_per_message() {
     let server = Server::start("epoll", &[]);

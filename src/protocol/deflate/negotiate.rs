@@ -70,6 +70,17 @@ impl DeflateOffer {
         client_max_window_bits: ClientWindowOffer::Any,
     };
 
+    /// The offer of wsrelay's own client and bench: no context takeover either way (RFC 7692
+    /// §7.1.1), so one compressor and one decompressor can serve any number of connections,
+    /// and each message stands alone. A server that accepts must echo
+    /// `server_no_context_takeover` (§7.1.1.1; `accept_response` checks it).
+    pub const NO_CONTEXT_TAKEOVER: DeflateOffer = DeflateOffer {
+        server_no_context_takeover: true,
+        client_no_context_takeover: true,
+        server_max_window_bits: None,
+        client_max_window_bits: ClientWindowOffer::Absent,
+    };
+
     /// Reads an offer's parameters.
     ///
     /// # Errors
