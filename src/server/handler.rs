@@ -119,10 +119,11 @@ impl Outbox<'_> {
     /// a connection that negotiated permessage-deflate, the frame goes compressed: compressed
     /// once per callback for all such connections (see `compression`).
     pub fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
-        let frame = self.for_recipient(to, frame);
-        self.queue(to, frame.len(), Limit::Apply, |conn, pool| {
+        let (frame, compressed) = self.for_recipient(to, frame);
+        let sent = self.queue(to, frame.len(), Limit::Apply, |conn, pool| {
             conn.outbound.push_shared(frame, pool)
-        })
+        });
+        self.count_compressed(compressed, sent)
     }
 
     /// Queues a shared frame even over `--max-outbound`, for a frame the connection must be able
@@ -132,23 +133,33 @@ impl Outbox<'_> {
     /// (SPEC §6: the backlog must make progress). The queue stays bounded by `--max-outbound`
     /// plus those frames.
     pub fn send_shared_unbounded(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
-        let frame = self.for_recipient(to, frame);
-        self.queue(to, frame.len(), Limit::Exempt, |conn, pool| {
+        let (frame, compressed) = self.for_recipient(to, frame);
+        let sent = self.queue(to, frame.len(), Limit::Exempt, |conn, pool| {
             conn.outbound.push_shared(frame, pool)
-        })
+        });
+        self.count_compressed(compressed, sent)
     }
 
-    /// The form of a shared frame that `to` gets: compressed if it negotiated permessage-deflate
-    /// and compressing is worth it, else the frame itself.
-    fn for_recipient(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Rc<[u8]> {
+    /// The form of a shared frame that `to` gets, and whether it is compressed: compressed if
+    /// `to` negotiated permessage-deflate and compressing is worth it, else the frame itself.
+    fn for_recipient(&mut self, to: ConnId, frame: &Rc<[u8]>) -> (Rc<[u8]>, bool) {
         let negotiated = self
             .conns
             .get_mut(to.slot as usize)
-            .filter(|c| c.id == to)
+            .filter(|c| c.id == to && c.state() == State::Open)
             .and_then(|c| c.deflate.as_mut());
-        negotiated
-            .and_then(|n| self.compressor.compress_shared(n, frame))
-            .unwrap_or_else(|| Rc::clone(frame))
+        match negotiated.and_then(|n| self.compressor.compress_shared(n, frame)) {
+            Some(compressed) => (compressed, true),
+            None => (Rc::clone(frame), false),
+        }
+    }
+
+    /// Counts a compressed frame once it is queued (not when the slow-consumer policy dropped it).
+    fn count_compressed(&mut self, compressed: bool, sent: Sent) -> Sent {
+        if compressed && sent == Sent::Queued {
+            self.compressor.metrics.messages_out += 1;
+        }
+        sent
     }
 
     /// Encodes a message for one connection, straight into its outbound queue (compressed if
@@ -162,12 +173,13 @@ impl Outbox<'_> {
         if let Some(compressed) =
             negotiated.and_then(|n| self.compressor.compress_for(n, opcode, payload))
         {
-            return self.queue(to, compressed.len(), Limit::Apply, |conn, pool| {
+            let sent = self.queue(to, compressed.len(), Limit::Apply, |conn, pool| {
                 conn.outbound
                     .push_owned_with(compressed.len(), pool, |out| {
                         out.extend_from_slice(&compressed)
                     })
             });
+            return self.count_compressed(true, sent);
         }
         let len = frame::header_len(payload.len(), false) + payload.len();
         self.queue(to, len, Limit::Apply, |conn, pool| {
