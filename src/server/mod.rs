@@ -30,6 +30,8 @@ mod lifecycle;
 pub mod metrics;
 pub mod outbound;
 mod signals;
+#[cfg(test)]
+mod tests;
 mod websocket;
 
 pub use config::Config;
@@ -281,16 +283,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         let before = self.now;
         self.poller.wait(events, timeout)?;
+        // The wait may have ended long after input arrived (the process stalled; after
+        // SIGSTOP/SIGCONT epoll_wait fails with EINTR, reported as no events), and it reports
+        // only what was ready when it returned. Deadlines judged in step 4 therefore never
+        // trust it alone: the Pong deadline reads its connection before dropping it
+        // (`on_pong_deadline`, SPEC §5).
         self.now = Instant::now();
-        if events.is_empty() && self.timers.next_timeout(self.now) == Some(Duration::ZERO) {
-            // A wait that reports nothing may have ended long after input arrived: a signal
-            // interrupted it (epoll_wait fails with EINTR after SIGSTOP/SIGCONT, which the
-            // backends report as no events), or the whole process stalled. Deadlines are about
-            // to be judged: look again without blocking first, so that a Pong that arrived
-            // during the stall is read before its deadline fires (SPEC §5).
-            self.poller.wait(events, Some(Duration::ZERO))?;
-            self.now = Instant::now();
-        }
         self.metrics.poll_wait += self.now - before;
         self.metrics.poll_wakeups += 1;
         self.metrics.poll_events += events.len() as u64;
@@ -308,7 +306,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 SIGNALS => exit = exit.or(self.on_signal()),
                 token => {
                     let id = ConnId::from_token(token.0);
-                    if event.readable {
+                    // A connection on the ready list is read in step 3, once: reading it here
+                    // too would give it a second budget in this iteration (a level-triggered
+                    // backend reports it again because its budget left bytes unread).
+                    let queued = self.conn_mut(id).is_some_and(|c| c.on_ready_list);
+                    if event.readable && !queued {
                         self.on_readable(id);
                     }
                     if event.writable {
@@ -320,7 +322,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         exit
     }
 
-    /// Step 3: reads the connections whose budget ran out in the previous iteration.
+    /// Step 3: reads the connections whose budget ran out in the previous iteration, one budget
+    /// each (step 2 skipped their events).
     ///
     /// Not in the same iteration: between two budgets of one connection, every other ready
     /// connection is read, timers fire and queued replies are flushed, so one client sending
