@@ -11,6 +11,7 @@
 //! are static.
 
 use super::connection::{ConnId, Connection, State};
+use super::live;
 use super::metrics::Metrics;
 use super::outbound::OutboundPool;
 use crate::protocol::frame::{self, OpCode};
@@ -159,11 +160,7 @@ impl Outbox<'_> {
         limit: Limit,
         push: impl FnOnce(&mut Connection, &mut OutboundPool),
     ) -> Sent {
-        let Some(conn) = self
-            .conns
-            .get_mut(to.slot as usize)
-            .filter(|c| c.id == to && c.state() == State::Open)
-        else {
+        let Some(conn) = live(self.conns, to).filter(|c| c.state() == State::Open) else {
             return Sent::Gone;
         };
         if conn.close_requested {

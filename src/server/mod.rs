@@ -21,7 +21,7 @@
 
 mod accept;
 pub mod config;
-pub mod connection;
+mod connection;
 mod flush;
 pub mod handler;
 mod http;
