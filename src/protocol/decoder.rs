@@ -918,8 +918,8 @@ mod tests {
     /// the frames behind it are found. Also for a frame whose start was kept while Open.
     #[test]
     fn a_skipped_frame_is_counted_not_copied_at_every_split_point() {
-        let big = frame::encode(true, OpCode::Binary, &[b'z'; 70_000], KEY);
-        let header_len = big.len() - 70_000;
+        let big = frame::encode(true, OpCode::Binary, &[b'z'; 3000], KEY);
+        let header_len = big.len() - 3000;
         let mut after = frame::encode(true, OpCode::Ping, b"p", KEY);
         let close = frame::close_payload(CloseCode::NORMAL, "bye");
         frame::encode_into(&mut after, true, OpCode::Close, &close, KEY);
@@ -928,10 +928,7 @@ mod tests {
         for start_open in [false, true] {
             // Every cut of the big frame: `start_open` keeps its start while Open (our Close is
             // decided between the two reads), else our Close comes before any of it.
-            let cuts = (0..=20)
-                .chain((100..big.len()).step_by(997))
-                .chain([big.len() - 1]);
-            for cut in cuts {
+            for cut in 0..big.len() {
                 let mut reader = FrameReader::new(Role::Server, MAX);
                 if !start_open {
                     reader.await_close();
