@@ -79,98 +79,41 @@ impl<P: Poller> Poller for Hiding<P> {
 
 type TestReactor<P> = Reactor<Hiding<P>, Sink>;
 
-/// Runs `test` once on every backend, by name.
-fn on_every_poller(test: impl Fn(&str)) {
-    for poller in ["epoll", "poll", "select"] {
-        test(poller);
-    }
-}
-
-/// A reactor on 127.0.0.1:0 with the named backend.
-fn reactor_on(poller: &str, config: Config) -> Box<dyn AnyReactor> {
-    match poller {
-        "epoll" => Box::new(bind(MioPoller::new().unwrap(), config)),
-        "poll" => Box::new(bind(PollPoller::new().unwrap(), config)),
-        "select" => Box::new(bind(SelectPoller::new().unwrap(), config)),
-        other => panic!("no poller {other}"),
-    }
-}
-
-fn bind<P: Poller>(inner: P, mut config: Config) -> TestReactor<P> {
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+/// A reactor on 127.0.0.1:0 over `backend`, hiding nothing yet.
+fn bind<P: Poller>(backend: P, config: Config) -> TestReactor<P> {
+    let config = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..config
+    };
     let poller = Hiding {
-        inner,
+        inner: backend,
         hidden: None,
     };
     Reactor::bind(poller, Sink, config).unwrap()
 }
 
-/// What the tests need of a reactor, whatever its backend (one test body for all three).
-trait AnyReactor {
-    fn reactor_turn(&mut self);
-    fn addr(&self) -> SocketAddr;
-    fn set_listener_recv_buffer(&mut self, bytes: usize);
-    fn hide(&mut self, id: Option<ConnId>);
-    fn bytes_in(&self) -> u64;
-    fn half_open_drops(&self) -> u64;
-    fn pings_sent(&self) -> u64;
-    /// The one connection in the slab, if any.
-    fn only_conn(&mut self) -> Option<&mut Connection>;
-    fn conn(&mut self, id: ConnId) -> Option<&mut Connection>;
-}
-
-impl<P: Poller> AnyReactor for TestReactor<P> {
-    fn reactor_turn(&mut self) {
-        assert_eq!(self.turn().unwrap(), None);
-    }
-    fn addr(&self) -> SocketAddr {
-        self.local_addr()
-    }
-    fn set_listener_recv_buffer(&mut self, bytes: usize) {
-        // Accepted sockets inherit it, and their receive window is sized from it.
-        let listener = self.listener.as_ref().unwrap();
-        socket2::SockRef::from(listener)
-            .set_recv_buffer_size(bytes)
-            .unwrap();
-    }
-    fn hide(&mut self, id: Option<ConnId>) {
-        self.poller.hidden = id.map(|id| Token(id.token()));
-    }
-    fn bytes_in(&self) -> u64 {
-        self.metrics.bytes_in
-    }
-    fn half_open_drops(&self) -> u64 {
-        self.metrics.half_open_drops
-    }
-    fn pings_sent(&self) -> u64 {
-        self.metrics.pings_sent
-    }
-    fn only_conn(&mut self) -> Option<&mut Connection> {
-        assert!(self.conns.len() <= 1, "more than one connection");
-        self.conns.iter_mut().next().map(|(_, c)| c)
-    }
-    fn conn(&mut self, id: ConnId) -> Option<&mut Connection> {
-        self.conn_mut(id)
-    }
+/// One iteration of the loop, which must not end it.
+fn turn<P: Poller>(r: &mut TestReactor<P>) {
+    assert_eq!(r.turn().unwrap(), None);
 }
 
 /// Turns the loop until `done` holds, failing the test after `DEADLINE`.
-fn turn_until(
-    r: &mut dyn AnyReactor,
+fn turn_until<P: Poller>(
+    r: &mut TestReactor<P>,
     what: &str,
-    mut done: impl FnMut(&mut dyn AnyReactor) -> bool,
+    mut done: impl FnMut(&mut TestReactor<P>) -> bool,
 ) {
     let start = Instant::now();
     while !done(r) {
         assert!(start.elapsed() < DEADLINE, "never: {what}");
-        r.reactor_turn();
+        turn(r);
     }
 }
 
 /// Connects a client, upgrades it (turning the loop until the 101 is out) and returns the
 /// client's socket, positioned after the 101 response, with the connection's id.
-fn open_client(r: &mut dyn AnyReactor) -> (StdStream, ConnId) {
-    let mut client = StdStream::connect(r.addr()).unwrap();
+fn open_client<P: Poller>(r: &mut TestReactor<P>) -> (StdStream, ConnId) {
+    let mut client = StdStream::connect(r.local_addr()).unwrap();
     client.set_read_timeout(Some(DEADLINE)).unwrap();
     client
         .write_all(
@@ -178,13 +121,13 @@ fn open_client(r: &mut dyn AnyReactor) -> (StdStream, ConnId) {
               Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         )
         .unwrap();
-    let mut id = None;
     turn_until(r, "the connection opens and its 101 is flushed", |r| {
-        let conn = r.only_conn();
-        id = conn.map(|c| c.id);
-        r.only_conn()
-            .is_some_and(|c| c.state() == connection::State::Open && c.outbound.is_empty())
+        r.conns
+            .iter()
+            .any(|(_, c)| c.state() == connection::State::Open && c.outbound.is_empty())
     });
+    assert_eq!(r.conns.len(), 1);
+    let id = r.conns.iter().map(|(_, c)| c.id).next().unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -192,7 +135,7 @@ fn open_client(r: &mut dyn AnyReactor) -> (StdStream, ConnId) {
         head.push(byte[0]);
     }
     assert!(head.starts_with(b"HTTP/1.1 101"));
-    (client, id.unwrap())
+    (client, id)
 }
 
 /// Reads one unmasked server frame: (first byte, payload). Short payloads only.
@@ -210,58 +153,57 @@ fn read_frame(client: &mut StdStream) -> (u8, Vec<u8>) {
 /// bytes its last budget left unread).
 #[test]
 fn no_connection_is_read_for_more_than_one_budget_per_iteration() {
-    on_every_poller(|poller| {
-        let mut r = reactor_on(poller, Config::default());
-        // Room for several budgets in the server's receive queue, so that a second read in one
-        // iteration would find bytes (the default queue holds less than one budget).
-        r.set_listener_recv_buffer(4 << 20);
-        let (mut client, id) = open_client(&mut *r);
-        let before = r.bytes_in();
-
-        let message = frame::encode(true, OpCode::Binary, &vec![7u8; 900 * 1024], MASK);
-        client.write_all(&message).unwrap();
-        // Wait until the server's queue holds the whole message (observed with a peek, which
-        // consumes nothing): then every read fills the receive buffer, and an iteration that
-        // reads one budget reads exactly `READ_BUDGET_BYTES`.
-        let mut peek = vec![0u8; message.len()];
-        wait_until_queued(&mut *r, id, &mut peek);
-
-        let mut most = 0;
-        let mut turns = 0;
-        while r.bytes_in() - before < message.len() as u64 {
-            let start = r.bytes_in();
-            r.reactor_turn();
-            most = most.max(r.bytes_in() - start);
-            turns += 1;
-            assert!(turns < 1000, "{poller}: the message was never read whole");
-        }
-        assert_eq!(
-            most, READ_BUDGET_BYTES as u64,
-            "{poller}: most bytes read from the connection in one iteration"
-        );
-        assert!(
-            r.conn(id).is_some(),
-            "{poller}: the connection is still open"
-        );
-    });
+    one_budget_per_iteration(MioPoller::new().unwrap());
+    one_budget_per_iteration(PollPoller::new().unwrap());
+    one_budget_per_iteration(SelectPoller::new().unwrap());
 }
 
-/// Waits (bounded) until the server side of `id` has `peek.len()` bytes queued, without
-/// turning the loop (nothing is read meanwhile).
-fn wait_until_queued(r: &mut dyn AnyReactor, id: ConnId, peek: &mut [u8]) {
+fn one_budget_per_iteration<P: Poller>(backend: P) {
+    let mut r = bind(backend, Config::default());
+    let poller = r.poller_name();
+    // Room for several budgets in the server's receive queue, so that a second read in one
+    // iteration would find bytes (the default queue holds less than one budget). Accepted
+    // sockets inherit it from the listener, and their receive window is sized from it.
+    let listener = r.listener.as_ref().unwrap();
+    socket2::SockRef::from(listener)
+        .set_recv_buffer_size(4 << 20)
+        .unwrap();
+    let (mut client, id) = open_client(&mut r);
+    let before = r.metrics.bytes_in;
+
+    let message = frame::encode(true, OpCode::Binary, &vec![7u8; 900 * 1024], MASK);
+    client.write_all(&message).unwrap();
+    // Wait (bounded, without turning the loop) until the server's queue holds the whole
+    // message, seen with a peek, which consumes nothing: then every read fills the receive
+    // buffer, and an iteration that reads one budget reads exactly `READ_BUDGET_BYTES`.
+    let mut peek = vec![0u8; message.len()];
     let start = Instant::now();
     loop {
-        let conn = r.conn(id).unwrap();
-        let queued = conn.stream.peek(peek).unwrap_or(0);
-        if queued == peek.len() {
-            return;
+        let queued = r.conn_mut(id).unwrap().stream.peek(&mut peek).unwrap_or(0);
+        if queued == message.len() {
+            break;
         }
         assert!(
             start.elapsed() < DEADLINE,
-            "only {queued} bytes ever queued at the server"
+            "{poller}: only {queued} bytes queued"
         );
         std::thread::yield_now();
     }
+
+    let mut most = 0;
+    let mut turns = 0;
+    while r.metrics.bytes_in - before < message.len() as u64 {
+        let start = r.metrics.bytes_in;
+        turn(&mut r);
+        most = most.max(r.metrics.bytes_in - start);
+        turns += 1;
+        assert!(turns < 1000, "{poller}: the message was never read whole");
+    }
+    assert_eq!(
+        most, READ_BUDGET_BYTES as u64,
+        "{poller}: most bytes read from the connection in one iteration"
+    );
+    assert!(r.conn_mut(id).is_some(), "{poller}: the connection is open");
 }
 
 /// SPEC §5: when the Pong deadline fires, a Pong that is waiting unread (the wait did not report
@@ -269,49 +211,56 @@ fn wait_until_queued(r: &mut dyn AnyReactor, id: ConnId, peek: &mut [u8]) {
 /// connection that sent nothing is still dropped as half-open.
 #[test]
 fn the_pong_deadline_reads_the_connection_before_judging_it() {
-    on_every_poller(|poller| {
-        for answered in [true, false] {
-            let config = Config {
-                timer_tick: Duration::from_millis(5),
-                heartbeat_interval: Duration::from_millis(20),
-                heartbeat_timeout: Duration::from_millis(50),
-                ..Config::default()
-            };
-            let timeout = config.heartbeat_timeout;
-            let mut r = reactor_on(poller, config);
-            let (mut client, id) = open_client(&mut *r);
+    for answered in [true, false] {
+        pong_deadline(MioPoller::new().unwrap(), answered);
+        pong_deadline(PollPoller::new().unwrap(), answered);
+        pong_deadline(SelectPoller::new().unwrap(), answered);
+    }
+}
 
-            turn_until(&mut *r, "the heartbeat Ping is flushed", |r| {
-                r.pings_sent() == 1 && r.conn(id).is_some_and(|c| c.outbound.is_empty())
-            });
-            assert!(r.conn(id).unwrap().awaiting_pong());
-            let (b0, ping) = read_frame(&mut client);
-            assert_eq!(b0, 0x89, "the heartbeat Ping");
-            if answered {
-                client
-                    .write_all(&frame::encode(true, OpCode::Pong, &ping, MASK))
-                    .unwrap();
-            }
-            // The loop does not run past the Pong deadline (a stall, which is the condition
-            // under test, not a wait for anything), and then its wait does not report the
-            // client, only a new connection at the listener.
-            std::thread::sleep(timeout + Duration::from_millis(20));
-            r.hide(Some(id));
-            let _knock = StdStream::connect(r.addr()).unwrap();
-            r.reactor_turn();
+fn pong_deadline<P: Poller>(backend: P, answered: bool) {
+    let config = Config {
+        timer_tick: Duration::from_millis(5),
+        heartbeat_interval: Duration::from_millis(20),
+        heartbeat_timeout: Duration::from_millis(50),
+        ..Config::default()
+    };
+    let timeout = config.heartbeat_timeout;
+    let mut r = bind(backend, config);
+    let poller = r.poller_name();
+    let (mut client, id) = open_client(&mut r);
 
-            if answered {
-                assert_eq!(
-                    r.half_open_drops(),
-                    0,
-                    "{poller}: dropped although it answered"
-                );
-                let conn = r.conn(id).expect("still connected");
-                assert!(!conn.awaiting_pong(), "{poller}: the Pong was read");
-            } else {
-                assert_eq!(r.half_open_drops(), 1, "{poller}: a silent peer is dropped");
-                assert!(r.conn(id).is_none());
-            }
-        }
+    turn_until(&mut r, "the heartbeat Ping is flushed", |r| {
+        r.metrics.pings_sent == 1 && r.conn_mut(id).is_some_and(|c| c.outbound.is_empty())
     });
+    assert!(r.conn_mut(id).unwrap().awaiting_pong());
+    let (b0, ping) = read_frame(&mut client);
+    assert_eq!(b0, 0x89, "the heartbeat Ping");
+    if answered {
+        client
+            .write_all(&frame::encode(true, OpCode::Pong, &ping, MASK))
+            .unwrap();
+    }
+    // The loop does not run past the Pong deadline (a stall, which is the condition under
+    // test, not a wait for anything), and then its wait does not report the client, only a new
+    // connection at the listener.
+    std::thread::sleep(timeout + Duration::from_millis(20));
+    r.poller.hidden = Some(Token(id.token()));
+    let _knock = StdStream::connect(r.local_addr()).unwrap();
+    turn(&mut r);
+
+    if answered {
+        assert_eq!(
+            r.metrics.half_open_drops, 0,
+            "{poller}: dropped, yet it answered"
+        );
+        let conn = r.conn_mut(id).expect("still connected");
+        assert!(!conn.awaiting_pong(), "{poller}: the Pong was read");
+    } else {
+        assert_eq!(
+            r.metrics.half_open_drops, 1,
+            "{poller}: a silent peer is dropped"
+        );
+        assert!(r.conn_mut(id).is_none());
+    }
 }
