@@ -1,7 +1,8 @@
 //! The hub: who is connected as whom, in which rooms, and where every message goes.
 //!
-//! Owns: routing of requests to the demo page's files (served by `demo`) and admission of
-//! WebSocket requests (paths, Origin, identity, `?since=`, subprotocol),
+//! Owns: routing every request path (`route`: the WebSocket endpoints, the demo page's files
+//! served by `demo`, and the reactor's own endpoints, which the reactor renders), admission of
+//! WebSocket requests (Origin, identity, `?since=`, subprotocol) with a `Refusal` that says why,
 //! raw rooms (`/r/<room>`), the `/ws` envelope commands (send, publish, join, leave), presence,
 //! acks, msg_id and timestamp stamping, the offline queue and recovery (through `Mailboxes`),
 //! duplicate suppression (`Dedup`), the rate limit, and the hub's metrics.
@@ -28,9 +29,9 @@ use super::metrics::{HubGauges, HubMetrics};
 use super::ratelimit::{RateLimit, TokenBucket};
 use super::rooms::Rooms;
 use crate::protocol::frame::{self, OpCode};
-use crate::protocol::handshake::{self, HandshakeError, Request};
-use crate::protocol::CloseCode;
-use crate::server::{ConnId, Outbox, Route, Sent};
+use crate::protocol::handshake::Request;
+use crate::protocol::{CloseCode, Refusal};
+use crate::server::{ConnId, Outbox, Route, Sent, ServerEndpoint};
 use log::debug;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -101,6 +102,17 @@ enum Endpoint {
     Raw(Rc<str>),
     /// `/ws`: the envelope protocol.
     Envelope(Peer),
+}
+
+/// A WebSocket endpoint a request asks for, before it is admitted (`Hub::admit`).
+#[derive(Clone, Copy, Debug)]
+enum WebSocketPath<'a> {
+    /// `/echo`.
+    Echo,
+    /// `/ws`.
+    Envelope,
+    /// `/r/` and what follows it: a room name, if it is a valid one.
+    Raw(&'a str),
 }
 
 /// Who a `/ws` connection is.
@@ -180,33 +192,33 @@ impl Hub {
 
     // ----- admission -----------------------------------------------------------------------
 
-    /// Decides what a request becomes: an upgrade to one of the endpoints, or an HTTP answer
-    /// that says why not.
+    /// Decides what a request becomes (SPEC §3, §6). This is the server's one table of paths:
+    /// the reactor's own endpoints are here too (it renders them, since it holds their
+    /// figures), so every path is found, and refused with the same rules, in one place.
     pub fn route(&mut self, request: &Request) -> Route<Session> {
         self.sweep();
+        // Every resource of this server is read with GET; a WebSocket upgrade is a GET too
+        // (RFC 6455 §4.1).
         if request.method != "GET" {
-            let e = HandshakeError::MethodNotAllowed;
-            return Route::Respond(e.status(), e.response());
+            return Route::Refuse(Refusal::MethodNotAllowed);
         }
         let path = request.path.as_str();
-        if let Some(page) = demo::response(path) {
-            return Route::Respond(200, page);
-        }
-        let is_endpoint = path == "/echo" || path == "/ws" || path.starts_with("/r/");
-        if !is_endpoint {
-            let e = HandshakeError::NotFound;
-            return Route::Respond(e.status(), e.response());
-        }
-        if !auth::origin_allowed(&self.allow_origins, request.header("origin")) {
-            self.metrics.origin_rejections += 1;
-            return refuse(403, "Origin not allowed (see --allow-origin)");
-        }
-        let admitted = match path {
-            "/echo" => Ok((Endpoint::Echo, None)),
-            "/ws" => self.admit_envelope(request),
-            _ => self.admit_raw(&path[3..], request),
+        let wanted = match path {
+            "/healthz" => return Route::Server(ServerEndpoint::Health),
+            "/stats.json" => return Route::Server(ServerEndpoint::Stats),
+            "/metrics" => return Route::Server(ServerEndpoint::Metrics),
+            "/echo" => WebSocketPath::Echo,
+            "/ws" => WebSocketPath::Envelope,
+            _ => match path.strip_prefix("/r/") {
+                Some(room) => WebSocketPath::Raw(room),
+                // The demo page's files (`/`, `/demo.css`, `/demo.js`), or nothing.
+                None => {
+                    return demo::response(path)
+                        .map_or(Route::Refuse(Refusal::NotFound), Route::Resource)
+                }
+            },
         };
-        match admitted {
+        match self.admit(wanted, request) {
             Ok((endpoint, protocol)) => Route::Upgrade {
                 session: Session {
                     endpoint,
@@ -216,7 +228,27 @@ impl Hub {
                 },
                 protocol,
             },
-            Err(route) => route,
+            Err(refusal) => Route::Refuse(refusal),
+        }
+    }
+
+    /// Admits a request to a WebSocket endpoint: an allowed Origin first (SPEC §6), then what
+    /// the endpoint itself asks of the request.
+    fn admit(
+        &mut self,
+        wanted: WebSocketPath<'_>,
+        request: &Request,
+    ) -> Result<(Endpoint, Option<&'static str>), Refusal> {
+        if !auth::origin_allowed(&self.allow_origins, request.header("origin")) {
+            self.metrics.origin_rejections += 1;
+            return Err(Refusal::Forbidden(
+                "Origin not allowed (see --allow-origin)",
+            ));
+        }
+        match wanted {
+            WebSocketPath::Echo => Ok((Endpoint::Echo, None)),
+            WebSocketPath::Envelope => self.admit_envelope(request),
+            WebSocketPath::Raw(room) => self.admit_raw(room, request),
         }
     }
 
@@ -225,18 +257,14 @@ impl Hub {
         &mut self,
         name: &str,
         request: &Request,
-    ) -> Result<(Endpoint, Option<&'static str>), Route<Session>> {
+    ) -> Result<(Endpoint, Option<&'static str>), Refusal> {
         if name.contains('/') {
-            let e = HandshakeError::NotFound;
-            return Err(Route::Respond(e.status(), e.response()));
+            return Err(Refusal::NotFound);
         }
-        if let Err(e) = envelope::validate_room(name) {
-            return Err(refuse(400, e.message().as_ref()));
-        }
-        if self.jwt.is_some() {
-            let grant = self.authenticate(request)?;
+        envelope::validate_room(name).map_err(|e| Refusal::InvalidTarget(e.message()))?;
+        if let Some(grant) = self.authenticate(request)? {
             if !grant.allows(name) {
-                return Err(refuse(403, "this room is not allowed by your token"));
+                return Err(Refusal::Forbidden("this room is not allowed by your token"));
             }
         }
         Ok((Endpoint::Raw(Rc::from(name)), None))
@@ -246,24 +274,27 @@ impl Hub {
     fn admit_envelope(
         &mut self,
         request: &Request,
-    ) -> Result<(Endpoint, Option<&'static str>), Route<Session>> {
-        let (id, rooms) = if self.jwt.is_some() {
-            let grant = self.authenticate(request)?;
-            (grant.id, grant.rooms)
-        } else {
-            let Some(id) = request.query_param("id") else {
-                return Err(refuse(400, "?id=<your id> is required"));
-            };
-            if let Err(e) = envelope::validate_id(&id) {
-                return Err(refuse(400, e.message().as_ref()));
+    ) -> Result<(Endpoint, Option<&'static str>), Refusal> {
+        let (id, rooms) = match self.authenticate(request)? {
+            Some(grant) => (grant.id, grant.rooms),
+            // Without --jwt-secret the id is claimed, not proven (docs/protocol.md, "Access").
+            None => {
+                let Some(id) = request.query_param("id") else {
+                    return Err(Refusal::InvalidTarget("?id=<your id> is required".into()));
+                };
+                envelope::validate_id(&id).map_err(|e| Refusal::InvalidTarget(e.message()))?;
+                (id, None)
             }
-            (id, None)
         };
         let since = match request.query_param("since") {
             None => None,
             Some(text) => match MsgId::parse(&text) {
                 Some(since) => Some(since),
-                None => return Err(refuse(400, "?since= must be a msg_id (decimal digits)")),
+                None => {
+                    return Err(Refusal::InvalidTarget(
+                        "?since= must be a msg_id (decimal digits)".into(),
+                    ))
+                }
             },
         };
         // RFC 6455 §4.2.2 item 5.4: confirm one of the client's offers, or none. Subprotocol
@@ -280,29 +311,20 @@ impl Hub {
         Ok((Endpoint::Envelope(peer), offered.then_some(SUBPROTOCOL)))
     }
 
-    /// Verifies the request's token; a refusal is a 401 that says why.
-    fn authenticate(&mut self, request: &Request) -> Result<Grant, Route<Session>> {
+    /// With `--jwt-secret`, the grant of the request's token; without it, `None` (ids are
+    /// trusted). A missing or refused token is a 401 naming why, counted by reason.
+    fn authenticate(&mut self, request: &Request) -> Result<Option<Grant>, Refusal> {
         let Some(jwt) = &self.jwt else {
-            return Err(refuse(401, "authentication is not configured"));
+            return Ok(None);
         };
-        let result = match auth::token_of(request) {
+        let verified = match auth::token_of(request) {
             None => Err(AuthError::Missing),
             Some(token) => jwt.verify(&token, self.clock.unix_ms()),
         };
-        result.map_err(|e| {
+        verified.map(Some).map_err(|e| {
             HubMetrics::bump(&mut self.metrics.auth_failures, e.label());
             debug!("401 for {}: {}", request.path, e.label());
-            let body = format!("a valid token is required ({})\n", e.label());
-            Route::Respond(
-                401,
-                handshake::http_response(
-                    401,
-                    "text/plain; charset=utf-8",
-                    // RFC 6750 §3: the challenge of a bearer-token resource.
-                    &[("WWW-Authenticate", "Bearer")],
-                    body.as_bytes(),
-                ),
-            )
+            Refusal::Unauthorized(e.label())
         })
     }
 
@@ -792,13 +814,4 @@ impl Hub {
         };
         self.metrics.render(&gauges, out);
     }
-}
-
-/// A refusal before the upgrade, with the reason in the body (SPEC §3).
-fn refuse(status: u16, reason: &str) -> Route<Session> {
-    let body = format!("{reason}\n");
-    Route::Respond(
-        status,
-        handshake::http_response(status, "text/plain; charset=utf-8", &[], body.as_bytes()),
-    )
 }

@@ -3,17 +3,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use super::envelope::EnvelopeError;
 use super::*;
 use crate::protocol::frame::{self, Role};
 use crate::protocol::handshake::parse_request;
-use crate::protocol::CloseCode;
-use crate::server::Sent;
+use crate::protocol::{CloseCode, Refusal};
+use crate::server::{Sent, ServerEndpoint};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
 const START_MS: u64 = 1_700_000_000_000;
+
+/// The body of a complete HTTP response.
+fn body_of(response: &[u8]) -> String {
+    let text = String::from_utf8_lossy(response);
+    text.split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string())
+}
 
 /// One queued frame: (recipient, opcode, payload, the shared frame if it was shared).
 type Queued = (ConnId, OpCode, Vec<u8>, Option<Rc<[u8]>>);
@@ -95,11 +103,9 @@ impl Harness {
         let raw = format!("GET {target} HTTP/1.1\r\nHost: test\r\n{headers}\r\n");
         let (request, _) = parse_request(raw.as_bytes()).unwrap().unwrap();
         match self.hub.route(&request) {
-            Route::Respond(status, response) => {
-                let text = String::from_utf8_lossy(&response).into_owned();
-                let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-                Err((status, body))
-            }
+            Route::Refuse(refusal) => Err((refusal.status(), body_of(&refusal.response()))),
+            Route::Resource(response) => Err((200, body_of(&response))),
+            Route::Server(endpoint) => Err((200, format!("the reactor's {endpoint:?}"))),
             Route::Upgrade {
                 mut session,
                 protocol,
@@ -779,6 +785,10 @@ fn admission_table() {
         ("/ws?id=alice&since=-1", "", 400, "since"),
         ("/", "", 200, "<script src=\"/demo.js\""),
         ("/demo.js", "", 200, "wsrelay.v1"),
+        ("/healthz", "", 200, "the reactor's Health"),
+        ("/stats.json", "", 200, "the reactor's Stats"),
+        ("/metrics?x=1", "", 200, "the reactor's Metrics"),
+        ("/healthz/", "", 404, ""),
     ];
     for (target, headers, status, fragment) in cases {
         match h.request(target, headers) {
@@ -791,6 +801,81 @@ fn admission_table() {
     }
     let too_long = format!("/ws?id={}", "x".repeat(129));
     assert_eq!(h.request(&too_long, "").unwrap_err().0, 400);
+}
+
+/// The hub's router is the server's one table of paths: the reactor's own endpoints are routed
+/// here too, and the same method rule applies to every path.
+#[test]
+fn every_path_is_routed_here() {
+    let mut h = Harness::new(AppConfig {
+        allow_origins: vec!["https://chat.example".into()],
+        ..AppConfig::default()
+    });
+    let mut route = |head: &str| {
+        let raw = format!("{head}\r\nHost: test\r\n\r\n");
+        let (request, _) = parse_request(raw.as_bytes()).unwrap().unwrap();
+        h.hub.route(&request)
+    };
+    let refused = |route: Route<Session>| match route {
+        Route::Refuse(refusal) => Some(refusal),
+        _ => None,
+    };
+    let served = |route: Route<Session>| match route {
+        Route::Server(endpoint) => Some(endpoint),
+        _ => None,
+    };
+    assert_eq!(
+        served(route("GET /healthz HTTP/1.1")),
+        Some(ServerEndpoint::Health)
+    );
+    assert_eq!(
+        served(route("GET /stats.json HTTP/1.0")),
+        Some(ServerEndpoint::Stats)
+    );
+    assert_eq!(
+        served(route("GET /metrics HTTP/1.1")),
+        Some(ServerEndpoint::Metrics)
+    );
+    for head in [
+        "POST /healthz HTTP/1.1",
+        "HEAD /metrics HTTP/1.1",
+        "PUT /echo HTTP/1.1",
+        "DELETE / HTTP/1.1",
+        "OPTIONS /nope HTTP/1.1",
+        "get /healthz HTTP/1.1",
+    ] {
+        assert_eq!(
+            refused(route(head)),
+            Some(Refusal::MethodNotAllowed),
+            "{head}"
+        );
+    }
+    assert!(matches!(
+        route("GET /demo.css HTTP/1.1"),
+        Route::Resource(_)
+    ));
+    for (head, refusal) in [
+        ("GET /nope HTTP/1.1", Refusal::NotFound),
+        ("GET /r/a/b HTTP/1.1", Refusal::NotFound),
+        (
+            "GET /ws HTTP/1.1",
+            Refusal::InvalidTarget("?id=<your id> is required".into()),
+        ),
+        (
+            "GET /ws?id=a&since=x HTTP/1.1",
+            Refusal::InvalidTarget("?since= must be a msg_id (decimal digits)".into()),
+        ),
+        (
+            "GET /r/a%20b HTTP/1.1",
+            Refusal::InvalidTarget(EnvelopeError::InvalidRoom.message()),
+        ),
+        (
+            "GET /echo HTTP/1.1\r\nOrigin: https://evil.example",
+            Refusal::Forbidden("Origin not allowed (see --allow-origin)"),
+        ),
+    ] {
+        assert_eq!(refused(route(head)), Some(refusal), "{head}");
+    }
 }
 
 #[test]

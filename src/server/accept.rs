@@ -9,7 +9,7 @@ use super::connection::{ConnId, Connection, Deadline};
 use super::metrics::Metrics;
 use super::{Handler, Reactor, TimerEvent, LISTENER};
 use crate::poller::{Interest, Poller, Token};
-use crate::protocol::handshake::HandshakeError;
+use crate::protocol::Refusal;
 use log::{trace, warn};
 use mio::net::TcpStream;
 use std::io;
@@ -159,8 +159,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             // keep the slot of a departed one occupied.
             Metrics::bump(&mut self.metrics.rejected, "max_connections");
             self.rejecting += 1;
-            let e = HandshakeError::ServiceUnavailable;
-            self.answer(id, e.status(), e.response(), true);
+            let refusal = Refusal::ServiceUnavailable;
+            self.answer(id, refusal.status(), refusal.response(), true);
             return;
         }
         // Data may already be waiting; edge-triggered backends only report new arrivals.

@@ -34,7 +34,7 @@ mod websocket;
 
 pub use config::Config;
 pub use connection::ConnId;
-pub use handler::{Handler, Outbox, Route, Sent, SlowConsumer};
+pub use handler::{Handler, Outbox, Route, Sent, ServerEndpoint, SlowConsumer};
 
 use crate::poller::{Event, Interest, Poller, Token};
 use crate::protocol::CloseCode;
