@@ -190,7 +190,7 @@ impl Hub {
         self.jwt.is_some()
     }
 
-    // ----- admission -----------------------------------------------------------------------
+    // ----- routing and admission -----------------------------------------------------------
 
     /// Decides what a request becomes (SPEC §3, §6). This is the server's one table of paths:
     /// the reactor's own endpoints are here too (it renders them, since it holds their
@@ -213,8 +213,10 @@ impl Hub {
                 Some(room) => WebSocketPath::Raw(room),
                 // The demo page's files (`/`, `/demo.css`, `/demo.js`), or nothing.
                 None => {
-                    return demo::response(path)
-                        .map_or(Route::Refuse(Refusal::NotFound), Route::Resource)
+                    return match demo::response(path) {
+                        Some(page) => Route::Resource(page),
+                        None => Route::Refuse(Refusal::NotFound),
+                    }
                 }
             },
         };
