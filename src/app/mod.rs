@@ -2,11 +2,12 @@
 //!
 //! Owns: `App`, the `Handler` the server runs, which hands every callback to the `Hub` with the
 //! reactor's `Outbox` as its `Transport`; the hub's parts, one concept per file:
-//! * `hub.rs`: admission, raw rooms, the envelope commands, presence, acks, offline delivery;
+//! * `hub.rs`: admission, raw rooms, the envelope commands, presence, acks, offline delivery
+//!   and recovery through the engine (`crate::engine`, where every id's inbox lives);
 //! * `envelope.rs`: the JSON wire format of `/ws` and its error codes;
 //! * `rooms.rs`: room membership with O(1) join and leave;
-//! * `mailbox.rs`: retained direct messages (offline queue, recovery) and their bounds;
-//! * `dedup.rs`: duplicate suppression by client message id, within `--dedup-max-bytes`;
+//! * `dedup.rs`: duplicate suppression by client message id, within `--dedup-max-bytes` (the
+//!   engine keeps the windows, and the file engine makes them survive a restart);
 //! * `demo/`: the demo page served at `/` (SPEC §8);
 //! * `auth.rs`: JWT, token sources, the Origin allow-list;
 //! * `ratelimit.rs`: the per-connection token bucket;
@@ -23,7 +24,6 @@ pub mod dedup;
 pub mod demo;
 pub mod envelope;
 pub mod hub;
-pub mod mailbox;
 pub mod metrics;
 pub mod ratelimit;
 pub mod rooms;

@@ -191,9 +191,14 @@ fn direct_messages_both_ways_with_acks() {
     let mut h = Harness::plain();
     let a = h.connect("/ws?id=alice");
     let b = h.connect("/ws?id=bob");
+    let mut inbox = h.inbox(a);
+    let epoch = inbox[0]["epoch"].take();
+    assert!(epoch.as_str().is_some_and(|e| e.len() == 16), "{epoch}");
     assert_eq!(
-        h.inbox(a),
-        vec![json!({"type": "welcome", "id": "alice", "last_msg_id": null})]
+        inbox,
+        vec![
+            json!({"type": "welcome", "id": "alice", "last_msg_id": null, "epoch": null, "recovered": true})
+        ]
     );
     h.inbox(b);
 
@@ -265,10 +270,11 @@ fn offline_messages_arrive_in_order_before_live_ones() {
 
     let b = h.connect("/ws?id=bob");
     h.say(a, send("bob", json!("live"), "c10"));
-    let inbox = h.inbox(b);
+    let mut inbox = h.inbox(b);
+    inbox[0]["epoch"].take();
     assert_eq!(
         inbox[0],
-        json!({"type": "welcome", "id": "bob", "last_msg_id": last})
+        json!({"type": "welcome", "id": "bob", "last_msg_id": last, "epoch": null, "recovered": true})
     );
     let payloads: Vec<Value> = messages(&inbox).into_iter().map(|(_, p)| p).collect();
     let mut expected: Vec<Value> = (0..10).map(|i| json!(i)).collect();

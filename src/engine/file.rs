@@ -708,6 +708,14 @@ impl Engine for FileEngine {
         self.send(None, Work::Quiet, bytes);
     }
 
+    fn acked(&mut self, sender: &str, client_id: &str, position: Position, status: AckStatus) {
+        self.mem.remember(sender, Some(client_id), position, status);
+    }
+
+    fn stats(&self, now_ms: u64) -> super::Stats {
+        self.mem.index_stats(now_ms)
+    }
+
     fn online(&mut self, sender: &str) {
         self.mem.dedup.active(sender);
     }

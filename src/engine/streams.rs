@@ -84,6 +84,15 @@ pub struct Gone {
     pub cost: usize,
 }
 
+/// Messages past their expiry that `expire` has not removed yet (an idle server sweeps late;
+/// /metrics counts them as gone already).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expiring {
+    pub pending: u64,
+    pub messages: usize,
+    pub bytes: usize,
+}
+
 /// What the bounds removed so far, for /metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Removed {
@@ -151,6 +160,28 @@ impl Streams {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// What `expire(now_ms)` would remove (see `Expiring`): walks the oldest messages only.
+    pub fn expiring(&self, now_ms: u64) -> Expiring {
+        let mut out = Expiring::default();
+        for (&position, stream) in &self.order {
+            let Some(e) = self.streams.get(stream).and_then(|s| {
+                s.entries
+                    .binary_search_by_key(&position, |e| e.position)
+                    .ok()
+                    .and_then(|at| s.entries.get(at))
+            }) else {
+                break;
+            };
+            if e.expires_ms > now_ms {
+                break;
+            }
+            out.messages += 1;
+            out.bytes += e.cost();
+            out.pending += u64::from(e.pending);
+        }
+        out
     }
 
     /// Keeps a new message (pending: no connection has it yet) at `position`, which must be
