@@ -33,9 +33,10 @@ mod tests;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::AppConfig;
-pub use hub::{Hub, Session, Transport};
+pub use hub::{dedup, limits, Hub, Session, Transport};
 pub use ratelimit::RateLimit;
 
+use crate::engine::Engine;
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Request;
 use crate::server::{ConnId, Handler, Outbox, Route};
@@ -55,6 +56,14 @@ impl App {
     pub fn with_clock(config: AppConfig, clock: Box<dyn Clock>) -> App {
         App {
             hub: Hub::new(config, clock),
+        }
+    }
+
+    /// The application on the system clock and a given engine (`--data-dir`: the file
+    /// engine, whose storage thread wakes the reactor, which then calls `on_wake`).
+    pub fn with_engine(config: AppConfig, engine: Box<dyn Engine>) -> App {
+        App {
+            hub: Hub::with_engine(config, Box::new(SystemClock), engine),
         }
     }
 
@@ -94,6 +103,10 @@ impl Handler for App {
 
     fn on_close(&mut self, conn: ConnId, session: Session, out: &mut Outbox<'_>) {
         self.hub.close(conn, session, out);
+    }
+
+    fn on_wake(&mut self, out: &mut Outbox<'_>) {
+        self.hub.wake(out);
     }
 
     fn render_metrics(&self, out: &mut String) {

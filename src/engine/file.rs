@@ -143,8 +143,6 @@ enum Work {
     },
     Publish {
         position: Position,
-        sender: Rc<str>,
-        client_id: Option<Rc<str>>,
     },
     Duplicate {
         sender: Rc<str>,
@@ -179,6 +177,8 @@ struct Stats {
     /// Delivery and trim records lost to a failed write (they only cost a re-delivery, or a
     /// message coming back after a restart until its TTL).
     lost_records: u64,
+    /// Room messages delivered although their record could not be written.
+    unlogged_publishes: u64,
     compactions: u64,
     reclaimed_bytes: u64,
     disk_bytes: u64,
@@ -333,6 +333,7 @@ impl FileEngine {
                 failing: false,
                 state_changes: 0,
                 lost_records: 0,
+                unlogged_publishes: 0,
                 compactions: 0,
                 reclaimed_bytes: 0,
                 disk_bytes,
@@ -514,20 +515,17 @@ impl FileEngine {
                     Outcome::Rejected(Refusal::Store(error()))
                 }
             }
-            Work::Publish {
-                position,
-                sender,
-                client_id,
-            } => {
+            Work::Publish { position } => {
                 self.durable_through = self.durable_through.max(position);
-                if ok {
-                    Outcome::Stored { position }
-                } else {
-                    let rejected = AckStatus::Rejected;
-                    self.mem
-                        .remember(&sender, client_id.as_deref(), position, rejected);
-                    Outcome::Rejected(Refusal::Store(error()))
+                if !ok {
+                    // A room message is not retained: the record only carries the position's
+                    // high-water mark and the client id. Rejecting the message for that would
+                    // stop live room traffic whenever the disk fails, for no promise kept: the
+                    // next start still resumes above the Unix time in µs-ish, so the position
+                    // is not handed out again unless the clock also went back. Counted.
+                    self.stats.unlogged_publishes += 1;
                 }
+                Outcome::Stored { position }
             }
             Work::Duplicate { sender, client_id } => self.mem.duplicate(&sender, &client_id),
             Work::Recover { stream, since } => {
@@ -666,11 +664,7 @@ impl Engine for FileEngine {
                     expires_ms: now.unix_ms.saturating_add(self.mem.streams.limits().ttl_ms),
                 }
                 .encode(&mut bytes);
-                let work = Work::Publish {
-                    position,
-                    sender: publish.sender,
-                    client_id: publish.client_id,
-                };
+                let work = Work::Publish { position };
                 self.send(Some(ticket), work, bytes);
             }
             Admit::Duplicate { sender, client_id } => {
@@ -776,6 +770,11 @@ impl Engine for FileEngine {
             "wsrelay_engine_lost_records_total",
             "Delivery and trim records lost to failed writes.",
             s.lost_records,
+        );
+        w.counter(
+            "wsrelay_engine_unlogged_publishes_total",
+            "Room messages delivered although their record could not be written (writes failing).",
+            s.unlogged_publishes,
         );
         w.counter(
             "wsrelay_engine_batches_total",

@@ -28,6 +28,7 @@ pub use config::Config;
 pub use connection::ConnId;
 pub use handler::{Handler, Outbox, Route, Sent, SlowConsumer};
 
+use crate::poller::waker::WakeReceiver;
 use crate::poller::{Event, Interest, Poller, Token};
 use crate::protocol::frame::{self, OpCode, Role};
 use crate::protocol::handshake::{self, HandshakeError};
@@ -60,6 +61,7 @@ const TIMER_SLOTS: usize = 512;
 /// Tokens outside the range of `ConnId::token` (no slab slot reaches u32::MAX - 2).
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
 
 /// How long the listener stays paused after accept failed for lack of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -129,6 +131,9 @@ pub struct Reactor<P: Poller, H: Handler> {
     /// SIGINT/SIGTERM arrive as bytes on this socket (see `signals.rs`), which every poller can
     /// watch like any other descriptor.
     signals: Option<signals::SignalPipe>,
+    /// Another thread (the file engine's storage thread) makes this readable when it has
+    /// answers for the app (`poller/waker.rs`).
+    waker: Option<WakeReceiver>,
     /// Set once shutdown has begun: no more accepting; the loop ends when the slab is empty.
     shutting_down: bool,
     /// When the last "out of descriptors" warning was logged (they are rate-limited).
@@ -186,6 +191,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             timers: TimerWheel::new(config.timer_tick, TIMER_SLOTS, now),
             expired: Vec::new(),
             signals: None,
+            waker: None,
             shutting_down: false,
             last_accept_warning: None,
             config,
@@ -214,6 +220,37 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             .register(pipe.as_raw_fd(), SIGNALS, Interest::READABLE)?;
         self.signals = Some(pipe);
         Ok(())
+    }
+
+    /// Watches `waker`: when another thread makes it readable, the app's `on_wake` runs (SPEC
+    /// §13: an engine's answers come back through a channel and the reactor's waker).
+    ///
+    /// # Errors
+    /// The descriptor could not be registered.
+    pub fn watch_waker(&mut self, waker: WakeReceiver) -> io::Result<()> {
+        self.poller
+            .register(waker.as_raw_fd(), WAKER, Interest::READABLE)?;
+        self.waker = Some(waker);
+        Ok(())
+    }
+
+    /// The waker fired: empty it (before the app looks, see `waker.rs`), then let the app act
+    /// on what the other thread left for it, with an `Outbox` for its sends.
+    fn on_wake(&mut self) {
+        if let Some(waker) = self.waker.as_mut() {
+            waker.drain();
+        }
+        let mut out = Outbox {
+            conns: &mut self.conns,
+            metrics: &mut self.metrics,
+            dirty: &mut self.dirty,
+            closes: &mut self.close_requests,
+            pool: &mut self.outbound_pool,
+            max_outbound: self.config.max_outbound,
+            policy: self.config.slow_consumer,
+        };
+        self.handler.on_wake(&mut out);
+        self.apply_close_requests();
     }
 
     /// Runs the loop until shutdown.
@@ -252,6 +289,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             match event.token {
                 LISTENER => self.accept_all(),
                 SIGNALS => exit = exit.or(self.on_signal()),
+                WAKER => self.on_wake(),
                 token => {
                     let id = ConnId::from_token(token.0);
                     if event.readable {
