@@ -29,7 +29,7 @@
 //! proportional to what is retained (docs/operations.md gives the measured figure).
 
 use super::histogram::Histogram;
-use super::journal::{self, Record, MAGIC};
+use super::journal::{self, AppendRef, Record, MAGIC};
 use super::memory::{Admit, MemoryEngine};
 use super::storage::{Done, Marks, Op, Storage};
 pub use super::storage::{FsyncPolicy, StoreFault};
@@ -132,6 +132,8 @@ struct Waiting {
     work: Work,
     /// An op went to the storage thread for it (else it completes when it reaches the front).
     sent: bool,
+    /// Delivery and trim records that went to the disk in the same op (see `quiet`).
+    carried: u64,
 }
 
 enum Work {
@@ -197,6 +199,11 @@ pub struct FileEngine {
     done: Receiver<Done>,
     thread: Option<JoinHandle<()>>,
     queue: VecDeque<Waiting>,
+    /// Encoded records nobody waits for (deliveries, trims), and how many: they go to the disk
+    /// at the front of the next op, or as one op at the end of `poll`, rather than one op each
+    /// (under load that was three channel sends and queue entries per message, not one).
+    quiet: Vec<u8>,
+    quiet_records: u64,
     /// Every position up to here is stored or was rejected: what `recover` may replay.
     durable_through: Position,
     usage: BTreeMap<u64, Usage>,
@@ -321,6 +328,8 @@ impl FileEngine {
             done: done_rx,
             thread: Some(thread),
             queue: VecDeque::new(),
+            quiet: Vec::new(),
+            quiet_records: 0,
             durable_through: high_water,
             usage,
             head,
@@ -376,8 +385,23 @@ impl FileEngine {
         }
     }
 
-    /// Sends encoded records to the storage thread, as one op.
-    fn send(&mut self, ticket: Option<Ticket>, work: Work, bytes: Vec<u8>) {
+    /// A buffer for the records of the next op, starting with the quiet records waiting (which
+    /// go with it), and how many those are.
+    fn buffer(&mut self) -> (Vec<u8>, u64) {
+        let carried = std::mem::take(&mut self.quiet_records);
+        (std::mem::take(&mut self.quiet), carried)
+    }
+
+    /// Sends the quiet records waiting, if any, as one op of their own.
+    fn flush_quiet(&mut self) {
+        if self.quiet_records > 0 {
+            let (bytes, carried) = self.buffer();
+            self.send(None, Work::Quiet, bytes, carried);
+        }
+    }
+
+    /// Sends encoded records to the storage thread, as one op (`carried` of them quiet).
+    fn send(&mut self, ticket: Option<Ticket>, work: Work, bytes: Vec<u8>, carried: u64) {
         let marks = self.marks();
         let sent = match &self.ops {
             Some(ops) => ops.send(Op::Write { bytes, marks }).is_ok(),
@@ -387,6 +411,7 @@ impl FileEngine {
             ticket,
             work,
             sent: true,
+            carried,
         };
         if sent {
             self.queue.push_back(waiting);
@@ -404,6 +429,7 @@ impl FileEngine {
             ticket,
             work,
             sent: false,
+            carried: 0,
         };
         if self.queue.is_empty() {
             self.finish(waiting, None);
@@ -417,7 +443,6 @@ impl FileEngine {
         if gone.is_empty() {
             return;
         }
-        let mut bytes = Vec::new();
         for g in gone {
             if let Some(u) = self.usage.get_mut(&g.segment) {
                 u.live = u.live.saturating_sub(g.cost as u64);
@@ -426,9 +451,9 @@ impl FileEngine {
                 stream: g.stream.clone(),
                 through: g.position,
             }
-            .encode(&mut bytes);
+            .encode(&mut self.quiet);
+            self.quiet_records += 1;
         }
-        self.send(None, Work::Quiet, bytes);
     }
 
     /// Applies one answer of the storage thread to the work it answers, in order.
@@ -457,10 +482,8 @@ impl FileEngine {
             self.stats.compactions += 1;
             self.stats.reclaimed_bytes += c.reclaimed;
             for &p in &c.moved {
-                self.mem.streams.set_segment(Position(p), done.segment);
-                if let Some(e) = self.mem.streams.get(Position(p)) {
-                    let cost = e.cost() as u64;
-                    self.usage.entry(done.segment).or_default().live += cost;
+                if let Some(cost) = self.mem.streams.set_segment(Position(p), done.segment) {
+                    self.usage.entry(done.segment).or_default().live += cost as u64;
                 }
             }
         }
@@ -488,6 +511,11 @@ impl FileEngine {
     /// to it (the result, and the segment its records are in).
     fn finish(&mut self, waiting: Waiting, written: Option<(&Result<(), String>, u64)>) {
         let ok = written.is_none_or(|(result, _)| result.is_ok());
+        if !ok {
+            // Delivery and trim records lost with the op: they cost a re-delivery, or a
+            // message coming back after a restart until its TTL.
+            self.stats.lost_records += waiting.carried;
+        }
         let error = || match written {
             Some((Err(e), _)) => e.clone(),
             _ => String::new(),
@@ -502,9 +530,8 @@ impl FileEngine {
                 self.durable_through = self.durable_through.max(position);
                 if ok {
                     let segment = written.map_or(0, |(_, s)| s);
-                    self.mem.streams.set_segment(position, segment);
-                    if let Some(e) = self.mem.streams.get(position) {
-                        self.usage.entry(segment).or_default().live += e.cost() as u64;
+                    if let Some(cost) = self.mem.streams.set_segment(position, segment) {
+                        self.usage.entry(segment).or_default().live += cost as u64;
                     }
                     Outcome::Stored { position }
                 } else {
@@ -532,12 +559,7 @@ impl FileEngine {
                 Outcome::Recovered(self.mem.recovery(&stream, since, self.durable_through))
             }
             Work::Refused(refusal) => Outcome::Rejected(refusal),
-            Work::Quiet => {
-                if !ok {
-                    self.stats.lost_records += 1;
-                }
-                return;
-            }
+            Work::Quiet => return,
             Work::Compact => {
                 self.compacting = false;
                 if !ok {
@@ -591,6 +613,7 @@ impl FileEngine {
                 ticket: None,
                 work: Work::Compact,
                 sent: true,
+                carried: 0,
             });
         }
     }
@@ -598,6 +621,7 @@ impl FileEngine {
     /// Waits (bounded) until every submitted piece of work has completed. For tests and for
     /// shutdown; the reactor never calls it.
     pub fn settle(&mut self, deadline: Duration) -> bool {
+        self.flush_quiet();
         let until = Instant::now() + deadline;
         while self.queue.iter().any(|w| w.sent) {
             let left = until.saturating_duration_since(Instant::now());
@@ -621,19 +645,20 @@ impl Engine for FileEngine {
         self.log_gone(&gone);
         match admit {
             Admit::Stored(position) => {
-                let Some(entry) = self.mem.streams.get(position) else {
+                let Some(expires_ms) = self.mem.streams.get(position).map(|e| e.expires_ms) else {
                     // Admitted and evicted at once can only happen with bounds of 0.
                     return self.enqueue(Some(ticket), Work::Refused(Refusal::Full));
                 };
-                let mut bytes = Vec::with_capacity(entry.body.len() + 64);
-                Record::Append {
-                    stream: append.stream.clone(),
+                let (mut bytes, carried) = self.buffer();
+                bytes.reserve(append.body.len() + 64);
+                AppendRef {
+                    stream: &append.stream,
                     position,
-                    expires_ms: entry.expires_ms,
+                    expires_ms,
                     pending: true,
-                    sender: append.sender.to_string(),
-                    client_id: append.client_id.as_deref().map(str::to_owned),
-                    body: entry.body.to_vec(),
+                    sender: &append.sender,
+                    client_id: append.client_id.as_deref(),
+                    body: &append.body,
                 }
                 .encode(&mut bytes);
                 let work = Work::Append {
@@ -642,7 +667,7 @@ impl Engine for FileEngine {
                     sender: append.sender,
                     client_id: append.client_id,
                 };
-                self.send(Some(ticket), work, bytes);
+                self.send(Some(ticket), work, bytes, carried);
             }
             Admit::Duplicate { sender, client_id } => {
                 self.enqueue(Some(ticket), Work::Duplicate { sender, client_id })
@@ -656,7 +681,7 @@ impl Engine for FileEngine {
             Admit::Stored(position) => {
                 // Written even without a client id: the record keeps the position's high-water
                 // mark, so no msg_id a client has seen is handed out again after a restart.
-                let mut bytes = Vec::new();
+                let (mut bytes, carried) = self.buffer();
                 Record::Published {
                     position,
                     sender: publish.sender.to_string(),
@@ -665,7 +690,7 @@ impl Engine for FileEngine {
                 }
                 .encode(&mut bytes);
                 let work = Work::Publish { position };
-                self.send(Some(ticket), work, bytes);
+                self.send(Some(ticket), work, bytes, carried);
             }
             Admit::Duplicate { sender, client_id } => {
                 self.enqueue(Some(ticket), Work::Duplicate { sender, client_id })
@@ -684,22 +709,19 @@ impl Engine for FileEngine {
 
     fn delivered(&mut self, stream: &StreamId, positions: &[Position]) {
         // Only the ones that were pending change anything worth a record.
-        let pending: Vec<Position> = positions
-            .iter()
-            .copied()
-            .filter(|&p| self.mem.streams.get(p).is_some_and(|e| e.pending))
-            .collect();
+        let mut pending = Vec::new();
+        self.mem
+            .streams
+            .mark_delivered_into(stream, positions, &mut pending);
         if pending.is_empty() {
             return;
         }
-        self.mem.streams.mark_delivered(stream, &pending);
-        let mut bytes = Vec::new();
         Record::Delivered {
             stream: stream.clone(),
             positions: pending,
         }
-        .encode(&mut bytes);
-        self.send(None, Work::Quiet, bytes);
+        .encode(&mut self.quiet);
+        self.quiet_records += 1;
     }
 
     fn acked(&mut self, sender: &str, client_id: &str, position: Position, status: AckStatus) {
@@ -731,6 +753,9 @@ impl Engine for FileEngine {
             self.apply(done);
         }
         out.extend(self.mem.ready.drain(..).map(Event::Completed));
+        // The hub polls until nothing is left, after acting on every event: whatever delivery
+        // records that produced go out now, in one op.
+        self.flush_quiet();
     }
 
     fn in_flight(&self) -> usize {
@@ -833,6 +858,7 @@ impl Drop for FileEngine {
     /// Hangs up on the storage thread and waits for it: it answers (writes) everything it was
     /// sent before it exits, so a clean shutdown loses no delivery or trim record.
     fn drop(&mut self) {
+        self.flush_quiet();
         self.ops = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
