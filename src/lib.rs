@@ -11,6 +11,9 @@
 //! * `poller`   — readiness notification (epoll/kqueue through mio; poll(2); select(2)).
 //! * `timer`    — a hashed timing wheel: heartbeats and deadlines, driven by the reactor's clock.
 //!
+//! Beside them, `client` and `bench` (programs on top of `protocol`) and `wire`, the few words
+//! of the `/ws` envelope protocol that the relay and the client both spell.
+//!
 //! Start reading at `server::Reactor::run`, then `protocol::frame`. docs/architecture.md draws
 //! the whole picture.
 
@@ -22,3 +25,4 @@ pub mod poller;
 pub mod protocol;
 pub mod server;
 pub mod timer;
+pub mod wire;

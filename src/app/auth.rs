@@ -1,5 +1,5 @@
 //! Who may connect: HS256 JWT verification, where the token is found, and the Origin
-//! allow-list (SPEC §6 "Identity", issue 6 item 5).
+//! allow-list (SPEC §6 "Identity"; docs/protocol.md "Access").
 //!
 //! Owns: `JwtVerifier` (signature, algorithm, `exp`/`nbf`, `sub` and `rooms` claims), `AuthError`,
 //! `token_of` (query or `Authorization: Bearer`) and `origin_allowed`.

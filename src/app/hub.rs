@@ -10,7 +10,8 @@
 //! it keep messages: every id's inbox, the msg_ids (stream positions), the offline queue,
 //! recovery and duplicate windows live behind the `Engine` (SPEC §13, `engine/mod.rs`).
 //!
-//! Implements SPEC §6 (endpoints and the relay) and the hub's side of SPEC §13.
+//! Implements SPEC §6 (endpoints and the relay) and the hub's side of SPEC §13, as
+//! docs/protocol.md tells it to clients.
 //!
 //! # Store, then deliver
 //!

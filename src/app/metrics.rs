@@ -6,6 +6,7 @@
 
 use crate::engine::streams::{Expiring, Removed};
 use crate::server::metrics::Writer;
+use crate::wire::AckStatus;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Default)]
@@ -239,7 +240,8 @@ impl HubMetrics {
             g.dedup_evicted,
         );
         w.family("wsrelay_acks_total", "counter", "Acks sent, by status.");
-        for status in ["delivered", "partial", "queued", "rejected"] {
+        // Every status is printed, counted or not, so a scrape sees the whole family.
+        for status in AckStatus::ALL.map(AckStatus::name) {
             let n = self.acks.get(status).copied().unwrap_or(0);
             w.sample("wsrelay_acks_total", &[("status", status)], n);
         }

@@ -191,12 +191,18 @@ impl Harness {
             .collect()
     }
 
+    /// The value of one sample of the hub's metrics. A sample the hub does not print fails
+    /// the test: a renamed metric must not read as 0.
     fn metric(&self, sample: &str) -> f64 {
         let mut text = String::new();
         self.hub.render_metrics(&mut text);
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
-            .map_or(0.0, |v| v.parse().unwrap())
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')));
+        value
+            .unwrap_or_else(|| panic!("no sample {sample} in the hub's metrics:\n{text}"))
+            .parse()
+            .unwrap()
     }
 }
 

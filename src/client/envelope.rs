@@ -8,6 +8,7 @@
 //! SPEC §6 (the envelope shapes), §7 (`[time] from -> to: payload`, `--json`).
 
 use super::outbox::Outgoing;
+use crate::wire::AckStatus;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -151,18 +152,18 @@ pub fn render_message(
 /// one of our messages.
 pub fn render_ack(time: &str, sent: &Outgoing, status: &str, reason: Option<&str>) -> String {
     let who = printable(&sent.recipient());
-    let text = match status {
-        "delivered" => format!("delivered to {who}"),
-        "partial" => format!(
+    let text = match AckStatus::parse(status) {
+        Some(AckStatus::Delivered) => format!("delivered to {who}"),
+        Some(AckStatus::Partial) => format!(
             "partly delivered to {who}: {}",
             printable(reason.unwrap_or("no reason given"))
         ),
-        "queued" => format!("queued for {who}, who is offline"),
-        "rejected" => format!(
+        Some(AckStatus::Queued) => format!("queued for {who}, who is offline"),
+        Some(AckStatus::Rejected) => format!(
             "rejected (to {who}): {}",
             printable(reason.unwrap_or("no reason given"))
         ),
-        other => format!("{} (to {who})", printable(other)),
+        None => format!("{} (to {who})", printable(status)),
     };
     format!("[{time}] * {text}")
 }

@@ -166,7 +166,7 @@ impl Outbox<'_> {
         let Some(conn) = self
             .conns
             .get_mut(to.slot as usize)
-            .filter(|c| c.id == to && matches!(c.state, State::Open))
+            .filter(|c| c.id == to && c.state() == State::Open)
         else {
             return Sent::Gone;
         };
@@ -185,13 +185,12 @@ impl Outbox<'_> {
                     Sent::Dropped
                 }
                 SlowConsumer::Close => {
-                    // Once per connection: later sends in the same callback find it marked.
-                    if !conn.close_requested {
-                        conn.close_requested = true;
-                        self.metrics.slow_consumer_closes += 1;
-                        self.closes
-                            .push((to, CloseCode::POLICY_VIOLATION, "slow consumer"));
-                    }
+                    // Once per connection: later sends in the same callback find it marked
+                    // (the check above).
+                    conn.close_requested = true;
+                    self.metrics.slow_consumer_closes += 1;
+                    self.closes
+                        .push((to, CloseCode::POLICY_VIOLATION, "slow consumer"));
                     Sent::Closed
                 }
             };

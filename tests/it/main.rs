@@ -11,6 +11,7 @@ mod close;
 mod echo;
 mod frames;
 mod http;
+mod reactor;
 mod relay_support;
 mod robustness;
 
