@@ -199,10 +199,12 @@ pub struct FileEngine {
     done: Receiver<Done>,
     thread: Option<JoinHandle<()>>,
     queue: VecDeque<Waiting>,
-    /// Encoded records nobody waits for (deliveries, trims), and how many: they go to the disk
-    /// at the front of the next op, or as one op at the end of `poll`, rather than one op each
-    /// (under load that was three channel sends and queue entries per message, not one).
-    quiet: Vec<u8>,
+    /// Records encoded since the last op went to the storage thread, for `entries` pieces of
+    /// work in `queue`, plus `quiet_records` nobody waits for (deliveries, trims). They go as
+    /// one op when the hub has polled everything (`flush`): one channel send, buffer and
+    /// wake-up per loop iteration rather than per record (under load, three per message).
+    outgoing: Vec<u8>,
+    entries: usize,
     quiet_records: u64,
     /// Every position up to here is stored or was rejected: what `recover` may replay.
     durable_through: Position,
@@ -328,7 +330,8 @@ impl FileEngine {
             done: done_rx,
             thread: Some(thread),
             queue: VecDeque::new(),
-            quiet: Vec::new(),
+            outgoing: Vec::new(),
+            entries: 0,
             quiet_records: 0,
             durable_through: high_water,
             usage,
@@ -385,42 +388,64 @@ impl FileEngine {
         }
     }
 
-    /// A buffer for the records of the next op, starting with the quiet records waiting (which
-    /// go with it), and how many those are.
-    fn buffer(&mut self) -> (Vec<u8>, u64) {
-        let carried = std::mem::take(&mut self.quiet_records);
-        (std::mem::take(&mut self.quiet), carried)
-    }
-
-    /// Sends the quiet records waiting, if any, as one op of their own.
-    fn flush_quiet(&mut self) {
-        if self.quiet_records > 0 {
-            let (bytes, carried) = self.buffer();
-            self.send(None, Work::Quiet, bytes, carried);
-        }
-    }
-
-    /// Sends encoded records to the storage thread, as one op (`carried` of them quiet).
-    fn send(&mut self, ticket: Option<Ticket>, work: Work, bytes: Vec<u8>, carried: u64) {
-        let marks = self.marks();
-        let sent = match &self.ops {
-            Some(ops) => ops.send(Op::Write { bytes, marks }).is_ok(),
-            None => false,
-        };
-        let waiting = Waiting {
+    /// Work whose records were just encoded into `outgoing`: it completes when the op that
+    /// carries them is answered. `--fsync always` sends each at once (one fsync each).
+    fn submit(&mut self, ticket: Option<Ticket>, work: Work) {
+        self.queue.push_back(Waiting {
             ticket,
             work,
             sent: true,
-            carried,
-        };
-        if sent {
-            self.queue.push_back(waiting);
-        } else {
-            // The thread is gone (it can only have panicked): nothing can be stored. The work
-            // fails at once, as a failed write would (the message leaves the index again).
-            let failed = Err("the storage thread is not running".to_string());
-            self.finish(waiting, Some((&failed, 0)));
+            carried: 0,
+        });
+        self.entries += 1;
+        if self.fsync == FsyncPolicy::Always {
+            self.flush();
         }
+    }
+
+    /// Sends what `outgoing` holds to the storage thread, as one op.
+    fn flush(&mut self) {
+        if self.quiet_records > 0 {
+            // One entry stands for the quiet records, to count them if the write fails.
+            let carried = std::mem::take(&mut self.quiet_records);
+            self.queue.push_back(Waiting {
+                ticket: None,
+                work: Work::Quiet,
+                sent: true,
+                carried,
+            });
+            self.entries += 1;
+        }
+        if self.entries == 0 {
+            return;
+        }
+        // The next buffer starts at this one's size: a steady load then never regrows it.
+        let next = Vec::with_capacity(self.outgoing.len());
+        let op = Op::Write {
+            bytes: std::mem::replace(&mut self.outgoing, next),
+            marks: self.marks(),
+            entries: std::mem::take(&mut self.entries),
+        };
+        if self.ops.as_ref().is_none_or(|ops| ops.send(op).is_err()) {
+            self.fail_all("the storage thread is not running");
+        }
+    }
+
+    /// The storage thread is gone (it can only have panicked): nothing can be stored. Every
+    /// piece of work waiting for it fails, as a failed write would (messages leave the index).
+    fn fail_all(&mut self, why: &str) {
+        let ops = self.queue.iter().filter(|w| w.sent).count();
+        let done = Done {
+            ops,
+            result: Err(why.to_string()),
+            segment: self.head,
+            segment_len: self.usage.get(&self.head).map_or(0, |u| u.bytes),
+            head: self.head,
+            disk_bytes: self.stats.disk_bytes,
+            batch: None,
+            compacted: None,
+        };
+        self.apply(done);
     }
 
     /// Queues work that needs no disk; it completes once everything before it has.
@@ -451,7 +476,7 @@ impl FileEngine {
                 stream: g.stream.clone(),
                 through: g.position,
             }
-            .encode(&mut self.quiet);
+            .encode(&mut self.outgoing);
             self.quiet_records += 1;
         }
     }
@@ -607,6 +632,9 @@ impl FileEngine {
             marks: self.marks(),
             now_ms: now.unix_ms,
         };
+        // The storage thread must see the records submitted before it first: ops and queue
+        // entries are answered in the same order.
+        self.flush();
         if self.ops.as_ref().is_some_and(|ops| ops.send(op).is_ok()) {
             self.compacting = true;
             self.queue.push_back(Waiting {
@@ -621,7 +649,7 @@ impl FileEngine {
     /// Waits (bounded) until every submitted piece of work has completed. For tests and for
     /// shutdown; the reactor never calls it.
     pub fn settle(&mut self, deadline: Duration) -> bool {
-        self.flush_quiet();
+        self.flush();
         let until = Instant::now() + deadline;
         while self.queue.iter().any(|w| w.sent) {
             let left = until.saturating_duration_since(Instant::now());
@@ -645,12 +673,8 @@ impl Engine for FileEngine {
         self.log_gone(&gone);
         match admit {
             Admit::Stored(position) => {
-                let Some(expires_ms) = self.mem.streams.get(position).map(|e| e.expires_ms) else {
-                    // Admitted and evicted at once can only happen with bounds of 0.
-                    return self.enqueue(Some(ticket), Work::Refused(Refusal::Full));
-                };
-                let (mut bytes, carried) = self.buffer();
-                bytes.reserve(append.body.len() + 64);
+                // As `Streams::append` computed it (cheaper than looking the entry up).
+                let expires_ms = now.unix_ms.saturating_add(self.mem.streams.limits().ttl_ms);
                 AppendRef {
                     stream: &append.stream,
                     position,
@@ -660,14 +684,14 @@ impl Engine for FileEngine {
                     client_id: append.client_id.as_deref(),
                     body: &append.body,
                 }
-                .encode(&mut bytes);
+                .encode(&mut self.outgoing);
                 let work = Work::Append {
                     stream: append.stream,
                     position,
                     sender: append.sender,
                     client_id: append.client_id,
                 };
-                self.send(Some(ticket), work, bytes, carried);
+                self.submit(Some(ticket), work);
             }
             Admit::Duplicate { sender, client_id } => {
                 self.enqueue(Some(ticket), Work::Duplicate { sender, client_id })
@@ -681,16 +705,14 @@ impl Engine for FileEngine {
             Admit::Stored(position) => {
                 // Written even without a client id: the record keeps the position's high-water
                 // mark, so no msg_id a client has seen is handed out again after a restart.
-                let (mut bytes, carried) = self.buffer();
                 Record::Published {
                     position,
                     sender: publish.sender.to_string(),
                     client_id: publish.client_id.as_deref().map(str::to_owned),
                     expires_ms: now.unix_ms.saturating_add(self.mem.streams.limits().ttl_ms),
                 }
-                .encode(&mut bytes);
-                let work = Work::Publish { position };
-                self.send(Some(ticket), work, bytes, carried);
+                .encode(&mut self.outgoing);
+                self.submit(Some(ticket), Work::Publish { position });
             }
             Admit::Duplicate { sender, client_id } => {
                 self.enqueue(Some(ticket), Work::Duplicate { sender, client_id })
@@ -720,7 +742,7 @@ impl Engine for FileEngine {
             stream: stream.clone(),
             positions: pending,
         }
-        .encode(&mut self.quiet);
+        .encode(&mut self.outgoing);
         self.quiet_records += 1;
     }
 
@@ -753,9 +775,9 @@ impl Engine for FileEngine {
             self.apply(done);
         }
         out.extend(self.mem.ready.drain(..).map(Event::Completed));
-        // The hub polls until nothing is left, after acting on every event: whatever delivery
-        // records that produced go out now, in one op.
-        self.flush_quiet();
+        // The hub polls until nothing is left, after acting on every event: whatever it
+        // submitted meanwhile (and the delivery records it produced) goes out now, in one op.
+        self.flush();
     }
 
     fn in_flight(&self) -> usize {
@@ -844,7 +866,7 @@ impl Engine for FileEngine {
         s.batch_ops.render(
             out,
             "wsrelay_engine_batch_ops",
-            "Ops (messages and records) per batch written.",
+            "Pieces of work per batch written: messages, plus one for the delivery and trim records of each loop iteration.",
         );
         s.fsync_seconds.render(
             out,
@@ -858,7 +880,7 @@ impl Drop for FileEngine {
     /// Hangs up on the storage thread and waits for it: it answers (writes) everything it was
     /// sent before it exits, so a clean shutdown loses no delivery or trim record.
     fn drop(&mut self) {
-        self.flush_quiet();
+        self.flush();
         self.ops = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
