@@ -83,8 +83,36 @@ fn two_hundred_queued_messages_survive_kill_9(poller: &str) {
         assert_eq!(ack["status"], "queued", "{i}: {ack}");
         assert_eq!(ack["id"], format!("m{i}"));
     }
-    // Several messages went into each fsync'd batch.
-    assert!(required_metric(&server, "wsrelay_engine_batches_total") >= 1.0);
+    // What /metrics says about the engine (SPEC §13): its kind, what it holds, its batches
+    // and fsyncs, and no ack still waiting for the disk.
+    assert_eq!(
+        required_metric(&server, "wsrelay_engine_info{kind=\"file\"}"),
+        1.0
+    );
+    assert_eq!(required_metric(&server, "wsrelay_engine_streams"), 1.0);
+    assert_eq!(required_metric(&server, "wsrelay_engine_messages"), 200.0);
+    assert_eq!(
+        required_metric(&server, "wsrelay_engine_pending_messages"),
+        200.0
+    );
+    assert!(required_metric(&server, "wsrelay_engine_bytes") > 200.0 * 96.0);
+    assert_eq!(required_metric(&server, "wsrelay_engine_in_flight"), 0.0);
+    let batches = required_metric(&server, "wsrelay_engine_batches_total");
+    assert!(batches >= 1.0);
+    assert_eq!(
+        required_metric(&server, "wsrelay_engine_batch_ops_count"),
+        batches
+    );
+    assert!(required_metric(&server, "wsrelay_engine_batch_ops_sum") >= 200.0);
+    assert_eq!(
+        required_metric(&server, "wsrelay_engine_fsync_seconds_count"),
+        batches,
+        "--fsync batch: one fsync per batch"
+    );
+    assert_eq!(
+        required_metric(&server, "wsrelay_engine_store_errors_total"),
+        0.0
+    );
     kill_9(&mut server);
 
     let server = start_file(poller, dir.path(), &[]);
@@ -177,6 +205,10 @@ fn a_since_beyond_retention_or_from_another_epoch_is_not_recovered(poller: &str)
         1.0
     );
 
+    assert_eq!(
+        required_metric(&server, "wsrelay_engine_info{kind=\"memory\"}"),
+        1.0
+    );
     // Another epoch: the memory engine after a restart has a new one.
     kill_9(&mut server);
     let server = Server::start(poller, &["--offline-max", "3"]);
