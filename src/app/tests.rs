@@ -3,13 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use super::envelope::EnvelopeError;
+use super::envelope::{AckStatus, EnvelopeError};
 use super::*;
+use crate::engine::{Append, Now, Position, Publish, Since, StreamId, Ticket};
 use crate::protocol::frame::{self, Role};
 use crate::protocol::handshake::parse_request;
 use crate::protocol::{CloseCode, Refusal};
 use crate::server::{Sent, ServerEndpoint};
 use serde_json::{json, Value};
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
@@ -92,6 +94,35 @@ impl Harness {
 
     fn plain() -> Harness {
         Harness::new(AppConfig::default())
+    }
+
+    /// A hub on the memory engine behind `Deferred`: completions wait for `release`, as the
+    /// file engine's wait for their fsync.
+    fn deferred() -> (Harness, Rc<Cell<bool>>) {
+        let clock = ManualClock::new(START_MS);
+        let config = AppConfig::default();
+        let now = crate::engine::Now {
+            instant: clock.now(),
+            unix_ms: START_MS,
+        };
+        let inner = crate::engine::MemoryEngine::new(
+            super::hub::limits(&config),
+            super::hub::dedup(&config),
+            now,
+        );
+        let held = Rc::new(Cell::new(false));
+        let engine = Deferred {
+            inner,
+            held: Rc::clone(&held),
+        };
+        let harness = Harness {
+            hub: Hub::with_engine(config, Box::new(clock.clone()), Box::new(engine)),
+            clock,
+            tx: Recorder::default(),
+            sessions: HashMap::new(),
+            next_slot: 0,
+        };
+        (harness, held)
     }
 
     /// Routes `GET target` with extra header lines; on an upgrade, opens the connection.
@@ -180,6 +211,116 @@ impl Harness {
     }
 }
 
+/// An engine whose completions are held back while `held` is set: the memory engine made to
+/// answer later, like the file engine after its fsync.
+struct Deferred {
+    inner: crate::engine::MemoryEngine,
+    held: Rc<Cell<bool>>,
+}
+
+impl crate::engine::Engine for Deferred {
+    fn kind(&self) -> &'static str {
+        "deferred"
+    }
+    fn append(&mut self, t: Ticket, a: Append, now: Now) {
+        self.inner.append(t, a, now)
+    }
+    fn publish(&mut self, t: Ticket, p: Publish, now: Now) {
+        self.inner.publish(t, p, now)
+    }
+    fn recover(&mut self, t: Ticket, s: &StreamId, since: Option<Since>, now: Now) {
+        self.inner.recover(t, s, since, now)
+    }
+    fn delivered(&mut self, s: &StreamId, p: &[Position]) {
+        self.inner.delivered(s, p)
+    }
+    fn acked(&mut self, sender: &str, id: &str, p: Position, status: AckStatus) {
+        self.inner.acked(sender, id, p, status)
+    }
+    fn online(&mut self, id: &str) {
+        self.inner.online(id)
+    }
+    fn offline(&mut self, id: &Rc<str>, now: Now) {
+        self.inner.offline(id, now)
+    }
+    fn maintain(&mut self, now: Now) {
+        self.inner.maintain(now)
+    }
+    fn poll(&mut self, out: &mut Vec<crate::engine::Event>) {
+        if !self.held.get() {
+            self.inner.poll(out)
+        }
+    }
+    fn in_flight(&self) -> usize {
+        0
+    }
+    fn stats(&self, now_ms: u64) -> crate::engine::Stats {
+        self.inner.stats(now_ms)
+    }
+    fn render_metrics(&self, out: &mut String) {
+        self.inner.render_metrics(out)
+    }
+}
+
+#[test]
+fn nothing_is_acked_or_delivered_before_the_engine_completes() {
+    let (mut h, held) = Harness::deferred();
+    let a = h.connect("/ws?id=alice");
+    assert_eq!(h.inbox(a)[0]["type"], "welcome");
+
+    held.set(true);
+    h.say(a, send("bob", json!("first"), "c1"));
+    assert_eq!(h.inbox(a), Vec::<Value>::new(), "no ack before the store");
+    // bob connects while alice's message is with the engine: no welcome yet, and what he
+    // sends meanwhile is held until after it.
+    let b = h.connect("/ws?id=bob");
+    h.say(b, json!({"type": "join", "room": "lobby"}));
+    h.say(a, send("bob", json!("second"), "c2"));
+    assert_eq!(h.inbox(b), Vec::<Value>::new(), "not greeted yet");
+    assert_eq!(h.inbox(a), Vec::<Value>::new());
+
+    held.set(false);
+    h.hub.wake(&mut h.tx);
+    let acks = h.inbox(a);
+    let statuses: Vec<_> = acks.iter().map(|a| a["status"].clone()).collect();
+    // "first" was stored before bob's recovery (it is in it); "second" after, so it reached
+    // bob live.
+    assert_eq!(statuses, vec![json!("queued"), json!("delivered")]);
+    let inbox = h.inbox(b);
+    let kinds: Vec<_> = inbox.iter().map(|m| m["type"].clone()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            json!("welcome"),
+            json!("message"),
+            json!("presence"),
+            json!("message")
+        ]
+    );
+    assert_eq!(inbox[0]["last_msg_id"], acks[0]["msg_id"]);
+    assert_eq!(inbox[1]["payload"], "first");
+    assert_eq!(inbox[3]["payload"], "second");
+    assert_eq!(h.metric("wsrelay_offline_delivered_total"), 1.0);
+}
+
+#[test]
+fn a_connection_gone_before_its_recovery_leaves_the_backlog_pending() {
+    let (mut h, held) = Harness::deferred();
+    let a = h.connect("/ws?id=alice");
+    h.say(a, send("bob", json!("waits"), "c1"));
+    held.set(true);
+    let b = h.connect("/ws?id=bob");
+    h.disconnect(b);
+    held.set(false);
+    h.hub.wake(&mut h.tx);
+    assert_eq!(h.inbox(b), Vec::<Value>::new());
+    let b = h.connect("/ws?id=bob");
+    assert_eq!(
+        messages(&h.inbox(b)),
+        vec![("alice".into(), json!("waits"))]
+    );
+}
+
 /// The messages of type `message` in `inbox`, as (from, payload).
 fn messages(inbox: &[Value]) -> Vec<(String, Value)> {
     inbox
@@ -203,9 +344,14 @@ fn direct_messages_both_ways_with_acks() {
     let mut h = Harness::plain();
     let a = h.connect("/ws?id=alice");
     let b = h.connect("/ws?id=bob");
+    let mut inbox = h.inbox(a);
+    let epoch = inbox[0]["epoch"].take();
+    assert!(epoch.as_str().is_some_and(|e| e.len() == 16), "{epoch}");
     assert_eq!(
-        h.inbox(a),
-        vec![json!({"type": "welcome", "id": "alice", "last_msg_id": null})]
+        inbox,
+        vec![
+            json!({"type": "welcome", "id": "alice", "last_msg_id": null, "epoch": null, "recovered": true})
+        ]
     );
     h.inbox(b);
 
@@ -277,10 +423,11 @@ fn offline_messages_arrive_in_order_before_live_ones() {
 
     let b = h.connect("/ws?id=bob");
     h.say(a, send("bob", json!("live"), "c10"));
-    let inbox = h.inbox(b);
+    let mut inbox = h.inbox(b);
+    inbox[0]["epoch"].take();
     assert_eq!(
         inbox[0],
-        json!({"type": "welcome", "id": "bob", "last_msg_id": last})
+        json!({"type": "welcome", "id": "bob", "last_msg_id": last, "epoch": null, "recovered": true})
     );
     let payloads: Vec<Value> = messages(&inbox).into_iter().map(|(_, p)| p).collect();
     let mut expected: Vec<Value> = (0..10).map(|i| json!(i)).collect();

@@ -257,7 +257,11 @@ impl Session {
         let Some(target) = self.settings.targets.get(index).cloned() else {
             return;
         };
-        let resource = target.resource(self.settings.id.as_deref(), self.seen.since());
+        let resource = target.resource(
+            self.settings.id.as_deref(),
+            self.seen.since(),
+            self.seen.epoch(),
+        );
         let authorization = self
             .settings
             .token
@@ -662,8 +666,13 @@ impl Session {
         };
         let interactive = self.settings.mode == Mode::Interactive;
         let human = match parsed {
-            ServerEnvelope::Welcome { id, last_msg_id } => {
-                self.seen.welcome(last_msg_id.as_deref());
+            ServerEnvelope::Welcome {
+                id,
+                last_msg_id,
+                epoch,
+                recovered,
+            } => {
+                self.seen.welcome(last_msg_id.as_deref(), epoch.as_deref());
                 let url = match &self.link {
                     Link::Up(up) => self.target_text(up.target),
                     Link::Down { .. } => String::new(),
@@ -672,6 +681,13 @@ impl Session {
                     "wsrelay client: connected to {url} as {}",
                     envelope::printable(&id)
                 );
+                if recovered == Some(false) {
+                    // SPEC §13: never a silent partial recovery. The relay sends what it still
+                    // has; the user must know the rest may be gone.
+                    eprintln!(
+                        "wsrelay client: some messages sent to you while you were away may be missing (the relay restarted without its history, or they outlived its retention)"
+                    );
+                }
                 None
             }
             ServerEnvelope::Message {

@@ -79,6 +79,10 @@ pub trait Handler {
     /// The connection is gone (whatever the reason). Called once for every opened connection.
     fn on_close(&mut self, conn: ConnId, session: Self::Session, out: &mut Outbox<'_>);
 
+    /// The descriptor given to `Reactor::watch_waker` became readable: another thread (the
+    /// file engine's storage thread) has answers for the app. Not tied to a connection.
+    fn on_wake(&mut self, _out: &mut Outbox<'_>) {}
+
     /// Appends the app's own metrics (Prometheus text) to /metrics.
     fn render_metrics(&self, _out: &mut String) {}
 

@@ -9,7 +9,8 @@
 //! Where to look (each child module holds one `impl Reactor` block for one concern):
 //! - `accept.rs`: new connections, the listener's pause and close;
 //! - `inbound.rs`: what happens when bytes arrive (the one socket read, EOF, request or frames);
-//! - `websocket.rs`: WebSocket events of an open connection, and the calls into the app;
+//! - `websocket.rs`: WebSocket events of an open connection, and the calls into the app (also
+//!   `on_wake`, when the engine's waker, registered by `watch_waker`, fires);
 //! - `http.rs`: the request head, the upgrade, plain HTTP answers and the reactor's endpoints;
 //! - `flush.rs`: what leaves (queueing control frames, the dirty list, the one socket write);
 //! - `lifecycle.rs`: deadlines, closing a connection (gracefully or not), signals and shutdown;
@@ -36,6 +37,7 @@ pub use config::Config;
 pub use connection::ConnId;
 pub use handler::{Handler, Outbox, Route, Sent, ServerEndpoint, SlowConsumer};
 
+use crate::poller::waker::WakeReceiver;
 use crate::poller::{Event, Interest, Poller, Token};
 use crate::protocol::CloseCode;
 use crate::timer::{TimerWheel, DEFAULT_SLOTS};
@@ -60,6 +62,7 @@ const READ_BUDGET_BYTES: usize = 4 * RECV_BUFFER_BYTES;
 /// Tokens outside the range of `ConnId::token` (no slab slot reaches u32::MAX - 2).
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
 
 /// Why the loop stopped.
 #[derive(Debug, PartialEq, Eq)]
@@ -133,6 +136,9 @@ pub struct Reactor<P: Poller, H: Handler> {
     /// SIGINT/SIGTERM arrive as bytes on this socket (see `signals.rs`), which every poller can
     /// watch like any other descriptor.
     signals: Option<signals::SignalPipe>,
+    /// Another thread (the file engine's storage thread) makes this readable when it has
+    /// answers for the app (`poller/waker.rs`).
+    waker: Option<WakeReceiver>,
     /// Set once shutdown has begun: no more accepting; the loop ends when the slab is empty.
     shutting_down: bool,
     /// When the last "out of descriptors" warning was logged (they are rate-limited).
@@ -193,6 +199,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             timers: TimerWheel::new(config.timer_tick, DEFAULT_SLOTS, now),
             expired: Vec::new(),
             signals: None,
+            waker: None,
             shutting_down: false,
             last_accept_warning: None,
             config,
@@ -220,6 +227,18 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         self.poller
             .register(pipe.as_raw_fd(), SIGNALS, Interest::READABLE)?;
         self.signals = Some(pipe);
+        Ok(())
+    }
+
+    /// Watches `waker`: when another thread makes it readable, the app's `on_wake` runs (SPEC
+    /// §13: an engine's answers come back through a channel and the reactor's waker).
+    ///
+    /// # Errors
+    /// The descriptor could not be registered.
+    pub fn watch_waker(&mut self, waker: WakeReceiver) -> io::Result<()> {
+        self.poller
+            .register(waker.as_raw_fd(), WAKER, Interest::READABLE)?;
+        self.waker = Some(waker);
         Ok(())
     }
 
@@ -306,6 +325,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             match event.token {
                 LISTENER => self.accept_all(),
                 SIGNALS => exit = exit.or(self.on_signal()),
+                WAKER => self.on_wake(),
                 token => {
                     let id = ConnId::from_token(token.0);
                     if event.readable {

@@ -288,11 +288,11 @@ describe('the demo page', () => {
     await alice.locator('#members li[data-id="bob"]').waitFor();
     await select(bob, 'dm:alice');
     await sees(bob, 'dm:alice', 'while you were away');
-    // Bob reconnected with `since` = the newest direct message he had seen, so what he had
-    // already read is not replayed.
+    // Bob reconnected with `since` = the newest direct message he had seen (and the epoch of
+    // the server's history it belongs to), so what he had already read is not replayed.
     assert.equal(await bob.locator('#messages li', { hasText: 'psst, bob' }).count(), 0);
     assert.equal(sockets.length, 1);
-    assert.match(sockets[0], /\/ws\?id=bob&since=[0-9]+$/);
+    assert.match(sockets[0], /\/ws\?id=bob&since=[0-9]+&epoch=[0-9a-f]{16}$/);
     clean(alice);
     clean(bob);
   });

@@ -16,6 +16,7 @@ mod relay_support;
 mod robustness;
 
 mod access;
+mod durable;
 mod envelope;
 mod hostile;
 mod offline;
