@@ -7,6 +7,8 @@
 //! * `server`   — the reactor: event loop, connection slab, accept, dispatch, timers, shutdown.
 //! * `protocol` — pure code: HTTP upgrade handshake, RFC 6455 frame codec, close codes.
 //! * `poller`   — readiness notification (epoll/kqueue through mio; poll(2); select(2)).
+//! * `tls`      — rustls sessions over non-blocking sockets, and the certificates they use
+//!   (the reactor, the client and the load generator all speak `wss://` through it).
 //! * `timer`    — a hashed timing wheel: heartbeats and deadlines, driven by the reactor's clock.
 //!
 //! Start reading at `server::Reactor::run`, then `protocol::frame`. docs/architecture.md draws
@@ -19,3 +21,4 @@ pub mod poller;
 pub mod protocol;
 pub mod server;
 pub mod timer;
+pub mod tls;
