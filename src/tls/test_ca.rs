@@ -90,3 +90,35 @@ impl Drop for TestFiles {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Runs a handshake between `client` and `server` over a non-blocking socket pair, both sides
+/// on this thread; the first error either side meets, if any.
+pub fn handshake(
+    client: &mut crate::tls::TlsSession,
+    server: &mut crate::tls::TlsSession,
+) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    use std::os::unix::net::UnixStream;
+    let (mut client_end, mut server_end) = UnixStream::pair()?;
+    client_end.set_nonblocking(true)?;
+    server_end.set_nonblocking(true)?;
+    let mut buf = [0u8; 4096];
+    for _ in 0..20 {
+        client.write_tls(&mut client_end)?;
+        match server.read(&mut server_end, &mut buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        server.write_tls(&mut server_end)?;
+        match client.read(&mut client_end, &mut buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        if !client.is_handshaking() && !server.is_handshaking() {
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::other("the handshake did not complete"))
+}
