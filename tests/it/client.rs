@@ -283,8 +283,9 @@ fn errors_are_one_line_each() {
     let refused = format!("ws://{closed}/echo");
     #[rustfmt::skip]
     let cases: &[(&[&str], i32, &str)] = &[
-        (&["http://127.0.0.1/echo"], 2, "not a ws:// URL"),
-        (&["wss://127.0.0.1/echo"], 2, "wss:// (TLS) is not supported"),
+        (&["http://127.0.0.1/echo"], 2, "not a ws:// or wss:// URL"),
+        (&["--insecure", "ws://127.0.0.1/echo"], 2, "wss:// URLs only"),
+        (&["--ca", "/nonexistent/ca.pem", "wss://127.0.0.1/echo"], 2, "cannot read"),
         (&["ws://127.0.0.1:0/echo"], 2, "port"),
         (&["ws://127.0.0.1/ws", "ws://127.0.0.1/echo"], 2, "mixing"),
         (&["--timeout", "1s", &refused], 1, "connection refused"),
@@ -304,6 +305,23 @@ fn errors_are_one_line_each() {
             assert!(line.starts_with("wsrelay client: "), "{args:?}: {line}");
         }
     }
+}
+
+/// A `wss://` server whose certificate the client does not trust: a final refusal (exit 2,
+/// no retries), with a hint at `--ca`. The server side is a bare TLS endpoint.
+#[test]
+fn an_untrusted_certificate_is_final() {
+    use crate::tls_support::{one_tls_connection, TestCa};
+    let ca = TestCa::new();
+    let (addr, server) = one_tls_connection(&ca);
+    let url = format!("wss://localhost:{}/echo", addr.port());
+    let mut client = ClientProcess::start(&[&url]);
+    client.close_stdin();
+    assert_eq!(client.wait_exit(), 2, "{}", client.log());
+    let log = client.log();
+    assert!(log.contains("certificate is not accepted"), "{log}");
+    assert!(log.contains("--ca FILE"), "{log}");
+    server.join().unwrap();
 }
 
 #[test]

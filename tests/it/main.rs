@@ -3,6 +3,7 @@
 //! Every case runs on every poller through `poller_tests!`.
 
 mod support;
+mod tls_support;
 
 mod bench;
 mod client;
