@@ -37,10 +37,13 @@ pub mod target;
 pub mod worker;
 
 use crate::protocol::client_handshake::WsUrl;
+use crate::tls::{self, Trust};
+use client::TlsTarget;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use multi::Part;
 use report::{ChildExtra, Report, ServerFigures, JSON_FIELDS};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -97,9 +100,18 @@ fn long_help() -> String {
 /// Flags every mode takes.
 #[derive(clap::Args, Clone, Debug)]
 pub struct CommonArgs {
-    /// The server's URL, e.g. ws://127.0.0.1:8080/echo. Broadcast: the base of the room names
-    /// (ws://127.0.0.1:8080/r/bench gives rooms /r/bench-0, /r/bench-1, ...).
+    /// The server's URL, e.g. ws://127.0.0.1:8080/echo (wss:// for TLS). Broadcast: the base
+    /// of the room names (ws://127.0.0.1:8080/r/bench gives rooms /r/bench-0, /r/bench-1, ...).
     pub url: String,
+
+    /// wss://: trust only the CA certificates in this PEM file (a test CA) instead of the
+    /// public roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// wss://: do not check the server's certificate (encrypted, but not authenticated).
+    #[arg(long, conflicts_with = "ca")]
+    pub insecure: bool,
 
     /// Length of the measured window, after the warm-up.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -543,6 +555,7 @@ fn plan(mode: &Mode, part: Part) -> Result<Setup, String> {
     let common = mode.common();
     let url = WsUrl::parse(&common.url).map_err(|e| format!("{}: {e}", common.url))?;
     let target = target::resolve(&url.host, url.port, common.allow_remote)?;
+    let tls = tls_target(&url, common)?;
     if common.duration.is_zero() {
         return Err("--duration must be above zero".into());
     }
@@ -727,6 +740,7 @@ fn plan(mode: &Mode, part: Part) -> Result<Setup, String> {
             traffic: shape.traffic,
             target,
             host: host.clone(),
+            tls: tls.clone(),
             conns: share.conns,
             sources: sources.clone(),
             source_offset: shape.first + i,
@@ -747,6 +761,39 @@ fn plan(mode: &Mode, part: Part) -> Result<Setup, String> {
         units: shape.units,
         plans,
     })
+}
+
+/// What `wss://` needs on every connection: the client configuration from `--ca` or
+/// `--insecure` (or the public roots), and the name the certificate must carry.
+///
+/// # Errors
+/// `--ca`/`--insecure` with a `ws://` URL; a CA file that cannot be used; a host that is no
+/// DNS name or IP address.
+fn tls_target(url: &WsUrl, common: &CommonArgs) -> Result<Option<TlsTarget>, String> {
+    if !url.secure {
+        if common.ca.is_some() || common.insecure {
+            return Err("--ca and --insecure apply to wss:// URLs only".into());
+        }
+        return Ok(None);
+    }
+    let trust = match (&common.ca, common.insecure) {
+        (Some(path), _) => Trust::CaFile(path.clone()),
+        (None, true) => {
+            // Once, not once per --processes child.
+            if common.child.is_none() {
+                eprintln!(
+                    "wsrelay bench: warning: --insecure: the server's certificate is not checked"
+                );
+            }
+            Trust::Insecure
+        }
+        (None, false) => Trust::PublicRoots,
+    };
+    let config = tls::config::client_config(&trust).map_err(|e| format!("--ca: {e}"))?;
+    Ok(Some(TlsTarget {
+        config: Arc::new(config),
+        name: tls::config::server_name(&url.host)?,
+    }))
 }
 
 /// What the flags of one mode come to, before it is cut into `Plan`s.
@@ -931,7 +978,11 @@ mod tests {
     fn flags_are_checked_before_any_socket() {
         let bad: &[(&str, &str)] = &[
             ("echo ws://192.0.2.1/echo", "loopback"),
-            ("echo wss://127.0.0.1/echo", "wss"),
+            ("echo --insecure ws://127.0.0.1/echo", "wss:// URLs only"),
+            (
+                "echo --ca /nonexistent/ca.pem wss://127.0.0.1/echo",
+                "cannot read",
+            ),
             ("echo ws://127.0.0.1:1/echo --size 7", "--size"),
             ("echo ws://127.0.0.1:1/echo --rate 0", "--rate"),
             ("echo ws://127.0.0.1:1/echo --threads 0", "--threads"),

@@ -50,6 +50,9 @@ pub enum Failure {
     /// The peer aborted with a fatal alert; during the handshake usually because it does not
     /// trust our certificate.
     Alert,
+    /// We refused the peer's certificate (a client: not signed by a CA it trusts, expired, or
+    /// for another name). The server asks for no certificates, so it never counts this.
+    Certificate,
     /// The client asked to renegotiate (a ClientHello after the handshake). rustls answers the
     /// first such TLS 1.2 request with a `no_renegotiation` warning (RFC 5246 §7.2.2) and the
     /// client then usually gives up with a fatal alert (counted as `Alert`); a second request,
@@ -64,12 +67,13 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub const ALL: [Failure; 9] = [
+    pub const ALL: [Failure; 10] = [
         Failure::PlainHttp,
         Failure::NotTls,
         Failure::Protocol,
         Failure::Incompatible,
         Failure::Alert,
+        Failure::Certificate,
         Failure::Renegotiation,
         Failure::Eof,
         Failure::Timeout,
@@ -84,6 +88,7 @@ impl Failure {
             Failure::Protocol => "protocol",
             Failure::Incompatible => "incompatible",
             Failure::Alert => "alert",
+            Failure::Certificate => "certificate",
             Failure::Renegotiation => "renegotiation",
             Failure::Eof => "eof",
             Failure::Timeout => "timeout",
@@ -111,6 +116,7 @@ impl Failure {
             } if !handshaking => Failure::Renegotiation,
             Error::PeerIncompatible(_) | Error::NoApplicationProtocol => Failure::Incompatible,
             Error::AlertReceived(_) => Failure::Alert,
+            Error::InvalidCertificate(_) => Failure::Certificate,
             _ => Failure::Protocol,
         }
     }

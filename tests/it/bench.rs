@@ -253,6 +253,55 @@ poller_tests!(
     bench_connect_counts_match_the_server,
 );
 
+/// `wss://`: the bench's TLS client (trusting the test CA through `--ca`) against the relay
+/// behind a TLS terminator. The relay itself speaks plain TCP here, so its poller does not
+/// matter: this runs on epoll only. Counts match as in plain echo.
+#[test]
+fn bench_echo_over_wss_counts_match_the_server() {
+    use crate::tls_support::{TestCa, TlsTerminator};
+    let server = Server::start("epoll", &[]);
+    let ca = TestCa::new();
+    let terminator = TlsTerminator::start(&ca, server.addr);
+    let url = terminator.url("/echo");
+    let (code, r) = bench(&[
+        "echo",
+        &url,
+        "--ca",
+        ca.ca.to_str().unwrap(),
+        "--connections",
+        "10",
+        "--window",
+        "4",
+        "--size",
+        "32",
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(u(&r, "errors.total"), 0, "{r}");
+    assert_eq!(u(&r, "opened"), 10);
+    assert_eq!(u(&r, "clean_closes"), 10);
+    let sent_total = u(&r, "sent_total");
+    assert!(sent_total > 0);
+    assert_eq!(u(&r, "received_total"), sent_total);
+    server.wait_for_metric("wsrelay_messages_in_total", sent_total as f64);
+    assert_eq!(server.metric("wsrelay_upgrades_total"), 10.0);
+}
+
+/// A bench that does not trust the server's certificate counts every connection as a TLS
+/// error, and says why.
+#[test]
+fn bench_over_wss_without_the_ca_counts_tls_errors() {
+    use crate::tls_support::{TestCa, TlsTerminator};
+    let server = Server::start("epoll", &[]);
+    let ca = TestCa::new();
+    let terminator = TlsTerminator::start(&ca, server.addr);
+    let (_, r) = bench(&["echo", &terminator.url("/echo"), "--connections", "3"]);
+    assert_eq!(u(&r, "opened"), 0, "{r}");
+    assert!(u(&r, "errors.tls") >= 3, "{r}");
+    let first = r["first_error"].as_str().unwrap_or_default();
+    assert!(first.contains("certificate is not accepted"), "{r}");
+    assert_eq!(server.metric("wsrelay_upgrades_total"), 0.0);
+}
+
 #[test]
 fn bench_refuses_a_target_outside_loopback_before_sending_anything() {
     // 192.0.2.0/24 is reserved for documentation; the address is refused before any socket.

@@ -202,6 +202,39 @@ fn raw_script_mode_echoes_every_line_and_exits_0() {
     assert!(client.log().contains("connected to"), "{}", client.log());
 }
 
+/// The same over `wss://`, trusting the test CA: the client's TLS (a handshake, then one
+/// session shared by its writing and reading threads) in front of the relay. The relay speaks
+/// plain TCP behind a TLS terminator here.
+#[test]
+fn raw_script_mode_over_wss() {
+    use crate::tls_support::{TestCa, TlsTerminator};
+    let server = Server::start("epoll", &[]);
+    let ca = TestCa::new();
+    let terminator = TlsTerminator::start(&ca, server.addr);
+    let url = terminator.url("/echo");
+    let mut client = ClientProcess::start(&["--ca", ca.ca.to_str().unwrap(), &url]);
+    let long = "x".repeat(40_000);
+    let lines = ["one", "two words", long.as_str()];
+    for line in lines {
+        client.send_line(line);
+    }
+    client.close_stdin();
+    assert_eq!(client.wait_exit(), 0, "{}", client.log());
+    let out = client.remaining_stdout();
+    assert_eq!(out.len(), lines.len(), "{}", client.log());
+    for (got, want) in out.iter().zip(lines) {
+        assert!(
+            is_timestamped(got, want),
+            "{got:.80} is not [HH:MM:SS] {want:.20}..."
+        );
+    }
+    assert!(
+        client.log().contains("connected to wss://"),
+        "{}",
+        client.log()
+    );
+}
+
 #[test]
 fn raw_json_mode_prints_one_object_per_message() {
     let server = Server::start("epoll", &[]);

@@ -94,3 +94,157 @@ pub fn one_tls_connection(ca: &TestCa) -> (SocketAddr, JoinHandle<()>) {
     });
     (addr, handle)
 }
+
+/// A TLS terminator in front of a plain server: accepts TLS on its own port and relays the
+/// plaintext to `upstream`, one mio loop on a thread, every connection a `TlsSession` driven by
+/// readiness the way the reactor drives its own. It lets the client and the bench be tested
+/// over `wss://` against the real relay behind it. Stops when dropped.
+pub struct TlsTerminator {
+    pub addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// One relayed connection: TLS from the client, plain TCP to the server.
+struct Relay {
+    down: mio::net::TcpStream,
+    tls: TlsSession,
+    up: mio::net::TcpStream,
+    /// Plaintext from the client not yet written upstream, and the reverse.
+    to_up: Vec<u8>,
+    to_down: Vec<u8>,
+}
+
+impl TlsTerminator {
+    pub fn start(ca: &TestCa, upstream: SocketAddr) -> TlsTerminator {
+        use std::sync::atomic::AtomicBool;
+        let tls = ServerTls::load(&ca.cert, &ca.key).unwrap();
+        let mut listener = mio::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut poll = mio::Poll::new().unwrap();
+            let mut events = mio::Events::with_capacity(256);
+            const LISTENER: mio::Token = mio::Token(usize::MAX);
+            poll.registry()
+                .register(&mut listener, LISTENER, mio::Interest::READABLE)
+                .unwrap();
+            let mut relays: slab::Slab<Relay> = slab::Slab::new();
+            while !stopping.load(Ordering::Relaxed) {
+                poll.poll(&mut events, Some(Duration::from_millis(50)))
+                    .unwrap();
+                for event in &events {
+                    if event.token() == LISTENER {
+                        while let Ok((mut down, _)) = listener.accept() {
+                            let Ok(mut up) = mio::net::TcpStream::connect(upstream) else {
+                                continue;
+                            };
+                            let entry = relays.vacant_entry();
+                            let both = mio::Interest::READABLE | mio::Interest::WRITABLE;
+                            let registry = poll.registry();
+                            registry
+                                .register(&mut down, mio::Token(entry.key() * 2), both)
+                                .unwrap();
+                            registry
+                                .register(&mut up, mio::Token(entry.key() * 2 + 1), both)
+                                .unwrap();
+                            entry.insert(Relay {
+                                down,
+                                tls: tls.session().unwrap(),
+                                up,
+                                to_up: Vec::new(),
+                                to_down: Vec::new(),
+                            });
+                        }
+                        continue;
+                    }
+                    let key = event.token().0 / 2;
+                    let done = match relays.get_mut(key) {
+                        Some(relay) => !relay.pump(),
+                        None => false,
+                    };
+                    if done {
+                        let mut relay = relays.remove(key);
+                        let _ = poll.registry().deregister(&mut relay.down);
+                        let _ = poll.registry().deregister(&mut relay.up);
+                    }
+                }
+            }
+        });
+        TlsTerminator {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The terminator's `wss://` URL for `path`, by the name its certificate carries.
+    pub fn url(&self, path: &str) -> String {
+        format!("wss://localhost:{}{path}", self.addr.port())
+    }
+}
+
+impl Relay {
+    /// Moves every byte that can move, both ways, until each socket would block (edge-triggered
+    /// readiness reports nothing twice). False once either side has ended.
+    fn pump(&mut self) -> bool {
+        use std::io::{ErrorKind, Read, Write};
+        let mut buf = [0u8; 16 * 1024];
+        let mut open = true;
+        loop {
+            match self.tls.read(&mut self.down, &mut buf) {
+                Ok(0) => {
+                    open = false;
+                    break;
+                }
+                Ok(n) => self.to_up.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match self.up.read(&mut buf) {
+                Ok(0) => {
+                    open = false;
+                    break;
+                }
+                Ok(n) => self.to_down.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                // The connect to upstream has not completed yet.
+                Err(e) if e.kind() == ErrorKind::NotConnected => break,
+                Err(_) => return false,
+            }
+        }
+        while !self.to_up.is_empty() {
+            match self.up.write(&self.to_up) {
+                Ok(n) => drop(self.to_up.drain(..n)),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::NotConnected) => {
+                    break
+                }
+                Err(_) => return false,
+            }
+        }
+        while !self.to_down.is_empty() {
+            match self.tls.writer(&mut self.down).write(&self.to_down) {
+                Ok(n) => drop(self.to_down.drain(..n)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => return false,
+            }
+        }
+        if self.tls.write_tls(&mut self.down).is_err() {
+            return false;
+        }
+        // An end is passed on once what was read before it has been delivered.
+        open || !(self.to_up.is_empty() && self.to_down.is_empty() && !self.tls.wants_write())
+    }
+}
+
+impl Drop for TlsTerminator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

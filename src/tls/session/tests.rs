@@ -316,6 +316,7 @@ fn a_client_that_does_not_trust_us_aborts_with_an_alert() {
         "{:?}",
         tls.error
     );
+    assert_eq!(Failure::of(&client_error), Failure::Certificate);
     // The client's alert reaches the server on the next read.
     let server_error = s
         .and_then(|_| read_all(&mut server, &mut server_end))
@@ -560,6 +561,13 @@ fn classification_table() {
             &[],
             false,
             Failure::Renegotiation,
+        ),
+        (
+            "untrusted certificate",
+            Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            hello,
+            true,
+            Failure::Certificate,
         ),
         (
             "decrypt",
