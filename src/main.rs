@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 use wsrelay::app::{App, AppConfig, RateLimit};
 use wsrelay::poller::{MioPoller, PollPoller, Poller, SelectPoller};
+use wsrelay::server::config::TlsFiles;
 use wsrelay::server::{Config, Exit, Reactor, SlowConsumer};
+use wsrelay::tls::ServerTls;
 
 #[derive(Parser)]
 #[command(
@@ -92,6 +94,15 @@ struct ServeArgs {
     /// On SIGINT/SIGTERM, how long to wait for close handshakes before closing what is left.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
+
+    /// PEM certificate chain (the server's certificate first): the listener then speaks only
+    /// TLS (wss://, https://). Reloaded with the key on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of the --tls-cert certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 
     #[command(flatten)]
     relay: RelayArgs,
@@ -257,7 +268,29 @@ fn serve(args: ServeArgs) -> ExitCode {
         heartbeat_timeout: args.heartbeat_timeout,
         timer_tick: args.timer_tick,
         shutdown_timeout: args.shutdown_timeout,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| TlsFiles { cert, key }),
     };
+    if let Some(files) = &config.tls {
+        // Checked before anything else, so a bad pair is reported in words at once.
+        match ServerTls::load(&files.cert, &files.key) {
+            Ok(_) => {
+                // The reactor does not drive TLS sessions yet: refusing beats serving plain
+                // WebSockets to clients that were promised TLS.
+                eprintln!(
+                    "wsrelay: the certificate and key load, but this build cannot serve TLS yet \
+                     (--tls-cert/--tls-key); terminate TLS in a proxy (docs/operations.md)"
+                );
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("wsrelay: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let result = match args.poller {
         PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, app, config)),
         PollerKind::Poll => PollPoller::new().and_then(|p| run(p, app, config)),

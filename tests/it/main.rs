@@ -14,6 +14,7 @@ mod frames;
 mod http;
 mod relay_support;
 mod robustness;
+mod tls;
 
 mod access;
 mod envelope;
