@@ -62,6 +62,9 @@ pub enum CertError {
         path: PathBuf,
         source: rustls::Error,
     },
+    /// The crypto provider cannot do what is asked of it (TLS 1.2 and 1.3): a build problem,
+    /// not a file problem.
+    Provider(rustls::Error),
 }
 
 impl fmt::Display for CertError {
@@ -71,7 +74,7 @@ impl fmt::Display for CertError {
                 write!(f, "cannot read {}: {source}", path.display())
             }
             CertError::Pem { path, source } => {
-                write!(f, "{} is not valid PEM: {source:?}", path.display())
+                write!(f, "{} is not valid PEM: {source}", path.display())
             }
             CertError::NoCertificate { path } => write!(
                 f,
@@ -103,6 +106,7 @@ impl fmt::Display for CertError {
                     path.display()
                 )
             }
+            CertError::Provider(source) => write!(f, "the TLS crypto provider refused: {source}"),
         }
     }
 }
@@ -194,7 +198,7 @@ pub fn server_config(
     };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
-        .map_err(rejected)?
+        .map_err(CertError::Provider)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(rejected)?;
@@ -222,10 +226,7 @@ pub fn client_config(trust: &Trust) -> Result<ClientConfig, CertError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(VERSIONS)
-        .map_err(|source| CertError::BadRoot {
-            path: PathBuf::new(),
-            source,
-        })?;
+        .map_err(CertError::Provider)?;
     let mut config = match trust {
         Trust::PublicRoots => {
             let roots = RootCertStore {

@@ -221,7 +221,8 @@ impl TlsSession {
     /// Reads plaintext into `plain`, with the contract of a non-blocking socket read: `Ok(n)`
     /// bytes, `Ok(0)` at the end of the stream (a `close_notify`, or the peer closing TCP), or
     /// an error, `WouldBlock` once the socket has nothing more. Handshake messages are processed
-    /// on the way; afterwards `wants_write()` says whether answers wait to be sent.
+    /// on the way; afterwards `wants_write()` says whether answers wait to be sent. An end of
+    /// stream while `is_handshaking()` is a peer that gave up mid-handshake (`Failure::Eof`).
     ///
     /// # Errors
     /// The socket's errors, including `WouldBlock`; a TLS failure as `InvalidData` carrying a
