@@ -124,6 +124,11 @@ struct RelayArgs {
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     offline_max_bytes: usize,
 
+    /// Bytes the duplicate-suppression windows of all senders may take; beyond it the oldest
+    /// remembered client ids are forgotten first (counted).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    dedup_max_bytes: usize,
+
     /// HS256 secret: /ws and /r/ then require a JWT (?token= or Authorization: Bearer) whose
     /// `sub` is the id. Visible in `ps`: prefer --jwt-secret-file.
     #[arg(long, conflicts_with = "jwt_secret_file")]
@@ -175,6 +180,7 @@ impl RelayArgs {
             offline_max: self.offline_max,
             offline_ttl: self.offline_ttl,
             offline_max_bytes: self.offline_max_bytes,
+            dedup_max_bytes: self.dedup_max_bytes,
             jwt_secret,
             allow_origins: self.allow_origins,
             rate_limit,

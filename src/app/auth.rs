@@ -1,5 +1,5 @@
 //! Who may connect: HS256 JWT verification, where the token is found, and the Origin
-//! allow-list (SPEC §6 "Identity", issue 6 item 5).
+//! allow-list (SPEC §6 "Identity"; docs/protocol.md "Access").
 //!
 //! Owns: `JwtVerifier` (signature, algorithm, `exp`/`nbf`, `sub` and `rooms` claims), `AuthError`,
 //! `token_of` (query or `Authorization: Bearer`) and `origin_allowed`.
@@ -9,7 +9,8 @@
 //! The signature check is the `jsonwebtoken` crate's. It is asked for HS256 and nothing else, so
 //! a token whose header says `none`, RS256 or any other algorithm is refused before any key is
 //! used: the classic "alg confusion" attacks (an unsigned token, or an HMAC keyed with a public
-//! key) have nothing to work with. Time claims are checked here rather than in the crate, against
+//! key) have nothing to work with. A header with `crit` is refused (RFC 7515 §4.1.11: wsrelay
+//! understands no extension), which the crate does not check. Time claims are checked here rather than in the crate, against
 //! the hub's injectable clock, so tests can put a token exactly at its expiry.
 
 use super::envelope::{validate_id, validate_room};
@@ -52,6 +53,9 @@ pub enum AuthError {
     Malformed,
     /// The header names an algorithm other than HS256 (including `none`).
     WrongAlgorithm,
+    /// The header has a `crit` parameter: it names extensions the token's issuer requires the
+    /// recipient to understand, and wsrelay understands none (RFC 7515 §4.1.11).
+    UnsupportedCritical,
     /// The HMAC does not match the configured secret.
     BadSignature,
     /// `exp` is absent, or `exp` (plus the leeway) has passed.
@@ -69,6 +73,7 @@ impl AuthError {
             AuthError::Missing => "missing",
             AuthError::Malformed => "malformed",
             AuthError::WrongAlgorithm => "wrong_algorithm",
+            AuthError::UnsupportedCritical => "unsupported_crit",
             AuthError::BadSignature => "bad_signature",
             AuthError::Expired => "expired",
             AuthError::NotYetValid => "not_yet_valid",
@@ -112,8 +117,16 @@ impl JwtVerifier {
         // The crate refuses other algorithms too, but cannot even parse a header saying
         // `none` (it has no such algorithm). Reading `alg` first names that refusal for what
         // it is, and keeps the rule visible here: HS256 only (RFC 8725 §3.1).
-        if header_alg(token)? != "HS256" {
+        let header = Header::of(token)?;
+        if header.alg != "HS256" {
             return Err(AuthError::WrongAlgorithm);
+        }
+        // RFC 7515 §4.1.11: "If any of the listed extension Header Parameters are not
+        // understood and supported by the recipient, then the JWS is invalid." wsrelay supports
+        // no extension, so any `crit` (and a malformed one, which is invalid anyway) refuses the
+        // token. The crate parses `crit` but does not enforce it.
+        if header.crit {
+            return Err(AuthError::UnsupportedCritical);
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
@@ -151,18 +164,31 @@ impl JwtVerifier {
     }
 }
 
-/// The `alg` of a token's header (RFC 7515 §4.1.1), read without trusting anything else.
-fn header_alg(token: &str) -> Result<String, AuthError> {
-    #[derive(Deserialize)]
-    struct Header {
-        alg: String,
+/// What wsrelay checks in a token's header itself, before the crate verifies the signature.
+struct Header {
+    /// `alg` (RFC 7515 §4.1.1).
+    alg: String,
+    /// Whether a `crit` parameter (RFC 7515 §4.1.11) is present, whatever its value.
+    crit: bool,
+}
+
+impl Header {
+    /// Reads the header of `token` without trusting anything else in it.
+    fn of(token: &str) -> Result<Header, AuthError> {
+        let encoded = token.split('.').next().ok_or(AuthError::Malformed)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(encoded)
+            .map_err(|_| AuthError::Malformed)?;
+        let fields: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&json).map_err(|_| AuthError::Malformed)?;
+        let Some(serde_json::Value::String(alg)) = fields.get("alg") else {
+            return Err(AuthError::Malformed);
+        };
+        Ok(Header {
+            alg: alg.clone(),
+            crit: fields.contains_key("crit"),
+        })
     }
-    let encoded = token.split('.').next().ok_or(AuthError::Malformed)?;
-    let json = URL_SAFE_NO_PAD
-        .decode(encoded)
-        .map_err(|_| AuthError::Malformed)?;
-    let header: Header = serde_json::from_slice(&json).map_err(|_| AuthError::Malformed)?;
-    Ok(header.alg)
 }
 
 /// The bearer token of a request: `?token=` first (browsers cannot set headers on a WebSocket),
@@ -218,6 +244,15 @@ mod tests {
             B64.encode(claims.to_string()),
             B64.encode(signature)
         )
+    }
+
+    /// A token with a header written by hand, correctly signed with `SECRET`.
+    fn signed(header: &str, claims: &serde_json::Value) -> String {
+        let input = format!("{}.{}", B64.encode(header), B64.encode(claims.to_string()));
+        let key = EncodingKey::from_secret(SECRET);
+        let signature =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::HS256).unwrap();
+        format!("{input}.{signature}")
     }
 
     /// The expected outcome: the id and rooms granted, or the refusal.
@@ -305,6 +340,44 @@ mod tests {
                 )
                 .unwrap(),
                 Err(AuthError::WrongAlgorithm),
+            ),
+            (
+                "crit naming an extension",
+                signed(
+                    r#"{"alg":"HS256","typ":"JWT","crit":["x-ext"],"x-ext":1}"#,
+                    &good,
+                ),
+                Err(AuthError::UnsupportedCritical),
+            ),
+            (
+                "crit naming a registered claim",
+                signed(r#"{"alg":"HS256","crit":["exp"]}"#, &good),
+                Err(AuthError::UnsupportedCritical),
+            ),
+            (
+                "crit empty",
+                signed(r#"{"alg":"HS256","crit":[]}"#, &good),
+                Err(AuthError::UnsupportedCritical),
+            ),
+            (
+                "crit not a list",
+                signed(r#"{"alg":"HS256","crit":"x-ext"}"#, &good),
+                Err(AuthError::UnsupportedCritical),
+            ),
+            (
+                "crit null",
+                signed(r#"{"alg":"HS256","crit":null}"#, &good),
+                Err(AuthError::UnsupportedCritical),
+            ),
+            (
+                "unknown non-critical header parameter",
+                signed(r#"{"alg":"HS256","kid":"k1","x-ext":1}"#, &good),
+                Ok(("alice", None)),
+            ),
+            (
+                "alg not a string",
+                forged(r#"{"alg":5}"#, &good, b"sig"),
+                Err(AuthError::Malformed),
             ),
             ("not a jwt", "hello".into(), Err(AuthError::Malformed)),
             ("empty", String::new(), Err(AuthError::Malformed)),

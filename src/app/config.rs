@@ -1,4 +1,5 @@
-//! The application's settings: offline queue bounds, identity and access (SPEC §6).
+//! The application's settings: offline queue and duplicate-window bounds, identity and access
+//! (SPEC §6).
 //!
 //! Owns: `AppConfig` and its defaults (which are the CLI's defaults too).
 //! Does not: parse flags (main.rs does) or read files (the JWT secret arrives as bytes).
@@ -16,6 +17,9 @@ pub struct AppConfig {
     pub offline_max_bytes: usize,
     /// Client message ids remembered per sender for duplicate suppression.
     pub dedup_window: usize,
+    /// Bytes the duplicate windows of all senders may take; beyond it the oldest remembered ids
+    /// go first (see `dedup.rs`).
+    pub dedup_max_bytes: usize,
     /// HS256 secret; when set, `/ws` and `/r/` require a token.
     pub jwt_secret: Option<Vec<u8>>,
     /// Allowed `Origin` values; empty allows any.
@@ -31,6 +35,7 @@ impl Default for AppConfig {
             offline_ttl: Duration::from_secs(3600),
             offline_max_bytes: 64 << 20,
             dedup_window: 256,
+            dedup_max_bytes: 64 << 20,
             jwt_secret: None,
             allow_origins: Vec::new(),
             rate_limit: None,

@@ -10,6 +10,7 @@
 //! It is never turned into a value tree and re-serialised, so `{"b":1,"a":2}` keeps its key order,
 //! spacing and number spelling, and relaying costs one scan of the text.
 
+pub use crate::wire::AckStatus;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -249,34 +250,6 @@ pub fn validate_room(room: &str) -> Result<(), EnvelopeError> {
 }
 
 // ----- server -> client ----------------------------------------------------------------------
-
-/// The outcome of a `send` or `publish`, as told in its ack.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AckStatus {
-    /// Queued on at least one connection of the recipient (send) or handed to every current
-    /// member of the room (publish).
-    Delivered,
-    /// The recipient has no connection that took it; it waits in the offline queue.
-    Queued,
-    /// Not accepted; `reason` says why.
-    Rejected,
-}
-
-impl AckStatus {
-    pub fn name(self) -> &'static str {
-        match self {
-            AckStatus::Delivered => "delivered",
-            AckStatus::Queued => "queued",
-            AckStatus::Rejected => "rejected",
-        }
-    }
-}
-
-impl Serialize for AckStatus {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
 
 /// What happened in a room, for `presence` messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -9,7 +9,7 @@
 //! connections only through `Transport` (send a message or a shared frame to a `ConnId`, close
 //! one), which `App` implements with the reactor's `Outbox` and tests with a recorder.
 //!
-//! Implements SPEC §6 (endpoints and the relay) and issue 6.
+//! Implements SPEC §6 (endpoints and the relay), as docs/protocol.md tells it to clients.
 //!
 //! Ordering guarantees, all from the single-threaded loop: messages from one sender reach each
 //! recipient in the order they were sent (every recipient queue is FIFO and nothing reorders);
@@ -55,6 +55,9 @@ pub trait Transport {
     }
     /// Queues a frame encoded once (`encode_shared`) and shared by many recipients.
     fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent;
+    /// Like `send_shared`, but queued even over `--max-outbound`: for the welcome and the first
+    /// message of a backlog, which a connection must always be able to take (see `open`).
+    fn send_shared_unbounded(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent;
     /// Closes `conn` with `code` once the current callback returns.
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str);
 }
@@ -70,6 +73,10 @@ impl Transport for Outbox<'_> {
 
     fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
         Outbox::send_shared(self, to, frame)
+    }
+
+    fn send_shared_unbounded(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
+        Outbox::send_shared_unbounded(self, to, frame)
     }
 
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
@@ -155,7 +162,11 @@ impl Hub {
                 ttl: config.offline_ttl,
                 max_bytes: config.offline_max_bytes,
             }),
-            dedup: Dedup::new(config.dedup_window, config.offline_ttl),
+            dedup: Dedup::new(
+                config.dedup_window,
+                config.offline_ttl,
+                config.dedup_max_bytes,
+            ),
             next_msg_id,
             metrics: HubMetrics::default(),
             clock,
@@ -314,16 +325,28 @@ impl Hub {
                     .push(conn);
                 self.names.insert(conn, Rc::clone(&peer.id));
                 self.dedup.active(&peer.id);
+                // SPEC §6: the welcome, then queued (and, with `since`, retained) messages in
+                // order, before any live traffic. The welcome and the first message of the
+                // backlog are queued whatever --max-outbound says (the 101 response already
+                // fills part of it): otherwise one message that fits --max-message but not what
+                // the limit leaves would be refused on every connection, and nothing behind it
+                // would ever arrive. The rest goes while it fits; if the queue fills up, the
+                // rest stays pending and the connection is closed (1008): letting live traffic
+                // overtake the rest would break the order, and the client gets the rest when it
+                // reconnects (with the `close` policy the outbox has already asked for that
+                // close). So every connection makes progress through its backlog.
                 let welcome = envelope::welcome(&peer.id, self.mailboxes.newest(&peer.id));
-                tx.send(conn, OpCode::Text, &welcome);
-                // SPEC §6: queued (and, with `since`, retained) messages in order, before any
-                // live traffic. If the connection's queue fills up, the rest stays pending and
-                // the connection is closed (1008): letting live traffic overtake the rest would
-                // break the order, and the client gets the rest when it reconnects (with the
-                // `close` policy the outbox has already asked for that close).
+                let welcome = tx.encode_shared(OpCode::Text, &welcome);
+                tx.send_shared_unbounded(conn, &welcome);
                 let mut stalled = false;
+                let mut head = true;
                 let (first, again) = self.mailboxes.deliver(&peer.id, peer.since, |m| {
-                    let queued = tx.send_shared(conn, &m.frame) == Sent::Queued;
+                    let sent = if std::mem::take(&mut head) {
+                        tx.send_shared_unbounded(conn, &m.frame)
+                    } else {
+                        tx.send_shared(conn, &m.frame)
+                    };
+                    let queued = sent == Sent::Queued;
                     stalled |= !queued;
                     queued
                 });
@@ -550,20 +573,38 @@ impl Hub {
         );
         let frame = tx.encode_shared(OpCode::Text, &text);
         self.metrics.publish_messages += 1;
+        let (mut queued, mut dropped) = (0usize, 0usize);
         for member in self.rooms.members(room) {
-            if member != conn && tx.send_shared(member, &frame) == Sent::Queued {
-                self.metrics.publish_deliveries += 1;
+            if member == conn {
+                continue;
+            }
+            match tx.send_shared(member, &frame) {
+                Sent::Queued => queued += 1,
+                Sent::Dropped => dropped += 1,
+                // Being closed as a slow consumer (or already gone): it is leaving the room,
+                // and its departure is announced to the others.
+                Sent::Closed | Sent::Gone => {}
             }
         }
-        self.ack(
-            conn,
-            &peer.id,
-            client_id,
-            msg_id,
-            AckStatus::Delivered,
-            None,
-            tx,
-        );
+        self.metrics.publish_deliveries += queued as u64;
+        // The ack says what happened to the members (docs/protocol.md, "Acks"): the sender
+        // must not read `delivered` when a current member dropped the message.
+        let (status, reason) = match (queued, dropped) {
+            (_, 0) => (AckStatus::Delivered, None),
+            (0, _) => (
+                AckStatus::Rejected,
+                Some("every member is too far behind to take it".to_string()),
+            ),
+            (queued, dropped) => (
+                AckStatus::Partial,
+                Some(format!(
+                    "dropped for {dropped} of {} members (over --max-outbound)",
+                    queued + dropped
+                )),
+            ),
+        };
+        let reason = reason.as_deref();
+        self.ack(conn, &peer.id, client_id, msg_id, status, reason, tx);
     }
 
     /// Joins a room and tells every member, the joiner included (its confirmation). Joining a
@@ -745,6 +786,9 @@ impl Hub {
             offline_pending: self.mailboxes.pending(),
             removed: self.mailboxes.removed,
             expiring: self.mailboxes.expiring(self.clock.now()),
+            dedup_records: self.dedup.records(),
+            dedup_bytes: self.dedup.bytes(),
+            dedup_evicted: self.dedup.evicted(),
         };
         self.metrics.render(&gauges, out);
     }

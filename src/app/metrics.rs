@@ -6,6 +6,7 @@
 
 use super::mailbox::{Expiring, Removed};
 use crate::server::metrics::Writer;
+use crate::wire::AckStatus;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Default)]
@@ -56,6 +57,11 @@ pub struct HubGauges {
     /// What the bounds removed so far, and what has expired but is not yet swept.
     pub removed: Removed,
     pub expiring: Expiring,
+    /// Client ids remembered for duplicate suppression, the bytes counted for them against
+    /// --dedup-max-bytes, and how many that bound made the relay forget early.
+    pub dedup_records: usize,
+    pub dedup_bytes: usize,
+    pub dedup_evicted: u64,
 }
 
 impl HubMetrics {
@@ -204,8 +210,24 @@ impl HubMetrics {
             "Sends and publishes with an already seen client id (acked again, not delivered).",
             self.duplicates,
         );
+        w.gauge(
+            "wsrelay_dedup_records",
+            "Client message ids remembered for duplicate suppression.",
+            g.dedup_records,
+        );
+        w.gauge(
+            "wsrelay_dedup_bytes",
+            "Bytes the duplicate windows take, as counted against --dedup-max-bytes.",
+            g.dedup_bytes,
+        );
+        w.counter(
+            "wsrelay_dedup_evicted_total",
+            "Client message ids forgotten before their time to stay within --dedup-max-bytes (a retry of one is delivered again).",
+            g.dedup_evicted,
+        );
         w.family("wsrelay_acks_total", "counter", "Acks sent, by status.");
-        for status in ["delivered", "queued", "rejected"] {
+        // Every status is printed, counted or not, so a scrape sees the whole family.
+        for status in AckStatus::ALL.map(AckStatus::name) {
             let n = self.acks.get(status).copied().unwrap_or(0);
             w.sample("wsrelay_acks_total", &[("status", status)], n);
         }

@@ -6,7 +6,7 @@
 //! * `envelope.rs`: the JSON wire format of `/ws` and its error codes;
 //! * `rooms.rs`: room membership with O(1) join and leave;
 //! * `mailbox.rs`: retained direct messages (offline queue, recovery) and their bounds;
-//! * `dedup.rs`: duplicate suppression by client message id;
+//! * `dedup.rs`: duplicate suppression by client message id, within `--dedup-max-bytes`;
 //! * `demo/`: the demo page served at `/` (SPEC §8);
 //! * `auth.rs`: JWT, token sources, the Origin allow-list;
 //! * `ratelimit.rs`: the per-connection token bucket;

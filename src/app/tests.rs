@@ -24,7 +24,8 @@ struct Recorder {
     /// Every frame queued, in order.
     sent: Vec<Queued>,
     closes: Vec<(ConnId, CloseCode, &'static str)>,
-    /// Connections that refuse everything as slow consumers (`Sent::Dropped`).
+    /// Connections that refuse everything as slow consumers (`Sent::Dropped`), except what is
+    /// sent unbounded.
     slow: HashSet<ConnId>,
 }
 
@@ -41,6 +42,11 @@ impl Transport for Recorder {
         if self.slow.contains(&to) {
             return Sent::Dropped;
         }
+        self.send_shared_unbounded(to, shared)
+    }
+
+    /// Taken even by `slow` connections, as the outbox takes it even over --max-outbound.
+    fn send_shared_unbounded(&mut self, to: ConnId, shared: &Rc<[u8]>) -> Sent {
         let mut bytes = shared.to_vec();
         let decoded = frame::decode_frame(&mut bytes, Role::Client, u64::MAX)
             .unwrap()
@@ -153,12 +159,18 @@ impl Harness {
             .collect()
     }
 
+    /// The value of one sample of the hub's metrics. A sample the hub does not print fails
+    /// the test: a renamed metric must not read as 0.
     fn metric(&self, sample: &str) -> f64 {
         let mut text = String::new();
         self.hub.render_metrics(&mut text);
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
-            .map_or(0.0, |v| v.parse().unwrap())
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')));
+        value
+            .unwrap_or_else(|| panic!("no sample {sample} in the hub's metrics:\n{text}"))
+            .parse()
+            .unwrap()
     }
 }
 
@@ -408,14 +420,15 @@ fn a_recipient_online_but_dropping_everything_gets_it_rejected() {
 }
 
 #[test]
-fn a_backlog_that_does_not_fit_closes_the_connection_and_stays_pending() {
+fn a_backlog_that_does_not_fit_is_delivered_over_several_connections() {
     let mut h = Harness::plain();
     let a = h.connect("/ws?id=alice");
     h.inbox(a);
     for i in 0..3 {
         h.say(a, send("bob", json!(i), &format!("c{i}")));
     }
-    // bob connects, but his connection refuses the replay: closed 1008, nothing lost.
+    // bob connects, but his connection takes nothing beyond what it must always take (the
+    // welcome and the head of the backlog): closed 1008 after those, the rest stays pending.
     let b_slot = ConnId {
         slot: h.next_slot,
         generation: h.next_slot + 1000,
@@ -428,13 +441,19 @@ fn a_backlog_that_does_not_fit_closes_the_connection_and_stays_pending() {
         .closes
         .iter()
         .any(|&(conn, code, _)| conn == b && code == CloseCode::POLICY_VIOLATION));
+    let inbox = h.inbox(b);
+    assert_eq!(inbox[0]["type"], "welcome");
+    assert_eq!(
+        messages(&inbox),
+        vec![("alice".to_string(), json!(0))],
+        "progress: the head of the backlog"
+    );
     h.tx.slow.clear();
     h.disconnect(b);
     let b = h.connect("/ws?id=bob");
     assert_eq!(
         messages(&h.inbox(b)),
         vec![
-            ("alice".to_string(), json!(0)),
             ("alice".to_string(), json!(1)),
             ("alice".to_string(), json!(2)),
         ]
@@ -528,6 +547,75 @@ fn rooms_publish_presence_and_leave() {
     assert_eq!(h.metric("wsrelay_rooms{kind=\"envelope\"}"), 1.0);
     h.disconnect(a);
     assert_eq!(h.metric("wsrelay_rooms{kind=\"envelope\"}"), 0.0);
+}
+
+#[test]
+fn a_publish_ack_says_what_the_members_did_with_it() {
+    // (members that take it, members that drop it) -> (status, reason, msg_id present).
+    let cases: [(usize, usize, &str, Value, bool); 4] = [
+        (0, 0, "delivered", Value::Null, true),
+        (2, 0, "delivered", Value::Null, true),
+        (
+            2,
+            1,
+            "partial",
+            json!("dropped for 1 of 3 members (over --max-outbound)"),
+            true,
+        ),
+        (
+            0,
+            2,
+            "rejected",
+            json!("every member is too far behind to take it"),
+            false,
+        ),
+    ];
+    for (taking, dropping, status, reason, has_msg_id) in cases {
+        let mut h = Harness::plain();
+        let sender = h.connect("/ws?id=sender");
+        let mut members = Vec::new();
+        for i in 0..taking + dropping {
+            let id = format!("m{i}");
+            let m = h.connect(&format!("/ws?id={id}"));
+            h.say(m, json!({"type": "join", "room": "r"}));
+            if i >= taking {
+                h.tx.slow.insert(m);
+            }
+            members.push(m);
+        }
+        h.inbox(sender);
+        h.say(
+            sender,
+            json!({"type": "publish", "room": "r", "payload": 1, "id": "p1"}),
+        );
+        let ack = h.inbox(sender).pop().unwrap();
+        let case = format!("{taking} taking, {dropping} dropping: {ack}");
+        assert_eq!(ack["status"], status, "{case}");
+        assert_eq!(ack["reason"], reason, "{case}");
+        assert_eq!(ack["msg_id"].is_string(), has_msg_id, "{case}");
+        for &m in &members[..taking] {
+            assert_eq!(messages(&h.inbox(m)).len(), 1, "{case}");
+        }
+        // A retry is answered from the dedup window unless the publish was rejected.
+        h.say(
+            sender,
+            json!({"type": "publish", "room": "r", "payload": 1, "id": "p1"}),
+        );
+        let again = h.inbox(sender).pop().unwrap();
+        for field in ["id", "msg_id", "status"] {
+            assert_eq!(again[field], ack[field], "{case}: {again}");
+        }
+        assert_eq!(
+            h.metric("wsrelay_duplicates_total"),
+            if has_msg_id { 1.0 } else { 0.0 },
+            "{case}"
+        );
+        assert_eq!(
+            h.metric(&format!("wsrelay_acks_total{{status=\"{status}\"}}")),
+            2.0,
+            "{case}"
+        );
+    }
 }
 
 #[test]

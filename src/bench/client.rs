@@ -3,8 +3,8 @@
 //!
 //! Owns: the non-blocking connect (bound first to a chosen source address when asked), sending
 //! the upgrade request and checking the 101 (`protocol::client_handshake`), encoding masked
-//! frames into one outbound buffer and writing it, decoding the server's frames
-//! (`StreamDecoder` in `Role::Client`), answering Pings, and both directions of the close
+//! frames into one outbound buffer and writing it, reading the server's frames (the server's
+//! `FrameReader`, in `Role::Client`, straight out of the worker's read buffer), answering Pings, and both directions of the close
 //! handshake.
 //! Does not: decide what to send or when (the worker does), count or time anything, or own the
 //! poller (the worker registers `stream_mut()` under its own token).
@@ -13,8 +13,9 @@
 //! fresh unpredictable key), §5.5, §7.1.
 
 use crate::protocol::client_handshake::{self, ClientHandshakeError};
-use crate::protocol::decoder::{OwnedEvent, StreamDecoder};
+use crate::protocol::decoder::{FrameReader, Input};
 use crate::protocol::frame::{self, OpCode, Role};
+use crate::protocol::message::Event;
 use crate::protocol::{CloseCode, ProtocolError};
 use crate::tls::{self, TlsSession};
 use mio::net::TcpStream;
@@ -111,7 +112,7 @@ pub struct Client {
     /// Encoded bytes not yet written; `outbound[written..]` is what is left.
     outbound: Vec<u8>,
     written: usize,
-    decoder: StreamDecoder,
+    reader: FrameReader,
     /// When the connect started (for handshake latency and deadlines).
     pub started: Instant,
     /// True once the 101 was accepted, even if the connection failed later.
@@ -170,7 +171,7 @@ impl Client {
             head: Vec::new(),
             outbound,
             written: 0,
-            decoder: StreamDecoder::new(Role::Client, MAX_MESSAGE),
+            reader: FrameReader::new(Role::Client, MAX_MESSAGE),
             started: now,
             handshake_done: false,
         })
@@ -283,24 +284,24 @@ impl Client {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(failure_of(&e)),
             };
-            let data = buf.get(..n).unwrap_or_default();
+            let data = buf.get_mut(..n).unwrap_or_default();
             if self.state == State::Handshaking {
                 self.head.extend_from_slice(data);
                 match client_handshake::parse_response(&self.head, &self.key) {
                     Ok(None) => continue,
                     Ok(Some(rest)) => {
                         // Frames the server sent right behind its 101 belong to the stream.
-                        self.decoder.feed(rest);
+                        let mut rest = rest.to_vec();
                         self.head = Vec::new();
                         self.state = State::Open;
                         self.handshake_done = true;
+                        self.drain_events(&mut rest, rng, &mut on_message)?;
                     }
                     Err(e) => return Err(Failure::Handshake(Some(e))),
                 }
             } else {
-                self.decoder.feed(data);
+                self.drain_events(data, rng, &mut on_message)?;
             }
-            self.drain_events(rng, &mut on_message)?;
         }
         // Pongs and a Close reply queued while reading (and TLS handshake answers).
         self.flush()?;
@@ -330,20 +331,23 @@ impl Client {
         }
     }
 
+    /// Handles every event in `bytes` (one read), parsed in place.
     fn drain_events(
         &mut self,
+        bytes: &mut [u8],
         rng: &mut fastrand::Rng,
         on_message: &mut impl FnMut(&[u8]),
     ) -> Result<(), Failure> {
+        let mut input = Input::new(bytes);
         loop {
-            let event = match self.decoder.next_event() {
+            let event = match self.reader.next_event(&mut input) {
                 Ok(Some(event)) => event,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(Failure::Protocol(e)),
             };
             match event {
-                OwnedEvent::Message { data, .. } => on_message(&data),
-                OwnedEvent::Ping(payload) => {
+                Event::Message { data, .. } => on_message(&data),
+                Event::Ping(payload) => {
                     // RFC 6455 §5.5.2: answer with a Pong carrying the same payload (not after
                     // our Close, §5.5.1).
                     if self.state == State::Open {
@@ -351,15 +355,15 @@ impl Client {
                             &mut self.outbound,
                             true,
                             OpCode::Pong,
-                            &payload,
+                            payload,
                             Some(mask(rng)),
                         );
                     }
                 }
                 // §5.5.3: an unsolicited Pong needs no answer.
-                OwnedEvent::Pong(_) => {}
-                OwnedEvent::Close(close) => {
-                    let code = close.map(|(code, _)| code);
+                Event::Pong(_) => {}
+                Event::Close(close) => {
+                    let code = close.map(|close| close.code);
                     match self.state {
                         State::Open => {
                             // The server closes on us: answer with the same code (§5.5.1),

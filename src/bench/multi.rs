@@ -4,8 +4,8 @@
 //! Owns: `Part` (which share of the load a process takes), the coordinator that starts the
 //! child processes, lines their windows up and merges their reports, and the child's side of
 //! that conversation.
-//! Does not: plan or run any connection (`bench/mod.rs` and `worker.rs` do, in each child, as
-//! in a one-process run), or compute rates (`build_report` in `bench/mod.rs`).
+//! Does not: plan or run any connection (`plan.rs`, `coordinator.rs` and `worker.rs` do, in
+//! each child, as in a one-process run), or compute rates (`build_report` in `coordinator.rs`).
 //!
 //! SPEC §11 ("several processes when one process's descriptors are not enough").
 //!
@@ -31,9 +31,11 @@
 //! A child whose stdin closes before `go` (its coordinator died) closes its connections and
 //! reports without traffic.
 
+use super::coordinator::{self, Run};
+use super::flags::CommonArgs;
 use super::report::ChildExtra;
 use super::stats::{self, Errors, Tally};
-use super::{worker, CommonArgs, Run};
+use super::worker;
 use serde::Deserialize;
 use std::ffi::OsString;
 use std::fmt;
@@ -211,7 +213,7 @@ pub(super) fn coordinate(
         .collect();
     drop(tx);
 
-    let bar = super::progress_bar(common.warmup + common.duration);
+    let bar = coordinator::progress_bar(common.warmup + common.duration);
     let show = |phase: &str| {
         bar.set_message(format!("{processes} processes: {phase}"));
         bar.tick();
@@ -254,9 +256,9 @@ pub(super) fn coordinate(
     }
     let window_start = go + common.warmup;
     let window_end = window_start + common.duration;
-    super::sleep_until(window_start, || show("warm-up"));
+    coordinator::sleep_until(window_start, || show("warm-up"));
     let at_start = pid.and_then(|pid| super::procfs::sample(pid).ok());
-    super::sleep_until(window_end, || show("measuring"));
+    coordinator::sleep_until(window_end, || show("measuring"));
     let at_end = pid.and_then(|pid| super::procfs::sample(pid).ok());
 
     // Reports: bounded by the drain and close deadlines every child keeps.

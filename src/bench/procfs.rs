@@ -3,7 +3,7 @@
 //!
 //! Owns: parsing `/proc/PID/stat` (utime + stime) and `/proc/PID/status` (VmRSS), and reading
 //! both at once as a `Sample`.
-//! Does not: decide when to sample (the coordinator in `bench/mod.rs` samples at the edges of
+//! Does not: decide when to sample (`coordinator.rs` and `multi.rs` sample at the edges of
 //! the measured window) or compute per-message figures (`stats.rs`).
 //!
 //! SPEC §11 (`--server-pid`); proc(5).

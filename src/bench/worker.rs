@@ -4,8 +4,8 @@
 //! Owns: the stages of a run as one thread sees them (open its connections, wait for the go,
 //! run the traffic of the mode, drain what is in flight, close), the per-connection windows and
 //! the rate limit, and the counting into a `Tally`.
-//! Does not: parse flags, sample the server or print (`bench/mod.rs`), or speak the protocol
-//! (`client.rs` does, with `protocol/`).
+//! Does not: parse flags (`flags.rs`, `plan.rs`), sample the server or print (`coordinator.rs`),
+//! or speak the protocol (`client.rs` does, with `protocol/`).
 //!
 //! SPEC §11. The stages, in order (each bounded in time, so every run ends by itself):
 //! 1. Opening: connect and upgrade every connection of this thread, at most `OPEN_BATCH` at a

@@ -5,14 +5,15 @@
 //! masked with a fresh key), the reader thread, `LinkEvent` and `ConnectError`.
 //! Does not: decide what to send, when to ping or when to reconnect (`session.rs`), speak TLS
 //! (`wire.rs` does, under everything here), or parse HTTP and frames itself:
-//! `protocol::client_handshake` and `protocol::decoder` do, in the client role.
+//! `protocol::client_handshake` and `protocol::decoder::FrameReader` (the server's reader, in
+//! the client role) do.
 //!
 //! SPEC §4 (client role: "a random mask key per frame"), §7; RFC 6455 §4.1 (the client's
 //! handshake), §5.3 (masking).
 //!
 //! Blocking I/O on purpose: the client has one connection at a time, so a thread that sleeps in
 //! `read` is simpler to follow than a readiness loop. The session thread writes; the reader
-//! thread owns a clone of the socket and the `StreamDecoder`, and reports through a callback.
+//! thread owns a clone of the socket and the `FrameReader`, and reports through a callback.
 //! `Connection::shutdown` (also run on drop) wakes a reader blocked in `read`, so no thread
 //! outlives its connection for long.
 
@@ -20,7 +21,7 @@ use super::wire::{Wire, WireReader};
 use crate::protocol::client_handshake::{
     key_from_nonce, parse_response, upgrade_request_with_headers, ClientHandshakeError, WsUrl,
 };
-use crate::protocol::decoder::{OwnedEvent, StreamDecoder};
+use crate::protocol::decoder::{FrameReader, Input, OwnedEvent};
 use crate::protocol::frame::{self, OpCode, Role};
 use crate::protocol::{CloseCode, ProtocolError};
 use rustls::ClientConfig;
@@ -264,38 +265,55 @@ fn read_response(stream: &mut WireReader, key: &str) -> Result<Vec<u8>, ConnectE
     }
 }
 
-/// The reader thread: bytes from the socket into the client-role decoder, events out, until
+/// The reader thread: bytes from the socket into the client-role reader, events out, until
 /// EOF, an error, or nobody listening.
 fn read_loop(mut stream: WireReader, rest: &[u8], mut on_event: impl FnMut(LinkEvent) -> bool) {
     // RFC 6455 §5.1: in the client role, a masked frame from the server is an error.
-    let mut decoder = StreamDecoder::new(Role::Client, MAX_MESSAGE);
-    decoder.feed(rest);
+    let mut reader = FrameReader::new(Role::Client, MAX_MESSAGE);
+    // Frames the server sent right behind its 101 come first.
+    if !report_events(&mut reader, &mut rest.to_vec(), &mut on_event) {
+        return;
+    }
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        loop {
-            match decoder.next_event() {
-                Ok(Some(event)) => {
-                    if !on_event(LinkEvent::Frame(event)) {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    on_event(LinkEvent::Protocol(e));
-                    return;
-                }
-            }
-        }
         match stream.read(&mut buf) {
             Ok(0) => {
                 on_event(LinkEvent::Lost("the server closed the connection".into()));
                 return;
             }
-            Ok(n) => decoder.feed(&buf[..n]),
+            Ok(n) => {
+                if !report_events(&mut reader, &mut buf[..n], &mut on_event) {
+                    return;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 on_event(LinkEvent::Lost(describe(&e)));
                 return;
+            }
+        }
+    }
+}
+
+/// Reports every event in `bytes`. Returns false when the reader thread should end: nobody
+/// listens any more, or the server broke the protocol.
+fn report_events(
+    reader: &mut FrameReader,
+    bytes: &mut [u8],
+    on_event: &mut impl FnMut(LinkEvent) -> bool,
+) -> bool {
+    let mut input = Input::new(bytes);
+    loop {
+        match reader.next_event(&mut input) {
+            Ok(Some(event)) => {
+                if !on_event(LinkEvent::Frame(event.into())) {
+                    return false;
+                }
+            }
+            Ok(None) => return true,
+            Err(e) => {
+                on_event(LinkEvent::Protocol(e));
+                return false;
             }
         }
     }

@@ -8,6 +8,7 @@
 //! SPEC §6 (the envelope shapes), §7 (`[time] from -> to: payload`, `--json`).
 
 use super::outbox::Outgoing;
+use crate::wire::AckStatus;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -145,14 +146,18 @@ pub fn render_message(
 /// one of our messages.
 pub fn render_ack(time: &str, sent: &Outgoing, status: &str, reason: Option<&str>) -> String {
     let who = printable(&sent.recipient());
-    let text = match status {
-        "delivered" => format!("delivered to {who}"),
-        "queued" => format!("queued for {who}, who is offline"),
-        "rejected" => format!(
+    let text = match AckStatus::parse(status) {
+        Some(AckStatus::Delivered) => format!("delivered to {who}"),
+        Some(AckStatus::Partial) => format!(
+            "partly delivered to {who}: {}",
+            printable(reason.unwrap_or("no reason given"))
+        ),
+        Some(AckStatus::Queued) => format!("queued for {who}, who is offline"),
+        Some(AckStatus::Rejected) => format!(
             "rejected (to {who}): {}",
             printable(reason.unwrap_or("no reason given"))
         ),
-        other => format!("{} (to {who})", printable(other)),
+        None => format!("{} (to {who})", printable(status)),
     };
     format!("[{time}] * {text}")
 }
@@ -327,6 +332,8 @@ mod tests {
             ("escape sequence", render_message(t, "a\u{1b}[2J", Some("b"), None, &json!("x\ny")), "[12:00:01] a\\u{1b}[2J -> b: x\\ny"),
             ("delivered", render_ack(t, &send, "delivered", None), "[12:00:01] * delivered to bob"),
             ("queued", render_ack(t, &send, "queued", None), "[12:00:01] * queued for bob, who is offline"),
+            ("partial", render_ack(t, &publish, "partial", Some("dropped for 1 of 3 members (over --max-outbound)")),
+             "[12:00:01] * partly delivered to #lobby: dropped for 1 of 3 members (over --max-outbound)"),
             ("rejected", render_ack(t, &publish, "rejected", Some("forbidden")), "[12:00:01] * rejected (to #lobby): forbidden"),
             ("joined", render_presence(t, "lobby", "bob", "join"), "[12:00:01] * bob joined #lobby"),
             ("left", render_presence(t, "lobby", "bob", "leave"), "[12:00:01] * bob left #lobby"),

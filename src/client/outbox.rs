@@ -66,29 +66,6 @@ impl Outgoing {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Overflow(pub Outgoing);
 
-/// The ack `status` values of SPEC §6.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AckStatus {
-    /// Handed to at least one live connection of the recipient (or to the room).
-    Delivered,
-    /// The recipient is offline; the relay holds the message for it.
-    Queued,
-    /// Refused (for instance, a room outside the token's `rooms` claim).
-    Rejected,
-}
-
-impl AckStatus {
-    /// The status for its wire spelling; unknown spellings are `None`.
-    pub fn parse(text: &str) -> Option<AckStatus> {
-        match text {
-            "delivered" => Some(AckStatus::Delivered),
-            "queued" => Some(AckStatus::Queued),
-            "rejected" => Some(AckStatus::Rejected),
-            _ => None,
-        }
-    }
-}
-
 /// Outgoing messages from the moment they are typed to the moment they are acked.
 #[derive(Debug)]
 pub struct Outbox {
@@ -371,20 +348,6 @@ mod tests {
         o.send_now(Outgoing::Raw("x".into()));
         assert!(o.is_settled());
         assert!(o.on_connect().is_empty());
-    }
-
-    #[test]
-    fn ack_statuses() {
-        let cases: &[(&str, Option<AckStatus>)] = &[
-            ("delivered", Some(AckStatus::Delivered)),
-            ("queued", Some(AckStatus::Queued)),
-            ("rejected", Some(AckStatus::Rejected)),
-            ("Delivered", None),
-            ("", None),
-        ];
-        for &(text, want) in cases {
-            assert_eq!(AckStatus::parse(text), want, "{text:?}");
-        }
     }
 
     #[test]

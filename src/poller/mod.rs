@@ -4,6 +4,7 @@
 //! Owns: the `Poller` trait, `Token`, `Interest`, `Event`, and the backends: `mio.rs`
 //! (`MioPoller`, edge-triggered), `poll.rs` (`PollPoller`) and `select.rs` (`SelectPoller`), both
 //! level-triggered siblings with the same surface. `tests.rs` runs the shared behaviour on all three.
+//! `waker.rs`: a descriptor other threads make readable, which every backend can watch.
 //! Does not: know anything about WebSockets, HTTP or connections. It sees descriptors and tokens.
 //!
 //! # The contract every caller relies on (SPEC §2, §10)
@@ -27,6 +28,7 @@ mod poll;
 mod select;
 #[cfg(test)]
 mod tests;
+pub mod waker;
 
 pub use self::mio::MioPoller;
 pub use self::poll::PollPoller;

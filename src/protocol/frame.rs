@@ -43,6 +43,9 @@ pub const MAX_HEADER_LEN: usize = 14;
 
 const FIN_BIT: u8 = 0x80;
 const RSV_BITS: u8 = 0x70;
+const RSV1_BIT: u8 = 0x40;
+/// RSV2 and RSV3: no extension wsrelay knows gives them a meaning.
+const RSV23_BITS: u8 = 0x30;
 const OPCODE_BITS: u8 = 0x0F;
 const MASK_BIT: u8 = 0x80;
 const LEN7_BITS: u8 = 0x7F;
@@ -118,6 +121,10 @@ impl OpCode {
 pub struct FrameHeader {
     /// This is the last frame of its message (always true for control frames).
     pub fin: bool,
+    /// RSV1: with permessage-deflate negotiated (RFC 7692 §6), the message this frame starts is
+    /// compressed. Only ever true when the decoder was told RSV1 is allowed, and then only on the
+    /// first frame of a data message.
+    pub rsv1: bool,
     pub opcode: OpCode,
     /// The masking key, present exactly on frames sent by a client.
     pub mask: Option<[u8; 4]>,
@@ -132,6 +139,7 @@ impl FrameHeader {
     pub fn new(fin: bool, opcode: OpCode, mask: Option<[u8; 4]>, payload_len: u64) -> FrameHeader {
         FrameHeader {
             fin,
+            rsv1: false,
             opcode,
             mask,
             payload_len,
@@ -143,8 +151,9 @@ impl FrameHeader {
     /// header decoded from a non-minimal encoding is emitted shorter than it arrived).
     pub fn emit(&self, out: &mut Vec<u8>) {
         let fin_bit = if self.fin { FIN_BIT } else { 0 };
+        let rsv1_bit = if self.rsv1 { RSV1_BIT } else { 0 };
         let mask_bit = if self.mask.is_some() { MASK_BIT } else { 0 };
-        out.push(fin_bit | self.opcode.as_u8());
+        out.push(fin_bit | rsv1_bit | self.opcode.as_u8());
         // RFC 6455 §5.2: lengths up to 125 fit in 7 bits; 126 announces a 16-bit length and 127
         // a 64-bit one, both in network byte order.
         if let Ok(len7 @ 0..=125) = u8::try_from(self.payload_len) {
@@ -162,7 +171,24 @@ impl FrameHeader {
     }
 }
 
-/// Decodes and validates the frame header at the start of `buf`.
+/// Decodes and validates the frame header at the start of `buf`, with no extension negotiated
+/// (every reserved bit is an error). See `decode_header_with`.
+///
+/// # Errors
+/// Those of `decode_header_with`.
+#[inline]
+pub fn decode_header(
+    buf: &[u8],
+    role: Role,
+    max_payload: u64,
+) -> Result<Option<FrameHeader>, ProtocolError> {
+    decode_header_with(buf, role, max_payload, false)
+}
+
+/// Decodes and validates the frame header at the start of `buf`. `rsv1_allowed` says that an
+/// extension giving RSV1 a meaning was negotiated (permessage-deflate, RFC 7692): RSV1 is then
+/// accepted on the first frame of a data message (Text or Binary), and still refused on
+/// continuation and control frames (RFC 7692 §6, §6.1).
 ///
 /// Returns `Ok(None)` while `buf` holds too few bytes to finish the header (the payload is not
 /// needed). Non-minimal length encodings (a 16-bit length below 126, a 64-bit length below
@@ -171,27 +197,36 @@ impl FrameHeader {
 ///
 /// # Errors
 /// Checked in wire order, each as soon as its bytes are in `buf`:
-/// - `ReservedBits`: RSV1-3 set (no extension is negotiated);
+/// - `ReservedBits`: RSV2 or RSV3 set, or RSV1 where it is not allowed;
 /// - `UnknownOpCode`: a reserved opcode;
 /// - `FragmentedControl`: a control frame without FIN;
 /// - `UnmaskedFrame` (role `Server`) / `MaskedFrame` (role `Client`): wrong masking for the role;
 /// - `LengthTopBit`: a 64-bit length with its most significant bit set (seen on its first byte);
 /// - `ControlTooLong`: a control frame with a payload above 125 bytes;
 /// - `MessageTooBig`: `payload_len > max_payload`.
-pub fn decode_header(
+#[inline]
+pub fn decode_header_with(
     buf: &[u8],
     role: Role,
     max_payload: u64,
+    rsv1_allowed: bool,
 ) -> Result<Option<FrameHeader>, ProtocolError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
     // RFC 6455 §5.2: RSV1-3 "MUST be 0 unless an extension is negotiated that defines meanings
-    // for non-zero values". wsrelay negotiates no extension.
-    if first & RSV_BITS != 0 {
+    // for non-zero values". Only permessage-deflate is ever negotiated, and it defines RSV1.
+    let forbidden = if rsv1_allowed { RSV23_BITS } else { RSV_BITS };
+    if first & forbidden != 0 {
         return Err(ProtocolError::ReservedBits);
     }
     let opcode = OpCode::from_u8(first & OPCODE_BITS)?;
+    let rsv1 = first & RSV1_BIT != 0;
+    // RFC 7692 §6: RSV1 marks the first frame of a compressed message; continuation and control
+    // frames never carry it.
+    if rsv1 && !matches!(opcode, OpCode::Text | OpCode::Binary) {
+        return Err(ProtocolError::ReservedBits);
+    }
     let fin = first & FIN_BIT != 0;
     // RFC 6455 §5.5: "Control frames ... MUST NOT be fragmented."
     if opcode.is_control() && !fin {
@@ -250,6 +285,7 @@ pub fn decode_header(
     };
     Ok(Some(FrameHeader {
         fin,
+        rsv1,
         opcode,
         mask,
         payload_len,
@@ -275,12 +311,27 @@ pub struct DecodedFrame {
 /// # Errors
 /// Those of `decode_header`; also `MessageTooBig` if the length does not fit in `usize` (only
 /// possible on targets narrower than 64 bits).
+#[inline]
 pub fn decode_frame(
     buf: &mut [u8],
     role: Role,
     max_payload: u64,
 ) -> Result<Option<DecodedFrame>, ProtocolError> {
-    let Some(header) = decode_header(buf, role, max_payload)? else {
+    decode_frame_with(buf, role, max_payload, false)
+}
+
+/// `decode_frame` with RSV1 allowed or not, as in `decode_header_with`.
+///
+/// # Errors
+/// Those of `decode_frame`.
+#[inline]
+pub fn decode_frame_with(
+    buf: &mut [u8],
+    role: Role,
+    max_payload: u64,
+    rsv1_allowed: bool,
+) -> Result<Option<DecodedFrame>, ProtocolError> {
+    let Some(header) = decode_header_with(buf, role, max_payload, rsv1_allowed)? else {
         return Ok(None);
     };
     let len = usize::try_from(header.payload_len)
@@ -303,6 +354,7 @@ pub fn decode_frame(
 
 /// Bytes of the header `encode` writes for a payload of `payload_len` bytes: 2, plus 2 or 8 for an
 /// extended length, plus 4 for a masking key.
+#[inline]
 pub fn header_len(payload_len: usize, masked: bool) -> usize {
     header_len_u64(payload_len as u64, masked)
 }
@@ -324,6 +376,7 @@ fn header_len_u64(payload_len: u64, masked: bool) -> usize {
 ///
 /// # Panics
 /// In debug builds, on a fragmented or over-long control frame: a caller bug, never peer input.
+#[inline]
 pub fn encode_into(
     out: &mut Vec<u8>,
     fin: bool,
@@ -480,6 +533,7 @@ mod tests {
     fn headers_at_the_edges_of_the_rules() {
         let h = |fin, opcode, mask, payload_len, header_len| FrameHeader {
             fin,
+            rsv1: false,
             opcode,
             mask,
             payload_len,

@@ -24,7 +24,7 @@
 //!
 //! Invariant: `parse_request` is a pure function of its input, and for any `buf` a prefix of it
 //! that gives a decision (`Some` or `Err`) gives the same decision as `buf` itself. So the reactor
-//! may feed bytes in any chunking and re-parse the accumulated buffer; `fuzz_check` tests this.
+//! may feed bytes in any chunking and re-parse the accumulated buffer; `fuzz::check` tests this.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -582,73 +582,79 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-/// The fuzzing oracle (fuzz/fuzz_targets/handshake.rs, and the corpus replay test).
-///
-/// Asserts, for any input: no panic; a consumed length within the input and the limit; feeding
-/// the input in chunks (re-parsing the accumulated prefix, as the reactor does) reaches the same
-/// decision as parsing it whole; and every response we would send starts with `HTTP/1.1 `.
-/// Unlike the rest of this layer it panics by design: a failed assertion is the finding.
-#[doc(hidden)]
-pub fn fuzz_check(data: &[u8]) {
-    let whole = parse_request(data);
+/// The fuzzing oracle, compiled only for tests and fuzzing builds (`cargo fuzz` passes
+/// `--cfg fuzzing`), never into the shipped library.
+#[cfg(any(test, fuzzing))]
+pub mod fuzz {
+    use super::*;
 
-    // The chunk size comes from the input so the fuzzer explores chunkings too; at most ~32
-    // re-parses keep each run cheap.
-    let hint = data.first().map_or(1, |&b| usize::from(b % 32) + 1);
-    let chunk = (data.len() / hint).max(1);
-    let mut fed = 0;
-    let chunked = loop {
-        fed = (fed + chunk).min(data.len());
-        let prefix = data.get(..fed).unwrap_or(data);
-        match parse_request(prefix) {
-            Ok(None) if fed < data.len() => continue,
-            decision => break decision,
-        }
-    };
-    assert_eq!(chunked, whole, "chunked feeding (chunk {chunk}) disagrees");
+    /// The fuzzing oracle (fuzz/fuzz_targets/handshake.rs, and the corpus replay test).
+    ///
+    /// Asserts, for any input: no panic; a consumed length within the input and the limit; feeding
+    /// the input in chunks (re-parsing the accumulated prefix, as the reactor does) reaches the same
+    /// decision as parsing it whole; and every response we would send starts with `HTTP/1.1 `.
+    /// Unlike the rest of this layer it panics by design: a failed assertion is the finding.
+    pub fn check(data: &[u8]) {
+        let whole = parse_request(data);
 
-    match whole {
-        Ok(None) => assert!(
-            data.len() <= MAX_REQUEST_BYTES,
-            "incomplete beyond the limit"
-        ),
-        Ok(Some((request, n))) => {
-            assert!(
-                n > 0 && n <= data.len() && n <= MAX_REQUEST_BYTES,
-                "consumed {n}"
-            );
-            // One byte short of the head is never a head; the head alone is the same request.
-            let short = data.get(..n - 1).unwrap_or(data);
-            assert_eq!(parse_request(short), Ok(None), "head minus one byte");
-            let exact = data.get(..n).unwrap_or(data);
-            assert_eq!(
-                parse_request(exact),
-                Ok(Some((request.clone(), n))),
-                "head alone"
-            );
-            // Exercise the accessors on whatever arrived.
-            let _ = request.query_param("id");
-            let _ = request.has_token("connection", "upgrade");
-            match validate_upgrade(&request) {
-                Ok(upgrade) => {
-                    assert_eq!(upgrade.accept.len(), 28, "accept is base64 of 20 bytes");
-                    let protocol = upgrade.protocols.first().map(String::as_str);
-                    let response = upgrade_response(&upgrade.accept, protocol);
-                    assert!(response.starts_with(b"HTTP/1.1 101 "));
-                    assert!(response.ends_with(b"\r\n\r\n"));
+        // The chunk size comes from the input so the fuzzer explores chunkings too; at most ~32
+        // re-parses keep each run cheap.
+        let hint = data.first().map_or(1, |&b| usize::from(b % 32) + 1);
+        let chunk = (data.len() / hint).max(1);
+        let mut fed = 0;
+        let chunked = loop {
+            fed = (fed + chunk).min(data.len());
+            let prefix = data.get(..fed).unwrap_or(data);
+            match parse_request(prefix) {
+                Ok(None) if fed < data.len() => continue,
+                decision => break decision,
+            }
+        };
+        assert_eq!(chunked, whole, "chunked feeding (chunk {chunk}) disagrees");
+
+        match whole {
+            Ok(None) => assert!(
+                data.len() <= MAX_REQUEST_BYTES,
+                "incomplete beyond the limit"
+            ),
+            Ok(Some((request, n))) => {
+                assert!(
+                    n > 0 && n <= data.len() && n <= MAX_REQUEST_BYTES,
+                    "consumed {n}"
+                );
+                // One byte short of the head is never a head; the head alone is the same request.
+                let short = data.get(..n - 1).unwrap_or(data);
+                assert_eq!(parse_request(short), Ok(None), "head minus one byte");
+                let exact = data.get(..n).unwrap_or(data);
+                assert_eq!(
+                    parse_request(exact),
+                    Ok(Some((request.clone(), n))),
+                    "head alone"
+                );
+                // Exercise the accessors on whatever arrived.
+                let _ = request.query_param("id");
+                let _ = request.has_token("connection", "upgrade");
+                match validate_upgrade(&request) {
+                    Ok(upgrade) => {
+                        assert_eq!(upgrade.accept.len(), 28, "accept is base64 of 20 bytes");
+                        let protocol = upgrade.protocols.first().map(String::as_str);
+                        let response = upgrade_response(&upgrade.accept, protocol);
+                        assert!(response.starts_with(b"HTTP/1.1 101 "));
+                        assert!(response.ends_with(b"\r\n\r\n"));
+                    }
+                    Err(e) => assert!(e.response().starts_with(b"HTTP/1.1 ")),
                 }
-                Err(e) => assert!(e.response().starts_with(b"HTTP/1.1 ")),
+                // Header values taken from the request must not break a response we build.
+                let echoed = request.header("origin").unwrap_or("");
+                let response = http_response(200, "text/plain", &[("X-Echo", echoed)], data);
+                assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"));
             }
-            // Header values taken from the request must not break a response we build.
-            let echoed = request.header("origin").unwrap_or("");
-            let response = http_response(200, "text/plain", &[("X-Echo", echoed)], data);
-            assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"));
-        }
-        Err(e) => {
-            if e == HandshakeError::TooLarge {
-                assert!(data.len() > MAX_REQUEST_BYTES, "TooLarge within the limit");
+            Err(e) => {
+                if e == HandshakeError::TooLarge {
+                    assert!(data.len() > MAX_REQUEST_BYTES, "TooLarge within the limit");
+                }
+                assert!(e.response().starts_with(b"HTTP/1.1 "));
             }
-            assert!(e.response().starts_with(b"HTTP/1.1 "));
         }
     }
 }
@@ -656,6 +662,7 @@ pub fn fuzz_check(data: &[u8]) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
+    use super::fuzz::check as fuzz_check;
     use super::*;
     use proptest::prelude::*;
 

@@ -33,10 +33,16 @@ pub struct CloseFrame<'a> {
 /// What one frame completed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    /// A whole data message. `opcode` is `Text` (then `data` is valid UTF-8) or `Binary`.
-    /// `data` borrows the frame's payload when the message was a single frame, and owns the
-    /// assembled bytes when it came in fragments.
-    Message { opcode: OpCode, data: Cow<'a, [u8]> },
+    /// A whole data message. `opcode` is `Text` or `Binary`. `data` borrows the frame's payload
+    /// when the message was a single frame, and owns the assembled bytes when it came in
+    /// fragments. `compressed` is the RSV1 bit of its first frame (RFC 7692 §6): then `data` is
+    /// still deflated, and a Text message's UTF-8 is checked by whoever inflates it; otherwise
+    /// Text `data` is valid UTF-8.
+    Message {
+        opcode: OpCode,
+        data: Cow<'a, [u8]>,
+        compressed: bool,
+    },
     /// A Ping; RFC 6455 §5.5.2 says to answer with a Pong carrying the same payload.
     Ping(&'a [u8]),
     /// A Pong (an answer, or an unsolicited heartbeat to ignore; RFC 6455 §5.5.3).
@@ -50,6 +56,15 @@ pub enum Event<'a> {
 struct OpenMessage {
     opcode: OpCode,
     data: Vec<u8>,
+    /// RSV1 of the first frame: the bytes are deflated, so UTF-8 cannot be checked here.
+    compressed: bool,
+}
+
+impl OpenMessage {
+    /// Text whose bytes are the message itself (not deflated), so UTF-8 is checked as it comes.
+    fn checks_utf8(&self) -> bool {
+        self.opcode == OpCode::Text && !self.compressed
+    }
 }
 
 /// How far the payload of a text frame that has not fully arrived has been validated.
@@ -87,7 +102,8 @@ impl Assembler {
     ///
     /// Returns `Ok(None)` for a fragment that does not end its message, otherwise the event the
     /// frame completes. Control frames may arrive between the fragments of a message (RFC 6455
-    /// §5.4) and are reported at once.
+    /// §5.4) and are reported at once. The same as `push_fragment` for a frame that
+    /// `completes_event` says does not complete one, and `push_final` for the others.
     ///
     /// # Errors
     /// - `StrayContinuation`: a continuation frame with no fragmented message open;
@@ -102,18 +118,68 @@ impl Assembler {
     ///
     /// After an error the connection is failing: the open message is dropped, and the assembler
     /// should not be fed again (or `reset` first).
-    pub fn push<'a>(
-        &'a mut self,
+    pub fn push<'p>(
+        &mut self,
         header: &FrameHeader,
-        payload: &'a [u8],
-    ) -> Result<Option<Event<'a>>, ProtocolError> {
+        payload: &'p [u8],
+    ) -> Result<Option<Event<'p>>, ProtocolError> {
+        if completes_event(header) {
+            self.push_final(header, payload).map(Some)
+        } else {
+            self.push_fragment(header, payload).map(|()| None)
+        }
+    }
+
+    /// Feeds a data frame without FIN: it starts or continues a fragmented message, and never
+    /// completes an event. Split from `push_final` so that a caller returning the event of a
+    /// final frame (the frame reader) does not keep the assembler borrowed for a fragment.
+    ///
+    /// # Errors
+    /// As `push`.
+    pub fn push_fragment(
+        &mut self,
+        header: &FrameHeader,
+        payload: &[u8],
+    ) -> Result<(), ProtocolError> {
+        debug_assert!(!completes_event(header));
         debug_assert_eq!(header.payload_len, payload.len() as u64);
-        // The frame is whole now; `start`/`continue_message` validate all of it.
+        // The frame is whole now; `start_fragmented`/`continue_message` validate all of it.
         self.partial = None;
         match header.opcode {
-            OpCode::Text | OpCode::Binary => self.start(header.opcode, header.fin, payload),
-            OpCode::Continuation => self.continue_message(header.fin, payload),
-            OpCode::Close | OpCode::Ping | OpCode::Pong => control_event(header, payload).map(Some),
+            OpCode::Continuation => self.continue_message(false, payload),
+            _ => self.start_fragmented(header, payload),
+        }
+    }
+
+    /// Feeds a frame that completes an event (see `completes_event`): a control frame, a
+    /// one-frame message, or the last fragment of one.
+    ///
+    /// # Errors
+    /// As `push`.
+    /// The event borrows only `payload` (an assembled message is moved out, owned), so the
+    /// assembler is free again as soon as this returns.
+    #[inline]
+    pub fn push_final<'p>(
+        &mut self,
+        header: &FrameHeader,
+        payload: &'p [u8],
+    ) -> Result<Event<'p>, ProtocolError> {
+        debug_assert!(completes_event(header));
+        debug_assert_eq!(header.payload_len, payload.len() as u64);
+        self.partial = None;
+        match header.opcode {
+            OpCode::Text | OpCode::Binary => self.single(header, payload),
+            OpCode::Continuation => {
+                self.continue_message(true, payload)?;
+                // `continue_message` refused a continuation with no open message.
+                let open = self.open.take().ok_or(ProtocolError::StrayContinuation)?;
+                Ok(Event::Message {
+                    opcode: open.opcode,
+                    data: Cow::Owned(open.data),
+                    compressed: open.compressed,
+                })
+            }
+            OpCode::Close | OpCode::Ping | OpCode::Pong => control_event(header, payload),
         }
     }
 
@@ -152,12 +218,9 @@ impl Assembler {
         header: &FrameHeader,
         masked_prefix: &[u8],
     ) -> Result<(), ProtocolError> {
-        let continues_text = self
-            .open
-            .as_ref()
-            .is_some_and(|open| open.opcode == OpCode::Text);
+        let continues_text = self.open.as_ref().is_some_and(OpenMessage::checks_utf8);
         let fresh = match header.opcode {
-            OpCode::Text if self.open.is_none() => Utf8Validator::default(),
+            OpCode::Text if self.open.is_none() && !header.rsv1 => Utf8Validator::default(),
             OpCode::Continuation if continues_text => self.utf8.clone(),
             // Anything else is validated (or refused) by `push` when it completes.
             _ => return Ok(()),
@@ -184,50 +247,63 @@ impl Assembler {
         result
     }
 
-    /// A Text or Binary frame: a whole message, or the first fragment of one.
-    fn start<'a>(
+    /// A Text or Binary frame with FIN: a whole message, handed out without a copy.
+    fn single<'a>(
         &mut self,
-        opcode: OpCode,
-        fin: bool,
+        header: &FrameHeader,
         payload: &'a [u8],
-    ) -> Result<Option<Event<'a>>, ProtocolError> {
-        // RFC 6455 §5.4: "the fragments of one message MUST NOT be interleaved between the
-        // fragments of another message".
-        if self.open.is_some() {
-            self.reset();
-            return Err(ProtocolError::InterleavedMessage);
-        }
+    ) -> Result<Event<'a>, ProtocolError> {
+        self.refuse_interleaved()?;
         if payload.len() > self.max_message {
             return Err(ProtocolError::MessageTooBig);
         }
-        if fin {
-            // The common case: a one-frame message is handed out without a copy.
-            if opcode == OpCode::Text && std::str::from_utf8(payload).is_err() {
-                return Err(ProtocolError::InvalidUtf8);
-            }
-            return Ok(Some(Event::Message {
-                opcode,
-                data: Cow::Borrowed(payload),
-            }));
+        if header.opcode == OpCode::Text && !header.rsv1 && std::str::from_utf8(payload).is_err() {
+            return Err(ProtocolError::InvalidUtf8);
         }
-        if opcode == OpCode::Text {
+        Ok(Event::Message {
+            opcode: header.opcode,
+            data: Cow::Borrowed(payload),
+            compressed: header.rsv1,
+        })
+    }
+
+    /// A Text or Binary frame without FIN: the first fragment of a message.
+    fn start_fragmented(
+        &mut self,
+        header: &FrameHeader,
+        payload: &[u8],
+    ) -> Result<(), ProtocolError> {
+        self.refuse_interleaved()?;
+        if payload.len() > self.max_message {
+            return Err(ProtocolError::MessageTooBig);
+        }
+        let open = OpenMessage {
+            opcode: header.opcode,
+            data: payload.to_vec(),
+            compressed: header.rsv1,
+        };
+        if open.checks_utf8() {
             // RFC 6455 §8.1 with SPEC §4: fail at the first fragment that cannot be UTF-8.
             self.utf8.reset();
             self.utf8.feed(payload)?;
         }
-        self.open = Some(OpenMessage {
-            opcode,
-            data: payload.to_vec(),
-        });
-        Ok(None)
+        self.open = Some(open);
+        Ok(())
     }
 
-    /// A continuation frame: the next fragment of the open message.
-    fn continue_message<'a>(
-        &mut self,
-        fin: bool,
-        payload: &[u8],
-    ) -> Result<Option<Event<'a>>, ProtocolError> {
+    /// RFC 6455 §5.4: "the fragments of one message MUST NOT be interleaved between the
+    /// fragments of another message".
+    fn refuse_interleaved(&mut self) -> Result<(), ProtocolError> {
+        if self.open.is_some() {
+            self.reset();
+            return Err(ProtocolError::InterleavedMessage);
+        }
+        Ok(())
+    }
+
+    /// A continuation frame: the next fragment of the open message, appended to it. With `fin`
+    /// the message is complete, and the caller takes it out of `open`.
+    fn continue_message(&mut self, fin: bool, payload: &[u8]) -> Result<(), ProtocolError> {
         // RFC 6455 §5.4: a continuation frame only continues a message that a Text or Binary
         // frame without FIN started.
         let Some(open) = self.open.as_mut() else {
@@ -237,31 +313,26 @@ impl Assembler {
             self.reset();
             return Err(ProtocolError::MessageTooBig);
         }
-        if open.opcode == OpCode::Text {
-            let checked =
-                self.utf8.feed(payload).and_then(
-                    |()| {
-                        if fin {
-                            self.utf8.finish()
-                        } else {
-                            Ok(())
-                        }
-                    },
-                );
+        if open.checks_utf8() {
+            let mut checked = self.utf8.feed(payload);
+            if fin && checked.is_ok() {
+                checked = self.utf8.finish();
+            }
             if let Err(e) = checked {
                 self.reset();
                 return Err(e);
             }
         }
         open.data.extend_from_slice(payload);
-        if !fin {
-            return Ok(None);
-        }
-        Ok(self.open.take().map(|done| Event::Message {
-            opcode: done.opcode,
-            data: Cow::Owned(done.data),
-        }))
+        Ok(())
     }
+}
+
+/// Whether a frame completes an event when pushed: control frames and frames with FIN do; a
+/// data frame without FIN only adds to a fragmented message.
+#[inline]
+pub fn completes_event(header: &FrameHeader) -> bool {
+    header.fin || header.opcode.is_control()
 }
 
 /// The event of a Close, Ping or Pong frame.
@@ -325,7 +396,7 @@ mod tests {
     fn observe(result: Result<Option<Event<'_>>, ProtocolError>) -> String {
         match result {
             Ok(None) => format!("{:?}", Want::Pending),
-            Ok(Some(Event::Message { opcode, data })) => match data {
+            Ok(Some(Event::Message { opcode, data, .. })) => match data {
                 Cow::Borrowed(d) => format!("Single({opcode:?}, {d:?})"),
                 Cow::Owned(d) => format!("Assembled({opcode:?}, {d:?})"),
             },

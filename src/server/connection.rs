@@ -1,26 +1,36 @@
 //! One client connection: its socket, where it is in its life, and its buffers.
 //!
-//! Owns: the per-connection state of SPEC §3 (`State`), the partial-input buffer, the message
-//! assembler, the outbound queue, the connection's one pending timer and its activity clock.
+//! Owns: the per-connection state of SPEC §3 (`State`) and its transitions (each a method that
+//! checks the edge it takes), the request-head buffer, the frame reader, the outbound queue,
+//! the connection's one pending deadline and its activity clock.
 //! Does not: read or write sockets on its own initiative, or know about other connections. The
 //! reactor drives it.
 //!
 //! ```text
-//!                 complete upgrade           peer Close / our Close
-//!  Handshaking ────────────────────▶ Open ───────────────────────────▶ Closing ──▶ closed
-//!       │                             │  protocol error                  ▲ (Failing: input
-//!       │                             └─────────────────────────────────▶│  discarded)
-//!       │ plain HTTP request or rejection                                │ response flushed,
-//!       └─────────────────────────▶ HttpResponding ──────────────────────┘ peer hung up / timeout
+//!                upgraded()                close_sent()                 close_received()
+//!  Handshaking ─────────────▶ Open ─────────────────────────▶ Closing ─────────────────▶ Closed
+//!      │                       │ │        close_received()                                 ▲
+//!      │                       │ └─────────────────────────────────────────────────────────┘
+//!      │ responding()          │ failed()
+//!      ▼                       ▼
+//!  HttpResponding           Failing
 //! ```
 //!
-//! Memory invariant (SPEC §2): an idle open connection holds no heap buffers. `inbound` is empty
-//! (no allocation) unless a partial request or frame is waiting for its tail; the assembler holds
-//! a buffer only while a fragmented message is open; `outbound` releases its storage when flushed.
+//! Every state ends in the socket being closed (`Reactor::close_now`): Closed once the queue
+//! (our Close, answering or answered) is flushed; HttpResponding and Failing once the peer hangs
+//! up after our response or Close (the write side is shut when the queue is flushed); any state
+//! when its deadline passes, on EOF, or on an I/O error.
+//!
+//! Memory invariant (SPEC §2): an idle open connection holds no heap buffers. `request` is empty
+//! (no allocation) unless a partial request head is waiting for its end; the reader holds a
+//! buffer only while a frame or a fragmented message is incomplete; `outbound` releases its
+//! storage when flushed.
 
 use super::outbound::Outbound;
-use crate::protocol::message::Assembler;
-use crate::timer::TimerHandle;
+use super::TimerEvent;
+use crate::protocol::decoder::FrameReader;
+use crate::protocol::frame::Role;
+use crate::timer::{TimerHandle, TimerWheel};
 use mio::net::TcpStream;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -57,12 +67,16 @@ pub enum State {
     Handshaking,
     /// Upgraded: WebSocket frames flow both ways; data messages go to the app (`Handler`).
     Open,
-    /// A plain HTTP response (or a rejection) is being written; then the write side is shut and
-    /// whatever the client still sends is discarded until it hangs up.
-    HttpResponding,
-    /// A Close frame has been sent. `received` tells whether the peer's Close has arrived too;
-    /// once it has, the socket is closed as soon as the queue is flushed.
-    Closing { received: bool },
+    /// A plain HTTP response (or a refusal) is being written; then the write side is shut and
+    /// whatever the client still sends is discarded until it hangs up. `over_limit`: the
+    /// connection was admitted beyond `--max-connections` only to be told 503, and does not
+    /// count toward the limit.
+    HttpResponding { over_limit: bool },
+    /// Our Close is queued; frames are read only to find the peer's (RFC 6455 §5.5.1).
+    Closing,
+    /// Both Close frames are exchanged: the socket is closed as soon as the queue is flushed
+    /// (RFC 6455 §7.1.1: the server closes the TCP connection first).
+    Closed,
     /// The peer broke the protocol: our Close is queued, and after it the write side is shut.
     /// Input is no longer parsed (RFC 6455 §7.1.7: after failing the connection, data from the
     /// peer must not be processed; after a framing error its bytes cannot even be delimited), only
@@ -73,12 +87,13 @@ pub enum State {
 }
 
 impl State {
+    /// The name in /metrics (`wsrelay_connections{state=...}`).
     pub fn name(self) -> &'static str {
         match self {
             State::Handshaking => "handshaking",
             State::Open => "open",
-            State::HttpResponding => "http",
-            State::Closing { .. } | State::Failing => "closing",
+            State::HttpResponding { .. } => "http",
+            State::Closing | State::Closed | State::Failing => "closing",
         }
     }
 }
@@ -90,44 +105,46 @@ pub enum Deadline {
     Handshake,
     /// Silence check: re-armed for the remaining time if there was activity, else a Ping.
     Heartbeat,
-    /// A Ping is out; some frame must arrive before this fires.
+    /// A heartbeat Ping is out; some bytes must arrive before this fires.
     Pong,
     /// Our Close (or HTTP response) is out; the peer has until this fires to finish.
     Close,
 }
 
 pub struct Connection {
+    /// Who this is; also the poller token and the key of its timers.
     pub id: ConnId,
+    /// Read only in `Reactor::on_readable`, written only in `Reactor::flush`.
     pub stream: TcpStream,
+    /// For log lines only.
     pub peer: SocketAddr,
-    pub state: State,
-    /// Bytes received but not yet consumed: a partial request head while handshaking, the tail
-    /// of a partial frame while open. Empty, and unallocated, most of the time.
-    pub inbound: Vec<u8>,
-    pub assembler: Assembler,
+    /// Changed only by the transition methods below.
+    state: State,
+    /// The request head received so far, while handshaking. Empty, and unallocated, after.
+    pub request: Vec<u8>,
+    /// Frames in, events out: holds the tail of a frame that has not fully arrived and the
+    /// message being assembled (and nothing while idle).
+    pub reader: FrameReader,
+    /// Encoded frames (and HTTP responses) waiting to be written.
     pub outbound: Outbound,
     /// Whether writable interest is registered. Invariant: true iff `outbound` is non-empty
     /// after the last flush (poll/select would otherwise wake up for every idle socket).
     pub write_interest: bool,
-    /// Set when the connection should be closed as soon as `outbound` is flushed.
-    pub close_after_flush: bool,
-    /// Whether this connection sits on the reactor's ready list (read budget ran out).
+    /// Whether this connection sits on the reactor's ready list (read budget ran out), so it
+    /// is listed once.
     pub on_ready_list: bool,
+    /// Whether this connection sits on the reactor's dirty list (bytes queued since its last
+    /// flush), so it is listed, and flushed, once per loop iteration.
+    pub dirty: bool,
     /// The app's `Outbox` has asked for this connection to be closed (slow consumer); nothing
     /// more is queued for it until the reactor applies the close.
     pub close_requested: bool,
-    /// Admitted over `--max-connections` only to be told 503; does not count toward the limit.
-    pub rejected: bool,
-    /// Whether this connection sits on the reactor's dirty list (bytes queued since its last
-    /// flush); every dirty connection is flushed once at the end of the loop iteration.
-    pub dirty: bool,
-    pub timer: Option<TimerHandle>,
-    /// When a frame last arrived. Traffic updates this instead of touching the timer wheel.
+    /// The one pending timer and what it means (see `Deadline`).
+    deadline: Option<(TimerHandle, Deadline)>,
+    /// When bytes last arrived (any bytes, not only a whole frame: a large frame still
+    /// arriving proves the peer alive). Traffic updates this instead of touching the timer
+    /// wheel; the heartbeat deadline reads it when it fires (SPEC §5).
     pub last_activity: Instant,
-    /// A heartbeat Ping is out and nothing has arrived since. The first bytes that arrive
-    /// clear it and re-arm the heartbeat: one timer operation per heartbeat cycle, none per
-    /// message (SPEC §5).
-    pub awaiting_pong: bool,
 }
 
 impl Connection {
@@ -143,25 +160,162 @@ impl Connection {
             stream,
             peer,
             state: State::Handshaking,
-            inbound: Vec::new(),
-            assembler: Assembler::new(max_message),
+            request: Vec::new(),
+            reader: FrameReader::new(Role::Server, max_message),
             outbound: Outbound::default(),
             write_interest: false,
-            close_after_flush: false,
             on_ready_list: false,
             dirty: false,
-            rejected: false,
             close_requested: false,
-            timer: None,
+            deadline: None,
             last_activity: now,
-            awaiting_pong: false,
         }
+    }
+
+    #[inline]
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    // ----- transitions: each takes one edge of the diagram, and refuses (false) from any
+    // ----- other state, so a caller cannot move a connection somewhere it cannot go.
+
+    /// Handshaking -> Open: the 101 response is queued.
+    pub(super) fn upgraded(&mut self) -> bool {
+        self.take_edge(|s| s == State::Handshaking, State::Open)
+    }
+
+    /// Handshaking -> HttpResponding: an HTTP response (or a refusal) is queued.
+    pub(super) fn responding(&mut self, over_limit: bool) -> bool {
+        self.take_edge(
+            |s| s == State::Handshaking,
+            State::HttpResponding { over_limit },
+        )
+    }
+
+    /// Open -> Closing: our Close is queued.
+    pub(super) fn close_sent(&mut self) -> bool {
+        self.take_edge(|s| s == State::Open, State::Closing)
+    }
+
+    /// Open or Closing -> Closed: the peer's Close arrived (from Open, our answer is queued).
+    pub(super) fn close_received(&mut self) -> bool {
+        self.take_edge(|s| matches!(s, State::Open | State::Closing), State::Closed)
+    }
+
+    /// Open -> Failing: the peer broke the protocol; our Close with the error's code is queued.
+    pub(super) fn failed(&mut self) -> bool {
+        self.take_edge(|s| s == State::Open, State::Failing)
+    }
+
+    fn take_edge(&mut self, from: impl Fn(State) -> bool, to: State) -> bool {
+        if !from(self.state) {
+            return false;
+        }
+        log::trace!("{:?} {} -> {}", self.id, self.state.name(), to.name());
+        self.state = to;
+        true
+    }
+
+    // ----- the one deadline
+
+    /// Replaces the connection's pending timer with `kind` at `at`.
+    pub(super) fn set_deadline(
+        &mut self,
+        timers: &mut TimerWheel<TimerEvent>,
+        at: Instant,
+        kind: Deadline,
+    ) {
+        self.cancel_deadline(timers);
+        let handle = timers.arm(at, TimerEvent::Conn(self.id, kind));
+        self.deadline = Some((handle, kind));
+    }
+
+    /// Removes the pending timer, if any (the connection is going away).
+    pub(super) fn cancel_deadline(&mut self, timers: &mut TimerWheel<TimerEvent>) {
+        if let Some((handle, _)) = self.deadline.take() {
+            timers.cancel(handle);
+        }
+    }
+
+    /// The pending timer has fired and left the wheel.
+    pub(super) fn deadline_fired(&mut self) {
+        self.deadline = None;
+    }
+
+    /// A heartbeat Ping is out and no bytes have arrived since: the pending deadline is the
+    /// Pong deadline. The first bytes that arrive replace it with the next heartbeat: one timer
+    /// operation per heartbeat cycle, none per message (SPEC §5).
+    pub fn awaiting_pong(&self) -> bool {
+        matches!(self.deadline, Some((_, Deadline::Pong)))
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A connection over a real loopback socket (the state machine never touches it).
+    fn connection() -> Connection {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let peer = client.local_addr().unwrap();
+        let id = ConnId {
+            slot: 0,
+            generation: 0,
+        };
+        let stream = TcpStream::from_std(client);
+        Connection::new(id, stream, peer, 1024, Instant::now())
+    }
+
+    type Edge = fn(&mut Connection) -> bool;
+    /// (name, edge, the (from, to) pairs where it is taken)
+    type EdgeCase<'a> = (&'a str, Edge, &'a [(State, State)]);
+
+    /// Every edge from every state: taken exactly where the diagram in the module doc has it,
+    /// refused (state unchanged) everywhere else.
+    #[test]
+    fn transitions_take_only_the_edges_of_the_diagram() {
+        use State::*;
+        let http = HttpResponding { over_limit: false };
+        // How to reach each state from Handshaking.
+        let paths: &[(State, &[Edge])] = &[
+            (Handshaking, &[]),
+            (Open, &[Connection::upgraded]),
+            (http, &[|c| c.responding(false)]),
+            (Closing, &[Connection::upgraded, Connection::close_sent]),
+            (Closed, &[Connection::upgraded, Connection::close_received]),
+            (Failing, &[Connection::upgraded, Connection::failed]),
+        ];
+        let edges: &[EdgeCase] = &[
+            ("upgraded", Connection::upgraded, &[(Handshaking, Open)]),
+            (
+                "responding",
+                |c| c.responding(false),
+                &[(Handshaking, http)],
+            ),
+            ("close_sent", Connection::close_sent, &[(Open, Closing)]),
+            (
+                "close_received",
+                Connection::close_received,
+                &[(Open, Closed), (Closing, Closed)],
+            ),
+            ("failed", Connection::failed, &[(Open, Failing)]),
+        ];
+        for &(from, path) in paths {
+            for &(name, edge, allowed) in edges {
+                let mut conn = connection();
+                for step in path {
+                    assert!(step(&mut conn), "reaching {from:?}");
+                }
+                assert_eq!(conn.state(), from);
+                let want = allowed.iter().find(|(f, _)| *f == from).map(|(_, to)| *to);
+                assert_eq!(edge(&mut conn), want.is_some(), "{name} from {from:?}");
+                assert_eq!(conn.state(), want.unwrap_or(from), "{name} from {from:?}");
+            }
+        }
+    }
 
     #[test]
     fn token_round_trip() {

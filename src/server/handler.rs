@@ -85,6 +85,15 @@ pub enum Sent {
     Gone,
 }
 
+/// Whether a send is subject to `--max-outbound`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Limit {
+    /// Over the limit, the slow-consumer policy applies (every ordinary send).
+    Apply,
+    /// Queued whatever the queue holds (`Outbox::send_shared_unbounded`).
+    Exempt,
+}
+
 /// The app's handle on connections during a callback. It queues bytes and marks connections
 /// dirty; the reactor flushes every dirty connection once at the end of the loop iteration, so
 /// everything queued for one connection in one iteration leaves in one vectored write.
@@ -104,7 +113,19 @@ pub struct Outbox<'a> {
 impl Outbox<'_> {
     /// Queues a frame encoded once and shared by many recipients (no copy per recipient).
     pub fn send_shared(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
-        self.queue(to, frame.len(), |conn, pool| {
+        self.queue(to, frame.len(), Limit::Apply, |conn, pool| {
+            conn.outbound.push_shared(Rc::clone(frame), pool)
+        })
+    }
+
+    /// Queues a shared frame even over `--max-outbound`, for a frame the connection must be able
+    /// to take whatever its queue holds. The app uses it on connect, for the welcome and the
+    /// first message of a backlog: the 101 response is already queued then, so without it a
+    /// message that fits `--max-message` but not what the limit leaves could never be delivered
+    /// (SPEC §6: the backlog must make progress). The queue stays bounded by `--max-outbound`
+    /// plus those frames.
+    pub fn send_shared_unbounded(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent {
+        self.queue(to, frame.len(), Limit::Exempt, |conn, pool| {
             conn.outbound.push_shared(Rc::clone(frame), pool)
         })
     }
@@ -112,7 +133,7 @@ impl Outbox<'_> {
     /// Encodes a message for one connection, straight into its outbound queue.
     pub fn send(&mut self, to: ConnId, opcode: OpCode, payload: &[u8]) -> Sent {
         let len = frame::header_len(payload.len(), false) + payload.len();
-        self.queue(to, len, |conn, pool| {
+        self.queue(to, len, Limit::Apply, |conn, pool| {
             conn.outbound.push_owned_with(len, pool, |out| {
                 frame::encode_into(out, true, opcode, payload, None)
             })
@@ -135,12 +156,13 @@ impl Outbox<'_> {
         &mut self,
         to: ConnId,
         len: usize,
+        limit: Limit,
         push: impl FnOnce(&mut Connection, &mut OutboundPool),
     ) -> Sent {
         let Some(conn) = self
             .conns
             .get_mut(to.slot as usize)
-            .filter(|c| c.id == to && matches!(c.state, State::Open))
+            .filter(|c| c.id == to && c.state() == State::Open)
         else {
             return Sent::Gone;
         };
@@ -149,20 +171,22 @@ impl Outbox<'_> {
         }
         // SPEC §2 backpressure: the limit applies before queueing, so memory stays bounded by
         // --max-outbound plus one message whatever the consumer does.
-        if conn.outbound.queued_bytes() + len > self.max_outbound && !conn.outbound.is_empty() {
+        if limit == Limit::Apply
+            && conn.outbound.queued_bytes() + len > self.max_outbound
+            && !conn.outbound.is_empty()
+        {
             return match self.policy {
                 SlowConsumer::Drop => {
                     self.metrics.slow_consumer_drops += 1;
                     Sent::Dropped
                 }
                 SlowConsumer::Close => {
-                    // Once per connection: later sends in the same callback find it marked.
-                    if !conn.close_requested {
-                        conn.close_requested = true;
-                        self.metrics.slow_consumer_closes += 1;
-                        self.closes
-                            .push((to, CloseCode::POLICY_VIOLATION, "slow consumer"));
-                    }
+                    // Once per connection: later sends in the same callback find it marked
+                    // (the check above).
+                    conn.close_requested = true;
+                    self.metrics.slow_consumer_closes += 1;
+                    self.closes
+                        .push((to, CloseCode::POLICY_VIOLATION, "slow consumer"));
                     Sent::Closed
                 }
             };

@@ -235,11 +235,6 @@ impl Outbound {
         sink.write_vectored(&iov[..count])
     }
 
-    /// Drops everything queued (the connection is going away).
-    pub fn clear(&mut self) {
-        *self = Outbound::default();
-    }
-
     fn consume(&mut self, mut written: usize) {
         if written == self.queued_bytes {
             // Everything went out (the usual case): drop the chunks in one sweep instead of

@@ -1,8 +1,9 @@
-// The demo page (SPEC §8, issue 8) in headless Chromium, driven by playwright-core, against the
+// The demo page (SPEC §8) in headless Chromium, driven by playwright-core, against the
 // real release binary (`cargo build --release` first; scripts/test does).
 //
 // Every wait is Playwright's auto-waiting or `waitFor`/`waitForFunction` under a deadline; no
-// test sleeps. The run also writes docs/img/demo.png, the screenshot in the README.
+// test sleeps. The run also writes target/browser/demo.png, a screenshot of the two tabs; the
+// test run never writes into docs/ (scripts/refresh-screenshot copies the picture there).
 //
 // Environment: WSRELAY_BIN (default target/release/wsrelay), WSRELAY_CHROMIUM (default
 // /usr/bin/chromium), TEST_RUST_LOG (the server's RUST_LOG, default wsrelay=warn).
@@ -21,7 +22,7 @@ import { chromium } from 'playwright-core';
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const BIN = process.env.WSRELAY_BIN ?? path.join(root, 'target/release/wsrelay');
 const CHROMIUM = process.env.WSRELAY_CHROMIUM ?? '/usr/bin/chromium';
-const SCREENSHOT = path.join(root, 'docs/img/demo.png');
+const SCREENSHOT = path.join(root, 'target/browser/demo.png');
 // How long any single wait may take before the test fails instead of hanging.
 const DEADLINE_MS = 10_000;
 const XSS = '<img src=x onerror=alert(1)>';

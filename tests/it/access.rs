@@ -1,4 +1,4 @@
-//! Identity and access (SPEC §6, issue 6 item 5): HS256 JWTs, the Origin allow-list and the
+//! Identity and access (SPEC §6; docs/protocol.md "Access"): HS256 JWTs, the Origin allow-list and the
 //! per-connection rate limit.
 
 use crate::poller_tests;

@@ -12,11 +12,13 @@ mod close;
 mod echo;
 mod frames;
 mod http;
+mod reactor;
 mod relay_support;
 mod robustness;
 mod tls;
 
 mod access;
 mod envelope;
+mod hostile;
 mod offline;
 mod rooms;

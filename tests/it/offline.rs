@@ -1,5 +1,5 @@
-//! Offline delivery, its bounds, duplicate suppression and recovery with `?since=` (SPEC §6,
-//! issue 6 item 4).
+//! Offline delivery, its bounds, duplicate suppression and recovery with `?since=` (SPEC §6;
+//! docs/protocol.md "Offline delivery and retention", "Recovery", "Duplicates").
 
 use crate::poller_tests;
 use crate::relay_support::*;

@@ -99,7 +99,8 @@ pub fn upgrade_status(server: &Server, target: &str, headers: &str) -> (u16, Str
     if status == 101 {
         return (101, head);
     }
-    let mut body = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut s, &mut body);
+    // A refusal is answered and then closed in order: a reset could cut the body short.
+    let (body, ending) = read_until_end(&mut s, DEADLINE);
+    assert_eq!(ending, Ending::Eof, "{target}: reset after the {status}");
     (status, String::from_utf8_lossy(&body).into_owned())
 }

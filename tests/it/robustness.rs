@@ -10,40 +10,41 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tungstenite::Message;
 
-/// Reads until EOF or reset; returns true if the server closed the connection before `within`.
-fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut buf = [0u8; 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-            Err(_) => return false, // timed out: still open
-        }
-    }
-}
-
+/// A client that never finishes its head, trickling one byte every 50 ms, is closed at the
+/// handshake deadline (SPEC §3: the slowloris defence): its bytes do not extend the deadline.
 fn slowloris_is_closed_at_the_handshake_deadline(poller: &str) {
     let server = Server::start(poller, &["--handshake-timeout", "500ms"]);
-    let mut s = server.tcp();
-    let request = b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n";
+    // Taken before connecting, so it is no later than the server's accept: the deadline cannot
+    // pass before `start + 500ms` (the timer wheel never fires early, docs/timer-wheel.md).
     let start = Instant::now();
-    // One byte every 50 ms: the head would take over a second to complete.
-    for b in request.iter() {
-        if s.write_all(&[*b]).is_err() {
-            break;
+    let mut s = server.tcp();
+    // A head that never ends: a header line that goes on for as long as we keep sending.
+    let head = b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nX-Slow: ";
+    let mut bytes = head.iter().copied().chain(std::iter::repeat(b'a'));
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap(); // the pace
+    let mut buf = [0u8; 64];
+    let ending = loop {
+        // If the bytes extended the deadline, the server would never close: fail, not hang.
+        assert!(
+            start.elapsed() < DEADLINE,
+            "still open after {DEADLINE:?} of trickling"
+        );
+        if s.write_all(&[bytes.next().unwrap()]).is_err() {
+            break read_until_end(&mut s, DEADLINE).1; // the server is gone: see how it ended
         }
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let mut buf = [0u8; 64];
         match s.read(&mut buf) {
-            Ok(0) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            _ => {}
+            Ok(0) => break Ending::Eof,
+            Ok(n) => panic!("an answer to half a head: {:?}", &buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break Ending::Reset,
+            Err(_) => {} // 50 ms passed: the next byte
         }
-    }
-    assert!(closed_by_server(&mut s, DEADLINE), "never closed");
-    assert!(start.elapsed() < Duration::from_secs(3));
+    };
+    // Either ending is the server's: we keep sending, so a byte can land between its last read
+    // and its close, and the kernel then resets instead of sending a FIN.
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "closed before the deadline ({ending:?})"
+    );
     assert_eq!(server.metric("wsrelay_handshake_timeouts_total"), 1.0);
 }
 
@@ -146,9 +147,11 @@ fn flood_without_reading(
     })
 }
 
-fn slow_consumer_is_closed_and_memory_stays_bounded(poller: &str) {
+/// The queue toward a consumer that never reads is capped: past `--max-outbound` the server
+/// closes it with 1008 (SPEC §2). What that bound saves in memory is measured by
+/// `cargo bench --bench bounds` (docs/benchmarks.md), not asserted here.
+fn slow_consumer_is_closed_at_the_outbound_limit(poller: &str) {
     let server = Server::start(poller, &["--max-outbound", "256K"]);
-    let rss_before = server.rss_kib();
     let stop = Arc::new(AtomicBool::new(false));
     let flooder = flood_without_reading(&server, Arc::clone(&stop));
     // Meanwhile a well-behaved client is served normally.
@@ -164,9 +167,7 @@ fn slow_consumer_is_closed_and_memory_stays_bounded(poller: &str) {
         server.metric("wsrelay_closes_sent_total{code=\"1008\"}"),
         1.0
     );
-    // The queue was capped at 256 KiB (+ one message); the kernel buffers are not ours.
-    let growth = server.rss_kib().saturating_sub(rss_before);
-    assert!(growth < 16 * 1024, "RSS grew by {growth} KiB");
+    assert_eq!(server.metric("wsrelay_connections{state=\"open\"}"), 1.0);
 }
 
 fn slow_consumer_drop_policy_keeps_the_connection(poller: &str) {
@@ -183,8 +184,14 @@ fn slow_consumer_drop_policy_keeps_the_connection(poller: &str) {
     }
     stop.store(true, Ordering::Relaxed);
     let _flooder = flooder.join().unwrap();
-    assert_eq!(server.metric("wsrelay_slow_consumer_closes_total"), 0.0);
-    assert_eq!(server.metric("wsrelay_connections{state=\"open\"}"), 1.0);
+    let metrics = server.metrics();
+    assert_eq!(metrics.get("wsrelay_slow_consumer_closes_total"), 0.0);
+    assert_eq!(metrics.get("wsrelay_connections{state=\"open\"}"), 1.0);
+    assert_eq!(
+        metrics.family("wsrelay_closes_sent_total"),
+        vec![],
+        "no Close was sent"
+    );
 }
 
 fn max_connections_gets_503(poller: &str) {
@@ -211,7 +218,9 @@ fn max_connections_gets_503(poller: &str) {
 }
 
 fn sigterm_closes_every_client_with_1001(poller: &str) {
-    let mut server = Server::start(poller, &["--shutdown-timeout", "5s"]);
+    // A deadline far beyond the test's: the server must exit because the last client closed,
+    // not because the shutdown deadline passed.
+    let mut server = Server::start(poller, &["--shutdown-timeout", "60s"]);
     let mut clients: Vec<_> = (0..100).map(|_| raw_upgrade(&server, "/echo")).collect();
     // Make sure all 100 are open before the signal.
     for s in clients.iter_mut() {
@@ -225,7 +234,7 @@ fn sigterm_closes_every_client_with_1001(poller: &str) {
             .unwrap();
         expect_eof(s);
     }
-    assert_eq!(server.wait_exit(Duration::from_secs(5)), Some(0));
+    assert_eq!(server.wait_exit(DEADLINE), Some(0));
 }
 
 fn shutdown_deadline_ends_unresponsive_clients(poller: &str) {
@@ -284,16 +293,21 @@ fn descriptor_exhaustion_pauses_accept_and_recovers(poller: &str) {
     let served = open.len();
     assert!(served > 40, "only {served} connections before exhaustion");
 
-    // While paused, the server does not spin ...
-    let cpu_before = server.cpu_ticks();
+    // While paused, the waiting client is not answered (that the server does not spin
+    // meanwhile is measured by `cargo bench --bench bounds`, docs/benchmarks.md) ...
     let mut probe = waiting;
     probe
         .set_read_timeout(Some(Duration::from_millis(1000)))
         .unwrap();
     let mut byte = [0u8; 1];
-    assert!(probe.read(&mut byte).is_err(), "answered while exhausted");
-    let spent = server.cpu_ticks() - cpu_before;
-    assert!(spent <= 30, "{spent} ticks of CPU in a second while paused");
+    match probe.read(&mut byte) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("the waiting client was answered while exhausted: {other:?}"),
+    }
 
     // ... and the existing connections keep working.
     for s in open.iter_mut().take(10) {
@@ -311,40 +325,6 @@ fn descriptor_exhaustion_pauses_accept_and_recovers(poller: &str) {
     assert!(server.metric("wsrelay_accept_pauses_total") >= 1.0);
 }
 
-/// Checks the text format line by line: comments, then `name{labels} value`.
-fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
-    let mut samples = Vec::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# ") {
-            let mut parts = rest.splitn(3, ' ');
-            let kind = parts.next().unwrap();
-            assert!(kind == "HELP" || kind == "TYPE", "{line}");
-            let name = parts.next().unwrap();
-            assert!(name.starts_with("wsrelay_"), "{line}");
-            if kind == "TYPE" {
-                assert!(
-                    ["counter", "gauge"].contains(&parts.next().unwrap()),
-                    "{line}"
-                );
-            }
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("sample line");
-        let name_end = series.find('{').unwrap_or(series.len());
-        let name = &series[..name_end];
-        assert!(
-            name.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "{line}"
-        );
-        if name_end < series.len() {
-            assert!(series.ends_with('}'), "{line}");
-        }
-        samples.push((series.to_string(), value.parse::<f64>().expect("value")));
-    }
-    samples
-}
-
 fn metrics_parse_and_match_what_happened(poller: &str) {
     let server = Server::start(poller, &[]);
     let mut clients: Vec<_> = (0..3).map(|_| server.ws("/echo")).collect();
@@ -359,15 +339,9 @@ fn metrics_parse_and_match_what_happened(poller: &str) {
     assert_eq!(read_close_code(&mut bad), Some(1002));
     let _ = server.get("/nope");
 
-    let text = server.get("/metrics").body_text();
-    let samples = parse_prometheus(&text);
-    let get = |name: &str| {
-        samples
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| *v)
-            .unwrap_or_else(|| panic!("{name} missing"))
-    };
+    // Parsing checks the text format line by line (support::Metrics).
+    let metrics = server.metrics();
+    let get = |series: &str| metrics.get(series);
     assert_eq!(get("wsrelay_messages_in_total"), 21.0);
     assert_eq!(get("wsrelay_messages_out_total"), 21.0);
     assert_eq!(get("wsrelay_upgrades_total"), 4.0);
@@ -388,9 +362,35 @@ fn metrics_parse_and_match_what_happened(poller: &str) {
     assert!(get("wsrelay_poll_wakeups_total") >= 1.0);
 }
 
-fn garbage_floods_get_their_answers_and_memory_stays_bounded(poller: &str) {
+/// What RFC 6455 (§5.2, §5.5) and SPEC §4 make of a frame that starts with `junk`, from its
+/// header alone: `Some(code)` when the header already fails the connection, `None` when the
+/// outcome depends on what follows (the payload, or bytes that never come).
+fn verdict_on_first_header(junk: &[u8], max_message: u64) -> Option<u16> {
+    let (b0, b1) = (junk[0], *junk.get(1)?);
+    let (fin, opcode, masked) = (b0 & 0x80 != 0, b0 & 0x0f, b1 & 0x80 != 0);
+    let reserved_bits = b0 & 0x70 != 0; // no extension was agreed
+                                        // Opcode 0 continues nothing at the start of a connection; 3-7 and 0xb-0xf are reserved.
+    let known_opcode = matches!(opcode, 0x1 | 0x2 | 0x8 | 0x9 | 0xa);
+    let bad_control = opcode & 0x08 != 0 && (!fin || b1 & 0x7f > 125);
+    if reserved_bits || !known_opcode || !masked || bad_control {
+        return Some(1002);
+    }
+    let len = match b1 & 0x7f {
+        126 => u64::from(u16::from_be_bytes(junk.get(2..4)?.try_into().unwrap())),
+        127 => u64::from_be_bytes(junk.get(2..10)?.try_into().unwrap()),
+        n => u64::from(n),
+    };
+    if len >> 63 != 0 {
+        Some(1002)
+    } else if len > max_message {
+        Some(1009)
+    } else {
+        None
+    }
+}
+
+fn garbage_floods_get_their_answers(poller: &str) {
     let server = Server::start(poller, &["--max-message", "64K"]);
-    let rss_before = server.rss_kib();
     // Deterministic pseudo-random garbage (xorshift), so a failure can be replayed.
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
@@ -399,26 +399,57 @@ fn garbage_floods_get_their_answers_and_memory_stays_bounded(poller: &str) {
         seed ^= seed << 17;
         seed
     };
+    let mut failed_by_header = 0;
     for round in 0..50 {
         // Random bytes before any handshake: a 400 (or 431) and a close.
         let mut s = server.tcp();
         let junk: Vec<u8> = (0..1 + next() % 2000).map(|_| next() as u8).collect();
         let _ = s.write_all(&junk);
         let _ = s.write_all(b"\r\n\r\n");
-        let mut answer = Vec::new();
-        let _ = s.read_to_end(&mut answer);
+        let (answer, ending) = read_until_end(&mut s, DEADLINE);
         let head = String::from_utf8_lossy(&answer);
+        assert_eq!(ending, Ending::Eof, "round {round}: reset after {head}");
         assert!(
             head.starts_with("HTTP/1.1 400") || head.starts_with("HTTP/1.1 431"),
             "round {round}: {head}"
         );
 
-        // Random bytes after the handshake: some close code, never a crash.
+        // Random bytes after the handshake, then our end of sending. The server answers in
+        // frames only, fails the connection with the code the first header calls for (if the
+        // header is a valid start, what follows decides), and then ends it in order when it
+        // sees our EOF.
         let mut s = raw_upgrade(&server, "/echo");
-        let junk: Vec<u8> = (0..1 + next() % 4000).map(|_| next() as u8).collect();
+        let junk: Vec<u8> = (0..2 + next() % 4000).map(|_| next() as u8).collect();
         let _ = s.write_all(&junk);
-        drop(s);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let (answer, ending) = read_until_end(&mut s, DEADLINE);
+        assert_eq!(
+            ending,
+            Ending::Eof,
+            "round {round}: reset, not closed in order"
+        );
+        let frames = parse_server_frames(&answer);
+        let close = frames
+            .iter()
+            .find(|(b0, _)| b0 & 0x0f == 0x8)
+            .map(|(_, payload)| u16::from_be_bytes([payload[0], payload[1]]));
+        match verdict_on_first_header(&junk, 64 * 1024) {
+            Some(code) => {
+                failed_by_header += 1;
+                assert_eq!(close, Some(code), "round {round}: {:02x?}", &junk[..2]);
+                assert_eq!(frames.len(), 1, "round {round}: only the Close");
+            }
+            // The junk may hold whole valid frames, a Close among them (whose code the server
+            // echoes): any code a Close may carry on the wire (RFC 6455 §7.4), or none.
+            None => assert!(
+                matches!(close, None | Some(1000..=1003 | 1007..=1011 | 3000..=4999)),
+                "round {round}: close {close:?}"
+            ),
+        }
     }
+    // Most random first bytes have a reserved bit set: the oracle decides most rounds.
+    assert!(failed_by_header >= 25, "{failed_by_header} of 50 decided");
+
     // An oversized head, a 2^63 length, a never-ending fragmented message.
     let mut s = server.tcp();
     let _ = s.write_all(&vec![b'a'; 20_000]);
@@ -437,21 +468,21 @@ fn garbage_floods_get_their_answers_and_memory_stays_bounded(poller: &str) {
     }
     assert_eq!(read_close_code(&mut s), Some(1009));
 
-    // Still serving, and nothing accumulated.
+    // Still serving. (What the flood costs in memory: `cargo bench --bench bounds`.)
     let mut ws = server.ws("/echo");
     ws.send(Message::text("after the flood")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("after the flood"));
-    assert!(server.metric("wsrelay_http_responses_total{status=\"400\"}") >= 1.0);
-    assert!(server.metric("wsrelay_closes_sent_total{code=\"1009\"}") >= 1.0);
-    let growth = server.rss_kib().saturating_sub(rss_before);
-    assert!(growth < 16 * 1024, "RSS grew by {growth} KiB");
+    let metrics = server.metrics();
+    assert!(metrics.get("wsrelay_http_responses_total{status=\"400\"}") >= 1.0);
+    assert!(metrics.get("wsrelay_closes_sent_total{code=\"1002\"}") >= failed_by_header as f64);
+    assert!(metrics.get("wsrelay_closes_sent_total{code=\"1009\"}") >= 1.0);
 }
 
 poller_tests!(
     slowloris_is_closed_at_the_handshake_deadline,
     heartbeat_pings_every_interval_of_silence,
     half_open_peer_is_dropped_and_a_live_one_is_not,
-    slow_consumer_is_closed_and_memory_stays_bounded,
+    slow_consumer_is_closed_at_the_outbound_limit,
     slow_consumer_drop_policy_keeps_the_connection,
     max_connections_gets_503,
     sigterm_closes_every_client_with_1001,
@@ -459,5 +490,5 @@ poller_tests!(
     second_signal_exits_at_once,
     descriptor_exhaustion_pauses_accept_and_recovers,
     metrics_parse_and_match_what_happened,
-    garbage_floods_get_their_answers_and_memory_stays_bounded,
+    garbage_floods_get_their_answers,
 );

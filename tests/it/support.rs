@@ -108,26 +108,6 @@ impl Server {
         self.child.id()
     }
 
-    /// Resident memory of the server process, from /proc.
-    pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmRSS")
-    }
-
-    /// CPU time (user + system) the server has used, in clock ticks.
-    pub fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    }
-
     /// Sends a signal to the server.
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
@@ -172,12 +152,18 @@ impl Server {
         ws
     }
 
-    /// Sends a raw HTTP request and returns the whole response (the server closes after it).
+    /// Sends a raw HTTP request and returns the whole response. The server closes after it, in
+    /// order: a reset (which can cut the response short) fails the test.
     pub fn http(&self, request: &str) -> HttpResponse {
         let mut s = self.tcp();
         s.write_all(request.as_bytes()).unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).expect("read response");
+        let (raw, ending) = read_until_end(&mut s, DEADLINE);
+        assert_eq!(
+            ending,
+            Ending::Eof,
+            "reset after {:?}",
+            String::from_utf8_lossy(&raw)
+        );
         HttpResponse::parse(&raw)
     }
 
@@ -185,8 +171,8 @@ impl Server {
         self.http(&format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"))
     }
 
-    /// The value of one sample of /metrics, e.g. `metric("wsrelay_closes_sent_total{code=\"1002\"}")`.
-    pub fn metric(&self, sample: &str) -> f64 {
+    /// Every sample of /metrics, parsed (and checked against the text format on the way).
+    pub fn metrics(&self) -> Metrics {
         let start = std::time::Instant::now();
         let response = loop {
             // A server at --max-connections answers 503 until a connection closes.
@@ -196,15 +182,16 @@ impl Server {
             }
         };
         assert_eq!(response.status, 200, "GET /metrics");
-        let text = response.body_text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(0.0)
+        Metrics::parse(&response.body_text())
     }
-}
 
-impl Server {
+    /// The value of one sample of /metrics, e.g.
+    /// `metric("wsrelay_closes_sent_total{code=\"1002\"}")`. A sample the server does not
+    /// print fails the test: a renamed metric must not read as 0.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics().get(sample)
+    }
+
     /// Polls /metrics until `sample` reaches `value`, failing the test after `DEADLINE`. For
     /// outcomes the server alone observes (a deadline firing), /metrics is how a test sees them.
     pub fn wait_for_metric(&self, sample: &str, value: f64) {
@@ -220,6 +207,90 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20)); // poll interval, not a synchronisation
         }
+    }
+}
+
+/// One reading of /metrics: every family declared (`# TYPE`) and every sample, by series
+/// (`name{labels}`).
+pub struct Metrics {
+    families: Vec<String>,
+    samples: Vec<(String, f64)>,
+}
+
+impl Metrics {
+    /// Parses the Prometheus text format, checking it line by line: `# HELP`/`# TYPE`
+    /// comments, then `name{labels} value` samples of families declared before them.
+    pub fn parse(text: &str) -> Metrics {
+        let mut families: Vec<String> = Vec::new();
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# ") {
+                let mut parts = rest.splitn(3, ' ');
+                let kind = parts.next().unwrap();
+                assert!(kind == "HELP" || kind == "TYPE", "{line}");
+                let name = parts.next().expect("a family name");
+                assert!(name.starts_with("wsrelay_"), "{line}");
+                if kind == "TYPE" {
+                    assert!(
+                        ["counter", "gauge"].contains(&parts.next().unwrap_or("")),
+                        "{line}"
+                    );
+                    families.push(name.to_string());
+                }
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let name_end = series.find('{').unwrap_or(series.len());
+            let name = &series[..name_end];
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "{line}"
+            );
+            assert!(
+                families.iter().any(|f| f == name),
+                "sample before its # TYPE: {line}"
+            );
+            if name_end < series.len() {
+                assert!(series.ends_with('}'), "{line}");
+            }
+            assert!(
+                !samples.iter().any(|(s, _)| s == series),
+                "series printed twice: {line}"
+            );
+            samples.push((series.to_string(), value.parse::<f64>().expect("value")));
+        }
+        Metrics { families, samples }
+    }
+
+    /// The value of `series`; fails the test if the server does not print it.
+    pub fn get(&self, series: &str) -> f64 {
+        self.samples
+            .iter()
+            .find(|(s, _)| s == series)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| {
+                let family = &series[..series.find('{').unwrap_or(series.len())];
+                panic!(
+                    "no series {series} in /metrics; {family} has {:?}",
+                    self.family(family)
+                )
+            })
+    }
+
+    /// The samples of a labelled family, as (series, value). A labelled series appears once it
+    /// has counted something, so "none closed with 1008" is: the family exists, and its
+    /// samples hold no `code="1008"`. Fails the test if the family is not declared at all.
+    pub fn family(&self, name: &str) -> Vec<(String, f64)> {
+        assert!(
+            self.families.iter().any(|f| f == name),
+            "no family {name} in /metrics (renamed?)"
+        );
+        self.samples
+            .iter()
+            .filter(|(s, _)| s == name || s.strip_prefix(name).is_some_and(|r| r.starts_with('{')))
+            .cloned()
+            .collect()
     }
 }
 
@@ -332,6 +403,33 @@ pub fn read_server_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     (h[0], payload)
 }
 
+/// Splits bytes the server sent into its frames: (first byte, payload). Fails the test on a
+/// masked frame or a frame cut short.
+pub fn parse_server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        assert!(bytes.len() >= 2, "a frame cut short: {bytes:?}");
+        assert_eq!(bytes[1] & 0x80, 0, "server frames are never masked");
+        let (len, header) = match bytes[1] & 0x7f {
+            126 => (
+                u16::from_be_bytes(bytes[2..4].try_into().unwrap()) as usize,
+                4,
+            ),
+            127 => (
+                u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        let payload = bytes
+            .get(header..header + len)
+            .unwrap_or_else(|| panic!("a frame cut short: {} bytes left", bytes.len()));
+        frames.push((bytes[0], payload.to_vec()));
+        bytes = &bytes[header + len..];
+    }
+    frames
+}
+
 /// Reads frames until a Close arrives and returns its code (None for an empty Close).
 pub fn read_close_code(s: &mut TcpStream) -> Option<u16> {
     loop {
@@ -342,11 +440,45 @@ pub fn read_close_code(s: &mut TcpStream) -> Option<u16> {
     }
 }
 
-/// After the close handshake, the server closes TCP: the next read sees EOF.
-pub fn expect_eof(s: &mut TcpStream) {
-    let mut rest = Vec::new();
-    match s.read_to_end(&mut rest) {
-        Ok(_) => assert!(rest.is_empty(), "unexpected bytes after close: {rest:?}"),
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+/// How a connection ended, as its peer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// A FIN: the server closed, or shut down its sending side, in order. What it sent before
+    /// arrived whole.
+    Eof,
+    /// A TCP reset: the connection was torn down (for example closed with unread input), and
+    /// what was in flight may be lost. Never what "closed cleanly" means.
+    Reset,
+}
+
+/// Reads until the connection ends, within `within`, and returns every byte read and how it
+/// ended. Fails the test if it is still open at `within`.
+pub fn read_until_end(s: &mut TcpStream, within: Duration) -> (Vec<u8>, Ending) {
+    s.set_read_timeout(Some(within)).unwrap();
+    let start = std::time::Instant::now();
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (bytes, Ending::Eof),
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (bytes, Ending::Reset)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!(
+                "connection not ended after {:?} ({e}); read {} bytes",
+                start.elapsed(),
+                bytes.len()
+            ),
+        }
     }
+}
+
+/// After the close handshake the server closes TCP in order: the next read sees EOF (a FIN),
+/// with nothing before it. A reset fails: it is not a clean close.
+pub fn expect_eof(s: &mut TcpStream) {
+    let (rest, ending) = read_until_end(s, DEADLINE);
+    assert_eq!(ending, Ending::Eof, "the server reset the connection");
+    assert!(rest.is_empty(), "unexpected bytes before EOF: {rest:?}");
 }

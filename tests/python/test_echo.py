@@ -7,6 +7,7 @@ Every wait is bounded by a timeout; nothing sleeps to synchronise.
 
 import argparse
 import asyncio
+import select
 import subprocess
 import sys
 
@@ -72,6 +73,10 @@ def main():
         text=True,
     )
     try:
+        # The first line names the address; wait for it with a deadline, like every other wait.
+        ready, _, _ = select.select([server.stdout], [], [], TIMEOUT)
+        if not ready:
+            raise AssertionError("the server did not announce its address")
         line = server.stdout.readline()
         addr = line.split()[3]
         asyncio.run(main_async(f"ws://{addr}/echo"))

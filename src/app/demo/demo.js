@@ -596,6 +596,7 @@
     waiting: 'waiting for the connection',
     sending: 'sending…',
     delivered: '✓ delivered',
+    partial: '⚠ partly delivered',
     queued: '✓ queued: recipient offline',
     rejected: '✗ rejected',
   };

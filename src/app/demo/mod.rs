@@ -6,7 +6,7 @@
 //! Does not: speak WebSocket or know the relay's rules: the page is an ordinary `/ws` client of
 //! docs/protocol.md, and its counters come from the reactor's `/stats.json`.
 //!
-//! Implements SPEC §8 (issue 8).
+//! Implements SPEC §8.
 //!
 //! Why three paths rather than one page with the script inline: the page's
 //! Content-Security-Policy (`POLICY`) runs scripts and styles only when they come from this

@@ -1,0 +1,987 @@
+//! The file engine: the memory engine's index, made durable by an append-only log that a
+//! storage thread writes with group commit (SPEC §13, `--data-dir`).
+//!
+//! Owns: `FileEngine` (the front-end the hub talks to, on the reactor thread), opening a data
+//! directory (the lock, reading every segment, cutting a torn tail, rebuilding the index), the
+//! queue of work waiting for the storage thread, and the choice of which old segment to compact.
+//! Does not: write or sync files (`storage.rs` does, on its own thread), or define the format
+//! (`journal.rs`).
+//!
+//! # How a message becomes durable
+//!
+//! 1. `append` decides at once, in memory, as the memory engine would: duplicate, refused by a
+//!    bound, or accepted at a new position. An accepted message enters the index (so the bounds
+//!    see it) and its record goes to the storage thread. Nothing is sent to any client yet.
+//! 2. The storage thread writes the batch holding it and fsyncs it (`--fsync batch`), then
+//!    answers and wakes the reactor.
+//! 3. `poll` turns the answer into `Stored` (or, if the write failed, takes the message out of
+//!    the index again and completes `Rejected`). Only now does the hub deliver and ack it.
+//!
+//! Every piece of work completes in the order it was submitted, even work that needs no disk
+//! (a duplicate, a refusal, a `recover`): it waits in `queue` behind what was submitted before
+//! it. So a `recover` sees every message stored before it, and replays exactly those
+//! (`durable_through`): a message still in flight reaches the client through its own `Stored`.
+//!
+//! # Reads never touch the disk
+//!
+//! The whole index (every retained body) lives in memory, bounded by `--offline-max-bytes`, as
+//! with the memory engine; the log is only read at start-up. The price is start-up time
+//! proportional to what is retained (docs/operations.md gives the measured figure).
+
+use super::histogram::Histogram;
+use super::journal::{self, Record, MAGIC};
+use super::memory::{Admit, MemoryEngine};
+use super::storage::{Done, Marks, Op, Storage};
+pub use super::storage::{FsyncPolicy, StoreFault};
+use super::streams::{Entry, Gone, Limits, Streams};
+use super::{
+    Append, Completion, Engine, Epoch, Event, Now, Outcome, Position, Publish, Refusal, Since,
+    StreamId, Ticket, Wake,
+};
+use crate::app::dedup::{Dedup, Recorded};
+use crate::app::envelope::{AckStatus, MsgId};
+use crate::server::metrics::Writer;
+use log::{info, warn};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Default size at which a segment is sealed and a new one started.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Fsync durations (seconds) and batch sizes (ops) for the histograms.
+const FSYNC_BOUNDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+const BATCH_BOUNDS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+];
+
+#[derive(Clone, Debug)]
+pub struct FileConfig {
+    pub dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    pub segment_bytes: u64,
+    pub limits: Limits,
+    pub dedup_window: usize,
+    /// How long an idle sender's duplicate window is kept (the retention TTL).
+    pub dedup_idle: Duration,
+    /// The memory bound over every sender's duplicate window (`--dedup-max-bytes`).
+    pub dedup_max_bytes: usize,
+    pub fault: StoreFault,
+}
+
+/// Why a data directory cannot be used. Each renders as one line for the operator.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Another process holds the directory's lock.
+    Locked { dir: PathBuf },
+    /// The directory or a file in it cannot be created, read or written.
+    Access { path: PathBuf, source: io::Error },
+    /// A segment other than the newest is damaged, or belongs to another store.
+    Corrupt {
+        path: PathBuf,
+        offset: usize,
+        problem: &'static str,
+    },
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Locked { dir } => write!(
+                f,
+                "data dir {} is in use by another process (it holds {})",
+                dir.display(),
+                dir.join("LOCK").display()
+            ),
+            OpenError::Access { path, source } => {
+                write!(f, "data dir: cannot use {}: {source}", path.display())
+            }
+            OpenError::Corrupt {
+                path,
+                offset,
+                problem,
+            } => write!(
+                f,
+                "data dir: {} is damaged at byte {offset} ({problem}); move it away to start without it",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+fn access(path: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
+    move |source| OpenError::Access {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Work waiting in `queue`.
+struct Waiting {
+    ticket: Option<Ticket>,
+    work: Work,
+    /// An op went to the storage thread for it (else it completes when it reaches the front).
+    sent: bool,
+}
+
+enum Work {
+    Append {
+        stream: StreamId,
+        position: Position,
+        sender: Rc<str>,
+        client_id: Option<Rc<str>>,
+    },
+    Publish {
+        position: Position,
+        sender: Rc<str>,
+        client_id: Option<Rc<str>>,
+    },
+    Duplicate {
+        sender: Rc<str>,
+        client_id: Rc<str>,
+    },
+    Recover {
+        stream: StreamId,
+        since: Option<Since>,
+    },
+    Refused(Refusal),
+    /// Records nobody waits for (deliveries, trims).
+    Quiet,
+    Compact,
+}
+
+/// Per segment: its length, and the bytes of retained messages it holds.
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    bytes: u64,
+    live: u64,
+}
+
+#[derive(Debug)]
+struct Stats {
+    batches: u64,
+    batch_ops: Histogram,
+    fsync_seconds: Histogram,
+    /// Ops whose write failed, and changes between working and failing.
+    errors: u64,
+    failing: bool,
+    state_changes: u64,
+    /// Delivery and trim records lost to a failed write (they only cost a re-delivery, or a
+    /// message coming back after a restart until its TTL).
+    lost_records: u64,
+    compactions: u64,
+    reclaimed_bytes: u64,
+    disk_bytes: u64,
+    /// What start-up found.
+    startup_records: u64,
+    startup_seconds: f64,
+    torn_bytes: u64,
+}
+
+pub struct FileEngine {
+    mem: MemoryEngine,
+    dir: PathBuf,
+    fsync: FsyncPolicy,
+    /// `None` once dropping: hanging up lets the thread finish what it has and exit.
+    ops: Option<Sender<Op>>,
+    done: Receiver<Done>,
+    thread: Option<JoinHandle<()>>,
+    queue: VecDeque<Waiting>,
+    /// Every position up to here is stored or was rejected: what `recover` may replay.
+    durable_through: Position,
+    usage: BTreeMap<u64, Usage>,
+    /// The segment the storage thread appends to.
+    head: u64,
+    compacting: bool,
+    stats: Stats,
+    /// Held for the engine's life: the directory's lock (see `lock`).
+    _lock: File,
+}
+
+impl FileEngine {
+    /// Opens (or creates) the data directory, rebuilds the index from the log, and starts the
+    /// storage thread, which calls `wake` whenever it has answers.
+    ///
+    /// # Errors
+    /// See `OpenError`: another process holds the directory, it cannot be used, or an older
+    /// segment is damaged. A torn tail of the newest segment is not an error: it is cut off.
+    pub fn open(config: FileConfig, wake: Wake, now: Now) -> Result<FileEngine, OpenError> {
+        let started = Instant::now();
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir).map_err(access(&dir))?;
+        let lock = lock(&dir)?;
+        let mut loader = Loader::new(&config, now);
+        let mut sizes = BTreeMap::new();
+        let ids = segment_ids(&dir)?;
+        for (i, &id) in ids.iter().enumerate() {
+            let path = journal::segment_path(&dir, id);
+            let bytes = fs::read(&path).map_err(access(&path))?;
+            let tail = journal::read_segment(&bytes, |_, record| loader.apply(id, record));
+            if let Some(problem) = loader.foreign.take() {
+                return Err(OpenError::Corrupt {
+                    path,
+                    offset: 0,
+                    problem,
+                });
+            }
+            let Some(problem) = tail.problem else {
+                sizes.insert(id, bytes.len() as u64);
+                continue;
+            };
+            if i + 1 < ids.len() {
+                return Err(OpenError::Corrupt {
+                    path,
+                    offset: tail.valid_len,
+                    problem,
+                });
+            }
+            // The newest segment ends in a write that never completed: nothing in it was
+            // acknowledged (acks wait for the write), so it is cut off.
+            let cut = bytes.len() - tail.valid_len;
+            loader.torn_bytes += cut as u64;
+            if tail.valid_len < MAGIC.len() {
+                fs::remove_file(&path).map_err(access(&path))?;
+            } else {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(access(&path))?;
+                file.set_len(tail.valid_len as u64)
+                    .and_then(|()| file.sync_all())
+                    .map_err(access(&path))?;
+                sizes.insert(id, tail.valid_len as u64);
+            }
+            warn!(
+                "file engine: {}: cut a torn tail of {cut} bytes at byte {} ({problem}); it held nothing acknowledged",
+                path.display(),
+                tail.valid_len
+            );
+        }
+        let Loader {
+            epoch,
+            high_water,
+            mut streams,
+            dedup,
+            senders,
+            records,
+            torn_bytes,
+            ..
+        } = loader;
+        let epoch = epoch.unwrap_or_else(Epoch::random);
+        let mut gone = Vec::new();
+        streams.enforce(now.unix_ms, &mut gone);
+        let mut mem = MemoryEngine::resume(epoch, high_water, streams, dedup, now);
+        for sender in &senders {
+            mem.dedup.idle(sender, now.instant);
+        }
+        let mut usage: BTreeMap<u64, Usage> = sizes
+            .iter()
+            .map(|(&id, &bytes)| (id, Usage { bytes, live: 0 }))
+            .collect();
+        for (_, entry) in mem.streams.iter() {
+            if let Some(u) = usage.get_mut(&entry.segment) {
+                u.live += entry.cost() as u64;
+            }
+        }
+        let marks = Marks {
+            epoch,
+            high_water: mem.high_water(),
+            forgotten_through: mem.streams.forgotten_through(),
+        };
+        let storage = Storage::new(
+            dir.clone(),
+            config.fsync,
+            config.segment_bytes,
+            config.fault,
+            sizes,
+            marks,
+        )
+        .map_err(access(&dir))?;
+        let head = storage.head;
+        usage.insert(head, Usage::default());
+        let disk_bytes = storage.sizes.values().sum();
+        let (ops_tx, ops_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        let thread = storage.spawn(ops_rx, done_tx, wake).map_err(access(&dir))?;
+        let mut engine = FileEngine {
+            mem,
+            dir,
+            fsync: config.fsync,
+            ops: Some(ops_tx),
+            done: done_rx,
+            thread: Some(thread),
+            queue: VecDeque::new(),
+            durable_through: high_water,
+            usage,
+            head,
+            compacting: false,
+            stats: Stats {
+                batches: 0,
+                batch_ops: Histogram::new(BATCH_BOUNDS),
+                fsync_seconds: Histogram::new(FSYNC_BOUNDS),
+                errors: 0,
+                failing: false,
+                state_changes: 0,
+                lost_records: 0,
+                compactions: 0,
+                reclaimed_bytes: 0,
+                disk_bytes,
+                startup_records: records,
+                startup_seconds: started.elapsed().as_secs_f64(),
+                torn_bytes,
+            },
+            _lock: lock,
+        };
+        engine.log_gone(&gone);
+        info!(
+            "file engine: {} holds {} messages in {} streams ({records} records read in {:.3}s, epoch {epoch})",
+            engine.dir.display(),
+            engine.mem.streams.messages(),
+            engine.mem.streams.streams(),
+            engine.stats.startup_seconds,
+        );
+        Ok(engine)
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.mem.epoch()
+    }
+
+    /// The segment files the log has now, oldest first (for tests and operators).
+    pub fn segments(&self) -> Vec<u64> {
+        self.usage.keys().copied().collect()
+    }
+
+    /// Bytes of all segment files, as of the last answer from the storage thread.
+    pub fn disk_bytes(&self) -> u64 {
+        self.stats.disk_bytes
+    }
+
+    fn marks(&self) -> Marks {
+        Marks {
+            epoch: self.mem.epoch(),
+            high_water: self.mem.high_water(),
+            forgotten_through: self.mem.streams.forgotten_through(),
+        }
+    }
+
+    /// Sends encoded records to the storage thread, as one op.
+    fn send(&mut self, ticket: Option<Ticket>, work: Work, bytes: Vec<u8>) {
+        let marks = self.marks();
+        let sent = match &self.ops {
+            Some(ops) => ops.send(Op::Write { bytes, marks }).is_ok(),
+            None => false,
+        };
+        let waiting = Waiting {
+            ticket,
+            work,
+            sent: true,
+        };
+        if sent {
+            self.queue.push_back(waiting);
+        } else {
+            // The thread is gone (it can only have panicked): nothing can be stored. The work
+            // fails at once, as a failed write would (the message leaves the index again).
+            let failed = Err("the storage thread is not running".to_string());
+            self.finish(waiting, Some((&failed, 0)));
+        }
+    }
+
+    /// Queues work that needs no disk; it completes once everything before it has.
+    fn enqueue(&mut self, ticket: Option<Ticket>, work: Work) {
+        let waiting = Waiting {
+            ticket,
+            work,
+            sent: false,
+        };
+        if self.queue.is_empty() {
+            self.finish(waiting, None);
+        } else {
+            self.queue.push_back(waiting);
+        }
+    }
+
+    /// Logs what the bounds or the TTL removed, and frees it from its segment's live bytes.
+    fn log_gone(&mut self, gone: &[Gone]) {
+        if gone.is_empty() {
+            return;
+        }
+        let mut bytes = Vec::new();
+        for g in gone {
+            if let Some(u) = self.usage.get_mut(&g.segment) {
+                u.live = u.live.saturating_sub(g.cost as u64);
+            }
+            Record::Trim {
+                stream: g.stream.clone(),
+                through: g.position,
+            }
+            .encode(&mut bytes);
+        }
+        self.send(None, Work::Quiet, bytes);
+    }
+
+    /// Applies one answer of the storage thread to the work it answers, in order.
+    fn apply(&mut self, done: Done) {
+        self.head = done.head;
+        self.usage.entry(done.segment).or_default().bytes = done.segment_len;
+        self.usage.entry(done.head).or_default();
+        self.stats.disk_bytes = done.disk_bytes;
+        if let Some((ops, fsync)) = done.batch {
+            self.stats.batches += 1;
+            self.stats.batch_ops.record(ops as f64);
+            if let Some(secs) = fsync {
+                self.stats.fsync_seconds.record(secs);
+            }
+        }
+        let failing = done.result.is_err();
+        if failing != self.stats.failing {
+            self.stats.failing = failing;
+            self.stats.state_changes += 1;
+        }
+        if failing {
+            self.stats.errors += done.ops as u64;
+        }
+        if let Some(c) = &done.compacted {
+            self.usage.remove(&c.segment);
+            self.stats.compactions += 1;
+            self.stats.reclaimed_bytes += c.reclaimed;
+            for &p in &c.moved {
+                self.mem.streams.set_segment(Position(p), done.segment);
+                if let Some(e) = self.mem.streams.get(Position(p)) {
+                    let cost = e.cost() as u64;
+                    self.usage.entry(done.segment).or_default().live += cost;
+                }
+            }
+        }
+        let mut left = done.ops;
+        while left > 0 {
+            let Some(waiting) = self.queue.pop_front() else {
+                break;
+            };
+            if waiting.sent {
+                left -= 1;
+                self.finish(waiting, Some((&done.result, done.segment)));
+            } else {
+                self.finish(waiting, None);
+            }
+        }
+        // Work that needed no disk and waited only for what came before it.
+        while self.queue.front().is_some_and(|w| !w.sent) {
+            if let Some(waiting) = self.queue.pop_front() {
+                self.finish(waiting, None);
+            }
+        }
+    }
+
+    /// Completes one piece of work. `written` is the storage thread's answer for work that went
+    /// to it (the result, and the segment its records are in).
+    fn finish(&mut self, waiting: Waiting, written: Option<(&Result<(), String>, u64)>) {
+        let ok = written.is_none_or(|(result, _)| result.is_ok());
+        let error = || match written {
+            Some((Err(e), _)) => e.clone(),
+            _ => String::new(),
+        };
+        let outcome = match waiting.work {
+            Work::Append {
+                stream,
+                position,
+                sender,
+                client_id,
+            } => {
+                self.durable_through = self.durable_through.max(position);
+                if ok {
+                    let segment = written.map_or(0, |(_, s)| s);
+                    self.mem.streams.set_segment(position, segment);
+                    if let Some(e) = self.mem.streams.get(position) {
+                        self.usage.entry(segment).or_default().live += e.cost() as u64;
+                    }
+                    Outcome::Stored { position }
+                } else {
+                    self.mem.streams.unappend(&stream, position);
+                    let rejected = AckStatus::Rejected;
+                    self.mem
+                        .remember(&sender, client_id.as_deref(), position, rejected);
+                    Outcome::Rejected(Refusal::Store(error()))
+                }
+            }
+            Work::Publish {
+                position,
+                sender,
+                client_id,
+            } => {
+                self.durable_through = self.durable_through.max(position);
+                if ok {
+                    Outcome::Stored { position }
+                } else {
+                    let rejected = AckStatus::Rejected;
+                    self.mem
+                        .remember(&sender, client_id.as_deref(), position, rejected);
+                    Outcome::Rejected(Refusal::Store(error()))
+                }
+            }
+            Work::Duplicate { sender, client_id } => self.mem.duplicate(&sender, &client_id),
+            Work::Recover { stream, since } => {
+                Outcome::Recovered(self.mem.recovery(&stream, since, self.durable_through))
+            }
+            Work::Refused(refusal) => Outcome::Rejected(refusal),
+            Work::Quiet => {
+                if !ok {
+                    self.stats.lost_records += 1;
+                }
+                return;
+            }
+            Work::Compact => {
+                self.compacting = false;
+                if !ok {
+                    warn!("file engine: compaction failed: {}", error());
+                }
+                return;
+            }
+        };
+        if let Some(ticket) = waiting.ticket {
+            self.mem.ready.push_back(Completion { ticket, outcome });
+        }
+    }
+
+    /// Starts compacting the oldest sealed segment that is at most half live, if none is being
+    /// compacted: its live messages are copied forward and the file deleted.
+    fn maybe_compact(&mut self, now: Now) {
+        if self.compacting {
+            return;
+        }
+        let Some(segment) = self
+            .usage
+            .iter()
+            .find(|(&id, u)| id < self.head && u.live * 2 <= u.bytes)
+            .map(|(&id, _)| id)
+        else {
+            return;
+        };
+        let live: HashMap<u64, bool> = self
+            .mem
+            .streams
+            .iter()
+            .filter(|(_, e)| e.segment == segment)
+            .map(|(_, e)| (e.position.0, e.pending))
+            .collect();
+        let stream_marks = self
+            .mem
+            .streams
+            .marks()
+            .map(|(s, mark)| (journal::stream_key(s), mark.0))
+            .collect();
+        let op = Op::Compact {
+            segment,
+            live,
+            stream_marks,
+            marks: self.marks(),
+            now_ms: now.unix_ms,
+        };
+        if self.ops.as_ref().is_some_and(|ops| ops.send(op).is_ok()) {
+            self.compacting = true;
+            self.queue.push_back(Waiting {
+                ticket: None,
+                work: Work::Compact,
+                sent: true,
+            });
+        }
+    }
+
+    /// Waits (bounded) until every submitted piece of work has completed. For tests and for
+    /// shutdown; the reactor never calls it.
+    pub fn settle(&mut self, deadline: Duration) -> bool {
+        let until = Instant::now() + deadline;
+        while self.queue.iter().any(|w| w.sent) {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.done.recv_timeout(left) {
+                Ok(done) => self.apply(done),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+impl Engine for FileEngine {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn append(&mut self, ticket: Ticket, append: Append, now: Now) {
+        let mut gone = Vec::new();
+        let admit = self.mem.admit_append(&append, now, &mut gone);
+        self.log_gone(&gone);
+        match admit {
+            Admit::Stored(position) => {
+                let Some(entry) = self.mem.streams.get(position) else {
+                    // Admitted and evicted at once can only happen with bounds of 0.
+                    return self.enqueue(Some(ticket), Work::Refused(Refusal::Full));
+                };
+                let mut bytes = Vec::with_capacity(entry.body.len() + 64);
+                Record::Append {
+                    stream: append.stream.clone(),
+                    position,
+                    expires_ms: entry.expires_ms,
+                    pending: true,
+                    sender: append.sender.to_string(),
+                    client_id: append.client_id.as_deref().map(str::to_owned),
+                    body: entry.body.to_vec(),
+                }
+                .encode(&mut bytes);
+                let work = Work::Append {
+                    stream: append.stream,
+                    position,
+                    sender: append.sender,
+                    client_id: append.client_id,
+                };
+                self.send(Some(ticket), work, bytes);
+            }
+            Admit::Duplicate { sender, client_id } => {
+                self.enqueue(Some(ticket), Work::Duplicate { sender, client_id })
+            }
+            Admit::Refused(r) => self.enqueue(Some(ticket), Work::Refused(r)),
+        }
+    }
+
+    fn publish(&mut self, ticket: Ticket, publish: Publish, now: Now) {
+        match self.mem.admit_publish(&publish) {
+            Admit::Stored(position) => {
+                // Written even without a client id: the record keeps the position's high-water
+                // mark, so no msg_id a client has seen is handed out again after a restart.
+                let mut bytes = Vec::new();
+                Record::Published {
+                    position,
+                    sender: publish.sender.to_string(),
+                    client_id: publish.client_id.as_deref().map(str::to_owned),
+                    expires_ms: now.unix_ms.saturating_add(self.mem.streams.limits().ttl_ms),
+                }
+                .encode(&mut bytes);
+                let work = Work::Publish {
+                    position,
+                    sender: publish.sender,
+                    client_id: publish.client_id,
+                };
+                self.send(Some(ticket), work, bytes);
+            }
+            Admit::Duplicate { sender, client_id } => {
+                self.enqueue(Some(ticket), Work::Duplicate { sender, client_id })
+            }
+            Admit::Refused(r) => self.enqueue(Some(ticket), Work::Refused(r)),
+        }
+    }
+
+    fn recover(&mut self, ticket: Ticket, stream: &StreamId, since: Option<Since>, _now: Now) {
+        let work = Work::Recover {
+            stream: stream.clone(),
+            since,
+        };
+        self.enqueue(Some(ticket), work);
+    }
+
+    fn delivered(&mut self, stream: &StreamId, positions: &[Position]) {
+        // Only the ones that were pending change anything worth a record.
+        let pending: Vec<Position> = positions
+            .iter()
+            .copied()
+            .filter(|&p| self.mem.streams.get(p).is_some_and(|e| e.pending))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        self.mem.streams.mark_delivered(stream, &pending);
+        let mut bytes = Vec::new();
+        Record::Delivered {
+            stream: stream.clone(),
+            positions: pending,
+        }
+        .encode(&mut bytes);
+        self.send(None, Work::Quiet, bytes);
+    }
+
+    fn online(&mut self, sender: &str) {
+        self.mem.dedup.active(sender);
+    }
+
+    fn offline(&mut self, sender: &Rc<str>, now: Now) {
+        self.mem.dedup.idle(sender, now.instant);
+    }
+
+    fn maintain(&mut self, now: Now) {
+        let mut gone = Vec::new();
+        self.mem.streams.expire(now.unix_ms, &mut gone);
+        self.log_gone(&gone);
+        self.mem.dedup.sweep(now.instant);
+        self.maybe_compact(now);
+    }
+
+    fn poll(&mut self, out: &mut Vec<Event>) {
+        while let Ok(done) = self.done.try_recv() {
+            self.apply(done);
+        }
+        out.extend(self.mem.ready.drain(..).map(Event::Completed));
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queue.iter().filter(|w| w.ticket.is_some()).count()
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.mem.render_index(self.kind(), self.in_flight(), out);
+        let s = &self.stats;
+        let mut w = Writer::new(out);
+        w.family(
+            "wsrelay_engine_fsync_policy",
+            "gauge",
+            "The file engine's --fsync policy.",
+        );
+        w.sample(
+            "wsrelay_engine_fsync_policy",
+            &[("policy", self.fsync.name())],
+            1,
+        );
+        w.gauge(
+            "wsrelay_engine_store_ok",
+            "1 while the file engine's writes work, 0 while they fail (sends are rejected).",
+            u64::from(!s.failing),
+        );
+        w.counter(
+            "wsrelay_engine_store_state_changes_total",
+            "Changes between writes working and failing.",
+            s.state_changes,
+        );
+        w.counter(
+            "wsrelay_engine_store_errors_total",
+            "Writes (ops) that failed; their messages were rejected.",
+            s.errors,
+        );
+        w.counter(
+            "wsrelay_engine_lost_records_total",
+            "Delivery and trim records lost to failed writes.",
+            s.lost_records,
+        );
+        w.counter(
+            "wsrelay_engine_batches_total",
+            "Batches written (each with one fsync under --fsync batch).",
+            s.batches,
+        );
+        w.gauge(
+            "wsrelay_engine_disk_bytes",
+            "Bytes of all log segments.",
+            s.disk_bytes,
+        );
+        w.gauge(
+            "wsrelay_engine_segments",
+            "Log segment files.",
+            self.usage.len(),
+        );
+        w.counter(
+            "wsrelay_engine_compactions_total",
+            "Old segments compacted (live messages copied forward, file deleted).",
+            s.compactions,
+        );
+        w.counter(
+            "wsrelay_engine_reclaimed_bytes_total",
+            "Disk bytes freed by compaction.",
+            s.reclaimed_bytes,
+        );
+        w.gauge(
+            "wsrelay_engine_startup_records",
+            "Log records read at start-up.",
+            s.startup_records,
+        );
+        w.gauge(
+            "wsrelay_engine_startup_seconds",
+            "Time to read the log and rebuild the index at start-up.",
+            s.startup_seconds,
+        );
+        w.gauge(
+            "wsrelay_engine_torn_tail_bytes",
+            "Bytes cut from the end of the log at start-up (a write that never completed).",
+            s.torn_bytes,
+        );
+        s.batch_ops.render(
+            out,
+            "wsrelay_engine_batch_ops",
+            "Ops (messages and records) per batch written.",
+        );
+        s.fsync_seconds.render(
+            out,
+            "wsrelay_engine_fsync_seconds",
+            "Time of each fsync of a batch.",
+        );
+    }
+}
+
+impl Drop for FileEngine {
+    /// Hangs up on the storage thread and waits for it: it answers (writes) everything it was
+    /// sent before it exits, so a clean shutdown loses no delivery or trim record.
+    fn drop(&mut self) {
+        self.ops = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Takes the directory's lock file (`flock`, released by the OS when the process dies, so a
+/// crashed server never leaves a stale lock behind).
+fn lock(dir: &Path) -> Result<File, OpenError> {
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(access(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(OpenError::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(TryLockError::Error(e)) => Err(access(&path)(e)),
+    }
+}
+
+/// The ids of the segment files in `dir`, oldest first.
+fn segment_ids(dir: &Path) -> Result<Vec<u64>, OpenError> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir).map_err(access(dir))? {
+        let entry = entry.map_err(access(dir))?;
+        if let Some(id) = entry.file_name().to_str().and_then(journal::segment_id) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Rebuilds the index from records, in log order.
+struct Loader {
+    now: Now,
+    epoch: Option<Epoch>,
+    /// Set when a segment's epoch differs from the first one's.
+    foreign: Option<&'static str>,
+    high_water: Position,
+    streams: Streams,
+    dedup: Dedup,
+    senders: HashSet<Rc<str>>,
+    records: u64,
+    torn_bytes: u64,
+}
+
+impl Loader {
+    fn new(config: &FileConfig, now: Now) -> Loader {
+        Loader {
+            now,
+            epoch: None,
+            foreign: None,
+            high_water: Position(0),
+            streams: Streams::new(config.limits),
+            dedup: Dedup::new(
+                config.dedup_window,
+                config.dedup_idle,
+                config.dedup_max_bytes,
+            ),
+            senders: HashSet::new(),
+            records: 0,
+            torn_bytes: 0,
+        }
+    }
+
+    fn sender(&mut self, sender: &str) -> Rc<str> {
+        match self.senders.get(sender) {
+            Some(s) => Rc::clone(s),
+            None => {
+                let s: Rc<str> = Rc::from(sender);
+                self.senders.insert(Rc::clone(&s));
+                s
+            }
+        }
+    }
+
+    fn apply(&mut self, segment: u64, record: Record) {
+        self.records += 1;
+        match record {
+            Record::Header {
+                epoch,
+                high_water,
+                forgotten_through,
+            } => {
+                match self.epoch {
+                    None => self.epoch = Some(epoch),
+                    Some(e) if e != epoch => {
+                        self.foreign = Some("segment belongs to another store (epoch differs)")
+                    }
+                    Some(_) => {}
+                }
+                self.high_water = self.high_water.max(high_water);
+                self.streams.forget_through(forgotten_through);
+            }
+            Record::Append {
+                stream,
+                position,
+                expires_ms,
+                pending,
+                sender,
+                client_id,
+                body,
+            } => {
+                self.high_water = self.high_water.max(position);
+                let sender = self.sender(&sender);
+                if let Some(client_id) = client_id {
+                    let status = if pending {
+                        AckStatus::Queued
+                    } else {
+                        AckStatus::Delivered
+                    };
+                    let msg_id = MsgId(position.0);
+                    self.dedup
+                        .record(&sender, &client_id, Recorded { msg_id, status });
+                }
+                self.streams.restore(
+                    &stream,
+                    Entry {
+                        position,
+                        expires_ms,
+                        body: Rc::from(body),
+                        pending,
+                        segment,
+                    },
+                );
+            }
+            Record::Delivered { stream, positions } => {
+                self.streams.mark_delivered(&stream, &positions);
+            }
+            Record::Trim { stream, through } => self.streams.trim(&stream, through),
+            Record::Published {
+                position,
+                sender,
+                client_id,
+                expires_ms,
+            } => {
+                self.high_water = self.high_water.max(position);
+                if let Some(client_id) = client_id.filter(|_| expires_ms > self.now.unix_ms) {
+                    let sender = self.sender(&sender);
+                    let msg_id = MsgId(position.0);
+                    let status = AckStatus::Delivered;
+                    self.dedup
+                        .record(&sender, &client_id, Recorded { msg_id, status });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

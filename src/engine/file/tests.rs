@@ -1,0 +1,495 @@
+//! The file engine against a real directory: what survives a reopen, torn tails, reclaiming
+//! space, the fault switch and the lock. Each test waits for the storage thread with a bounded
+//! `settle`, never a sleep.
+
+use super::*;
+use crate::engine::Recovery;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+const TTL_MS: u64 = 60_000;
+const SETTLE: Duration = Duration::from_secs(10);
+
+fn config(dir: &Path) -> FileConfig {
+    FileConfig {
+        dir: dir.to_path_buf(),
+        fsync: FsyncPolicy::Batch,
+        segment_bytes: SEGMENT_BYTES,
+        limits: Limits {
+            per_stream: 1000,
+            ttl_ms: TTL_MS,
+            max_bytes: 64 << 20,
+        },
+        dedup_window: 64,
+        dedup_idle: Duration::from_secs(60),
+        dedup_max_bytes: 64 << 20,
+        fault: StoreFault::Off,
+    }
+}
+
+fn at(unix_ms: u64) -> Now {
+    Now {
+        instant: Instant::now(),
+        unix_ms,
+    }
+}
+
+/// A wake that counts, so tests can see that the storage thread used it.
+fn counter() -> (Wake, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let m = Arc::clone(&n);
+    (Arc::new(move || _ = m.fetch_add(1, Ordering::SeqCst)), n)
+}
+
+fn open(config: FileConfig, unix_ms: u64) -> FileEngine {
+    FileEngine::open(config, counter().0, at(unix_ms)).unwrap()
+}
+
+fn append(to: &str, client_id: Option<&str>, body: &str) -> Append {
+    Append {
+        stream: StreamId::inbox(to),
+        sender: Rc::from("alice"),
+        client_id: client_id.map(Rc::from),
+        body: Rc::from(body.as_bytes()),
+    }
+}
+
+/// Waits for everything submitted, then returns the completions.
+fn settle(e: &mut FileEngine) -> Vec<Completion> {
+    assert!(
+        e.settle(SETTLE),
+        "the storage thread did not answer in time"
+    );
+    completions(e)
+}
+
+/// What is ready now; the local engines produce no `Arrived`.
+fn completions(e: &mut FileEngine) -> Vec<Completion> {
+    let mut out = Vec::new();
+    e.poll(&mut out);
+    out.into_iter()
+        .map(|event| match event {
+            Event::Completed(c) => c,
+            Event::Arrived(a) => panic!("a local engine produced {a:?}"),
+        })
+        .collect()
+}
+
+fn publish(client_id: Option<&str>) -> Publish {
+    Publish {
+        room: Rc::from("lobby"),
+        sender: Rc::from("alice"),
+        client_id: client_id.map(Rc::from),
+        body: Rc::from(&b"{}"[..]),
+    }
+}
+
+fn stored(c: &Completion) -> Position {
+    match c.outcome {
+        Outcome::Stored { position } => position,
+        ref other => panic!("expected Stored, got {other:?}"),
+    }
+}
+
+/// Appends `n` messages to bob and returns their positions, all stored.
+fn send_n(e: &mut FileEngine, n: usize, now: u64) -> Vec<Position> {
+    for i in 0..n {
+        e.append(
+            Ticket(i as u64),
+            append("bob", None, &format!("m{i}")),
+            at(now),
+        );
+    }
+    let done = settle(e);
+    assert_eq!(done.len(), n);
+    let tickets: Vec<u64> = done.iter().map(|c| c.ticket.0).collect();
+    assert_eq!(
+        tickets,
+        (0..n as u64).collect::<Vec<_>>(),
+        "completions in order"
+    );
+    done.iter().map(stored).collect()
+}
+
+fn recover(e: &mut FileEngine, since: Option<Since>, now: u64) -> Recovery {
+    e.recover(Ticket(999), &StreamId::inbox("bob"), since, at(now));
+    let mut done = settle(e);
+    match done.pop().map(|c| c.outcome) {
+        Some(Outcome::Recovered(r)) => r,
+        other => panic!("expected Recovered, got {other:?}"),
+    }
+}
+
+fn bodies(r: &Recovery) -> Vec<String> {
+    r.messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect()
+}
+
+#[test]
+fn a_fresh_directory_is_created_and_stored_means_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a/b");
+    let (wake, woken) = counter();
+    let mut e = FileEngine::open(config(&dir), wake, at(1_000)).unwrap();
+    assert!(dir.join("LOCK").exists());
+    e.append(Ticket(1), append("bob", None, "hi"), at(1_000));
+    let out = completions(&mut e);
+    assert!(out.is_empty() || matches!(out[0].outcome, Outcome::Stored { .. }));
+    assert_eq!(e.in_flight() + out.len(), 1);
+    let done = settle(&mut e);
+    assert_eq!(out.len() + done.len(), 1);
+    // The thread wakes the reactor right after it queued its answer.
+    let start = Instant::now();
+    while woken.load(Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < SETTLE, "the reactor was never woken");
+        std::thread::yield_now();
+    }
+    assert!(e.disk_bytes() > 0);
+}
+
+#[test]
+fn reopening_keeps_everything_acked_with_pending_flags_and_increasing_positions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, epoch) = {
+        let mut e = open(config(tmp.path()), 1_000);
+        let p = send_n(&mut e, 5, 1_000);
+        e.delivered(&StreamId::inbox("bob"), &p[..2]);
+        (p, e.epoch())
+    };
+    let mut e = open(config(tmp.path()), 2_000);
+    assert_eq!(e.epoch(), epoch, "the epoch lives with the data");
+    // Without since: only the three still pending.
+    let r = recover(&mut e, None, 2_000);
+    assert_eq!(bodies(&r), ["m2", "m3", "m4"]);
+    assert_eq!(r.last, Some(first[4]));
+    // With since from before the restart, same epoch: complete.
+    let since = Since {
+        position: first[0],
+        epoch: Some(epoch),
+    };
+    let r = recover(&mut e, Some(since), 2_000);
+    assert!(r.recovered);
+    assert_eq!(bodies(&r), ["m1", "m2", "m3", "m4"]);
+    // Positions after the restart are above every one before it, even with the clock behind.
+    let mut e2 = {
+        drop(e);
+        open(config(tmp.path()), 0)
+    };
+    let after = send_n(&mut e2, 1, 0);
+    assert!(after[0] > first[4]);
+}
+
+#[test]
+fn duplicates_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let original = {
+        let mut e = open(config(tmp.path()), 1_000);
+        e.append(Ticket(1), append("bob", Some("c-1"), "once"), at(1_000));
+        e.publish(Ticket(2), publish(Some("c-2")), at(1_000));
+        let done = settle(&mut e);
+        (stored(&done[0]), stored(&done[1]))
+    };
+    let mut e = open(config(tmp.path()), 2_000);
+    e.append(Ticket(3), append("bob", Some("c-1"), "once"), at(2_000));
+    e.publish(Ticket(4), publish(Some("c-2")), at(2_000));
+    let done = settle(&mut e);
+    assert!(matches!(
+        done[0].outcome,
+        Outcome::Duplicate { position, status: AckStatus::Queued } if position == original.0
+    ));
+    assert!(matches!(
+        done[1].outcome,
+        Outcome::Duplicate { position, status: AckStatus::Delivered } if position == original.1
+    ));
+    assert_eq!(
+        bodies(&recover(&mut e, None, 2_000)),
+        ["once"],
+        "stored once"
+    );
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_nothing_acked_is_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let positions = {
+        let mut e = open(config(tmp.path()), 1_000);
+        send_n(&mut e, 3, 1_000)
+    };
+    // A crash in the middle of the next batch's write: half a record at the end of the newest
+    // segment that holds data.
+    let newest = segment_ids(tmp.path()).unwrap().into_iter().max().unwrap();
+    let path = journal::segment_path(tmp.path(), newest);
+    let mut half = Vec::new();
+    Record::Append {
+        stream: StreamId::inbox("bob"),
+        position: Position(positions[2].0 + 1),
+        expires_ms: u64::MAX,
+        pending: true,
+        sender: "alice".into(),
+        client_id: None,
+        body: b"never acked".to_vec(),
+    }
+    .encode(&mut half);
+    let whole = fs::read(&path).unwrap();
+    let torn = half.len() / 2;
+    fs::write(&path, [&whole[..], &half[..torn]].concat()).unwrap();
+
+    let mut e = open(config(tmp.path()), 2_000);
+    assert_eq!(e.stats.torn_bytes, torn as u64);
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        whole,
+        "cut back to the last whole record"
+    );
+    let r = recover(&mut e, None, 2_000);
+    assert_eq!(bodies(&r), ["m0", "m1", "m2"]);
+    // And the log goes on working: write, reopen, read.
+    send_n(&mut e, 1, 2_000);
+    drop(e);
+    let mut e = open(config(tmp.path()), 3_000);
+    assert_eq!(recover(&mut e, None, 3_000).messages.len(), 4);
+}
+
+#[test]
+fn damage_before_the_newest_segment_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    drop(open(config(tmp.path()), 1_000));
+    drop(open(config(tmp.path()), 1_000)); // a second segment
+    let oldest = segment_ids(tmp.path()).unwrap()[0];
+    let path = journal::segment_path(tmp.path(), oldest);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&path, bytes).unwrap();
+    let err = FileEngine::open(config(tmp.path()), counter().0, at(1_000))
+        .err()
+        .unwrap();
+    assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("damaged"), "{err}");
+}
+
+#[test]
+fn ttl_and_bounds_reclaim_disk_space() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.segment_bytes = 4096;
+    let mut e = open(c.clone(), 1_000);
+    let body = "x".repeat(200);
+    for i in 0..200 {
+        e.append(
+            Ticket(i),
+            append(&format!("id{}", i % 7), None, &body),
+            at(1_000),
+        );
+        settle(&mut e);
+    }
+    let full = e.disk_bytes();
+    assert!(e.segments().len() > 5, "rotated: {:?}", e.segments());
+    // Everything expires; maintenance compacts the sealed segments away one at a time.
+    let later = 1_000 + TTL_MS;
+    for _ in 0..100 {
+        e.maintain(at(later));
+        settle(&mut e);
+    }
+    assert_eq!(e.mem.streams.messages(), 0);
+    assert_eq!(e.mem.streams.removed.expired_pending, 200);
+    assert!(e.stats.compactions > 0);
+    assert!(e.segments().len() <= 2, "left: {:?}", e.segments());
+    assert!(
+        e.disk_bytes() < full / 10,
+        "{} of {full} bytes left",
+        e.disk_bytes()
+    );
+    drop(e);
+    // Nothing comes back, and what was lost is known to be lost.
+    let mut e = open(c, later);
+    assert_eq!(e.mem.streams.messages(), 0);
+    let r = recover(
+        &mut e,
+        Some(Since {
+            position: Position(1),
+            epoch: None,
+        }),
+        later,
+    );
+    assert!(!r.recovered);
+}
+
+#[test]
+fn compaction_keeps_live_messages_and_their_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.segment_bytes = 2048;
+    c.limits.per_stream = 3;
+    let mut e = open(c.clone(), 1_000);
+    let body = "y".repeat(100);
+    // carol's three stay (one delivered); bob's stream churns through the per-stream bound,
+    // so the old segments are mostly dead.
+    for i in 0..3 {
+        e.append(
+            Ticket(i),
+            append("carol", None, &format!("c{i}")),
+            at(1_000),
+        );
+    }
+    let carol = settle(&mut e);
+    e.delivered(&StreamId::inbox("carol"), &[stored(&carol[0])]);
+    for i in 0..60 {
+        e.append(Ticket(i), append("bob", None, &body), at(1_000));
+        let done = settle(&mut e);
+        e.delivered(&StreamId::inbox("bob"), &[stored(&done[0])]);
+    }
+    let before = e.segments();
+    for _ in 0..50 {
+        e.maintain(at(1_000));
+        settle(&mut e);
+    }
+    assert!(e.stats.compactions > 0);
+    assert!(e.segments()[0] > before[0], "the oldest segments are gone");
+    drop(e);
+    let mut e = open(c, 1_000);
+    let carol = StreamId::inbox("carol");
+    e.recover(Ticket(1), &carol, None, at(1_000));
+    let Some(Outcome::Recovered(r)) = settle(&mut e).pop().map(|c| c.outcome) else {
+        panic!()
+    };
+    assert_eq!(
+        bodies(&r),
+        ["c1", "c2"],
+        "pending ones only: c0 was delivered"
+    );
+    assert_eq!(e.mem.streams.messages(), 3 + 3);
+    // bob lost messages to the bound: a since from the start is not complete.
+    let r = recover(
+        &mut e,
+        Some(Since {
+            position: Position(1),
+            epoch: None,
+        }),
+        1_000,
+    );
+    assert!(!r.recovered);
+    assert_eq!(r.messages.len(), 3);
+}
+
+#[test]
+fn the_fault_switch_rejects_sends_and_the_engine_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut c = config(tmp.path());
+    c.fault = StoreFault::Flag(Arc::clone(&flag));
+    let mut e = open(c.clone(), 1_000);
+    send_n(&mut e, 1, 1_000);
+
+    flag.store(true, Ordering::SeqCst);
+    e.append(Ticket(1), append("bob", Some("c-9"), "lost"), at(1_000));
+    let done = settle(&mut e);
+    assert!(
+        matches!(&done[0].outcome, Outcome::Rejected(Refusal::Store(e)) if e.contains("space")),
+        "{:?}",
+        done[0].outcome
+    );
+    assert_eq!(e.mem.streams.messages(), 1, "taken back out of the index");
+    let mut metrics = String::new();
+    e.render_metrics(&mut metrics);
+    assert!(metrics.contains("wsrelay_engine_store_ok 0\n"), "{metrics}");
+    assert!(metrics.contains("wsrelay_engine_store_errors_total 1\n"));
+
+    flag.store(false, Ordering::SeqCst);
+    // A retry with the same client id is a new message, not a duplicate of the failed one.
+    e.append(Ticket(2), append("bob", Some("c-9"), "kept"), at(1_000));
+    let done = settle(&mut e);
+    stored(&done[0]);
+    let mut metrics = String::new();
+    e.render_metrics(&mut metrics);
+    assert!(metrics.contains("wsrelay_engine_store_ok 1\n"));
+    assert!(metrics.contains("wsrelay_engine_store_state_changes_total 2\n"));
+    drop(e);
+    let mut e = open(c, 1_000);
+    assert_eq!(bodies(&recover(&mut e, None, 1_000)), ["m0", "kept"]);
+}
+
+#[test]
+fn a_directory_held_by_another_engine_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _first = open(config(tmp.path()), 1_000);
+    let err = FileEngine::open(config(tmp.path()), counter().0, at(1_000))
+        .err()
+        .unwrap();
+    assert!(matches!(err, OpenError::Locked { .. }));
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_path_that_cannot_be_a_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("plain");
+    fs::write(&file, "not a directory").unwrap();
+    let err = FileEngine::open(config(&file.join("data")), counter().0, at(1_000))
+        .err()
+        .unwrap();
+    assert!(matches!(err, OpenError::Access { .. }), "{err}");
+    assert!(err.to_string().starts_with("data dir: cannot use"), "{err}");
+}
+
+#[test]
+fn fsync_always_writes_one_batch_per_op() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.fsync = FsyncPolicy::Always;
+    let mut e = open(c, 1_000);
+    send_n(&mut e, 20, 1_000);
+    assert_eq!(e.stats.batches, 20);
+    assert_eq!(e.stats.fsync_seconds.count(), 20);
+}
+
+#[test]
+fn work_that_needs_no_disk_waits_its_turn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.limits.per_stream = 1;
+    let mut e = open(c, 1_000);
+    e.append(Ticket(1), append("bob", None, "first"), at(1_000));
+    e.append(
+        Ticket(2),
+        append("bob", None, "refused: full of pending"),
+        at(1_000),
+    );
+    e.recover(Ticket(3), &StreamId::inbox("bob"), None, at(1_000));
+    let done = settle(&mut e);
+    let tickets: Vec<u64> = done.iter().map(|c| c.ticket.0).collect();
+    assert_eq!(tickets, [1, 2, 3]);
+    assert!(matches!(done[1].outcome, Outcome::Rejected(Refusal::Full)));
+    let Outcome::Recovered(r) = &done[2].outcome else {
+        panic!()
+    };
+    assert_eq!(
+        bodies(r),
+        ["first"],
+        "the recover saw what was stored before it"
+    );
+}
+
+#[test]
+fn recovery_leaves_out_what_is_not_stored_yet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut e = open(config(tmp.path()), 1_000);
+    let first = send_n(&mut e, 1, 1_000);
+    // Computed with nothing in flight, then a message in flight: the recovery does not include
+    // it, and it completes after.
+    e.recover(Ticket(1), &StreamId::inbox("bob"), None, at(1_000));
+    e.append(Ticket(2), append("bob", None, "later"), at(1_000));
+    let mut out = completions(&mut e);
+    out.extend(settle(&mut e));
+    let Outcome::Recovered(r) = &out[0].outcome else {
+        panic!()
+    };
+    assert_eq!(bodies(r), ["m0"]);
+    assert_eq!(r.last, Some(first[0]));
+    assert_eq!(out[1].ticket, Ticket(2));
+}

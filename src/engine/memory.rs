@@ -1,0 +1,479 @@
+//! The memory engine: streams, positions and duplicate windows in this process's memory, the
+//! default (SPEC §13). A restart forgets everything, and says so: each run has a new epoch.
+//!
+//! Owns: `MemoryEngine`, the position counter, the epoch, the index (`Streams`), the duplicate
+//! windows (`Dedup`) and the queue of ready completions. Every piece of work completes at once:
+//! the completion is ready before the call returns.
+//! Does not: touch the disk. The file engine (`file.rs`) wraps one of these as its index and adds
+//! the log; the `pub(super)` methods below are the parts it reuses.
+
+use super::streams::{Gone, Limits, Refused, Removed, Streams};
+use super::{
+    Append, Completion, Engine, Epoch, Event, Now, Outcome, Position, Publish, Recovery, Refusal,
+    Since, StreamId, Ticket,
+};
+use crate::app::dedup::{Dedup, Recorded};
+use crate::app::envelope::{AckStatus, MsgId};
+use crate::server::metrics::Writer;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+pub struct MemoryEngine {
+    epoch: Epoch,
+    /// The next position to hand out.
+    next: Position,
+    pub(super) streams: Streams,
+    pub(super) dedup: Dedup,
+    pub(super) ready: VecDeque<Completion>,
+}
+
+/// What admitting a piece of work decided, before any durability.
+pub(super) enum Admit {
+    /// Taken at this position (and, for an append, put in the index).
+    Stored(Position),
+    /// The client id was seen before; the outcome is decided when the work completes, because
+    /// the first attempt may still be in flight (see `duplicate`).
+    Duplicate {
+        sender: Rc<str>,
+        client_id: Rc<str>,
+    },
+    Refused(Refusal),
+}
+
+impl MemoryEngine {
+    /// A fresh engine: new epoch; positions start at the Unix time in µs-ish (ms x 1000), so they
+    /// keep increasing across restarts in practice (unless a run averaged over 1,000 messages
+    /// per millisecond). The file engine does better: it resumes from what it stored.
+    pub fn new(limits: Limits, dedup: Dedup, now: Now) -> Self {
+        MemoryEngine::resume(
+            Epoch::random(),
+            Position(0),
+            Streams::new(limits),
+            dedup,
+            now,
+        )
+    }
+
+    /// An engine over existing state (the file engine after reading its log): positions resume
+    /// above `high_water`, and never below the clock-based start.
+    pub(super) fn resume(
+        epoch: Epoch,
+        high_water: Position,
+        streams: Streams,
+        dedup: Dedup,
+        now: Now,
+    ) -> Self {
+        let floor = now.unix_ms.saturating_mul(1000);
+        MemoryEngine {
+            epoch,
+            next: Position(high_water.0.saturating_add(1).max(floor)),
+            streams,
+            dedup,
+            ready: VecDeque::new(),
+        }
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The highest position handed out so far.
+    pub(super) fn high_water(&self) -> Position {
+        Position(self.next.0.saturating_sub(1))
+    }
+
+    fn allocate(&mut self) -> Position {
+        let p = self.next;
+        self.next.0 += 1;
+        p
+    }
+
+    /// Decides an append: duplicate, refused, or stored in the index (pending) at a new position.
+    /// What the bounds removed to make room goes into `gone`.
+    pub(super) fn admit_append(&mut self, a: &Append, now: Now, gone: &mut Vec<Gone>) -> Admit {
+        if let Some(admit) = self.seen(&a.sender, a.client_id.as_ref()) {
+            return admit;
+        }
+        let position = self.next;
+        match self
+            .streams
+            .append(&a.stream, position, Rc::clone(&a.body), now.unix_ms, gone)
+        {
+            Ok(()) => {
+                self.allocate();
+                self.remember(
+                    &a.sender,
+                    a.client_id.as_deref(),
+                    position,
+                    AckStatus::Queued,
+                );
+                Admit::Stored(position)
+            }
+            Err(Refused::Disabled) => Admit::Refused(Refusal::Disabled),
+            Err(Refused::Full) => Admit::Refused(Refusal::Full),
+            Err(Refused::TooLarge) => Admit::Refused(Refusal::TooLarge),
+        }
+    }
+
+    /// Decides a publish: duplicate, or a new position.
+    pub(super) fn admit_publish(&mut self, p: &Publish) -> Admit {
+        if let Some(admit) = self.seen(&p.sender, p.client_id.as_ref()) {
+            return admit;
+        }
+        let position = self.allocate();
+        self.remember(
+            &p.sender,
+            p.client_id.as_deref(),
+            position,
+            AckStatus::Delivered,
+        );
+        Admit::Stored(position)
+    }
+
+    fn seen(&self, sender: &Rc<str>, client_id: Option<&Rc<str>>) -> Option<Admit> {
+        let client_id = client_id?;
+        let recorded = self.dedup.check(sender, client_id)?;
+        // A first attempt whose store failed was rejected: a retry is a new message.
+        (recorded.status != AckStatus::Rejected).then(|| Admit::Duplicate {
+            sender: Rc::clone(sender),
+            client_id: Rc::clone(client_id),
+        })
+    }
+
+    pub(super) fn remember(
+        &mut self,
+        sender: &str,
+        client_id: Option<&str>,
+        position: Position,
+        status: AckStatus,
+    ) {
+        if let Some(client_id) = client_id {
+            let msg_id = MsgId(position.0);
+            self.dedup
+                .record(sender, client_id, Recorded { msg_id, status });
+        }
+    }
+
+    /// The outcome of a duplicate, decided now that the first attempt has completed: the same
+    /// position, and the status the message has now (a queued message may have been delivered
+    /// since). If the first attempt failed, the duplicate fails too (the client may retry).
+    pub(super) fn duplicate(&self, sender: &str, client_id: &str) -> Outcome {
+        match self.dedup.check(sender, client_id) {
+            Some(r) if r.status != AckStatus::Rejected => {
+                let position = Position(r.msg_id.0);
+                let status = match self.streams.get(position) {
+                    Some(e) if e.pending => AckStatus::Queued,
+                    Some(_) => AckStatus::Delivered,
+                    None => r.status,
+                };
+                Outcome::Duplicate { position, status }
+            }
+            _ => Outcome::Rejected(Refusal::Store("the first attempt was not stored".into())),
+        }
+    }
+
+    /// The answer to `recover`, with only positions up to `through` (what is stored).
+    pub(super) fn recovery(
+        &self,
+        stream: &StreamId,
+        since: Option<Since>,
+        through: Position,
+    ) -> Recovery {
+        let other_epoch = since.is_some_and(|s| s.epoch.is_some_and(|e| e != self.epoch));
+        // SPEC §13: a since from another epoch gets what is still there, and `false`.
+        let from = since.map(|s| if other_epoch { Position(0) } else { s.position });
+        let (messages, recovered) = self.streams.replay(stream, from, through);
+        Recovery {
+            epoch: self.epoch,
+            last: self.streams.newest_through(stream, through),
+            recovered: recovered && !other_epoch,
+            messages,
+        }
+    }
+
+    /// Appends what every engine with this index reports: retained messages and what the bounds
+    /// removed.
+    pub(super) fn render_index(&self, kind: &str, in_flight: usize, out: &mut String) {
+        let s = &self.streams;
+        let mut w = Writer::new(out);
+        w.family(
+            "wsrelay_engine_info",
+            "gauge",
+            "The engine in use (SPEC §13).",
+        );
+        w.sample("wsrelay_engine_info", &[("kind", kind)], 1);
+        w.gauge(
+            "wsrelay_engine_streams",
+            "Streams with at least one retained message.",
+            s.streams(),
+        );
+        w.gauge(
+            "wsrelay_engine_messages",
+            "Messages retained in all streams.",
+            s.messages(),
+        );
+        w.gauge(
+            "wsrelay_engine_bytes",
+            "Bytes retained in all streams (bodies plus bookkeeping).",
+            s.bytes(),
+        );
+        w.gauge(
+            "wsrelay_engine_pending_messages",
+            "Retained messages not yet delivered to any connection.",
+            s.pending(),
+        );
+        w.gauge(
+            "wsrelay_engine_in_flight",
+            "Work submitted to the engine and not yet completed (acks waiting for durability).",
+            in_flight,
+        );
+        let Removed {
+            expired_pending,
+            expired_delivered,
+            evicted_per_stream,
+            dropped_global,
+            evicted_global,
+            dropped_on_restore,
+        } = s.removed;
+        w.family(
+            "wsrelay_engine_removed_total",
+            "counter",
+            "Retained messages removed by a bound or the TTL, by reason and by whether they were still pending.",
+        );
+        for (reason, pending, n) in [
+            ("ttl", "true", expired_pending),
+            ("ttl", "false", expired_delivered),
+            ("per_stream", "false", evicted_per_stream),
+            ("global_bytes", "true", dropped_global),
+            ("global_bytes", "false", evicted_global),
+            ("restore", "unknown", dropped_on_restore),
+        ] {
+            w.sample(
+                "wsrelay_engine_removed_total",
+                &[("reason", reason), ("pending", pending)],
+                n,
+            );
+        }
+    }
+}
+
+impl Engine for MemoryEngine {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn append(&mut self, ticket: Ticket, append: Append, now: Now) {
+        let outcome = match self.admit_append(&append, now, &mut Vec::new()) {
+            Admit::Stored(position) => Outcome::Stored { position },
+            Admit::Duplicate { sender, client_id } => self.duplicate(&sender, &client_id),
+            Admit::Refused(r) => Outcome::Rejected(r),
+        };
+        self.ready.push_back(Completion { ticket, outcome });
+    }
+
+    fn publish(&mut self, ticket: Ticket, publish: Publish, _now: Now) {
+        let outcome = match self.admit_publish(&publish) {
+            Admit::Stored(position) => Outcome::Stored { position },
+            Admit::Duplicate { sender, client_id } => self.duplicate(&sender, &client_id),
+            Admit::Refused(r) => Outcome::Rejected(r),
+        };
+        self.ready.push_back(Completion { ticket, outcome });
+    }
+
+    fn recover(&mut self, ticket: Ticket, stream: &StreamId, since: Option<Since>, _now: Now) {
+        let recovery = self.recovery(stream, since, Position(u64::MAX));
+        self.ready.push_back(Completion {
+            ticket,
+            outcome: Outcome::Recovered(recovery),
+        });
+    }
+
+    fn delivered(&mut self, stream: &StreamId, positions: &[Position]) {
+        self.streams.mark_delivered(stream, positions);
+    }
+
+    fn online(&mut self, sender: &str) {
+        self.dedup.active(sender);
+    }
+
+    fn offline(&mut self, sender: &Rc<str>, now: Now) {
+        self.dedup.idle(sender, now.instant);
+    }
+
+    fn maintain(&mut self, now: Now) {
+        self.streams.expire(now.unix_ms, &mut Vec::new());
+        self.dedup.sweep(now.instant);
+    }
+
+    fn poll(&mut self, out: &mut Vec<Event>) {
+        out.extend(self.ready.drain(..).map(Event::Completed));
+    }
+
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.render_index(self.kind(), self.in_flight(), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    pub(crate) fn now(unix_ms: u64) -> Now {
+        Now {
+            instant: Instant::now(),
+            unix_ms,
+        }
+    }
+
+    fn engine() -> MemoryEngine {
+        engine_at(1_000)
+    }
+
+    fn engine_at(unix_ms: u64) -> MemoryEngine {
+        let limits = Limits {
+            per_stream: 3,
+            ttl_ms: 60_000,
+            max_bytes: 1 << 20,
+        };
+        MemoryEngine::new(
+            limits,
+            Dedup::new(16, std::time::Duration::from_secs(60), 64 << 20),
+            now(unix_ms),
+        )
+    }
+
+    fn append(to: &str, client_id: Option<&str>) -> Append {
+        Append {
+            stream: StreamId::inbox(to),
+            sender: Rc::from("alice"),
+            client_id: client_id.map(Rc::from),
+            body: Rc::from(&b"{}"[..]),
+        }
+    }
+
+    fn one(e: &mut MemoryEngine) -> Outcome {
+        let mut out = Vec::new();
+        e.poll(&mut out);
+        assert_eq!(out.len(), 1);
+        match out.pop() {
+            Some(Event::Completed(c)) => c.outcome,
+            other => panic!("expected one completion, got {other:?}"),
+        }
+    }
+
+    fn stored(e: &mut MemoryEngine) -> Position {
+        match one(e) {
+            Outcome::Stored { position } => position,
+            other => panic!("expected Stored, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn completes_at_once_with_increasing_positions_above_the_clock() {
+        let mut e = engine();
+        e.append(Ticket(1), append("bob", None), now(1_000));
+        let a = stored(&mut e);
+        e.publish(
+            Ticket(2),
+            Publish {
+                room: Rc::from("lobby"),
+                sender: Rc::from("alice"),
+                client_id: None,
+                body: Rc::from(&b"{}"[..]),
+            },
+            now(1_000),
+        );
+        let b = stored(&mut e);
+        assert!(a >= Position(1_000_000) && b > a);
+        assert_eq!(e.in_flight(), 0);
+    }
+
+    #[test]
+    fn duplicates_get_the_first_position_and_the_current_status() {
+        let mut e = engine();
+        e.append(Ticket(1), append("bob", Some("c1")), now(1_000));
+        let first = stored(&mut e);
+        e.append(Ticket(2), append("bob", Some("c1")), now(1_000));
+        assert!(matches!(
+            one(&mut e),
+            Outcome::Duplicate { position, status: AckStatus::Queued } if position == first
+        ));
+        e.delivered(&StreamId::inbox("bob"), &[first]);
+        e.append(Ticket(3), append("bob", Some("c1")), now(1_000));
+        assert!(matches!(
+            one(&mut e),
+            Outcome::Duplicate {
+                status: AckStatus::Delivered,
+                ..
+            }
+        ));
+        assert_eq!(e.streams.messages(), 1, "not stored twice");
+    }
+
+    #[test]
+    fn recovery_says_whether_it_is_complete() {
+        let mut e = engine();
+        let bob = StreamId::inbox("bob");
+        let mut positions = Vec::new();
+        for _ in 0..3 {
+            e.append(Ticket(0), append("bob", None), now(1_000));
+            positions.push(stored(&mut e));
+        }
+        e.delivered(&bob, &positions);
+        let since = |position, epoch| Some(Since { position, epoch });
+
+        e.recover(
+            Ticket(1),
+            &bob,
+            since(positions[0], Some(e.epoch())),
+            now(1_000),
+        );
+        let Outcome::Recovered(r) = one(&mut e) else {
+            panic!()
+        };
+        assert!(r.recovered);
+        assert_eq!(r.messages.len(), 2);
+        assert_eq!(r.last, Some(positions[2]));
+
+        // Another epoch: whatever is there, and `false`.
+        e.recover(
+            Ticket(2),
+            &bob,
+            since(positions[2], Some(Epoch(1))),
+            now(1_000),
+        );
+        let Outcome::Recovered(r) = one(&mut e) else {
+            panic!()
+        };
+        assert!(!r.recovered);
+        assert_eq!(r.messages.len(), 3);
+
+        // Older than what is retained: the per-stream bound evicted the first.
+        e.append(Ticket(0), append("bob", None), now(1_000));
+        stored(&mut e);
+        e.recover(Ticket(3), &bob, since(Position(0), None), now(1_000));
+        let Outcome::Recovered(r) = one(&mut e) else {
+            panic!()
+        };
+        assert!(!r.recovered);
+        assert_eq!(r.messages.len(), 3);
+    }
+
+    #[test]
+    fn a_restart_is_a_new_epoch_and_positions_keep_increasing() {
+        let mut first = engine();
+        first.append(Ticket(1), append("bob", None), now(1_000));
+        let before = stored(&mut first);
+        // One second later: the clock-based start is above everything the first run handed
+        // out at under 1,000 messages per millisecond.
+        let mut second = engine_at(2_000);
+        assert_ne!(first.epoch(), second.epoch());
+        second.append(Ticket(1), append("bob", None), now(2_000));
+        assert!(stored(&mut second) > before);
+    }
+}

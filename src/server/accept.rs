@@ -1,0 +1,169 @@
+//! New connections: accepting them, admitting or refusing each, and the listener's pause (on
+//! descriptor exhaustion) and close (at shutdown).
+//!
+//! Owns: `accept_all`, `admit`, the listener's registration.
+//! Does not: read what a new connection sends (`inbound.rs`, called at once from `admit`) or
+//! answer it (`http.rs`).
+
+use super::connection::{ConnId, Connection, Deadline};
+use super::metrics::Metrics;
+use super::{Handler, Reactor, TimerEvent, LISTENER};
+use crate::poller::{Interest, Poller, Token};
+use crate::protocol::handshake::HandshakeError;
+use log::{trace, warn};
+use mio::net::TcpStream;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+/// How long the listener stays paused after accept failed for lack of descriptors.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Connections admitted beyond `--max-connections` only to be told 503 (and then closed). Past
+/// this many at once, excess sockets are closed without an answer.
+const MAX_REJECTING: usize = 64;
+
+impl<P: Poller, H: Handler> Reactor<P, H> {
+    /// Accepts until `WouldBlock` (edge-triggered backends report a listener once per burst).
+    pub(super) fn accept_all(&mut self) {
+        while self.listening {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The peer gave up while queued; nothing to do.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) => {
+                    // EMFILE/ENFILE (descriptors exhausted) and the like. The pending connection
+                    // stays in the kernel's backlog and would make a level-triggered backend
+                    // report the listener again and again: pause it instead, and retry from a
+                    // timer. Existing connections keep being served meanwhile.
+                    self.metrics.accept_pauses += 1;
+                    let rate_limited = self
+                        .last_accept_warning
+                        .is_some_and(|t| self.now < t + Duration::from_secs(10));
+                    if !rate_limited {
+                        warn!(
+                            "accept failed ({e}); pausing the listener, retrying every {ACCEPT_RETRY:?} \
+                             (this warning repeats at most every 10 s)"
+                        );
+                        self.last_accept_warning = Some(self.now);
+                    }
+                    self.pause_listener();
+                    self.timers
+                        .arm(self.now + ACCEPT_RETRY, TimerEvent::AcceptRetry);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stops watching the listener (it stays open: the kernel keeps queueing connections).
+    fn pause_listener(&mut self) {
+        if !self.listening {
+            return;
+        }
+        self.listening = false;
+        if let Some(listener) = &self.listener {
+            if let Err(e) = self.poller.deregister(listener.as_raw_fd()) {
+                warn!("could not pause the listener: {e}");
+            }
+        }
+    }
+
+    /// Stops accepting for good (shutdown): deregisters the listener and closes it, so that the
+    /// kernel refuses new connections (a client retries another node at once) instead of
+    /// queueing them for a process that will never accept them.
+    pub(super) fn close_listener(&mut self) {
+        self.pause_listener();
+        self.listener = None;
+    }
+
+    /// The accept retry timer fired: watch the listener again.
+    pub(super) fn resume_accepting(&mut self) {
+        if self.listening {
+            return;
+        }
+        let Some(listener) = &self.listener else {
+            return; // closed at shutdown
+        };
+        match self
+            .poller
+            .register(listener.as_raw_fd(), LISTENER, Interest::READABLE)
+        {
+            Ok(()) => {
+                self.listening = true;
+                // Connections may have queued while paused; an edge-triggered backend will not
+                // report them as new.
+                self.accept_all();
+            }
+            Err(e) => {
+                warn!("could not resume the listener: {e}");
+                self.timers
+                    .arm(self.now + ACCEPT_RETRY, TimerEvent::AcceptRetry);
+            }
+        }
+    }
+
+    /// Takes a new socket into the slab with its handshake deadline, or refuses it.
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
+        self.metrics.accepted += 1;
+        let over_limit = self.conns.len() - self.rejecting >= self.config.max_connections;
+        if over_limit && self.rejecting >= MAX_REJECTING {
+            // Too many even to answer: close at once (the client sees a reset or EOF).
+            Metrics::bump(&mut self.metrics.rejected, "max_connections");
+            return;
+        }
+        if let Some(limit) = self.poller.fd_limit() {
+            if stream.as_raw_fd() as usize >= limit {
+                warn!(
+                    "refusing {peer}: descriptor {} is beyond what the {} poller can watch ({limit})",
+                    stream.as_raw_fd(),
+                    self.poller.name()
+                );
+                Metrics::bump(&mut self.metrics.rejected, "fd_limit");
+                return;
+            }
+        }
+        let _ = stream.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let id = ConnId {
+            slot: entry.key() as u32,
+            generation: self.next_generation,
+        };
+        self.next_generation = self.next_generation.wrapping_add(1);
+        if let Err(e) =
+            self.poller
+                .register(stream.as_raw_fd(), Token(id.token()), Interest::READABLE)
+        {
+            warn!("cannot watch connection from {peer}: {e}");
+            Metrics::bump(&mut self.metrics.rejected, "register_failed");
+            return;
+        }
+        let mut conn = Connection::new(id, stream, peer, self.config.max_message, self.now);
+        conn.set_deadline(
+            &mut self.timers,
+            self.now + self.config.handshake_timeout,
+            Deadline::Handshake,
+        );
+        entry.insert(conn);
+        trace!("{peer} connected as {id:?}");
+        if over_limit {
+            // Over the limit: answer 503 (SPEC §2) through the normal response path, which
+            // waits for the client to hang up so that the answer is not lost to a reset. Such
+            // connections do not count toward the limit, or a stream of refused clients could
+            // keep the slot of a departed one occupied.
+            Metrics::bump(&mut self.metrics.rejected, "max_connections");
+            self.rejecting += 1;
+            let e = HandshakeError::ServiceUnavailable;
+            self.answer(id, e.status(), e.response(), true);
+            return;
+        }
+        // Data may already be waiting; edge-triggered backends only report new arrivals.
+        self.on_readable(id);
+    }
+}

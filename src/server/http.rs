@@ -1,0 +1,205 @@
+//! The HTTP side of a connection: the request head, the upgrade, plain answers, and the
+//! reactor's own endpoints (/healthz, /stats.json, /metrics).
+//!
+//! Owns: `on_request_bytes` (parse, route, validate the upgrade), `open` (the 101 and the frames
+//! pipelined behind the request), `respond`/`answer` (a complete HTTP response, then the write
+//! side is shut), and rendering /stats.json and /metrics.
+//! Does not: parse HTTP itself (`protocol::handshake`), or decide the app's routes (`Handler`).
+
+use super::connection::{ConnId, Deadline, State};
+use super::metrics::{Gauges, Metrics};
+use super::{live, Handler, Reactor, Route};
+use crate::poller::Poller;
+use crate::protocol::handshake::{self, HandshakeError};
+use log::debug;
+
+impl<P: Poller, H: Handler> Reactor<P, H> {
+    /// Looks for a complete request head in `request`. Returns false if the connection was
+    /// closed.
+    pub(super) fn on_request_bytes(&mut self, id: ConnId) -> bool {
+        let Some(conn) = self.conn_mut(id) else {
+            return false;
+        };
+        let (request, head_len) = match handshake::parse_request(&conn.request) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => return true,
+            Err(e) => {
+                self.respond(id, e.status(), e.response());
+                return true;
+            }
+        };
+        let upgrade = request.is_upgrade_attempt();
+        // The reactor's own endpoints: liveness and counters.
+        if !upgrade && request.method == "GET" {
+            match request.path.as_str() {
+                "/healthz" => {
+                    let ok =
+                        handshake::http_response(200, "text/plain; charset=utf-8", &[], b"ok\n");
+                    self.respond(id, 200, ok);
+                    return true;
+                }
+                "/stats.json" => {
+                    let body = self.render_stats();
+                    let response = handshake::http_response(
+                        200,
+                        "application/json",
+                        &[("Cache-Control", "no-store")],
+                        body.as_bytes(),
+                    );
+                    self.respond(id, 200, response);
+                    return true;
+                }
+                "/metrics" => {
+                    let body = self.render_metrics();
+                    let response = handshake::http_response(
+                        200,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        &[],
+                        body.as_bytes(),
+                    );
+                    self.respond(id, 200, response);
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        let accept = if upgrade {
+            match handshake::validate_upgrade(&request) {
+                Ok(valid) => Some(valid.accept),
+                Err(e) => {
+                    self.respond(id, e.status(), e.response());
+                    return true;
+                }
+            }
+        } else {
+            None
+        };
+        match (self.handler.route(id, &request), accept) {
+            (Route::Upgrade { session, protocol }, Some(accept)) => {
+                let response = handshake::upgrade_response(&accept, protocol);
+                self.open(id, session, response, head_len)
+            }
+            (Route::Upgrade { .. }, None) => {
+                let e = HandshakeError::NotWebSocket;
+                self.respond(id, e.status(), e.response());
+                true
+            }
+            (Route::Respond(status, response), _) => {
+                self.respond(id, status, response);
+                true
+            }
+        }
+    }
+
+    /// Completes the upgrade: queues the 101 response, tells the app, and processes frames that
+    /// the client pipelined right behind its request (SPEC §3: they are kept, not lost).
+    fn open(
+        &mut self,
+        id: ConnId,
+        session: H::Session,
+        response: Vec<u8>,
+        head_len: usize,
+    ) -> bool {
+        let heartbeat = self.now + self.config.heartbeat_interval;
+        let Some(conn) = live(&mut self.conns, id) else {
+            return false;
+        };
+        if !conn.upgraded() {
+            return true;
+        }
+        conn.outbound
+            .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
+                out.extend_from_slice(&response)
+            });
+        conn.last_activity = self.now;
+        conn.set_deadline(&mut self.timers, heartbeat, Deadline::Heartbeat);
+        let mut pipelined = conn.request.split_off(head_len);
+        conn.request = Vec::new();
+        self.metrics.upgrades += 1;
+        debug!("{id:?} upgraded");
+
+        self.call_app(id, |app, slot, out| {
+            app.on_open(id, slot.insert(session), out)
+        });
+        self.mark_dirty(id);
+
+        if !pipelined.is_empty() {
+            self.on_frames(id, &mut pipelined);
+        }
+        self.conn_mut(id).is_some()
+    }
+
+    /// Queues a complete HTTP response; the connection closes once it is sent and the client
+    /// has hung up (or `--close-timeout` passes).
+    fn respond(&mut self, id: ConnId, status: u16, response: Vec<u8>) {
+        self.answer(id, status, response, false);
+    }
+
+    /// `respond`, for a connection admitted over `--max-connections` (`over_limit`, counted in
+    /// `rejecting` until it closes) or not.
+    pub(super) fn answer(&mut self, id: ConnId, status: u16, response: Vec<u8>, over_limit: bool) {
+        let deadline = self.now + self.config.close_timeout;
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        if !conn.responding(over_limit) {
+            return;
+        }
+        Metrics::bump_code(&mut self.metrics.http_responses, status);
+        conn.outbound
+            .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
+                out.extend_from_slice(&response)
+            });
+        conn.request = Vec::new();
+        conn.set_deadline(&mut self.timers, deadline, Deadline::Close);
+        self.mark_dirty(id);
+        debug!("{id:?} answered HTTP {status}");
+    }
+
+    /// The live counters of the demo page (SPEC §8) as one flat JSON object of numbers (and
+    /// the poller's name).
+    fn render_stats(&self) -> String {
+        let open = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state() == State::Open)
+            .count() as u64;
+        let mut fields: Vec<(&'static str, u64)> = vec![
+            ("connections", open),
+            ("accepted", self.metrics.accepted),
+            ("messages_in", self.metrics.messages_in),
+            ("messages_out", self.metrics.messages_out),
+            ("bytes_in", self.metrics.bytes_in),
+            ("bytes_out", self.metrics.bytes_out),
+            ("uptime_ms", self.started.elapsed().as_millis() as u64),
+        ];
+        self.handler.stats(&mut fields);
+        let mut json = format!("{{\"poller\":\"{}\"", self.poller.name());
+        for (name, value) in fields {
+            json.push_str(&format!(",\"{name}\":{value}"));
+        }
+        json.push('}');
+        json
+    }
+
+    fn render_metrics(&self) -> String {
+        let mut counts = [
+            ("handshaking", 0usize),
+            ("open", 0),
+            ("http", 0),
+            ("closing", 0),
+        ];
+        for (_, conn) in &self.conns {
+            let name = conn.state().name();
+            if let Some(entry) = counts.iter_mut().find(|(n, _)| *n == name) {
+                entry.1 += 1;
+            }
+        }
+        let mut text = self.metrics.render(&Gauges {
+            poller: self.poller.name(),
+            connections: &counts,
+        });
+        self.handler.render_metrics(&mut text);
+        text
+    }
+}

@@ -1,0 +1,114 @@
+//! What happens when bytes arrive: the one place the reactor reads a socket.
+//!
+//! Owns: `on_readable` (read into the shared receive buffer until `WouldBlock` or the read
+//! budget is spent; the activity clock; the ready list), end of stream, and handing each read to
+//! the request parser (`http.rs`) or the frame reader (`websocket.rs`) by state.
+//! Does not: parse anything itself. A transport that wraps the socket (TLS) slots in at the
+//! `read` call here.
+
+use super::connection::{ConnId, Deadline, State};
+use super::{live, Handler, Reactor, READ_BUDGET_BYTES};
+use crate::poller::Poller;
+use log::debug;
+use std::io::{self, Read};
+
+impl<P: Poller, H: Handler> Reactor<P, H> {
+    /// Reads the connection until `WouldBlock` or until its read budget is spent; then it goes
+    /// on the ready list, to be read again in the next iteration (see `turn`).
+    pub(super) fn on_readable(&mut self, id: ConnId) {
+        let mut budget = READ_BUDGET_BYTES;
+        loop {
+            let Some(conn) = live(&mut self.conns, id) else {
+                return;
+            };
+            let n = match conn.stream.read(&mut self.recv_buf) {
+                Ok(0) => {
+                    self.on_eof(id);
+                    return;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("{id:?} read error: {e}");
+                    self.metrics.abnormal_closes += 1;
+                    self.close_now(id);
+                    return;
+                }
+            };
+            self.metrics.bytes_in += n as u64;
+            // Any bytes count as activity, not only whole frames: a large frame still arriving
+            // proves the peer alive (SPEC §5).
+            conn.last_activity = self.now;
+            if conn.awaiting_pong() {
+                // The peer is alive: the pong deadline gives way to the next heartbeat.
+                let next = self.now + self.config.heartbeat_interval;
+                conn.set_deadline(&mut self.timers, next, Deadline::Heartbeat);
+            }
+            if !self.ingest(id, n) {
+                return; // closed
+            }
+            budget = budget.saturating_sub(n);
+            if budget == 0 {
+                // Fairness: let the others run. Edge-triggered backends will not tell us again
+                // about the bytes still waiting, so remember the connection ourselves.
+                if let Some(conn) = self.conn_mut(id) {
+                    if !conn.on_ready_list {
+                        conn.on_ready_list = true;
+                        self.ready.push(id);
+                    }
+                }
+                break;
+            }
+        }
+        if self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
+            self.mark_dirty(id);
+        }
+    }
+
+    /// The peer hung up (or shut its sending side).
+    fn on_eof(&mut self, id: ConnId) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        match conn.state() {
+            // The peer hung up after our response or our Close: the expected ending.
+            State::HttpResponding { .. } | State::Closing | State::Closed | State::Failing => {}
+            State::Handshaking | State::Open => {
+                debug!("{id:?} hung up without a close handshake");
+                self.metrics.abnormal_closes += 1;
+            }
+        }
+        // The peer may only have shut its sending side: give what it was answered in this read
+        // one chance to leave (best effort, never blocking) before the socket goes.
+        if self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
+            self.flush(id);
+        }
+        self.close_now(id);
+    }
+
+    /// Hands the `n` bytes just read into the shared buffer to whatever the connection's state
+    /// expects. Returns false if the connection was closed.
+    fn ingest(&mut self, id: ConnId, n: usize) -> bool {
+        let Some(conn) = live(&mut self.conns, id) else {
+            return false;
+        };
+        match conn.state() {
+            State::Handshaking => {
+                conn.request.extend_from_slice(&self.recv_buf[..n]);
+                self.on_request_bytes(id)
+            }
+            State::Open | State::Closing => {
+                // Frames are parsed straight out of the shared buffer (SPEC §2); the reader
+                // copies only an incomplete tail into the connection.
+                let mut recv_buf = std::mem::take(&mut self.recv_buf);
+                self.on_frames(id, &mut recv_buf[..n]);
+                self.recv_buf = recv_buf;
+                self.conn_mut(id).is_some()
+            }
+            // Our response or our last Close is on its way (after a completed close handshake,
+            // or a protocol error); what the client still sends is discarded.
+            State::HttpResponding { .. } | State::Closed | State::Failing => true,
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! WebSocket events of an open connection, and the calls into the app.
+//!
+//! Owns: running a connection's `FrameReader` over one read (`on_frames`), what each event
+//! means (`on_event`: messages to the app, Pongs for Pings, the close handshake), and every call
+//! into the `Handler` with its `Outbox` (`call_app`), including the closes the app asks for.
+//! Does not: decode frames (`protocol::decoder`), or write (`flush.rs`).
+
+use super::connection::{ConnId, Deadline, State};
+use super::handler::Outbox;
+use super::metrics::Metrics;
+use super::{live, Handler, Reactor};
+use crate::poller::Poller;
+use crate::protocol::decoder::{FrameReader, Input};
+use crate::protocol::frame::{self, OpCode, Role};
+use crate::protocol::message::Event;
+use crate::protocol::CloseCode;
+use log::debug;
+
+impl<P: Poller, H: Handler> Reactor<P, H> {
+    /// Reads the WebSocket frames in `bytes` (one read, or what the client pipelined behind its
+    /// request) with the connection's `FrameReader`, and handles every event.
+    ///
+    /// After our Close (the app closed the connection, or it became a slow consumer) the rest of
+    /// `bytes` is still read, frame by frame, to find the peer's Close (RFC 6455 §5.5.1): the
+    /// next read then starts on a frame boundary, never in the middle of a frame.
+    pub(super) fn on_frames(&mut self, id: ConnId, bytes: &mut [u8]) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        // The reader is lent out of the connection while its events are handled: an event may
+        // borrow it, and handling one needs the whole reactor (the app, other connections). The
+        // placeholder left behind allocates nothing.
+        let mut reader = std::mem::replace(&mut conn.reader, FrameReader::new(Role::Server, 0));
+        let mut input = Input::new(bytes);
+        loop {
+            let Some(conn) = self.conn_mut(id) else {
+                return; // closed: the reader goes with it
+            };
+            match conn.state() {
+                State::Open => {}
+                State::Closing => reader.await_close(),
+                State::Handshaking | State::HttpResponding { .. } | State::Closed => break,
+                State::Failing => break,
+            }
+            match reader.next_event(&mut input) {
+                Ok(Some(event)) => self.on_event(id, event),
+                Ok(None) => break,
+                Err(e) => {
+                    self.protocol_error(id, e);
+                    break;
+                }
+            }
+        }
+        if let Some(conn) = self.conn_mut(id) {
+            conn.reader = reader;
+        }
+    }
+
+    /// Handles one event of an open or closing connection.
+    fn on_event(&mut self, id: ConnId, event: Event<'_>) {
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        let open = conn.state() == State::Open;
+        match event {
+            Event::Message { opcode, data, .. } => {
+                self.metrics.messages_in += 1;
+                self.deliver(id, opcode, &data);
+            }
+            Event::Ping(payload) => {
+                // RFC 6455 §5.5.2: a Pong carries the Ping's payload. Not after our Close.
+                if open {
+                    self.queue_control(id, OpCode::Pong, payload);
+                }
+                self.check_outbound(id);
+            }
+            // Unsolicited Pongs are allowed and ignored (§5.5.3); any bytes prove liveness.
+            Event::Pong(_) => {}
+            Event::Close(close) => {
+                let code = close.as_ref().map(|c| c.code);
+                Metrics::bump_code(
+                    &mut self.metrics.closes_received,
+                    code.map_or(CloseCode::NO_STATUS.0, |c| c.0),
+                );
+                if open {
+                    // RFC 6455 §5.5.1: answer with a Close, echoing the status code.
+                    let reply = code.map_or_else(Vec::new, |code| frame::close_payload(code, ""));
+                    if let Some(code) = code {
+                        Metrics::bump_code(&mut self.metrics.closes_sent, code.0);
+                    }
+                    self.queue_control(id, OpCode::Close, &reply);
+                    debug!("{id:?} peer closed ({code:?}), answered");
+                } else {
+                    debug!("{id:?} close handshake complete");
+                }
+                let close_deadline = self.now + self.config.close_timeout;
+                if let Some(conn) = live(&mut self.conns, id) {
+                    conn.close_received();
+                    if open {
+                        // The heartbeat no longer applies: the peer has until the close
+                        // deadline to take our reply, or the socket is closed anyway.
+                        conn.set_deadline(&mut self.timers, close_deadline, Deadline::Close);
+                    }
+                }
+                // The server closes TCP first once both Close frames are out (RFC 6455
+                // §7.1.1): `after_flush` does, at the end of this iteration.
+                self.mark_dirty(id);
+                self.closed_for_app(id);
+            }
+        }
+    }
+
+    /// Calls into the app with the connection's session slot and an `Outbox`, then applies the
+    /// closes the app asked for. The slot is `Some` exactly while the connection is open for
+    /// the app.
+    pub(super) fn call_app(
+        &mut self,
+        id: ConnId,
+        call: impl FnOnce(&mut H, &mut Option<H::Session>, &mut Outbox<'_>),
+    ) {
+        let slot = id.slot as usize;
+        if self.sessions.len() <= slot {
+            self.sessions.resize_with(slot + 1, || None);
+        }
+        let mut out = Outbox {
+            conns: &mut self.conns,
+            metrics: &mut self.metrics,
+            dirty: &mut self.dirty,
+            closes: &mut self.close_requests,
+            pool: &mut self.outbound_pool,
+            max_outbound: self.config.max_outbound,
+            policy: self.config.slow_consumer,
+        };
+        call(&mut self.handler, &mut self.sessions[slot], &mut out);
+        if !self.close_requests.is_empty() {
+            self.apply_close_requests();
+        }
+    }
+
+    /// Hands a data message to the app, with an `Outbox` for its replies.
+    fn deliver(&mut self, id: ConnId, opcode: OpCode, message: &[u8]) {
+        self.call_app(id, |app, slot, out| {
+            if let Some(session) = slot.as_mut() {
+                app.on_message(id, session, opcode, message, out);
+            }
+        });
+    }
+
+    /// The connection stops being open for the app (it is closing or gone): `on_close`, once.
+    pub(super) fn closed_for_app(&mut self, id: ConnId) {
+        self.call_app(id, |app, slot, out| {
+            if let Some(session) = slot.take() {
+                app.on_close(id, session, out);
+            }
+        });
+    }
+
+    /// Applies the closes the app asked for. Closing one connection tells the app, which may
+    /// ask for more closes (a slow member's departure announced to other slow members): those
+    /// are applied by the outermost call's loop, not by recursion, so the depth stays constant.
+    fn apply_close_requests(&mut self) {
+        if self.applying_closes {
+            return;
+        }
+        self.applying_closes = true;
+        while let Some((id, code, reason)) = self.close_requests.pop() {
+            self.start_close(id, code, reason);
+        }
+        self.applying_closes = false;
+    }
+
+    /// Applies the slow-consumer policy to what the reactor itself queued (Pongs, SPEC §2).
+    fn check_outbound(&mut self, id: ConnId) {
+        let limit = self.config.max_outbound;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        if conn.outbound.queued_bytes() <= limit {
+            return;
+        }
+        // Control replies (pongs) are not droppable: a peer that floods pings without reading
+        // is a slow consumer whatever the policy.
+        self.metrics.slow_consumer_closes += 1;
+        debug!("{id:?} exceeded --max-outbound; closing 1008");
+        self.start_close(id, CloseCode::POLICY_VIOLATION, "slow consumer");
+    }
+}
