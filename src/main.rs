@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 use wsrelay::app::{App, AppConfig, RateLimit};
 use wsrelay::poller::{MioPoller, PollPoller, Poller, SelectPoller};
-use wsrelay::server::config::TlsFiles;
 use wsrelay::server::{Config, Exit, Reactor, SlowConsumer};
 use wsrelay::tls::ServerTls;
 
@@ -274,33 +273,22 @@ fn serve(args: ServeArgs) -> ExitCode {
         heartbeat_timeout: args.heartbeat_timeout,
         timer_tick: args.timer_tick,
         shutdown_timeout: args.shutdown_timeout,
-        tls: args
-            .tls_cert
-            .zip(args.tls_key)
-            .map(|(cert, key)| TlsFiles { cert, key }),
     };
-    if let Some(files) = &config.tls {
-        // Checked before anything else, so a bad pair is reported in words at once.
-        match ServerTls::load(&files.cert, &files.key) {
-            Ok(_) => {
-                // The reactor does not drive TLS sessions yet: refusing beats serving plain
-                // WebSockets to clients that were promised TLS.
-                eprintln!(
-                    "wsrelay: the certificate and key load, but this build cannot serve TLS yet \
-                     (--tls-cert/--tls-key); terminate TLS in a proxy (docs/operations.md)"
-                );
-                return ExitCode::FAILURE;
-            }
+    // Loaded before anything listens, so a bad pair is reported in words at once.
+    let tls = match args.tls_cert.zip(args.tls_key) {
+        Some((cert, key)) => match ServerTls::load(&cert, &key) {
+            Ok(tls) => Some(tls),
             Err(e) => {
                 eprintln!("wsrelay: {e}");
                 return ExitCode::FAILURE;
             }
-        }
-    }
+        },
+        None => None,
+    };
     let result = match args.poller {
-        PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, app, config)),
-        PollerKind::Poll => PollPoller::new().and_then(|p| run(p, app, config)),
-        PollerKind::Select => SelectPoller::new().and_then(|p| run(p, app, config)),
+        PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, app, config, tls)),
+        PollerKind::Poll => PollPoller::new().and_then(|p| run(p, app, config, tls)),
+        PollerKind::Select => SelectPoller::new().and_then(|p| run(p, app, config, tls)),
     };
     match result {
         Ok(Exit::Graceful) => ExitCode::SUCCESS,
@@ -313,10 +301,18 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn run<P: Poller>(poller: P, app: App, config: Config) -> std::io::Result<Exit> {
+fn run<P: Poller>(
+    poller: P,
+    app: App,
+    config: Config,
+    tls: Option<ServerTls>,
+) -> std::io::Result<Exit> {
     let listen = config.listen;
     let mut reactor = Reactor::bind(poller, app, config)
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
+    if let Some(tls) = tls {
+        reactor.serve_tls(tls);
+    }
     reactor.handle_signals()?;
     // One fixed line on stdout, so scripts and tests learn the port when `--listen` used port 0.
     println!(

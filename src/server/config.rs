@@ -5,7 +5,6 @@
 
 use super::handler::SlowConsumer;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
@@ -34,17 +33,6 @@ pub struct Config {
     pub timer_tick: Duration,
     /// How long a graceful shutdown waits for close handshakes before closing what is left.
     pub shutdown_timeout: Duration,
-    /// `--tls-cert` and `--tls-key`: the listener then speaks only TLS (SPEC §18).
-    pub tls: Option<TlsFiles>,
-}
-
-/// Where the listener's certificate chain and key are read from, at start and on SIGHUP.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// PEM certificates, the server's own first, then the intermediates.
-    pub cert: PathBuf,
-    /// The PEM private key of the first certificate.
-    pub key: PathBuf,
 }
 
 impl Default for Config {
@@ -61,7 +49,6 @@ impl Default for Config {
             heartbeat_timeout: Duration::from_secs(10),
             timer_tick: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(5),
-            tls: None,
         }
     }
 }

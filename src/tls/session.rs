@@ -271,8 +271,11 @@ impl TlsSession {
     fn fail<S: Write>(&mut self, socket: &mut S, error: rustls::Error) -> io::Error {
         let failure = Failure::classify(&error, self.first_bytes(), self.conn.is_handshaking());
         // A last write, so the peer learns why (rustls's example does the same). If the socket
-        // is full the alert is lost, which costs the peer a reason, nothing more.
-        let _ = self.write_tls(socket);
+        // is full the alert is lost, which costs the peer a reason, nothing more. Not to an
+        // HTTP client: an alert means nothing to it, and the caller may answer it in HTTP.
+        if failure != Failure::PlainHttp {
+            let _ = self.write_tls(socket);
+        }
         io::Error::new(io::ErrorKind::InvalidData, TlsError { failure, error })
     }
 

@@ -203,15 +203,15 @@ fn raw_script_mode_echoes_every_line_and_exits_0() {
 }
 
 /// The same over `wss://`, trusting the test CA: the client's TLS (a handshake, then one
-/// session shared by its writing and reading threads) in front of the relay. The relay speaks
-/// plain TCP behind a TLS terminator here.
+/// session shared by its writing and reading threads) against the relay speaking TLS. The
+/// client is what is tested here, so epoll only; tests/it/tls.rs runs the server's TLS on
+/// every poller.
 #[test]
 fn raw_script_mode_over_wss() {
-    use crate::tls_support::{TestCa, TlsTerminator};
-    let server = Server::start("epoll", &[]);
+    use crate::tls_support::{tls_server, TestCa};
     let ca = TestCa::new();
-    let terminator = TlsTerminator::start(&ca, server.addr);
-    let url = terminator.url("/echo");
+    let server = tls_server("epoll", &ca, &[]);
+    let url = format!("wss://localhost:{}/echo", server.addr.port());
     let mut client = ClientProcess::start(&["--ca", ca.ca.to_str().unwrap(), &url]);
     let long = "x".repeat(40_000);
     let lines = ["one", "two words", long.as_str()];

@@ -1,16 +1,21 @@
-//! TLS for the integration tests: a CA and server certificate made up by the test itself, and
-//! a one-connection TLS server for clients to meet.
+//! TLS for the integration tests: a CA and server certificate made up by the test itself, the
+//! real server started with them, and clients for it (rustls under `tungstenite`, raw TLS for
+//! HTTP), plus a one-connection TLS endpoint for clients to meet.
 //!
 //! `rcgen` makes the certificates (fresh keys every time), so no key material lives in the repo.
 
+use crate::support::{HttpResponse, Metrics, Server, DEADLINE};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use std::net::{SocketAddr, TcpListener};
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use wsrelay::tls::{ServerTls, TlsSession};
+use wsrelay::tls::config::{client_config, server_name};
+use wsrelay::tls::{ServerTls, TlsSession, Trust};
 
 /// A test CA and a server certificate it signed for `localhost` and `127.0.0.1`, as PEM files
 /// in a directory that is removed on drop.
@@ -95,156 +100,119 @@ pub fn one_tls_connection(ca: &TestCa) -> (SocketAddr, JoinHandle<()>) {
     (addr, handle)
 }
 
-/// A TLS terminator in front of a plain server: accepts TLS on its own port and relays the
-/// plaintext to `upstream`, one mio loop on a thread, every connection a `TlsSession` driven by
-/// readiness the way the reactor drives its own. It lets the client and the bench be tested
-/// over `wss://` against the real relay behind it. Stops when dropped.
-pub struct TlsTerminator {
-    pub addr: SocketAddr,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
+/// A TLS stream to the server, handshake completed.
+pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
 
-/// One relayed connection: TLS from the client, plain TCP to the server.
-struct Relay {
-    down: mio::net::TcpStream,
-    tls: TlsSession,
-    up: mio::net::TcpStream,
-    /// Plaintext from the client not yet written upstream, and the reverse.
-    to_up: Vec<u8>,
-    to_down: Vec<u8>,
-}
-
-impl TlsTerminator {
-    pub fn start(ca: &TestCa, upstream: SocketAddr) -> TlsTerminator {
-        use std::sync::atomic::AtomicBool;
-        let tls = ServerTls::load(&ca.cert, &ca.key).unwrap();
-        let mut listener = mio::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut poll = mio::Poll::new().unwrap();
-            let mut events = mio::Events::with_capacity(256);
-            const LISTENER: mio::Token = mio::Token(usize::MAX);
-            poll.registry()
-                .register(&mut listener, LISTENER, mio::Interest::READABLE)
-                .unwrap();
-            let mut relays: slab::Slab<Relay> = slab::Slab::new();
-            while !stopping.load(Ordering::Relaxed) {
-                poll.poll(&mut events, Some(Duration::from_millis(50)))
-                    .unwrap();
-                for event in &events {
-                    if event.token() == LISTENER {
-                        while let Ok((mut down, _)) = listener.accept() {
-                            let Ok(mut up) = mio::net::TcpStream::connect(upstream) else {
-                                continue;
-                            };
-                            let entry = relays.vacant_entry();
-                            let both = mio::Interest::READABLE | mio::Interest::WRITABLE;
-                            let registry = poll.registry();
-                            registry
-                                .register(&mut down, mio::Token(entry.key() * 2), both)
-                                .unwrap();
-                            registry
-                                .register(&mut up, mio::Token(entry.key() * 2 + 1), both)
-                                .unwrap();
-                            entry.insert(Relay {
-                                down,
-                                tls: tls.session().unwrap(),
-                                up,
-                                to_up: Vec::new(),
-                                to_down: Vec::new(),
-                            });
-                        }
-                        continue;
-                    }
-                    let key = event.token().0 / 2;
-                    let done = match relays.get_mut(key) {
-                        Some(relay) => !relay.pump(),
-                        None => false,
-                    };
-                    if done {
-                        let mut relay = relays.remove(key);
-                        let _ = poll.registry().deregister(&mut relay.down);
-                        let _ = poll.registry().deregister(&mut relay.up);
-                    }
-                }
-            }
-        });
-        TlsTerminator {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
+impl TestCa {
+    /// Flags that make `wsrelay serve` speak TLS with this CA's server certificate.
+    pub fn serve_flags(&self) -> [&str; 4] {
+        [
+            "--tls-cert",
+            self.cert.to_str().unwrap(),
+            "--tls-key",
+            self.key.to_str().unwrap(),
+        ]
     }
 
-    /// The terminator's `wss://` URL for `path`, by the name its certificate carries.
-    pub fn url(&self, path: &str) -> String {
-        format!("wss://localhost:{}{path}", self.addr.port())
+    /// A client configuration that trusts this CA only.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        Arc::new(client_config(&Trust::CaFile(self.ca.clone())).unwrap())
+    }
+
+    /// Puts another CA's server pair in this CA's cert and key files (a renewal on disk).
+    pub fn install_pair_of(&self, other: &TestCa) {
+        std::fs::copy(&other.cert, &self.cert).unwrap();
+        std::fs::copy(&other.key, &self.key).unwrap();
     }
 }
 
-impl Relay {
-    /// Moves every byte that can move, both ways, until each socket would block (edge-triggered
-    /// readiness reports nothing twice). False once either side has ended.
-    fn pump(&mut self) -> bool {
-        use std::io::{ErrorKind, Read, Write};
-        let mut buf = [0u8; 16 * 1024];
-        let mut open = true;
-        loop {
-            match self.tls.read(&mut self.down, &mut buf) {
-                Ok(0) => {
-                    open = false;
-                    break;
-                }
-                Ok(n) => self.to_up.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(_) => return false,
-            }
+/// `wsrelay serve` speaking TLS with `ca`'s server certificate.
+pub fn tls_server(poller: &str, ca: &TestCa, extra: &[&str]) -> Server {
+    let mut args: Vec<&str> = ca.serve_flags().to_vec();
+    args.extend_from_slice(extra);
+    Server::start(poller, &args)
+}
+
+/// A TLS connection to `addr` by the name `localhost`, with the handshake completed.
+///
+/// # Errors
+/// The handshake failed (an untrusted certificate, say).
+pub fn try_tls(addr: SocketAddr, config: Arc<ClientConfig>) -> std::io::Result<TlsStream> {
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(DEADLINE))?;
+    tcp.set_write_timeout(Some(DEADLINE))?;
+    tcp.set_nodelay(true)?;
+    let conn = ClientConnection::new(config, server_name("localhost").unwrap())
+        .map_err(std::io::Error::other)?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(stream)
+}
+
+pub fn tls(addr: SocketAddr, config: Arc<ClientConfig>) -> TlsStream {
+    try_tls(addr, config).expect("TLS handshake")
+}
+
+/// A WebSocket client from `tungstenite` over a rustls stream trusting `ca`.
+pub fn wss(server: &Server, ca: &TestCa, path: &str) -> tungstenite::WebSocket<TlsStream> {
+    wss_with(server, ca.client_config(), path)
+}
+
+pub fn wss_with(
+    server: &Server,
+    config: Arc<ClientConfig>,
+    path: &str,
+) -> tungstenite::WebSocket<TlsStream> {
+    let url = format!("wss://localhost:{}{path}", server.addr.port());
+    let (ws, response) = tungstenite::client(url, tls(server.addr, config)).expect("handshake");
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+/// Reads a TLS stream to its end: the bytes, and whether it ended with `close_notify` (true)
+/// or a bare TCP end (false).
+pub fn read_tls_to_end(stream: &mut TlsStream) -> (Vec<u8>, bool) {
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (bytes, true),
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return (bytes, false),
+            Err(e) => panic!("TLS read failed after {} bytes: {e}", bytes.len()),
         }
-        loop {
-            match self.up.read(&mut buf) {
-                Ok(0) => {
-                    open = false;
-                    break;
-                }
-                Ok(n) => self.to_down.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                // The connect to upstream has not completed yet.
-                Err(e) if e.kind() == ErrorKind::NotConnected => break,
-                Err(_) => return false,
-            }
-        }
-        while !self.to_up.is_empty() {
-            match self.up.write(&self.to_up) {
-                Ok(n) => drop(self.to_up.drain(..n)),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::NotConnected) => {
-                    break
-                }
-                Err(_) => return false,
-            }
-        }
-        while !self.to_down.is_empty() {
-            match self.tls.writer(&mut self.down).write(&self.to_down) {
-                Ok(n) => drop(self.to_down.drain(..n)),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(_) => return false,
-            }
-        }
-        if self.tls.write_tls(&mut self.down).is_err() {
-            return false;
-        }
-        // An end is passed on once what was read before it has been delivered.
-        open || !(self.to_up.is_empty() && self.to_down.is_empty() && !self.tls.wants_write())
     }
 }
 
-impl Drop for TlsTerminator {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+/// `GET path` over TLS; the whole response.
+pub fn tls_get(server: &Server, ca: &TestCa, path: &str) -> HttpResponse {
+    let mut stream = tls(server.addr, ca.client_config());
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let (raw, _) = read_tls_to_end(&mut stream);
+    HttpResponse::parse(&raw)
+}
+
+/// /metrics of a TLS server.
+pub fn tls_metrics(server: &Server, ca: &TestCa) -> Metrics {
+    let response = tls_get(server, ca, "/metrics");
+    assert_eq!(response.status, 200, "GET /metrics");
+    Metrics::parse(&response.body_text())
+}
+
+/// Polls /metrics (over TLS) until `sample` reaches `value`, failing after `DEADLINE`.
+pub fn wait_for_tls_metric(server: &Server, ca: &TestCa, sample: &str, value: f64) {
+    let start = std::time::Instant::now();
+    loop {
+        let now = tls_metrics(server, ca).get(sample);
+        if now == value {
+            return;
         }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{sample} is {now}, expected {value}"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // poll interval, not a synchronisation
     }
 }
