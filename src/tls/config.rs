@@ -74,7 +74,21 @@ impl fmt::Display for CertError {
                 write!(f, "cannot read {}: {source}", path.display())
             }
             CertError::Pem { path, source } => {
-                write!(f, "{} is not valid PEM: {source}", path.display())
+                write!(f, "{} is not valid PEM: ", path.display())?;
+                match source {
+                    // pki-types prints these lines as byte arrays; an operator wants the text.
+                    pem::Error::MissingSectionEnd { end_marker } => write!(
+                        f,
+                        "the {} section has no END line (cut short?)",
+                        String::from_utf8_lossy(end_marker)
+                    ),
+                    pem::Error::IllegalSectionStart { line } => write!(
+                        f,
+                        "a malformed BEGIN line ({})",
+                        String::from_utf8_lossy(line)
+                    ),
+                    other => write!(f, "{other}"),
+                }
             }
             CertError::NoCertificate { path } => write!(
                 f,
@@ -360,6 +374,11 @@ mod tests {
         // Every message names the file.
         let e = load_key(&files.cert).unwrap_err().to_string();
         assert!(e.contains(&files.cert.display().to_string()), "{e}");
+        // A key file cut short is described in words, not as a byte array.
+        let cut = files.dir.join("cut.pem");
+        std::fs::write(&cut, "-----BEGIN PRIVATE KEY-----\nMIGH\n").unwrap();
+        let e = load_key(&cut).unwrap_err().to_string();
+        assert!(e.contains("the PRIVATE KEY section has no END line"), "{e}");
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //! hand-made bytes; tests/python and tests/browser meet the server with OpenSSL and Chromium.
 
 use crate::poller_tests;
+use crate::support::HttpResponse;
 use crate::support::{read_until_end, Server, DEADLINE};
 use crate::tls_support::{
-    tls_metrics, tls_server, try_tls, wait_for_tls_metric, wss, wss_with, TestCa,
+    read_tls_to_end, tls, tls_metrics, tls_server, try_tls, wait_for_tls_metric, wss, wss_with,
+    TestCa,
 };
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection};
@@ -81,6 +83,7 @@ poller_tests!(
     bad_input_closes_only_its_own_connection,
     a_thousand_handshakes_at_once,
     sighup_serves_a_new_certificate_to_new_connections_only,
+    over_the_limit_a_tls_client_is_told_503_after_its_handshake,
 );
 
 /// Text and binary echo over `wss://`, a message far larger than a TLS record (it arrives in
@@ -108,7 +111,7 @@ fn echo_over_tls_1_3_and_1_2(poller: &str) {
                 Err(e) => panic!("after our Close: {e}"),
             }
         }
-        let (rest, close_notify) = crate::tls_support::read_tls_to_end(ws.get_mut());
+        let (rest, close_notify) = read_tls_to_end(ws.get_mut());
         assert!(rest.is_empty(), "{rest:?}");
         assert!(close_notify, "the server ended TLS without close_notify");
     }
@@ -349,4 +352,20 @@ fn sighup_without_tls_is_harmless() {
     server.signal("HUP");
     server.signal("TERM");
     assert_eq!(server.wait_exit(DEADLINE), Some(0));
+}
+
+/// Beyond --max-connections the 503 is queued at accept, before the client has said anything:
+/// the session holds it until the handshake completes, then sends it, then `close_notify`.
+fn over_the_limit_a_tls_client_is_told_503_after_its_handshake(poller: &str) {
+    let ca = TestCa::new();
+    let server = tls_server(poller, &ca, &["--max-connections", "1"]);
+    let mut first = wss(&server, &ca, "/echo");
+    let mut second = tls(server.addr, ca.client_config());
+    write!(second, "GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let (raw, close_notify) = read_tls_to_end(&mut second);
+    let response = HttpResponse::parse(&raw);
+    assert_eq!(response.status, 503, "{response:?}");
+    assert!(close_notify, "the 503 ended without close_notify");
+    first.send(Message::text("still served")).unwrap();
+    assert_eq!(first.read().unwrap(), Message::text("still served"));
 }
