@@ -341,20 +341,21 @@ fn errors_are_one_line_each() {
 }
 
 /// A `wss://` server whose certificate the client does not trust: a final refusal (exit 2,
-/// no retries), with a hint at `--ca`. The server side is a bare TLS endpoint.
+/// no retries), with a hint at `--ca`. The server sees exactly one handshake end in an alert.
 #[test]
 fn an_untrusted_certificate_is_final() {
-    use crate::tls_support::{one_tls_connection, TestCa};
+    use crate::tls_support::{tls_server, wait_for_tls_metric, TestCa};
     let ca = TestCa::new();
-    let (addr, server) = one_tls_connection(&ca);
-    let url = format!("wss://localhost:{}/echo", addr.port());
+    let server = tls_server("epoll", &ca, &[]);
+    let url = format!("wss://localhost:{}/echo", server.addr.port());
     let mut client = ClientProcess::start(&[&url]);
     client.close_stdin();
     assert_eq!(client.wait_exit(), 2, "{}", client.log());
     let log = client.log();
     assert!(log.contains("certificate is not accepted"), "{log}");
     assert!(log.contains("--ca FILE"), "{log}");
-    server.join().unwrap();
+    let alerts = "wsrelay_tls_handshake_failures_total{reason=\"alert\"}";
+    wait_for_tls_metric(&server, &ca, alerts, 1.0);
 }
 
 #[test]

@@ -84,6 +84,7 @@ poller_tests!(
     a_thousand_handshakes_at_once,
     sighup_serves_a_new_certificate_to_new_connections_only,
     over_the_limit_a_tls_client_is_told_503_after_its_handshake,
+    a_renegotiation_attempt_ends_only_that_session,
 );
 
 /// Text and binary echo over `wss://`, a message far larger than a TLS record (it arrives in
@@ -368,4 +369,41 @@ fn over_the_limit_a_tls_client_is_told_503_after_its_handshake(poller: &str) {
     assert!(close_notify, "the 503 ended without close_notify");
     first.send(Message::text("still served")).unwrap();
     assert_eq!(first.read().unwrap(), Message::text("still served"));
+}
+
+/// OpenSSL's `s_client` asks to renegotiate a TLS 1.2 session (its `R` command). rustls
+/// answers with a `no_renegotiation` warning, the client gives up with a fatal alert, and the
+/// server counts it as a session failure; its other connections go on.
+fn a_renegotiation_attempt_ends_only_that_session(poller: &str) {
+    use std::process::Stdio;
+    let ca = TestCa::new();
+    let server = tls_server(poller, &ca, &[]);
+    let mut other = wss(&server, &ca, "/echo");
+    let mut openssl = Command::new("openssl")
+        .args(["s_client", "-connect", &server.addr.to_string(), "-tls1_2"])
+        .args([
+            "-servername",
+            "localhost",
+            "-CAfile",
+            ca.ca.to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the openssl command");
+    // `R` at the start of a line: renegotiate (once the handshake is done; s_client reads its
+    // input only then). Its stdin stays open, so it does not hang up on its own.
+    openssl.stdin.as_mut().unwrap().write_all(b"R\n").unwrap();
+    let alerts = "wsrelay_tls_session_failures_total{reason=\"alert\"}";
+    wait_for_tls_metric(&server, &ca, alerts, 1.0);
+    let _ = openssl.kill();
+    let _ = openssl.wait();
+    let m = tls_metrics(&server, &ca);
+    assert_eq!(
+        m.get("wsrelay_tls_handshakes_total{version=\"TLSv1.2\"}"),
+        1.0
+    );
+    other.send(Message::text("unaffected")).unwrap();
+    assert_eq!(other.read().unwrap(), Message::text("unaffected"));
 }

@@ -1,6 +1,6 @@
 //! TLS for the integration tests: a CA and server certificate made up by the test itself, the
 //! real server started with them, and clients for it (rustls under `tungstenite`, raw TLS for
-//! HTTP), plus a one-connection TLS endpoint for clients to meet.
+//! HTTP).
 //!
 //! `rcgen` makes the certificates (fresh keys every time), so no key material lives in the repo.
 
@@ -8,14 +8,13 @@ use crate::support::{HttpResponse, Metrics, Server, DEADLINE};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 use wsrelay::tls::config::{client_config, server_name};
-use wsrelay::tls::{ServerTls, TlsSession, Trust};
+use wsrelay::tls::Trust;
 
 /// A test CA and a server certificate it signed for `localhost` and `127.0.0.1`, as PEM files
 /// in a directory that is removed on drop.
@@ -67,37 +66,6 @@ impl Drop for TestCa {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Accepts one connection and runs the server side of a TLS session on it, answering
-/// nothing above TLS, until the client hangs up or the session fails.
-pub fn one_tls_connection(ca: &TestCa) -> (SocketAddr, JoinHandle<()>) {
-    let tls = Arc::new(ServerTls::load(&ca.cert, &ca.key).unwrap());
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handle = std::thread::spawn(move || {
-        let Ok((mut socket, _)) = listener.accept() else {
-            return;
-        };
-        // `TlsSession::read` returns once the socket has nothing more; the short timeout gives
-        // it that moment on this blocking socket, so handshake answers get sent in between.
-        let _ = socket.set_read_timeout(Some(Duration::from_millis(5)));
-        let mut session: TlsSession = tls.session().unwrap();
-        let mut buf = [0u8; 4096];
-        for _ in 0..2000 {
-            if session.write_tls(&mut socket).is_err() {
-                return;
-            }
-            match session.read(&mut socket, &mut buf) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(_) => return,
-            }
-        }
-    });
-    (addr, handle)
 }
 
 /// A TLS stream to the server, handshake completed.
