@@ -12,6 +12,7 @@ use wsrelay::engine::{self, FileConfig, FileEngine, FsyncPolicy, Now, StoreFault
 use wsrelay::poller::waker::{self, WakeReceiver};
 use wsrelay::poller::{MioPoller, PollPoller, Poller, SelectPoller};
 use wsrelay::server::{Config, Exit, Reactor, SlowConsumer};
+use wsrelay::tls::ServerTls;
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +95,15 @@ struct ServeArgs {
     /// On SIGINT/SIGTERM, how long to wait for close handshakes before closing what is left.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
+
+    /// PEM certificate chain (the server's certificate first): the listener then speaks only
+    /// TLS (wss://, https://). Reloaded with the key on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of the --tls-cert certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 
     #[command(flatten)]
     relay: RelayArgs,
@@ -343,10 +353,21 @@ fn serve(args: ServeArgs) -> ExitCode {
         timer_tick: args.timer_tick,
         shutdown_timeout: args.shutdown_timeout,
     };
+    // Loaded before anything listens, so a bad pair is reported in words at once.
+    let tls = match args.tls_cert.zip(args.tls_key) {
+        Some((cert, key)) => match ServerTls::load(&cert, &key) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                eprintln!("wsrelay: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let result = match args.poller {
-        PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, app, waker, config)),
-        PollerKind::Poll => PollPoller::new().and_then(|p| run(p, app, waker, config)),
-        PollerKind::Select => SelectPoller::new().and_then(|p| run(p, app, waker, config)),
+        PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, app, waker, config, tls)),
+        PollerKind::Poll => PollPoller::new().and_then(|p| run(p, app, waker, config, tls)),
+        PollerKind::Select => SelectPoller::new().and_then(|p| run(p, app, waker, config, tls)),
     };
     match result {
         Ok(Exit::Graceful) => ExitCode::SUCCESS,
@@ -364,10 +385,14 @@ fn run<P: Poller>(
     app: App,
     waker: Option<WakeReceiver>,
     config: Config,
+    tls: Option<ServerTls>,
 ) -> std::io::Result<Exit> {
     let listen = config.listen;
     let mut reactor = Reactor::bind(poller, app, config)
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
+    if let Some(tls) = tls {
+        reactor.serve_tls(tls);
+    }
     reactor.handle_signals()?;
     if let Some(waker) = waker {
         reactor.watch_waker(waker)?;

@@ -43,6 +43,7 @@ use chrono::{Local, TimeZone};
 use std::io::{self, BufRead, Write};
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long we wait for the server's answer to our Close before hanging up anyway.
@@ -82,6 +83,8 @@ pub struct Settings {
     pub pong_timeout: Duration,
     pub queue_limit: usize,
     pub policy: BackoffPolicy,
+    /// The TLS configuration for `wss://` targets (`None` when every target is `ws://`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What arrives on the session's channel.
@@ -276,7 +279,13 @@ impl Session {
         let generation = self.generation;
         let sender = self.sender.clone();
         let on_event = move |event| sender.send(Input::Link { generation, event }).is_ok();
-        match connection::connect(&target.url, &resource, &headers, on_event) {
+        match connection::connect(
+            &target.url,
+            self.settings.tls.as_ref(),
+            &resource,
+            &headers,
+            on_event,
+        ) {
             Ok(conn) => {
                 self.backoff.connected();
                 self.ever_connected = true;

@@ -129,6 +129,14 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 return;
             }
         }
+        let tls = match self.new_session() {
+            Ok(tls) => tls,
+            Err(e) => {
+                warn!("cannot start TLS for {peer}: {e}");
+                Metrics::bump(&mut self.metrics.rejected, "tls_session");
+                return;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let id = ConnId {
@@ -145,6 +153,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return;
         }
         let mut conn = Connection::new(id, stream, peer, self.config.max_message, self.now);
+        conn.tls = tls;
         conn.set_deadline(
             &mut self.timers,
             self.now + self.config.handshake_timeout,

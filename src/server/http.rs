@@ -208,6 +208,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             poller: self.poller.name(),
             connections: &counts,
         });
+        self.render_tls_metrics(&mut text);
         self.handler.render_metrics(&mut text);
         text
     }

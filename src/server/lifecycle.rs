@@ -30,6 +30,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             Deadline::Handshake => {
                 debug!("{id:?} handshake deadline passed");
                 self.metrics.handshake_timeouts += 1;
+                self.count_tls_timeout(id);
                 self.close_now(id);
             }
             Deadline::Close => {
