@@ -13,7 +13,7 @@ pub struct AppConfig {
     pub offline_max: usize,
     /// How long a retained message is kept.
     pub offline_ttl: Duration,
-    /// Bytes retained over all ids; beyond it the oldest go first (see `mailbox.rs`).
+    /// Bytes retained over all ids; beyond it the oldest go first (see `engine/streams.rs`).
     pub offline_max_bytes: usize,
     /// Client message ids remembered per sender for duplicate suppression.
     pub dedup_window: usize,

@@ -4,7 +4,7 @@
 //! Does not: derive gauges (rooms, members, ids online, retained messages): the hub passes
 //! those in at render time, as the reactor does for connection states.
 
-use super::mailbox::{Expiring, Removed};
+use crate::engine::streams::{Expiring, Removed};
 use crate::server::metrics::Writer;
 use crate::wire::AckStatus;
 use std::collections::BTreeMap;
@@ -30,6 +30,10 @@ pub struct HubMetrics {
     pub offline_refused_full: u64,
     /// Retained messages sent again to a connection that asked with `?since=`.
     pub recovery_replayed: u64,
+    /// Connections with `?since=` whose welcome said `recovered: false`.
+    pub recoveries_incomplete: u64,
+    /// Sends and publishes rejected because the engine could not store them.
+    pub store_rejections: u64,
     /// Sends and publishes whose client id was seen before: acked again, not delivered.
     pub duplicates: u64,
     /// Acks by status.
@@ -193,7 +197,7 @@ impl HubMetrics {
         w.sample(
             "wsrelay_retained_evicted_total",
             &[("reason", "per_id")],
-            rm.evicted_per_id,
+            rm.evicted_per_stream,
         );
         w.sample(
             "wsrelay_retained_evicted_total",
@@ -204,6 +208,16 @@ impl HubMetrics {
             "wsrelay_recovery_replayed_total",
             "Retained messages sent again to a connection that asked with ?since=.",
             self.recovery_replayed,
+        );
+        w.counter(
+            "wsrelay_recoveries_incomplete_total",
+            "Connections with ?since= told recovered: false (messages after since may be missing).",
+            self.recoveries_incomplete,
+        );
+        w.counter(
+            "wsrelay_store_rejections_total",
+            "Sends and publishes acked rejected because the engine could not store them.",
+            self.store_rejections,
         );
         w.counter(
             "wsrelay_duplicates_total",

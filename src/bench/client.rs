@@ -1,4 +1,5 @@
-//! One connection of the load generator: a WebSocket client over a non-blocking mio socket.
+//! One connection of the load generator: a WebSocket client over a non-blocking mio socket,
+//! with TLS (`tls::TlsSession`) in between for `wss://`.
 //!
 //! Owns: the non-blocking connect (bound first to a chosen source address when asked), sending
 //! the upgrade request and checking the 101 (`protocol::client_handshake`), encoding masked
@@ -16,10 +17,14 @@ use crate::protocol::decoder::{FrameReader, Input};
 use crate::protocol::frame::{self, OpCode, Role};
 use crate::protocol::message::Event;
 use crate::protocol::{CloseCode, ProtocolError};
+use crate::tls::{self, TlsSession};
 use mio::net::TcpStream;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The largest message the decoder accepts from the server. Only a bound on memory: the bench
@@ -51,6 +56,8 @@ pub enum Failure {
     /// The server sent Close (with this code, if any) while we were using the connection.
     ServerClosed(Option<CloseCode>),
     Disconnected,
+    /// The TLS session failed (`wss://`), for this reason.
+    Tls(tls::Failure),
 }
 
 impl std::fmt::Display for Failure {
@@ -68,6 +75,10 @@ impl std::fmt::Display for Failure {
             }
             Failure::ServerClosed(None) => f.write_str("the server closed the connection"),
             Failure::Disconnected => f.write_str("the connection was reset or hung up"),
+            Failure::Tls(tls::Failure::Certificate) => f.write_str(
+                "TLS: the server's certificate is not accepted (--ca FILE trusts a private CA)",
+            ),
+            Failure::Tls(reason) => write!(f, "TLS failed ({})", reason.reason()),
         }
     }
 }
@@ -81,8 +92,18 @@ pub enum Step {
     Closed,
 }
 
+/// What a `wss://` connection needs: the client configuration (`--ca`, `--insecure`) and the
+/// name to ask for and check the certificate against.
+#[derive(Clone, Debug)]
+pub struct TlsTarget {
+    pub config: Arc<ClientConfig>,
+    pub name: ServerName<'static>,
+}
+
 pub struct Client {
     stream: TcpStream,
+    /// `wss://`: the TLS session between the socket and everything below.
+    tls: Option<TlsSession>,
     state: State,
     /// Our `Sec-WebSocket-Key`, to check the server's accept value.
     key: String,
@@ -100,13 +121,14 @@ pub struct Client {
 
 impl Client {
     /// Starts a non-blocking connect to `target`, bound to `source` when given, with the upgrade
-    /// request for `resource` queued behind it.
+    /// request for `resource` queued behind it (behind the TLS handshake, with `tls`).
     ///
     /// # Errors
     /// Creating, binding or connecting the socket failed at once (e.g. refused on loopback, or
     /// no free ephemeral port on the source address).
     pub fn connect(
         target: SocketAddr,
+        tls: Option<&TlsTarget>,
         source: Option<IpAddr>,
         host: &str,
         resource: &str,
@@ -135,8 +157,15 @@ impl Client {
         rng.fill(&mut nonce);
         let key = client_handshake::key_from_nonce(nonce);
         let outbound = client_handshake::upgrade_request(host, resource, &key);
+        let tls = match tls {
+            Some(t) => Some(
+                TlsSession::client(t.config.clone(), t.name.clone()).map_err(io::Error::other)?,
+            ),
+            None => None,
+        };
         Ok(Client {
             stream,
+            tls,
             state: State::Connecting,
             key,
             head: Vec::new(),
@@ -200,16 +229,27 @@ impl Client {
             return Ok(()); // the request goes out once the connect completes
         }
         while let Some(pending) = self.outbound.get(self.written..).filter(|p| !p.is_empty()) {
-            match self.stream.write(pending) {
+            let written = match &mut self.tls {
+                // Encrypted, and before the TLS handshake completes, held by rustls until then.
+                Some(tls) => tls.writer(&mut self.stream).write(pending),
+                None => self.stream.write(pending),
+            };
+            match written {
                 Ok(0) => return Err(Failure::Disconnected),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Err(Failure::Disconnected),
+                Err(e) => return Err(failure_of(&e)),
             }
         }
         self.outbound.clear();
         self.written = 0;
+        // TLS records still waiting: handshake messages, or what the socket did not take. The
+        // next writable event brings us back here.
+        if let Some(tls) = &mut self.tls {
+            tls.write_tls(&mut self.stream)
+                .map_err(|e| failure_of(&e))?;
+        }
         Ok(())
     }
 
@@ -233,12 +273,16 @@ impl Client {
         }
         self.flush()?;
         loop {
-            let n = match self.stream.read(buf) {
+            let read = match &mut self.tls {
+                Some(tls) => tls.read(&mut self.stream, buf),
+                None => self.stream.read(buf),
+            };
+            let n = match read {
                 Ok(0) => return self.on_eof(),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Err(Failure::Disconnected),
+                Err(e) => return Err(failure_of(&e)),
             };
             let data = buf.get_mut(..n).unwrap_or_default();
             if self.state == State::Handshaking {
@@ -259,7 +303,7 @@ impl Client {
                 self.drain_events(data, rng, &mut on_message)?;
             }
         }
-        // Pongs and a Close reply queued while reading.
+        // Pongs and a Close reply queued while reading (and TLS handshake answers).
         self.flush()?;
         Ok(Step::Pending)
     }
@@ -343,6 +387,14 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// A failed read or write: a TLS failure by its reason, anything else a lost connection.
+fn failure_of(e: &io::Error) -> Failure {
+    match tls::Failure::of(e) {
+        tls::Failure::Io => Failure::Disconnected,
+        reason => Failure::Tls(reason),
     }
 }
 

@@ -17,7 +17,7 @@
 //!    for what is in flight.
 //! 5. Closing: close handshake on every connection, at most `CLOSE_TIMEOUT`.
 
-use super::client::{Client, Failure, State, Step};
+use super::client::{Client, Failure, State, Step, TlsTarget};
 use super::stats::{self, Tally};
 use mio::{Events, Interest, Poll, Token};
 use std::net::{IpAddr, SocketAddr};
@@ -76,6 +76,8 @@ pub struct Plan {
     pub target: SocketAddr,
     /// `Host` header value.
     pub host: String,
+    /// `wss://`: how to set up TLS on every connection.
+    pub tls: Option<TlsTarget>,
     pub conns: Vec<ConnPlan>,
     /// Connect mode: the source addresses to cycle through, starting at `source_offset` and
     /// stepping by `source_step` (so threads do not pick the same ones in lockstep).
@@ -482,6 +484,7 @@ impl Worker {
         let target = self.plan.target;
         match Client::connect(
             target,
+            self.plan.tls.as_ref(),
             source,
             &self.plan.host,
             &plan.resource,

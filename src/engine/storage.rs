@@ -102,8 +102,13 @@ pub(super) struct Marks {
 
 /// Work for the storage thread. Every op gets exactly one answer, in order.
 pub(super) enum Op {
-    /// Append these encoded records.
-    Write { bytes: Vec<u8>, marks: Marks },
+    /// Append these encoded records, which belong to `entries` pieces of the front-end's work
+    /// (it gathers everything one loop iteration submitted into one op).
+    Write {
+        bytes: Vec<u8>,
+        marks: Marks,
+        entries: usize,
+    },
     /// Copy what is still live out of `segment` into the head, then delete it.
     Compact {
         segment: u64,
@@ -117,7 +122,8 @@ pub(super) enum Op {
     },
 }
 
-/// The answer to the next `ops` ops.
+/// The answer to the next `ops` pieces of work (a write op counts its `entries`, a
+/// compaction one).
 #[derive(Debug)]
 pub(super) struct Done {
     pub ops: usize,
@@ -129,7 +135,7 @@ pub(super) struct Done {
     pub head: u64,
     /// Bytes of all segments after this batch.
     pub disk_bytes: u64,
-    /// For a write batch: its size in ops and how long its fsync took.
+    /// For a write batch: its size in pieces of work and how long its fsync took.
     pub batch: Option<(usize, Option<f64>)>,
     pub compacted: Option<Compacted>,
 }
@@ -229,10 +235,18 @@ impl Storage {
         let mut writes = 0;
         for op in batch {
             match op {
-                Op::Write { bytes: b, marks } => {
-                    bytes.extend_from_slice(&b);
+                Op::Write {
+                    bytes: b,
+                    marks,
+                    entries,
+                } => {
+                    if bytes.is_empty() {
+                        bytes = b; // the common case, one op: no copy
+                    } else {
+                        bytes.extend_from_slice(&b);
+                    }
                     self.marks = marks;
-                    writes += 1;
+                    writes += entries;
                 }
                 Op::Compact {
                     segment,

@@ -34,6 +34,7 @@ use super::TimerEvent;
 use crate::protocol::decoder::FrameReader;
 use crate::protocol::frame::Role;
 use crate::timer::{TimerHandle, TimerWheel};
+use crate::tls::TlsSession;
 use mio::net::TcpStream;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -119,6 +120,9 @@ pub(super) struct Connection {
     pub(super) id: ConnId,
     /// Read only in `Reactor::on_readable`, written only in `Reactor::flush`.
     pub(super) stream: TcpStream,
+    /// The TLS session between `stream` and everything below, when the listener speaks TLS
+    /// (SPEC §18). Boxed: a rustls session is large, and plain connections pay one pointer.
+    pub(super) tls: Option<Box<TlsSession>>,
     /// For log lines only.
     pub(super) peer: SocketAddr,
     /// Changed only by the transition methods below.
@@ -161,6 +165,7 @@ impl Connection {
         Connection {
             id,
             stream,
+            tls: None,
             peer,
             state: State::Handshaking,
             request: Vec::new(),

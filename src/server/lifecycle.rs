@@ -24,6 +24,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 if self.deadline_fired(id) {
                     debug!("{id:?} handshake deadline passed");
                     self.metrics.handshake_timeouts += 1;
+                    self.count_tls_timeout(id);
                     self.close_now(id);
                 }
             }

@@ -9,15 +9,17 @@
 //! Where to look (each child module holds one `impl Reactor` block for one concern):
 //! - `accept.rs`: new connections, the listener's pause and close;
 //! - `inbound.rs`: what happens when bytes arrive (the one socket read, EOF, request or frames);
-//! - `websocket.rs`: WebSocket events of an open connection, and the calls into the app;
+//! - `websocket.rs`: WebSocket events of an open connection, and the calls into the app (also
+//!   `on_wake`, when the engine's waker, registered by `watch_waker`, fires);
 //! - `http.rs`: the request head, the upgrade, plain HTTP answers and the reactor's endpoints;
 //! - `flush.rs`: what leaves (queueing control frames, the dirty list, the one socket write);
 //! - `lifecycle.rs`: deadlines, closing a connection (gracefully or not), signals and shutdown;
+//! - `tls.rs`: the TLS session inside the one read and the one write, its counters, SIGHUP;
 //! - `connection.rs`: one connection's state machine; `outbound.rs`: its queue; `handler.rs`:
 //!   the seam to the app.
 //!
 //! Socket reads happen in exactly one place (`Reactor::on_readable`) and writes in exactly one
-//! (`Reactor::flush`), so that a transport (TLS) can slot in between the socket and the bytes.
+//! (`Reactor::flush`), so that TLS slots in between the socket and the bytes (`tls.rs`).
 
 mod accept;
 pub mod config;
@@ -32,15 +34,18 @@ pub mod outbound;
 mod signals;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod websocket;
 
 pub use config::Config;
 pub use connection::ConnId;
-pub use handler::{Handler, Outbox, Route, Sent, SlowConsumer};
+pub use handler::{Handler, Outbox, Route, Sent, ServerEndpoint, SlowConsumer};
 
+use crate::poller::waker::WakeReceiver;
 use crate::poller::{Event, Interest, Poller, Token};
 use crate::protocol::CloseCode;
 use crate::timer::{TimerWheel, DEFAULT_SLOTS};
+use crate::tls::ServerTls;
 use connection::{Connection, Deadline};
 use log::{info, trace};
 use metrics::Metrics;
@@ -62,6 +67,9 @@ const READ_BUDGET_BYTES: usize = 4 * RECV_BUFFER_BYTES;
 /// Tokens outside the range of `ConnId::token` (no slab slot reaches u32::MAX - 2).
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+/// SIGHUP: reload the TLS certificate.
+const RELOAD: Token = Token(usize::MAX - 3);
 
 /// Why the loop stopped.
 #[derive(Debug, PartialEq, Eq)]
@@ -135,6 +143,13 @@ pub struct Reactor<P: Poller, H: Handler> {
     /// SIGINT/SIGTERM arrive as bytes on this socket (see `signals.rs`), which every poller can
     /// watch like any other descriptor.
     signals: Option<signals::SignalPipe>,
+    /// Another thread (the file engine's storage thread) makes this readable when it has
+    /// answers for the app (`poller/waker.rs`).
+    waker: Option<WakeReceiver>,
+    /// SIGHUP arrives on this one: the TLS certificate and key are read again (`tls.rs`).
+    reload_signal: Option<signals::SignalPipe>,
+    /// The listener's certificate and the TLS counters, when it speaks TLS (`serve_tls`).
+    tls: Option<ServerTls>,
     /// Set once shutdown has begun: no more accepting; the loop ends when the slab is empty.
     shutting_down: bool,
     /// When the last "out of descriptors" warning was logged (they are rate-limited).
@@ -195,6 +210,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             timers: TimerWheel::new(config.timer_tick, DEFAULT_SLOTS, now),
             expired: Vec::new(),
             signals: None,
+            waker: None,
+            reload_signal: None,
+            tls: None,
             shutting_down: false,
             last_accept_warning: None,
             config,
@@ -213,15 +231,33 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     /// Routes SIGINT and SIGTERM into the loop: the first starts a graceful shutdown, a second
-    /// one ends the loop at once.
+    /// one ends the loop at once. SIGHUP reloads the TLS certificate (and is only logged without
+    /// TLS, rather than ending the server).
     ///
     /// # Errors
-    /// The signal pipe could not be created or registered.
+    /// A signal pipe could not be created or registered.
     pub fn handle_signals(&mut self) -> io::Result<()> {
-        let pipe = signals::SignalPipe::new()?;
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let pipe = signals::SignalPipe::new(&[SIGINT, SIGTERM])?;
         self.poller
             .register(pipe.as_raw_fd(), SIGNALS, Interest::READABLE)?;
         self.signals = Some(pipe);
+        let reload = signals::SignalPipe::new(&[SIGHUP])?;
+        self.poller
+            .register(reload.as_raw_fd(), RELOAD, Interest::READABLE)?;
+        self.reload_signal = Some(reload);
+        Ok(())
+    }
+
+    /// Watches `waker`: when another thread makes it readable, the app's `on_wake` runs (SPEC
+    /// §13: an engine's answers come back through a channel and the reactor's waker).
+    ///
+    /// # Errors
+    /// The descriptor could not be registered.
+    pub fn watch_waker(&mut self, waker: WakeReceiver) -> io::Result<()> {
+        self.poller
+            .register(waker.as_raw_fd(), WAKER, Interest::READABLE)?;
+        self.waker = Some(waker);
         Ok(())
     }
 
@@ -304,6 +340,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             match event.token {
                 LISTENER => self.accept_all(),
                 SIGNALS => exit = exit.or(self.on_signal()),
+                WAKER => self.on_wake(),
+                RELOAD => self.on_reload_signal(),
                 token => {
                     let id = ConnId::from_token(token.0);
                     // A connection on the ready list is read in step 3, once: reading it here
