@@ -20,9 +20,9 @@
 //! (our Close, answering or answered) is flushed; HttpResponding and Failing once the peer hangs
 //! up after our response or Close (the write side is shut when the queue is flushed); Closing
 //! as soon as the peer's frames break the protocol (`Reactor::protocol_error`: our Close is
-//! queued, and the stream can no longer be delimited to find the peer's; input still unread
-//! makes this close a TCP reset, which can also destroy what is queued); any state when its
-//! deadline passes, on EOF, or on an I/O error.
+//! queued, and the stream can no longer be delimited to find the peer's; what is queued gets
+//! one non-blocking write first, and input still unread makes this close a TCP reset); any
+//! state when its deadline passes, on EOF, or on an I/O error.
 //!
 //! Memory invariant (SPEC §2): an idle open connection holds no heap buffers. `request` is empty
 //! (no allocation) unless a partial request head is waiting for its end; the reader holds a

@@ -120,7 +120,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         debug!("{id:?} protocol error: {error}");
         Metrics::bump(&mut self.metrics.protocol_errors, error.reason());
         if self.conn_mut(id).is_some_and(|c| c.state() != State::Open) {
-            // Already closing: a broken frame now ends the wait for the peer's Close.
+            // Already closing: a broken frame now ends the wait for the peer's Close. What was
+            // queued before our Close (acks, echoes, the Close itself) gets one best-effort,
+            // non-blocking write first, as on EOF, so that a reset does not destroy it when the
+            // socket has room for it.
+            if self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
+                self.flush(id);
+            }
             self.close_now(id);
             return;
         }

@@ -64,6 +64,49 @@ fn a_close_started_mid_read_keeps_the_stream_in_step(poller: &str) {
     assert_eq!(metrics.get("wsrelay_abnormal_closes_total"), 0.0);
 }
 
+/// SPEC §2, §3: after the server's own Close (here: the rate limit), a broken frame from the
+/// client ends the wait for its Close at once; what was queued before, the acks of the messages
+/// within the burst and our Close 1008, still reaches the client before the connection ends.
+fn a_broken_frame_after_our_close_still_lets_the_queue_out(poller: &str) {
+    let server = Server::start(poller, &["--rate", "5", "--burst", "5"]);
+    let mut s = raw_upgrade(&server, "/ws?id=alice");
+    let (first, _welcome) = read_server_frame(&mut s);
+    assert_eq!(first, 0x81);
+
+    // Six sends (the sixth is over the limit: Close 1008), then a frame with RSV2 set, which no
+    // extension allows (1002), all in one write, so one read holds them all.
+    let mut burst = Vec::new();
+    for i in 0..6 {
+        let envelope = format!(r#"{{"type":"send","to":"bob","payload":"hi","id":"m{i}"}}"#);
+        burst.extend_from_slice(&client_frame(0x81, envelope.as_bytes()));
+    }
+    burst.extend_from_slice(&client_frame(0xA1, b"broken"));
+    s.write_all(&burst).unwrap();
+
+    let mut acked = Vec::new();
+    let code = loop {
+        let (b0, payload) = read_server_frame(&mut s);
+        match b0 {
+            0x81 => {
+                let ack: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                acked.push(ack["id"].as_str().unwrap().to_string());
+            }
+            0x88 => break u16::from_be_bytes([payload[0], payload[1]]),
+            other => panic!("unexpected frame {other:#x}"),
+        }
+    };
+    assert_eq!(acked, ["m0", "m1", "m2", "m3", "m4"]);
+    assert_eq!(code, 1008);
+    // Everything the client sent was read, so the end is a FIN, not a reset.
+    expect_eof(&mut s);
+    let errors = server.metrics().family("wsrelay_protocol_errors_total");
+    assert_eq!(
+        errors.len(),
+        1,
+        "the broken frame is counted once: {errors:?}"
+    );
+}
+
 /// Waits (bounded) until the process is in `state` in /proc/<pid>/stat: 'S' (asleep, for the
 /// single-threaded server: in its poller's wait), 'T' (stopped; a signal is delivered
 /// asynchronously, after `kill` has returned).
@@ -153,6 +196,7 @@ fn a_stall_longer_than_the_heartbeat_timeout_keeps_clients_that_answered(poller:
 
 poller_tests!(
     a_close_started_mid_read_keeps_the_stream_in_step,
+    a_broken_frame_after_our_close_still_lets_the_queue_out,
     graceful_shutdown_refuses_new_clients_at_once,
     a_stall_longer_than_the_heartbeat_timeout_keeps_clients_that_answered,
 );
