@@ -290,6 +290,14 @@ impl FileEngine {
             ..
         } = loader;
         let epoch = epoch.unwrap_or_else(Epoch::random);
+        if ids.is_empty() {
+            // A fresh store has no history: every position below its first one belongs to
+            // something else (another store, an earlier one that was deleted), so a `since`
+            // there gets `recovered: false`, as with the memory engine. The first segment's
+            // header keeps this mark across restarts.
+            let first = now.unix_ms.saturating_mul(1000);
+            streams.forget_through(Position(first.saturating_sub(1)));
+        }
         let mut gone = Vec::new();
         streams.enforce(now.unix_ms, &mut gone);
         let mut mem = MemoryEngine::resume(epoch, high_water, streams, dedup, now);

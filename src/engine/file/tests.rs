@@ -577,6 +577,44 @@ fn compaction_never_drops_a_delivery_record_of_an_older_segment() {
     assert!(!r.recovered);
 }
 
+/// A new data directory has no history: a `since` from before it existed (another store, a
+/// deleted one) is not recovered, now or after a restart; neither is one it never handed out.
+#[test]
+fn a_fresh_store_does_not_claim_a_since_it_never_saw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let before = Since {
+        position: Position(999_999_000),
+        epoch: None,
+    };
+    let mut e = open(config(tmp.path()), 1_000_000);
+    let r = recover(&mut e, Some(before), 1_000_000);
+    assert!(!r.recovered, "fresh data dir, since from before it");
+    let first = send_n(&mut e, 1, 1_000_000)[0];
+    let ahead = Since {
+        position: Position(first.0 + 1_000),
+        epoch: None,
+    };
+    assert!(
+        !recover(&mut e, Some(ahead), 1_000_000).recovered,
+        "since never handed out"
+    );
+    let own = Since {
+        position: first,
+        epoch: None,
+    };
+    assert!(
+        recover(&mut e, Some(own), 1_000_000).recovered,
+        "its own since is served"
+    );
+    drop(e);
+    let mut e = open(config(tmp.path()), 1_000_000);
+    assert!(
+        !recover(&mut e, Some(before), 1_000_000).recovered,
+        "after a restart, the mark came back from the first segment's header"
+    );
+    assert!(recover(&mut e, Some(own), 1_000_000).recovered);
+}
+
 /// Room messages with a client id keep a record for the duplicate window until their TTL,
 /// though nothing retains them: a segment of those is not worth compacting (the copy is the
 /// whole segment) until they expire, and must not be copied forward over and over meanwhile.
