@@ -168,6 +168,8 @@ pub(super) struct Storage {
     /// A failed write may have left bytes past `len`: cut them before the next write.
     dirty: bool,
     failing: bool,
+    /// Starting the next segment failed last time (logged once, until it works again).
+    rotate_failing: bool,
 }
 
 impl Storage {
@@ -180,7 +182,9 @@ impl Storage {
         marks: Marks,
     ) -> io::Result<Storage> {
         let head = sizes.keys().next_back().map_or(1, |last| last + 1);
-        let (file, len) = create_segment(&dir, head, marks)?;
+        // Opening is not subject to the fault switch: it simulates a disk that fills up while
+        // the server runs.
+        let (file, len) = create_segment(&dir, head, marks, &StoreFault::Off)?;
         let mut sizes = sizes;
         sizes.insert(head, len);
         Ok(Storage {
@@ -195,6 +199,7 @@ impl Storage {
             marks,
             dirty: false,
             failing: false,
+            rotate_failing: false,
         })
     }
 
@@ -350,15 +355,24 @@ impl Storage {
         let result = self
             .file
             .sync_data()
-            .and_then(|()| create_segment(&self.dir, next, self.marks));
+            .and_then(|()| create_segment(&self.dir, next, self.marks, &self.fault));
         match result {
             Ok((file, len)) => {
                 self.file = file;
                 self.head = next;
                 self.len = len;
                 self.sizes.insert(next, len);
+                if std::mem::take(&mut self.rotate_failing) {
+                    info!("file engine: started segment {next}; segments rotate again");
+                }
             }
-            Err(e) => warn!("file engine: cannot start segment {next}: {e}"),
+            Err(e) => {
+                if !std::mem::replace(&mut self.rotate_failing, true) {
+                    warn!(
+                        "file engine: cannot start segment {next} ({e}); the head segment keeps growing until it can"
+                    );
+                }
+            }
         }
     }
 
@@ -569,7 +583,13 @@ fn worth_it(size: u64, copied: u64, expiring: &mut [(u64, u64)], now_ms: u64) ->
 const RETRY_COMPACTION_MS: u64 = 60_000;
 
 /// Creates segment `id` holding only its magic and a `Header`, durably (file and directory).
-pub(super) fn create_segment(dir: &Path, id: u64, marks: Marks) -> io::Result<(File, u64)> {
+/// The fault switch fails the header's write, as a full disk would after the file exists.
+pub(super) fn create_segment(
+    dir: &Path,
+    id: u64,
+    marks: Marks,
+    fault: &StoreFault,
+) -> io::Result<(File, u64)> {
     let path = journal::segment_path(dir, id);
     let file = OpenOptions::new()
         .read(true)
@@ -583,9 +603,21 @@ pub(super) fn create_segment(dir: &Path, id: u64, marks: Marks) -> io::Result<(F
         forgotten_through: marks.forgotten_through,
     }
     .encode(&mut bytes);
-    file.write_all_at(&bytes, 0)?;
-    file.sync_all()?;
-    sync_dir(dir)?;
+    let written = if fault.active() {
+        Err(io::Error::from_raw_os_error(libc::ENOSPC))
+    } else {
+        Ok(())
+    };
+    let written = written
+        .and_then(|()| file.write_all_at(&bytes, 0))
+        .and_then(|()| file.sync_all())
+        .and_then(|()| sync_dir(dir));
+    if let Err(e) = written {
+        // A file left behind would make every later attempt fail with "file exists" (and a
+        // headerless segment is not a valid one): take it away, the next attempt starts over.
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
     Ok((file, bytes.len() as u64))
 }
 
@@ -597,6 +629,48 @@ pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn storage(dir: &Path, flag: &Arc<AtomicBool>) -> Storage {
+        let marks = Marks {
+            epoch: Epoch::random(),
+            high_water: Position(0),
+            forgotten_through: Position(0),
+        };
+        let fault = StoreFault::Flag(Arc::clone(flag));
+        Storage::new(
+            dir.to_path_buf(),
+            FsyncPolicy::Batch,
+            1 << 20,
+            fault,
+            BTreeMap::new(),
+            marks,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_segment_that_could_not_be_started_leaves_no_file_and_the_next_rotation_works() {
+        let tmp = tempfile::tempdir().unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut s = storage(tmp.path(), &flag);
+        assert_eq!(s.head, 1);
+        flag.store(true, Ordering::Relaxed);
+        s.rotate();
+        assert_eq!(s.head, 1, "rotation failed, the head stays");
+        assert!(s.rotate_failing);
+        assert!(
+            !journal::segment_path(tmp.path(), 2).exists(),
+            "a failed start left segment 2 behind"
+        );
+        s.rotate(); // failing again: still no file, and no second log line (state unchanged)
+        assert!(!journal::segment_path(tmp.path(), 2).exists());
+        flag.store(false, Ordering::Relaxed);
+        s.rotate();
+        assert_eq!(s.head, 2, "the disk has room again: rotation works");
+        assert!(!s.rotate_failing);
+        let bytes = fs::read(journal::segment_path(tmp.path(), 2)).unwrap();
+        assert!(bytes.starts_with(MAGIC), "segment 2 has its header");
+    }
 
     #[test]
     fn a_compaction_copying_more_than_half_waits_for_its_records_to_expire() {
