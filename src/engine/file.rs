@@ -289,8 +289,10 @@ impl FileEngine {
             torn_bytes,
             ..
         } = loader;
+        // No header read: no segment, or only one torn before its header was whole.
+        let fresh = epoch.is_none();
         let epoch = epoch.unwrap_or_else(Epoch::random);
-        if ids.is_empty() {
+        if fresh {
             // A fresh store has no history: every position below its first one belongs to
             // something else (another store, an earlier one that was deleted), so a `since`
             // there gets `recovered: false`, as with the memory engine. The first segment's
