@@ -203,6 +203,11 @@ struct RelayArgs {
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     dedup_max_bytes: usize,
 
+    /// Bytes of messages that may wait for the store (with --data-dir: for the disk) at once;
+    /// beyond it sends are acked rejected ("store busy", counted).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    max_in_flight_bytes: usize,
+
     /// HS256 secret: /ws and /r/ then require a JWT (?token= or Authorization: Bearer) whose
     /// `sub` is the id. Visible in `ps`: prefer --jwt-secret-file.
     #[arg(long, conflicts_with = "jwt_secret_file")]
@@ -255,6 +260,7 @@ impl RelayArgs {
             offline_ttl: self.offline_ttl,
             offline_max_bytes: self.offline_max_bytes,
             dedup_max_bytes: self.dedup_max_bytes,
+            max_in_flight_bytes: self.max_in_flight_bytes,
             jwt_secret,
             allow_origins: self.allow_origins,
             rate_limit,

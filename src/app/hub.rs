@@ -170,6 +170,9 @@ pub struct Hub {
     engine: Box<dyn Engine>,
     /// What each ticket submitted to the engine is for, until it completes.
     waiting: HashMap<Ticket, Work>,
+    /// Bytes of the bodies of the sends and publishes in `waiting`, and their bound.
+    in_flight_bytes: usize,
+    max_in_flight_bytes: usize,
     next_ticket: u64,
     /// `/ws` connections whose recovery has not completed, with what they sent meanwhile.
     recovering: HashMap<ConnId, Vec<Vec<u8>>>,
@@ -178,6 +181,17 @@ pub struct Hub {
     /// `--offline-max` is above 0: direct messages are stored (else they only get a position).
     retains: bool,
     metrics: HubMetrics,
+}
+
+/// The `reason` of a message refused because too much is waiting for the engine.
+const STORE_BUSY: &str = "the server is busy storing messages; try again later";
+
+/// What a piece of work counts against `--max-in-flight-bytes`.
+fn work_bytes(work: &Work) -> usize {
+    match work {
+        Work::Send { body, .. } | Work::Publish { body, .. } => body.len(),
+        Work::Recover { .. } => 0,
+    }
 }
 
 /// Work submitted to the engine, waiting for its completion.
@@ -246,6 +260,8 @@ impl Hub {
             names: HashMap::new(),
             engine,
             waiting: HashMap::new(),
+            in_flight_bytes: 0,
+            max_in_flight_bytes: config.max_in_flight_bytes,
             next_ticket: 0,
             recovering: HashMap::new(),
             events: Vec::new(),
@@ -553,6 +569,9 @@ impl Hub {
             );
             return;
         };
+        if let Work::Send { body, .. } | Work::Publish { body, .. } = &work {
+            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(body.len());
+        }
         match (work, completion.outcome) {
             (Work::Recover { conn, peer }, Outcome::Recovered(recovery)) => {
                 self.recovered(conn, &peer, recovery, tx)
@@ -872,7 +891,7 @@ impl Hub {
         match envelope::parse(text) {
             Err(e) => self.error(conn, e, tx),
             Ok(Command::Send { to, payload, id }) => {
-                self.send(conn, peer, &to, payload, id.as_deref())
+                self.send(conn, peer, &to, payload, id.as_deref(), tx)
             }
             Ok(Command::Publish { room, payload, id }) => {
                 self.publish(conn, peer, &room, payload, id.as_deref(), tx)
@@ -892,6 +911,7 @@ impl Hub {
         to: &str,
         payload: &RawValue,
         client_id: Option<&str>,
+        tx: &mut impl Transport,
     ) {
         let now = self.now();
         let body: Rc<[u8]> = Rc::from(envelope::message_body(
@@ -901,6 +921,9 @@ impl Hub {
             payload,
             now.unix_ms,
         ));
+        if self.busy(conn, client_id, body.len(), tx) {
+            return;
+        }
         let to: Rc<str> = Rc::from(to);
         let client_id: Option<Rc<str>> = client_id.map(Rc::from);
         let ticket = self.ticket();
@@ -933,7 +956,30 @@ impl Hub {
             body,
             retained: self.retains,
         };
+        self.in_flight_bytes += work_bytes(&work);
         self.waiting.insert(ticket, work);
+    }
+
+    /// Refuses a message when `--max-in-flight-bytes` are already waiting for the engine (a
+    /// disk slower than the traffic): memory stays bounded and the sender hears at once,
+    /// rather than waiting behind a queue that only grows. One message is always let through,
+    /// so a message larger than the bound is not refused for ever.
+    fn busy(
+        &mut self,
+        conn: ConnId,
+        client_id: Option<&str>,
+        len: usize,
+        tx: &mut impl Transport,
+    ) -> bool {
+        if self.in_flight_bytes == 0
+            || self.in_flight_bytes.saturating_add(len) <= self.max_in_flight_bytes
+        {
+            return false;
+        }
+        self.metrics.store_busy += 1;
+        let rejected = AckStatus::Rejected;
+        self.ack(conn, client_id, None, rejected, Some(STORE_BUSY), tx);
+        true
     }
 
     /// A room message: to every member but the sender, once it has its position. Membership is
@@ -962,6 +1008,9 @@ impl Hub {
             payload,
             now.unix_ms,
         ));
+        if self.busy(conn, client_id, body.len(), tx) {
+            return;
+        }
         let room: Rc<str> = Rc::from(room);
         let client_id: Option<Rc<str>> = client_id.map(Rc::from);
         let ticket = self.ticket();
@@ -979,6 +1028,7 @@ impl Hub {
             room,
             body,
         };
+        self.in_flight_bytes += work_bytes(&work);
         self.waiting.insert(ticket, work);
     }
 
@@ -1134,6 +1184,7 @@ impl Hub {
             dedup_records: e.dedup_records,
             dedup_bytes: e.dedup_bytes,
             dedup_evicted: e.dedup_evicted,
+            in_flight_bytes: self.in_flight_bytes,
         };
         self.metrics.render(&gauges, out);
         self.engine.render_metrics(out);

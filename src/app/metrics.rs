@@ -34,6 +34,8 @@ pub struct HubMetrics {
     pub recoveries_incomplete: u64,
     /// Sends and publishes rejected because the engine could not store them.
     pub store_rejections: u64,
+    /// Sends and publishes rejected because too much was waiting for the engine already.
+    pub store_busy: u64,
     /// Sends and publishes whose client id was seen before: acked again, not delivered.
     pub duplicates: u64,
     /// Acks by status.
@@ -66,6 +68,8 @@ pub struct HubGauges {
     pub dedup_records: usize,
     pub dedup_bytes: usize,
     pub dedup_evicted: u64,
+    /// Bytes of messages submitted to the engine and not completed yet.
+    pub in_flight_bytes: usize,
 }
 
 impl HubMetrics {
@@ -218,6 +222,16 @@ impl HubMetrics {
             "wsrelay_store_rejections_total",
             "Sends and publishes acked rejected because the engine could not store them.",
             self.store_rejections,
+        );
+        w.counter(
+            "wsrelay_store_busy_total",
+            "Sends and publishes acked rejected because --max-in-flight-bytes of messages were already waiting for the engine.",
+            self.store_busy,
+        );
+        w.gauge(
+            "wsrelay_store_in_flight_bytes",
+            "Bytes of messages waiting for the engine (the disk) now.",
+            g.in_flight_bytes as u64,
         );
         w.counter(
             "wsrelay_duplicates_total",

@@ -99,8 +99,11 @@ impl Harness {
     /// A hub on the memory engine behind `Deferred`: completions wait for `release`, as the
     /// file engine's wait for their fsync.
     fn deferred() -> (Harness, Rc<Cell<bool>>) {
+        Harness::deferred_with(AppConfig::default())
+    }
+
+    fn deferred_with(config: AppConfig) -> (Harness, Rc<Cell<bool>>) {
         let clock = ManualClock::new(START_MS);
-        let config = AppConfig::default();
         let now = crate::engine::Now {
             instant: clock.now(),
             unix_ms: START_MS,
@@ -1191,3 +1194,54 @@ mod jwt {
         );
     }
 }
+
+/// A store slower than the traffic: past `--max-in-flight-bytes` waiting for the engine, sends
+/// and publishes are refused at once ("store busy", counted), and accepted again once the
+/// engine has caught up.
+#[test]
+fn past_the_in_flight_bound_messages_are_refused_as_store_busy() {
+    let (mut h, held) = Harness::deferred_with(AppConfig {
+        max_in_flight_bytes: 400,
+        ..AppConfig::default()
+    });
+    let a = h.connect("/ws?id=alice");
+    assert_eq!(h.inbox(a)[0]["type"], "welcome");
+    held.set(true);
+    let text = "x".repeat(100);
+    // Each body is the rendered message (some 180 bytes): two fit, the third does not.
+    for i in 0..2 {
+        h.say(a, send("bob", json!(text), &format!("c{i}")));
+    }
+    assert_eq!(h.inbox(a), Vec::<Value>::new(), "waiting for the store");
+    let waiting = h.metric("wsrelay_store_in_flight_bytes");
+    assert!(waiting > 200.0 && waiting <= 400.0, "in flight: {waiting}");
+    h.say(a, send("bob", json!(text), "c2"));
+    h.say(
+        a,
+        json!({"type": "publish", "room": "lobby", "payload": text, "id": "c3"}),
+    );
+    let refused = h.inbox(a);
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for (ack, id) in refused.iter().zip(["c2", "c3"]) {
+        assert_eq!(ack["type"], "ack");
+        assert_eq!(ack["id"], id);
+        assert_eq!(ack["status"], "rejected");
+        assert_eq!(ack["reason"], STORE_BUSY_REASON);
+    }
+    assert_eq!(h.metric("wsrelay_store_busy_total"), 2.0);
+
+    held.set(false);
+    h.hub.wake(&mut h.tx);
+    let acks = h.inbox(a);
+    let statuses: Vec<_> = acks.iter().map(|a| a["status"].clone()).collect();
+    assert_eq!(statuses, vec![json!("queued"), json!("queued")]);
+    assert_eq!(h.metric("wsrelay_store_in_flight_bytes"), 0.0);
+    // Caught up: the refused one, sent again, is taken (it was never stored, so no duplicate).
+    h.say(a, send("bob", json!(text), "c2"));
+    let acks = h.inbox(a);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0]["status"], "queued");
+    assert_eq!(h.metric("wsrelay_store_busy_total"), 2.0);
+}
+
+const STORE_BUSY_REASON: &str = "the server is busy storing messages; try again later";

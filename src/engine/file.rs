@@ -165,6 +165,9 @@ enum Work {
 struct Usage {
     bytes: u64,
     live: u64,
+    /// A compaction was declined as not worth it (the copy would be over half the segment,
+    /// e.g. with unexpired duplicate windows): not tried again before this Unix time (ms).
+    retry_at_ms: u64,
 }
 
 #[derive(Debug)]
@@ -286,7 +289,17 @@ impl FileEngine {
             torn_bytes,
             ..
         } = loader;
+        // No header read: no segment, or only one torn before its header was whole.
+        let fresh = epoch.is_none();
         let epoch = epoch.unwrap_or_else(Epoch::random);
+        if fresh {
+            // A fresh store has no history: every position below its first one belongs to
+            // something else (another store, an earlier one that was deleted), so a `since`
+            // there gets `recovered: false`, as with the memory engine. The first segment's
+            // header keeps this mark across restarts.
+            let first = now.unix_ms.saturating_mul(1000);
+            streams.forget_through(Position(first.saturating_sub(1)));
+        }
         let mut gone = Vec::new();
         streams.enforce(now.unix_ms, &mut gone);
         let mut mem = MemoryEngine::resume(epoch, high_water, streams, dedup, now);
@@ -295,7 +308,13 @@ impl FileEngine {
         }
         let mut usage: BTreeMap<u64, Usage> = sizes
             .iter()
-            .map(|(&id, &bytes)| (id, Usage { bytes, live: 0 }))
+            .map(|(&id, &bytes)| {
+                let usage = Usage {
+                    bytes,
+                    ..Usage::default()
+                };
+                (id, usage)
+            })
             .collect();
         for (_, entry) in mem.streams.iter() {
             if let Some(u) = usage.get_mut(&entry.segment) {
@@ -444,6 +463,7 @@ impl FileEngine {
             disk_bytes: self.stats.disk_bytes,
             batch: None,
             compacted: None,
+            declined: None,
         };
         self.apply(done);
     }
@@ -501,6 +521,11 @@ impl FileEngine {
         }
         if failing {
             self.stats.errors += done.ops as u64;
+        }
+        if let Some((segment, retry_at_ms)) = done.declined {
+            if let Some(u) = self.usage.get_mut(&segment) {
+                u.retry_at_ms = retry_at_ms;
+            }
         }
         if let Some(c) = &done.compacted {
             self.usage.remove(&c.segment);
@@ -598,8 +623,14 @@ impl FileEngine {
         }
     }
 
-    /// Starts compacting the oldest sealed segment that is at most half live, if none is being
-    /// compacted: its live messages are copied forward and the file deleted.
+    /// Starts compacting the oldest segment if it is sealed and at most half live, and none is
+    /// being compacted: its live messages are copied forward and the file deleted.
+    ///
+    /// Only ever the oldest: a segment's delivery and trim records may concern messages in
+    /// older segments, and deleting them would bring those messages back at the next start
+    /// (delivered ones as pending). Records in the oldest segment concern only messages in it,
+    /// or copies of them further on that already say the same. The price: while the oldest
+    /// segment is mostly live, newer ones wait (at most until its messages' TTL).
     fn maybe_compact(&mut self, now: Now) {
         if self.compacting {
             return;
@@ -607,7 +638,10 @@ impl FileEngine {
         let Some(segment) = self
             .usage
             .iter()
-            .find(|(&id, u)| id < self.head && u.live * 2 <= u.bytes)
+            .next()
+            .filter(|(&id, u)| {
+                id < self.head && u.live * 2 <= u.bytes && u.retry_at_ms <= now.unix_ms
+            })
             .map(|(&id, _)| id)
         else {
             return;

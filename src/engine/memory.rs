@@ -184,10 +184,13 @@ impl MemoryEngine {
         // SPEC §13: a since from another epoch gets what is still there, and `false`.
         let from = since.map(|s| if other_epoch { Position(0) } else { s.position });
         let (messages, recovered) = self.streams.replay(stream, from, through);
+        // A position never handed out here comes from somewhere else: what followed it there
+        // is not here.
+        let unknown = since.is_some_and(|s| s.position > self.high_water());
         Recovery {
             epoch: self.epoch,
             last: self.streams.newest_through(stream, through),
-            recovered: recovered && !other_epoch,
+            recovered: recovered && !other_epoch && !unknown,
             messages,
         }
     }
