@@ -9,6 +9,8 @@
 //! * `server`   — the reactor: event loop, connection slab, accept, dispatch, timers, shutdown.
 //! * `protocol` — pure code: HTTP upgrade handshake, RFC 6455 frame codec, close codes.
 //! * `poller`   — readiness notification (epoll/kqueue through mio; poll(2); select(2)).
+//! * `tls`      — rustls sessions over non-blocking sockets, and the certificates they use
+//!   (the reactor, the client and the load generator all speak `wss://` through it).
 //! * `timer`    — a hashed timing wheel: heartbeats and deadlines, driven by the reactor's clock.
 //!
 //! Beside them, `client` and `bench` (programs on top of `protocol`) and `wire`, the few words
@@ -25,4 +27,5 @@ pub mod poller;
 pub mod protocol;
 pub mod server;
 pub mod timer;
+pub mod tls;
 pub mod wire;

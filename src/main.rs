@@ -7,10 +7,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
-use wsrelay::app::{App, AppConfig, RateLimit};
+use wsrelay::app::{self, App, AppConfig, Clock, RateLimit, SystemClock};
+use wsrelay::engine::{self, FileConfig, FileEngine, FsyncPolicy, Now, StoreFault};
+use wsrelay::poller::waker::{self, WakeReceiver};
 use wsrelay::poller::{MioPoller, PollPoller, Poller, SelectPoller};
 use wsrelay::protocol::deflate::{CompressionConfig, CompressionMode};
 use wsrelay::server::{Config, Exit, Reactor, SlowConsumer};
+use wsrelay::tls::ServerTls;
 
 #[derive(Parser)]
 #[command(
@@ -94,11 +97,23 @@ struct ServeArgs {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
 
+    /// PEM certificate chain (the server's certificate first): the listener then speaks only
+    /// TLS (wss://, https://). Reloaded with the key on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of the --tls-cert certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     relay: RelayArgs,
 
     #[command(flatten)]
     compression: CompressionArgs,
+
+    #[command(flatten)]
+    storage: StorageArgs,
 }
 
 /// permessage-deflate (SPEC §17); they become a `CompressionConfig`.
@@ -139,6 +154,76 @@ impl CompressionArgs {
     }
 }
 
+/// Where streams live (SPEC §13).
+#[derive(clap::Args)]
+#[command(next_help_heading = "Storage (SPEC §13)")]
+struct StorageArgs {
+    /// Keep offline queues, retained messages, duplicate windows and msg_ids in this directory
+    /// (the file engine), so that they survive a restart and kill -9. Created if missing; one
+    /// server per directory. Without it, everything is in memory and a restart forgets it.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
+
+    /// When acks wait for the disk: `batch` (one fsync per batch, acks after it), `always`
+    /// (one fsync per message), `never` (no fsync: survives kill -9, not power loss).
+    #[arg(long, value_enum, default_value = "batch", requires = "data_dir")]
+    fsync: FsyncArg,
+
+    /// Test-only: every write to the data directory fails (as if the disk were full) while
+    /// this file exists.
+    #[arg(long, value_name = "FILE", hide = true, requires = "data_dir")]
+    fail_writes_while_exists: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FsyncArg {
+    Always,
+    Batch,
+    Never,
+}
+
+impl FsyncArg {
+    fn policy(self) -> FsyncPolicy {
+        match self {
+            FsyncArg::Always => FsyncPolicy::Always,
+            FsyncArg::Batch => FsyncPolicy::Batch,
+            FsyncArg::Never => FsyncPolicy::Never,
+        }
+    }
+}
+
+/// The app on the engine the flags ask for, and the waker's receiving end when the engine
+/// answers from another thread (the reactor watches it).
+fn build_app(
+    config: AppConfig,
+    storage: StorageArgs,
+) -> Result<(App, Option<WakeReceiver>), String> {
+    let Some(dir) = storage.data_dir else {
+        return Ok((App::new(config), None));
+    };
+    let (receiver, waker) =
+        waker::pair().map_err(|e| format!("cannot create the engine's waker: {e}"))?;
+    let file = FileConfig {
+        dir,
+        fsync: storage.fsync.policy(),
+        segment_bytes: engine::file::SEGMENT_BYTES,
+        limits: app::limits(&config),
+        dedup_window: config.dedup_window,
+        dedup_idle: config.offline_ttl,
+        dedup_max_bytes: config.dedup_max_bytes,
+        fault: storage
+            .fail_writes_while_exists
+            .map_or(StoreFault::Off, StoreFault::WhileFileExists),
+    };
+    let now = Now {
+        instant: SystemClock.now(),
+        unix_ms: SystemClock.unix_ms(),
+    };
+    let engine = FileEngine::open(file, std::sync::Arc::new(move || waker.wake()), now)
+        .map_err(|e| e.to_string())?;
+    Ok((App::with_engine(config, Box::new(engine)), Some(receiver)))
+}
+
 /// The relay's flags (SPEC §6); they become an `AppConfig`.
 #[derive(clap::Args)]
 #[command(next_help_heading = "Relay (/ws and /r/<room>)")]
@@ -159,6 +244,11 @@ struct RelayArgs {
     /// remembered client ids are forgotten first (counted).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     dedup_max_bytes: usize,
+
+    /// Bytes of messages that may wait for the store (with --data-dir: for the disk) at once;
+    /// beyond it sends are acked rejected ("store busy", counted).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    max_in_flight_bytes: usize,
 
     /// HS256 secret: /ws and /r/ then require a JWT (?token= or Authorization: Bearer) whose
     /// `sub` is the id. Visible in `ps`: prefer --jwt-secret-file.
@@ -212,6 +302,7 @@ impl RelayArgs {
             offline_ttl: self.offline_ttl,
             offline_max_bytes: self.offline_max_bytes,
             dedup_max_bytes: self.dedup_max_bytes,
+            max_in_flight_bytes: self.max_in_flight_bytes,
             jwt_secret,
             allow_origins: self.allow_origins,
             rate_limit,
@@ -285,8 +376,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = match args.relay.app_config() {
-        Ok(config) => App::new(config),
+    let built = args
+        .relay
+        .app_config()
+        .and_then(|config| build_app(config, args.storage));
+    let (app, waker) = match built {
+        Ok(built) => built,
         Err(e) => {
             eprintln!("wsrelay: {e}");
             return ExitCode::FAILURE;
@@ -314,10 +409,21 @@ fn serve(args: ServeArgs) -> ExitCode {
         shutdown_timeout: args.shutdown_timeout,
         compression,
     };
+    // Loaded before anything listens, so a bad pair is reported in words at once.
+    let tls = match args.tls_cert.zip(args.tls_key) {
+        Some((cert, key)) => match ServerTls::load(&cert, &key) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                eprintln!("wsrelay: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let result = match args.poller {
-        PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, app, config)),
-        PollerKind::Poll => PollPoller::new().and_then(|p| run(p, app, config)),
-        PollerKind::Select => SelectPoller::new().and_then(|p| run(p, app, config)),
+        PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, app, waker, config, tls)),
+        PollerKind::Poll => PollPoller::new().and_then(|p| run(p, app, waker, config, tls)),
+        PollerKind::Select => SelectPoller::new().and_then(|p| run(p, app, waker, config, tls)),
     };
     match result {
         Ok(Exit::Graceful) => ExitCode::SUCCESS,
@@ -330,11 +436,23 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn run<P: Poller>(poller: P, app: App, config: Config) -> std::io::Result<Exit> {
+fn run<P: Poller>(
+    poller: P,
+    app: App,
+    waker: Option<WakeReceiver>,
+    config: Config,
+    tls: Option<ServerTls>,
+) -> std::io::Result<Exit> {
     let listen = config.listen;
     let mut reactor = Reactor::bind(poller, app, config)
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
+    if let Some(tls) = tls {
+        reactor.serve_tls(tls);
+    }
     reactor.handle_signals()?;
+    if let Some(waker) = waker {
+        reactor.watch_waker(waker)?;
+    }
     // One fixed line on stdout, so scripts and tests learn the port when `--listen` used port 0.
     println!(
         "wsrelay listening on {} (poller: {})",

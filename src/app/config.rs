@@ -13,7 +13,7 @@ pub struct AppConfig {
     pub offline_max: usize,
     /// How long a retained message is kept.
     pub offline_ttl: Duration,
-    /// Bytes retained over all ids; beyond it the oldest go first (see `mailbox.rs`).
+    /// Bytes retained over all ids; beyond it the oldest go first (see `engine/streams.rs`).
     pub offline_max_bytes: usize,
     /// Client message ids remembered per sender for duplicate suppression.
     pub dedup_window: usize,
@@ -26,6 +26,9 @@ pub struct AppConfig {
     pub allow_origins: Vec<String>,
     /// Per-connection message rate limit; beyond it the connection is closed with 1008.
     pub rate_limit: Option<RateLimit>,
+    /// Bytes of messages waiting for the engine (the file engine: for the disk) at most;
+    /// beyond it sends and publishes are acked `rejected` as "store busy" (SPEC §13).
+    pub max_in_flight_bytes: usize,
 }
 
 impl Default for AppConfig {
@@ -39,6 +42,7 @@ impl Default for AppConfig {
             jwt_secret: None,
             allow_origins: Vec::new(),
             rate_limit: None,
+            max_in_flight_bytes: 64 << 20,
         }
     }
 }

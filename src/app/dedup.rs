@@ -20,7 +20,7 @@
 //!   (`evicted`): that is the one way an id is forgotten before the two rules above say so.
 //!   Without auth, ids are free, so nothing else would bound what departed senders pin.
 //!
-//! How eviction stays cheap (the scheme of `mailbox.rs`): every record gets a sequence number;
+//! How eviction stays cheap (like `engine/streams.rs`): every record gets a sequence number;
 //! a single FIFO (`records`) lists every record oldest first. The byte bound pops the FIFO's
 //! front; the per-sender bound and the idle TTL remove records from their windows directly and
 //! leave their FIFO entries behind as "stale", recognised later because a window's live

@@ -265,13 +265,16 @@ struct Welcome<'a> {
     kind: &'static str,
     id: &'a str,
     last_msg_id: Option<MsgId>,
+    epoch: &'a str,
+    recovered: bool,
 }
 
+/// A message without its msg_id: what the hub hands the engine to store (`message_body`). The
+/// msg_id is the position the engine gives it, spliced in by `with_msg_id`.
 #[derive(Serialize)]
 struct Message<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
-    msg_id: MsgId,
     from: &'a str,
     to: Option<&'a str>,
     room: Option<&'a str>,
@@ -313,18 +316,26 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec())
 }
 
-/// `{"type":"welcome","id":...,"last_msg_id":...}`: the first message of every `/ws` connection.
-pub fn welcome(id: &str, last_msg_id: Option<MsgId>) -> Vec<u8> {
+/// `{"type":"welcome","id":...,"last_msg_id":...,"epoch":...,"recovered":...}`: the first
+/// message of every `/ws` connection. `epoch` names the history of the id's inbox (a client
+/// passes it back with `?since=`); `recovered` is false when messages after the client's
+/// `since` may be missing (SPEC §13).
+pub fn welcome(id: &str, last_msg_id: Option<MsgId>, epoch: &str, recovered: bool) -> Vec<u8> {
     to_json(&Welcome {
         kind: "welcome",
         id,
         last_msg_id,
+        epoch,
+        recovered,
     })
 }
 
-/// A relayed message, direct (`to`) or published (`room`).
-pub fn message(
-    msg_id: MsgId,
+/// The start every `message_body` has, after which `with_msg_id` puts the msg_id.
+const MESSAGE_HEAD: &[u8] = br#"{"type":"message","#;
+
+/// A relayed message, direct (`to`) or published (`room`), without its msg_id: the body the
+/// engine stores (it is opaque to the engine). `with_msg_id` turns it into the wire message.
+pub fn message_body(
     from: &str,
     to: Option<&str>,
     room: Option<&str>,
@@ -333,13 +344,40 @@ pub fn message(
 ) -> Vec<u8> {
     to_json(&Message {
         kind: "message",
-        msg_id,
         from,
         to,
         room,
         payload,
         timestamp: timestamp_ms,
     })
+}
+
+/// The wire message: `body` (from `message_body`) with `"msg_id":"<msg_id>"` as its second
+/// field. A body that does not start as `message_body` writes (it cannot, unless a data
+/// directory was edited by hand) is returned unchanged rather than mangled.
+pub fn with_msg_id(body: &[u8], msg_id: MsgId) -> Vec<u8> {
+    let Some(rest) = body.strip_prefix(MESSAGE_HEAD) else {
+        return body.to_vec();
+    };
+    let mut out = Vec::with_capacity(body.len() + 32);
+    out.extend_from_slice(MESSAGE_HEAD);
+    out.extend_from_slice(br#""msg_id":""#);
+    out.extend_from_slice(msg_id.to_string().as_bytes());
+    out.extend_from_slice(b"\",");
+    out.extend_from_slice(rest);
+    out
+}
+
+/// A relayed message, direct (`to`) or published (`room`), with its msg_id.
+pub fn message(
+    msg_id: MsgId,
+    from: &str,
+    to: Option<&str>,
+    room: Option<&str>,
+    payload: &RawValue,
+    timestamp_ms: u64,
+) -> Vec<u8> {
+    with_msg_id(&message_body(from, to, room, payload, timestamp_ms), msg_id)
 }
 
 /// The answer to a `send` or `publish`.
@@ -616,13 +654,13 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             (
                 "welcome",
-                welcome("alice", Some(MsgId(42))),
-                r#"{"type":"welcome","id":"alice","last_msg_id":"42"}"#,
+                welcome("alice", Some(MsgId(42)), "00000000000000ff", true),
+                r#"{"type":"welcome","id":"alice","last_msg_id":"42","epoch":"00000000000000ff","recovered":true}"#,
             ),
             (
                 "welcome, nothing retained",
-                welcome("a\"b", None),
-                r#"{"type":"welcome","id":"a\"b","last_msg_id":null}"#,
+                welcome("a\"b", None, "00000000000000ff", false),
+                r#"{"type":"welcome","id":"a\"b","last_msg_id":null,"epoch":"00000000000000ff","recovered":false}"#,
             ),
             (
                 "direct message keeps the payload byte for byte",

@@ -1,41 +1,56 @@
 //! The hub: who is connected as whom, in which rooms, and where every message goes.
 //!
-//! Owns: routing of requests to the demo page's files (served by `demo`) and admission of
-//! WebSocket requests (paths, Origin, identity, `?since=`, subprotocol),
+//! Owns: routing every request path (`route`: the WebSocket endpoints, the demo page's files
+//! served by `demo`, and the reactor's own endpoints, which the reactor renders), admission of
+//! WebSocket requests (Origin, identity, `?since=`, subprotocol) with a `Refusal` that says why,
 //! raw rooms (`/r/<room>`), the `/ws` envelope commands (send, publish, join, leave), presence,
-//! acks, msg_id and timestamp stamping, the offline queue and recovery (through `Mailboxes`),
-//! duplicate suppression (`Dedup`), the rate limit, and the hub's metrics.
+//! acks and what each promises, the rate limit, and the hub's metrics.
 //! Does not: see sockets, descriptors or frames' bytes on the wire (SPEC §1). It acts on
 //! connections only through `Transport` (send a message or a shared frame to a `ConnId`, close
-//! one), which `App` implements with the reactor's `Outbox` and tests with a recorder.
+//! one), which `App` implements with the reactor's `Outbox` and tests with a recorder. Nor does
+//! it keep messages: every id's inbox, the msg_ids (stream positions), the offline queue,
+//! recovery and duplicate windows live behind the `Engine` (SPEC §13, `engine/mod.rs`).
 //!
-//! Implements SPEC §6 (endpoints and the relay), as docs/protocol.md tells it to clients.
+//! Implements SPEC §6 (endpoints and the relay) and the hub's side of SPEC §13, as
+//! docs/protocol.md tells it to clients.
 //!
-//! Ordering guarantees, all from the single-threaded loop: messages from one sender reach each
-//! recipient in the order they were sent (every recipient queue is FIFO and nothing reorders);
-//! a connecting `/ws` client gets its welcome, then its retained messages in msg_id order, then
-//! live traffic, because all of the first two are queued inside `open` before any other
-//! callback can run.
+//! # Store, then deliver
+//!
+//! A `send` or `publish` is submitted to the engine with a `Ticket`; the hub remembers what the
+//! ticket is for (`Work`) and acts when the engine completes it (`pump`): on `Stored` it renders
+//! the message with its position as msg_id, hands it to the recipients and acks; on `Rejected`
+//! it acks `rejected` with the reason. The memory engine completes inside the call, so the ack
+//! leaves in the same loop iteration; the file engine completes after the fsync of the batch
+//! holding the message, when the reactor's waker fires (`wake`).
+//!
+//! Ordering guarantees: the engine completes work in submission order, and the single-threaded
+//! loop queues every frame in completion order, so messages from one sender reach each
+//! recipient in the order they were sent. A connecting `/ws` client is `recovering` until its
+//! `Recovered` completes: it gets no live direct message meanwhile (the recovery holds every
+//! message stored before it), and what it sends meanwhile is held and handled right after. So
+//! it gets its welcome, then its retained messages in msg_id order, then live traffic.
 
 use super::auth::{self, AuthError, Grant, JwtVerifier};
 use super::clock::Clock;
 use super::config::AppConfig;
-use super::dedup::{Dedup, Recorded};
+use super::dedup::Dedup;
 use super::demo;
 use super::envelope::{self, AckStatus, Command, EnvelopeError, MsgId, PresenceEvent};
-use super::mailbox::{Limits, Mailboxes, Refused};
 use super::metrics::{HubGauges, HubMetrics};
 use super::ratelimit::{RateLimit, TokenBucket};
 use super::rooms::Rooms;
+use crate::engine::{
+    Append, Arrival, Completion, Engine, Epoch, Event, Limits, MemoryEngine, Now, Outcome,
+    Position, Publish, Recovery, Refusal as StoreRefusal, Since, StreamId, Ticket,
+};
 use crate::protocol::frame::{self, OpCode};
-use crate::protocol::handshake::{self, HandshakeError, Request};
-use crate::protocol::CloseCode;
-use crate::server::{ConnId, Outbox, Route, Sent};
-use log::debug;
+use crate::protocol::handshake::Request;
+use crate::protocol::{CloseCode, Refusal};
+use crate::server::{ConnId, Outbox, Route, Sent, ServerEndpoint};
+use log::{debug, warn};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Instant;
 
 /// The subprotocol of the envelope protocol, confirmed when a client offers it (RFC 6455
 /// §4.2.2 item 5.4, SPEC §6).
@@ -43,6 +58,11 @@ pub const SUBPROTOCOL: &str = "wsrelay.v1";
 
 /// Rooms one `/ws` connection may be in at once: bounds the memory a client can pin.
 pub const MAX_ROOMS_PER_CONNECTION: usize = 256;
+
+/// Messages a `/ws` connection may send before its welcome (while its recovery is with the
+/// engine); they are held and handled after it. Beyond it the connection is closed (1008):
+/// a client has no reason to pipeline more than a few commands before it is greeted.
+pub const MAX_HELD_MESSAGES: usize = 256;
 
 /// What the hub can do to connections. `App` implements it with the reactor's `Outbox`.
 pub trait Transport {
@@ -103,12 +123,23 @@ enum Endpoint {
     Envelope(Peer),
 }
 
+/// A WebSocket endpoint a request asks for, before it is admitted (`Hub::admit`).
+#[derive(Clone, Copy, Debug)]
+enum WebSocketPath<'a> {
+    /// `/echo`.
+    Echo,
+    /// `/ws`.
+    Envelope,
+    /// `/r/` and what follows it: a room name, if it is a valid one.
+    Raw(&'a str),
+}
+
 /// Who a `/ws` connection is.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Peer {
     id: Rc<str>,
-    /// `?since=`: replay retained messages after this one on connect.
-    since: Option<MsgId>,
+    /// `?since=` (and `&epoch=`): replay retained messages after this one on connect.
+    since: Option<Since>,
     /// The token's `rooms` claim, if any.
     rooms: Option<Rc<[String]>>,
 }
@@ -135,20 +166,90 @@ pub struct Hub {
     online: HashMap<Rc<str>, Vec<ConnId>>,
     /// The id of each open `/ws` connection (the reverse of `online`), for member lists.
     names: HashMap<ConnId, Rc<str>>,
-    mailboxes: Mailboxes,
-    dedup: Dedup,
-    /// The next msg_id to hand out.
-    next_msg_id: u64,
+    /// Where streams live (SPEC §13).
+    engine: Box<dyn Engine>,
+    /// What each ticket submitted to the engine is for, until it completes.
+    waiting: HashMap<Ticket, Work>,
+    /// Bytes of the bodies of the sends and publishes in `waiting`, and their bound.
+    in_flight_bytes: usize,
+    max_in_flight_bytes: usize,
+    next_ticket: u64,
+    /// `/ws` connections whose recovery has not completed, with what they sent meanwhile.
+    recovering: HashMap<ConnId, Vec<Vec<u8>>>,
+    /// Reused between `pump`s.
+    events: Vec<Event>,
+    /// `--offline-max` is above 0: direct messages are stored (else they only get a position).
+    retains: bool,
     metrics: HubMetrics,
 }
 
+/// The `reason` of a message refused because too much is waiting for the engine.
+const STORE_BUSY: &str = "the server is busy storing messages; try again later";
+
+/// What a piece of work counts against `--max-in-flight-bytes`.
+fn work_bytes(work: &Work) -> usize {
+    match work {
+        Work::Send { body, .. } | Work::Publish { body, .. } => body.len(),
+        Work::Recover { .. } => 0,
+    }
+}
+
+/// Work submitted to the engine, waiting for its completion.
+#[derive(Debug)]
+enum Work {
+    /// A direct message from `conn`, stored in `to`'s inbox (`retained`), or only given a
+    /// position (`--offline-max 0`).
+    Send {
+        conn: ConnId,
+        sender: Rc<str>,
+        client_id: Option<Rc<str>>,
+        to: Rc<str>,
+        body: Rc<[u8]>,
+        retained: bool,
+    },
+    /// A room message from `conn`.
+    Publish {
+        conn: ConnId,
+        client_id: Option<Rc<str>>,
+        sender: Rc<str>,
+        room: Rc<str>,
+        body: Rc<[u8]>,
+    },
+    /// What `conn` gets on connect.
+    Recover { conn: ConnId, peer: Peer },
+}
+
+/// The engine's retention bounds from the relay's flags.
+pub fn limits(config: &AppConfig) -> Limits {
+    Limits {
+        per_stream: config.offline_max,
+        ttl_ms: u64::try_from(config.offline_ttl.as_millis()).unwrap_or(u64::MAX),
+        max_bytes: config.offline_max_bytes,
+    }
+}
+
+/// The duplicate windows' bounds from the relay's flags.
+pub fn dedup(config: &AppConfig) -> Dedup {
+    Dedup::new(
+        config.dedup_window,
+        config.offline_ttl,
+        config.dedup_max_bytes,
+    )
+}
+
 impl Hub {
+    /// A hub on the memory engine (the default, SPEC §13).
     pub fn new(config: AppConfig, clock: Box<dyn Clock>) -> Hub {
-        // msg_ids start at the start time in microseconds-ish (ms x 1000): unique and increasing
-        // within a run as SPEC §6 requires, and in practice above every id of an earlier run
-        // (unless that run averaged over 1,000 messages per millisecond), so a client's stale
-        // `?since=` from before a restart does not hide new messages.
-        let next_msg_id = clock.unix_ms().saturating_mul(1000);
+        let now = Now {
+            instant: clock.now(),
+            unix_ms: clock.unix_ms(),
+        };
+        let engine = MemoryEngine::new(limits(&config), dedup(&config), now);
+        Hub::with_engine(config, clock, Box::new(engine))
+    }
+
+    /// A hub on a given engine (`--data-dir`: the file engine).
+    pub fn with_engine(config: AppConfig, clock: Box<dyn Clock>, engine: Box<dyn Engine>) -> Hub {
         Hub {
             jwt: config.jwt_secret.as_deref().map(JwtVerifier::new),
             allow_origins: config.allow_origins,
@@ -157,17 +258,14 @@ impl Hub {
             rooms: Rooms::default(),
             online: HashMap::new(),
             names: HashMap::new(),
-            mailboxes: Mailboxes::new(Limits {
-                per_id: config.offline_max,
-                ttl: config.offline_ttl,
-                max_bytes: config.offline_max_bytes,
-            }),
-            dedup: Dedup::new(
-                config.dedup_window,
-                config.offline_ttl,
-                config.dedup_max_bytes,
-            ),
-            next_msg_id,
+            engine,
+            waiting: HashMap::new(),
+            in_flight_bytes: 0,
+            max_in_flight_bytes: config.max_in_flight_bytes,
+            next_ticket: 0,
+            recovering: HashMap::new(),
+            events: Vec::new(),
+            retains: config.offline_max > 0,
             metrics: HubMetrics::default(),
             clock,
         }
@@ -178,35 +276,37 @@ impl Hub {
         self.jwt.is_some()
     }
 
-    // ----- admission -----------------------------------------------------------------------
+    // ----- routing and admission -----------------------------------------------------------
 
-    /// Decides what a request becomes: an upgrade to one of the endpoints, or an HTTP answer
-    /// that says why not.
+    /// Decides what a request becomes (SPEC §3, §6). This is the server's one table of paths:
+    /// the reactor's own endpoints are here too (it renders them, since it holds their
+    /// figures), so every path is found, and refused with the same rules, in one place.
     pub fn route(&mut self, request: &Request) -> Route<Session> {
         self.sweep();
+        // Every resource of this server is read with GET; a WebSocket upgrade is a GET too
+        // (RFC 6455 §4.1).
         if request.method != "GET" {
-            let e = HandshakeError::MethodNotAllowed;
-            return Route::Respond(e.status(), e.response());
+            return Route::Refuse(Refusal::MethodNotAllowed);
         }
         let path = request.path.as_str();
-        if let Some(page) = demo::response(path) {
-            return Route::Respond(200, page);
-        }
-        let is_endpoint = path == "/echo" || path == "/ws" || path.starts_with("/r/");
-        if !is_endpoint {
-            let e = HandshakeError::NotFound;
-            return Route::Respond(e.status(), e.response());
-        }
-        if !auth::origin_allowed(&self.allow_origins, request.header("origin")) {
-            self.metrics.origin_rejections += 1;
-            return refuse(403, "Origin not allowed (see --allow-origin)");
-        }
-        let admitted = match path {
-            "/echo" => Ok((Endpoint::Echo, None)),
-            "/ws" => self.admit_envelope(request),
-            _ => self.admit_raw(&path[3..], request),
+        let wanted = match path {
+            "/healthz" => return Route::Server(ServerEndpoint::Health),
+            "/stats.json" => return Route::Server(ServerEndpoint::Stats),
+            "/metrics" => return Route::Server(ServerEndpoint::Metrics),
+            "/echo" => WebSocketPath::Echo,
+            "/ws" => WebSocketPath::Envelope,
+            _ => match path.strip_prefix("/r/") {
+                Some(room) => WebSocketPath::Raw(room),
+                // The demo page's files (`/`, `/demo.css`, `/demo.js`), or nothing.
+                None => {
+                    return match demo::response(path) {
+                        Some(page) => Route::Resource(page),
+                        None => Route::Refuse(Refusal::NotFound),
+                    }
+                }
+            },
         };
-        match admitted {
+        match self.admit(wanted, request) {
             Ok((endpoint, protocol)) => Route::Upgrade {
                 session: Session {
                     endpoint,
@@ -216,7 +316,27 @@ impl Hub {
                 },
                 protocol,
             },
-            Err(route) => route,
+            Err(refusal) => Route::Refuse(refusal),
+        }
+    }
+
+    /// Admits a request to a WebSocket endpoint: an allowed Origin first (SPEC §6), then what
+    /// the endpoint itself asks of the request.
+    fn admit(
+        &mut self,
+        wanted: WebSocketPath<'_>,
+        request: &Request,
+    ) -> Result<(Endpoint, Option<&'static str>), Refusal> {
+        if !auth::origin_allowed(&self.allow_origins, request.header("origin")) {
+            self.metrics.origin_rejections += 1;
+            return Err(Refusal::Forbidden(
+                "Origin not allowed (see --allow-origin)",
+            ));
+        }
+        match wanted {
+            WebSocketPath::Echo => Ok((Endpoint::Echo, None)),
+            WebSocketPath::Envelope => self.admit_envelope(request),
+            WebSocketPath::Raw(room) => self.admit_raw(room, request),
         }
     }
 
@@ -225,18 +345,14 @@ impl Hub {
         &mut self,
         name: &str,
         request: &Request,
-    ) -> Result<(Endpoint, Option<&'static str>), Route<Session>> {
+    ) -> Result<(Endpoint, Option<&'static str>), Refusal> {
         if name.contains('/') {
-            let e = HandshakeError::NotFound;
-            return Err(Route::Respond(e.status(), e.response()));
+            return Err(Refusal::NotFound);
         }
-        if let Err(e) = envelope::validate_room(name) {
-            return Err(refuse(400, e.message().as_ref()));
-        }
-        if self.jwt.is_some() {
-            let grant = self.authenticate(request)?;
+        envelope::validate_room(name).map_err(|e| Refusal::InvalidTarget(e.message()))?;
+        if let Some(grant) = self.authenticate(request)? {
             if !grant.allows(name) {
-                return Err(refuse(403, "this room is not allowed by your token"));
+                return Err(Refusal::Forbidden("this room is not allowed by your token"));
             }
         }
         Ok((Endpoint::Raw(Rc::from(name)), None))
@@ -246,24 +362,42 @@ impl Hub {
     fn admit_envelope(
         &mut self,
         request: &Request,
-    ) -> Result<(Endpoint, Option<&'static str>), Route<Session>> {
-        let (id, rooms) = if self.jwt.is_some() {
-            let grant = self.authenticate(request)?;
-            (grant.id, grant.rooms)
-        } else {
-            let Some(id) = request.query_param("id") else {
-                return Err(refuse(400, "?id=<your id> is required"));
-            };
-            if let Err(e) = envelope::validate_id(&id) {
-                return Err(refuse(400, e.message().as_ref()));
+    ) -> Result<(Endpoint, Option<&'static str>), Refusal> {
+        let (id, rooms) = match self.authenticate(request)? {
+            Some(grant) => (grant.id, grant.rooms),
+            // Without --jwt-secret the id is claimed, not proven (docs/protocol.md, "Access").
+            None => {
+                let Some(id) = request.query_param("id") else {
+                    return Err(Refusal::InvalidTarget("?id=<your id> is required".into()));
+                };
+                envelope::validate_id(&id).map_err(|e| Refusal::InvalidTarget(e.message()))?;
+                (id, None)
             }
-            (id, None)
+        };
+        let epoch = match request.query_param("epoch") {
+            None => None,
+            Some(text) => match Epoch::parse(&text) {
+                Some(epoch) => Some(epoch),
+                None => {
+                    return Err(Refusal::InvalidTarget(
+                        "?epoch= must be the welcome's epoch (16 hex digits)".into(),
+                    ))
+                }
+            },
         };
         let since = match request.query_param("since") {
             None => None,
             Some(text) => match MsgId::parse(&text) {
-                Some(since) => Some(since),
-                None => return Err(refuse(400, "?since= must be a msg_id (decimal digits)")),
+                // SPEC §13: without an epoch, the engine judges the position by its marks.
+                Some(since) => Some(Since {
+                    position: Position(since.0),
+                    epoch,
+                }),
+                None => {
+                    return Err(Refusal::InvalidTarget(
+                        "?since= must be a msg_id (decimal digits)".into(),
+                    ))
+                }
             },
         };
         // RFC 6455 §4.2.2 item 5.4: confirm one of the client's offers, or none. Subprotocol
@@ -280,38 +414,29 @@ impl Hub {
         Ok((Endpoint::Envelope(peer), offered.then_some(SUBPROTOCOL)))
     }
 
-    /// Verifies the request's token; a refusal is a 401 that says why.
-    fn authenticate(&mut self, request: &Request) -> Result<Grant, Route<Session>> {
+    /// With `--jwt-secret`, the grant of the request's token; without it, `None` (ids are
+    /// trusted). A missing or refused token is a 401 naming why, counted by reason.
+    fn authenticate(&mut self, request: &Request) -> Result<Option<Grant>, Refusal> {
         let Some(jwt) = &self.jwt else {
-            return Err(refuse(401, "authentication is not configured"));
+            return Ok(None);
         };
-        let result = match auth::token_of(request) {
+        let verified = match auth::token_of(request) {
             None => Err(AuthError::Missing),
             Some(token) => jwt.verify(&token, self.clock.unix_ms()),
         };
-        result.map_err(|e| {
+        verified.map(Some).map_err(|e| {
             HubMetrics::bump(&mut self.metrics.auth_failures, e.label());
             debug!("401 for {}: {}", request.path, e.label());
-            let body = format!("a valid token is required ({})\n", e.label());
-            Route::Respond(
-                401,
-                handshake::http_response(
-                    401,
-                    "text/plain; charset=utf-8",
-                    // RFC 6750 §3: the challenge of a bearer-token resource.
-                    &[("WWW-Authenticate", "Bearer")],
-                    body.as_bytes(),
-                ),
-            )
+            Refusal::Unauthorized(e.label())
         })
     }
 
     // ----- connection life ---------------------------------------------------------------------
 
-    /// The connection is open: join its raw room, or greet a `/ws` client and hand it what
-    /// waited for it.
+    /// The connection is open: join its raw room, or ask the engine what waited for a `/ws`
+    /// client (its welcome follows when the recovery completes, see `recovered`).
     pub fn open(&mut self, conn: ConnId, session: &mut Session, tx: &mut impl Transport) {
-        self.sweep();
+        let now = self.sweep();
         match &session.endpoint {
             Endpoint::Echo => {}
             Endpoint::Raw(room) => {
@@ -324,43 +449,16 @@ impl Hub {
                     .or_default()
                     .push(conn);
                 self.names.insert(conn, Rc::clone(&peer.id));
-                self.dedup.active(&peer.id);
-                // SPEC §6: the welcome, then queued (and, with `since`, retained) messages in
-                // order, before any live traffic. The welcome and the first message of the
-                // backlog are queued whatever --max-outbound says (the 101 response already
-                // fills part of it): otherwise one message that fits --max-message but not what
-                // the limit leaves would be refused on every connection, and nothing behind it
-                // would ever arrive. The rest goes while it fits; if the queue fills up, the
-                // rest stays pending and the connection is closed (1008): letting live traffic
-                // overtake the rest would break the order, and the client gets the rest when it
-                // reconnects (with the `close` policy the outbox has already asked for that
-                // close). So every connection makes progress through its backlog.
-                let welcome = envelope::welcome(&peer.id, self.mailboxes.newest(&peer.id));
-                let welcome = tx.encode_shared(OpCode::Text, &welcome);
-                tx.send_shared_unbounded(conn, &welcome);
-                let mut stalled = false;
-                let mut head = true;
-                let (first, again) = self.mailboxes.deliver(&peer.id, peer.since, |m| {
-                    let sent = if std::mem::take(&mut head) {
-                        tx.send_shared_unbounded(conn, &m.frame)
-                    } else {
-                        tx.send_shared(conn, &m.frame)
-                    };
-                    let queued = sent == Sent::Queued;
-                    stalled |= !queued;
-                    queued
-                });
-                self.metrics.offline_delivered += first;
-                self.metrics.recovery_replayed += again;
-                if stalled {
-                    tx.close(
-                        conn,
-                        CloseCode::POLICY_VIOLATION,
-                        "backlog exceeds --max-outbound",
-                    );
-                }
+                self.engine.online(&peer.id);
+                self.recovering.insert(conn, Vec::new());
+                let ticket = self.ticket();
+                let stream = StreamId::Inbox(Rc::clone(&peer.id));
+                self.engine.recover(ticket, &stream, peer.since, now);
+                let peer = peer.clone();
+                self.waiting.insert(ticket, Work::Recover { conn, peer });
             }
         }
+        self.pump(tx);
     }
 
     /// A data message from `conn`.
@@ -372,10 +470,9 @@ impl Hub {
         payload: &[u8],
         tx: &mut impl Transport,
     ) {
-        let now = self.clock.now();
-        self.sweep_at(now);
+        let now = self.sweep();
         if let Some(bucket) = &mut session.bucket {
-            if !bucket.take(now) {
+            if !bucket.take(now.instant) {
                 self.metrics.rate_limited += 1;
                 debug!("{conn:?} exceeded the rate limit; closing 1008");
                 tx.close(conn, CloseCode::POLICY_VIOLATION, "rate limit exceeded");
@@ -387,14 +484,32 @@ impl Hub {
                 tx.send(conn, opcode, payload);
             }
             Endpoint::Raw(room) => self.relay_raw(conn, room, opcode, payload, tx),
-            Endpoint::Envelope(peer) => self.on_envelope(conn, peer, opcode, payload, tx),
+            Endpoint::Envelope(peer) => {
+                if let Some(held) = self.recovering.get_mut(&conn) {
+                    // Not greeted yet: handled after the welcome (see the module doc). Only
+                    // text can be an envelope; anything else gets its error then too.
+                    if held.len() >= MAX_HELD_MESSAGES {
+                        tx.close(
+                            conn,
+                            CloseCode::POLICY_VIOLATION,
+                            "too many messages before the welcome",
+                        );
+                    } else if opcode == OpCode::Text {
+                        held.push(payload.to_vec());
+                    } else {
+                        self.error(conn, EnvelopeError::BinaryFrame, tx);
+                    }
+                    return;
+                }
+                self.on_envelope(conn, peer, opcode, payload, tx)
+            }
         }
+        self.pump(tx);
     }
 
     /// The connection is gone: leave its rooms (telling the others) and its id's devices.
     pub fn close(&mut self, conn: ConnId, session: Session, tx: &mut impl Transport) {
-        let now = self.clock.now();
-        self.sweep_at(now);
+        let now = self.sweep();
         match session.endpoint {
             Endpoint::Echo => {}
             Endpoint::Raw(room) => {
@@ -402,6 +517,7 @@ impl Hub {
             }
             Endpoint::Envelope(peer) => {
                 self.names.remove(&conn);
+                self.recovering.remove(&conn);
                 for room in self.rooms.leave_all(conn) {
                     self.presence(&room, &peer.id, PresenceEvent::Leave, None, tx);
                 }
@@ -409,7 +525,323 @@ impl Hub {
                     devices.retain(|&d| d != conn);
                     if devices.is_empty() {
                         self.online.remove(&peer.id);
-                        self.dedup.idle(&peer.id, now);
+                        self.engine.offline(&peer.id, now);
+                    }
+                }
+            }
+        }
+        self.pump(tx);
+    }
+
+    /// The engine woke the reactor (its answers are waiting): act on them.
+    pub fn wake(&mut self, tx: &mut impl Transport) {
+        self.sweep();
+        self.pump(tx);
+    }
+
+    // ----- completions -------------------------------------------------------------------------
+
+    /// Acts on everything the engine has finished, in order, until it has nothing more (acting
+    /// may submit more work: the messages a recovering connection sent meanwhile).
+    fn pump(&mut self, tx: &mut impl Transport) {
+        loop {
+            let mut events = std::mem::take(&mut self.events);
+            self.engine.poll(&mut events);
+            if events.is_empty() {
+                self.events = events;
+                return;
+            }
+            for event in events.drain(..) {
+                match event {
+                    Event::Completed(c) => self.completed(c, tx),
+                    Event::Arrived(a) => self.arrived(a, tx),
+                }
+            }
+            self.events = events;
+        }
+    }
+
+    fn completed(&mut self, completion: Completion, tx: &mut impl Transport) {
+        let Some(work) = self.waiting.remove(&completion.ticket) else {
+            warn!(
+                "engine completed {:?}, which the hub never submitted",
+                completion.ticket
+            );
+            return;
+        };
+        if let Work::Send { body, .. } | Work::Publish { body, .. } = &work {
+            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(body.len());
+        }
+        match (work, completion.outcome) {
+            (Work::Recover { conn, peer }, Outcome::Recovered(recovery)) => {
+                self.recovered(conn, &peer, recovery, tx)
+            }
+            (work, Outcome::Stored { position }) => match work {
+                Work::Send {
+                    conn,
+                    sender,
+                    client_id,
+                    to,
+                    body,
+                    retained,
+                } => self.stored_send(conn, &sender, client_id, to, &body, retained, position, tx),
+                Work::Publish {
+                    conn,
+                    client_id,
+                    sender,
+                    room,
+                    body,
+                } => self.stored_publish(conn, &sender, client_id, &room, &body, position, tx),
+                Work::Recover { .. } => {}
+            },
+            (work, Outcome::Duplicate { position, status }) => {
+                if let Work::Send {
+                    conn, client_id, ..
+                }
+                | Work::Publish {
+                    conn, client_id, ..
+                } = work
+                {
+                    self.metrics.duplicates += 1;
+                    let msg_id = Some(MsgId(position.0));
+                    self.ack(conn, client_id.as_deref(), msg_id, status, None, tx);
+                }
+            }
+            (work, Outcome::Rejected(refusal)) => {
+                if let Work::Send {
+                    conn, client_id, ..
+                }
+                | Work::Publish {
+                    conn, client_id, ..
+                } = work
+                {
+                    match &refusal {
+                        StoreRefusal::Full => self.metrics.offline_refused_full += 1,
+                        StoreRefusal::Store(_) => self.metrics.store_rejections += 1,
+                        StoreRefusal::Disabled | StoreRefusal::TooLarge => {}
+                    }
+                    let reason = Some(refusal.reason());
+                    let rejected = AckStatus::Rejected;
+                    self.ack(conn, client_id.as_deref(), None, rejected, reason, tx);
+                }
+            }
+            (work, outcome) => warn!("engine answered {work:?} with {outcome:?}"),
+        }
+    }
+
+    /// The welcome, then what waited for the connection (SPEC §6, §13), then what it sent
+    /// before it was greeted.
+    fn recovered(
+        &mut self,
+        conn: ConnId,
+        peer: &Peer,
+        recovery: Recovery,
+        tx: &mut impl Transport,
+    ) {
+        let Some(held) = self.recovering.remove(&conn) else {
+            return; // closed meanwhile: nothing was delivered, everything stays pending
+        };
+        if peer.since.is_some() && !recovery.recovered {
+            self.metrics.recoveries_incomplete += 1;
+        }
+        // The welcome and the first message of the backlog are queued whatever --max-outbound
+        // says (the 101 response already fills part of it): otherwise one message that fits
+        // --max-message but not what the limit leaves would be refused on every connection, and
+        // nothing behind it would ever arrive. The rest goes while it fits; if the queue fills
+        // up, the rest stays pending and the connection is closed (1008): letting live traffic
+        // overtake the rest would break the order, and the client gets the rest when it
+        // reconnects (with the `close` policy the outbox has already asked for that close). So
+        // every connection makes progress through its backlog.
+        let welcome = envelope::welcome(
+            &peer.id,
+            recovery.last.map(|p| MsgId(p.0)),
+            &recovery.epoch.to_string(),
+            recovery.recovered,
+        );
+        let welcome = tx.encode_shared(OpCode::Text, &welcome);
+        tx.send_shared_unbounded(conn, &welcome);
+        let mut delivered = Vec::new();
+        let mut stalled = false;
+        for (i, m) in recovery.messages.iter().enumerate() {
+            let text = envelope::with_msg_id(&m.body, MsgId(m.position.0));
+            let frame = tx.encode_shared(OpCode::Text, &text);
+            let sent = if i == 0 {
+                tx.send_shared_unbounded(conn, &frame)
+            } else {
+                tx.send_shared(conn, &frame)
+            };
+            if sent != Sent::Queued {
+                stalled = true;
+                break;
+            }
+            if m.pending {
+                delivered.push(m.position);
+            } else {
+                self.metrics.recovery_replayed += 1;
+            }
+        }
+        self.metrics.offline_delivered += delivered.len() as u64;
+        if !delivered.is_empty() {
+            let stream = StreamId::Inbox(Rc::clone(&peer.id));
+            self.engine.delivered(&stream, &delivered);
+        }
+        if stalled {
+            tx.close(
+                conn,
+                CloseCode::POLICY_VIOLATION,
+                "backlog exceeds --max-outbound",
+            );
+            return;
+        }
+        for text in held {
+            self.on_envelope(conn, peer, OpCode::Text, &text, tx);
+        }
+    }
+
+    /// A direct message is stored (or, with `--offline-max 0`, has its position): deliver it
+    /// to the recipient's greeted connections, and ack what happened.
+    #[allow(clippy::too_many_arguments)]
+    fn stored_send(
+        &mut self,
+        conn: ConnId,
+        sender: &str,
+        client_id: Option<Rc<str>>,
+        to: Rc<str>,
+        body: &[u8],
+        retained: bool,
+        position: Position,
+        tx: &mut impl Transport,
+    ) {
+        let msg_id = MsgId(position.0);
+        let frame = tx.encode_shared(OpCode::Text, &envelope::with_msg_id(body, msg_id));
+        self.metrics.direct_messages += 1;
+        let (delivered, dropped) = self.deliver_live(&to, &frame, tx);
+        let stream = StreamId::Inbox(to);
+        let (status, reason) = if delivered {
+            (AckStatus::Delivered, None)
+        } else if dropped || !retained {
+            // Not delivered, and it must not wait as pending. Dropped: the recipient is online
+            // but over --max-outbound with the `drop` policy; pending messages are delivered on
+            // connect, so live traffic would overtake it (and its TTL could pass while the
+            // recipient stays connected). Not retained: nothing can wait.
+            let reason = if dropped {
+                "recipient is online but too far behind to take it"
+            } else {
+                StoreRefusal::Disabled.reason()
+            };
+            (AckStatus::Rejected, Some(reason))
+        } else {
+            self.metrics.offline_queued += 1;
+            (AckStatus::Queued, None)
+        };
+        if retained && status != AckStatus::Queued {
+            self.engine.delivered(&stream, &[position]);
+        }
+        if status == AckStatus::Rejected {
+            if let Some(client_id) = &client_id {
+                self.engine.acked(sender, client_id, position, status);
+            }
+        }
+        let msg_id = (status != AckStatus::Rejected).then_some(msg_id);
+        self.ack(conn, client_id.as_deref(), msg_id, status, reason, tx);
+    }
+
+    /// Queues `frame` on every greeted connection of `id`. Returns whether one took it and
+    /// whether one dropped it.
+    fn deliver_live(
+        &mut self,
+        id: &str,
+        frame: &Rc<[u8]>,
+        tx: &mut impl Transport,
+    ) -> (bool, bool) {
+        let mut delivered = false;
+        let mut dropped = false;
+        for &device in self.online.get(id).into_iter().flatten() {
+            if self.recovering.contains_key(&device) {
+                // Its recovery, still to come, holds this message (rule 3 of the seam).
+                continue;
+            }
+            match tx.send_shared(device, frame) {
+                Sent::Queued => {
+                    delivered = true;
+                    self.metrics.direct_deliveries += 1;
+                }
+                Sent::Dropped => dropped = true,
+                Sent::Closed | Sent::Gone => {}
+            }
+        }
+        (delivered, dropped)
+    }
+
+    /// A room message has its position: to every member but the sender, and the ack says what
+    /// the members did with it (docs/protocol.md, "Acks").
+    #[allow(clippy::too_many_arguments)]
+    fn stored_publish(
+        &mut self,
+        conn: ConnId,
+        sender: &str,
+        client_id: Option<Rc<str>>,
+        room: &str,
+        body: &[u8],
+        position: Position,
+        tx: &mut impl Transport,
+    ) {
+        let msg_id = MsgId(position.0);
+        let frame = tx.encode_shared(OpCode::Text, &envelope::with_msg_id(body, msg_id));
+        self.metrics.publish_messages += 1;
+        let (mut queued, mut dropped) = (0usize, 0usize);
+        for member in self.rooms.members(room) {
+            if member == conn {
+                continue;
+            }
+            match tx.send_shared(member, &frame) {
+                Sent::Queued => queued += 1,
+                Sent::Dropped => dropped += 1,
+                // Being closed as a slow consumer (or already gone): it is leaving the room,
+                // and its departure is announced to the others.
+                Sent::Closed | Sent::Gone => {}
+            }
+        }
+        self.metrics.publish_deliveries += queued as u64;
+        // The sender must not read `delivered` when a current member dropped the message.
+        let (status, reason) = match (queued, dropped) {
+            (_, 0) => (AckStatus::Delivered, None),
+            (0, _) => (
+                AckStatus::Rejected,
+                Some("every member is too far behind to take it".to_string()),
+            ),
+            (queued, dropped) => (
+                AckStatus::Partial,
+                Some(format!(
+                    "dropped for {dropped} of {} members (over --max-outbound)",
+                    queued + dropped
+                )),
+            ),
+        };
+        if status != AckStatus::Delivered {
+            if let Some(client_id) = &client_id {
+                self.engine.acked(sender, client_id, position, status);
+            }
+        }
+        let msg_id = (status != AckStatus::Rejected).then_some(msg_id);
+        let reason = reason.as_deref();
+        self.ack(conn, client_id.as_deref(), msg_id, status, reason, tx);
+    }
+
+    /// A message someone else stored (another node or worker): to this hub's connections.
+    fn arrived(&mut self, arrival: Arrival, tx: &mut impl Transport) {
+        let msg_id = MsgId(arrival.position.0);
+        let frame = tx.encode_shared(OpCode::Text, &envelope::with_msg_id(&arrival.body, msg_id));
+        match &arrival.stream {
+            StreamId::Inbox(id) => {
+                if self.deliver_live(id, &frame, tx).0 {
+                    self.engine.delivered(&arrival.stream, &[arrival.position]);
+                }
+            }
+            StreamId::Room(room) => {
+                for member in self.rooms.members(room) {
+                    if tx.send_shared(member, &frame) == Sent::Queued {
+                        self.metrics.publish_deliveries += 1;
                     }
                 }
             }
@@ -470,8 +902,8 @@ impl Hub {
         }
     }
 
-    /// A direct message: to every connection of `to`; retained for offline delivery and
-    /// recovery (see `mailbox.rs` for exactly what is kept).
+    /// A direct message: to every connection of `to`, once the engine has stored it in `to`'s
+    /// inbox (for offline delivery and recovery; see `engine/streams.rs` for what is kept).
     fn send(
         &mut self,
         conn: ConnId,
@@ -481,68 +913,78 @@ impl Hub {
         client_id: Option<&str>,
         tx: &mut impl Transport,
     ) {
-        if self.duplicate(conn, &peer.id, client_id, tx) {
-            return;
-        }
-        let now = self.clock.now();
-        let msg_id = self.next_msg_id();
-        let text = envelope::message(
-            msg_id,
+        let now = self.now();
+        let body: Rc<[u8]> = Rc::from(envelope::message_body(
             &peer.id,
             Some(to),
             None,
             payload,
-            self.clock.unix_ms(),
-        );
-        let frame = tx.encode_shared(OpCode::Text, &text);
-        self.metrics.direct_messages += 1;
-        let mut delivered = false;
-        let mut dropped = false;
-        for &device in self.online.get(to).into_iter().flatten() {
-            match tx.send_shared(device, &frame) {
-                Sent::Queued => {
-                    delivered = true;
-                    self.metrics.direct_deliveries += 1;
-                }
-                Sent::Dropped => dropped = true,
-                Sent::Closed | Sent::Gone => {}
-            }
-        }
-        if dropped && !delivered {
-            // The recipient is online but over --max-outbound with the `drop` policy. Queueing
-            // it as pending would leave it waiting while live traffic overtakes it (pending
-            // messages are delivered on connect): say plainly that it was not delivered.
-            let reason = Some("recipient is online but too far behind to take it");
-            self.ack(
-                conn,
-                &peer.id,
-                client_id,
-                msg_id,
-                AckStatus::Rejected,
-                reason,
-                tx,
-            );
+            now.unix_ms,
+        ));
+        if self.busy(conn, client_id, body.len(), tx) {
             return;
         }
-        let (status, reason) = match self.mailboxes.retain(to, msg_id, frame, !delivered, now) {
-            // Delivered live; retained for recovery if the bounds allowed.
-            _ if delivered => (AckStatus::Delivered, None),
-            Ok(()) => {
-                self.metrics.offline_queued += 1;
-                (AckStatus::Queued, None)
-            }
-            Err(refused) => {
-                if refused == Refused::Full {
-                    self.metrics.offline_refused_full += 1;
-                }
-                (AckStatus::Rejected, Some(refused.reason()))
-            }
+        let to: Rc<str> = Rc::from(to);
+        let client_id: Option<Rc<str>> = client_id.map(Rc::from);
+        let ticket = self.ticket();
+        let sender = Rc::clone(&peer.id);
+        if self.retains {
+            let append = Append {
+                stream: StreamId::Inbox(Rc::clone(&to)),
+                sender: Rc::clone(&sender),
+                client_id: client_id.clone(),
+                body: Rc::clone(&body),
+            };
+            self.engine.append(ticket, append, now);
+        } else {
+            // `--offline-max 0`: nothing is retained, so the message needs only a position
+            // (and its client id a place in the duplicate window), which is what a room
+            // message gets: the local engines ignore the "room", which names the inbox here.
+            let publish = Publish {
+                room: Rc::clone(&to),
+                sender: Rc::clone(&sender),
+                client_id: client_id.clone(),
+                body: Rc::clone(&body),
+            };
+            self.engine.publish(ticket, publish, now);
+        }
+        let work = Work::Send {
+            conn,
+            sender,
+            client_id,
+            to,
+            body,
+            retained: self.retains,
         };
-        self.ack(conn, &peer.id, client_id, msg_id, status, reason, tx);
+        self.in_flight_bytes += work_bytes(&work);
+        self.waiting.insert(ticket, work);
     }
 
-    /// A room message: to every member but the sender. Membership is not required to publish
-    /// (a bot may announce into a room it does not listen to); the token's `rooms` claim is.
+    /// Refuses a message when `--max-in-flight-bytes` are already waiting for the engine (a
+    /// disk slower than the traffic): memory stays bounded and the sender hears at once,
+    /// rather than waiting behind a queue that only grows. One message is always let through,
+    /// so a message larger than the bound is not refused for ever.
+    fn busy(
+        &mut self,
+        conn: ConnId,
+        client_id: Option<&str>,
+        len: usize,
+        tx: &mut impl Transport,
+    ) -> bool {
+        if self.in_flight_bytes == 0
+            || self.in_flight_bytes.saturating_add(len) <= self.max_in_flight_bytes
+        {
+            return false;
+        }
+        self.metrics.store_busy += 1;
+        let rejected = AckStatus::Rejected;
+        self.ack(conn, client_id, None, rejected, Some(STORE_BUSY), tx);
+        true
+    }
+
+    /// A room message: to every member but the sender, once it has its position. Membership is
+    /// not required to publish (a bot may announce into a room it does not listen to); the
+    /// token's `rooms` claim is.
     fn publish(
         &mut self,
         conn: ConnId,
@@ -554,57 +996,40 @@ impl Hub {
     ) {
         if !peer.allows(room) {
             let reason = EnvelopeError::Forbidden.message();
-            HubMetrics::bump(&mut self.metrics.acks, AckStatus::Rejected.name());
-            let ack = envelope::ack(client_id, None, AckStatus::Rejected, Some(&reason));
-            tx.send(conn, OpCode::Text, &ack);
+            let rejected = AckStatus::Rejected;
+            self.ack(conn, client_id, None, rejected, Some(&reason), tx);
             return;
         }
-        if self.duplicate(conn, &peer.id, client_id, tx) {
-            return;
-        }
-        let msg_id = self.next_msg_id();
-        let text = envelope::message(
-            msg_id,
+        let now = self.now();
+        let body: Rc<[u8]> = Rc::from(envelope::message_body(
             &peer.id,
             None,
             Some(room),
             payload,
-            self.clock.unix_ms(),
-        );
-        let frame = tx.encode_shared(OpCode::Text, &text);
-        self.metrics.publish_messages += 1;
-        let (mut queued, mut dropped) = (0usize, 0usize);
-        for member in self.rooms.members(room) {
-            if member == conn {
-                continue;
-            }
-            match tx.send_shared(member, &frame) {
-                Sent::Queued => queued += 1,
-                Sent::Dropped => dropped += 1,
-                // Being closed as a slow consumer (or already gone): it is leaving the room,
-                // and its departure is announced to the others.
-                Sent::Closed | Sent::Gone => {}
-            }
+            now.unix_ms,
+        ));
+        if self.busy(conn, client_id, body.len(), tx) {
+            return;
         }
-        self.metrics.publish_deliveries += queued as u64;
-        // The ack says what happened to the members (docs/protocol.md, "Acks"): the sender
-        // must not read `delivered` when a current member dropped the message.
-        let (status, reason) = match (queued, dropped) {
-            (_, 0) => (AckStatus::Delivered, None),
-            (0, _) => (
-                AckStatus::Rejected,
-                Some("every member is too far behind to take it".to_string()),
-            ),
-            (queued, dropped) => (
-                AckStatus::Partial,
-                Some(format!(
-                    "dropped for {dropped} of {} members (over --max-outbound)",
-                    queued + dropped
-                )),
-            ),
+        let room: Rc<str> = Rc::from(room);
+        let client_id: Option<Rc<str>> = client_id.map(Rc::from);
+        let ticket = self.ticket();
+        let publish = Publish {
+            room: Rc::clone(&room),
+            sender: Rc::clone(&peer.id),
+            client_id: client_id.clone(),
+            body: Rc::clone(&body),
         };
-        let reason = reason.as_deref();
-        self.ack(conn, &peer.id, client_id, msg_id, status, reason, tx);
+        self.engine.publish(ticket, publish, now);
+        let work = Work::Publish {
+            conn,
+            client_id,
+            sender: Rc::clone(&peer.id),
+            room,
+            body,
+        };
+        self.in_flight_bytes += work_bytes(&work);
+        self.waiting.insert(ticket, work);
     }
 
     /// Joins a room and tells every member, the joiner included (its confirmation). Joining a
@@ -670,53 +1095,17 @@ impl Hub {
         }
     }
 
-    /// If `client_id` was seen from `sender` before, acks it again as it was acked then and
-    /// returns true: the message is not delivered a second time.
-    fn duplicate(
-        &mut self,
-        conn: ConnId,
-        sender: &str,
-        client_id: Option<&str>,
-        tx: &mut impl Transport,
-    ) -> bool {
-        let Some(client_id) = client_id else {
-            return false;
-        };
-        let Some(recorded) = self.dedup.check(sender, client_id) else {
-            return false;
-        };
-        self.metrics.duplicates += 1;
-        HubMetrics::bump(&mut self.metrics.acks, recorded.status.name());
-        let ack = envelope::ack(
-            Some(client_id),
-            Some(recorded.msg_id),
-            recorded.status,
-            None,
-        );
-        tx.send(conn, OpCode::Text, &ack);
-        true
-    }
-
-    /// Acks a send or publish, and remembers the ack of an accepted one for `duplicate`.
-    #[allow(clippy::too_many_arguments)]
+    /// Acks a send or publish. A rejected message exists nowhere, so its ack names no msg_id.
     fn ack(
         &mut self,
         conn: ConnId,
-        sender: &str,
         client_id: Option<&str>,
-        msg_id: MsgId,
+        msg_id: Option<MsgId>,
         status: AckStatus,
         reason: Option<&str>,
         tx: &mut impl Transport,
     ) {
         HubMetrics::bump(&mut self.metrics.acks, status.name());
-        // A rejected message exists nowhere, so its ack names no msg_id, and it is not
-        // remembered: retrying it may succeed.
-        let msg_id = (status != AckStatus::Rejected).then_some(msg_id);
-        if let (Some(client_id), Some(msg_id)) = (client_id, msg_id) {
-            self.dedup
-                .record(sender, client_id, Recorded { msg_id, status });
-        }
         tx.send(
             conn,
             OpCode::Text,
@@ -730,26 +1119,28 @@ impl Hub {
         tx.send(conn, OpCode::Text, &envelope::error(e));
     }
 
-    fn next_msg_id(&mut self) -> MsgId {
-        let id = MsgId(self.next_msg_id);
-        self.next_msg_id += 1;
-        id
+    fn ticket(&mut self) -> Ticket {
+        self.next_ticket += 1;
+        Ticket(self.next_ticket)
     }
 
     // ----- time and metrics ------------------------------------------------------------------
 
-    /// Drops what has expired. The hub has no timer of its own: it sweeps whenever it runs, at
-    /// the cost of one comparison when nothing is due. An idle hub therefore holds expired
-    /// messages a little longer, but nothing grows while it is idle, and /metrics counts them
-    /// as expired at the moment of the scrape (`Mailboxes::expiring`).
-    fn sweep(&mut self) {
-        let now = self.clock.now();
-        self.sweep_at(now);
+    fn now(&self) -> Now {
+        Now {
+            instant: self.clock.now(),
+            unix_ms: self.clock.unix_ms(),
+        }
     }
 
-    fn sweep_at(&mut self, now: Instant) {
-        self.mailboxes.expire(now);
-        self.dedup.sweep(now);
+    /// Lets the engine drop what has expired. The hub has no timer of its own: it sweeps
+    /// whenever it runs, at the cost of one comparison when nothing is due. An idle hub
+    /// therefore holds expired messages a little longer, but nothing grows while it is idle,
+    /// and /metrics counts them as expired at the moment of the scrape (`Stats::expiring`).
+    fn sweep(&mut self) -> Now {
+        let now = self.now();
+        self.engine.maintain(now);
+        now
     }
 
     /// The live figures of /stats.json (the demo page's counters).
@@ -767,7 +1158,10 @@ impl Hub {
             ("ids_online", self.online.len() as u64),
             ("direct_messages", m.direct_messages),
             ("publish_messages", m.publish_messages + m.raw_messages),
-            ("offline_pending", self.mailboxes.pending() as u64),
+            (
+                "offline_pending",
+                self.engine.stats(self.clock.unix_ms()).pending as u64,
+            ),
             // 1 with --jwt-secret: the demo page then asks for a token instead of an id.
             ("auth_required", u64::from(self.authenticates())),
         ]);
@@ -775,30 +1169,24 @@ impl Hub {
 
     /// Appends the hub's metrics (Prometheus text).
     pub fn render_metrics(&self, out: &mut String) {
+        let e = self.engine.stats(self.clock.unix_ms());
         let gauges = HubGauges {
             raw_rooms: self.raw_rooms.room_count(),
             raw_members: self.raw_rooms.member_count(),
             rooms: self.rooms.room_count(),
             room_members: self.rooms.member_count(),
             ids_online: self.online.len(),
-            retained_messages: self.mailboxes.messages(),
-            retained_bytes: self.mailboxes.bytes(),
-            offline_pending: self.mailboxes.pending(),
-            removed: self.mailboxes.removed,
-            expiring: self.mailboxes.expiring(self.clock.now()),
-            dedup_records: self.dedup.records(),
-            dedup_bytes: self.dedup.bytes(),
-            dedup_evicted: self.dedup.evicted(),
+            retained_messages: e.messages,
+            retained_bytes: e.bytes,
+            offline_pending: e.pending,
+            removed: e.removed,
+            expiring: e.expiring,
+            dedup_records: e.dedup_records,
+            dedup_bytes: e.dedup_bytes,
+            dedup_evicted: e.dedup_evicted,
+            in_flight_bytes: self.in_flight_bytes,
         };
         self.metrics.render(&gauges, out);
+        self.engine.render_metrics(out);
     }
-}
-
-/// A refusal before the upgrade, with the reason in the body (SPEC §3).
-fn refuse(status: u16, reason: &str) -> Route<Session> {
-    let body = format!("{reason}\n");
-    Route::Respond(
-        status,
-        handshake::http_response(status, "text/plain; charset=utf-8", &[], body.as_bytes()),
-    )
 }

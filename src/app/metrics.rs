@@ -4,7 +4,7 @@
 //! Does not: derive gauges (rooms, members, ids online, retained messages): the hub passes
 //! those in at render time, as the reactor does for connection states.
 
-use super::mailbox::{Expiring, Removed};
+use crate::engine::streams::{Expiring, Removed};
 use crate::server::metrics::Writer;
 use crate::wire::AckStatus;
 use std::collections::BTreeMap;
@@ -30,6 +30,12 @@ pub struct HubMetrics {
     pub offline_refused_full: u64,
     /// Retained messages sent again to a connection that asked with `?since=`.
     pub recovery_replayed: u64,
+    /// Connections with `?since=` whose welcome said `recovered: false`.
+    pub recoveries_incomplete: u64,
+    /// Sends and publishes rejected because the engine could not store them.
+    pub store_rejections: u64,
+    /// Sends and publishes rejected because too much was waiting for the engine already.
+    pub store_busy: u64,
     /// Sends and publishes whose client id was seen before: acked again, not delivered.
     pub duplicates: u64,
     /// Acks by status.
@@ -62,6 +68,8 @@ pub struct HubGauges {
     pub dedup_records: usize,
     pub dedup_bytes: usize,
     pub dedup_evicted: u64,
+    /// Bytes of messages submitted to the engine and not completed yet.
+    pub in_flight_bytes: usize,
 }
 
 impl HubMetrics {
@@ -193,7 +201,7 @@ impl HubMetrics {
         w.sample(
             "wsrelay_retained_evicted_total",
             &[("reason", "per_id")],
-            rm.evicted_per_id,
+            rm.evicted_per_stream,
         );
         w.sample(
             "wsrelay_retained_evicted_total",
@@ -204,6 +212,26 @@ impl HubMetrics {
             "wsrelay_recovery_replayed_total",
             "Retained messages sent again to a connection that asked with ?since=.",
             self.recovery_replayed,
+        );
+        w.counter(
+            "wsrelay_recoveries_incomplete_total",
+            "Connections with ?since= told recovered: false (messages after since may be missing).",
+            self.recoveries_incomplete,
+        );
+        w.counter(
+            "wsrelay_store_rejections_total",
+            "Sends and publishes acked rejected because the engine could not store them.",
+            self.store_rejections,
+        );
+        w.counter(
+            "wsrelay_store_busy_total",
+            "Sends and publishes acked rejected because --max-in-flight-bytes of messages were already waiting for the engine.",
+            self.store_busy,
+        );
+        w.gauge(
+            "wsrelay_store_in_flight_bytes",
+            "Bytes of messages waiting for the engine (the disk) now.",
+            g.in_flight_bytes as u64,
         );
         w.counter(
             "wsrelay_duplicates_total",

@@ -2,11 +2,12 @@
 //!
 //! Owns: `App`, the `Handler` the server runs, which hands every callback to the `Hub` with the
 //! reactor's `Outbox` as its `Transport`; the hub's parts, one concept per file:
-//! * `hub.rs`: admission, raw rooms, the envelope commands, presence, acks, offline delivery;
+//! * `hub.rs`: admission, raw rooms, the envelope commands, presence, acks, offline delivery
+//!   and recovery through the engine (`crate::engine`, where every id's inbox lives);
 //! * `envelope.rs`: the JSON wire format of `/ws` and its error codes;
 //! * `rooms.rs`: room membership with O(1) join and leave;
-//! * `mailbox.rs`: retained direct messages (offline queue, recovery) and their bounds;
-//! * `dedup.rs`: duplicate suppression by client message id, within `--dedup-max-bytes`;
+//! * `dedup.rs`: duplicate suppression by client message id, within `--dedup-max-bytes` (the
+//!   engine keeps the windows, and the file engine makes them survive a restart);
 //! * `demo/`: the demo page served at `/` (SPEC §8);
 //! * `auth.rs`: JWT, token sources, the Origin allow-list;
 //! * `ratelimit.rs`: the per-connection token bucket;
@@ -23,7 +24,6 @@ pub mod dedup;
 pub mod demo;
 pub mod envelope;
 pub mod hub;
-pub mod mailbox;
 pub mod metrics;
 pub mod ratelimit;
 pub mod rooms;
@@ -33,9 +33,10 @@ mod tests;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::AppConfig;
-pub use hub::{Hub, Session, Transport};
+pub use hub::{dedup, limits, Hub, Session, Transport};
 pub use ratelimit::RateLimit;
 
+use crate::engine::Engine;
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Request;
 use crate::server::{ConnId, Handler, Outbox, Route};
@@ -55,6 +56,14 @@ impl App {
     pub fn with_clock(config: AppConfig, clock: Box<dyn Clock>) -> App {
         App {
             hub: Hub::new(config, clock),
+        }
+    }
+
+    /// The application on the system clock and a given engine (`--data-dir`: the file
+    /// engine, whose storage thread wakes the reactor, which then calls `on_wake`).
+    pub fn with_engine(config: AppConfig, engine: Box<dyn Engine>) -> App {
+        App {
+            hub: Hub::with_engine(config, Box::new(SystemClock), engine),
         }
     }
 
@@ -94,6 +103,10 @@ impl Handler for App {
 
     fn on_close(&mut self, conn: ConnId, session: Session, out: &mut Outbox<'_>) {
         self.hub.close(conn, session, out);
+    }
+
+    fn on_wake(&mut self, out: &mut Outbox<'_>) {
+        self.hub.wake(out);
     }
 
     fn render_metrics(&self, out: &mut String) {

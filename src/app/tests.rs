@@ -3,17 +3,27 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use super::envelope::{AckStatus, EnvelopeError};
 use super::*;
+use crate::engine::{Append, Now, Position, Publish, Since, StreamId, Ticket};
 use crate::protocol::frame::{self, Role};
 use crate::protocol::handshake::parse_request;
-use crate::protocol::CloseCode;
-use crate::server::Sent;
+use crate::protocol::{CloseCode, Refusal};
+use crate::server::{Sent, ServerEndpoint};
 use serde_json::{json, Value};
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
 const START_MS: u64 = 1_700_000_000_000;
+
+/// The body of a complete HTTP response.
+fn body_of(response: &[u8]) -> String {
+    let text = String::from_utf8_lossy(response);
+    text.split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string())
+}
 
 /// One queued frame: (recipient, opcode, payload, the shared frame if it was shared).
 type Queued = (ConnId, OpCode, Vec<u8>, Option<Rc<[u8]>>);
@@ -86,6 +96,38 @@ impl Harness {
         Harness::new(AppConfig::default())
     }
 
+    /// A hub on the memory engine behind `Deferred`: completions wait for `release`, as the
+    /// file engine's wait for their fsync.
+    fn deferred() -> (Harness, Rc<Cell<bool>>) {
+        Harness::deferred_with(AppConfig::default())
+    }
+
+    fn deferred_with(config: AppConfig) -> (Harness, Rc<Cell<bool>>) {
+        let clock = ManualClock::new(START_MS);
+        let now = crate::engine::Now {
+            instant: clock.now(),
+            unix_ms: START_MS,
+        };
+        let inner = crate::engine::MemoryEngine::new(
+            super::hub::limits(&config),
+            super::hub::dedup(&config),
+            now,
+        );
+        let held = Rc::new(Cell::new(false));
+        let engine = Deferred {
+            inner,
+            held: Rc::clone(&held),
+        };
+        let harness = Harness {
+            hub: Hub::with_engine(config, Box::new(clock.clone()), Box::new(engine)),
+            clock,
+            tx: Recorder::default(),
+            sessions: HashMap::new(),
+            next_slot: 0,
+        };
+        (harness, held)
+    }
+
     /// Routes `GET target` with extra header lines; on an upgrade, opens the connection.
     fn request(
         &mut self,
@@ -95,11 +137,9 @@ impl Harness {
         let raw = format!("GET {target} HTTP/1.1\r\nHost: test\r\n{headers}\r\n");
         let (request, _) = parse_request(raw.as_bytes()).unwrap().unwrap();
         match self.hub.route(&request) {
-            Route::Respond(status, response) => {
-                let text = String::from_utf8_lossy(&response).into_owned();
-                let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-                Err((status, body))
-            }
+            Route::Refuse(refusal) => Err((refusal.status(), body_of(&refusal.response()))),
+            Route::Resource(response) => Err((200, body_of(&response))),
+            Route::Server(endpoint) => Err((200, format!("the reactor's {endpoint:?}"))),
             Route::Upgrade {
                 mut session,
                 protocol,
@@ -174,6 +214,116 @@ impl Harness {
     }
 }
 
+/// An engine whose completions are held back while `held` is set: the memory engine made to
+/// answer later, like the file engine after its fsync.
+struct Deferred {
+    inner: crate::engine::MemoryEngine,
+    held: Rc<Cell<bool>>,
+}
+
+impl crate::engine::Engine for Deferred {
+    fn kind(&self) -> &'static str {
+        "deferred"
+    }
+    fn append(&mut self, t: Ticket, a: Append, now: Now) {
+        self.inner.append(t, a, now)
+    }
+    fn publish(&mut self, t: Ticket, p: Publish, now: Now) {
+        self.inner.publish(t, p, now)
+    }
+    fn recover(&mut self, t: Ticket, s: &StreamId, since: Option<Since>, now: Now) {
+        self.inner.recover(t, s, since, now)
+    }
+    fn delivered(&mut self, s: &StreamId, p: &[Position]) {
+        self.inner.delivered(s, p)
+    }
+    fn acked(&mut self, sender: &str, id: &str, p: Position, status: AckStatus) {
+        self.inner.acked(sender, id, p, status)
+    }
+    fn online(&mut self, id: &str) {
+        self.inner.online(id)
+    }
+    fn offline(&mut self, id: &Rc<str>, now: Now) {
+        self.inner.offline(id, now)
+    }
+    fn maintain(&mut self, now: Now) {
+        self.inner.maintain(now)
+    }
+    fn poll(&mut self, out: &mut Vec<crate::engine::Event>) {
+        if !self.held.get() {
+            self.inner.poll(out)
+        }
+    }
+    fn in_flight(&self) -> usize {
+        0
+    }
+    fn stats(&self, now_ms: u64) -> crate::engine::Stats {
+        self.inner.stats(now_ms)
+    }
+    fn render_metrics(&self, out: &mut String) {
+        self.inner.render_metrics(out)
+    }
+}
+
+#[test]
+fn nothing_is_acked_or_delivered_before_the_engine_completes() {
+    let (mut h, held) = Harness::deferred();
+    let a = h.connect("/ws?id=alice");
+    assert_eq!(h.inbox(a)[0]["type"], "welcome");
+
+    held.set(true);
+    h.say(a, send("bob", json!("first"), "c1"));
+    assert_eq!(h.inbox(a), Vec::<Value>::new(), "no ack before the store");
+    // bob connects while alice's message is with the engine: no welcome yet, and what he
+    // sends meanwhile is held until after it.
+    let b = h.connect("/ws?id=bob");
+    h.say(b, json!({"type": "join", "room": "lobby"}));
+    h.say(a, send("bob", json!("second"), "c2"));
+    assert_eq!(h.inbox(b), Vec::<Value>::new(), "not greeted yet");
+    assert_eq!(h.inbox(a), Vec::<Value>::new());
+
+    held.set(false);
+    h.hub.wake(&mut h.tx);
+    let acks = h.inbox(a);
+    let statuses: Vec<_> = acks.iter().map(|a| a["status"].clone()).collect();
+    // "first" was stored before bob's recovery (it is in it); "second" after, so it reached
+    // bob live.
+    assert_eq!(statuses, vec![json!("queued"), json!("delivered")]);
+    let inbox = h.inbox(b);
+    let kinds: Vec<_> = inbox.iter().map(|m| m["type"].clone()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            json!("welcome"),
+            json!("message"),
+            json!("presence"),
+            json!("message")
+        ]
+    );
+    assert_eq!(inbox[0]["last_msg_id"], acks[0]["msg_id"]);
+    assert_eq!(inbox[1]["payload"], "first");
+    assert_eq!(inbox[3]["payload"], "second");
+    assert_eq!(h.metric("wsrelay_offline_delivered_total"), 1.0);
+}
+
+#[test]
+fn a_connection_gone_before_its_recovery_leaves_the_backlog_pending() {
+    let (mut h, held) = Harness::deferred();
+    let a = h.connect("/ws?id=alice");
+    h.say(a, send("bob", json!("waits"), "c1"));
+    held.set(true);
+    let b = h.connect("/ws?id=bob");
+    h.disconnect(b);
+    held.set(false);
+    h.hub.wake(&mut h.tx);
+    assert_eq!(h.inbox(b), Vec::<Value>::new());
+    let b = h.connect("/ws?id=bob");
+    assert_eq!(
+        messages(&h.inbox(b)),
+        vec![("alice".into(), json!("waits"))]
+    );
+}
+
 /// The messages of type `message` in `inbox`, as (from, payload).
 fn messages(inbox: &[Value]) -> Vec<(String, Value)> {
     inbox
@@ -197,9 +347,14 @@ fn direct_messages_both_ways_with_acks() {
     let mut h = Harness::plain();
     let a = h.connect("/ws?id=alice");
     let b = h.connect("/ws?id=bob");
+    let mut inbox = h.inbox(a);
+    let epoch = inbox[0]["epoch"].take();
+    assert!(epoch.as_str().is_some_and(|e| e.len() == 16), "{epoch}");
     assert_eq!(
-        h.inbox(a),
-        vec![json!({"type": "welcome", "id": "alice", "last_msg_id": null})]
+        inbox,
+        vec![
+            json!({"type": "welcome", "id": "alice", "last_msg_id": null, "epoch": null, "recovered": true})
+        ]
     );
     h.inbox(b);
 
@@ -271,10 +426,11 @@ fn offline_messages_arrive_in_order_before_live_ones() {
 
     let b = h.connect("/ws?id=bob");
     h.say(a, send("bob", json!("live"), "c10"));
-    let inbox = h.inbox(b);
+    let mut inbox = h.inbox(b);
+    inbox[0]["epoch"].take();
     assert_eq!(
         inbox[0],
-        json!({"type": "welcome", "id": "bob", "last_msg_id": last})
+        json!({"type": "welcome", "id": "bob", "last_msg_id": last, "epoch": null, "recovered": true})
     );
     let payloads: Vec<Value> = messages(&inbox).into_iter().map(|(_, p)| p).collect();
     let mut expected: Vec<Value> = (0..10).map(|i| json!(i)).collect();
@@ -779,6 +935,10 @@ fn admission_table() {
         ("/ws?id=alice&since=-1", "", 400, "since"),
         ("/", "", 200, "<script src=\"/demo.js\""),
         ("/demo.js", "", 200, "wsrelay.v1"),
+        ("/healthz", "", 200, "the reactor's Health"),
+        ("/stats.json", "", 200, "the reactor's Stats"),
+        ("/metrics?x=1", "", 200, "the reactor's Metrics"),
+        ("/healthz/", "", 404, ""),
     ];
     for (target, headers, status, fragment) in cases {
         match h.request(target, headers) {
@@ -791,6 +951,81 @@ fn admission_table() {
     }
     let too_long = format!("/ws?id={}", "x".repeat(129));
     assert_eq!(h.request(&too_long, "").unwrap_err().0, 400);
+}
+
+/// The hub's router is the server's one table of paths: the reactor's own endpoints are routed
+/// here too, and the same method rule applies to every path.
+#[test]
+fn every_path_is_routed_here() {
+    let mut h = Harness::new(AppConfig {
+        allow_origins: vec!["https://chat.example".into()],
+        ..AppConfig::default()
+    });
+    let mut route = |head: &str| {
+        let raw = format!("{head}\r\nHost: test\r\n\r\n");
+        let (request, _) = parse_request(raw.as_bytes()).unwrap().unwrap();
+        h.hub.route(&request)
+    };
+    let refused = |route: Route<Session>| match route {
+        Route::Refuse(refusal) => Some(refusal),
+        _ => None,
+    };
+    let served = |route: Route<Session>| match route {
+        Route::Server(endpoint) => Some(endpoint),
+        _ => None,
+    };
+    assert_eq!(
+        served(route("GET /healthz HTTP/1.1")),
+        Some(ServerEndpoint::Health)
+    );
+    assert_eq!(
+        served(route("GET /stats.json HTTP/1.0")),
+        Some(ServerEndpoint::Stats)
+    );
+    assert_eq!(
+        served(route("GET /metrics HTTP/1.1")),
+        Some(ServerEndpoint::Metrics)
+    );
+    for head in [
+        "POST /healthz HTTP/1.1",
+        "HEAD /metrics HTTP/1.1",
+        "PUT /echo HTTP/1.1",
+        "DELETE / HTTP/1.1",
+        "OPTIONS /nope HTTP/1.1",
+        "get /healthz HTTP/1.1",
+    ] {
+        assert_eq!(
+            refused(route(head)),
+            Some(Refusal::MethodNotAllowed),
+            "{head}"
+        );
+    }
+    assert!(matches!(
+        route("GET /demo.css HTTP/1.1"),
+        Route::Resource(_)
+    ));
+    for (head, refusal) in [
+        ("GET /nope HTTP/1.1", Refusal::NotFound),
+        ("GET /r/a/b HTTP/1.1", Refusal::NotFound),
+        (
+            "GET /ws HTTP/1.1",
+            Refusal::InvalidTarget("?id=<your id> is required".into()),
+        ),
+        (
+            "GET /ws?id=a&since=x HTTP/1.1",
+            Refusal::InvalidTarget("?since= must be a msg_id (decimal digits)".into()),
+        ),
+        (
+            "GET /r/a%20b HTTP/1.1",
+            Refusal::InvalidTarget(EnvelopeError::InvalidRoom.message()),
+        ),
+        (
+            "GET /echo HTTP/1.1\r\nOrigin: https://evil.example",
+            Refusal::Forbidden("Origin not allowed (see --allow-origin)"),
+        ),
+    ] {
+        assert_eq!(refused(route(head)), Some(refusal), "{head}");
+    }
 }
 
 #[test]
@@ -959,3 +1194,54 @@ mod jwt {
         );
     }
 }
+
+/// A store slower than the traffic: past `--max-in-flight-bytes` waiting for the engine, sends
+/// and publishes are refused at once ("store busy", counted), and accepted again once the
+/// engine has caught up.
+#[test]
+fn past_the_in_flight_bound_messages_are_refused_as_store_busy() {
+    let (mut h, held) = Harness::deferred_with(AppConfig {
+        max_in_flight_bytes: 400,
+        ..AppConfig::default()
+    });
+    let a = h.connect("/ws?id=alice");
+    assert_eq!(h.inbox(a)[0]["type"], "welcome");
+    held.set(true);
+    let text = "x".repeat(100);
+    // Each body is the rendered message (some 180 bytes): two fit, the third does not.
+    for i in 0..2 {
+        h.say(a, send("bob", json!(text), &format!("c{i}")));
+    }
+    assert_eq!(h.inbox(a), Vec::<Value>::new(), "waiting for the store");
+    let waiting = h.metric("wsrelay_store_in_flight_bytes");
+    assert!(waiting > 200.0 && waiting <= 400.0, "in flight: {waiting}");
+    h.say(a, send("bob", json!(text), "c2"));
+    h.say(
+        a,
+        json!({"type": "publish", "room": "lobby", "payload": text, "id": "c3"}),
+    );
+    let refused = h.inbox(a);
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for (ack, id) in refused.iter().zip(["c2", "c3"]) {
+        assert_eq!(ack["type"], "ack");
+        assert_eq!(ack["id"], id);
+        assert_eq!(ack["status"], "rejected");
+        assert_eq!(ack["reason"], STORE_BUSY_REASON);
+    }
+    assert_eq!(h.metric("wsrelay_store_busy_total"), 2.0);
+
+    held.set(false);
+    h.hub.wake(&mut h.tx);
+    let acks = h.inbox(a);
+    let statuses: Vec<_> = acks.iter().map(|a| a["status"].clone()).collect();
+    assert_eq!(statuses, vec![json!("queued"), json!("queued")]);
+    assert_eq!(h.metric("wsrelay_store_in_flight_bytes"), 0.0);
+    // Caught up: the refused one, sent again, is taken (it was never stored, so no duplicate).
+    h.say(a, send("bob", json!(text), "c2"));
+    let acks = h.inbox(a);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0]["status"], "queued");
+    assert_eq!(h.metric("wsrelay_store_busy_total"), 2.0);
+}
+
+const STORE_BUSY_REASON: &str = "the server is busy storing messages; try again later";

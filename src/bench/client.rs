@@ -1,4 +1,5 @@
-//! One connection of the load generator: a WebSocket client over a non-blocking mio socket.
+//! One connection of the load generator: a WebSocket client over a non-blocking mio socket,
+//! with TLS (`tls::TlsSession`) in between for `wss://`.
 //!
 //! Owns: the non-blocking connect (bound first to a chosen source address when asked), sending
 //! the upgrade request and checking the 101 (`protocol::client_handshake`), encoding masked
@@ -17,10 +18,14 @@ use crate::protocol::deflate::{DeflateOffer, Deflater, Inflater};
 use crate::protocol::frame::{self, OpCode, Role};
 use crate::protocol::message::Event;
 use crate::protocol::{CloseCode, ProtocolError};
+use crate::tls::{self, TlsSession};
 use mio::net::TcpStream;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The largest message the decoder accepts from the server. Only a bound on memory: the bench
@@ -71,6 +76,8 @@ pub enum Failure {
     /// The server sent Close (with this code, if any) while we were using the connection.
     ServerClosed(Option<CloseCode>),
     Disconnected,
+    /// The TLS session failed (`wss://`), for this reason.
+    Tls(tls::Failure),
 }
 
 impl std::fmt::Display for Failure {
@@ -88,6 +95,10 @@ impl std::fmt::Display for Failure {
             }
             Failure::ServerClosed(None) => f.write_str("the server closed the connection"),
             Failure::Disconnected => f.write_str("the connection was reset or hung up"),
+            Failure::Tls(tls::Failure::Certificate) => f.write_str(
+                "TLS: the server's certificate is not accepted (--ca FILE trusts a private CA)",
+            ),
+            Failure::Tls(reason) => write!(f, "TLS failed ({})", reason.reason()),
         }
     }
 }
@@ -101,8 +112,18 @@ pub enum Step {
     Closed,
 }
 
+/// What a `wss://` connection needs: the client configuration (`--ca`, `--insecure`) and the
+/// name to ask for and check the certificate against.
+#[derive(Clone, Debug)]
+pub struct TlsTarget {
+    pub config: Arc<ClientConfig>,
+    pub name: ServerName<'static>,
+}
+
 pub struct Client {
     stream: TcpStream,
+    /// `wss://`: the TLS session between the socket and everything below.
+    tls: Option<TlsSession>,
     state: State,
     /// Our `Sec-WebSocket-Key`, to check the server's accept value.
     key: String,
@@ -122,22 +143,40 @@ pub struct Client {
     compressing: bool,
 }
 
+/// What every connection of a run connects to and offers: the same for all of them, so the
+/// worker builds it once from its plan.
+#[derive(Clone, Copy, Debug)]
+pub struct Dial<'a> {
+    pub target: SocketAddr,
+    /// `wss://`: how to set up TLS.
+    pub tls: Option<&'a TlsTarget>,
+    /// `Host` header value.
+    pub host: &'a str,
+    /// Offer permessage-deflate (`--compression`).
+    pub compression: bool,
+}
+
 impl Client {
-    /// Starts a non-blocking connect to `target`, bound to `source` when given, with the upgrade
-    /// request for `resource` queued behind it.
+    /// Starts a non-blocking connect to `dial.target`, bound to `source` when given, with the
+    /// upgrade request for `resource` queued behind it (behind the TLS handshake, with
+    /// `dial.tls`).
     ///
     /// # Errors
     /// Creating, binding or connecting the socket failed at once (e.g. refused on loopback, or
     /// no free ephemeral port on the source address).
     pub fn connect(
-        target: SocketAddr,
+        dial: Dial<'_>,
         source: Option<IpAddr>,
-        host: &str,
         resource: &str,
-        compression: bool,
         rng: &mut fastrand::Rng,
         now: Instant,
     ) -> io::Result<Client> {
+        let Dial {
+            target,
+            tls,
+            host,
+            compression,
+        } = dial;
         let socket = Socket::new(
             Domain::for_address(target),
             Type::STREAM,
@@ -167,8 +206,15 @@ impl Client {
             .into_iter()
             .collect();
         let outbound = client_handshake::upgrade_request_with_headers(host, resource, &key, &extra);
+        let tls = match tls {
+            Some(t) => Some(
+                TlsSession::client(t.config.clone(), t.name.clone()).map_err(io::Error::other)?,
+            ),
+            None => None,
+        };
         Ok(Client {
             stream,
+            tls,
             state: State::Connecting,
             key,
             head: Vec::new(),
@@ -250,16 +296,27 @@ impl Client {
             return Ok(()); // the request goes out once the connect completes
         }
         while let Some(pending) = self.outbound.get(self.written..).filter(|p| !p.is_empty()) {
-            match self.stream.write(pending) {
+            let written = match &mut self.tls {
+                // Encrypted, and before the TLS handshake completes, held by rustls until then.
+                Some(tls) => tls.writer(&mut self.stream).write(pending),
+                None => self.stream.write(pending),
+            };
+            match written {
                 Ok(0) => return Err(Failure::Disconnected),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Err(Failure::Disconnected),
+                Err(e) => return Err(failure_of(&e)),
             }
         }
         self.outbound.clear();
         self.written = 0;
+        // TLS records still waiting: handshake messages, or what the socket did not take. The
+        // next writable event brings us back here.
+        if let Some(tls) = &mut self.tls {
+            tls.write_tls(&mut self.stream)
+                .map_err(|e| failure_of(&e))?;
+        }
         Ok(())
     }
 
@@ -284,12 +341,16 @@ impl Client {
         }
         self.flush()?;
         loop {
-            let n = match self.stream.read(buf) {
+            let read = match &mut self.tls {
+                Some(tls) => tls.read(&mut self.stream, buf),
+                None => self.stream.read(buf),
+            };
+            let n = match read {
                 Ok(0) => return self.on_eof(),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Err(Failure::Disconnected),
+                Err(e) => return Err(failure_of(&e)),
             };
             let data = buf.get_mut(..n).unwrap_or_default();
             if self.state == State::Handshaking {
@@ -315,7 +376,7 @@ impl Client {
                 self.drain_events(data, codec, rng, &mut on_message)?;
             }
         }
-        // Pongs and a Close reply queued while reading.
+        // Pongs and a Close reply queued while reading (and TLS handshake answers).
         self.flush()?;
         Ok(Step::Pending)
     }
@@ -418,6 +479,14 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// A failed read or write: a TLS failure by its reason, anything else a lost connection.
+fn failure_of(e: &io::Error) -> Failure {
+    match tls::Failure::of(e) {
+        tls::Failure::Io => Failure::Disconnected,
+        reason => Failure::Tls(reason),
     }
 }
 

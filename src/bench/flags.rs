@@ -12,6 +12,7 @@ use super::multi::{self, Part};
 use super::report::JSON_FIELDS;
 use super::{target, worker};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
@@ -55,9 +56,18 @@ fn long_help() -> String {
 /// Flags every mode takes.
 #[derive(clap::Args, Clone, Debug)]
 pub struct CommonArgs {
-    /// The server's URL, e.g. ws://127.0.0.1:8080/echo. Broadcast: the base of the room names
-    /// (ws://127.0.0.1:8080/r/bench gives rooms /r/bench-0, /r/bench-1, ...).
+    /// The server's URL, e.g. ws://127.0.0.1:8080/echo (wss:// for TLS). Broadcast: the base
+    /// of the room names (ws://127.0.0.1:8080/r/bench gives rooms /r/bench-0, /r/bench-1, ...).
     pub url: String,
+
+    /// wss://: trust only the CA certificates in this PEM file (a test CA) instead of the
+    /// public roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// wss://: do not check the server's certificate (encrypted, but not authenticated).
+    #[arg(long, conflicts_with = "ca")]
+    pub insecure: bool,
 
     /// Length of the measured window, after the warm-up.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]

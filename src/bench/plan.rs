@@ -11,11 +11,14 @@
 //! SPEC §11; the load policy of this machine (loopback only unless `--allow-remote`, bounded
 //! phases).
 
+use super::client::TlsTarget;
 use super::flags::{BroadcastArgs, CommonArgs, ConnectArgs, EchoArgs, IdleArgs, Mode, Processes};
 use super::multi::Part;
 use super::worker::{self, ConnPlan, Plan, Traffic};
 use super::{client, stats, target};
 use crate::protocol::client_handshake::WsUrl;
+use crate::tls::{self, Trust};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The longest any phase of a run may be (a bench is a bounded run, not a soak test).
@@ -46,6 +49,7 @@ pub(super) fn plan(mode: &Mode, part: Part) -> Result<Setup, String> {
     let common = mode.common();
     let url = WsUrl::parse(&common.url).map_err(|e| format!("{}: {e}", common.url))?;
     let target = target::resolve(&url.host, url.port, common.allow_remote)?;
+    let tls = tls_target(&url, common)?;
     check_phases(common)?;
     let max_threads = match common.threads {
         Some(0) => return Err("--threads must be at least 1".into()),
@@ -77,6 +81,7 @@ pub(super) fn plan(mode: &Mode, part: Part) -> Result<Setup, String> {
             traffic: shape.traffic,
             target,
             host: host.clone(),
+            tls: tls.clone(),
             conns: share.conns,
             sources: run.sources.clone(),
             source_offset: shape.first + i,
@@ -98,6 +103,39 @@ pub(super) fn plan(mode: &Mode, part: Part) -> Result<Setup, String> {
         units: shape.units,
         plans,
     })
+}
+
+/// What `wss://` needs on every connection: the client configuration from `--ca` or
+/// `--insecure` (or the public roots), and the name the certificate must carry.
+///
+/// # Errors
+/// `--ca`/`--insecure` with a `ws://` URL; a CA file that cannot be used; a host that is no
+/// DNS name or IP address.
+fn tls_target(url: &WsUrl, common: &CommonArgs) -> Result<Option<TlsTarget>, String> {
+    if !url.secure {
+        if common.ca.is_some() || common.insecure {
+            return Err("--ca and --insecure apply to wss:// URLs only".into());
+        }
+        return Ok(None);
+    }
+    let trust = match (&common.ca, common.insecure) {
+        (Some(path), _) => Trust::CaFile(path.clone()),
+        (None, true) => {
+            // Once, not once per --processes child.
+            if common.child.is_none() {
+                eprintln!(
+                    "wsrelay bench: warning: --insecure: the server's certificate is not checked"
+                );
+            }
+            Trust::Insecure
+        }
+        (None, false) => Trust::PublicRoots,
+    };
+    let config = tls::config::client_config(&trust).map_err(|e| format!("--ca: {e}"))?;
+    Ok(Some(TlsTarget {
+        config: Arc::new(config),
+        name: tls::config::server_name(&url.host)?,
+    }))
 }
 
 /// A window of zero, or any phase beyond `MAX_PHASE`, is refused.
@@ -416,7 +454,11 @@ mod tests {
     fn flags_are_checked_before_any_socket() {
         let bad: &[(&str, &str)] = &[
             ("echo ws://192.0.2.1/echo", "loopback"),
-            ("echo wss://127.0.0.1/echo", "wss"),
+            ("echo --insecure ws://127.0.0.1/echo", "wss:// URLs only"),
+            (
+                "echo --ca /nonexistent/ca.pem wss://127.0.0.1/echo",
+                "cannot read",
+            ),
             ("echo ws://127.0.0.1:1/echo --size 7", "--size"),
             ("echo ws://127.0.0.1:1/echo --rate 0", "--rate"),
             ("echo ws://127.0.0.1:1/echo --threads 0", "--threads"),

@@ -43,6 +43,7 @@ others cover only the measured window that follows the warm-up. Latencies are in
   errors.protocol                 connections the server's frames broke RFC 6455 on
   errors.server_closed            connections the server closed while in use
   errors.disconnected             connections reset or hung up without a close handshake
+  errors.tls                      wss://: TLS sessions that failed (certificate, TLS protocol)
   errors.process                  --processes: bench processes that died, never got ready or
                                   never reported; their connections are in no other count
   errors.total                    the sum of the errors above
@@ -203,8 +204,8 @@ impl Report {
         } else {
             let _ = writeln!(
                 t,
-                "errors: {} (connect {}, handshake {}, timeout {}, protocol {}, server closed {}, disconnected {}, process {}); {} clean closes",
-                e.total, e.connect, e.handshake, e.timeout, e.protocol, e.server_closed, e.disconnected, e.process, self.clean_closes
+                "errors: {} (connect {}, handshake {}, timeout {}, protocol {}, server closed {}, disconnected {}, tls {}, process {}); {} clean closes",
+                e.total, e.connect, e.handshake, e.timeout, e.protocol, e.server_closed, e.disconnected, e.tls, e.process, self.clean_closes
             );
         }
         if let Some(first) = &self.first_error {

@@ -69,6 +69,9 @@ pub struct Errors {
     pub server_closed: u64,
     /// The connection was reset or hung up without a close handshake.
     pub disconnected: u64,
+    /// `wss://`: the TLS session failed (an untrusted certificate, a TLS protocol error).
+    #[serde(default)]
+    pub tls: u64,
     /// With `--processes`: bench processes that died, never got ready or never reported
     /// (their connections are missing from every other count).
     #[serde(default)]
@@ -86,6 +89,7 @@ impl Errors {
             Failure::Protocol(_) => &mut self.protocol,
             Failure::ServerClosed(_) => &mut self.server_closed,
             Failure::Disconnected => &mut self.disconnected,
+            Failure::Tls(_) => &mut self.tls,
         };
         *field += 1;
         self.total += 1;
@@ -104,6 +108,7 @@ impl Errors {
         self.protocol += other.protocol;
         self.server_closed += other.server_closed;
         self.disconnected += other.disconnected;
+        self.tls += other.tls;
         self.process += other.process;
         self.total += other.total;
     }

@@ -17,7 +17,7 @@
 //!    for what is in flight.
 //! 5. Closing: close handshake on every connection, at most `CLOSE_TIMEOUT`.
 
-use super::client::{Client, Codec, Failure, State, Step};
+use super::client::{Client, Codec, Dial, Failure, State, Step, TlsTarget};
 use super::stats::{self, Tally};
 use mio::{Events, Interest, Poll, Token};
 use std::net::{IpAddr, SocketAddr};
@@ -76,6 +76,8 @@ pub struct Plan {
     pub target: SocketAddr,
     /// `Host` header value.
     pub host: String,
+    /// `wss://`: how to set up TLS on every connection.
+    pub tls: Option<TlsTarget>,
     pub conns: Vec<ConnPlan>,
     /// Connect mode: the source addresses to cycle through, starting at `source_offset` and
     /// stepping by `source_step` (so threads do not pick the same ones in lockstep).
@@ -508,16 +510,13 @@ impl Worker {
             }
             _ => plan.source,
         };
-        let target = self.plan.target;
-        match Client::connect(
-            target,
-            source,
-            &self.plan.host,
-            &plan.resource,
-            self.plan.compression,
-            &mut self.rng,
-            now,
-        ) {
+        let dial = Dial {
+            target: self.plan.target,
+            tls: self.plan.tls.as_ref(),
+            host: &self.plan.host,
+            compression: self.plan.compression,
+        };
+        match Client::connect(dial, source, &plan.resource, &mut self.rng, now) {
             Ok(mut client) => {
                 // Edge-triggered: registering both interests once costs nothing while idle.
                 let registered = self.poll.registry().register(
@@ -539,7 +538,7 @@ impl Worker {
                 }
             }
             Err(e) => {
-                self.note_error(format!("connect to {target} failed: {e}"));
+                self.note_error(format!("connect to {} failed: {e}", self.plan.target));
                 self.tally.errors.count(Failure::Connect);
             }
         }

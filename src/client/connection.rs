@@ -1,11 +1,12 @@
-//! One WebSocket connection of the client: TCP connect, the opening handshake, masked frames
-//! out, and a reader thread that turns received bytes into events.
+//! One WebSocket connection of the client: TCP connect (and TLS for `wss://`), the opening
+//! handshake, masked frames out, and a reader thread that turns received bytes into events.
 //!
 //! Owns: `connect` (resolve, connect, upgrade, check the 101), `Connection` (writes frames, each
 //! masked with a fresh key), the reader thread, `LinkEvent` and `ConnectError`.
-//! Does not: decide what to send, when to ping or when to reconnect (`session.rs`), or parse
-//! HTTP and frames itself: `protocol::client_handshake` and `protocol::decoder::FrameReader`
-//! (the server's reader, in the client role) do.
+//! Does not: decide what to send, when to ping or when to reconnect (`session.rs`), speak TLS
+//! (`wire.rs` does, under everything here), or parse HTTP and frames itself:
+//! `protocol::client_handshake` and `protocol::decoder::FrameReader` (the server's reader, in
+//! the client role) do.
 //!
 //! SPEC §4 (client role: "a random mask key per frame"), §7; RFC 6455 §4.1 (the client's
 //! handshake), §5.3 (masking).
@@ -16,6 +17,7 @@
 //! `Connection::shutdown` (also run on drop) wakes a reader blocked in `read`, so no thread
 //! outlives its connection for long.
 
+use super::wire::{Wire, WireReader};
 use crate::protocol::client_handshake::{
     key_from_nonce, parse_response_with_offer, upgrade_request_with_headers, ClientHandshakeError,
     WsUrl,
@@ -25,15 +27,18 @@ use crate::protocol::deflate::{CompressionConfig, DeflateOffer, Deflater, Inflat
 use crate::protocol::frame::{self, OpCode, Role};
 use crate::protocol::message::Event;
 use crate::protocol::{CloseCode, ProtocolError};
+use rustls::ClientConfig;
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Time for TCP connect to one address.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Time for the server's 101 to arrive after the request is sent.
+/// Time for the TLS handshake, and then again for the server's 101 to arrive after the
+/// request is sent.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A write that makes no progress this long means the server (or the path to it) is stuck:
@@ -65,6 +70,9 @@ pub enum ConnectError {
     NoAddress,
     /// TCP connect failed (refused, unreachable, timed out) on every address.
     Connect(io::Error),
+    /// The TLS handshake of a `wss://` URL failed (an `InvalidData` error carrying the
+    /// `rustls::Error` when TLS itself refused: an untrusted certificate, say).
+    Tls(io::Error),
     /// Writing the request or reading the answer failed.
     Io(io::Error),
     /// The server hung up before a complete answer.
@@ -79,12 +87,18 @@ impl ConnectError {
     /// A refusal that trying again will not change: a 4xx answer to the upgrade (401 and 403
     /// above all: a missing or bad token, a forbidden origin; SPEC §7 "A 401/403 is final").
     /// 408 and 429 say "later" and are retried, like 5xx (503: the server is full).
+    /// A certificate the client does not accept is final too: trying again meets the same
+    /// certificate.
     pub fn is_final(&self) -> bool {
-        matches!(
-            self,
-            ConnectError::Handshake(ClientHandshakeError::Status(code))
-                if (400..500).contains(code) && *code != 408 && *code != 429
-        )
+        match self {
+            ConnectError::Handshake(ClientHandshakeError::Status(code)) => {
+                (400..500).contains(code) && *code != 408 && *code != 429
+            }
+            ConnectError::Tls(e) => {
+                matches!(rustls_error(e), Some(rustls::Error::InvalidCertificate(_)))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -94,6 +108,15 @@ impl fmt::Display for ConnectError {
             ConnectError::Resolve(e) => write!(f, "cannot resolve the host name: {e}"),
             ConnectError::NoAddress => f.write_str("the host name has no address"),
             ConnectError::Connect(e) => f.write_str(&describe(e)),
+            ConnectError::Tls(e) => match rustls_error(e) {
+                Some(rustls::Error::InvalidCertificate(reason)) => write!(
+                    f,
+                    "TLS: the server's certificate is not accepted ({reason:?}); \
+                     --ca FILE trusts a private CA"
+                ),
+                Some(tls) => write!(f, "TLS handshake failed: {tls}"),
+                None => write!(f, "during the TLS handshake: {}", describe(e)),
+            },
             ConnectError::Io(e) => write!(f, "during the handshake: {}", describe(e)),
             ConnectError::ClosedEarly => {
                 f.write_str("the server closed the connection during the handshake")
@@ -116,6 +139,11 @@ impl fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
+/// The TLS error inside an I/O error, if that is what it carries.
+fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|inner| inner.downcast_ref())
+}
+
 /// An I/O error in a few words, without the "(os error 111)" noise.
 fn describe(e: &io::Error) -> String {
     match e.kind() {
@@ -132,7 +160,7 @@ fn describe(e: &io::Error) -> String {
 /// An open WebSocket connection; its reader thread runs until the socket is shut down.
 #[derive(Debug)]
 pub struct Connection {
-    stream: TcpStream,
+    wire: Wire,
     /// When the handshake completed.
     pub opened_at: Instant,
     /// The compressor, when the server accepted permessage-deflate.
@@ -140,46 +168,59 @@ pub struct Connection {
 }
 
 /// Connects to `url`, requests `resource` with the `extra` header fields, and checks the 101.
-/// On success the reader thread is running and reports every event through `on_event`, which
-/// returns `false` once nobody listens any more (then the thread ends).
+/// A `wss://` URL needs `tls`, the client's TLS configuration (ignored for `ws://`). On success
+/// the reader thread is running and reports every event through `on_event`, which returns
+/// `false` once nobody listens any more (then the thread ends).
 ///
 /// # Errors
 /// A `ConnectError` naming the step that failed.
 pub fn connect(
     url: &WsUrl,
+    tls: Option<&Arc<ClientConfig>>,
     resource: &str,
     extra: &[(&str, &str)],
     on_event: impl FnMut(LinkEvent) -> bool + Send + 'static,
 ) -> Result<Connection, ConnectError> {
-    let mut stream = open_tcp(url)?;
+    let stream = open_tcp(url)?;
     // The client sends small frames (typed lines); Nagle's algorithm would only delay them.
     stream.set_nodelay(true).map_err(ConnectError::Io)?;
     stream
         .set_write_timeout(Some(WRITE_TIMEOUT))
         .map_err(ConnectError::Io)?;
+    let tls = match (url.secure, tls) {
+        (false, _) => None,
+        (true, Some(config)) => Some(config),
+        (true, None) => {
+            let missing = io::Error::other("no TLS configuration for a wss:// URL");
+            return Err(ConnectError::Tls(missing));
+        }
+    };
+    let mut wire =
+        Wire::open(stream, tls, &url.host, HANDSHAKE_TIMEOUT).map_err(ConnectError::Tls)?;
 
     // RFC 6455 §4.1: "a randomly selected 16-byte value", new for every connection.
     let key = key_from_nonce(fastrand::u128(..).to_ne_bytes());
     // permessage-deflate (SPEC §17), offered as browsers do, without context takeover so that
-    // each message stands alone and the codecs keep nothing between messages.
+    // each message stands alone and the codecs keep nothing between messages. Over `wss://`
+    // it sits above TLS, exactly as over `ws://`.
     let offer = DeflateOffer::NO_CONTEXT_TAKEOVER;
     let offer_value = offer.header_value();
     let mut headers = extra.to_vec();
     headers.push(("Sec-WebSocket-Extensions", offer_value.as_str()));
     let request = upgrade_request_with_headers(&url.host_header(), resource, &key, &headers);
-    stream.write_all(&request).map_err(ConnectError::Io)?;
-    let (rest, compressed) = read_response(&mut stream, &key, &offer)?;
+    wire.write_all(&request).map_err(ConnectError::Io)?;
+    let mut reader = wire.reader().map_err(ConnectError::Io)?;
+    let (rest, compressed) = read_response(&mut reader, &key, &offer)?;
 
     // From here on the reader blocks in `read` without a timeout: silence is normal on an idle
     // connection, and the heartbeat (SPEC §7) is what detects a dead one.
-    stream.set_read_timeout(None).map_err(ConnectError::Io)?;
-    let reader = stream.try_clone().map_err(ConnectError::Io)?;
+    reader.set_read_timeout(None).map_err(ConnectError::Io)?;
     std::thread::Builder::new()
         .name("wsrelay-client-reader".into())
         .spawn(move || read_loop(reader, &rest, compressed, on_event))
         .map_err(ConnectError::Io)?;
     Ok(Connection {
-        stream,
+        wire,
         opened_at: Instant::now(),
         deflater: compressed.then(|| Deflater::new(15, false)),
     })
@@ -205,7 +246,7 @@ fn open_tcp(url: &WsUrl) -> Result<TcpStream, ConnectError> {
 /// (frames the server sent right behind its 101, which belong to the WebSocket stream) and
 /// whether the server accepted permessage-deflate.
 fn read_response(
-    stream: &mut TcpStream,
+    stream: &mut WireReader,
     key: &str,
     offer: &DeflateOffer,
 ) -> Result<(Vec<u8>, bool), ConnectError> {
@@ -245,7 +286,7 @@ fn read_response(
 /// The reader thread: bytes from the socket into the client-role reader, events out, until
 /// EOF, an error, or nobody listening.
 fn read_loop(
-    mut stream: TcpStream,
+    mut stream: WireReader,
     rest: &[u8],
     compressed: bool,
     mut on_event: impl FnMut(LinkEvent) -> bool,
@@ -366,10 +407,10 @@ impl Connection {
             if deflater.compress(payload, &mut compressed).is_ok() {
                 let mut out = Vec::with_capacity(compressed.len() + 14);
                 frame::encode_compressed_into(&mut out, opcode, &compressed, Some(key));
-                return self.stream.write_all(&out);
+                return self.wire.write_all(&out);
             }
         }
-        self.stream
+        self.wire
             .write_all(&frame::encode(true, opcode, payload, Some(key)))
     }
 
@@ -384,8 +425,7 @@ impl Connection {
 
     /// Shuts both directions: the reader thread's `read` returns and the thread ends.
     pub fn shutdown(&self) {
-        // NotConnected when the peer already reset us: nothing left to shut.
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.wire.shutdown();
     }
 }
 

@@ -37,6 +37,10 @@ pub enum ServerEnvelope {
         id: String,
         /// The newest msg_id the relay retains for us, if any.
         last_msg_id: Option<String>,
+        /// The history our msg_ids belong to (SPEC §13); absent from older relays.
+        epoch: Option<String>,
+        /// False when messages after our `?since=` may be missing; absent from older relays.
+        recovered: Option<bool>,
     },
     Message {
         msg_id: Option<String>,
@@ -88,6 +92,8 @@ pub fn parse(text: &str) -> Result<ServerEnvelope, String> {
         "welcome" => ServerEnvelope::Welcome {
             id: text_field("id").unwrap_or_default(),
             last_msg_id: id_field("last_msg_id"),
+            epoch: text_field("epoch"),
+            recovered: value.get("recovered").and_then(Value::as_bool),
         },
         "message" => ServerEnvelope::Message {
             msg_id: id_field("msg_id"),
@@ -283,11 +289,13 @@ mod tests {
         #[rustfmt::skip]
         let cases: Vec<(&str, &str, Result<ServerEnvelope, ()>)> = vec![
             ("welcome", r#"{"type":"welcome","id":"alice","last_msg_id":"42"}"#,
-                Ok(Welcome { id: "alice".into(), last_msg_id: Some("42".into()) })),
+                Ok(Welcome { id: "alice".into(), last_msg_id: Some("42".into()), epoch: None, recovered: None })),
+            ("welcome with epoch", r#"{"type":"welcome","id":"alice","last_msg_id":"42","epoch":"00000000000000ff","recovered":false}"#,
+                Ok(Welcome { id: "alice".into(), last_msg_id: Some("42".into()), epoch: Some("00000000000000ff".into()), recovered: Some(false) })),
             ("welcome, nothing retained", r#"{"type":"welcome","id":"alice","last_msg_id":null}"#,
-                Ok(Welcome { id: "alice".into(), last_msg_id: None })),
+                Ok(Welcome { id: "alice".into(), last_msg_id: None, epoch: None, recovered: None })),
             ("welcome, no field", r#"{"type":"welcome","id":"a"}"#,
-                Ok(Welcome { id: "a".into(), last_msg_id: None })),
+                Ok(Welcome { id: "a".into(), last_msg_id: None, epoch: None, recovered: None })),
             ("direct", r#"{"type":"message","msg_id":"7","from":"alice","to":"bob","room":null,"payload":"hi","timestamp":1700000000000}"#,
                 Ok(Message { msg_id: Some("7".into()), from: "alice".into(), to: Some("bob".into()), room: None, payload: json!("hi"), timestamp_ms: Some(1_700_000_000_000) })),
             ("room, object payload, numeric msg_id", r#"{"type":"message","msg_id":8,"from":"a","to":null,"room":"lobby","payload":{"x":1}}"#,

@@ -19,12 +19,16 @@ pub mod line;
 pub mod outbox;
 pub mod session;
 pub mod target;
+pub mod wire;
 
+use crate::tls::{self, Trust};
 use backoff::BackoffPolicy;
 use line::DefaultTarget;
 use session::{Mode, Settings, EXIT_REFUSED};
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 use target::{Endpoint, Target};
 
@@ -32,7 +36,7 @@ use target::{Endpoint, Target};
 #[derive(clap::Args, Debug, Clone)]
 #[command(after_help = AFTER_HELP)]
 pub struct ClientArgs {
-    /// Server URLs (ws://host:port/path). The path /ws speaks the relay's envelope protocol
+    /// Server URLs (ws://host:port/path, or wss:// for TLS). The path /ws speaks the relay's envelope protocol
     /// (ids, rooms, acks); any other path (/echo, /r/ROOM) is raw: each line is one text
     /// message, and whatever arrives is printed. With several URLs, the client fails over to
     /// the next after three failed attempts in a row.
@@ -77,6 +81,16 @@ pub struct ClientArgs {
     /// Lines kept while disconnected; more are dropped (and reported).
     #[arg(long, default_value_t = 1000, value_name = "LINES")]
     pub max_queued: usize,
+
+    /// wss://: trust only the CA certificates in this PEM file (a private or test CA) instead
+    /// of the public roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// wss://: do not check the server's certificate at all. Encrypted, but anyone on the path
+    /// can pose as the server; for tests only.
+    #[arg(long, conflicts_with = "ca")]
+    pub insecure: bool,
 }
 
 const AFTER_HELP: &str = "\
@@ -102,6 +116,7 @@ server refused the upgrade with a 4xx such as 401/403 (never retried).
 Examples:
   wsrelay client ws://127.0.0.1:8080/echo
   wsrelay client --id alice ws://127.0.0.1:8080/ws
+  wsrelay client --ca test-ca.pem wss://localhost:8443/echo
   echo 'hi bob' | wsrelay client --id alice --to bob ws://127.0.0.1:8080/ws
   wsrelay client --id bob --json ws://relay1.example:8080/ws ws://relay2.example:8080/ws";
 
@@ -144,6 +159,7 @@ fn settings(args: ClientArgs, stdin_is_terminal: bool) -> Result<Settings, Strin
     if args.id.as_deref().is_some_and(str::is_empty) {
         return Err("--id must not be empty".to_string());
     }
+    let tls = tls_config(&targets, args.ca, args.insecure)?;
     let default_target = match (args.to, args.room) {
         (Some(to), _) => DefaultTarget::To(to),
         (None, Some(room)) => {
@@ -169,7 +185,39 @@ fn settings(args: ClientArgs, stdin_is_terminal: bool) -> Result<Settings, Strin
         pong_timeout: args.pong_timeout,
         queue_limit: args.max_queued,
         policy: BackoffPolicy::default(),
+        tls,
     })
+}
+
+/// The TLS configuration for the `wss://` targets, if any: trusting the public roots, the CAs
+/// of `--ca`, or (`--insecure`) nothing, with a warning.
+///
+/// # Errors
+/// `--ca`/`--insecure` without a `wss://` URL, or a CA file that cannot be used.
+fn tls_config(
+    targets: &[Target],
+    ca: Option<PathBuf>,
+    insecure: bool,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    if !targets.iter().any(|t| t.url.secure) {
+        if ca.is_some() || insecure {
+            return Err("--ca and --insecure apply to wss:// URLs only".to_string());
+        }
+        return Ok(None);
+    }
+    let trust = match (ca, insecure) {
+        (Some(path), _) => Trust::CaFile(path),
+        (None, true) => {
+            eprintln!(
+                "wsrelay client: warning: --insecure: the server's certificate is not checked; \
+                 anyone on the path can pose as the server and read this connection"
+            );
+            Trust::Insecure
+        }
+        (None, false) => Trust::PublicRoots,
+    };
+    let config = tls::config::client_config(&trust).map_err(|e| format!("--ca: {e}"))?;
+    Ok(Some(Arc::new(config)))
 }
 
 #[cfg(test)]
@@ -215,8 +263,11 @@ mod tests {
             (vec!["--room", "bad room", "ws://h/ws"], Err("--room")),
             (vec!["--to", "bob", "ws://h/echo"], Err("need a /ws URL")),
             (vec!["ws://h/ws", "ws://h/echo"], Err("mixing")),
-            (vec!["http://h/ws"], Err("http://h/ws: not a ws:// URL")),
-            (vec!["wss://h/ws"], Err("TLS")),
+            (vec!["http://h/ws"], Err("http://h/ws: not a ws:// or wss:// URL")),
+            (vec!["wss://h/ws"], Ok((Envelope, D::None))),
+            (vec!["--insecure", "wss://h/echo"], Ok((Raw, D::None))),
+            (vec!["--ca", "/nonexistent.pem", "wss://h/ws"], Err("--ca: cannot read")),
+            (vec!["--insecure", "ws://h/ws"], Err("wss:// URLs only")),
             (vec!["ws://h:99999/ws"], Err("port")),
             (vec!["--token", "a b", "ws://h/ws"], Err("--token")),
             (vec!["--token", "a\r\nX: y", "ws://h/ws"], Err("--token")),

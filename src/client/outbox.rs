@@ -196,6 +196,9 @@ pub struct Seen {
     set: HashSet<String>,
     capacity: usize,
     last: Option<String>,
+    /// The epoch of the relay's history `last` belongs to (the welcome's `epoch`), passed
+    /// back with `?since=` so the relay can tell a position from another history (SPEC §13).
+    epoch: Option<String>,
 }
 
 impl Seen {
@@ -206,6 +209,7 @@ impl Seen {
             set: HashSet::new(),
             capacity: capacity.max(1),
             last: None,
+            epoch: None,
         }
     }
 
@@ -234,15 +238,25 @@ impl Seen {
     /// (Without it, a reconnect would ask for nothing and such a message would be lost. What
     /// this cannot recover is a message queued while we were offline, handed to this very
     /// first connection and lost with it: its msg_id is not above the welcome's.)
-    pub fn welcome(&mut self, last_msg_id: Option<&str>) {
+    ///
+    /// `epoch` is the welcome's: the history every msg_id after this welcome belongs to.
+    pub fn welcome(&mut self, last_msg_id: Option<&str>, epoch: Option<&str>) {
         if self.last.is_none() {
             self.last = last_msg_id.map(str::to_string);
+        }
+        if epoch.is_some() {
+            self.epoch = epoch.map(str::to_string);
         }
     }
 
     /// The value for `?since=` on the next connection.
     pub fn since(&self) -> Option<&str> {
         self.last.as_deref()
+    }
+
+    /// The value for `?epoch=` on the next connection (only with a `since`).
+    pub fn epoch(&self) -> Option<&str> {
+        self.last.as_ref().and(self.epoch.as_deref())
     }
 }
 
@@ -370,16 +384,20 @@ mod tests {
     fn welcome_sets_where_recovery_starts_until_something_arrives() {
         let mut seen = Seen::new(10);
         assert_eq!(seen.since(), None);
-        seen.welcome(None);
+        seen.welcome(None, Some("00000000000000aa"));
         assert_eq!(seen.since(), None);
-        seen.welcome(Some("10"));
+        assert_eq!(seen.epoch(), None, "no epoch without a since");
+        seen.welcome(Some("10"), Some("00000000000000aa"));
         assert_eq!(seen.since(), Some("10"));
+        assert_eq!(seen.epoch(), Some("00000000000000aa"));
         // A later welcome (on a reconnect) must not skip what recovery is about to replay.
-        seen.welcome(Some("15"));
+        seen.welcome(Some("15"), Some("00000000000000bb"));
         assert_eq!(seen.since(), Some("10"));
+        assert_eq!(seen.epoch(), Some("00000000000000bb"), "the newest history");
         seen.first_time("11");
-        seen.welcome(Some("20"));
+        seen.welcome(Some("20"), None);
         assert_eq!(seen.since(), Some("11"));
+        assert_eq!(seen.epoch(), Some("00000000000000bb"));
     }
 
     #[test]

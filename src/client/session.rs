@@ -43,6 +43,7 @@ use chrono::{Local, TimeZone};
 use std::io::{self, BufRead, Write};
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long we wait for the server's answer to our Close before hanging up anyway.
@@ -82,6 +83,8 @@ pub struct Settings {
     pub pong_timeout: Duration,
     pub queue_limit: usize,
     pub policy: BackoffPolicy,
+    /// The TLS configuration for `wss://` targets (`None` when every target is `ws://`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What arrives on the session's channel.
@@ -257,7 +260,11 @@ impl Session {
         let Some(target) = self.settings.targets.get(index).cloned() else {
             return;
         };
-        let resource = target.resource(self.settings.id.as_deref(), self.seen.since());
+        let resource = target.resource(
+            self.settings.id.as_deref(),
+            self.seen.since(),
+            self.seen.epoch(),
+        );
         let authorization = self
             .settings
             .token
@@ -272,7 +279,13 @@ impl Session {
         let generation = self.generation;
         let sender = self.sender.clone();
         let on_event = move |event| sender.send(Input::Link { generation, event }).is_ok();
-        match connection::connect(&target.url, &resource, &headers, on_event) {
+        match connection::connect(
+            &target.url,
+            self.settings.tls.as_ref(),
+            &resource,
+            &headers,
+            on_event,
+        ) {
             Ok(conn) => {
                 self.backoff.connected();
                 self.ever_connected = true;
@@ -662,8 +675,13 @@ impl Session {
         };
         let interactive = self.settings.mode == Mode::Interactive;
         let human = match parsed {
-            ServerEnvelope::Welcome { id, last_msg_id } => {
-                self.seen.welcome(last_msg_id.as_deref());
+            ServerEnvelope::Welcome {
+                id,
+                last_msg_id,
+                epoch,
+                recovered,
+            } => {
+                self.seen.welcome(last_msg_id.as_deref(), epoch.as_deref());
                 let url = match &self.link {
                     Link::Up(up) => self.target_text(up.target),
                     Link::Down { .. } => String::new(),
@@ -672,6 +690,13 @@ impl Session {
                     "wsrelay client: connected to {url} as {}",
                     envelope::printable(&id)
                 );
+                if recovered == Some(false) {
+                    // SPEC §13: never a silent partial recovery. The relay sends what it still
+                    // has; the user must know the rest may be gone.
+                    eprintln!(
+                        "wsrelay client: some messages sent to you while you were away may be missing (the relay restarted without its history, or they outlived its retention)"
+                    );
+                }
                 None
             }
             ServerEnvelope::Message {

@@ -53,7 +53,8 @@ impl Target {
     /// (the last msg_id received) becomes `?since=`, replacing any the URL already had, so that
     /// a reconnect asks for exactly what it missed (SPEC §6 "Recovery"). Raw endpoints get the
     /// URL's resource unchanged: they know neither parameter.
-    pub fn resource(&self, id: Option<&str>, since: Option<&str>) -> String {
+    /// `epoch` goes with `since` only (SPEC §13: it names the history `since` belongs to).
+    pub fn resource(&self, id: Option<&str>, since: Option<&str>, epoch: Option<&str>) -> String {
         match self.endpoint {
             Endpoint::Raw => self.url.resource.clone(),
             Endpoint::Envelope => {
@@ -63,6 +64,9 @@ impl Target {
                 }
                 if let Some(since) = since {
                     resource = set_query_param(&resource, "since", since);
+                    if let Some(epoch) = epoch {
+                        resource = set_query_param(&resource, "epoch", epoch);
+                    }
                 }
                 resource
             }
@@ -137,7 +141,7 @@ mod tests {
     fn check(url: &str, id: Option<&str>, since: Option<&str>, expected: &str) {
         let target = Target::parse(url).unwrap();
         assert_eq!(
-            target.resource(id, since),
+            target.resource(id, since, None),
             expected,
             "{url} {id:?} {since:?}"
         );
@@ -164,6 +168,17 @@ mod tests {
         for &(url, id, since, want) in cases {
             check(url, id, since, want);
         }
+    }
+
+    #[test]
+    fn the_epoch_goes_with_since_only() {
+        let target = Target::parse("ws://h/ws").unwrap();
+        let epoch = Some("00000000000000ff");
+        assert_eq!(
+            target.resource(Some("a"), Some("7"), epoch),
+            "/ws?id=a&since=7&epoch=00000000000000ff"
+        );
+        assert_eq!(target.resource(Some("a"), None, epoch), "/ws?id=a");
     }
 
     #[test]

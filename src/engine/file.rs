@@ -29,7 +29,7 @@
 //! proportional to what is retained (docs/operations.md gives the measured figure).
 
 use super::histogram::Histogram;
-use super::journal::{self, Record, MAGIC};
+use super::journal::{self, AppendRef, Record, MAGIC};
 use super::memory::{Admit, MemoryEngine};
 use super::storage::{Done, Marks, Op, Storage};
 pub use super::storage::{FsyncPolicy, StoreFault};
@@ -132,6 +132,8 @@ struct Waiting {
     work: Work,
     /// An op went to the storage thread for it (else it completes when it reaches the front).
     sent: bool,
+    /// Delivery and trim records that went to the disk in the same op (see `quiet`).
+    carried: u64,
 }
 
 enum Work {
@@ -143,8 +145,6 @@ enum Work {
     },
     Publish {
         position: Position,
-        sender: Rc<str>,
-        client_id: Option<Rc<str>>,
     },
     Duplicate {
         sender: Rc<str>,
@@ -165,6 +165,9 @@ enum Work {
 struct Usage {
     bytes: u64,
     live: u64,
+    /// A compaction was declined as not worth it (the copy would be over half the segment,
+    /// e.g. with unexpired duplicate windows): not tried again before this Unix time (ms).
+    retry_at_ms: u64,
 }
 
 #[derive(Debug)]
@@ -179,6 +182,8 @@ struct Stats {
     /// Delivery and trim records lost to a failed write (they only cost a re-delivery, or a
     /// message coming back after a restart until its TTL).
     lost_records: u64,
+    /// Room messages delivered although their record could not be written.
+    unlogged_publishes: u64,
     compactions: u64,
     reclaimed_bytes: u64,
     disk_bytes: u64,
@@ -197,6 +202,13 @@ pub struct FileEngine {
     done: Receiver<Done>,
     thread: Option<JoinHandle<()>>,
     queue: VecDeque<Waiting>,
+    /// Records encoded since the last op went to the storage thread, for `entries` pieces of
+    /// work in `queue`, plus `quiet_records` nobody waits for (deliveries, trims). They go as
+    /// one op when the hub has polled everything (`flush`): one channel send, buffer and
+    /// wake-up per loop iteration rather than per record (under load, three per message).
+    outgoing: Vec<u8>,
+    entries: usize,
+    quiet_records: u64,
     /// Every position up to here is stored or was rejected: what `recover` may replay.
     durable_through: Position,
     usage: BTreeMap<u64, Usage>,
@@ -277,7 +289,17 @@ impl FileEngine {
             torn_bytes,
             ..
         } = loader;
+        // No header read: no segment, or only one torn before its header was whole.
+        let fresh = epoch.is_none();
         let epoch = epoch.unwrap_or_else(Epoch::random);
+        if fresh {
+            // A fresh store has no history: every position below its first one belongs to
+            // something else (another store, an earlier one that was deleted), so a `since`
+            // there gets `recovered: false`, as with the memory engine. The first segment's
+            // header keeps this mark across restarts.
+            let first = now.unix_ms.saturating_mul(1000);
+            streams.forget_through(Position(first.saturating_sub(1)));
+        }
         let mut gone = Vec::new();
         streams.enforce(now.unix_ms, &mut gone);
         let mut mem = MemoryEngine::resume(epoch, high_water, streams, dedup, now);
@@ -286,7 +308,13 @@ impl FileEngine {
         }
         let mut usage: BTreeMap<u64, Usage> = sizes
             .iter()
-            .map(|(&id, &bytes)| (id, Usage { bytes, live: 0 }))
+            .map(|(&id, &bytes)| {
+                let usage = Usage {
+                    bytes,
+                    ..Usage::default()
+                };
+                (id, usage)
+            })
             .collect();
         for (_, entry) in mem.streams.iter() {
             if let Some(u) = usage.get_mut(&entry.segment) {
@@ -321,6 +349,9 @@ impl FileEngine {
             done: done_rx,
             thread: Some(thread),
             queue: VecDeque::new(),
+            outgoing: Vec::new(),
+            entries: 0,
+            quiet_records: 0,
             durable_through: high_water,
             usage,
             head,
@@ -333,6 +364,7 @@ impl FileEngine {
                 failing: false,
                 state_changes: 0,
                 lost_records: 0,
+                unlogged_publishes: 0,
                 compactions: 0,
                 reclaimed_bytes: 0,
                 disk_bytes,
@@ -375,26 +407,65 @@ impl FileEngine {
         }
     }
 
-    /// Sends encoded records to the storage thread, as one op.
-    fn send(&mut self, ticket: Option<Ticket>, work: Work, bytes: Vec<u8>) {
-        let marks = self.marks();
-        let sent = match &self.ops {
-            Some(ops) => ops.send(Op::Write { bytes, marks }).is_ok(),
-            None => false,
-        };
-        let waiting = Waiting {
+    /// Work whose records were just encoded into `outgoing`: it completes when the op that
+    /// carries them is answered. `--fsync always` sends each at once (one fsync each).
+    fn submit(&mut self, ticket: Option<Ticket>, work: Work) {
+        self.queue.push_back(Waiting {
             ticket,
             work,
             sent: true,
-        };
-        if sent {
-            self.queue.push_back(waiting);
-        } else {
-            // The thread is gone (it can only have panicked): nothing can be stored. The work
-            // fails at once, as a failed write would (the message leaves the index again).
-            let failed = Err("the storage thread is not running".to_string());
-            self.finish(waiting, Some((&failed, 0)));
+            carried: 0,
+        });
+        self.entries += 1;
+        if self.fsync == FsyncPolicy::Always {
+            self.flush();
         }
+    }
+
+    /// Sends what `outgoing` holds to the storage thread, as one op.
+    fn flush(&mut self) {
+        if self.quiet_records > 0 {
+            // One entry stands for the quiet records, to count them if the write fails.
+            let carried = std::mem::take(&mut self.quiet_records);
+            self.queue.push_back(Waiting {
+                ticket: None,
+                work: Work::Quiet,
+                sent: true,
+                carried,
+            });
+            self.entries += 1;
+        }
+        if self.entries == 0 {
+            return;
+        }
+        // The next buffer starts at this one's size: a steady load then never regrows it.
+        let next = Vec::with_capacity(self.outgoing.len());
+        let op = Op::Write {
+            bytes: std::mem::replace(&mut self.outgoing, next),
+            marks: self.marks(),
+            entries: std::mem::take(&mut self.entries),
+        };
+        if self.ops.as_ref().is_none_or(|ops| ops.send(op).is_err()) {
+            self.fail_all("the storage thread is not running");
+        }
+    }
+
+    /// The storage thread is gone (it can only have panicked): nothing can be stored. Every
+    /// piece of work waiting for it fails, as a failed write would (messages leave the index).
+    fn fail_all(&mut self, why: &str) {
+        let ops = self.queue.iter().filter(|w| w.sent).count();
+        let done = Done {
+            ops,
+            result: Err(why.to_string()),
+            segment: self.head,
+            segment_len: self.usage.get(&self.head).map_or(0, |u| u.bytes),
+            head: self.head,
+            disk_bytes: self.stats.disk_bytes,
+            batch: None,
+            compacted: None,
+            declined: None,
+        };
+        self.apply(done);
     }
 
     /// Queues work that needs no disk; it completes once everything before it has.
@@ -403,6 +474,7 @@ impl FileEngine {
             ticket,
             work,
             sent: false,
+            carried: 0,
         };
         if self.queue.is_empty() {
             self.finish(waiting, None);
@@ -416,7 +488,6 @@ impl FileEngine {
         if gone.is_empty() {
             return;
         }
-        let mut bytes = Vec::new();
         for g in gone {
             if let Some(u) = self.usage.get_mut(&g.segment) {
                 u.live = u.live.saturating_sub(g.cost as u64);
@@ -425,9 +496,9 @@ impl FileEngine {
                 stream: g.stream.clone(),
                 through: g.position,
             }
-            .encode(&mut bytes);
+            .encode(&mut self.outgoing);
+            self.quiet_records += 1;
         }
-        self.send(None, Work::Quiet, bytes);
     }
 
     /// Applies one answer of the storage thread to the work it answers, in order.
@@ -451,15 +522,18 @@ impl FileEngine {
         if failing {
             self.stats.errors += done.ops as u64;
         }
+        if let Some((segment, retry_at_ms)) = done.declined {
+            if let Some(u) = self.usage.get_mut(&segment) {
+                u.retry_at_ms = retry_at_ms;
+            }
+        }
         if let Some(c) = &done.compacted {
             self.usage.remove(&c.segment);
             self.stats.compactions += 1;
             self.stats.reclaimed_bytes += c.reclaimed;
             for &p in &c.moved {
-                self.mem.streams.set_segment(Position(p), done.segment);
-                if let Some(e) = self.mem.streams.get(Position(p)) {
-                    let cost = e.cost() as u64;
-                    self.usage.entry(done.segment).or_default().live += cost;
+                if let Some(cost) = self.mem.streams.set_segment(Position(p), done.segment) {
+                    self.usage.entry(done.segment).or_default().live += cost as u64;
                 }
             }
         }
@@ -487,6 +561,11 @@ impl FileEngine {
     /// to it (the result, and the segment its records are in).
     fn finish(&mut self, waiting: Waiting, written: Option<(&Result<(), String>, u64)>) {
         let ok = written.is_none_or(|(result, _)| result.is_ok());
+        if !ok {
+            // Delivery and trim records lost with the op: they cost a re-delivery, or a
+            // message coming back after a restart until its TTL.
+            self.stats.lost_records += waiting.carried;
+        }
         let error = || match written {
             Some((Err(e), _)) => e.clone(),
             _ => String::new(),
@@ -501,9 +580,8 @@ impl FileEngine {
                 self.durable_through = self.durable_through.max(position);
                 if ok {
                     let segment = written.map_or(0, |(_, s)| s);
-                    self.mem.streams.set_segment(position, segment);
-                    if let Some(e) = self.mem.streams.get(position) {
-                        self.usage.entry(segment).or_default().live += e.cost() as u64;
+                    if let Some(cost) = self.mem.streams.set_segment(position, segment) {
+                        self.usage.entry(segment).or_default().live += cost as u64;
                     }
                     Outcome::Stored { position }
                 } else {
@@ -514,32 +592,24 @@ impl FileEngine {
                     Outcome::Rejected(Refusal::Store(error()))
                 }
             }
-            Work::Publish {
-                position,
-                sender,
-                client_id,
-            } => {
+            Work::Publish { position } => {
                 self.durable_through = self.durable_through.max(position);
-                if ok {
-                    Outcome::Stored { position }
-                } else {
-                    let rejected = AckStatus::Rejected;
-                    self.mem
-                        .remember(&sender, client_id.as_deref(), position, rejected);
-                    Outcome::Rejected(Refusal::Store(error()))
+                if !ok {
+                    // A room message is not retained: the record only carries the position's
+                    // high-water mark and the client id. Rejecting the message for that would
+                    // stop live room traffic whenever the disk fails, for no promise kept: the
+                    // next start still resumes above the Unix time in µs-ish, so the position
+                    // is not handed out again unless the clock also went back. Counted.
+                    self.stats.unlogged_publishes += 1;
                 }
+                Outcome::Stored { position }
             }
             Work::Duplicate { sender, client_id } => self.mem.duplicate(&sender, &client_id),
             Work::Recover { stream, since } => {
                 Outcome::Recovered(self.mem.recovery(&stream, since, self.durable_through))
             }
             Work::Refused(refusal) => Outcome::Rejected(refusal),
-            Work::Quiet => {
-                if !ok {
-                    self.stats.lost_records += 1;
-                }
-                return;
-            }
+            Work::Quiet => return,
             Work::Compact => {
                 self.compacting = false;
                 if !ok {
@@ -553,8 +623,14 @@ impl FileEngine {
         }
     }
 
-    /// Starts compacting the oldest sealed segment that is at most half live, if none is being
-    /// compacted: its live messages are copied forward and the file deleted.
+    /// Starts compacting the oldest segment if it is sealed and at most half live, and none is
+    /// being compacted: its live messages are copied forward and the file deleted.
+    ///
+    /// Only ever the oldest: a segment's delivery and trim records may concern messages in
+    /// older segments, and deleting them would bring those messages back at the next start
+    /// (delivered ones as pending). Records in the oldest segment concern only messages in it,
+    /// or copies of them further on that already say the same. The price: while the oldest
+    /// segment is mostly live, newer ones wait (at most until its messages' TTL).
     fn maybe_compact(&mut self, now: Now) {
         if self.compacting {
             return;
@@ -562,7 +638,10 @@ impl FileEngine {
         let Some(segment) = self
             .usage
             .iter()
-            .find(|(&id, u)| id < self.head && u.live * 2 <= u.bytes)
+            .next()
+            .filter(|(&id, u)| {
+                id < self.head && u.live * 2 <= u.bytes && u.retry_at_ms <= now.unix_ms
+            })
             .map(|(&id, _)| id)
         else {
             return;
@@ -587,12 +666,16 @@ impl FileEngine {
             marks: self.marks(),
             now_ms: now.unix_ms,
         };
+        // The storage thread must see the records submitted before it first: ops and queue
+        // entries are answered in the same order.
+        self.flush();
         if self.ops.as_ref().is_some_and(|ops| ops.send(op).is_ok()) {
             self.compacting = true;
             self.queue.push_back(Waiting {
                 ticket: None,
                 work: Work::Compact,
                 sent: true,
+                carried: 0,
             });
         }
     }
@@ -600,6 +683,7 @@ impl FileEngine {
     /// Waits (bounded) until every submitted piece of work has completed. For tests and for
     /// shutdown; the reactor never calls it.
     pub fn settle(&mut self, deadline: Duration) -> bool {
+        self.flush();
         let until = Instant::now() + deadline;
         while self.queue.iter().any(|w| w.sent) {
             let left = until.saturating_duration_since(Instant::now());
@@ -623,28 +707,25 @@ impl Engine for FileEngine {
         self.log_gone(&gone);
         match admit {
             Admit::Stored(position) => {
-                let Some(entry) = self.mem.streams.get(position) else {
-                    // Admitted and evicted at once can only happen with bounds of 0.
-                    return self.enqueue(Some(ticket), Work::Refused(Refusal::Full));
-                };
-                let mut bytes = Vec::with_capacity(entry.body.len() + 64);
-                Record::Append {
-                    stream: append.stream.clone(),
+                // As `Streams::append` computed it (cheaper than looking the entry up).
+                let expires_ms = now.unix_ms.saturating_add(self.mem.streams.limits().ttl_ms);
+                AppendRef {
+                    stream: &append.stream,
                     position,
-                    expires_ms: entry.expires_ms,
+                    expires_ms,
                     pending: true,
-                    sender: append.sender.to_string(),
-                    client_id: append.client_id.as_deref().map(str::to_owned),
-                    body: entry.body.to_vec(),
+                    sender: &append.sender,
+                    client_id: append.client_id.as_deref(),
+                    body: &append.body,
                 }
-                .encode(&mut bytes);
+                .encode(&mut self.outgoing);
                 let work = Work::Append {
                     stream: append.stream,
                     position,
                     sender: append.sender,
                     client_id: append.client_id,
                 };
-                self.send(Some(ticket), work, bytes);
+                self.submit(Some(ticket), work);
             }
             Admit::Duplicate { sender, client_id } => {
                 self.enqueue(Some(ticket), Work::Duplicate { sender, client_id })
@@ -658,20 +739,14 @@ impl Engine for FileEngine {
             Admit::Stored(position) => {
                 // Written even without a client id: the record keeps the position's high-water
                 // mark, so no msg_id a client has seen is handed out again after a restart.
-                let mut bytes = Vec::new();
                 Record::Published {
                     position,
                     sender: publish.sender.to_string(),
                     client_id: publish.client_id.as_deref().map(str::to_owned),
                     expires_ms: now.unix_ms.saturating_add(self.mem.streams.limits().ttl_ms),
                 }
-                .encode(&mut bytes);
-                let work = Work::Publish {
-                    position,
-                    sender: publish.sender,
-                    client_id: publish.client_id,
-                };
-                self.send(Some(ticket), work, bytes);
+                .encode(&mut self.outgoing);
+                self.submit(Some(ticket), Work::Publish { position });
             }
             Admit::Duplicate { sender, client_id } => {
                 self.enqueue(Some(ticket), Work::Duplicate { sender, client_id })
@@ -690,22 +765,27 @@ impl Engine for FileEngine {
 
     fn delivered(&mut self, stream: &StreamId, positions: &[Position]) {
         // Only the ones that were pending change anything worth a record.
-        let pending: Vec<Position> = positions
-            .iter()
-            .copied()
-            .filter(|&p| self.mem.streams.get(p).is_some_and(|e| e.pending))
-            .collect();
+        let mut pending = Vec::new();
+        self.mem
+            .streams
+            .mark_delivered_into(stream, positions, &mut pending);
         if pending.is_empty() {
             return;
         }
-        self.mem.streams.mark_delivered(stream, &pending);
-        let mut bytes = Vec::new();
         Record::Delivered {
             stream: stream.clone(),
             positions: pending,
         }
-        .encode(&mut bytes);
-        self.send(None, Work::Quiet, bytes);
+        .encode(&mut self.outgoing);
+        self.quiet_records += 1;
+    }
+
+    fn acked(&mut self, sender: &str, client_id: &str, position: Position, status: AckStatus) {
+        self.mem.remember(sender, Some(client_id), position, status);
+    }
+
+    fn stats(&self, now_ms: u64) -> super::Stats {
+        self.mem.index_stats(now_ms)
     }
 
     fn online(&mut self, sender: &str) {
@@ -729,6 +809,9 @@ impl Engine for FileEngine {
             self.apply(done);
         }
         out.extend(self.mem.ready.drain(..).map(Event::Completed));
+        // The hub polls until nothing is left, after acting on every event: whatever it
+        // submitted meanwhile (and the delivery records it produced) goes out now, in one op.
+        self.flush();
     }
 
     fn in_flight(&self) -> usize {
@@ -768,6 +851,11 @@ impl Engine for FileEngine {
             "wsrelay_engine_lost_records_total",
             "Delivery and trim records lost to failed writes.",
             s.lost_records,
+        );
+        w.counter(
+            "wsrelay_engine_unlogged_publishes_total",
+            "Room messages delivered although their record could not be written (writes failing).",
+            s.unlogged_publishes,
         );
         w.counter(
             "wsrelay_engine_batches_total",
@@ -812,7 +900,7 @@ impl Engine for FileEngine {
         s.batch_ops.render(
             out,
             "wsrelay_engine_batch_ops",
-            "Ops (messages and records) per batch written.",
+            "Pieces of work per batch written: messages, plus one for the delivery and trim records of each loop iteration.",
         );
         s.fsync_seconds.render(
             out,
@@ -826,6 +914,7 @@ impl Drop for FileEngine {
     /// Hangs up on the storage thread and waits for it: it answers (writes) everything it was
     /// sent before it exits, so a clean shutdown loses no delivery or trim record.
     fn drop(&mut self) {
+        self.flush();
         self.ops = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

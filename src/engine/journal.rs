@@ -74,6 +74,50 @@ pub enum Record {
     },
 }
 
+/// A `Record::Append` by reference: the file engine encodes each message from what it already
+/// holds, without copying the body and names into owned fields first (the hot path).
+pub struct AppendRef<'a> {
+    pub stream: &'a StreamId,
+    pub position: Position,
+    pub expires_ms: u64,
+    pub pending: bool,
+    pub sender: &'a str,
+    pub client_id: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+impl AppendRef<'_> {
+    /// Appends the record, framed and checksummed, to `out` (the same bytes as
+    /// `Record::Append`).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; RECORD_HEADER]);
+        self.put_fields(out);
+        seal(out, start);
+    }
+
+    fn put_fields(&self, out: &mut Vec<u8>) {
+        out.push(APPEND);
+        put_stream(out, self.stream);
+        put_u64(out, self.position.0);
+        put_u64(out, self.expires_ms);
+        out.push(u8::from(self.pending));
+        put_name(out, self.sender);
+        put_opt_name(out, self.client_id);
+        put_u32(out, self.body.len() as u32);
+        out.extend_from_slice(self.body);
+    }
+}
+
+/// Writes the length and checksum of the record that starts at `start` into its header.
+fn seal(out: &mut [u8], start: usize) {
+    let body = &out[start + RECORD_HEADER..];
+    let len = (body.len() as u32).to_le_bytes();
+    let crc = crc32fast::hash(body).to_le_bytes();
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + 8].copy_from_slice(&crc);
+}
+
 const HEADER: u8 = 1;
 const APPEND: u8 = 2;
 const DELIVERED: u8 = 3;
@@ -108,15 +152,16 @@ impl Record {
                 client_id,
                 body,
             } => {
-                out.push(APPEND);
-                put_stream(out, stream);
-                put_u64(out, position.0);
-                put_u64(out, *expires_ms);
-                out.push(u8::from(*pending));
-                put_name(out, sender);
-                put_opt_name(out, client_id.as_deref());
-                put_u32(out, body.len() as u32);
-                out.extend_from_slice(body);
+                let append = AppendRef {
+                    stream,
+                    position: *position,
+                    expires_ms: *expires_ms,
+                    pending: *pending,
+                    sender,
+                    client_id: client_id.as_deref(),
+                    body,
+                };
+                append.put_fields(out);
             }
             Record::Delivered { stream, positions } => {
                 out.push(DELIVERED);
@@ -144,11 +189,7 @@ impl Record {
                 put_u64(out, *expires_ms);
             }
         }
-        let body = &out[start + RECORD_HEADER..];
-        let len = (body.len() as u32).to_le_bytes();
-        let crc = crc32fast::hash(body).to_le_bytes();
-        out[start..start + 4].copy_from_slice(&len);
-        out[start + 4..start + 8].copy_from_slice(&crc);
+        seal(out, start);
     }
 
     /// Decodes one record's kind and fields (already checked against the checksum).

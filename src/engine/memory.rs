@@ -10,7 +10,7 @@
 use super::streams::{Gone, Limits, Refused, Removed, Streams};
 use super::{
     Append, Completion, Engine, Epoch, Event, Now, Outcome, Position, Publish, Recovery, Refusal,
-    Since, StreamId, Ticket,
+    Since, Stats, StreamId, Ticket,
 };
 use crate::app::dedup::{Dedup, Recorded};
 use crate::app::envelope::{AckStatus, MsgId};
@@ -44,14 +44,15 @@ impl MemoryEngine {
     /// A fresh engine: new epoch; positions start at the Unix time in µs-ish (ms x 1000), so they
     /// keep increasing across restarts in practice (unless a run averaged over 1,000 messages
     /// per millisecond). The file engine does better: it resumes from what it stored.
+    ///
+    /// Every position below the first one belongs to an earlier run, whose history this one
+    /// does not have: the index starts with everything below it marked as lost, so a `since`
+    /// from before the restart gets `recovered: false` even when the client sends no epoch.
     pub fn new(limits: Limits, dedup: Dedup, now: Now) -> Self {
-        MemoryEngine::resume(
-            Epoch::random(),
-            Position(0),
-            Streams::new(limits),
-            dedup,
-            now,
-        )
+        let mut streams = Streams::new(limits);
+        let first = now.unix_ms.saturating_mul(1000);
+        streams.forget_through(Position(first.saturating_sub(1)));
+        MemoryEngine::resume(Epoch::random(), Position(0), streams, dedup, now)
     }
 
     /// An engine over existing state (the file engine after reading its log): positions resume
@@ -183,11 +184,30 @@ impl MemoryEngine {
         // SPEC §13: a since from another epoch gets what is still there, and `false`.
         let from = since.map(|s| if other_epoch { Position(0) } else { s.position });
         let (messages, recovered) = self.streams.replay(stream, from, through);
+        // A position never handed out here comes from somewhere else: what followed it there
+        // is not here.
+        let unknown = since.is_some_and(|s| s.position > self.high_water());
         Recovery {
             epoch: self.epoch,
             last: self.streams.newest_through(stream, through),
-            recovered: recovered && !other_epoch,
+            recovered: recovered && !other_epoch && !unknown,
             messages,
+        }
+    }
+
+    /// The snapshot of `Engine::stats`.
+    pub(super) fn index_stats(&self, now_ms: u64) -> Stats {
+        let s = &self.streams;
+        Stats {
+            streams: s.streams(),
+            messages: s.messages(),
+            bytes: s.bytes(),
+            pending: s.pending(),
+            removed: s.removed,
+            expiring: s.expiring(now_ms),
+            dedup_records: self.dedup.records(),
+            dedup_bytes: self.dedup.bytes(),
+            dedup_evicted: self.dedup.evicted(),
         }
     }
 
@@ -292,12 +312,20 @@ impl Engine for MemoryEngine {
         self.streams.mark_delivered(stream, positions);
     }
 
+    fn acked(&mut self, sender: &str, client_id: &str, position: Position, status: AckStatus) {
+        self.remember(sender, Some(client_id), position, status);
+    }
+
     fn online(&mut self, sender: &str) {
         self.dedup.active(sender);
     }
 
     fn offline(&mut self, sender: &Rc<str>, now: Now) {
         self.dedup.idle(sender, now.instant);
+    }
+
+    fn stats(&self, now_ms: u64) -> Stats {
+        self.index_stats(now_ms)
     }
 
     fn maintain(&mut self, now: Now) {

@@ -278,6 +278,13 @@ pub trait Engine {
     /// These messages reached a connection: they are no longer pending.
     fn delivered(&mut self, stream: &StreamId, positions: &[Position]);
 
+    /// The hub acked a stored message otherwise than the engine assumed (`queued`/`delivered`
+    /// from the pending flag for a direct message, `delivered` for a room message): a publish
+    /// some members dropped (`partial`), or one every recipient dropped (`rejected`). A
+    /// duplicate of `client_id` is then acked the same way; after `rejected` a retry is a new
+    /// message. Kept in memory only: after a restart a duplicate gets the engine's own status.
+    fn acked(&mut self, sender: &str, client_id: &str, position: Position, status: AckStatus);
+
     /// This hub now holds a connection of `id` / no longer holds any. The id's duplicate window
     /// is kept while it is connected and for the retention TTL after; an engine shared with
     /// other nodes or workers subscribes to the id's inbox while it is online here.
@@ -298,6 +305,26 @@ pub trait Engine {
     /// Work submitted and not yet completed: acks waiting for durability.
     fn in_flight(&self) -> usize;
 
+    /// What the engine holds now, for the hub's /metrics and /stats.json. `now_ms` lets it
+    /// count what has expired but is not swept yet as gone already.
+    fn stats(&self, now_ms: u64) -> Stats;
+
     /// Appends the engine's metrics (Prometheus text).
     fn render_metrics(&self, out: &mut String);
+}
+
+/// A snapshot of an engine's retained messages and duplicate windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub streams: usize,
+    pub messages: usize,
+    pub bytes: usize,
+    pub pending: usize,
+    /// What the bounds and the TTL removed so far.
+    pub removed: streams::Removed,
+    /// Retained messages past their TTL that the next `maintain` removes.
+    pub expiring: streams::Expiring,
+    pub dedup_records: usize,
+    pub dedup_bytes: usize,
+    pub dedup_evicted: u64,
 }

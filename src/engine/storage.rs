@@ -102,8 +102,13 @@ pub(super) struct Marks {
 
 /// Work for the storage thread. Every op gets exactly one answer, in order.
 pub(super) enum Op {
-    /// Append these encoded records.
-    Write { bytes: Vec<u8>, marks: Marks },
+    /// Append these encoded records, which belong to `entries` pieces of the front-end's work
+    /// (it gathers everything one loop iteration submitted into one op).
+    Write {
+        bytes: Vec<u8>,
+        marks: Marks,
+        entries: usize,
+    },
     /// Copy what is still live out of `segment` into the head, then delete it.
     Compact {
         segment: u64,
@@ -117,7 +122,8 @@ pub(super) enum Op {
     },
 }
 
-/// The answer to the next `ops` ops.
+/// The answer to the next `ops` pieces of work (a write op counts its `entries`, a
+/// compaction one).
 #[derive(Debug)]
 pub(super) struct Done {
     pub ops: usize,
@@ -129,9 +135,12 @@ pub(super) struct Done {
     pub head: u64,
     /// Bytes of all segments after this batch.
     pub disk_bytes: u64,
-    /// For a write batch: its size in ops and how long its fsync took.
+    /// For a write batch: its size in pieces of work and how long its fsync took.
     pub batch: Option<(usize, Option<f64>)>,
     pub compacted: Option<Compacted>,
+    /// A compaction that was not worth it: the segment, and the Unix time (ms) from which its
+    /// copy will be small enough (see `Storage::compact`).
+    pub declined: Option<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -159,6 +168,8 @@ pub(super) struct Storage {
     /// A failed write may have left bytes past `len`: cut them before the next write.
     dirty: bool,
     failing: bool,
+    /// Starting the next segment failed last time (logged once, until it works again).
+    rotate_failing: bool,
 }
 
 impl Storage {
@@ -171,7 +182,9 @@ impl Storage {
         marks: Marks,
     ) -> io::Result<Storage> {
         let head = sizes.keys().next_back().map_or(1, |last| last + 1);
-        let (file, len) = create_segment(&dir, head, marks)?;
+        // Opening is not subject to the fault switch: it simulates a disk that fills up while
+        // the server runs.
+        let (file, len) = create_segment(&dir, head, marks, &StoreFault::Off)?;
         let mut sizes = sizes;
         sizes.insert(head, len);
         Ok(Storage {
@@ -186,6 +199,7 @@ impl Storage {
             marks,
             dirty: false,
             failing: false,
+            rotate_failing: false,
         })
     }
 
@@ -229,10 +243,18 @@ impl Storage {
         let mut writes = 0;
         for op in batch {
             match op {
-                Op::Write { bytes: b, marks } => {
-                    bytes.extend_from_slice(&b);
+                Op::Write {
+                    bytes: b,
+                    marks,
+                    entries,
+                } => {
+                    if bytes.is_empty() {
+                        bytes = b; // the common case, one op: no copy
+                    } else {
+                        bytes.extend_from_slice(&b);
+                    }
                     self.marks = marks;
-                    writes += 1;
+                    writes += entries;
                 }
                 Op::Compact {
                     segment,
@@ -260,7 +282,7 @@ impl Storage {
     /// Writes and syncs one batch, then starts a new segment if the head is full.
     fn commit(&mut self, bytes: &[u8], ops: usize) -> Done {
         let segment = self.head;
-        let result = self.append(bytes);
+        let result = self.append(bytes, false);
         let fsync_secs = result.as_ref().ok().copied().flatten();
         let result = self.note(result.map(|_| ()));
         if result.is_ok() && self.len >= self.segment_bytes {
@@ -275,11 +297,13 @@ impl Storage {
             disk_bytes: self.sizes.values().sum(),
             batch: Some((ops, fsync_secs)),
             compacted: None,
+            declined: None,
         }
     }
 
-    /// Appends `bytes` to the head and syncs per the policy. Returns the fsync's duration.
-    fn append(&mut self, bytes: &[u8]) -> io::Result<Option<f64>> {
+    /// Appends `bytes` to the head and syncs per the policy, or whatever the policy if
+    /// `always_sync`. Returns the fsync's duration.
+    fn append(&mut self, bytes: &[u8], always_sync: bool) -> io::Result<Option<f64>> {
         if self.fault.active() {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
@@ -290,8 +314,8 @@ impl Storage {
         self.dirty = true;
         self.file.write_all_at(bytes, self.len)?;
         let fsync_secs = match self.fsync {
-            FsyncPolicy::Never => None,
-            FsyncPolicy::Batch | FsyncPolicy::Always => {
+            FsyncPolicy::Never if !always_sync => None,
+            _ => {
                 let started = Instant::now();
                 self.file.sync_data()?;
                 Some(started.elapsed().as_secs_f64())
@@ -331,15 +355,24 @@ impl Storage {
         let result = self
             .file
             .sync_data()
-            .and_then(|()| create_segment(&self.dir, next, self.marks));
+            .and_then(|()| create_segment(&self.dir, next, self.marks, &self.fault));
         match result {
             Ok((file, len)) => {
                 self.file = file;
                 self.head = next;
                 self.len = len;
                 self.sizes.insert(next, len);
+                if std::mem::take(&mut self.rotate_failing) {
+                    info!("file engine: started segment {next}; segments rotate again");
+                }
             }
-            Err(e) => warn!("file engine: cannot start segment {next}: {e}"),
+            Err(e) => {
+                if !std::mem::replace(&mut self.rotate_failing, true) {
+                    warn!(
+                        "file engine: cannot start segment {next} ({e}); the head segment keeps growing until it can"
+                    );
+                }
+            }
         }
     }
 
@@ -363,54 +396,86 @@ impl Storage {
         let mut moved = Vec::new();
         let mut forgotten = self.marks.forgotten_through;
         let mut mentioned: HashMap<String, StreamId> = HashMap::new();
-        journal::read_segment(&old, |_, record| match record {
-            Record::Append {
-                stream,
-                position,
-                expires_ms,
-                sender,
-                client_id,
-                body,
-                ..
-            } => {
-                mentioned.insert(journal::stream_key(&stream), stream.clone());
-                match live.get(&position.0) {
-                    Some(&pending) => {
-                        moved.push(position.0);
-                        Record::Append {
-                            stream,
-                            position,
-                            expires_ms,
-                            pending,
-                            sender,
-                            client_id,
-                            body,
-                        }
-                        .encode(&mut out);
-                    }
-                    None => forgotten = forgotten.max(position),
-                }
-            }
-            Record::Trim { stream, through } => {
-                forgotten = forgotten.max(through);
-                mentioned.insert(journal::stream_key(&stream), stream);
-            }
-            Record::Delivered { stream, .. } => {
-                mentioned.insert(journal::stream_key(&stream), stream);
-            }
-            r @ Record::Published { .. } => {
-                if let Record::Published {
-                    client_id: Some(_),
+        // What each copied record costs and when it stops being worth keeping, to decide
+        // whether the copy is worth making (see `worth_it`).
+        let mut expiring: Vec<(u64, u64)> = Vec::new();
+        journal::read_segment(&old, |_, record| {
+            let before = out.len();
+            let expires = match record {
+                Record::Append {
+                    stream,
+                    position,
                     expires_ms,
+                    sender,
+                    client_id,
+                    body,
                     ..
-                } = &r
-                {
-                    if *expires_ms > now_ms {
-                        r.encode(&mut out);
+                } => {
+                    mentioned.insert(journal::stream_key(&stream), stream.clone());
+                    match live.get(&position.0) {
+                        Some(&pending) => {
+                            moved.push(position.0);
+                            Record::Append {
+                                stream,
+                                position,
+                                expires_ms,
+                                pending,
+                                sender,
+                                client_id,
+                                body,
+                            }
+                            .encode(&mut out);
+                        }
+                        None => {
+                            forgotten = forgotten.max(position);
+                            // The message is gone but its client id's duplicate window is
+                            // not (SPEC §7: it outlives the message, up to the TTL): keep it
+                            // in the record that carries only that.
+                            if client_id.is_some() && expires_ms > now_ms {
+                                Record::Published {
+                                    position,
+                                    sender,
+                                    client_id,
+                                    expires_ms,
+                                }
+                                .encode(&mut out);
+                            }
+                        }
+                    }
+                    expires_ms
+                }
+                Record::Trim { stream, through } => {
+                    forgotten = forgotten.max(through);
+                    mentioned.insert(journal::stream_key(&stream), stream);
+                    0
+                }
+                Record::Delivered { stream, .. } => {
+                    mentioned.insert(journal::stream_key(&stream), stream);
+                    0
+                }
+                r @ Record::Published { .. } => {
+                    if let Record::Published {
+                        client_id: Some(_),
+                        expires_ms,
+                        ..
+                    } = &r
+                    {
+                        if *expires_ms > now_ms {
+                            let expires = *expires_ms;
+                            r.encode(&mut out);
+                            expires
+                        } else {
+                            0
+                        }
+                    } else {
+                        0
                     }
                 }
+                Record::Header { .. } => 0,
+            };
+            if out.len() > before {
+                expiring.push((expires, (out.len() - before) as u64));
             }
-            Record::Header { .. } => {}
         });
         // Streams still retained keep their own mark; for the rest, the global one covers what
         // this segment held.
@@ -431,8 +496,15 @@ impl Storage {
         }
         .encode(&mut out);
         let copied = out.len() as u64;
+        if let Some(retry_at_ms) = worth_it(old.len() as u64, copied, &mut expiring, now_ms) {
+            let mut done = self.skipped(Ok(()));
+            done.declined = Some((segment, retry_at_ms));
+            return done;
+        }
         let written_to = self.head;
-        let result = self.append(&out).map(|_| ());
+        // Synced whatever the policy: the old segment is deleted next, and with `never` an
+        // unsynced copy could be lost with the machine while the deletion survives.
+        let result = self.append(&out, true).map(|_| ());
         let result = self.note(result);
         if let Err(e) = result {
             return self.skipped(Err(e));
@@ -456,6 +528,7 @@ impl Storage {
             head: self.head,
             disk_bytes: self.sizes.values().sum(),
             batch: None,
+            declined: None,
             compacted: Some(Compacted {
                 segment,
                 reclaimed,
@@ -477,12 +550,46 @@ impl Storage {
             disk_bytes: self.sizes.values().sum(),
             batch: None,
             compacted: None,
+            declined: None,
         }
     }
 }
 
+/// Whether copying `copied` bytes out of a segment of `size` bytes is worth it: `None` if the
+/// copy is at most half the segment, else the Unix time (ms) from which it will be, as the
+/// copied records (`expiring`: expiry, bytes) expire, and at least a minute from now. Without
+/// this, a segment of unexpired duplicate windows would be copied forward again and again.
+fn worth_it(size: u64, copied: u64, expiring: &mut [(u64, u64)], now_ms: u64) -> Option<u64> {
+    let half = size / 2;
+    if copied <= half {
+        return None;
+    }
+    // Records with no expiry (marks) stay; the rest are kept while their expiry is ahead.
+    let lasting: u64 = copied - expiring.iter().map(|&(_, b)| b).sum::<u64>();
+    expiring.sort_unstable_by_key(|&(expires, _)| std::cmp::Reverse(expires));
+    let mut kept = lasting;
+    let mut from = now_ms;
+    for &(expires, bytes) in expiring.iter() {
+        if kept + bytes > half {
+            from = expires;
+            break;
+        }
+        kept += bytes;
+    }
+    Some(from.max(now_ms.saturating_add(RETRY_COMPACTION_MS)))
+}
+
+/// The shortest wait before a segment whose compaction was declined is tried again.
+const RETRY_COMPACTION_MS: u64 = 60_000;
+
 /// Creates segment `id` holding only its magic and a `Header`, durably (file and directory).
-pub(super) fn create_segment(dir: &Path, id: u64, marks: Marks) -> io::Result<(File, u64)> {
+/// The fault switch fails the header's write, as a full disk would after the file exists.
+pub(super) fn create_segment(
+    dir: &Path,
+    id: u64,
+    marks: Marks,
+    fault: &StoreFault,
+) -> io::Result<(File, u64)> {
     let path = journal::segment_path(dir, id);
     let file = OpenOptions::new()
         .read(true)
@@ -496,13 +603,84 @@ pub(super) fn create_segment(dir: &Path, id: u64, marks: Marks) -> io::Result<(F
         forgotten_through: marks.forgotten_through,
     }
     .encode(&mut bytes);
-    file.write_all_at(&bytes, 0)?;
-    file.sync_all()?;
-    sync_dir(dir)?;
+    let written = if fault.active() {
+        Err(io::Error::from_raw_os_error(libc::ENOSPC))
+    } else {
+        Ok(())
+    };
+    let written = written
+        .and_then(|()| file.write_all_at(&bytes, 0))
+        .and_then(|()| file.sync_all())
+        .and_then(|()| sync_dir(dir));
+    if let Err(e) = written {
+        // A file left behind would make every later attempt fail with "file exists" (and a
+        // headerless segment is not a valid one): take it away, the next attempt starts over.
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
     Ok((file, bytes.len() as u64))
 }
 
 /// Makes a directory's entries (created or deleted files) durable.
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(dir: &Path, flag: &Arc<AtomicBool>) -> Storage {
+        let marks = Marks {
+            epoch: Epoch::random(),
+            high_water: Position(0),
+            forgotten_through: Position(0),
+        };
+        let fault = StoreFault::Flag(Arc::clone(flag));
+        Storage::new(
+            dir.to_path_buf(),
+            FsyncPolicy::Batch,
+            1 << 20,
+            fault,
+            BTreeMap::new(),
+            marks,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_segment_that_could_not_be_started_leaves_no_file_and_the_next_rotation_works() {
+        let tmp = tempfile::tempdir().unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut s = storage(tmp.path(), &flag);
+        assert_eq!(s.head, 1);
+        flag.store(true, Ordering::Relaxed);
+        s.rotate();
+        assert_eq!(s.head, 1, "rotation failed, the head stays");
+        assert!(s.rotate_failing);
+        assert!(
+            !journal::segment_path(tmp.path(), 2).exists(),
+            "a failed start left segment 2 behind"
+        );
+        s.rotate(); // failing again: still no file, and no second log line (state unchanged)
+        assert!(!journal::segment_path(tmp.path(), 2).exists());
+        flag.store(false, Ordering::Relaxed);
+        s.rotate();
+        assert_eq!(s.head, 2, "the disk has room again: rotation works");
+        assert!(!s.rotate_failing);
+        let bytes = fs::read(journal::segment_path(tmp.path(), 2)).unwrap();
+        assert!(bytes.starts_with(MAGIC), "segment 2 has its header");
+    }
+
+    #[test]
+    fn a_compaction_copying_more_than_half_waits_for_its_records_to_expire() {
+        // 100 bytes copied out of 120: declined until enough has expired to fit in 60.
+        let mut expiring = vec![(5_000, 30), (9_000, 30), (7_000, 30)];
+        let from = worth_it(120, 100, &mut expiring, 1_000);
+        // 10 bytes last; keeping 9_000 (30) fits 40 <= 60, adding 7_000 would not.
+        assert_eq!(from, Some(61_000), "at least a minute from now");
+        let mut expiring = vec![(500_000, 30), (900_000, 30), (700_000, 30)];
+        assert_eq!(worth_it(120, 100, &mut expiring, 1_000), Some(700_000));
+        assert_eq!(worth_it(120, 60, &mut [], 1_000), None, "half is worth it");
+    }
 }

@@ -84,6 +84,15 @@ pub struct Gone {
     pub cost: usize,
 }
 
+/// Messages past their expiry that `expire` has not removed yet (an idle server sweeps late;
+/// /metrics counts them as gone already).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expiring {
+    pub pending: u64,
+    pub messages: usize,
+    pub bytes: usize,
+}
+
 /// What the bounds removed so far, for /metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Removed {
@@ -151,6 +160,28 @@ impl Streams {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// What `expire(now_ms)` would remove (see `Expiring`): walks the oldest messages only.
+    pub fn expiring(&self, now_ms: u64) -> Expiring {
+        let mut out = Expiring::default();
+        for (&position, stream) in &self.order {
+            let Some(e) = self.streams.get(stream).and_then(|s| {
+                s.entries
+                    .binary_search_by_key(&position, |e| e.position)
+                    .ok()
+                    .and_then(|at| s.entries.get(at))
+            }) else {
+                break;
+            };
+            if e.expires_ms > now_ms {
+                break;
+            }
+            out.messages += 1;
+            out.bytes += e.cost();
+            out.pending += u64::from(e.pending);
+        }
+        out
     }
 
     /// Keeps a new message (pending: no connection has it yet) at `position`, which must be
@@ -320,19 +351,31 @@ impl Streams {
 
     /// Marks messages delivered. Returns how many were pending.
     pub fn mark_delivered(&mut self, stream: &StreamId, positions: &[Position]) -> usize {
+        let mut flipped = Vec::new();
+        self.mark_delivered_into(stream, positions, &mut flipped);
+        flipped.len()
+    }
+
+    /// Marks messages delivered, and puts the positions of those that were pending into
+    /// `flipped` (what the file engine must log).
+    pub fn mark_delivered_into(
+        &mut self,
+        stream: &StreamId,
+        positions: &[Position],
+        flipped: &mut Vec<Position>,
+    ) {
         let Some(s) = self.streams.get_mut(stream) else {
-            return 0;
+            return;
         };
-        let mut flipped = 0;
-        for position in positions {
-            if let Ok(at) = s.entries.binary_search_by_key(position, |e| e.position) {
+        let before = flipped.len();
+        for &position in positions {
+            if let Ok(at) = s.entries.binary_search_by_key(&position, |e| e.position) {
                 if std::mem::take(&mut s.entries[at].pending) {
-                    flipped += 1;
+                    flipped.push(position);
                 }
             }
         }
-        self.pending -= flipped;
-        flipped
+        self.pending -= flipped.len() - before;
     }
 
     /// What a client connecting with `since` gets: the pending messages and, with a `since`,
@@ -401,16 +444,18 @@ impl Streams {
         s.entries.get(at)
     }
 
-    /// Records which log segment holds the message at `position` (file engine).
-    pub fn set_segment(&mut self, position: Position, segment: u64) {
-        let Some(stream) = self.order.get(&position) else {
-            return;
-        };
-        if let Some(s) = self.streams.get_mut(stream) {
-            if let Ok(at) = s.entries.binary_search_by_key(&position, |e| e.position) {
-                s.entries[at].segment = segment;
-            }
-        }
+    /// Records which log segment holds the message at `position` (file engine). Returns the
+    /// message's cost, if it is still retained.
+    pub fn set_segment(&mut self, position: Position, segment: u64) -> Option<usize> {
+        let stream = self.order.get(&position)?;
+        let s = self.streams.get_mut(stream)?;
+        let at = s
+            .entries
+            .binary_search_by_key(&position, |e| e.position)
+            .ok()?;
+        let entry = &mut s.entries[at];
+        entry.segment = segment;
+        Some(entry.cost())
     }
 
     /// Every retained message with its stream, in no particular order.

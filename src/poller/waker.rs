@@ -24,15 +24,21 @@
 //! per batch would be wasted syscalls. So `wake` writes a byte only if the shared `pending` flag
 //! was clear, and sets it; `drain` clears it. The order inside `drain` is what makes this safe:
 //!
-//! 1. clear `pending`, 2. read every byte, then (the caller) 3. take every answer off the
+//! 1. read every byte, 2. clear `pending`, then (the caller) 3. take every answer off the
 //!    channel.
 //!
-//! A sender always queues its answer *before* calling `wake`. If its `wake` saw the flag set,
-//! the flag was set by a wake whose byte had not yet been drained, and step 3 of that drain
-//! runs after the answer was queued (the flag is cleared in step 1, before), so the answer is
-//! taken. If its `wake` saw the flag clear, it writes a byte, and the poller reports the
-//! descriptor readable again. Either way the answer is picked up; at worst a wake-up finds the
-//! channel already empty, which is harmless.
+//! A sender always queues its answer *before* calling `wake`. If its `wake` saw the flag set
+//! (before step 2), step 3 runs after its answer was queued, so the answer is taken. If it saw
+//! the flag clear (after step 2), it writes a byte that no running drain can consume any more
+//! (step 1 is over), so the descriptor stays readable and the poller reports it. Either way the
+//! answer is picked up; at worst a wake-up finds the channel already empty, which is harmless.
+//!
+//! The other order (clear, then read) loses wake-ups: a `wake` between the two writes a byte
+//! that the same drain then reads, and leaves the flag set with nothing to read. An
+//! edge-triggered poller (epoll with `EPOLLET`, which mio uses) checks readiness again when it
+//! reports, so it does not report the now empty descriptor, and every later `wake` sees the
+//! flag set and writes nothing: the reactor sleeps with answers waiting. The test
+//! `a_wake_during_a_drain_is_not_lost` replays that interleaving step by step.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -100,10 +106,16 @@ impl WakeReceiver {
         self.reader.as_raw_fd()
     }
 
-    /// Clears the pending flag, then reads every byte (see the module doc for the order).
-    /// Returns whether there was a wake-up. The caller then takes its answers off its channel.
+    /// Reads every byte, then clears the pending flag (see the module doc for why in this
+    /// order). Returns whether there was a wake-up. The caller then takes its answers off its
+    /// channel.
     pub fn drain(&mut self) -> bool {
-        self.pending.store(false, Ordering::Release);
+        let woken = self.read_all();
+        self.clear();
+        woken
+    }
+
+    fn read_all(&mut self) -> bool {
         let mut woken = false;
         let mut buf = [0u8; 64];
         loop {
@@ -114,6 +126,10 @@ impl WakeReceiver {
                 Err(_) => return woken,
             }
         }
+    }
+
+    fn clear(&self) {
+        self.pending.store(false, Ordering::Release);
     }
 }
 
@@ -167,6 +183,24 @@ mod tests {
         assert!(!rx.drain(), "nothing left to read");
         waker.wake();
         assert!(rx.drain(), "after a drain, a wake writes again");
+    }
+
+    /// The interleaving that lost wake-ups when `drain` cleared the flag before reading: a
+    /// `wake` from another thread lands in the middle of a drain. After it, the next `wake`
+    /// must still make the descriptor readable.
+    #[test]
+    fn a_wake_during_a_drain_is_not_lost() {
+        let (mut rx, waker) = pair().unwrap();
+        waker.wake(); // the wake-up the reactor is handling
+        assert!(rx.read_all(), "drain, step 1");
+        waker.wake(); // mid-drain: the flag is still set, so no byte (its answer is taken in step 3)
+        rx.clear(); // drain, step 2
+        assert!(!rx.read_all(), "nothing was written mid-drain");
+        waker.wake(); // a later answer
+        assert!(
+            rx.drain(),
+            "the later wake wrote a byte: the descriptor is readable"
+        );
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! The client side of the HTTP/1.1 opening handshake, as pure code: a `ws://` URL and a nonce
 //! in, request bytes out; response bytes in, an accept-or-fail decision out.
 //!
-//! Owns: parsing `ws://` URLs into host, port and resource name (`WsUrl`), the bytes of the
+//! Owns: parsing `ws://` and `wss://` URLs into scheme, host, port and resource name (`WsUrl`),
+//! the bytes of the
 //! upgrade request, and the client's checks of the server's answer (`parse_response`), with
 //! `ClientHandshakeError` naming each way the answer can be wrong.
 //! Does not: read sockets, resolve names, draw random numbers (the caller passes the 16-byte
-//! nonce, so this stays a pure function), negotiate subprotocols, or speak TLS (`wss://` is
-//! refused with its own error). The one extension it can offer, permessage-deflate, is
-//! negotiated by `deflate::negotiate`; this module only checks the server's answer with it.
+//! nonce, so this stays a pure function), negotiate subprotocols, or speak TLS (for `wss://`,
+//! `tls::TlsSession` carries these bytes). The one extension it can offer, permessage-deflate,
+//! is negotiated by `deflate::negotiate`; this module only checks the server's answer with it.
 //!
 //! SPEC §7 and §11 (the client and the load generator); RFC 6455 §3 (ws URIs), §4.1 (the
 //! client's requirements), §4.2.2 (the accept value, computed by `handshake::accept_key`).
@@ -25,9 +26,14 @@ pub const MAX_RESPONSE_BYTES: usize = MAX_REQUEST_BYTES;
 /// RFC 6455 §3: the port a `ws://` URI means when it names none.
 const DEFAULT_PORT: u16 = 80;
 
-/// A parsed `ws://host[:port][/path][?query]` URL.
+/// RFC 6455 §3: the port a `wss://` URI means when it names none.
+const DEFAULT_SECURE_PORT: u16 = 443;
+
+/// A parsed `ws[s]://host[:port][/path][?query]` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WsUrl {
+    /// `wss://`: the connection runs over TLS (RFC 6455 §3, "secure" flag).
+    pub secure: bool,
     /// The host as written, without the brackets of an IPv6 literal (`::1`, not `[::1]`), so it
     /// can be handed to the resolver with `port`.
     pub host: String,
@@ -38,20 +44,18 @@ pub struct WsUrl {
 }
 
 impl WsUrl {
-    /// Parses a `ws://` URL.
+    /// Parses a `ws://` or `wss://` URL.
     ///
     /// # Errors
-    /// `WssUnsupported` for `wss://`; `NotWebSocket` for any other scheme; `Fragment` for a `#`
+    /// `NotWebSocket` for any other scheme; `Fragment` for a `#`
     /// anywhere (RFC 6455 §3: "Fragment identifiers are meaningless in the context of WebSocket
     /// URIs and MUST NOT be used"); `UserInfo` for `user@host`; `NoHost` for an empty host;
     /// `BadPort` for a port that is not a number from 1 to 65535.
     pub fn parse(url: &str) -> Result<WsUrl, UrlError> {
         // RFC 3986 §3.1: schemes are case-insensitive.
-        let rest = match url.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("ws") => rest,
-            Some((scheme, _)) if scheme.eq_ignore_ascii_case("wss") => {
-                return Err(UrlError::WssUnsupported)
-            }
+        let (secure, rest) = match url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("ws") => (false, rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("wss") => (true, rest),
             _ => return Err(UrlError::NotWebSocket),
         };
         if rest.contains('#') {
@@ -62,7 +66,12 @@ impl WsUrl {
         if authority.contains('@') {
             return Err(UrlError::UserInfo);
         }
-        let (host, port) = split_host_port(authority)?;
+        let default_port = if secure {
+            DEFAULT_SECURE_PORT
+        } else {
+            DEFAULT_PORT
+        };
+        let (host, port) = split_host_port(authority, default_port)?;
         if host.is_empty() {
             return Err(UrlError::NoHost);
         }
@@ -73,6 +82,7 @@ impl WsUrl {
             format!("/{tail}")
         };
         Ok(WsUrl {
+            secure,
             host: host.to_string(),
             port,
             resource,
@@ -80,14 +90,19 @@ impl WsUrl {
     }
 
     /// The value of the `Host` header (RFC 7230 §5.4): the host, bracketed if it is an IPv6
-    /// literal, and the port unless it is the default one.
+    /// literal, and the port unless it is the scheme's default one.
     pub fn host_header(&self) -> String {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
             self.host.clone()
         };
-        if self.port == DEFAULT_PORT {
+        let default_port = if self.secure {
+            DEFAULT_SECURE_PORT
+        } else {
+            DEFAULT_PORT
+        };
+        if self.port == default_port {
             host
         } else {
             format!("{host}:{}", self.port)
@@ -95,8 +110,8 @@ impl WsUrl {
     }
 }
 
-/// Splits `host[:port]` or `[v6]:port`; the port defaults to 80.
-fn split_host_port(authority: &str) -> Result<(&str, u16), UrlError> {
+/// Splits `host[:port]` or `[v6]:port`; the port defaults to `default_port`.
+fn split_host_port(authority: &str, default_port: u16) -> Result<(&str, u16), UrlError> {
     let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
         let (host, after) = bracketed.split_once(']').ok_or(UrlError::NoHost)?;
         match after {
@@ -113,7 +128,7 @@ fn split_host_port(authority: &str) -> Result<(&str, u16), UrlError> {
         }
     };
     let port = match port {
-        None => DEFAULT_PORT,
+        None => default_port,
         Some(text) => match text.parse::<u16>() {
             Ok(p) if p != 0 && text.bytes().all(|b| b.is_ascii_digit()) => p,
             _ => return Err(UrlError::BadPort),
@@ -126,7 +141,6 @@ fn split_host_port(authority: &str) -> Result<(&str, u16), UrlError> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UrlError {
     NotWebSocket,
-    WssUnsupported,
     Fragment,
     UserInfo,
     NoHost,
@@ -136,8 +150,7 @@ pub enum UrlError {
 impl fmt::Display for UrlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            UrlError::NotWebSocket => "not a ws:// URL",
-            UrlError::WssUnsupported => "wss:// (TLS) is not supported; use ws://",
+            UrlError::NotWebSocket => "not a ws:// or wss:// URL",
             UrlError::Fragment => "a WebSocket URL may not have a #fragment (RFC 6455 §3)",
             UrlError::UserInfo => "user@host is not supported in a WebSocket URL",
             UrlError::NoHost => "the URL names no host",
@@ -378,15 +391,16 @@ mod tests {
     const SAMPLE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
     const SAMPLE_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
-    /// (host, port, resource) of a parsed URL, or why it was refused.
-    type UrlOutcome = Result<(&'static str, u16, &'static str), UrlError>;
+    /// (secure, host, port, resource) of a parsed URL, or why it was refused.
+    type UrlOutcome = Result<(bool, &'static str, u16, &'static str), UrlError>;
 
     /// What `parse_response` gives: the bytes after the head, "need more", or a refusal.
     type ResponseOutcome<'a> = Result<Option<&'a [u8]>, ClientHandshakeError>;
 
     fn check_url(input: &str, expected: UrlOutcome) {
         let got = WsUrl::parse(input);
-        let want = expected.map(|(host, port, resource)| WsUrl {
+        let want = expected.map(|(secure, host, port, resource)| WsUrl {
+            secure,
             host: host.to_string(),
             port,
             resource: resource.to_string(),
@@ -399,14 +413,15 @@ mod tests {
         use UrlError::*;
         #[rustfmt::skip]
         let cases: &[(&str, UrlOutcome)] = &[
-            ("ws://127.0.0.1:8080/echo", Ok(("127.0.0.1", 8080, "/echo"))),
-            ("ws://localhost/echo", Ok(("localhost", 80, "/echo"))),
-            ("WS://Example.org", Ok(("Example.org", 80, "/"))),
-            ("ws://h:1/r/bench?x=1&y", Ok(("h", 1, "/r/bench?x=1&y"))),
-            ("ws://h?id=alice", Ok(("h", 80, "/?id=alice"))),
-            ("ws://[::1]:9000/echo", Ok(("::1", 9000, "/echo"))),
-            ("ws://[::1]/", Ok(("::1", 80, "/"))),
-            ("wss://h/echo", Err(WssUnsupported)),
+            ("ws://127.0.0.1:8080/echo", Ok((false, "127.0.0.1", 8080, "/echo"))),
+            ("ws://localhost/echo", Ok((false, "localhost", 80, "/echo"))),
+            ("WS://Example.org", Ok((false, "Example.org", 80, "/"))),
+            ("ws://h:1/r/bench?x=1&y", Ok((false, "h", 1, "/r/bench?x=1&y"))),
+            ("ws://h?id=alice", Ok((false, "h", 80, "/?id=alice"))),
+            ("ws://[::1]:9000/echo", Ok((false, "::1", 9000, "/echo"))),
+            ("ws://[::1]/", Ok((false, "::1", 80, "/"))),
+            ("wss://h/echo", Ok((true, "h", 443, "/echo"))),
+            ("WSS://h:8443", Ok((true, "h", 8443, "/"))),
             ("http://h/echo", Err(NotWebSocket)),
             ("h:80/echo", Err(NotWebSocket)),
             ("ws://h/echo#top", Err(Fragment)),
@@ -432,6 +447,9 @@ mod tests {
             ("ws://localhost/", "localhost"),
             ("ws://[::1]:9000/", "[::1]:9000"),
             ("ws://[::1]/", "[::1]"),
+            ("wss://h/", "h"),
+            ("wss://h:80/", "h:80"),
+            ("ws://h:443/", "h:443"),
         ];
         for &(url, want) in cases {
             assert_eq!(WsUrl::parse(url).unwrap().host_header(), want, "{url}");

@@ -16,7 +16,7 @@
 //! message is handed out as a slice of it. Only the start of a frame that has not fully arrived is
 //! copied into the reader (`tail`), with room reserved for the whole frame once its header is
 //! known; the next read completes it from the front of the new bytes and goes on parsing the rest
-//! in place.
+//! in place. After our Close, a frame that is only skipped is not copied at all.
 //!
 //! Phases, each entered by one method or event:
 //!
@@ -31,7 +31,11 @@
 //! - Open: every frame is assembled and reported.
 //! - AwaitingClose: we sent our Close (RFC 6455 §5.5.1: the peer may still send until it answers).
 //!   Frames are still delimited and checked, so the stream never desyncs, but only the peer's
-//!   Close is reported; data is skipped, not assembled, so it cannot trip a limit again.
+//!   Close is reported. Every other frame is skipped: not assembled (so fragments cannot add up
+//!   to a limit or break UTF-8), not validated as text, and not copied even when it arrives in
+//!   pieces (the bytes still to come are counted off the next reads). Its header is still
+//!   checked as in Open: a single data frame announcing more than `max_message` fails the
+//!   reader, as does any framing error.
 //! - Closed: the peer's Close was the last frame it may send; later bytes are consumed unread.
 //! - Failed: the error is returned again by every call; input is consumed unread (RFC 6455
 //!   §7.1.7: after failing, data from the peer is not processed).
@@ -136,6 +140,9 @@ pub struct FrameReader {
     tail: Vec<u8>,
     /// The frame in `tail` was handed out by the last `next_event`: free it on the next call.
     tail_consumed: bool,
+    /// Bytes still to come of a frame being skipped (AwaitingClose): counted off the next
+    /// reads, never copied.
+    skip: usize,
     phase: Phase,
 }
 
@@ -150,6 +157,7 @@ impl FrameReader {
             assembler: Assembler::new(max_message),
             tail: Vec::new(),
             tail_consumed: false,
+            skip: 0,
             phase: Phase::Open,
         }
     }
@@ -171,8 +179,10 @@ impl FrameReader {
         }
     }
 
-    /// Has the stream ended for good: the peer's Close was read, or a protocol error?
-    pub fn is_finished(&self) -> bool {
+    /// Has the stream ended for good: the peer's Close was read, or a protocol error? (Callers
+    /// learn it from the events and errors themselves; the tests check it here.)
+    #[cfg(test)]
+    fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Closed | Phase::Failed(_))
     }
 
@@ -310,8 +320,18 @@ impl FrameReader {
     }
 
     /// Finds the next whole frame: first the one whose start is in `tail`, then in `input`.
-    /// `Ok(None)` means `input` is used up (a partial frame is kept in `tail`).
+    /// `Ok(None)` means `input` is used up (a partial frame is kept in `tail`, or is being
+    /// skipped).
     fn next_frame(&mut self, input: &mut Input<'_>) -> Result<Option<Located>, ProtocolError> {
+        if self.skip > 0 {
+            let rest = input.bytes.len().saturating_sub(input.used);
+            let n = self.skip.min(rest);
+            input.used += n;
+            self.skip -= n;
+            if self.skip > 0 {
+                return Ok(None);
+            }
+        }
         let max_payload = self.max_payload();
         if !self.tail.is_empty() {
             return self.complete_tail(input, max_payload);
@@ -338,6 +358,7 @@ impl FrameReader {
     /// Copies the incomplete frame at the end of `input` into `tail`, reserving room for all of
     /// it once its header is known (so the buffer does not double its way there, read by read,
     /// to up to twice the frame's size). A partial text frame is validated as far as it goes.
+    /// A frame that will be skipped is not copied: the bytes still to come are counted.
     fn keep_tail(&mut self, input: &mut Input<'_>, max_payload: u64) -> Result<(), ProtocolError> {
         let rest = input.bytes.get(input.used..).unwrap_or_default();
         if rest.is_empty() {
@@ -345,6 +366,11 @@ impl FrameReader {
         }
         if let Some(header) = decode_header_with(rest, self.role, max_payload, self.rsv1_allowed)? {
             self.check_budget(&header)?;
+            if self.skips(&header) {
+                self.skip = frame_len(&header)?.saturating_sub(rest.len());
+                input.skip_rest();
+                return Ok(());
+            }
             if self.phase == Phase::Open {
                 let prefix = rest.get(header.header_len..).unwrap_or_default();
                 self.assembler.check_partial(&header, prefix)?;
@@ -378,7 +404,6 @@ impl FrameReader {
                             input.used = input.used.saturating_sub(self.tail.len() - len);
                             self.tail.truncate(len);
                         }
-                        self.tail.reserve_exact(len - self.tail.len());
                         header
                     }
                     // Fewer bytes arrived than the header needs: `input` is used up.
@@ -388,6 +413,15 @@ impl FrameReader {
         };
         self.check_budget(&header)?;
         let len = frame_len(&header)?;
+        if self.skips(&header) {
+            // What arrived of it is dropped, the rest counted off (also for a frame kept while
+            // Open, before our Close).
+            self.skip = len.saturating_sub(self.tail.len());
+            self.release_tail();
+            return self.next_frame(input);
+        }
+        // Once per frame: room for all of it (a no-op if `keep_tail` reserved it).
+        self.tail.reserve_exact(len.saturating_sub(self.tail.len()));
         input.fill(&mut self.tail, len);
         if self.tail.len() < len {
             if self.phase == Phase::Open {
@@ -407,6 +441,12 @@ impl FrameReader {
         }
     }
 
+    /// Is `header` the start of a frame read only to be skipped: after our Close, anything but
+    /// the peer's Close (RFC 6455 §5.5.1)?
+    fn skips(&self, header: &FrameHeader) -> bool {
+        self.phase == Phase::AwaitingClose && header.opcode != OpCode::Close
+    }
+
     /// Frees the tail (an idle connection holds no buffer, SPEC §2).
     fn release_tail(&mut self) {
         self.tail = Vec::new();
@@ -418,6 +458,7 @@ impl FrameReader {
         self.phase = Phase::Failed(error);
         self.assembler.reset();
         self.release_tail();
+        self.skip = 0;
         input.skip_rest();
         error
     }
@@ -870,6 +911,63 @@ mod tests {
             Some(ProtocolError::UnmaskedFrame),
         );
         check_every_split(setup, &broken, &want);
+    }
+
+    /// After our Close, a frame to skip is counted off the reads, never copied: wherever the
+    /// reads are cut inside it (its header included), the reader holds no buffer afterwards, and
+    /// the frames behind it are found. Also for a frame whose start was kept while Open.
+    #[test]
+    fn a_skipped_frame_is_counted_not_copied_at_every_split_point() {
+        let big = frame::encode(true, OpCode::Binary, &[b'z'; 3000], KEY);
+        let header_len = big.len() - 3000;
+        let mut after = frame::encode(true, OpCode::Ping, b"p", KEY);
+        let close = frame::close_payload(CloseCode::NORMAL, "bye");
+        frame::encode_into(&mut after, true, OpCode::Close, &close, KEY);
+        let closed = plain(OwnedEvent::Close(Some((CloseCode::NORMAL, "bye".into()))));
+
+        for start_open in [false, true] {
+            // Every cut of the big frame: `start_open` keeps its start while Open (our Close is
+            // decided between the two reads), else our Close comes before any of it.
+            for cut in 0..big.len() {
+                let mut reader = FrameReader::new(Role::Server, MAX);
+                if !start_open {
+                    reader.await_close();
+                }
+                let mut first = big[..cut].to_vec();
+                let mut input = Input::new(&mut first);
+                assert_eq!(reader.next_event(&mut input), Ok(None), "cut {cut}");
+                if start_open {
+                    reader.await_close();
+                } else if cut < header_len {
+                    // A header cut short is kept: it is needed to know the frame's length.
+                    assert!(reader.tail.capacity() <= frame::MAX_HEADER_LEN, "cut {cut}");
+                } else {
+                    assert_eq!(reader.tail.capacity(), 0, "cut {cut}: nothing copied");
+                }
+                let mut second = big[cut..].to_vec();
+                second.extend_from_slice(&after);
+                let mut input = Input::new(&mut second);
+                let event = reader
+                    .next_event(&mut input)
+                    .map(|e| e.map(OwnedEvent::from));
+                assert_eq!(event, Ok(Some(closed.0.clone())), "cut {cut}");
+                assert_eq!(reader.next_event(&mut input), Ok(None));
+                assert_eq!(reader.tail.capacity(), 0, "cut {cut}: no buffer left");
+                assert_eq!(reader.skip, 0);
+            }
+        }
+
+        // Cut into three reads anywhere in a small one, the same: only the Close is reported.
+        let mut wire = frame::encode(true, OpCode::Text, &[b'a'; 200], KEY);
+        wire.extend_from_slice(&after);
+        let setup = Setup {
+            await_close_after_first: true,
+            ..server()
+        };
+        let mut with_first = frame::encode(true, OpCode::Text, b"first", KEY);
+        with_first.extend_from_slice(&wire);
+        let want = (vec![msg(OpCode::Text, b"first"), closed], None);
+        check_every_split(setup, &with_first, &want);
     }
 
     fn with_rsv1(mut frame: Vec<u8>) -> Vec<u8> {

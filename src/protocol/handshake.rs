@@ -3,8 +3,8 @@
 //!
 //! Owns: parsing the request head with httparse under the 8 KiB limit, the upgrade rules of
 //! RFC 6455 §4.2.1, the `Sec-WebSocket-Accept` computation (§4.2.2), the bytes of the 101
-//! response and of every plain HTTP/1.1 answer, and `HandshakeError` with its one exhaustive
-//! mapping to an HTTP status.
+//! response and of every plain HTTP/1.1 answer. A request it refuses is a `Refusal`
+//! (`protocol::refusal`, which also writes the answer).
 //! Does not: read sockets, run the handshake deadline, route paths or choose a subprotocol (the
 //! reactor and the hub do); it does not add a `Date` header (there is no clock in this layer).
 //!
@@ -30,6 +30,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
+use super::refusal::Refusal;
+
 /// The largest request head we buffer (SPEC §3: "up to 8 KiB of headers"). A slowloris client
 /// cannot make a connection hold more than this before it is answered with 431.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -42,7 +44,7 @@ pub const MAX_HEADERS: usize = 64;
 pub const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// The only WebSocket version this server speaks (RFC 6455 §4.1, §11.6).
-const WEBSOCKET_VERSION: &str = "13";
+pub(super) const WEBSOCKET_VERSION: &str = "13";
 
 /// A parsed HTTP request head. Owns its strings so the caller may drop the input buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,7 +137,7 @@ impl Request {
 /// # Panics
 ///
 /// Never.
-pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HandshakeError> {
+pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
     // Only the first MAX_REQUEST_BYTES can hold an acceptable head, so only they are parsed: a
     // huge buffer costs no more than a full one, and the result does not depend on how the bytes
     // were chunked (see the module invariant).
@@ -145,18 +147,18 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HandshakeEr
     let head_len = match parsed.parse(window) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_REQUEST_BYTES => {
-            return Err(HandshakeError::TooLarge)
+            return Err(Refusal::TooLarge)
         }
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::TooManyHeaders),
-        Err(_) => return Err(HandshakeError::Malformed),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooManyHeaders),
+        Err(_) => return Err(Refusal::Malformed),
     };
     // httparse fills method, path and version whenever it reports Complete; a None here would be
     // an httparse bug, answered as a malformed request rather than a panic.
     let (Some(method), Some(target), Some(minor_version)) =
         (parsed.method, parsed.path, parsed.version)
     else {
-        return Err(HandshakeError::Malformed);
+        return Err(Refusal::Malformed);
     };
     let (path, query) = split_target(target);
     let headers = parsed
@@ -205,43 +207,43 @@ pub struct Upgrade {
 /// * `UnexpectedBody` (400): a `Content-Length` other than 0, or a `Transfer-Encoding`.
 /// * `BadVersion` (426): `Sec-WebSocket-Version` missing or not 13.
 /// * `BadKey` (400): `Sec-WebSocket-Key` missing or not the base64 of exactly 16 bytes.
-pub fn validate_upgrade(req: &Request) -> Result<Upgrade, HandshakeError> {
+pub fn validate_upgrade(req: &Request) -> Result<Upgrade, Refusal> {
     // RFC 6455 §4.1 item 2: "The method of the request MUST be GET, and the HTTP version MUST be
     // at least 1.1."
     if req.method != "GET" {
-        return Err(HandshakeError::MethodNotAllowed);
+        return Err(Refusal::MethodNotAllowed);
     }
     if req.minor_version < 1 {
-        return Err(HandshakeError::NotHttp11);
+        return Err(Refusal::NotHttp11);
     }
     // RFC 6455 §4.2.1 item 2; RFC 7230 §5.4: a request with no Host or more than one gets 400.
     if single_header(req, "host")?.is_none() {
-        return Err(HandshakeError::MissingHost);
+        return Err(Refusal::MissingHost);
     }
     // RFC 6455 §4.2.1 item 3: an Upgrade header containing "websocket", case-insensitively.
     if !req.is_upgrade_attempt() {
-        return Err(HandshakeError::NotWebSocket);
+        return Err(Refusal::NotWebSocket);
     }
     // RFC 6455 §4.2.1 item 4: a Connection header including the "Upgrade" token.
     if !req.has_token("connection", "upgrade") {
-        return Err(HandshakeError::MissingConnectionUpgrade);
+        return Err(Refusal::MissingConnectionUpgrade);
     }
     // Not in RFC 6455, but every byte after the head is read as a WebSocket frame. A declared
     // body would make those bytes mean two things at once (RFC 7230 §3.3.3), so refuse it.
     let declares_body = req.headers("content-length").any(|v| v != "0")
         || req.header("transfer-encoding").is_some();
     if declares_body {
-        return Err(HandshakeError::UnexpectedBody);
+        return Err(Refusal::UnexpectedBody);
     }
     // RFC 6455 §4.2.1 item 6 and §4.2.2 item 4: version 13, else 426 naming the versions we
     // speak; §11.3.5: the header must not appear more than once in a request.
     if single_header(req, "sec-websocket-version")? != Some(WEBSOCKET_VERSION) {
-        return Err(HandshakeError::BadVersion);
+        return Err(Refusal::BadVersion);
     }
     // RFC 6455 §4.2.1 item 5: a key that base64-decodes to 16 bytes; §11.3.1: at most once.
-    let key = single_header(req, "sec-websocket-key")?.ok_or(HandshakeError::BadKey)?;
+    let key = single_header(req, "sec-websocket-key")?.ok_or(Refusal::BadKey)?;
     if !is_valid_key(key) {
-        return Err(HandshakeError::BadKey);
+        return Err(Refusal::BadKey);
     }
     let protocols = req
         .headers("sec-websocket-protocol")
@@ -349,147 +351,12 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// Why a request was refused before any WebSocket frame: each variant maps to one HTTP status
-/// and a body saying why (SPEC §3: "every rejection says why in its body").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HandshakeError {
-    /// Not an HTTP/1.x request head (bad request line, header syntax, line endings ...).
-    Malformed,
-    /// More than `MAX_REQUEST_BYTES` without a complete head (SPEC §3).
-    TooLarge,
-    /// More than `MAX_HEADERS` header fields.
-    TooManyHeaders,
-    /// A method other than GET (RFC 6455 §4.1; SPEC §3 for plain HTTP endpoints too).
-    MethodNotAllowed,
-    /// An HTTP/1.0 request asked to upgrade (RFC 6455 §4.1: at least HTTP/1.1).
-    NotHttp11,
-    /// No Host header (RFC 7230 §5.4, RFC 6455 §4.2.1 item 2).
-    MissingHost,
-    /// Host, Sec-WebSocket-Key or Sec-WebSocket-Version appeared more than once
-    /// (RFC 7230 §5.4, RFC 6455 §11.3.1, §11.3.5).
-    DuplicateHeader,
-    /// A WebSocket endpoint was asked without `Upgrade: websocket` (RFC 6455 §4.2.1 item 3).
-    NotWebSocket,
-    /// No `upgrade` token in Connection (RFC 6455 §4.2.1 item 4).
-    MissingConnectionUpgrade,
-    /// The upgrade request declares a body, whose bytes would be mistaken for frames.
-    UnexpectedBody,
-    /// Sec-WebSocket-Version missing or not 13 (RFC 6455 §4.2.1 item 6, §4.2.2 item 4).
-    BadVersion,
-    /// Sec-WebSocket-Key missing or not base64 of 16 bytes (RFC 6455 §4.2.1 item 5).
-    BadKey,
-    /// No endpoint at this path.
-    NotFound,
-    /// Authentication is configured and the token is missing, invalid or expired (SPEC §6).
-    Unauthorized,
-    /// The request is authenticated or well-formed but not allowed: Origin not on the allow-list,
-    /// or a room outside the token's claims (SPEC §6).
-    Forbidden,
-    /// The request head did not arrive before `--handshake-timeout` (SPEC §3, slowloris).
-    RequestTimeout,
-    /// The server is at `--max-connections` (SPEC §2).
-    ServiceUnavailable,
-}
-
-impl HandshakeError {
-    /// The HTTP status this rejection is answered with.
-    pub fn status(self) -> u16 {
-        match self {
-            HandshakeError::Malformed
-            | HandshakeError::NotHttp11
-            | HandshakeError::MissingHost
-            | HandshakeError::DuplicateHeader
-            | HandshakeError::MissingConnectionUpgrade
-            | HandshakeError::UnexpectedBody
-            | HandshakeError::BadKey => 400,
-            HandshakeError::Unauthorized => 401,
-            HandshakeError::Forbidden => 403,
-            HandshakeError::NotFound => 404,
-            HandshakeError::MethodNotAllowed => 405,
-            HandshakeError::RequestTimeout => 408,
-            // RFC 7231 §6.5.15: 426 says "switch protocol"; RFC 6455 §4.2.2 item 4 uses it for
-            // a wrong version, and it is equally the answer to a plain GET on a WebSocket path.
-            HandshakeError::NotWebSocket | HandshakeError::BadVersion => 426,
-            HandshakeError::TooLarge | HandshakeError::TooManyHeaders => 431,
-            HandshakeError::ServiceUnavailable => 503,
-        }
-    }
-
-    /// Why, in words, for the response body and the logs.
-    pub fn reason(self) -> &'static str {
-        match self {
-            HandshakeError::Malformed => "malformed HTTP/1.1 request",
-            HandshakeError::TooLarge => "request head larger than 8192 bytes",
-            HandshakeError::TooManyHeaders => "more than 64 header fields",
-            HandshakeError::MethodNotAllowed => "only GET is allowed",
-            HandshakeError::NotHttp11 => "a WebSocket upgrade requires HTTP/1.1",
-            HandshakeError::MissingHost => "Host header is required",
-            HandshakeError::DuplicateHeader => {
-                "Host, Sec-WebSocket-Key and Sec-WebSocket-Version may each appear only once"
-            }
-            HandshakeError::NotWebSocket => "this endpoint requires Upgrade: websocket",
-            HandshakeError::MissingConnectionUpgrade => {
-                "Connection header must contain the upgrade token"
-            }
-            HandshakeError::UnexpectedBody => "a WebSocket upgrade request must not have a body",
-            HandshakeError::BadVersion => "Sec-WebSocket-Version must be 13",
-            HandshakeError::BadKey => "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
-            HandshakeError::NotFound => "no such endpoint",
-            HandshakeError::Unauthorized => "a valid token is required",
-            HandshakeError::Forbidden => "not allowed for this origin or identity",
-            HandshakeError::RequestTimeout => "request head not received in time",
-            HandshakeError::ServiceUnavailable => "server is at its connection limit",
-        }
-    }
-
-    /// The complete response: status line, headers, and `reason()` plus a newline as a
-    /// `text/plain` body; the connection is closed after it.
-    pub fn response(self) -> Vec<u8> {
-        let status = self.status();
-        let body = format!("{}\n", self.reason());
-        let content_type = "text/plain; charset=utf-8";
-        match status {
-            // RFC 7231 §6.5.5: a 405 must list the allowed methods.
-            405 => http_response(status, content_type, &[("Allow", "GET")], body.as_bytes()),
-            // RFC 7235 §3.1: a 401 must carry a challenge; tokens are bearer JWTs (RFC 6750 §3).
-            401 => http_response(
-                status,
-                content_type,
-                &[("WWW-Authenticate", "Bearer")],
-                body.as_bytes(),
-            ),
-            // RFC 7231 §6.5.15 and RFC 7230 §6.7: a 426 must name the protocol in Upgrade, and a
-            // sender of Upgrade must list "upgrade" in Connection; RFC 6455 §4.2.2 item 4 adds the
-            // versions we understand.
-            426 => build_response(
-                status,
-                "Upgrade, close",
-                content_type,
-                &[
-                    ("Upgrade", "websocket"),
-                    ("Sec-WebSocket-Version", WEBSOCKET_VERSION),
-                ],
-                body.as_bytes(),
-            ),
-            _ => http_response(status, content_type, &[], body.as_bytes()),
-        }
-    }
-}
-
-impl std::fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.reason(), self.status())
-    }
-}
-
-impl std::error::Error for HandshakeError {}
-
 /// The value of a header that may appear at most once: `Ok(None)` if absent.
-fn single_header<'a>(req: &'a Request, name: &'a str) -> Result<Option<&'a str>, HandshakeError> {
+fn single_header<'a>(req: &'a Request, name: &'a str) -> Result<Option<&'a str>, Refusal> {
     let mut values = req.headers(name);
     let first = values.next();
     if values.next().is_some() {
-        return Err(HandshakeError::DuplicateHeader);
+        return Err(Refusal::DuplicateHeader);
     }
     Ok(first)
 }
@@ -500,8 +367,9 @@ fn is_valid_key(key: &str) -> bool {
     key.len() == 24 && BASE64.decode(key).is_ok_and(|bytes| bytes.len() == 16)
 }
 
-/// Writes a response head and body; `http_response` is this with `Connection: close`.
-fn build_response(
+/// Writes a response head and body; `http_response` is this with `Connection: close`, and
+/// `Refusal::response` uses it for the 426, whose Connection header also says `Upgrade`.
+pub(super) fn build_response(
     status: u16,
     connection: &str,
     content_type: &str,
@@ -671,7 +539,7 @@ pub mod fuzz {
                 assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"));
             }
             Err(e) => {
-                if e == HandshakeError::TooLarge {
+                if e == Refusal::TooLarge {
                     assert!(data.len() > MAX_REQUEST_BYTES, "TooLarge within the limit");
                 }
                 assert!(e.response().starts_with(b"HTTP/1.1 "));
@@ -888,7 +756,7 @@ mod tests {
     /// (name, request bytes, expected outcome of validate_upgrade: protocols or the error).
     #[test]
     fn validate_table() {
-        fn check(name: &str, request: &str, expected: Result<&[&str], HandshakeError>) {
+        fn check(name: &str, request: &str, expected: Result<&[&str], Refusal>) {
             let (req, _) = parse_complete(request.as_bytes());
             let got = validate_upgrade(&req);
             match (got, expected) {
@@ -901,9 +769,10 @@ mod tests {
                 }
             }
         }
-        use HandshakeError::*;
-        let ok: Result<&[&str], HandshakeError> = Ok(&[]);
-        check("minimal", &upgrade_with("GET / HTTP/1.1", ""), ok);
+        use Refusal::*;
+        // Valid, with no subprotocol offered.
+        const OK: Result<&[&str], Refusal> = Ok(&[]);
+        check("minimal", &upgrade_with("GET / HTTP/1.1", ""), OK);
         check(
             "lower-case names and mixed-case tokens",
             &head(
@@ -916,7 +785,7 @@ mod tests {
                     "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==",
                 ],
             ),
-            ok,
+            OK,
         );
         check(
             "Upgrade as a comma list",
@@ -930,7 +799,7 @@ mod tests {
                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
                 ],
             ),
-            ok,
+            OK,
         );
         check(
             "repeated Connection headers",
@@ -945,7 +814,7 @@ mod tests {
                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
                 ],
             ),
-            ok,
+            OK,
         );
         check(
             "protocol offers across headers, non-tokens dropped",
@@ -958,12 +827,12 @@ mod tests {
         check(
             "absolute-form target",
             &upgrade_with("GET http://example.com/ws HTTP/1.1", ""),
-            ok,
+            OK,
         );
         check(
             "Content-Length: 0 is no body",
             &upgrade_with("GET / HTTP/1.1", "Content-Length: 0\r\n"),
-            ok,
+            OK,
         );
         check(
             "POST",
@@ -1127,57 +996,6 @@ mod tests {
         }
     }
 
-    /// Every error's status, and what its response must contain.
-    #[test]
-    fn error_responses() {
-        fn check(error: HandshakeError, status: u16, must_contain: &[&str]) {
-            assert_eq!(error.status(), status, "{error:?}");
-            let response = String::from_utf8(error.response()).unwrap();
-            let status_line = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status));
-            assert!(response.starts_with(&status_line), "{error:?}: {response}");
-            let body = format!("\r\n\r\n{}\n", error.reason());
-            assert!(response.ends_with(&body), "{error:?}: {response}");
-            let length = format!("\r\nContent-Length: {}\r\n", error.reason().len() + 1);
-            assert!(response.contains(&length), "{error:?}: {response}");
-            assert!(
-                response.contains("\r\nContent-Type: text/plain"),
-                "{error:?}"
-            );
-            assert!(response.contains("\r\nConnection: "), "{error:?}");
-            for needle in must_contain {
-                let line = format!("\r\n{needle}\r\n");
-                assert!(
-                    response.contains(&line),
-                    "{error:?} lacks {needle}: {response}"
-                );
-            }
-        }
-        use HandshakeError::*;
-        let close = "Connection: close";
-        check(Malformed, 400, &[close]);
-        check(NotHttp11, 400, &[close]);
-        check(MissingHost, 400, &[close]);
-        check(DuplicateHeader, 400, &[close]);
-        check(MissingConnectionUpgrade, 400, &[close]);
-        check(UnexpectedBody, 400, &[close]);
-        check(BadKey, 400, &[close]);
-        check(Unauthorized, 401, &[close, "WWW-Authenticate: Bearer"]);
-        check(Forbidden, 403, &[close]);
-        check(NotFound, 404, &[close]);
-        check(MethodNotAllowed, 405, &[close, "Allow: GET"]);
-        check(RequestTimeout, 408, &[close]);
-        let upgrade_required = [
-            "Connection: Upgrade, close",
-            "Upgrade: websocket",
-            "Sec-WebSocket-Version: 13",
-        ];
-        check(BadVersion, 426, &upgrade_required);
-        check(NotWebSocket, 426, &upgrade_required);
-        check(TooLarge, 431, &[close]);
-        check(TooManyHeaders, 431, &[close]);
-        check(ServiceUnavailable, 503, &[close]);
-    }
-
     #[test]
     fn http_response_bytes() {
         fn check(name: &str, got: Vec<u8>, expected: &str) {
@@ -1219,7 +1037,7 @@ mod tests {
     enum Parsed {
         Incomplete,
         Complete(usize),
-        Error(HandshakeError),
+        Error(Refusal),
     }
 
     fn outcome(buf: &[u8]) -> Parsed {
@@ -1268,22 +1086,22 @@ mod tests {
         check(
             "HTTP/2.0 is malformed",
             b"GET / HTTP/2.0\r\n\r\n",
-            Parsed::Error(HandshakeError::Malformed),
+            Parsed::Error(Refusal::Malformed),
         );
         check(
             "not HTTP",
             b"\x16\x03\x01\x02\x00\x01\x00",
-            Parsed::Error(HandshakeError::Malformed),
+            Parsed::Error(Refusal::Malformed),
         );
         check(
             "space in header name",
             b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
-            Parsed::Error(HandshakeError::Malformed),
+            Parsed::Error(Refusal::Malformed),
         );
         check(
             "obs-fold is refused (RFC 7230 §3.2.4)",
             b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
-            Parsed::Error(HandshakeError::Malformed),
+            Parsed::Error(Refusal::Malformed),
         );
         check(
             "complete head of exactly 8 KiB",
@@ -1303,12 +1121,12 @@ mod tests {
         check(
             "8 KiB + 1 without a complete head",
             format!("{incomplete_at_limit}a").as_bytes(),
-            Parsed::Error(HandshakeError::TooLarge),
+            Parsed::Error(Refusal::TooLarge),
         );
         check(
             "head completing one byte past the limit",
             format!("{}\r\n\r\n", filler(exact_value + 1)).as_bytes(),
-            Parsed::Error(HandshakeError::TooLarge),
+            Parsed::Error(Refusal::TooLarge),
         );
         check(
             "64 headers",
@@ -1318,7 +1136,7 @@ mod tests {
         check(
             "65 headers",
             many_headers.as_bytes(),
-            Parsed::Error(HandshakeError::TooManyHeaders),
+            Parsed::Error(Refusal::TooManyHeaders),
         );
     }
 

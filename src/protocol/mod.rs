@@ -1,9 +1,10 @@
 //! The WebSocket protocol as pure code: bytes in, decisions and bytes out.
 //!
-//! Owns: the HTTP upgrade handshake (`handshake`), the RFC 6455 frame codec (`frame`, `mask`),
-//! message assembly with UTF-8 validation (`message`, `utf8`), close codes (`close`), the
-//! protocol errors with the close code each one produces (`error`), and permessage-deflate
-//! negotiation and codec (`deflate`, RFC 7692).
+//! Owns: the HTTP upgrade handshake (`handshake`) and every HTTP refusal with its status and
+//! answer (`refusal`), the RFC 6455 frame codec (`frame`, `mask`), message assembly with UTF-8
+//! validation (`message`, `utf8`), close codes (`close`), the protocol errors with the close
+//! code each one produces (`error`), and permessage-deflate negotiation and codec (`deflate`,
+//! RFC 7692).
 //! Does not: touch sockets, clocks or the reactor. Nothing here performs I/O, so every rule is
 //! unit-tested and fuzzed without a network.
 //!
@@ -21,7 +22,9 @@ pub mod frame;
 pub mod handshake;
 pub mod mask;
 pub mod message;
+pub mod refusal;
 pub mod utf8;
 
 pub use close::CloseCode;
 pub use error::ProtocolError;
+pub use refusal::Refusal;

@@ -9,7 +9,7 @@ use super::connection::{ConnId, Connection, Deadline};
 use super::metrics::Metrics;
 use super::{Handler, Reactor, TimerEvent, LISTENER};
 use crate::poller::{Interest, Poller, Token};
-use crate::protocol::handshake::HandshakeError;
+use crate::protocol::Refusal;
 use log::{trace, warn};
 use mio::net::TcpStream;
 use std::io;
@@ -129,6 +129,14 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 return;
             }
         }
+        let tls = match self.new_session() {
+            Ok(tls) => tls,
+            Err(e) => {
+                warn!("cannot start TLS for {peer}: {e}");
+                Metrics::bump(&mut self.metrics.rejected, "tls_session");
+                return;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let id = ConnId {
@@ -145,6 +153,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return;
         }
         let mut conn = Connection::new(id, stream, peer, self.config.max_message, self.now);
+        conn.tls = tls;
         conn.set_deadline(
             &mut self.timers,
             self.now + self.config.handshake_timeout,
@@ -159,8 +168,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             // keep the slot of a departed one occupied.
             Metrics::bump(&mut self.metrics.rejected, "max_connections");
             self.rejecting += 1;
-            let e = HandshakeError::ServiceUnavailable;
-            self.answer(id, e.status(), e.response(), true);
+            let refusal = Refusal::ServiceUnavailable;
+            self.answer(id, refusal.status(), refusal.response(), true);
             return;
         }
         // Data may already be waiting; edge-triggered backends only report new arrivals.

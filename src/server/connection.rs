@@ -9,17 +9,20 @@
 //! ```text
 //!                upgraded()                close_sent()                 close_received()
 //!  Handshaking ─────────────▶ Open ─────────────────────────▶ Closing ─────────────────▶ Closed
-//!      │                       │ │        close_received()                                 ▲
-//!      │                       │ └─────────────────────────────────────────────────────────┘
-//!      │ responding()          │ failed()
-//!      ▼                       ▼
-//!  HttpResponding           Failing
+//!      │                       │ │        close_received()       │                         ▲
+//!      │                       │ └───────────────────────────────┼─────────────────────────┘
+//!      │ responding()          │ failed()                        │ protocol error
+//!      ▼                       ▼                                 ▼
+//!  HttpResponding           Failing                       close_now() at once
 //! ```
 //!
 //! Every state ends in the socket being closed (`Reactor::close_now`): Closed once the queue
 //! (our Close, answering or answered) is flushed; HttpResponding and Failing once the peer hangs
-//! up after our response or Close (the write side is shut when the queue is flushed); any state
-//! when its deadline passes, on EOF, or on an I/O error.
+//! up after our response or Close (the write side is shut when the queue is flushed); Closing
+//! as soon as the peer's frames break the protocol (`Reactor::protocol_error`: our Close is
+//! queued, and the stream can no longer be delimited to find the peer's; what is queued gets
+//! one non-blocking write first, and input still unread makes this close a TCP reset); any
+//! state when its deadline passes, on EOF, or on an I/O error.
 //!
 //! Memory invariant (SPEC §2): an idle open connection holds no heap buffers. `request` is empty
 //! (no allocation) unless a partial request head is waiting for its end; the reader holds a
@@ -32,6 +35,7 @@ use super::TimerEvent;
 use crate::protocol::decoder::FrameReader;
 use crate::protocol::frame::Role;
 use crate::timer::{TimerHandle, TimerWheel};
+use crate::tls::TlsSession;
 use mio::net::TcpStream;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -112,46 +116,49 @@ pub enum Deadline {
     Close,
 }
 
-pub struct Connection {
+pub(super) struct Connection {
     /// Who this is; also the poller token and the key of its timers.
-    pub id: ConnId,
+    pub(super) id: ConnId,
     /// Read only in `Reactor::on_readable`, written only in `Reactor::flush`.
-    pub stream: TcpStream,
+    pub(super) stream: TcpStream,
+    /// The TLS session between `stream` and everything below, when the listener speaks TLS
+    /// (SPEC §18). Boxed: a rustls session is large, and plain connections pay one pointer.
+    pub(super) tls: Option<Box<TlsSession>>,
     /// For log lines only.
-    pub peer: SocketAddr,
+    pub(super) peer: SocketAddr,
     /// Changed only by the transition methods below.
     state: State,
     /// The request head received so far, while handshaking. Empty, and unallocated, after.
-    pub request: Vec<u8>,
+    pub(super) request: Vec<u8>,
     /// Frames in, events out: holds the tail of a frame that has not fully arrived and the
     /// message being assembled (and nothing while idle).
-    pub reader: FrameReader,
+    pub(super) reader: FrameReader,
     /// Encoded frames (and HTTP responses) waiting to be written.
-    pub outbound: Outbound,
+    pub(super) outbound: Outbound,
     /// What permessage-deflate this connection agreed on, if any (SPEC §17). Set with the 101.
-    pub deflate: Option<Negotiated>,
+    pub(super) deflate: Option<Negotiated>,
     /// Whether writable interest is registered. Invariant: true iff `outbound` is non-empty
     /// after the last flush (poll/select would otherwise wake up for every idle socket).
-    pub write_interest: bool,
+    pub(super) write_interest: bool,
     /// Whether this connection sits on the reactor's ready list (read budget ran out), so it
-    /// is listed once.
-    pub on_ready_list: bool,
+    /// is listed once, and read once per iteration: by the ready list, not by its event.
+    pub(super) on_ready_list: bool,
     /// Whether this connection sits on the reactor's dirty list (bytes queued since its last
     /// flush), so it is listed, and flushed, once per loop iteration.
-    pub dirty: bool,
+    pub(super) dirty: bool,
     /// The app's `Outbox` has asked for this connection to be closed (slow consumer); nothing
     /// more is queued for it until the reactor applies the close.
-    pub close_requested: bool,
+    pub(super) close_requested: bool,
     /// The one pending timer and what it means (see `Deadline`).
     deadline: Option<(TimerHandle, Deadline)>,
     /// When bytes last arrived (any bytes, not only a whole frame: a large frame still
     /// arriving proves the peer alive). Traffic updates this instead of touching the timer
     /// wheel; the heartbeat deadline reads it when it fires (SPEC §5).
-    pub last_activity: Instant,
+    pub(super) last_activity: Instant,
 }
 
 impl Connection {
-    pub fn new(
+    pub(super) fn new(
         id: ConnId,
         stream: TcpStream,
         peer: SocketAddr,
@@ -161,6 +168,7 @@ impl Connection {
         Connection {
             id,
             stream,
+            tls: None,
             peer,
             state: State::Handshaking,
             request: Vec::new(),
@@ -177,7 +185,7 @@ impl Connection {
     }
 
     #[inline]
-    pub fn state(&self) -> State {
+    pub(super) fn state(&self) -> State {
         self.state
     }
 
@@ -250,7 +258,7 @@ impl Connection {
     /// A heartbeat Ping is out and no bytes have arrived since: the pending deadline is the
     /// Pong deadline. The first bytes that arrive replace it with the next heartbeat: one timer
     /// operation per heartbeat cycle, none per message (SPEC §5).
-    pub fn awaiting_pong(&self) -> bool {
+    pub(super) fn awaiting_pong(&self) -> bool {
         matches!(self.deadline, Some((_, Deadline::Pong)))
     }
 }

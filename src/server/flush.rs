@@ -6,10 +6,11 @@
 //! (the vectored write, and writable interest kept registered exactly while bytes remain), and
 //! what a completed flush finishes (`after_flush`).
 //! Does not: encode app messages (`Outbox` does, in `handler.rs`) or manage the queue's storage
-//! (`outbound.rs`). A transport that wraps the socket (TLS) slots in at the `flush` call here.
+//! (`outbound.rs`), or drive TLS: a connection's session sits inside `tls::flush_socket`.
 
 use super::connection::{ConnId, State};
 use super::outbound::Flush;
+use super::tls::{flush_socket, output_settled, say_goodbye};
 use super::{live, Handler, Reactor};
 use crate::poller::{Interest, Poller, Token};
 use crate::protocol::frame::{self, OpCode};
@@ -67,9 +68,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return;
         };
         let before = conn.outbound.queued_bytes();
-        let result = conn
-            .outbound
-            .flush(&mut conn.stream, &mut self.outbound_pool);
+        let result = flush_socket(conn, &mut self.outbound_pool);
         self.metrics.bytes_out += (before - conn.outbound.queued_bytes()) as u64;
         let want_write = match result {
             Ok(Flush::Done) => false,
@@ -105,6 +104,15 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
+        if !output_settled(conn) {
+            // TLS still handshaking: the session holds our answer until it completes, and the
+            // read that completes it queues the connection for another flush.
+            return;
+        }
+        match conn.state() {
+            State::Closed | State::HttpResponding { .. } | State::Failing => say_goodbye(conn),
+            State::Handshaking | State::Open | State::Closing => {}
+        }
         match conn.state() {
             State::Closed => self.close_now(id),
             // Half-close: the client reads our response (or our Close) to its end and then

@@ -1,8 +1,9 @@
 //! The seam between the reactor and the application: what the reactor tells the app, and the
 //! one way the app can act on connections.
 //!
-//! Owns: the `Handler` trait (route a request, hear about opens, messages and closes), `Route`,
-//! and `Outbox`, the app's handle for queueing frames on connections and closing them.
+//! Owns: the `Handler` trait (route a request, hear about opens, messages and closes), `Route`
+//! and `ServerEndpoint` (what a request becomes), and `Outbox`, the app's handle for queueing
+//! frames on connections and closing them.
 //! Does not: implement any endpoint (that is `app/`), or expose sockets or descriptors to the app.
 //! The app sees `ConnId`s and messages only (SPEC §1).
 //!
@@ -12,25 +13,46 @@
 
 use super::compression::Compressor;
 use super::connection::{ConnId, Connection, State};
+use super::live;
 use super::metrics::Metrics;
 use super::outbound::OutboundPool;
 use crate::protocol::frame::{self, OpCode};
 use crate::protocol::handshake::Request;
-use crate::protocol::CloseCode;
+use crate::protocol::{CloseCode, Refusal};
 use slab::Slab;
 use std::rc::Rc;
 
-/// What to do with a request the reactor does not answer itself (it answers /healthz, /metrics).
+/// What a request head becomes. The app's `route` decides it for every request the parser
+/// and the upgrade rules let through, so every path is routed in one place (docs/architecture.md,
+/// "Routing").
 pub enum Route<S> {
     /// Upgrade to WebSocket. `session` is the app's per-connection state, kept by the reactor in
     /// the connection and handed back on every callback; `protocol` is the subprotocol to confirm
-    /// in the 101 response, if any.
+    /// in the 101 response, if any. A request without `Upgrade: websocket` is refused with 426.
     Upgrade {
         session: S,
         protocol: Option<&'static str>,
     },
-    /// Answer with this complete HTTP response (status for the metrics) and close.
-    Respond(u16, Vec<u8>),
+    /// Answer with one of the reactor's own endpoints.
+    Server(ServerEndpoint),
+    /// Answer with this complete `200 OK` response (a resource of the app's own, such as the
+    /// demo page), then close.
+    Resource(Vec<u8>),
+    /// Refuse, saying why (`Refusal::response`), then close.
+    Refuse(Refusal),
+}
+
+/// The endpoints whose answer only the reactor can give: it holds what they report (its
+/// counters, the state of its connections). The app decides where they live; the reactor
+/// renders them, adding the app's own figures (`Handler::stats`, `Handler::render_metrics`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerEndpoint {
+    /// Liveness: `200 ok` while the loop is turning.
+    Health,
+    /// The live counters of the demo page as one JSON object (docs/protocol.md, `/stats.json`).
+    Stats,
+    /// Every counter in the Prometheus text format (docs/operations.md).
+    Metrics,
 }
 
 /// The application behind the reactor.
@@ -38,7 +60,9 @@ pub trait Handler {
     /// Per-connection state of an upgraded connection.
     type Session;
 
-    /// Decides what a request head becomes: an upgrade or an HTTP answer.
+    /// Decides what a request head becomes: an upgrade, one of the reactor's endpoints, a
+    /// resource of the app's, or a refusal. Called for every complete request head the parser
+    /// accepts; an upgrade attempt has passed the upgrade rules (RFC 6455 §4.2.1) first.
     fn route(&mut self, conn: ConnId, request: &Request) -> Route<Self::Session>;
 
     /// The 101 response is queued; the connection is open. Messages sent now follow it.
@@ -56,6 +80,10 @@ pub trait Handler {
 
     /// The connection is gone (whatever the reason). Called once for every opened connection.
     fn on_close(&mut self, conn: ConnId, session: Self::Session, out: &mut Outbox<'_>);
+
+    /// The descriptor given to `Reactor::watch_waker` became readable: another thread (the
+    /// file engine's storage thread) has answers for the app. Not tied to a connection.
+    fn on_wake(&mut self, _out: &mut Outbox<'_>) {}
 
     /// Appends the app's own metrics (Prometheus text) to /metrics.
     fn render_metrics(&self, _out: &mut String) {}
@@ -208,11 +236,7 @@ impl Outbox<'_> {
         limit: Limit,
         push: impl FnOnce(&mut Connection, &mut OutboundPool),
     ) -> Sent {
-        let Some(conn) = self
-            .conns
-            .get_mut(to.slot as usize)
-            .filter(|c| c.id == to && c.state() == State::Open)
-        else {
+        let Some(conn) = live(self.conns, to).filter(|c| c.state() == State::Open) else {
             return Sent::Gone;
         };
         if conn.close_requested {

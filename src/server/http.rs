@@ -1,23 +1,27 @@
 //! The HTTP side of a connection: the request head, the upgrade, plain answers, and the
-//! reactor's own endpoints (/healthz, /stats.json, /metrics).
+//! reactor's own endpoints (health, stats, metrics).
 //!
-//! Owns: `on_request_bytes` (parse, route, validate the upgrade), `open` (the 101 and the frames
-//! pipelined behind the request), `respond`/`answer` (a complete HTTP response, then the write
-//! side is shut), and rendering /stats.json and /metrics.
-//! Does not: parse HTTP itself (`protocol::handshake`), or decide the app's routes (`Handler`).
+//! Owns: `on_request_bytes` (parse, validate an upgrade, act on the app's `Route`), `open` (the
+//! 101 and the frames pipelined behind the request), `refuse`/`respond`/`answer` (a complete
+//! HTTP response, then the write side is shut), and rendering the reactor's endpoints.
+//! Does not: parse HTTP or word a refusal (`protocol::handshake`, `protocol::refusal`), or map
+//! paths to endpoints: the app's `Handler::route` does that for every path, the reactor's own
+//! included (docs/architecture.md, "Routing").
 
 use super::compression::Negotiated;
 use super::connection::{ConnId, Deadline, State};
 use super::metrics::{Gauges, Metrics};
-use super::{live, Handler, Reactor, Route};
+use super::{live, Handler, Reactor, Route, ServerEndpoint};
 use crate::poller::Poller;
 use crate::protocol::deflate::{self, DeflateParams};
-use crate::protocol::handshake::{self, HandshakeError};
+use crate::protocol::handshake;
+use crate::protocol::Refusal;
 use log::debug;
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
-    /// Looks for a complete request head in `request`. Returns false if the connection was
-    /// closed.
+    /// Looks for a complete request head in `request`, and answers it once it is complete: an
+    /// upgrade, a refusal, or whatever the app's router decides (`Handler::route`). Returns
+    /// false if the connection was closed.
     pub(super) fn on_request_bytes(&mut self, id: ConnId) -> bool {
         let Some(conn) = self.conn_mut(id) else {
             return false;
@@ -25,51 +29,19 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let (request, head_len) = match handshake::parse_request(&conn.request) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => return true,
-            Err(e) => {
-                self.respond(id, e.status(), e.response());
+            Err(refusal) => {
+                self.refuse(id, &refusal);
                 return true;
             }
         };
-        let upgrade = request.is_upgrade_attempt();
-        // The reactor's own endpoints: liveness and counters.
-        if !upgrade && request.method == "GET" {
-            match request.path.as_str() {
-                "/healthz" => {
-                    let ok =
-                        handshake::http_response(200, "text/plain; charset=utf-8", &[], b"ok\n");
-                    self.respond(id, 200, ok);
-                    return true;
-                }
-                "/stats.json" => {
-                    let body = self.render_stats();
-                    let response = handshake::http_response(
-                        200,
-                        "application/json",
-                        &[("Cache-Control", "no-store")],
-                        body.as_bytes(),
-                    );
-                    self.respond(id, 200, response);
-                    return true;
-                }
-                "/metrics" => {
-                    let body = self.render_metrics();
-                    let response = handshake::http_response(
-                        200,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                        &[],
-                        body.as_bytes(),
-                    );
-                    self.respond(id, 200, response);
-                    return true;
-                }
-                _ => {}
-            }
-        }
-        let accept = if upgrade {
+        // An upgrade attempt must follow RFC 6455 §4.2.1 wherever it goes, and is checked before
+        // the app sees it: the app's admission (tokens, Origin, its counters) then only ever
+        // runs on well-formed upgrades.
+        let accept = if request.is_upgrade_attempt() {
             match handshake::validate_upgrade(&request) {
                 Ok(valid) => Some(valid.accept),
-                Err(e) => {
-                    self.respond(id, e.status(), e.response());
+                Err(refusal) => {
+                    self.refuse(id, &refusal);
                     return true;
                 }
             }
@@ -91,15 +63,46 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 self.open(id, session, response, head_len, deflate)
             }
             (Route::Upgrade { .. }, None) => {
-                let e = HandshakeError::NotWebSocket;
-                self.respond(id, e.status(), e.response());
+                self.refuse(id, &Refusal::NotWebSocket);
                 true
             }
-            (Route::Respond(status, response), _) => {
-                self.respond(id, status, response);
+            // RFC 7230 §6.7: a server may ignore Upgrade and answer in HTTP/1.1; a plain
+            // resource answers the same whether or not the client asked to upgrade.
+            (Route::Server(endpoint), _) => {
+                self.serve(id, endpoint);
+                true
+            }
+            (Route::Resource(response), _) => {
+                self.respond(id, 200, response);
+                true
+            }
+            (Route::Refuse(refusal), _) => {
+                self.refuse(id, &refusal);
                 true
             }
         }
+    }
+
+    /// Answers one of the reactor's own endpoints; only the reactor holds what they report.
+    fn serve(&mut self, id: ConnId, endpoint: ServerEndpoint) {
+        let response = match endpoint {
+            ServerEndpoint::Health => {
+                handshake::http_response(200, "text/plain; charset=utf-8", &[], b"ok\n")
+            }
+            ServerEndpoint::Stats => handshake::http_response(
+                200,
+                "application/json",
+                &[("Cache-Control", "no-store")],
+                self.render_stats().as_bytes(),
+            ),
+            ServerEndpoint::Metrics => handshake::http_response(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &[],
+                self.render_metrics().as_bytes(),
+            ),
+        };
+        self.respond(id, 200, response);
     }
 
     /// Completes the upgrade: queues the 101 response, tells the app, and processes frames that
@@ -144,6 +147,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.on_frames(id, &mut pipelined);
         }
         self.conn_mut(id).is_some()
+    }
+
+    /// Refuses the request: its status and reason go to the client and the logs.
+    fn refuse(&mut self, id: ConnId, refusal: &Refusal) {
+        debug!("{id:?} refused: {refusal}");
+        self.respond(id, refusal.status(), refusal.response());
     }
 
     /// Queues a complete HTTP response; the connection closes once it is sent and the client
@@ -217,6 +226,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             connections: &counts,
         });
         self.compressor.metrics.render(&mut text);
+        self.render_tls_metrics(&mut text);
         self.handler.render_metrics(&mut text);
         text
     }

@@ -3,14 +3,15 @@
 //! Owns: `on_readable` (read into the shared receive buffer until `WouldBlock` or the read
 //! budget is spent; the activity clock; the ready list), end of stream, and handing each read to
 //! the request parser (`http.rs`) or the frame reader (`websocket.rs`) by state.
-//! Does not: parse anything itself. A transport that wraps the socket (TLS) slots in at the
-//! `read` call here.
+//! Does not: parse anything itself, or drive TLS: a connection's TLS session sits inside
+//! `tls::read_socket`, which reads like a socket.
 
 use super::connection::{ConnId, Deadline, State};
+use super::tls::read_socket;
 use super::{live, Handler, Reactor, READ_BUDGET_BYTES};
 use crate::poller::Poller;
 use log::debug;
-use std::io::{self, Read};
+use std::io;
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Reads the connection until `WouldBlock` or until its read budget is spent; then it goes
@@ -21,7 +22,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let Some(conn) = live(&mut self.conns, id) else {
                 return;
             };
-            let n = match conn.stream.read(&mut self.recv_buf) {
+            let n = match read_socket(conn, &mut self.recv_buf) {
                 Ok(0) => {
                     self.on_eof(id);
                     return;
@@ -30,9 +31,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    debug!("{id:?} read error: {e}");
-                    self.metrics.abnormal_closes += 1;
-                    self.close_now(id);
+                    self.on_read_error(id, e);
                     return;
                 }
             };
@@ -44,6 +43,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 // The peer is alive: the pong deadline gives way to the next heartbeat.
                 let next = self.now + self.config.heartbeat_interval;
                 conn.set_deadline(&mut self.timers, next, Deadline::Heartbeat);
+            }
+            if conn.tls.is_some() {
+                // A handshake that completed in this read is counted before its first request
+                // is served (a /metrics read sees its own handshake).
+                self.after_tls_read(id);
             }
             if !self.ingest(id, n) {
                 return; // closed
@@ -61,6 +65,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 break;
             }
         }
+        if self.conn_mut(id).is_some_and(|c| c.tls.is_some()) {
+            self.after_tls_read(id);
+        }
         if self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
             self.mark_dirty(id);
         }
@@ -68,6 +75,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
 
     /// The peer hung up (or shut its sending side).
     fn on_eof(&mut self, id: ConnId) {
+        // A TLS client that gave up on its handshake counts in the TLS stats as well.
+        self.count_tls_eof(id);
         let Some(conn) = self.conn_mut(id) else {
             return;
         };

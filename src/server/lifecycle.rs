@@ -19,6 +19,38 @@ use std::os::fd::AsRawFd;
 impl<P: Poller, H: Handler> Reactor<P, H> {
     /// A connection's deadline fired (ignored if the connection is gone).
     pub(super) fn on_deadline(&mut self, id: ConnId, deadline: Deadline) {
+        match deadline {
+            Deadline::Handshake => {
+                if self.deadline_fired(id) {
+                    debug!("{id:?} handshake deadline passed");
+                    self.metrics.handshake_timeouts += 1;
+                    self.count_tls_timeout(id);
+                    self.close_now(id);
+                }
+            }
+            Deadline::Close => {
+                if self.deadline_fired(id) {
+                    debug!("{id:?} close deadline passed");
+                    self.metrics.close_timeouts += 1;
+                    self.close_now(id);
+                }
+            }
+            Deadline::Heartbeat => self.on_heartbeat(id),
+            Deadline::Pong => self.on_pong_deadline(id),
+        }
+    }
+
+    /// Takes the fired timer off the connection. False if the connection is gone.
+    fn deadline_fired(&mut self, id: ConnId) -> bool {
+        let Some(conn) = self.conn_mut(id) else {
+            return false;
+        };
+        conn.deadline_fired();
+        true
+    }
+
+    /// The heartbeat interval has passed: sleep on if there was traffic, else Ping (SPEC §5).
+    fn on_heartbeat(&mut self, id: ConnId) {
         let now = self.now;
         let interval = self.config.heartbeat_interval;
         let pong_timeout = self.config.heartbeat_timeout;
@@ -26,42 +58,51 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return;
         };
         conn.deadline_fired();
-        match deadline {
-            Deadline::Handshake => {
-                debug!("{id:?} handshake deadline passed");
-                self.metrics.handshake_timeouts += 1;
-                self.close_now(id);
-            }
-            Deadline::Close => {
-                debug!("{id:?} close deadline passed");
-                self.metrics.close_timeouts += 1;
-                self.close_now(id);
-            }
-            // Not reached: leaving Open replaces the heartbeat with the close deadline. Kept so
-            // that a stale heartbeat can never Ping a closing connection.
-            Deadline::Heartbeat | Deadline::Pong if conn.state() != State::Open => {}
-            Deadline::Heartbeat => {
-                let quiet_since = conn.last_activity;
-                if now < quiet_since + interval {
-                    // There was traffic: sleep for the rest of the interval (SPEC §5).
-                    conn.set_deadline(
-                        &mut self.timers,
-                        quiet_since + interval,
-                        Deadline::Heartbeat,
-                    );
-                } else {
-                    conn.set_deadline(&mut self.timers, now + pong_timeout, Deadline::Pong);
-                    self.metrics.pings_sent += 1;
-                    self.queue_control(id, OpCode::Ping, b"");
-                }
-            }
-            Deadline::Pong => {
-                // Had any bytes arrived since the Ping, this timer would have been replaced.
-                debug!("{id:?} did not answer the heartbeat; dropping as half-open");
-                self.metrics.half_open_drops += 1;
-                self.close_now(id);
-            }
+        // Not reached: leaving Open replaces the heartbeat with the close deadline. Kept so
+        // that a stale heartbeat can never Ping a closing connection.
+        if conn.state() != State::Open {
+            return;
         }
+        let quiet_since = conn.last_activity;
+        if now < quiet_since + interval {
+            // There was traffic: sleep for the rest of the interval.
+            conn.set_deadline(
+                &mut self.timers,
+                quiet_since + interval,
+                Deadline::Heartbeat,
+            );
+        } else {
+            conn.set_deadline(&mut self.timers, now + pong_timeout, Deadline::Pong);
+            self.metrics.pings_sent += 1;
+            self.queue_control(id, OpCode::Ping, b"");
+        }
+    }
+
+    /// The heartbeat Ping has gone unanswered for `--heartbeat-timeout`, as far as the loop has
+    /// read. That is not yet silence: the answer may be waiting unread, because it arrived after
+    /// this iteration's wait, or during a stall of the process (a wait interrupted after
+    /// SIGSTOP/SIGCONT reports nothing), or the wait reported other sockets and not this one.
+    /// So the connection is read first, on every backend, and dropped as half-open only if
+    /// still no byte has arrived (SPEC §5).
+    fn on_pong_deadline(&mut self, id: ConnId) {
+        // The connection keeps its Pong mark while it is read: `on_readable` replaces it with
+        // the next heartbeat as soon as any byte arrives, as it does for every read. (The timer
+        // has already left the wheel; replacing it cancels nothing.) A connection without the
+        // mark left Open after this timer was collected: its deadline is another one now.
+        if !self.conn_mut(id).is_some_and(|c| c.awaiting_pong()) {
+            return;
+        }
+        self.on_readable(id);
+        let Some(conn) = self.conn_mut(id) else {
+            return; // the read found EOF or an error
+        };
+        if !conn.awaiting_pong() {
+            return; // bytes arrived: alive
+        }
+        conn.deadline_fired();
+        debug!("{id:?} did not answer the heartbeat; dropping as half-open");
+        self.metrics.half_open_drops += 1;
+        self.close_now(id);
     }
 
     /// Sends our Close frame and waits (up to `--close-timeout`) for the peer's. Only from Open.
@@ -79,7 +120,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         debug!("{id:?} protocol error: {error}");
         Metrics::bump(&mut self.metrics.protocol_errors, error.reason());
         if self.conn_mut(id).is_some_and(|c| c.state() != State::Open) {
-            // Already closing: a broken frame now ends the wait for the peer's Close.
+            // Already closing: a broken frame now ends the wait for the peer's Close. What was
+            // queued before our Close (acks, echoes, the Close itself) gets one best-effort,
+            // non-blocking write first, as on EOF, so that a reset does not destroy it when the
+            // socket has room for it.
+            if self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
+                self.flush(id);
+            }
             self.close_now(id);
             return;
         }

@@ -3,10 +3,12 @@
 //! Owns: plain `u64` counters (the reactor is single-threaded, so no atomics are needed) and the
 //! text exposition format, version 0.0.4.
 //! Does not: gauges that can be derived from the connection slab (the reactor passes those in at
-//! render time) or any I/O.
+//! render time) or any I/O. TLS counters live with the listener's TLS (`tls::TlsStats`); only
+//! their rendering is here (`render_tls`).
 //!
 //! Counting costs an integer add on the hot path; nothing is formatted until /metrics is asked for.
 
+use crate::tls::{Failure, ServerTls};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::time::Duration;
@@ -281,6 +283,62 @@ impl Writer<'_> {
     }
 }
 
+/// Renders the TLS families (SPEC §18) of a listener that speaks TLS: handshakes completed by
+/// version, failures by reason (before and after the handshake), reloads, and the served
+/// certificate's expiry as a gauge to alert on. Every version and reason is rendered, zeros
+/// included, so that a dashboard or alert finds its series before the first event.
+pub fn render_tls(out: &mut String, tls: &ServerTls) {
+    let stats = &tls.stats;
+    let mut w = Writer::new(out);
+    w.family(
+        "wsrelay_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed, by protocol version.",
+    );
+    for version in ["TLSv1.2", "TLSv1.3"] {
+        let n = stats.handshakes.get(version).copied().unwrap_or(0);
+        w.sample("wsrelay_tls_handshakes_total", &[("version", version)], n);
+    }
+    for (name, help, counts) in [
+        (
+            "wsrelay_tls_handshake_failures_total",
+            "TLS sessions that failed before the handshake completed, by reason.",
+            &stats.handshake_failures,
+        ),
+        (
+            "wsrelay_tls_session_failures_total",
+            "TLS sessions that failed after the handshake, by reason.",
+            &stats.session_failures,
+        ),
+    ] {
+        w.family(name, "counter", help);
+        for failure in Failure::ALL {
+            let n = counts.get(&failure).copied().unwrap_or(0);
+            w.sample(name, &[("reason", failure.reason())], n);
+        }
+    }
+    w.family(
+        "wsrelay_tls_reloads_total",
+        "counter",
+        "Certificate reloads (SIGHUP), by result; a failed one keeps the previous pair.",
+    );
+    w.sample(
+        "wsrelay_tls_reloads_total",
+        &[("result", "ok")],
+        stats.reloads_ok,
+    );
+    w.sample(
+        "wsrelay_tls_reloads_total",
+        &[("result", "failed")],
+        stats.reloads_failed,
+    );
+    w.gauge(
+        "wsrelay_tls_certificate_not_after_seconds",
+        "When the served certificate expires, in seconds since the Unix epoch.",
+        tls.not_after_unix(),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +364,41 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+
+    #[test]
+    fn renders_tls_families_with_every_series() {
+        use crate::tls::test_ca::TestCa;
+        use crate::tls::Handshake;
+        let ca = TestCa::new();
+        let files = ca.files();
+        let mut tls = ServerTls::load(&files.cert, &files.key).unwrap();
+        tls.stats.handshake_completed(&Handshake {
+            version: "TLSv1.3",
+            alpn: None,
+        });
+        tls.stats.failed(Failure::PlainHttp, true);
+        tls.stats.failed(Failure::Renegotiation, false);
+        tls.stats.reloads_failed = 2;
+        let mut text = String::new();
+        render_tls(&mut text, &tls);
+        for line in [
+            "wsrelay_tls_handshakes_total{version=\"TLSv1.3\"} 1\n",
+            "wsrelay_tls_handshakes_total{version=\"TLSv1.2\"} 0\n",
+            "wsrelay_tls_handshake_failures_total{reason=\"plain_http\"} 1\n",
+            "wsrelay_tls_handshake_failures_total{reason=\"timeout\"} 0\n",
+            "wsrelay_tls_session_failures_total{reason=\"renegotiation\"} 1\n",
+            "wsrelay_tls_reloads_total{result=\"failed\"} 2\n",
+            "wsrelay_tls_reloads_total{result=\"ok\"} 0\n",
+            "# TYPE wsrelay_tls_certificate_not_after_seconds gauge\n\
+             wsrelay_tls_certificate_not_after_seconds 1925078400\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        for reason in Failure::ALL.map(Failure::reason) {
+            let series = format!("wsrelay_tls_handshake_failures_total{{reason=\"{reason}\"}}");
+            assert!(text.contains(&series), "{series}");
         }
     }
 }

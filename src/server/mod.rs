@@ -9,21 +9,23 @@
 //! Where to look (each child module holds one `impl Reactor` block for one concern):
 //! - `accept.rs`: new connections, the listener's pause and close;
 //! - `inbound.rs`: what happens when bytes arrive (the one socket read, EOF, request or frames);
-//! - `websocket.rs`: WebSocket events of an open connection, and the calls into the app;
+//! - `websocket.rs`: WebSocket events of an open connection, and the calls into the app (also
+//!   `on_wake`, when the engine's waker, registered by `watch_waker`, fires);
 //! - `http.rs`: the request head, the upgrade, plain HTTP answers and the reactor's endpoints;
 //! - `flush.rs`: what leaves (queueing control frames, the dirty list, the one socket write);
 //! - `lifecycle.rs`: deadlines, closing a connection (gracefully or not), signals and shutdown;
 //! - `compression.rs`: permessage-deflate's codecs per reactor and per connection;
+//! - `tls.rs`: the TLS session inside the one read and the one write, its counters, SIGHUP;
 //! - `connection.rs`: one connection's state machine; `outbound.rs`: its queue; `handler.rs`:
 //!   the seam to the app.
 //!
 //! Socket reads happen in exactly one place (`Reactor::on_readable`) and writes in exactly one
-//! (`Reactor::flush`), so that a transport (TLS) can slot in between the socket and the bytes.
+//! (`Reactor::flush`), so that TLS slots in between the socket and the bytes (`tls.rs`).
 
 mod accept;
 pub mod compression;
 pub mod config;
-pub mod connection;
+mod connection;
 mod flush;
 pub mod handler;
 mod http;
@@ -32,15 +34,20 @@ mod lifecycle;
 pub mod metrics;
 pub mod outbound;
 mod signals;
+#[cfg(test)]
+mod tests;
+mod tls;
 mod websocket;
 
 pub use config::Config;
 pub use connection::ConnId;
-pub use handler::{Handler, Outbox, Route, Sent, SlowConsumer};
+pub use handler::{Handler, Outbox, Route, Sent, ServerEndpoint, SlowConsumer};
 
+use crate::poller::waker::WakeReceiver;
 use crate::poller::{Event, Interest, Poller, Token};
 use crate::protocol::CloseCode;
 use crate::timer::{TimerWheel, DEFAULT_SLOTS};
+use crate::tls::ServerTls;
 use compression::Compressor;
 use connection::{Connection, Deadline};
 use log::{info, trace};
@@ -63,6 +70,9 @@ const READ_BUDGET_BYTES: usize = 4 * RECV_BUFFER_BYTES;
 /// Tokens outside the range of `ConnId::token` (no slab slot reaches u32::MAX - 2).
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+/// SIGHUP: reload the TLS certificate.
+const RELOAD: Token = Token(usize::MAX - 3);
 
 /// Why the loop stopped.
 #[derive(Debug, PartialEq, Eq)]
@@ -139,6 +149,13 @@ pub struct Reactor<P: Poller, H: Handler> {
     /// SIGINT/SIGTERM arrive as bytes on this socket (see `signals.rs`), which every poller can
     /// watch like any other descriptor.
     signals: Option<signals::SignalPipe>,
+    /// Another thread (the file engine's storage thread) makes this readable when it has
+    /// answers for the app (`poller/waker.rs`).
+    waker: Option<WakeReceiver>,
+    /// SIGHUP arrives on this one: the TLS certificate and key are read again (`tls.rs`).
+    reload_signal: Option<signals::SignalPipe>,
+    /// The listener's certificate and the TLS counters, when it speaks TLS (`serve_tls`).
+    tls: Option<ServerTls>,
     /// Set once shutdown has begun: no more accepting; the loop ends when the slab is empty.
     shutting_down: bool,
     /// When the last "out of descriptors" warning was logged (they are rate-limited).
@@ -200,6 +217,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             timers: TimerWheel::new(config.timer_tick, DEFAULT_SLOTS, now),
             expired: Vec::new(),
             signals: None,
+            waker: None,
+            reload_signal: None,
+            tls: None,
             shutting_down: false,
             last_accept_warning: None,
             config,
@@ -218,15 +238,33 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     /// Routes SIGINT and SIGTERM into the loop: the first starts a graceful shutdown, a second
-    /// one ends the loop at once.
+    /// one ends the loop at once. SIGHUP reloads the TLS certificate (and is only logged without
+    /// TLS, rather than ending the server).
     ///
     /// # Errors
-    /// The signal pipe could not be created or registered.
+    /// A signal pipe could not be created or registered.
     pub fn handle_signals(&mut self) -> io::Result<()> {
-        let pipe = signals::SignalPipe::new()?;
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let pipe = signals::SignalPipe::new(&[SIGINT, SIGTERM])?;
         self.poller
             .register(pipe.as_raw_fd(), SIGNALS, Interest::READABLE)?;
         self.signals = Some(pipe);
+        let reload = signals::SignalPipe::new(&[SIGHUP])?;
+        self.poller
+            .register(reload.as_raw_fd(), RELOAD, Interest::READABLE)?;
+        self.reload_signal = Some(reload);
+        Ok(())
+    }
+
+    /// Watches `waker`: when another thread makes it readable, the app's `on_wake` runs (SPEC
+    /// §13: an engine's answers come back through a channel and the reactor's waker).
+    ///
+    /// # Errors
+    /// The descriptor could not be registered.
+    pub fn watch_waker(&mut self, waker: WakeReceiver) -> io::Result<()> {
+        self.poller
+            .register(waker.as_raw_fd(), WAKER, Interest::READABLE)?;
+        self.waker = Some(waker);
         Ok(())
     }
 
@@ -288,16 +326,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         let before = self.now;
         self.poller.wait(events, timeout)?;
+        // The wait may have ended long after input arrived (the process stalled; after
+        // SIGSTOP/SIGCONT epoll_wait fails with EINTR, reported as no events), and it reports
+        // only what was ready when it returned. Deadlines judged in step 4 therefore never
+        // trust it alone: the Pong deadline reads its connection before dropping it
+        // (`on_pong_deadline`, SPEC §5).
         self.now = Instant::now();
-        if events.is_empty() && self.timers.next_timeout(self.now) == Some(Duration::ZERO) {
-            // A wait that reports nothing may have ended long after input arrived: a signal
-            // interrupted it (epoll_wait fails with EINTR after SIGSTOP/SIGCONT, which the
-            // backends report as no events), or the whole process stalled. Deadlines are about
-            // to be judged: look again without blocking first, so that a Pong that arrived
-            // during the stall is read before its deadline fires (SPEC §5).
-            self.poller.wait(events, Some(Duration::ZERO))?;
-            self.now = Instant::now();
-        }
         self.metrics.poll_wait += self.now - before;
         self.metrics.poll_wakeups += 1;
         self.metrics.poll_events += events.len() as u64;
@@ -313,9 +347,15 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             match event.token {
                 LISTENER => self.accept_all(),
                 SIGNALS => exit = exit.or(self.on_signal()),
+                WAKER => self.on_wake(),
+                RELOAD => self.on_reload_signal(),
                 token => {
                     let id = ConnId::from_token(token.0);
-                    if event.readable {
+                    // A connection on the ready list is read in step 3, once: reading it here
+                    // too would give it a second budget in this iteration (a level-triggered
+                    // backend reports it again because its budget left bytes unread).
+                    let queued = self.conn_mut(id).is_some_and(|c| c.on_ready_list);
+                    if event.readable && !queued {
                         self.on_readable(id);
                     }
                     if event.writable {
@@ -327,7 +367,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         exit
     }
 
-    /// Step 3: reads the connections whose budget ran out in the previous iteration.
+    /// Step 3: reads the connections whose budget ran out in the previous iteration, one budget
+    /// each (step 2 skipped their events).
     ///
     /// Not in the same iteration: between two budgets of one connection, every other ready
     /// connection is read, timers fire and queued replies are flushed, so one client sending

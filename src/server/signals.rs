@@ -1,10 +1,13 @@
-//! SIGINT and SIGTERM as readable bytes: the self-pipe trick, so a signal wakes the loop through
-//! the same poller as everything else (SPEC §2).
+//! Signals as readable bytes: the self-pipe trick, so a signal wakes the loop through the same
+//! poller as everything else (SPEC §2). One pipe per meaning: SIGINT and SIGTERM share one
+//! (shutdown), SIGHUP has its own (reload the TLS certificate, SPEC §18).
 //!
-//! Owns: one Unix socket pair; signal-hook writes a byte into one end from the signal handler,
-//! the reactor watches the other end and counts the bytes.
-//! Does not: decide what a signal means (the reactor does: first one drains, second one exits).
+//! Owns: one Unix socket pair per `SignalPipe`; signal-hook writes a byte into one end from the
+//! signal handler, the reactor watches the other end and counts the bytes.
+//! Does not: decide what a signal means (the reactor does: first shutdown signal drains, a
+//! second one exits; SIGHUP reloads).
 
+use std::ffi::c_int;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -14,16 +17,18 @@ pub struct SignalPipe {
 }
 
 impl SignalPipe {
+    /// A pipe that becomes readable when any of `signals` arrives.
+    ///
     /// # Errors
     /// The socket pair could not be created or the handlers could not be installed.
-    pub fn new() -> io::Result<SignalPipe> {
+    pub fn new(signals: &[c_int]) -> io::Result<SignalPipe> {
         let (reader, writer) = UnixStream::pair()?;
         reader.set_nonblocking(true)?;
         // The handler writes without blocking; a full pipe just drops the extra byte.
         writer.set_nonblocking(true)?;
-        let writer2 = writer.try_clone()?;
-        signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, writer)?;
-        signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, writer2)?;
+        for &signal in signals {
+            signal_hook::low_level::pipe::register(signal, writer.try_clone()?)?;
+        }
         Ok(SignalPipe { reader })
     }
 

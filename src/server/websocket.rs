@@ -2,7 +2,8 @@
 //!
 //! Owns: running a connection's `FrameReader` over one read (`on_frames`), what each event
 //! means (`on_event`: messages to the app, Pongs for Pings, the close handshake), and every call
-//! into the `Handler` with its `Outbox` (`call_app`), including the closes the app asks for.
+//! into the `Handler` with its `Outbox` (`call_app`; `on_wake` when the engine's waker fires),
+//! including the closes the app asks for.
 //! Does not: decode frames (`protocol::decoder`), or write (`flush.rs`).
 
 use super::connection::{ConnId, Deadline, State};
@@ -142,6 +143,30 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             compressor: &mut self.compressor,
         };
         call(&mut self.handler, &mut self.sessions[slot], &mut out);
+        self.compressor.end_of_callback();
+        if !self.close_requests.is_empty() {
+            self.apply_close_requests();
+        }
+    }
+
+    /// The engine's waker fired (SPEC §13: an engine's answers come back through a channel and
+    /// the reactor's waker): empty it first (`poller/waker.rs` says why in that order), then
+    /// let the app act on what the other thread left for it, with an `Outbox` for its sends.
+    pub(super) fn on_wake(&mut self) {
+        if let Some(waker) = self.waker.as_mut() {
+            waker.drain();
+        }
+        let mut out = Outbox {
+            conns: &mut self.conns,
+            metrics: &mut self.metrics,
+            dirty: &mut self.dirty,
+            closes: &mut self.close_requests,
+            pool: &mut self.outbound_pool,
+            max_outbound: self.config.max_outbound,
+            policy: self.config.slow_consumer,
+            compressor: &mut self.compressor,
+        };
+        self.handler.on_wake(&mut out);
         self.compressor.end_of_callback();
         if !self.close_requests.is_empty() {
             self.apply_close_requests();

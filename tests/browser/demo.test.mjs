@@ -5,15 +5,19 @@
 // test sleeps. The run also writes target/browser/demo.png, a screenshot of the two tabs; the
 // test run never writes into docs/ (scripts/refresh-screenshot copies the picture there).
 //
+// The last suite serves the page over https:// and wss:// (SPEC §18) with a certificate made by
+// the `openssl` command, which a second Chromium trusts through its SPKI hash.
+//
 // Environment: WSRELAY_BIN (default target/release/wsrelay), WSRELAY_CHROMIUM (default
 // /usr/bin/chromium), TEST_RUST_LOG (the server's RUST_LOG, default wsrelay=warn).
 
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createHmac } from 'node:crypto';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -318,11 +322,11 @@ describe('the demo page', () => {
     await alice.locator('#members li[data-id="bob"]').waitFor();
     await select(bob, 'dm:alice');
     await sees(bob, 'dm:alice', 'while you were away');
-    // Bob reconnected with `since` = the newest direct message he had seen, so what he had
-    // already read is not replayed.
+    // Bob reconnected with `since` = the newest direct message he had seen (and the epoch of
+    // the server's history it belongs to), so what he had already read is not replayed.
     assert.equal(await bob.locator('#messages li', { hasText: 'psst, bob' }).count(), 0);
     assert.equal(sockets.length, 1);
-    assert.match(sockets[0], /\/ws\?id=bob&since=[0-9]+$/);
+    assert.match(sockets[0], /\/ws\?id=bob&since=[0-9]+&epoch=[0-9a-f]{16}$/);
     clean(alice);
     clean(bob);
   });
@@ -411,5 +415,74 @@ describe('the demo page when the connection drops', () => {
     assert.equal(sockets.length, 2);
     clean(dave);
     clean(erin);
+  });
+});
+
+// A CA and a server certificate for localhost (P-256), made with the openssl command in `dir`;
+// `spki` is the base64 SHA-256 of the server key's SubjectPublicKeyInfo, what Chromium's
+// --ignore-certificate-errors-spki-list trusts.
+function makeCertificate(dir) {
+  const openssl = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
+  openssl('req', '-x509', ...ec, '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=wsrelay browser CA');
+  openssl('req', ...ec, '-keyout', 'key.pem', '-out', 'server.csr', '-subj', '/CN=localhost');
+  writeFileSync(path.join(dir, 'ext.cnf'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\n');
+  openssl('x509', '-req', '-in', 'server.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial',
+    '-out', 'cert.pem', '-days', '2', '-extfile', 'ext.cnf');
+  const spkiDer = openssl('pkey', '-in', 'key.pem', '-pubout', '-outform', 'DER');
+  const spki = execFileSync('openssl', ['dgst', '-sha256', '-binary'], { input: spkiDer }).toString('base64');
+  return { cert: path.join(dir, 'cert.pem'), key: path.join(dir, 'key.pem'), spki };
+}
+
+describe('the demo page over https:// and wss://', () => {
+  let dir;
+  let url;
+  let tlsBrowser;
+
+  before(async () => {
+    dir = mkdtempSync(path.join(os.tmpdir(), 'wsrelay-browser-tls-'));
+    const { cert, key, spki } = makeCertificate(dir);
+    const plain = await startServer(['--tls-cert', cert, '--tls-key', key]);
+    url = plain.replace('http://127.0.0.1', 'https://localhost');
+    tlsBrowser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+        '--disable-quic', '--no-first-run', '--disable-component-update', '--disable-sync',
+        `--ignore-certificate-errors-spki-list=${spki}`],
+    });
+  });
+
+  after(async () => {
+    await tlsBrowser?.close();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('a browser that does not trust the certificate refuses the page', async () => {
+    const page = await (await browser.newContext()).newPage();
+    await assert.rejects(page.goto(url, { timeout: DEADLINE_MS }), /ERR_CERT/);
+  });
+
+  test('two tabs talk over wss://, in a room and directly', async () => {
+    const alice = await newPage(await tlsBrowser.newContext(), url);
+    const bob = await newPage(await tlsBrowser.newContext(), url);
+    assert.equal(await alice.evaluate(() => location.protocol), 'https:');
+    const sockets = [];
+    bob.on('websocket', (ws) => sockets.push(ws.url()));
+    await login(alice, 'alice');
+    await login(bob, 'bob');
+    assert.ok(sockets.length >= 1 && sockets.every((u) => u.startsWith('wss://')), sockets.join(' '));
+    await joinRoom(alice, 'lobby');
+    await joinRoom(bob, 'lobby');
+    await alice.locator('#members li[data-id="bob"]').waitFor();
+    await acked(await say(alice, 'hello over tls'), 'delivered');
+    await sees(bob, 'room:lobby', 'hello over tls');
+    await openDirect(alice, 'bob');
+    await acked(await say(alice, 'a direct one over tls'), 'delivered');
+    await select(bob, 'dm:alice');
+    await sees(bob, 'dm:alice', 'a direct one over tls');
+    // The live counters come over https:// too.
+    await alice.waitForFunction(() => Number(document.querySelector('#stat-connections')?.textContent) >= 2);
+    clean(alice);
+    clean(bob);
   });
 });

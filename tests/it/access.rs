@@ -189,6 +189,82 @@ fn origin_allow_list(poller: &str) {
     assert_eq!(server.metric("wsrelay_origin_rejections_total"), 6.0);
 }
 
+/// The access refusals reach the client byte for byte: a 401 carries its `WWW-Authenticate`
+/// challenge (RFC 7235 §3.1) and names the failed check, a 403 says what was not allowed
+/// (docs/protocol.md, "HTTP statuses before the upgrade").
+fn access_refusals_are_exact_on_the_wire(poller: &str) {
+    let server = Server::start(
+        poller,
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--allow-origin",
+            "https://chat.example",
+        ],
+    );
+    let upgrade = |target: &str, headers: &str| {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             {headers}\r\n"
+        )
+    };
+    let unauthorized = |label: &str| {
+        let body = format!("a valid token is required ({label})\n");
+        format!(
+            "HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\nWWW-Authenticate: Bearer\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let forbidden = |body: &str| {
+        format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let expired = hs256(&json!({"sub": "alice", "exp": now() - 3600}), SECRET);
+    let lobby_only = hs256(
+        &json!({"sub": "alice", "exp": now() + 3600, "rooms": ["lobby"]}),
+        SECRET,
+    );
+    let cases: Vec<(&str, String, String)> = vec![
+        ("no token", upgrade("/ws", ""), unauthorized("missing")),
+        (
+            "expired token",
+            upgrade(&format!("/ws?token={expired}"), ""),
+            unauthorized("expired"),
+        ),
+        (
+            "plain GET with an expired token (the demo page's check)",
+            format!("GET /ws?token={expired} HTTP/1.1\r\nHost: test\r\n\r\n"),
+            unauthorized("expired"),
+        ),
+        (
+            "Origin off the list",
+            upgrade("/echo", "Origin: https://evil.example\r\n"),
+            forbidden("Origin not allowed (see --allow-origin)\n"),
+        ),
+        (
+            "raw room outside the token's claim",
+            upgrade(&format!("/r/staff?token={lobby_only}"), ""),
+            forbidden("this room is not allowed by your token\n"),
+        ),
+    ];
+    for (name, request, expected) in &cases {
+        let r = server.http(request);
+        let got = format!("{}\r\n\r\n{}", r.head, r.body_text());
+        assert_eq!(got, *expected, "{name}");
+    }
+    let counted = |status: &str| {
+        let sample = format!("wsrelay_http_responses_total{{status=\"{status}\"}}");
+        server.metric(&sample)
+    };
+    assert_eq!(counted("401"), 3.0);
+    assert_eq!(counted("403"), 2.0);
+}
+
 fn rate_limit_closes_with_1008(poller: &str) {
     let server = Server::start(poller, &["--rate", "1", "--burst", "3"]);
     let mut ws = server.ws("/r/chatty");
@@ -249,6 +325,7 @@ fn plain_get_on_ws_checks_identity_before_426(poller: &str) {
 }
 
 poller_tests!(
+    access_refusals_are_exact_on_the_wire,
     plain_get_on_ws_checks_identity_before_426,
     jwt_table,
     the_rooms_claim_restricts_joins_and_publishes,

@@ -253,6 +253,108 @@ poller_tests!(
     bench_connect_counts_match_the_server,
 );
 
+/// `wss://`: the bench's TLS client (trusting the test CA through `--ca`) against the relay
+/// speaking TLS. The bench is what is tested here, so epoll only (tests/it/tls.rs runs the
+/// server's TLS on every poller). Counts match as in plain echo, and the server counts one
+/// TLS handshake per connection (and one for each /metrics read).
+#[test]
+fn bench_echo_over_wss_counts_match_the_server() {
+    use crate::tls_support::{tls_metrics, tls_server, wait_for_tls_metric, TestCa};
+    let ca = TestCa::new();
+    let server = tls_server("epoll", &ca, &[]);
+    let url = format!("wss://localhost:{}/echo", server.addr.port());
+    let (code, r) = bench(&[
+        "echo",
+        &url,
+        "--ca",
+        ca.ca.to_str().unwrap(),
+        "--connections",
+        "10",
+        "--window",
+        "4",
+        "--size",
+        "32",
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(u(&r, "errors.total"), 0, "{r}");
+    assert_eq!(u(&r, "opened"), 10);
+    assert_eq!(u(&r, "clean_closes"), 10);
+    let sent_total = u(&r, "sent_total");
+    assert!(sent_total > 0);
+    assert_eq!(u(&r, "received_total"), sent_total);
+    wait_for_tls_metric(&server, &ca, "wsrelay_messages_in_total", sent_total as f64);
+    let m = tls_metrics(&server, &ca);
+    assert_eq!(m.get("wsrelay_upgrades_total"), 10.0);
+    // The bench's 10, and every /metrics read so far (this one included).
+    let handshakes = m.get("wsrelay_tls_handshakes_total{version=\"TLSv1.3\"}");
+    assert!(handshakes > 10.0, "{handshakes}");
+    assert_eq!(
+        m.get("wsrelay_tls_handshake_failures_total{reason=\"certificate\"}"),
+        0.0
+    );
+}
+
+/// `wsrelay bench --compression` over `wss://`: permessage-deflate sits above TLS (SPEC §17,
+/// §18). Every message goes compressed (1 KiB of chat-like JSON, above `--compression-min`),
+/// every echo comes back compressed and is inflated by the bench, and the counts still match.
+#[test]
+fn bench_echo_compressed_over_wss_counts_match_the_server() {
+    use crate::tls_support::{tls_metrics, tls_server, wait_for_tls_metric, TestCa};
+    let ca = TestCa::new();
+    let server = tls_server("epoll", &ca, &[]);
+    let url = format!("wss://localhost:{}/echo", server.addr.port());
+    let (code, r) = bench(&[
+        "echo",
+        &url,
+        "--ca",
+        ca.ca.to_str().unwrap(),
+        "--connections",
+        "4",
+        "--window",
+        "4",
+        "--size",
+        "1024",
+        "--compression",
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(u(&r, "errors.total"), 0, "{r}");
+    assert_eq!(u(&r, "clean_closes"), 4);
+    let sent_total = u(&r, "sent_total");
+    assert!(sent_total > 0);
+    assert_eq!(u(&r, "received_total"), sent_total);
+    wait_for_tls_metric(&server, &ca, "wsrelay_messages_in_total", sent_total as f64);
+    let m = tls_metrics(&server, &ca);
+    assert_eq!(
+        m.get("wsrelay_compressed_messages_in_total"),
+        sent_total as f64
+    );
+    assert_eq!(
+        m.get("wsrelay_compressed_messages_out_total"),
+        sent_total as f64
+    );
+    assert_eq!(m.get("wsrelay_inflate_errors_total"), 0.0);
+}
+
+/// A bench that does not trust the server's certificate counts every connection as a TLS
+/// error, and says why.
+/// The server sees each refusal as an alert from the client during the handshake.
+#[test]
+fn bench_over_wss_without_the_ca_counts_tls_errors() {
+    use crate::tls_support::{tls_metrics, tls_server, wait_for_tls_metric, TestCa};
+    let ca = TestCa::new();
+    let server = tls_server("epoll", &ca, &[]);
+    let url = format!("wss://localhost:{}/echo", server.addr.port());
+    let (_, r) = bench(&["echo", &url, "--connections", "3"]);
+    assert_eq!(u(&r, "opened"), 0, "{r}");
+    let refused = u(&r, "errors.tls");
+    assert!(refused >= 3, "{r}");
+    let first = r["first_error"].as_str().unwrap_or_default();
+    assert!(first.contains("certificate is not accepted"), "{r}");
+    let alerts = "wsrelay_tls_handshake_failures_total{reason=\"alert\"}";
+    wait_for_tls_metric(&server, &ca, alerts, refused as f64);
+    assert_eq!(tls_metrics(&server, &ca).get("wsrelay_upgrades_total"), 0.0);
+}
+
 #[test]
 fn bench_refuses_a_target_outside_loopback_before_sending_anything() {
     // 192.0.2.0/24 is reserved for documentation; the address is refused before any socket.

@@ -223,6 +223,44 @@ fn long_lines_travel_compressed_both_ways() {
     assert_eq!(m.get("wsrelay_compression_small_messages_out_total"), 1.0);
 }
 
+/// The same over `wss://`, trusting the test CA: the client's TLS (a handshake, then one
+/// session shared by its writing and reading threads) against the relay speaking TLS. The
+/// client is what is tested here, so epoll only; tests/it/tls.rs runs the server's TLS on
+/// every poller.
+#[test]
+fn raw_script_mode_over_wss() {
+    use crate::tls_support::{tls_server, TestCa};
+    let ca = TestCa::new();
+    let server = tls_server("epoll", &ca, &[]);
+    let url = format!("wss://localhost:{}/echo", server.addr.port());
+    let mut client = ClientProcess::start(&["--ca", ca.ca.to_str().unwrap(), &url]);
+    let long = "x".repeat(40_000);
+    let lines = ["one", "two words", long.as_str()];
+    for line in lines {
+        client.send_line(line);
+    }
+    client.close_stdin();
+    assert_eq!(client.wait_exit(), 0, "{}", client.log());
+    let out = client.remaining_stdout();
+    assert_eq!(out.len(), lines.len(), "{}", client.log());
+    for (got, want) in out.iter().zip(lines) {
+        assert!(
+            is_timestamped(got, want),
+            "{got:.80} is not [HH:MM:SS] {want:.20}..."
+        );
+    }
+    assert!(
+        client.log().contains("connected to wss://"),
+        "{}",
+        client.log()
+    );
+    // permessage-deflate sits above TLS (SPEC §17, §18): the long line went compressed, and
+    // its echo came back compressed and was printed as sent (checked above).
+    let m = crate::tls_support::tls_metrics(&server, &ca);
+    assert_eq!(m.get("wsrelay_compressed_messages_in_total"), 1.0);
+    assert_eq!(m.get("wsrelay_compressed_messages_out_total"), 1.0);
+}
+
 #[test]
 fn raw_json_mode_prints_one_object_per_message() {
     let server = Server::start("epoll", &[]);
@@ -304,8 +342,9 @@ fn errors_are_one_line_each() {
     let refused = format!("ws://{closed}/echo");
     #[rustfmt::skip]
     let cases: &[(&[&str], i32, &str)] = &[
-        (&["http://127.0.0.1/echo"], 2, "not a ws:// URL"),
-        (&["wss://127.0.0.1/echo"], 2, "wss:// (TLS) is not supported"),
+        (&["http://127.0.0.1/echo"], 2, "not a ws:// or wss:// URL"),
+        (&["--insecure", "ws://127.0.0.1/echo"], 2, "wss:// URLs only"),
+        (&["--ca", "/nonexistent/ca.pem", "wss://127.0.0.1/echo"], 2, "cannot read"),
         (&["ws://127.0.0.1:0/echo"], 2, "port"),
         (&["ws://127.0.0.1/ws", "ws://127.0.0.1/echo"], 2, "mixing"),
         (&["--timeout", "1s", &refused], 1, "connection refused"),
@@ -325,6 +364,24 @@ fn errors_are_one_line_each() {
             assert!(line.starts_with("wsrelay client: "), "{args:?}: {line}");
         }
     }
+}
+
+/// A `wss://` server whose certificate the client does not trust: a final refusal (exit 2,
+/// no retries), with a hint at `--ca`. The server sees exactly one handshake end in an alert.
+#[test]
+fn an_untrusted_certificate_is_final() {
+    use crate::tls_support::{tls_server, wait_for_tls_metric, TestCa};
+    let ca = TestCa::new();
+    let server = tls_server("epoll", &ca, &[]);
+    let url = format!("wss://localhost:{}/echo", server.addr.port());
+    let mut client = ClientProcess::start(&[&url]);
+    client.close_stdin();
+    assert_eq!(client.wait_exit(), 2, "{}", client.log());
+    let log = client.log();
+    assert!(log.contains("certificate is not accepted"), "{log}");
+    assert!(log.contains("--ca FILE"), "{log}");
+    let alerts = "wsrelay_tls_handshake_failures_total{reason=\"alert\"}";
+    wait_for_tls_metric(&server, &ca, alerts, 1.0);
 }
 
 #[test]

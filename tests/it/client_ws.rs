@@ -218,3 +218,47 @@ fn id_of(log_line: &str) -> String {
     let v: Value = serde_json::from_str(json).expect("the envelope is JSON");
     v["id"].as_str().expect("a client id").to_string()
 }
+
+/// Reads `client`'s `--json` stdout until the next `welcome`.
+fn next_welcome(client: &mut ClientProcess) -> Value {
+    loop {
+        let line = client.stdout_line();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        if v["type"] == "welcome" {
+            return v;
+        }
+    }
+}
+
+/// SPEC §13: after a restart the client reconnects with `since` and the epoch it was given.
+/// With `--data-dir` the history is still there (`recovered: true`); with the memory engine it
+/// is not, and the client says that messages may be missing.
+#[test]
+fn the_client_passes_its_epoch_back_and_says_when_messages_may_be_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = ["--data-dir", dir.path().to_str().unwrap()];
+    for (flags, recovered) in [(&data_dir[..], true), (&[][..], false)] {
+        let server = Server::start("epoll", flags);
+        let addr = server.addr;
+        let url = server.url("/ws");
+        let mut bob = ClientProcess::start(&["--id", "bob", "--json", &url]);
+        bob.stderr_until("connected to");
+        let first = next_welcome(&mut bob);
+        let mut alice = ClientProcess::start(&["--id", "alice", "--to", "bob", &url]);
+        alice.send_line("before the restart");
+        alice.close_stdin();
+        assert_eq!(alice.wait_exit(), 0, "{}", alice.log());
+        messages_until(&mut bob, "before the restart");
+
+        drop(server); // SIGKILL
+        let _server = Server::start_on("epoll", addr, flags);
+        bob.stderr_until("connected to");
+        let again = next_welcome(&mut bob);
+        assert_eq!(again["recovered"], recovered, "{flags:?}: {again}");
+        assert_eq!(again["epoch"] == first["epoch"], recovered, "{again}");
+        if !recovered {
+            let warning = bob.stderr_until("may be missing");
+            assert!(warning.contains("wsrelay client:"), "{warning}");
+        }
+    }
+}

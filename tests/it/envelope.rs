@@ -10,10 +10,12 @@ use tungstenite::Message;
 
 fn a_and_b_talk_both_ways_with_acks_and_presence(poller: &str) {
     let server = Server::start(poller, &[]);
-    let (mut a, welcome) = Client::connect(&server, "/ws?id=alice");
+    let (mut a, mut welcome) = Client::connect(&server, "/ws?id=alice");
+    let epoch = welcome["epoch"].take();
+    assert!(epoch.as_str().is_some_and(|e| e.len() == 16), "{epoch}");
     assert_eq!(
         welcome,
-        json!({"type": "welcome", "id": "alice", "last_msg_id": null})
+        json!({"type": "welcome", "id": "alice", "last_msg_id": null, "epoch": null, "recovered": true})
     );
     let mut b = Client::as_id(&server, "bob");
 

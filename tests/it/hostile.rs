@@ -14,17 +14,6 @@ use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tungstenite::protocol::frame::coding::CloseCode;
 
-/// One sample of /metrics; a series that is absent fails the test (it never reads as 0).
-fn metric(server: &Server, sample: &str) -> f64 {
-    let text = server.get("/metrics").body_text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("/metrics has no sample {sample}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn msg_id(v: &Value) -> u64 {
     v["msg_id"].as_str().expect("a msg_id").parse().unwrap()
 }
@@ -208,8 +197,8 @@ fn a_retry_is_recognised_after_4100_other_senders_went_idle(poller: &str) {
     server.wait_for_metric("wsrelay_ids_online", 0.0);
     let retry = publish_once(&server, "alice", "c1");
     assert_eq!(retry, first, "the retry is answered with the original ack");
-    assert_eq!(metric(&server, "wsrelay_duplicates_total"), 1.0);
-    assert_eq!(metric(&server, "wsrelay_dedup_evicted_total"), 0.0);
+    assert_eq!(server.metric("wsrelay_duplicates_total"), 1.0);
+    assert_eq!(server.metric("wsrelay_dedup_evicted_total"), 0.0);
 }
 
 /// `--dedup-max-bytes` bounds what the windows hold, whoever sends: beyond it the oldest
@@ -233,10 +222,11 @@ fn dedup_memory_is_bounded_by_a_flag_and_evictions_are_counted(poller: &str) {
         }
         senders.push(c);
     }
-    let bytes = metric(&server, "wsrelay_dedup_bytes");
+    let metrics = server.metrics();
+    let bytes = metrics.get("wsrelay_dedup_bytes");
     assert!(bytes > 0.0 && bytes <= bound as f64, "{bytes} bytes held");
-    let evicted = metric(&server, "wsrelay_dedup_evicted_total");
-    let records = metric(&server, "wsrelay_dedup_records");
+    let evicted = metrics.get("wsrelay_dedup_evicted_total");
+    let records = metrics.get("wsrelay_dedup_records");
     assert_eq!(
         evicted + records,
         2000.0,
@@ -258,7 +248,7 @@ fn dedup_memory_is_bounded_by_a_flag_and_evictions_are_counted(poller: &str) {
         acks[1999],
         "recognised: the original ack"
     );
-    assert_eq!(metric(&server, "wsrelay_duplicates_total"), 1.0);
+    assert_eq!(server.metric("wsrelay_duplicates_total"), 1.0);
 }
 
 // ----- a publish ack says what happened ------------------------------------------------------
@@ -302,11 +292,8 @@ fn a_publish_ack_says_when_a_member_dropped_it(poller: &str) {
         ack["reason"],
         "dropped for 1 of 2 members (over --max-outbound)"
     );
-    assert!(metric(&server, "wsrelay_slow_consumer_drops_total") >= 1.0);
-    assert_eq!(
-        metric(&server, "wsrelay_acks_total{status=\"partial\"}"),
-        1.0
-    );
+    assert!(server.metric("wsrelay_slow_consumer_drops_total") >= 1.0);
+    assert_eq!(server.metric("wsrelay_acks_total{status=\"partial\"}"), 1.0);
     // The reader leaves: now the slow member is the whole audience, and drops it too.
     reader.send(json!({"type": "leave", "room": "room"}));
     assert_eq!(reader.expect("presence")["event"], "leave");
@@ -363,10 +350,7 @@ fn a_jwt_with_an_unknown_crit_header_is_refused_401(poller: &str) {
         assert!(body.contains("unsupported_crit"), "{crit}: {body}");
     }
     assert_eq!(
-        metric(
-            &server,
-            "wsrelay_auth_failures_total{reason=\"unsupported_crit\"}"
-        ),
+        server.metric("wsrelay_auth_failures_total{reason=\"unsupported_crit\"}"),
         4.0
     );
 }

@@ -3,6 +3,7 @@
 //! Every case runs on every poller through `poller_tests!`.
 
 mod support;
+mod tls_support;
 
 mod bench;
 mod client;
@@ -15,8 +16,10 @@ mod http;
 mod reactor;
 mod relay_support;
 mod robustness;
+mod tls;
 
 mod access;
+mod durable;
 mod envelope;
 mod hostile;
 mod offline;

@@ -5,31 +5,9 @@
 
 use crate::poller_tests;
 use crate::support::*;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
-
-/// The server closed TCP cleanly: EOF with nothing left, never a reset (which would mean unread
-/// input made the server's close destroy what it had sent).
-fn expect_clean_eof(s: &mut TcpStream) {
-    let mut rest = Vec::new();
-    match s.read_to_end(&mut rest) {
-        Ok(_) => assert!(rest.is_empty(), "bytes after the close: {rest:?}"),
-        Err(e) => panic!("expected EOF, got {e}"),
-    }
-}
-
-/// The value of one sample in /metrics; a sample that is not there fails the test (a renamed
-/// series must not read as 0).
-fn metric(server: &Server, sample: &str) -> f64 {
-    let text = server.get("/metrics").body_text();
-    text.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == sample).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or_else(|| panic!("no sample {sample} in /metrics:\n{text}"))
-}
 
 /// SPEC §2, §6: the rate limit closes a connection in the middle of a read that holds many more
 /// frames. The rest of that read (and the next, which starts inside a frame) must still be read
@@ -71,16 +49,62 @@ fn a_close_started_mid_read_keeps_the_stream_in_step(poller: &str) {
     assert_eq!(code, 1008);
     s.write_all(&client_frame(0x88, &1008u16.to_be_bytes()))
         .unwrap();
-    expect_clean_eof(&mut s);
-    // The frames after the limit were delimited, not misread as a broken frame: the family is
-    // there, with no sample for any reason.
-    let text = server.get("/metrics").body_text();
-    assert!(text.contains("# TYPE wsrelay_protocol_errors_total counter"));
-    assert!(
-        !text.contains("wsrelay_protocol_errors_total{"),
-        "a phantom protocol error was counted:\n{text}"
+    expect_eof(&mut s);
+    let metrics = server.metrics();
+    // The server found the client's Close behind the frames it skipped: the handshake ended
+    // there, not at the close deadline (which would also end in a FIN).
+    assert_eq!(
+        metrics.get("wsrelay_closes_received_total{code=\"1008\"}"),
+        1.0
     );
-    assert_eq!(metric(&server, "wsrelay_abnormal_closes_total"), 0.0);
+    assert_eq!(metrics.get("wsrelay_close_timeouts_total"), 0.0);
+    // The frames after the limit were delimited, not misread as a broken frame.
+    let errors = metrics.family("wsrelay_protocol_errors_total");
+    assert!(errors.is_empty(), "a phantom protocol error: {errors:?}");
+    assert_eq!(metrics.get("wsrelay_abnormal_closes_total"), 0.0);
+}
+
+/// SPEC §2, §3: after the server's own Close (here: the rate limit), a broken frame from the
+/// client ends the wait for its Close at once; what was queued before, the acks of the messages
+/// within the burst and our Close 1008, still reaches the client before the connection ends.
+fn a_broken_frame_after_our_close_still_lets_the_queue_out(poller: &str) {
+    let server = Server::start(poller, &["--rate", "5", "--burst", "5"]);
+    let mut s = raw_upgrade(&server, "/ws?id=alice");
+    let (first, _welcome) = read_server_frame(&mut s);
+    assert_eq!(first, 0x81);
+
+    // Six sends (the sixth is over the limit: Close 1008), then a frame with RSV2 set, which no
+    // extension allows (1002), all in one write, so one read holds them all.
+    let mut burst = Vec::new();
+    for i in 0..6 {
+        let envelope = format!(r#"{{"type":"send","to":"bob","payload":"hi","id":"m{i}"}}"#);
+        burst.extend_from_slice(&client_frame(0x81, envelope.as_bytes()));
+    }
+    burst.extend_from_slice(&client_frame(0xA1, b"broken"));
+    s.write_all(&burst).unwrap();
+
+    let mut acked = Vec::new();
+    let code = loop {
+        let (b0, payload) = read_server_frame(&mut s);
+        match b0 {
+            0x81 => {
+                let ack: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                acked.push(ack["id"].as_str().unwrap().to_string());
+            }
+            0x88 => break u16::from_be_bytes([payload[0], payload[1]]),
+            other => panic!("unexpected frame {other:#x}"),
+        }
+    };
+    assert_eq!(acked, ["m0", "m1", "m2", "m3", "m4"]);
+    assert_eq!(code, 1008);
+    // Everything the client sent was read, so the end is a FIN, not a reset.
+    expect_eof(&mut s);
+    let errors = server.metrics().family("wsrelay_protocol_errors_total");
+    assert_eq!(
+        errors.len(),
+        1,
+        "the broken frame is counted once: {errors:?}"
+    );
 }
 
 /// Waits (bounded) until the process is in `state` in /proc/<pid>/stat: 'S' (asleep, for the
@@ -114,19 +138,16 @@ fn graceful_shutdown_refuses_new_clients_at_once(poller: &str) {
     server.signal("TERM");
     // Shutdown has begun once the open connection is told 1001.
     assert_eq!(read_close_code(&mut open), Some(1001));
-    let started = Instant::now();
+    // Refused (a RST to the SYN), not left waiting in a backlog: the kernel's answer itself
+    // says the listener is closed.
     match TcpStream::connect_timeout(&server.addr, DEADLINE) {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}"),
         Ok(_) => panic!("a new connection was accepted during shutdown"),
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "refusal was not immediate"
-    );
     // The open connection still completes its close handshake, and then the server exits.
     open.write_all(&client_frame(0x88, &1001u16.to_be_bytes()))
         .unwrap();
-    expect_clean_eof(&mut open);
+    expect_eof(&mut open);
     assert_eq!(server.wait_exit(DEADLINE), Some(0));
 }
 
@@ -170,11 +191,12 @@ fn a_stall_longer_than_the_heartbeat_timeout_keeps_clients_that_answered(poller:
             other => panic!("expected the echo, got frame {other:#x} {payload:?}"),
         }
     }
-    assert_eq!(metric(&server, "wsrelay_half_open_drops_total"), 0.0);
+    assert_eq!(server.metric("wsrelay_half_open_drops_total"), 0.0);
 }
 
 poller_tests!(
     a_close_started_mid_read_keeps_the_stream_in_step,
+    a_broken_frame_after_our_close_still_lets_the_queue_out,
     graceful_shutdown_refuses_new_clients_at_once,
     a_stall_longer_than_the_heartbeat_timeout_keeps_clients_that_answered,
 );

@@ -12,6 +12,10 @@
 //   server, so reconnecting with `?since=` replays what a dead connection may have swallowed.
 //   It is stored per id in localStorage, so a reopened tab also catches up. Room messages are
 //   not retained: the page says so when it reconnects.
+// - `epoch`: the welcome's name for the server's history of our inbox, sent back with `since`.
+//   When the server cannot replay everything after `since` (it restarted without its history,
+//   or messages outlived its retention), its welcome says `recovered: false` and the page tells
+//   the user that messages may be missing (docs/protocol.md, "Recovery").
 // - `seen`: msg_ids already shown; a replay repeats messages, and the page drops those.
 // - `pending`: sent messages without an ack. After a reconnect they are sent again with the
 //   same client id; the server recognises the id and answers with the original ack instead of
@@ -46,6 +50,7 @@
   // A token is a credential: kept for this tab's session only, not for every later visit.
   const KEY_TOKEN = 'wsrelay.demo.token';
   const keySince = (id) => 'wsrelay.demo.since.' + id;
+  const keyEpoch = (id) => 'wsrelay.demo.epoch.' + id;
   const keyRooms = (id) => 'wsrelay.demo.rooms.' + id;
 
   const state = {
@@ -59,6 +64,7 @@
     retryTimer: null,
     connectSeq: 0, // tells a connect() that a newer one has started
     since: null, // BigInt
+    epoch: null, // the welcome's epoch (16 hex digits), sent back with `since`
     seen: new Set(),
     conversations: new Map(), // 'room:lobby' | 'dm:bob' -> conversation
     active: null,
@@ -167,6 +173,7 @@
     state.echoes.clear();
     state.seen.clear();
     state.since = null;
+    state.epoch = null;
     state.me = null;
   }
 
@@ -176,6 +183,7 @@
     const id = kind === 'token' ? tokenSubject(value) : value;
     state.credential = { kind, value, id };
     state.since = loadSince(id);
+    state.epoch = id === null ? null : store.get(localStorage, keyEpoch(id));
     state.wanted = true;
     state.attempt = 0;
     $('login-error').hidden = true;
@@ -230,7 +238,8 @@
       if ([400, 401, 403].includes(check.status)) return refused(check.status, why);
       return retry(`HTTP ${check.status}${why ? ': ' + why : ''}`);
     }
-    const since = state.since === null ? '' : '&since=' + state.since.toString();
+    let since = state.since === null ? '' : '&since=' + state.since.toString();
+    if (since !== '' && state.epoch !== null) since += '&epoch=' + encodeURIComponent(state.epoch);
     const ws = new WebSocket(wsBase() + '/ws?' + query + since, PROTOCOL);
     state.ws = ws;
     state.welcomed = false;
@@ -315,7 +324,17 @@
     state.me = msg.id;
     state.welcomed = true;
     state.attempt = 0;
-    setState('connected', `connected as ${msg.id}`);
+    if (msg.recovered === false) {
+      // The server could not replay everything after our `since` (SPEC §13): say so, never
+      // pretend the conversation is complete.
+      setState('connected', `connected as ${msg.id}: some messages sent while you were away may be missing`);
+    } else {
+      setState('connected', `connected as ${msg.id}`);
+    }
+    if (typeof msg.epoch === 'string') {
+      state.epoch = msg.epoch;
+      store.set(localStorage, keyEpoch(msg.id), msg.epoch);
+    }
     const cred = state.credential;
     if (cred.kind === 'token') store.set(sessionStorage, KEY_TOKEN, cred.value);
     else store.set(localStorage, KEY_ID, cred.value);

@@ -493,3 +493,188 @@ fn recovery_leaves_out_what_is_not_stored_yet() {
     assert_eq!(r.last, Some(first[0]));
     assert_eq!(out[1].ticket, Ticket(2));
 }
+
+/// Carol's three big messages fill segment 1 and are delivered; their delivery record and bob's
+/// traffic (each message delivered) fill newer segments, which are mostly dead. Compacting one
+/// of those would drop carol's delivery record while her messages still say pending in
+/// segment 1: only the oldest segment is ever compacted.
+#[test]
+fn compaction_never_drops_a_delivery_record_of_an_older_segment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.segment_bytes = 2048;
+    c.limits.per_stream = 3;
+    let mut e = open(c.clone(), 1_000);
+    let carol = StreamId::inbox("carol");
+    let big = "c".repeat(700);
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        e.append(Ticket(i), append("carol", None, &big), at(1_000));
+        sent.push(stored(&settle(&mut e)[0]));
+    }
+    e.delivered(&carol, &sent);
+    let body = "y".repeat(100);
+    for i in 0..60 {
+        e.append(Ticket(i), append("bob", None, &body), at(1_000));
+        let done = settle(&mut e);
+        e.delivered(&StreamId::inbox("bob"), &[stored(&done[0])]);
+    }
+    for _ in 0..50 {
+        e.maintain(at(1_000));
+        settle(&mut e);
+    }
+    assert_eq!(e.segments()[0], 1, "segment 1 is mostly live and stays");
+    assert_eq!(e.mem.streams.pending(), 0);
+    drop(e);
+    let mut e = open(c.clone(), 1_000);
+    assert_eq!(
+        e.mem.streams.pending(),
+        0,
+        "delivered messages came back as pending after a restart"
+    );
+    // Three small messages evict carol's big ones (bound 3): now segment 1 is dead, and
+    // compaction works its way forward.
+    let mut small = Vec::new();
+    for i in 0..3 {
+        e.append(Ticket(i), append("carol", None, "s"), at(1_000));
+        small.push(stored(&settle(&mut e)[0]));
+    }
+    e.delivered(&carol, &small);
+    for _ in 0..50 {
+        e.maintain(at(1_000));
+        settle(&mut e);
+    }
+    assert!(e.stats.compactions > 0, "nothing was compacted");
+    assert!(!e.segments().contains(&1), "segment 1 was not reclaimed");
+    drop(e);
+
+    let mut e = open(c, 1_000);
+    let r = recover(&mut e, None, 1_000);
+    assert!(r.messages.is_empty(), "bob's delivered messages came back");
+    e.recover(Ticket(1), &carol, None, at(1_000));
+    let Some(Outcome::Recovered(r)) = settle(&mut e).pop().map(|c| c.outcome) else {
+        panic!("no recovery")
+    };
+    assert!(
+        r.messages.is_empty(),
+        "carol's delivered messages came back as pending: {}",
+        r.messages.len()
+    );
+    // With a since before the big ones: only the small ones, and not recovered (evicted).
+    let since = Since {
+        position: Position(sent[0].0 - 1),
+        epoch: None,
+    };
+    e.recover(Ticket(2), &carol, Some(since), at(1_000));
+    let Some(Outcome::Recovered(r)) = settle(&mut e).pop().map(|c| c.outcome) else {
+        panic!("no recovery")
+    };
+    assert_eq!(
+        bodies(&r),
+        ["s", "s", "s"],
+        "the evicted messages came back"
+    );
+    assert!(!r.recovered);
+}
+
+/// A new data directory has no history: a `since` from before it existed (another store, a
+/// deleted one) is not recovered, now or after a restart; neither is one it never handed out.
+#[test]
+fn a_fresh_store_does_not_claim_a_since_it_never_saw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let before = Since {
+        position: Position(999_999_000),
+        epoch: None,
+    };
+    let mut e = open(config(tmp.path()), 1_000_000);
+    let r = recover(&mut e, Some(before), 1_000_000);
+    assert!(!r.recovered, "fresh data dir, since from before it");
+    let first = send_n(&mut e, 1, 1_000_000)[0];
+    let ahead = Since {
+        position: Position(first.0 + 1_000),
+        epoch: None,
+    };
+    assert!(
+        !recover(&mut e, Some(ahead), 1_000_000).recovered,
+        "since never handed out"
+    );
+    let own = Since {
+        position: first,
+        epoch: None,
+    };
+    assert!(
+        recover(&mut e, Some(own), 1_000_000).recovered,
+        "its own since is served"
+    );
+    drop(e);
+    let mut e = open(config(tmp.path()), 1_000_000);
+    assert!(
+        !recover(&mut e, Some(before), 1_000_000).recovered,
+        "after a restart, the mark came back from the first segment's header"
+    );
+    assert!(recover(&mut e, Some(own), 1_000_000).recovered);
+}
+
+/// Room messages with a client id keep a record for the duplicate window until their TTL,
+/// though nothing retains them: a segment of those is not worth compacting (the copy is the
+/// whole segment) until they expire, and must not be copied forward over and over meanwhile.
+#[test]
+fn unexpired_duplicate_windows_do_not_make_compaction_spin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.segment_bytes = 2048;
+    let mut e = open(c.clone(), 1_000);
+    for i in 0..200 {
+        let id = format!("room-msg-{i}");
+        e.publish(Ticket(i), publish(Some(&id)), at(1_000));
+        settle(&mut e);
+    }
+    let segments = e.segments();
+    assert!(segments.len() > 3, "rotated: {segments:?}");
+    for _ in 0..200 {
+        e.maintain(at(1_000));
+        settle(&mut e);
+    }
+    assert_eq!(e.stats.compactions, 0, "copied forward for nothing");
+    assert_eq!(e.segments(), segments);
+    // Once the TTL has passed, the records are dead and the space comes back.
+    for _ in 0..200 {
+        e.maintain(at(1_000 + TTL_MS));
+        settle(&mut e);
+    }
+    assert!(e.stats.compactions > 0);
+    assert!(e.segments().len() <= 2, "left: {:?}", e.segments());
+}
+
+/// A message that bounds removed keeps its client id's duplicate window after compaction
+/// deleted its segment (up to its TTL).
+#[test]
+fn compaction_keeps_the_duplicate_window_of_removed_messages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.segment_bytes = 2048;
+    c.limits.per_stream = 1;
+    let mut e = open(c.clone(), 1_000);
+    let big = "d".repeat(700);
+    e.append(Ticket(0), append("dave", Some("first"), &big), at(1_000));
+    let first = stored(&settle(&mut e)[0]);
+    e.delivered(&StreamId::inbox("dave"), &[first]);
+    // Each evicts the one before it: segment 1 goes dead.
+    for i in 1..8 {
+        e.append(Ticket(i), append("dave", None, &big), at(1_000));
+        let p = stored(&settle(&mut e)[0]);
+        e.delivered(&StreamId::inbox("dave"), &[p]);
+    }
+    for _ in 0..50 {
+        e.maintain(at(1_000));
+        settle(&mut e);
+    }
+    assert!(!e.segments().contains(&1), "segment 1 was compacted away");
+    drop(e);
+    let mut e = open(c, 1_000);
+    e.append(Ticket(9), append("dave", Some("first"), &big), at(1_000));
+    match &settle(&mut e)[0].outcome {
+        Outcome::Duplicate { position, .. } => assert_eq!(*position, first),
+        other => panic!("a re-send after compaction and restart: {other:?}"),
+    }
+}

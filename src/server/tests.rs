@@ -1,0 +1,266 @@
+//! The reactor driven one iteration (`turn`) at a time, over real loopback sockets, on every
+//! poller: what happens *within* one iteration (how much one connection is read, what a deadline
+//! sees) is observable here and not from outside the process.
+//!
+//! The poller is wrapped so that a test can hide one connection's events, as if its input had
+//! arrived just after the wait returned.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use super::*;
+use crate::poller::{MioPoller, PollPoller, SelectPoller};
+use crate::protocol::frame::{self, OpCode};
+use crate::protocol::handshake::Request;
+use std::io::{Read, Write};
+use std::net::TcpStream as StdStream;
+use std::os::fd::RawFd;
+
+/// How long any wait in these tests may take before the test fails instead of hanging.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+const MASK: Option<[u8; 4]> = Some([1, 2, 3, 4]);
+
+/// An app that upgrades every request and ignores every message.
+struct Sink;
+
+impl Handler for Sink {
+    type Session = ();
+
+    fn route(&mut self, _: ConnId, _: &Request) -> Route<()> {
+        Route::Upgrade {
+            session: (),
+            protocol: None,
+        }
+    }
+
+    fn on_open(&mut self, _: ConnId, _: &mut (), _: &mut Outbox<'_>) {}
+
+    fn on_message(&mut self, _: ConnId, _: &mut (), _: OpCode, _: &[u8], _: &mut Outbox<'_>) {}
+
+    fn on_close(&mut self, _: ConnId, _: (), _: &mut Outbox<'_>) {}
+}
+
+/// A real backend whose `wait` leaves out the events of `hidden`: input that is ready but that
+/// this wait does not report (it arrived after the wait returned, or the wait was interrupted).
+struct Hiding<P> {
+    inner: P,
+    hidden: Option<Token>,
+}
+
+impl<P: Poller> Poller for Hiding<P> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn fd_limit(&self) -> Option<usize> {
+        self.inner.fd_limit()
+    }
+
+    fn register(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
+        self.inner.register(fd, token, interest)
+    }
+
+    fn reregister(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
+        self.inner.reregister(fd, token, interest)
+    }
+
+    fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
+        self.inner.deregister(fd)
+    }
+
+    fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        self.inner.wait(events, timeout)?;
+        if let Some(hidden) = self.hidden {
+            events.retain(|e| e.token != hidden);
+        }
+        Ok(())
+    }
+}
+
+type TestReactor<P> = Reactor<Hiding<P>, Sink>;
+
+/// A reactor on 127.0.0.1:0 over `backend`, hiding nothing yet.
+fn bind<P: Poller>(backend: P, config: Config) -> TestReactor<P> {
+    let config = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..config
+    };
+    let poller = Hiding {
+        inner: backend,
+        hidden: None,
+    };
+    Reactor::bind(poller, Sink, config).unwrap()
+}
+
+/// One iteration of the loop, which must not end it.
+fn turn<P: Poller>(r: &mut TestReactor<P>) {
+    assert_eq!(r.turn().unwrap(), None);
+}
+
+/// Turns the loop until `done` holds, failing the test after `DEADLINE`.
+fn turn_until<P: Poller>(
+    r: &mut TestReactor<P>,
+    what: &str,
+    mut done: impl FnMut(&mut TestReactor<P>) -> bool,
+) {
+    let start = Instant::now();
+    while !done(r) {
+        assert!(start.elapsed() < DEADLINE, "never: {what}");
+        turn(r);
+    }
+}
+
+/// Connects a client, upgrades it (turning the loop until the 101 is out) and returns the
+/// client's socket, positioned after the 101 response, with the connection's id.
+fn open_client<P: Poller>(r: &mut TestReactor<P>) -> (StdStream, ConnId) {
+    let mut client = StdStream::connect(r.local_addr()).unwrap();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    client
+        .write_all(
+            b"GET /x HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    turn_until(r, "the connection opens and its 101 is flushed", |r| {
+        r.conns
+            .iter()
+            .any(|(_, c)| c.state() == connection::State::Open && c.outbound.is_empty())
+    });
+    assert_eq!(r.conns.len(), 1);
+    let id = r.conns.iter().map(|(_, c)| c.id).next().unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        client.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    (client, id)
+}
+
+/// Reads one unmasked server frame: (first byte, payload). Short payloads only.
+fn read_frame(client: &mut StdStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    client.read_exact(&mut h).unwrap();
+    let mut payload = vec![0u8; usize::from(h[1] & 0x7f)];
+    assert!(payload.len() < 126);
+    client.read_exact(&mut payload).unwrap();
+    (h[0], payload)
+}
+
+/// SPEC §2 fairness: a connection is read for at most one budget per iteration, also when it
+/// is on the ready list and the wait reports it again (a level-triggered backend does, for the
+/// bytes its last budget left unread).
+#[test]
+fn no_connection_is_read_for_more_than_one_budget_per_iteration() {
+    one_budget_per_iteration(MioPoller::new().unwrap());
+    one_budget_per_iteration(PollPoller::new().unwrap());
+    one_budget_per_iteration(SelectPoller::new().unwrap());
+}
+
+fn one_budget_per_iteration<P: Poller>(backend: P) {
+    let mut r = bind(backend, Config::default());
+    let poller = r.poller_name();
+    // Room for several budgets in the server's receive queue, so that a second read in one
+    // iteration would find bytes (the default queue holds less than one budget). Accepted
+    // sockets inherit it from the listener, and their receive window is sized from it.
+    let listener = r.listener.as_ref().unwrap();
+    socket2::SockRef::from(listener)
+        .set_recv_buffer_size(4 << 20)
+        .unwrap();
+    let (mut client, id) = open_client(&mut r);
+    let before = r.metrics.bytes_in;
+
+    let message = frame::encode(true, OpCode::Binary, &vec![7u8; 900 * 1024], MASK);
+    client.write_all(&message).unwrap();
+    // Wait (bounded, without turning the loop) until the server's queue holds the whole
+    // message, seen with a peek, which consumes nothing: then every read fills the receive
+    // buffer, and an iteration that reads one budget reads exactly `READ_BUDGET_BYTES`.
+    let mut peek = vec![0u8; message.len()];
+    let start = Instant::now();
+    loop {
+        let queued = r.conn_mut(id).unwrap().stream.peek(&mut peek).unwrap_or(0);
+        if queued == message.len() {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{poller}: only {queued} bytes queued"
+        );
+        std::thread::yield_now();
+    }
+
+    let mut most = 0;
+    let mut turns = 0;
+    while r.metrics.bytes_in - before < message.len() as u64 {
+        let start = r.metrics.bytes_in;
+        turn(&mut r);
+        most = most.max(r.metrics.bytes_in - start);
+        turns += 1;
+        assert!(turns < 1000, "{poller}: the message was never read whole");
+    }
+    assert_eq!(
+        most, READ_BUDGET_BYTES as u64,
+        "{poller}: most bytes read from the connection in one iteration"
+    );
+    assert!(r.conn_mut(id).is_some(), "{poller}: the connection is open");
+}
+
+/// SPEC §5: when the Pong deadline fires, a Pong that is waiting unread (the wait did not report
+/// it, although it reported something else) is read first, and the connection is kept; a
+/// connection that sent nothing is still dropped as half-open.
+#[test]
+fn the_pong_deadline_reads_the_connection_before_judging_it() {
+    for answered in [true, false] {
+        pong_deadline(MioPoller::new().unwrap(), answered);
+        pong_deadline(PollPoller::new().unwrap(), answered);
+        pong_deadline(SelectPoller::new().unwrap(), answered);
+    }
+}
+
+fn pong_deadline<P: Poller>(backend: P, answered: bool) {
+    let config = Config {
+        timer_tick: Duration::from_millis(5),
+        heartbeat_interval: Duration::from_millis(20),
+        heartbeat_timeout: Duration::from_millis(50),
+        ..Config::default()
+    };
+    let timeout = config.heartbeat_timeout;
+    let mut r = bind(backend, config);
+    let poller = r.poller_name();
+    let (mut client, id) = open_client(&mut r);
+
+    turn_until(&mut r, "the heartbeat Ping is flushed", |r| {
+        r.metrics.pings_sent == 1 && r.conn_mut(id).is_some_and(|c| c.outbound.is_empty())
+    });
+    assert!(r.conn_mut(id).unwrap().awaiting_pong());
+    let (b0, ping) = read_frame(&mut client);
+    assert_eq!(b0, 0x89, "the heartbeat Ping");
+    if answered {
+        client
+            .write_all(&frame::encode(true, OpCode::Pong, &ping, MASK))
+            .unwrap();
+    }
+    // The loop does not run past the Pong deadline (a stall, which is the condition under
+    // test, not a wait for anything), and then its wait does not report the client, only a new
+    // connection at the listener.
+    std::thread::sleep(timeout + Duration::from_millis(20));
+    r.poller.hidden = Some(Token(id.token()));
+    let _knock = StdStream::connect(r.local_addr()).unwrap();
+    turn(&mut r);
+
+    if answered {
+        assert_eq!(
+            r.metrics.half_open_drops, 0,
+            "{poller}: dropped, yet it answered"
+        );
+        let conn = r.conn_mut(id).expect("still connected");
+        assert!(!conn.awaiting_pong(), "{poller}: the Pong was read");
+    } else {
+        assert_eq!(
+            r.metrics.half_open_drops, 1,
+            "{poller}: a silent peer is dropped"
+        );
+        assert!(r.conn_mut(id).is_none());
+    }
+}
