@@ -79,6 +79,13 @@ impl Deflater {
             self.compress.reset();
             return result;
         }
+        // With context takeover, an empty message right after a flush gives zlib nothing to do
+        // (it writes nothing): the message is then the empty stored block alone, which is
+        // 0x00 once its tail is stripped (RFC 7692 §7.2.3.6).
+        if message.is_empty() && out.len() == start {
+            out.push(0x00);
+            return Ok(());
+        }
         // A sync flush always ends with the empty stored block; checked rather than assumed.
         if out.len() < start + SYNC_TAIL.len() || !out.ends_with(&SYNC_TAIL) {
             out.truncate(start);
