@@ -132,21 +132,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         if self.sessions.len() <= slot {
             self.sessions.resize_with(slot + 1, || None);
         }
-        let mut out = Outbox {
-            conns: &mut self.conns,
-            metrics: &mut self.metrics,
-            dirty: &mut self.dirty,
-            closes: &mut self.close_requests,
-            pool: &mut self.outbound_pool,
-            max_outbound: self.config.max_outbound,
-            policy: self.config.slow_consumer,
-            compressor: &mut self.compressor,
-        };
-        call(&mut self.handler, &mut self.sessions[slot], &mut out);
-        self.compressor.end_of_callback();
-        if !self.close_requests.is_empty() {
-            self.apply_close_requests();
-        }
+        self.with_outbox(|app, sessions, out| call(app, &mut sessions[slot], out));
     }
 
     /// The engine's waker fired (SPEC §13: an engine's answers come back through a channel and
@@ -156,6 +142,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         if let Some(waker) = self.waker.as_mut() {
             waker.drain();
         }
+        self.with_outbox(|app, _, out| app.on_wake(out));
+    }
+
+    /// The one way into the app: builds the `Outbox` (every callback gets the same limits and
+    /// the same compressor), runs `call`, then ends the callback's compressed-frame cache and
+    /// applies the closes the app asked for.
+    #[inline]
+    fn with_outbox(
+        &mut self,
+        call: impl FnOnce(&mut H, &mut [Option<H::Session>], &mut Outbox<'_>),
+    ) {
         let mut out = Outbox {
             conns: &mut self.conns,
             metrics: &mut self.metrics,
@@ -166,7 +163,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             policy: self.config.slow_consumer,
             compressor: &mut self.compressor,
         };
-        self.handler.on_wake(&mut out);
+        call(&mut self.handler, &mut self.sessions, &mut out);
         self.compressor.end_of_callback();
         if !self.close_requests.is_empty() {
             self.apply_close_requests();
