@@ -21,6 +21,7 @@ use crate::protocol::handshake::Request;
 use crate::protocol::{CloseCode, Refusal};
 use slab::Slab;
 use std::rc::Rc;
+use std::time::Instant;
 
 /// What a request head becomes. The app's `route` decides it for every request the parser
 /// and the upgrade rules let through, so every path is routed in one place (docs/architecture.md,
@@ -85,6 +86,10 @@ pub trait Handler {
     /// file engine's storage thread) has answers for the app. Not tied to a connection.
     fn on_wake(&mut self, _out: &mut Outbox<'_>) {}
 
+    /// The time the app asked for with `Outbox::wake_at` has come. Not tied to a connection;
+    /// the app checks what is due and asks again for its next time, if it has one.
+    fn on_timer(&mut self, _out: &mut Outbox<'_>) {}
+
     /// Appends the app's own metrics (Prometheus text) to /metrics.
     fn render_metrics(&self, _out: &mut String) {}
 
@@ -140,6 +145,9 @@ pub struct Outbox<'a> {
     /// permessage-deflate: a connection that negotiated it gets its data messages compressed
     /// (SPEC §17), transparently to the app, which encodes and sends frames as it always does.
     pub(super) compressor: &'a mut Compressor,
+    /// The earliest time the app asked to be woken at during this callback (`wake_at`);
+    /// the reactor turns it into its one app timer after the callback.
+    pub(super) wake: &'a mut Option<Instant>,
 }
 
 impl Outbox<'_> {
@@ -220,6 +228,17 @@ impl Outbox<'_> {
     /// Asks the reactor to close `conn` with `code` once the callback returns.
     pub fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
         self.closes.push((conn, code, reason));
+    }
+
+    /// Asks the reactor to call `Handler::on_timer` at `at` (or up to one timer tick after it;
+    /// at once if it has passed), without any client event. The reactor keeps ONE app timer:
+    /// the earliest time asked for wins, and asking for a later one than is already set changes
+    /// nothing. The timer is spent when it fires, so the app asks again for its next time. An
+    /// app that never asks costs the loop nothing (no wake-ups).
+    pub fn wake_at(&mut self, at: Instant) {
+        if self.wake.is_none_or(|earlier| at < earlier) {
+            *self.wake = Some(at);
+        }
     }
 
     /// Encodes an unmasked server frame once, for `send_shared` to many recipients, in one

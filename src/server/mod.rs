@@ -10,7 +10,8 @@
 //! - `accept.rs`: new connections, the listener's pause and close;
 //! - `inbound.rs`: what happens when bytes arrive (the one socket read, EOF, request or frames);
 //! - `websocket.rs`: WebSocket events of an open connection, and the calls into the app (also
-//!   `on_wake`, when the engine's waker, registered by `watch_waker`, fires);
+//!   `on_wake`, when the engine's waker, registered by `watch_waker`, fires; `on_timer`, when
+//!   the one app timer the app asked for with `Outbox::wake_at` is due);
 //! - `http.rs`: the request head, the upgrade, plain HTTP answers and the reactor's endpoints;
 //! - `flush.rs`: what leaves (queueing control frames, the dirty list, the one socket write);
 //! - `lifecycle.rs`: deadlines, closing a connection (gracefully or not), signals and shutdown;
@@ -46,7 +47,7 @@ pub use handler::{Handler, Outbox, Route, Sent, ServerEndpoint, SlowConsumer};
 use crate::poller::waker::WakeReceiver;
 use crate::poller::{Event, Interest, Poller, Token};
 use crate::protocol::CloseCode;
-use crate::timer::{TimerWheel, DEFAULT_SLOTS};
+use crate::timer::{TimerHandle, TimerWheel, DEFAULT_SLOTS};
 use crate::tls::ServerTls;
 use compression::Compressor;
 use connection::{Connection, Deadline};
@@ -92,6 +93,8 @@ pub(crate) enum TimerEvent {
     AcceptRetry,
     /// Graceful shutdown has waited `--shutdown-timeout`: close what is left.
     ShutdownDeadline,
+    /// The time the app asked for with `Outbox::wake_at`: call `Handler::on_timer`.
+    App,
 }
 
 pub struct Reactor<P: Poller, H: Handler> {
@@ -146,6 +149,11 @@ pub struct Reactor<P: Poller, H: Handler> {
     timers: TimerWheel<TimerEvent>,
     /// The timers one `expire` handed back; kept so its storage is reused.
     expired: Vec<TimerEvent>,
+    /// The app's one timer (`Outbox::wake_at`): when it is due and its handle in `timers`.
+    /// `None` while the app has asked for nothing, so an app without deadlines adds no wake-up.
+    app_timer: Option<(Instant, TimerHandle)>,
+    /// What the app asked for during the current callback; applied right after it.
+    app_wake: Option<Instant>,
     /// SIGINT/SIGTERM arrive as bytes on this socket (see `signals.rs`), which every poller can
     /// watch like any other descriptor.
     signals: Option<signals::SignalPipe>,
@@ -216,6 +224,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             events: Vec::with_capacity(1024),
             timers: TimerWheel::new(config.timer_tick, DEFAULT_SLOTS, now),
             expired: Vec::new(),
+            app_timer: None,
+            app_wake: None,
             signals: None,
             waker: None,
             reload_signal: None,
@@ -394,6 +404,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 TimerEvent::Conn(id, deadline) => self.on_deadline(id, deadline),
                 TimerEvent::AcceptRetry => self.resume_accepting(),
                 TimerEvent::ShutdownDeadline => self.shutdown_deadline_passed(),
+                TimerEvent::App => self.on_app_timer(),
             }
         }
         self.expired = expired;

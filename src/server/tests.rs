@@ -264,3 +264,138 @@ fn pong_deadline<P: Poller>(backend: P, answered: bool) {
         assert!(r.conn_mut(id).is_none());
     }
 }
+
+/// An app that asks for its timer (`Outbox::wake_at`) at the times its clients name, and
+/// records when the timer fires. A message `"<ms>"` asks for now + ms.
+struct Alarm {
+    fired: Vec<Instant>,
+}
+
+impl Handler for Alarm {
+    type Session = ();
+
+    fn route(&mut self, _: ConnId, _: &Request) -> Route<()> {
+        Route::Upgrade {
+            session: (),
+            protocol: None,
+        }
+    }
+
+    fn on_open(&mut self, _: ConnId, _: &mut (), _: &mut Outbox<'_>) {}
+
+    fn on_message(&mut self, _: ConnId, _: &mut (), _: OpCode, data: &[u8], out: &mut Outbox<'_>) {
+        for ms in std::str::from_utf8(data).unwrap().split(',') {
+            out.wake_at(Instant::now() + Duration::from_millis(ms.parse().unwrap()));
+        }
+    }
+
+    fn on_close(&mut self, _: ConnId, _: (), _: &mut Outbox<'_>) {}
+
+    fn on_timer(&mut self, _: &mut Outbox<'_>) {
+        self.fired.push(Instant::now());
+    }
+}
+
+/// Sends a masked text frame and turns the loop until the app has had it.
+fn ask<P: Poller>(r: &mut Reactor<Hiding<P>, Alarm>, client: &mut StdStream, text: &str) {
+    let before = r.metrics.messages_in;
+    client
+        .write_all(&frame::encode(true, OpCode::Text, text.as_bytes(), MASK))
+        .unwrap();
+    let start = Instant::now();
+    while r.metrics.messages_in == before {
+        assert!(start.elapsed() < DEADLINE, "never: the app gets {text:?}");
+        assert_eq!(r.turn().unwrap(), None);
+    }
+}
+
+/// The seam for app deadlines (token expiry, docs/architecture.md "The app's timer"): ONE app
+/// timer in the wheel, the earliest time asked for wins, it fires once and never early, and an
+/// app that asks for nothing leaves no timer (so no wake-up) behind.
+#[test]
+fn the_app_timer_is_one_timer_and_the_earliest_request_wins() {
+    app_timer(MioPoller::new().unwrap());
+    app_timer(PollPoller::new().unwrap());
+    app_timer(SelectPoller::new().unwrap());
+}
+
+fn app_timer<P: Poller>(backend: P) {
+    let config = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        timer_tick: Duration::from_millis(5),
+        ..Config::default()
+    };
+    let poller = Hiding {
+        inner: backend,
+        hidden: None,
+    };
+    let mut r = Reactor::bind(poller, Alarm { fired: Vec::new() }, config).unwrap();
+    let name = r.poller_name();
+    let mut client = StdStream::connect(r.local_addr()).unwrap();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    client
+        .write_all(
+            b"GET /x HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let start = Instant::now();
+    while !r
+        .conns
+        .iter()
+        .any(|(_, c)| c.state() == connection::State::Open)
+    {
+        assert!(start.elapsed() < DEADLINE, "{name}: never opened");
+        assert_eq!(r.turn().unwrap(), None);
+    }
+    // Only the connection's own deadline (its heartbeat) is in the wheel: asking for nothing
+    // arms nothing.
+    let baseline = r.timers.len();
+    assert!(r.app_timer.is_none(), "{name}");
+
+    // A far time, then a later one (ignored), then an earlier one (replaces the far one).
+    ask(&mut r, &mut client, "60000");
+    let far = r.app_timer.unwrap().0;
+    assert_eq!(r.timers.len(), baseline + 1, "{name}: one app timer");
+    ask(&mut r, &mut client, "120000");
+    assert_eq!(
+        r.app_timer.unwrap().0,
+        far,
+        "{name}: a later request changes nothing"
+    );
+    let asked = Instant::now();
+    ask(&mut r, &mut client, "40,50");
+    let soon = r.app_timer.unwrap().0;
+    assert!(
+        soon < far && soon >= asked,
+        "{name}: the earlier request wins"
+    );
+    assert_eq!(r.timers.len(), baseline + 1, "{name}: still one app timer");
+
+    let start = Instant::now();
+    while r.handler.fired.is_empty() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{name}: the app timer never fired"
+        );
+        assert_eq!(r.turn().unwrap(), None);
+    }
+    assert!(r.handler.fired[0] >= soon, "{name}: fired early");
+    assert!(r.app_timer.is_none(), "{name}: a fired timer is spent");
+    assert_eq!(r.timers.len(), baseline, "{name}: nothing left armed");
+    // The far request was replaced, not kept: nothing more fires however often the loop turns.
+    for _ in 0..3 {
+        ask(&mut r, &mut client, "0");
+        let start = Instant::now();
+        let fired = r.handler.fired.len();
+        while r.handler.fired.len() == fired {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{name}: a due request never fired"
+            );
+            assert_eq!(r.turn().unwrap(), None);
+        }
+    }
+    assert_eq!(r.handler.fired.len(), 4, "{name}: one call per request");
+    assert_eq!(r.timers.len(), baseline, "{name}");
+}

@@ -9,7 +9,7 @@
 use super::connection::{ConnId, Deadline, State};
 use super::handler::Outbox;
 use super::metrics::Metrics;
-use super::{live, Handler, Reactor};
+use super::{live, Handler, Reactor, TimerEvent};
 use crate::poller::Poller;
 use crate::protocol::decoder::{FrameReader, Input};
 use crate::protocol::error::ProtocolError;
@@ -17,6 +17,7 @@ use crate::protocol::frame::{self, OpCode, Role};
 use crate::protocol::message::Event;
 use crate::protocol::CloseCode;
 use log::debug;
+use std::time::Instant;
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Reads the WebSocket frames in `bytes` (one read, or what the client pipelined behind its
@@ -145,6 +146,27 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         self.with_outbox(|app, _, out| app.on_wake(out));
     }
 
+    /// The app's timer fired (`Outbox::wake_at`): it is spent, and the app decides what is due
+    /// and asks again for its next time.
+    pub(super) fn on_app_timer(&mut self) {
+        self.app_timer = None;
+        self.with_outbox(|app, _, out| app.on_timer(out));
+    }
+
+    /// Keeps the earliest time the app asked for as the reactor's one app timer: an earlier
+    /// request replaces the armed timer, a later one is dropped (the app asks again when the
+    /// earlier one fires and it still has something due later).
+    fn set_app_timer(&mut self, at: Instant) {
+        if let Some((armed, handle)) = self.app_timer {
+            if armed <= at {
+                return;
+            }
+            self.timers.cancel(handle);
+        }
+        let handle = self.timers.arm(at, TimerEvent::App);
+        self.app_timer = Some((at, handle));
+    }
+
     /// The one way into the app: builds the `Outbox` (every callback gets the same limits and
     /// the same compressor), runs `call`, then ends the callback's compressed-frame cache and
     /// applies the closes the app asked for.
@@ -162,9 +184,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             max_outbound: self.config.max_outbound,
             policy: self.config.slow_consumer,
             compressor: &mut self.compressor,
+            wake: &mut self.app_wake,
         };
         call(&mut self.handler, &mut self.sessions, &mut out);
         self.compressor.end_of_callback();
+        if let Some(at) = self.app_wake.take() {
+            self.set_app_timer(at);
+        }
         if !self.close_requests.is_empty() {
             self.apply_close_requests();
         }
