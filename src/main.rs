@@ -259,6 +259,11 @@ struct RelayArgs {
     #[arg(long)]
     jwt_secret_file: Option<std::path::PathBuf>,
 
+    /// Clock skew allowed on a token's exp and nbf (whole seconds). A connection whose token
+    /// is not refreshed is closed with 4001 this long after the token's exp.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    jwt_leeway: Duration,
+
     /// An allowed Origin (repeatable), e.g. https://chat.example.com; others get 403.
     /// Requests without Origin (not from a browser) are allowed.
     #[arg(long = "allow-origin", value_name = "ORIGIN")]
@@ -304,6 +309,7 @@ impl RelayArgs {
             dedup_max_bytes: self.dedup_max_bytes,
             max_in_flight_bytes: self.max_in_flight_bytes,
             jwt_secret,
+            jwt_leeway: self.jwt_leeway,
             allow_origins: self.allow_origins,
             rate_limit,
             ..AppConfig::default()

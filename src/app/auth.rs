@@ -1,7 +1,8 @@
 //! Who may connect: HS256 JWT verification, where the token is found, and the Origin
 //! allow-list (SPEC §6 "Identity"; docs/protocol.md "Access").
 //!
-//! Owns: `JwtVerifier` (signature, algorithm, `exp`/`nbf`, `sub` and `rooms` claims), `AuthError`,
+//! Owns: `JwtVerifier` (signature, algorithm, `exp`/`nbf`, and the claims wsrelay reads: `sub`,
+//! `rooms`, `publish`, `info`; SPEC §16), `Grant` (what a valid token allows), `AuthError`,
 //! `token_of` (query or `Authorization: Bearer`) and `origin_allowed`.
 //! Does not: answer requests (the hub turns an `AuthError` into 401, a bad Origin into 403), or
 //! read a clock (it is handed the time).
@@ -23,25 +24,48 @@ use serde::Deserialize;
 
 /// Seconds a token stays acceptable after its `exp` (and before its `nbf`): clock skew between
 /// the issuer and the relay. RFC 7519 §4.1.4 allows "a small leeway, usually no more than a few
-/// minutes"; half a minute keeps expired tokens short-lived.
+/// minutes"; half a minute keeps expired tokens short-lived. `--jwt-leeway` changes it.
 pub const LEEWAY_SECS: u64 = 30;
 
-/// What a valid token grants.
+/// The largest `info` claim, as compact JSON. Presence events carry it to every member of a
+/// room, so it is multiplied by the fan-out: a kilobyte is room for a name, an avatar URL and
+/// a few flags, not for a profile.
+pub const MAX_INFO_BYTES: usize = 1024;
+
+/// What a valid token grants (SPEC §16; docs/protocol.md, "Access").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
     /// The `sub` claim: the connection's id.
     pub id: String,
-    /// The `rooms` claim, if present: the only rooms this connection may join or publish to.
+    /// The `rooms` claim, if present: the only rooms this connection may join (envelope rooms,
+    /// and raw rooms it may enter). Absent: any room.
     pub rooms: Option<Vec<String>>,
+    /// The rooms this connection may publish to: the `publish` claim, or, when it is absent,
+    /// the same as `rooms`. `None`: any room.
+    pub publish: Option<Vec<String>>,
+    /// The `info` claim as compact JSON text (an object of at most `MAX_INFO_BYTES`): shown to
+    /// others in presence events and `members`.
+    pub info: Option<String>,
+    /// The `exp` claim, in milliseconds since the epoch (the token is accepted until
+    /// `exp_ms` plus the leeway).
+    pub exp_ms: u64,
 }
 
 impl Grant {
-    /// May this grant use `room`?
+    /// May this grant join `room` (or enter the raw room)?
     pub fn allows(&self, room: &str) -> bool {
-        self.rooms
-            .as_ref()
-            .is_none_or(|rooms| rooms.iter().any(|r| r == room))
+        listed(self.rooms.as_deref(), room)
     }
+
+    /// May this grant publish to `room`?
+    pub fn may_publish(&self, room: &str) -> bool {
+        listed(self.publish.as_deref(), room)
+    }
+}
+
+/// Is `room` in a claim's list? An absent claim (`None`) allows every room.
+fn listed(claim: Option<&[String]>, room: &str) -> bool {
+    claim.is_none_or(|rooms| rooms.iter().any(|r| r == room))
 }
 
 /// Why a token was refused; every variant is answered with 401 before the upgrade.
@@ -62,7 +86,8 @@ pub enum AuthError {
     Expired,
     /// `nbf` is still in the future (beyond the leeway).
     NotYetValid,
-    /// `sub` is absent or not a usable id; or `rooms` names an invalid room.
+    /// `sub` is absent or not a usable id; or `rooms` or `publish` names an invalid room; or
+    /// `info` is not a JSON object of at most `MAX_INFO_BYTES`.
     BadClaims,
 }
 
@@ -88,15 +113,25 @@ struct Claims {
     exp: Option<f64>,
     nbf: Option<f64>,
     rooms: Option<Vec<String>>,
+    publish: Option<Vec<String>>,
+    info: Option<serde_json::Value>,
 }
 
 pub struct JwtVerifier {
     key: DecodingKey,
     validation: Validation,
+    /// Seconds of clock skew allowed on `exp` and `nbf` (`LEEWAY_SECS` unless configured).
+    leeway_secs: u64,
 }
 
 impl JwtVerifier {
+    /// A verifier for `secret` with the default leeway (`LEEWAY_SECS`).
     pub fn new(secret: &[u8]) -> JwtVerifier {
+        JwtVerifier::with_leeway(secret, LEEWAY_SECS)
+    }
+
+    /// A verifier for `secret` allowing `leeway_secs` of clock skew (`--jwt-leeway`).
+    pub fn with_leeway(secret: &[u8], leeway_secs: u64) -> JwtVerifier {
         let mut validation = Validation::new(Algorithm::HS256);
         // Time claims are ours to check (see the module doc); audience is not configured.
         validation.validate_exp = false;
@@ -106,7 +141,13 @@ impl JwtVerifier {
         JwtVerifier {
             key: DecodingKey::from_secret(secret),
             validation,
+            leeway_secs,
         }
+    }
+
+    /// Seconds of clock skew allowed: a connection's token expires `leeway_secs` after `exp`.
+    pub fn leeway_secs(&self) -> u64 {
+        self.leeway_secs
     }
 
     /// Verifies `token` at wall-clock time `now_ms` (milliseconds since the epoch).
@@ -139,27 +180,44 @@ impl JwtVerifier {
         )?;
         let claims = data.claims;
         let now = now_ms as f64 / 1000.0;
-        let leeway = LEEWAY_SECS as f64;
+        let leeway = self.leeway_secs as f64;
         // RFC 7519 §4.1.4: not accepted "on or after" exp. Tokens without exp never expire,
         // which SPEC §6 does not intend: require it.
-        match claims.exp {
-            Some(exp) if now < exp + leeway => {}
+        let exp = match claims.exp {
+            Some(exp) if now < exp + leeway => exp,
             _ => return Err(AuthError::Expired),
-        }
+        };
         // RFC 7519 §4.1.5: not accepted before nbf.
         if claims.nbf.is_some_and(|nbf| now + leeway < nbf) {
             return Err(AuthError::NotYetValid);
         }
         let id = claims.sub.ok_or(AuthError::BadClaims)?;
         validate_id(&id).map_err(|_| AuthError::BadClaims)?;
-        if let Some(rooms) = &claims.rooms {
-            if rooms.iter().any(|r| validate_room(r).is_err()) {
+        for list in [&claims.rooms, &claims.publish].into_iter().flatten() {
+            if list.iter().any(|r| validate_room(r).is_err()) {
                 return Err(AuthError::BadClaims);
             }
         }
+        let info = match claims.info {
+            None => None,
+            Some(value @ serde_json::Value::Object(_)) => {
+                let text = value.to_string();
+                if text.len() > MAX_INFO_BYTES {
+                    return Err(AuthError::BadClaims);
+                }
+                Some(text)
+            }
+            Some(_) => return Err(AuthError::BadClaims),
+        };
+        // SPEC §16: without a `publish` claim, a token may publish where it may join.
+        let publish = claims.publish.or_else(|| claims.rooms.clone());
         Ok(Grant {
             id,
             rooms: claims.rooms,
+            publish,
+            info,
+            // `as` saturates: an absurd exp is "far in the future", never a panic.
+            exp_ms: (exp * 1000.0) as u64,
         })
     }
 }
@@ -260,9 +318,10 @@ mod tests {
 
     fn check(name: &str, token: &str, expected: Expected) {
         let got = JwtVerifier::new(SECRET).verify(token, NOW_MS);
-        let expected = expected.map(|(id, rooms)| Grant {
-            id: id.to_string(),
-            rooms: rooms.map(|r| r.into_iter().map(String::from).collect()),
+        let got = got.map(|g| (g.id, g.rooms));
+        let expected = expected.map(|(id, rooms)| {
+            let rooms = rooms.map(|r| r.into_iter().map(String::from).collect());
+            (id.to_string(), rooms)
         });
         assert_eq!(got, expected, "{name}");
     }
@@ -410,19 +469,119 @@ mod tests {
         }
     }
 
+    fn grant(claims: serde_json::Value) -> Result<Grant, AuthError> {
+        JwtVerifier::new(SECRET).verify(&hs256(&claims, SECRET), NOW_MS)
+    }
+
     #[test]
     fn grants_restrict_rooms_only_when_the_claim_is_present() {
-        let open = Grant {
-            id: "a".into(),
-            rooms: None,
-        };
-        let narrow = Grant {
-            id: "a".into(),
-            rooms: Some(vec!["lobby".into()]),
-        };
+        use serde_json::json;
+        let open = grant(json!({"sub": "a", "exp": NOW + 60})).unwrap();
+        let narrow = grant(json!({"sub": "a", "exp": NOW + 60, "rooms": ["lobby"]})).unwrap();
         assert!(open.allows("anything"));
+        assert!(open.may_publish("anything"));
         assert!(narrow.allows("lobby"));
         assert!(!narrow.allows("Lobby"));
+    }
+
+    /// SPEC §16: `publish` is enforced apart from `rooms`, and defaults to it.
+    #[test]
+    fn the_publish_claim_defaults_to_rooms_and_is_separate_from_it() {
+        use serde_json::json;
+        let exp = NOW + 60;
+        // (claims, room, may join, may publish)
+        let cases = [
+            (json!({"sub": "a", "exp": exp}), "x", true, true),
+            (
+                json!({"sub": "a", "exp": exp, "rooms": ["x"]}),
+                "x",
+                true,
+                true,
+            ),
+            (
+                json!({"sub": "a", "exp": exp, "rooms": ["x"]}),
+                "y",
+                false,
+                false,
+            ),
+            (
+                json!({"sub": "a", "exp": exp, "rooms": ["x"], "publish": []}),
+                "x",
+                true,
+                false,
+            ),
+            (
+                json!({"sub": "a", "exp": exp, "rooms": ["x"], "publish": ["y"]}),
+                "y",
+                false,
+                true,
+            ),
+            (
+                json!({"sub": "a", "exp": exp, "publish": ["y"]}),
+                "x",
+                true,
+                false,
+            ),
+        ];
+        for (claims, room, join, publish) in cases {
+            let g = grant(claims.clone()).unwrap();
+            assert_eq!(
+                (g.allows(room), g.may_publish(room)),
+                (join, publish),
+                "{claims} {room}"
+            );
+        }
+    }
+
+    #[test]
+    fn info_and_exp_claims() {
+        use serde_json::json;
+        let g = grant(json!({"sub": "a", "exp": NOW + 60, "info": {"name": "Ann", "n": [1, 2]}}));
+        let g = g.unwrap();
+        assert_eq!(g.info.as_deref(), Some(r#"{"n":[1,2],"name":"Ann"}"#));
+        assert_eq!(g.exp_ms, (NOW + 60) * 1000);
+        let fractional = grant(json!({"sub": "a", "exp": NOW as f64 + 1.5})).unwrap();
+        assert_eq!(fractional.exp_ms, NOW * 1000 + 1500);
+        assert_eq!(
+            grant(json!({"sub": "a", "exp": NOW + 60})).unwrap().info,
+            None
+        );
+        let big = "x".repeat(MAX_INFO_BYTES);
+        // (claims, why it is refused)
+        let refused = [
+            (
+                json!({"sub": "a", "exp": NOW + 60, "info": "Ann"}),
+                "not an object",
+            ),
+            (
+                json!({"sub": "a", "exp": NOW + 60, "info": [1]}),
+                "an array",
+            ),
+            (
+                json!({"sub": "a", "exp": NOW + 60, "info": {"n": big}}),
+                "too large",
+            ),
+            (
+                json!({"sub": "a", "exp": NOW + 60, "publish": ["a b"]}),
+                "bad room",
+            ),
+        ];
+        for (claims, why) in refused {
+            assert_eq!(grant(claims).unwrap_err(), AuthError::BadClaims, "{why}");
+        }
+        let fits = "x".repeat(MAX_INFO_BYTES - r#"{"n":""}"#.len());
+        assert!(grant(json!({"sub": "a", "exp": NOW + 60, "info": {"n": fits}})).is_ok());
+    }
+
+    #[test]
+    fn the_leeway_is_configurable() {
+        use serde_json::json;
+        let token = hs256(&json!({"sub": "a", "exp": NOW - 1}), SECRET);
+        assert!(JwtVerifier::new(SECRET).verify(&token, NOW_MS).is_ok());
+        let strict = JwtVerifier::with_leeway(SECRET, 0);
+        assert_eq!(strict.verify(&token, NOW_MS), Err(AuthError::Expired));
+        let token = hs256(&json!({"sub": "a", "exp": NOW + 1}), SECRET);
+        assert!(strict.verify(&token, NOW_MS).is_ok());
     }
 
     fn request(head: &str) -> Request {

@@ -22,6 +22,9 @@ pub struct AppConfig {
     pub dedup_max_bytes: usize,
     /// HS256 secret; when set, `/ws` and `/r/` require a token.
     pub jwt_secret: Option<Vec<u8>>,
+    /// Clock skew allowed on a token's `exp` and `nbf`: a token is accepted, and a connection
+    /// kept, until `exp` plus this (whole seconds; `auth::LEEWAY_SECS` by default).
+    pub jwt_leeway: Duration,
     /// Allowed `Origin` values; empty allows any.
     pub allow_origins: Vec<String>,
     /// Per-connection message rate limit; beyond it the connection is closed with 1008.
@@ -40,6 +43,7 @@ impl Default for AppConfig {
             dedup_window: 256,
             dedup_max_bytes: 64 << 20,
             jwt_secret: None,
+            jwt_leeway: Duration::from_secs(super::auth::LEEWAY_SECS),
             allow_origins: Vec::new(),
             rate_limit: None,
             max_in_flight_bytes: 64 << 20,

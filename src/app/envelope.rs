@@ -74,6 +74,11 @@ pub enum Command<'a> {
     Members {
         room: Cow<'a, str>,
     },
+    /// Replace the connection's token with `token` (SPEC §16): same `sub`, new claims, new
+    /// expiry. Answered with `refreshed`, or an error (the connection keeps its old token).
+    Refresh {
+        token: Cow<'a, str>,
+    },
 }
 
 /// Why a client's input was refused; each maps to the `code` of an `error` message (or, for
@@ -103,6 +108,15 @@ pub enum EnvelopeError {
     Forbidden,
     /// The connection is already in `MAX_ROOMS_PER_CONNECTION` rooms.
     TooManyRooms,
+    /// A `publish` to a room outside the `publish` claim (by default the `rooms` claim) of the
+    /// connection's token. Answered as the `reason` of a `rejected` ack, not as an error.
+    PublishForbidden,
+    /// A `refresh` whose token was refused; the label says why (`auth::AuthError::label`).
+    TokenRefused(&'static str),
+    /// A `refresh` whose token is valid but names another `sub` than the connection's id.
+    TokenSubjectMismatch,
+    /// A `refresh` on a server without `--jwt-secret`: there is no token to replace.
+    TokensNotInUse,
 }
 
 impl EnvelopeError {
@@ -120,6 +134,10 @@ impl EnvelopeError {
             EnvelopeError::BinaryFrame => "binary_not_supported",
             EnvelopeError::Forbidden => "forbidden",
             EnvelopeError::TooManyRooms => "too_many_rooms",
+            EnvelopeError::PublishForbidden => "publish_forbidden",
+            EnvelopeError::TokenRefused(_) => "token_refused",
+            EnvelopeError::TokenSubjectMismatch => "token_sub_mismatch",
+            EnvelopeError::TokensNotInUse => "tokens_not_in_use",
         }
     }
 
@@ -143,6 +161,16 @@ impl EnvelopeError {
             EnvelopeError::BinaryFrame => "/ws accepts JSON in text frames only",
             EnvelopeError::Forbidden => "this room is not allowed by your token",
             EnvelopeError::TooManyRooms => "this connection is in too many rooms",
+            EnvelopeError::PublishForbidden => "your token does not allow publishing to this room",
+            EnvelopeError::TokenRefused(why) => {
+                return Cow::Owned(format!(
+                    "the new token was refused ({why}); the connection keeps its current token"
+                ))
+            }
+            EnvelopeError::TokenSubjectMismatch => {
+                "the new token is for another sub; the connection keeps its current token"
+            }
+            EnvelopeError::TokensNotInUse => "this server does not use tokens (no --jwt-secret)",
         })
     }
 }
@@ -159,6 +187,8 @@ struct Wire<'a> {
     room: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
     /// `Some` whenever the field is present, even as `null` (a valid payload).
     #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
@@ -198,6 +228,9 @@ pub fn parse(text: &str) -> Result<Command<'_>, EnvelopeError> {
         "members" => Command::Members {
             room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
         },
+        "refresh" => Command::Refresh {
+            token: wire.token.ok_or(EnvelopeError::MissingField("token"))?,
+        },
         _ => return Err(EnvelopeError::UnknownType),
     };
     match &command {
@@ -216,6 +249,8 @@ pub fn parse(text: &str) -> Result<Command<'_>, EnvelopeError> {
         Command::Join { room } | Command::Leave { room } | Command::Members { room } => {
             validate_room(room)?
         }
+        // The token is checked by the hub's verifier, which refuses anything that is not one.
+        Command::Refresh { .. } => {}
     }
     Ok(command)
 }
@@ -300,6 +335,9 @@ struct Presence<'a> {
     room: &'a str,
     id: &'a str,
     event: PresenceEvent,
+    /// The `info` claim of the connection's token; absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<&'a RawValue>,
 }
 
 #[derive(Serialize)]
@@ -396,13 +434,14 @@ pub fn ack(
     })
 }
 
-/// Someone joined or left a room.
-pub fn presence(room: &str, id: &str, event: PresenceEvent) -> Vec<u8> {
+/// Someone joined or left a room; `info` is the `info` claim of that connection's token.
+pub fn presence(room: &str, id: &str, info: Option<&RawValue>, event: PresenceEvent) -> Vec<u8> {
     to_json(&Presence {
         kind: "presence",
         room,
         id,
         event,
+        info,
     })
 }
 
@@ -411,16 +450,43 @@ struct Members<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     room: &'a str,
-    ids: &'a [&'a str],
+    ids: Vec<&'a str>,
+    members: &'a [Member<'a>],
+}
+
+/// One connection in a `members` answer.
+#[derive(Serialize)]
+pub struct Member<'a> {
+    pub id: &'a str,
+    /// The `info` claim of its token (`null` without one).
+    pub info: Option<&'a RawValue>,
 }
 
 /// The members of a room: one entry per connection in it (an id with two devices there appears
-/// twice), sorted.
-pub fn members(room: &str, ids: &[&str]) -> Vec<u8> {
+/// twice), in the order given. `ids` lists the ids alone; `members` the same connections with
+/// their `info`.
+pub fn members(room: &str, members: &[Member<'_>]) -> Vec<u8> {
     to_json(&Members {
         kind: "members",
         room,
-        ids,
+        ids: members.iter().map(|m| m.id).collect(),
+        members,
+    })
+}
+
+#[derive(Serialize)]
+struct Refreshed {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    exp: u64,
+}
+
+/// The answer to a `refresh`: the new token is in force until `exp` (its claim, seconds since
+/// the epoch).
+pub fn refreshed(exp: u64) -> Vec<u8> {
+    to_json(&Refreshed {
+        kind: "refreshed",
+        exp,
     })
 }
 
@@ -449,6 +515,7 @@ mod tests {
             Command::Join { room } => format!("join room={room}"),
             Command::Leave { room } => format!("leave room={room}"),
             Command::Members { room } => format!("members room={room}"),
+            Command::Refresh { token } => format!("refresh token={token}"),
         });
         assert_eq!(got.as_deref().map_err(|e| *e), expected, "input: {input}");
     }
@@ -468,6 +535,21 @@ mod tests {
                 "members",
                 r#"{"type":"members","room":"lobby"}"#.into(),
                 Ok("members room=lobby"),
+            ),
+            (
+                "refresh",
+                r#"{"type":"refresh","token":"a.b.c"}"#.into(),
+                Ok("refresh token=a.b.c"),
+            ),
+            (
+                "refresh without a token",
+                r#"{"type":"refresh"}"#.into(),
+                Err(MissingField("token")),
+            ),
+            (
+                "refresh with a token of the wrong type",
+                r#"{"type":"refresh","token":5}"#.into(),
+                Err(InvalidField),
             ),
             (
                 "members without a room",
@@ -641,6 +723,10 @@ mod tests {
             BinaryFrame,
             Forbidden,
             TooManyRooms,
+            PublishForbidden,
+            TokenRefused("expired"),
+            TokenSubjectMismatch,
+            TokensNotInUse,
         ];
         let mut codes: Vec<_> = all.iter().map(|e| e.code()).collect();
         codes.sort_unstable();
@@ -651,6 +737,7 @@ mod tests {
     #[test]
     fn server_messages() {
         let payload = RawValue::from_string(r#"{"z": 1,  "a":"\u00e9"}"#.to_string()).unwrap();
+        let info = RawValue::from_string(r#"{"name":"Bob"}"#.to_string()).unwrap();
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             (
                 "welcome",
@@ -686,8 +773,35 @@ mod tests {
             ),
             (
                 "presence",
-                presence("lobby", "bob", PresenceEvent::Leave),
+                presence("lobby", "bob", None, PresenceEvent::Leave),
                 r#"{"type":"presence","room":"lobby","id":"bob","event":"leave"}"#,
+            ),
+            (
+                "presence with the token's info",
+                presence("lobby", "bob", Some(&info), PresenceEvent::Join),
+                r#"{"type":"presence","room":"lobby","id":"bob","event":"join","info":{"name":"Bob"}}"#,
+            ),
+            (
+                "members",
+                members(
+                    "lobby",
+                    &[
+                        Member {
+                            id: "alice",
+                            info: None,
+                        },
+                        Member {
+                            id: "bob",
+                            info: Some(&info),
+                        },
+                    ],
+                ),
+                r#"{"type":"members","room":"lobby","ids":["alice","bob"],"members":[{"id":"alice","info":null},{"id":"bob","info":{"name":"Bob"}}]}"#,
+            ),
+            (
+                "refreshed",
+                refreshed(1700000000),
+                r#"{"type":"refreshed","exp":1700000000}"#,
             ),
             (
                 "error",

@@ -3,8 +3,10 @@
 //! Owns: routing every request path (`route`: the WebSocket endpoints, the demo page's files
 //! served by `demo`, and the reactor's own endpoints, which the reactor renders), admission of
 //! WebSocket requests (Origin, identity, `?since=`, subprotocol) with a `Refusal` that says why,
-//! raw rooms (`/r/<room>`), the `/ws` envelope commands (send, publish, join, leave), presence,
-//! acks and what each promises, the rate limit, and the hub's metrics.
+//! raw rooms (`/r/<room>`), the `/ws` envelope commands (send, publish, join, leave, members,
+//! refresh), presence, acks and what each promises, the rate limit, what each connection's
+//! token allows and closing it when the token expires (SPEC §16, with `tokens.rs`), and the
+//! hub's metrics.
 //! Does not: see sockets, descriptors or frames' bytes on the wire (SPEC §1). It acts on
 //! connections only through `Transport` (send a message or a shared frame to a `ConnId`, close
 //! one), which `App` implements with the reactor's `Outbox` and tests with a recorder. Nor does
@@ -35,10 +37,11 @@ use super::clock::Clock;
 use super::config::AppConfig;
 use super::dedup::Dedup;
 use super::demo;
-use super::envelope::{self, AckStatus, Command, EnvelopeError, MsgId, PresenceEvent};
+use super::envelope::{self, AckStatus, Command, EnvelopeError, Member, MsgId, PresenceEvent};
 use super::metrics::{HubGauges, HubMetrics};
 use super::ratelimit::{RateLimit, TokenBucket};
 use super::rooms::Rooms;
+use super::tokens::{Access, Tokens, TOKEN_EXPIRED, TOKEN_EXPIRED_REASON};
 use crate::engine::{
     Append, Arrival, Completion, Engine, Epoch, Event, Limits, MemoryEngine, Now, Outcome,
     Position, Publish, Recovery, Refusal as StoreRefusal, Since, StreamId, Ticket,
@@ -51,6 +54,7 @@ use log::{debug, warn};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 /// The subprotocol of the envelope protocol, confirmed when a client offers it (RFC 6455
 /// §4.2.2 item 5.4, SPEC §6).
@@ -80,6 +84,9 @@ pub trait Transport {
     fn send_shared_unbounded(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent;
     /// Closes `conn` with `code` once the current callback returns.
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str);
+    /// Asks to be woken (`Hub::timer`) at `at`, with no client event; the earliest request
+    /// stands (`Outbox::wake_at`).
+    fn wake_at(&mut self, at: Instant);
 }
 
 impl Transport for Outbox<'_> {
@@ -102,6 +109,10 @@ impl Transport for Outbox<'_> {
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
         Outbox::close(self, conn, code, reason)
     }
+
+    fn wake_at(&mut self, at: Instant) {
+        Outbox::wake_at(self, at)
+    }
 }
 
 /// Per-connection state, kept by the reactor and handed back on every callback.
@@ -110,6 +121,9 @@ pub struct Session {
     endpoint: Endpoint,
     /// The rate limit's bucket, when `--rate` is set.
     bucket: Option<TokenBucket>,
+    /// The grant of the request's token (with `--jwt-secret`), from admission until `open`
+    /// moves it into the hub's `tokens`, where refreshes replace it.
+    grant: Option<Grant>,
 }
 
 /// Which endpoint an open connection belongs to.
@@ -140,16 +154,6 @@ struct Peer {
     id: Rc<str>,
     /// `?since=` (and `&epoch=`): replay retained messages after this one on connect.
     since: Option<Since>,
-    /// The token's `rooms` claim, if any.
-    rooms: Option<Rc<[String]>>,
-}
-
-impl Peer {
-    fn allows(&self, room: &str) -> bool {
-        self.rooms
-            .as_ref()
-            .is_none_or(|rooms| rooms.iter().any(|r| r == room))
-    }
 }
 
 pub struct Hub {
@@ -180,6 +184,12 @@ pub struct Hub {
     events: Vec<Event>,
     /// `--offline-max` is above 0: direct messages are stored (else they only get a position).
     retains: bool,
+    /// What each token-authenticated connection may do now, and when its token expires.
+    tokens: Tokens,
+    /// The expiry (wall-clock ms) the reactor was last asked to wake the hub for, until that
+    /// wake-up comes (`timer`). A new token that expires sooner asks again; one that expires
+    /// later does not (the reactor keeps the earliest request anyway).
+    wake_requested: Option<u64>,
     metrics: HubMetrics,
 }
 
@@ -251,7 +261,10 @@ impl Hub {
     /// A hub on a given engine (`--data-dir`: the file engine).
     pub fn with_engine(config: AppConfig, clock: Box<dyn Clock>, engine: Box<dyn Engine>) -> Hub {
         Hub {
-            jwt: config.jwt_secret.as_deref().map(JwtVerifier::new),
+            jwt: config
+                .jwt_secret
+                .as_deref()
+                .map(|secret| JwtVerifier::with_leeway(secret, config.jwt_leeway.as_secs())),
             allow_origins: config.allow_origins,
             rate_limit: config.rate_limit,
             raw_rooms: Rooms::default(),
@@ -266,6 +279,8 @@ impl Hub {
             recovering: HashMap::new(),
             events: Vec::new(),
             retains: config.offline_max > 0,
+            tokens: Tokens::default(),
+            wake_requested: None,
             metrics: HubMetrics::default(),
             clock,
         }
@@ -307,12 +322,13 @@ impl Hub {
             },
         };
         match self.admit(wanted, request) {
-            Ok((endpoint, protocol)) => Route::Upgrade {
+            Ok((endpoint, protocol, grant)) => Route::Upgrade {
                 session: Session {
                     endpoint,
                     bucket: self
                         .rate_limit
                         .map(|limit| TokenBucket::new(limit, self.clock.now())),
+                    grant,
                 },
                 protocol,
             },
@@ -321,12 +337,13 @@ impl Hub {
     }
 
     /// Admits a request to a WebSocket endpoint: an allowed Origin first (SPEC §6), then what
-    /// the endpoint itself asks of the request.
+    /// the endpoint itself asks of the request. Returns the endpoint, the subprotocol to
+    /// confirm, and the token's grant (with `--jwt-secret`).
     fn admit(
         &mut self,
         wanted: WebSocketPath<'_>,
         request: &Request,
-    ) -> Result<(Endpoint, Option<&'static str>), Refusal> {
+    ) -> Result<(Endpoint, Option<&'static str>, Option<Grant>), Refusal> {
         if !auth::origin_allowed(&self.allow_origins, request.header("origin")) {
             self.metrics.origin_rejections += 1;
             return Err(Refusal::Forbidden(
@@ -334,7 +351,7 @@ impl Hub {
             ));
         }
         match wanted {
-            WebSocketPath::Echo => Ok((Endpoint::Echo, None)),
+            WebSocketPath::Echo => Ok((Endpoint::Echo, None, None)),
             WebSocketPath::Envelope => self.admit_envelope(request),
             WebSocketPath::Raw(room) => self.admit_raw(room, request),
         }
@@ -345,33 +362,33 @@ impl Hub {
         &mut self,
         name: &str,
         request: &Request,
-    ) -> Result<(Endpoint, Option<&'static str>), Refusal> {
+    ) -> Result<(Endpoint, Option<&'static str>, Option<Grant>), Refusal> {
         if name.contains('/') {
             return Err(Refusal::NotFound);
         }
         envelope::validate_room(name).map_err(|e| Refusal::InvalidTarget(e.message()))?;
-        if let Some(grant) = self.authenticate(request)? {
-            if !grant.allows(name) {
-                return Err(Refusal::Forbidden("this room is not allowed by your token"));
-            }
+        let grant = self.authenticate(request)?;
+        if grant.as_ref().is_some_and(|g| !g.allows(name)) {
+            return Err(Refusal::Forbidden("this room is not allowed by your token"));
         }
-        Ok((Endpoint::Raw(Rc::from(name)), None))
+        Ok((Endpoint::Raw(Rc::from(name)), None, grant))
     }
 
     /// `/ws`: an identity (a token's `sub`, or `?id=` without auth), an optional `?since=`.
     fn admit_envelope(
         &mut self,
         request: &Request,
-    ) -> Result<(Endpoint, Option<&'static str>), Refusal> {
-        let (id, rooms) = match self.authenticate(request)? {
-            Some(grant) => (grant.id, grant.rooms),
+    ) -> Result<(Endpoint, Option<&'static str>, Option<Grant>), Refusal> {
+        let grant = self.authenticate(request)?;
+        let id = match &grant {
+            Some(grant) => grant.id.clone(),
             // Without --jwt-secret the id is claimed, not proven (docs/protocol.md, "Access").
             None => {
                 let Some(id) = request.query_param("id") else {
                     return Err(Refusal::InvalidTarget("?id=<your id> is required".into()));
                 };
                 envelope::validate_id(&id).map_err(|e| Refusal::InvalidTarget(e.message()))?;
-                (id, None)
+                id
             }
         };
         let epoch = match request.query_param("epoch") {
@@ -409,9 +426,9 @@ impl Hub {
         let peer = Peer {
             id: Rc::from(id),
             since,
-            rooms: rooms.map(Rc::from),
         };
-        Ok((Endpoint::Envelope(peer), offered.then_some(SUBPROTOCOL)))
+        let protocol = offered.then_some(SUBPROTOCOL);
+        Ok((Endpoint::Envelope(peer), protocol, grant))
     }
 
     /// With `--jwt-secret`, the grant of the request's token; without it, `None` (ids are
@@ -437,6 +454,11 @@ impl Hub {
     /// client (its welcome follows when the recovery completes, see `recovered`).
     pub fn open(&mut self, conn: ConnId, session: &mut Session, tx: &mut impl Transport) {
         let now = self.sweep();
+        if let Some(grant) = session.grant.take() {
+            self.tokens
+                .insert(conn, Access::new(grant, self.leeway_ms()));
+            self.schedule_expiry(tx);
+        }
         match &session.endpoint {
             Endpoint::Echo => {}
             Endpoint::Raw(room) => {
@@ -483,7 +505,18 @@ impl Hub {
             Endpoint::Echo => {
                 tx.send(conn, opcode, payload);
             }
-            Endpoint::Raw(room) => self.relay_raw(conn, room, opcode, payload, tx),
+            Endpoint::Raw(room) => {
+                // A raw room has no acks or errors to refuse with: a member whose token may
+                // join but not publish is a listener, and its first message closes it (1008),
+                // saying why (docs/protocol.md, "Access").
+                if !self.tokens.may_publish(conn, room) {
+                    self.metrics.token_publish_refusals += 1;
+                    let reason = "your token does not allow publishing to this room";
+                    tx.close(conn, CloseCode::POLICY_VIOLATION, reason);
+                    return;
+                }
+                self.relay_raw(conn, room, opcode, payload, tx)
+            }
             Endpoint::Envelope(peer) => {
                 if let Some(held) = self.recovering.get_mut(&conn) {
                     // Not greeted yet: handled after the welcome (see the module doc). Only
@@ -510,6 +543,8 @@ impl Hub {
     /// The connection is gone: leave its rooms (telling the others) and its id's devices.
     pub fn close(&mut self, conn: ConnId, session: Session, tx: &mut impl Transport) {
         let now = self.sweep();
+        // Its token stops mattering; its info is still shown in the leave events below.
+        let info = self.tokens.remove(conn).and_then(|access| access.info);
         match session.endpoint {
             Endpoint::Echo => {}
             Endpoint::Raw(room) => {
@@ -519,7 +554,8 @@ impl Hub {
                 self.names.remove(&conn);
                 self.recovering.remove(&conn);
                 for room in self.rooms.leave_all(conn) {
-                    self.presence(&room, &peer.id, PresenceEvent::Leave, None, tx);
+                    let (id, info) = (&peer.id, info.as_deref());
+                    self.presence(&room, id, info, PresenceEvent::Leave, None, tx);
                 }
                 if let Some(devices) = self.online.get_mut(&peer.id) {
                     devices.retain(|&d| d != conn);
@@ -898,7 +934,8 @@ impl Hub {
             }
             Ok(Command::Join { room }) => self.join(conn, peer, &room, tx),
             Ok(Command::Leave { room }) => self.leave(conn, peer, &room, tx),
-            Ok(Command::Members { room }) => self.members(conn, peer, &room, tx),
+            Ok(Command::Members { room }) => self.members(conn, &room, tx),
+            Ok(Command::Refresh { token }) => self.refresh(conn, peer, &token, tx),
         }
     }
 
@@ -984,7 +1021,8 @@ impl Hub {
 
     /// A room message: to every member but the sender, once it has its position. Membership is
     /// not required to publish (a bot may announce into a room it does not listen to); the
-    /// token's `rooms` claim is.
+    /// token's `publish` claim (by default its `rooms` claim) is, and a publish outside it is
+    /// acked `rejected` (SPEC §16: every publish gets exactly one ack).
     fn publish(
         &mut self,
         conn: ConnId,
@@ -994,8 +1032,9 @@ impl Hub {
         client_id: Option<&str>,
         tx: &mut impl Transport,
     ) {
-        if !peer.allows(room) {
-            let reason = EnvelopeError::Forbidden.message();
+        if !self.tokens.may_publish(conn, room) {
+            self.metrics.token_publish_refusals += 1;
+            let reason = EnvelopeError::PublishForbidden.message();
             let rejected = AckStatus::Rejected;
             self.ack(conn, client_id, None, rejected, Some(&reason), tx);
             return;
@@ -1035,55 +1074,71 @@ impl Hub {
     /// Joins a room and tells every member, the joiner included (its confirmation). Joining a
     /// room twice changes nothing, and only the joiner hears about it again.
     fn join(&mut self, conn: ConnId, peer: &Peer, room: &str, tx: &mut impl Transport) {
-        if !peer.allows(room) {
+        if !self.tokens.may_join(conn, room) {
             return self.error(conn, EnvelopeError::Forbidden, tx);
         }
+        let info = self.tokens.info(conn);
+        let (id, info) = (&peer.id, info.as_deref());
         if self.rooms.is_member(conn, room) {
-            return self.presence(room, &peer.id, PresenceEvent::Join, Some(conn), tx);
+            return self.presence(room, id, info, PresenceEvent::Join, Some(conn), tx);
         }
         if self.rooms.rooms_of(conn) >= MAX_ROOMS_PER_CONNECTION {
             return self.error(conn, EnvelopeError::TooManyRooms, tx);
         }
         self.rooms.join(conn, room);
-        self.presence(room, &peer.id, PresenceEvent::Join, None, tx);
+        self.presence(room, id, info, PresenceEvent::Join, None, tx);
     }
 
     /// Leaves a room, telling every member, the leaver included. Leaving a room one is not in
     /// changes nothing, and only the leaver hears about it.
     fn leave(&mut self, conn: ConnId, peer: &Peer, room: &str, tx: &mut impl Transport) {
+        let info = self.tokens.info(conn);
+        let (id, info) = (&peer.id, info.as_deref());
         if self.rooms.is_member(conn, room) {
-            self.presence(room, &peer.id, PresenceEvent::Leave, None, tx);
+            self.presence(room, id, info, PresenceEvent::Leave, None, tx);
             self.rooms.leave(conn, room);
         } else {
-            self.presence(room, &peer.id, PresenceEvent::Leave, Some(conn), tx);
+            self.presence(room, id, info, PresenceEvent::Leave, Some(conn), tx);
         }
     }
 
     /// Tells the asker who is in `room` now: presence events only announce changes, so a joiner
     /// asks this once to learn who was there before it.
-    fn members(&mut self, conn: ConnId, peer: &Peer, room: &str, tx: &mut impl Transport) {
-        if !peer.allows(room) {
+    /// Each member comes with the `info` claim of its token (SPEC §16).
+    fn members(&mut self, conn: ConnId, room: &str, tx: &mut impl Transport) {
+        if !self.tokens.may_join(conn, room) {
             return self.error(conn, EnvelopeError::Forbidden, tx);
         }
-        let mut ids: Vec<&str> = self
+        let mut members: Vec<Member<'_>> = self
             .rooms
             .members(room)
-            .filter_map(|member| self.names.get(&member).map(|id| &**id))
+            .filter_map(|member| {
+                let id = self.names.get(&member)?;
+                let info = self.tokens.get(member).and_then(|a| a.info.as_deref());
+                Some(Member { id, info })
+            })
             .collect();
-        ids.sort_unstable();
-        tx.send(conn, OpCode::Text, &envelope::members(room, &ids));
+        // Sorted by id; devices of one id by their info, so the answer does not depend on the
+        // order the room keeps.
+        members.sort_unstable_by(|a, b| {
+            let (ai, bi) = (a.info.map(RawValue::get), b.info.map(RawValue::get));
+            (a.id, ai).cmp(&(b.id, bi))
+        });
+        tx.send(conn, OpCode::Text, &envelope::members(room, &members));
     }
 
-    /// Sends a presence event to `only`, or else to every member of `room`.
+    /// Sends a presence event to `only`, or else to every member of `room`. `info` is the
+    /// `info` claim of the token of the connection that joined or left.
     fn presence(
         &mut self,
         room: &str,
         id: &str,
+        info: Option<&RawValue>,
         event: PresenceEvent,
         only: Option<ConnId>,
         tx: &mut impl Transport,
     ) {
-        let frame = tx.encode_shared(OpCode::Text, &envelope::presence(room, id, event));
+        let frame = tx.encode_shared(OpCode::Text, &envelope::presence(room, id, info, event));
         if let Some(conn) = only {
             tx.send_shared(conn, &frame);
             return;
@@ -1122,6 +1177,102 @@ impl Hub {
     fn ticket(&mut self) -> Ticket {
         self.next_ticket += 1;
         Ticket(self.next_ticket)
+    }
+
+    // ----- tokens: refresh and expiry (SPEC §16) -----------------------------------------------
+
+    /// `{"type":"refresh","token":...}`: the new token must verify and name the same `sub`.
+    /// Then its claims replace the old ones at once: rooms the connection is in that the new
+    /// `rooms` claim no longer allows are left (the members, the connection included, hear
+    /// `leave`), and its expiry moves. A refused refresh changes nothing: the connection keeps
+    /// its current token until that one expires (docs/protocol.md, "Token refresh and expiry").
+    fn refresh(&mut self, conn: ConnId, peer: &Peer, token: &str, tx: &mut impl Transport) {
+        let Some(jwt) = &self.jwt else {
+            return self.refresh_refused(conn, EnvelopeError::TokensNotInUse, tx);
+        };
+        let grant = match jwt.verify(token, self.clock.unix_ms()) {
+            Ok(grant) => grant,
+            Err(e) => {
+                return self.refresh_refused(conn, EnvelopeError::TokenRefused(e.label()), tx)
+            }
+        };
+        if *grant.id != *peer.id {
+            return self.refresh_refused(conn, EnvelopeError::TokenSubjectMismatch, tx);
+        }
+        let exp_secs = grant.exp_ms / 1000;
+        let access = Access::new(grant, self.leeway_ms());
+        let info = access.info.clone();
+        for room in self.rooms.names_of(conn) {
+            if !access.may_join(&room) {
+                self.presence(
+                    &room,
+                    &peer.id,
+                    info.as_deref(),
+                    PresenceEvent::Leave,
+                    None,
+                    tx,
+                );
+                self.rooms.leave(conn, &room);
+            }
+        }
+        self.tokens.insert(conn, access);
+        self.schedule_expiry(tx);
+        self.metrics.token_refreshes_ok += 1;
+        debug!(
+            "{conn:?} ({}) refreshed its token until {exp_secs}",
+            peer.id
+        );
+        tx.send(conn, OpCode::Text, &envelope::refreshed(exp_secs));
+    }
+
+    fn refresh_refused(&mut self, conn: ConnId, e: EnvelopeError, tx: &mut impl Transport) {
+        let reason = match e {
+            EnvelopeError::TokenRefused(label) => label,
+            other => other.code(),
+        };
+        HubMetrics::bump(&mut self.metrics.token_refresh_refusals, reason);
+        self.error(conn, e, tx);
+    }
+
+    /// The reactor woke the hub (`Handler::on_timer`): close every connection whose token has
+    /// expired, with `TOKEN_EXPIRED` (4001), then ask for the next expiry, if any.
+    pub fn timer(&mut self, tx: &mut impl Transport) {
+        self.wake_requested = None;
+        let mut due = Vec::new();
+        self.tokens.expire(self.clock.unix_ms(), &mut due);
+        for conn in due {
+            debug!("{conn:?}: token expired; closing {}", TOKEN_EXPIRED.0);
+            self.metrics.token_expiries += 1;
+            tx.close(conn, TOKEN_EXPIRED, TOKEN_EXPIRED_REASON);
+        }
+        self.schedule_expiry(tx);
+        self.sweep();
+        self.pump(tx);
+    }
+
+    /// Asks the reactor to wake the hub at the earliest token expiry, unless it is already
+    /// asked for that time or an earlier one. Nothing is asked when no connection has a token,
+    /// so an idle server without tokens never wakes for them.
+    fn schedule_expiry(&mut self, tx: &mut impl Transport) {
+        let Some(next) = self.tokens.next_expiry() else {
+            return;
+        };
+        if self.wake_requested.is_some_and(|asked| asked <= next) {
+            return;
+        }
+        self.wake_requested = Some(next);
+        // Expiries are wall-clock dates; the reactor's timers are monotonic. The wait is
+        // converted once: if the wall clock is stepped meanwhile, the wake-up comes early (and
+        // asks again for the rest) or late (by the step), never skipping an expiry.
+        let wait = Duration::from_millis(next.saturating_sub(self.clock.unix_ms()));
+        tx.wake_at(self.clock.now() + wait);
+    }
+
+    /// The leeway allowed after a token's `exp` (`--jwt-leeway`), in milliseconds.
+    fn leeway_ms(&self) -> u64 {
+        self.jwt
+            .as_ref()
+            .map_or(0, |jwt| jwt.leeway_secs().saturating_mul(1000))
     }
 
     // ----- time and metrics ------------------------------------------------------------------
@@ -1164,6 +1315,7 @@ impl Hub {
             ),
             // 1 with --jwt-secret: the demo page then asks for a token instead of an id.
             ("auth_required", u64::from(self.authenticates())),
+            ("token_connections", self.tokens.len() as u64),
         ]);
     }
 
@@ -1185,6 +1337,7 @@ impl Hub {
             dedup_bytes: e.dedup_bytes,
             dedup_evicted: e.dedup_evicted,
             in_flight_bytes: self.in_flight_bytes,
+            token_connections: self.tokens.len(),
         };
         self.metrics.render(&gauges, out);
         self.engine.render_metrics(out);

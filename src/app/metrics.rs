@@ -48,6 +48,16 @@ pub struct HubMetrics {
     pub auth_failures: BTreeMap<&'static str, u64>,
     /// Upgrades refused with 403 for their Origin.
     pub origin_rejections: u64,
+    /// `refresh` commands whose token replaced the connection's.
+    pub token_refreshes_ok: u64,
+    /// `refresh` commands refused, by reason (an `AuthError` label, `token_sub_mismatch`,
+    /// `tokens_not_in_use`).
+    pub token_refresh_refusals: BTreeMap<&'static str, u64>,
+    /// Connections closed (4001) because their token expired without a refresh.
+    pub token_expiries: u64,
+    /// Publishes refused by the token's `publish` claim (envelope: acked `rejected`; raw room:
+    /// closed 1008).
+    pub token_publish_refusals: u64,
 }
 
 /// Values derived from the hub's state at render time.
@@ -70,6 +80,8 @@ pub struct HubGauges {
     pub dedup_evicted: u64,
     /// Bytes of messages submitted to the engine and not completed yet.
     pub in_flight_bytes: usize,
+    /// Open connections admitted with a token (their expiry is tracked).
+    pub token_connections: usize,
 }
 
 impl HubMetrics {
@@ -284,6 +296,50 @@ impl HubMetrics {
             "wsrelay_origin_rejections_total",
             "Upgrades refused with 403 for their Origin.",
             self.origin_rejections,
+        );
+
+        w.gauge(
+            "wsrelay_token_connections",
+            "Open connections admitted with a token (each is closed 4001 when its token expires).",
+            g.token_connections,
+        );
+        w.family(
+            "wsrelay_token_refreshes_total",
+            "counter",
+            "refresh commands, by result: ok (the new token replaced the old) or refused.",
+        );
+        let refused: u64 = self.token_refresh_refusals.values().sum();
+        w.sample(
+            "wsrelay_token_refreshes_total",
+            &[("result", "ok")],
+            self.token_refreshes_ok,
+        );
+        w.sample(
+            "wsrelay_token_refreshes_total",
+            &[("result", "refused")],
+            refused,
+        );
+        w.family(
+            "wsrelay_token_refresh_refusals_total",
+            "counter",
+            "refresh commands refused, by reason.",
+        );
+        for (reason, n) in &self.token_refresh_refusals {
+            w.sample(
+                "wsrelay_token_refresh_refusals_total",
+                &[("reason", reason)],
+                *n,
+            );
+        }
+        w.counter(
+            "wsrelay_token_expiries_total",
+            "Connections closed with 4001 because their token expired without a refresh.",
+            self.token_expiries,
+        );
+        w.counter(
+            "wsrelay_token_publish_refusals_total",
+            "Publishes refused by the token's publish claim (acked rejected; on a raw room, closed 1008).",
+            self.token_publish_refusals,
         );
     }
 }

@@ -10,6 +10,8 @@
 //!   engine keeps the windows, and the file engine makes them survive a restart);
 //! * `demo/`: the demo page served at `/` (SPEC §8);
 //! * `auth.rs`: JWT, token sources, the Origin allow-list;
+//! * `tokens.rs`: what each connection's token allows now, and when it expires (refresh and
+//!   expiry, SPEC §16);
 //! * `ratelimit.rs`: the per-connection token bucket;
 //! * `clock.rs`: injectable time; `config.rs`: `AppConfig`; `metrics.rs`: the hub's counters.
 //!
@@ -27,6 +29,7 @@ pub mod hub;
 pub mod metrics;
 pub mod ratelimit;
 pub mod rooms;
+pub mod tokens;
 
 #[cfg(test)]
 mod tests;
@@ -107,6 +110,10 @@ impl Handler for App {
 
     fn on_wake(&mut self, out: &mut Outbox<'_>) {
         self.hub.wake(out);
+    }
+
+    fn on_timer(&mut self, out: &mut Outbox<'_>) {
+        self.hub.timer(out);
     }
 
     fn render_metrics(&self, out: &mut String) {

@@ -221,6 +221,14 @@ impl Rooms {
             .flat_map(|room| room.members.iter().map(|seat| seat.conn))
     }
 
+    /// The names of the rooms `conn` is in, in no particular order.
+    pub fn names_of(&self, conn: ConnId) -> Vec<Rc<str>> {
+        let list = self.memberships.get(conn).map_or(&[][..], Vec::as_slice);
+        list.iter()
+            .map(|m| Rc::clone(&self.rooms[m.room].name))
+            .collect()
+    }
+
     /// How many rooms `conn` is in.
     pub fn rooms_of(&self, conn: ConnId) -> usize {
         self.memberships.get(conn).map_or(0, Vec::len)

@@ -37,6 +37,8 @@ struct Recorder {
     /// Connections that refuse everything as slow consumers (`Sent::Dropped`), except what is
     /// sent unbounded.
     slow: HashSet<ConnId>,
+    /// Every `wake_at` the hub asked for, in order.
+    wakes: Vec<std::time::Instant>,
 }
 
 impl Transport for Recorder {
@@ -69,6 +71,10 @@ impl Transport for Recorder {
 
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
         self.closes.push((conn, code, reason));
+    }
+
+    fn wake_at(&mut self, at: std::time::Instant) {
+        self.wakes.push(at);
     }
 }
 
@@ -633,13 +639,17 @@ fn members_lists_who_is_in_the_room_for_the_asker_only() {
     h.say(b1, json!({"type": "members", "room": "lobby"}));
     assert_eq!(
         h.inbox(b1),
-        vec![json!({"type": "members", "room": "lobby", "ids": ["alice", "bob", "bob"]})]
+        vec![
+            json!({"type": "members", "room": "lobby", "ids": ["alice", "bob", "bob"],
+            "members": [{"id": "alice", "info": null}, {"id": "bob", "info": null},
+                {"id": "bob", "info": null}]})
+        ]
     );
     assert_eq!(h.inbox(a), Vec::<Value>::new(), "only the asker hears it");
     h.say(a, json!({"type": "members", "room": "empty"}));
     assert_eq!(
         h.inbox(a),
-        vec![json!({"type": "members", "room": "empty", "ids": []})]
+        vec![json!({"type": "members", "room": "empty", "ids": [], "members": []})]
     );
     h.disconnect(b2);
     h.inbox(a);
@@ -1192,6 +1202,292 @@ mod jwt {
                 .0,
             403
         );
+    }
+}
+
+/// Tokens of open connections (SPEC §16): the `publish` claim, `info` in presence and
+/// `members`, `refresh`, and expiry, on the hub's clock with the reactor's timer played by hand
+/// (`Recorder::wakes` is what the hub asked for, `Hub::timer` is the timer firing).
+mod tokens {
+    use super::*;
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+    const SECRET: &[u8] = b"s3cret";
+
+    fn token(claims: Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    fn harness() -> Harness {
+        Harness::new(AppConfig {
+            jwt_secret: Some(SECRET.to_vec()),
+            ..AppConfig::default()
+        })
+    }
+
+    /// `secs` from now on `clock` (the harness's, shared), as a JWT `exp`.
+    fn exp(clock: &ManualClock, secs: u64) -> u64 {
+        clock.unix_ms() / 1000 + secs
+    }
+
+    /// Connects with a token of `claims` and reads the welcome.
+    fn connect(h: &mut Harness, claims: Value) -> ConnId {
+        let conn = h.connect(&format!("/ws?token={}", token(claims)));
+        assert_eq!(h.inbox(conn)[0]["type"], "welcome");
+        conn
+    }
+
+    fn refresh(h: &mut Harness, conn: ConnId, claims: Value) -> Value {
+        h.say(conn, json!({"type": "refresh", "token": token(claims)}));
+        let mut answer = h.inbox(conn);
+        assert_eq!(answer.len(), 1, "{answer:?}");
+        answer.remove(0)
+    }
+
+    #[test]
+    fn the_publish_claim_is_enforced_apart_from_rooms() {
+        let mut h = harness();
+        let clock = h.clock.clone();
+        let claims = json!({"sub": "ann", "exp": exp(&clock, 60), "rooms": ["lobby", "news"],
+            "publish": ["lobby"]});
+        let a = connect(&mut h, claims.clone());
+        h.say(a, json!({"type": "join", "room": "news"}));
+        assert_eq!(h.inbox(a)[0]["event"], "join", "may join news");
+        h.say(
+            a,
+            json!({"type": "publish", "room": "news", "payload": 1, "id": "n"}),
+        );
+        assert_eq!(
+            h.inbox(a),
+            vec![
+                json!({"type": "ack", "id": "n", "msg_id": null, "status": "rejected",
+                "reason": "your token does not allow publishing to this room"})
+            ]
+        );
+        h.say(
+            a,
+            json!({"type": "publish", "room": "lobby", "payload": 1, "id": "l"}),
+        );
+        assert_eq!(h.inbox(a)[0]["status"], "delivered");
+        assert_eq!(h.metric("wsrelay_token_publish_refusals_total"), 1.0);
+
+        // A raw room: the listener may enter news, and is closed (1008) when it speaks there.
+        let t = token(claims);
+        let listener = h.connect(&format!("/r/news?token={t}"));
+        let speaker = h.connect(&format!("/r/lobby?token={t}"));
+        let other = h.connect(&format!("/r/lobby?token={t}"));
+        h.frame(speaker, OpCode::Text, b"hi");
+        assert_eq!(h.raw(other), vec![(OpCode::Text, b"hi".to_vec())]);
+        h.frame(listener, OpCode::Text, b"hi");
+        assert_eq!(
+            h.tx.closes,
+            vec![(
+                listener,
+                CloseCode::POLICY_VIOLATION,
+                "your token does not allow publishing to this room"
+            )]
+        );
+        assert_eq!(h.metric("wsrelay_token_publish_refusals_total"), 2.0);
+    }
+
+    #[test]
+    fn info_is_shown_in_presence_and_members() {
+        let mut h = harness();
+        let clock = h.clock.clone();
+        let b = connect(&mut h, json!({"sub": "bob", "exp": exp(&clock, 60)}));
+        h.say(b, json!({"type": "join", "room": "lobby"}));
+        h.inbox(b);
+        let info = json!({"name": "Ann", "avatar": "/a.png"});
+        let a = connect(
+            &mut h,
+            json!({"sub": "ann", "exp": exp(&clock, 60), "info": info}),
+        );
+        h.say(a, json!({"type": "join", "room": "lobby"}));
+        let join = json!({"type": "presence", "room": "lobby", "id": "ann", "event": "join",
+            "info": info});
+        assert_eq!(h.inbox(b), vec![join.clone()]);
+        assert_eq!(h.inbox(a), vec![join]);
+        h.say(b, json!({"type": "members", "room": "lobby"}));
+        assert_eq!(
+            h.inbox(b),
+            vec![
+                json!({"type": "members", "room": "lobby", "ids": ["ann", "bob"],
+                "members": [{"id": "ann", "info": info}, {"id": "bob", "info": null}]})
+            ]
+        );
+        h.disconnect(a);
+        assert_eq!(
+            h.inbox(b),
+            vec![
+                json!({"type": "presence", "room": "lobby", "id": "ann", "event": "leave",
+                "info": info})
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refresh_needs_a_valid_token_for_the_same_sub() {
+        let mut h = harness();
+        let clock = h.clock.clone();
+        let a = connect(&mut h, json!({"sub": "ann", "exp": exp(&clock, 60)}));
+        let e = refresh(&mut h, a, json!({"sub": "eve", "exp": exp(&clock, 600)}));
+        assert_eq!(e["code"], "token_sub_mismatch", "{e}");
+        let e = refresh(
+            &mut h,
+            a,
+            json!({"sub": "ann", "exp": exp(&clock, 0) - 3600}),
+        );
+        assert_eq!(e["code"], "token_refused", "{e}");
+        assert!(e["message"].as_str().unwrap().contains("expired"), "{e}");
+        h.say(a, json!({"type": "refresh", "token": "not a token"}));
+        assert_eq!(h.inbox(a)[0]["code"], "token_refused");
+        assert!(
+            h.tx.closes.is_empty(),
+            "a refused refresh keeps the connection"
+        );
+
+        let until = exp(&clock, 600);
+        let ok = refresh(&mut h, a, json!({"sub": "ann", "exp": until}));
+        assert_eq!(ok, json!({"type": "refreshed", "exp": until}));
+        assert_eq!(
+            h.metric("wsrelay_token_refreshes_total{result=\"ok\"}"),
+            1.0
+        );
+        assert_eq!(
+            h.metric("wsrelay_token_refreshes_total{result=\"refused\"}"),
+            3.0
+        );
+        let reasons = [
+            ("token_sub_mismatch", 1.0),
+            ("expired", 1.0),
+            ("malformed", 1.0),
+        ];
+        for (reason, n) in reasons {
+            let sample = format!("wsrelay_token_refresh_refusals_total{{reason=\"{reason}\"}}");
+            assert_eq!(h.metric(&sample), n, "{reason}");
+        }
+
+        let mut plain = Harness::plain();
+        let p = plain.connect("/ws?id=ann");
+        plain.inbox(p);
+        plain.say(
+            p,
+            json!({"type": "refresh", "token": token(json!({"sub": "ann"}))}),
+        );
+        assert_eq!(plain.inbox(p)[0]["code"], "tokens_not_in_use");
+    }
+
+    /// New claims replace the old at once: rooms the new token does not allow are left (with
+    /// the usual `leave`), publishing follows the new `publish` claim, and `info` is the new one.
+    #[test]
+    fn a_refresh_replaces_the_claims() {
+        let mut h = harness();
+        let clock = h.clock.clone();
+        let a = connect(
+            &mut h,
+            json!({"sub": "ann", "exp": exp(&clock, 60), "rooms": ["lobby", "news"]}),
+        );
+        let b = connect(&mut h, json!({"sub": "bob", "exp": exp(&clock, 60)}));
+        for room in ["lobby", "news"] {
+            h.say(b, json!({"type": "join", "room": room}));
+            h.say(a, json!({"type": "join", "room": room}));
+        }
+        h.inbox(a);
+        h.inbox(b);
+        let info = json!({"name": "Ann"});
+        h.say(
+            a,
+            json!({"type": "refresh", "token": token(json!({"sub": "ann", "exp": exp(&clock, 60),
+                "rooms": ["lobby"], "publish": [], "info": info}))}),
+        );
+        let leave = json!({"type": "presence", "room": "news", "id": "ann", "event": "leave",
+            "info": info});
+        let got = h.inbox(a);
+        assert_eq!(got[0], leave);
+        assert_eq!(got[1]["type"], "refreshed");
+        assert_eq!(h.inbox(b), vec![leave]);
+        h.say(
+            a,
+            json!({"type": "publish", "room": "lobby", "payload": 1, "id": "x"}),
+        );
+        assert_eq!(h.inbox(a)[0]["status"], "rejected");
+        h.say(b, json!({"type": "members", "room": "lobby"}));
+        assert_eq!(
+            h.inbox(b)[0]["members"][0],
+            json!({"id": "ann", "info": info})
+        );
+    }
+
+    /// The hub asks the reactor for one wake-up at the earliest expiry (exp plus the leeway),
+    /// closes with 4001 what has expired when it comes, and asks for the next. A refreshed
+    /// connection outlives its old token.
+    #[test]
+    fn expired_tokens_close_with_4001_at_exp_plus_the_leeway() {
+        let mut h = harness();
+        let clock = h.clock.clone();
+        let start = h.clock.now();
+        let leeway = auth::LEEWAY_SECS;
+        let a = connect(&mut h, json!({"sub": "ann", "exp": exp(&clock, 10)}));
+        assert_eq!(h.tx.wakes, vec![start + Duration::from_secs(10 + leeway)]);
+        let b = connect(&mut h, json!({"sub": "bob", "exp": exp(&clock, 10)}));
+        let c = connect(&mut h, json!({"sub": "cid", "exp": exp(&clock, 100)}));
+        assert_eq!(h.tx.wakes.len(), 1, "a later expiry asks for nothing more");
+
+        // Refreshed before its expiry: b lives on.
+        refresh(&mut h, b, json!({"sub": "bob", "exp": exp(&clock, 50)}));
+        h.clock.advance(Duration::from_secs(10 + leeway - 1));
+        h.hub.timer(&mut h.tx);
+        assert!(h.tx.closes.is_empty(), "woken early: nothing is due yet");
+        assert_eq!(h.tx.wakes.len(), 2, "and it asks again");
+        assert_eq!(h.tx.wakes[1], start + Duration::from_secs(10 + leeway));
+        h.clock.advance(Duration::from_secs(1));
+        h.hub.timer(&mut h.tx);
+        assert_eq!(h.tx.closes, vec![(a, CloseCode(4001), "token expired")]);
+        assert_eq!(h.metric("wsrelay_token_expiries_total"), 1.0);
+        assert_eq!(h.tx.wakes[2], start + Duration::from_secs(50 + leeway));
+        h.disconnect(a);
+        assert_eq!(h.metric("wsrelay_token_connections"), 2.0);
+
+        h.clock.advance(Duration::from_secs(50));
+        h.hub.timer(&mut h.tx);
+        assert_eq!(h.tx.closes[1], (b, CloseCode(4001), "token expired"));
+        assert_eq!(h.tx.wakes[3], start + Duration::from_secs(100 + leeway));
+        // c closes on its own first: nothing is due any more, and nothing is asked for.
+        h.disconnect(c);
+        h.clock.advance(Duration::from_secs(100));
+        h.hub.timer(&mut h.tx);
+        assert_eq!(h.tx.closes.len(), 2);
+        assert_eq!(h.tx.wakes.len(), 4);
+        assert_eq!(h.metric("wsrelay_token_expiries_total"), 2.0);
+    }
+
+    #[test]
+    fn without_tokens_the_hub_never_asks_to_be_woken() {
+        let mut h = Harness::plain();
+        let a = h.connect("/ws?id=ann");
+        h.say(a, json!({"type": "join", "room": "lobby"}));
+        let r = h.connect("/r/lobby");
+        h.frame(r, OpCode::Text, b"x");
+        h.disconnect(a);
+        assert!(h.tx.wakes.is_empty());
+        assert_eq!(h.metric("wsrelay_token_connections"), 0.0);
+    }
+
+    #[test]
+    fn a_raw_room_connection_expires_too() {
+        let mut h = harness();
+        let clock = h.clock.clone();
+        let t = token(json!({"sub": "ann", "exp": exp(&clock, 5)}));
+        let r = h.connect(&format!("/r/lobby?token={t}"));
+        assert_eq!(h.tx.wakes.len(), 1);
+        h.clock.advance(Duration::from_secs(5 + auth::LEEWAY_SECS));
+        h.hub.timer(&mut h.tx);
+        assert_eq!(h.tx.closes, vec![(r, CloseCode(4001), "token expired")]);
     }
 }
 

@@ -46,7 +46,7 @@ use std::time::Instant;
 /// event queued for a socket closed earlier in the same loop iteration, a timer that fires after
 /// its connection is gone). The generation makes such stale references harmless: they no longer
 /// match the connection in the slot and are ignored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConnId {
     pub slot: u32,
     pub generation: u32,
