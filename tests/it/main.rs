@@ -24,3 +24,4 @@ mod envelope;
 mod hostile;
 mod offline;
 mod rooms;
+mod tokens;

@@ -1,0 +1,196 @@
+//! Token claims, refresh and expiry (SPEC §16; docs/protocol.md, "Access" and "Token refresh
+//! and expiry") over real sockets, on every poller: the expiry is the reactor's app timer.
+//!
+//! Short lives are fractional `exp` claims (RFC 7519 §2 NumericDate allows them) with
+//! `--jwt-leeway 0s`; a test waits for a close with the socket's read deadline, never a sleep.
+
+use crate::poller_tests;
+use crate::relay_support::*;
+use crate::support::*;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::Message;
+
+const SECRET: &str = "token tests secret";
+
+/// Now plus `secs`, as a JWT NumericDate with millisecond precision.
+fn exp_in(secs: f64) -> f64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    (now.as_millis() as f64 / 1000.0) + secs
+}
+
+fn token(claims: Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn server(poller: &str) -> Server {
+    Server::start(poller, &["--jwt-secret", SECRET, "--jwt-leeway", "0s"])
+}
+
+fn connect(server: &Server, claims: Value) -> Client {
+    Client::connect(server, &format!("/ws?token={}", token(claims))).0
+}
+
+/// `publish` is enforced apart from `rooms`: a member may listen where it may not speak.
+fn the_publish_claim_is_enforced_apart_from_rooms(poller: &str) {
+    let server = server(poller);
+    let claims = json!({"sub": "ann", "exp": exp_in(3600.0), "rooms": ["lobby", "news"],
+        "publish": ["lobby"]});
+    let mut ann = connect(&server, claims.clone());
+    ann.join("news", "ann");
+    ann.send(json!({"type": "publish", "room": "news", "payload": 1, "id": "n1"}));
+    let ack = ann.expect("ack");
+    assert_eq!(ack["status"], "rejected", "{ack}");
+    assert_eq!(
+        ack["reason"],
+        "your token does not allow publishing to this room"
+    );
+    ann.send(json!({"type": "publish", "room": "lobby", "payload": 1, "id": "l1"}));
+    assert_eq!(ann.expect("ack")["status"], "delivered");
+
+    // A raw room it may enter but not publish to: it listens, and speaking closes it (1008).
+    let t = token(claims);
+    let mut listener = server.ws(&format!("/r/news?token={t}"));
+    listener.send(Message::text("hello")).unwrap();
+    assert_eq!(close_code(&mut listener), CloseCode::Policy);
+    assert_eq!(server.metric("wsrelay_token_publish_refusals_total"), 2.0);
+}
+
+/// `info` is shown to the others in presence events and `members`.
+fn info_appears_in_presence_and_members(poller: &str) {
+    let server = server(poller);
+    let info = json!({"name": "Ann", "color": "teal"});
+    let mut bob = connect(&server, json!({"sub": "bob", "exp": exp_in(3600.0)}));
+    bob.join("lobby", "bob");
+    let mut ann = connect(
+        &server,
+        json!({"sub": "ann", "exp": exp_in(3600.0), "info": info}),
+    );
+    ann.send(json!({"type": "join", "room": "lobby"}));
+    let join = json!({"type": "presence", "room": "lobby", "id": "ann", "event": "join",
+        "info": info});
+    assert_eq!(ann.expect("presence"), join);
+    assert_eq!(bob.expect("presence"), join);
+    bob.send(json!({"type": "members", "room": "lobby"}));
+    assert_eq!(
+        bob.expect("members"),
+        json!({"type": "members", "room": "lobby", "ids": ["ann", "bob"],
+            "members": [{"id": "ann", "info": info}, {"id": "bob", "info": null}]})
+    );
+    drop(ann);
+    assert_eq!(
+        bob.expect("presence")["info"],
+        info,
+        "the leave carries it too"
+    );
+}
+
+/// A refresh for another `sub` is refused with an error and changes nothing: the connection
+/// stays open with its own token.
+fn a_refresh_with_another_sub_is_refused(poller: &str) {
+    let server = server(poller);
+    let mut ann = connect(&server, json!({"sub": "ann", "exp": exp_in(3600.0)}));
+    let eve = token(json!({"sub": "eve", "exp": exp_in(3600.0)}));
+    ann.send(json!({"type": "refresh", "token": eve}));
+    let error = ann.expect("error");
+    assert_eq!(error["code"], "token_sub_mismatch", "{error}");
+    ann.join("lobby", "ann");
+    assert_eq!(
+        server.metric("wsrelay_token_refresh_refusals_total{reason=\"token_sub_mismatch\"}"),
+        1.0
+    );
+    assert_eq!(
+        server.metric("wsrelay_token_refreshes_total{result=\"refused\"}"),
+        1.0
+    );
+}
+
+/// Without a refresh a connection is closed with 4001 when its token expires; with one it
+/// lives on past the old expiry. The unrefreshed witness, whose token expires with the first
+/// token of the refreshed one, is how the test knows that moment has passed.
+fn a_refresh_extends_life_and_expiry_closes_with_4001(poller: &str) {
+    let server = server(poller);
+    let exp = exp_in(1.5);
+    let mut ann = connect(&server, json!({"sub": "ann", "exp": exp}));
+    let mut witness = connect(&server, json!({"sub": "wit", "exp": exp}));
+    let opened = Instant::now();
+    let later = exp_in(3600.0);
+    ann.send(json!({"type": "refresh", "token": token(json!({"sub": "ann", "exp": later}))}));
+    assert_eq!(
+        ann.expect("refreshed"),
+        json!({"type": "refreshed", "exp": later as u64})
+    );
+
+    witness
+        .ws
+        .get_ref()
+        .set_read_timeout(Some(DEADLINE))
+        .unwrap();
+    match witness.ws.read() {
+        Ok(Message::Close(Some(frame))) => {
+            assert_eq!(u16::from(frame.code), 4001);
+            assert_eq!(frame.reason.as_str(), "token expired");
+        }
+        other => panic!("expected Close 4001, got {other:?}"),
+    }
+    // Never early: the wheel rounds deadlines up (a lower bound only; how late depends on the
+    // machine's load).
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "closed after {waited:?}"
+    );
+
+    // Past the old expiry, the refreshed connection is open and served.
+    ann.join("lobby", "ann");
+    assert_eq!(server.metric("wsrelay_token_expiries_total"), 1.0);
+    assert_eq!(
+        server.metric("wsrelay_token_refreshes_total{result=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        server.metric("wsrelay_closes_sent_total{code=\"4001\"}"),
+        1.0
+    );
+    assert_eq!(server.metric("wsrelay_token_connections"), 1.0);
+}
+
+/// A raw room connection cannot refresh (raw rooms have no envelope): it is closed with 4001
+/// too, and reconnects with a new token.
+fn a_raw_room_connection_expires_with_4001(poller: &str) {
+    let server = server(poller);
+    let t = token(json!({"sub": "ann", "exp": exp_in(1.0)}));
+    let mut ws = server.ws(&format!("/r/lobby?token={t}"));
+    assert_eq!(close_code(&mut ws), CloseCode::from(4001));
+    assert_eq!(server.metric("wsrelay_token_expiries_total"), 1.0);
+}
+
+/// Every token metric is printed from the start, so a scrape (and an alert) sees them at 0.
+fn token_metrics_are_present_from_the_start(poller: &str) {
+    let server = server(poller);
+    for sample in [
+        "wsrelay_token_connections",
+        "wsrelay_token_refreshes_total{result=\"ok\"}",
+        "wsrelay_token_refreshes_total{result=\"refused\"}",
+        "wsrelay_token_expiries_total",
+        "wsrelay_token_publish_refusals_total",
+    ] {
+        assert_eq!(server.metric(sample), 0.0, "{sample}");
+    }
+}
+
+poller_tests!(
+    the_publish_claim_is_enforced_apart_from_rooms,
+    info_appears_in_presence_and_members,
+    a_refresh_with_another_sub_is_refused,
+    a_refresh_extends_life_and_expiry_closes_with_4001,
+    a_raw_room_connection_expires_with_4001,
+    token_metrics_are_present_from_the_start,
+);
