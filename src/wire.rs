@@ -2,7 +2,7 @@
 //! (`app::envelope`) and `wsrelay client` reads them (`client::session`, `client::envelope`).
 //!
 //! Owns: `AckStatus`, the `status` of an ack (SPEC §6; docs/protocol.md "Acks"), with its one
-//! spelling on the wire.
+//! spelling on the wire; `TOKEN_EXPIRED_CLOSE`, the close code of an expired token (SPEC §16).
 //! Does not: shape whole envelopes (each side has its own: the relay borrows the client's
 //! payload, the client keeps every field as text) or decide which status a message gets.
 //!
@@ -11,6 +11,11 @@
 //! depends on nothing.
 
 use serde::{Serialize, Serializer};
+
+/// The close code the relay sends when a connection's token expired without a refresh: the
+/// client should get a new token and connect again (docs/protocol.md, "Close codes"). In the
+/// 4000-4999 range RFC 6455 §7.4.2 leaves to applications.
+pub const TOKEN_EXPIRED_CLOSE: u16 = 4001;
 
 /// The outcome of a `send` or `publish`, as told in its ack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -24,9 +24,9 @@ use std::collections::BTreeSet;
 use std::rc::Rc;
 
 /// The close code of a connection whose token expired without a refresh: "get a new token and
-/// connect again". In the 4000-4999 range RFC 6455 §7.4.2 leaves to applications; wsrelay uses
-/// no other 4xxx code, so a client can act on this one without reading the reason.
-pub const TOKEN_EXPIRED: CloseCode = CloseCode(4001);
+/// connect again" (`wire::TOKEN_EXPIRED_CLOSE`, which the client reads). wsrelay uses no other
+/// 4xxx code, so a client can act on this one without reading the reason.
+pub const TOKEN_EXPIRED: CloseCode = CloseCode(crate::wire::TOKEN_EXPIRED_CLOSE);
 
 /// The close reason sent with `TOKEN_EXPIRED`.
 pub const TOKEN_EXPIRED_REASON: &str = "token expired";

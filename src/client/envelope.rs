@@ -68,6 +68,10 @@ pub enum ServerEnvelope {
     },
     /// A `type` this client does not know (a newer server): shown as it came.
     Other(Value),
+    /// The relay took our new token (`refresh`); `exp` is its expiry, seconds since the epoch.
+    Refreshed {
+        exp: Option<f64>,
+    },
 }
 
 /// Parses one text message from `/ws`.
@@ -113,6 +117,9 @@ pub fn parse(text: &str) -> Result<ServerEnvelope, String> {
             room: text_field("room").unwrap_or_default(),
             id: text_field("id").unwrap_or_default(),
             event: text_field("event").unwrap_or_default(),
+        },
+        "refreshed" => ServerEnvelope::Refreshed {
+            exp: value.get("exp").and_then(Value::as_f64),
         },
         "error" => ServerEnvelope::Error {
             code: text_field("code").unwrap_or_default(),

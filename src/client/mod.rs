@@ -19,6 +19,7 @@ pub mod line;
 pub mod outbox;
 pub mod session;
 pub mod target;
+pub mod token;
 pub mod wire;
 
 use crate::tls::{self, Trust};
@@ -48,8 +49,14 @@ pub struct ClientArgs {
     pub id: Option<String>,
 
     /// A JWT for a relay with token auth, sent as `Authorization: Bearer JWT`.
-    #[arg(long, value_name = "JWT")]
+    #[arg(long, value_name = "JWT", conflicts_with = "token_cmd")]
     pub token: Option<String>,
+
+    /// A shell command (run with sh -c) that prints a JWT: run before every connection, and
+    /// again at 80% of the token's lifetime to refresh the open connection. A connection the
+    /// relay closes as expired (4001) reconnects at once with a new token.
+    #[arg(long, value_name = "CMD")]
+    pub token_cmd: Option<String>,
 
     /// Send lines without an @id or #room prefix to this id.
     #[arg(long, value_name = "ID", conflicts_with = "room")]
@@ -109,6 +116,10 @@ connection stayed up 10 s; each attempt is logged on stderr as
 Lines typed while disconnected are queued; un-acked messages are re-sent with the same id, and
 /ws reconnects ask for ?since=<last msg_id> so nothing is missed or shown twice.
 
+Tokens: --token sends one JWT; when the relay closes the connection because it expired (close
+4001), the client stops (exit 2). --token-cmd CMD runs CMD for a token before each connection
+and again at 80% of the token's lifetime, and sends it as a refresh: the connection stays up.
+
 Exit status: 0 all sent and acked (raw URLs: sent and closed cleanly); 1 something was not
 (timeout, rejected, server error, a line that could not be sent); 2 bad arguments, or the
 server refused the upgrade with a 4xx such as 401/403 (never retried).
@@ -156,6 +167,13 @@ fn settings(args: ClientArgs, stdin_is_terminal: bool) -> Result<Settings, Strin
             return Err("--token must be one word (a JWT has no spaces)".to_string());
         }
     }
+    if args
+        .token_cmd
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        return Err("--token-cmd must not be empty".to_string());
+    }
     if args.id.as_deref().is_some_and(str::is_empty) {
         return Err("--id must not be empty".to_string());
     }
@@ -173,6 +191,7 @@ fn settings(args: ClientArgs, stdin_is_terminal: bool) -> Result<Settings, Strin
         endpoint,
         id: args.id,
         token: args.token,
+        token_cmd: args.token_cmd,
         default_target,
         json: args.json,
         mode: if stdin_is_terminal {
@@ -272,6 +291,8 @@ mod tests {
             (vec!["--token", "a b", "ws://h/ws"], Err("--token")),
             (vec!["--token", "a\r\nX: y", "ws://h/ws"], Err("--token")),
             (vec!["--id", "", "ws://h/ws"], Err("--id")),
+            (vec!["--token-cmd", " ", "ws://h/ws"], Err("--token-cmd")),
+            (vec!["--token-cmd", "echo t", "ws://h/ws"], Ok((Envelope, D::None))),
         ];
         for (argv, expected) in cases {
             check(&argv, expected);

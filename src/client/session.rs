@@ -35,10 +35,12 @@ use super::envelope::{self, ServerEnvelope};
 use super::line::{self, DefaultTarget, Line};
 use super::outbox::{Outbox, Outgoing, Seen};
 use super::target::{Endpoint, Target};
+use super::token;
 use crate::protocol::decoder::OwnedEvent;
 use crate::protocol::frame::OpCode;
 use crate::protocol::CloseCode;
 use crate::wire::AckStatus;
+use crate::wire::TOKEN_EXPIRED_CLOSE;
 use chrono::{Local, TimeZone};
 use std::io::{self, BufRead, Write};
 use std::process::ExitCode;
@@ -74,6 +76,9 @@ pub struct Settings {
     pub endpoint: Endpoint,
     pub id: Option<String>,
     pub token: Option<String>,
+    /// `--token-cmd`: a command printing a fresh token, run before every connection and to
+    /// refresh the open one (`token.rs`).
+    pub token_cmd: Option<String>,
     pub default_target: DefaultTarget,
     pub json: bool,
     pub mode: Mode,
@@ -105,6 +110,8 @@ struct Up {
     ping_count: u64,
     /// Set once we sent Close to finish: the server's Close (or this deadline) ends the run.
     close_due: Option<Instant>,
+    /// With `--token-cmd`: when to fetch a new token and send it as a `refresh`.
+    refresh_due: Option<Instant>,
 }
 
 enum Link {
@@ -119,6 +126,8 @@ struct Session {
     link: Link,
     /// Generation of the newest connection; events of older ones are stale.
     generation: u64,
+    /// The token the next connection sends: `--token`, or the last one `--token-cmd` printed.
+    token: Option<String>,
     backoff: Backoff,
     outbox: Outbox,
     seen: Seen,
@@ -148,6 +157,7 @@ pub fn run(settings: Settings) -> ExitCode {
         eprintln!("wsrelay client: type /help for the line syntax, Ctrl-D to quit");
     }
     let url_count = settings.targets.len();
+    let token = settings.token.clone();
     let session = Session {
         backoff: Backoff::new(settings.policy, url_count),
         settings,
@@ -157,6 +167,7 @@ pub fn run(settings: Settings) -> ExitCode {
             retry_at: Instant::now(),
         },
         generation: 0,
+        token,
         outbox,
         seen: Seen::new(SEEN_CAPACITY),
         stdin_closed_at: None,
@@ -244,7 +255,7 @@ impl Session {
     fn next_deadline(&self) -> Option<Instant> {
         let link = match &self.link {
             Link::Down { retry_at } => Some(*retry_at),
-            Link::Up(up) => [up.next_ping, up.pong_due, up.close_due]
+            Link::Up(up) => [up.next_ping, up.pong_due, up.close_due, up.refresh_due]
                 .into_iter()
                 .flatten()
                 .min(),
@@ -265,11 +276,18 @@ impl Session {
             self.seen.since(),
             self.seen.epoch(),
         );
-        let authorization = self
-            .settings
-            .token
-            .as_ref()
-            .map(|token| format!("Bearer {token}"));
+        if let Some(command) = &self.settings.token_cmd {
+            // A fresh token for every connection: the last one may be the one that expired.
+            match token::fetch(command, token::FETCH_TIMEOUT) {
+                Ok(fresh) => self.token = Some(fresh),
+                Err(e) => {
+                    eprintln!("wsrelay client: --token-cmd: {e}");
+                    self.schedule_reconnect();
+                    return;
+                }
+            }
+        }
+        let authorization = self.token.as_ref().map(|token| format!("Bearer {token}"));
         let headers: Vec<(&str, &str)> = authorization
             .as_deref()
             .map(|value| ("Authorization", value))
@@ -301,6 +319,7 @@ impl Session {
                     pong_due: None,
                     ping_count: 0,
                     close_due: None,
+                    refresh_due: self.refresh_due(now),
                 }));
                 let (unacked, queued) = (self.outbox.unacked(), self.outbox.queued());
                 if unacked > 0 {
@@ -372,6 +391,46 @@ impl Session {
         self.schedule_reconnect();
     }
 
+    /// With `--token-cmd`, when to refresh the current token (80% of its lifetime left).
+    fn refresh_due(&self, now: Instant) -> Option<Instant> {
+        self.settings.token_cmd.as_ref()?;
+        let exp = self.token.as_deref().and_then(token::exp_of);
+        token::refresh_delay(exp, now_ms() as f64 / 1000.0).map(|delay| now + delay)
+    }
+
+    /// Fetches a new token and sends it as a `refresh` on the open connection (SPEC §16). If
+    /// the command fails, it is tried again halfway to the next refresh point; if the token
+    /// runs out first, the relay closes with 4001 and the client reconnects with a new one.
+    fn refresh_token(&mut self, now: Instant) {
+        let Some(command) = self.settings.token_cmd.clone() else {
+            return;
+        };
+        let fetched = token::fetch(&command, token::FETCH_TIMEOUT);
+        let retry = self.refresh_due(now).map(|due| now + (due - now) / 2);
+        let Link::Up(up) = &mut self.link else {
+            return;
+        };
+        let fresh = match fetched {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                eprintln!("wsrelay client: --token-cmd: {e}; the token is not refreshed");
+                up.refresh_due = retry.map(|at| at.max(now + token::MIN_REFRESH_DELAY));
+                return;
+            }
+        };
+        let text = serde_json::json!({"type": "refresh", "token": fresh}).to_string();
+        self.token = Some(fresh);
+        up.refresh_due = None;
+        match up.conn.send(OpCode::Text, text.as_bytes()) {
+            Ok(()) => log::debug!("client: sent a refresh"),
+            Err(e) => return self.drop_link(&format!("write failed: {e}")),
+        }
+        let next = self.refresh_due(now);
+        if let Link::Up(up) = &mut self.link {
+            up.refresh_due = next;
+        }
+    }
+
     fn target_text(&self, index: usize) -> String {
         self.settings
             .targets
@@ -389,6 +448,7 @@ impl Session {
             CloseWaitOver,
             NoPong,
             Ping,
+            Refresh,
         }
         let due = match &self.link {
             Link::Down { retry_at } if now >= *retry_at => Due::Reconnect,
@@ -396,6 +456,7 @@ impl Session {
             Link::Up(up) if up.close_due.is_some_and(|at| now >= at) => Due::CloseWaitOver,
             Link::Up(up) if up.pong_due.is_some_and(|at| now >= at) => Due::NoPong,
             Link::Up(up) if up.next_ping.is_some_and(|at| now >= at) => Due::Ping,
+            Link::Up(up) if up.refresh_due.is_some_and(|at| now >= at) => Due::Refresh,
             Link::Up(_) => Due::Nothing,
         };
         match due {
@@ -407,6 +468,7 @@ impl Session {
                 self.drop_link(&format!("no pong within {waited}s"));
             }
             Due::Ping => self.send_ping(now),
+            Due::Refresh => self.refresh_token(now),
         }
     }
 
@@ -632,12 +694,49 @@ impl Session {
         }
         // RFC 6455 §5.5.1: answer a Close with a Close, echoing the status code.
         let _ = up.conn.send_close(frame.as_ref().map(|(code, _)| *code));
+        if frame
+            .as_ref()
+            .is_some_and(|(code, _)| code.0 == TOKEN_EXPIRED_CLOSE)
+        {
+            return self.token_expired();
+        }
         let why = match &frame {
             Some((code, reason)) if reason.is_empty() => format!("close {code}"),
             Some((code, reason)) => format!("close {code}: {}", envelope::printable(reason)),
             None => "close without a code".to_string(),
         };
         self.drop_link(&format!("the server closed the connection ({why})"));
+    }
+
+    /// The relay closed the connection because its token expired (4001, docs/protocol.md). With
+    /// `--token-cmd`, reconnect at once (the connection fetches a new token); with a fixed
+    /// `--token` there is no new one to get, so the run ends as a final refusal.
+    fn token_expired(&mut self) {
+        if self.settings.token_cmd.is_none() {
+            if let Link::Up(up) = &self.link {
+                up.conn.shutdown();
+            }
+            eprintln!(
+                "wsrelay client: the token expired (close 4001); give a new --token, or \
+                 --token-cmd to have the client fetch and refresh tokens itself"
+            );
+            self.exit = Some(ExitCode::from(EXIT_REFUSED));
+            return;
+        }
+        let previous = std::mem::replace(
+            &mut self.link,
+            Link::Down {
+                retry_at: Instant::now(),
+            },
+        );
+        if let Link::Up(up) = previous {
+            up.conn.shutdown();
+            self.backoff.disconnected(up.conn.opened_at.elapsed());
+            eprintln!(
+                "wsrelay client: the token expired (close 4001); reconnecting to {} with a new one",
+                self.target_text(up.target)
+            );
+        }
     }
 
     fn on_message(&mut self, opcode: OpCode, data: Vec<u8>) {
@@ -750,6 +849,17 @@ impl Session {
                 None
             }
             ServerEnvelope::Other(_) => None,
+            ServerEnvelope::Refreshed { exp } => {
+                let left = exp.map(|exp| exp - now_ms() as f64 / 1000.0);
+                match left {
+                    Some(left) => eprintln!(
+                        "wsrelay client: token refreshed (expires in {:.0}s)",
+                        left.max(0.0)
+                    ),
+                    None => eprintln!("wsrelay client: token refreshed"),
+                }
+                None
+            }
         };
         if self.settings.json {
             self.print(&envelope::json_line(text));

@@ -4,6 +4,7 @@
 //! Short lives are fractional `exp` claims (RFC 7519 §2 NumericDate allows them) with
 //! `--jwt-leeway 0s`; a test waits for a close with the socket's read deadline, never a sleep.
 
+use crate::client::ClientProcess;
 use crate::poller_tests;
 use crate::relay_support::*;
 use crate::support::*;
@@ -186,7 +187,117 @@ fn token_metrics_are_present_from_the_start(poller: &str) {
     }
 }
 
+/// A `--token-cmd` that prints the given tokens in turn, one per run: the test signs them, so
+/// the command needs no JWT tooling. Returns the command and the directory (removed on drop).
+struct TokenCommand {
+    dir: std::path::PathBuf,
+}
+
+impl TokenCommand {
+    fn new(name: &str, tokens: &[String]) -> TokenCommand {
+        let dir = std::env::temp_dir().join(format!("wsrelay-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, t) in tokens.iter().enumerate() {
+            std::fs::write(dir.join(format!("t{i}")), format!("{t}\n")).unwrap();
+        }
+        TokenCommand { dir }
+    }
+
+    fn command(&self) -> String {
+        let d = self.dir.display();
+        format!("n=$(cat {d}/n 2>/dev/null || echo 0); echo $((n+1)) > {d}/n; cat {d}/t$n")
+    }
+
+    /// How many times the command ran.
+    fn runs(&self) -> u32 {
+        std::fs::read_to_string(self.dir.join("n")).map_or(0, |n| n.trim().parse().unwrap())
+    }
+}
+
+impl Drop for TokenCommand {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `wsrelay client --token-cmd` refreshes its token before it expires (at 80% of its life) and
+/// stays on the same connection past the first token's expiry.
+fn the_client_refreshes_its_token_and_stays_connected(poller: &str) {
+    let server = server(poller);
+    let first_exp = exp_in(2.0);
+    let tokens = [
+        token(json!({"sub": "alice", "exp": first_exp})),
+        token(json!({"sub": "alice", "exp": exp_in(3600.0)})),
+    ];
+    let cmd = TokenCommand::new(&format!("refresh-{poller}"), &tokens);
+    let mut client = ClientProcess::start(&["--token-cmd", &cmd.command(), &server.url("/ws")]);
+    client.stderr_until("connected to");
+    let mut bob = connect(&server, json!({"sub": "bob", "exp": exp_in(3600.0)}));
+    let mut witness = connect(&server, json!({"sub": "wit", "exp": first_exp}));
+    client.stderr_until("token refreshed");
+    assert_eq!(close_code(&mut witness.ws), CloseCode::from(4001));
+
+    // The first token has expired: the client is still on its first connection, and works.
+    client.send_line("@bob after the first expiry");
+    let message = bob.expect("message");
+    assert_eq!(message["from"], "alice");
+    assert_eq!(message["payload"], "after the first expiry");
+    client.close_stdin();
+    assert_eq!(client.wait_exit(), 0, "{}", client.log());
+    let connects = client
+        .log
+        .iter()
+        .filter(|l| l.contains("connected to"))
+        .count();
+    assert_eq!(connects, 1, "{}", client.log());
+    assert_eq!(cmd.runs(), 2, "one token to connect, one to refresh");
+    assert_eq!(
+        server.metric("wsrelay_token_refreshes_total{result=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(server.metric("wsrelay_token_expiries_total"), 1.0);
+}
+
+/// When its token expires anyway (here the refresh is refused: the command printed a token for
+/// another sub), the relay closes with 4001 and the client reconnects at once with a new token.
+fn the_client_reconnects_with_a_new_token_after_4001(poller: &str) {
+    let server = server(poller);
+    let tokens = [
+        token(json!({"sub": "alice", "exp": exp_in(1.5)})),
+        token(json!({"sub": "mallory", "exp": exp_in(3600.0)})),
+        token(json!({"sub": "alice", "exp": exp_in(3600.0)})),
+    ];
+    let cmd = TokenCommand::new(&format!("expiry-{poller}"), &tokens);
+    let mut client = ClientProcess::start(&["--token-cmd", &cmd.command(), &server.url("/ws")]);
+    client.stderr_until("connected to");
+    client.stderr_until("token_sub_mismatch");
+    client.stderr_until("token expired (close 4001)");
+    client.stderr_until("connected to");
+    assert_eq!(cmd.runs(), 3);
+    let mut bob = connect(&server, json!({"sub": "bob", "exp": exp_in(3600.0)}));
+    bob.send(json!({"type": "send", "to": "alice", "payload": "welcome back", "id": "b1"}));
+    assert_eq!(bob.expect("ack")["status"], "delivered");
+    let line = client.stdout_line();
+    assert!(line.contains("welcome back"), "{line}");
+    assert_eq!(server.metric("wsrelay_token_expiries_total"), 1.0);
+}
+
+/// With a fixed `--token` there is nothing to refresh with: 4001 ends the run (exit 2), saying
+/// what to do.
+fn a_fixed_token_that_expires_ends_the_client(poller: &str) {
+    let server = server(poller);
+    let t = token(json!({"sub": "alice", "exp": exp_in(1.0)}));
+    let mut client = ClientProcess::start(&["--token", &t, &server.url("/ws")]);
+    client.stderr_until("connected to");
+    assert_eq!(client.wait_exit(), 2, "{}", client.log());
+    assert!(client.log().contains("--token-cmd"), "{}", client.log());
+}
+
 poller_tests!(
+    the_client_refreshes_its_token_and_stays_connected,
+    the_client_reconnects_with_a_new_token_after_4001,
+    a_fixed_token_that_expires_ends_the_client,
     the_publish_claim_is_enforced_apart_from_rooms,
     info_appears_in_presence_and_members,
     a_refresh_with_another_sub_is_refused,
