@@ -367,6 +367,33 @@ describe('the demo page with --jwt-secret', () => {
   });
 });
 
+describe('the demo page when its token expires', () => {
+  const secret = 's3cret';
+  let url;
+
+  before(async () => {
+    // No leeway: the connection is closed (4001) the moment the token's exp passes.
+    url = await startServer(['--jwt-secret', secret, '--jwt-leeway', '0s']);
+  });
+
+  test('says the token expired, asks for a new one, and reconnects with it', async () => {
+    const page = await newPage(await browser.newContext(), url);
+    await page.locator('#token-input').waitFor();
+    const soon = Date.now() / 1000 + 2;
+    await page.fill('#token-input', jwt({ sub: 'dora', exp: soon }, secret));
+    await page.click('#connect');
+    await connected(page, 'dora');
+    await page.locator('#login-error', { hasText: 'Your token expired (close 4001)' }).waitFor();
+    assert.equal(await page.locator('#state').getAttribute('data-state'), 'refused');
+    assert.equal(await page.locator('#token-input').inputValue(), '', 'the dead token is gone');
+    const later = Math.floor(Date.now() / 1000) + 3600;
+    await page.fill('#token-input', jwt({ sub: 'dora', exp: later }, secret));
+    await page.click('#connect');
+    await connected(page, 'dora');
+    clean(page);
+  });
+});
+
 describe('the demo page when the connection drops', () => {
   let url;
 

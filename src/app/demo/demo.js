@@ -49,6 +49,9 @@
   const KEY_ID = 'wsrelay.demo.id';
   // A token is a credential: kept for this tab's session only, not for every later visit.
   const KEY_TOKEN = 'wsrelay.demo.token';
+  // The close code of a connection whose token expired (docs/protocol.md, "Close codes"):
+  // reconnecting with the same token cannot help, the user needs a new one.
+  const TOKEN_EXPIRED = 4001;
   const keySince = (id) => 'wsrelay.demo.since.' + id;
   const keyEpoch = (id) => 'wsrelay.demo.epoch.' + id;
   const keyRooms = (id) => 'wsrelay.demo.rooms.' + id;
@@ -259,8 +262,24 @@
         // check (a same-origin GET) does not carry.
         return retry('the WebSocket was refused (is this page\'s origin allowed by --allow-origin?)');
       }
+      if (e.code === TOKEN_EXPIRED) return tokenExpired();
       retry(`connection closed (${e.code}${e.reason ? ': ' + e.reason : ''})`);
     });
+  }
+
+  // The server closed the connection because its token expired (4001). The stored token is
+  // dead: forget it, say so, and ask for a new one (the page has no issuer to fetch one from;
+  // `wsrelay client --token-cmd` shows the automatic way). Rooms and history are kept for the
+  // same id, so a new token for it picks up where this one stopped.
+  function tokenExpired() {
+    state.wanted = false;
+    clearTimeout(state.retryTimer);
+    store.remove(sessionStorage, KEY_TOKEN);
+    setState('refused', 'token expired');
+    $('token-input').value = '';
+    showError('Your token expired (close 4001). Paste a new token to reconnect.');
+    showLogin();
+    $('token-input').focus();
   }
 
   // Exponential backoff with jitter: 0.5 s doubling to 15 s, each wait drawn from its upper
