@@ -122,8 +122,9 @@ pub struct Session {
     /// The rate limit's bucket, when `--rate` is set.
     bucket: Option<TokenBucket>,
     /// The grant of the request's token (with `--jwt-secret`), from admission until `open`
-    /// moves it into the hub's `tokens`, where refreshes replace it.
-    grant: Option<Grant>,
+    /// moves it into the hub's `tokens`, where refreshes replace it. Boxed: every session
+    /// carries the field, and an empty one should cost a pointer, not the grant's size.
+    grant: Option<Box<Grant>>,
 }
 
 /// Which endpoint an open connection belongs to.
@@ -328,7 +329,7 @@ impl Hub {
                     bucket: self
                         .rate_limit
                         .map(|limit| TokenBucket::new(limit, self.clock.now())),
-                    grant,
+                    grant: grant.map(Box::new),
                 },
                 protocol,
             },
@@ -456,7 +457,7 @@ impl Hub {
         let now = self.sweep();
         if let Some(grant) = session.grant.take() {
             self.tokens
-                .insert(conn, Access::new(grant, self.leeway_ms()));
+                .insert(conn, Access::new(*grant, self.leeway_ms()));
             self.schedule_expiry(tx);
         }
         match &session.endpoint {
