@@ -379,10 +379,13 @@ describe('the demo page when its token expires', () => {
   test('says the token expired, asks for a new one, and reconnects with it', async () => {
     const page = await newPage(await browser.newContext(), url);
     await page.locator('#token-input').waitFor();
-    const soon = Date.now() / 1000 + 2;
-    await page.fill('#token-input', jwt({ sub: 'dora', exp: soon }, secret));
+    const soon = Date.now() / 1000 + 3;
+    await page.fill('#token-input', jwt({ sub: 'dora', exp: soon, info: { name: 'Dora D.' } }, secret));
     await page.click('#connect');
     await connected(page, 'dora');
+    // The token's info comes back in presence: the member list shows the name.
+    await joinRoom(page, 'lobby');
+    await page.locator('#members li[data-id="dora"]', { hasText: 'dora · Dora D. (you)' }).waitFor();
     await page.locator('#login-error', { hasText: 'Your token expired (close 4001)' }).waitFor();
     assert.equal(await page.locator('#state').getAttribute('data-state'), 'refused');
     assert.equal(await page.locator('#token-input').inputValue(), '', 'the dead token is gone');

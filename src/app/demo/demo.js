@@ -69,6 +69,7 @@
     since: null, // BigInt
     epoch: null, // the welcome's epoch (16 hex digits), sent back with `since`
     seen: new Set(),
+    names: new Map(), // id -> the `name` in its token's `info` claim, when one was shown
     conversations: new Map(), // 'room:lobby' | 'dm:bob' -> conversation
     active: null,
     pending: new Map(), // client id -> { frame, badge }
@@ -175,6 +176,7 @@
     state.pending.clear();
     state.echoes.clear();
     state.seen.clear();
+    state.names.clear();
     state.since = null;
     state.epoch = null;
     state.me = null;
@@ -418,13 +420,24 @@
     for (const id of msg.ids) {
       if (typeof id === 'string') conv.members.set(id, (conv.members.get(id) || 0) + 1);
     }
+    if (Array.isArray(msg.members)) {
+      for (const m of msg.members) if (m !== null && typeof m === 'object') rememberName(m.id, m.info);
+    }
     if (conv === state.active) renderMembers(conv);
+  }
+
+  // A token's `info` claim comes with presence and `members` (docs/protocol.md, "Access"); the
+  // page shows its `name`, if it has one, beside the id. Shown as text, like every id.
+  function rememberName(id, info) {
+    if (typeof id !== 'string' || info === null || typeof info !== 'object') return;
+    if (typeof info.name === 'string' && info.name !== '') state.names.set(id, info.name.slice(0, 64));
   }
 
   function onPresence(msg) {
     const conv = state.conversations.get('room:' + msg.room);
     if (conv === undefined) return;
     const self = msg.id === state.me;
+    if (msg.event === 'join') rememberName(msg.id, msg.info);
     if (self && msg.event === 'join' && conv.joining) {
       conv.joining = false;
       conv.joined = true;
@@ -574,7 +587,9 @@
     if (conv !== state.active || conv.kind !== 'room') return;
     const items = [...conv.members.keys()].sort().map((id) => {
       const li = document.createElement('li');
-      li.textContent = id === state.me ? `${id} (you)` : id;
+      const name = state.names.get(id);
+      const label = name === undefined ? id : `${id} · ${name}`;
+      li.textContent = id === state.me ? `${label} (you)` : label;
       li.dataset.id = id;
       return li;
     });
