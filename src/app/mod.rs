@@ -13,6 +13,8 @@
 //! * `tokens.rs`: what each connection's token allows now, and when it expires (refresh and
 //!   expiry, SPEC §16);
 //! * `ratelimit.rs`: the per-connection token bucket;
+//! * `workers.rs`: the app of one of several workers (`--workers`), which refuses what needs
+//!   the bus between workers;
 //! * `clock.rs`: injectable time; `config.rs`: `AppConfig`; `metrics.rs`: the hub's counters.
 //!
 //! Does not: see sockets, descriptors or bytes of frames. It receives whole messages for
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod rooms;
 pub mod tokens;
+pub mod workers;
 
 #[cfg(test)]
 mod tests;

@@ -65,6 +65,9 @@ pub enum Refusal {
     NotFound,
     /// The server is at `--max-connections` (SPEC §2).
     ServiceUnavailable,
+    /// `--workers` above 1, and the endpoint needs what the bus between workers does not carry
+    /// yet (SPEC §14): rooms and ids would be split between workers. The path is named.
+    NotAcrossWorkers(&'static str),
 }
 
 impl Refusal {
@@ -88,6 +91,9 @@ impl Refusal {
             Refusal::NotWebSocket | Refusal::BadVersion => 426,
             Refusal::TooLarge | Refusal::TooManyHeaders => 431,
             Refusal::ServiceUnavailable => 503,
+            // RFC 7231 §6.6.2: the server does not support what the request needs (in this
+            // configuration); not 503, which would invite a retry that cannot succeed.
+            Refusal::NotAcrossWorkers(_) => 501,
         }
     }
 
@@ -115,6 +121,12 @@ impl Refusal {
             Refusal::Forbidden(why) => why,
             Refusal::NotFound => "no such endpoint",
             Refusal::ServiceUnavailable => "server is at its connection limit",
+            Refusal::NotAcrossWorkers(path) => {
+                return Cow::Owned(format!(
+                    "{path} is not served with --workers above 1 yet (only /echo is); \
+                     run the server with --workers 1"
+                ))
+            }
         })
     }
 
@@ -256,6 +268,14 @@ mod tests {
             &plain(
                 "503 Service Unavailable",
                 "server is at its connection limit\n",
+            ),
+        );
+        check(
+            NotAcrossWorkers("/ws"),
+            &plain(
+                "501 Not Implemented",
+                "/ws is not served with --workers above 1 yet (only /echo is); \
+                 run the server with --workers 1\n",
             ),
         );
     }

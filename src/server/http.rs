@@ -200,6 +200,26 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             ("uptime_ms", self.started.elapsed().as_millis() as u64),
         ];
         self.handler.stats(&mut fields);
+        // With `--workers`, the reactor's counters become the whole process's (SPEC §14: the
+        // demo page shows the server, not the worker that happened to answer); the app's
+        // figures stay this worker's (docs/operations.md, "Workers").
+        if let Some(worker) = &self.worker {
+            worker.publish(self.conns.len(), &self.metrics);
+            let total = worker.totals();
+            for (name, value) in fields.iter_mut() {
+                match *name {
+                    "connections" => *value = total.connections,
+                    "accepted" => *value = total.accepted,
+                    "messages_in" => *value = total.messages_in,
+                    "messages_out" => *value = total.messages_out,
+                    "bytes_in" => *value = total.bytes_in,
+                    "bytes_out" => *value = total.bytes_out,
+                    _ => {}
+                }
+            }
+            fields.push(("workers", worker.shared().workers() as u64));
+            fields.push(("worker", worker.index() as u64));
+        }
         let mut json = format!("{{\"poller\":\"{}\"", self.poller.name());
         for (name, value) in fields {
             json.push_str(&format!(",\"{name}\":{value}"));
@@ -228,6 +248,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         self.compressor.metrics.render(&mut text);
         self.render_tls_metrics(&mut text);
         self.handler.render_metrics(&mut text);
+        if let Some(worker) = &self.worker {
+            worker.publish(self.conns.len(), &self.metrics);
+            worker.render_metrics(&mut text);
+        }
         text
     }
 }

@@ -39,6 +39,7 @@ mod signals;
 mod tests;
 mod tls;
 mod websocket;
+pub mod workers;
 
 pub use config::Config;
 pub use connection::ConnId;
@@ -176,6 +177,10 @@ pub struct Reactor<P: Poller, H: Handler> {
     now: Instant,
     /// When the reactor was created (uptime in /stats.json).
     started: Instant,
+    /// `--workers` above 1: this reactor's handle on what the workers share (the process-wide
+    /// connection count and the gauges, `workers.rs`). `None` for the one reactor of
+    /// `--workers 1`, which then shares nothing.
+    worker: Option<workers::WorkerSlot>,
 }
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
@@ -183,8 +188,32 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     ///
     /// # Errors
     /// The address is taken or invalid, or the poller refuses the listener.
-    pub fn bind(mut poller: P, handler: H, mut config: Config) -> io::Result<Reactor<P, H>> {
+    pub fn bind(poller: P, handler: H, config: Config) -> io::Result<Reactor<P, H>> {
         let listener = TcpListener::bind(config.listen)?;
+        Reactor::with_listener(poller, handler, config, listener)
+    }
+
+    /// Like `bind`, on a listening socket bound already (`--workers`: one of the
+    /// `SO_REUSEPORT` listeners, `workers.rs`). `config.listen` is not used.
+    ///
+    /// # Errors
+    /// The socket cannot be made non-blocking, or the poller refuses it.
+    pub fn on_listener(
+        poller: P,
+        handler: H,
+        config: Config,
+        listener: std::net::TcpListener,
+    ) -> io::Result<Reactor<P, H>> {
+        listener.set_nonblocking(true)?;
+        Reactor::with_listener(poller, handler, config, TcpListener::from_std(listener))
+    }
+
+    fn with_listener(
+        mut poller: P,
+        handler: H,
+        mut config: Config,
+        listener: TcpListener,
+    ) -> io::Result<Reactor<P, H>> {
         if let Some(limit) = poller.fd_limit() {
             // Descriptors below the listener's are taken by stdio, the poller and the listener
             // itself; every connection needs one more, below the backend's limit.
@@ -236,7 +265,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             metrics: Metrics::default(),
             now,
             started: now,
+            worker: None,
         })
+    }
+
+    /// Makes this reactor one of several workers (SPEC §14): `--max-connections` is then
+    /// checked against every worker's connections, and /metrics and /stats.json report the
+    /// whole process. Call before `run`.
+    pub fn join_workers(&mut self, slot: workers::WorkerSlot) {
+        slot.cap(self.config.max_connections);
+        slot.publish(self.conns.len(), &self.metrics);
+        self.worker = Some(slot);
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -318,6 +357,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
 
         // 5. Flush every connection that had bytes queued in this iteration.
         self.flush_dirty();
+
+        // With `--workers`: what the other workers read for /metrics (a few relaxed stores
+        // into this worker's own cache line, once per iteration, never per message).
+        if let Some(worker) = &self.worker {
+            worker.publish(self.conns.len(), &self.metrics);
+        }
 
         if self.shutting_down && self.conns.is_empty() {
             info!("all connections closed; exiting");
