@@ -25,3 +25,4 @@ mod hostile;
 mod offline;
 mod rooms;
 mod tokens;
+mod workers;
