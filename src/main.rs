@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
+use wsrelay::app::raw_bus;
 use wsrelay::app::workers::WorkerApp;
 use wsrelay::app::{self, App, AppConfig, Clock, RateLimit, SystemClock};
 use wsrelay::engine::{self, FileConfig, FileEngine, FsyncPolicy, Now, StoreFault};
@@ -58,9 +59,9 @@ struct ServeArgs {
     poller: PollerKind,
 
     /// Reactor threads (SPEC §14): N, or `auto` for the CPUs this process may use. Each has
-    /// its own poller, listener (SO_REUSEPORT, Linux only), connections and timers. Above 1,
-    /// only /echo (and the HTTP endpoints) are served until the bus between workers exists:
-    /// /ws and /r/ answer 501.
+    /// its own poller, listener (SO_REUSEPORT, Linux only), connections and timers; raw rooms
+    /// (/r/) reach members on every worker through a bus. Above 1, /ws answers 501 and
+    /// --data-dir is refused until the bus carries them.
     #[arg(long, default_value = "1", value_parser = parse_workers)]
     workers: usize,
 
@@ -550,13 +551,22 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
         .and_then(|l| l.local_addr().ok())
         .unwrap_or(config.listen);
     let shared = workers::Shared::new(workers, config.max_connections);
+    let buses = match raw_bus::build(&shared) {
+        Ok(buses) => buses,
+        Err(e) => {
+            eprintln!("wsrelay: cannot create the bus between workers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Each worker reports once when it is ready (or could not start), and once when it ends.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<&'static str, String>>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, std::io::Result<Exit>)>();
-    for (index, listener) in listeners.into_iter().enumerate() {
+    for (index, (listener, (bus, wake))) in listeners.into_iter().zip(buses).enumerate() {
         let start = WorkerStart {
             index,
             listener,
+            bus,
+            wake,
             app: app_config.clone(),
             config: config.clone(),
             tls: tls_files.clone(),
@@ -626,6 +636,9 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
 struct WorkerStart {
     index: usize,
     listener: std::net::TcpListener,
+    /// This worker's end of the bus for raw rooms, and the waker other workers ring.
+    bus: raw_bus::BusEnds,
+    wake: WakeReceiver,
     /// The app is built on the worker's thread: it holds `Rc`s, and never leaves that thread.
     app: AppConfig,
     config: Config,
@@ -639,7 +652,7 @@ fn run_worker<P: Poller>(
     start: WorkerStart,
     ready: &std::sync::mpsc::Sender<Result<&'static str, String>>,
 ) -> std::io::Result<Exit> {
-    let app = WorkerApp::new(App::new(start.app));
+    let app = WorkerApp::new(App::new(start.app), start.bus);
     let mut reactor = Reactor::on_listener(poller, app, start.config, start.listener)?;
     if let Some((cert, key)) = start.tls {
         let tls = ServerTls::load(&cert, &key)
@@ -647,6 +660,7 @@ fn run_worker<P: Poller>(
         reactor.serve_tls(tls);
     }
     reactor.handle_signals()?;
+    reactor.watch_waker(start.wake)?;
     reactor.join_workers(start.slot);
     let _ = ready.send(Ok(reactor.poller_name()));
     reactor.run()

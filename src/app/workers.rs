@@ -1,40 +1,45 @@
 //! What the app serves when it is one of several workers (`--workers` above 1, SPEC §14).
 //!
-//! Owns: `WorkerApp`, the `App` of one worker, which refuses (HTTP 501, saying why) the
-//! endpoints whose guarantees would need the bus between workers: `/ws` (ids, direct messages,
-//! presence, offline queues) and `/r/<room>` (room members on other workers would never hear
-//! each other). Everything else (`/echo`, `/healthz`, `/metrics`, `/stats.json`, the demo page)
-//! is the `App`'s own answer.
-//! Does not: carry anything between workers. This is the honest step before the bus: a client
-//! is told plainly that the endpoint needs `--workers 1`, instead of getting a room that is
-//! silently split in N (docs/operations.md, "Workers").
+//! Owns: `WorkerApp`, the `App` of one worker plus its end of the bus for raw rooms
+//! (`raw_bus.rs`): it tells the bus when a raw room gains its first member here or loses its
+//! last, hands it every raw-room message relayed here, and delivers what other workers relayed.
+//! It refuses (HTTP 501, saying why) `/ws`, whose guarantees (ids, direct messages, presence,
+//! offline queues, acks) the bus does not carry yet: a client is told plainly that `/ws` needs
+//! `--workers 1`, instead of getting ids silently split in N (docs/operations.md, "Workers").
+//! Everything else is the `App`'s own answer.
+//! Does not: carry anything itself (`raw_bus.rs` does), or know room members (the hub does).
 
+use super::raw_bus::{BusEnds, RawBus};
 use super::{App, Session};
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Request;
 use crate::protocol::Refusal;
 use crate::server::{ConnId, Handler, Outbox, Route};
+use std::cell::RefCell;
+use std::rc::Rc;
 
-/// One worker's app: the `App`, minus what the bus does not carry yet.
+/// One worker's app: the `App` and its end of the bus, minus what the bus does not carry yet.
 pub struct WorkerApp {
     app: App,
+    /// Shared with the hub's raw outlet (a closure that publishes on it). Never borrowed across
+    /// a call into the app, so the outlet can always borrow it.
+    bus: Rc<RefCell<RawBus>>,
 }
 
 impl WorkerApp {
-    pub fn new(app: App) -> WorkerApp {
-        WorkerApp { app }
+    pub fn new(mut app: App, ends: BusEnds) -> WorkerApp {
+        let bus = Rc::new(RefCell::new(RawBus::new(ends)));
+        let outlet = Rc::clone(&bus);
+        app.set_raw_outlet(Box::new(move |room, opcode, payload| {
+            outlet.borrow_mut().publish(room, opcode, payload);
+        }));
+        WorkerApp { app, bus }
     }
 }
 
-/// The path's refusal, if it needs the bus between workers.
+/// The path's refusal, if it needs what the bus between workers does not carry yet.
 fn needs_the_bus(path: &str) -> Option<Refusal> {
-    if path == "/ws" {
-        Some(Refusal::NotAcrossWorkers("/ws"))
-    } else if path.starts_with("/r/") {
-        Some(Refusal::NotAcrossWorkers("/r/<room>"))
-    } else {
-        None
-    }
+    (path == "/ws").then_some(Refusal::NotAcrossWorkers("/ws"))
 }
 
 impl Handler for WorkerApp {
@@ -50,6 +55,9 @@ impl Handler for WorkerApp {
 
     fn on_open(&mut self, conn: ConnId, session: &mut Session, out: &mut Outbox<'_>) {
         self.app.on_open(conn, session, out);
+        if let Some(room) = session.raw_room() {
+            self.bus.borrow_mut().member_joined(room);
+        }
     }
 
     fn on_message(
@@ -64,11 +72,17 @@ impl Handler for WorkerApp {
     }
 
     fn on_close(&mut self, conn: ConnId, session: Session, out: &mut Outbox<'_>) {
+        let room = session.raw_room().cloned();
         self.app.on_close(conn, session, out);
+        if let Some(room) = room {
+            self.bus.borrow_mut().member_left(&room);
+        }
     }
 
+    /// The worker's waker: the bus has something (no engine wakes a worker: `--data-dir` is
+    /// refused with several workers).
     fn on_wake(&mut self, out: &mut Outbox<'_>) {
-        self.app.on_wake(out);
+        self.bus.borrow_mut().receive(&mut self.app, out);
     }
 
     fn on_timer(&mut self, out: &mut Outbox<'_>) {
@@ -89,10 +103,17 @@ mod tests {
     use super::needs_the_bus;
 
     #[test]
-    fn only_the_relay_endpoints_need_the_bus() {
+    fn only_the_envelope_endpoint_is_refused() {
         assert!(needs_the_bus("/ws").is_some());
-        assert!(needs_the_bus("/r/lobby").is_some());
-        for path in ["/echo", "/", "/metrics", "/stats.json", "/healthz", "/wsx"] {
+        for path in [
+            "/echo",
+            "/r/lobby",
+            "/",
+            "/metrics",
+            "/stats.json",
+            "/healthz",
+            "/wsx",
+        ] {
             assert!(needs_the_bus(path).is_none(), "{path}");
         }
     }

@@ -123,7 +123,7 @@ impl Refusal {
             Refusal::ServiceUnavailable => "server is at its connection limit",
             Refusal::NotAcrossWorkers(path) => {
                 return Cow::Owned(format!(
-                    "{path} is not served with --workers above 1 yet (only /echo is); \
+                    "{path} is not served with --workers above 1 yet (/echo and /r/<room> are); \
                      run the server with --workers 1"
                 ))
             }
@@ -274,7 +274,7 @@ mod tests {
             NotAcrossWorkers("/ws"),
             &plain(
                 "501 Not Implemented",
-                "/ws is not served with --workers above 1 yet (only /echo is); \
+                "/ws is not served with --workers above 1 yet (/echo and /r/<room> are); \
                  run the server with --workers 1\n",
             ),
         );

@@ -61,6 +61,16 @@ pub struct WorkerGauges {
     pub messages_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// The bus (`app/raw_bus.rs`): messages this worker put on other workers' queues, took
+    /// off its own, and could not put because the target's queue was full (dropped, counted).
+    pub bus_sent: AtomicU64,
+    pub bus_received: AtomicU64,
+    pub bus_drops: AtomicU64,
+    /// Messages waiting in this worker's own queue: raised by the senders, lowered by this
+    /// worker as it takes them.
+    pub bus_depth: AtomicU64,
+    /// (room, other worker with members there) pairs this worker knows of.
+    pub bus_remote_rooms: AtomicU64,
 }
 
 /// One worker's figures at one moment.
@@ -73,6 +83,11 @@ pub struct Snapshot {
     pub messages_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    pub bus_sent: u64,
+    pub bus_received: u64,
+    pub bus_drops: u64,
+    pub bus_depth: u64,
+    pub bus_remote_rooms: u64,
 }
 
 impl Snapshot {
@@ -84,6 +99,11 @@ impl Snapshot {
         self.messages_out += other.messages_out;
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
+        self.bus_sent += other.bus_sent;
+        self.bus_received += other.bus_received;
+        self.bus_drops += other.bus_drops;
+        self.bus_depth += other.bus_depth;
+        self.bus_remote_rooms += other.bus_remote_rooms;
     }
 }
 
@@ -118,6 +138,14 @@ impl Shared {
         }
     }
 
+    /// Worker `index`'s gauges (the bus writes its own counters there directly).
+    ///
+    /// # Panics
+    /// `index` is not below `workers()`.
+    pub fn gauges(&self, index: usize) -> &WorkerGauges {
+        &self.gauges[index]
+    }
+
     /// Every worker's figures as last published, by index.
     pub fn snapshots(&self) -> Vec<Snapshot> {
         self.gauges
@@ -130,6 +158,11 @@ impl Shared {
                 messages_out: g.messages_out.load(Ordering::Relaxed),
                 bytes_in: g.bytes_in.load(Ordering::Relaxed),
                 bytes_out: g.bytes_out.load(Ordering::Relaxed),
+                bus_sent: g.bus_sent.load(Ordering::Relaxed),
+                bus_received: g.bus_received.load(Ordering::Relaxed),
+                bus_drops: g.bus_drops.load(Ordering::Relaxed),
+                bus_depth: g.bus_depth.load(Ordering::Relaxed),
+                bus_remote_rooms: g.bus_remote_rooms.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -241,6 +274,36 @@ impl WorkerSlot {
             "counter",
             "WebSocket data messages each worker queued for sending.",
             &|s| s.messages_out,
+        );
+        family(
+            "wsrelay_worker_bus_sent_total",
+            "counter",
+            "Raw-room messages each worker put on other workers' bus queues.",
+            &|s| s.bus_sent,
+        );
+        family(
+            "wsrelay_worker_bus_received_total",
+            "counter",
+            "Raw-room messages each worker took off its bus queue.",
+            &|s| s.bus_received,
+        );
+        family(
+            "wsrelay_worker_bus_drops_total",
+            "counter",
+            "Raw-room messages each worker dropped because another worker's bus queue was full.",
+            &|s| s.bus_drops,
+        );
+        family(
+            "wsrelay_worker_bus_depth",
+            "gauge",
+            "Messages waiting in each worker's bus queue.",
+            &|s| s.bus_depth,
+        );
+        family(
+            "wsrelay_worker_bus_remote_rooms",
+            "gauge",
+            "(raw room, other worker with members there) pairs each worker knows of.",
+            &|s| s.bus_remote_rooms,
         );
         let total = self.totals();
         let mut gauge = |name: &str, kind: &str, help: &str, value: u64| {

@@ -3,8 +3,8 @@
 //! show it before anything else is checked (a test whose connections all landed on one worker
 //! would prove nothing about the others).
 //!
-//! What the bus between workers does not carry yet is refused, and that is tested too: /ws and
-//! /r/ answer 501, --data-dir does not start.
+//! What the bus between workers does not carry yet is refused, and that is tested too: /ws
+//! answers 501, --data-dir does not start.
 
 use crate::poller_tests;
 use crate::support::*;
@@ -59,10 +59,7 @@ fn echo_on_every_worker(poller: &str) {
                 .unwrap();
         }
         for (i, ws) in clients.iter_mut().enumerate() {
-            assert_eq!(
-                ws.read().unwrap(),
-                Message::text(format!("{i}:{round}"))
-            );
+            assert_eq!(ws.read().unwrap(), Message::text(format!("{i}:{round}")));
             assert_eq!(
                 ws.read().unwrap(),
                 Message::binary(vec![i as u8, round as u8])
@@ -76,7 +73,9 @@ fn echo_on_every_worker(poller: &str) {
     assert_eq!(metrics.get("wsrelay_workers"), 4.0);
     // Every worker echoed something: the messages followed the connections.
     for i in 0..workers {
-        let n = metrics.get(&format!("wsrelay_worker_messages_in_total{{worker=\"{i}\"}}"));
+        let n = metrics.get(&format!(
+            "wsrelay_worker_messages_in_total{{worker=\"{i}\"}}"
+        ));
         assert!(n >= 10.0, "worker {i} received {n} messages");
     }
     // The demo page's counters are the process's too.
@@ -134,17 +133,118 @@ fn max_connections_counts_every_worker(poller: &str) {
     }
 }
 
-/// Until the bus exists, what needs it is refused in words: /ws and /r/ answer 501.
-fn relay_endpoints_are_refused_until_the_bus_exists(poller: &str) {
-    let server = Server::start(poller, &["--workers", "2"]);
-    for path in ["/ws?id=alice", "/r/lobby"] {
-        let r = server.http(&format!(
-            "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ));
-        assert_eq!(r.status, 501, "{path}");
-        assert!(r.body_text().contains("--workers 1"), "{}", r.body_text());
+/// Waits (bounded) until `wsrelay_worker_bus_remote_rooms` is `expected` on every worker.
+fn wait_for_remote_rooms(server: &Server, workers: usize, expected: f64) {
+    let start = Instant::now();
+    loop {
+        let metrics = server.metrics();
+        let known: Vec<f64> = (0..workers)
+            .map(|i| {
+                metrics.get(&format!(
+                    "wsrelay_worker_bus_remote_rooms{{worker=\"{i}\"}}"
+                ))
+            })
+            .collect();
+        if known.iter().all(|n| *n == expected) {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "remote rooms by worker {known:?}, expected {expected} each"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20)); // poll interval for /metrics
     }
+}
+
+/// SPEC §6, §14: a raw room with members on every worker, every member sending: each member
+/// receives every other member's messages exactly once, in each sender's order, never its own;
+/// each message crossed the bus exactly once per other worker (all of them have members here),
+/// and a room whose only member is on one worker sends nothing over the bus.
+fn raw_room_across_every_worker(poller: &str) {
+    let workers = 4;
+    let server = Server::start(poller, &["--workers", "4"]);
+    let mut members: Vec<_> = (0..workers * PER_WORKER)
+        .map(|_| server.ws("/r/lobby"))
+        .collect();
+    wait_for_spread(&server, workers, (members.len() + 1) as f64);
+    // Every worker has heard that the other three have members.
+    wait_for_remote_rooms(&server, workers, (workers - 1) as f64);
+    let per_sender = 10;
+    for seq in 0..per_sender {
+        for (i, ws) in members.iter_mut().enumerate() {
+            ws.send(Message::text(format!("{i}:{seq}"))).unwrap();
+        }
+    }
+    let n = members.len();
+    for (me, ws) in members.iter_mut().enumerate() {
+        let mut next = vec![0usize; n];
+        for _ in 0..(n - 1) * per_sender {
+            let text = ws.read().unwrap().into_text().unwrap();
+            let (from, seq) = text.split_once(':').unwrap();
+            let (from, seq): (usize, usize) = (from.parse().unwrap(), seq.parse().unwrap());
+            assert_ne!(from, me, "member {me} got its own message back");
+            assert_eq!(
+                seq, next[from],
+                "member {me}: sender {from} out of order or twice"
+            );
+            next[from] += 1;
+        }
+        assert!(
+            next.iter()
+                .enumerate()
+                .all(|(i, k)| *k == if i == me { 0 } else { per_sender }),
+            "member {me} got {next:?}"
+        );
+    }
+    let messages = (n * per_sender) as f64;
+    let metrics = server.metrics();
+    let bus_sent: f64 = (0..workers)
+        .map(|i| metrics.get(&format!("wsrelay_worker_bus_sent_total{{worker=\"{i}\"}}")))
+        .sum();
+    assert_eq!(
+        bus_sent,
+        messages * (workers - 1) as f64,
+        "one bus message per other worker"
+    );
+    for i in 0..workers {
+        assert_eq!(
+            metrics.get(&format!("wsrelay_worker_bus_drops_total{{worker=\"{i}\"}}")),
+            0.0
+        );
+    }
+    // A room with one member: its messages have nowhere else to go.
+    let mut solo = server.ws("/r/solo");
+    for i in 0..5 {
+        solo.send(Message::text(format!("alone {i}"))).unwrap();
+    }
+    // The solo member's messages are in once the process has counted them.
+    let start = Instant::now();
+    while server.metric("wsrelay_process_messages_in_total") < messages + 5.0 {
+        assert!(start.elapsed() < DEADLINE, "solo messages not counted");
+        std::thread::sleep(std::time::Duration::from_millis(20)); // poll interval for /metrics
+    }
+    let metrics = server.metrics();
+    let after: f64 = (0..workers)
+        .map(|i| metrics.get(&format!("wsrelay_worker_bus_sent_total{{worker=\"{i}\"}}")))
+        .sum();
+    assert_eq!(after, bus_sent, "a room on one worker used the bus");
+    // Everyone leaves: every worker forgets the others' members.
+    solo.close(None).unwrap();
+    for mut ws in members {
+        ws.close(None).unwrap();
+    }
+    wait_for_remote_rooms(&server, workers, 0.0);
+}
+
+/// Until the bus carries it, /ws is refused in words: 501.
+fn ws_is_refused_until_the_bus_carries_it(poller: &str) {
+    let server = Server::start(poller, &["--workers", "2"]);
+    let r = server.http(
+        "GET /ws?id=alice HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert_eq!(r.status, 501);
+    assert!(r.body_text().contains("--workers 1"), "{}", r.body_text());
     // The rest is served as with one worker.
     assert_eq!(server.get("/healthz").status, 200);
     assert_eq!(server.get("/").status, 200);
@@ -154,7 +254,8 @@ poller_tests!(
     echo_on_every_worker,
     sigterm_closes_every_connection_on_every_worker_with_1001,
     max_connections_counts_every_worker,
-    relay_endpoints_are_refused_until_the_bus_exists,
+    ws_is_refused_until_the_bus_carries_it,
+    raw_room_across_every_worker,
 );
 
 /// --data-dir needs the bus to carry streams: refused before anything listens, in one line.
@@ -169,7 +270,10 @@ fn data_dir_with_several_workers_does_not_start() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--data-dir") && stderr.contains("--workers 1"), "{stderr}");
+    assert!(
+        stderr.contains("--data-dir") && stderr.contains("--workers 1"),
+        "{stderr}"
+    );
     assert!(out.stdout.is_empty(), "it must not have listened");
 }
 
