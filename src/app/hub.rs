@@ -30,6 +30,7 @@
 //! message stored before it), and what it sends meanwhile is held and handled right after. So
 //! it gets its welcome, then its retained messages in msg_id order, then live traffic.
 
+use super::api::ApiState;
 use super::auth::{self, AuthError, Grant, JwtVerifier};
 use super::clock::Clock;
 use super::config::AppConfig;
@@ -80,6 +81,8 @@ pub trait Transport {
     fn send_shared_unbounded(&mut self, to: ConnId, frame: &Rc<[u8]>) -> Sent;
     /// Closes `conn` with `code` once the current callback returns.
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str);
+    /// Answers the server API request `conn` waits on with a JSON body (SPEC §16).
+    fn respond(&mut self, conn: ConnId, status: u16, body: Vec<u8>);
 }
 
 impl Transport for Outbox<'_> {
@@ -101,6 +104,10 @@ impl Transport for Outbox<'_> {
 
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
         Outbox::close(self, conn, code, reason)
+    }
+
+    fn respond(&mut self, conn: ConnId, status: u16, body: Vec<u8>) {
+        Outbox::respond(self, conn, status, body)
     }
 }
 
@@ -134,9 +141,9 @@ enum WebSocketPath<'a> {
     Raw(&'a str),
 }
 
-/// Who a `/ws` connection is.
+/// Who a `/ws` connection is (or, for the server API, who a message is from).
 #[derive(Clone, Debug)]
-struct Peer {
+pub(super) struct Peer {
     id: Rc<str>,
     /// `?since=` (and `&epoch=`): replay retained messages after this one on connect.
     since: Option<Since>,
@@ -145,6 +152,15 @@ struct Peer {
 }
 
 impl Peer {
+    /// The sender of a server API message (SPEC §16): may publish anywhere, recovers nothing.
+    pub(super) fn backend(id: Rc<str>) -> Peer {
+        Peer {
+            id,
+            since: None,
+            rooms: None,
+        }
+    }
+
     fn allows(&self, room: &str) -> bool {
         self.rooms
             .as_ref()
@@ -161,11 +177,11 @@ pub struct Hub {
     /// envelope room of the same name is a different room.
     raw_rooms: Rooms,
     /// Rooms joined with the envelope protocol.
-    rooms: Rooms,
+    pub(super) rooms: Rooms,
     /// The open `/ws` connections of each id (its devices). An id is here iff it has one.
-    online: HashMap<Rc<str>, Vec<ConnId>>,
+    pub(super) online: HashMap<Rc<str>, Vec<ConnId>>,
     /// The id of each open `/ws` connection (the reverse of `online`), for member lists.
-    names: HashMap<ConnId, Rc<str>>,
+    pub(super) names: HashMap<ConnId, Rc<str>>,
     /// Where streams live (SPEC §13).
     engine: Box<dyn Engine>,
     /// What each ticket submitted to the engine is for, until it completes.
@@ -181,6 +197,8 @@ pub struct Hub {
     /// `--offline-max` is above 0: direct messages are stored (else they only get a position).
     retains: bool,
     metrics: HubMetrics,
+    /// The server API (`api.rs`): its key, the requests waiting for an ack, its counters.
+    pub(super) api: ApiState,
 }
 
 /// The `reason` of a message refused because too much is waiting for the engine.
@@ -267,6 +285,7 @@ impl Hub {
             events: Vec::new(),
             retains: config.offline_max > 0,
             metrics: HubMetrics::default(),
+            api: ApiState::new(config.api_key.as_deref(), config.api_max_body),
             clock,
         }
     }
@@ -543,7 +562,7 @@ impl Hub {
 
     /// Acts on everything the engine has finished, in order, until it has nothing more (acting
     /// may submit more work: the messages a recovering connection sent meanwhile).
-    fn pump(&mut self, tx: &mut impl Transport) {
+    pub(super) fn pump(&mut self, tx: &mut impl Transport) {
         loop {
             let mut events = std::mem::take(&mut self.events);
             self.engine.poll(&mut events);
@@ -904,7 +923,7 @@ impl Hub {
 
     /// A direct message: to every connection of `to`, once the engine has stored it in `to`'s
     /// inbox (for offline delivery and recovery; see `engine/streams.rs` for what is kept).
-    fn send(
+    pub(super) fn send(
         &mut self,
         conn: ConnId,
         peer: &Peer,
@@ -985,7 +1004,7 @@ impl Hub {
     /// A room message: to every member but the sender, once it has its position. Membership is
     /// not required to publish (a bot may announce into a room it does not listen to); the
     /// token's `rooms` claim is.
-    fn publish(
+    pub(super) fn publish(
         &mut self,
         conn: ConnId,
         peer: &Peer,
@@ -1106,6 +1125,10 @@ impl Hub {
         tx: &mut impl Transport,
     ) {
         HubMetrics::bump(&mut self.metrics.acks, status.name());
+        if self.api.is_waiting(conn) {
+            // A message from the server API: its ack is the answer to the HTTP request.
+            return self.api_acked(conn, msg_id, status, reason, tx);
+        }
         tx.send(
             conn,
             OpCode::Text,
@@ -1137,7 +1160,7 @@ impl Hub {
     /// whenever it runs, at the cost of one comparison when nothing is due. An idle hub
     /// therefore holds expired messages a little longer, but nothing grows while it is idle,
     /// and /metrics counts them as expired at the moment of the scrape (`Stats::expiring`).
-    fn sweep(&mut self) -> Now {
+    pub(super) fn sweep(&mut self) -> Now {
         let now = self.now();
         self.engine.maintain(now);
         now
@@ -1187,6 +1210,7 @@ impl Hub {
             in_flight_bytes: self.in_flight_bytes,
         };
         self.metrics.render(&gauges, out);
+        self.api.render_metrics(out);
         self.engine.render_metrics(out);
     }
 }
