@@ -27,7 +27,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 // Enough requests wait behind the one the app is answering: leave the rest in
                 // TCP's buffers until the answer (`resume_requests` reads again). A level-
                 // triggered poller keeps reporting the socket meanwhile (docs/api.md, "Limits").
-                conn.exchange.read_paused = true;
+                if !conn.exchange.read_paused {
+                    conn.exchange.read_paused = true;
+                    self.metrics.http_read_pauses += 1;
+                }
                 break;
             }
             let n = match read_socket(conn, &mut self.recv_buf) {
