@@ -63,7 +63,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 }
             };
             if !self.on_request_head(id, request, head_len) {
-                return true;
+                // Upgraded, answered or refused: nothing more is parsed as a request here.
+                return self.conn_mut(id).is_some();
             }
         }
     }
