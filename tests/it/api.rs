@@ -550,7 +550,7 @@ fn the_cli_client(poller: &str) {
     let presence: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         presence["members"],
-        json!([{"id": "bob", "connections": 1}])
+        json!([{"id": "bob", "connections": 1, "info": null}])
     );
     let out = run(&["--key", KEY, "rooms"]);
     assert!(out.status.success());
