@@ -13,12 +13,14 @@
 //!   (the reactor, the client and the load generator all speak `wss://` through it).
 //! * `timer`    — a hashed timing wheel: heartbeats and deadlines, driven by the reactor's clock.
 //!
-//! Beside them, `client` and `bench` (programs on top of `protocol`) and `wire`, the few words
+//! Beside them, `client` and `bench` (programs on top of `protocol`), `api_client` (`wsrelay api`,
+//! a blocking HTTP/1.1 client of the server API) and `wire`, the few words
 //! of the `/ws` envelope protocol that the relay and the client both spell.
 //!
 //! Start reading at `server::Reactor::run`, then `protocol::frame`. docs/architecture.md draws
 //! the whole picture.
 
+pub mod api_client;
 pub mod app;
 pub mod bench;
 pub mod client;

@@ -28,6 +28,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
@@ -36,6 +38,8 @@ enum Command {
     Bench(wsrelay::bench::BenchArgs),
     /// Connect to a relay and send lines from stdin (interactive, or a script when piped).
     Client(wsrelay::client::ClientArgs),
+    /// Call a server's API (publish, disconnect, presence, rooms, ids): prints the JSON answer.
+    Api(wsrelay::api_client::ApiArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -123,6 +127,56 @@ struct ServeArgs {
 
     #[command(flatten)]
     storage: StorageArgs,
+
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// The server API's flags (SPEC §16, docs/api.md).
+#[derive(clap::Args)]
+#[command(next_help_heading = "Server API (/api/...)")]
+struct ApiArgs {
+    /// Turns the server API on: requests must carry `Authorization: Bearer <KEY>`. Visible in
+    /// `ps`: prefer --api-key-file.
+    #[arg(long, value_name = "KEY", conflicts_with = "api_key_file")]
+    api_key: Option<String>,
+
+    /// File holding the API key (a trailing newline is ignored).
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<std::path::PathBuf>,
+
+    /// Bytes an API request body may have; a larger one is refused with 413 before it is read.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    api_max_body: usize,
+
+    /// How long a kept-alive API connection may stay idle between requests.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    api_idle_timeout: Duration,
+}
+
+impl ApiArgs {
+    /// The key, from the flag or the file; `None`: the API is off.
+    fn key(&self) -> Result<Option<Vec<u8>>, String> {
+        let key = match (&self.api_key, &self.api_key_file) {
+            (Some(key), _) => Some(key.clone().into_bytes()),
+            (None, Some(path)) => Some(read_secret(path)?),
+            (None, None) => None,
+        };
+        if key.as_ref().is_some_and(Vec::is_empty) {
+            return Err("the API key is empty".into());
+        }
+        Ok(key)
+    }
+}
+
+/// A secret from a file, without its trailing newline.
+fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let mut bytes =
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    Ok(bytes)
 }
 
 /// permessage-deflate (SPEC §17); they become a `CompressionConfig`.
@@ -392,6 +446,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => wsrelay::bench::run(args),
         Command::Client(args) => wsrelay::client::run(args),
+        Command::Api(args) => wsrelay::api_client::run(args),
     }
 }
 
@@ -407,9 +462,22 @@ fn serve(args: ServeArgs) -> ExitCode {
     if args.workers > 1 {
         return serve_workers(args, compression);
     }
+    let api_key = match args.api.key() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("wsrelay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let api_max_body = args.api.api_max_body;
     let built = args
         .relay
         .app_config()
+        .map(|config| AppConfig {
+            api_key,
+            api_max_body,
+            ..config
+        })
         .and_then(|config| build_app(config, args.storage));
     let (app, waker) = match built {
         Ok(built) => built,
@@ -439,6 +507,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         timer_tick: args.timer_tick,
         shutdown_timeout: args.shutdown_timeout,
         compression,
+        keep_alive_timeout: args.api.api_idle_timeout,
     };
     // Loaded before anything listens, so a bad pair is reported in words at once.
     let tls = match args.tls_cert.zip(args.tls_key) {
@@ -507,6 +576,13 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    if args.api.api_key.is_some() || args.api.api_key_file.is_some() {
+        eprintln!(
+            "wsrelay: the server API (--api-key) is not supported with --workers above 1 yet \
+             (the bus between workers does not carry ids and envelope rooms); use --workers 1"
+        );
+        return ExitCode::FAILURE;
+    }
     let app_config = match args.relay.app_config() {
         Ok(config) => config,
         Err(e) => {
@@ -538,6 +614,7 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
         timer_tick: args.timer_tick,
         shutdown_timeout: args.shutdown_timeout,
         compression,
+        keep_alive_timeout: args.api.api_idle_timeout,
     };
     let listeners = match workers::reuseport_listeners(config.listen, workers) {
         Ok(listeners) => listeners,

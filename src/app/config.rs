@@ -32,6 +32,10 @@ pub struct AppConfig {
     /// Bytes of messages waiting for the engine (the file engine: for the disk) at most;
     /// beyond it sends and publishes are acked `rejected` as "store busy" (SPEC §13).
     pub max_in_flight_bytes: usize,
+    /// The server API's key (`--api-key`); without one, `/api/...` is 404 (SPEC §16).
+    pub api_key: Option<Vec<u8>>,
+    /// Bytes a server API request body may have (`--api-max-body`); beyond it, 413.
+    pub api_max_body: usize,
 }
 
 impl Default for AppConfig {
@@ -47,6 +51,8 @@ impl Default for AppConfig {
             allow_origins: Vec::new(),
             rate_limit: None,
             max_in_flight_bytes: 64 << 20,
+            api_key: None,
+            api_max_body: super::api::DEFAULT_MAX_BODY,
         }
     }
 }

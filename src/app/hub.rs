@@ -32,6 +32,7 @@
 //! message stored before it), and what it sends meanwhile is held and handled right after. So
 //! it gets its welcome, then its retained messages in msg_id order, then live traffic.
 
+use super::api::ApiState;
 use super::auth::{self, AuthError, Grant, JwtVerifier};
 use super::clock::Clock;
 use super::config::AppConfig;
@@ -87,6 +88,8 @@ pub trait Transport {
     /// Asks to be woken (`Hub::timer`) at `at`, with no client event; the earliest request
     /// stands (`Outbox::wake_at`).
     fn wake_at(&mut self, at: Instant);
+    /// Answers the server API request `conn` waits on with a JSON body (SPEC §16).
+    fn respond(&mut self, conn: ConnId, status: u16, body: Vec<u8>);
 }
 
 impl Transport for Outbox<'_> {
@@ -112,6 +115,10 @@ impl Transport for Outbox<'_> {
 
     fn wake_at(&mut self, at: Instant) {
         Outbox::wake_at(self, at)
+    }
+
+    fn respond(&mut self, conn: ConnId, status: u16, body: Vec<u8>) {
+        Outbox::respond(self, conn, status, body)
     }
 }
 
@@ -159,12 +166,20 @@ enum WebSocketPath<'a> {
     Raw(&'a str),
 }
 
-/// Who a `/ws` connection is.
+/// Who a `/ws` connection is (or, for the server API, who a message is from).
 #[derive(Clone, Debug)]
-struct Peer {
+pub(super) struct Peer {
     id: Rc<str>,
     /// `?since=` (and `&epoch=`): replay retained messages after this one on connect.
     since: Option<Since>,
+}
+
+impl Peer {
+    /// The sender of a server API message (SPEC §16): may publish anywhere (an API request has
+    /// no token, so `Tokens` allows it everything), recovers nothing.
+    pub(super) fn backend(id: Rc<str>) -> Peer {
+        Peer { id, since: None }
+    }
 }
 
 pub struct Hub {
@@ -176,11 +191,11 @@ pub struct Hub {
     /// envelope room of the same name is a different room.
     raw_rooms: Rooms,
     /// Rooms joined with the envelope protocol.
-    rooms: Rooms,
+    pub(super) rooms: Rooms,
     /// The open `/ws` connections of each id (its devices). An id is here iff it has one.
-    online: HashMap<Rc<str>, Vec<ConnId>>,
+    pub(super) online: HashMap<Rc<str>, Vec<ConnId>>,
     /// The id of each open `/ws` connection (the reverse of `online`), for member lists.
-    names: HashMap<ConnId, Rc<str>>,
+    pub(super) names: HashMap<ConnId, Rc<str>>,
     /// Where streams live (SPEC §13).
     engine: Box<dyn Engine>,
     /// What each ticket submitted to the engine is for, until it completes.
@@ -196,12 +211,14 @@ pub struct Hub {
     /// `--offline-max` is above 0: direct messages are stored (else they only get a position).
     retains: bool,
     /// What each token-authenticated connection may do now, and when its token expires.
-    tokens: Tokens,
+    pub(super) tokens: Tokens,
     /// The expiry (wall-clock ms) the reactor was last asked to wake the hub for, until that
     /// wake-up comes (`timer`). A new token that expires sooner asks again; one that expires
     /// later does not (the reactor keeps the earliest request anyway).
     wake_requested: Option<u64>,
     metrics: HubMetrics,
+    /// The server API (`api.rs`): its key, the requests waiting for an ack, its counters.
+    pub(super) api: ApiState,
     /// `--workers` above 1: told of every raw-room message relayed here, so that it reaches
     /// the members on other workers (`app/raw_bus.rs`). `None` with one worker.
     raw_outlet: Option<RawOutlet>,
@@ -299,6 +316,7 @@ impl Hub {
             tokens: Tokens::default(),
             wake_requested: None,
             metrics: HubMetrics::default(),
+            api: ApiState::new(config.api_key.as_deref(), config.api_max_body),
             clock,
             raw_outlet: None,
         }
@@ -623,7 +641,7 @@ impl Hub {
 
     /// Acts on everything the engine has finished, in order, until it has nothing more (acting
     /// may submit more work: the messages a recovering connection sent meanwhile).
-    fn pump(&mut self, tx: &mut impl Transport) {
+    pub(super) fn pump(&mut self, tx: &mut impl Transport) {
         loop {
             let mut events = std::mem::take(&mut self.events);
             self.engine.poll(&mut events);
@@ -988,7 +1006,7 @@ impl Hub {
 
     /// A direct message: to every connection of `to`, once the engine has stored it in `to`'s
     /// inbox (for offline delivery and recovery; see `engine/streams.rs` for what is kept).
-    fn send(
+    pub(super) fn send(
         &mut self,
         conn: ConnId,
         peer: &Peer,
@@ -1070,7 +1088,7 @@ impl Hub {
     /// not required to publish (a bot may announce into a room it does not listen to); the
     /// token's `publish` claim (by default its `rooms` claim) is, and a publish outside it is
     /// acked `rejected` (SPEC §16: every publish gets exactly one ack).
-    fn publish(
+    pub(super) fn publish(
         &mut self,
         conn: ConnId,
         peer: &Peer,
@@ -1208,6 +1226,10 @@ impl Hub {
         tx: &mut impl Transport,
     ) {
         HubMetrics::bump(&mut self.metrics.acks, status.name());
+        if self.api.is_waiting(conn) {
+            // A message from the server API: its ack is the answer to the HTTP request.
+            return self.api_acked(conn, msg_id, status, reason, tx);
+        }
         tx.send(
             conn,
             OpCode::Text,
@@ -1335,7 +1357,7 @@ impl Hub {
     /// whenever it runs, at the cost of one comparison when nothing is due. An idle hub
     /// therefore holds expired messages a little longer, but nothing grows while it is idle,
     /// and /metrics counts them as expired at the moment of the scrape (`Stats::expiring`).
-    fn sweep(&mut self) -> Now {
+    pub(super) fn sweep(&mut self) -> Now {
         let now = self.now();
         self.engine.maintain(now);
         now
@@ -1387,6 +1409,7 @@ impl Hub {
             token_connections: self.tokens.len(),
         };
         self.metrics.render(&gauges, out);
+        self.api.render_metrics(out);
         self.engine.render_metrics(out);
     }
 }

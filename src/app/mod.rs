@@ -9,6 +9,7 @@
 //! * `dedup.rs`: duplicate suppression by client message id, within `--dedup-max-bytes` (the
 //!   engine keeps the windows, and the file engine makes them survive a restart);
 //! * `demo/`: the demo page served at `/` (SPEC §8);
+//! * `api.rs`: the server API for backends (`/api/...`, SPEC §16);
 //! * `auth.rs`: JWT, token sources, the Origin allow-list;
 //! * `tokens.rs`: what each connection's token allows now, and when it expires (refresh and
 //!   expiry, SPEC §16);
@@ -21,6 +22,7 @@
 //! connection ids and answers through the `Outbox` (SPEC §1: the hub knows nothing of file
 //! descriptors).
 
+pub mod api;
 pub mod auth;
 pub mod clock;
 pub mod config;
@@ -46,6 +48,7 @@ pub use ratelimit::RateLimit;
 use crate::engine::Engine;
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Request;
+use crate::protocol::Refusal;
 use crate::server::{ConnId, Handler, Outbox, Route};
 
 /// The wsrelay application.
@@ -106,7 +109,20 @@ impl Handler for App {
     type Session = Session;
 
     fn route(&mut self, _conn: ConnId, request: &Request) -> Route<Session> {
+        if let Some(route) = self.hub.route_api(request) {
+            return route;
+        }
         self.hub.route(request)
+    }
+
+    fn on_request(
+        &mut self,
+        conn: ConnId,
+        request: &Request,
+        body: Result<&[u8], Refusal>,
+        out: &mut Outbox<'_>,
+    ) {
+        self.hub.api_request(conn, request, body, out);
     }
 
     fn on_open(&mut self, conn: ConnId, session: &mut Session, out: &mut Outbox<'_>) {

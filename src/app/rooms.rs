@@ -229,6 +229,11 @@ impl Rooms {
             .collect()
     }
 
+    /// The name of every room, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.rooms.iter().map(|(_, room)| &*room.name)
+    }
+
     /// How many rooms `conn` is in.
     pub fn rooms_of(&self, conn: ConnId) -> usize {
         self.memberships.get(conn).map_or(0, Vec::len)

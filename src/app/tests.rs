@@ -34,6 +34,8 @@ struct Recorder {
     /// Every frame queued, in order.
     sent: Vec<Queued>,
     closes: Vec<(ConnId, CloseCode, &'static str)>,
+    /// Answers to server API requests: (connection, status, JSON body).
+    responses: Vec<(ConnId, u16, Vec<u8>)>,
     /// Connections that refuse everything as slow consumers (`Sent::Dropped`), except what is
     /// sent unbounded.
     slow: HashSet<ConnId>,
@@ -75,6 +77,10 @@ impl Transport for Recorder {
 
     fn wake_at(&mut self, at: std::time::Instant) {
         self.wakes.push(at);
+    }
+
+    fn respond(&mut self, conn: ConnId, status: u16, body: Vec<u8>) {
+        self.responses.push((conn, status, body));
     }
 }
 
@@ -146,6 +152,7 @@ impl Harness {
             Route::Refuse(refusal) => Err((refusal.status(), body_of(&refusal.response()))),
             Route::Resource(response) => Err((200, body_of(&response))),
             Route::Server(endpoint) => Err((200, format!("the reactor's {endpoint:?}"))),
+            Route::Api { .. } => Err((200, "the server API".to_string())),
             Route::Upgrade {
                 mut session,
                 protocol,

@@ -24,8 +24,9 @@ use std::collections::BTreeSet;
 use std::rc::Rc;
 
 /// The close code of a connection whose token expired without a refresh: "get a new token and
-/// connect again" (`wire::TOKEN_EXPIRED_CLOSE`, which the client reads). wsrelay uses no other
-/// 4xxx code, so a client can act on this one without reading the reason.
+/// connect again" (`wire::TOKEN_EXPIRED_CLOSE`, which the client reads). wsrelay itself uses no
+/// other 4xxx code (a backend may send any through `POST /api/disconnect`, docs/api.md), so a
+/// client acts on the code without reading the reason.
 pub const TOKEN_EXPIRED: CloseCode = CloseCode(crate::wire::TOKEN_EXPIRED_CLOSE);
 
 /// The close reason sent with `TOKEN_EXPIRED`.

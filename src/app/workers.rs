@@ -53,6 +53,18 @@ impl Handler for WorkerApp {
         }
     }
 
+    /// Not reached while `--api-key` is refused with several workers (the API is then off,
+    /// and its paths answer 404); forwarded so that the seam stays whole.
+    fn on_request(
+        &mut self,
+        conn: ConnId,
+        request: &Request,
+        body: Result<&[u8], Refusal>,
+        out: &mut Outbox<'_>,
+    ) {
+        self.app.on_request(conn, request, body, out);
+    }
+
     fn on_open(&mut self, conn: ConnId, session: &mut Session, out: &mut Outbox<'_>) {
         self.app.on_open(conn, session, out);
         if let Some(room) = session.raw_room() {

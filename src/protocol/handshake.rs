@@ -339,6 +339,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        411 => "Length Required",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
@@ -436,7 +437,7 @@ fn split_target(target: &str) -> (String, Option<String>) {
 }
 
 /// Decodes `%XX` escapes and `+` (application/x-www-form-urlencoded, as browsers send queries).
-fn percent_decode(s: &str) -> String {
+pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

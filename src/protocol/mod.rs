@@ -20,6 +20,7 @@ pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod http_exchange;
 pub mod mask;
 pub mod message;
 pub mod refusal;

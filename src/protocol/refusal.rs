@@ -65,6 +65,17 @@ pub enum Refusal {
     NotFound,
     /// The server is at `--max-connections` (SPEC §2).
     ServiceUnavailable,
+    /// A request body framed other than by `Content-Length` (`http_exchange`: 411, not 501).
+    LengthRequired,
+    /// A declared body over the bound (`--api-max-body`), refused from the head alone.
+    PayloadTooLarge { limit: usize },
+    /// A request the server cannot act on, with the reason: a body that is not the JSON the
+    /// endpoint expects, a bad query parameter, a bad `Content-Length` (SPEC §16).
+    BadRequest(Cow<'static, str>),
+    /// The server API's key is missing or wrong (SPEC §16). The label says which.
+    BadApiKey(&'static str),
+    /// The path exists but not with this method; `allow` lists the methods it takes.
+    MethodNotAllowedFor { allow: &'static str },
     /// `--workers` above 1, and the endpoint needs what the bus between workers does not carry
     /// yet (SPEC §14): rooms and ids would be split between workers. The path is named.
     NotAcrossWorkers(&'static str),
@@ -81,11 +92,14 @@ impl Refusal {
             | Refusal::MissingConnectionUpgrade
             | Refusal::UnexpectedBody
             | Refusal::BadKey
-            | Refusal::InvalidTarget(_) => 400,
-            Refusal::Unauthorized(_) => 401,
+            | Refusal::InvalidTarget(_)
+            | Refusal::BadRequest(_) => 400,
+            Refusal::Unauthorized(_) | Refusal::BadApiKey(_) => 401,
             Refusal::Forbidden(_) => 403,
             Refusal::NotFound => 404,
-            Refusal::MethodNotAllowed => 405,
+            Refusal::MethodNotAllowed | Refusal::MethodNotAllowedFor { .. } => 405,
+            Refusal::LengthRequired => 411,
+            Refusal::PayloadTooLarge { .. } => 413,
             // RFC 7231 §6.5.15: 426 says "switch protocol"; RFC 6455 §4.2.2 item 4 uses it for
             // a wrong version, and it is equally the answer to a plain GET on a WebSocket path.
             Refusal::NotWebSocket | Refusal::BadVersion => 426,
@@ -121,6 +135,19 @@ impl Refusal {
             Refusal::Forbidden(why) => why,
             Refusal::NotFound => "no such endpoint",
             Refusal::ServiceUnavailable => "server is at its connection limit",
+            Refusal::LengthRequired => "send the body with Content-Length (no Transfer-Encoding)",
+            Refusal::PayloadTooLarge { limit } => {
+                return Cow::Owned(format!("request body larger than {limit} bytes"))
+            }
+            Refusal::BadRequest(why) => why,
+            Refusal::BadApiKey(label) => {
+                return Cow::Owned(format!(
+                    "Authorization: Bearer <api key> is required ({label})"
+                ))
+            }
+            Refusal::MethodNotAllowedFor { allow } => {
+                return Cow::Owned(format!("this endpoint takes {allow}"))
+            }
             Refusal::NotAcrossWorkers(path) => {
                 return Cow::Owned(format!(
                     "{path} is not served with --workers above 1 yet (/echo and /r/<room> are); \
@@ -135,7 +162,13 @@ impl Refusal {
     pub fn response(&self) -> Vec<u8> {
         let status = self.status();
         let body = format!("{}\n", self.reason());
+        let allow;
         let (connection, headers): (&str, &[(&str, &str)]) = match self {
+            Refusal::MethodNotAllowedFor { allow: methods } => {
+                allow = [("Allow", *methods)];
+                ("close", &allow)
+            }
+            Refusal::BadApiKey(_) => ("close", &[("WWW-Authenticate", "Bearer")]),
             // RFC 7231 §6.5.5: a 405 must list the allowed methods.
             Refusal::MethodNotAllowed => ("close", &[("Allow", "GET")]),
             // RFC 7235 §3.1: a 401 must carry a challenge; tokens are bearer JWTs (RFC 6750 §3).
@@ -154,6 +187,30 @@ impl Refusal {
         };
         let content_type = "text/plain; charset=utf-8";
         build_response(status, connection, content_type, headers, body.as_bytes())
+    }
+
+    /// The refusal as the server API answers it (SPEC §16, docs/api.md): the same status and
+    /// headers as `response`, a JSON body `{"status":<status>,"error":"<reason>"}`, and
+    /// `Connection: keep-alive` when the connection stays open after it (the caller knows
+    /// whether the request's bytes were all consumed).
+    pub fn api_response(&self, keep_alive: bool) -> Vec<u8> {
+        let body = serde_json::json!({"status": self.status(), "error": self.reason()});
+        let allow;
+        let headers: &[(&str, &str)] = match self {
+            Refusal::MethodNotAllowed => &[("Allow", "GET")],
+            Refusal::MethodNotAllowedFor { allow: methods } => {
+                allow = [("Allow", *methods)];
+                &allow
+            }
+            Refusal::Unauthorized(_) | Refusal::BadApiKey(_) => &[("WWW-Authenticate", "Bearer")],
+            _ => &[],
+        };
+        super::http_exchange::json_response(
+            self.status(),
+            body.to_string().as_bytes(),
+            keep_alive,
+            headers,
+        )
     }
 }
 
@@ -288,6 +345,40 @@ mod tests {
         assert!(too_large.contains(&MAX_REQUEST_BYTES.to_string()));
         let too_many = Refusal::TooManyHeaders.reason();
         assert!(too_many.contains(&MAX_HEADERS.to_string()));
+    }
+
+    /// The API's refusals: statuses, the headers RFC 7231/7235 require, a JSON body.
+    #[test]
+    fn api_refusals_are_json_with_their_headers() {
+        let text = |r: Refusal, keep: bool| String::from_utf8(r.api_response(keep)).unwrap();
+        let got = text(Refusal::BadApiKey("wrong key"), true);
+        assert!(got.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{got}");
+        assert!(got.contains("\r\nWWW-Authenticate: Bearer\r\n"), "{got}");
+        assert!(got.contains("\r\nConnection: keep-alive\r\n"), "{got}");
+        assert!(got.ends_with(
+            "{\"error\":\"Authorization: Bearer <api key> is required (wrong key)\",\"status\":401}"
+        ), "{got}");
+        let got = text(Refusal::MethodNotAllowedFor { allow: "POST" }, true);
+        assert!(
+            got.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{got}"
+        );
+        assert!(got.contains("\r\nAllow: POST\r\n"), "{got}");
+        let got = text(Refusal::PayloadTooLarge { limit: 10 }, false);
+        assert!(
+            got.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+            "{got}"
+        );
+        assert!(got.contains("\r\nConnection: close\r\n"), "{got}");
+        assert!(got.contains("request body larger than 10 bytes"), "{got}");
+        let got = text(Refusal::LengthRequired, false);
+        assert!(got.starts_with("HTTP/1.1 411 Length Required\r\n"), "{got}");
+        let got = text(Refusal::BadRequest("missing field `room`".into()), true);
+        assert!(got.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{got}");
+        assert!(got.contains("missing field `room`"), "{got}");
+        // The plain form carries the same challenge and Allow headers.
+        let plain = String::from_utf8(Refusal::MethodNotAllowedFor { allow: "GET" }.response());
+        assert!(plain.unwrap().contains("\r\nAllow: GET\r\n"));
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct Config {
     /// permessage-deflate: off, shared or dedicated, the window and the size threshold
     /// (SPEC §17).
     pub compression: CompressionConfig,
+    /// How long a kept-alive HTTP connection (the server API, SPEC §16) may sit idle between
+    /// two requests before it is closed.
+    pub keep_alive_timeout: Duration,
 }
 
 impl Default for Config {
@@ -54,6 +57,7 @@ impl Default for Config {
             timer_tick: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(5),
             compression: CompressionConfig::default(),
+            keep_alive_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -114,6 +114,37 @@ pub enum Deadline {
     Pong,
     /// Our Close (or HTTP response) is out; the peer has until this fires to finish.
     Close,
+    /// A kept-alive HTTP connection is idle between requests (`Config::keep_alive_timeout`).
+    /// The first byte of the next request replaces it with the request deadline (`Handshake`).
+    KeepAlive,
+}
+
+/// Where a connection is in its HTTP requests to the app (`Route::Api`; SPEC §16). The
+/// connection stays `Handshaking` throughout: it reads request heads, and may still upgrade.
+#[derive(Debug, Default)]
+pub(crate) struct Exchange {
+    /// A head whose body has not fully arrived: the request, the length of its head, how its
+    /// body is framed. Parsed once; the body is taken when `request` holds all of it.
+    pub(super) pending: Option<Box<PendingRequest>>,
+    /// A request is with the app and its answer has not come: no further request is parsed
+    /// until it does (answers go out in request order).
+    pub(super) waiting: bool,
+    /// Whether the connection stays open after the answer being waited for.
+    pub(super) keep_alive: bool,
+    /// Requests answered on this connection: hanging up between two of them is the normal end
+    /// of a kept-alive connection, not an abnormal close.
+    pub(super) answered: u64,
+    /// Reading stopped while waiting: the client pipelined more than
+    /// `http::MAX_PIPELINED_BYTES`. The answer resumes it.
+    pub(super) read_paused: bool,
+}
+
+/// A request head parsed while its body is still arriving.
+#[derive(Debug)]
+pub(crate) struct PendingRequest {
+    pub(super) request: crate::protocol::handshake::Request,
+    pub(super) head_len: usize,
+    pub(super) framing: Result<crate::protocol::http_exchange::Framing, crate::protocol::Refusal>,
 }
 
 pub(super) struct Connection {
@@ -129,7 +160,10 @@ pub(super) struct Connection {
     /// Changed only by the transition methods below.
     state: State,
     /// The request head received so far, while handshaking. Empty, and unallocated, after.
+    /// On a kept-alive API connection: the bytes of requests not yet served (pipelined ones).
     pub(super) request: Vec<u8>,
+    /// HTTP requests to the app on this connection (keep-alive, bodies, waiting for answers).
+    pub(super) exchange: Exchange,
     /// Frames in, events out: holds the tail of a frame that has not fully arrived and the
     /// message being assembled (and nothing while idle).
     pub(super) reader: FrameReader,
@@ -172,6 +206,7 @@ impl Connection {
             peer,
             state: State::Handshaking,
             request: Vec::new(),
+            exchange: Exchange::default(),
             reader: FrameReader::new(Role::Server, max_message),
             outbound: Outbound::default(),
             deflate: None,
@@ -253,6 +288,11 @@ impl Connection {
     /// The pending timer has fired and left the wheel.
     pub(super) fn deadline_fired(&mut self) {
         self.deadline = None;
+    }
+
+    /// What the pending deadline means, if one is pending.
+    pub(super) fn deadline_kind(&self) -> Option<Deadline> {
+        self.deadline.map(|(_, kind)| kind)
     }
 
     /// A heartbeat Ping is out and no bytes have arrived since: the pending deadline is the

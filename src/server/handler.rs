@@ -41,6 +41,12 @@ pub enum Route<S> {
     Resource(Vec<u8>),
     /// Refuse, saying why (`Refusal::response`), then close.
     Refuse(Refusal),
+    /// A request for the app itself (the server API, SPEC §16): the reactor reads its body
+    /// (`Content-Length`, at most `max_body` bytes, else 413 from the head alone) and hands both
+    /// to `Handler::on_request`. The connection then waits for the app's answer
+    /// (`Outbox::respond`), which may come in a later callback; HTTP/1.1 keep-alive and
+    /// pipelined requests are served in order after it (docs/architecture.md, "HTTP requests").
+    Api { max_body: usize },
 }
 
 /// The endpoints whose answer only the reactor can give: it holds what they report (its
@@ -89,6 +95,21 @@ pub trait Handler {
     /// The time the app asked for with `Outbox::wake_at` has come. Not tied to a connection;
     /// the app checks what is due and asks again for its next time, if it has one.
     fn on_timer(&mut self, _out: &mut Outbox<'_>) {}
+
+    /// A `Route::Api` request with its complete body, or the refusal its framing earned (bad or
+    /// oversized `Content-Length`, a `Transfer-Encoding`: then the connection closes after the
+    /// answer). The app must answer every request exactly once, now or in a later callback,
+    /// with `Outbox::respond` or `Outbox::refuse`; until then the connection reads no further
+    /// request. The default refuses everything with 404 (an app without such requests).
+    fn on_request(
+        &mut self,
+        conn: ConnId,
+        _request: &Request,
+        body: Result<&[u8], Refusal>,
+        out: &mut Outbox<'_>,
+    ) {
+        out.refuse(conn, body.err().unwrap_or(Refusal::NotFound));
+    }
 
     /// Appends the app's own metrics (Prometheus text) to /metrics.
     fn render_metrics(&self, _out: &mut String) {}
@@ -148,6 +169,33 @@ pub struct Outbox<'a> {
     /// The earliest time the app asked to be woken at during this callback (`wake_at`);
     /// the reactor turns it into its one app timer after the callback.
     pub(super) wake: &'a mut Option<Instant>,
+    /// Answers to `Route::Api` requests and closes with reasons of the app's own wording,
+    /// applied by the reactor right after the callback.
+    pub(super) requests: &'a mut AppRequests,
+}
+
+/// What the app asked of HTTP requests and connections during a callback, beyond frames.
+#[derive(Debug, Default)]
+pub struct AppRequests {
+    /// Answers to `Route::Api` requests, in the order the app gave them.
+    pub(super) answers: Vec<(ConnId, Answer)>,
+    /// Closes whose reason the app words at run time (`Outbox::close_with_reason`).
+    pub(super) closes: Vec<(ConnId, CloseCode, String)>,
+}
+
+impl AppRequests {
+    pub(super) fn is_empty(&self) -> bool {
+        self.answers.is_empty() && self.closes.is_empty()
+    }
+}
+
+/// The app's answer to one `Route::Api` request.
+#[derive(Debug)]
+pub enum Answer {
+    /// A JSON body with this status.
+    Json { status: u16, body: Vec<u8> },
+    /// A refusal (`Refusal::api_response`: its status, headers and reason as JSON).
+    Refused(Refusal),
 }
 
 impl Outbox<'_> {
@@ -239,6 +287,27 @@ impl Outbox<'_> {
         if self.wake.is_none_or(|earlier| at < earlier) {
             *self.wake = Some(at);
         }
+    }
+
+    /// `close`, with a reason worded at run time (at most 123 bytes go on the wire, RFC 6455
+    /// §5.5: a longer one is cut at a character boundary).
+    pub fn close_with_reason(&mut self, conn: ConnId, code: CloseCode, reason: String) {
+        self.requests.closes.push((conn, code, reason));
+    }
+
+    /// Answers the `Route::Api` request `conn` is waiting on with a JSON body (SPEC §16). The
+    /// reactor writes it once the callback returns, then serves the next request of the
+    /// connection, or closes it (`Connection: close`, HTTP/1.0). Ignored if `conn` is gone or
+    /// waits for no answer.
+    pub fn respond(&mut self, conn: ConnId, status: u16, body: Vec<u8>) {
+        self.requests
+            .answers
+            .push((conn, Answer::Json { status, body }));
+    }
+
+    /// Answers the `Route::Api` request `conn` is waiting on with a refusal.
+    pub fn refuse(&mut self, conn: ConnId, refusal: Refusal) {
+        self.requests.answers.push((conn, Answer::Refused(refusal)));
     }
 
     /// Encodes an unmasked server frame once, for `send_shared` to many recipients, in one

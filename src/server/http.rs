@@ -3,37 +3,75 @@
 //!
 //! Owns: `on_request_bytes` (parse, validate an upgrade, act on the app's `Route`), `open` (the
 //! 101 and the frames pipelined behind the request), `refuse`/`respond`/`answer` (a complete
-//! HTTP response, then the write side is shut), and rendering the reactor's endpoints.
+//! HTTP response, then the write side is shut), rendering the reactor's endpoints, and the
+//! app's own HTTP requests (`Route::Api`, SPEC §16): bodies by `Content-Length` under a bound,
+//! answers that may come in a later callback (`apply_answers`), then HTTP/1.1 keep-alive with
+//! pipelined requests served in order (`resume_requests`).
 //! Does not: parse HTTP or word a refusal (`protocol::handshake`, `protocol::refusal`), or map
 //! paths to endpoints: the app's `Handler::route` does that for every path, the reactor's own
 //! included (docs/architecture.md, "Routing").
 
 use super::compression::Negotiated;
-use super::connection::{ConnId, Deadline, State};
+use super::connection::{ConnId, Deadline, PendingRequest, State};
+use super::handler::Answer;
 use super::metrics::{Gauges, Metrics};
 use super::{live, Handler, Reactor, Route, ServerEndpoint};
 use crate::poller::Poller;
 use crate::protocol::deflate::{self, DeflateParams};
-use crate::protocol::handshake;
+use crate::protocol::handshake::{self, Request};
+use crate::protocol::http_exchange;
 use crate::protocol::Refusal;
 use log::debug;
 
+/// Bytes of further requests a connection may have buffered while the app has not answered
+/// its current one; beyond it the connection is not read until the answer comes (the client's
+/// writes then wait in TCP's buffers). Pipelining within it costs the server no extra reads.
+pub(super) const MAX_PIPELINED_BYTES: usize = super::READ_BUDGET_BYTES;
+
 impl<P: Poller, H: Handler> Reactor<P, H> {
-    /// Looks for a complete request head in `request`, and answers it once it is complete: an
-    /// upgrade, a refusal, or whatever the app's router decides (`Handler::route`). Returns
-    /// false if the connection was closed.
+    /// Serves the requests in `request`, in order, as they complete: an upgrade, a refusal,
+    /// whatever the app's router decides (`Handler::route`), or a request for the app
+    /// (`Route::Api`, with its body). Stops at an incomplete request, or while the app has not
+    /// answered the last one (answers go out in request order; `resume_requests` comes back).
+    /// Returns false if the connection was closed.
     pub(super) fn on_request_bytes(&mut self, id: ConnId) -> bool {
-        let Some(conn) = self.conn_mut(id) else {
-            return false;
-        };
-        let (request, head_len) = match handshake::parse_request(&conn.request) {
-            Ok(Some(parsed)) => parsed,
-            Ok(None) => return true,
-            Err(refusal) => {
-                self.refuse(id, &refusal);
+        loop {
+            let Some(conn) = self.conn_mut(id) else {
+                return false;
+            };
+            if conn.state() != State::Handshaking || conn.exchange.waiting {
                 return true;
             }
-        };
+            if let Some(pending) = conn.exchange.pending.take() {
+                let needed = pending.head_len + pending.framing.as_ref().map_or(0, |f| f.body_len);
+                if conn.request.len() < needed {
+                    conn.exchange.pending = Some(pending);
+                    return true;
+                }
+                self.hand_to_app(id, *pending);
+                continue;
+            }
+            if conn.request.is_empty() {
+                return true;
+            }
+            let (request, head_len) = match handshake::parse_request(&conn.request) {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) => return true,
+                Err(refusal) => {
+                    self.refuse(id, &refusal);
+                    return true;
+                }
+            };
+            if !self.on_request_head(id, request, head_len) {
+                // Upgraded, answered or refused: nothing more is parsed as a request here.
+                return self.conn_mut(id).is_some();
+            }
+        }
+    }
+
+    /// Acts on one complete request head. Returns true if the connection may hold a further
+    /// request to serve now (it was handed to the app and is kept alive).
+    fn on_request_head(&mut self, id: ConnId, request: Request, head_len: usize) -> bool {
         // An upgrade attempt must follow RFC 6455 §4.2.1 wherever it goes, and is checked before
         // the app sees it: the app's admission (tokens, Origin, its counters) then only ever
         // runs on well-formed upgrades.
@@ -42,13 +80,26 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 Ok(valid) => Some(valid.accept),
                 Err(refusal) => {
                     self.refuse(id, &refusal);
-                    return true;
+                    return false;
                 }
             }
         } else {
             None
         };
-        match (self.handler.route(id, &request), accept) {
+        let route = self.handler.route(id, &request);
+        self.on_route(id, route, accept, &request, head_len)
+    }
+
+    /// Does what the router decided for a complete request head.
+    fn on_route(
+        &mut self,
+        id: ConnId,
+        route: Route<H::Session>,
+        accept: Option<String>,
+        request: &Request,
+        head_len: usize,
+    ) -> bool {
+        match (route, accept) {
             (Route::Upgrade { session, protocol }, Some(accept)) => {
                 // SPEC §17: the first offer we can honour, or none (the 101 then carries no
                 // extension and no frame may set RSV1).
@@ -60,25 +111,146 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     protocol,
                     extension.as_deref(),
                 );
-                self.open(id, session, response, head_len, deflate)
+                self.open(id, session, response, head_len, deflate);
+                false
             }
             (Route::Upgrade { .. }, None) => {
                 self.refuse(id, &Refusal::NotWebSocket);
-                true
+                false
             }
             // RFC 7230 §6.7: a server may ignore Upgrade and answer in HTTP/1.1; a plain
             // resource answers the same whether or not the client asked to upgrade.
             (Route::Server(endpoint), _) => {
                 self.serve(id, endpoint);
-                true
+                false
             }
             (Route::Resource(response), _) => {
                 self.respond(id, 200, response);
-                true
+                false
             }
             (Route::Refuse(refusal), _) => {
                 self.refuse(id, &refusal);
+                false
+            }
+            (Route::Api { max_body }, _) => {
+                // The bound and the framing are judged from the head alone: an oversized body
+                // is refused before any byte of it is read (docs/api.md, "Limits").
+                let framing = http_exchange::framing(request, max_body);
+                let pending = PendingRequest {
+                    request: request.clone(),
+                    head_len,
+                    framing,
+                };
+                let Some(conn) = self.conn_mut(id) else {
+                    return false;
+                };
+                conn.exchange.pending = Some(Box::new(pending));
                 true
+            }
+        }
+    }
+
+    /// Hands a complete API request (head and body, or the refusal its framing earned) to the
+    /// app, and takes its bytes off the connection's buffer. The connection now waits for the
+    /// app's answer, without a deadline: the app answers every request (`Handler::on_request`).
+    fn hand_to_app(&mut self, id: ConnId, pending: PendingRequest) {
+        let shutting_down = self.shutting_down;
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        let PendingRequest {
+            request,
+            head_len,
+            framing,
+        } = pending;
+        let body = match &framing {
+            Ok(framing) => {
+                let body = conn.request[head_len..head_len + framing.body_len].to_vec();
+                conn.request.drain(..head_len + framing.body_len);
+                if conn.request.is_empty() {
+                    // SPEC §2: an idle connection holds no buffers.
+                    conn.request = Vec::new();
+                }
+                Ok(body)
+            }
+            // The bytes behind this head cannot be delimited: nothing more is read from them,
+            // and the connection closes after the answer (`http_exchange`, invariant).
+            Err(refusal) => {
+                conn.request = Vec::new();
+                Err(refusal.clone())
+            }
+        };
+        conn.exchange.waiting = true;
+        conn.exchange.keep_alive = framing.as_ref().is_ok_and(|f| f.keep_alive) && !shutting_down;
+        conn.cancel_deadline(&mut self.timers);
+        self.call_app(id, |app, _, out| {
+            app.on_request(id, &request, body.as_deref().map_err(Clone::clone), out)
+        });
+    }
+
+    /// Applies the answers the app gave to `Route::Api` requests during a callback: each goes
+    /// out on its connection, which then waits for its next request (kept alive) or closes.
+    /// Connections with requests already buffered behind the answered one go on the resume
+    /// list, served at the end of the loop iteration (`resume_requests`), not from in here:
+    /// an answer given inside `on_request_bytes` is followed by its own loop.
+    pub(super) fn apply_answers(&mut self, answers: &mut Vec<(ConnId, Answer)>) {
+        for (id, answer) in answers.drain(..) {
+            let idle_deadline = self.now + self.config.keep_alive_timeout;
+            let shutting_down = self.shutting_down;
+            let Some(conn) = live(&mut self.conns, id) else {
+                continue;
+            };
+            if conn.state() != State::Handshaking || !conn.exchange.waiting {
+                debug!("{id:?}: an answer for no request, ignored");
+                continue;
+            }
+            conn.exchange.waiting = false;
+            conn.exchange.answered += 1;
+            let keep_alive = conn.exchange.keep_alive && !shutting_down;
+            let (status, response) = match answer {
+                Answer::Json { status, body } => (
+                    status,
+                    http_exchange::json_response(status, &body, keep_alive, &[]),
+                ),
+                Answer::Refused(refusal) => (refusal.status(), refusal.api_response(keep_alive)),
+            };
+            if !keep_alive {
+                self.respond(id, status, response);
+                continue;
+            }
+            Metrics::bump_code(&mut self.metrics.http_responses, status);
+            conn.outbound
+                .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
+                    out.extend_from_slice(&response)
+                });
+            if conn.request.is_empty() {
+                conn.set_deadline(&mut self.timers, idle_deadline, Deadline::KeepAlive);
+            } else {
+                // The next request has begun (or several are pipelined): it has the request
+                // deadline to complete, as any request head has.
+                let deadline = self.now + self.config.handshake_timeout;
+                conn.set_deadline(&mut self.timers, deadline, Deadline::Handshake);
+            }
+            if !conn.request.is_empty() || conn.exchange.read_paused {
+                self.http_resume.push(id);
+            }
+            self.mark_dirty(id);
+        }
+    }
+
+    /// Serves the requests that waited behind an answer (see `apply_answers`), and reads again
+    /// a connection whose reading was paused while it waited.
+    pub(super) fn resume_requests(&mut self) {
+        while let Some(id) = self.http_resume.pop() {
+            if !self.on_request_bytes(id) {
+                continue;
+            }
+            let Some(conn) = self.conn_mut(id) else {
+                continue;
+            };
+            if conn.exchange.read_paused && !conn.exchange.waiting {
+                conn.exchange.read_paused = false;
+                self.on_readable(id);
             }
         }
     }

@@ -7,6 +7,7 @@
 //! `tls::read_socket`, which reads like a socket.
 
 use super::connection::{ConnId, Deadline, State};
+use super::http::MAX_PIPELINED_BYTES;
 use super::tls::read_socket;
 use super::{live, Handler, Reactor, READ_BUDGET_BYTES};
 use crate::poller::Poller;
@@ -22,6 +23,16 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let Some(conn) = live(&mut self.conns, id) else {
                 return;
             };
+            if conn.exchange.waiting && conn.request.len() >= MAX_PIPELINED_BYTES {
+                // Enough requests wait behind the one the app is answering: leave the rest in
+                // TCP's buffers until the answer (`resume_requests` reads again). A level-
+                // triggered poller keeps reporting the socket meanwhile (docs/api.md, "Limits").
+                if !conn.exchange.read_paused {
+                    conn.exchange.read_paused = true;
+                    self.metrics.http_read_pauses += 1;
+                }
+                break;
+            }
             let n = match read_socket(conn, &mut self.recv_buf) {
                 Ok(0) => {
                     self.on_eof(id);
@@ -83,6 +94,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         match conn.state() {
             // The peer hung up after our response or our Close: the expected ending.
             State::HttpResponding { .. } | State::Closing | State::Closed | State::Failing => {}
+            // A kept-alive HTTP connection between two requests: its normal end.
+            State::Handshaking
+                if conn.exchange.answered > 0
+                    && conn.request.is_empty()
+                    && !conn.exchange.waiting => {}
             State::Handshaking | State::Open => {
                 debug!("{id:?} hung up without a close handshake");
                 self.metrics.abnormal_closes += 1;
@@ -104,6 +120,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         match conn.state() {
             State::Handshaking => {
+                if conn.deadline_kind() == Some(Deadline::KeepAlive) {
+                    // The next request on a kept-alive connection has begun: it has the same
+                    // deadline to complete as any request.
+                    let deadline = self.now + self.config.handshake_timeout;
+                    conn.set_deadline(&mut self.timers, deadline, Deadline::Handshake);
+                }
                 conn.request.extend_from_slice(&self.recv_buf[..n]);
                 self.on_request_bytes(id)
             }

@@ -35,6 +35,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     self.close_now(id);
                 }
             }
+            Deadline::KeepAlive => {
+                // The normal end of an idle kept-alive HTTP connection: nothing is owed to it.
+                if self.deadline_fired(id) {
+                    debug!("{id:?} idle keep-alive connection closed");
+                    self.close_now(id);
+                }
+            }
             Deadline::Heartbeat => self.on_heartbeat(id),
             Deadline::Pong => self.on_pong_deadline(id),
         }

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub poll_events: u64,
     pub poll_wait: Duration,
     pub accept_pauses: u64,
+    /// Times a kept-alive HTTP connection stopped being read: it pipelined more than the
+    /// server buffers while an answer was pending (`http::MAX_PIPELINED_BYTES`).
+    pub http_read_pauses: u64,
 }
 
 /// Values derived at render time rather than counted.
@@ -206,6 +209,11 @@ impl Metrics {
             "wsrelay_accept_pauses_total",
             "Times the listener paused on descriptor exhaustion.",
             self.accept_pauses,
+        );
+        w.counter(
+            "wsrelay_http_read_pauses_total",
+            "Times an HTTP connection was not read while its pipelined requests waited for an answer.",
+            self.http_read_pauses,
         );
         w.counter(
             "wsrelay_loop_iterations_total",

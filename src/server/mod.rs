@@ -43,7 +43,7 @@ pub mod workers;
 
 pub use config::Config;
 pub use connection::ConnId;
-pub use handler::{Handler, Outbox, Route, Sent, ServerEndpoint, SlowConsumer};
+pub use handler::{Answer, Handler, Outbox, Route, Sent, ServerEndpoint, SlowConsumer};
 
 use crate::poller::waker::WakeReceiver;
 use crate::poller::{Event, Interest, Poller, Token};
@@ -144,6 +144,11 @@ pub struct Reactor<P: Poller, H: Handler> {
     close_requests: Vec<(ConnId, CloseCode, &'static str)>,
     /// Set while `apply_close_requests` runs (see there).
     applying_closes: bool,
+    /// Answers to `Route::Api` requests and closes worded by the app, from the last callback.
+    app_requests: handler::AppRequests,
+    /// Kept-alive connections answered with requests buffered behind the answer (or their
+    /// reading paused): served at the end of the iteration (`http::resume_requests`).
+    http_resume: Vec<ConnId>,
     /// The readiness events of one wait; kept so its storage is reused.
     events: Vec<Event>,
     /// Every deadline: per connection, the accept retry, the shutdown deadline.
@@ -250,6 +255,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             compressor: Compressor::new(config.compression),
             close_requests: Vec::new(),
             applying_closes: false,
+            app_requests: handler::AppRequests::default(),
+            http_resume: Vec::new(),
             events: Vec::with_capacity(1024),
             timers: TimerWheel::new(config.timer_tick, DEFAULT_SLOTS, now),
             expired: Vec::new(),
@@ -354,6 +361,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
 
         // 4. Fire expired timers.
         self.fire_timers();
+
+        // 4b. Serve HTTP requests that waited behind an answer the app gave in this iteration.
+        self.resume_requests();
 
         // 5. Flush every connection that had bytes queued in this iteration.
         self.flush_dirty();

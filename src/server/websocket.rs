@@ -185,11 +185,15 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             policy: self.config.slow_consumer,
             compressor: &mut self.compressor,
             wake: &mut self.app_wake,
+            requests: &mut self.app_requests,
         };
         call(&mut self.handler, &mut self.sessions, &mut out);
         self.compressor.end_of_callback();
         if let Some(at) = self.app_wake.take() {
             self.set_app_timer(at);
+        }
+        if !self.app_requests.is_empty() {
+            self.apply_app_requests();
         }
         if !self.close_requests.is_empty() {
             self.apply_close_requests();
@@ -251,6 +255,21 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.start_close(id, code, reason);
         }
         self.applying_closes = false;
+    }
+
+    /// Applies what the app asked beyond frames: answers to its HTTP requests
+    /// (`http::apply_answers`) and closes with reasons of its own wording.
+    fn apply_app_requests(&mut self) {
+        let mut requests = std::mem::take(&mut self.app_requests);
+        self.apply_answers(&mut requests.answers);
+        for (id, code, reason) in requests.closes.drain(..) {
+            self.start_close(id, code, &reason);
+        }
+        // Keep the storage; anything added meanwhile (closing tells the app, which may act)
+        // goes through the next callback's application.
+        if self.app_requests.is_empty() {
+            self.app_requests = requests;
+        }
     }
 
     /// Applies the slow-consumer policy to what the reactor itself queued (Pongs, SPEC §2).

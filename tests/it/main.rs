@@ -19,6 +19,7 @@ mod robustness;
 mod tls;
 
 mod access;
+mod api;
 mod durable;
 mod envelope;
 mod hostile;

@@ -64,9 +64,19 @@ fn the_publish_claim_is_enforced_apart_from_rooms(poller: &str) {
     assert_eq!(server.metric("wsrelay_token_publish_refusals_total"), 2.0);
 }
 
-/// `info` is shown to the others in presence events and `members`.
+/// `info` is shown to the others in presence events, `members`, and the server API's presence.
 fn info_appears_in_presence_and_members(poller: &str) {
-    let server = server(poller);
+    let server = Server::start(
+        poller,
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--jwt-leeway",
+            "0s",
+            "--api-key",
+            crate::api::KEY,
+        ],
+    );
     let info = json!({"name": "Ann", "color": "teal"});
     let mut bob = connect(&server, json!({"sub": "bob", "exp": exp_in(3600.0)}));
     bob.join("lobby", "bob");
@@ -84,6 +94,12 @@ fn info_appears_in_presence_and_members(poller: &str) {
         bob.expect("members"),
         json!({"type": "members", "room": "lobby", "ids": ["ann", "bob"],
             "members": [{"id": "ann", "info": info}, {"id": "bob", "info": null}]})
+    );
+    let mut api = crate::api::Api::connect(&server);
+    assert_eq!(
+        api.call("GET", "/api/presence?room=lobby", "").json["members"],
+        json!([{"id": "ann", "connections": 1, "info": info},
+            {"id": "bob", "connections": 1, "info": null}])
     );
     drop(ann);
     assert_eq!(

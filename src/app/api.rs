@@ -1,0 +1,444 @@
+//! The server API for backends (SPEC §16): `/api/...` on the same port, JSON in and out, off
+//! unless `--api-key` or `--api-key-file` is given.
+//!
+//! Owns: the API's key check (constant time), its endpoints (publish, disconnect, presence,
+//! rooms, ids), the validation of their JSON with a reason for every refusal, what a publish
+//! answers once the engine completed it, and `wsrelay_api_requests_total`.
+//! Does not: read bodies, keep connections alive or order answers (the reactor's `http.rs`
+//! does, for every `Route::Api` request), or deliver messages itself: a publish goes through the
+//! hub's own `send`/`publish`, the path a client's message takes (engine, ticket, completion),
+//! so a member cannot tell an API message from a client's but by its `from`.
+//!
+//! docs/api.md tells every endpoint with its statuses; this file follows it.
+
+use super::envelope::{self, AckStatus, MsgId};
+use super::hub::{Hub, Peer, Transport};
+use crate::protocol::handshake::{percent_decode, Request};
+use crate::protocol::{CloseCode, Refusal};
+use crate::server::metrics::Writer;
+use crate::server::{ConnId, Outbox, Route};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use sha1::{Digest, Sha1};
+use std::collections::{BTreeMap, HashSet};
+use std::rc::Rc;
+use subtle::ConstantTimeEq;
+
+/// Request bodies are at most this many bytes unless `--api-max-body` says otherwise.
+pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+
+/// The sender (`from`) of an API message that names none (docs/protocol.md, "Messages from
+/// the server API").
+pub const DEFAULT_FROM: &str = "api";
+
+/// The API's state in the hub.
+#[derive(Debug, Default)]
+pub struct ApiState {
+    /// SHA-1 of the key, or `None`: the API is off and `/api/...` is 404. Keys are compared
+    /// through their digests, so the comparison takes the same time whatever the length or
+    /// content of the key a request sends.
+    key_digest: Option<[u8; 20]>,
+    max_body: usize,
+    /// API connections waiting for the ack of their publish (one request at a time each: the
+    /// reactor hands over the next only after the answer).
+    waiting: HashSet<ConnId>,
+    /// Requests answered, by endpoint and HTTP status.
+    requests: BTreeMap<(&'static str, u16), u64>,
+}
+
+impl ApiState {
+    /// The API with `key` (none: off) and bodies of at most `max_body` bytes.
+    pub fn new(key: Option<&[u8]>, max_body: usize) -> ApiState {
+        ApiState {
+            key_digest: key.map(digest),
+            max_body,
+            ..ApiState::default()
+        }
+    }
+
+    /// Is `conn` waiting for the ack of a publish through the API?
+    pub(super) fn is_waiting(&self, conn: ConnId) -> bool {
+        !self.waiting.is_empty() && self.waiting.contains(&conn)
+    }
+
+    /// Appends `wsrelay_api_requests_total` (Prometheus text).
+    pub(super) fn render_metrics(&self, out: &mut String) {
+        let mut w = Writer::new(out);
+        w.family(
+            "wsrelay_api_requests_total",
+            "counter",
+            "Server API requests answered, by endpoint and HTTP status.",
+        );
+        for ((endpoint, status), count) in &self.requests {
+            let status = status.to_string();
+            w.sample(
+                "wsrelay_api_requests_total",
+                &[("endpoint", endpoint), ("status", &status)],
+                count,
+            );
+        }
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 20] {
+    Sha1::digest(bytes).into()
+}
+
+/// The endpoints, by path; `unknown` is any other path under `/api/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    Publish,
+    Disconnect,
+    Presence,
+    Rooms,
+    Ids,
+    Unknown,
+}
+
+impl Endpoint {
+    fn of(path: &str) -> Endpoint {
+        match path {
+            "/api/publish" => Endpoint::Publish,
+            "/api/disconnect" => Endpoint::Disconnect,
+            "/api/presence" => Endpoint::Presence,
+            "/api/rooms" => Endpoint::Rooms,
+            _ if path.starts_with("/api/ids/") => Endpoint::Ids,
+            _ => Endpoint::Unknown,
+        }
+    }
+
+    /// The `endpoint` label of the metric.
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Publish => "publish",
+            Endpoint::Disconnect => "disconnect",
+            Endpoint::Presence => "presence",
+            Endpoint::Rooms => "rooms",
+            Endpoint::Ids => "ids",
+            Endpoint::Unknown => "unknown",
+        }
+    }
+
+    /// The one method the endpoint takes.
+    fn method(self) -> &'static str {
+        match self {
+            Endpoint::Publish | Endpoint::Disconnect => "POST",
+            Endpoint::Presence | Endpoint::Rooms | Endpoint::Ids | Endpoint::Unknown => "GET",
+        }
+    }
+}
+
+/// `POST /api/publish`: to a room or to an id, never both.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody<'a> {
+    room: Option<String>,
+    to: Option<String>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    from: Option<String>,
+    /// The client message id: a repeat of it (from the same `from`) is acked as the first
+    /// one was, and not delivered again (SPEC §6 dedup).
+    id: Option<String>,
+}
+
+/// `POST /api/disconnect`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    id: String,
+    code: Option<u16>,
+    reason: Option<String>,
+}
+
+impl Hub {
+    /// The route of an `/api/...` request, or `None` for any other path.
+    pub fn route_api<S>(&self, request: &Request) -> Option<Route<S>> {
+        let path = request.path.as_str();
+        if path != "/api" && !path.starts_with("/api/") {
+            return None;
+        }
+        Some(match self.api.key_digest {
+            // Off: as if the paths did not exist.
+            None => Route::Refuse(Refusal::NotFound),
+            Some(_) => Route::Api {
+                max_body: self.api.max_body,
+            },
+        })
+    }
+
+    /// Handles one API request (`Handler::on_request`): every request is answered, now or,
+    /// for a publish, when the engine completes it (`api_acked`).
+    pub fn api_request(
+        &mut self,
+        conn: ConnId,
+        request: &Request,
+        body: Result<&[u8], Refusal>,
+        out: &mut Outbox<'_>,
+    ) {
+        self.sweep();
+        let endpoint = Endpoint::of(&request.path);
+        match self.api_checked(conn, endpoint, request, body, out) {
+            Ok(Some(json)) => self.api_answer(conn, endpoint, 200, &json, out),
+            // The answer comes with the engine's completion.
+            Ok(None) => {}
+            Err(refusal) => {
+                self.api_count(endpoint, refusal.status());
+                out.refuse(conn, refusal);
+            }
+        }
+        self.pump(out);
+    }
+
+    /// The checks every request passes, in order: its framing, the key, the path, the method;
+    /// then the endpoint. `Ok(None)`: a publish went to the engine.
+    fn api_checked(
+        &mut self,
+        conn: ConnId,
+        endpoint: Endpoint,
+        request: &Request,
+        body: Result<&[u8], Refusal>,
+        out: &mut Outbox<'_>,
+    ) -> Result<Option<Value>, Refusal> {
+        let body = body?;
+        self.api_authorized(request)?;
+        if endpoint == Endpoint::Unknown {
+            return Err(Refusal::NotFound);
+        }
+        if request.method != endpoint.method() {
+            let allow = endpoint.method();
+            return Err(Refusal::MethodNotAllowedFor { allow });
+        }
+        match endpoint {
+            Endpoint::Publish => self.api_publish(conn, body, out).map(|()| None),
+            Endpoint::Disconnect => self.api_disconnect(body, out).map(Some),
+            Endpoint::Presence => self.api_presence(request).map(Some),
+            Endpoint::Rooms => Ok(Some(self.api_rooms())),
+            Endpoint::Ids => self.api_id(request).map(Some),
+            Endpoint::Unknown => Err(Refusal::NotFound),
+        }
+    }
+
+    /// `Authorization: Bearer <key>`, compared in constant time (SPEC §16).
+    fn api_authorized(&self, request: &Request) -> Result<(), Refusal> {
+        let Some(expected) = &self.api.key_digest else {
+            return Err(Refusal::NotFound);
+        };
+        let Some(value) = request.header("authorization") else {
+            return Err(Refusal::BadApiKey("missing"));
+        };
+        let given = match value.split_once(' ') {
+            Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => key.trim(),
+            _ => return Err(Refusal::BadApiKey("not a Bearer credential")),
+        };
+        if bool::from(digest(given.as_bytes()).ct_eq(expected)) {
+            Ok(())
+        } else {
+            Err(Refusal::BadApiKey("wrong key"))
+        }
+    }
+
+    /// Submits the message through the path a client's takes; the answer is the ack.
+    fn api_publish(
+        &mut self,
+        conn: ConnId,
+        body: &[u8],
+        out: &mut Outbox<'_>,
+    ) -> Result<(), Refusal> {
+        let parsed: PublishBody<'_> = serde_json::from_slice(body).map_err(bad_json)?;
+        let payload = parsed
+            .payload
+            .ok_or_else(|| bad("missing field `payload`"))?;
+        let from = parsed.from.as_deref().unwrap_or(DEFAULT_FROM);
+        envelope::validate_id(from).map_err(|e| bad(format!("from: {}", e.message())))?;
+        if let Some(id) = &parsed.id {
+            envelope::validate_id(id).map_err(|e| bad(format!("id: {}", e.message())))?;
+        }
+        let peer = Peer::backend(Rc::from(from));
+        let client_id = parsed.id.as_deref();
+        self.api.waiting.insert(conn);
+        match (parsed.room.as_deref(), parsed.to.as_deref()) {
+            (Some(room), None) => {
+                if let Err(e) = envelope::validate_room(room) {
+                    self.api.waiting.remove(&conn);
+                    return Err(bad(format!("room: {}", e.message())));
+                }
+                self.publish(conn, &peer, room, payload, client_id, out);
+            }
+            (None, Some(to)) => {
+                if let Err(e) = envelope::validate_id(to) {
+                    self.api.waiting.remove(&conn);
+                    return Err(bad(format!("to: {}", e.message())));
+                }
+                self.send(conn, &peer, to, payload, client_id, out);
+            }
+            _ => {
+                self.api.waiting.remove(&conn);
+                return Err(bad("exactly one of `room` and `to` is required"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The hub acks a message that came through the API: the answer to its request.
+    pub(super) fn api_acked(
+        &mut self,
+        conn: ConnId,
+        msg_id: Option<MsgId>,
+        status: AckStatus,
+        reason: Option<&str>,
+        tx: &mut impl Transport,
+    ) {
+        self.api.waiting.remove(&conn);
+        let mut json = json!({ "status": status.name() });
+        if let Some(msg_id) = msg_id {
+            json["msg_id"] = Value::String(msg_id.to_string());
+        }
+        if let Some(reason) = reason {
+            json["reason"] = Value::String(reason.to_string());
+        }
+        self.api_count(Endpoint::Publish, 200);
+        tx.respond(conn, 200, json.to_string().into_bytes());
+    }
+
+    /// Closes every `/ws` connection of an id with the code asked for (SPEC §16).
+    fn api_disconnect(&mut self, body: &[u8], out: &mut Outbox<'_>) -> Result<Value, Refusal> {
+        let parsed: DisconnectBody = serde_json::from_slice(body).map_err(bad_json)?;
+        envelope::validate_id(&parsed.id).map_err(|e| bad(format!("id: {}", e.message())))?;
+        let code = parsed.code.unwrap_or(CloseCode::NORMAL.0);
+        // RFC 6455 §7.4: 1000 is a normal close; 3000-4999 are for libraries and applications.
+        // The other codes say things about the protocol that the server's own closes say.
+        if !(code == 1000 || (3000..=4999).contains(&code)) {
+            return Err(bad("code must be 1000 or in 3000-4999"));
+        }
+        let reason = parsed.reason.unwrap_or_default();
+        if reason.len() > 123 {
+            return Err(bad("reason must be at most 123 bytes (RFC 6455 §5.5)"));
+        }
+        let devices = self
+            .online
+            .get(parsed.id.as_str())
+            .cloned()
+            .unwrap_or_default();
+        for &device in &devices {
+            out.close_with_reason(device, CloseCode(code), reason.clone());
+        }
+        Ok(json!({ "id": parsed.id, "disconnected": devices.len() }))
+    }
+
+    /// Who is in a room: each id once, with how many of its connections are in it and the
+    /// presence metadata of its token (`info`, SPEC §16; null without one: the first of its
+    /// connections in the room that has one speaks for the id, as in `members`).
+    fn api_presence(&self, request: &Request) -> Result<Value, Refusal> {
+        let room = request
+            .query_param("room")
+            .ok_or_else(|| bad("?room=<room> is required"))?;
+        envelope::validate_room(&room).map_err(|e| bad(format!("room: {}", e.message())))?;
+        let mut members: BTreeMap<&str, (usize, Option<Value>)> = BTreeMap::new();
+        for conn in self.rooms.members(&room) {
+            if let Some(id) = self.names.get(&conn) {
+                let entry = members.entry(id).or_default();
+                entry.0 += 1;
+                if entry.1.is_none() {
+                    entry.1 = self
+                        .tokens
+                        .info(conn)
+                        .and_then(|raw| serde_json::from_str(raw.get()).ok());
+                }
+            }
+        }
+        let members: Vec<Value> = members
+            .into_iter()
+            .map(|(id, (connections, info))| {
+                json!({ "id": id, "connections": connections, "info": info })
+            })
+            .collect();
+        Ok(json!({ "room": room, "members": members }))
+    }
+
+    /// Every room of `/ws` clients (raw `/r/` rooms are another namespace and have no ids),
+    /// with its distinct ids and its connections, by name.
+    fn api_rooms(&self) -> Value {
+        let mut rooms: Vec<Value> = Vec::new();
+        let mut names: Vec<&str> = self.rooms.names().collect();
+        names.sort_unstable();
+        for name in names {
+            let mut ids = HashSet::new();
+            let mut connections = 0usize;
+            for conn in self.rooms.members(name) {
+                connections += 1;
+                if let Some(id) = self.names.get(&conn) {
+                    ids.insert(Rc::clone(id));
+                }
+            }
+            rooms.push(json!({ "room": name, "members": ids.len(), "connections": connections }));
+        }
+        json!({ "rooms": rooms })
+    }
+
+    /// `GET /api/ids/<id>` (the id percent-encoded as a path segment).
+    fn api_id(&self, request: &Request) -> Result<Value, Refusal> {
+        let raw = request.path.strip_prefix("/api/ids/").unwrap_or_default();
+        // `+` is a literal plus in a path (only a query turns it into a space).
+        let id = percent_decode(&raw.replace('+', "%2B"));
+        envelope::validate_id(&id).map_err(|e| bad(format!("id: {}", e.message())))?;
+        let connections = self.online.get(id.as_str()).map_or(0, Vec::len);
+        Ok(json!({ "id": id, "online": connections > 0, "connections": connections }))
+    }
+
+    fn api_answer(
+        &mut self,
+        conn: ConnId,
+        endpoint: Endpoint,
+        status: u16,
+        json: &Value,
+        out: &mut Outbox<'_>,
+    ) {
+        self.api_count(endpoint, status);
+        out.respond(conn, status, json.to_string().into_bytes());
+    }
+
+    fn api_count(&mut self, endpoint: Endpoint, status: u16) {
+        *self
+            .api
+            .requests
+            .entry((endpoint.name(), status))
+            .or_default() += 1;
+    }
+}
+
+fn bad(reason: impl Into<String>) -> Refusal {
+    Refusal::BadRequest(reason.into().into())
+}
+
+/// serde_json says what is wrong and where (`missing field `room` at line 1 column 20`).
+fn bad_json(e: serde_json::Error) -> Refusal {
+    bad(format!("malformed JSON body: {e}"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_by_path() {
+        assert_eq!(Endpoint::of("/api/publish"), Endpoint::Publish);
+        assert_eq!(Endpoint::of("/api/ids/bob"), Endpoint::Ids);
+        assert_eq!(Endpoint::of("/api/ids"), Endpoint::Unknown);
+        assert_eq!(Endpoint::of("/api/publish/"), Endpoint::Unknown);
+        assert_eq!(Endpoint::Publish.method(), "POST");
+        assert_eq!(Endpoint::Rooms.method(), "GET");
+    }
+
+    #[test]
+    fn bad_json_names_what_is_wrong() {
+        let e = serde_json::from_slice::<PublishBody<'_>>(br#"{"room":"a","payload":"#);
+        let reason = bad_json(e.err().unwrap()).reason().into_owned();
+        assert!(reason.starts_with("malformed JSON body: "), "{reason}");
+        let e = serde_json::from_slice::<PublishBody<'_>>(br#"{"room":"a","payload":1,"x":2}"#);
+        let reason = bad_json(e.err().unwrap()).reason().into_owned();
+        assert!(reason.contains("unknown field `x`"), "{reason}");
+    }
+}

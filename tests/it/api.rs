@@ -1,0 +1,586 @@
+//! The server API for backends (SPEC §16; docs/api.md): real sockets, an HTTP client written
+//! here by hand (independent of the crate's own `wsrelay api` client, which is tested once at
+//! the end through the binary), and `/ws` clients from tungstenite on the receiving side.
+
+use crate::poller_tests;
+use crate::relay_support::*;
+use crate::support::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+
+pub(crate) const KEY: &str = "test-api-key-0123";
+
+/// A server with the API on (and `extra` flags).
+fn start(poller: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--api-key", KEY];
+    args.extend_from_slice(extra);
+    Server::start(poller, &args)
+}
+
+/// One answer: status, head (status line and headers), body as JSON.
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    head: String,
+    pub(crate) json: Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// One kept-alive HTTP/1.1 connection, parsed by hand: requests written whole, answers read
+/// by their `Content-Length`.
+pub(crate) struct Api {
+    reader: BufReader<TcpStream>,
+}
+
+impl Api {
+    pub(crate) fn connect(server: &Server) -> Api {
+        Api {
+            reader: BufReader::new(server.tcp()),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.reader.get_mut().write_all(bytes).unwrap();
+    }
+
+    /// The bytes of a request with `Authorization: Bearer <key>` (if any) and `extra` headers.
+    fn request(method: &str, path: &str, key: Option<&str>, extra: &str, body: &str) -> String {
+        let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    pub(crate) fn call(&mut self, method: &str, path: &str, body: &str) -> Answer {
+        self.write(Api::request(method, path, Some(KEY), "", body).as_bytes());
+        self.answer()
+    }
+
+    fn publish(&mut self, body: Value) -> Answer {
+        self.call("POST", "/api/publish", &body.to_string())
+    }
+
+    fn answer(&mut self) -> Answer {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .expect("answer within the deadline");
+            assert!(n > 0, "connection closed; head so far: {head:?}");
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let status = head[9..12].parse().unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().unwrap())
+            })
+            .expect("Content-Length");
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).unwrap();
+        let json = serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&body)));
+        Answer { status, head, json }
+    }
+
+    /// The server closes the connection (in order, after its answers).
+    fn expect_closed(&mut self) {
+        let mut rest = Vec::new();
+        match self.reader.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest)),
+            Err(e) => panic!("expected EOF, got {e}"),
+        }
+    }
+}
+
+fn api_metric(server: &Server, endpoint: &str, status: u16) -> f64 {
+    server.metric(&format!(
+        "wsrelay_api_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}}"
+    ))
+}
+
+fn publish_to_a_room_reaches_every_member(poller: &str) {
+    let server = start(poller, &[]);
+    let mut alice = Client::as_id(&server, "alice");
+    alice.join("lobby", "alice");
+    let mut bob = Client::as_id(&server, "bob");
+    bob.join("lobby", "bob");
+    alice.expect("presence"); // bob's join
+    let mut api = Api::connect(&server);
+    let answer = api.publish(json!({"room": "lobby", "payload": {"n": 1}}));
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert_eq!(answer.json["status"], "delivered");
+    assert_eq!(answer.header("Content-Type"), Some("application/json"));
+    for member in [&mut alice, &mut bob] {
+        let m = member.expect("message");
+        assert_eq!(m["room"], "lobby");
+        assert_eq!(
+            m["from"], "api",
+            "an API message without `from` is from \"api\""
+        );
+        assert_eq!(m["payload"], json!({"n": 1}));
+        assert_eq!(m["msg_id"], answer.json["msg_id"]);
+    }
+    // A `from` of the backend's choosing, on the same connection.
+    let answer = api.publish(json!({"room": "lobby", "payload": "hi", "from": "billing"}));
+    assert_eq!(answer.json["status"], "delivered");
+    assert_eq!(alice.expect("message")["from"], "billing");
+    assert_eq!(api_metric(&server, "publish", 200), 2.0);
+}
+
+fn publish_to_an_offline_id_is_queued_then_delivered(poller: &str) {
+    let server = start(poller, &[]);
+    let mut api = Api::connect(&server);
+    let answer = api.publish(json!({"to": "bob", "payload": {"n": 1}, "id": "order-7"}));
+    assert_eq!(answer.json["status"], "queued", "{}", answer.json);
+    let msg_id = answer.json["msg_id"].clone();
+    // The same message id again: acked as the first, stored once (SPEC §6 dedup).
+    let again = api.publish(json!({"to": "bob", "payload": {"n": 1}, "id": "order-7"}));
+    assert_eq!(again.json["msg_id"], msg_id, "{}", again.json);
+    let mut bob = Client::as_id(&server, "bob");
+    let m = bob.expect("message");
+    assert_eq!(m["from"], "api");
+    assert_eq!(m["to"], "bob");
+    assert_eq!(m["msg_id"], msg_id);
+    // Nothing else was queued: the next message bob gets is the live one.
+    let live = api.publish(json!({"to": "bob", "payload": "live"}));
+    assert_eq!(live.json["status"], "delivered");
+    assert_eq!(bob.expect("message")["payload"], "live");
+}
+
+/// With `--data-dir` the answer waits for the fsync (SPEC §13): what was answered `queued`
+/// survives SIGKILL right after the answer.
+fn file_engine_answers_after_the_fsync(poller: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let mut server = start(poller, &["--data-dir", data]);
+    let mut api = Api::connect(&server);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let answer = api.publish(json!({"to": "bob", "payload": {"n": i}}));
+        assert_eq!(answer.json["status"], "queued", "{}", answer.json);
+        ids.push(answer.json["msg_id"].clone());
+    }
+    // Pipelined: the answers wait for their batches' fsyncs, and come back in order.
+    let mut pipelined = String::new();
+    for i in 20..40 {
+        let body = json!({"to": "bob", "payload": {"n": i}}).to_string();
+        pipelined.push_str(&Api::request("POST", "/api/publish", Some(KEY), "", &body));
+    }
+    api.write(pipelined.as_bytes());
+    for _ in 20..40 {
+        let answer = api.answer();
+        assert_eq!(answer.json["status"], "queued", "{}", answer.json);
+        ids.push(answer.json["msg_id"].clone());
+    }
+    server.signal("KILL");
+    server.wait_exit(DEADLINE);
+    let server = start_again(poller, dir.path(), server.addr);
+    let mut bob = Client::as_id(&server, "bob");
+    for (i, id) in ids.iter().enumerate() {
+        let m = bob.expect("message");
+        assert_eq!(m["payload"], json!({"n": i}));
+        assert_eq!(&m["msg_id"], id);
+    }
+}
+
+/// A client pipelining far more than the server buffers while an answer is pending (the
+/// file engine answers from its storage thread): the server stops reading until it has
+/// answered (`MAX_PIPELINED_BYTES`), then goes on; every request is answered, in order.
+fn pipelining_beyond_the_buffer_waits_for_the_answers(poller: &str) {
+    const N: usize = 3_000;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let server = start(
+        poller,
+        &[
+            "--data-dir",
+            data,
+            "--fsync",
+            "never",
+            "--offline-max",
+            "5000",
+        ],
+    );
+    let mut api = Api::connect(&server);
+    let padding = "x".repeat(300);
+    let mut bytes = String::new();
+    for i in 0..N {
+        let body = json!({"to": "bob", "payload": {"n": i, "pad": padding}}).to_string();
+        bytes.push_str(&Api::request("POST", "/api/publish", Some(KEY), "", &body));
+    }
+    assert!(bytes.len() > 1 << 20, "well over the server's buffer");
+    // Written by another thread: the server's reading pauses, so this write blocks until the
+    // answers read below make room.
+    let mut writer = api.reader.get_ref().try_clone().unwrap();
+    let writing = std::thread::spawn(move || writer.write_all(bytes.as_bytes()).unwrap());
+    let mut previous = 0u64;
+    for _ in 0..N {
+        let answer = api.answer();
+        assert_eq!(answer.json["status"], "queued", "{}", answer.json);
+        let id: u64 = answer.json["msg_id"].as_str().unwrap().parse().unwrap();
+        assert!(id > previous);
+        previous = id;
+    }
+    writing.join().unwrap();
+    // The file engine's histograms are outside `Metrics::parse`'s subset: read the one line.
+    let text = server.get("/metrics").body_text();
+    let pauses: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("wsrelay_http_read_pauses_total "))
+        .expect("wsrelay_http_read_pauses_total in /metrics")
+        .parse()
+        .unwrap();
+    assert!(pauses >= 1.0, "the server paused reading");
+    let mut bob = Client::as_id(&server, "bob");
+    for i in 0..N {
+        assert_eq!(bob.expect("message")["payload"]["n"], i);
+    }
+}
+
+fn start_again(poller: &str, dir: &Path, addr: std::net::SocketAddr) -> Server {
+    let data = dir.to_str().unwrap();
+    Server::start_on(poller, addr, &["--api-key", KEY, "--data-dir", data])
+}
+
+fn wrong_or_missing_key_is_401(poller: &str) {
+    let server = start(poller, &[]);
+    let mut api = Api::connect(&server);
+    for (key, label) in [
+        (None, "missing"),
+        (Some("nope"), "wrong key"),
+        (Some(&KEY[..KEY.len() - 1]), "wrong key"),
+    ] {
+        api.write(Api::request("GET", "/api/rooms", key, "", "").as_bytes());
+        let answer = api.answer();
+        assert_eq!(answer.status, 401, "{key:?}");
+        assert_eq!(answer.header("WWW-Authenticate"), Some("Bearer"));
+        let error = answer.json["error"].as_str().unwrap();
+        assert!(error.contains(label), "{error}");
+    }
+    api.write(
+        Api::request(
+            "GET",
+            "/api/rooms",
+            None,
+            &format!("Authorization: Basic {KEY}\r\n"),
+            "",
+        )
+        .as_bytes(),
+    );
+    assert_eq!(api.answer().status, 401);
+    // The connection stayed usable: a refusal whose body was read keeps it alive.
+    assert_eq!(api.call("GET", "/api/rooms", "").status, 200);
+    assert_eq!(api_metric(&server, "rooms", 401), 4.0);
+    // Without --api-key the API does not exist.
+    let off = Server::start(poller, &[]);
+    let response = off.http(&Api::request("GET", "/api/rooms", Some(KEY), "", ""));
+    assert_eq!(response.status, 404);
+}
+
+fn bodies_are_bounded_and_checked(poller: &str) {
+    let server = start(poller, &["--api-max-body", "200"]);
+    let mut api = Api::connect(&server);
+    // Malformed JSON: 400 saying what is wrong; the connection stays.
+    let answer = api.call("POST", "/api/publish", "{\"room\":\"lobby\",\"payload\":");
+    assert_eq!(answer.status, 400);
+    let error = answer.json["error"].as_str().unwrap();
+    assert!(
+        error.contains("malformed JSON body") && error.contains("EOF"),
+        "{error}"
+    );
+    for (body, says) in [
+        (json!({"room": "lobby"}), "payload"),
+        (json!({"payload": 1}), "exactly one of `room` and `to`"),
+        (json!({"room": "lob by", "payload": 1}), "room"),
+        (
+            json!({"room": "lobby", "to": "bob", "payload": 1}),
+            "exactly one",
+        ),
+        (
+            json!({"room": "lobby", "payload": 1, "extra": 1}),
+            "unknown field `extra`",
+        ),
+    ] {
+        let answer = api.publish(body.clone());
+        assert_eq!(answer.status, 400, "{body}");
+        let error = answer.json["error"].as_str().unwrap();
+        assert!(error.contains(says), "{body}: {error}");
+    }
+    // Unknown path 404, wrong method 405 with Allow, on the same connection.
+    assert_eq!(api.call("GET", "/api/nothing", "").status, 404);
+    let answer = api.call("GET", "/api/publish", "");
+    assert_eq!(answer.status, 405);
+    assert_eq!(answer.header("Allow"), Some("POST"));
+    assert_eq!(api.call("GET", "/api/rooms", "").status, 200);
+
+    // Over the bound: 413 from the head alone (the body is never sent), then the close.
+    let mut big = Api::connect(&server);
+    big.write(b"POST /api/publish HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer x\r\nContent-Length: 201\r\n\r\n");
+    let answer = big.answer();
+    assert_eq!(answer.status, 413);
+    assert_eq!(answer.header("Connection"), Some("close"));
+    assert!(answer.json["error"].as_str().unwrap().contains("200 bytes"));
+    big.expect_closed();
+    // Chunked bodies: 411, then the close (the bytes behind cannot be delimited).
+    let mut chunked = Api::connect(&server);
+    chunked.write(b"POST /api/publish HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+    assert_eq!(chunked.answer().status, 411);
+    chunked.expect_closed();
+    assert_eq!(api_metric(&server, "publish", 413), 1.0);
+    assert_eq!(api_metric(&server, "publish", 400), 6.0);
+}
+
+fn connection_close_http10_and_the_idle_deadline(poller: &str) {
+    let server = start(poller, &["--api-idle-timeout", "300ms"]);
+    let mut api = Api::connect(&server);
+    api.write(Api::request("GET", "/api/rooms", Some(KEY), "Connection: close\r\n", "").as_bytes());
+    let answer = api.answer();
+    assert_eq!(answer.header("Connection"), Some("close"));
+    api.expect_closed();
+    let mut old = Api::connect(&server);
+    old.write(format!("GET /api/rooms HTTP/1.0\r\nAuthorization: Bearer {KEY}\r\n\r\n").as_bytes());
+    assert_eq!(old.answer().status, 200);
+    old.expect_closed();
+    // Kept alive, then idle past --api-idle-timeout: the server closes it (EOF, no reset).
+    let mut idle = Api::connect(&server);
+    assert_eq!(
+        idle.call("GET", "/api/rooms", "").header("Connection"),
+        Some("keep-alive")
+    );
+    idle.expect_closed();
+}
+
+fn disconnect_closes_every_device_with_the_code(poller: &str) {
+    let server = start(poller, &[]);
+    let mut phone = Client::as_id(&server, "bob");
+    let mut laptop = Client::as_id(&server, "bob");
+    let mut alice = Client::as_id(&server, "alice");
+    let mut api = Api::connect(&server);
+    let answer = api.call(
+        "POST",
+        "/api/disconnect",
+        &json!({"id": "bob", "code": 4001, "reason": "banned"}).to_string(),
+    );
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json, json!({"id": "bob", "disconnected": 2}));
+    for device in [&mut phone, &mut laptop] {
+        assert_eq!(u16::from(close_code(&mut device.ws)), 4001);
+    }
+    // Alice is still connected: a message to her goes through.
+    assert_eq!(
+        api.publish(json!({"to": "alice", "payload": 1})).json["status"],
+        "delivered"
+    );
+    assert_eq!(alice.expect("message")["payload"], 1);
+    for code in [1001, 2999, 5000] {
+        let answer = api.call(
+            "POST",
+            "/api/disconnect",
+            &json!({"id": "alice", "code": code}).to_string(),
+        );
+        assert_eq!(answer.status, 400, "{code}");
+    }
+    let answer = api.call(
+        "POST",
+        "/api/disconnect",
+        &json!({"id": "nobody"}).to_string(),
+    );
+    assert_eq!(answer.json["disconnected"], 0);
+}
+
+fn presence_rooms_and_ids_match_what_clients_did(poller: &str) {
+    let server = start(poller, &[]);
+    let mut a1 = Client::as_id(&server, "alice");
+    a1.join("lobby", "alice");
+    let mut a2 = Client::as_id(&server, "alice");
+    a2.join("lobby", "alice");
+    let mut bob = Client::as_id(&server, "bob");
+    bob.join("lobby", "bob");
+    let mut carol = Client::as_id(&server, "carol");
+    carol.join("games", "carol");
+    let mut api = Api::connect(&server);
+    let presence = api.call("GET", "/api/presence?room=lobby", "").json;
+    assert_eq!(
+        presence,
+        json!({"room": "lobby", "members": [
+            {"id": "alice", "connections": 2, "info": null},
+            {"id": "bob", "connections": 1, "info": null},
+        ]})
+    );
+    let rooms = api.call("GET", "/api/rooms", "").json;
+    assert_eq!(
+        rooms,
+        json!({"rooms": [
+            {"room": "games", "members": 1, "connections": 1},
+            {"room": "lobby", "members": 2, "connections": 3},
+        ]})
+    );
+    assert_eq!(
+        api.call("GET", "/api/ids/alice", "").json,
+        json!({"id": "alice", "online": true, "connections": 2})
+    );
+    // Bob leaves the room, carol goes away: the API sees it.
+    bob.send(json!({"type": "leave", "room": "lobby"}));
+    bob.expect("presence");
+    carol.ws.close(None).unwrap();
+    let _ = close_code_or_end(&mut carol);
+    let gone = wait_until(&mut api, "/api/ids/carol", |v| v["online"] == false);
+    assert_eq!(
+        gone,
+        json!({"id": "carol", "online": false, "connections": 0})
+    );
+    let presence = api.call("GET", "/api/presence?room=lobby", "").json;
+    assert_eq!(
+        presence["members"],
+        json!([{"id": "alice", "connections": 2, "info": null}])
+    );
+    assert_eq!(api.call("GET", "/api/presence", "").status, 400);
+}
+
+/// Reads until the peer's Close or the end (after our own Close).
+fn close_code_or_end(client: &mut Client) -> Option<u16> {
+    loop {
+        match client.ws.read() {
+            Ok(tungstenite::Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Asks `path` until `done` holds for the answer (the server's own view of a close the test
+/// started), failing after `DEADLINE`.
+fn wait_until(api: &mut Api, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let json = api.call("GET", path, "").json;
+        if done(&json) {
+            return json;
+        }
+        assert!(start.elapsed() < DEADLINE, "{path}: {json}");
+        std::thread::sleep(std::time::Duration::from_millis(10)); // poll interval
+    }
+}
+
+/// SPEC §16: a backend publishing 10,000 messages over one kept-alive connection; half one by
+/// one, half pipelined 100 at a time. Every one is answered `delivered` in order, and bob
+/// gets all of them, in order.
+fn ten_thousand_publishes_over_one_connection(poller: &str) {
+    const N: usize = 10_000;
+    let server = start(poller, &[]);
+    let mut bob = Client::as_id(&server, "bob");
+    let reader = std::thread::spawn(move || {
+        (0..N)
+            .map(|_| bob.expect("message")["payload"]["n"].as_u64().unwrap())
+            .collect::<Vec<u64>>()
+    });
+    let mut api = Api::connect(&server);
+    let mut previous = 0u64;
+    let mut check = |answer: Answer| {
+        assert_eq!(answer.json["status"], "delivered", "{}", answer.json);
+        let id: u64 = answer.json["msg_id"].as_str().unwrap().parse().unwrap();
+        assert!(id > previous, "answers in request order");
+        previous = id;
+    };
+    for i in 0..N / 2 {
+        check(api.publish(json!({"to": "bob", "payload": {"n": i}})));
+    }
+    for batch in (N / 2..N).step_by(100) {
+        let mut bytes = String::new();
+        for i in batch..batch + 100 {
+            let body = json!({"to": "bob", "payload": {"n": i}}).to_string();
+            bytes.push_str(&Api::request("POST", "/api/publish", Some(KEY), "", &body));
+        }
+        api.write(bytes.as_bytes());
+        for _ in 0..100 {
+            check(api.answer());
+        }
+    }
+    let got = reader.join().unwrap();
+    assert_eq!(got, (0..N as u64).collect::<Vec<_>>());
+    assert_eq!(api_metric(&server, "publish", 200), N as f64);
+}
+
+/// `wsrelay api`: prints the JSON answer, exit 0 on 2xx and 1 otherwise.
+fn the_cli_client(poller: &str) {
+    let server = start(poller, &[]);
+    let mut bob = Client::as_id(&server, "bob");
+    bob.join("lobby", "bob");
+    let url = format!("http://{}", server.addr);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+            .args(["api", "--url", &url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "--key",
+        KEY,
+        "publish",
+        "--room",
+        "lobby",
+        "--payload",
+        "{\"n\":1}",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["status"], "delivered");
+    assert_eq!(bob.expect("message")["payload"], json!({"n": 1}));
+    let out = run(&["--key", KEY, "presence", "lobby"]);
+    let presence: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        presence["members"],
+        json!([{"id": "bob", "connections": 1, "info": null}])
+    );
+    let out = run(&["--key", KEY, "rooms"]);
+    assert!(out.status.success());
+    let key_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key_file.path(), format!("{KEY}\n")).unwrap();
+    let out = run(&[
+        "--key-file",
+        key_file.path().to_str().unwrap(),
+        "disconnect",
+        "bob",
+        "--code",
+        "4000",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(u16::from(close_code(&mut bob.ws)), 4000);
+    let out = run(&["--key", "wrong", "rooms"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+poller_tests!(
+    publish_to_a_room_reaches_every_member,
+    publish_to_an_offline_id_is_queued_then_delivered,
+    file_engine_answers_after_the_fsync,
+    pipelining_beyond_the_buffer_waits_for_the_answers,
+    wrong_or_missing_key_is_401,
+    bodies_are_bounded_and_checked,
+    connection_close_http10_and_the_idle_deadline,
+    disconnect_closes_every_device_with_the_code,
+    presence_rooms_and_ids_match_what_clients_did,
+    ten_thousand_publishes_over_one_connection,
+    the_cli_client,
+);
