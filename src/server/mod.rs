@@ -365,11 +365,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         // 4b. Serve HTTP requests that waited behind an answer the app gave in this iteration.
         self.resume_requests();
 
+        // With `--workers`: what the other workers read for /metrics (a few relaxed stores
+        // into this worker's own cache line, never per message). Before the flush, so that a
+        // client that has seen a reply finds its message counted in the process totals, and
+        // after it, for the bytes it wrote.
+        if let Some(worker) = &self.worker {
+            worker.publish(self.conns.len(), &self.metrics);
+        }
+
         // 5. Flush every connection that had bytes queued in this iteration.
         self.flush_dirty();
 
-        // With `--workers`: what the other workers read for /metrics (a few relaxed stores
-        // into this worker's own cache line, once per iteration, never per message).
         if let Some(worker) = &self.worker {
             worker.publish(self.conns.len(), &self.metrics);
         }
