@@ -470,9 +470,18 @@ impl Hub {
         payload: &[u8],
         tx: &mut impl Transport,
     ) {
-        let now = self.sweep();
+        // The raw endpoints never touch the engine: they skip its maintenance (`sweep`) and
+        // its completions (`pump`), which would otherwise run per message on the hottest path
+        // (docs/benchmarks.md, "User-space cost per message"). The engine is swept by every
+        // other call into the hub, and nothing it holds can be due to a raw message.
+        let raw = !matches!(session.endpoint, Endpoint::Envelope(_));
+        let now = if raw {
+            self.clock.now()
+        } else {
+            self.sweep().instant
+        };
         if let Some(bucket) = &mut session.bucket {
-            if !bucket.take(now.instant) {
+            if !bucket.take(now) {
                 self.metrics.rate_limited += 1;
                 debug!("{conn:?} exceeded the rate limit; closing 1008");
                 tx.close(conn, CloseCode::POLICY_VIOLATION, "rate limit exceeded");
@@ -482,8 +491,12 @@ impl Hub {
         match &session.endpoint {
             Endpoint::Echo => {
                 tx.send(conn, opcode, payload);
+                return;
             }
-            Endpoint::Raw(room) => self.relay_raw(conn, room, opcode, payload, tx),
+            Endpoint::Raw(room) => {
+                self.relay_raw(conn, room, opcode, payload, tx);
+                return;
+            }
             Endpoint::Envelope(peer) => {
                 if let Some(held) = self.recovering.get_mut(&conn) {
                     // Not greeted yet: handled after the welcome (see the module doc). Only

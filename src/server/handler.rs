@@ -21,6 +21,7 @@ use crate::protocol::handshake::Request;
 use crate::protocol::{CloseCode, Refusal};
 use slab::Slab;
 use std::rc::Rc;
+use std::time::Instant;
 
 /// What a request head becomes. The app's `route` decides it for every request the parser
 /// and the upgrade rules let through, so every path is routed in one place (docs/architecture.md,
@@ -59,6 +60,11 @@ pub enum ServerEndpoint {
 pub trait Handler {
     /// Per-connection state of an upgraded connection.
     type Session;
+
+    /// A loop iteration began at `now` (read once per iteration, after the wait; SPEC §2). Called
+    /// before any other call of the iteration, so an app can take its time from here instead of
+    /// reading the clock per message.
+    fn set_now(&mut self, _now: Instant) {}
 
     /// Decides what a request head becomes: an upgrade, one of the reactor's endpoints, a
     /// resource of the app's, or a refusal. Called for every complete request head the parser

@@ -17,6 +17,22 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Reads the connection until `WouldBlock` or until its read budget is spent; then it goes
     /// on the ready list, to be read again in the next iteration (see `turn`).
     pub(super) fn on_readable(&mut self, id: ConnId) {
+        self.read_input(id, false);
+    }
+
+    /// `on_readable` for a readiness event of the poller. On a backend where a short read proves
+    /// the socket drained (edge-triggered epoll, `Poller::short_read_drains`), an event without
+    /// a hangup or an error is read until a short read instead of until `WouldBlock`: the read
+    /// that would only say `WouldBlock` was a third of the server's syscalls (docs/pollers.md,
+    /// "When a short read is enough", says why nothing can be missed).
+    pub(super) fn on_readable_event(&mut self, id: ConnId, hangup_or_error: bool) {
+        let stop_short = !hangup_or_error && self.poller.short_read_drains();
+        self.read_input(id, stop_short);
+    }
+
+    /// The read loop of `on_readable`; `stop_short`: a short read ends it (see
+    /// `on_readable_event`).
+    fn read_input(&mut self, id: ConnId, stop_short: bool) {
         let mut budget = READ_BUDGET_BYTES;
         loop {
             let Some(conn) = live(&mut self.conns, id) else {
@@ -35,6 +51,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     return;
                 }
             };
+            // Short: the kernel had fewer bytes than the buffer holds, so its queue is empty
+            // now. Only a plain socket's read says so; a TLS session's plaintext count does not.
+            let short = n < self.recv_buf.len() && conn.tls.is_none();
             self.metrics.bytes_in += n as u64;
             // Any bytes count as activity, not only whole frames: a large frame still arriving
             // proves the peer alive (SPEC §5).
@@ -62,6 +81,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                         self.ready.push(id);
                     }
                 }
+                break;
+            }
+            if short && stop_short {
+                self.metrics.reads_stopped_short += 1;
                 break;
             }
         }

@@ -332,6 +332,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         // trust it alone: the Pong deadline reads its connection before dropping it
         // (`on_pong_deadline`, SPEC §5).
         self.now = Instant::now();
+        // The app reads this same instant for the whole iteration (`Handler::set_now`).
+        self.handler.set_now(self.now);
         self.metrics.poll_wait += self.now - before;
         self.metrics.poll_wakeups += 1;
         self.metrics.poll_events += events.len() as u64;
@@ -356,7 +358,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     // backend reports it again because its budget left bytes unread).
                     let queued = self.conn_mut(id).is_some_and(|c| c.on_ready_list);
                     if event.readable && !queued {
-                        self.on_readable(id);
+                        self.on_readable_event(id, event.hangup || event.error);
                     }
                     if event.writable {
                         self.flush(id);
