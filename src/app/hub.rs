@@ -106,10 +106,13 @@ impl Transport for Outbox<'_> {
 
 /// Per-connection state, kept by the reactor and handed back on every callback.
 #[derive(Debug)]
+///
+/// The reactor keeps one per open connection, so its size counts in every idle connection's
+/// memory (docs/benchmarks.md, "Idle memory"): what only some connections have is boxed.
 pub struct Session {
     endpoint: Endpoint,
     /// The rate limit's bucket, when `--rate` is set.
-    bucket: Option<TokenBucket>,
+    bucket: Option<Box<TokenBucket>>,
 }
 
 /// Which endpoint an open connection belongs to.
@@ -119,8 +122,9 @@ enum Endpoint {
     Echo,
     /// `/r/<room>`: every data message goes verbatim to the room's other members.
     Raw(Rc<str>),
-    /// `/ws`: the envelope protocol.
-    Envelope(Peer),
+    /// `/ws`: the envelope protocol. Boxed: a `Peer` is several times the size of the other
+    /// variants, which every `/echo` and raw-room session would otherwise pay for.
+    Envelope(Box<Peer>),
 }
 
 /// A WebSocket endpoint a request asks for, before it is admitted (`Hub::admit`).
@@ -312,7 +316,7 @@ impl Hub {
                     endpoint,
                     bucket: self
                         .rate_limit
-                        .map(|limit| TokenBucket::new(limit, self.clock.now())),
+                        .map(|limit| Box::new(TokenBucket::new(limit, self.clock.now()))),
                 },
                 protocol,
             },
@@ -411,7 +415,10 @@ impl Hub {
             since,
             rooms: rooms.map(Rc::from),
         };
-        Ok((Endpoint::Envelope(peer), offered.then_some(SUBPROTOCOL)))
+        Ok((
+            Endpoint::Envelope(Box::new(peer)),
+            offered.then_some(SUBPROTOCOL),
+        ))
     }
 
     /// With `--jwt-secret`, the grant of the request's token; without it, `None` (ids are
@@ -454,7 +461,7 @@ impl Hub {
                 let ticket = self.ticket();
                 let stream = StreamId::Inbox(Rc::clone(&peer.id));
                 self.engine.recover(ticket, &stream, peer.since, now);
-                let peer = peer.clone();
+                let peer = Peer::clone(peer);
                 self.waiting.insert(ticket, Work::Recover { conn, peer });
             }
         }

@@ -33,6 +33,7 @@ mod inbound;
 mod lifecycle;
 pub mod metrics;
 pub mod outbound;
+mod reader_slot;
 mod signals;
 #[cfg(test)]
 mod tests;

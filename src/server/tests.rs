@@ -322,3 +322,40 @@ fn short_read<P: Poller>(backend: P) {
         r.conn_mut(id).is_none()
     });
 }
+
+/// SPEC §2, docs/architecture.md "Memory": a connection holds a frame reader only while a frame
+/// or a fragmented message is incomplete; between whole frames it holds none.
+#[test]
+fn a_connection_holds_a_reader_only_while_a_frame_is_incomplete() {
+    reader_only_while_incomplete(MioPoller::new().unwrap());
+    reader_only_while_incomplete(PollPoller::new().unwrap());
+    reader_only_while_incomplete(SelectPoller::new().unwrap());
+}
+
+fn reader_only_while_incomplete<P: Poller>(backend: P) {
+    let mut r = bind(backend, Config::default());
+    let poller = r.poller_name();
+    let (mut client, id) = open_client(&mut r);
+    let held = |r: &mut TestReactor<P>| r.conn_mut(id).unwrap().reader.is_held();
+    assert!(
+        !held(&mut r),
+        "{poller}: an idle connection holds no reader"
+    );
+
+    let message = frame::encode(true, OpCode::Binary, &[9u8; 100], MASK);
+    let (start, rest) = message.split_at(40);
+    let before = r.metrics.bytes_in;
+    client.write_all(start).unwrap();
+    turn_until(&mut r, "the start of the frame is read", |r| {
+        r.metrics.bytes_in >= before + start.len() as u64
+    });
+    assert!(held(&mut r), "{poller}: a partial frame is held");
+    client.write_all(rest).unwrap();
+    turn_until(&mut r, "the rest of the frame is read", |r| {
+        r.metrics.bytes_in >= before + message.len() as u64
+    });
+    assert!(
+        !held(&mut r),
+        "{poller}: the reader is released with the frame"
+    );
+}
