@@ -482,12 +482,10 @@ impl Hub {
         // (docs/benchmarks.md, "User-space cost per message"). The engine is swept by every
         // other call into the hub, and nothing it holds can be due to a raw message.
         let raw = !matches!(session.endpoint, Endpoint::Envelope(_));
-        let now = if raw {
-            self.clock.now()
-        } else {
-            self.sweep().instant
-        };
+        let swept = (!raw).then(|| self.sweep().instant);
         if let Some(bucket) = &mut session.bucket {
+            // The clock only when a rate limit needs it.
+            let now = swept.unwrap_or_else(|| self.clock.now());
             if !bucket.take(now) {
                 self.metrics.rate_limited += 1;
                 debug!("{conn:?} exceeded the rate limit; closing 1008");

@@ -343,6 +343,21 @@ impl OutboundPool {
         }
     }
 
+    /// Does the pool hold spare rings or reply buffers (memory an idle server need not keep)?
+    pub fn has_spares(&self) -> bool {
+        !self.owned.is_empty() || !self.rings.is_empty()
+    }
+
+    /// Gives every spare ring and reply buffer back to the allocator: the reactor does so once
+    /// it has been idle for `SPARES_KEPT_IDLE` (`Reactor::wait`), so that a burst (10,000
+    /// handshakes, each with its 101 response in a reply buffer) leaves nothing behind, while
+    /// steady traffic, which never lets the loop idle that long, keeps reusing them.
+    pub fn release_spares(&mut self) {
+        self.owned = Vec::new();
+        self.rings = Vec::new();
+        self.ring_bytes = 0;
+    }
+
     /// Keeps an emptied ring for reuse, or frees it if the stock is full.
     fn put_ring(&mut self, ring: VecDeque<Chunk>) {
         debug_assert!(ring.is_empty());

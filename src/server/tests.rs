@@ -359,3 +359,30 @@ fn reader_only_while_incomplete<P: Poller>(backend: P) {
         "{poller}: the reader is released with the frame"
     );
 }
+
+/// docs/benchmarks.md, "Idle memory": the reply buffers and rings the outbound pool keeps for
+/// reuse go back to the allocator once the loop has been idle for `SPARES_KEPT_IDLE`, so a burst
+/// (here: one 101 response) leaves nothing behind on an idle server.
+#[test]
+fn an_idle_reactor_gives_its_spare_buffers_back() {
+    spares_released(MioPoller::new().unwrap());
+    spares_released(PollPoller::new().unwrap());
+    spares_released(SelectPoller::new().unwrap());
+}
+
+fn spares_released<P: Poller>(backend: P) {
+    let mut r = bind(backend, Config::default());
+    let (_client, _id) = open_client(&mut r);
+    assert!(
+        r.outbound_pool.has_spares(),
+        "the 101 response's buffer and ring are kept for reuse"
+    );
+    let start = Instant::now();
+    turn_until(&mut r, "the spares are released", |r| {
+        !r.outbound_pool.has_spares()
+    });
+    assert!(
+        start.elapsed() >= SPARES_KEPT_IDLE,
+        "not before the idle spell"
+    );
+}
