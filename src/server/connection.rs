@@ -340,6 +340,10 @@ mod tests {
         );
         // An idle connection holds its reader as one pointer (`reader_slot.rs`).
         assert_eq!(size_of::<ReaderSlot>(), size_of::<usize>());
+        // Its heartbeat's node in the timer wheel, the other part of an idle connection.
+        let node = TimerWheel::<TimerEvent>::node_bytes();
+        println!("timer node = {node}");
+        assert!(node <= 32, "a timer node grew to {node} bytes (bound: 32)");
     }
 
     #[test]

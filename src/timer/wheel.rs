@@ -401,6 +401,15 @@ impl<T> TimerWheel<T> {
     }
 }
 
+impl<T> TimerWheel<T> {
+    /// Bytes of one node holding a `T`: a server keeps one per connection (its heartbeat), so
+    /// tests bound it with the server's value type.
+    #[cfg(test)]
+    pub(crate) fn node_bytes() -> usize {
+        std::mem::size_of::<Node<T>>()
+    }
+}
+
 impl<T> fmt::Debug for TimerWheel<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TimerWheel")
@@ -874,6 +883,15 @@ mod tests {
         for (name, steps) in cases {
             check(name, 100, 8, steps);
         }
+    }
+
+    /// The handle a connection keeps is 8 bytes, a list link 4 (the node itself is bounded
+    /// with the server's value type, `server::connection`'s size test).
+    #[test]
+    fn a_handle_and_a_link_stay_small() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<TimerHandle>(), 8);
+        assert_eq!(size_of::<Option<NodeId>>(), 4);
     }
 
     #[test]
