@@ -124,10 +124,13 @@ impl Transport for Outbox<'_> {
 
 /// Per-connection state, kept by the reactor and handed back on every callback.
 #[derive(Debug)]
+///
+/// The reactor keeps one per open connection, so its size counts in every idle connection's
+/// memory (docs/benchmarks.md, "Idle memory"): what only some connections have is boxed.
 pub struct Session {
     endpoint: Endpoint,
     /// The rate limit's bucket, when `--rate` is set.
-    bucket: Option<TokenBucket>,
+    bucket: Option<Box<TokenBucket>>,
     /// The grant of the request's token (with `--jwt-secret`), from admission until `open`
     /// moves it into the hub's `tokens`, where refreshes replace it. Boxed: every session
     /// carries the field, and an empty one should cost a pointer, not the grant's size.
@@ -141,8 +144,9 @@ enum Endpoint {
     Echo,
     /// `/r/<room>`: every data message goes verbatim to the room's other members.
     Raw(Rc<str>),
-    /// `/ws`: the envelope protocol.
-    Envelope(Peer),
+    /// `/ws`: the envelope protocol. Boxed: a `Peer` is several times the size of the other
+    /// variants, which every `/echo` and raw-room session would otherwise pay for.
+    Envelope(Box<Peer>),
 }
 
 /// A WebSocket endpoint a request asks for, before it is admitted (`Hub::admit`).
@@ -346,7 +350,7 @@ impl Hub {
                     endpoint,
                     bucket: self
                         .rate_limit
-                        .map(|limit| TokenBucket::new(limit, self.clock.now())),
+                        .map(|limit| Box::new(TokenBucket::new(limit, self.clock.now()))),
                     grant: grant.map(Box::new),
                 },
                 protocol,
@@ -447,7 +451,7 @@ impl Hub {
             since,
         };
         let protocol = offered.then_some(SUBPROTOCOL);
-        Ok((Endpoint::Envelope(peer), protocol, grant))
+        Ok((Endpoint::Envelope(Box::new(peer)), protocol, grant))
     }
 
     /// With `--jwt-secret`, the grant of the request's token; without it, `None` (ids are
@@ -495,7 +499,7 @@ impl Hub {
                 let ticket = self.ticket();
                 let stream = StreamId::Inbox(Rc::clone(&peer.id));
                 self.engine.recover(ticket, &stream, peer.since, now);
-                let peer = peer.clone();
+                let peer = Peer::clone(peer);
                 self.waiting.insert(ticket, Work::Recover { conn, peer });
             }
         }
@@ -511,9 +515,16 @@ impl Hub {
         payload: &[u8],
         tx: &mut impl Transport,
     ) {
-        let now = self.sweep();
+        // The raw endpoints never touch the engine: they skip its maintenance (`sweep`) and
+        // its completions (`pump`), which would otherwise run per message on the hottest path
+        // (docs/benchmarks.md, "User-space cost per message"). The engine is swept by every
+        // other call into the hub, and nothing it holds can be due to a raw message.
+        let raw = !matches!(session.endpoint, Endpoint::Envelope(_));
+        let swept = (!raw).then(|| self.sweep().instant);
         if let Some(bucket) = &mut session.bucket {
-            if !bucket.take(now.instant) {
+            // The clock only when a rate limit needs it.
+            let now = swept.unwrap_or_else(|| self.clock.now());
+            if !bucket.take(now) {
                 self.metrics.rate_limited += 1;
                 debug!("{conn:?} exceeded the rate limit; closing 1008");
                 tx.close(conn, CloseCode::POLICY_VIOLATION, "rate limit exceeded");
@@ -523,6 +534,7 @@ impl Hub {
         match &session.endpoint {
             Endpoint::Echo => {
                 tx.send(conn, opcode, payload);
+                return;
             }
             Endpoint::Raw(room) => {
                 // A raw room has no acks or errors to refuse with: a member whose token may
@@ -534,7 +546,8 @@ impl Hub {
                     tx.close(conn, CloseCode::POLICY_VIOLATION, reason);
                     return;
                 }
-                self.relay_raw(conn, room, opcode, payload, tx)
+                self.relay_raw(conn, room, opcode, payload, tx);
+                return;
             }
             Endpoint::Envelope(peer) => {
                 if let Some(held) = self.recovering.get_mut(&conn) {

@@ -1548,3 +1548,20 @@ fn past_the_in_flight_bound_messages_are_refused_as_store_busy() {
 }
 
 const STORE_BUSY_REASON: &str = "the server is busy storing messages; try again later";
+
+/// The reactor keeps one `Option<Session>` per open connection, so it counts in every idle
+/// connection's memory (docs/benchmarks.md, "Idle memory": at most 256 bytes each, with the
+/// reactor's connection slot and the heartbeat timer). What only some sessions have (an
+/// envelope peer, a rate-limit bucket, a token's grant) is boxed. The bound is today's size:
+/// growing it is a decision to take on purpose, with the idle memory re-measured. It was 32
+/// until token grants (SPEC §16) took one more pointer: the grant waits in the session from
+/// admission to `open`.
+#[test]
+fn a_session_stays_small() {
+    let size = std::mem::size_of::<Option<Session>>();
+    println!("size_of::<Option<Session>>() = {size}");
+    assert!(
+        size <= 40,
+        "size_of::<Option<Session>>() grew to {size} bytes (bound: 40)"
+    );
+}

@@ -152,7 +152,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             Metrics::bump(&mut self.metrics.rejected, "register_failed");
             return;
         }
-        let mut conn = Connection::new(id, stream, peer, self.config.max_message, self.now);
+        let mut conn = Connection::new(id, stream, self.now);
         conn.tls = tls;
         conn.set_deadline(
             &mut self.timers,
