@@ -64,8 +64,12 @@ pub enum Command<'a> {
         payload: &'a RawValue,
         id: Option<Cow<'a, str>>,
     },
+    /// Join `room`; with `since` (a msg_id, and optionally the `epoch` it belongs to), first
+    /// replay what the room's history holds after it (SPEC §16). Answered with `joined`.
     Join {
         room: Cow<'a, str>,
+        since: Option<MsgId>,
+        epoch: Option<Cow<'a, str>>,
     },
     Leave {
         room: Cow<'a, str>,
@@ -73,6 +77,12 @@ pub enum Command<'a> {
     /// Who is in `room` now (answered with a `members` message to the asker only).
     Members {
         room: Cow<'a, str>,
+    },
+    /// The newest messages of `room`'s history, at most `limit` (default: all it keeps);
+    /// answered with one `history` message (SPEC §16).
+    History {
+        room: Cow<'a, str>,
+        limit: Option<u64>,
     },
 }
 
@@ -103,6 +113,11 @@ pub enum EnvelopeError {
     Forbidden,
     /// The connection is already in `MAX_ROOMS_PER_CONNECTION` rooms.
     TooManyRooms,
+    /// A `since` that is not a msg_id (a string of decimal digits), or an `epoch` that is not
+    /// one (16 hex digits).
+    InvalidSince,
+    /// `history` on a server that keeps no room history (`--room-history 0`).
+    HistoryOff,
 }
 
 impl EnvelopeError {
@@ -120,6 +135,8 @@ impl EnvelopeError {
             EnvelopeError::BinaryFrame => "binary_not_supported",
             EnvelopeError::Forbidden => "forbidden",
             EnvelopeError::TooManyRooms => "too_many_rooms",
+            EnvelopeError::InvalidSince => "invalid_since",
+            EnvelopeError::HistoryOff => "history_off",
         }
     }
 
@@ -143,6 +160,10 @@ impl EnvelopeError {
             EnvelopeError::BinaryFrame => "/ws accepts JSON in text frames only",
             EnvelopeError::Forbidden => "this room is not allowed by your token",
             EnvelopeError::TooManyRooms => "this connection is in too many rooms",
+            EnvelopeError::InvalidSince => {
+                "since must be a msg_id (a string of decimal digits), epoch the welcome's epoch"
+            }
+            EnvelopeError::HistoryOff => "this server keeps no room history (--room-history 0)",
         })
     }
 }
@@ -162,6 +183,14 @@ struct Wire<'a> {
     /// `Some` whenever the field is present, even as `null` (a valid payload).
     #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
+    /// `join`: replay the room's history after this msg_id.
+    #[serde(borrow, default)]
+    since: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+    /// `history`: how many of the newest messages.
+    #[serde(default)]
+    limit: Option<u64>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -191,12 +220,21 @@ pub fn parse(text: &str) -> Result<Command<'_>, EnvelopeError> {
         },
         "join" => Command::Join {
             room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
+            since: match wire.since {
+                None => None,
+                Some(text) => Some(MsgId::parse(&text).ok_or(EnvelopeError::InvalidSince)?),
+            },
+            epoch: wire.epoch,
         },
         "leave" => Command::Leave {
             room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
         },
         "members" => Command::Members {
             room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
+        },
+        "history" => Command::History {
+            room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
+            limit: wire.limit,
         },
         _ => return Err(EnvelopeError::UnknownType),
     };
@@ -213,7 +251,16 @@ pub fn parse(text: &str) -> Result<Command<'_>, EnvelopeError> {
                 validate_id(id)?;
             }
         }
-        Command::Join { room } | Command::Leave { room } | Command::Members { room } => {
+        Command::Join { room, epoch, .. } => {
+            validate_room(room)?;
+            // The epoch is 16 hex digits (`Epoch`'s form); checked here so a typo is an error,
+            // not a silent `recovered: false`.
+            let hex = |e: &str| e.len() == 16 && e.bytes().all(|b| b.is_ascii_hexdigit());
+            if epoch.as_deref().is_some_and(|e| !hex(e)) {
+                return Err(EnvelopeError::InvalidSince);
+            }
+        }
+        Command::Leave { room } | Command::Members { room } | Command::History { room, .. } => {
             validate_room(room)?
         }
     }
@@ -424,6 +471,54 @@ pub fn members(room: &str, ids: &[&str]) -> Vec<u8> {
     })
 }
 
+#[derive(Serialize)]
+struct Joined<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    room: &'a str,
+    recovered: bool,
+    last_msg_id: Option<MsgId>,
+    epoch: &'a str,
+}
+
+/// `{"type":"joined","room":...,"recovered":...,"last_msg_id":...,"epoch":...}`: the answer
+/// to every `join`, after the replay a `since` asked for (SPEC §16). `recovered` is false when
+/// messages after the client's `since` may be missing (SPEC §13); `last_msg_id` is the newest
+/// message in the room's history (null: none, or history off); everything after `joined` is
+/// live.
+pub fn joined(room: &str, recovered: bool, last_msg_id: Option<MsgId>, epoch: &str) -> Vec<u8> {
+    to_json(&Joined {
+        kind: "joined",
+        room,
+        recovered,
+        last_msg_id,
+        epoch,
+    })
+}
+
+/// `{"type":"history","room":...,"messages":[...],"last_msg_id":...}`: a page of a room's
+/// history, oldest first, each entry a `message` exactly as it was delivered live (`messages`
+/// holds `with_msg_id` bodies, spliced in verbatim).
+pub fn history(room: &str, messages: &[Vec<u8>], last_msg_id: Option<MsgId>) -> Vec<u8> {
+    let room = serde_json::to_string(room).unwrap_or_else(|_| "null".into());
+    let last = last_msg_id.map_or_else(|| "null".to_string(), |m| format!("\"{m}\""));
+    let size: usize = messages.iter().map(|m| m.len() + 1).sum();
+    let mut out = Vec::with_capacity(size + room.len() + last.len() + 64);
+    out.extend_from_slice(br#"{"type":"history","room":"#);
+    out.extend_from_slice(room.as_bytes());
+    out.extend_from_slice(br#","messages":["#);
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m);
+    }
+    out.extend_from_slice(br#"],"last_msg_id":"#);
+    out.extend_from_slice(last.as_bytes());
+    out.push(b'}');
+    out
+}
+
 /// Bad input; the connection stays open.
 pub fn error(e: EnvelopeError) -> Vec<u8> {
     to_json(&Error {
@@ -446,7 +541,10 @@ mod tests {
             Command::Publish { room, payload, id } => {
                 format!("publish room={room} payload={} id={id:?}", payload.get())
             }
-            Command::Join { room } => format!("join room={room}"),
+            Command::Join { room, since, epoch } => {
+                format!("join room={room} since={since:?} epoch={epoch:?}")
+            }
+            Command::History { room, limit } => format!("history room={room} limit={limit:?}"),
             Command::Leave { room } => format!("leave room={room}"),
             Command::Members { room } => format!("members room={room}"),
         });
@@ -492,7 +590,47 @@ mod tests {
             (
                 "unknown fields ignored",
                 r#"{"type":"join","room":"lobby","x":{"y":[]}}"#.into(),
-                Ok("join room=lobby"),
+                Ok("join room=lobby since=None epoch=None"),
+            ),
+            (
+                "join with since and epoch",
+                r#"{"type":"join","room":"lobby","since":"42","epoch":"00000000000000ff"}"#.into(),
+                Ok(r#"join room=lobby since=Some(MsgId(42)) epoch=Some("00000000000000ff")"#),
+            ),
+            (
+                "join with a since that is not a msg_id",
+                r#"{"type":"join","room":"lobby","since":"4x"}"#.into(),
+                Err(InvalidSince),
+            ),
+            (
+                "join with a numeric since (msg_ids are strings)",
+                r#"{"type":"join","room":"lobby","since":42}"#.into(),
+                Err(InvalidField),
+            ),
+            (
+                "join with a bad epoch",
+                r#"{"type":"join","room":"lobby","since":"1","epoch":"xyz"}"#.into(),
+                Err(InvalidSince),
+            ),
+            (
+                "history",
+                r#"{"type":"history","room":"lobby","limit":20}"#.into(),
+                Ok("history room=lobby limit=Some(20)"),
+            ),
+            (
+                "history without a limit",
+                r#"{"type":"history","room":"lobby"}"#.into(),
+                Ok("history room=lobby limit=None"),
+            ),
+            (
+                "history with a negative limit",
+                r#"{"type":"history","room":"lobby","limit":-1}"#.into(),
+                Err(InvalidField),
+            ),
+            (
+                "history needs a room",
+                r#"{"type":"history","limit":1}"#.into(),
+                Err(MissingField("room")),
             ),
             (
                 "publish",
@@ -641,6 +779,8 @@ mod tests {
             BinaryFrame,
             Forbidden,
             TooManyRooms,
+            InvalidSince,
+            HistoryOff,
         ];
         let mut codes: Vec<_> = all.iter().map(|e| e.code()).collect();
         codes.sort_unstable();
@@ -688,6 +828,25 @@ mod tests {
                 "presence",
                 presence("lobby", "bob", PresenceEvent::Leave),
                 r#"{"type":"presence","room":"lobby","id":"bob","event":"leave"}"#,
+            ),
+            (
+                "joined",
+                joined("lobby", true, Some(MsgId(5)), "00000000000000ff"),
+                r#"{"type":"joined","room":"lobby","recovered":true,"last_msg_id":"5","epoch":"00000000000000ff"}"#,
+            ),
+            (
+                "history splices the messages verbatim",
+                history(
+                    "lobby",
+                    &[br#"{"a":1}"#.to_vec(), br#"{"b":2}"#.to_vec()],
+                    Some(MsgId(9)),
+                ),
+                r#"{"type":"history","room":"lobby","messages":[{"a":1},{"b":2}],"last_msg_id":"9"}"#,
+            ),
+            (
+                "empty history",
+                history("lobby", &[], None),
+                r#"{"type":"history","room":"lobby","messages":[],"last_msg_id":null}"#,
             ),
             (
                 "error",
