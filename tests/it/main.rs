@@ -21,6 +21,7 @@ mod tls;
 mod access;
 mod durable;
 mod envelope;
+mod history;
 mod hostile;
 mod offline;
 mod rooms;
