@@ -107,7 +107,9 @@ Reconnects: exponential backoff with jitter (1 s doubling to 30 s, +-20 %), rese
 connection stayed up 10 s; each attempt is logged on stderr as
   wsrelay client: reconnecting to URL in 1.8s (attempt 2)
 Lines typed while disconnected are queued; un-acked messages are re-sent with the same id, and
-/ws reconnects ask for ?since=<last msg_id> so nothing is missed or shown twice.
+/ws reconnects ask for ?since=<last msg_id> so nothing is missed or shown twice, and rejoin
+each room with the last msg_id seen in it as since (a relay with --room-history replays what
+was published meanwhile; when it cannot, the client says messages may be missing).
 
 Exit status: 0 all sent and acked (raw URLs: sent and closed cleanly); 1 something was not
 (timeout, rejected, server error, a line that could not be sent); 2 bad arguments, or the

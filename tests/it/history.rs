@@ -5,6 +5,7 @@
 //! Every case runs on every poller, and those that do not restart run on both local engines
 //! (memory, and file with `--data-dir`): the file engine answers through the reactor's waker.
 
+use crate::client::ClientProcess;
 use crate::poller_tests;
 use crate::relay_support::*;
 use crate::support::*;
@@ -321,6 +322,82 @@ fn history_is_refused_for_a_room_the_token_does_not_allow(poller: &str) {
     assert_eq!(b.expect("error")["code"], "forbidden");
     b.send(json!({"type": "history", "room": "lobby"}));
     assert_eq!(b.expect("history")["room"], "lobby");
+}
+
+/// Reads `client`'s `--json` stdout until the envelope `done` accepts; returns every envelope
+/// read, that one included.
+fn client_until(client: &mut ClientProcess, done: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let line = client.stdout_line();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        let last = done(&v);
+        seen.push(v);
+        if last {
+            return seen;
+        }
+    }
+}
+
+/// `wsrelay client --room` across a server restart: it rejoins with the last room msg_id it
+/// saw as `since` (and the epoch), gets what was published meanwhile exactly once, and says so
+/// when the relay no longer has it (the memory engine forgets across a restart).
+#[test]
+fn the_client_rejoins_its_rooms_with_since_and_says_when_messages_may_be_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let kept = ["--room-history", "50", "--data-dir", data_dir];
+    let forgotten = ["--room-history", "50"];
+    for (flags, recovered) in [(&kept[..], true), (&forgotten[..], false)] {
+        let server = Server::start("epoll", flags);
+        let addr = server.addr;
+        let url = server.url("/ws");
+        let args = ["--id", "bob", "--room", "lobby", "--json", &url];
+        let mut bob = ClientProcess::start_logging(&args, "wsrelay=debug");
+        client_until(&mut bob, |v| v["type"] == "joined");
+        let mut a = Client::as_id(&server, "alice");
+        publish_all(&mut a, "lobby", [json!("before")]);
+        let got = client_until(&mut bob, |v| v["payload"] == "before");
+        let seen = got.last().unwrap()["msg_id"].clone();
+        drop(a);
+        drop(server); // SIGKILL
+
+        let server = Server::start_on("epoll", addr, flags);
+        let mut a = Client::as_id(&server, "alice");
+        publish_all(&mut a, "lobby", [json!("missed 1"), json!("missed 2")]);
+        // The first join (on connect) had no since; the rejoin is the first line that has one.
+        let rejoin = bob.stderr_until(r#""since":"#);
+        let written: Value = serde_json::from_str(&rejoin[rejoin.find('{').unwrap()..]).unwrap();
+        assert_eq!(written["room"], "lobby", "{rejoin}");
+        assert_eq!(
+            written["since"], seen,
+            "the last room msg_id it saw: {rejoin}"
+        );
+        assert!(written["epoch"].is_string(), "{rejoin}");
+        let got = client_until(&mut bob, |v| v["type"] == "joined");
+        let joined = got.last().unwrap();
+        assert_eq!(joined["recovered"], recovered, "{joined}");
+        if recovered {
+            // Replayed before `joined`, or live after it if bob rejoined before they were
+            // published: either way each exactly once, in order.
+            publish_all(&mut a, "lobby", [json!("marker")]);
+            let rest = client_until(&mut bob, |v| v["payload"] == "marker");
+            let payloads: Vec<&Value> = got
+                .iter()
+                .chain(&rest)
+                .filter(|v| v["type"] == "message")
+                .map(|v| &v["payload"])
+                .collect();
+            assert_eq!(
+                payloads,
+                ["missed 1", "missed 2", "marker"],
+                "{got:?} {rest:?}"
+            );
+        } else {
+            let warning = bob.stderr_until("#lobby while you were away may be missing");
+            assert!(warning.starts_with("wsrelay client:"), "{warning}");
+        }
+    }
 }
 
 poller_tests!(
