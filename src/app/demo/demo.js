@@ -10,8 +10,12 @@
 // What the page keeps, and why:
 // - `since`: the newest msg_id of a direct message to us. Direct messages are retained by the
 //   server, so reconnecting with `?since=` replays what a dead connection may have swallowed.
-//   It is stored per id in localStorage, so a reopened tab also catches up. Room messages are
-//   not retained: the page says so when it reconnects.
+//   It is stored per id in localStorage, so a reopened tab also catches up.
+// - per room, `since` too: the newest msg_id of the room seen (or the `joined` answer's
+//   `last_msg_id`). After a reconnect the room is joined again with it; a server that keeps
+//   room history (`--room-history`) replays what the room got meanwhile before its `joined`,
+//   and says `recovered: false` when it cannot, which the page shows in the room
+//   (docs/protocol.md, "Room history").
 // - `epoch`: the welcome's name for the server's history of our inbox, sent back with `since`.
 //   When the server cannot replay everything after `since` (it restarted without its history,
 //   or messages outlived its retention), its welcome says `recovered: false` and the page tells
@@ -315,6 +319,7 @@
       case 'presence': return onPresence(msg);
       case 'members': return onMembers(msg);
       case 'error': return onError(msg);
+      case 'joined': return onJoined(msg);
       default: return undefined;
     }
   }
@@ -348,7 +353,7 @@
     // Rooms are joined per connection: join again what this page was in.
     for (const conv of state.conversations.values()) {
       if (conv.kind !== 'room' || !conv.wanted) continue;
-      if (again) system(conv, 'reconnected: room messages sent meanwhile are not kept by the server');
+      if (again) system(conv, 'reconnected: catching up with the room');
       join(conv);
     }
     saveRooms();
@@ -366,6 +371,7 @@
     if (msg.room !== null && msg.room !== undefined) {
       conv = state.conversations.get('room:' + msg.room);
       if (conv === undefined) return; // a room just left; the message was already on its way
+      advanceRoomSince(conv, msg.msg_id);
     } else {
       conv = conversation('dm', mine ? msg.to : msg.from);
       if (msg.to === state.me) advanceSince(msg.msg_id);
@@ -387,6 +393,21 @@
       const echo = state.echoes.get(msg.msg_id);
       if (echo !== undefined) echo.remove();
       state.echoes.delete(msg.msg_id);
+    }
+  }
+
+  // The answer to every join, after the replay a `since` asked for: from here the room is live.
+  function onJoined(msg) {
+    const conv = state.conversations.get('room:' + msg.room);
+    if (conv === undefined) return;
+    // Before any message of the room arrives, the newest one the server keeps is where a
+    // rejoin's replay starts.
+    if (conv.since === null && typeof msg.last_msg_id === 'string') {
+      advanceRoomSince(conv, msg.last_msg_id);
+    }
+    if (msg.recovered === false) {
+      // SPEC §13: never a silent partial recovery.
+      system(conv, 'some messages sent to this room while you were away may be missing');
     }
   }
 
@@ -465,6 +486,16 @@
     }
   }
 
+  function advanceRoomSince(conv, msgId) {
+    let n;
+    try {
+      n = BigInt(msgId);
+    } catch {
+      return;
+    }
+    if (conv.since === null || n > conv.since) conv.since = n;
+  }
+
   function payloadText(payload) {
     if (typeof payload === 'string') return payload;
     if (payload !== null && typeof payload === 'object' && typeof payload.text === 'string') {
@@ -497,6 +528,7 @@
     const conv = {
       key, kind, name, list, item, unreadBadge: unread, unread: 0,
       wanted: false, joined: false, joining: false, leaving: false, members: new Map(),
+      since: null, // rooms: the newest msg_id seen (BigInt), sent with the next join
     };
     item.addEventListener('click', () => select(conv));
     item.addEventListener('keydown', (e) => {
@@ -522,7 +554,13 @@
   function join(conv) {
     conv.joining = true;
     state.lastJoin = conv;
-    send({ type: 'join', room: conv.name });
+    const command = { type: 'join', room: conv.name };
+    if (conv.since !== null) {
+      // A room we were in: ask for what it got while we were away (SPEC §16).
+      command.since = conv.since.toString();
+      if (state.epoch !== null) command.epoch = state.epoch;
+    }
+    send(command);
   }
 
   function select(conv) {
