@@ -3,8 +3,9 @@
 //! Owns: routing every request path (`route`: the WebSocket endpoints, the demo page's files
 //! served by `demo`, and the reactor's own endpoints, which the reactor renders), admission of
 //! WebSocket requests (Origin, identity, `?since=`, subprotocol) with a `Refusal` that says why,
-//! raw rooms (`/r/<room>`), the `/ws` envelope commands (send, publish, join, leave), presence,
-//! acks and what each promises, the rate limit, and the hub's metrics.
+//! raw rooms (`/r/<room>`), the `/ws` envelope commands (send, publish, join, leave, members,
+//! history), presence, acks and what each promises, the order of a room join's replay against
+//! live traffic (SPEC §16), the rate limit, and the hub's metrics.
 //! Does not: see sockets, descriptors or frames' bytes on the wire (SPEC §1). It acts on
 //! connections only through `Transport` (send a message or a shared frame to a `ConnId`, close
 //! one), which `App` implements with the reactor's `Outbox` and tests with a recorder. Nor does
@@ -29,6 +30,10 @@
 //! `Recovered` completes: it gets no live direct message meanwhile (the recovery holds every
 //! message stored before it), and what it sends meanwhile is held and handled right after. So
 //! it gets its welcome, then its retained messages in msg_id order, then live traffic.
+//!
+//! A room join with history on works the same way for one room (see `join`): the connection
+//! becomes a member when the engine's answer to the join arrives, so the room's messages stored
+//! before it are in the replay and every later one arrives live, each exactly once.
 
 use super::auth::{self, AuthError, Grant, JwtVerifier};
 use super::clock::Clock;
@@ -1170,7 +1175,8 @@ impl Hub {
         if self.joining.get(&key) != Some(&ticket) {
             return; // left, closed or joined again meanwhile: that one answers
         }
-        let ((_, room), _) = self.joining.remove_entry(&key).unwrap_or((key, ticket));
+        self.joining.remove(&key);
+        let (_, room) = key;
         let epoch = recovery.epoch.to_string();
         let last = recovery.last.map(|p| MsgId(p.0));
         if self.rooms.is_member(conn, &room) {
