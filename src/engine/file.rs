@@ -397,10 +397,12 @@ impl FileEngine {
         };
         engine.log_gone(&gone);
         info!(
-            "file engine: {} holds {} messages in {} streams ({records} records read in {:.3}s, epoch {epoch})",
+            "file engine: {} holds {} messages in {} streams and {} in {} rooms' history ({records} records read in {:.3}s, epoch {epoch})",
             engine.dir.display(),
             engine.mem.streams.messages(),
             engine.mem.streams.streams(),
+            engine.mem.rooms.messages(),
+            engine.mem.rooms.streams(),
             engine.stats.startup_seconds,
         );
         Ok(engine)
