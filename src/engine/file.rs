@@ -301,6 +301,7 @@ impl FileEngine {
             high_water,
             mut streams,
             mut rooms,
+            room_history,
             dedup,
             senders,
             records,
@@ -320,6 +321,14 @@ impl FileEngine {
             rooms.forget_through(Position(first.saturating_sub(1)));
         }
         let mut gone = Vec::new();
+        // This run counts too: history on now, after a run with it off, is a gap.
+        let history_on = config.room_history.per_stream > 0;
+        let first = Position(high_water.0.saturating_add(1));
+        let mut runs = room_history;
+        runs.push((first, history_on));
+        if let Some(gap) = history_gap(runs) {
+            rooms.forget_all_through(gap, &mut gone);
+        }
         streams.enforce(now.unix_ms, &mut gone);
         // With room history off now, whatever history the log holds goes (counted).
         rooms.enforce(now.unix_ms, &mut gone);
@@ -396,6 +405,14 @@ impl FileEngine {
             _lock: lock,
         };
         engine.log_gone(&gone);
+        // This run's setting, for the next start (see `history_gap`); it goes out with the
+        // first batch, ahead of any room message of this run.
+        Record::RoomHistory {
+            on: history_on,
+            from: Position(engine.mem.high_water().0.saturating_add(1)),
+        }
+        .encode(&mut engine.outgoing);
+        engine.quiet_records += 1;
         info!(
             "file engine: {} holds {} messages in {} streams and {} in {} rooms' history ({records} records read in {:.3}s, epoch {epoch})",
             engine.dir.display(),
@@ -1034,6 +1051,24 @@ fn lock(dir: &Path) -> Result<File, OpenError> {
     }
 }
 
+/// Where room history has a gap, from every run's setting (`Record::RoomHistory`): the
+/// position before the latest run with history on that did not follow a run with it on (a run
+/// with it off, or none recorded: logs older than room history kept no room message). Every
+/// room message up to there may have gone unkept, so no `since` there can be served. Runs are
+/// ordered by their first position, not by where their record sits (compaction moves records).
+fn history_gap(mut runs: Vec<(Position, bool)>) -> Option<Position> {
+    runs.sort_by_key(|&(from, _)| from);
+    let mut gap = None;
+    let mut before = false;
+    for (from, on) in runs {
+        if on && !before {
+            gap = Some(Position(from.0.saturating_sub(1)));
+        }
+        before = on;
+    }
+    gap
+}
+
 /// The ids of the segment files in `dir`, oldest first.
 fn segment_ids(dir: &Path) -> Result<Vec<u64>, OpenError> {
     let mut ids = Vec::new();
@@ -1057,6 +1092,8 @@ struct Loader {
     streams: Streams,
     /// Room history (SPEC §16), rebuilt from the room streams' records.
     rooms: Streams,
+    /// Every run's room history setting, as (first position of the run, on).
+    room_history: Vec<(Position, bool)>,
     dedup: Dedup,
     senders: HashSet<Rc<str>>,
     records: u64,
@@ -1072,6 +1109,7 @@ impl Loader {
             high_water: Position(0),
             streams: Streams::new(config.limits),
             rooms: Streams::new(config.room_history),
+            room_history: Vec::new(),
             dedup: Dedup::new(
                 config.dedup_window,
                 config.dedup_idle,
@@ -1157,6 +1195,7 @@ impl Loader {
                 self.index(&stream).mark_delivered(&stream, &positions);
             }
             Record::Trim { stream, through } => self.index(&stream).trim(&stream, through),
+            Record::RoomHistory { on, from } => self.room_history.push((from, on)),
             Record::Published {
                 position,
                 sender,

@@ -379,6 +379,27 @@ impl Streams {
         }
     }
 
+    /// After a restore: every message up to `through`, in every stream, may have gone
+    /// unrecorded (room history was off for a while, see `FileEngine::open`), so none of them
+    /// can serve a `since`: they are removed (counted as dropped at restore) and marked.
+    pub fn forget_all_through(&mut self, through: Position, gone: &mut Vec<Gone>) {
+        let streams: Vec<StreamId> = self.streams.keys().cloned().collect();
+        for stream in streams {
+            while self
+                .streams
+                .get(&stream)
+                .and_then(|s| s.entries.front())
+                .is_some_and(|e| e.position <= through)
+            {
+                self.remove_front(&stream, Why::Restore, gone);
+            }
+            if let Some(s) = self.streams.get_mut(&stream) {
+                s.trimmed_through = s.trimmed_through.max(through);
+            }
+        }
+        self.forgotten_through = self.forgotten_through.max(through);
+    }
+
     /// Raises the global mark (read from the log: what deleted segments held).
     pub fn forget_through(&mut self, position: Position) {
         self.forgotten_through = self.forgotten_through.max(position);

@@ -876,3 +876,57 @@ fn a_history_page_waits_for_the_messages_submitted_before_it() {
     // Completed in order: the page comes after the publish it followed, so it holds it.
     assert_eq!(bodies(r), ["r0", "in flight"]);
 }
+
+#[test]
+fn a_run_without_room_history_is_a_gap_the_next_run_knows_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let on = with_history(tmp.path(), 10);
+    let off = config(tmp.path());
+    let epoch;
+    let kept = {
+        let mut e = open(on.clone(), 1_000);
+        epoch = e.epoch();
+        publish_all(&mut e, "lobby", &numbered(0..2), 1_000)
+    };
+    // A run with history off: its room messages are published but not kept.
+    let unkept = {
+        let mut e = open(off, 1_000);
+        publish_all(&mut e, "lobby", &numbered(2..4), 1_000)
+    };
+    let mut e = open(on.clone(), 1_000);
+    let since = |p: Position| Since {
+        position: p,
+        epoch: Some(epoch),
+    };
+    // Before the gap or inside it: cannot be served, whatever the room still shows.
+    for p in [kept[0], kept[1], unkept[0]] {
+        let r = room_since(&mut e, "lobby", since(p), 1_000);
+        assert!(!r.recovered, "since {p:?}");
+    }
+    // From the gap's end on, the history is continuous again, across restarts too.
+    let after = publish_all(&mut e, "lobby", &numbered(4..6), 1_000);
+    drop(e);
+    let mut e = open(on, 1_000);
+    let r = room_since(&mut e, "lobby", since(unkept[1]), 1_000);
+    assert!(r.recovered);
+    assert_eq!(bodies(&r), numbered(4..6));
+    assert_eq!(r.last, Some(after[1]));
+}
+
+#[test]
+fn room_history_gaps_follow_the_runs_in_position_order() {
+    let p = Position;
+    assert_eq!(history_gap(vec![]), None);
+    assert_eq!(history_gap(vec![(p(10), false)]), None);
+    assert_eq!(
+        history_gap(vec![(p(10), true)]),
+        Some(p(9)),
+        "nothing kept before"
+    );
+    assert_eq!(history_gap(vec![(p(10), true), (p(20), true)]), Some(p(9)));
+    assert_eq!(
+        history_gap(vec![(p(30), true), (p(10), true), (p(20), false)]),
+        Some(p(29)),
+        "ordered by position, not by where compaction left the records"
+    );
+}
