@@ -531,7 +531,20 @@ describe('the demo page with room history', () => {
     assert.match(rejoins[0].since, /^[0-9]+$/);
     assert.match(rejoins[0].epoch, /^[0-9a-f]{16}$/);
     assert.equal(await erin.locator('#messages li.system', { hasText: 'may be missing' }).count(), 0);
-    clean(dave);
     clean(erin);
+
+    // Erin closes the tab; the room goes on; a reopened tab (same profile) catches up too.
+    const context = erin.context();
+    await erin.close();
+    await dave.locator('#members li[data-id="erin"]').waitFor({ state: 'detached' });
+    await acked(await say(dave, 'while the tab was closed'), 'delivered');
+    const again = await newPage(context, url);
+    await connected(again, 'erin');
+    await select(again, 'room:lobby');
+    await sees(again, 'room:lobby', /^while the tab was closed$/);
+    // Only what came after the newest message it had shown is replayed.
+    assert.equal(await again.locator('#messages li', { hasText: 'while you were away' }).count(), 0);
+    clean(dave);
+    clean(again);
   });
 });

@@ -15,7 +15,8 @@
 //   `last_msg_id`). After a reconnect the room is joined again with it; a server that keeps
 //   room history (`--room-history`) replays what the room got meanwhile before its `joined`,
 //   and says `recovered: false` when it cannot, which the page shows in the room
-//   (docs/protocol.md, "Room history").
+//   (docs/protocol.md, "Room history"). Stored per id and room, so a reopened tab catches up
+//   on its rooms as well.
 // - `epoch`: the welcome's name for the server's history of our inbox, sent back with `since`.
 //   When the server cannot replay everything after `since` (it restarted without its history,
 //   or messages outlived its retention), its welcome says `recovered: false` and the page tells
@@ -56,6 +57,9 @@
   const keySince = (id) => 'wsrelay.demo.since.' + id;
   const keyEpoch = (id) => 'wsrelay.demo.epoch.' + id;
   const keyRooms = (id) => 'wsrelay.demo.rooms.' + id;
+  // One key per room (not one object of all rooms: a room may be called `__proto__`); room
+  // names have no '/', so id and room cannot run into each other.
+  const keyRoomSince = (id, room) => 'wsrelay.demo.roomSince.' + id + '/' + room;
 
   const state = {
     authRequired: null, // from /stats.json: ask for a token (true) or an id (false)
@@ -135,6 +139,24 @@
     }
   }
 
+  function loadRoomSince(id, room) {
+    const text = store.get(localStorage, keyRoomSince(id, room));
+    try {
+      return text === null ? null : BigInt(text);
+    } catch {
+      return null;
+    }
+  }
+
+  // The rooms this id was in, as conversations to join, each with its stored `since`.
+  function restoreRooms(id) {
+    for (const room of loadRooms(id)) {
+      const conv = conversation('room', room);
+      conv.wanted = true;
+      conv.since = loadRoomSince(id, room);
+    }
+  }
+
   function loadRooms(id) {
     try {
       const rooms = JSON.parse(store.get(localStorage, keyRooms(id)) || '[]');
@@ -191,9 +213,7 @@
     state.wanted = true;
     state.attempt = 0;
     $('login-error').hidden = true;
-    if (id !== null) {
-      for (const room of loadRooms(id)) conversation('room', room).wanted = true;
-    }
+    if (id !== null) restoreRooms(id);
     connect();
   }
 
@@ -347,7 +367,7 @@
       // A token whose `sub` the page could not read: now the id is known.
       cred.id = msg.id;
       state.since = loadSince(msg.id);
-      for (const room of loadRooms(msg.id)) conversation('room', room).wanted = true;
+      restoreRooms(msg.id);
     }
     showChat();
     // Rooms are joined per connection: join again what this page was in.
@@ -493,7 +513,11 @@
     } catch {
       return;
     }
-    if (conv.since === null || n > conv.since) conv.since = n;
+    if (conv.since === null || n > conv.since) {
+      conv.since = n;
+      // Stored like the inbox's `since`, so a reopened tab catches up on its rooms too.
+      if (state.me !== null) store.set(localStorage, keyRoomSince(state.me, conv.name), n.toString());
+    }
   }
 
   function payloadText(payload) {
@@ -750,6 +774,7 @@
     if (conv.kind === 'room') {
       conv.wanted = false;
       if (conv.joined || conv.joining) send({ type: 'leave', room: conv.name });
+      if (state.me !== null) store.remove(localStorage, keyRoomSince(state.me, conv.name));
       removeConversation(conv);
       saveRooms();
     } else {
