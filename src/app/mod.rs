@@ -38,7 +38,7 @@ mod tests;
 
 pub use clock::{Clock, LoopClock, ManualClock, SystemClock};
 pub use config::AppConfig;
-pub use hub::{dedup, limits, Hub, Session, Transport};
+pub use hub::{dedup, limits, room_history_limits, Hub, Session, Transport};
 pub use ratelimit::RateLimit;
 
 use crate::engine::Engine;
