@@ -271,6 +271,7 @@ fn build_app(
         fsync: storage.fsync.policy(),
         segment_bytes: engine::file::SEGMENT_BYTES,
         limits: app::limits(&config),
+        room_history: app::room_history_limits(&config),
         dedup_window: config.dedup_window,
         dedup_idle: config.offline_ttl,
         dedup_max_bytes: config.dedup_max_bytes,
@@ -312,6 +313,20 @@ struct RelayArgs {
     /// beyond it sends are acked rejected ("store busy", counted).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     max_in_flight_bytes: usize,
+
+    /// Messages kept per envelope room, for `join` with `since` and `history` (0: room history
+    /// off).
+    #[arg(long, default_value_t = 0)]
+    room_history: usize,
+
+    /// How long a message stays in its room's history.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    room_history_ttl: Duration,
+
+    /// Bytes of room history over all rooms; beyond it the oldest messages go first. At least
+    /// --max-message plus 64K, so that every message fits.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    room_history_max_bytes: usize,
 
     /// HS256 secret: /ws and /r/ then require a JWT (?token= or Authorization: Bearer) whose
     /// `sub` is the id. Visible in `ps`: prefer --jwt-secret-file.
@@ -371,6 +386,9 @@ impl RelayArgs {
             offline_max_bytes: self.offline_max_bytes,
             dedup_max_bytes: self.dedup_max_bytes,
             max_in_flight_bytes: self.max_in_flight_bytes,
+            room_history: self.room_history,
+            room_history_ttl: self.room_history_ttl,
+            room_history_max_bytes: self.room_history_max_bytes,
             jwt_secret,
             jwt_leeway: self.jwt_leeway,
             allow_origins: self.allow_origins,
@@ -378,6 +396,20 @@ impl RelayArgs {
             ..AppConfig::default()
         })
     }
+}
+
+/// Room history must be able to keep any message the relay accepts (SPEC §16): its byte
+/// bound must hold the largest message with its envelope (from, room, timestamp: well under
+/// 64 KiB more).
+fn check_room_history(config: AppConfig, max_message: usize) -> Result<AppConfig, String> {
+    let needed = max_message.saturating_add(64 << 10);
+    if config.room_history > 0 && config.room_history_max_bytes < needed {
+        return Err(format!(
+            "--room-history-max-bytes ({}) must be at least --max-message plus 64K ({needed})",
+            config.room_history_max_bytes
+        ));
+    }
+    Ok(config)
 }
 
 /// Parses "50" or "50/s" (messages per second, more than 0).
@@ -470,6 +502,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let api_max_body = args.api.api_max_body;
+    let max_message = args.max_message;
     let built = args
         .relay
         .app_config()
@@ -478,6 +511,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             api_max_body,
             ..config
         })
+        .and_then(|config| check_room_history(config, max_message))
         .and_then(|config| build_app(config, args.storage));
     let (app, waker) = match built {
         Ok(built) => built,

@@ -1,5 +1,5 @@
-//! The application's settings: offline queue and duplicate-window bounds, identity and access
-//! (SPEC §6).
+//! The application's settings: offline queue, room history and duplicate-window bounds,
+//! identity and access (SPEC §6, §16).
 //!
 //! Owns: `AppConfig` and its defaults (which are the CLI's defaults too).
 //! Does not: parse flags (main.rs does) or read files (the JWT secret arrives as bytes).
@@ -36,6 +36,13 @@ pub struct AppConfig {
     pub api_key: Option<Vec<u8>>,
     /// Bytes a server API request body may have (`--api-max-body`); beyond it, 413.
     pub api_max_body: usize,
+    /// Messages kept per envelope room for `join` with `since` and `history` (SPEC §16); 0
+    /// keeps none (history off).
+    pub room_history: usize,
+    /// How long a room message stays in its room's history.
+    pub room_history_ttl: Duration,
+    /// Bytes of room history over all rooms; beyond it the oldest go first.
+    pub room_history_max_bytes: usize,
 }
 
 impl Default for AppConfig {
@@ -53,6 +60,9 @@ impl Default for AppConfig {
             max_in_flight_bytes: 64 << 20,
             api_key: None,
             api_max_body: super::api::DEFAULT_MAX_BODY,
+            room_history: 0,
+            room_history_ttl: Duration::from_secs(3600),
+            room_history_max_bytes: 64 << 20,
         }
     }
 }

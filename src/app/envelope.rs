@@ -64,8 +64,12 @@ pub enum Command<'a> {
         payload: &'a RawValue,
         id: Option<Cow<'a, str>>,
     },
+    /// Join `room`; with `since` (a msg_id, and optionally the `epoch` it belongs to), first
+    /// replay what the room's history holds after it (SPEC §16). Answered with `joined`.
     Join {
         room: Cow<'a, str>,
+        since: Option<MsgId>,
+        epoch: Option<Cow<'a, str>>,
     },
     Leave {
         room: Cow<'a, str>,
@@ -78,6 +82,12 @@ pub enum Command<'a> {
     /// expiry. Answered with `refreshed`, or an error (the connection keeps its old token).
     Refresh {
         token: Cow<'a, str>,
+    },
+    /// The newest messages of `room`'s history, at most `limit` (default: all it keeps);
+    /// answered with one `history` message (SPEC §16).
+    History {
+        room: Cow<'a, str>,
+        limit: Option<u64>,
     },
 }
 
@@ -117,6 +127,11 @@ pub enum EnvelopeError {
     TokenSubjectMismatch,
     /// A `refresh` on a server without `--jwt-secret`: there is no token to replace.
     TokensNotInUse,
+    /// A `since` that is not a msg_id (a string of decimal digits), or an `epoch` that is not
+    /// one (16 hex digits).
+    InvalidSince,
+    /// `history` on a server that keeps no room history (`--room-history 0`).
+    HistoryOff,
 }
 
 impl EnvelopeError {
@@ -138,6 +153,8 @@ impl EnvelopeError {
             EnvelopeError::TokenRefused(_) => "token_refused",
             EnvelopeError::TokenSubjectMismatch => "token_sub_mismatch",
             EnvelopeError::TokensNotInUse => "tokens_not_in_use",
+            EnvelopeError::InvalidSince => "invalid_since",
+            EnvelopeError::HistoryOff => "history_off",
         }
     }
 
@@ -171,6 +188,10 @@ impl EnvelopeError {
                 "the new token is for another sub; the connection keeps its current token"
             }
             EnvelopeError::TokensNotInUse => "this server does not use tokens (no --jwt-secret)",
+            EnvelopeError::InvalidSince => {
+                "since must be a msg_id (a string of decimal digits), epoch the welcome's epoch"
+            }
+            EnvelopeError::HistoryOff => "this server keeps no room history (--room-history 0)",
         })
     }
 }
@@ -192,6 +213,14 @@ struct Wire<'a> {
     /// `Some` whenever the field is present, even as `null` (a valid payload).
     #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
+    /// `join`: replay the room's history after this msg_id.
+    #[serde(borrow, default)]
+    since: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+    /// `history`: how many of the newest messages.
+    #[serde(default)]
+    limit: Option<u64>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -221,6 +250,11 @@ pub fn parse(text: &str) -> Result<Command<'_>, EnvelopeError> {
         },
         "join" => Command::Join {
             room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
+            since: match wire.since {
+                None => None,
+                Some(text) => Some(MsgId::parse(&text).ok_or(EnvelopeError::InvalidSince)?),
+            },
+            epoch: wire.epoch,
         },
         "leave" => Command::Leave {
             room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
@@ -230,6 +264,10 @@ pub fn parse(text: &str) -> Result<Command<'_>, EnvelopeError> {
         },
         "refresh" => Command::Refresh {
             token: wire.token.ok_or(EnvelopeError::MissingField("token"))?,
+        },
+        "history" => Command::History {
+            room: wire.room.ok_or(EnvelopeError::MissingField("room"))?,
+            limit: wire.limit,
         },
         _ => return Err(EnvelopeError::UnknownType),
     };
@@ -246,7 +284,16 @@ pub fn parse(text: &str) -> Result<Command<'_>, EnvelopeError> {
                 validate_id(id)?;
             }
         }
-        Command::Join { room } | Command::Leave { room } | Command::Members { room } => {
+        Command::Join { room, epoch, .. } => {
+            validate_room(room)?;
+            // The epoch is 16 hex digits (`Epoch`'s form); checked here so a typo is an error,
+            // not a silent `recovered: false`.
+            let hex = |e: &str| e.len() == 16 && e.bytes().all(|b| b.is_ascii_hexdigit());
+            if epoch.as_deref().is_some_and(|e| !hex(e)) {
+                return Err(EnvelopeError::InvalidSince);
+            }
+        }
+        Command::Leave { room } | Command::Members { room } | Command::History { room, .. } => {
             validate_room(room)?
         }
         // The token is checked by the hub's verifier, which refuses anything that is not one.
@@ -490,6 +537,54 @@ pub fn refreshed(exp: u64) -> Vec<u8> {
     })
 }
 
+#[derive(Serialize)]
+struct Joined<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    room: &'a str,
+    recovered: bool,
+    last_msg_id: Option<MsgId>,
+    epoch: &'a str,
+}
+
+/// `{"type":"joined","room":...,"recovered":...,"last_msg_id":...,"epoch":...}`: the answer
+/// to every `join`, after the replay a `since` asked for (SPEC §16). `recovered` is false when
+/// messages after the client's `since` may be missing (SPEC §13); `last_msg_id` is the newest
+/// message in the room's history (null: none, or history off); everything after `joined` is
+/// live.
+pub fn joined(room: &str, recovered: bool, last_msg_id: Option<MsgId>, epoch: &str) -> Vec<u8> {
+    to_json(&Joined {
+        kind: "joined",
+        room,
+        recovered,
+        last_msg_id,
+        epoch,
+    })
+}
+
+/// `{"type":"history","room":...,"messages":[...],"last_msg_id":...}`: a page of a room's
+/// history, oldest first, each entry a `message` exactly as it was delivered live (`messages`
+/// holds `with_msg_id` bodies, spliced in verbatim).
+pub fn history(room: &str, messages: &[Vec<u8>], last_msg_id: Option<MsgId>) -> Vec<u8> {
+    let room = serde_json::to_string(room).unwrap_or_else(|_| "null".into());
+    let last = last_msg_id.map_or_else(|| "null".to_string(), |m| format!("\"{m}\""));
+    let size: usize = messages.iter().map(|m| m.len() + 1).sum();
+    let mut out = Vec::with_capacity(size + room.len() + last.len() + 64);
+    out.extend_from_slice(br#"{"type":"history","room":"#);
+    out.extend_from_slice(room.as_bytes());
+    out.extend_from_slice(br#","messages":["#);
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m);
+    }
+    out.extend_from_slice(br#"],"last_msg_id":"#);
+    out.extend_from_slice(last.as_bytes());
+    out.push(b'}');
+    out
+}
+
 /// Bad input; the connection stays open.
 pub fn error(e: EnvelopeError) -> Vec<u8> {
     to_json(&Error {
@@ -512,7 +607,10 @@ mod tests {
             Command::Publish { room, payload, id } => {
                 format!("publish room={room} payload={} id={id:?}", payload.get())
             }
-            Command::Join { room } => format!("join room={room}"),
+            Command::Join { room, since, epoch } => {
+                format!("join room={room} since={since:?} epoch={epoch:?}")
+            }
+            Command::History { room, limit } => format!("history room={room} limit={limit:?}"),
             Command::Leave { room } => format!("leave room={room}"),
             Command::Members { room } => format!("members room={room}"),
             Command::Refresh { token } => format!("refresh token={token}"),
@@ -574,7 +672,47 @@ mod tests {
             (
                 "unknown fields ignored",
                 r#"{"type":"join","room":"lobby","x":{"y":[]}}"#.into(),
-                Ok("join room=lobby"),
+                Ok("join room=lobby since=None epoch=None"),
+            ),
+            (
+                "join with since and epoch",
+                r#"{"type":"join","room":"lobby","since":"42","epoch":"00000000000000ff"}"#.into(),
+                Ok(r#"join room=lobby since=Some(MsgId(42)) epoch=Some("00000000000000ff")"#),
+            ),
+            (
+                "join with a since that is not a msg_id",
+                r#"{"type":"join","room":"lobby","since":"4x"}"#.into(),
+                Err(InvalidSince),
+            ),
+            (
+                "join with a numeric since (msg_ids are strings)",
+                r#"{"type":"join","room":"lobby","since":42}"#.into(),
+                Err(InvalidField),
+            ),
+            (
+                "join with a bad epoch",
+                r#"{"type":"join","room":"lobby","since":"1","epoch":"xyz"}"#.into(),
+                Err(InvalidSince),
+            ),
+            (
+                "history",
+                r#"{"type":"history","room":"lobby","limit":20}"#.into(),
+                Ok("history room=lobby limit=Some(20)"),
+            ),
+            (
+                "history without a limit",
+                r#"{"type":"history","room":"lobby"}"#.into(),
+                Ok("history room=lobby limit=None"),
+            ),
+            (
+                "history with a negative limit",
+                r#"{"type":"history","room":"lobby","limit":-1}"#.into(),
+                Err(InvalidField),
+            ),
+            (
+                "history needs a room",
+                r#"{"type":"history","limit":1}"#.into(),
+                Err(MissingField("room")),
             ),
             (
                 "publish",
@@ -727,6 +865,8 @@ mod tests {
             TokenRefused("expired"),
             TokenSubjectMismatch,
             TokensNotInUse,
+            InvalidSince,
+            HistoryOff,
         ];
         let mut codes: Vec<_> = all.iter().map(|e| e.code()).collect();
         codes.sort_unstable();
@@ -802,6 +942,25 @@ mod tests {
                 "refreshed",
                 refreshed(1700000000),
                 r#"{"type":"refreshed","exp":1700000000}"#,
+            ),
+            (
+                "joined",
+                joined("lobby", true, Some(MsgId(5)), "00000000000000ff"),
+                r#"{"type":"joined","room":"lobby","recovered":true,"last_msg_id":"5","epoch":"00000000000000ff"}"#,
+            ),
+            (
+                "history splices the messages verbatim",
+                history(
+                    "lobby",
+                    &[br#"{"a":1}"#.to_vec(), br#"{"b":2}"#.to_vec()],
+                    Some(MsgId(9)),
+                ),
+                r#"{"type":"history","room":"lobby","messages":[{"a":1},{"b":2}],"last_msg_id":"9"}"#,
+            ),
+            (
+                "empty history",
+                history("lobby", &[], None),
+                r#"{"type":"history","room":"lobby","messages":[],"last_msg_id":null}"#,
             ),
             (
                 "error",

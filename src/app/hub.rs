@@ -4,9 +4,9 @@
 //! served by `demo`, and the reactor's own endpoints, which the reactor renders), admission of
 //! WebSocket requests (Origin, identity, `?since=`, subprotocol) with a `Refusal` that says why,
 //! raw rooms (`/r/<room>`), the `/ws` envelope commands (send, publish, join, leave, members,
-//! refresh), presence, acks and what each promises, the rate limit, what each connection's
-//! token allows and closing it when the token expires (SPEC §16, with `tokens.rs`), and the
-//! hub's metrics.
+//! refresh, history), presence, acks and what each promises, the order of a room join's replay
+//! against live traffic (SPEC §16), the rate limit, what each connection's token allows and
+//! closing it when the token expires (SPEC §16, with `tokens.rs`), and the hub's metrics.
 //! Does not: see sockets, descriptors or frames' bytes on the wire (SPEC §1). It acts on
 //! connections only through `Transport` (send a message or a shared frame to a `ConnId`, close
 //! one), which `App` implements with the reactor's `Outbox` and tests with a recorder. Nor does
@@ -31,6 +31,10 @@
 //! `Recovered` completes: it gets no live direct message meanwhile (the recovery holds every
 //! message stored before it), and what it sends meanwhile is held and handled right after. So
 //! it gets its welcome, then its retained messages in msg_id order, then live traffic.
+//!
+//! A room join with history on works the same way for one room (see `join`): the connection
+//! becomes a member when the engine's answer to the join arrives, so the room's messages stored
+//! before it are in the replay and every later one arrives live, each exactly once.
 
 use super::api::ApiState;
 use super::auth::{self, AuthError, Grant, JwtVerifier};
@@ -63,6 +67,10 @@ pub const SUBPROTOCOL: &str = "wsrelay.v1";
 
 /// Rooms one `/ws` connection may be in at once: bounds the memory a client can pin.
 pub const MAX_ROOMS_PER_CONNECTION: usize = 256;
+
+/// The most messages one `history` reply holds, whatever `limit` and `--room-history` say:
+/// bounds the size of one reply frame.
+pub const MAX_HISTORY_PAGE: usize = 1000;
 
 /// Messages a `/ws` connection may send before its welcome (while its recovery is with the
 /// engine); they are held and handled after it. Beyond it the connection is closed (1008):
@@ -124,10 +132,13 @@ impl Transport for Outbox<'_> {
 
 /// Per-connection state, kept by the reactor and handed back on every callback.
 #[derive(Debug)]
+///
+/// The reactor keeps one per open connection, so its size counts in every idle connection's
+/// memory (docs/benchmarks.md, "Idle memory"): what only some connections have is boxed.
 pub struct Session {
     endpoint: Endpoint,
     /// The rate limit's bucket, when `--rate` is set.
-    bucket: Option<TokenBucket>,
+    bucket: Option<Box<TokenBucket>>,
     /// The grant of the request's token (with `--jwt-secret`), from admission until `open`
     /// moves it into the hub's `tokens`, where refreshes replace it. Boxed: every session
     /// carries the field, and an empty one should cost a pointer, not the grant's size.
@@ -151,8 +162,9 @@ enum Endpoint {
     Echo,
     /// `/r/<room>`: every data message goes verbatim to the room's other members.
     Raw(Rc<str>),
-    /// `/ws`: the envelope protocol.
-    Envelope(Peer),
+    /// `/ws`: the envelope protocol. Boxed: a `Peer` is several times the size of the other
+    /// variants, which every `/echo` and raw-room session would otherwise pay for.
+    Envelope(Box<Peer>),
 }
 
 /// A WebSocket endpoint a request asks for, before it is admitted (`Hub::admit`).
@@ -219,6 +231,12 @@ pub struct Hub {
     metrics: HubMetrics,
     /// The server API (`api.rs`): its key, the requests waiting for an ack, its counters.
     pub(super) api: ApiState,
+    /// `--room-history`: messages kept per envelope room (0: history off, SPEC §16).
+    room_history: usize,
+    /// Joins waiting for the engine's answer (room history on), by connection and room: the
+    /// ticket of the latest one. A `leave`, a newer `join` of the same room or the connection's
+    /// close removes or replaces it, and the answer to a ticket no longer here is dropped.
+    joining: HashMap<(ConnId, Rc<str>), Ticket>,
     /// `--workers` above 1: told of every raw-room message relayed here, so that it reaches
     /// the members on other workers (`app/raw_bus.rs`). `None` with one worker.
     raw_outlet: Option<RawOutlet>,
@@ -234,7 +252,7 @@ const STORE_BUSY: &str = "the server is busy storing messages; try again later";
 fn work_bytes(work: &Work) -> usize {
     match work {
         Work::Send { body, .. } | Work::Publish { body, .. } => body.len(),
-        Work::Recover { .. } => 0,
+        Work::Recover { .. } | Work::Join { .. } | Work::History { .. } => 0,
     }
 }
 
@@ -261,6 +279,16 @@ enum Work {
     },
     /// What `conn` gets on connect.
     Recover { conn: ConnId, peer: Peer },
+    /// A `join` of `room` (room history on): what the room's history holds after `since`, and
+    /// the newest position, before the connection becomes a member (see `join`).
+    Join {
+        conn: ConnId,
+        peer: Peer,
+        room: Rc<str>,
+        since: Option<Since>,
+    },
+    /// A `history` request of `conn` for `room`.
+    History { conn: ConnId, room: Rc<str> },
 }
 
 /// The engine's retention bounds from the relay's flags.
@@ -269,6 +297,15 @@ pub fn limits(config: &AppConfig) -> Limits {
         per_stream: config.offline_max,
         ttl_ms: u64::try_from(config.offline_ttl.as_millis()).unwrap_or(u64::MAX),
         max_bytes: config.offline_max_bytes,
+    }
+}
+
+/// Room history's bounds from the relay's flags (SPEC §16; `per_stream` 0: off).
+pub fn room_history_limits(config: &AppConfig) -> Limits {
+    Limits {
+        per_stream: config.room_history,
+        ttl_ms: u64::try_from(config.room_history_ttl.as_millis()).unwrap_or(u64::MAX),
+        max_bytes: config.room_history_max_bytes,
     }
 }
 
@@ -288,7 +325,8 @@ impl Hub {
             instant: clock.now(),
             unix_ms: clock.unix_ms(),
         };
-        let engine = MemoryEngine::new(limits(&config), dedup(&config), now);
+        let engine = MemoryEngine::new(limits(&config), dedup(&config), now)
+            .with_room_history(room_history_limits(&config));
         Hub::with_engine(config, clock, Box::new(engine))
     }
 
@@ -317,6 +355,8 @@ impl Hub {
             wake_requested: None,
             metrics: HubMetrics::default(),
             api: ApiState::new(config.api_key.as_deref(), config.api_max_body),
+            room_history: config.room_history,
+            joining: HashMap::new(),
             clock,
             raw_outlet: None,
         }
@@ -389,7 +429,7 @@ impl Hub {
                     endpoint,
                     bucket: self
                         .rate_limit
-                        .map(|limit| TokenBucket::new(limit, self.clock.now())),
+                        .map(|limit| Box::new(TokenBucket::new(limit, self.clock.now()))),
                     grant: grant.map(Box::new),
                 },
                 protocol,
@@ -490,7 +530,7 @@ impl Hub {
             since,
         };
         let protocol = offered.then_some(SUBPROTOCOL);
-        Ok((Endpoint::Envelope(peer), protocol, grant))
+        Ok((Endpoint::Envelope(Box::new(peer)), protocol, grant))
     }
 
     /// With `--jwt-secret`, the grant of the request's token; without it, `None` (ids are
@@ -538,7 +578,7 @@ impl Hub {
                 let ticket = self.ticket();
                 let stream = StreamId::Inbox(Rc::clone(&peer.id));
                 self.engine.recover(ticket, &stream, peer.since, now);
-                let peer = peer.clone();
+                let peer = Peer::clone(peer);
                 self.waiting.insert(ticket, Work::Recover { conn, peer });
             }
         }
@@ -554,9 +594,16 @@ impl Hub {
         payload: &[u8],
         tx: &mut impl Transport,
     ) {
-        let now = self.sweep();
+        // The raw endpoints never touch the engine: they skip its maintenance (`sweep`) and
+        // its completions (`pump`), which would otherwise run per message on the hottest path
+        // (docs/benchmarks.md, "User-space cost per message"). The engine is swept by every
+        // other call into the hub, and nothing it holds can be due to a raw message.
+        let raw = !matches!(session.endpoint, Endpoint::Envelope(_));
+        let swept = (!raw).then(|| self.sweep().instant);
         if let Some(bucket) = &mut session.bucket {
-            if !bucket.take(now.instant) {
+            // The clock only when a rate limit needs it.
+            let now = swept.unwrap_or_else(|| self.clock.now());
+            if !bucket.take(now) {
                 self.metrics.rate_limited += 1;
                 debug!("{conn:?} exceeded the rate limit; closing 1008");
                 tx.close(conn, CloseCode::POLICY_VIOLATION, "rate limit exceeded");
@@ -566,6 +613,7 @@ impl Hub {
         match &session.endpoint {
             Endpoint::Echo => {
                 tx.send(conn, opcode, payload);
+                return;
             }
             Endpoint::Raw(room) => {
                 // A raw room has no acks or errors to refuse with: a member whose token may
@@ -577,7 +625,8 @@ impl Hub {
                     tx.close(conn, CloseCode::POLICY_VIOLATION, reason);
                     return;
                 }
-                self.relay_raw(conn, room, opcode, payload, tx)
+                self.relay_raw(conn, room, opcode, payload, tx);
+                return;
             }
             Endpoint::Envelope(peer) => {
                 if let Some(held) = self.recovering.get_mut(&conn) {
@@ -615,6 +664,9 @@ impl Hub {
             Endpoint::Envelope(peer) => {
                 self.names.remove(&conn);
                 self.recovering.remove(&conn);
+                if !self.joining.is_empty() {
+                    self.joining.retain(|(c, _), _| *c != conn);
+                }
                 for room in self.rooms.leave_all(conn) {
                     let (id, info) = (&peer.id, info.as_deref());
                     self.presence(&room, id, info, PresenceEvent::Leave, None, tx);
@@ -674,6 +726,18 @@ impl Hub {
             (Work::Recover { conn, peer }, Outcome::Recovered(recovery)) => {
                 self.recovered(conn, &peer, recovery, tx)
             }
+            (
+                Work::Join {
+                    conn,
+                    peer,
+                    room,
+                    since,
+                },
+                Outcome::Recovered(recovery),
+            ) => self.joined(completion.ticket, conn, &peer, room, since, recovery, tx),
+            (Work::History { conn, room }, Outcome::Recovered(page)) => {
+                self.history_page(conn, &room, page, tx)
+            }
             (work, Outcome::Stored { position }) => match work {
                 Work::Send {
                     conn,
@@ -690,7 +754,7 @@ impl Hub {
                     room,
                     body,
                 } => self.stored_publish(conn, &sender, client_id, &room, &body, position, tx),
-                Work::Recover { .. } => {}
+                Work::Recover { .. } | Work::Join { .. } | Work::History { .. } => {}
             },
             (work, Outcome::Duplicate { position, status }) => {
                 if let Work::Send {
@@ -741,6 +805,8 @@ impl Hub {
         };
         if peer.since.is_some() && !recovery.recovered {
             self.metrics.recoveries_incomplete += 1;
+        } else if peer.since.is_some() {
+            self.metrics.recoveries_complete += 1;
         }
         // The welcome and the first message of the backlog are queued whatever --max-outbound
         // says (the 101 response already fills part of it): otherwise one message that fits
@@ -997,10 +1063,18 @@ impl Hub {
             Ok(Command::Publish { room, payload, id }) => {
                 self.publish(conn, peer, &room, payload, id.as_deref(), tx)
             }
-            Ok(Command::Join { room }) => self.join(conn, peer, &room, tx),
+            Ok(Command::Join { room, since, epoch }) => {
+                let since = since.map(|msg_id| Since {
+                    position: Position(msg_id.0),
+                    // Checked by the parser: 16 hex digits.
+                    epoch: epoch.as_deref().and_then(Epoch::parse),
+                });
+                self.join(conn, peer, &room, since, tx)
+            }
             Ok(Command::Leave { room }) => self.leave(conn, peer, &room, tx),
             Ok(Command::Members { room }) => self.members(conn, &room, tx),
             Ok(Command::Refresh { token }) => self.refresh(conn, peer, &token, tx),
+            Ok(Command::History { room, limit }) => self.history(conn, &room, limit, tx),
         }
     }
 
@@ -1047,6 +1121,7 @@ impl Hub {
                 sender: Rc::clone(&sender),
                 client_id: client_id.clone(),
                 body: Rc::clone(&body),
+                keep: false,
             };
             self.engine.publish(ticket, publish, now);
         }
@@ -1123,6 +1198,7 @@ impl Hub {
             sender: Rc::clone(&peer.id),
             client_id: client_id.clone(),
             body: Rc::clone(&body),
+            keep: true,
         };
         self.engine.publish(ticket, publish, now);
         let work = Work::Publish {
@@ -1136,22 +1212,185 @@ impl Hub {
         self.waiting.insert(ticket, work);
     }
 
-    /// Joins a room and tells every member, the joiner included (its confirmation). Joining a
-    /// room twice changes nothing, and only the joiner hears about it again.
-    fn join(&mut self, conn: ConnId, peer: &Peer, room: &str, tx: &mut impl Transport) {
+    /// Joins a room and tells every member, the joiner included (its presence event), then
+    /// answers `joined` (docs/protocol.md, "Room history"). Joining a room twice changes
+    /// nothing: only the joiner hears its presence event again, and `joined` with nothing
+    /// replayed (a member got every message live).
+    ///
+    /// With room history on, the join first asks the engine for what the room's history holds
+    /// after `since` (and its newest position), and the connection becomes a member only when
+    /// that answer comes: the engine answers in submission order, so every message stored
+    /// before the answer is in the replay and every later one reaches the new member live,
+    /// none twice and none missed. Replayed messages include the joiner's own (after a
+    /// reconnect, a client wants its side of the conversation too; clients dedup by msg_id).
+    fn join(
+        &mut self,
+        conn: ConnId,
+        peer: &Peer,
+        room: &str,
+        since: Option<Since>,
+        tx: &mut impl Transport,
+    ) {
         if !self.tokens.may_join(conn, room) {
             return self.error(conn, EnvelopeError::Forbidden, tx);
         }
         let info = self.tokens.info(conn);
-        let (id, info) = (&peer.id, info.as_deref());
-        if self.rooms.is_member(conn, room) {
-            return self.presence(room, id, info, PresenceEvent::Join, Some(conn), tx);
+        let info = info.as_deref();
+        let member = self.rooms.is_member(conn, room);
+        if !member && self.rooms.rooms_of(conn) >= MAX_ROOMS_PER_CONNECTION {
+            return self.error(conn, EnvelopeError::TooManyRooms, tx);
+        }
+        if self.room_history > 0 {
+            let room: Rc<str> = Rc::from(room);
+            let stream = StreamId::Room(Rc::clone(&room));
+            let ticket = self.ticket();
+            // A member needs no replay (it got every message live): only the newest position.
+            let since = since.filter(|_| !member);
+            self.engine.recover(ticket, &stream, since, self.now());
+            self.joining.insert((conn, Rc::clone(&room)), ticket);
+            let peer = peer.clone();
+            let work = Work::Join {
+                conn,
+                peer,
+                room,
+                since,
+            };
+            self.waiting.insert(ticket, work);
+            return;
+        }
+        // History off: nothing to replay, so the join is immediate; a `since` cannot be
+        // served (SPEC §13: history off -> recovered false).
+        if member {
+            self.presence(room, &peer.id, info, PresenceEvent::Join, Some(conn), tx);
+        } else {
+            self.rooms.join(conn, room);
+            self.presence(room, &peer.id, info, PresenceEvent::Join, None, tx);
+            self.count_room_recovery(since.is_some(), false);
+        }
+        let recovered = member || since.is_none();
+        let epoch = self.engine_epoch();
+        tx.send(
+            conn,
+            OpCode::Text,
+            &envelope::joined(room, recovered, None, &epoch),
+        );
+    }
+
+    /// The engine answered a `join` (room history on): membership starts now, then the
+    /// replay, then `joined` (see `join`).
+    #[allow(clippy::too_many_arguments)]
+    fn joined(
+        &mut self,
+        ticket: Ticket,
+        conn: ConnId,
+        peer: &Peer,
+        room: Rc<str>,
+        since: Option<Since>,
+        recovery: Recovery,
+        tx: &mut impl Transport,
+    ) {
+        let key = (conn, room);
+        if self.joining.get(&key) != Some(&ticket) {
+            return; // left, closed or joined again meanwhile: that one answers
+        }
+        self.joining.remove(&key);
+        let (_, room) = key;
+        let info = self.tokens.info(conn);
+        let info = info.as_deref();
+        let epoch = recovery.epoch.to_string();
+        let last = recovery.last.map(|p| MsgId(p.0));
+        if self.rooms.is_member(conn, &room) {
+            self.presence(&room, &peer.id, info, PresenceEvent::Join, Some(conn), tx);
+            let joined = envelope::joined(&room, true, last, &epoch);
+            tx.send(conn, OpCode::Text, &joined);
+            return;
         }
         if self.rooms.rooms_of(conn) >= MAX_ROOMS_PER_CONNECTION {
             return self.error(conn, EnvelopeError::TooManyRooms, tx);
         }
-        self.rooms.join(conn, room);
-        self.presence(room, id, info, PresenceEvent::Join, None, tx);
+        self.rooms.join(conn, &room);
+        self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
+        // As for a welcome's backlog (`recovered`): the first replayed message is queued
+        // whatever --max-outbound says, so a connection always makes progress; if the rest
+        // does not fit, the connection is closed (1008) rather than let live traffic overtake
+        // the replay, and it rejoins with `since` where it got to.
+        for (i, m) in recovery.messages.iter().enumerate() {
+            let text = envelope::with_msg_id(&m.body, MsgId(m.position.0));
+            let frame = tx.encode_shared(OpCode::Text, &text);
+            let sent = if i == 0 {
+                tx.send_shared_unbounded(conn, &frame)
+            } else {
+                tx.send_shared(conn, &frame)
+            };
+            if sent != Sent::Queued {
+                tx.close(
+                    conn,
+                    CloseCode::POLICY_VIOLATION,
+                    "room history replay exceeds --max-outbound",
+                );
+                return;
+            }
+            self.metrics.room_replayed += 1;
+        }
+        self.count_room_recovery(since.is_some(), recovery.recovered);
+        let joined = envelope::joined(&room, recovery.recovered, last, &epoch);
+        tx.send(conn, OpCode::Text, &joined);
+    }
+
+    /// Counts a room join that asked for a replay (`since`), by whether it was complete.
+    fn count_room_recovery(&mut self, asked: bool, recovered: bool) {
+        if asked {
+            let counter = if recovered {
+                &mut self.metrics.room_recoveries_complete
+            } else {
+                &mut self.metrics.room_recoveries_incomplete
+            };
+            *counter += 1;
+        }
+    }
+
+    /// The epoch the engine's streams belong to, for `joined` without an engine answer.
+    fn engine_epoch(&self) -> String {
+        self.engine.epoch().to_string()
+    }
+
+    /// `history`: the newest messages of a room's history, in one `history` reply (SPEC §16).
+    /// Refused like `join` for a room the token does not allow; `limit` is capped at what the
+    /// room keeps and at `MAX_HISTORY_PAGE`.
+    fn history(&mut self, conn: ConnId, room: &str, limit: Option<u64>, tx: &mut impl Transport) {
+        if !self.tokens.may_join(conn, room) {
+            return self.error(conn, EnvelopeError::Forbidden, tx);
+        }
+        if self.room_history == 0 {
+            return self.error(conn, EnvelopeError::HistoryOff, tx);
+        }
+        let most = self.room_history.min(MAX_HISTORY_PAGE);
+        let limit = limit.map_or(most, |l| usize::try_from(l).unwrap_or(most).min(most));
+        let room: Rc<str> = Rc::from(room);
+        let ticket = self.ticket();
+        let stream = StreamId::Room(Rc::clone(&room));
+        self.engine.history(ticket, &stream, limit, self.now());
+        self.waiting.insert(ticket, Work::History { conn, room });
+    }
+
+    /// The engine's page for a `history` request: one reply, oldest first.
+    fn history_page(&mut self, conn: ConnId, room: &str, page: Recovery, tx: &mut impl Transport) {
+        if !self.names.contains_key(&conn) {
+            return; // closed meanwhile
+        }
+        let messages: Vec<Vec<u8>> = page
+            .messages
+            .iter()
+            .map(|m| envelope::with_msg_id(&m.body, MsgId(m.position.0)))
+            .collect();
+        self.metrics.history_requests += 1;
+        self.metrics.history_messages += messages.len() as u64;
+        let last = page.last.map(|p| MsgId(p.0));
+        tx.send(
+            conn,
+            OpCode::Text,
+            &envelope::history(room, &messages, last),
+        );
     }
 
     /// Leaves a room, telling every member, the leaver included. Leaving a room one is not in
@@ -1159,6 +1398,10 @@ impl Hub {
     fn leave(&mut self, conn: ConnId, peer: &Peer, room: &str, tx: &mut impl Transport) {
         let info = self.tokens.info(conn);
         let (id, info) = (&peer.id, info.as_deref());
+        if !self.joining.is_empty() {
+            // A join still waiting for the engine is cancelled: its answer finds no entry.
+            self.joining.remove(&(conn, Rc::from(room)));
+        }
         if self.rooms.is_member(conn, room) {
             self.presence(room, id, info, PresenceEvent::Leave, None, tx);
             self.rooms.leave(conn, room);

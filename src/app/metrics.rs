@@ -32,6 +32,16 @@ pub struct HubMetrics {
     pub recovery_replayed: u64,
     /// Connections with `?since=` whose welcome said `recovered: false`.
     pub recoveries_incomplete: u64,
+    /// Connections with `?since=` whose welcome said `recovered: true`.
+    pub recoveries_complete: u64,
+    /// Room joins with `since` answered `recovered: true` / `false` (SPEC §16).
+    pub room_recoveries_complete: u64,
+    pub room_recoveries_incomplete: u64,
+    /// Room history messages replayed to joiners with `since`.
+    pub room_replayed: u64,
+    /// `history` requests answered, and the messages their replies held.
+    pub history_requests: u64,
+    pub history_messages: u64,
     /// Sends and publishes rejected because the engine could not store them.
     pub store_rejections: u64,
     /// Sends and publishes rejected because too much was waiting for the engine already.
@@ -229,6 +239,38 @@ impl HubMetrics {
             "wsrelay_recoveries_incomplete_total",
             "Connections with ?since= told recovered: false (messages after since may be missing).",
             self.recoveries_incomplete,
+        );
+        w.family(
+            "wsrelay_recoveries_total",
+            "counter",
+            "Recoveries asked for with a since, by kind (inbox: ?since= on connect; room: join with since) and by whether they were complete (SPEC §13).",
+        );
+        for (kind, recovered, n) in [
+            ("inbox", "true", self.recoveries_complete),
+            ("inbox", "false", self.recoveries_incomplete),
+            ("room", "true", self.room_recoveries_complete),
+            ("room", "false", self.room_recoveries_incomplete),
+        ] {
+            w.sample(
+                "wsrelay_recoveries_total",
+                &[("kind", kind), ("recovered", recovered)],
+                n,
+            );
+        }
+        w.counter(
+            "wsrelay_room_replayed_total",
+            "Room history messages replayed to connections that joined with since.",
+            self.room_replayed,
+        );
+        w.counter(
+            "wsrelay_history_requests_total",
+            "history requests answered.",
+            self.history_requests,
+        );
+        w.counter(
+            "wsrelay_history_messages_total",
+            "Messages sent in history replies.",
+            self.history_messages,
         );
         w.counter(
             "wsrelay_store_rejections_total",

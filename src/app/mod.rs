@@ -40,9 +40,9 @@ pub mod workers;
 #[cfg(test)]
 mod tests;
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, LoopClock, ManualClock, SystemClock};
 pub use config::AppConfig;
-pub use hub::{dedup, limits, Hub, Session, Transport};
+pub use hub::{dedup, limits, room_history_limits, Hub, Session, Transport};
 pub use ratelimit::RateLimit;
 
 use crate::engine::Engine;
@@ -50,30 +50,41 @@ use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Request;
 use crate::protocol::Refusal;
 use crate::server::{ConnId, Handler, Outbox, Route};
+use std::time::Instant;
 
 /// The wsrelay application.
 pub struct App {
     hub: Hub,
+    /// The clock the hub reads, set by the reactor once per loop iteration (`set_now`); `None`
+    /// when the app runs on another clock (tests' `ManualClock`).
+    loop_clock: Option<LoopClock>,
 }
 
 impl App {
-    /// The application on the system clock.
+    /// The application on the system clock, read once per loop iteration (`LoopClock`).
     pub fn new(config: AppConfig) -> App {
-        App::with_clock(config, Box::new(SystemClock))
+        let clock = LoopClock::new();
+        App {
+            hub: Hub::new(config, Box::new(clock.clone())),
+            loop_clock: Some(clock),
+        }
     }
 
     /// The application on a given clock (tests use `ManualClock`).
     pub fn with_clock(config: AppConfig, clock: Box<dyn Clock>) -> App {
         App {
             hub: Hub::new(config, clock),
+            loop_clock: None,
         }
     }
 
     /// The application on the system clock and a given engine (`--data-dir`: the file
     /// engine, whose storage thread wakes the reactor, which then calls `on_wake`).
     pub fn with_engine(config: AppConfig, engine: Box<dyn Engine>) -> App {
+        let clock = LoopClock::new();
         App {
-            hub: Hub::with_engine(config, Box::new(SystemClock), engine),
+            hub: Hub::with_engine(config, Box::new(clock.clone()), engine),
+            loop_clock: Some(clock),
         }
     }
 
@@ -107,6 +118,12 @@ impl Default for App {
 
 impl Handler for App {
     type Session = Session;
+
+    fn set_now(&mut self, now: Instant) {
+        if let Some(clock) = &self.loop_clock {
+            clock.set(now);
+        }
+    }
 
     fn route(&mut self, _conn: ConnId, request: &Request) -> Route<Session> {
         if let Some(route) = self.hub.route_api(request) {

@@ -17,6 +17,7 @@ use crate::protocol::Refusal;
 use crate::server::{ConnId, Handler, Outbox, Route};
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Instant;
 
 /// One worker's app: the `App` and its end of the bus, minus what the bus does not carry yet.
 pub struct WorkerApp {
@@ -42,8 +43,14 @@ fn needs_the_bus(path: &str) -> Option<Refusal> {
     (path == "/ws").then_some(Refusal::NotAcrossWorkers("/ws"))
 }
 
+// Every method of `Handler` is forwarded, the defaulted ones included: a default left in place
+// here would silently replace the `App`'s own behaviour (its clock, its wake-ups).
 impl Handler for WorkerApp {
     type Session = Session;
+
+    fn set_now(&mut self, now: Instant) {
+        self.app.set_now(now);
+    }
 
     fn route(&mut self, conn: ConnId, request: &Request) -> Route<Session> {
         // Only a GET can reach an endpoint; other methods get the App's 405 as before.

@@ -197,6 +197,7 @@ fn build_report(
     let server = match (pid, before, at_start, at_end) {
         (Some(pid), Some(before), Some(start), Some(end)) => {
             let cpu_secs = end.cpu_secs_since(&start);
+            let user_secs = end.user_secs_since(&start);
             let messages = match traffic {
                 Traffic::Echo | Traffic::Broadcast => Some(tally.received),
                 Traffic::Idle | Traffic::Connect => None,
@@ -204,6 +205,8 @@ fn build_report(
             Some(ServerFigures {
                 pid,
                 cpu_secs,
+                user_secs,
+                sys_secs: (cpu_secs - user_secs).max(0.0),
                 rss_before_kib: before.rss_kib,
                 rss_after_kib: start.rss_kib,
                 rss_per_connection_bytes: match traffic {

@@ -20,6 +20,8 @@ pub const USER_HZ: u64 = 100;
 pub struct Sample {
     /// User plus system CPU time so far, in clock ticks of `USER_HZ`.
     pub cpu_ticks: u64,
+    /// The user-space part of `cpu_ticks` (utime); the rest is the kernel's (stime).
+    pub user_ticks: u64,
     /// Resident set size, in KiB.
     pub rss_kib: u64,
 }
@@ -28,6 +30,12 @@ impl Sample {
     /// CPU seconds between an earlier sample and this one.
     pub fn cpu_secs_since(&self, earlier: &Sample) -> f64 {
         self.cpu_ticks.saturating_sub(earlier.cpu_ticks) as f64 / USER_HZ as f64
+    }
+
+    /// User-space CPU seconds between an earlier sample and this one (the rest of
+    /// `cpu_secs_since` is system time: the kernel working for the process).
+    pub fn user_secs_since(&self, earlier: &Sample) -> f64 {
+        self.user_ticks.saturating_sub(earlier.user_ticks) as f64 / USER_HZ as f64
     }
 }
 
@@ -41,8 +49,10 @@ pub fn sample(pid: u32) -> io::Result<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let malformed =
         |what| io::Error::new(io::ErrorKind::InvalidData, format!("/proc/{pid}/{what}"));
+    let (user_ticks, sys_ticks) = parse_user_sys_ticks(&stat).ok_or_else(|| malformed("stat"))?;
     Ok(Sample {
-        cpu_ticks: parse_cpu_ticks(&stat).ok_or_else(|| malformed("stat"))?,
+        cpu_ticks: user_ticks.saturating_add(sys_ticks),
+        user_ticks,
         rss_kib: parse_vm_rss_kib(&status).ok_or_else(|| malformed("status"))?,
     })
 }
@@ -52,12 +62,18 @@ pub fn sample(pid: u32) -> io::Result<Sample> {
 /// Field 2, the command name, is in parentheses and may itself contain spaces and ')', so the
 /// fields are counted from the last ')': after it come field 3 (state), then 4, 5, ...
 pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let (utime, stime) = parse_user_sys_ticks(stat)?;
+    utime.checked_add(stime)
+}
+
+/// utime and stime (fields 14 and 15 of proc(5)) apart, from the text of /proc/PID/stat.
+pub fn parse_user_sys_ticks(stat: &str) -> Option<(u64, u64)> {
     let (_, after_comm) = stat.rsplit_once(')')?;
     let mut fields = after_comm.split_ascii_whitespace();
     // Field 3 is the first after ')': utime (14) is 11 further, stime (15) right after it.
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    utime.checked_add(stime)
+    Some((utime, stime))
 }
 
 /// The VmRSS line of /proc/PID/status (`VmRSS: 12345 kB`, a tab after the colon), in KiB.
@@ -100,6 +116,9 @@ mod tests {
         ];
         for (name, text, want) in cases {
             assert_eq!(parse_cpu_ticks(text), *want, "{name}");
+            if want.is_some() {
+                assert_eq!(parse_user_sys_ticks(text), Some((14, 15)), "{name}");
+            }
         }
     }
 
@@ -128,13 +147,16 @@ mod tests {
     fn cpu_seconds_between_samples() {
         let a = Sample {
             cpu_ticks: 100,
+            user_ticks: 40,
             rss_kib: 0,
         };
         let b = Sample {
             cpu_ticks: 350,
+            user_ticks: 90,
             rss_kib: 0,
         };
         assert_eq!(b.cpu_secs_since(&a), 2.5);
+        assert_eq!(b.user_secs_since(&a), 0.5);
         assert_eq!(a.cpu_secs_since(&b), 0.0);
     }
 

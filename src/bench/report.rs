@@ -61,6 +61,8 @@ others cover only the measured window that follows the warm-up. Latencies are in
   server                          null without --server-pid, else:
   server.pid                      the process sampled
   server.cpu_secs                 user+system CPU the server used during the window
+  server.user_secs                the user-space part of cpu_secs (utime)
+  server.sys_secs                 the kernel's part of cpu_secs (stime)
   server.rss_before_kib           server VmRSS before the first connection
   server.rss_after_kib            server VmRSS at the start of the window (all connections open)
   server.rss_per_connection_bytes (rss_after - rss_before) / opened; null in connect mode
@@ -113,6 +115,8 @@ pub struct ChildExtra {
 pub struct ServerFigures {
     pub pid: u32,
     pub cpu_secs: f64,
+    pub user_secs: f64,
+    pub sys_secs: f64,
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
     pub rss_per_connection_bytes: Option<f64>,
@@ -180,8 +184,8 @@ impl Report {
         if let Some(s) = &self.server {
             let _ = write!(
                 t,
-                "server (pid {}): {:.2} CPU-s in the window",
-                s.pid, s.cpu_secs
+                "server (pid {}): {:.2} CPU-s in the window (user {:.2}, system {:.2})",
+                s.pid, s.cpu_secs, s.user_secs, s.sys_secs
             );
             if let (Some(per_sec), Some(per_msg)) = (s.messages_per_cpu_sec, s.cpu_us_per_message) {
                 let _ = write!(
@@ -261,6 +265,8 @@ mod tests {
             server: Some(ServerFigures {
                 pid: 1,
                 cpu_secs: 0.5,
+                user_secs: 0.125,
+                sys_secs: 0.375,
                 rss_before_kib: 1,
                 rss_after_kib: 2,
                 rss_per_connection_bytes: Some(102.4),

@@ -1,7 +1,8 @@
 //! The client's half of the `/ws` envelope protocol and the way received traffic is shown: JSON
 //! out for what we send, typed values in for what the server sends, and text lines for people.
 //!
-//! Owns: `encode` (send, publish, join, leave envelopes), `parse` into `ServerEnvelope`, the
+//! Owns: `encode` (send, publish, join, leave envelopes; `encode_join` for a rejoin with
+//! `since`), `parse` into `ServerEnvelope`, the
 //! human renderings (`[12:00:01] alice -> bob: hi`), and the `--json` renderings.
 //! Does not: read a clock (times come in as text), write anything, or track ids (`outbox.rs`).
 //!
@@ -27,6 +28,18 @@ pub fn encode(out: &Outgoing) -> String {
         Outgoing::Join(room) => json!({"type": "join", "room": room}).to_string(),
         Outgoing::Leave(room) => json!({"type": "leave", "room": room}).to_string(),
         Outgoing::Raw(text) => text.clone(),
+    }
+}
+
+/// `{"type":"join","room":...,"since":...,"epoch":...}`: joining a room again after a
+/// reconnect, asking for what was missed (SPEC §16); without a `since`, a plain join.
+pub fn encode_join(room: &str, since: Option<(&str, Option<&str>)>) -> String {
+    match since {
+        None => json!({"type": "join", "room": room}).to_string(),
+        Some((since, None)) => json!({"type": "join", "room": room, "since": since}).to_string(),
+        Some((since, Some(epoch))) => {
+            json!({"type": "join", "room": room, "since": since, "epoch": epoch}).to_string()
+        }
     }
 }
 
@@ -71,6 +84,13 @@ pub enum ServerEnvelope {
     /// The relay took our new token (`refresh`); `exp` is its expiry, seconds since the epoch.
     Refreshed {
         exp: Option<f64>,
+    },
+    /// The answer to a join (SPEC §16): after it, the room's traffic is live.
+    Joined {
+        room: String,
+        /// False when messages after our `since` may be missing.
+        recovered: bool,
+        last_msg_id: Option<String>,
     },
 }
 
@@ -124,6 +144,11 @@ pub fn parse(text: &str) -> Result<ServerEnvelope, String> {
         "error" => ServerEnvelope::Error {
             code: text_field("code").unwrap_or_default(),
             message: text_field("message").unwrap_or_default(),
+        },
+        "joined" => ServerEnvelope::Joined {
+            room: text_field("room").unwrap_or_default(),
+            recovered: value.get("recovered").and_then(Value::as_bool) != Some(false),
+            last_msg_id: id_field("last_msg_id"),
         },
         _ => ServerEnvelope::Other(value),
     })
@@ -284,6 +309,20 @@ mod tests {
             assert_eq!(got, want, "{text}");
         }
         assert_eq!(encode(&Outgoing::Raw("{not json".into())), "{not json");
+        for (since, want) in [
+            (None, json!({"type":"join","room":"lobby"})),
+            (
+                Some(("42", None)),
+                json!({"type":"join","room":"lobby","since":"42"}),
+            ),
+            (
+                Some(("42", Some("00000000000000ff"))),
+                json!({"type":"join","room":"lobby","since":"42","epoch":"00000000000000ff"}),
+            ),
+        ] {
+            let got: Value = serde_json::from_str(&encode_join("lobby", since)).unwrap();
+            assert_eq!(got, want);
+        }
     }
 
     fn check(name: &str, text: &str, expected: Result<ServerEnvelope, ()>) {
@@ -313,6 +352,10 @@ mod tests {
                 Ok(Ack { id: Some("t-2".into()), msg_id: None, status: "rejected".into(), reason: Some("forbidden".into()) })),
             ("presence", r#"{"type":"presence","room":"lobby","id":"bob","event":"join"}"#,
                 Ok(Presence { room: "lobby".into(), id: "bob".into(), event: "join".into() })),
+            ("joined", r#"{"type":"joined","room":"lobby","recovered":false,"last_msg_id":"12","epoch":"00000000000000ff"}"#,
+                Ok(Joined { room: "lobby".into(), recovered: false, last_msg_id: Some("12".into()) })),
+            ("joined, nothing kept", r#"{"type":"joined","room":"lobby","recovered":true,"last_msg_id":null}"#,
+                Ok(Joined { room: "lobby".into(), recovered: true, last_msg_id: None })),
             ("error", r#"{"type":"error","code":"invalid_room","message":"no"}"#,
                 Ok(Error { code: "invalid_room".into(), message: "no".into() })),
             ("unknown type", r#"{"type":"stats","n":1}"#, Ok(Other(json!({"type":"stats","n":1})))),

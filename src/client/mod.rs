@@ -114,7 +114,9 @@ Reconnects: exponential backoff with jitter (1 s doubling to 30 s, +-20 %), rese
 connection stayed up 10 s; each attempt is logged on stderr as
   wsrelay client: reconnecting to URL in 1.8s (attempt 2)
 Lines typed while disconnected are queued; un-acked messages are re-sent with the same id, and
-/ws reconnects ask for ?since=<last msg_id> so nothing is missed or shown twice.
+/ws reconnects ask for ?since=<last msg_id> so nothing is missed or shown twice, and rejoin
+each room with the last msg_id seen in it as since (a relay with --room-history replays what
+was published meanwhile; when it cannot, the client says messages may be missing).
 
 Tokens: --token sends one JWT; when the relay closes the connection because it expired (close
 4001), the client stops (exit 2). --token-cmd CMD runs CMD for a token before each connection

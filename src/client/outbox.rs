@@ -3,7 +3,8 @@
 //!
 //! Owns: `Outbox` (client message ids, the bounded queue of lines typed while disconnected, the
 //! messages written but not yet acked, the rooms joined) and `Seen` (received msg_ids for
-//! deduplication, and the last one, for `?since=`).
+//! deduplication, the last one, for `?since=`, and the last one of each room, for a rejoin's
+//! `since`, SPEC §16).
 //! Does not: encode JSON (`envelope.rs`), write to a socket or decide when to reconnect
 //! (`session.rs`).
 //!
@@ -196,6 +197,9 @@ pub struct Seen {
     set: HashSet<String>,
     capacity: usize,
     last: Option<String>,
+    /// Per room joined: the newest room msg_id received (or the `joined`'s `last_msg_id`),
+    /// sent as `since` when the room is joined again after a reconnect (SPEC §16).
+    rooms: HashMap<String, String>,
     /// The epoch of the relay's history `last` belongs to (the welcome's `epoch`), passed
     /// back with `?since=` so the relay can tell a position from another history (SPEC §13).
     epoch: Option<String>,
@@ -209,6 +213,7 @@ impl Seen {
             set: HashSet::new(),
             capacity: capacity.max(1),
             last: None,
+            rooms: HashMap::new(),
             epoch: None,
         }
     }
@@ -227,9 +232,45 @@ impl Seen {
         self.order.push_back(msg_id.to_string());
         self.set.insert(msg_id.to_string());
         // Messages arrive in msg_id order on one connection (SPEC §6: "in order, before live
-        // traffic"), so the newest arrival is the highest seen.
-        self.last = Some(msg_id.to_string());
+        // traffic"), so the newest arrival is the highest seen; except a room's replay after a
+        // rejoin (SPEC §16), whose older msg_ids must not pull `?since=` back.
+        if self.last.as_deref().is_none_or(|last| !older(msg_id, last)) {
+            self.last = Some(msg_id.to_string());
+        }
         true
+    }
+
+    /// A message of `room` arrived (after `first_time` said it is new): the room's `since`.
+    pub fn room_message(&mut self, room: &str, msg_id: &str) {
+        match self.rooms.get_mut(room) {
+            Some(last) if older(msg_id, last) => {}
+            Some(last) => *last = msg_id.to_string(),
+            None => {
+                self.rooms.insert(room.to_string(), msg_id.to_string());
+            }
+        }
+    }
+
+    /// A `joined` answer: `last_msg_id` is the newest message in the room's history. Before we
+    /// have received a message of the room ourselves, it is where a rejoin's replay starts (as
+    /// the welcome's is for `?since=`).
+    pub fn joined(&mut self, room: &str, last_msg_id: Option<&str>) {
+        if let Some(last) = last_msg_id {
+            if !self.rooms.contains_key(room) {
+                self.rooms.insert(room.to_string(), last.to_string());
+            }
+        }
+    }
+
+    /// We left `room`: a later join starts afresh.
+    pub fn left(&mut self, room: &str) {
+        self.rooms.remove(room);
+    }
+
+    /// The `since` for joining `room` again, and the epoch it belongs to.
+    pub fn room_since(&self, room: &str) -> Option<(&str, Option<&str>)> {
+        let since = self.rooms.get(room)?;
+        Some((since.as_str(), self.epoch.as_deref()))
     }
 
     /// The welcome's `last_msg_id`: the newest message the relay retains for us. Before we have
@@ -260,9 +301,46 @@ impl Seen {
     }
 }
 
+/// Is msg_id `a` older than `b`? msg_ids are decimal strings compared as numbers (SPEC §6);
+/// one that is not a number is never older (it is taken as news).
+fn older(a: &str, b: &str) -> bool {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(a), Ok(b)) => a < b,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_room_remembers_its_newest_msg_id_and_replays_do_not_pull_since_back() {
+        let mut seen = Seen::new(100);
+        seen.welcome(Some("50"), Some("00000000000000ff"));
+        assert_eq!(seen.room_since("lobby"), None, "never joined");
+        seen.joined("lobby", Some("40"));
+        assert_eq!(
+            seen.room_since("lobby"),
+            Some(("40", Some("00000000000000ff")))
+        );
+        seen.joined("lobby", Some("45"));
+        assert_eq!(seen.room_since("lobby").unwrap().0, "40", "kept until news");
+        for id in ["60", "70"] {
+            assert!(seen.first_time(id));
+            seen.room_message("lobby", id);
+        }
+        assert_eq!(seen.room_since("lobby").unwrap().0, "70");
+        // A rejoin of another room replays older messages: neither since goes back.
+        assert!(seen.first_time("55"));
+        seen.room_message("dev", "55");
+        seen.room_message("lobby", "65");
+        assert_eq!(seen.room_since("lobby").unwrap().0, "70");
+        assert_eq!(seen.room_since("dev").unwrap().0, "55");
+        assert_eq!(seen.since(), Some("70"));
+        seen.left("lobby");
+        assert_eq!(seen.room_since("lobby"), None);
+    }
 
     fn send(outbox: &mut Outbox, to: &str, text: &str) -> Outgoing {
         Outgoing::Send {

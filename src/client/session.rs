@@ -641,7 +641,15 @@ impl Session {
         let Link::Up(up) = &mut self.link else {
             return;
         };
-        let text = envelope::encode(out);
+        let text = match out {
+            // A room we were in before a reconnect: ask for what we missed (SPEC §16).
+            Outgoing::Join(room) => envelope::encode_join(room, self.seen.room_since(room)),
+            Outgoing::Leave(room) => {
+                self.seen.left(room);
+                envelope::encode(out)
+            }
+            _ => envelope::encode(out),
+        };
         match up.conn.send(OpCode::Text, text.as_bytes()) {
             Ok(()) => {
                 log::debug!("client: wrote {text}");
@@ -810,6 +818,9 @@ impl Session {
                     if !self.seen.first_time(&msg_id) {
                         return; // a copy we already showed (recovery or re-send)
                     }
+                    if let Some(room) = &room {
+                        self.seen.room_message(room, &msg_id);
+                    }
                 }
                 Some(envelope::render_message(
                     &clock(timestamp_ms),
@@ -857,6 +868,22 @@ impl Session {
                         left.max(0.0)
                     ),
                     None => eprintln!("wsrelay client: token refreshed"),
+                }
+                None
+            }
+            ServerEnvelope::Joined {
+                room,
+                recovered,
+                last_msg_id,
+            } => {
+                self.seen.joined(&room, last_msg_id.as_deref());
+                if !recovered {
+                    // SPEC §13: never a silent partial recovery (the relay replayed what it
+                    // still had, before this answer).
+                    eprintln!(
+                        "wsrelay client: some messages in #{} while you were away may be missing (the relay keeps no history that far back)",
+                        envelope::printable(&room)
+                    );
                 }
                 None
             }

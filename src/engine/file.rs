@@ -17,6 +17,11 @@
 //! 3. `poll` turns the answer into `Stored` (or, if the write failed, takes the message out of
 //!    the index again and completes `Rejected`). Only now does the hub deliver and ack it.
 //!
+//! Room history (SPEC §16) uses the same log: with it on, a room message is written as an
+//! `Append` record to the room's stream (never pending) instead of the position-only
+//! `Published` record, and start-up rebuilds the room index from those records, as it does the
+//! inboxes. A room message whose write fails is then rejected like a direct message.
+//!
 //! Every piece of work completes in the order it was submitted, even work that needs no disk
 //! (a duplicate, a refusal, a `recover`): it waits in `queue` behind what was submitted before
 //! it. So a `recover` sees every message stored before it, and replays exactly those
@@ -24,8 +29,8 @@
 //!
 //! # Reads never touch the disk
 //!
-//! The whole index (every retained body) lives in memory, bounded by `--offline-max-bytes`, as
-//! with the memory engine; the log is only read at start-up. The price is start-up time
+//! The whole index (every retained body) lives in memory, bounded by `--offline-max-bytes` (and
+//! room history by `--room-history-max-bytes`), as with the memory engine; the log is only read at start-up. The price is start-up time
 //! proportional to what is retained (docs/operations.md gives the measured figure).
 
 use super::histogram::Histogram;
@@ -69,6 +74,8 @@ pub struct FileConfig {
     pub fsync: FsyncPolicy,
     pub segment_bytes: u64,
     pub limits: Limits,
+    /// Room history's bounds (`--room-history*`, SPEC §16; `per_stream` 0: off).
+    pub room_history: Limits,
     pub dedup_window: usize,
     /// How long an idle sender's duplicate window is kept (the retention TTL).
     pub dedup_idle: Duration,
@@ -145,6 +152,11 @@ enum Work {
     },
     Publish {
         position: Position,
+        /// The room whose history holds it (room history on), to take it back out if the
+        /// write fails.
+        kept: Option<StreamId>,
+        sender: Rc<str>,
+        client_id: Option<Rc<str>>,
     },
     Duplicate {
         sender: Rc<str>,
@@ -155,6 +167,11 @@ enum Work {
         since: Option<Since>,
     },
     Refused(Refusal),
+    /// A room's history page (SPEC §16).
+    History {
+        stream: StreamId,
+        limit: usize,
+    },
     /// Records nobody waits for (deliveries, trims).
     Quiet,
     Compact,
@@ -283,6 +300,8 @@ impl FileEngine {
             epoch,
             high_water,
             mut streams,
+            mut rooms,
+            room_history,
             dedup,
             senders,
             records,
@@ -299,10 +318,21 @@ impl FileEngine {
             // header keeps this mark across restarts.
             let first = now.unix_ms.saturating_mul(1000);
             streams.forget_through(Position(first.saturating_sub(1)));
+            rooms.forget_through(Position(first.saturating_sub(1)));
         }
         let mut gone = Vec::new();
+        // This run counts too: history on now, after a run with it off, is a gap.
+        let history_on = config.room_history.per_stream > 0;
+        let first = Position(high_water.0.saturating_add(1));
+        let mut runs = room_history;
+        runs.push((first, history_on));
+        if let Some(gap) = history_gap(runs) {
+            rooms.forget_all_through(gap, &mut gone);
+        }
         streams.enforce(now.unix_ms, &mut gone);
-        let mut mem = MemoryEngine::resume(epoch, high_water, streams, dedup, now);
+        // With room history off now, whatever history the log holds goes (counted).
+        rooms.enforce(now.unix_ms, &mut gone);
+        let mut mem = MemoryEngine::resume(epoch, high_water, streams, rooms, dedup, now);
         for sender in &senders {
             mem.dedup.idle(sender, now.instant);
         }
@@ -316,7 +346,7 @@ impl FileEngine {
                 (id, usage)
             })
             .collect();
-        for (_, entry) in mem.streams.iter() {
+        for (_, entry) in mem.streams.iter().chain(mem.rooms.iter()) {
             if let Some(u) = usage.get_mut(&entry.segment) {
                 u.live += entry.cost() as u64;
             }
@@ -324,7 +354,7 @@ impl FileEngine {
         let marks = Marks {
             epoch,
             high_water: mem.high_water(),
-            forgotten_through: mem.streams.forgotten_through(),
+            forgotten_through: mem.forgotten_through(),
         };
         let storage = Storage::new(
             dir.clone(),
@@ -375,11 +405,21 @@ impl FileEngine {
             _lock: lock,
         };
         engine.log_gone(&gone);
+        // This run's setting, for the next start (see `history_gap`); it goes out with the
+        // first batch, ahead of any room message of this run.
+        Record::RoomHistory {
+            on: history_on,
+            from: Position(engine.mem.high_water().0.saturating_add(1)),
+        }
+        .encode(&mut engine.outgoing);
+        engine.quiet_records += 1;
         info!(
-            "file engine: {} holds {} messages in {} streams ({records} records read in {:.3}s, epoch {epoch})",
+            "file engine: {} holds {} messages in {} streams and {} in {} rooms' history ({records} records read in {:.3}s, epoch {epoch})",
             engine.dir.display(),
             engine.mem.streams.messages(),
             engine.mem.streams.streams(),
+            engine.mem.rooms.messages(),
+            engine.mem.rooms.streams(),
             engine.stats.startup_seconds,
         );
         Ok(engine)
@@ -403,7 +443,7 @@ impl FileEngine {
         Marks {
             epoch: self.mem.epoch(),
             high_water: self.mem.high_water(),
-            forgotten_through: self.mem.streams.forgotten_through(),
+            forgotten_through: self.mem.forgotten_through(),
         }
     }
 
@@ -532,7 +572,7 @@ impl FileEngine {
             self.stats.compactions += 1;
             self.stats.reclaimed_bytes += c.reclaimed;
             for &p in &c.moved {
-                if let Some(cost) = self.mem.streams.set_segment(Position(p), done.segment) {
+                if let Some(cost) = self.mem.set_segment(Position(p), done.segment) {
                     self.usage.entry(done.segment).or_default().live += cost as u64;
                 }
             }
@@ -580,7 +620,7 @@ impl FileEngine {
                 self.durable_through = self.durable_through.max(position);
                 if ok {
                     let segment = written.map_or(0, |(_, s)| s);
-                    if let Some(cost) = self.mem.streams.set_segment(position, segment) {
+                    if let Some(cost) = self.mem.set_segment(position, segment) {
                         self.usage.entry(segment).or_default().live += cost as u64;
                     }
                     Outcome::Stored { position }
@@ -592,7 +632,31 @@ impl FileEngine {
                     Outcome::Rejected(Refusal::Store(error()))
                 }
             }
-            Work::Publish { position } => {
+            Work::Publish {
+                position,
+                kept: Some(stream),
+                sender,
+                client_id,
+            } => {
+                self.durable_through = self.durable_through.max(position);
+                if ok {
+                    let segment = written.map_or(0, |(_, s)| s);
+                    if let Some(cost) = self.mem.set_segment(position, segment) {
+                        self.usage.entry(segment).or_default().live += cost as u64;
+                    }
+                    Outcome::Stored { position }
+                } else {
+                    // Room history is on: the message is content the log promised to keep,
+                    // so, as for a direct message, it is rejected (SPEC §13: acks never lie)
+                    // and leaves the history it was never written to.
+                    self.mem.rooms.unappend(&stream, position);
+                    let rejected = AckStatus::Rejected;
+                    self.mem
+                        .remember(&sender, client_id.as_deref(), position, rejected);
+                    Outcome::Rejected(Refusal::Store(error()))
+                }
+            }
+            Work::Publish { position, .. } => {
                 self.durable_through = self.durable_through.max(position);
                 if !ok {
                     // A room message is not retained: the record only carries the position's
@@ -607,6 +671,9 @@ impl FileEngine {
             Work::Duplicate { sender, client_id } => self.mem.duplicate(&sender, &client_id),
             Work::Recover { stream, since } => {
                 Outcome::Recovered(self.mem.recovery(&stream, since, self.durable_through))
+            }
+            Work::History { stream, limit } => {
+                Outcome::Recovered(self.mem.history_page(&stream, limit, self.durable_through))
             }
             Work::Refused(refusal) => Outcome::Rejected(refusal),
             Work::Quiet => return,
@@ -650,6 +717,7 @@ impl FileEngine {
             .mem
             .streams
             .iter()
+            .chain(self.mem.rooms.iter())
             .filter(|(_, e)| e.segment == segment)
             .map(|(_, e)| (e.position.0, e.pending))
             .collect();
@@ -657,6 +725,7 @@ impl FileEngine {
             .mem
             .streams
             .marks()
+            .chain(self.mem.rooms.marks())
             .map(|(s, mark)| (journal::stream_key(s), mark.0))
             .collect();
         let op = Op::Compact {
@@ -701,6 +770,10 @@ impl Engine for FileEngine {
         "file"
     }
 
+    fn epoch(&self) -> Epoch {
+        self.mem.epoch()
+    }
+
     fn append(&mut self, ticket: Ticket, append: Append, now: Now) {
         let mut gone = Vec::new();
         let admit = self.mem.admit_append(&append, now, &mut gone);
@@ -735,18 +808,45 @@ impl Engine for FileEngine {
     }
 
     fn publish(&mut self, ticket: Ticket, publish: Publish, now: Now) {
-        match self.mem.admit_publish(&publish) {
+        let mut gone = Vec::new();
+        let admit = self.mem.admit_publish(&publish, now, &mut gone);
+        self.log_gone(&gone);
+        match admit {
             Admit::Stored(position) => {
-                // Written even without a client id: the record keeps the position's high-water
-                // mark, so no msg_id a client has seen is handed out again after a restart.
-                Record::Published {
-                    position,
-                    sender: publish.sender.to_string(),
-                    client_id: publish.client_id.as_deref().map(str::to_owned),
-                    expires_ms: now.unix_ms.saturating_add(self.mem.streams.limits().ttl_ms),
+                let room = StreamId::Room(Rc::clone(&publish.room));
+                let kept = self.mem.rooms.get(position).is_some().then_some(room);
+                if let Some(stream) = &kept {
+                    // Room history (SPEC §16): the whole message, as a direct message's is, in
+                    // the room's stream; never pending (it goes live to the members now).
+                    AppendRef {
+                        stream,
+                        position,
+                        expires_ms: now.unix_ms.saturating_add(self.mem.rooms.limits().ttl_ms),
+                        pending: false,
+                        sender: &publish.sender,
+                        client_id: publish.client_id.as_deref(),
+                        body: &publish.body,
+                    }
+                    .encode(&mut self.outgoing);
+                } else {
+                    // Written even without a client id: the record keeps the position's
+                    // high-water mark, so no msg_id a client has seen is handed out again after
+                    // a restart.
+                    Record::Published {
+                        position,
+                        sender: publish.sender.to_string(),
+                        client_id: publish.client_id.as_deref().map(str::to_owned),
+                        expires_ms: now.unix_ms.saturating_add(self.mem.streams.limits().ttl_ms),
+                    }
+                    .encode(&mut self.outgoing);
                 }
-                .encode(&mut self.outgoing);
-                self.submit(Some(ticket), Work::Publish { position });
+                let work = Work::Publish {
+                    position,
+                    kept,
+                    sender: publish.sender,
+                    client_id: publish.client_id,
+                };
+                self.submit(Some(ticket), work);
             }
             Admit::Duplicate { sender, client_id } => {
                 self.enqueue(Some(ticket), Work::Duplicate { sender, client_id })
@@ -763,11 +863,19 @@ impl Engine for FileEngine {
         self.enqueue(Some(ticket), work);
     }
 
+    fn history(&mut self, ticket: Ticket, stream: &StreamId, limit: usize, _now: Now) {
+        let work = Work::History {
+            stream: stream.clone(),
+            limit,
+        };
+        self.enqueue(Some(ticket), work);
+    }
+
     fn delivered(&mut self, stream: &StreamId, positions: &[Position]) {
         // Only the ones that were pending change anything worth a record.
         let mut pending = Vec::new();
         self.mem
-            .streams
+            .index_mut(stream)
             .mark_delivered_into(stream, positions, &mut pending);
         if pending.is_empty() {
             return;
@@ -799,6 +907,7 @@ impl Engine for FileEngine {
     fn maintain(&mut self, now: Now) {
         let mut gone = Vec::new();
         self.mem.streams.expire(now.unix_ms, &mut gone);
+        self.mem.rooms.expire(now.unix_ms, &mut gone);
         self.log_gone(&gone);
         self.mem.dedup.sweep(now.instant);
         self.maybe_compact(now);
@@ -942,6 +1051,24 @@ fn lock(dir: &Path) -> Result<File, OpenError> {
     }
 }
 
+/// Where room history has a gap, from every run's setting (`Record::RoomHistory`): the
+/// position before the latest run with history on that did not follow a run with it on (a run
+/// with it off, or none recorded: logs older than room history kept no room message). Every
+/// room message up to there may have gone unkept, so no `since` there can be served. Runs are
+/// ordered by their first position, not by where their record sits (compaction moves records).
+fn history_gap(mut runs: Vec<(Position, bool)>) -> Option<Position> {
+    runs.sort_by_key(|&(from, _)| from);
+    let mut gap = None;
+    let mut before = false;
+    for (from, on) in runs {
+        if on && !before {
+            gap = Some(Position(from.0.saturating_sub(1)));
+        }
+        before = on;
+    }
+    gap
+}
+
 /// The ids of the segment files in `dir`, oldest first.
 fn segment_ids(dir: &Path) -> Result<Vec<u64>, OpenError> {
     let mut ids = Vec::new();
@@ -963,6 +1090,10 @@ struct Loader {
     foreign: Option<&'static str>,
     high_water: Position,
     streams: Streams,
+    /// Room history (SPEC §16), rebuilt from the room streams' records.
+    rooms: Streams,
+    /// Every run's room history setting, as (first position of the run, on).
+    room_history: Vec<(Position, bool)>,
     dedup: Dedup,
     senders: HashSet<Rc<str>>,
     records: u64,
@@ -977,6 +1108,8 @@ impl Loader {
             foreign: None,
             high_water: Position(0),
             streams: Streams::new(config.limits),
+            rooms: Streams::new(config.room_history),
+            room_history: Vec::new(),
             dedup: Dedup::new(
                 config.dedup_window,
                 config.dedup_idle,
@@ -999,6 +1132,14 @@ impl Loader {
         }
     }
 
+    /// The index a stream's records rebuild: inboxes, or room history.
+    fn index(&mut self, stream: &StreamId) -> &mut Streams {
+        match stream {
+            StreamId::Inbox(_) => &mut self.streams,
+            StreamId::Room(_) => &mut self.rooms,
+        }
+    }
+
     fn apply(&mut self, segment: u64, record: Record) {
         self.records += 1;
         match record {
@@ -1016,6 +1157,7 @@ impl Loader {
                 }
                 self.high_water = self.high_water.max(high_water);
                 self.streams.forget_through(forgotten_through);
+                self.rooms.forget_through(forgotten_through);
             }
             Record::Append {
                 stream,
@@ -1038,7 +1180,7 @@ impl Loader {
                     self.dedup
                         .record(&sender, &client_id, Recorded { msg_id, status });
                 }
-                self.streams.restore(
+                self.index(&stream).restore(
                     &stream,
                     Entry {
                         position,
@@ -1050,9 +1192,10 @@ impl Loader {
                 );
             }
             Record::Delivered { stream, positions } => {
-                self.streams.mark_delivered(&stream, &positions);
+                self.index(&stream).mark_delivered(&stream, &positions);
             }
-            Record::Trim { stream, through } => self.streams.trim(&stream, through),
+            Record::Trim { stream, through } => self.index(&stream).trim(&stream, through),
+            Record::RoomHistory { on, from } => self.room_history.push((from, on)),
             Record::Published {
                 position,
                 sender,

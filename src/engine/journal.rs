@@ -72,6 +72,10 @@ pub enum Record {
         client_id: Option<String>,
         expires_ms: u64,
     },
+    /// A run started with room history on or off (SPEC §16); every room message from `from`
+    /// on was kept (or not) as it says. Written at every start, and copied forward by
+    /// compaction, so start-up can tell where room history has a gap (see `FileEngine::open`).
+    RoomHistory { on: bool, from: Position },
 }
 
 /// A `Record::Append` by reference: the file engine encodes each message from what it already
@@ -123,6 +127,7 @@ const APPEND: u8 = 2;
 const DELIVERED: u8 = 3;
 const TRIM: u8 = 4;
 const PUBLISHED: u8 = 5;
+const ROOM_HISTORY: u8 = 6;
 
 const INBOX: u8 = 1;
 const ROOM: u8 = 2;
@@ -188,6 +193,11 @@ impl Record {
                 put_opt_name(out, client_id.as_deref());
                 put_u64(out, *expires_ms);
             }
+            Record::RoomHistory { on, from } => {
+                out.push(ROOM_HISTORY);
+                out.push(u8::from(*on));
+                put_u64(out, from.0);
+            }
         }
         seal(out, start);
     }
@@ -233,6 +243,10 @@ impl Record {
                 sender: r.name()?,
                 client_id: r.opt_name()?,
                 expires_ms: r.u64()?,
+            },
+            ROOM_HISTORY => Record::RoomHistory {
+                on: r.u8()? != 0,
+                from: Position(r.u64()?),
             },
             _ => return None,
         };
@@ -475,6 +489,19 @@ mod tests {
                 problem: None
             }
         );
+    }
+
+    #[test]
+    fn the_room_history_marker_round_trips() {
+        for on in [true, false] {
+            let record = Record::RoomHistory {
+                on,
+                from: Position(42),
+            };
+            let (got, tail) = read(&segment(std::slice::from_ref(&record)));
+            assert_eq!(got, [record]);
+            assert_eq!(tail.problem, None);
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The memory engine: streams, positions and duplicate windows in this process's memory, the
 //! default (SPEC §13). A restart forgets everything, and says so: each run has a new epoch.
 //!
-//! Owns: `MemoryEngine`, the position counter, the epoch, the index (`Streams`), the duplicate
-//! windows (`Dedup`) and the queue of ready completions. Every piece of work completes at once:
+//! Owns: `MemoryEngine`, the position counter, the epoch, the two indexes (`Streams`: the
+//! inboxes, and room history, SPEC §16), the duplicate windows (`Dedup`) and the queue of ready
+//! completions. Every piece of work completes at once:
 //! the completion is ready before the call returns.
 //! Does not: touch the disk. The file engine (`file.rs`) wraps one of these as its index and adds
 //! the log; the `pub(super)` methods below are the parts it reuses.
@@ -18,11 +19,22 @@ use crate::server::metrics::Writer;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
+/// Room history off: a room index that keeps nothing.
+const HISTORY_OFF: Limits = Limits {
+    per_stream: 0,
+    ttl_ms: 0,
+    max_bytes: 0,
+};
+
 pub struct MemoryEngine {
     epoch: Epoch,
     /// The next position to hand out.
     next: Position,
+    /// The id inboxes.
     pub(super) streams: Streams,
+    /// Room history (`--room-history`; its `per_stream` is 0 when off): the same index with
+    /// bounds of its own, so rooms and inboxes never evict each other's messages.
+    pub(super) rooms: Streams,
     pub(super) dedup: Dedup,
     pub(super) ready: VecDeque<Completion>,
 }
@@ -52,7 +64,56 @@ impl MemoryEngine {
         let mut streams = Streams::new(limits);
         let first = now.unix_ms.saturating_mul(1000);
         streams.forget_through(Position(first.saturating_sub(1)));
-        MemoryEngine::resume(Epoch::random(), Position(0), streams, dedup, now)
+        let mut rooms = Streams::new(HISTORY_OFF);
+        rooms.forget_through(streams.forgotten_through());
+        MemoryEngine::resume(Epoch::random(), Position(0), streams, rooms, dedup, now)
+    }
+
+    /// Keeps room history within `limits` (SPEC §16, `--room-history`); a fresh engine keeps
+    /// none. Whatever was kept before is dropped (call it before any publish).
+    pub fn with_room_history(mut self, limits: Limits) -> Self {
+        let mut rooms = Streams::new(limits);
+        rooms.forget_through(self.rooms.forgotten_through());
+        self.rooms = rooms;
+        self
+    }
+
+    /// Is room history on?
+    pub fn keeps_history(&self) -> bool {
+        self.rooms.limits().per_stream > 0
+    }
+
+    /// The index that holds `stream`.
+    fn index(&self, stream: &StreamId) -> &Streams {
+        match stream {
+            StreamId::Inbox(_) => &self.streams,
+            StreamId::Room(_) => &self.rooms,
+        }
+    }
+
+    /// The index that holds `stream`, to change it.
+    pub(super) fn index_mut(&mut self, stream: &StreamId) -> &mut Streams {
+        match stream {
+            StreamId::Inbox(_) => &mut self.streams,
+            StreamId::Room(_) => &mut self.rooms,
+        }
+    }
+
+    /// Records which log segment holds the message at `position`, in whichever index (file
+    /// engine). Returns its cost if it is still retained.
+    pub(super) fn set_segment(&mut self, position: Position, segment: u64) -> Option<usize> {
+        self.streams
+            .set_segment(position, segment)
+            .or_else(|| self.rooms.set_segment(position, segment))
+    }
+
+    /// The global "forgotten through" mark of both indexes: one number in the log's header
+    /// stands for both, so it is the higher (a `since` below it may read `recovered: false`
+    /// where a finer mark would have said true; never the other way round).
+    pub(super) fn forgotten_through(&self) -> Position {
+        self.streams
+            .forgotten_through()
+            .max(self.rooms.forgotten_through())
     }
 
     /// An engine over existing state (the file engine after reading its log): positions resume
@@ -61,6 +122,7 @@ impl MemoryEngine {
         epoch: Epoch,
         high_water: Position,
         streams: Streams,
+        rooms: Streams,
         dedup: Dedup,
         now: Now,
     ) -> Self {
@@ -69,6 +131,7 @@ impl MemoryEngine {
             epoch,
             next: Position(high_water.0.saturating_add(1).max(floor)),
             streams,
+            rooms,
             dedup,
             ready: VecDeque::new(),
         }
@@ -116,12 +179,19 @@ impl MemoryEngine {
         }
     }
 
-    /// Decides a publish: duplicate, or a new position.
-    pub(super) fn admit_publish(&mut self, p: &Publish) -> Admit {
+    /// Decides a publish: duplicate, or a new position; with room history on (and `keep`),
+    /// the message also enters its room's history, and what the bounds removed to make room
+    /// goes into `gone`.
+    pub(super) fn admit_publish(&mut self, p: &Publish, now: Now, gone: &mut Vec<Gone>) -> Admit {
         if let Some(admit) = self.seen(&p.sender, p.client_id.as_ref()) {
             return admit;
         }
         let position = self.allocate();
+        if p.keep && self.keeps_history() {
+            let room = StreamId::Room(Rc::clone(&p.room));
+            self.rooms
+                .keep(&room, position, Rc::clone(&p.body), now.unix_ms, gone);
+        }
         self.remember(
             &p.sender,
             p.client_id.as_deref(),
@@ -183,14 +253,38 @@ impl MemoryEngine {
         let other_epoch = since.is_some_and(|s| s.epoch.is_some_and(|e| e != self.epoch));
         // SPEC §13: a since from another epoch gets what is still there, and `false`.
         let from = since.map(|s| if other_epoch { Position(0) } else { s.position });
-        let (messages, recovered) = self.streams.replay(stream, from, through);
+        let index = self.index(stream);
+        let (messages, recovered) = index.replay(stream, from, through);
         // A position never handed out here comes from somewhere else: what followed it there
         // is not here.
         let unknown = since.is_some_and(|s| s.position > self.high_water());
+        // SPEC §13: with room history off, nothing after a `since` was kept.
+        let unkept =
+            since.is_some() && matches!(stream, StreamId::Room(_)) && !self.keeps_history();
         Recovery {
             epoch: self.epoch,
-            last: self.streams.newest_through(stream, through),
-            recovered: recovered && !other_epoch && !unknown,
+            last: index.newest_through(stream, through),
+            recovered: recovered && !other_epoch && !unknown && !unkept,
+            messages,
+        }
+    }
+
+    /// The answer to `history`, with only positions up to `through` (what is stored).
+    /// `recovered` says whether the page holds every message after what the stream lost.
+    pub(super) fn history_page(
+        &self,
+        stream: &StreamId,
+        limit: usize,
+        through: Position,
+    ) -> Recovery {
+        let index = self.index(stream);
+        let messages = index.tail(stream, limit, through);
+        let (all, complete) = index.replay(stream, Some(Position(0)), through);
+        let recovered = complete && all.len() == messages.len();
+        Recovery {
+            epoch: self.epoch,
+            last: index.newest_through(stream, through),
+            recovered,
             messages,
         }
     }
@@ -274,12 +368,66 @@ impl MemoryEngine {
                 n,
             );
         }
+        self.render_history(&mut w);
+    }
+}
+
+impl MemoryEngine {
+    /// Room history's own figures (SPEC §16): what it holds and what its bounds removed.
+    fn render_history(&self, w: &mut Writer<'_>) {
+        let r = &self.rooms;
+        let limits = r.limits();
+        w.gauge(
+            "wsrelay_room_history_limit",
+            "Messages kept per room (--room-history; 0: history off).",
+            limits.per_stream,
+        );
+        w.gauge(
+            "wsrelay_room_history_rooms",
+            "Rooms with at least one message in their history.",
+            r.streams(),
+        );
+        w.gauge(
+            "wsrelay_room_history_messages",
+            "Messages kept in all rooms' history.",
+            r.messages(),
+        );
+        w.gauge(
+            "wsrelay_room_history_bytes",
+            "Bytes kept in all rooms' history (bodies plus bookkeeping; bound: --room-history-max-bytes).",
+            r.bytes(),
+        );
+        let removed = r.removed;
+        w.family(
+            "wsrelay_room_history_removed_total",
+            "counter",
+            "Messages removed from room history, by reason (ttl: --room-history-ttl; per_room: --room-history; global_bytes: --room-history-max-bytes; restore: bounds shrank across a restart).",
+        );
+        for (reason, n) in [
+            ("ttl", removed.expired_delivered + removed.expired_pending),
+            ("per_room", removed.evicted_per_stream),
+            (
+                "global_bytes",
+                removed.evicted_global + removed.dropped_global,
+            ),
+            ("restore", removed.dropped_on_restore),
+        ] {
+            w.sample(
+                "wsrelay_room_history_removed_total",
+                &[("reason", reason)],
+                n,
+            );
+        }
     }
 }
 
 impl Engine for MemoryEngine {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    fn epoch(&self) -> Epoch {
+        self.epoch
     }
 
     fn append(&mut self, ticket: Ticket, append: Append, now: Now) {
@@ -291,8 +439,8 @@ impl Engine for MemoryEngine {
         self.ready.push_back(Completion { ticket, outcome });
     }
 
-    fn publish(&mut self, ticket: Ticket, publish: Publish, _now: Now) {
-        let outcome = match self.admit_publish(&publish) {
+    fn publish(&mut self, ticket: Ticket, publish: Publish, now: Now) {
+        let outcome = match self.admit_publish(&publish, now, &mut Vec::new()) {
             Admit::Stored(position) => Outcome::Stored { position },
             Admit::Duplicate { sender, client_id } => self.duplicate(&sender, &client_id),
             Admit::Refused(r) => Outcome::Rejected(r),
@@ -308,8 +456,16 @@ impl Engine for MemoryEngine {
         });
     }
 
+    fn history(&mut self, ticket: Ticket, stream: &StreamId, limit: usize, _now: Now) {
+        let page = self.history_page(stream, limit, Position(u64::MAX));
+        self.ready.push_back(Completion {
+            ticket,
+            outcome: Outcome::Recovered(page),
+        });
+    }
+
     fn delivered(&mut self, stream: &StreamId, positions: &[Position]) {
-        self.streams.mark_delivered(stream, positions);
+        self.index_mut(stream).mark_delivered(stream, positions);
     }
 
     fn acked(&mut self, sender: &str, client_id: &str, position: Position, status: AckStatus) {
@@ -330,6 +486,7 @@ impl Engine for MemoryEngine {
 
     fn maintain(&mut self, now: Now) {
         self.streams.expire(now.unix_ms, &mut Vec::new());
+        self.rooms.expire(now.unix_ms, &mut Vec::new());
         self.dedup.sweep(now.instant);
     }
 
@@ -413,6 +570,7 @@ mod tests {
                 sender: Rc::from("alice"),
                 client_id: None,
                 body: Rc::from(&b"{}"[..]),
+                keep: true,
             },
             now(1_000),
         );
@@ -490,6 +648,95 @@ mod tests {
         };
         assert!(!r.recovered);
         assert_eq!(r.messages.len(), 3);
+    }
+
+    fn room(keep: bool) -> Publish {
+        Publish {
+            room: Rc::from("lobby"),
+            sender: Rc::from("alice"),
+            client_id: None,
+            body: Rc::from(&b"{}"[..]),
+            keep,
+        }
+    }
+
+    #[test]
+    fn room_history_has_bounds_of_its_own() {
+        let history = Limits {
+            per_stream: 2,
+            ttl_ms: 60_000,
+            max_bytes: 1 << 20,
+        };
+        let mut e = engine().with_room_history(history);
+        let lobby = StreamId::room("lobby");
+        // Three pending direct messages fill bob's inbox (per_stream 3); a busy room beside
+        // it evicts only its own history.
+        for _ in 0..3 {
+            e.append(Ticket(0), append("bob", None), now(1_000));
+            stored(&mut e);
+        }
+        let mut rooms = Vec::new();
+        for _ in 0..5 {
+            e.publish(Ticket(0), room(true), now(1_000));
+            rooms.push(stored(&mut e));
+        }
+        assert_eq!(e.streams.pending(), 3);
+        assert_eq!(e.rooms.messages(), 2);
+        // Not kept: what only needs a position.
+        e.publish(Ticket(0), room(false), now(1_000));
+        stored(&mut e);
+        assert_eq!(e.rooms.messages(), 2);
+
+        e.history(Ticket(1), &lobby, 10, now(1_000));
+        let Outcome::Recovered(page) = one(&mut e) else {
+            panic!()
+        };
+        let got: Vec<Position> = page.messages.iter().map(|m| m.position).collect();
+        assert_eq!(got, rooms[3..]);
+        assert_eq!(page.last, Some(rooms[4]));
+        assert!(!page.recovered, "older ones were evicted");
+
+        let epoch = e.epoch();
+        let since = |position| {
+            Some(Since {
+                position,
+                epoch: Some(epoch),
+            })
+        };
+        e.recover(Ticket(2), &lobby, since(rooms[3]), now(1_000));
+        let Outcome::Recovered(r) = one(&mut e) else {
+            panic!()
+        };
+        assert!(r.recovered);
+        assert_eq!(r.messages.len(), 1);
+        e.recover(Ticket(3), &lobby, since(rooms[1]), now(1_000));
+        let Outcome::Recovered(r) = one(&mut e) else {
+            panic!()
+        };
+        assert!(!r.recovered);
+
+        // The history's TTL.
+        e.maintain(now(1_000 + 60_000));
+        assert_eq!(e.rooms.messages(), 0);
+        assert_eq!(e.rooms.removed.expired_delivered, 2);
+    }
+
+    #[test]
+    fn with_history_off_a_room_since_is_never_recovered() {
+        let mut e = engine();
+        e.publish(Ticket(0), room(true), now(1_000));
+        let p = stored(&mut e);
+        let since = Some(Since {
+            position: p,
+            epoch: Some(e.epoch()),
+        });
+        e.recover(Ticket(1), &StreamId::room("lobby"), since, now(1_000));
+        let Outcome::Recovered(r) = one(&mut e) else {
+            panic!()
+        };
+        assert!(!r.recovered);
+        assert!(r.messages.is_empty());
+        assert_eq!(r.last, None);
     }
 
     #[test]

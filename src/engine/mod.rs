@@ -25,6 +25,12 @@
 //! the engine holds it**: a msg_id a client has seen is never lost by a crash, and never handed
 //! out again (SPEC §13, "acks never lie").
 //!
+//! Two kinds of stream cross the seam: an id's inbox (`append`, pending until delivered) and a
+//! room (`publish`; retained only with room history on, SPEC §16, and never pending). Both are
+//! read the same way: `recover` after a `since` (an id's welcome, a room's `join`), and
+//! `history` for a room's newest messages. A room's history has its own bounds (the
+//! `--room-history*` flags), so rooms and inboxes never evict each other's messages.
+//!
 //! Engines that complete later wake the reactor through the `Wake` callback they were given
 //! (see `poller/waker.rs`); the reactor then calls the app, which calls `poll`.
 //!
@@ -49,8 +55,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// A stream: an ordered, bounded sequence of messages with positions (SPEC §13). Every id's
-/// inbox, and every room (which retains nothing until room history, SPEC §16, but already has
-/// positions and is where a room's messages arrive from other nodes).
+/// inbox, and every room (whose messages are retained only with room history on, SPEC §16,
+/// but always have positions, and are where a room's messages arrive from other nodes).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StreamId {
     /// The direct messages to one id.
@@ -152,15 +158,19 @@ pub struct Append {
     pub body: Rc<[u8]>,
 }
 
-/// A room message: not retained (rooms have no history yet), but it takes a position and, with
-/// a client id, a place in the sender's duplicate window. The local engines need neither the
-/// room nor the body; an engine that shares rooms with other nodes publishes both.
+/// A room message: it takes a position and, with a client id, a place in the sender's
+/// duplicate window; with `keep` and room history on (`--room-history`, SPEC §16) it is also
+/// retained in the room's stream (`StreamId::Room`). An engine that shares rooms with other
+/// nodes publishes the room and the body.
 #[derive(Clone, Debug)]
 pub struct Publish {
     pub room: Rc<str>,
     pub sender: Rc<str>,
     pub client_id: Option<Rc<str>>,
     pub body: Rc<[u8]>,
+    /// Retain it in the room's history when the engine keeps one. False for what only needs a
+    /// position: the hub's direct messages under `--offline-max 0`, whose `room` names an id.
+    pub keep: bool,
 }
 
 /// What `poll` hands the hub, in the order the hub must act on it.
@@ -206,7 +216,8 @@ pub enum Outcome {
     Recovered(Recovery),
 }
 
-/// What a connecting client gets before live traffic.
+/// What a connecting client gets before live traffic (`recover`: an id's welcome, a room's
+/// `join` with `since`), or a page of a room's history (`history`).
 #[derive(Debug)]
 pub struct Recovery {
     pub epoch: Epoch,
@@ -262,6 +273,9 @@ pub trait Engine {
     /// "memory" or "file", for logs and /metrics.
     fn kind(&self) -> &'static str;
 
+    /// The epoch of this engine's streams (what a `since` is judged against, SPEC §13).
+    fn epoch(&self) -> Epoch;
+
     /// Stores a direct message in its stream. Completes with `Stored`, `Duplicate` or
     /// `Rejected`.
     fn append(&mut self, ticket: Ticket, append: Append, now: Now);
@@ -274,6 +288,11 @@ pub trait Engine {
     /// `Recovered`. Only messages already `Stored` are included; newer ones reach the client
     /// through their own completion.
     fn recover(&mut self, ticket: Ticket, stream: &StreamId, since: Option<Since>, now: Now);
+
+    /// The newest `limit` messages retained in `stream` (a room's history page, SPEC §16):
+    /// completes with `Recovered`, whose `messages` are oldest first and `last` the newest
+    /// retained position. Like `recover`, only messages already `Stored` are included.
+    fn history(&mut self, ticket: Ticket, stream: &StreamId, limit: usize, now: Now);
 
     /// These messages reached a connection: they are no longer pending.
     fn delivered(&mut self, stream: &StreamId, positions: &[Position]);

@@ -472,6 +472,11 @@ impl Storage {
                     }
                 }
                 Record::Header { .. } => 0,
+                // Tiny, one per start: kept, so start-up always sees every run's setting.
+                r @ Record::RoomHistory { .. } => {
+                    r.encode(&mut out);
+                    0
+                }
             };
             if out.len() > before {
                 expiring.push((expires, (out.len() - before) as u64));

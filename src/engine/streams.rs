@@ -7,6 +7,11 @@
 //! Does not: allocate positions, write anything to disk, or read a clock (it is handed the Unix
 //! time in ms, which, unlike an `Instant`, means the same after a restart).
 //!
+//! An engine keeps two of these: one for the id inboxes (bounded by the `--offline-*` flags) and
+//! one for room history (SPEC §16, bounded by the `--room-history*` flags), so a busy room can
+//! never evict a direct message still waiting for its recipient. Room messages enter with
+//! `keep`: they are never pending, so their per-stream bound always evicts and never refuses.
+//!
 //! Both engines keep this index; the file engine also logs every change to it, and rebuilds it
 //! from the log at start-up (`restore`), so reads never touch the disk.
 //!
@@ -197,6 +202,52 @@ impl Streams {
         now_ms: u64,
         gone: &mut Vec<Gone>,
     ) -> Result<(), Refused> {
+        self.add(stream, position, body, true, now_ms, gone)
+    }
+
+    /// Keeps a room message for its room's history (SPEC §16). It is never pending (it went
+    /// live to the members when it was published), so the per-stream bound always makes room
+    /// by evicting the oldest and never refuses. A message that alone exceeds the byte bound
+    /// cannot be kept: the room's history is cut through it instead (what it held is removed
+    /// and counted, and a `Gone` at the message's own position carries the mark), so a `since`
+    /// before it reads `recovered: false` rather than silently missing it. The relay's flags
+    /// are checked so that this cannot happen (`--room-history-max-bytes` above
+    /// `--max-message`); it is here so that the promise does not depend on that check.
+    ///
+    /// Does nothing when history is off (`per_stream` 0).
+    pub fn keep(
+        &mut self,
+        stream: &StreamId,
+        position: Position,
+        body: Rc<[u8]>,
+        now_ms: u64,
+        gone: &mut Vec<Gone>,
+    ) {
+        match self.add(stream, position, body, false, now_ms, gone) {
+            Ok(()) | Err(Refused::Disabled) => {}
+            // Not pending, so never `Full`; only `TooLarge` is left.
+            Err(Refused::Full | Refused::TooLarge) => {
+                while self.remove_front(stream, Why::Global, gone) {}
+                self.forgotten_through = self.forgotten_through.max(position);
+                gone.push(Gone {
+                    stream: stream.clone(),
+                    position,
+                    segment: 0,
+                    cost: 0,
+                });
+            }
+        }
+    }
+
+    fn add(
+        &mut self,
+        stream: &StreamId,
+        position: Position,
+        body: Rc<[u8]>,
+        pending: bool,
+        now_ms: u64,
+        gone: &mut Vec<Gone>,
+    ) -> Result<(), Refused> {
         if self.limits.per_stream == 0 {
             return Err(Refused::Disabled);
         }
@@ -229,7 +280,7 @@ impl Streams {
                 position,
                 expires_ms: now_ms.saturating_add(self.limits.ttl_ms),
                 body,
-                pending: true,
+                pending,
                 segment: 0,
             },
         );
@@ -328,6 +379,27 @@ impl Streams {
         }
     }
 
+    /// After a restore: every message up to `through`, in every stream, may have gone
+    /// unrecorded (room history was off for a while, see `FileEngine::open`), so none of them
+    /// can serve a `since`: they are removed (counted as dropped at restore) and marked.
+    pub fn forget_all_through(&mut self, through: Position, gone: &mut Vec<Gone>) {
+        let streams: Vec<StreamId> = self.streams.keys().cloned().collect();
+        for stream in streams {
+            while self
+                .streams
+                .get(&stream)
+                .and_then(|s| s.entries.front())
+                .is_some_and(|e| e.position <= through)
+            {
+                self.remove_front(&stream, Why::Restore, gone);
+            }
+            if let Some(s) = self.streams.get_mut(&stream) {
+                s.trimmed_through = s.trimmed_through.max(through);
+            }
+        }
+        self.forgotten_through = self.forgotten_through.max(through);
+    }
+
     /// Raises the global mark (read from the log: what deleted segments held).
     pub fn forget_through(&mut self, position: Position) {
         self.forgotten_through = self.forgotten_through.max(position);
@@ -403,6 +475,24 @@ impl Streams {
             })
             .collect();
         (messages, recovered)
+    }
+
+    /// The newest `limit` messages of `stream` up to `through` (newer ones are not stored
+    /// yet), oldest first: a room's `history` page (SPEC §16).
+    pub fn tail(&self, stream: &StreamId, limit: usize, through: Position) -> Vec<Replayed> {
+        let Some(s) = self.streams.get(stream) else {
+            return Vec::new();
+        };
+        let upto = s.entries.partition_point(|e| e.position <= through);
+        let from = upto.saturating_sub(limit);
+        s.entries
+            .range(from..upto)
+            .map(|e| Replayed {
+                position: e.position,
+                body: Rc::clone(&e.body),
+                pending: e.pending,
+            })
+            .collect()
     }
 
     /// Every message of `stream` up to this position may be gone (see the module doc).
@@ -733,6 +823,71 @@ mod tests {
         assert_eq!(s.removed.expired_pending, 1);
         assert_eq!(s.removed.dropped_on_restore, 1);
         s.check_invariants();
+    }
+
+    fn lobby() -> StreamId {
+        StreamId::room("lobby")
+    }
+
+    fn keep(s: &mut Streams, stream: &StreamId, n: u64, now: u64) -> Vec<Gone> {
+        let mut gone = Vec::new();
+        s.keep(stream, Position(n), body(n), now, &mut gone);
+        s.check_invariants();
+        gone
+    }
+
+    fn tail(s: &Streams, stream: &StreamId, limit: usize) -> Vec<u64> {
+        s.tail(stream, limit, Position(u64::MAX))
+            .iter()
+            .map(|r| r.position.0)
+            .collect()
+    }
+
+    #[test]
+    fn kept_room_messages_are_never_pending_and_the_bound_always_evicts() {
+        let mut s = Streams::new(limits(3, 1 << 20));
+        for n in 1..=5 {
+            keep(&mut s, &lobby(), n, 0);
+        }
+        assert_eq!(s.pending(), 0);
+        assert_eq!(s.removed.evicted_per_stream, 2);
+        assert_eq!(tail(&s, &lobby(), 10), [3, 4, 5]);
+        assert_eq!(tail(&s, &lobby(), 2), [4, 5]);
+        assert_eq!(tail(&s, &lobby(), 0), Vec::<u64>::new());
+        // Only what is stored: a page stops at `through`.
+        let page = s.tail(&lobby(), 10, Position(4));
+        assert_eq!(page.len(), 2);
+        // Since inside what is kept: complete; before it: not.
+        assert_eq!(positions(&s, &lobby(), Some(3)), (vec![4, 5], true));
+        assert_eq!(positions(&s, &lobby(), Some(1)), (vec![3, 4, 5], false));
+    }
+
+    #[test]
+    fn a_room_message_over_the_byte_bound_cuts_the_history_through_it() {
+        let each = 2 + OVERHEAD_BYTES;
+        let mut s = Streams::new(limits(10, 3 * each));
+        keep(&mut s, &lobby(), 1, 0);
+        keep(&mut s, &lobby(), 2, 0);
+        let mut gone = Vec::new();
+        let huge: Rc<[u8]> = Rc::from(vec![b'x'; 4 * each]);
+        s.keep(&lobby(), Position(3), huge, 0, &mut gone);
+        s.check_invariants();
+        assert_eq!(
+            gone.iter().map(|g| g.position.0).collect::<Vec<_>>(),
+            [1, 2, 3],
+            "the kept ones, then the mark at the message itself"
+        );
+        keep(&mut s, &lobby(), 4, 0);
+        // Nothing after 2 can be complete: 3 was never kept.
+        assert_eq!(positions(&s, &lobby(), Some(2)), (vec![4], false));
+        assert_eq!(positions(&s, &lobby(), Some(3)), (vec![4], true));
+    }
+
+    #[test]
+    fn keep_does_nothing_with_history_off() {
+        let mut s = Streams::new(limits(0, 1 << 20));
+        assert!(keep(&mut s, &lobby(), 1, 0).is_empty());
+        assert_eq!(s.messages(), 0);
     }
 
     #[test]

@@ -52,6 +52,13 @@ impl Poller for MioPoller {
         }
     }
 
+    /// On Linux mio registers every socket with EPOLLET | EPOLLRDHUP: after a read shorter
+    /// than asked for, any later arrival raises a new event, and a hangup that came with the
+    /// data shows in the event (docs/pollers.md). Not claimed for kqueue.
+    fn short_read_drains(&self) -> bool {
+        cfg!(any(target_os = "linux", target_os = "android"))
+    }
+
     fn register(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
         self.poll
             .registry()

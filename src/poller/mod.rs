@@ -90,6 +90,16 @@ pub trait Poller {
         None
     }
 
+    /// Whether a short read proves a socket drained: the backend is edge-triggered epoll, which
+    /// raises a new event for every arrival after the read (new data, a hangup), and reports a
+    /// hangup already pending in the event itself. The reactor then skips the read that would
+    /// only return `WouldBlock` (docs/pollers.md, "When a short read is enough"). Every other
+    /// backend says false (the default), and the reactor reads until `WouldBlock`: poll(2) and
+    /// select(2) are level-triggered, and kqueue is left to the rule that holds everywhere.
+    fn short_read_drains(&self) -> bool {
+        false
+    }
+
     /// Start watching `fd` for `interest`, reporting it as `token`.
     ///
     /// # Errors

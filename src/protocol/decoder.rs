@@ -179,6 +179,19 @@ impl FrameReader {
         }
     }
 
+    /// Is the reader where `FrameReader::new` (plus `allow_rsv1`, if called) leaves it: Open,
+    /// holding no partial frame, no open message, nothing to skip? A caller with many readers
+    /// (the server, one per connection) may then drop it and start the next read with a new one
+    /// without changing any outcome: that is how an idle connection holds no reader at all
+    /// (SPEC §2, docs/architecture.md).
+    pub fn is_at_rest(&self) -> bool {
+        self.phase == Phase::Open
+            && self.tail.capacity() == 0
+            && !self.tail_consumed
+            && self.skip == 0
+            && self.assembler.is_idle()
+    }
+
     /// Has the stream ended for good: the peer's Close was read, or a protocol error? (Callers
     /// learn it from the events and errors themselves; the tests check it here.)
     #[cfg(test)]
@@ -692,6 +705,74 @@ mod tests {
             )))),
         ];
         (wire, events)
+    }
+
+    /// Reads `pieces` in turn, with one reader for the whole stream or (`renew`) with a new
+    /// reader for every read that starts while the previous one is at rest, as the server does
+    /// (`server::reader_slot`). Returns the events, the error if any, and how many reads
+    /// started with a new reader.
+    fn read_renewing(
+        pieces: &[&[u8]],
+        renew: bool,
+    ) -> (Vec<OwnedEvent>, Option<ProtocolError>, usize) {
+        let mut reader = FrameReader::new(Role::Server, MAX);
+        let (mut events, mut renewed) = (Vec::new(), 0);
+        for piece in pieces {
+            if renew && reader.is_at_rest() {
+                reader = FrameReader::new(Role::Server, MAX);
+                renewed += 1;
+            }
+            let mut bytes = piece.to_vec();
+            let mut input = Input::new(&mut bytes);
+            loop {
+                match reader.next_event(&mut input) {
+                    Ok(Some(event)) => events.push(OwnedEvent::from(event)),
+                    Ok(None) => break,
+                    Err(e) => return (events, Some(e), renewed),
+                }
+            }
+        }
+        (events, None, renewed)
+    }
+
+    #[test]
+    fn a_reader_at_rest_can_be_replaced_by_a_new_one() {
+        let (wire, _) = conversation();
+        assert!(FrameReader::new(Role::Server, MAX).is_at_rest());
+        let one_byte: Vec<&[u8]> = wire.chunks(1).collect();
+        let mut cuts: Vec<Vec<&[u8]>> = vec![one_byte];
+        for i in 0..=wire.len() {
+            for j in i..=wire.len() {
+                cuts.push(vec![&wire[..i], &wire[i..j], &wire[j..]]);
+            }
+        }
+        let mut renewed_somewhere = false;
+        for pieces in &cuts {
+            let (events, error, _) = read_renewing(pieces, false);
+            let (renewed_events, renewed_error, renewed) = read_renewing(pieces, true);
+            assert_eq!(
+                renewed_events,
+                events,
+                "cut {:?}",
+                pieces.iter().map(|p| p.len()).collect::<Vec<_>>()
+            );
+            assert_eq!(renewed_error, error);
+            renewed_somewhere |= renewed > 1;
+        }
+        assert!(renewed_somewhere, "some cut must fall between frames");
+        // Mid-frame, mid-message and after our Close the reader holds state: never at rest.
+        let mut reader = FrameReader::new(Role::Server, MAX);
+        let mut first = wire[..3].to_vec();
+        assert_eq!(reader.next_event(&mut Input::new(&mut first)), Ok(None));
+        assert!(!reader.is_at_rest(), "a partial frame is held");
+        let mut fragment = Vec::new();
+        frame::encode_into(&mut fragment, false, OpCode::Binary, b"ab", KEY);
+        let mut reader = FrameReader::new(Role::Server, MAX);
+        assert_eq!(reader.next_event(&mut Input::new(&mut fragment)), Ok(None));
+        assert!(!reader.is_at_rest(), "a fragmented message is open");
+        let mut reader = FrameReader::new(Role::Server, MAX);
+        reader.await_close();
+        assert!(!reader.is_at_rest(), "awaiting the peer's Close");
     }
 
     fn check(name: &str, setup: Setup, pieces: &[&[u8]], want: &Outcome) {

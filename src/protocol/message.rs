@@ -193,6 +193,12 @@ impl Assembler {
         self.open.is_some()
     }
 
+    /// Is the assembler where `new` leaves it: no open message, no partial text frame being
+    /// validated, nothing carried in the UTF-8 check?
+    pub fn is_idle(&self) -> bool {
+        self.open.is_none() && self.partial.is_none() && self.utf8.is_at_start()
+    }
+
     /// Drops any open message and its buffer: back to the state of `new`.
     pub fn reset(&mut self) {
         self.open = None;

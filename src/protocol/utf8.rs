@@ -74,6 +74,11 @@ impl Utf8Validator {
         self.carry_len = 0;
     }
 
+    /// Is the validator where `new` leaves it (no character carried over)?
+    pub fn is_at_start(&self) -> bool {
+        self.carry_len == 0
+    }
+
     /// If a character was cut at the end of the previous piece, completes it with the first
     /// bytes of `bytes` and returns the bytes after it. If `bytes` is too short to complete it,
     /// carries them too and returns an empty slice.

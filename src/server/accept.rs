@@ -160,7 +160,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.release_place(over_limit);
             return;
         }
-        let mut conn = Connection::new(id, stream, peer, self.config.max_message, self.now);
+        let mut conn = Connection::new(id, stream, self.now);
         conn.tls = tls;
         conn.set_deadline(
             &mut self.timers,

@@ -31,13 +31,11 @@
 
 use super::compression::Negotiated;
 use super::outbound::Outbound;
+use super::reader_slot::ReaderSlot;
 use super::TimerEvent;
-use crate::protocol::decoder::FrameReader;
-use crate::protocol::frame::Role;
 use crate::timer::{TimerHandle, TimerWheel};
 use crate::tls::TlsSession;
 use mio::net::TcpStream;
-use std::net::SocketAddr;
 use std::time::Instant;
 
 /// Identifies a connection for as long as it lives, and never again afterwards.
@@ -155,18 +153,18 @@ pub(super) struct Connection {
     /// The TLS session between `stream` and everything below, when the listener speaks TLS
     /// (SPEC §18). Boxed: a rustls session is large, and plain connections pay one pointer.
     pub(super) tls: Option<Box<TlsSession>>,
-    /// For log lines only.
-    pub(super) peer: SocketAddr,
     /// Changed only by the transition methods below.
     state: State,
     /// The request head received so far, while handshaking. Empty, and unallocated, after.
     /// On a kept-alive API connection: the bytes of requests not yet served (pipelined ones).
     pub(super) request: Vec<u8>,
     /// HTTP requests to the app on this connection (keep-alive, bodies, waiting for answers).
-    pub(super) exchange: Exchange,
-    /// Frames in, events out: holds the tail of a frame that has not fully arrived and the
-    /// message being assembled (and nothing while idle).
-    pub(super) reader: FrameReader,
+    /// Boxed, and only once the connection carries an app request: most connections upgrade
+    /// and never need it, and every byte here is paid by every idle connection.
+    exchange: Option<Box<Exchange>>,
+    /// Frames in, events out: the reader, boxed only while it holds the tail of a frame that
+    /// has not fully arrived or a message being assembled (`ReaderSlot`; nothing while idle).
+    pub(super) reader: ReaderSlot,
     /// Encoded frames (and HTTP responses) waiting to be written.
     pub(super) outbound: Outbound,
     /// What permessage-deflate this connection agreed on, if any (SPEC §17). Set with the 101.
@@ -192,22 +190,15 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    pub(super) fn new(
-        id: ConnId,
-        stream: TcpStream,
-        peer: SocketAddr,
-        max_message: usize,
-        now: Instant,
-    ) -> Connection {
+    pub(super) fn new(id: ConnId, stream: TcpStream, now: Instant) -> Connection {
         Connection {
             id,
             stream,
             tls: None,
-            peer,
             state: State::Handshaking,
             request: Vec::new(),
-            exchange: Exchange::default(),
-            reader: FrameReader::new(Role::Server, max_message),
+            exchange: None,
+            reader: ReaderSlot::default(),
             outbound: Outbound::default(),
             deflate: None,
             write_interest: false,
@@ -217,6 +208,25 @@ impl Connection {
             deadline: None,
             last_activity: now,
         }
+    }
+
+    /// The connection's HTTP requests to the app; a connection that never made one reads as
+    /// the empty exchange (nothing pending, nothing waited for).
+    #[inline]
+    pub(super) fn exchange(&self) -> &Exchange {
+        static NONE: Exchange = Exchange {
+            pending: None,
+            waiting: false,
+            keep_alive: false,
+            answered: 0,
+            read_paused: false,
+        };
+        self.exchange.as_deref().unwrap_or(&NONE)
+    }
+
+    /// The exchange to change, made on first use.
+    pub(super) fn exchange_mut(&mut self) -> &mut Exchange {
+        self.exchange.get_or_insert_with(Box::default)
     }
 
     #[inline]
@@ -312,13 +322,12 @@ mod tests {
     fn connection() -> Connection {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let peer = client.local_addr().unwrap();
         let id = ConnId {
             slot: 0,
             generation: 0,
         };
         let stream = TcpStream::from_std(client);
-        Connection::new(id, stream, peer, 1024, Instant::now())
+        Connection::new(id, stream, Instant::now())
     }
 
     type Edge = fn(&mut Connection) -> bool;
@@ -367,6 +376,36 @@ mod tests {
                 assert_eq!(conn.state(), want.unwrap_or(from), "{name} from {from:?}");
             }
         }
+    }
+
+    /// What one connection's slot in the slab costs. The server holds one per connection, idle
+    /// or not, so this is most of an idle connection's memory (docs/benchmarks.md, "Idle
+    /// memory": at most 256 bytes of RSS each, with the app's session and the heartbeat timer
+    /// node). The bound is today's size: a field that makes it grow is a decision to take on
+    /// purpose (move rare state behind a pointer, as `tls` and `reader` are, or raise the bound
+    /// here and re-measure idle memory), not something that slips in. It was 168 until the
+    /// server API's keep-alive state (SPEC §16) took one more pointer (`exchange`, boxed).
+    #[test]
+    fn a_connection_slot_stays_small() {
+        use std::mem::size_of;
+        let size = size_of::<Connection>();
+        println!(
+            "size_of::<Connection>() = {size} (outbound {}, reader {}, deadline {}, request {})",
+            size_of::<Outbound>(),
+            size_of::<ReaderSlot>(),
+            size_of::<Option<(TimerHandle, Deadline)>>(),
+            size_of::<Vec<u8>>(),
+        );
+        assert!(
+            size <= 176,
+            "size_of::<Connection>() grew to {size} bytes (bound: 176)"
+        );
+        // An idle connection holds its reader as one pointer (`reader_slot.rs`).
+        assert_eq!(size_of::<ReaderSlot>(), size_of::<usize>());
+        // Its heartbeat's node in the timer wheel, the other part of an idle connection.
+        let node = TimerWheel::<TimerEvent>::node_bytes();
+        println!("timer node = {node}");
+        assert!(node <= 32, "a timer node grew to {node} bytes (bound: 32)");
     }
 
     #[test]

@@ -67,6 +67,11 @@ pub trait Handler {
     /// Per-connection state of an upgraded connection.
     type Session;
 
+    /// A loop iteration began at `now` (read once per iteration, after the wait; SPEC §2). Called
+    /// before any other call of the iteration, so an app can take its time from here instead of
+    /// reading the clock per message.
+    fn set_now(&mut self, _now: Instant) {}
+
     /// Decides what a request head becomes: an upgrade, one of the reactor's endpoints, a
     /// resource of the app's, or a refusal. Called for every complete request head the parser
     /// accepts; an upgrade attempt has passed the upgrade rules (RFC 6455 §4.2.1) first.

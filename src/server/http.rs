@@ -39,13 +39,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let Some(conn) = self.conn_mut(id) else {
                 return false;
             };
-            if conn.state() != State::Handshaking || conn.exchange.waiting {
+            if conn.state() != State::Handshaking || conn.exchange().waiting {
                 return true;
             }
-            if let Some(pending) = conn.exchange.pending.take() {
+            if let Some(pending) = conn.exchange_mut().pending.take() {
                 let needed = pending.head_len + pending.framing.as_ref().map_or(0, |f| f.body_len);
                 if conn.request.len() < needed {
-                    conn.exchange.pending = Some(pending);
+                    conn.exchange_mut().pending = Some(pending);
                     return true;
                 }
                 self.hand_to_app(id, *pending);
@@ -144,7 +144,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 let Some(conn) = self.conn_mut(id) else {
                     return false;
                 };
-                conn.exchange.pending = Some(Box::new(pending));
+                conn.exchange_mut().pending = Some(Box::new(pending));
                 true
             }
         }
@@ -180,8 +180,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 Err(refusal.clone())
             }
         };
-        conn.exchange.waiting = true;
-        conn.exchange.keep_alive = framing.as_ref().is_ok_and(|f| f.keep_alive) && !shutting_down;
+        conn.exchange_mut().waiting = true;
+        conn.exchange_mut().keep_alive =
+            framing.as_ref().is_ok_and(|f| f.keep_alive) && !shutting_down;
         conn.cancel_deadline(&mut self.timers);
         self.call_app(id, |app, _, out| {
             app.on_request(id, &request, body.as_deref().map_err(Clone::clone), out)
@@ -200,13 +201,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let Some(conn) = live(&mut self.conns, id) else {
                 continue;
             };
-            if conn.state() != State::Handshaking || !conn.exchange.waiting {
+            if conn.state() != State::Handshaking || !conn.exchange().waiting {
                 debug!("{id:?}: an answer for no request, ignored");
                 continue;
             }
-            conn.exchange.waiting = false;
-            conn.exchange.answered += 1;
-            let keep_alive = conn.exchange.keep_alive && !shutting_down;
+            conn.exchange_mut().waiting = false;
+            conn.exchange_mut().answered += 1;
+            let keep_alive = conn.exchange().keep_alive && !shutting_down;
             let (status, response) = match answer {
                 Answer::Json { status, body } => (
                     status,
@@ -231,7 +232,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 let deadline = self.now + self.config.handshake_timeout;
                 conn.set_deadline(&mut self.timers, deadline, Deadline::Handshake);
             }
-            if !conn.request.is_empty() || conn.exchange.read_paused {
+            if !conn.request.is_empty() || conn.exchange().read_paused {
                 self.http_resume.push(id);
             }
             self.mark_dirty(id);
@@ -248,8 +249,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let Some(conn) = self.conn_mut(id) else {
                 continue;
             };
-            if conn.exchange.read_paused && !conn.exchange.waiting {
-                conn.exchange.read_paused = false;
+            if conn.exchange().read_paused && !conn.exchange().waiting {
+                conn.exchange_mut().read_paused = false;
                 self.on_readable(id);
             }
         }

@@ -18,17 +18,33 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Reads the connection until `WouldBlock` or until its read budget is spent; then it goes
     /// on the ready list, to be read again in the next iteration (see `turn`).
     pub(super) fn on_readable(&mut self, id: ConnId) {
+        self.read_input(id, false);
+    }
+
+    /// `on_readable` for a readiness event of the poller. On a backend where a short read proves
+    /// the socket drained (edge-triggered epoll, `Poller::short_read_drains`), an event without
+    /// a hangup or an error is read until a short read instead of until `WouldBlock`: the read
+    /// that would only say `WouldBlock` was a third of the server's syscalls (docs/pollers.md,
+    /// "When a short read is enough", says why nothing can be missed).
+    pub(super) fn on_readable_event(&mut self, id: ConnId, hangup_or_error: bool) {
+        let stop_short = !hangup_or_error && self.poller.short_read_drains();
+        self.read_input(id, stop_short);
+    }
+
+    /// The read loop of `on_readable`; `stop_short`: a short read ends it (see
+    /// `on_readable_event`).
+    fn read_input(&mut self, id: ConnId, stop_short: bool) {
         let mut budget = READ_BUDGET_BYTES;
         loop {
             let Some(conn) = live(&mut self.conns, id) else {
                 return;
             };
-            if conn.exchange.waiting && conn.request.len() >= MAX_PIPELINED_BYTES {
+            if conn.exchange().waiting && conn.request.len() >= MAX_PIPELINED_BYTES {
                 // Enough requests wait behind the one the app is answering: leave the rest in
                 // TCP's buffers until the answer (`resume_requests` reads again). A level-
                 // triggered poller keeps reporting the socket meanwhile (docs/api.md, "Limits").
-                if !conn.exchange.read_paused {
-                    conn.exchange.read_paused = true;
+                if !conn.exchange().read_paused {
+                    conn.exchange_mut().read_paused = true;
                     self.metrics.http_read_pauses += 1;
                 }
                 break;
@@ -46,6 +62,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     return;
                 }
             };
+            // Short: the kernel had fewer bytes than the buffer holds, so its queue is empty
+            // now. Only a plain socket's read says so; a TLS session's plaintext count does not.
+            let short = n < self.recv_buf.len() && conn.tls.is_none();
             self.metrics.bytes_in += n as u64;
             // Any bytes count as activity, not only whole frames: a large frame still arriving
             // proves the peer alive (SPEC §5).
@@ -75,6 +94,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 }
                 break;
             }
+            if short && stop_short {
+                self.metrics.reads_stopped_short += 1;
+                break;
+            }
         }
         if self.conn_mut(id).is_some_and(|c| c.tls.is_some()) {
             self.after_tls_read(id);
@@ -96,9 +119,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             State::HttpResponding { .. } | State::Closing | State::Closed | State::Failing => {}
             // A kept-alive HTTP connection between two requests: its normal end.
             State::Handshaking
-                if conn.exchange.answered > 0
+                if conn.exchange().answered > 0
                     && conn.request.is_empty()
-                    && !conn.exchange.waiting => {}
+                    && !conn.exchange().waiting => {}
             State::Handshaking | State::Open => {
                 debug!("{id:?} hung up without a close handshake");
                 self.metrics.abnormal_closes += 1;

@@ -178,11 +178,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         // Deregister before the descriptor is closed, so that no event for it (or for a new
         // socket that reuses its number) can follow.
         let _ = self.poller.deregister(conn.stream.as_raw_fd());
-        debug!(
-            "{id:?} ({}) closed in state {}",
-            conn.peer,
-            conn.state().name()
-        );
+        // The peer's address is asked of the socket only here (a connection does not keep it:
+        // 32 bytes per connection for a log line), and only when the line is logged.
+        if log::log_enabled!(log::Level::Debug) {
+            let peer = conn.stream.peer_addr();
+            let peer = peer.as_ref().map_or("?".to_string(), ToString::to_string);
+            debug!("{id:?} ({peer}) closed in state {}", conn.state().name());
+        }
         // Dropping the stream closes the descriptor.
     }
 

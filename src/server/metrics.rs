@@ -48,6 +48,9 @@ pub struct Metrics {
     /// Times a kept-alive HTTP connection stopped being read: it pipelined more than the
     /// server buffers while an answer was pending (`http::MAX_PIPELINED_BYTES`).
     pub http_read_pauses: u64,
+    /// Socket reads ended by a short read instead of a `WouldBlock` (edge-triggered epoll only,
+    /// `Poller::short_read_drains`).
+    pub reads_stopped_short: u64,
 }
 
 /// Values derived at render time rather than counted.
@@ -224,6 +227,11 @@ impl Metrics {
             "wsrelay_poll_wakeups_total",
             "Returns from the poller's wait call.",
             self.poll_wakeups,
+        );
+        w.counter(
+            "wsrelay_reads_stopped_short_total",
+            "Reads of a socket ended by a short read, without the read that returns EAGAIN (edge-triggered epoll).",
+            self.reads_stopped_short,
         );
         w.counter(
             "wsrelay_poll_events_total",

@@ -34,6 +34,7 @@ mod inbound;
 mod lifecycle;
 pub mod metrics;
 pub mod outbound;
+mod reader_slot;
 mod signals;
 #[cfg(test)]
 mod tests;
@@ -68,6 +69,12 @@ const RECV_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Bytes read from one connection per loop iteration before the others get their turn.
 const READ_BUDGET_BYTES: usize = 4 * RECV_BUFFER_BYTES;
+
+/// How long the loop must have nothing to do before the outbound pool's spare buffers go back
+/// to the allocator (`OutboundPool::release_spares`). Short enough that an idle server holds
+/// nothing a moment after a burst; long enough that traffic, which wakes the loop far more
+/// often, keeps reusing them.
+const SPARES_KEPT_IDLE: Duration = Duration::from_millis(250);
 
 /// Tokens outside the range of `ConnId::token` (no slab slot reaches u32::MAX - 2).
 const LISTENER: Token = Token(usize::MAX);
@@ -390,11 +397,16 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Step 1: fills `events` with what is ready.
     fn wait(&mut self, events: &mut Vec<Event>) -> io::Result<()> {
         self.now = Instant::now();
-        let timeout = if self.ready.is_empty() {
+        let mut timeout = if self.ready.is_empty() {
             self.timers.next_timeout(self.now)
         } else {
             Some(Duration::ZERO)
         };
+        let spares = self.outbound_pool.has_spares();
+        if spares {
+            // Wake up after a short idle spell to release them (see `SPARES_KEPT_IDLE`).
+            timeout = Some(timeout.map_or(SPARES_KEPT_IDLE, |t| t.min(SPARES_KEPT_IDLE)));
+        }
         let before = self.now;
         self.poller.wait(events, timeout)?;
         // The wait may have ended long after input arrived (the process stalled; after
@@ -403,7 +415,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         // trust it alone: the Pong deadline reads its connection before dropping it
         // (`on_pong_deadline`, SPEC §5).
         self.now = Instant::now();
+        // The app reads this same instant for the whole iteration (`Handler::set_now`).
+        self.handler.set_now(self.now);
         self.metrics.poll_wait += self.now - before;
+        if spares && events.is_empty() && self.now - before >= SPARES_KEPT_IDLE {
+            self.outbound_pool.release_spares();
+        }
         self.metrics.poll_wakeups += 1;
         self.metrics.poll_events += events.len() as u64;
         Ok(())
@@ -427,7 +444,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     // backend reports it again because its budget left bytes unread).
                     let queued = self.conn_mut(id).is_some_and(|c| c.on_ready_list);
                     if event.readable && !queued {
-                        self.on_readable(id);
+                        self.on_readable_event(id, event.hangup || event.error);
                     }
                     if event.writable {
                         self.flush(id);

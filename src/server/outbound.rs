@@ -60,6 +60,13 @@ const FEW_IOVECS: usize = 64;
 /// cap keeps an idle server's stock small while covering rooms of hundreds at full speed.
 const MAX_SPARE_RING_BYTES: usize = 4 * 1024 * 1024;
 
+/// The most empty `Owned` chunk buffers (of `OWNED_CHUNK_BYTES` each) the pool keeps: 1 MiB.
+/// Without them every flush freed its reply buffers and the next read allocated them again,
+/// and glibc, seeing the top of the heap freed and refilled, returned it to the kernel and took
+/// it back a few hundred times a second (`brk`, docs/benchmarks.md, "Allocator churn"). 256
+/// covers a loop iteration's worth of echo replies for 256 connections; beyond that buffers go
+/// back to the allocator as before.
+const MAX_SPARE_OWNED_CHUNKS: usize = 256;
 /// Chunks up to this size are copied into the scratch buffer at flush time instead of getting an
 /// iovec each. Measured in a 1,000-member room (docs/benchmarks.md, "Broadcast vs
 /// tokio-tungstenite"): with 64-byte messages, gathering cut the server's CPU per delivery by a
@@ -127,9 +134,8 @@ impl Outbound {
             // `head_offset` only counts from its start.
             Some(Chunk::Owned(v)) if v.len() + len_hint <= COALESCE_LIMIT => v,
             _ => {
-                self.chunks.push_back(Chunk::Owned(Vec::with_capacity(
-                    len_hint.max(OWNED_CHUNK_BYTES),
-                )));
+                self.chunks
+                    .push_back(Chunk::Owned(pool.take_owned(len_hint)));
                 match self.chunks.back_mut() {
                     Some(Chunk::Owned(v)) => v,
                     _ => unreachable!("an Owned chunk was just pushed"),
@@ -170,7 +176,7 @@ impl Outbound {
             };
             match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.consume(n),
+                Ok(n) => self.consume(n, pool),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -235,13 +241,17 @@ impl Outbound {
         sink.write_vectored(&iov[..count])
     }
 
-    fn consume(&mut self, mut written: usize) {
+    /// Drops the `written` bytes from the front of the queue; written `Owned` buffers go back
+    /// to `pool`.
+    fn consume(&mut self, mut written: usize, pool: &mut OutboundPool) {
         if written == self.queued_bytes {
             // Everything went out (the usual case): drop the chunks in one sweep instead of
             // measuring each against `written`. Same result as the loop below, which handles
             // partial writes; in a 1,000-member room this sweep needs 13% fewer of the
             // server's instructions per delivery than the loop (callgrind, docs/benchmarks.md).
-            self.chunks.clear();
+            for chunk in self.chunks.drain(..) {
+                pool.put_chunk(chunk);
+            }
             self.head_offset = 0;
             self.queued_bytes = 0;
             return;
@@ -255,7 +265,9 @@ impl Outbound {
             if written >= left {
                 written -= left;
                 self.head_offset = 0;
-                self.chunks.pop_front();
+                if let Some(chunk) = self.chunks.pop_front() {
+                    pool.put_chunk(chunk);
+                }
             } else {
                 self.head_offset += written;
                 written = 0;
@@ -269,13 +281,17 @@ impl Outbound {
 /// gathers small chunks into and that shared frames are built in (see the module doc).
 ///
 /// Invariant: every ring here is empty, and `ring_bytes` is the sum of their capacities in
-/// bytes, at most `MAX_SPARE_RING_BYTES`. `scratch` holds nothing between uses, and keeps at
+/// bytes, at most `MAX_SPARE_RING_BYTES`; every `owned` buffer is empty, with a capacity of
+/// `OWNED_CHUNK_BYTES`. `scratch` holds nothing between uses, and keeps at
 /// most `GATHER_BYTES` of capacity.
 #[derive(Debug, Default)]
 pub struct OutboundPool {
     rings: Vec<VecDeque<Chunk>>,
     ring_bytes: usize,
     scratch: Vec<u8>,
+    /// Empty `Owned` chunk buffers of `OWNED_CHUNK_BYTES` capacity, at most
+    /// `MAX_SPARE_OWNED_CHUNKS`.
+    owned: Vec<Vec<u8>>,
 }
 
 impl OutboundPool {
@@ -303,6 +319,43 @@ impl OutboundPool {
             }
             None => VecDeque::new(),
         }
+    }
+
+    /// An empty buffer for an `Owned` chunk that will hold at least `len_hint` bytes: a spare
+    /// one if the hint fits the usual size and there is one, else a new one.
+    fn take_owned(&mut self, len_hint: usize) -> Vec<u8> {
+        if len_hint <= OWNED_CHUNK_BYTES {
+            if let Some(buffer) = self.owned.pop() {
+                return buffer;
+            }
+        }
+        Vec::with_capacity(len_hint.max(OWNED_CHUNK_BYTES))
+    }
+
+    /// Takes back a written chunk: an `Owned` buffer of the usual size is kept for reuse (if
+    /// the stock is not full); anything else is dropped (a shared frame loses one reference).
+    fn put_chunk(&mut self, chunk: Chunk) {
+        if let Chunk::Owned(mut buffer) = chunk {
+            if buffer.capacity() == OWNED_CHUNK_BYTES && self.owned.len() < MAX_SPARE_OWNED_CHUNKS {
+                buffer.clear();
+                self.owned.push(buffer);
+            }
+        }
+    }
+
+    /// Does the pool hold spare rings or reply buffers (memory an idle server need not keep)?
+    pub fn has_spares(&self) -> bool {
+        !self.owned.is_empty() || !self.rings.is_empty()
+    }
+
+    /// Gives every spare ring and reply buffer back to the allocator: the reactor does so once
+    /// it has been idle for `SPARES_KEPT_IDLE` (`Reactor::wait`), so that a burst (10,000
+    /// handshakes, each with its 101 response in a reply buffer) leaves nothing behind, while
+    /// steady traffic, which never lets the loop idle that long, keeps reusing them.
+    pub fn release_spares(&mut self) {
+        self.owned = Vec::new();
+        self.rings = Vec::new();
+        self.ring_bytes = 0;
     }
 
     /// Keeps an emptied ring for reuse, or frees it if the stock is full.
@@ -402,6 +455,40 @@ mod tests {
         assert_eq!(q.flush(&mut sink, &mut pool).unwrap(), Flush::Done);
         assert_eq!(sink.out, b"abcdefghij");
         assert!(q.is_empty());
+    }
+
+    /// Steady traffic reuses its reply buffers instead of freeing and allocating them at every
+    /// flush (see `MAX_SPARE_OWNED_CHUNKS`); a grown buffer is not kept, nor more than the cap.
+    #[test]
+    fn written_owned_buffers_are_reused() {
+        let mut pool = OutboundPool::default();
+        let mut q = Outbound::default();
+        let mut sink = Trickle::new(usize::MAX, 100);
+        q.push_owned_with(3, &mut pool, |v| v.extend_from_slice(b"abc"));
+        let first = match q.chunks.back() {
+            Some(Chunk::Owned(v)) => v.as_ptr(),
+            other => panic!("expected an owned chunk, got {other:?}"),
+        };
+        assert_eq!(q.flush(&mut sink, &mut pool).unwrap(), Flush::Done);
+        assert_eq!(pool.owned.len(), 1, "the written buffer is kept");
+        q.push_owned_with(2, &mut pool, |v| v.extend_from_slice(b"de"));
+        assert!(pool.owned.is_empty());
+        match q.chunks.back() {
+            Some(Chunk::Owned(v)) => assert_eq!(v.as_ptr(), first, "the same buffer again"),
+            other => panic!("expected an owned chunk, got {other:?}"),
+        }
+        // A buffer that grew past the usual size goes back to the allocator.
+        q.push_owned_with(1, &mut pool, |v| {
+            v.extend_from_slice(&[0u8; OWNED_CHUNK_BYTES])
+        });
+        assert_eq!(q.flush(&mut sink, &mut pool).unwrap(), Flush::Done);
+        assert!(pool.owned.is_empty(), "a grown buffer is not kept");
+        assert_eq!(sink.out.len(), 5 + OWNED_CHUNK_BYTES);
+        // The stock is capped.
+        for _ in 0..MAX_SPARE_OWNED_CHUNKS + 10 {
+            pool.put_chunk(Chunk::Owned(Vec::with_capacity(OWNED_CHUNK_BYTES)));
+        }
+        assert_eq!(pool.owned.len(), MAX_SPARE_OWNED_CHUNKS);
     }
 
     #[test]

@@ -56,6 +56,10 @@ impl<P: Poller> Poller for Hiding<P> {
         self.inner.fd_limit()
     }
 
+    fn short_read_drains(&self) -> bool {
+        self.inner.short_read_drains()
+    }
+
     fn register(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
         self.inner.register(fd, token, interest)
     }
@@ -398,4 +402,122 @@ fn app_timer<P: Poller>(backend: P) {
     }
     assert_eq!(r.handler.fired.len(), 4, "{name}: one call per request");
     assert_eq!(r.timers.len(), baseline, "{name}");
+}
+
+/// docs/pollers.md, "When a short read is enough": on edge-triggered epoll a read that returns
+/// less than the buffer ends the connection's read (no read to see `WouldBlock`), and nothing is
+/// lost: bytes that arrive later raise a new event, and a hangup that came with the data is in
+/// the event, which makes the reactor read on to the end of the stream. Other backends read
+/// until `WouldBlock` as before.
+#[test]
+fn a_short_read_ends_the_read_only_where_nothing_can_be_missed() {
+    short_read(MioPoller::new().unwrap());
+    short_read(PollPoller::new().unwrap());
+    short_read(SelectPoller::new().unwrap());
+}
+
+fn short_read<P: Poller>(backend: P) {
+    let mut r = bind(backend, Config::default());
+    let poller = r.poller_name();
+    let edge = r.poller.short_read_drains();
+    assert_eq!(edge, poller == "epoll", "{poller}: only epoll claims it");
+    let (mut client, id) = open_client(&mut r);
+    let read_all = |r: &mut TestReactor<P>, bytes: u64, what: &str| {
+        let target = r.metrics.bytes_in + bytes;
+        turn_until(r, what, |r| r.metrics.bytes_in >= target);
+    };
+
+    let first = frame::encode(true, OpCode::Binary, b"first", MASK);
+    let stopped = r.metrics.reads_stopped_short;
+    client.write_all(&first).unwrap();
+    read_all(&mut r, first.len() as u64, "the first frame is read");
+    let stopped_now = r.metrics.reads_stopped_short - stopped;
+    if edge {
+        assert!(stopped_now >= 1, "{poller}: the short read ended the read");
+    } else {
+        assert_eq!(stopped_now, 0, "{poller}: read until WouldBlock");
+    }
+
+    // Bytes that arrive after the short read are still read: they raise a new event.
+    let second = frame::encode(true, OpCode::Binary, b"second", MASK);
+    client.write_all(&second).unwrap();
+    read_all(
+        &mut r,
+        second.len() as u64,
+        "bytes sent after the short read are read",
+    );
+
+    // Data and the end of the stream in one event: the event says hangup, so the read goes
+    // on past the short read to the EOF, and the connection is closed. (Stopping at the short
+    // read would leave the EOF unread, and no new event would ever come for it.)
+    let third = frame::encode(true, OpCode::Binary, b"third", MASK);
+    client.write_all(&third).unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    turn_until(&mut r, "the EOF behind the data is seen", |r| {
+        r.conn_mut(id).is_none()
+    });
+}
+
+/// SPEC §2, docs/architecture.md "Memory": a connection holds a frame reader only while a frame
+/// or a fragmented message is incomplete; between whole frames it holds none.
+#[test]
+fn a_connection_holds_a_reader_only_while_a_frame_is_incomplete() {
+    reader_only_while_incomplete(MioPoller::new().unwrap());
+    reader_only_while_incomplete(PollPoller::new().unwrap());
+    reader_only_while_incomplete(SelectPoller::new().unwrap());
+}
+
+fn reader_only_while_incomplete<P: Poller>(backend: P) {
+    let mut r = bind(backend, Config::default());
+    let poller = r.poller_name();
+    let (mut client, id) = open_client(&mut r);
+    let held = |r: &mut TestReactor<P>| r.conn_mut(id).unwrap().reader.is_held();
+    assert!(
+        !held(&mut r),
+        "{poller}: an idle connection holds no reader"
+    );
+
+    let message = frame::encode(true, OpCode::Binary, &[9u8; 100], MASK);
+    let (start, rest) = message.split_at(40);
+    let before = r.metrics.bytes_in;
+    client.write_all(start).unwrap();
+    turn_until(&mut r, "the start of the frame is read", |r| {
+        r.metrics.bytes_in >= before + start.len() as u64
+    });
+    assert!(held(&mut r), "{poller}: a partial frame is held");
+    client.write_all(rest).unwrap();
+    turn_until(&mut r, "the rest of the frame is read", |r| {
+        r.metrics.bytes_in >= before + message.len() as u64
+    });
+    assert!(
+        !held(&mut r),
+        "{poller}: the reader is released with the frame"
+    );
+}
+
+/// docs/benchmarks.md, "Idle memory": the reply buffers and rings the outbound pool keeps for
+/// reuse go back to the allocator once the loop has been idle for `SPARES_KEPT_IDLE`, so a burst
+/// (here: one 101 response) leaves nothing behind on an idle server.
+#[test]
+fn an_idle_reactor_gives_its_spare_buffers_back() {
+    spares_released(MioPoller::new().unwrap());
+    spares_released(PollPoller::new().unwrap());
+    spares_released(SelectPoller::new().unwrap());
+}
+
+fn spares_released<P: Poller>(backend: P) {
+    let mut r = bind(backend, Config::default());
+    let (_client, _id) = open_client(&mut r);
+    assert!(
+        r.outbound_pool.has_spares(),
+        "the 101 response's buffer and ring are kept for reuse"
+    );
+    let start = Instant::now();
+    turn_until(&mut r, "the spares are released", |r| {
+        !r.outbound_pool.has_spares()
+    });
+    assert!(
+        start.elapsed() >= SPARES_KEPT_IDLE,
+        "not before the idle spell"
+    );
 }

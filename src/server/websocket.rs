@@ -11,9 +11,9 @@ use super::handler::Outbox;
 use super::metrics::Metrics;
 use super::{live, Handler, Reactor, TimerEvent};
 use crate::poller::Poller;
-use crate::protocol::decoder::{FrameReader, Input};
+use crate::protocol::decoder::Input;
 use crate::protocol::error::ProtocolError;
-use crate::protocol::frame::{self, OpCode, Role};
+use crate::protocol::frame::{self, OpCode};
 use crate::protocol::message::Event;
 use crate::protocol::CloseCode;
 use log::debug;
@@ -27,13 +27,15 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// `bytes` is still read, frame by frame, to find the peer's Close (RFC 6455 §5.5.1): the
     /// next read then starts on a frame boundary, never in the middle of a frame.
     pub(super) fn on_frames(&mut self, id: ConnId, bytes: &mut [u8]) {
+        let max_message = self.config.max_message;
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
         // The reader is lent out of the connection while its events are handled: an event may
-        // borrow it, and handling one needs the whole reactor (the app, other connections). The
-        // placeholder left behind allocates nothing.
-        let mut reader = std::mem::replace(&mut conn.reader, FrameReader::new(Role::Server, 0));
+        // borrow it, and handling one needs the whole reactor (the app, other connections). A
+        // connection at rest holds none: it gets a fresh one (`reader_slot.rs`).
+        let rsv1_allowed = conn.deflate.is_some();
+        let mut reader = conn.reader.take(max_message, rsv1_allowed);
         let mut input = Input::new(bytes);
         loop {
             let Some(conn) = self.conn_mut(id) else {
@@ -55,7 +57,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             }
         }
         if let Some(conn) = self.conn_mut(id) {
-            conn.reader = reader;
+            conn.reader.put(reader);
         }
     }
 

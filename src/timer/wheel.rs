@@ -18,6 +18,8 @@
 //!    only while the timer it was issued for is pending (up to `u32` wrap, see the parent module).
 
 use std::fmt;
+use std::num::NonZeroU32;
+use std::ops::{Index, IndexMut};
 use std::time::{Duration, Instant};
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
@@ -27,10 +29,54 @@ const NANOS_PER_SEC: u128 = 1_000_000_000;
 /// It is a slab index plus the generation the node had when the timer was armed, so a handle
 /// kept after its timer fired or was cancelled is recognised as stale instead of cancelling
 /// whichever timer reuses the node.
+///
+/// 8 bytes: a server keeps one per connection (docs/benchmarks.md, "Idle memory").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TimerHandle {
-    index: usize,
+    index: NodeId,
     generation: u32,
+}
+
+/// The index of a node in the slab, stored plus one in a `NonZeroU32`: 4 bytes, and an
+/// `Option<NodeId>` (a list link) is 4 bytes too, where `Option<usize>` takes 16. The links
+/// are most of a node, and a server keeps a node per connection. Limit: `u32::MAX - 1` timers
+/// pending at once (`NodeId::new` panics beyond; a server holds about one per connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct NodeId(NonZeroU32);
+
+impl NodeId {
+    fn new(index: usize) -> NodeId {
+        u32::try_from(index)
+            .ok()
+            .and_then(|i| i.checked_add(1))
+            .and_then(NonZeroU32::new)
+            .map(NodeId)
+            .unwrap_or_else(|| panic!("TimerWheel: more than u32::MAX - 1 timers"))
+    }
+
+    fn get(self) -> usize {
+        // A u32 always fits in usize on the targets this server supports (32 and 64 bits).
+        (self.0.get() - 1) as usize
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.get())
+    }
+}
+
+impl<T> Index<NodeId> for Vec<Node<T>> {
+    type Output = Node<T>;
+    fn index(&self, id: NodeId) -> &Node<T> {
+        &self[id.get()]
+    }
+}
+
+impl<T> IndexMut<NodeId> for Vec<Node<T>> {
+    fn index_mut(&mut self, id: NodeId) -> &mut Node<T> {
+        &mut self[id.get()]
+    }
 }
 
 /// A hashed timing wheel holding values of type `T` until their deadline passes.
@@ -54,7 +100,7 @@ pub struct TimerWheel<T> {
     /// Every node ever allocated, pending or free. Indices are stable, so handles can name them.
     nodes: Vec<Node<T>>,
     /// Head of the free list, threaded through `Node::next` of free nodes.
-    free_head: Option<usize>,
+    free_head: Option<NodeId>,
     /// Number of pending timers.
     len: usize,
 }
@@ -63,7 +109,7 @@ pub struct TimerWheel<T> {
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
     /// First node of the unsorted, doubly-linked list.
-    head: Option<usize>,
+    head: Option<NodeId>,
     /// A lower bound on the due ticks in the list, so `next_timeout` need not walk lists
     /// (invariant 3). `u64::MAX` when empty.
     earliest: u64,
@@ -83,9 +129,9 @@ struct Node<T> {
     /// The absolute tick at which the timer fires. Meaningless on a free node.
     due: u64,
     /// Previous node in the bucket list; `None` for the head. Unused on a free node.
-    prev: Option<usize>,
+    prev: Option<NodeId>,
     /// Next node in the bucket list, or, on a free node, the next free node.
-    next: Option<usize>,
+    next: Option<NodeId>,
 }
 
 impl<T> TimerWheel<T> {
@@ -140,7 +186,7 @@ impl<T> TimerWheel<T> {
     /// O(1). Returns `None`, and changes nothing, if the timer already fired or was cancelled
     /// (the handle is stale: its generation no longer matches the node).
     pub fn cancel(&mut self, handle: TimerHandle) -> Option<T> {
-        let node = self.nodes.get(handle.index)?;
+        let node = self.nodes.get(handle.index.get())?;
         if node.generation != handle.generation || node.value.is_none() {
             return None;
         }
@@ -259,7 +305,7 @@ impl<T> TimerWheel<T> {
     // ---- slab and lists -----------------------------------------------------------------
 
     /// Takes a node from the free list (or grows the slab) and fills it. Not yet linked.
-    fn alloc(&mut self, value: T, due: u64) -> usize {
+    fn alloc(&mut self, value: T, due: u64) -> NodeId {
         match self.free_head {
             Some(index) => {
                 let node = &mut self.nodes[index];
@@ -278,14 +324,14 @@ impl<T> TimerWheel<T> {
                     prev: None,
                     next: None,
                 });
-                self.nodes.len() - 1
+                NodeId::new(self.nodes.len() - 1)
             }
         }
     }
 
     /// Puts an unlinked node on the free list and returns the value it held (`None` only if the
     /// node was already free, which callers rule out before unlinking).
-    fn free(&mut self, index: usize) -> Option<T> {
+    fn free(&mut self, index: NodeId) -> Option<T> {
         let node = &mut self.nodes[index];
         // Invariant 5: from here on, handles issued for this occupant are stale.
         node.generation = node.generation.wrapping_add(1);
@@ -300,7 +346,7 @@ impl<T> TimerWheel<T> {
     }
 
     /// Pushes a filled node onto the head of its bucket's list.
-    fn link(&mut self, index: usize) {
+    fn link(&mut self, index: NodeId) {
         let due = self.nodes[index].due;
         let bucket = self.bucket_of(due);
         let old_head = self.buckets[bucket].head;
@@ -315,7 +361,7 @@ impl<T> TimerWheel<T> {
     }
 
     /// Removes a pending node from its bucket's list in O(1), using its prev/next links.
-    fn unlink(&mut self, index: usize) {
+    fn unlink(&mut self, index: NodeId) {
         let Node {
             prev, next, due, ..
         } = self.nodes[index];
@@ -352,6 +398,15 @@ impl<T> TimerWheel<T> {
             }
         }
         self.buckets[bucket].earliest = earliest;
+    }
+}
+
+impl<T> TimerWheel<T> {
+    /// Bytes of one node holding a `T`: a server keeps one per connection (its heartbeat), so
+    /// tests bound it with the server's value type.
+    #[cfg(test)]
+    pub(crate) fn node_bytes() -> usize {
+        std::mem::size_of::<Node<T>>()
     }
 }
 
@@ -828,6 +883,15 @@ mod tests {
         for (name, steps) in cases {
             check(name, 100, 8, steps);
         }
+    }
+
+    /// The handle a connection keeps is 8 bytes, a list link 4 (the node itself is bounded
+    /// with the server's value type, `server::connection`'s size test).
+    #[test]
+    fn a_handle_and_a_link_stay_small() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<TimerHandle>(), 8);
+        assert_eq!(size_of::<Option<NodeId>>(), 4);
     }
 
     #[test]

@@ -516,3 +516,65 @@ describe('the demo page over https:// and wss://', () => {
     clean(bob);
   });
 });
+
+describe('the demo page with room history', () => {
+  let url;
+
+  before(async () => {
+    // The rate limit closes a connection on demand (as above); the room keeps its last 50.
+    url = await startServer(['--rate', '1', '--burst', '6', '--room-history', '50']);
+  });
+
+  test('rejoins a room with since and shows what the room got while it was away, once', async () => {
+    const dave = await newPage(await browser.newContext(), url);
+    const erin = await newPage(await browser.newContext(), url);
+    // The join commands erin's second connection writes.
+    const rejoins = [];
+    let sockets = 0;
+    erin.on('websocket', (ws) => {
+      sockets += 1;
+      if (sockets === 2) {
+        ws.on('framesent', (f) => { if (String(f.payload).includes('"join"')) rejoins.push(JSON.parse(f.payload)); });
+      }
+    });
+    await login(dave, 'dave');
+    await login(erin, 'erin');
+    await joinRoom(dave, 'lobby');
+    await joinRoom(erin, 'lobby');
+    await say(dave, 'before');
+    await sees(erin, 'room:lobby', /^before$/);
+
+    for (let i = 1; i <= 20; i += 1) {
+      await say(erin, `burst ${i}`);
+      if (await erin.locator('#state[data-state="connected"]').count() === 0) break;
+    }
+    await erin.locator('#messages li.system', { hasText: 'connection lost' }).waitFor();
+    await acked(await say(dave, 'while you were away'), 'delivered');
+
+    await connected(erin, 'erin');
+    await erin.locator('#members li[data-id]', { hasText: '(you)' }).waitFor();
+    const away = await sees(erin, 'room:lobby', /^while you were away$/);
+    assert.equal(await away.count(), 1, 'shown once');
+    assert.equal(await (await sees(erin, 'room:lobby', /^before$/)).count(), 1, 'not replayed twice');
+    assert.equal(rejoins.length, 1, JSON.stringify(rejoins));
+    assert.equal(rejoins[0].room, 'lobby');
+    assert.match(rejoins[0].since, /^[0-9]+$/);
+    assert.match(rejoins[0].epoch, /^[0-9a-f]{16}$/);
+    assert.equal(await erin.locator('#messages li.system', { hasText: 'may be missing' }).count(), 0);
+    clean(erin);
+
+    // Erin closes the tab; the room goes on; a reopened tab (same profile) catches up too.
+    const context = erin.context();
+    await erin.close();
+    await dave.locator('#members li[data-id="erin"]').waitFor({ state: 'detached' });
+    await acked(await say(dave, 'while the tab was closed'), 'delivered');
+    const again = await newPage(context, url);
+    await connected(again, 'erin');
+    await select(again, 'room:lobby');
+    await sees(again, 'room:lobby', /^while the tab was closed$/);
+    // Only what came after the newest message it had shown is replayed.
+    assert.equal(await again.locator('#messages li', { hasText: 'while you were away' }).count(), 0);
+    clean(dave);
+    clean(again);
+  });
+});

@@ -22,6 +22,7 @@ mod access;
 mod api;
 mod durable;
 mod envelope;
+mod history;
 mod hostile;
 mod offline;
 mod rooms;

@@ -62,13 +62,16 @@ impl Client {
         self.expect("ack")
     }
 
-    /// Joins `room` and waits for the confirmation (the joiner's own presence event).
+    /// Joins `room` and waits for the confirmation (the joiner's own presence event, then
+    /// `joined`, after which everything is live).
     pub fn join(&mut self, room: &str, me: &str) {
         self.send(json!({"type": "join", "room": room}));
         assert_eq!(
             self.expect("presence"),
             json!({"type": "presence", "room": room, "id": me, "event": "join"})
         );
+        let joined = self.expect("joined");
+        assert_eq!(joined["room"], room, "{joined}");
     }
 }
 

@@ -237,11 +237,15 @@ impl Metrics {
                 let name = parts.next().expect("a family name");
                 assert!(name.starts_with("wsrelay_"), "{line}");
                 if kind == "TYPE" {
-                    assert!(
-                        ["counter", "gauge"].contains(&parts.next().unwrap_or("")),
-                        "{line}"
-                    );
+                    let kind = parts.next().unwrap_or("");
+                    assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
                     families.push(name.to_string());
+                    if kind == "histogram" {
+                        // Its samples are these three series (the file engine's histograms).
+                        for part in ["_bucket", "_sum", "_count"] {
+                            families.push(format!("{name}{part}"));
+                        }
+                    }
                 }
                 continue;
             }

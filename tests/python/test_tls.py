@@ -91,8 +91,11 @@ async def check_envelope(base, ctx):
         await alice.send(json.dumps({"type": "join", "room": "lobby"}))
         joined = await recv_json(alice)
         assert joined == {"type": "presence", "room": "lobby", "id": "alice", "event": "join"}, joined
+        # Every join is answered with `joined` after the presence event: live from here on.
+        assert (await recv_json(alice))["type"] == "joined"
         await bob.send(json.dumps({"type": "join", "room": "lobby"}))
         assert (await recv_json(bob))["id"] == "bob"
+        assert (await recv_json(bob))["type"] == "joined"
         assert (await recv_json(alice))["id"] == "bob"
 
         await alice.send(json.dumps({"type": "publish", "room": "lobby", "payload": "hi", "id": "a1"}))

@@ -10,8 +10,13 @@
 // What the page keeps, and why:
 // - `since`: the newest msg_id of a direct message to us. Direct messages are retained by the
 //   server, so reconnecting with `?since=` replays what a dead connection may have swallowed.
-//   It is stored per id in localStorage, so a reopened tab also catches up. Room messages are
-//   not retained: the page says so when it reconnects.
+//   It is stored per id in localStorage, so a reopened tab also catches up.
+// - per room, `since` too: the newest msg_id of the room seen (or the `joined` answer's
+//   `last_msg_id`). After a reconnect the room is joined again with it; a server that keeps
+//   room history (`--room-history`) replays what the room got meanwhile before its `joined`,
+//   and says `recovered: false` when it cannot, which the page shows in the room
+//   (docs/protocol.md, "Room history"). Stored per id and room, so a reopened tab catches up
+//   on its rooms as well.
 // - `epoch`: the welcome's name for the server's history of our inbox, sent back with `since`.
 //   When the server cannot replay everything after `since` (it restarted without its history,
 //   or messages outlived its retention), its welcome says `recovered: false` and the page tells
@@ -55,6 +60,9 @@
   const keySince = (id) => 'wsrelay.demo.since.' + id;
   const keyEpoch = (id) => 'wsrelay.demo.epoch.' + id;
   const keyRooms = (id) => 'wsrelay.demo.rooms.' + id;
+  // One key per room (not one object of all rooms: a room may be called `__proto__`); room
+  // names have no '/', so id and room cannot run into each other.
+  const keyRoomSince = (id, room) => 'wsrelay.demo.roomSince.' + id + '/' + room;
 
   const state = {
     authRequired: null, // from /stats.json: ask for a token (true) or an id (false)
@@ -135,6 +143,24 @@
     }
   }
 
+  function loadRoomSince(id, room) {
+    const text = store.get(localStorage, keyRoomSince(id, room));
+    try {
+      return text === null ? null : BigInt(text);
+    } catch {
+      return null;
+    }
+  }
+
+  // The rooms this id was in, as conversations to join, each with its stored `since`.
+  function restoreRooms(id) {
+    for (const room of loadRooms(id)) {
+      const conv = conversation('room', room);
+      conv.wanted = true;
+      conv.since = loadRoomSince(id, room);
+    }
+  }
+
   function loadRooms(id) {
     try {
       const rooms = JSON.parse(store.get(localStorage, keyRooms(id)) || '[]');
@@ -192,9 +218,7 @@
     state.wanted = true;
     state.attempt = 0;
     $('login-error').hidden = true;
-    if (id !== null) {
-      for (const room of loadRooms(id)) conversation('room', room).wanted = true;
-    }
+    if (id !== null) restoreRooms(id);
     connect();
   }
 
@@ -336,6 +360,7 @@
       case 'presence': return onPresence(msg);
       case 'members': return onMembers(msg);
       case 'error': return onError(msg);
+      case 'joined': return onJoined(msg);
       default: return undefined;
     }
   }
@@ -363,13 +388,13 @@
       // A token whose `sub` the page could not read: now the id is known.
       cred.id = msg.id;
       state.since = loadSince(msg.id);
-      for (const room of loadRooms(msg.id)) conversation('room', room).wanted = true;
+      restoreRooms(msg.id);
     }
     showChat();
     // Rooms are joined per connection: join again what this page was in.
     for (const conv of state.conversations.values()) {
       if (conv.kind !== 'room' || !conv.wanted) continue;
-      if (again) system(conv, 'reconnected: room messages sent meanwhile are not kept by the server');
+      if (again) system(conv, 'reconnected: catching up with the room');
       join(conv);
     }
     saveRooms();
@@ -387,6 +412,7 @@
     if (msg.room !== null && msg.room !== undefined) {
       conv = state.conversations.get('room:' + msg.room);
       if (conv === undefined) return; // a room just left; the message was already on its way
+      advanceRoomSince(conv, msg.msg_id);
     } else {
       conv = conversation('dm', mine ? msg.to : msg.from);
       if (msg.to === state.me) advanceSince(msg.msg_id);
@@ -408,6 +434,21 @@
       const echo = state.echoes.get(msg.msg_id);
       if (echo !== undefined) echo.remove();
       state.echoes.delete(msg.msg_id);
+    }
+  }
+
+  // The answer to every join, after the replay a `since` asked for: from here the room is live.
+  function onJoined(msg) {
+    const conv = state.conversations.get('room:' + msg.room);
+    if (conv === undefined) return;
+    // Before any message of the room arrives, the newest one the server keeps is where a
+    // rejoin's replay starts.
+    if (conv.since === null && typeof msg.last_msg_id === 'string') {
+      advanceRoomSince(conv, msg.last_msg_id);
+    }
+    if (msg.recovered === false) {
+      // SPEC §13: never a silent partial recovery.
+      system(conv, 'some messages sent to this room while you were away may be missing');
     }
   }
 
@@ -497,6 +538,20 @@
     }
   }
 
+  function advanceRoomSince(conv, msgId) {
+    let n;
+    try {
+      n = BigInt(msgId);
+    } catch {
+      return;
+    }
+    if (conv.since === null || n > conv.since) {
+      conv.since = n;
+      // Stored like the inbox's `since`, so a reopened tab catches up on its rooms too.
+      if (state.me !== null) store.set(localStorage, keyRoomSince(state.me, conv.name), n.toString());
+    }
+  }
+
   function payloadText(payload) {
     if (typeof payload === 'string') return payload;
     if (payload !== null && typeof payload === 'object' && typeof payload.text === 'string') {
@@ -529,6 +584,7 @@
     const conv = {
       key, kind, name, list, item, unreadBadge: unread, unread: 0,
       wanted: false, joined: false, joining: false, leaving: false, members: new Map(),
+      since: null, // rooms: the newest msg_id seen (BigInt), sent with the next join
     };
     item.addEventListener('click', () => select(conv));
     item.addEventListener('keydown', (e) => {
@@ -554,7 +610,13 @@
   function join(conv) {
     conv.joining = true;
     state.lastJoin = conv;
-    send({ type: 'join', room: conv.name });
+    const command = { type: 'join', room: conv.name };
+    if (conv.since !== null) {
+      // A room we were in: ask for what it got while we were away (SPEC §16).
+      command.since = conv.since.toString();
+      if (state.epoch !== null) command.epoch = state.epoch;
+    }
+    send(command);
   }
 
   function select(conv) {
@@ -746,6 +808,7 @@
     if (conv.kind === 'room') {
       conv.wanted = false;
       if (conv.joined || conv.joining) send({ type: 'leave', room: conv.name });
+      if (state.me !== null) store.remove(localStorage, keyRoomSince(state.me, conv.name));
       removeConversation(conv);
       saveRooms();
     } else {

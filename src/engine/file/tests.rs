@@ -24,6 +24,11 @@ fn config(dir: &Path) -> FileConfig {
         dedup_idle: Duration::from_secs(60),
         dedup_max_bytes: 64 << 20,
         fault: StoreFault::Off,
+        room_history: Limits {
+            per_stream: 0,
+            ttl_ms: 0,
+            max_bytes: 0,
+        },
     }
 }
 
@@ -81,6 +86,7 @@ fn publish(client_id: Option<&str>) -> Publish {
         sender: Rc::from("alice"),
         client_id: client_id.map(Rc::from),
         body: Rc::from(&b"{}"[..]),
+        keep: true,
     }
 }
 
@@ -677,4 +683,250 @@ fn compaction_keeps_the_duplicate_window_of_removed_messages() {
         Outcome::Duplicate { position, .. } => assert_eq!(*position, first),
         other => panic!("a re-send after compaction and restart: {other:?}"),
     }
+}
+
+// ----- room history (SPEC §16) -----------------------------------------------------------------
+
+fn with_history(dir: &Path, per_room: usize) -> FileConfig {
+    let mut c = config(dir);
+    c.room_history = Limits {
+        per_stream: per_room,
+        ttl_ms: TTL_MS,
+        max_bytes: 64 << 20,
+    };
+    c
+}
+
+fn room_message(room: &str, body: &str) -> Publish {
+    Publish {
+        room: Rc::from(room),
+        sender: Rc::from("alice"),
+        client_id: None,
+        body: Rc::from(body.as_bytes()),
+        keep: true,
+    }
+}
+
+/// Publishes `bodies` to `room`, all stored, and returns their positions.
+fn publish_all(e: &mut FileEngine, room: &str, bodies: &[String], now: u64) -> Vec<Position> {
+    for (i, body) in bodies.iter().enumerate() {
+        e.publish(Ticket(i as u64), room_message(room, body), at(now));
+    }
+    settle(e).iter().map(stored).collect()
+}
+
+fn room_since(e: &mut FileEngine, room: &str, since: Since, now: u64) -> Recovery {
+    e.recover(Ticket(998), &StreamId::room(room), Some(since), at(now));
+    match settle(e).pop().map(|c| c.outcome) {
+        Some(Outcome::Recovered(r)) => r,
+        other => panic!("expected Recovered, got {other:?}"),
+    }
+}
+
+fn page(e: &mut FileEngine, room: &str, limit: usize, now: u64) -> Recovery {
+    e.history(Ticket(997), &StreamId::room(room), limit, at(now));
+    match settle(e).pop().map(|c| c.outcome) {
+        Some(Outcome::Recovered(r)) => r,
+        other => panic!("expected Recovered, got {other:?}"),
+    }
+}
+
+fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("r{i}")).collect()
+}
+
+#[test]
+fn room_history_survives_a_restart_within_its_bounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = with_history(tmp.path(), 20);
+    let (positions, epoch) = {
+        let mut e = open(c.clone(), 1_000);
+        (
+            publish_all(&mut e, "lobby", &numbered(0..30), 1_000),
+            e.epoch(),
+        )
+    };
+    let mut e = open(c.clone(), 2_000);
+    assert_eq!(bodies(&page(&mut e, "lobby", 100, 2_000)), numbered(10..30));
+    assert_eq!(bodies(&page(&mut e, "lobby", 2, 2_000)), numbered(28..30));
+    // A since inside what is kept: complete; before it: what is there, and false.
+    let since = |i: usize| Since {
+        position: positions[i],
+        epoch: Some(epoch),
+    };
+    let r = room_since(&mut e, "lobby", since(24), 2_000);
+    assert!(r.recovered);
+    assert_eq!(bodies(&r), numbered(25..30));
+    assert_eq!(r.last, Some(positions[29]));
+    let r = room_since(&mut e, "lobby", since(5), 2_000);
+    assert!(!r.recovered);
+    assert_eq!(bodies(&r), numbered(10..30));
+    // Room history never shows up as an inbox, and new positions are above the old ones.
+    assert_eq!(e.mem.streams.messages(), 0);
+    let after = publish_all(&mut e, "lobby", &numbered(30..31), 0);
+    assert!(after[0] > positions[29]);
+}
+
+#[test]
+fn room_history_off_writes_no_room_records_and_forgets_old_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let mut e = open(with_history(tmp.path(), 5), 1_000);
+        publish_all(&mut e, "lobby", &numbered(0..3), 1_000);
+    }
+    // Restarted with history off: what the log held is dropped, and counted.
+    let mut e = open(config(tmp.path()), 2_000);
+    assert_eq!(e.mem.rooms.messages(), 0);
+    assert_eq!(e.mem.rooms.removed.dropped_on_restore, 3);
+    assert!(bodies(&page(&mut e, "lobby", 10, 2_000)).is_empty());
+    publish_all(&mut e, "lobby", &numbered(3..4), 2_000);
+    assert_eq!(e.mem.rooms.messages(), 0);
+}
+
+#[test]
+fn room_history_expires_and_the_expiry_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = with_history(tmp.path(), 100);
+    let mut e = open(c.clone(), 1_000);
+    let first = publish_all(&mut e, "lobby", &numbered(0..2), 1_000);
+    publish_all(&mut e, "lobby", &numbered(2..3), 1_000 + TTL_MS / 2);
+    e.maintain(at(1_000 + TTL_MS));
+    settle(&mut e);
+    assert_eq!(bodies(&page(&mut e, "lobby", 10, 1_000 + TTL_MS)), ["r2"]);
+    assert_eq!(e.mem.rooms.removed.expired_delivered, 2);
+    let mut metrics = String::new();
+    e.render_metrics(&mut metrics);
+    assert!(
+        metrics.contains("wsrelay_room_history_removed_total{reason=\"ttl\"} 2\n"),
+        "{metrics}"
+    );
+    drop(e);
+    let mut e = open(c, 1_000 + TTL_MS);
+    assert_eq!(bodies(&page(&mut e, "lobby", 10, 1_000 + TTL_MS)), ["r2"]);
+    let since = Since {
+        position: first[0],
+        epoch: None,
+    };
+    assert!(!room_since(&mut e, "lobby", since, 1_000 + TTL_MS).recovered);
+}
+
+#[test]
+fn compaction_keeps_live_room_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = with_history(tmp.path(), 3);
+    c.segment_bytes = 2048;
+    let mut e = open(c.clone(), 1_000);
+    let body = "z".repeat(100);
+    for i in 0..60 {
+        e.publish(Ticket(i), room_message("churn", &body), at(1_000));
+        settle(&mut e);
+    }
+    publish_all(&mut e, "quiet", &numbered(0..2), 1_000);
+    for i in 0..60 {
+        e.publish(Ticket(i), room_message("churn", &body), at(1_000));
+        settle(&mut e);
+    }
+    for _ in 0..50 {
+        e.maintain(at(1_000));
+        settle(&mut e);
+    }
+    assert!(e.stats.compactions > 0);
+    drop(e);
+    let mut e = open(c, 1_000);
+    assert_eq!(bodies(&page(&mut e, "quiet", 10, 1_000)), numbered(0..2));
+    assert_eq!(page(&mut e, "churn", 10, 1_000).messages.len(), 3);
+}
+
+#[test]
+fn a_room_message_that_cannot_be_written_is_rejected_and_leaves_the_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut c = with_history(tmp.path(), 10);
+    c.fault = StoreFault::Flag(Arc::clone(&flag));
+    let mut e = open(c.clone(), 1_000);
+    publish_all(&mut e, "lobby", &numbered(0..1), 1_000);
+    flag.store(true, Ordering::SeqCst);
+    e.publish(Ticket(1), room_message("lobby", "lost"), at(1_000));
+    let done = settle(&mut e);
+    assert!(
+        matches!(done[0].outcome, Outcome::Rejected(Refusal::Store(_))),
+        "{:?}",
+        done[0].outcome
+    );
+    assert_eq!(bodies(&page(&mut e, "lobby", 10, 1_000)), ["r0"]);
+    flag.store(false, Ordering::SeqCst);
+    drop(e);
+    let mut e = open(c, 1_000);
+    assert_eq!(bodies(&page(&mut e, "lobby", 10, 1_000)), ["r0"]);
+}
+
+#[test]
+fn a_history_page_waits_for_the_messages_submitted_before_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut e = open(with_history(tmp.path(), 10), 1_000);
+    publish_all(&mut e, "lobby", &numbered(0..1), 1_000);
+    e.publish(Ticket(1), room_message("lobby", "in flight"), at(1_000));
+    e.history(Ticket(2), &StreamId::room("lobby"), 10, at(1_000));
+    let done = settle(&mut e);
+    assert_eq!(done.len(), 2);
+    stored(&done[0]);
+    let Outcome::Recovered(r) = &done[1].outcome else {
+        panic!("{:?}", done[1].outcome)
+    };
+    // Completed in order: the page comes after the publish it followed, so it holds it.
+    assert_eq!(bodies(r), ["r0", "in flight"]);
+}
+
+#[test]
+fn a_run_without_room_history_is_a_gap_the_next_run_knows_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let on = with_history(tmp.path(), 10);
+    let off = config(tmp.path());
+    let epoch;
+    let kept = {
+        let mut e = open(on.clone(), 1_000);
+        epoch = e.epoch();
+        publish_all(&mut e, "lobby", &numbered(0..2), 1_000)
+    };
+    // A run with history off: its room messages are published but not kept.
+    let unkept = {
+        let mut e = open(off, 1_000);
+        publish_all(&mut e, "lobby", &numbered(2..4), 1_000)
+    };
+    let mut e = open(on.clone(), 1_000);
+    let since = |p: Position| Since {
+        position: p,
+        epoch: Some(epoch),
+    };
+    // Before the gap or inside it: cannot be served, whatever the room still shows.
+    for p in [kept[0], kept[1], unkept[0]] {
+        let r = room_since(&mut e, "lobby", since(p), 1_000);
+        assert!(!r.recovered, "since {p:?}");
+    }
+    // From the gap's end on, the history is continuous again, across restarts too.
+    let after = publish_all(&mut e, "lobby", &numbered(4..6), 1_000);
+    drop(e);
+    let mut e = open(on, 1_000);
+    let r = room_since(&mut e, "lobby", since(unkept[1]), 1_000);
+    assert!(r.recovered);
+    assert_eq!(bodies(&r), numbered(4..6));
+    assert_eq!(r.last, Some(after[1]));
+}
+
+#[test]
+fn room_history_gaps_follow_the_runs_in_position_order() {
+    let p = Position;
+    assert_eq!(history_gap(vec![]), None);
+    assert_eq!(history_gap(vec![(p(10), false)]), None);
+    assert_eq!(
+        history_gap(vec![(p(10), true)]),
+        Some(p(9)),
+        "nothing kept before"
+    );
+    assert_eq!(history_gap(vec![(p(10), true), (p(20), true)]), Some(p(9)));
+    assert_eq!(
+        history_gap(vec![(p(30), true), (p(10), true), (p(20), false)]),
+        Some(p(29)),
+        "ordered by position, not by where compaction left the records"
+    );
 }
