@@ -106,6 +106,24 @@ fn sigterm_closes_every_connection_on_every_worker_with_1001(poller: &str) {
     assert_eq!(server.wait_exit(DEADLINE), Some(0));
 }
 
+/// SPEC §2: a second signal during the graceful shutdown ends the process at once (130), on
+/// every worker, even while connections still owe their close handshake.
+fn a_second_signal_ends_every_worker_at_once(poller: &str) {
+    let workers = 3;
+    let mut server = Server::start(poller, &["--workers", "3", "--shutdown-timeout", "60s"]);
+    let mut conns: Vec<TcpStream> = (0..workers * PER_WORKER)
+        .map(|_| raw_upgrade(&server, "/echo"))
+        .collect();
+    wait_for_spread(&server, workers, (conns.len() + 1) as f64);
+    server.signal("TERM");
+    // Every worker has begun its shutdown once its connections are told 1001; none answers.
+    for s in &mut conns {
+        assert_eq!(read_close_code(s), Some(1001));
+    }
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(DEADLINE), Some(130));
+}
+
 /// SPEC §14: `--max-connections` is the process's, whichever worker a client lands on.
 fn max_connections_counts_every_worker(poller: &str) {
     let server = Server::start(poller, &["--workers", "3", "--max-connections", "6"]);
@@ -256,7 +274,18 @@ poller_tests!(
     max_connections_counts_every_worker,
     ws_is_refused_until_the_bus_carries_it,
     raw_room_across_every_worker,
+    a_second_signal_ends_every_worker_at_once,
 );
+
+/// `--workers 1` (the default) is the single reactor: no worker families at all.
+#[test]
+fn one_worker_is_the_single_reactor() {
+    let server = Server::start("epoll", &["--workers", "1"]);
+    let text = server.get("/metrics").body_text();
+    assert!(text.contains("wsrelay_messages_in_total"));
+    assert!(!text.contains("wsrelay_worker"), "{text}");
+    assert!(!text.contains("wsrelay_process_"), "{text}");
+}
 
 /// --data-dir needs the bus to carry streams: refused before anything listens, in one line.
 #[test]
