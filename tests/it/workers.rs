@@ -124,6 +124,39 @@ fn a_second_signal_ends_every_worker_at_once(poller: &str) {
     assert_eq!(server.wait_exit(DEADLINE), Some(130));
 }
 
+/// SPEC §18 with §14: every worker serves TLS (each loads the pair); a raw room over wss://
+/// spans the workers like one over ws://.
+fn tls_on_every_worker(poller: &str) {
+    use crate::tls_support::{tls_server, wss, TestCa};
+    let workers = 2;
+    let ca = TestCa::new();
+    let server = tls_server(poller, &ca, &["--workers", "2"]);
+    let mut members: Vec<_> = (0..workers * PER_WORKER)
+        .map(|_| wss(&server, &ca, "/r/secure"))
+        .collect();
+    let start = Instant::now();
+    loop {
+        let m = crate::tls_support::tls_metrics(&server, &ca);
+        let per_worker: Vec<f64> = (0..workers)
+            .map(|i| {
+                m.get(&format!(
+                    "wsrelay_worker_bus_remote_rooms{{worker=\"{i}\"}}"
+                ))
+            })
+            .collect();
+        if per_worker.iter().all(|n| *n == 1.0) {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "remote rooms {per_worker:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20)); // poll interval for /metrics
+    }
+    let (first, rest) = members.split_first_mut().unwrap();
+    first.send(Message::text("over tls")).unwrap();
+    for ws in rest {
+        assert_eq!(ws.read().unwrap(), Message::text("over tls"));
+    }
+}
+
 /// SPEC §14: `--max-connections` is the process's, whichever worker a client lands on.
 fn max_connections_counts_every_worker(poller: &str) {
     let server = Server::start(poller, &["--workers", "3", "--max-connections", "6"]);
@@ -275,6 +308,7 @@ poller_tests!(
     ws_is_refused_until_the_bus_carries_it,
     raw_room_across_every_worker,
     a_second_signal_ends_every_worker_at_once,
+    tls_on_every_worker,
 );
 
 /// `--workers 1` (the default) is the single reactor: no worker families at all.
