@@ -5,9 +5,9 @@
 //! /metrics and /stats.json sum into process totals), `WorkerSlot` (one worker's handle on
 //! them), and `reuseport_listeners` (one listening socket per worker on the same port).
 //! Does not: run a loop (each worker is an ordinary `Reactor` on its own thread, started by the
-//! command line), carry messages between workers (no bus yet: endpoints that need one are
-//! refused with `--workers` above 1, see `app/workers.rs`), or decide anything about
-//! connections.
+//! command line), carry messages between workers (the bus for raw rooms is the app's,
+//! `app/raw_bus.rs`; what it does not carry yet is refused, `app/workers.rs`), or decide
+//! anything about connections.
 //!
 //! # Why nothing is shared on the hot path
 //!
@@ -46,8 +46,9 @@ pub struct Shared {
     gauges: Box<[WorkerGauges]>,
 }
 
-/// One worker's figures, written only by that worker, read by whichever worker answers
-/// /metrics or /stats.json. Aligned to its own cache line (128 bytes covers the adjacent-line
+/// One worker's figures, read by whichever worker answers /metrics or /stats.json. Written by
+/// that worker only, except `bus_depth`, which the workers that post to its queue raise.
+/// Aligned to its own cache line (128 bytes covers the adjacent-line
 /// prefetcher too), so one worker's stores never invalidate another's line.
 #[derive(Debug, Default)]
 #[repr(align(128))]
