@@ -100,6 +100,9 @@ pub struct Outbound {
     head_offset: usize,
     /// Bytes queued and not yet written. Invariant: the sum of chunk lengths minus `head_offset`.
     queued_bytes: usize,
+    /// Completion I/O (io_uring): how many chunks at the head a send in flight points into.
+    /// Their bytes must not move until the send completes, so nothing is appended to them.
+    pinned: usize,
 }
 
 impl Outbound {
@@ -122,10 +125,12 @@ impl Outbound {
         if self.chunks.capacity() == 0 {
             self.chunks = pool.take_ring();
         }
+        let tail_pinned = self.chunks.len() <= self.pinned;
         let tail = match self.chunks.back_mut() {
             // The head chunk may be partly written; appending to it is still correct because
             // `head_offset` only counts from its start.
-            Some(Chunk::Owned(v)) if v.len() + len_hint <= COALESCE_LIMIT => v,
+            // A pinned chunk is being read by the kernel: growing it could move its bytes.
+            Some(Chunk::Owned(v)) if !tail_pinned && v.len() + len_hint <= COALESCE_LIMIT => v,
             _ => {
                 self.chunks.push_back(Chunk::Owned(Vec::with_capacity(
                     len_hint.max(OWNED_CHUNK_BYTES),
@@ -179,6 +184,33 @@ impl Outbound {
         // Give up the ring too: an idle connection holds no buffers (SPEC §2).
         pool.put_ring(std::mem::take(&mut self.chunks));
         Ok(Flush::Done)
+    }
+
+    /// Completion I/O: lends the pending bytes, at most `max` chunks, to one send as `out`, and
+    /// pins those chunks (nothing is appended to them, so their bytes stay where they are) until
+    /// `sent` reports how much of it the socket took. Returns the bytes lent.
+    ///
+    /// Unlike `flush`, nothing is gathered into a scratch buffer: the pool's one buffer cannot
+    /// be lent to many sends in flight at once.
+    pub fn pin_for_send<'a>(&'a mut self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize {
+        self.pinned = self.chunks.len().min(max);
+        let mut lent = 0;
+        for bytes in self.pending().take(max) {
+            lent += bytes.len();
+            out.push(IoSlice::new(bytes));
+        }
+        lent
+    }
+
+    /// Completion I/O: the send that `pin_for_send` lent the queue to took `written` bytes.
+    /// They leave the queue and the chunks are unpinned; an emptied queue puts its ring in
+    /// `pool`, as `flush` does.
+    pub fn sent(&mut self, written: usize, pool: &mut OutboundPool) {
+        self.pinned = 0;
+        self.consume(written);
+        if self.chunks.is_empty() {
+            pool.put_ring(std::mem::take(&mut self.chunks));
+        }
     }
 
     /// The bytes still to write, chunk by chunk (the first one less what is already written).
