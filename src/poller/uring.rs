@@ -94,12 +94,13 @@ struct Op {
     token: Token,
 }
 
-/// Per descriptor with operations in flight.
+/// Per descriptor that is watched, or still has operations in flight.
 #[derive(Default)]
 struct FdOps {
     in_flight: u32,
-    /// `deregister` cancelled everything: multishot operations that end are not re-armed.
-    cancelled: bool,
+    /// Between `register`/`watch_*` and `deregister`: multishot operations that end are armed
+    /// again only while this holds.
+    watched: bool,
     /// `close` was called while operations were in flight: closed when the last one reports.
     closing: Option<OwnedFd>,
 }
@@ -278,7 +279,21 @@ impl UringPoller {
 
     /// Whether multishot operations on `fd` that end should be armed again.
     fn rearm(&self, fd: RawFd) -> bool {
-        self.fds.get(&fd).is_some_and(|f| !f.cancelled)
+        self.fds.get(&fd).is_some_and(|f| f.watched)
+    }
+
+    /// Starts watching `fd` one way (poll, accept or receive).
+    fn watch(&mut self, fd: RawFd) -> io::Result<()> {
+        check_open(fd)?;
+        let ops = self.fds.entry(fd).or_default();
+        if ops.watched {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("descriptor {fd} is already watched"),
+            ));
+        }
+        ops.watched = true;
+        Ok(())
     }
 
     /// Takes every completion the kernel has posted: readiness of polled descriptors into
@@ -416,7 +431,7 @@ impl UringPoller {
             return;
         };
         ops.in_flight -= 1;
-        if ops.in_flight == 0 {
+        if ops.in_flight == 0 && !ops.watched {
             // Dropping the entry drops (closes) a descriptor waiting in `closing`.
             self.fds.remove(&op.fd);
         }
@@ -433,21 +448,30 @@ impl Poller for UringPoller {
     }
 
     fn register(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
-        check_open(fd)?;
-        self.fds.entry(fd).or_default().cancelled = false;
+        self.watch(fd)?;
         self.arm_poll(fd, token, interest)
     }
 
     fn reregister(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
+        // A cancellation and a new poll: the poll's old completions, if any come, are
+        // `ECANCELED` and dropped.
         self.deregister(fd)?;
         self.register(fd, token, interest)
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
-        let Some(ops) = self.fds.get_mut(&fd) else {
-            return Ok(()); // nothing in flight: nothing to cancel
+        let Some(ops) = self.fds.get_mut(&fd).filter(|ops| ops.watched) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("descriptor {fd} is not watched"),
+            ));
         };
-        ops.cancelled = true;
+        ops.watched = false;
+        if ops.in_flight == 0 {
+            // Its operations have all ended (an EOF, a failed accept): nothing to cancel.
+            self.fds.remove(&fd);
+            return Ok(());
+        }
         let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build();
         let kind = OpKind::Cancel;
         self.push(
@@ -486,14 +510,12 @@ impl Poller for UringPoller {
     }
 
     fn watch_listener(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
-        check_open(fd)?;
-        self.fds.entry(fd).or_default().cancelled = false;
+        self.watch(fd)?;
         self.arm_accept(fd, token)
     }
 
     fn watch_connection(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
-        check_open(fd)?;
-        self.fds.entry(fd).or_default().cancelled = false;
+        self.watch(fd)?;
         self.arm_recv(fd, token)
     }
 
@@ -531,8 +553,11 @@ impl Poller for UringPoller {
     fn close(&mut self, fd: OwnedFd) {
         use std::os::fd::AsRawFd;
         match self.fds.get_mut(&fd.as_raw_fd()) {
-            Some(ops) => ops.closing = Some(fd),
-            None => drop(fd),
+            Some(ops) if ops.in_flight > 0 => ops.closing = Some(fd),
+            _ => {
+                self.fds.remove(&fd.as_raw_fd());
+                drop(fd);
+            }
         }
     }
 

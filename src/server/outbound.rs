@@ -576,4 +576,38 @@ mod tests {
         assert_eq!(q.chunks.len(), 1);
         assert_eq!(q.queued_bytes(), 16 * 66);
     }
+
+    /// Completion I/O: chunks lent to a send in flight keep their bytes where they were (the
+    /// kernel reads them later); what is queued meanwhile goes into a new chunk and leaves,
+    /// after the lent bytes, in the next send; a partial send leaves the rest first in line.
+    #[test]
+    fn pinned_chunks_do_not_move_until_sent() {
+        let mut pool = OutboundPool::default();
+        let mut q = Outbound::default();
+        q.push_owned_with(3, &mut pool, |v| v.extend_from_slice(b"abc"));
+        let mut lent = Vec::new();
+        assert_eq!(q.pin_for_send(&mut lent, 1024), 3);
+        let (addr, len) = (lent[0].as_ptr(), lent[0].len());
+        drop(lent);
+        // Enough to make the pinned chunk reallocate, were it appended to.
+        q.push_owned_with(8000, &mut pool, |v| v.extend_from_slice(&[b'x'; 8000]));
+        let mut again = Vec::new();
+        q.pin_for_send(&mut again, 1024);
+        assert_eq!(again.len(), 2, "the new bytes went into the pinned chunk");
+        assert_eq!((again[0].as_ptr(), again[0].len()), (addr, len));
+        drop(again);
+        // The socket took two bytes: the rest of the first chunk, then the second, follow.
+        q.sent(2, &mut pool);
+        assert_eq!(q.queued_bytes(), 1 + 8000);
+        q.push_owned_with(1, &mut pool, |v| v.push(b'!'));
+        let mut rest = Vec::new();
+        q.pin_for_send(&mut rest, 1024);
+        let bytes: Vec<u8> = rest.iter().flat_map(|s| s.iter().copied()).collect();
+        assert_eq!(bytes.len(), 8002);
+        assert_eq!(&bytes[..1], b"c");
+        assert_eq!(&bytes[8001..], b"!");
+        drop(rest);
+        q.sent(8002, &mut pool);
+        assert!(q.is_empty());
+    }
 }
