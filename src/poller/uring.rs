@@ -34,7 +34,6 @@ use super::{check_open, Event, Interest, Poller, Token};
 use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use slab::Slab;
-use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -50,6 +49,9 @@ const RING_ENTRIES: u32 = 4096;
 /// loop iteration hold buffers at once. 256 x 16 KiB is 4 MiB, shared by all connections.
 const RECV_BUFFERS: u16 = 256;
 const RECV_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Send headers kept for reuse: about one per connection with a send in flight at once.
+const SPARE_SENDS: usize = 1024;
 
 /// The id of our one group of provided buffers.
 const BUFFER_GROUP: u16 = 0;
@@ -68,7 +70,7 @@ enum OpKind {
     Recv,
     /// A send. The header and iovecs live here, at a stable heap address, until the kernel
     /// reports; the bytes they point to are the caller's to keep alive (`send`).
-    Send { _msg: Box<SendMsg> },
+    Send { msg: Box<SendMsg> },
     /// A cancellation (it acts on the others; it counts toward no descriptor).
     Cancel,
 }
@@ -103,6 +105,41 @@ struct FdOps {
     watched: bool,
     /// `close` was called while operations were in flight: closed when the last one reports.
     closing: Option<OwnedFd>,
+}
+
+/// `FdOps` by descriptor number: descriptors are small dense integers, so a vector indexed by
+/// them is the cheapest map (it grows to the highest descriptor seen; 12 bytes each).
+#[derive(Default)]
+struct FdTable {
+    slots: Vec<FdOps>,
+}
+
+impl FdTable {
+    fn entry(&mut self, fd: RawFd) -> &mut FdOps {
+        let i = usize::try_from(fd).expect("a descriptor is never negative here");
+        if i >= self.slots.len() {
+            self.slots.resize_with(i + 1, FdOps::default);
+        }
+        &mut self.slots[i]
+    }
+
+    fn watched(&self, fd: RawFd) -> bool {
+        usize::try_from(fd)
+            .ok()
+            .and_then(|i| self.slots.get(i))
+            .is_some_and(|ops| ops.watched)
+    }
+
+    fn get_mut(&mut self, fd: RawFd) -> Option<&mut FdOps> {
+        self.slots.get_mut(usize::try_from(fd).ok()?)
+    }
+
+    /// Forgets `fd`; a descriptor waiting in `closing` is closed.
+    fn remove(&mut self, fd: RawFd) {
+        if let Some(ops) = self.get_mut(fd) {
+            *ops = FdOps::default();
+        }
+    }
 }
 
 /// The ring of buffer descriptors the kernel takes receive buffers from (shared memory: we add
@@ -179,13 +216,17 @@ pub struct UringPoller {
     buf_ring: BufRing,
     pool: Rc<BufPool>,
     ops: Slab<Op>,
-    fds: HashMap<RawFd, FdOps>,
+    fds: FdTable,
     /// Completions reaped by `wait` and not yet taken by the reactor.
     completions: Vec<Completion>,
     /// The completion queue entries of one reap, kept so its storage is reused.
     reaped: Vec<cqueue::Entry>,
     /// Readiness events reaped by `collect_now`, reported by the next `wait`.
     pending_events: Vec<Event>,
+    /// Send headers of finished sends, for the next ones (at most `SPARE_SENDS`). Boxed: a
+    /// header lent to the kernel must not move when this vector grows.
+    #[allow(clippy::vec_box)]
+    spare_sends: Vec<Box<SendMsg>>,
 }
 
 impl UringPoller {
@@ -218,10 +259,11 @@ impl UringPoller {
             buf_ring,
             pool,
             ops: Slab::with_capacity(1024),
-            fds: HashMap::new(),
+            fds: FdTable::default(),
             completions: Vec::with_capacity(1024),
             reaped: Vec::with_capacity(1024),
             pending_events: Vec::new(),
+            spare_sends: Vec::new(),
         })
     }
 
@@ -245,7 +287,7 @@ impl UringPoller {
             }
         }
         if counts {
-            self.fds.entry(fd).or_default().in_flight += 1;
+            self.fds.entry(fd).in_flight += 1;
         }
         Ok(())
     }
@@ -279,13 +321,13 @@ impl UringPoller {
 
     /// Whether multishot operations on `fd` that end should be armed again.
     fn rearm(&self, fd: RawFd) -> bool {
-        self.fds.get(&fd).is_some_and(|f| f.watched)
+        self.fds.watched(fd)
     }
 
     /// Starts watching `fd` one way (poll, accept or receive).
     fn watch(&mut self, fd: RawFd) -> io::Result<()> {
         check_open(fd)?;
-        let ops = self.fds.entry(fd).or_default();
+        let ops = self.fds.entry(fd);
         if ops.watched {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -424,16 +466,20 @@ impl UringPoller {
     /// holding a `close` back.
     fn finish(&mut self, key: usize) {
         let op = self.ops.remove(key);
-        if matches!(op.kind, OpKind::Cancel) {
-            return;
+        match op.kind {
+            OpKind::Cancel => return,
+            OpKind::Send { msg } if self.spare_sends.len() < SPARE_SENDS => {
+                self.spare_sends.push(msg);
+            }
+            _ => {}
         }
-        let Some(ops) = self.fds.get_mut(&op.fd) else {
+        let Some(ops) = self.fds.get_mut(op.fd) else {
             return;
         };
         ops.in_flight -= 1;
         if ops.in_flight == 0 && !ops.watched {
             // Dropping the entry drops (closes) a descriptor waiting in `closing`.
-            self.fds.remove(&op.fd);
+            self.fds.remove(op.fd);
         }
     }
 }
@@ -460,7 +506,7 @@ impl Poller for UringPoller {
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
-        let Some(ops) = self.fds.get_mut(&fd).filter(|ops| ops.watched) else {
+        let Some(ops) = self.fds.get_mut(fd).filter(|ops| ops.watched) else {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("descriptor {fd} is not watched"),
@@ -469,7 +515,7 @@ impl Poller for UringPoller {
         ops.watched = false;
         if ops.in_flight == 0 {
             // Its operations have all ended (an EOF, a failed accept): nothing to cancel.
-            self.fds.remove(&fd);
+            self.fds.remove(fd);
             return Ok(());
         }
         let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build();
@@ -520,24 +566,25 @@ impl Poller for UringPoller {
     }
 
     unsafe fn send(&mut self, fd: RawFd, token: Token, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        let iovecs: Vec<libc::iovec> = bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
+        // A header from a finished send when there is one: two allocations fewer per send.
+        let mut msg = self.spare_sends.pop().unwrap_or_else(|| {
+            Box::new(SendMsg {
+                // SAFETY: an all-zero msghdr is valid (no name, no control data).
+                header: unsafe { std::mem::zeroed() },
+                iovecs: Vec::new(),
             })
-            .collect();
-        let mut msg = Box::new(SendMsg {
-            // SAFETY: an all-zero msghdr is valid (no name, no control data).
-            header: unsafe { std::mem::zeroed() },
-            iovecs,
         });
+        msg.iovecs.clear();
+        msg.iovecs.extend(bufs.iter().map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        }));
         msg.header.msg_iov = msg.iovecs.as_mut_ptr();
         msg.header.msg_iovlen = msg.iovecs.len() as _;
         let entry = opcode::SendMsg::new(Fd(fd), &msg.header)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build();
-        let kind = OpKind::Send { _msg: msg };
+        let kind = OpKind::Send { msg };
         self.push(entry, Op { kind, fd, token })
     }
 
@@ -552,10 +599,10 @@ impl Poller for UringPoller {
 
     fn close(&mut self, fd: OwnedFd) {
         use std::os::fd::AsRawFd;
-        match self.fds.get_mut(&fd.as_raw_fd()) {
+        match self.fds.get_mut(fd.as_raw_fd()) {
             Some(ops) if ops.in_flight > 0 => ops.closing = Some(fd),
             _ => {
-                self.fds.remove(&fd.as_raw_fd());
+                self.fds.remove(fd.as_raw_fd());
                 drop(fd);
             }
         }
