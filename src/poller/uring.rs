@@ -40,9 +40,12 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-/// Submission queue entries. The completion queue is four times larger; beyond that the kernel
-/// keeps overflowing completions aside (it never drops them, IORING_FEAT_NODROP).
-const RING_ENTRIES: u32 = 4096;
+/// Submission queue entries (more in one iteration are submitted early, one extra system call).
+/// The completion queue is four times larger; beyond that the kernel keeps overflowing
+/// completions aside (it never drops them, IORING_FEAT_NODROP). The rings are physically
+/// contiguous kernel memory: 4096 entries (512 KiB) failed with ENOMEM on a busy machine with
+/// many servers starting at once, so the size is modest and `build_ring` halves it on ENOMEM.
+const RING_ENTRIES: u32 = 1024;
 
 /// Receive buffers: how many, and how large each. The kernel takes one per receive, and the
 /// reactor gives each back as soon as it has parsed it, so only the receives reaped in one
@@ -645,16 +648,23 @@ fn check_kernel() -> io::Result<()> {
 /// completions are produced only when we wait (`DEFER_TASKRUN`, 6.1+, for one thread:
 /// `SINGLE_ISSUER`). A kernel without them gets a plain ring.
 fn build_ring() -> io::Result<IoUring> {
-    let tuned = IoUring::builder()
-        .setup_cqsize(RING_ENTRIES * 4)
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(RING_ENTRIES);
-    match tuned {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
-            .setup_cqsize(RING_ENTRIES * 4)
-            .build(RING_ENTRIES),
-        other => other,
+    let mut entries = RING_ENTRIES;
+    loop {
+        let tuned = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries);
+        let result = match tuned {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                IoUring::builder().setup_cqsize(entries * 4).build(entries)
+            }
+            other => other,
+        };
+        match result {
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && entries > 64 => entries /= 2,
+            other => return other,
+        }
     }
 }
 
