@@ -99,7 +99,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         if !self.conn_mut(id).is_some_and(|c| c.awaiting_pong()) {
             return;
         }
-        self.on_readable(id);
+        if self.poller.completion_based() {
+            // Nothing to read directly: what has arrived is in completions not yet reaped.
+            self.collect_completions();
+        } else {
+            self.on_readable(id);
+        }
         let Some(conn) = self.conn_mut(id) else {
             return; // the read found EOF or an error
         };
@@ -183,7 +188,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let peer = peer.as_ref().map_or("?".to_string(), ToString::to_string);
             debug!("{id:?} ({peer}) closed in state {}", conn.state().name());
         }
-        // Dropping the stream closes the descriptor.
+        self.release_socket(conn);
     }
 
     // ----- signals and shutdown
