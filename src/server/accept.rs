@@ -5,7 +5,7 @@
 //! Does not: read what a new connection sends (`inbound.rs`, called at once from `admit`) or
 //! answer it (`http.rs`).
 
-use super::connection::{ConnId, Connection, Deadline};
+use super::connection::{ConnId, Connection, Deadline, Stamp};
 use super::metrics::Metrics;
 use super::{Handler, Reactor, TimerEvent, LISTENER};
 use crate::poller::{Poller, Token};
@@ -158,7 +158,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             Metrics::bump(&mut self.metrics.rejected, "register_failed");
             return;
         }
-        let mut conn = Connection::new(id, stream, self.now);
+        let mut conn = Connection::new(id, stream, Stamp::at(self.started, self.now));
         conn.tls = tls;
         conn.set_deadline(
             &mut self.timers,

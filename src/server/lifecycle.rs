@@ -7,7 +7,7 @@
 //! Does not: decide when the app closes a connection (it asks through the `Outbox`), or send
 //! anything itself (`queue_control` in `flush.rs`).
 
-use super::connection::{ConnId, Deadline, State};
+use super::connection::{ConnId, Deadline, Stamp, State};
 use super::metrics::Metrics;
 use super::{live, Exit, Handler, Reactor, TimerEvent};
 use crate::poller::Poller;
@@ -70,12 +70,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         if conn.state() != State::Open {
             return;
         }
-        let quiet_since = conn.last_activity;
-        if now < quiet_since + interval {
+        let quiet_for = conn.last_activity.until(Stamp::at(self.started, now));
+        if quiet_for < interval {
             // There was traffic: sleep for the rest of the interval.
             conn.set_deadline(
                 &mut self.timers,
-                quiet_since + interval,
+                now + (interval - quiet_for),
                 Deadline::Heartbeat,
             );
         } else {

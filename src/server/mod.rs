@@ -197,7 +197,7 @@ pub struct Reactor<P: Poller, H: Handler> {
     metrics: Metrics,
     /// The time read once per loop iteration; everything in one iteration uses it.
     now: Instant,
-    /// When the reactor was created (uptime in /stats.json).
+    /// When the reactor was created (uptime in /stats.json; the epoch of connections' `Stamp`s).
     started: Instant,
 }
 

@@ -213,7 +213,7 @@ impl Outbound {
     /// `pool`, as `flush` does.
     pub fn sent(&mut self, written: usize, pool: &mut OutboundPool) {
         self.pinned = 0;
-        self.consume(written);
+        self.consume(written, pool);
         if self.chunks.is_empty() {
             pool.put_ring(std::mem::take(&mut self.chunks));
         }
