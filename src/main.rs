@@ -12,6 +12,8 @@ use wsrelay::app::workers::WorkerApp;
 use wsrelay::app::{self, App, AppConfig, Clock, RateLimit, SystemClock};
 use wsrelay::engine::{self, FileConfig, FileEngine, FsyncPolicy, Now, StoreFault};
 use wsrelay::poller::waker::{self, WakeReceiver};
+#[cfg(target_os = "linux")]
+use wsrelay::poller::UringPoller;
 use wsrelay::poller::{MioPoller, PollPoller, Poller, SelectPoller};
 use wsrelay::protocol::deflate::{CompressionConfig, CompressionMode};
 use wsrelay::server::{workers, Config, Exit, Reactor, SlowConsumer};
@@ -50,6 +52,9 @@ enum PollerKind {
     Poll,
     /// select(2): fd_set bitmaps; descriptors at or above FD_SETSIZE (1024) are refused.
     Select,
+    /// io_uring (Linux 6.0+): completion-based; accepts, receives and sends done by the kernel.
+    #[cfg(target_os = "linux")]
+    Uring,
 }
 
 #[derive(clap::Args)]
@@ -58,7 +63,7 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
 
-    /// Readiness backend.
+    /// I/O backend: readiness (epoll, poll, select) or completion (uring, Linux).
     #[arg(long, value_enum, default_value = "epoll")]
     poller: PollerKind,
 
@@ -558,6 +563,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         PollerKind::Epoll => MioPoller::new().and_then(|p| run(p, app, waker, config, tls)),
         PollerKind::Poll => PollPoller::new().and_then(|p| run(p, app, waker, config, tls)),
         PollerKind::Select => SelectPoller::new().and_then(|p| run(p, app, waker, config, tls)),
+        #[cfg(target_os = "linux")]
+        PollerKind::Uring => UringPoller::new().and_then(|p| run(p, app, waker, config, tls)),
     };
     match result {
         Ok(Exit::Graceful) => ExitCode::SUCCESS,

@@ -1333,7 +1333,10 @@ mod tokens {
         let to_ann = h.inbox(a);
         assert_eq!(to_ann.len(), 2, "{to_ann:?}");
         assert_eq!(to_ann[0], join);
-        assert_eq!(to_ann[1]["type"], "joined", "a join is confirmed after its presence");
+        assert_eq!(
+            to_ann[1]["type"], "joined",
+            "a join is confirmed after its presence"
+        );
         h.say(b, json!({"type": "members", "room": "lobby"}));
         assert_eq!(
             h.inbox(b),

@@ -5,6 +5,10 @@
 //! (`MioPoller`, edge-triggered), `poll.rs` (`PollPoller`) and `select.rs` (`SelectPoller`), both
 //! level-triggered siblings with the same surface. `tests.rs` runs the shared behaviour on all three.
 //! `waker.rs`: a descriptor other threads make readable, which every backend can watch.
+//! `uring.rs` (Linux): `UringPoller`, the completion-based backend, and `completion.rs`, what it
+//! reports (finished accepts, receives and sends). Its extra surface is the second half of the
+//! trait, after `wait`; readiness backends keep the defaults, which the reactor never calls on
+//! them (it checks `Poller::completion_based`).
 //! Does not: know anything about WebSockets, HTTP or connections. It sees descriptors and tokens.
 //!
 //! # The contract every caller relies on (SPEC §2, §10)
@@ -23,19 +27,25 @@
 //! * **Tokens are the caller's.** A backend hands back exactly the token it was given at
 //!   `register`/`reregister`. It never invents or reuses tokens.
 
+pub mod completion;
 mod mio;
 mod poll;
 mod select;
 #[cfg(test)]
 mod tests;
+#[cfg(target_os = "linux")]
+mod uring;
 pub mod waker;
 
+pub use self::completion::{Completion, RecvBuf};
 pub use self::mio::MioPoller;
 pub use self::poll::PollPoller;
 pub use self::select::SelectPoller;
+#[cfg(target_os = "linux")]
+pub use self::uring::UringPoller;
 
-use std::io;
-use std::os::fd::RawFd;
+use std::io::{self, IoSlice};
+use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
 
 /// Opaque value that identifies a registered descriptor in the events a backend returns.
@@ -126,6 +136,79 @@ pub trait Poller {
     /// # Errors
     /// Only unexpected OS failures; the reactor treats them as fatal.
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
+
+    // ----- Completion-based backends (io_uring) only. A completion backend performs accepts,
+    // ----- receives and sends itself and reports them as `Completion`s after `wait`; the
+    // ----- reactor then never reads or writes a connection's socket directly. The defaults are
+    // ----- what a readiness backend means by each (or "unsupported"); the reactor checks
+    // ----- `completion_based` and does not call the completion-only ones on readiness backends.
+
+    /// Whether this backend completes I/O itself (io_uring) instead of reporting readiness. A
+    /// constant for each backend, so the reactor's branches on it are resolved at compile time.
+    fn completion_based(&self) -> bool {
+        false
+    }
+
+    /// Start accepting on the listening socket `fd`. Readiness: watch it for readable, and the
+    /// caller accepts. Completion: accepted descriptors arrive as `Completion::Accepted`.
+    ///
+    /// # Errors
+    /// As `register`.
+    fn watch_listener(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        self.register(fd, token, Interest::READABLE)
+    }
+
+    /// Start receiving on the connection `fd`. Readiness: watch it for readable, and the caller
+    /// reads. Completion: bytes arrive as `Completion::Received` (then `Eof` or
+    /// `ReceiveFailed`).
+    ///
+    /// # Errors
+    /// As `register`.
+    fn watch_connection(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        self.register(fd, token, Interest::READABLE)
+    }
+
+    /// Completion only: sends `bufs` on `fd`; the result arrives as `Completion::Sent`.
+    ///
+    /// # Safety
+    /// The bytes `bufs` point to must stay valid and unmoved until the `Sent` completion for
+    /// this send has been taken (the kernel reads them after this call returns), even if the
+    /// connection is closed meanwhile.
+    ///
+    /// # Errors
+    /// The backend is not completion-based, or the submission failed.
+    unsafe fn send(&mut self, fd: RawFd, token: Token, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let _ = (fd, token, bufs);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Completion only: moves the completions reaped by the last `wait` into `out`.
+    fn take_completions(&mut self, out: &mut Vec<Completion>) {
+        let _ = out;
+    }
+
+    /// Completion only: gives back a receive buffer once its bytes are used.
+    fn recycle(&mut self, buf: RecvBuf) {
+        drop(buf);
+    }
+
+    /// Closes a descriptor the caller has deregistered. Readiness: at once. Completion: once
+    /// the operations still in flight on it have reported, so that none of them can act on a
+    /// new socket that reuses the number.
+    fn close(&mut self, fd: OwnedFd) {
+        drop(fd);
+    }
+
+    /// Completion only: reaps what has completed by now, without waiting: completions for
+    /// `take_completions`, and readiness events kept for the next `wait` to report. Used where a
+    /// readiness caller would read a socket directly to be sure it has nothing (a Pong
+    /// deadline). Readiness: nothing to do.
+    ///
+    /// # Errors
+    /// As `wait`.
+    fn collect_now(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Fails with the OS error (EBADF) if `fd` is not an open descriptor. poll(2) would accept a bad

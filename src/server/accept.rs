@@ -5,10 +5,10 @@
 //! Does not: read what a new connection sends (`inbound.rs`, called at once from `admit`) or
 //! answer it (`http.rs`).
 
-use super::connection::{ConnId, Connection, Deadline};
+use super::connection::{ConnId, Connection, Deadline, Stamp};
 use super::metrics::Metrics;
 use super::{Handler, Reactor, TimerEvent, LISTENER};
-use crate::poller::{Interest, Poller, Token};
+use crate::poller::{Poller, Token};
 use crate::protocol::Refusal;
 use log::{trace, warn};
 use mio::net::TcpStream;
@@ -38,28 +38,35 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 // The peer gave up while queued; nothing to do.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
                 Err(e) => {
-                    // EMFILE/ENFILE (descriptors exhausted) and the like. The pending connection
-                    // stays in the kernel's backlog and would make a level-triggered backend
-                    // report the listener again and again: pause it instead, and retry from a
-                    // timer. Existing connections keep being served meanwhile.
-                    self.metrics.accept_pauses += 1;
-                    let rate_limited = self
-                        .last_accept_warning
-                        .is_some_and(|t| self.now < t + Duration::from_secs(10));
-                    if !rate_limited {
-                        warn!(
-                            "accept failed ({e}); pausing the listener, retrying every {ACCEPT_RETRY:?} \
-                             (this warning repeats at most every 10 s)"
-                        );
-                        self.last_accept_warning = Some(self.now);
-                    }
-                    self.pause_listener();
-                    self.timers
-                        .arm(self.now + ACCEPT_RETRY, TimerEvent::AcceptRetry);
+                    self.on_accept_error(e);
                     return;
                 }
             }
         }
+    }
+
+    /// Accepting failed: EMFILE/ENFILE (descriptors exhausted) and the like. The pending
+    /// connection stays in the kernel's backlog and would make a level-triggered backend report
+    /// the listener again and again (and a completion backend's accept has ended): pause it
+    /// instead, and retry from a timer. Existing connections keep being served meanwhile.
+    pub(super) fn on_accept_error(&mut self, e: io::Error) {
+        if self.listener.is_none() {
+            return; // closed at shutdown
+        }
+        self.metrics.accept_pauses += 1;
+        let rate_limited = self
+            .last_accept_warning
+            .is_some_and(|t| self.now < t + Duration::from_secs(10));
+        if !rate_limited {
+            warn!(
+                "accept failed ({e}); pausing the listener, retrying every {ACCEPT_RETRY:?} \
+                 (this warning repeats at most every 10 s)"
+            );
+            self.last_accept_warning = Some(self.now);
+        }
+        self.pause_listener();
+        self.timers
+            .arm(self.now + ACCEPT_RETRY, TimerEvent::AcceptRetry);
     }
 
     /// Stops watching the listener (it stays open: the kernel keeps queueing connections).
@@ -80,7 +87,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// queueing them for a process that will never accept them.
     pub(super) fn close_listener(&mut self) {
         self.pause_listener();
-        self.listener = None;
+        self.release_listener();
     }
 
     /// The accept retry timer fired: watch the listener again.
@@ -91,15 +98,14 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let Some(listener) = &self.listener else {
             return; // closed at shutdown
         };
-        match self
-            .poller
-            .register(listener.as_raw_fd(), LISTENER, Interest::READABLE)
-        {
+        match self.poller.watch_listener(listener.as_raw_fd(), LISTENER) {
             Ok(()) => {
                 self.listening = true;
                 // Connections may have queued while paused; an edge-triggered backend will not
-                // report them as new.
-                self.accept_all();
+                // report them as new. (A completion backend's accept, armed again, takes them.)
+                if !self.poller.completion_based() {
+                    self.accept_all();
+                }
             }
             Err(e) => {
                 warn!("could not resume the listener: {e}");
@@ -110,7 +116,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     /// Takes a new socket into the slab with its handshake deadline, or refuses it.
-    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
+    pub(super) fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
         self.metrics.accepted += 1;
         // With `--workers`, the limit is the process's (SPEC §14): a place is taken in the
         // shared count here and given back by `release_place` if the socket goes.
@@ -151,16 +157,16 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             generation: self.next_generation,
         };
         self.next_generation = self.next_generation.wrapping_add(1);
-        if let Err(e) =
-            self.poller
-                .register(stream.as_raw_fd(), Token(id.token()), Interest::READABLE)
+        if let Err(e) = self
+            .poller
+            .watch_connection(stream.as_raw_fd(), Token(id.token()))
         {
             warn!("cannot watch connection from {peer}: {e}");
             Metrics::bump(&mut self.metrics.rejected, "register_failed");
             self.release_place(over_limit);
             return;
         }
-        let mut conn = Connection::new(id, stream, self.now);
+        let mut conn = Connection::new(id, stream, Stamp::at(self.started, self.now));
         conn.tls = tls;
         conn.set_deadline(
             &mut self.timers,
@@ -180,8 +186,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.answer(id, refusal.status(), refusal.response(), true);
             return;
         }
-        // Data may already be waiting; edge-triggered backends only report new arrivals.
-        self.on_readable(id);
+        // Data may already be waiting; edge-triggered backends only report new arrivals. (A
+        // completion backend's receive, armed above, delivers it.)
+        if !self.poller.completion_based() {
+            self.on_readable(id);
+        }
     }
 
     /// A connection that took a place in the process-wide count (`--workers`, not admitted

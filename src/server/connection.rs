@@ -36,7 +36,7 @@ use super::TimerEvent;
 use crate::timer::{TimerHandle, TimerWheel};
 use crate::tls::TlsSession;
 use mio::net::TcpStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Identifies a connection for as long as it lives, and never again afterwards.
 ///
@@ -186,11 +186,32 @@ pub(super) struct Connection {
     /// When bytes last arrived (any bytes, not only a whole frame: a large frame still
     /// arriving proves the peer alive). Traffic updates this instead of touching the timer
     /// wheel; the heartbeat deadline reads it when it fires (SPEC §5).
-    pub(super) last_activity: Instant,
+    pub(super) last_activity: Stamp,
+}
+
+/// A moment on the reactor's clock as milliseconds since the reactor started, in 4 bytes
+/// where an `Instant` takes 16: every connection slot holds one, so it counts in every idle
+/// connection's memory. It wraps after about 49 days, which is harmless: only the time since
+/// a stamp is ever asked, and the heartbeat asks at least once per `--heartbeat-interval`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Stamp(u32);
+
+impl Stamp {
+    /// `now` on the clock that started at `start` (truncated to 32 bits: wrapping).
+    #[inline]
+    pub(super) fn at(start: Instant, now: Instant) -> Stamp {
+        Stamp(now.saturating_duration_since(start).as_millis() as u32)
+    }
+
+    /// The time from this stamp to `later` (the wrap-around is undone by wrapping arithmetic).
+    #[inline]
+    pub(super) fn until(self, later: Stamp) -> Duration {
+        Duration::from_millis(u64::from(later.0.wrapping_sub(self.0)))
+    }
 }
 
 impl Connection {
-    pub(super) fn new(id: ConnId, stream: TcpStream, now: Instant) -> Connection {
+    pub(super) fn new(id: ConnId, stream: TcpStream, now: Stamp) -> Connection {
         Connection {
             id,
             stream,
@@ -327,7 +348,7 @@ mod tests {
             generation: 0,
         };
         let stream = TcpStream::from_std(client);
-        Connection::new(id, stream, Instant::now())
+        Connection::new(id, stream, Stamp(0))
     }
 
     type Edge = fn(&mut Connection) -> bool;
@@ -383,8 +404,24 @@ mod tests {
     /// memory": at most 256 bytes of RSS each, with the app's session and the heartbeat timer
     /// node). The bound is today's size: a field that makes it grow is a decision to take on
     /// purpose (move rare state behind a pointer, as `tls` and `reader` are, or raise the bound
-    /// here and re-measure idle memory), not something that slips in. It was 168 until the
-    /// server API's keep-alive state (SPEC §16) took one more pointer (`exchange`, boxed).
+    /// here and re-measure idle memory), not something that slips in. The server API's
+    /// keep-alive state (`exchange`, boxed: 8 bytes) and the io_uring send pin in `Outbound`
+    /// (8) were paid for by the heartbeat's `last_activity` going from an `Instant` (16 bytes)
+    /// to a `Stamp` (4).
+    /// A stamp measures the time since it was taken across the 32-bit wrap (about 49 days).
+    #[test]
+    fn a_stamp_survives_the_wrap() {
+        let start = Instant::now();
+        let a = Stamp::at(start, start + Duration::from_millis(1500));
+        let b = Stamp::at(start, start + Duration::from_millis(4000));
+        assert_eq!(a.until(b), Duration::from_millis(2500));
+        let before_wrap = Stamp(u32::MAX - 999);
+        let after_wrap = Stamp(1000);
+        assert_eq!(before_wrap.until(after_wrap), Duration::from_millis(2000));
+        // Earlier than the start (not possible for the reactor's own clock) reads as the start.
+        assert_eq!(Stamp::at(start + Duration::from_secs(1), start), Stamp(0));
+    }
+
     #[test]
     fn a_connection_slot_stays_small() {
         use std::mem::size_of;
@@ -397,8 +434,8 @@ mod tests {
             size_of::<Vec<u8>>(),
         );
         assert!(
-            size <= 176,
-            "size_of::<Connection>() grew to {size} bytes (bound: 176)"
+            size <= 168,
+            "size_of::<Connection>() grew to {size} bytes (bound: 168)"
         );
         // An idle connection holds its reader as one pointer (`reader_slot.rs`).
         assert_eq!(size_of::<ReaderSlot>(), size_of::<usize>());

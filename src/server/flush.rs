@@ -64,6 +64,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
 
     /// Writes what is queued; keeps writable interest registered exactly while bytes remain.
     pub(super) fn flush(&mut self, id: ConnId) {
+        if self.poller.completion_based() {
+            self.submit_send(id);
+            return;
+        }
         let Some(conn) = live(&mut self.conns, id) else {
             return;
         };
@@ -100,7 +104,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     /// Everything queued is written: finish whatever was waiting for that.
-    fn after_flush(&mut self, id: ConnId) {
+    pub(super) fn after_flush(&mut self, id: ConnId) {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };

@@ -6,7 +6,7 @@
 //! Does not: parse anything itself, or drive TLS: a connection's TLS session sits inside
 //! `tls::read_socket`, which reads like a socket.
 
-use super::connection::{ConnId, Deadline, State};
+use super::connection::{ConnId, Deadline, Stamp, State};
 use super::http::MAX_PIPELINED_BYTES;
 use super::tls::read_socket;
 use super::{live, Handler, Reactor, READ_BUDGET_BYTES};
@@ -68,7 +68,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.metrics.bytes_in += n as u64;
             // Any bytes count as activity, not only whole frames: a large frame still arriving
             // proves the peer alive (SPEC §5).
-            conn.last_activity = self.now;
+            conn.last_activity = Stamp::at(self.started, self.now);
             if conn.awaiting_pong() {
                 // The peer is alive: the pong deadline gives way to the next heartbeat.
                 let next = self.now + self.config.heartbeat_interval;
@@ -108,7 +108,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     /// The peer hung up (or shut its sending side).
-    fn on_eof(&mut self, id: ConnId) {
+    pub(super) fn on_eof(&mut self, id: ConnId) {
         // A TLS client that gave up on its handshake counts in the TLS stats as well.
         self.count_tls_eof(id);
         let Some(conn) = self.conn_mut(id) else {
@@ -137,7 +137,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
 
     /// Hands the `n` bytes just read into the shared buffer to whatever the connection's state
     /// expects. Returns false if the connection was closed.
-    fn ingest(&mut self, id: ConnId, n: usize) -> bool {
+    pub(super) fn ingest(&mut self, id: ConnId, n: usize) -> bool {
+        let mut recv_buf = std::mem::take(&mut self.recv_buf);
+        let open = self.ingest_bytes(id, &mut recv_buf[..n]);
+        self.recv_buf = recv_buf;
+        open
+    }
+
+    /// Hands bytes received for `id` (in the shared buffer, or in a completion backend's
+    /// receive buffer) to whatever the connection's state expects. Returns false if the
+    /// connection was closed.
+    pub(super) fn ingest_bytes(&mut self, id: ConnId, bytes: &mut [u8]) -> bool {
         let Some(conn) = live(&mut self.conns, id) else {
             return false;
         };
@@ -149,15 +159,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     let deadline = self.now + self.config.handshake_timeout;
                     conn.set_deadline(&mut self.timers, deadline, Deadline::Handshake);
                 }
-                conn.request.extend_from_slice(&self.recv_buf[..n]);
+                conn.request.extend_from_slice(bytes);
                 self.on_request_bytes(id)
             }
             State::Open | State::Closing => {
-                // Frames are parsed straight out of the shared buffer (SPEC §2); the reader
+                // Frames are parsed straight out of the receive buffer (SPEC §2); the reader
                 // copies only an incomplete tail into the connection.
-                let mut recv_buf = std::mem::take(&mut self.recv_buf);
-                self.on_frames(id, &mut recv_buf[..n]);
-                self.recv_buf = recv_buf;
+                self.on_frames(id, bytes);
                 self.conn_mut(id).is_some()
             }
             // Our response or our last Close is on its way (after a completed close handshake,

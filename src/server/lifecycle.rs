@@ -7,7 +7,7 @@
 //! Does not: decide when the app closes a connection (it asks through the `Outbox`), or send
 //! anything itself (`queue_control` in `flush.rs`).
 
-use super::connection::{ConnId, Deadline, State};
+use super::connection::{ConnId, Deadline, Stamp, State};
 use super::metrics::Metrics;
 use super::{live, Exit, Handler, Reactor, TimerEvent};
 use crate::poller::Poller;
@@ -70,12 +70,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         if conn.state() != State::Open {
             return;
         }
-        let quiet_since = conn.last_activity;
-        if now < quiet_since + interval {
+        let quiet_for = conn.last_activity.until(Stamp::at(self.started, now));
+        if quiet_for < interval {
             // There was traffic: sleep for the rest of the interval.
             conn.set_deadline(
                 &mut self.timers,
-                quiet_since + interval,
+                now + (interval - quiet_for),
                 Deadline::Heartbeat,
             );
         } else {
@@ -99,7 +99,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         if !self.conn_mut(id).is_some_and(|c| c.awaiting_pong()) {
             return;
         }
-        self.on_readable(id);
+        if self.poller.completion_based() {
+            // Nothing to read directly: what has arrived is in completions not yet reaped.
+            self.collect_completions();
+        } else {
+            self.on_readable(id);
+        }
         let Some(conn) = self.conn_mut(id) else {
             return; // the read found EOF or an error
         };
@@ -185,7 +190,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let peer = peer.as_ref().map_or("?".to_string(), ToString::to_string);
             debug!("{id:?} ({peer}) closed in state {}", conn.state().name());
         }
-        // Dropping the stream closes the descriptor.
+        self.release_socket(conn);
     }
 
     // ----- signals and shutdown

@@ -17,6 +17,8 @@
 //! - `lifecycle.rs`: deadlines, closing a connection (gracefully or not), signals and shutdown;
 //! - `compression.rs`: permessage-deflate's codecs per reactor and per connection;
 //! - `tls.rs`: the TLS session inside the one read and the one write, its counters, SIGHUP;
+//! - `completion.rs`: the same reads and writes on a completion backend (`--poller uring`):
+//!   finished receives and sends instead of readiness (`Poller::completion_based`);
 //! - `connection.rs`: one connection's state machine; `outbound.rs`: its queue; `handler.rs`:
 //!   the seam to the app.
 //!
@@ -24,6 +26,7 @@
 //! (`Reactor::flush`), so that TLS slots in between the socket and the bytes (`tls.rs`).
 
 mod accept;
+mod completion;
 pub mod compression;
 pub mod config;
 mod connection;
@@ -47,7 +50,7 @@ pub use connection::ConnId;
 pub use handler::{Answer, Handler, Outbox, Route, Sent, ServerEndpoint, SlowConsumer};
 
 use crate::poller::waker::WakeReceiver;
-use crate::poller::{Event, Interest, Poller, Token};
+use crate::poller::{Completion, Event, Interest, Poller, Token};
 use crate::protocol::CloseCode;
 use crate::timer::{TimerHandle, TimerWheel, DEFAULT_SLOTS};
 use crate::tls::ServerTls;
@@ -56,7 +59,7 @@ use connection::{Connection, Deadline};
 use log::{info, trace};
 use metrics::Metrics;
 use mio::net::TcpListener;
-use outbound::OutboundPool;
+use outbound::{Outbound, OutboundPool};
 use slab::Slab;
 use std::io;
 use std::net::SocketAddr;
@@ -158,6 +161,14 @@ pub struct Reactor<P: Poller, H: Handler> {
     http_resume: Vec<ConnId>,
     /// The readiness events of one wait; kept so its storage is reused.
     events: Vec<Event>,
+    /// The completions of one wait (completion backends only); kept so its storage is reused.
+    completions: Vec<Completion>,
+    /// Completion backends: the queues of connections closed while a send was still lent
+    /// their bytes, kept until that send completes (`completion.rs`).
+    orphans: Vec<(ConnId, Outbound)>,
+    /// Completion backends, TLS: the records each send in flight was lent, and from where
+    /// (`completion.rs`).
+    tls_sends: Vec<(ConnId, Vec<u8>, usize)>,
     /// Every deadline: per connection, the accept retry, the shutdown deadline.
     timers: TimerWheel<TimerEvent>,
     /// The timers one `expire` handed back; kept so its storage is reused.
@@ -187,7 +198,7 @@ pub struct Reactor<P: Poller, H: Handler> {
     metrics: Metrics,
     /// The time read once per loop iteration; everything in one iteration uses it.
     now: Instant,
-    /// When the reactor was created (uptime in /stats.json).
+    /// When the reactor was created (uptime in /stats.json; the epoch of connections' `Stamp`s).
     started: Instant,
     /// `--workers` above 1: this reactor's handle on what the workers share (the process-wide
     /// connection count and the gauges, `workers.rs`). `None` for the one reactor of
@@ -241,7 +252,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             }
         }
         let local_addr = listener.local_addr()?;
-        poller.register(listener.as_raw_fd(), LISTENER, Interest::READABLE)?;
+        poller.watch_listener(listener.as_raw_fd(), LISTENER)?;
         let now = Instant::now();
         Ok(Reactor {
             poller,
@@ -265,6 +276,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             app_requests: handler::AppRequests::default(),
             http_resume: Vec::new(),
             events: Vec::with_capacity(1024),
+            completions: Vec::new(),
+            orphans: Vec::new(),
+            tls_sends: Vec::new(),
             timers: TimerWheel::new(config.timer_tick, DEFAULT_SLOTS, now),
             expired: Vec::new(),
             app_timer: None,
@@ -361,6 +375,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         self.events = events;
         if exit.is_some() {
             return Ok(exit);
+        }
+        if self.poller.completion_based() {
+            // A completion backend has done the accepts, reads and writes already.
+            self.dispatch_completions();
         }
 
         // 3. Serve the ready list carried over from the previous iteration.

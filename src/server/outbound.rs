@@ -107,6 +107,9 @@ pub struct Outbound {
     head_offset: usize,
     /// Bytes queued and not yet written. Invariant: the sum of chunk lengths minus `head_offset`.
     queued_bytes: usize,
+    /// Completion I/O (io_uring): how many chunks at the head a send in flight points into.
+    /// Their bytes must not move until the send completes, so nothing is appended to them.
+    pinned: usize,
 }
 
 impl Outbound {
@@ -129,10 +132,12 @@ impl Outbound {
         if self.chunks.capacity() == 0 {
             self.chunks = pool.take_ring();
         }
+        let tail_pinned = self.chunks.len() <= self.pinned;
         let tail = match self.chunks.back_mut() {
             // The head chunk may be partly written; appending to it is still correct because
             // `head_offset` only counts from its start.
-            Some(Chunk::Owned(v)) if v.len() + len_hint <= COALESCE_LIMIT => v,
+            // A pinned chunk is being read by the kernel: growing it could move its bytes.
+            Some(Chunk::Owned(v)) if !tail_pinned && v.len() + len_hint <= COALESCE_LIMIT => v,
             _ => {
                 self.chunks
                     .push_back(Chunk::Owned(pool.take_owned(len_hint)));
@@ -185,6 +190,33 @@ impl Outbound {
         // Give up the ring too: an idle connection holds no buffers (SPEC §2).
         pool.put_ring(std::mem::take(&mut self.chunks));
         Ok(Flush::Done)
+    }
+
+    /// Completion I/O: lends the pending bytes, at most `max` chunks, to one send as `out`, and
+    /// pins those chunks (nothing is appended to them, so their bytes stay where they are) until
+    /// `sent` reports how much of it the socket took. Returns the bytes lent.
+    ///
+    /// Unlike `flush`, nothing is gathered into a scratch buffer: the pool's one buffer cannot
+    /// be lent to many sends in flight at once.
+    pub fn pin_for_send<'a>(&'a mut self, out: &mut Vec<IoSlice<'a>>, max: usize) -> usize {
+        self.pinned = self.chunks.len().min(max);
+        let mut lent = 0;
+        for bytes in self.pending().take(max) {
+            lent += bytes.len();
+            out.push(IoSlice::new(bytes));
+        }
+        lent
+    }
+
+    /// Completion I/O: the send that `pin_for_send` lent the queue to took `written` bytes.
+    /// They leave the queue and the chunks are unpinned; an emptied queue puts its ring in
+    /// `pool`, as `flush` does.
+    pub fn sent(&mut self, written: usize, pool: &mut OutboundPool) {
+        self.pinned = 0;
+        self.consume(written, pool);
+        if self.chunks.is_empty() {
+            pool.put_ring(std::mem::take(&mut self.chunks));
+        }
     }
 
     /// The bytes still to write, chunk by chunk (the first one less what is already written).
@@ -630,5 +662,39 @@ mod tests {
         }
         assert_eq!(q.chunks.len(), 1);
         assert_eq!(q.queued_bytes(), 16 * 66);
+    }
+
+    /// Completion I/O: chunks lent to a send in flight keep their bytes where they were (the
+    /// kernel reads them later); what is queued meanwhile goes into a new chunk and leaves,
+    /// after the lent bytes, in the next send; a partial send leaves the rest first in line.
+    #[test]
+    fn pinned_chunks_do_not_move_until_sent() {
+        let mut pool = OutboundPool::default();
+        let mut q = Outbound::default();
+        q.push_owned_with(3, &mut pool, |v| v.extend_from_slice(b"abc"));
+        let mut lent = Vec::new();
+        assert_eq!(q.pin_for_send(&mut lent, 1024), 3);
+        let (addr, len) = (lent[0].as_ptr(), lent[0].len());
+        drop(lent);
+        // Enough to make the pinned chunk reallocate, were it appended to.
+        q.push_owned_with(8000, &mut pool, |v| v.extend_from_slice(&[b'x'; 8000]));
+        let mut again = Vec::new();
+        q.pin_for_send(&mut again, 1024);
+        assert_eq!(again.len(), 2, "the new bytes went into the pinned chunk");
+        assert_eq!((again[0].as_ptr(), again[0].len()), (addr, len));
+        drop(again);
+        // The socket took two bytes: the rest of the first chunk, then the second, follow.
+        q.sent(2, &mut pool);
+        assert_eq!(q.queued_bytes(), 1 + 8000);
+        q.push_owned_with(1, &mut pool, |v| v.push(b'!'));
+        let mut rest = Vec::new();
+        q.pin_for_send(&mut rest, 1024);
+        let bytes: Vec<u8> = rest.iter().flat_map(|s| s.iter().copied()).collect();
+        assert_eq!(bytes.len(), 8002);
+        assert_eq!(&bytes[..1], b"c");
+        assert_eq!(&bytes[8001..], b"!");
+        drop(rest);
+        q.sent(8002, &mut pool);
+        assert!(q.is_empty());
     }
 }

@@ -27,7 +27,31 @@ macro_rules! poller_tests {
         mod select {
             $( #[test] fn $name() { super::$name("select") } )*
         }
+        mod uring {
+            $( #[test] fn $name() {
+                if $crate::support::uring_available() {
+                    super::$name("uring")
+                }
+            } )*
+        }
     };
+}
+
+/// Whether this machine can run `--poller uring` (Linux 6.0+ with io_uring allowed). Where it
+/// cannot, says so in one line (per test) and the uring variant of the test passes without
+/// running: the other pollers still cover the behaviour.
+pub fn uring_available() -> bool {
+    #[cfg(target_os = "linux")]
+    let result = wsrelay::poller::UringPoller::new().map(drop);
+    #[cfg(not(target_os = "linux"))]
+    let result: std::io::Result<()> = Err(std::io::ErrorKind::Unsupported.into());
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipped on uring: {e}");
+            false
+        }
+    }
 }
 
 pub struct Server {

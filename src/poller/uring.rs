@@ -1,0 +1,686 @@
+//! The io_uring backend (Linux 6.0+): completion-based, not readiness-based.
+//!
+//! Owns: one ring (the `io-uring` crate maps it and wraps the system calls; what is submitted,
+//! when, and what a completion means is decided here), the table of operations in flight, the
+//! provided-buffer ring the kernel receives into, and the descriptors waiting for their last
+//! operation to end before they may be closed.
+//! Does not: know about WebSockets or connections. It sees descriptors, tokens and bytes.
+//!
+//! # What it does instead of waiting for readiness (docs/pollers.md, "Readiness and completion")
+//!
+//! * **Accept** is one multishot accept on the listener: every new connection is a completion
+//!   carrying its descriptor; no `accept(2)` call, no readiness event.
+//! * **Receive** is one multishot receive per connection, with *provided buffers*: the kernel
+//!   picks a free buffer from a ring we registered, fills it, and the completion names it. The
+//!   reactor parses the bytes in place and gives the buffer back (`recycle`). No buffer is tied
+//!   to an idle connection, and no `recv(2)` ever returns `EAGAIN`.
+//! * **Send** is a `sendmsg` whose iovecs point into the reactor's outbound queue; the reactor
+//!   keeps those bytes alive (and unmoved) until the `Sent` completion (`send`'s contract).
+//! * **Other descriptors** (the signal pipes, the engine's waker) go through the `Poller`
+//!   surface as before: `register` arms a multishot poll, which comes back as readiness events.
+//! * **One system call per loop iteration**: everything queued since the last wait is submitted
+//!   by the wait itself (`io_uring_enter` with both "submit" and "wait for one").
+//!
+//! # Closing safely
+//!
+//! A descriptor number is reused by the next `accept` as soon as it is closed. An operation
+//! still queued for the old number would then act on the new connection. So `deregister`
+//! cancels everything on the descriptor, and `close` keeps the descriptor open until the last of
+//! its operations has reported; only then is it closed. Completions for a closed connection that
+//! arrive meanwhile carry its old token, whose generation no longer matches (`ConnId`).
+
+use super::completion::{BufPool, Completion, RecvBuf};
+use super::{check_open, Event, Interest, Poller, Token};
+use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use slab::Slab;
+use std::io::{self, IoSlice};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+/// Submission queue entries (more in one iteration are submitted early, one extra system call).
+/// The completion queue is four times larger; beyond that the kernel keeps overflowing
+/// completions aside (it never drops them, IORING_FEAT_NODROP). The rings are physically
+/// contiguous kernel memory: 4096 entries (512 KiB) failed with ENOMEM on a busy machine with
+/// many servers starting at once, so the size is modest and `build_ring` halves it on ENOMEM.
+const RING_ENTRIES: u32 = 1024;
+
+/// Receive buffers: how many, and how large each. The kernel takes one per receive, and the
+/// reactor gives each back as soon as it has parsed it, so only the receives reaped in one
+/// loop iteration hold buffers at once. 256 x 16 KiB is 4 MiB, shared by all connections.
+const RECV_BUFFERS: u16 = 256;
+const RECV_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Send headers kept for reuse: about one per connection with a send in flight at once.
+const SPARE_SENDS: usize = 1024;
+
+/// The id of our one group of provided buffers.
+const BUFFER_GROUP: u16 = 0;
+
+/// The oldest kernel with everything used here: multishot receive (6.0); multishot accept,
+/// provided-buffer rings and cancel-by-descriptor came in 5.19.
+const MIN_KERNEL: (u32, u32) = (6, 0);
+
+/// What an operation in flight is, and what it owns until its completion.
+enum OpKind {
+    /// A multishot poll for a descriptor registered through the `Poller` surface.
+    Poll(Interest),
+    /// The listener's multishot accept.
+    Accept,
+    /// A connection's multishot receive.
+    Recv,
+    /// A send. The header and iovecs live here, at a stable heap address, until the kernel
+    /// reports; the bytes they point to are the caller's to keep alive (`send`).
+    Send { msg: Box<SendMsg> },
+    /// A cancellation (it acts on the others; it counts toward no descriptor).
+    Cancel,
+}
+
+/// `OpKind` without what it owns, to decide on while the table is changed.
+#[derive(Clone, Copy)]
+enum Kind {
+    Poll(Interest),
+    Accept,
+    Recv,
+    Send,
+    Cancel,
+}
+
+struct SendMsg {
+    header: libc::msghdr,
+    iovecs: Vec<libc::iovec>,
+}
+
+struct Op {
+    kind: OpKind,
+    fd: RawFd,
+    token: Token,
+}
+
+/// Per descriptor that is watched, or still has operations in flight.
+#[derive(Default)]
+struct FdOps {
+    in_flight: u32,
+    /// Between `register`/`watch_*` and `deregister`: multishot operations that end are armed
+    /// again only while this holds.
+    watched: bool,
+    /// `close` was called while operations were in flight: closed when the last one reports.
+    closing: Option<OwnedFd>,
+}
+
+/// `FdOps` by descriptor number: descriptors are small dense integers, so a vector indexed by
+/// them is the cheapest map (it grows to the highest descriptor seen; 12 bytes each).
+#[derive(Default)]
+struct FdTable {
+    slots: Vec<FdOps>,
+}
+
+impl FdTable {
+    fn entry(&mut self, fd: RawFd) -> &mut FdOps {
+        let i = usize::try_from(fd).expect("a descriptor is never negative here");
+        if i >= self.slots.len() {
+            self.slots.resize_with(i + 1, FdOps::default);
+        }
+        &mut self.slots[i]
+    }
+
+    fn watched(&self, fd: RawFd) -> bool {
+        usize::try_from(fd)
+            .ok()
+            .and_then(|i| self.slots.get(i))
+            .is_some_and(|ops| ops.watched)
+    }
+
+    fn get_mut(&mut self, fd: RawFd) -> Option<&mut FdOps> {
+        self.slots.get_mut(usize::try_from(fd).ok()?)
+    }
+
+    /// Forgets `fd`; a descriptor waiting in `closing` is closed.
+    fn remove(&mut self, fd: RawFd) {
+        if let Some(ops) = self.get_mut(fd) {
+            *ops = FdOps::default();
+        }
+    }
+}
+
+/// The ring of buffer descriptors the kernel takes receive buffers from (shared memory: we add
+/// at the tail, the kernel takes from the head).
+struct BufRing {
+    entries: *mut io_uring::types::BufRingEntry,
+    bytes: usize,
+    tail: u16,
+    mask: u16,
+}
+
+impl BufRing {
+    fn new(count: u16) -> io::Result<BufRing> {
+        let bytes = usize::from(count) * std::mem::size_of::<io_uring::types::BufRingEntry>();
+        // SAFETY: an anonymous private mapping; no pointer of ours is passed in. The kernel
+        // requires the ring to be page-aligned, which mmap guarantees.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(BufRing {
+            entries: addr.cast(),
+            bytes,
+            tail: 0,
+            mask: count - 1,
+        })
+    }
+
+    /// Hands buffer `id` (at `addr`, `len` bytes) to the kernel.
+    fn push(&mut self, addr: *mut u8, len: usize, id: u16) {
+        // SAFETY: `tail & mask` is below the entry count the mapping holds; the kernel reads
+        // only entries between its head and the tail we publish below, and this one is past
+        // the published tail until the store.
+        unsafe {
+            let entry = &mut *self.entries.add(usize::from(self.tail & self.mask));
+            entry.set_addr(addr as u64);
+            entry.set_len(len as u32);
+            entry.set_bid(id);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the shared tail lives inside the mapping (it overlays the first entry's
+        // reserved field) and is aligned for u16; the kernel reads it concurrently, hence the
+        // atomic release store, which also publishes the entry written above.
+        unsafe {
+            let tail = io_uring::types::BufRingEntry::tail(self.entries) as *mut u16;
+            AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; the ring that used it is gone
+        // (`UringPoller` drops its ring first).
+        unsafe {
+            libc::munmap(self.entries.cast(), self.bytes);
+        }
+    }
+}
+
+pub struct UringPoller {
+    // Field order is drop order: the ring goes first, so the kernel is done with the buffer
+    // ring and the receive buffers before they are freed.
+    ring: IoUring,
+    buf_ring: BufRing,
+    pool: Rc<BufPool>,
+    ops: Slab<Op>,
+    fds: FdTable,
+    /// Completions reaped by `wait` and not yet taken by the reactor.
+    completions: Vec<Completion>,
+    /// The completion queue entries of one reap, kept so its storage is reused.
+    reaped: Vec<cqueue::Entry>,
+    /// Readiness events reaped by `collect_now`, reported by the next `wait`.
+    pending_events: Vec<Event>,
+    /// Send headers of finished sends, for the next ones (at most `SPARE_SENDS`). Boxed: a
+    /// header lent to the kernel must not move when this vector grows.
+    #[allow(clippy::vec_box)]
+    spare_sends: Vec<Box<SendMsg>>,
+}
+
+impl UringPoller {
+    /// Sets up the ring and the receive buffers.
+    ///
+    /// # Errors
+    /// io_uring is unavailable: the kernel is older than 6.0, or it refuses (`io_uring_disabled`
+    /// set, a seccomp filter, a container runtime). The message says which, in one line.
+    pub fn new() -> io::Result<UringPoller> {
+        check_kernel()?;
+        let ring = build_ring().map_err(|e| unavailable(&e))?;
+        let pool = Rc::new(BufPool::new(usize::from(RECV_BUFFERS), RECV_BUFFER_BYTES));
+        let mut buf_ring = BufRing::new(RECV_BUFFERS)?;
+        // SAFETY: the ring memory is a mapping that lives in `buf_ring`, which this poller
+        // owns and drops after the io_uring instance (field order).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                buf_ring.entries as u64,
+                RECV_BUFFERS,
+                BUFFER_GROUP,
+                0,
+            )
+        }
+        .map_err(|e| unavailable(&e))?;
+        for id in 0..RECV_BUFFERS {
+            buf_ring.push(pool.addr(id), pool.size(), id);
+        }
+        Ok(UringPoller {
+            ring,
+            buf_ring,
+            pool,
+            ops: Slab::with_capacity(1024),
+            fds: FdTable::default(),
+            completions: Vec::with_capacity(1024),
+            reaped: Vec::with_capacity(1024),
+            pending_events: Vec::new(),
+            spare_sends: Vec::new(),
+        })
+    }
+
+    /// Queues `entry` for the next submission, as operation `op`. A full submission queue is
+    /// submitted first (one extra system call, only when more than `RING_ENTRIES` operations
+    /// are queued in one iteration).
+    fn push(&mut self, entry: squeue::Entry, op: Op) -> io::Result<()> {
+        let counts = !matches!(op.kind, OpKind::Cancel);
+        let fd = op.fd;
+        let key = self.ops.insert(op);
+        let entry = entry.user_data(key as u64);
+        loop {
+            // SAFETY: what the entry points to (a send's header and iovecs) lives in
+            // `self.ops[key]` until its completion is reaped.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                break;
+            }
+            if let Err(e) = self.ring.submit() {
+                self.ops.remove(key);
+                return Err(e);
+            }
+        }
+        if counts {
+            self.fds.entry(fd).in_flight += 1;
+        }
+        Ok(())
+    }
+
+    fn arm_poll(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
+        let mut flags = 0;
+        if interest.readable {
+            flags |= libc::POLLIN as u32;
+        }
+        if interest.writable {
+            flags |= libc::POLLOUT as u32;
+        }
+        let entry = opcode::PollAdd::new(Fd(fd), flags).multi(true).build();
+        let kind = OpKind::Poll(interest);
+        self.push(entry, Op { kind, fd, token })
+    }
+
+    fn arm_accept(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        let entry = opcode::AcceptMulti::new(Fd(fd))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build();
+        let kind = OpKind::Accept;
+        self.push(entry, Op { kind, fd, token })
+    }
+
+    fn arm_recv(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        let entry = opcode::RecvMulti::new(Fd(fd), BUFFER_GROUP).build();
+        let kind = OpKind::Recv;
+        self.push(entry, Op { kind, fd, token })
+    }
+
+    /// Whether multishot operations on `fd` that end should be armed again.
+    fn rearm(&self, fd: RawFd) -> bool {
+        self.fds.watched(fd)
+    }
+
+    /// Starts watching `fd` one way (poll, accept or receive).
+    fn watch(&mut self, fd: RawFd) -> io::Result<()> {
+        check_open(fd)?;
+        let ops = self.fds.entry(fd);
+        if ops.watched {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("descriptor {fd} is already watched"),
+            ));
+        }
+        ops.watched = true;
+        Ok(())
+    }
+
+    /// Takes every completion the kernel has posted: readiness of polled descriptors into
+    /// `events`, the rest into `self.completions`.
+    fn reap(&mut self, events: &mut Vec<Event>) {
+        let mut reaped = std::mem::take(&mut self.reaped);
+        reaped.extend(self.ring.completion());
+        for cqe in reaped.drain(..) {
+            self.complete(&cqe, events);
+        }
+        self.reaped = reaped;
+    }
+
+    /// What one completion means.
+    fn complete(&mut self, cqe: &cqueue::Entry, events: &mut Vec<Event>) {
+        let key = cqe.user_data() as usize;
+        let res = cqe.result();
+        let more = cqueue::more(cqe.flags());
+        let Some(op) = self.ops.get(key) else {
+            return;
+        };
+        let (fd, token) = (op.fd, op.token);
+        let kind = match &op.kind {
+            OpKind::Poll(interest) => Kind::Poll(*interest),
+            OpKind::Accept => Kind::Accept,
+            OpKind::Recv => Kind::Recv,
+            OpKind::Send { .. } => Kind::Send,
+            OpKind::Cancel => Kind::Cancel,
+        };
+        let cancelled = res == -libc::ECANCELED;
+        // Whether a multishot operation that ended here is armed again.
+        let mut again = false;
+        match kind {
+            Kind::Poll(interest) => {
+                if res >= 0 {
+                    let revents = res as i16;
+                    let hangup = revents & libc::POLLHUP != 0;
+                    let error = revents & libc::POLLERR != 0;
+                    events.push(Event {
+                        token,
+                        readable: revents & libc::POLLIN != 0 || hangup || error,
+                        writable: revents & libc::POLLOUT != 0 || error,
+                        hangup,
+                        error,
+                    });
+                }
+                again = !cancelled;
+                if !more {
+                    self.finish(key);
+                    if again && self.rearm(fd) {
+                        self.rearm_or_log(fd, |p| p.arm_poll(fd, token, interest));
+                    }
+                }
+                return;
+            }
+            Kind::Accept => {
+                if res >= 0 {
+                    // SAFETY: a successful accept completion carries a new descriptor that
+                    // nothing else owns.
+                    let stream = unsafe { OwnedFd::from_raw_fd(res) };
+                    self.completions.push(Completion::Accepted(stream));
+                    again = true;
+                } else if !cancelled {
+                    // The accept ends with this error; the reactor decides when to re-arm.
+                    self.completions
+                        .push(Completion::AcceptFailed(io::Error::from_raw_os_error(-res)));
+                }
+                if !more {
+                    self.finish(key);
+                    if again && self.rearm(fd) {
+                        self.rearm_or_log(fd, |p| p.arm_accept(fd, token));
+                    }
+                }
+                return;
+            }
+            Kind::Recv => {
+                if res > 0 {
+                    match cqueue::buffer_select(cqe.flags()) {
+                        Some(id) => {
+                            let buf = RecvBuf::new(Rc::clone(&self.pool), id, res as usize);
+                            self.completions.push(Completion::Received(token, buf));
+                        }
+                        None => log::error!("a receive completed without naming its buffer"),
+                    }
+                    again = true;
+                } else if res == 0 {
+                    self.completions.push(Completion::Eof(token));
+                } else if res == -libc::ENOBUFS {
+                    // Every buffer was out at once: the receive stopped, with nothing lost
+                    // (the bytes wait in the socket). The reactor returns the buffers it holds
+                    // before the next submission, so re-arming now is enough.
+                    again = true;
+                } else if !cancelled {
+                    let error = io::Error::from_raw_os_error(-res);
+                    self.completions
+                        .push(Completion::ReceiveFailed(token, error));
+                }
+                if !more {
+                    self.finish(key);
+                    if again && self.rearm(fd) {
+                        self.rearm_or_log(fd, |p| p.arm_recv(fd, token));
+                    }
+                }
+                return;
+            }
+            Kind::Send => {
+                let result = if res >= 0 {
+                    Ok(res as usize)
+                } else {
+                    Err(io::Error::from_raw_os_error(-res))
+                };
+                self.completions.push(Completion::Sent(token, result));
+            }
+            Kind::Cancel => {}
+        }
+        self.finish(key);
+    }
+
+    /// Re-arms a multishot operation; if even that fails (the ring is broken), the descriptor
+    /// hears nothing more, which its deadline (heartbeat, handshake) then ends.
+    fn rearm_or_log(&mut self, fd: RawFd, arm: impl FnOnce(&mut Self) -> io::Result<()>) {
+        if let Err(e) = arm(self) {
+            log::warn!("io_uring: could not re-arm descriptor {fd}: {e}");
+        }
+    }
+
+    /// An operation is over: forget it, and close its descriptor if that was the last one
+    /// holding a `close` back.
+    fn finish(&mut self, key: usize) {
+        let op = self.ops.remove(key);
+        match op.kind {
+            OpKind::Cancel => return,
+            OpKind::Send { msg } if self.spare_sends.len() < SPARE_SENDS => {
+                self.spare_sends.push(msg);
+            }
+            _ => {}
+        }
+        let Some(ops) = self.fds.get_mut(op.fd) else {
+            return;
+        };
+        ops.in_flight -= 1;
+        if ops.in_flight == 0 && !ops.watched {
+            // Dropping the entry drops (closes) a descriptor waiting in `closing`.
+            self.fds.remove(op.fd);
+        }
+    }
+}
+
+impl Poller for UringPoller {
+    fn completion_based(&self) -> bool {
+        true
+    }
+
+    fn name(&self) -> &'static str {
+        "uring"
+    }
+
+    fn register(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
+        self.watch(fd)?;
+        self.arm_poll(fd, token, interest)
+    }
+
+    fn reregister(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
+        // A cancellation and a new poll: the poll's old completions, if any come, are
+        // `ECANCELED` and dropped.
+        self.deregister(fd)?;
+        self.register(fd, token, interest)
+    }
+
+    fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
+        let Some(ops) = self.fds.get_mut(fd).filter(|ops| ops.watched) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("descriptor {fd} is not watched"),
+            ));
+        };
+        ops.watched = false;
+        if ops.in_flight == 0 {
+            // Its operations have all ended (an EOF, a failed accept): nothing to cancel.
+            self.fds.remove(fd);
+            return Ok(());
+        }
+        let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build();
+        let kind = OpKind::Cancel;
+        self.push(
+            entry,
+            Op {
+                kind,
+                fd,
+                token: Token(0),
+            },
+        )
+    }
+
+    fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        events.clear();
+        events.append(&mut self.pending_events);
+        let submitter = self.ring.submitter();
+        // The one system call of the iteration: submits what was queued and waits for the
+        // first completion (or the timeout).
+        let result = match timeout {
+            None => submitter.submit_and_wait(1),
+            Some(timeout) => {
+                let timespec = Timespec::from(timeout);
+                submitter.submit_with_args(1, &SubmitArgs::new().timespec(&timespec))
+            }
+        };
+        match result {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The completion queue overflowed: reaping below makes room.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+        self.reap(events);
+        Ok(())
+    }
+
+    fn watch_listener(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        self.watch(fd)?;
+        self.arm_accept(fd, token)
+    }
+
+    fn watch_connection(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        self.watch(fd)?;
+        self.arm_recv(fd, token)
+    }
+
+    unsafe fn send(&mut self, fd: RawFd, token: Token, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        // A header from a finished send when there is one: two allocations fewer per send.
+        let mut msg = self.spare_sends.pop().unwrap_or_else(|| {
+            Box::new(SendMsg {
+                // SAFETY: an all-zero msghdr is valid (no name, no control data).
+                header: unsafe { std::mem::zeroed() },
+                iovecs: Vec::new(),
+            })
+        });
+        msg.iovecs.clear();
+        msg.iovecs.extend(bufs.iter().map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        }));
+        msg.header.msg_iov = msg.iovecs.as_mut_ptr();
+        msg.header.msg_iovlen = msg.iovecs.len() as _;
+        let entry = opcode::SendMsg::new(Fd(fd), &msg.header)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build();
+        let kind = OpKind::Send { msg };
+        self.push(entry, Op { kind, fd, token })
+    }
+
+    fn take_completions(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.completions);
+    }
+
+    fn recycle(&mut self, buf: RecvBuf) {
+        let id = buf.id();
+        self.buf_ring.push(self.pool.addr(id), self.pool.size(), id);
+    }
+
+    fn close(&mut self, fd: OwnedFd) {
+        use std::os::fd::AsRawFd;
+        match self.fds.get_mut(fd.as_raw_fd()) {
+            Some(ops) if ops.in_flight > 0 => ops.closing = Some(fd),
+            _ => {
+                self.fds.remove(fd.as_raw_fd());
+                drop(fd);
+            }
+        }
+    }
+
+    fn collect_now(&mut self) -> io::Result<()> {
+        let mut events = std::mem::take(&mut self.pending_events);
+        self.wait(&mut events, Some(Duration::ZERO))?;
+        self.pending_events = events;
+        Ok(())
+    }
+}
+
+/// Refuses kernels older than `MIN_KERNEL` with a line that says so.
+fn check_kernel() -> io::Result<()> {
+    // SAFETY: uname fills the zeroed struct it is given; nothing else is passed.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: uname NUL-terminates `release`.
+    let release = unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) }.to_string_lossy();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if version < MIN_KERNEL {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "io_uring unavailable: kernel {release} is older than {}.{} (multishot receive)",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The ring, with the flags that make one `io_uring_enter` per iteration do all the work:
+/// completions are produced only when we wait (`DEFER_TASKRUN`, 6.1+, for one thread:
+/// `SINGLE_ISSUER`). A kernel without them gets a plain ring.
+fn build_ring() -> io::Result<IoUring> {
+    let mut entries = RING_ENTRIES;
+    loop {
+        let tuned = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries);
+        let result = match tuned {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                IoUring::builder().setup_cqsize(entries * 4).build(entries)
+            }
+            other => other,
+        };
+        match result {
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && entries > 64 => entries /= 2,
+            other => return other,
+        }
+    }
+}
+
+/// One line that says why io_uring cannot be used here.
+fn unavailable(error: &io::Error) -> io::Error {
+    let why = match error.raw_os_error() {
+        Some(libc::ENOSYS) => "the kernel has no io_uring (ENOSYS)",
+        Some(libc::EPERM) => {
+            "the kernel forbids it (EPERM: sysctl kernel.io_uring_disabled, or a seccomp filter)"
+        }
+        Some(libc::EACCES) => "the kernel forbids it (EACCES: a security module)",
+        Some(libc::EINVAL) => "the kernel lacks a feature this backend needs (EINVAL)",
+        _ => "setting up the ring failed",
+    };
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("io_uring unavailable: {why}: {error}"),
+    )
+}
