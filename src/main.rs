@@ -705,6 +705,9 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
                     PollerKind::Select => {
                         SelectPoller::new().and_then(|p| run_worker(p, start, &ready))
                     }
+                    PollerKind::Uring => {
+                        UringPoller::new().and_then(|p| run_worker(p, start, &ready))
+                    }
                 };
                 if let Err(e) = &result {
                     // Tells the main thread if the worker failed before it was ready.
