@@ -110,7 +110,7 @@ struct Up {
     ping_count: u64,
     /// Set once we sent Close to finish: the server's Close (or this deadline) ends the run.
     close_due: Option<Instant>,
-    /// With `--token-cmd`: when to fetch a new token and send it as a `refresh`.
+    /// With `--token-cmd` on `/ws`: when to fetch a new token and send it as a `refresh`.
     refresh_due: Option<Instant>,
 }
 
@@ -391,9 +391,16 @@ impl Session {
         self.schedule_reconnect();
     }
 
-    /// With `--token-cmd`, when to refresh the current token (80% of its lifetime left).
+    /// With `--token-cmd` on `/ws`, when to refresh the current token (80% of its lifetime
+    /// left). Never on a raw endpoint (`/r/<room>`, `/echo`): it has no envelope, so a
+    /// `refresh` would be an ordinary message, relayed to every member with the token in it.
+    /// There the relay closes with 4001 when the token expires and the client reconnects with
+    /// a new one (docs/protocol.md, "Token refresh and expiry").
     fn refresh_due(&self, now: Instant) -> Option<Instant> {
         self.settings.token_cmd.as_ref()?;
+        if self.settings.endpoint != Endpoint::Envelope {
+            return None;
+        }
         let exp = self.token.as_deref().and_then(token::exp_of);
         token::refresh_delay(exp, now_ms() as f64 / 1000.0).map(|delay| now + delay)
     }

@@ -276,6 +276,48 @@ fn the_client_refreshes_its_token_and_stays_connected(poller: &str) {
     assert_eq!(server.metric("wsrelay_token_expiries_total"), 1.0);
 }
 
+/// `--token-cmd` on a raw room: no `refresh` is sent there (a raw room has no envelope: it
+/// would be an ordinary message, relayed to every member with the fresh token in it). The
+/// relay closes with 4001 at the expiry, and the client reconnects with a new token.
+fn a_raw_room_client_never_sends_its_token_to_the_room(poller: &str) {
+    let server = server(poller);
+    let tokens = [
+        token(json!({"sub": "alice", "exp": exp_in(3.0)})),
+        token(json!({"sub": "alice", "exp": exp_in(3600.0)})),
+        token(json!({"sub": "alice", "exp": exp_in(3600.0)})),
+    ];
+    let cmd = TokenCommand::new(&format!("raw-{poller}"), &tokens);
+    let peer_token = token(json!({"sub": "bob", "exp": exp_in(3600.0)}));
+    let mut peer = server.ws(&format!("/r/lobby?token={peer_token}"));
+    let mut client =
+        ClientProcess::start(&["--token-cmd", &cmd.command(), &server.url("/r/lobby")]);
+    client.stderr_until("connected to");
+    client.stderr_until("token expired (close 4001)");
+    client.stderr_until("connected to");
+    client.send_line("after the reconnect");
+    peer.get_ref().set_read_timeout(Some(DEADLINE)).unwrap();
+    loop {
+        match peer.read().expect("read within the deadline") {
+            Message::Text(text) => {
+                for t in &tokens {
+                    assert!(!text.contains(t.as_str()), "the room got a token: {text}");
+                }
+                if text.as_str() == "after the reconnect" {
+                    break;
+                }
+                panic!("unexpected message in the room: {text}");
+            }
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        cmd.runs(),
+        2,
+        "one token per connection, none for a refresh"
+    );
+}
+
 /// When its token expires anyway (here the refresh is refused: the command printed a token for
 /// another sub), the relay closes with 4001 and the client reconnects at once with a new token.
 fn the_client_reconnects_with_a_new_token_after_4001(poller: &str) {
@@ -313,6 +355,7 @@ fn a_fixed_token_that_expires_ends_the_client(poller: &str) {
 
 poller_tests!(
     the_client_refreshes_its_token_and_stays_connected,
+    a_raw_room_client_never_sends_its_token_to_the_room,
     the_client_reconnects_with_a_new_token_after_4001,
     a_fixed_token_that_expires_ends_the_client,
     the_publish_claim_is_enforced_apart_from_rooms,
