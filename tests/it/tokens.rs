@@ -226,6 +226,33 @@ impl TokenCommand {
         format!("n=$(cat {d}/n 2>/dev/null || echo 0); echo $((n+1)) > {d}/n; cat {d}/t$n")
     }
 
+    /// As `command`, but its second run waits until `open_gate` before it prints its token:
+    /// a token issuer that is slow to answer.
+    fn gated_command(&self) -> String {
+        let d = self.dir.display();
+        format!(
+            "n=$(cat {d}/n 2>/dev/null || echo 0); echo $((n+1)) > {d}/n; \
+             if [ $n -eq 1 ]; then while [ ! -e {d}/gate ]; do sleep 0.02; done; fi; cat {d}/t$n"
+        )
+    }
+
+    fn open_gate(&self) {
+        std::fs::write(self.dir.join("gate"), "").unwrap();
+    }
+
+    /// Waits (bounded) until the command has started `n` times.
+    fn wait_runs(&self, n: u32) {
+        let start = Instant::now();
+        while self.runs() < n {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{} runs, expected {n}",
+                self.runs()
+            );
+            std::thread::sleep(Duration::from_millis(10)); // poll interval for a file
+        }
+    }
+
     /// How many times the command ran.
     fn runs(&self) -> u32 {
         std::fs::read_to_string(self.dir.join("n")).map_or(0, |n| n.trim().parse().unwrap())
@@ -274,6 +301,37 @@ fn the_client_refreshes_its_token_and_stays_connected(poller: &str) {
         1.0
     );
     assert_eq!(server.metric("wsrelay_token_expiries_total"), 1.0);
+}
+
+/// While the token command of a refresh runs (an issuer slow to answer), the client keeps
+/// reading: a message arriving meanwhile is printed before the command has printed its token,
+/// and the refresh is sent when it has.
+fn the_client_reads_while_its_token_command_runs(poller: &str) {
+    let server = server(poller);
+    // Refreshed at 80% of 10 s: the 2 s left are for the test's steps on a loaded machine.
+    let tokens = [
+        token(json!({"sub": "alice", "exp": exp_in(10.0)})),
+        token(json!({"sub": "alice", "exp": exp_in(3600.0)})),
+    ];
+    let cmd = TokenCommand::new(&format!("slow-{poller}"), &tokens);
+    let mut client =
+        ClientProcess::start(&["--token-cmd", &cmd.gated_command(), &server.url("/ws")]);
+    client.stderr_until("connected to");
+    let mut bob = connect(&server, json!({"sub": "bob", "exp": exp_in(3600.0)}));
+    cmd.wait_runs(2);
+    bob.send(json!({"type": "send", "to": "alice", "payload": "meanwhile", "id": "b1"}));
+    assert_eq!(bob.expect("ack")["status"], "delivered");
+    let line = client.stdout_line();
+    assert!(line.contains("meanwhile"), "{line}");
+    // The command is still waiting for its gate: nothing else can have ended it but a kill.
+    cmd.open_gate();
+    client.stderr_until("token refreshed");
+    assert!(!client.log().contains("did not finish"), "{}", client.log());
+    assert_eq!(cmd.runs(), 2);
+    assert_eq!(
+        server.metric("wsrelay_token_refreshes_total{result=\"ok\"}"),
+        1.0
+    );
 }
 
 /// `--token-cmd` on a raw room: no `refresh` is sent there (a raw room has no envelope: it
@@ -355,6 +413,7 @@ fn a_fixed_token_that_expires_ends_the_client(poller: &str) {
 
 poller_tests!(
     the_client_refreshes_its_token_and_stays_connected,
+    the_client_reads_while_its_token_command_runs,
     a_raw_room_client_never_sends_its_token_to_the_room,
     the_client_reconnects_with_a_new_token_after_4001,
     a_fixed_token_that_expires_ends_the_client,
