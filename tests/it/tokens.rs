@@ -88,6 +88,7 @@ fn info_appears_in_presence_and_members(poller: &str) {
     let join = json!({"type": "presence", "room": "lobby", "id": "ann", "event": "join",
         "info": info});
     assert_eq!(ann.expect("presence"), join);
+    ann.expect("joined");
     assert_eq!(bob.expect("presence"), join);
     bob.send(json!({"type": "members", "room": "lobby"}));
     assert_eq!(
@@ -101,6 +102,12 @@ fn info_appears_in_presence_and_members(poller: &str) {
         json!([{"id": "ann", "connections": 1, "info": info},
             {"id": "bob", "connections": 1, "info": null}])
     );
+    // The backend has no token and needs none, also with --jwt-secret (tokens fail closed
+    // for connections, not for the API's key holder).
+    let published = api.call("POST", "/api/publish", r#"{"room":"lobby","payload":"hi"}"#);
+    assert_eq!(published.json["status"], "delivered", "{}", published.json);
+    assert_eq!(bob.expect("message")["payload"], "hi");
+    assert_eq!(ann.expect("message")["payload"], "hi");
     drop(ann);
     assert_eq!(
         bob.expect("presence")["info"],
