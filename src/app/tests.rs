@@ -1277,6 +1277,11 @@ mod tokens {
         let a = connect(&mut h, claims.clone());
         h.say(a, json!({"type": "join", "room": "news"}));
         assert_eq!(h.inbox(a)[0]["event"], "join", "may join news");
+        // Another member, who must not get what ann may not publish.
+        let b = connect(&mut h, json!({"sub": "bob", "exp": exp(&clock, 60)}));
+        h.say(b, json!({"type": "join", "room": "news"}));
+        h.inbox(a);
+        h.inbox(b);
         h.say(
             a,
             json!({"type": "publish", "room": "news", "payload": 1, "id": "n"}),
@@ -1288,6 +1293,7 @@ mod tokens {
                 "reason": "your token does not allow publishing to this room"})
             ]
         );
+        assert_eq!(h.inbox(b), Vec::<Value>::new(), "bob got nothing");
         h.say(
             a,
             json!({"type": "publish", "room": "lobby", "payload": 1, "id": "l"}),

@@ -46,6 +46,12 @@ fn the_publish_claim_is_enforced_apart_from_rooms(poller: &str) {
         "publish": ["lobby"]});
     let mut ann = connect(&server, claims.clone());
     ann.join("news", "ann");
+    // Bob is in both rooms: he must get the allowed lobby message and nothing from news.
+    let bob_token = token(json!({"sub": "bob", "exp": exp_in(3600.0)}));
+    let mut bob = Client::connect(&server, &format!("/ws?token={bob_token}")).0;
+    bob.join("news", "bob");
+    bob.join("lobby", "bob");
+    assert_eq!(ann.expect("presence")["id"], "bob");
     ann.send(json!({"type": "publish", "room": "news", "payload": 1, "id": "n1"}));
     let ack = ann.expect("ack");
     assert_eq!(ack["status"], "rejected", "{ack}");
@@ -53,15 +59,27 @@ fn the_publish_claim_is_enforced_apart_from_rooms(poller: &str) {
         ack["reason"],
         "your token does not allow publishing to this room"
     );
-    ann.send(json!({"type": "publish", "room": "lobby", "payload": 1, "id": "l1"}));
+    ann.send(json!({"type": "publish", "room": "lobby", "payload": 2, "id": "l1"}));
     assert_eq!(ann.expect("ack")["status"], "delivered");
+    // In order: had the news message been relayed, it would come first.
+    let first = bob.expect("message");
+    assert_eq!(
+        (&first["room"], &first["payload"]),
+        (&json!("lobby"), &json!(2))
+    );
 
     // A raw room it may enter but not publish to: it listens, and speaking closes it (1008).
     let t = token(claims);
+    let mut other = server.ws(&format!("/r/news?token={bob_token}"));
     let mut listener = server.ws(&format!("/r/news?token={t}"));
     listener.send(Message::text("hello")).unwrap();
     assert_eq!(close_code(&mut listener), CloseCode::Policy);
     assert_eq!(server.metric("wsrelay_token_publish_refusals_total"), 2.0);
+    // The other member got nothing of it: the next thing it reads is a later message.
+    let mut speaker = server.ws(&format!("/r/news?token={bob_token}"));
+    speaker.send(Message::text("later")).unwrap();
+    other.get_ref().set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(other.read().unwrap(), Message::text("later"));
 }
 
 /// `info` is shown to the others in presence events, `members`, and the server API's presence.
@@ -121,11 +139,25 @@ fn info_appears_in_presence_and_members(poller: &str) {
 fn a_refresh_with_another_sub_is_refused(poller: &str) {
     let server = server(poller);
     let mut ann = connect(&server, json!({"sub": "ann", "exp": exp_in(3600.0)}));
-    let eve = token(json!({"sub": "eve", "exp": exp_in(3600.0)}));
+    let mut bob = connect(&server, json!({"sub": "bob", "exp": exp_in(3600.0)}));
+    bob.join("lobby", "bob");
+    // Eve's token would narrow ann's rooms and publishing, and expire her early: refused, it
+    // must change none of it. The witness, expiring with eve's token, tells when that is.
+    let eve_exp = exp_in(3.0);
+    let mut witness = connect(&server, json!({"sub": "wit", "exp": eve_exp}));
+    let eve = token(json!({"sub": "eve", "exp": eve_exp, "rooms": ["elsewhere"],
+        "publish": []}));
     ann.send(json!({"type": "refresh", "token": eve}));
     let error = ann.expect("error");
     assert_eq!(error["code"], "token_sub_mismatch", "{error}");
+    assert_eq!(close_code(&mut witness.ws), CloseCode::from(4001));
+    // Past eve's exp, ann keeps her own claims: she may join and publish to the lobby.
     ann.join("lobby", "ann");
+    assert_eq!(bob.expect("presence")["id"], "ann");
+    ann.send(json!({"type": "publish", "room": "lobby", "payload": "still", "id": "s"}));
+    assert_eq!(ann.expect("ack")["status"], "delivered");
+    assert_eq!(bob.expect("message")["payload"], "still");
+    assert_eq!(server.metric("wsrelay_token_expiries_total"), 1.0);
     assert_eq!(
         server.metric("wsrelay_token_refresh_refusals_total{reason=\"token_sub_mismatch\"}"),
         1.0
