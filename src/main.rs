@@ -335,7 +335,7 @@ struct RelayArgs {
 
     /// Clock skew allowed on a token's exp and nbf (whole seconds). A connection whose token
     /// is not refreshed is closed with 4001 this long after the token's exp.
-    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_whole_seconds)]
     jwt_leeway: Duration,
 
     /// An allowed Origin (repeatable), e.g. https://chat.example.com; others get 403.
@@ -432,6 +432,19 @@ fn parse_tick(text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(tick)
+}
+
+/// A duration of whole seconds, such as `--jwt-leeway` (a token's exp and nbf are in whole
+/// seconds, RFC 7519 §2, and the verifier counts the leeway in seconds): "500ms" or "1.5s" is
+/// refused rather than silently cut to the second below.
+fn parse_whole_seconds(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.subsec_nanos() != 0 {
+        return Err(format!(
+            "{text:?} is not a whole number of seconds (examples: 0s, 30s, 2m)"
+        ));
+    }
+    Ok(duration)
 }
 
 /// Parses "4096", "64K", "1M", "16MiB", "1G" (binary multiples).
@@ -643,6 +656,26 @@ mod tests {
         assert!(config(&["--compression-window", "7"]).is_err());
         assert!(config(&["--compression-window", "16"]).is_err());
         assert!(config(&["--compression", "fast"]).is_err());
+    }
+
+    /// `--jwt-leeway` takes whole seconds: a fraction is refused, not dropped.
+    #[test]
+    fn jwt_leeway_is_whole_seconds() {
+        use super::{Cli, Command};
+        use clap::Parser;
+        let leeway = |value: &str| -> Result<Duration, String> {
+            let args = ["wsrelay", "serve", "--jwt-leeway", value];
+            let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+            match cli.command {
+                Command::Serve(serve) => Ok(serve.relay.jwt_leeway),
+                _ => unreachable!("parsed serve"),
+            }
+        };
+        assert_eq!(leeway("0s"), Ok(Duration::ZERO));
+        assert_eq!(leeway("2m"), Ok(Duration::from_secs(120)));
+        let refused = leeway("500ms").unwrap_err();
+        assert!(refused.contains("whole number of seconds"), "{refused}");
+        assert!(leeway("1.5s").is_err());
     }
 
     #[test]

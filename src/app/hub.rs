@@ -174,13 +174,20 @@ pub(super) struct Peer {
     id: Rc<str>,
     /// `?since=` (and `&epoch=`): replay retained messages after this one on connect.
     since: Option<Since>,
+    /// The operator's backend (the server API, authenticated by its key): no token, and no
+    /// token claim restricts it. Said explicitly: `Tokens` refuses a connection without a
+    /// token when tokens are required (fail closed).
+    backend: bool,
 }
 
 impl Peer {
-    /// The sender of a server API message (SPEC §16): may publish anywhere (an API request has
-    /// no token, so `Tokens` allows it everything), recovers nothing.
+    /// The sender of a server API message (SPEC §16): may publish anywhere, recovers nothing.
     pub(super) fn backend(id: Rc<str>) -> Peer {
-        Peer { id, since: None }
+        Peer {
+            id,
+            since: None,
+            backend: true,
+        }
     }
 }
 
@@ -335,7 +342,7 @@ impl Hub {
             recovering: HashMap::new(),
             events: Vec::new(),
             retains: config.offline_max > 0,
-            tokens: Tokens::default(),
+            tokens: Tokens::new(config.jwt_secret.is_some()),
             wake_requested: None,
             metrics: HubMetrics::default(),
             api: ApiState::new(config.api_key.as_deref(), config.api_max_body),
@@ -485,6 +492,7 @@ impl Hub {
         let peer = Peer {
             id: Rc::from(id),
             since,
+            backend: false,
         };
         let protocol = offered.then_some(SUBPROTOCOL);
         Ok((Endpoint::Envelope(Box::new(peer)), protocol, grant))
@@ -611,7 +619,8 @@ impl Hub {
     /// The connection is gone: leave its rooms (telling the others) and its id's devices.
     pub fn close(&mut self, conn: ConnId, session: Session, tx: &mut impl Transport) {
         let now = self.sweep();
-        // Its token stops mattering; its info is still shown in the leave events below.
+        // Its token stops mattering; its info (also that of an expired token, which `Tokens`
+        // keeps until now) is still shown in the leave events below.
         let info = self.tokens.remove(conn).and_then(|access| access.info);
         match session.endpoint {
             Endpoint::Echo => {}
@@ -1126,7 +1135,7 @@ impl Hub {
         client_id: Option<&str>,
         tx: &mut impl Transport,
     ) {
-        if !self.tokens.may_publish(conn, room) {
+        if !peer.backend && !self.tokens.may_publish(conn, room) {
             self.metrics.token_publish_refusals += 1;
             let reason = EnvelopeError::PublishForbidden.message();
             let rejected = AckStatus::Rejected;
@@ -1465,6 +1474,10 @@ impl Hub {
         if *grant.id != *peer.id {
             return self.refresh_refused(conn, EnvelopeError::TokenSubjectMismatch, tx);
         }
+        if self.tokens.is_expired(conn) {
+            // Too late: the connection is being closed with 4001 (`timer`).
+            return self.refresh_refused(conn, EnvelopeError::TokenRefused("expired"), tx);
+        }
         let exp_secs = grant.exp_ms / 1000;
         let access = Access::new(grant, self.leeway_ms());
         let info = access.info.clone();
@@ -1509,6 +1522,14 @@ impl Hub {
         for conn in due {
             debug!("{conn:?}: token expired; closing {}", TOKEN_EXPIRED.0);
             self.metrics.token_expiries += 1;
+            // What it sent before its welcome, and joins still waiting for the engine, are
+            // dropped with it: handled now (by the `pump` below) they would act for a token
+            // that no longer holds. Its recovery's answer then finds it gone and delivers
+            // nothing, so its backlog stays pending for its next connection.
+            self.recovering.remove(&conn);
+            if !self.joining.is_empty() {
+                self.joining.retain(|(c, _), _| *c != conn);
+            }
             tx.close(conn, TOKEN_EXPIRED, TOKEN_EXPIRED_REASON);
         }
         self.schedule_expiry(tx);
