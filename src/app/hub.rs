@@ -1168,8 +1168,9 @@ impl Hub {
 
     /// Joins a room and tells every member, the joiner included (its presence event), then
     /// answers `joined` (docs/protocol.md, "Room history"). Joining a room twice changes
-    /// nothing: only the joiner hears its presence event again, and `joined` with nothing
-    /// replayed (a member got every message live).
+    /// no membership: only the joiner hears its presence event again. With history on it still
+    /// gets the replay after its `since`: under `--slow-consumer drop` a member may have lost
+    /// live messages, so the hub cannot promise it has them (clients dedup by msg_id).
     ///
     /// With room history on, the join first asks the engine for what the room's history holds
     /// after `since` (and its newest position), and the connection becomes a member only when
@@ -1198,8 +1199,9 @@ impl Hub {
             let room: Rc<str> = Rc::from(room);
             let stream = StreamId::Room(Rc::clone(&room));
             let ticket = self.ticket();
-            // A member needs no replay (it got every message live): only the newest position.
-            let since = since.filter(|_| !member);
+            // A member gets the replay too: under `--slow-consumer drop` it may have lost live
+            // messages, so "it got everything live" cannot be promised (clients dedup by
+            // msg_id what it did get).
             self.engine.recover(ticket, &stream, since, self.now());
             self.joining.insert((conn, Rc::clone(&room)), ticket);
             let peer = peer.clone();
@@ -1223,11 +1225,16 @@ impl Hub {
         }
         let recovered = member || since.is_none();
         let epoch = self.engine_epoch();
-        tx.send(
-            conn,
-            OpCode::Text,
-            &envelope::joined(room, recovered, None, &epoch),
-        );
+        self.send_joined(conn, &envelope::joined(room, recovered, None, &epoch), tx);
+    }
+
+    /// Queues a `joined` whatever --max-outbound says, like the welcome: it is small, one per
+    /// join, and the only way the client learns whether its recovery was complete. Under
+    /// `--slow-consumer drop` a lost `recovered:false` would make a partial recovery look
+    /// complete (docs/protocol.md, "Room history").
+    fn send_joined(&mut self, conn: ConnId, joined: &[u8], tx: &mut impl Transport) {
+        let frame = tx.encode_shared(OpCode::Text, joined);
+        tx.send_shared_unbounded(conn, &frame);
     }
 
     /// The engine answered a `join` (room history on): membership starts now, then the
@@ -1249,21 +1256,26 @@ impl Hub {
         }
         self.joining.remove(&key);
         let (_, room) = key;
+        // A `refresh` may have replaced the token while the engine worked: the join is judged
+        // by the token the connection holds now (SPEC §16).
+        if !self.tokens.may_join(conn, &room) {
+            return self.error(conn, EnvelopeError::Forbidden, tx);
+        }
         let info = self.tokens.info(conn);
         let info = info.as_deref();
         let epoch = recovery.epoch.to_string();
         let last = recovery.last.map(|p| MsgId(p.0));
         if self.rooms.is_member(conn, &room) {
+            // Joining again: only the joiner hears its presence event; the replay below still
+            // runs (see `join`).
             self.presence(&room, &peer.id, info, PresenceEvent::Join, Some(conn), tx);
-            let joined = envelope::joined(&room, true, last, &epoch);
-            tx.send(conn, OpCode::Text, &joined);
-            return;
+        } else {
+            if self.rooms.rooms_of(conn) >= MAX_ROOMS_PER_CONNECTION {
+                return self.error(conn, EnvelopeError::TooManyRooms, tx);
+            }
+            self.rooms.join(conn, &room);
+            self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
         }
-        if self.rooms.rooms_of(conn) >= MAX_ROOMS_PER_CONNECTION {
-            return self.error(conn, EnvelopeError::TooManyRooms, tx);
-        }
-        self.rooms.join(conn, &room);
-        self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
         // As for a welcome's backlog (`recovered`): the first replayed message is queued
         // whatever --max-outbound says, so a connection always makes progress; if the rest
         // does not fit, the connection is closed (1008) rather than let live traffic overtake
@@ -1288,7 +1300,7 @@ impl Hub {
         }
         self.count_room_recovery(since.is_some(), recovery.recovered);
         let joined = envelope::joined(&room, recovery.recovered, last, &epoch);
-        tx.send(conn, OpCode::Text, &joined);
+        self.send_joined(conn, &joined, tx);
     }
 
     /// Counts a room join that asked for a replay (`since`), by whether it was complete.
@@ -1331,6 +1343,10 @@ impl Hub {
     fn history_page(&mut self, conn: ConnId, room: &str, page: Recovery, tx: &mut impl Transport) {
         if !self.names.contains_key(&conn) {
             return; // closed meanwhile
+        }
+        // As for `joined`: a `refresh` meanwhile may have taken the room away.
+        if !self.tokens.may_join(conn, room) {
+            return self.error(conn, EnvelopeError::Forbidden, tx);
         }
         let messages: Vec<Vec<u8>> = page
             .messages
@@ -1481,6 +1497,8 @@ impl Hub {
                 self.rooms.leave(conn, &room);
             }
         }
+        // Joins and `history` requests still with the engine are judged by the new token
+        // when their answer comes (`joined`, `history_page`): refused with `forbidden` then.
         self.tokens.insert(conn, access);
         self.schedule_expiry(tx);
         self.metrics.token_refreshes_ok += 1;
