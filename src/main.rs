@@ -487,6 +487,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         .map(|config| AppConfig {
             api_key,
             api_max_body,
+            history_page_max_bytes: max_message,
             ..config
         })
         .and_then(|config| check_room_history(config, max_message))

@@ -223,6 +223,8 @@ pub struct Hub {
     pub(super) api: ApiState,
     /// `--room-history`: messages kept per envelope room (0: history off, SPEC §16).
     room_history: usize,
+    /// Bytes of messages one `history` reply may hold (`--max-message`).
+    history_page_max_bytes: usize,
     /// Joins waiting for the engine's answer (room history on), by connection and room: the
     /// ticket of the latest one. A `leave`, a newer `join` of the same room or the connection's
     /// close removes or replaces it, and the answer to a ticket no longer here is dropped.
@@ -340,6 +342,7 @@ impl Hub {
             metrics: HubMetrics::default(),
             api: ApiState::new(config.api_key.as_deref(), config.api_max_body),
             room_history: config.room_history,
+            history_page_max_bytes: config.history_page_max_bytes,
             joining: HashMap::new(),
             clock,
         }
@@ -1348,19 +1351,40 @@ impl Hub {
         if !self.tokens.may_join(conn, room) {
             return self.error(conn, EnvelopeError::Forbidden, tx);
         }
-        let messages: Vec<Vec<u8>> = page
-            .messages
-            .iter()
-            .map(|m| envelope::with_msg_id(&m.body, MsgId(m.position.0)))
-            .collect();
-        self.metrics.history_requests += 1;
-        self.metrics.history_messages += messages.len() as u64;
+        // The newest messages that fit `history_page_max_bytes` (at least the newest one, which
+        // the relay accepted, so it fits a frame a client takes): without a byte bound a page
+        // of 1,000 large messages would be one frame of many MiB, beyond what clients accept.
+        let mut messages: Vec<Vec<u8>> = Vec::new();
+        let mut bytes = 0usize;
+        for m in page.messages.iter().rev() {
+            let text = envelope::with_msg_id(&m.body, MsgId(m.position.0));
+            bytes = bytes.saturating_add(text.len() + 1);
+            if !messages.is_empty() && bytes > self.history_page_max_bytes {
+                break;
+            }
+            messages.push(text);
+        }
+        let more = messages.len() < page.messages.len();
+        messages.reverse();
         let last = page.last.map(|p| MsgId(p.0));
-        tx.send(
-            conn,
-            OpCode::Text,
-            &envelope::history(room, &messages, last),
-        );
+        self.metrics.history_requests += 1;
+        let reply = envelope::history(room, &messages, last, more);
+        let frame = tx.encode_shared(OpCode::Text, &reply);
+        if tx.send_shared(conn, &frame) == Sent::Dropped {
+            // Over --max-outbound under `drop`: say so (unbounded, it is small) rather than
+            // let the reply vanish; under `close` the connection is closing anyway.
+            HubMetrics::bump(
+                &mut self.metrics.errors,
+                EnvelopeError::HistoryDropped.code(),
+            );
+            let error = tx.encode_shared(
+                OpCode::Text,
+                &envelope::error(EnvelopeError::HistoryDropped),
+            );
+            tx.send_shared_unbounded(conn, &error);
+            return;
+        }
+        self.metrics.history_messages += messages.len() as u64;
     }
 
     /// Leaves a room, telling every member, the leaver included. Leaving a room one is not in

@@ -308,6 +308,60 @@ fn a_refresh_while_the_engine_works_is_what_join_and_history_answer_by() {
 }
 
 #[test]
+fn a_history_page_is_bounded_in_bytes_and_says_when_it_was_cut() {
+    let mut h = Harness::new(AppConfig {
+        history_page_max_bytes: 10_000,
+        ..with_history(100)
+    });
+    let a = h.connect("/ws?id=alice");
+    for i in 0..20 {
+        h.say(
+            a,
+            publish("lobby", json!(format!("{i:04}{}", "x".repeat(1000)))),
+        );
+    }
+    h.inbox(a);
+    h.say(a, json!({"type": "history", "room": "lobby"}));
+    let reply = h.raw(a);
+    assert_eq!(reply.len(), 1);
+    assert!(
+        reply[0].1.len() < 10_000 + 1_000,
+        "{} bytes",
+        reply[0].1.len()
+    );
+    let page: Value = serde_json::from_slice(&reply[0].1).unwrap();
+    let got = page["messages"].as_array().unwrap();
+    assert!(got.len() >= 8 && got.len() < 20, "{} messages", got.len());
+    // The newest ones, in order, ending with the newest.
+    let last = got.last().unwrap()["payload"].as_str().unwrap();
+    assert!(last.starts_with("0019"), "{last}");
+    assert_eq!(page["more"], true);
+
+    // One message larger than the bound still comes: the relay accepted it.
+    h.say(a, publish("big", json!("y".repeat(20_000))));
+    h.inbox(a);
+    h.say(a, json!({"type": "history", "room": "big"}));
+    let page = only(&h.inbox(a), "history").clone();
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(page["more"], false);
+}
+
+#[test]
+fn a_history_reply_a_slow_consumer_cannot_take_is_an_error_not_silence() {
+    let mut h = Harness::new(with_history(10));
+    let a = h.connect("/ws?id=alice");
+    h.say(a, publish("lobby", json!(1)));
+    h.inbox(a);
+    h.tx.slow.insert(a);
+    h.say(a, json!({"type": "history", "room": "lobby"}));
+    assert_eq!(only(&h.inbox(a), "error")["code"], "history_dropped");
+    assert_eq!(
+        h.metric(r#"wsrelay_envelope_errors_total{code="history_dropped"}"#),
+        1.0
+    );
+}
+
+#[test]
 fn history_off_says_so() {
     let mut h = Harness::plain();
     let a = h.connect("/ws?id=alice");
