@@ -1330,7 +1330,11 @@ mod tokens {
         let join = json!({"type": "presence", "room": "lobby", "id": "ann", "event": "join",
             "info": info});
         assert_eq!(h.inbox(b), vec![join.clone()]);
-        assert_eq!(h.inbox(a), vec![join]);
+        // The joiner's own presence event, then `joined` (every join is answered, SPEC §16).
+        let mine = h.inbox(a);
+        assert_eq!(mine[0], join);
+        assert_eq!(mine[1]["type"], "joined", "{mine:?}");
+        assert_eq!(mine.len(), 2, "{mine:?}");
         h.say(b, json!({"type": "members", "room": "lobby"}));
         assert_eq!(
             h.inbox(b),
