@@ -473,7 +473,9 @@ fn an_api_publish_to_a_room_is_kept_and_replayed(poller: &str) {
 /// part replayed and part live.
 fn publishes_racing_a_join_are_each_delivered_once_in_order(poller: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(poller, 1000, Some(&dir), &[]);
+    // One fsync per message: the publishes complete one by one, so the join has many still
+    // in flight ahead of it and behind it.
+    let server = start(poller, 1000, Some(&dir), &["--fsync", "always"]);
     let mut a = Client::as_id(&server, "alice");
     let mut b = Client::as_id(&server, "bob");
     b.join("lobby", "bob");
@@ -482,15 +484,16 @@ fn publishes_racing_a_join_are_each_delivered_once_in_order(poller: &str) {
     drop(b);
     let mut b = Client::as_id(&server, "bob");
 
-    // Pipelined: nothing waits for an ack, so the join lands among publishes in flight.
+    // Pipelined; the first ack shows the server is working through them when the join comes.
     for i in 0..150 {
         a.send(json!({"type": "publish", "room": "lobby", "payload": i}));
     }
+    assert_eq!(a.expect("ack")["status"], "delivered");
     b.send(json!({"type": "join", "room": "lobby", "since": since}));
     for i in 150..300 {
         a.send(json!({"type": "publish", "room": "lobby", "payload": i}));
     }
-    for _ in 0..300 {
+    for _ in 1..300 {
         assert_eq!(a.expect("ack")["status"], "delivered");
     }
     assert_eq!(b.expect("presence")["event"], "join");
