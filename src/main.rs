@@ -320,7 +320,7 @@ struct RelayArgs {
     room_history_ttl: Duration,
 
     /// Bytes of room history over all rooms; beyond it the oldest messages go first. At least
-    /// --max-message plus 64K, so that every message fits.
+    /// the larger of --max-message and --api-max-body, plus 64K, so that every message fits.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     room_history_max_bytes: usize,
 
@@ -396,12 +396,15 @@ impl RelayArgs {
 
 /// Room history must be able to keep any message the relay accepts (SPEC §16): its byte
 /// bound must hold the largest message with its envelope (from, room, timestamp: well under
-/// 64 KiB more).
+/// 64 KiB more). A room message comes from a client (at most --max-message) or from the
+/// server API (at most --api-max-body), so the larger of the two counts.
 fn check_room_history(config: AppConfig, max_message: usize) -> Result<AppConfig, String> {
-    let needed = max_message.saturating_add(64 << 10);
+    let largest = max_message.max(config.api_max_body);
+    let needed = largest.saturating_add(64 << 10);
     if config.room_history > 0 && config.room_history_max_bytes < needed {
         return Err(format!(
-            "--room-history-max-bytes ({}) must be at least --max-message plus 64K ({needed})",
+            "--room-history-max-bytes ({}) must be at least the larger of --max-message and \
+             --api-max-body, plus 64K ({needed})",
             config.room_history_max_bytes
         ));
     }
@@ -502,6 +505,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         .map(|config| AppConfig {
             api_key,
             api_max_body,
+            history_page_max_bytes: max_message,
             ..config
         })
         .and_then(|config| check_room_history(config, max_message))
@@ -603,6 +607,20 @@ fn raise_fd_limit() {
 mod tests {
     use super::parse_size;
     use std::time::Duration;
+
+    #[test]
+    fn room_history_bytes_must_hold_the_largest_client_or_api_message() {
+        let config = |api_max_body| wsrelay::app::AppConfig {
+            room_history: 10,
+            room_history_max_bytes: 2 << 20,
+            api_max_body,
+            ..wsrelay::app::AppConfig::default()
+        };
+        assert!(super::check_room_history(config(64 << 10), 1 << 20).is_ok());
+        // A 4 MiB API body could never be kept in 2 MiB of history.
+        let refused = super::check_room_history(config(4 << 20), 1 << 20);
+        assert!(refused.unwrap_err().contains("--api-max-body"));
+    }
 
     #[test]
     fn rates() {

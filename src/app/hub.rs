@@ -230,6 +230,8 @@ pub struct Hub {
     pub(super) api: ApiState,
     /// `--room-history`: messages kept per envelope room (0: history off, SPEC §16).
     room_history: usize,
+    /// Bytes of messages one `history` reply may hold (`--max-message`).
+    history_page_max_bytes: usize,
     /// Joins waiting for the engine's answer (room history on), by connection and room: the
     /// ticket of the latest one. A `leave`, a newer `join` of the same room or the connection's
     /// close removes or replaces it, and the answer to a ticket no longer here is dropped.
@@ -347,6 +349,7 @@ impl Hub {
             metrics: HubMetrics::default(),
             api: ApiState::new(config.api_key.as_deref(), config.api_max_body),
             room_history: config.room_history,
+            history_page_max_bytes: config.history_page_max_bytes,
             joining: HashMap::new(),
             clock,
         }
@@ -1177,8 +1180,9 @@ impl Hub {
 
     /// Joins a room and tells every member, the joiner included (its presence event), then
     /// answers `joined` (docs/protocol.md, "Room history"). Joining a room twice changes
-    /// nothing: only the joiner hears its presence event again, and `joined` with nothing
-    /// replayed (a member got every message live).
+    /// no membership: only the joiner hears its presence event again. With history on it still
+    /// gets the replay after its `since`: under `--slow-consumer drop` a member may have lost
+    /// live messages, so the hub cannot promise it has them (clients dedup by msg_id).
     ///
     /// With room history on, the join first asks the engine for what the room's history holds
     /// after `since` (and its newest position), and the connection becomes a member only when
@@ -1207,8 +1211,9 @@ impl Hub {
             let room: Rc<str> = Rc::from(room);
             let stream = StreamId::Room(Rc::clone(&room));
             let ticket = self.ticket();
-            // A member needs no replay (it got every message live): only the newest position.
-            let since = since.filter(|_| !member);
+            // A member gets the replay too: under `--slow-consumer drop` it may have lost live
+            // messages, so "it got everything live" cannot be promised (clients dedup by
+            // msg_id what it did get).
             self.engine.recover(ticket, &stream, since, self.now());
             self.joining.insert((conn, Rc::clone(&room)), ticket);
             let peer = peer.clone();
@@ -1232,11 +1237,16 @@ impl Hub {
         }
         let recovered = member || since.is_none();
         let epoch = self.engine_epoch();
-        tx.send(
-            conn,
-            OpCode::Text,
-            &envelope::joined(room, recovered, None, &epoch),
-        );
+        self.send_joined(conn, &envelope::joined(room, recovered, None, &epoch), tx);
+    }
+
+    /// Queues a `joined` whatever --max-outbound says, like the welcome: it is small, one per
+    /// join, and the only way the client learns whether its recovery was complete. Under
+    /// `--slow-consumer drop` a lost `recovered:false` would make a partial recovery look
+    /// complete (docs/protocol.md, "Room history").
+    fn send_joined(&mut self, conn: ConnId, joined: &[u8], tx: &mut impl Transport) {
+        let frame = tx.encode_shared(OpCode::Text, joined);
+        tx.send_shared_unbounded(conn, &frame);
     }
 
     /// The engine answered a `join` (room history on): membership starts now, then the
@@ -1258,21 +1268,26 @@ impl Hub {
         }
         self.joining.remove(&key);
         let (_, room) = key;
+        // A `refresh` may have replaced the token while the engine worked: the join is judged
+        // by the token the connection holds now (SPEC §16).
+        if !self.tokens.may_join(conn, &room) {
+            return self.error(conn, EnvelopeError::Forbidden, tx);
+        }
         let info = self.tokens.info(conn);
         let info = info.as_deref();
         let epoch = recovery.epoch.to_string();
         let last = recovery.last.map(|p| MsgId(p.0));
         if self.rooms.is_member(conn, &room) {
+            // Joining again: only the joiner hears its presence event; the replay below still
+            // runs (see `join`).
             self.presence(&room, &peer.id, info, PresenceEvent::Join, Some(conn), tx);
-            let joined = envelope::joined(&room, true, last, &epoch);
-            tx.send(conn, OpCode::Text, &joined);
-            return;
+        } else {
+            if self.rooms.rooms_of(conn) >= MAX_ROOMS_PER_CONNECTION {
+                return self.error(conn, EnvelopeError::TooManyRooms, tx);
+            }
+            self.rooms.join(conn, &room);
+            self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
         }
-        if self.rooms.rooms_of(conn) >= MAX_ROOMS_PER_CONNECTION {
-            return self.error(conn, EnvelopeError::TooManyRooms, tx);
-        }
-        self.rooms.join(conn, &room);
-        self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
         // As for a welcome's backlog (`recovered`): the first replayed message is queued
         // whatever --max-outbound says, so a connection always makes progress; if the rest
         // does not fit, the connection is closed (1008) rather than let live traffic overtake
@@ -1297,7 +1312,7 @@ impl Hub {
         }
         self.count_room_recovery(since.is_some(), recovery.recovered);
         let joined = envelope::joined(&room, recovery.recovered, last, &epoch);
-        tx.send(conn, OpCode::Text, &joined);
+        self.send_joined(conn, &joined, tx);
     }
 
     /// Counts a room join that asked for a replay (`since`), by whether it was complete.
@@ -1341,19 +1356,44 @@ impl Hub {
         if !self.names.contains_key(&conn) {
             return; // closed meanwhile
         }
-        let messages: Vec<Vec<u8>> = page
-            .messages
-            .iter()
-            .map(|m| envelope::with_msg_id(&m.body, MsgId(m.position.0)))
-            .collect();
-        self.metrics.history_requests += 1;
-        self.metrics.history_messages += messages.len() as u64;
+        // As for `joined`: a `refresh` meanwhile may have taken the room away.
+        if !self.tokens.may_join(conn, room) {
+            return self.error(conn, EnvelopeError::Forbidden, tx);
+        }
+        // The newest messages that fit `history_page_max_bytes` (at least the newest one, which
+        // the relay accepted, so it fits a frame a client takes): without a byte bound a page
+        // of 1,000 large messages would be one frame of many MiB, beyond what clients accept.
+        let mut messages: Vec<Vec<u8>> = Vec::new();
+        let mut bytes = 0usize;
+        for m in page.messages.iter().rev() {
+            let text = envelope::with_msg_id(&m.body, MsgId(m.position.0));
+            bytes = bytes.saturating_add(text.len() + 1);
+            if !messages.is_empty() && bytes > self.history_page_max_bytes {
+                break;
+            }
+            messages.push(text);
+        }
+        let more = messages.len() < page.messages.len();
+        messages.reverse();
         let last = page.last.map(|p| MsgId(p.0));
-        tx.send(
-            conn,
-            OpCode::Text,
-            &envelope::history(room, &messages, last),
-        );
+        self.metrics.history_requests += 1;
+        let reply = envelope::history(room, &messages, last, more);
+        let frame = tx.encode_shared(OpCode::Text, &reply);
+        if tx.send_shared(conn, &frame) == Sent::Dropped {
+            // Over --max-outbound under `drop`: say so (unbounded, it is small) rather than
+            // let the reply vanish; under `close` the connection is closing anyway.
+            HubMetrics::bump(
+                &mut self.metrics.errors,
+                EnvelopeError::HistoryDropped.code(),
+            );
+            let error = tx.encode_shared(
+                OpCode::Text,
+                &envelope::error(EnvelopeError::HistoryDropped),
+            );
+            tx.send_shared_unbounded(conn, &error);
+            return;
+        }
+        self.metrics.history_messages += messages.len() as u64;
     }
 
     /// Leaves a room, telling every member, the leaver included. Leaving a room one is not in
@@ -1494,6 +1534,8 @@ impl Hub {
                 self.rooms.leave(conn, &room);
             }
         }
+        // Joins and `history` requests still with the engine are judged by the new token
+        // when their answer comes (`joined`, `history_page`): refused with `forbidden` then.
         self.tokens.insert(conn, access);
         self.schedule_expiry(tx);
         self.metrics.token_refreshes_ok += 1;
