@@ -329,7 +329,7 @@ struct RelayArgs {
     room_history_ttl: Duration,
 
     /// Bytes of room history over all rooms; beyond it the oldest messages go first. At least
-    /// --max-message plus 64K, so that every message fits.
+    /// the larger of --max-message and --api-max-body, plus 64K, so that every message fits.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     room_history_max_bytes: usize,
 
@@ -344,7 +344,7 @@ struct RelayArgs {
 
     /// Clock skew allowed on a token's exp and nbf (whole seconds). A connection whose token
     /// is not refreshed is closed with 4001 this long after the token's exp.
-    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_whole_seconds)]
     jwt_leeway: Duration,
 
     /// An allowed Origin (repeatable), e.g. https://chat.example.com; others get 403.
@@ -405,12 +405,15 @@ impl RelayArgs {
 
 /// Room history must be able to keep any message the relay accepts (SPEC §16): its byte
 /// bound must hold the largest message with its envelope (from, room, timestamp: well under
-/// 64 KiB more).
+/// 64 KiB more). A room message comes from a client (at most --max-message) or from the
+/// server API (at most --api-max-body), so the larger of the two counts.
 fn check_room_history(config: AppConfig, max_message: usize) -> Result<AppConfig, String> {
-    let needed = max_message.saturating_add(64 << 10);
+    let largest = max_message.max(config.api_max_body);
+    let needed = largest.saturating_add(64 << 10);
     if config.room_history > 0 && config.room_history_max_bytes < needed {
         return Err(format!(
-            "--room-history-max-bytes ({}) must be at least --max-message plus 64K ({needed})",
+            "--room-history-max-bytes ({}) must be at least the larger of --max-message and \
+             --api-max-body, plus 64K ({needed})",
             config.room_history_max_bytes
         ));
     }
@@ -454,6 +457,19 @@ fn parse_workers(text: &str) -> Result<usize, String> {
             "{text:?} is not a worker count (1 to 1024, or auto)"
         )),
     }
+}
+
+/// A duration of whole seconds, such as `--jwt-leeway` (a token's exp and nbf are in whole
+/// seconds, RFC 7519 §2, and the verifier counts the leeway in seconds): "500ms" or "1.5s" is
+/// refused rather than silently cut to the second below.
+fn parse_whole_seconds(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.subsec_nanos() != 0 {
+        return Err(format!(
+            "{text:?} is not a whole number of seconds (examples: 0s, 30s, 2m)"
+        ));
+    }
+    Ok(duration)
 }
 
 /// Parses "4096", "64K", "1M", "16MiB", "1G" (binary multiples).
@@ -514,6 +530,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         .map(|config| AppConfig {
             api_key,
             api_max_body,
+            history_page_max_bytes: max_message,
             ..config
         })
         .and_then(|config| check_room_history(config, max_message))
@@ -801,6 +818,20 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn room_history_bytes_must_hold_the_largest_client_or_api_message() {
+        let config = |api_max_body| wsrelay::app::AppConfig {
+            room_history: 10,
+            room_history_max_bytes: 2 << 20,
+            api_max_body,
+            ..wsrelay::app::AppConfig::default()
+        };
+        assert!(super::check_room_history(config(64 << 10), 1 << 20).is_ok());
+        // A 4 MiB API body could never be kept in 2 MiB of history.
+        let refused = super::check_room_history(config(4 << 20), 1 << 20);
+        assert!(refused.unwrap_err().contains("--api-max-body"));
+    }
+
+    #[test]
     fn rates() {
         assert_eq!(super::parse_rate("50"), Ok(50.0));
         assert_eq!(super::parse_rate("0.5/s"), Ok(0.5));
@@ -852,6 +883,26 @@ mod tests {
         assert!(config(&["--compression-window", "7"]).is_err());
         assert!(config(&["--compression-window", "16"]).is_err());
         assert!(config(&["--compression", "fast"]).is_err());
+    }
+
+    /// `--jwt-leeway` takes whole seconds: a fraction is refused, not dropped.
+    #[test]
+    fn jwt_leeway_is_whole_seconds() {
+        use super::{Cli, Command};
+        use clap::Parser;
+        let leeway = |value: &str| -> Result<Duration, String> {
+            let args = ["wsrelay", "serve", "--jwt-leeway", value];
+            let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+            match cli.command {
+                Command::Serve(serve) => Ok(serve.relay.jwt_leeway),
+                _ => unreachable!("parsed serve"),
+            }
+        };
+        assert_eq!(leeway("0s"), Ok(Duration::ZERO));
+        assert_eq!(leeway("2m"), Ok(Duration::from_secs(120)));
+        let refused = leeway("500ms").unwrap_err();
+        assert!(refused.contains("whole number of seconds"), "{refused}");
+        assert!(leeway("1.5s").is_err());
     }
 
     #[test]

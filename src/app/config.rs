@@ -43,6 +43,9 @@ pub struct AppConfig {
     pub room_history_ttl: Duration,
     /// Bytes of room history over all rooms; beyond it the oldest go first.
     pub room_history_max_bytes: usize,
+    /// Bytes of messages one `history` reply may hold (the server sets `--max-message`): a
+    /// page is cut there and says `"more":true` (SPEC §16).
+    pub history_page_max_bytes: usize,
 }
 
 impl Default for AppConfig {
@@ -63,6 +66,7 @@ impl Default for AppConfig {
             room_history: 0,
             room_history_ttl: Duration::from_secs(3600),
             room_history_max_bytes: 64 << 20,
+            history_page_max_bytes: 1 << 20,
         }
     }
 }

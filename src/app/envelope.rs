@@ -132,6 +132,9 @@ pub enum EnvelopeError {
     InvalidSince,
     /// `history` on a server that keeps no room history (`--room-history 0`).
     HistoryOff,
+    /// A `history` reply that the connection's outbound queue could not take (over
+    /// `--max-outbound` under `--slow-consumer drop`): said instead of dropped silently.
+    HistoryDropped,
 }
 
 impl EnvelopeError {
@@ -155,6 +158,7 @@ impl EnvelopeError {
             EnvelopeError::TokensNotInUse => "tokens_not_in_use",
             EnvelopeError::InvalidSince => "invalid_since",
             EnvelopeError::HistoryOff => "history_off",
+            EnvelopeError::HistoryDropped => "history_dropped",
         }
     }
 
@@ -192,6 +196,9 @@ impl EnvelopeError {
                 "since must be a msg_id (a string of decimal digits), epoch the welcome's epoch"
             }
             EnvelopeError::HistoryOff => "this server keeps no room history (--room-history 0)",
+            EnvelopeError::HistoryDropped => {
+                "the history reply did not fit this connection's outbound queue; ask again later"
+            }
         })
     }
 }
@@ -562,10 +569,16 @@ pub fn joined(room: &str, recovered: bool, last_msg_id: Option<MsgId>, epoch: &s
     })
 }
 
-/// `{"type":"history","room":...,"messages":[...],"last_msg_id":...}`: a page of a room's
-/// history, oldest first, each entry a `message` exactly as it was delivered live (`messages`
-/// holds `with_msg_id` bodies, spliced in verbatim).
-pub fn history(room: &str, messages: &[Vec<u8>], last_msg_id: Option<MsgId>) -> Vec<u8> {
+/// `{"type":"history","room":...,"messages":[...],"last_msg_id":...,"more":...}`: a page of a
+/// room's history, oldest first, each entry a `message` exactly as it was delivered live
+/// (`messages` holds `with_msg_id` bodies, spliced in verbatim). `more` is true when older
+/// messages within the asked `limit` were left out to keep the reply within its byte bound.
+pub fn history(
+    room: &str,
+    messages: &[Vec<u8>],
+    last_msg_id: Option<MsgId>,
+    more: bool,
+) -> Vec<u8> {
     let room = serde_json::to_string(room).unwrap_or_else(|_| "null".into());
     let last = last_msg_id.map_or_else(|| "null".to_string(), |m| format!("\"{m}\""));
     let size: usize = messages.iter().map(|m| m.len() + 1).sum();
@@ -581,7 +594,11 @@ pub fn history(room: &str, messages: &[Vec<u8>], last_msg_id: Option<MsgId>) -> 
     }
     out.extend_from_slice(br#"],"last_msg_id":"#);
     out.extend_from_slice(last.as_bytes());
-    out.push(b'}');
+    out.extend_from_slice(if more {
+        br#","more":true}"#
+    } else {
+        br#","more":false}"#
+    });
     out
 }
 
@@ -954,13 +971,14 @@ mod tests {
                     "lobby",
                     &[br#"{"a":1}"#.to_vec(), br#"{"b":2}"#.to_vec()],
                     Some(MsgId(9)),
+                    true,
                 ),
-                r#"{"type":"history","room":"lobby","messages":[{"a":1},{"b":2}],"last_msg_id":"9"}"#,
+                r#"{"type":"history","room":"lobby","messages":[{"a":1},{"b":2}],"last_msg_id":"9","more":true}"#,
             ),
             (
                 "empty history",
-                history("lobby", &[], None),
-                r#"{"type":"history","room":"lobby","messages":[],"last_msg_id":null}"#,
+                history("lobby", &[], None, false),
+                r#"{"type":"history","room":"lobby","messages":[],"last_msg_id":null,"more":false}"#,
             ),
             (
                 "error",

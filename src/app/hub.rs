@@ -184,13 +184,20 @@ pub(super) struct Peer {
     id: Rc<str>,
     /// `?since=` (and `&epoch=`): replay retained messages after this one on connect.
     since: Option<Since>,
+    /// The operator's backend (the server API, authenticated by its key): no token, and no
+    /// token claim restricts it. Said explicitly: `Tokens` refuses a connection without a
+    /// token when tokens are required (fail closed).
+    backend: bool,
 }
 
 impl Peer {
-    /// The sender of a server API message (SPEC §16): may publish anywhere (an API request has
-    /// no token, so `Tokens` allows it everything), recovers nothing.
+    /// The sender of a server API message (SPEC §16): may publish anywhere, recovers nothing.
     pub(super) fn backend(id: Rc<str>) -> Peer {
-        Peer { id, since: None }
+        Peer {
+            id,
+            since: None,
+            backend: true,
+        }
     }
 }
 
@@ -233,6 +240,8 @@ pub struct Hub {
     pub(super) api: ApiState,
     /// `--room-history`: messages kept per envelope room (0: history off, SPEC §16).
     room_history: usize,
+    /// Bytes of messages one `history` reply may hold (`--max-message`).
+    history_page_max_bytes: usize,
     /// Joins waiting for the engine's answer (room history on), by connection and room: the
     /// ticket of the latest one. A `leave`, a newer `join` of the same room or the connection's
     /// close removes or replaces it, and the answer to a ticket no longer here is dropped.
@@ -351,11 +360,12 @@ impl Hub {
             recovering: HashMap::new(),
             events: Vec::new(),
             retains: config.offline_max > 0,
-            tokens: Tokens::default(),
+            tokens: Tokens::new(config.jwt_secret.is_some()),
             wake_requested: None,
             metrics: HubMetrics::default(),
             api: ApiState::new(config.api_key.as_deref(), config.api_max_body),
             room_history: config.room_history,
+            history_page_max_bytes: config.history_page_max_bytes,
             joining: HashMap::new(),
             clock,
             raw_outlet: None,
@@ -528,6 +538,7 @@ impl Hub {
         let peer = Peer {
             id: Rc::from(id),
             since,
+            backend: false,
         };
         let protocol = offered.then_some(SUBPROTOCOL);
         Ok((Endpoint::Envelope(Box::new(peer)), protocol, grant))
@@ -654,7 +665,8 @@ impl Hub {
     /// The connection is gone: leave its rooms (telling the others) and its id's devices.
     pub fn close(&mut self, conn: ConnId, session: Session, tx: &mut impl Transport) {
         let now = self.sweep();
-        // Its token stops mattering; its info is still shown in the leave events below.
+        // Its token stops mattering; its info (also that of an expired token, which `Tokens`
+        // keeps until now) is still shown in the leave events below.
         let info = self.tokens.remove(conn).and_then(|access| access.info);
         match session.endpoint {
             Endpoint::Echo => {}
@@ -1172,7 +1184,7 @@ impl Hub {
         client_id: Option<&str>,
         tx: &mut impl Transport,
     ) {
-        if !self.tokens.may_publish(conn, room) {
+        if !peer.backend && !self.tokens.may_publish(conn, room) {
             self.metrics.token_publish_refusals += 1;
             let reason = EnvelopeError::PublishForbidden.message();
             let rejected = AckStatus::Rejected;
@@ -1214,8 +1226,9 @@ impl Hub {
 
     /// Joins a room and tells every member, the joiner included (its presence event), then
     /// answers `joined` (docs/protocol.md, "Room history"). Joining a room twice changes
-    /// nothing: only the joiner hears its presence event again, and `joined` with nothing
-    /// replayed (a member got every message live).
+    /// no membership: only the joiner hears its presence event again. With history on it still
+    /// gets the replay after its `since`: under `--slow-consumer drop` a member may have lost
+    /// live messages, so the hub cannot promise it has them (clients dedup by msg_id).
     ///
     /// With room history on, the join first asks the engine for what the room's history holds
     /// after `since` (and its newest position), and the connection becomes a member only when
@@ -1244,8 +1257,9 @@ impl Hub {
             let room: Rc<str> = Rc::from(room);
             let stream = StreamId::Room(Rc::clone(&room));
             let ticket = self.ticket();
-            // A member needs no replay (it got every message live): only the newest position.
-            let since = since.filter(|_| !member);
+            // A member gets the replay too: under `--slow-consumer drop` it may have lost live
+            // messages, so "it got everything live" cannot be promised (clients dedup by
+            // msg_id what it did get).
             self.engine.recover(ticket, &stream, since, self.now());
             self.joining.insert((conn, Rc::clone(&room)), ticket);
             let peer = peer.clone();
@@ -1269,11 +1283,16 @@ impl Hub {
         }
         let recovered = member || since.is_none();
         let epoch = self.engine_epoch();
-        tx.send(
-            conn,
-            OpCode::Text,
-            &envelope::joined(room, recovered, None, &epoch),
-        );
+        self.send_joined(conn, &envelope::joined(room, recovered, None, &epoch), tx);
+    }
+
+    /// Queues a `joined` whatever --max-outbound says, like the welcome: it is small, one per
+    /// join, and the only way the client learns whether its recovery was complete. Under
+    /// `--slow-consumer drop` a lost `recovered:false` would make a partial recovery look
+    /// complete (docs/protocol.md, "Room history").
+    fn send_joined(&mut self, conn: ConnId, joined: &[u8], tx: &mut impl Transport) {
+        let frame = tx.encode_shared(OpCode::Text, joined);
+        tx.send_shared_unbounded(conn, &frame);
     }
 
     /// The engine answered a `join` (room history on): membership starts now, then the
@@ -1295,21 +1314,26 @@ impl Hub {
         }
         self.joining.remove(&key);
         let (_, room) = key;
+        // A `refresh` may have replaced the token while the engine worked: the join is judged
+        // by the token the connection holds now (SPEC §16).
+        if !self.tokens.may_join(conn, &room) {
+            return self.error(conn, EnvelopeError::Forbidden, tx);
+        }
         let info = self.tokens.info(conn);
         let info = info.as_deref();
         let epoch = recovery.epoch.to_string();
         let last = recovery.last.map(|p| MsgId(p.0));
         if self.rooms.is_member(conn, &room) {
+            // Joining again: only the joiner hears its presence event; the replay below still
+            // runs (see `join`).
             self.presence(&room, &peer.id, info, PresenceEvent::Join, Some(conn), tx);
-            let joined = envelope::joined(&room, true, last, &epoch);
-            tx.send(conn, OpCode::Text, &joined);
-            return;
+        } else {
+            if self.rooms.rooms_of(conn) >= MAX_ROOMS_PER_CONNECTION {
+                return self.error(conn, EnvelopeError::TooManyRooms, tx);
+            }
+            self.rooms.join(conn, &room);
+            self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
         }
-        if self.rooms.rooms_of(conn) >= MAX_ROOMS_PER_CONNECTION {
-            return self.error(conn, EnvelopeError::TooManyRooms, tx);
-        }
-        self.rooms.join(conn, &room);
-        self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
         // As for a welcome's backlog (`recovered`): the first replayed message is queued
         // whatever --max-outbound says, so a connection always makes progress; if the rest
         // does not fit, the connection is closed (1008) rather than let live traffic overtake
@@ -1334,7 +1358,7 @@ impl Hub {
         }
         self.count_room_recovery(since.is_some(), recovery.recovered);
         let joined = envelope::joined(&room, recovery.recovered, last, &epoch);
-        tx.send(conn, OpCode::Text, &joined);
+        self.send_joined(conn, &joined, tx);
     }
 
     /// Counts a room join that asked for a replay (`since`), by whether it was complete.
@@ -1378,19 +1402,44 @@ impl Hub {
         if !self.names.contains_key(&conn) {
             return; // closed meanwhile
         }
-        let messages: Vec<Vec<u8>> = page
-            .messages
-            .iter()
-            .map(|m| envelope::with_msg_id(&m.body, MsgId(m.position.0)))
-            .collect();
-        self.metrics.history_requests += 1;
-        self.metrics.history_messages += messages.len() as u64;
+        // As for `joined`: a `refresh` meanwhile may have taken the room away.
+        if !self.tokens.may_join(conn, room) {
+            return self.error(conn, EnvelopeError::Forbidden, tx);
+        }
+        // The newest messages that fit `history_page_max_bytes` (at least the newest one, which
+        // the relay accepted, so it fits a frame a client takes): without a byte bound a page
+        // of 1,000 large messages would be one frame of many MiB, beyond what clients accept.
+        let mut messages: Vec<Vec<u8>> = Vec::new();
+        let mut bytes = 0usize;
+        for m in page.messages.iter().rev() {
+            let text = envelope::with_msg_id(&m.body, MsgId(m.position.0));
+            bytes = bytes.saturating_add(text.len() + 1);
+            if !messages.is_empty() && bytes > self.history_page_max_bytes {
+                break;
+            }
+            messages.push(text);
+        }
+        let more = messages.len() < page.messages.len();
+        messages.reverse();
         let last = page.last.map(|p| MsgId(p.0));
-        tx.send(
-            conn,
-            OpCode::Text,
-            &envelope::history(room, &messages, last),
-        );
+        self.metrics.history_requests += 1;
+        let reply = envelope::history(room, &messages, last, more);
+        let frame = tx.encode_shared(OpCode::Text, &reply);
+        if tx.send_shared(conn, &frame) == Sent::Dropped {
+            // Over --max-outbound under `drop`: say so (unbounded, it is small) rather than
+            // let the reply vanish; under `close` the connection is closing anyway.
+            HubMetrics::bump(
+                &mut self.metrics.errors,
+                EnvelopeError::HistoryDropped.code(),
+            );
+            let error = tx.encode_shared(
+                OpCode::Text,
+                &envelope::error(EnvelopeError::HistoryDropped),
+            );
+            tx.send_shared_unbounded(conn, &error);
+            return;
+        }
+        self.metrics.history_messages += messages.len() as u64;
     }
 
     /// Leaves a room, telling every member, the leaver included. Leaving a room one is not in
@@ -1511,6 +1560,10 @@ impl Hub {
         if *grant.id != *peer.id {
             return self.refresh_refused(conn, EnvelopeError::TokenSubjectMismatch, tx);
         }
+        if self.tokens.is_expired(conn) {
+            // Too late: the connection is being closed with 4001 (`timer`).
+            return self.refresh_refused(conn, EnvelopeError::TokenRefused("expired"), tx);
+        }
         let exp_secs = grant.exp_ms / 1000;
         let access = Access::new(grant, self.leeway_ms());
         let info = access.info.clone();
@@ -1527,6 +1580,8 @@ impl Hub {
                 self.rooms.leave(conn, &room);
             }
         }
+        // Joins and `history` requests still with the engine are judged by the new token
+        // when their answer comes (`joined`, `history_page`): refused with `forbidden` then.
         self.tokens.insert(conn, access);
         self.schedule_expiry(tx);
         self.metrics.token_refreshes_ok += 1;
@@ -1555,6 +1610,14 @@ impl Hub {
         for conn in due {
             debug!("{conn:?}: token expired; closing {}", TOKEN_EXPIRED.0);
             self.metrics.token_expiries += 1;
+            // What it sent before its welcome, and joins still waiting for the engine, are
+            // dropped with it: handled now (by the `pump` below) they would act for a token
+            // that no longer holds. Its recovery's answer then finds it gone and delivers
+            // nothing, so its backlog stays pending for its next connection.
+            self.recovering.remove(&conn);
+            if !self.joining.is_empty() {
+                self.joining.retain(|(c, _), _| *c != conn);
+            }
             tx.close(conn, TOKEN_EXPIRED, TOKEN_EXPIRED_REASON);
         }
         self.schedule_expiry(tx);

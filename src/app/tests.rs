@@ -1277,6 +1277,11 @@ mod tokens {
         let a = connect(&mut h, claims.clone());
         h.say(a, json!({"type": "join", "room": "news"}));
         assert_eq!(h.inbox(a)[0]["event"], "join", "may join news");
+        // Another member, who must not get what ann may not publish.
+        let b = connect(&mut h, json!({"sub": "bob", "exp": exp(&clock, 60)}));
+        h.say(b, json!({"type": "join", "room": "news"}));
+        h.inbox(a);
+        h.inbox(b);
         h.say(
             a,
             json!({"type": "publish", "room": "news", "payload": 1, "id": "n"}),
@@ -1288,6 +1293,7 @@ mod tokens {
                 "reason": "your token does not allow publishing to this room"})
             ]
         );
+        assert_eq!(h.inbox(b), Vec::<Value>::new(), "bob got nothing");
         h.say(
             a,
             json!({"type": "publish", "room": "lobby", "payload": 1, "id": "l"}),
@@ -1513,6 +1519,98 @@ mod tokens {
         h.clock.advance(Duration::from_secs(5 + auth::LEEWAY_SECS));
         h.hub.timer(&mut h.tx);
         assert_eq!(h.tx.closes, vec![(r, CloseCode(4001), "token expired")]);
+    }
+
+    /// Fail closed: when a token expires while the connection's recovery is still with the
+    /// engine, what it sent before its welcome is dropped, not handled unchecked once the
+    /// recovery completes in the same wake-up (it would join and publish to a room its token
+    /// never allowed).
+    #[test]
+    fn what_an_expired_connection_sent_before_its_welcome_is_dropped() {
+        let (mut h, held) = Harness::deferred_with(AppConfig {
+            jwt_secret: Some(SECRET.to_vec()),
+            ..AppConfig::default()
+        });
+        let clock = h.clock.clone();
+        let b = connect(&mut h, json!({"sub": "bob", "exp": exp(&clock, 600)}));
+        h.say(b, json!({"type": "join", "room": "vault"}));
+        h.inbox(b);
+        held.set(true);
+        let t = token(json!({"sub": "ann", "exp": exp(&clock, 5), "rooms": ["lobby"]}));
+        let a = h.connect(&format!("/ws?token={t}"));
+        h.say(a, json!({"type": "join", "room": "vault"}));
+        h.say(
+            a,
+            json!({"type": "publish", "room": "vault", "payload": "psst", "id": "p"}),
+        );
+        assert!(h.inbox(a).is_empty(), "not greeted yet: {:?}", h.tx.sent);
+        h.clock.advance(Duration::from_secs(5 + auth::LEEWAY_SECS));
+        held.set(false);
+        h.hub.timer(&mut h.tx);
+        assert_eq!(h.tx.closes, vec![(a, CloseCode(4001), "token expired")]);
+        assert_eq!(
+            h.inbox(b),
+            Vec::<Value>::new(),
+            "bob heard nothing from ann"
+        );
+        assert!(!h.hub.rooms.is_member(a, "vault"));
+        let to_ann = h.inbox(a);
+        assert!(
+            to_ann
+                .iter()
+                .all(|m| m["type"] != "joined" && m["type"] != "presence"),
+            "{to_ann:?}"
+        );
+        h.disconnect(a);
+        assert_eq!(h.metric("wsrelay_token_connections"), 1.0);
+    }
+
+    /// With `--jwt-secret`, a connection the hub holds no token for may do nothing (only the
+    /// server API's backend, which has no token by design, is exempt, and says so).
+    #[test]
+    fn with_tokens_required_a_connection_without_one_is_refused() {
+        let mut h = harness();
+        let clock = h.clock.clone();
+        let a = connect(&mut h, json!({"sub": "ann", "exp": exp(&clock, 60)}));
+        // As after an expiry: the token is gone, the connection not closed yet.
+        h.hub.tokens.remove(a);
+        h.say(a, json!({"type": "join", "room": "lobby"}));
+        assert_eq!(h.inbox(a)[0]["code"], "forbidden");
+        h.say(
+            a,
+            json!({"type": "publish", "room": "lobby", "payload": 1, "id": "p"}),
+        );
+        assert_eq!(h.inbox(a)[0]["status"], "rejected");
+    }
+
+    /// The `leave` sent when a 4001 close ends the connection carries its `info`, as every
+    /// presence event about it does.
+    #[test]
+    fn the_leave_after_an_expiry_carries_the_info() {
+        let mut h = harness();
+        let clock = h.clock.clone();
+        let b = connect(&mut h, json!({"sub": "bob", "exp": exp(&clock, 600)}));
+        h.say(b, json!({"type": "join", "room": "lobby"}));
+        let info = json!({"name": "Ann"});
+        let a = connect(
+            &mut h,
+            json!({"sub": "ann", "exp": exp(&clock, 5), "info": info}),
+        );
+        h.say(a, json!({"type": "join", "room": "lobby"}));
+        h.inbox(a);
+        h.inbox(b);
+        h.clock.advance(Duration::from_secs(5 + auth::LEEWAY_SECS));
+        h.hub.timer(&mut h.tx);
+        assert_eq!(h.tx.closes, vec![(a, CloseCode(4001), "token expired")]);
+        h.disconnect(a);
+        assert_eq!(
+            h.inbox(b),
+            vec![
+                json!({"type": "presence", "room": "lobby", "id": "ann", "event": "leave",
+                "info": info})
+            ]
+        );
+        assert_eq!(h.metric("wsrelay_token_connections"), 1.0);
     }
 }
 

@@ -13,7 +13,17 @@
 //! by (expiry, connection) answers in O(log n) per change and O(expired) per check, and the
 //! reactor keeps one timer for the lot instead of one per connection.
 //!
-//! Invariant: a connection is in `by_time` iff it is in `access`, under its `expires_ms`.
+//! Fail closed: with `--jwt-secret` every WebSocket connection was admitted with a token, so a
+//! connection without an entry here (or whose token has expired and is being closed) may do
+//! nothing (`Tokens::new(true)`). Senders that have no token by design (the server API's
+//! backend) are allowed by the hub explicitly, never by their absence from this map.
+//!
+//! An expired connection keeps its entry, marked expired, until it is closed (`remove`): its
+//! `info` is still shown in the `leave` events its close sends (SPEC §16: every presence event
+//! about a connection carries its info), but it is allowed nothing any more.
+//!
+//! Invariant: a connection is in `by_time` iff it is in `access` and not expired, under its
+//! `expires_ms`.
 
 use super::auth::Grant;
 use super::rooms::ConnMap;
@@ -75,53 +85,99 @@ fn listed(claim: Option<&[String]>, room: &str) -> bool {
     claim.is_none_or(|rooms| rooms.iter().any(|r| r == room))
 }
 
+/// One connection's entry: its access, and whether its token has expired (it is being closed).
+struct Entry {
+    access: Access,
+    expired: bool,
+}
+
 /// The `Access` of every connection that was admitted with a token, and their expiries in order.
 #[derive(Default)]
 pub struct Tokens {
-    access: ConnMap<Access>,
-    /// (expires_ms, connection), earliest first.
+    access: ConnMap<Entry>,
+    /// (expires_ms, connection) of every connection whose token has not expired, earliest first.
     by_time: BTreeSet<(u64, ConnId)>,
-    /// How many connections are in `access` (`ConnMap` does not count).
+    /// How many connections have a token that has not expired (`ConnMap` does not count).
     len: usize,
+    /// Tokens are required (`--jwt-secret`): a connection without a live token may do nothing.
+    required: bool,
 }
 
 impl Tokens {
-    /// Gives `conn` its access, replacing what it had (a refresh) and its place in time.
+    /// `required`: a verifier is configured, so every connection must have a token, and one
+    /// without an entry is refused everything (fail closed).
+    pub fn new(required: bool) -> Tokens {
+        Tokens {
+            required,
+            ..Tokens::default()
+        }
+    }
+
+    /// Gives `conn` its access, replacing what it had (a refresh) and its place in time. A
+    /// connection whose token has expired stays expired: it is being closed, and a token
+    /// arriving now is too late.
     pub fn insert(&mut self, conn: ConnId, access: Access) {
         match self.access.get_mut(conn) {
+            Some(old) if old.expired => {}
             Some(old) => {
-                self.by_time.remove(&(old.expires_ms, conn));
+                self.by_time.remove(&(old.access.expires_ms, conn));
                 self.by_time.insert((access.expires_ms, conn));
-                *old = access;
+                old.access = access;
             }
             None => {
                 self.by_time.insert((access.expires_ms, conn));
-                self.access.entry(conn, move || access);
+                let entry = Entry {
+                    access,
+                    expired: false,
+                };
+                self.access.entry(conn, move || entry);
                 self.len += 1;
             }
         }
     }
 
-    /// Forgets `conn` (it closed). Returns what it had, if it had a token.
+    /// Forgets `conn` (it closed). Returns what it had, if it had a token (expired or not).
     pub fn remove(&mut self, conn: ConnId) -> Option<Access> {
-        let access = self.access.remove(conn)?;
-        self.by_time.remove(&(access.expires_ms, conn));
-        self.len -= 1;
-        Some(access)
+        let entry = self.access.remove(conn)?;
+        if !entry.expired {
+            self.by_time.remove(&(entry.access.expires_ms, conn));
+            self.len -= 1;
+        }
+        Some(entry.access)
     }
 
+    /// What `conn`'s token allowed, also after it expired (until the connection is closed).
     pub fn get(&self, conn: ConnId) -> Option<&Access> {
-        self.access.get(conn)
+        self.access.get(conn).map(|entry| &entry.access)
     }
 
-    /// May `conn` join `room`? A connection without a token (no `--jwt-secret`) may.
+    /// Has `conn`'s token expired (the connection is being closed with `TOKEN_EXPIRED`)?
+    pub fn is_expired(&self, conn: ConnId) -> bool {
+        self.access.get(conn).is_some_and(|entry| entry.expired)
+    }
+
+    /// The access `conn` has now: `Ok(None)` for no token on a server that requires none,
+    /// `Err(())` when it may do nothing (no live token where one is required).
+    fn live(&self, conn: ConnId) -> Result<Option<&Access>, ()> {
+        match self.access.get(conn) {
+            Some(entry) if entry.expired => Err(()),
+            Some(entry) => Ok(Some(&entry.access)),
+            None if self.required => Err(()),
+            None => Ok(None),
+        }
+    }
+
+    /// May `conn` join `room`? Without `--jwt-secret` (no token required) it may; with it,
+    /// only within a live token's `rooms` claim.
     pub fn may_join(&self, conn: ConnId, room: &str) -> bool {
-        self.get(conn).is_none_or(|a| a.may_join(room))
+        self.live(conn)
+            .is_ok_and(|access| access.is_none_or(|a| a.may_join(room)))
     }
 
-    /// May `conn` publish to `room`? A connection without a token may.
+    /// May `conn` publish to `room`? As `may_join`, with the `publish` claim.
     pub fn may_publish(&self, conn: ConnId, room: &str) -> bool {
-        self.get(conn).is_none_or(|a| a.may_publish(room))
+        self.live(conn)
+            .is_ok_and(|access| access.is_none_or(|a| a.may_publish(room)))
     }
 
     /// The `info` claim of `conn`'s token, if any.
@@ -129,14 +185,19 @@ impl Tokens {
         self.get(conn).and_then(|a| a.info.clone())
     }
 
-    /// Takes out every connection whose token has expired at `now_ms`, earliest first, into
-    /// `out`. They are forgotten here: the caller closes them.
+    /// Marks every connection whose token has expired at `now_ms` as expired, earliest first,
+    /// and lists it in `out`: the caller closes them. From now on they may do nothing; their
+    /// entry (and `info`) stays until `remove`.
     pub fn expire(&mut self, now_ms: u64, out: &mut Vec<ConnId>) {
         while let Some(&(at, conn)) = self.by_time.first() {
             if at > now_ms {
                 break;
             }
-            self.remove(conn);
+            self.by_time.remove(&(at, conn));
+            self.len -= 1;
+            if let Some(entry) = self.access.get_mut(conn) {
+                entry.expired = true;
+            }
             out.push(conn);
         }
     }
@@ -146,7 +207,7 @@ impl Tokens {
         self.by_time.first().map(|&(at, _)| at)
     }
 
-    /// Connections with a token.
+    /// Connections with a token that has not expired.
     pub fn len(&self) -> usize {
         debug_assert_eq!(self.len, self.by_time.len());
         self.len
@@ -191,6 +252,34 @@ mod tests {
         assert_eq!(due, [conn(2), conn(3)]);
         assert_eq!((t.len(), t.next_expiry()), (1, Some(300)));
         t.remove(conn(1));
+        assert_eq!((t.len(), t.next_expiry()), (0, None));
+        // The expired ones are still known (for their close) until they are removed.
+        assert!(t.is_expired(conn(2)) && t.remove(conn(2)).is_some());
+        assert!(!t.is_expired(conn(2)) && t.remove(conn(2)).is_none());
+        assert_eq!(t.len(), 0);
+    }
+
+    /// Fail closed: with tokens required, no entry and an expired entry both allow nothing,
+    /// while the expired entry still tells its info; a refresh cannot revive it.
+    #[test]
+    fn with_tokens_required_a_connection_without_a_live_token_may_do_nothing() {
+        let mut t = Tokens::new(true);
+        assert!(!t.may_join(conn(1), "x") && !t.may_publish(conn(1), "x"));
+        let mut open = access(100);
+        open.publish = None;
+        open.info = RawValue::from_string(r#"{"n":1}"#.into())
+            .ok()
+            .map(Rc::from);
+        t.insert(conn(1), open.clone());
+        assert!(t.may_join(conn(1), "x") && t.may_publish(conn(1), "x"));
+        t.expire(100, &mut Vec::new());
+        assert!(!t.may_join(conn(1), "x") && !t.may_publish(conn(1), "x"));
+        assert_eq!(
+            t.info(conn(1)).map(|i| i.get().to_string()),
+            Some(r#"{"n":1}"#.into())
+        );
+        t.insert(conn(1), access(500));
+        assert!(t.is_expired(conn(1)) && !t.may_join(conn(1), "x"));
         assert_eq!((t.len(), t.next_expiry()), (0, None));
     }
 

@@ -52,9 +52,10 @@ pub struct ClientArgs {
     #[arg(long, value_name = "JWT", conflicts_with = "token_cmd")]
     pub token: Option<String>,
 
-    /// A shell command (run with sh -c) that prints a JWT: run before every connection, and
-    /// again at 80% of the token's lifetime to refresh the open connection. A connection the
-    /// relay closes as expired (4001) reconnects at once with a new token.
+    /// A shell command (run with sh -c) that prints a JWT: run before every connection, and on
+    /// /ws again at 80% of the token's lifetime to refresh the open connection (raw rooms and
+    /// /echo have no refresh). A connection the relay closes as expired (4001) reconnects at
+    /// once with a new token.
     #[arg(long, value_name = "CMD")]
     pub token_cmd: Option<String>,
 
@@ -119,8 +120,10 @@ each room with the last msg_id seen in it as since (a relay with --room-history 
 was published meanwhile; when it cannot, the client says messages may be missing).
 
 Tokens: --token sends one JWT; when the relay closes the connection because it expired (close
-4001), the client stops (exit 2). --token-cmd CMD runs CMD for a token before each connection
-and again at 80% of the token's lifetime, and sends it as a refresh: the connection stays up.
+4001), the client stops (exit 2). --token-cmd CMD runs CMD for a token before each connection.
+On /ws it runs CMD again at 80% of the token's lifetime and sends the new token as a refresh:
+the connection stays up. Raw rooms and /echo have no refresh (a refresh there would be a
+message to the room): they are closed with 4001 at the expiry and reconnect with a new token.
 
 Exit status: 0 all sent and acked (raw URLs: sent and closed cleanly); 1 something was not
 (timeout, rejected, server error, a line that could not be sent); 2 bad arguments, or the

@@ -14,14 +14,19 @@
 //!   stdin thread ──Line/StdinClosed──┐
 //!                                    ▼
 //!   reader thread ──Link{gen,..}──▶ channel ──▶ session thread (this loop): decides, writes
-//!   (one per connection)                         frames, prints, sleeps in recv_timeout
+//!   (one per connection)               ▲         frames, prints, sleeps in recv_timeout
+//!   token thread ──Token{gen,..}───────┘
+//!   (one per --token-cmd refresh)
 //! ```
 //!
 //! The loop sleeps in `recv_timeout` until the nearest deadline: the next reconnect attempt,
 //! the next Ping, the Pong deadline, the wait for the server's Close, or the `--timeout` after
 //! end of input. Each connection has a generation number; events of a connection that was
 //! dropped carry an old one and are ignored. Connecting is done on this thread and blocks it
-//! (bounded by the connect and handshake timeouts); lines typed meanwhile wait in the channel.
+//! (bounded by the connect and handshake timeouts, and by `token::FETCH_TIMEOUT` for the
+//! `--token-cmd` run before it); lines typed meanwhile wait in the channel. A refresh of an open
+//! connection's token runs the command on a thread of its own, so the open connection is read,
+//! pinged and written to meanwhile; its result comes back through the channel.
 //!
 //! Output: received traffic on stdout (one line each, or one JSON object each with `--json`);
 //! status, errors and reconnect attempts on stderr, each line starting `wsrelay client: `.
@@ -96,7 +101,15 @@ pub struct Settings {
 enum Input {
     Line(String),
     StdinClosed,
-    Link { generation: u64, event: LinkEvent },
+    Link {
+        generation: u64,
+        event: LinkEvent,
+    },
+    /// What the `--token-cmd` run for a refresh of connection `generation` printed.
+    Token {
+        generation: u64,
+        fetched: Result<String, String>,
+    },
 }
 
 /// The open connection and its timers.
@@ -110,7 +123,8 @@ struct Up {
     ping_count: u64,
     /// Set once we sent Close to finish: the server's Close (or this deadline) ends the run.
     close_due: Option<Instant>,
-    /// With `--token-cmd`: when to fetch a new token and send it as a `refresh`.
+    /// With `--token-cmd` on `/ws`: when to fetch a new token and send it as a `refresh`.
+    /// `None` while a fetch is running (its result arrives as `Input::Token`).
     refresh_due: Option<Instant>,
 }
 
@@ -242,6 +256,15 @@ impl Session {
                 Ok(Input::Link { generation, event }) => {
                     if generation == self.generation && matches!(self.link, Link::Up(_)) {
                         self.on_link_event(event);
+                    }
+                }
+                Ok(Input::Token {
+                    generation,
+                    fetched,
+                }) => {
+                    // For a connection since dropped: the next one fetches its own token.
+                    if generation == self.generation && matches!(self.link, Link::Up(_)) {
+                        self.token_fetched(fetched);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -391,21 +414,51 @@ impl Session {
         self.schedule_reconnect();
     }
 
-    /// With `--token-cmd`, when to refresh the current token (80% of its lifetime left).
+    /// With `--token-cmd` on `/ws`, when to refresh the current token (80% of its lifetime
+    /// left). Never on a raw endpoint (`/r/<room>`, `/echo`): it has no envelope, so a
+    /// `refresh` would be an ordinary message, relayed to every member with the token in it.
+    /// There the relay closes with 4001 when the token expires and the client reconnects with
+    /// a new one (docs/protocol.md, "Token refresh and expiry").
     fn refresh_due(&self, now: Instant) -> Option<Instant> {
         self.settings.token_cmd.as_ref()?;
+        if self.settings.endpoint != Endpoint::Envelope {
+            return None;
+        }
         let exp = self.token.as_deref().and_then(token::exp_of);
         token::refresh_delay(exp, now_ms() as f64 / 1000.0).map(|delay| now + delay)
     }
 
-    /// Fetches a new token and sends it as a `refresh` on the open connection (SPEC §16). If
-    /// the command fails, it is tried again halfway to the next refresh point; if the token
-    /// runs out first, the relay closes with 4001 and the client reconnects with a new one.
-    fn refresh_token(&mut self, now: Instant) {
+    /// Starts fetching a new token for the open connection, on a thread of its own (the
+    /// command may take up to `token::FETCH_TIMEOUT`, and this loop must keep reading and
+    /// pinging meanwhile). `token_fetched` acts on the result.
+    fn refresh_token(&mut self) {
         let Some(command) = self.settings.token_cmd.clone() else {
             return;
         };
-        let fetched = token::fetch(&command, token::FETCH_TIMEOUT);
+        let (generation, sender) = (self.generation, self.sender.clone());
+        let Link::Up(up) = &mut self.link else {
+            return;
+        };
+        up.refresh_due = None;
+        let spawned = std::thread::Builder::new()
+            .name("wsrelay-client-token".into())
+            .spawn(move || {
+                let fetched = token::fetch(&command, token::FETCH_TIMEOUT);
+                let _ = sender.send(Input::Token {
+                    generation,
+                    fetched,
+                });
+            });
+        if let Err(e) = spawned {
+            self.token_fetched(Err(format!("cannot start the token command's thread: {e}")));
+        }
+    }
+
+    /// Sends a fetched token as a `refresh` on the open connection (SPEC §16). If the command
+    /// failed, it is tried again halfway to the next refresh point; if the token runs out
+    /// first, the relay closes with 4001 and the client reconnects with a new one.
+    fn token_fetched(&mut self, fetched: Result<String, String>) {
+        let now = Instant::now();
         let retry = self.refresh_due(now).map(|due| now + (due - now) / 2);
         let Link::Up(up) = &mut self.link else {
             return;
@@ -468,7 +521,7 @@ impl Session {
                 self.drop_link(&format!("no pong within {waited}s"));
             }
             Due::Ping => self.send_ping(now),
-            Due::Refresh => self.refresh_token(now),
+            Due::Refresh => self.refresh_token(),
         }
     }
 

@@ -2,16 +2,20 @@
 //! token expires, and decide when to fetch the next one (SPEC §16; docs/protocol.md, "Token
 //! refresh and expiry").
 //!
-//! Owns: `fetch` (run the command with a deadline), `exp_of` (the `exp` claim, read without
+//! Owns: `fetch` (run the command with a deadline, in a process group of its own that is killed
+//! whole when the deadline passes), `exp_of` (the `exp` claim, read without
 //! verifying: the client only schedules with it, the relay is the one that checks), and
 //! `refresh_delay` (when to refresh: at 80% of the lifetime left).
 //! Does not: send the token (the session does, in the upgrade's `Authorization` header and in
-//! `refresh` commands), or decide what an expired connection does (the session reconnects).
+//! `refresh` commands), decide what an expired connection does (the session reconnects), or
+//! choose the thread it runs on (`fetch` blocks; the session runs refreshes on a thread of their
+//! own so that its loop keeps reading and pinging).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -33,7 +37,7 @@ const MAX_OUTPUT_BYTES: u64 = 64 * 1024;
 ///
 /// # Errors
 /// The command cannot be started, exits unsuccessfully, prints nothing usable, or runs longer
-/// than `timeout` (it is then killed).
+/// than `timeout` (it is then killed, with everything it started).
 pub fn fetch(command: &str, timeout: Duration) -> Result<String, String> {
     let mut child = Command::new("sh")
         .arg("-c")
@@ -41,6 +45,9 @@ pub fn fetch(command: &str, timeout: Duration) -> Result<String, String> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        // A process group of its own: on timeout the whole group is killed, so a program the
+        // shell started (`curl ...`) cannot live on holding the output pipe open.
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run the token command: {e}"))?;
     let Some(stdout) = child.stdout.take() else {
@@ -57,13 +64,11 @@ pub fn fetch(command: &str, timeout: Duration) -> Result<String, String> {
     let output = match rx.recv_timeout(timeout) {
         Ok(Ok(output)) => output,
         Ok(Err(e)) => {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(&mut child);
             return Err(format!("cannot read the token command's output: {e}"));
         }
         Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(&mut child);
             return Err(format!(
                 "the token command did not finish within {}s",
                 timeout.as_secs_f64()
@@ -77,6 +82,22 @@ pub fn fetch(command: &str, timeout: Duration) -> Result<String, String> {
         return Err(format!("the token command failed ({status})"));
     }
     parse_output(&output)
+}
+
+/// Kills the command's process group (the shell and whatever it started) and reaps the shell.
+fn kill_group(child: &mut Child) {
+    // The group id is the shell's pid (`process_group(0)`). A pid that does not fit is not
+    // one the kernel gave out; the shell is then killed alone.
+    match libc::pid_t::try_from(child.id()) {
+        // SAFETY: killpg only sends a signal; the group is the one this function created.
+        Ok(group) => unsafe {
+            libc::killpg(group, libc::SIGKILL);
+        },
+        Err(_) => {
+            let _ = child.kill();
+        }
+    }
+    let _ = child.wait();
 }
 
 /// The token in a command's output: its first line, without surrounding whitespace.
@@ -173,5 +194,41 @@ mod tests {
         assert!(failed.contains("failed"), "{failed}");
         let hung = fetch("sleep 30", Duration::from_millis(200)).unwrap_err();
         assert!(hung.contains("did not finish"), "{hung}");
+    }
+
+    /// A command that times out is killed with everything it started: a program still
+    /// running under the shell (as `curl` would) must not outlive it holding the pipe open.
+    #[test]
+    fn a_timeout_kills_what_the_command_started() {
+        let dir = std::env::temp_dir().join(format!("wsrelay-token-group-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pid_file = dir.join("pid");
+        let command = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
+        let hung = fetch(&command, Duration::from_millis(300)).unwrap_err();
+        assert!(hung.contains("did not finish"), "{hung}");
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        // Killed: gone, or a zombie waiting for whoever adopted it to reap it.
+        let stat = format!("/proc/{}/stat", pid.trim());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let alive = std::fs::read_to_string(&stat)
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .map(|rest| !rest.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(false);
+            if !alive {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the command's child {} is still running",
+                pid.trim()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

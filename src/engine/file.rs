@@ -354,7 +354,8 @@ impl FileEngine {
         let marks = Marks {
             epoch,
             high_water: mem.high_water(),
-            forgotten_through: mem.forgotten_through(),
+            forgotten_through: mem.streams.forgotten_through(),
+            rooms_forgotten_through: mem.rooms.forgotten_through(),
         };
         let storage = Storage::new(
             dir.clone(),
@@ -443,7 +444,8 @@ impl FileEngine {
         Marks {
             epoch: self.mem.epoch(),
             high_water: self.mem.high_water(),
-            forgotten_through: self.mem.forgotten_through(),
+            forgotten_through: self.mem.streams.forgotten_through(),
+            rooms_forgotten_through: self.mem.rooms.forgotten_through(),
         }
     }
 
@@ -1147,6 +1149,7 @@ impl Loader {
                 epoch,
                 high_water,
                 forgotten_through,
+                rooms_forgotten_through,
             } => {
                 match self.epoch {
                     None => self.epoch = Some(epoch),
@@ -1157,7 +1160,7 @@ impl Loader {
                 }
                 self.high_water = self.high_water.max(high_water);
                 self.streams.forget_through(forgotten_through);
-                self.rooms.forget_through(forgotten_through);
+                self.rooms.forget_through(rooms_forgotten_through);
             }
             Record::Append {
                 stream,

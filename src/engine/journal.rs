@@ -40,12 +40,16 @@ pub const MAX_RECORD: usize = 1 << 30;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     /// First in every segment: the store's epoch, the highest position handed out so far, and
-    /// the global "forgotten through" mark (`Streams`), so that deleting older segments loses
-    /// neither.
+    /// the global "forgotten through" marks (`Streams`) of the inboxes and of room history, so
+    /// that deleting older segments loses none of them. The marks are separate because room
+    /// history has bounds of its own (a short room TTL, or a first start with history on): one
+    /// shared mark would make an inbox's `since` read `recovered: false` for room losses.
+    /// Logs written before room history had only the first mark; it then stands for both.
     Header {
         epoch: Epoch,
         high_water: Position,
         forgotten_through: Position,
+        rooms_forgotten_through: Position,
     },
     /// A direct message retained in `stream`.
     Append {
@@ -142,11 +146,13 @@ impl Record {
                 epoch,
                 high_water,
                 forgotten_through,
+                rooms_forgotten_through,
             } => {
                 out.push(HEADER);
                 put_u64(out, epoch.0);
                 put_u64(out, high_water.0);
                 put_u64(out, forgotten_through.0);
+                put_u64(out, rooms_forgotten_through.0);
             }
             Record::Append {
                 stream,
@@ -206,11 +212,23 @@ impl Record {
     fn decode(bytes: &[u8]) -> Option<Record> {
         let mut r = Reader(bytes);
         let record = match r.u8()? {
-            HEADER => Record::Header {
-                epoch: Epoch(r.u64()?),
-                high_water: Position(r.u64()?),
-                forgotten_through: Position(r.u64()?),
-            },
+            HEADER => {
+                let epoch = Epoch(r.u64()?);
+                let high_water = Position(r.u64()?);
+                let forgotten_through = Position(r.u64()?);
+                // An older header ends here: its one mark stood for inboxes and rooms alike.
+                let rooms_forgotten_through = if r.0.is_empty() {
+                    forgotten_through
+                } else {
+                    Position(r.u64()?)
+                };
+                Record::Header {
+                    epoch,
+                    high_water,
+                    forgotten_through,
+                    rooms_forgotten_through,
+                }
+            }
             APPEND => Record::Append {
                 stream: r.stream()?,
                 position: Position(r.u64()?),
@@ -436,6 +454,7 @@ mod tests {
                 epoch: Epoch(7),
                 high_water: Position(100),
                 forgotten_through: Position(3),
+                rooms_forgotten_through: Position(7),
             },
             Record::Append {
                 stream: StreamId::inbox("bob"),
@@ -488,6 +507,30 @@ mod tests {
                 valid_len: bytes.len(),
                 problem: None
             }
+        );
+    }
+
+    #[test]
+    fn a_header_written_before_room_history_had_its_own_mark_still_reads() {
+        // The old header: epoch, high water, one mark for everything.
+        let mut bytes = MAGIC.to_vec();
+        let start = bytes.len();
+        bytes.extend_from_slice(&[0; RECORD_HEADER]);
+        bytes.push(HEADER);
+        for v in [7, 100, 3] {
+            put_u64(&mut bytes, v);
+        }
+        seal(&mut bytes, start);
+        let (got, tail) = read(&bytes);
+        assert_eq!(tail.problem, None);
+        assert_eq!(
+            got,
+            [Record::Header {
+                epoch: Epoch(7),
+                high_water: Position(100),
+                forgotten_through: Position(3),
+                rooms_forgotten_through: Position(3),
+            }]
         );
     }
 

@@ -107,15 +107,6 @@ impl MemoryEngine {
             .or_else(|| self.rooms.set_segment(position, segment))
     }
 
-    /// The global "forgotten through" mark of both indexes: one number in the log's header
-    /// stands for both, so it is the higher (a `since` below it may read `recovered: false`
-    /// where a finer mark would have said true; never the other way round).
-    pub(super) fn forgotten_through(&self) -> Position {
-        self.streams
-            .forgotten_through()
-            .max(self.rooms.forgotten_through())
-    }
-
     /// An engine over existing state (the file engine after reading its log): positions resume
     /// above `high_water`, and never below the clock-based start.
     pub(super) fn resume(

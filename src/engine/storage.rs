@@ -98,6 +98,8 @@ pub(super) struct Marks {
     pub epoch: Epoch,
     pub high_water: Position,
     pub forgotten_through: Position,
+    /// Room history's own mark (see `Record::Header`).
+    pub rooms_forgotten_through: Position,
 }
 
 /// Work for the storage thread. Every op gets exactly one answer, in order.
@@ -394,7 +396,9 @@ impl Storage {
         };
         let mut out = Vec::new();
         let mut moved = Vec::new();
+        // One mark for the inboxes and one for room history (see `Record::Header`).
         let mut forgotten = self.marks.forgotten_through;
+        let mut rooms_forgotten = self.marks.rooms_forgotten_through;
         let mut mentioned: HashMap<String, StreamId> = HashMap::new();
         // What each copied record costs and when it stops being worth keeping, to decide
         // whether the copy is worth making (see `worth_it`).
@@ -427,7 +431,11 @@ impl Storage {
                             .encode(&mut out);
                         }
                         None => {
-                            forgotten = forgotten.max(position);
+                            let mark = match stream {
+                                StreamId::Inbox(_) => &mut forgotten,
+                                StreamId::Room(_) => &mut rooms_forgotten,
+                            };
+                            *mark = (*mark).max(position);
                             // The message is gone but its client id's duplicate window is
                             // not (SPEC §7: it outlives the message, up to the TTL): keep it
                             // in the record that carries only that.
@@ -445,7 +453,11 @@ impl Storage {
                     expires_ms
                 }
                 Record::Trim { stream, through } => {
-                    forgotten = forgotten.max(through);
+                    let mark = match stream {
+                        StreamId::Inbox(_) => &mut forgotten,
+                        StreamId::Room(_) => &mut rooms_forgotten,
+                    };
+                    *mark = (*mark).max(through);
                     mentioned.insert(journal::stream_key(&stream), stream);
                     0
                 }
@@ -494,10 +506,12 @@ impl Storage {
             }
         }
         self.marks.forgotten_through = forgotten;
+        self.marks.rooms_forgotten_through = rooms_forgotten;
         Record::Header {
             epoch: self.marks.epoch,
             high_water: self.marks.high_water,
             forgotten_through: forgotten,
+            rooms_forgotten_through: rooms_forgotten,
         }
         .encode(&mut out);
         let copied = out.len() as u64;
@@ -606,6 +620,7 @@ pub(super) fn create_segment(
         epoch: marks.epoch,
         high_water: marks.high_water,
         forgotten_through: marks.forgotten_through,
+        rooms_forgotten_through: marks.rooms_forgotten_through,
     }
     .encode(&mut bytes);
     let written = if fault.active() {
@@ -640,6 +655,7 @@ mod tests {
             epoch: Epoch::random(),
             high_water: Position(0),
             forgotten_through: Position(0),
+            rooms_forgotten_through: Position(0),
         };
         let fault = StoreFault::Flag(Arc::clone(flag));
         Storage::new(

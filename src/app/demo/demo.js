@@ -16,7 +16,9 @@
 //   room history (`--room-history`) replays what the room got meanwhile before its `joined`,
 //   and says `recovered: false` when it cannot, which the page shows in the room
 //   (docs/protocol.md, "Room history"). Stored per id and room, so a reopened tab catches up
-//   on its rooms as well.
+//   on its rooms as well. With it, the room's `epoch` from its last `joined`: the epoch that
+//   `since` belongs to (the welcome's epoch is replaced by the next connection's welcome before
+//   the rooms are joined again, so it cannot stand for an earlier `since`).
 // - `epoch`: the welcome's name for the server's history of our inbox, sent back with `since`.
 //   When the server cannot replay everything after `since` (it restarted without its history,
 //   or messages outlived its retention), its welcome says `recovered: false` and the page tells
@@ -63,6 +65,7 @@
   // One key per room (not one object of all rooms: a room may be called `__proto__`); room
   // names have no '/', so id and room cannot run into each other.
   const keyRoomSince = (id, room) => 'wsrelay.demo.roomSince.' + id + '/' + room;
+  const keyRoomEpoch = (id, room) => 'wsrelay.demo.roomEpoch.' + id + '/' + room;
 
   const state = {
     authRequired: null, // from /stats.json: ask for a token (true) or an id (false)
@@ -158,6 +161,7 @@
       const conv = conversation('room', room);
       conv.wanted = true;
       conv.since = loadRoomSince(id, room);
+      conv.epoch = store.get(localStorage, keyRoomEpoch(id, room));
     }
   }
 
@@ -446,6 +450,11 @@
     if (conv.since === null && typeof msg.last_msg_id === 'string') {
       advanceRoomSince(conv, msg.last_msg_id);
     }
+    // The epoch the room's msg_ids belong to, sent with the next rejoin's `since`.
+    if (typeof msg.epoch === 'string') {
+      conv.epoch = msg.epoch;
+      if (state.me !== null) store.set(localStorage, keyRoomEpoch(state.me, conv.name), msg.epoch);
+    }
     if (msg.recovered === false) {
       // SPEC §13: never a silent partial recovery.
       system(conv, 'some messages sent to this room while you were away may be missing');
@@ -585,6 +594,7 @@
       key, kind, name, list, item, unreadBadge: unread, unread: 0,
       wanted: false, joined: false, joining: false, leaving: false, members: new Map(),
       since: null, // rooms: the newest msg_id seen (BigInt), sent with the next join
+      epoch: null, // rooms: the epoch of the last `joined`, which `since` belongs to
     };
     item.addEventListener('click', () => select(conv));
     item.addEventListener('keydown', (e) => {
@@ -614,7 +624,9 @@
     if (conv.since !== null) {
       // A room we were in: ask for what it got while we were away (SPEC §16).
       command.since = conv.since.toString();
-      if (state.epoch !== null) command.epoch = state.epoch;
+      // The room's own epoch (from its `joined`), not the welcome's: by now that is the new
+      // connection's, which would pass off a since from before a restart as current.
+      if (conv.epoch !== null) command.epoch = conv.epoch;
     }
     send(command);
   }
@@ -808,7 +820,10 @@
     if (conv.kind === 'room') {
       conv.wanted = false;
       if (conv.joined || conv.joining) send({ type: 'leave', room: conv.name });
-      if (state.me !== null) store.remove(localStorage, keyRoomSince(state.me, conv.name));
+      if (state.me !== null) {
+        store.remove(localStorage, keyRoomSince(state.me, conv.name));
+        store.remove(localStorage, keyRoomEpoch(state.me, conv.name));
+      }
       removeConversation(conv);
       saveRooms();
     } else {

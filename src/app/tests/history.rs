@@ -215,17 +215,150 @@ fn a_leave_before_the_engine_answers_cancels_the_join() {
 }
 
 #[test]
-fn a_member_joining_again_gets_no_replay() {
+fn a_member_joining_again_gets_the_replay_after_its_since() {
+    // Under `--slow-consumer drop` a member may have lost live messages: a repeated join with
+    // `since` replays what the history holds after it (clients dedup by msg_id).
     let mut h = Harness::new(with_history(10));
     let a = h.connect("/ws?id=alice");
     let b = h.connect("/ws?id=bob");
     h.say(b, json!({"type": "join", "room": "lobby"}));
     h.say(a, publish("lobby", json!(1)));
-    h.inbox(b);
-    h.say(b, join_since("lobby", &json!("0")));
+    let since = h.inbox(b).last().unwrap()["msg_id"].clone();
+    h.tx.slow.insert(b);
+    h.say(a, publish("lobby", json!(2)));
+    h.tx.slow.clear();
+    assert_eq!(payloads(&h.inbox(b)), Vec::<Value>::new(), "dropped live");
+    h.say(b, join_since("lobby", &since));
     let got = h.inbox(b);
-    assert_eq!(payloads(&got), Vec::<Value>::new());
+    assert_eq!(payloads(&got), vec![json!(2)], "{got:?}");
     assert_eq!(only(&got, "joined")["recovered"], true);
+    assert_eq!(only(&got, "presence")["event"], "join");
+}
+
+#[test]
+fn joined_reaches_a_slow_consumer_so_a_partial_recovery_is_never_silent() {
+    // The replay's first message goes unbounded and the rest is refused by the slow
+    // consumer, but `joined` (with recovered:false) must still arrive: it goes unbounded too.
+    let mut h = Harness::new(with_history(1));
+    let a = h.connect("/ws?id=alice");
+    h.say(a, publish("lobby", json!("first")));
+    let since = h.inbox(a)[1]["msg_id"].clone();
+    for i in 0..3 {
+        h.say(a, publish("lobby", json!(i)));
+    }
+    let b = h.connect("/ws?id=bob");
+    h.inbox(b);
+    h.tx.slow.insert(b);
+    h.say(b, join_since("lobby", &since));
+    let got = h.inbox(b);
+    assert_eq!(payloads(&got), vec![json!(2)], "{got:?}");
+    assert_eq!(only(&got, "joined")["recovered"], false);
+
+    // History off: the immediate `joined` is unbounded as well.
+    let mut h = Harness::plain();
+    let c = h.connect("/ws?id=carol");
+    h.inbox(c);
+    h.tx.slow.insert(c);
+    h.say(c, join_since("lobby", &json!("7")));
+    assert_eq!(only(&h.inbox(c), "joined")["recovered"], false);
+}
+
+#[test]
+fn a_refresh_while_the_engine_works_is_what_join_and_history_answer_by() {
+    let secret = b"history-secret".to_vec();
+    let config = AppConfig {
+        room_history: 10,
+        jwt_secret: Some(secret.clone()),
+        ..AppConfig::default()
+    };
+    let (mut h, held) = Harness::deferred_with(config);
+    let exp = START_MS / 1000 + 3600;
+    let token = |sub: &str, rooms: Value| {
+        let claims = json!({"sub": sub, "exp": exp, "rooms": rooms});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&secret),
+        )
+        .unwrap()
+    };
+    let b = h.connect(&format!(
+        "/ws?token={}",
+        token("bob", json!(["lobby", "staff"]))
+    ));
+    h.inbox(b);
+    held.set(true);
+    h.say(b, json!({"type": "join", "room": "staff"}));
+    h.say(b, json!({"type": "history", "room": "staff"}));
+    h.say(
+        b,
+        json!({"type": "refresh", "token": token("bob", json!(["lobby"]))}),
+    );
+    held.set(false);
+    h.hub.wake(&mut h.tx);
+    let got = h.inbox(b);
+    assert!(got.iter().all(|m| m["type"] != "joined"), "{got:?}");
+    assert!(got.iter().all(|m| m["type"] != "history"), "{got:?}");
+    let refused = got.iter().filter(|m| m["code"] == "forbidden").count();
+    assert_eq!(refused, 2, "{got:?}");
+
+    let a = h.connect(&format!("/ws?token={}", token("alice", json!(["staff"]))));
+    h.say(a, publish("staff", json!("secret")));
+    assert_eq!(payloads(&h.inbox(b)), Vec::<Value>::new(), "not a member");
+}
+
+#[test]
+fn a_history_page_is_bounded_in_bytes_and_says_when_it_was_cut() {
+    let mut h = Harness::new(AppConfig {
+        history_page_max_bytes: 10_000,
+        ..with_history(100)
+    });
+    let a = h.connect("/ws?id=alice");
+    for i in 0..20 {
+        h.say(
+            a,
+            publish("lobby", json!(format!("{i:04}{}", "x".repeat(1000)))),
+        );
+    }
+    h.inbox(a);
+    h.say(a, json!({"type": "history", "room": "lobby"}));
+    let reply = h.raw(a);
+    assert_eq!(reply.len(), 1);
+    assert!(
+        reply[0].1.len() < 10_000 + 1_000,
+        "{} bytes",
+        reply[0].1.len()
+    );
+    let page: Value = serde_json::from_slice(&reply[0].1).unwrap();
+    let got = page["messages"].as_array().unwrap();
+    assert!(got.len() >= 8 && got.len() < 20, "{} messages", got.len());
+    // The newest ones, in order, ending with the newest.
+    let last = got.last().unwrap()["payload"].as_str().unwrap();
+    assert!(last.starts_with("0019"), "{last}");
+    assert_eq!(page["more"], true);
+
+    // One message larger than the bound still comes: the relay accepted it.
+    h.say(a, publish("big", json!("y".repeat(20_000))));
+    h.inbox(a);
+    h.say(a, json!({"type": "history", "room": "big"}));
+    let page = only(&h.inbox(a), "history").clone();
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(page["more"], false);
+}
+
+#[test]
+fn a_history_reply_a_slow_consumer_cannot_take_is_an_error_not_silence() {
+    let mut h = Harness::new(with_history(10));
+    let a = h.connect("/ws?id=alice");
+    h.say(a, publish("lobby", json!(1)));
+    h.inbox(a);
+    h.tx.slow.insert(a);
+    h.say(a, json!({"type": "history", "room": "lobby"}));
+    assert_eq!(only(&h.inbox(a), "error")["code"], "history_dropped");
+    assert_eq!(
+        h.metric(r#"wsrelay_envelope_errors_total{code="history_dropped"}"#),
+        1.0
+    );
 }
 
 #[test]

@@ -930,3 +930,47 @@ fn room_history_gaps_follow_the_runs_in_position_order() {
         "ordered by position, not by where compaction left the records"
     );
 }
+
+#[test]
+fn room_history_never_raises_the_inboxes_forgotten_mark_across_restarts() {
+    // The first start with history on over a data dir written with it off marks room history
+    // as lost up to there; that mark is the rooms' alone. Were it shared with the inboxes (one
+    // number in the log header), a `since` of an inbox would read recovered:false after the
+    // next restart although nothing of it was lost.
+    let tmp = tempfile::tempdir().unwrap();
+    let (since, epoch) = {
+        let mut e = open(config(tmp.path()), 1_000);
+        e.append(Ticket(1), append("bob", None, "hello"), at(1_000));
+        (stored(&settle(&mut e)[0]), e.epoch())
+    };
+    let c = with_history(tmp.path(), 2);
+    let roll = |e: &mut FileEngine, now: u64| {
+        // Enough inbox traffic for a new segment, whose header carries the marks.
+        let big = "x".repeat(SEGMENT_BYTES as usize / 4);
+        for i in 0..8 {
+            e.append(Ticket(10 + i), append("dave", None, &big), at(now));
+        }
+        settle(e);
+    };
+    {
+        // Room history trimmed past `since` by its own bound (as a short room TTL would).
+        let mut e = open(c.clone(), 2_000);
+        publish_all(&mut e, "lobby", &numbered(0..5), 2_000);
+        roll(&mut e, 2_000);
+    }
+    roll(&mut open(c.clone(), 3_000), 3_000);
+    let mut e = open(c.clone(), 4_000);
+    assert_eq!(e.epoch(), epoch);
+    let since = Since {
+        position: since,
+        epoch: Some(epoch),
+    };
+    e.recover(Ticket(2), &StreamId::inbox("carol"), Some(since), at(4_000));
+    match settle(&mut e).pop().map(|c| c.outcome) {
+        Some(Outcome::Recovered(r)) => assert!(r.recovered, "an inbox lost nothing: {r:?}"),
+        other => panic!("expected Recovered, got {other:?}"),
+    }
+    // The rooms' own mark still covers the run without history.
+    let r = room_since(&mut e, "lobby", since, 4_000);
+    assert!(!r.recovered);
+}
