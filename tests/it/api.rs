@@ -378,12 +378,12 @@ fn disconnect_closes_every_device_with_the_code(poller: &str) {
     let answer = api.call(
         "POST",
         "/api/disconnect",
-        &json!({"id": "bob", "code": 4001, "reason": "banned"}).to_string(),
+        &json!({"id": "bob", "code": 4003, "reason": "kicked"}).to_string(),
     );
     assert_eq!(answer.status, 200);
     assert_eq!(answer.json, json!({"id": "bob", "disconnected": 2}));
     for device in [&mut phone, &mut laptop] {
-        assert_eq!(u16::from(close_code(&mut device.ws)), 4001);
+        assert_eq!(u16::from(close_code(&mut device.ws)), 4003);
     }
     // Alice is still connected: a message to her goes through.
     assert_eq!(
