@@ -135,6 +135,8 @@ pub(crate) struct Exchange {
     /// Reading stopped while waiting: the client pipelined more than
     /// `http::MAX_PIPELINED_BYTES`. The answer resumes it.
     pub(super) read_paused: bool,
+    /// The request being answered is a HEAD: its answer goes out without a body.
+    pub(super) head_method: bool,
 }
 
 /// A request head parsed while its body is still arriving.
@@ -220,6 +222,7 @@ impl Connection {
             keep_alive: false,
             answered: 0,
             read_paused: false,
+            head_method: false,
         };
         self.exchange.as_deref().unwrap_or(&NONE)
     }

@@ -181,6 +181,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             }
         };
         conn.exchange_mut().waiting = true;
+        conn.exchange_mut().head_method = request.method == "HEAD";
         conn.exchange_mut().keep_alive =
             framing.as_ref().is_ok_and(|f| f.keep_alive) && !shutting_down;
         conn.cancel_deadline(&mut self.timers);
@@ -214,6 +215,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     http_exchange::json_response(status, &body, keep_alive, &[]),
                 ),
                 Answer::Refused(refusal) => (refusal.status(), refusal.api_response(keep_alive)),
+            };
+            let response = if conn.exchange().head_method {
+                http_exchange::without_body(response)
+            } else {
+                response
             };
             if !keep_alive {
                 self.respond(id, status, response);

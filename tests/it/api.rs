@@ -101,6 +101,20 @@ impl Api {
         Answer { status, head, json }
     }
 
+    /// The status line and headers of an answer that has no body (to HEAD).
+    fn head_only(&mut self) -> String {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("answer in time");
+            assert!(n > 0, "connection closed; head so far: {head:?}");
+            if line == "\r\n" {
+                return head;
+            }
+            head.push_str(&line);
+        }
+    }
+
     /// The server closes the connection (in order, after its answers).
     fn expect_closed(&mut self) {
         let mut rest = Vec::new();
@@ -369,6 +383,26 @@ fn connection_close_http10_and_the_idle_deadline(poller: &str) {
     idle.expect_closed();
 }
 
+/// RFC 7230 §3.3: an answer to HEAD has no body, whatever its `Content-Length` says; a body
+/// sent anyway would be read as the start of the next answer on a kept-alive connection.
+fn head_is_answered_without_a_body(poller: &str) {
+    let server = start(poller, &[]);
+    let mut api = Api::connect(&server);
+    // The API's endpoints take GET or POST: HEAD is refused (405), kept alive, without a body.
+    api.write(Api::request("HEAD", "/api/rooms", Some(KEY), "", "").as_bytes());
+    let head = api.head_only();
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: "),
+        "{head}"
+    );
+    assert!(head.contains("keep-alive"), "{head}");
+    // The next answer on the connection is the GET's own, not the rest of the HEAD's.
+    let answer = api.call("GET", "/api/rooms", "");
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert!(answer.json["rooms"].is_array(), "{}", answer.json);
+}
+
 fn disconnect_closes_every_device_with_the_code(poller: &str) {
     let server = start(poller, &[]);
     let mut phone = Client::as_id(&server, "bob");
@@ -579,6 +613,7 @@ poller_tests!(
     wrong_or_missing_key_is_401,
     bodies_are_bounded_and_checked,
     connection_close_http10_and_the_idle_deadline,
+    head_is_answered_without_a_body,
     disconnect_closes_every_device_with_the_code,
     presence_rooms_and_ids_match_what_clients_did,
     ten_thousand_publishes_over_one_connection,
