@@ -82,10 +82,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         if conn.write_interest != want_write {
             conn.write_interest = want_write;
-            let interest = if want_write {
-                Interest::BOTH
-            } else {
-                Interest::READABLE
+            // A kept-alive HTTP connection whose reading is paused stays without read interest
+            // (`http::pause_reading`).
+            let interest = Interest {
+                readable: !conn.exchange().read_paused,
+                writable: want_write,
             };
             let fd = conn.stream.as_raw_fd();
             if let Err(e) = self.poller.reregister(fd, Token(id.token()), interest) {
@@ -94,6 +95,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 return;
             }
         }
+        self.after_answers_flushed(id);
         if !want_write {
             self.after_flush(id);
         }

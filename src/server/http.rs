@@ -16,17 +16,25 @@ use super::connection::{ConnId, Deadline, PendingRequest, State};
 use super::handler::Answer;
 use super::metrics::{Gauges, Metrics};
 use super::{live, Handler, Reactor, Route, ServerEndpoint};
-use crate::poller::Poller;
+use crate::poller::{Interest, Poller, Token};
 use crate::protocol::deflate::{self, DeflateParams};
 use crate::protocol::handshake::{self, Request};
 use crate::protocol::http_exchange;
 use crate::protocol::Refusal;
-use log::debug;
+use log::{debug, warn};
+use std::os::fd::AsRawFd;
 
 /// Bytes of further requests a connection may have buffered while the app has not answered
 /// its current one; beyond it the connection is not read until the answer comes (the client's
 /// writes then wait in TCP's buffers). Pipelining within it costs the server no extra reads.
 pub(super) const MAX_PIPELINED_BYTES: usize = super::READ_BUDGET_BYTES;
+
+/// Bytes of answers a kept-alive connection may have queued and unsent (capped further by
+/// `--max-outbound`). At or over it, no further request is served and the connection is not
+/// read: a client that pipelines and never reads its answers would otherwise make the server
+/// hold every answer (docs/api.md, "Connections and limits"). Serving and reading resume from
+/// the flush path once the client has read the queue down to half of it.
+pub(super) const MAX_QUEUED_ANSWER_BYTES: usize = 256 << 10;
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Serves the requests in `request`, in order, as they complete: an upgrade, a refusal,
@@ -35,12 +43,22 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// answered the last one (answers go out in request order; `resume_requests` comes back).
     /// Returns false if the connection was closed.
     pub(super) fn on_request_bytes(&mut self, id: ConnId) -> bool {
+        let answers_bound = self.answers_bound();
         loop {
             let Some(conn) = self.conn_mut(id) else {
                 return false;
             };
             if conn.state() != State::Handshaking || conn.exchange().waiting {
                 return true;
+            }
+            if conn.outbound.queued_bytes() >= answers_bound {
+                // The client is not reading its answers: serve nothing more, read nothing
+                // more, until it does (`MAX_QUEUED_ANSWER_BYTES`; the flush path resumes).
+                if !conn.exchange().read_paused {
+                    self.metrics.http_output_pauses += 1;
+                    self.pause_reading(id);
+                }
+                return self.conn_mut(id).is_some();
             }
             if let Some(pending) = conn.exchange_mut().pending.take() {
                 let needed = pending.head_len + pending.framing.as_ref().map_or(0, |f| f.body_len);
@@ -245,9 +263,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
     }
 
-    /// Serves the requests that waited behind an answer (see `apply_answers`), and reads again
-    /// a connection whose reading was paused while it waited.
+    /// Serves the requests that waited behind an answer (see `apply_answers`) or behind unsent
+    /// answers (see `after_answers_flushed`), and reads again a connection whose reading was
+    /// paused meanwhile.
     pub(super) fn resume_requests(&mut self) {
+        let answers_bound = self.answers_bound();
         while let Some(id) = self.http_resume.pop() {
             if !self.on_request_bytes(id) {
                 continue;
@@ -255,10 +275,68 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let Some(conn) = self.conn_mut(id) else {
                 continue;
             };
-            if conn.exchange().read_paused && !conn.exchange().waiting {
+            let exchange = conn.exchange();
+            if exchange.read_paused
+                && !exchange.waiting
+                && conn.outbound.queued_bytes() < answers_bound
+            {
                 conn.exchange_mut().read_paused = false;
-                self.on_readable(id);
+                if self.set_read_interest(id, true) {
+                    self.on_readable(id);
+                }
             }
+        }
+    }
+
+    /// The bound on a connection's unsent answers (`MAX_QUEUED_ANSWER_BYTES`).
+    pub(super) fn answers_bound(&self) -> usize {
+        MAX_QUEUED_ANSWER_BYTES.min(self.config.max_outbound)
+    }
+
+    /// Stops reading a kept-alive connection (`Exchange::read_paused`) until `resume_requests`.
+    /// Its read interest goes too: a level-triggered poller would otherwise report the socket
+    /// readable on every loop iteration while it waits, a busy loop (docs/pollers.md).
+    pub(super) fn pause_reading(&mut self, id: ConnId) {
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        conn.exchange_mut().read_paused = true;
+        self.set_read_interest(id, false);
+    }
+
+    /// Registers the connection for readable readiness or not, keeping its writable interest.
+    /// Returns false if the poller refused and the connection was closed.
+    fn set_read_interest(&mut self, id: ConnId, readable: bool) -> bool {
+        let Some(conn) = live(&mut self.conns, id) else {
+            return false;
+        };
+        let interest = Interest {
+            readable,
+            writable: conn.write_interest,
+        };
+        let fd = conn.stream.as_raw_fd();
+        if let Err(e) = self.poller.reregister(fd, Token(id.token()), interest) {
+            warn!("{id:?} reregister failed: {e}");
+            self.close_now(id);
+            return false;
+        }
+        true
+    }
+
+    /// The flush path's part in `MAX_QUEUED_ANSWER_BYTES`: once a paused connection's client
+    /// has read its answers down to half the bound, serving and reading resume (in
+    /// `resume_requests`; half, so that one answer read does not flip it back and forth).
+    pub(super) fn after_answers_flushed(&mut self, id: ConnId) {
+        let answers_bound = self.answers_bound();
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        let exchange = conn.exchange();
+        if exchange.read_paused
+            && !exchange.waiting
+            && conn.outbound.queued_bytes() <= answers_bound / 2
+        {
+            self.http_resume.push(id);
         }
     }
 
@@ -394,7 +472,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             ("http", 0),
             ("closing", 0),
         ];
+        let mut http_queued_bytes = 0;
         for (_, conn) in &self.conns {
+            if conn.state() == State::Handshaking {
+                http_queued_bytes += conn.outbound.queued_bytes();
+            }
             let name = conn.state().name();
             if let Some(entry) = counts.iter_mut().find(|(n, _)| *n == name) {
                 entry.1 += 1;
@@ -403,6 +485,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let mut text = self.metrics.render(&Gauges {
             poller: self.poller.name(),
             connections: &counts,
+            http_queued_bytes,
         });
         self.compressor.metrics.render(&mut text);
         self.render_tls_metrics(&mut text);

@@ -270,6 +270,117 @@ fn pipelining_beyond_the_buffer_waits_for_the_answers(poller: &str) {
     }
 }
 
+/// The server's resident set size in bytes (Linux: /proc/<pid>/status).
+fn rss_bytes(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .expect("VmRSS in /proc/<pid>/status")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib * 1024
+}
+
+/// One line of /metrics as a number, if the series is there (for waiting on it to appear).
+fn metric_line(server: &Server, series: &str) -> Option<f64> {
+    let text = server.get("/metrics").body_text();
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|v| v.parse().unwrap())
+}
+
+/// A client that pipelines requests and never reads its answers: the server stops serving
+/// (and reading) it once its unsent answers reach the bound, so what the server holds for it
+/// stays bounded; others are still served; once the client reads, everything is answered.
+fn a_pipeliner_that_never_reads_stays_bounded(poller: &str) {
+    const CAP: usize = 2 << 20;
+    const BOUND: f64 = (256 << 10) as f64;
+    let server = start(poller, &[]);
+    // Sixty rooms with long names make each `rooms` answer about 3 KiB for a request of about
+    // 90 bytes: what a server without the bound would queue grows 30 times faster than what
+    // it reads.
+    let mut member = Client::as_id(&server, "member");
+    for i in 0..60 {
+        member.join(
+            &format!("room-with-a-rather-long-name-number-{i:03}"),
+            "member",
+        );
+    }
+    let mut api = Api::connect(&server);
+    let one_answer = api.call("GET", "/api/rooms", "");
+    assert_eq!(one_answer.status, 200);
+    assert_eq!(one_answer.json["rooms"].as_array().map(Vec::len), Some(60));
+    let rss_before = rss_bytes(&server);
+
+    let hog = Api::connect(&server);
+    let mut writer = hog.reader.get_ref().try_clone().unwrap();
+    let request = Api::request("GET", "/api/rooms", Some(KEY), "", "");
+    let batch = request.repeat(1000);
+    let batches = CAP / batch.len();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
+    let writing = std::thread::spawn(move || {
+        for _ in 0..batches {
+            writer.write_all(batch.as_bytes()).unwrap();
+            counter.fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // Until the server pauses the hog, or the hog has written everything (a server that keeps
+    // reading lets it; so may TCP's buffers, which loopback grows to megabytes).
+    let start_at = std::time::Instant::now();
+    loop {
+        let all =
+            written.load(std::sync::atomic::Ordering::SeqCst) == batches * 1000 * request.len();
+        let paused =
+            metric_line(&server, "wsrelay_http_output_pauses_total").is_some_and(|n| n >= 1.0);
+        if all || paused {
+            break;
+        }
+        assert!(
+            start_at.elapsed() < DEADLINE,
+            "no pause and the writer is not done"
+        );
+        std::thread::yield_now();
+    }
+    // What the server holds for the hog: a few samples while the hog keeps not reading (a
+    // server without the bound grew by about 19 MiB here, with it by under 1 MiB).
+    let iterations = metric_line(&server, "wsrelay_loop_iterations_total").unwrap();
+    for _ in 0..10 {
+        let grown = rss_bytes(&server).saturating_sub(rss_before);
+        assert!(
+            grown < 16 << 20,
+            "the server grew by {grown} bytes for a client that reads nothing"
+        );
+        let queued = metric_line(&server, "wsrelay_http_queued_bytes").expect("the gauge");
+        assert!(
+            queued <= BOUND + 16.0 * 1024.0,
+            "{queued} bytes of answers queued"
+        );
+        // Others are served meanwhile.
+        assert_eq!(api.call("GET", "/api/rooms", "").status, 200);
+    }
+    // The paused socket has bytes to read all along: a level-triggered poller that still
+    // watched it for reading would report it on every wait, a busy loop of many thousands of
+    // iterations here; twenty requests need a few dozen.
+    let spent = metric_line(&server, "wsrelay_loop_iterations_total").unwrap() - iterations;
+    assert!(spent < 1000.0, "{spent} loop iterations while paused");
+    // The hog reads: the server resumes and answers every request, in order.
+    let mut hog = hog;
+    for _ in 0..batches * 1000 {
+        let answer = hog.answer();
+        assert_eq!(answer.status, 200, "{}", answer.json);
+        assert!(answer.json["rooms"].is_array(), "{}", answer.json);
+    }
+    writing.join().unwrap();
+    let pauses = metric_line(&server, "wsrelay_http_output_pauses_total").unwrap();
+    assert!(pauses >= 1.0, "{pauses}");
+}
+
 fn start_again(poller: &str, dir: &Path, addr: std::net::SocketAddr) -> Server {
     let data = dir.to_str().unwrap();
     Server::start_on(poller, addr, &["--api-key", KEY, "--data-dir", data])
@@ -610,6 +721,7 @@ poller_tests!(
     publish_to_an_offline_id_is_queued_then_delivered,
     file_engine_answers_after_the_fsync,
     pipelining_beyond_the_buffer_waits_for_the_answers,
+    a_pipeliner_that_never_reads_stays_bounded,
     wrong_or_missing_key_is_401,
     bodies_are_bounded_and_checked,
     connection_close_http10_and_the_idle_deadline,
