@@ -137,6 +137,9 @@ pub(crate) struct Exchange {
     pub(super) read_paused: bool,
     /// The request being answered is a HEAD: its answer goes out without a body.
     pub(super) head_method: bool,
+    /// The client shut its sending side (EOF) with a request unanswered or requests buffered:
+    /// nothing more is read, what it sent is answered, and then the connection closes.
+    pub(super) peer_done: bool,
 }
 
 /// A request head parsed while its body is still arriving.
@@ -223,6 +226,7 @@ impl Connection {
             answered: 0,
             read_paused: false,
             head_method: false,
+            peer_done: false,
         };
         self.exchange.as_deref().unwrap_or(&NONE)
     }

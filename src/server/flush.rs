@@ -117,6 +117,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         match conn.state() {
             State::Closed => self.close_now(id),
+            // The client has already shut its side (`Exchange::peer_done`): no EOF is left to
+            // wait for, and nothing it sent is unread.
+            State::HttpResponding { .. } if conn.exchange().peer_done => self.close_now(id),
             // Half-close: the client reads our response (or our Close) to its end and then
             // hangs up. Closing outright could reset the connection and lose the response if
             // the client is still sending (RFC 7230 §6.6).

@@ -276,6 +276,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 continue;
             };
             let exchange = conn.exchange();
+            if exchange.peer_done {
+                if !exchange.waiting && conn.outbound.queued_bytes() < answers_bound {
+                    // Everything the half-closed client sent is answered.
+                    self.finish_half_closed(id);
+                }
+                continue;
+            }
             if exchange.read_paused
                 && !exchange.waiting
                 && conn.outbound.queued_bytes() < answers_bound
@@ -286,6 +293,22 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 }
             }
         }
+    }
+
+    /// A half-closed client (`Exchange::peer_done`) has all its answers queued: they are
+    /// flushed, then the connection closes (`flush::after_flush`), like after a
+    /// `Connection: close` answer. Bytes of an incomplete request left behind are dropped.
+    fn finish_half_closed(&mut self, id: ConnId) {
+        let deadline = self.now + self.config.close_timeout;
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        if !conn.responding(false) {
+            return;
+        }
+        conn.request = Vec::new();
+        conn.set_deadline(&mut self.timers, deadline, Deadline::Close);
+        self.mark_dirty(id);
     }
 
     /// The bound on a connection's unsent answers (`MAX_QUEUED_ANSWER_BYTES`).

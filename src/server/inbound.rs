@@ -116,6 +116,18 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
+        let exchange = conn.exchange();
+        if conn.state() == State::Handshaking
+            && (exchange.waiting || (exchange.read_paused && !conn.request.is_empty()))
+        {
+            // A client may send its last request and shut its sending side (RFC 7230 §6.6):
+            // what it asked is answered first, even when the answer comes in a later callback
+            // (the file engine's fsync). Not read again: the stream is at its end, and a
+            // level-triggered poller would report it on every iteration.
+            conn.exchange_mut().peer_done = true;
+            self.pause_reading(id);
+            return;
+        }
         match conn.state() {
             // The peer hung up after our response or our Close: the expected ending.
             State::HttpResponding { .. } | State::Closing | State::Closed | State::Failing => {}

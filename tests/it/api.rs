@@ -216,6 +216,57 @@ fn file_engine_answers_after_the_fsync(poller: &str) {
     }
 }
 
+/// A client that sends its last request and shuts its sending side (`shutdown(SHUT_WR)`)
+/// still gets the answer, though the file engine gives it only after the fsync, after the EOF.
+fn a_half_closed_client_gets_its_deferred_answer(poller: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let server = start(poller, &["--data-dir", data]);
+    for extra in ["Connection: close\r\n", ""] {
+        let mut api = Api::connect(&server);
+        let body = json!({"to": "bob", "payload": extra}).to_string();
+        api.write(Api::request("POST", "/api/publish", Some(KEY), extra, &body).as_bytes());
+        api.reader
+            .get_ref()
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+        let answer = api.answer();
+        assert_eq!(answer.status, 200, "{extra:?}: {}", answer.json);
+        assert_eq!(
+            answer.json["status"], "queued",
+            "{extra:?}: {}",
+            answer.json
+        );
+        api.expect_closed();
+    }
+    // Two pipelined requests, then the EOF: both answered, in order.
+    let mut api = Api::connect(&server);
+    let mut two = String::new();
+    for n in 0..2 {
+        let body = json!({"to": "bob", "payload": n}).to_string();
+        two.push_str(&Api::request("POST", "/api/publish", Some(KEY), "", &body));
+    }
+    api.write(two.as_bytes());
+    api.reader
+        .get_ref()
+        .shutdown(std::net::Shutdown::Write)
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(api.answer().json["status"], "queued");
+    }
+    api.expect_closed();
+    assert_eq!(api_metric(&server, "publish", 200), 4.0);
+    let mut bob = Client::as_id(&server, "bob");
+    for payload in [
+        json!("Connection: close\r\n"),
+        json!(""),
+        json!(0),
+        json!(1),
+    ] {
+        assert_eq!(bob.expect("message")["payload"], payload);
+    }
+}
+
 /// A client pipelining far more than the server buffers while an answer is pending (the
 /// file engine answers from its storage thread): the server stops reading until it has
 /// answered (`MAX_PIPELINED_BYTES`), then goes on; every request is answered, in order.
@@ -722,6 +773,7 @@ poller_tests!(
     file_engine_answers_after_the_fsync,
     pipelining_beyond_the_buffer_waits_for_the_answers,
     a_pipeliner_that_never_reads_stays_bounded,
+    a_half_closed_client_gets_its_deferred_answer,
     wrong_or_missing_key_is_401,
     bodies_are_bounded_and_checked,
     connection_close_http10_and_the_idle_deadline,
