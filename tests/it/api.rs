@@ -536,13 +536,28 @@ fn connection_close_http10_and_the_idle_deadline(poller: &str) {
     old.write(format!("GET /api/rooms HTTP/1.0\r\nAuthorization: Bearer {KEY}\r\n\r\n").as_bytes());
     assert_eq!(old.answer().status, 200);
     old.expect_closed();
-    // Kept alive, then idle past --api-idle-timeout: the server closes it (EOF, no reset).
+    // Kept alive: a request within --api-idle-timeout is served (the pause is the scenario,
+    // idle time shorter than the timeout, not a wait for something to happen)...
     let mut idle = Api::connect(&server);
     assert_eq!(
         idle.call("GET", "/api/rooms", "").header("Connection"),
         Some("keep-alive")
     );
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    assert_eq!(idle.call("GET", "/api/rooms", "").status, 200);
+    // ...then idle past it: the server closes it (EOF, no reset), no sooner than the timeout
+    // after the last answer and long before the default (30 s) or the request deadline (10 s).
+    let answered = std::time::Instant::now();
     idle.expect_closed();
+    let after = answered.elapsed();
+    assert!(
+        after >= std::time::Duration::from_millis(290),
+        "closed {after:?} after the answer, before the 300 ms idle timeout"
+    );
+    assert!(
+        after < std::time::Duration::from_secs(5),
+        "closed {after:?} after the answer: not by the 300 ms idle timeout"
+    );
 }
 
 /// RFC 7230 §3.3: an answer to HEAD has no body, whatever its `Content-Length` says; a body
