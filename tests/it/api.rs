@@ -267,6 +267,147 @@ fn a_half_closed_client_gets_its_deferred_answer(poller: &str) {
     }
 }
 
+/// Clients that hang up while their publish waits for the fsync: the server neither crashes
+/// nor keeps the connections, the messages are stored all the same, and the counters agree
+/// (docs/api.md, "Metrics": the API counts the answer it gave, HTTP only what it queued).
+fn a_connection_closed_while_its_answer_is_pending(poller: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let server = start(poller, &["--data-dir", data]);
+    let mut api = Api::connect(&server);
+    assert_eq!(api.call("GET", "/api/rooms", "").status, 200);
+    let responses_before = server.metric("wsrelay_http_responses_total{status=\"200\"}");
+    for n in 0..10 {
+        let mut api = Api::connect(&server);
+        let body = json!({"to": "bob", "payload": n}).to_string();
+        api.write(Api::request("POST", "/api/publish", Some(KEY), "", &body).as_bytes());
+        drop(api);
+    }
+    // None of the ten is left: `api` and the /metrics request itself read request heads.
+    server.wait_for_metric("wsrelay_connections{state=\"handshaking\"}", 2.0);
+    server.wait_for_metric(
+        "wsrelay_api_requests_total{endpoint=\"publish\",status=\"200\"}",
+        10.0,
+    );
+    let mut bob = Client::as_id(&server, "bob");
+    let mut got: Vec<i64> = (0..10)
+        .map(|_| bob.expect("message")["payload"].as_i64().unwrap())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+    // Still serving.
+    assert_eq!(api.call("GET", "/api/rooms", "").status, 200);
+    let responses =
+        server.metric("wsrelay_http_responses_total{status=\"200\"}") - responses_before;
+    // The ten answers were still queued (the server answers what a client that hung up had
+    // sent, then closes), and this call; /metrics reads add a few more.
+    assert!(responses >= 11.0, "{responses}");
+}
+
+/// The file engine refuses a message when too many bytes wait for the disk (store busy): a
+/// publish through the API is answered `rejected` with the reason and no msg_id, like a
+/// client's send. Bursts of publishes on many connections until one finds the store busy.
+fn an_engine_rejection_reaches_the_api(poller: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let server = start(
+        poller,
+        &[
+            "--data-dir",
+            data,
+            "--max-in-flight-bytes",
+            "1",
+            "--offline-max",
+            "100000",
+        ],
+    );
+    let mut conns: Vec<Api> = (0..20).map(|_| Api::connect(&server)).collect();
+    let start_at = std::time::Instant::now();
+    let mut rejected = None;
+    while rejected.is_none() {
+        assert!(
+            start_at.elapsed() < DEADLINE,
+            "no publish found the store busy"
+        );
+        let body = json!({"to": "bob", "payload": "x"}).to_string();
+        let bytes = Api::request("POST", "/api/publish", Some(KEY), "", &body);
+        for api in &mut conns {
+            api.write(bytes.as_bytes());
+        }
+        for api in &mut conns {
+            let answer = api.answer();
+            assert_eq!(answer.status, 200, "{}", answer.json);
+            match answer.json["status"].as_str() {
+                Some("queued") => assert!(answer.json["msg_id"].is_string()),
+                Some("rejected") => rejected = Some(answer.json),
+                _ => panic!("{}", answer.json),
+            }
+        }
+    }
+    let rejected = rejected.unwrap();
+    assert!(rejected.get("msg_id").is_none(), "{rejected}");
+    assert!(
+        rejected["reason"].as_str().unwrap().contains("busy"),
+        "{rejected}"
+    );
+    assert!(api_metric(&server, "publish", 200) >= 20.0);
+}
+
+/// A `Content-Length` that is not digits, or values that disagree: the bytes behind the head
+/// cannot be delimited, so 400 and the close; a request pipelined behind is not served.
+fn bad_content_length_is_400_then_close(poller: &str) {
+    let server = start(poller, &[]);
+    let next = Api::request("GET", "/api/rooms", Some(KEY), "", "");
+    for lengths in [
+        "Content-Length: five\r\n",
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+        "Content-Length: 5, 6\r\n",
+        "Content-Length: -5\r\n",
+    ] {
+        let mut api = Api::connect(&server);
+        api.write(
+            format!(
+                "POST /api/publish HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\n{lengths}\r\nhello{next}"
+            )
+            .as_bytes(),
+        );
+        let answer = api.answer();
+        assert_eq!(answer.status, 400, "{lengths:?}: {}", answer.json);
+        assert_eq!(answer.header("Connection"), Some("close"), "{lengths:?}");
+        assert!(
+            answer.json["error"]
+                .as_str()
+                .unwrap()
+                .contains("Content-Length"),
+            "{}",
+            answer.json
+        );
+        api.expect_closed();
+    }
+    assert_eq!(api_metric(&server, "publish", 400), 4.0);
+}
+
+/// `Connection: close` ends the connection after its answer: a request pipelined behind it
+/// is neither served nor answered.
+fn a_request_after_connection_close_is_ignored(poller: &str) {
+    let server = start(poller, &[]);
+    let mut api = Api::connect(&server);
+    let mut bytes = Api::request("GET", "/api/rooms", Some(KEY), "Connection: close\r\n", "");
+    let body = json!({"room": "lobby", "payload": "must not be published"}).to_string();
+    bytes.push_str(&Api::request("POST", "/api/publish", Some(KEY), "", &body));
+    api.write(bytes.as_bytes());
+    let answer = api.answer();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("Connection"), Some("close"));
+    api.expect_closed();
+    assert_eq!(api_metric(&server, "rooms", 200), 1.0);
+    let metrics = server.get("/metrics").body_text();
+    assert!(
+        !metrics.contains("wsrelay_api_requests_total{endpoint=\"publish\""),
+        "the pipelined publish was served"
+    );
+}
+
 /// A client pipelining far more than the server buffers while an answer is pending (the
 /// file engine answers from its storage thread): the server stops reading until it has
 /// answered (`MAX_PIPELINED_BYTES`), then goes on; every request is answered, in order.
@@ -789,6 +930,10 @@ poller_tests!(
     pipelining_beyond_the_buffer_waits_for_the_answers,
     a_pipeliner_that_never_reads_stays_bounded,
     a_half_closed_client_gets_its_deferred_answer,
+    a_connection_closed_while_its_answer_is_pending,
+    an_engine_rejection_reaches_the_api,
+    bad_content_length_is_400_then_close,
+    a_request_after_connection_close_is_ignored,
     wrong_or_missing_key_is_401,
     bodies_are_bounded_and_checked,
     connection_close_http10_and_the_idle_deadline,
