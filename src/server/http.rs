@@ -43,6 +43,15 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// answered the last one (answers go out in request order; `resume_requests` comes back).
     /// Returns false if the connection was closed.
     pub(super) fn on_request_bytes(&mut self, id: ConnId) -> bool {
+        let open = self.serve_requests(id);
+        if let Some(conn) = self.conn_mut(id) {
+            conn.compact_request();
+        }
+        open
+    }
+
+    /// The loop of `on_request_bytes`: requests are taken from `Exchange::served` on.
+    fn serve_requests(&mut self, id: ConnId) -> bool {
         let answers_bound = self.answers_bound();
         loop {
             let Some(conn) = self.conn_mut(id) else {
@@ -62,17 +71,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             }
             if let Some(pending) = conn.exchange_mut().pending.take() {
                 let needed = pending.head_len + pending.framing.as_ref().map_or(0, |f| f.body_len);
-                if conn.request.len() < needed {
+                if conn.unserved().len() < needed {
                     conn.exchange_mut().pending = Some(pending);
                     return true;
                 }
                 self.hand_to_app(id, *pending);
                 continue;
             }
-            if conn.request.is_empty() {
+            if conn.unserved().is_empty() {
                 return true;
             }
-            let (request, head_len) = match handshake::parse_request(&conn.request) {
+            let (request, head_len) = match handshake::parse_request(conn.unserved()) {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) => return true,
                 Err(refusal) => {
@@ -183,18 +192,18 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         } = pending;
         let body = match &framing {
             Ok(framing) => {
-                let body = conn.request[head_len..head_len + framing.body_len].to_vec();
-                conn.request.drain(..head_len + framing.body_len);
-                if conn.request.is_empty() {
+                let body = conn.unserved()[head_len..head_len + framing.body_len].to_vec();
+                conn.exchange_mut().served += head_len + framing.body_len;
+                if conn.unserved().is_empty() {
                     // SPEC §2: an idle connection holds no buffers.
-                    conn.request = Vec::new();
+                    conn.clear_request();
                 }
                 Ok(body)
             }
             // The bytes behind this head cannot be delimited: nothing more is read from them,
             // and the connection closes after the answer (`http_exchange`, invariant).
             Err(refusal) => {
-                conn.request = Vec::new();
+                conn.clear_request();
                 Err(refusal.clone())
             }
         };
@@ -248,7 +257,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
                     out.extend_from_slice(&response)
                 });
-            if conn.request.is_empty() {
+            if conn.unserved().is_empty() {
                 conn.set_deadline(&mut self.timers, idle_deadline, Deadline::KeepAlive);
             } else {
                 // The next request has begun (or several are pipelined): it has the request
@@ -256,7 +265,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 let deadline = self.now + self.config.handshake_timeout;
                 conn.set_deadline(&mut self.timers, deadline, Deadline::Handshake);
             }
-            if !conn.request.is_empty() || conn.exchange().read_paused {
+            if !conn.unserved().is_empty() || conn.exchange().read_paused {
                 self.http_resume.push(id);
             }
             self.mark_dirty(id);
@@ -306,7 +315,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         if !conn.responding(false) {
             return;
         }
-        conn.request = Vec::new();
+        conn.clear_request();
         conn.set_deadline(&mut self.timers, deadline, Deadline::Close);
         self.mark_dirty(id);
     }
@@ -413,8 +422,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         conn.last_activity = self.now;
         conn.set_deadline(&mut self.timers, heartbeat, Deadline::Heartbeat);
-        let mut pipelined = conn.request.split_off(head_len);
-        conn.request = Vec::new();
+        let mut pipelined = conn.request.split_off(conn.exchange().served + head_len);
+        conn.clear_request();
         self.metrics.upgrades += 1;
         debug!("{id:?} upgraded");
 
@@ -456,7 +465,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
                 out.extend_from_slice(&response)
             });
-        conn.request = Vec::new();
+        conn.clear_request();
         conn.set_deadline(&mut self.timers, deadline, Deadline::Close);
         self.mark_dirty(id);
         debug!("{id:?} answered HTTP {status}");
