@@ -557,10 +557,10 @@ fn a_pipeliner_that_never_reads_stays_bounded(poller: &str) {
         assert_eq!(api.call("GET", "/api/rooms", "").status, 200);
     }
     // The paused socket has bytes to read all along: a level-triggered poller that still
-    // watched it for reading would report it on every wait, a busy loop of many thousands of
-    // iterations here; twenty requests need a few dozen.
+    // watched it for reading would report it on every wait, a busy loop (over a thousand
+    // iterations here on poll); twenty requests need about 30.
     let spent = metric_line(&server, "wsrelay_loop_iterations_total").unwrap() - iterations;
-    assert!(spent < 1000.0, "{spent} loop iterations while paused");
+    assert!(spent < 200.0, "{spent} loop iterations while paused");
     // The hog reads: the server resumes and answers every request, in order.
     let mut hog = hog;
     for _ in 0..batches * 1000 {
