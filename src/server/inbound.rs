@@ -39,14 +39,16 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let Some(conn) = live(&mut self.conns, id) else {
                 return;
             };
+            if conn.exchange().read_paused {
+                // Paused (see below, and `http::MAX_QUEUED_ANSWER_BYTES`): an event that came
+                // before the pause, or the ready list, finds nothing to do.
+                break;
+            }
             if conn.exchange().waiting && conn.request.len() >= MAX_PIPELINED_BYTES {
                 // Enough requests wait behind the one the app is answering: leave the rest in
-                // TCP's buffers until the answer (`resume_requests` reads again). A level-
-                // triggered poller keeps reporting the socket meanwhile (docs/api.md, "Limits").
-                if !conn.exchange().read_paused {
-                    conn.exchange_mut().read_paused = true;
-                    self.metrics.http_read_pauses += 1;
-                }
+                // TCP's buffers until the answer (`resume_requests` reads again).
+                self.metrics.http_read_pauses += 1;
+                self.pause_reading(id);
                 break;
             }
             let n = match read_socket(conn, &mut self.recv_buf) {
@@ -114,6 +116,18 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
+        let exchange = conn.exchange();
+        if conn.state() == State::Handshaking
+            && (exchange.waiting || (exchange.read_paused && !conn.request.is_empty()))
+        {
+            // A client may send its last request and shut its sending side (RFC 7230 §6.6):
+            // what it asked is answered first, even when the answer comes in a later callback
+            // (the file engine's fsync). Not read again: the stream is at its end, and a
+            // level-triggered poller would report it on every iteration.
+            conn.exchange_mut().peer_done = true;
+            self.pause_reading(id);
+            return;
+        }
         match conn.state() {
             // The peer hung up after our response or our Close: the expected ending.
             State::HttpResponding { .. } | State::Closing | State::Closed | State::Failing => {}

@@ -415,7 +415,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Step 1: fills `events` with what is ready.
     fn wait(&mut self, events: &mut Vec<Event>) -> io::Result<()> {
         self.now = Instant::now();
-        let mut timeout = if self.ready.is_empty() {
+        // Connections a flush in the last iteration resumed (`http::after_answers_flushed`)
+        // are served in this one, without waiting.
+        let mut timeout = if self.ready.is_empty() && self.http_resume.is_empty() {
             self.timers.next_timeout(self.now)
         } else {
             Some(Duration::ZERO)
