@@ -547,24 +547,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             "no --jwt-secret: /ws trusts the ?id= each client claims (anyone can be anyone)"
         );
     }
-    let config = Config {
-        listen: args.listen,
-        max_message: args.max_message,
-        max_outbound: args.max_outbound,
-        slow_consumer: match args.slow_consumer {
-            SlowConsumerPolicy::Close => SlowConsumer::Close,
-            SlowConsumerPolicy::Drop => SlowConsumer::Drop,
-        },
-        max_connections: args.max_connections,
-        handshake_timeout: args.handshake_timeout,
-        close_timeout: args.close_timeout,
-        heartbeat_interval: args.heartbeat_interval,
-        heartbeat_timeout: args.heartbeat_timeout,
-        timer_tick: args.timer_tick,
-        shutdown_timeout: args.shutdown_timeout,
-        compression,
-        keep_alive_timeout: args.api.api_idle_timeout,
-    };
+    let config = reactor_config(&args, compression);
     // Loaded before anything listens, so a bad pair is reported in words at once.
     let tls = match args.tls_cert.zip(args.tls_key) {
         Some((cert, key)) => match ServerTls::load(&cert, &key) {
@@ -591,6 +574,28 @@ fn serve(args: ServeArgs) -> ExitCode {
             eprintln!("wsrelay: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The reactor's settings from the command line: the same for one reactor and for each worker.
+fn reactor_config(args: &ServeArgs, compression: CompressionConfig) -> Config {
+    Config {
+        listen: args.listen,
+        max_message: args.max_message,
+        max_outbound: args.max_outbound,
+        slow_consumer: match args.slow_consumer {
+            SlowConsumerPolicy::Close => SlowConsumer::Close,
+            SlowConsumerPolicy::Drop => SlowConsumer::Drop,
+        },
+        max_connections: args.max_connections,
+        handshake_timeout: args.handshake_timeout,
+        close_timeout: args.close_timeout,
+        heartbeat_interval: args.heartbeat_interval,
+        heartbeat_timeout: args.heartbeat_timeout,
+        timer_tick: args.timer_tick,
+        shutdown_timeout: args.shutdown_timeout,
+        compression,
+        keep_alive_timeout: args.api.api_idle_timeout,
     }
 }
 
@@ -656,24 +661,7 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let config = Config {
-        listen: args.listen,
-        max_message: args.max_message,
-        max_outbound: args.max_outbound,
-        slow_consumer: match args.slow_consumer {
-            SlowConsumerPolicy::Close => SlowConsumer::Close,
-            SlowConsumerPolicy::Drop => SlowConsumer::Drop,
-        },
-        max_connections: args.max_connections,
-        handshake_timeout: args.handshake_timeout,
-        close_timeout: args.close_timeout,
-        heartbeat_interval: args.heartbeat_interval,
-        heartbeat_timeout: args.heartbeat_timeout,
-        timer_tick: args.timer_tick,
-        shutdown_timeout: args.shutdown_timeout,
-        compression,
-        keep_alive_timeout: args.api.api_idle_timeout,
-    };
+    let config = reactor_config(&args, compression);
     let listeners = match workers::reuseport_listeners(config.listen, workers) {
         Ok(listeners) => listeners,
         Err(e) => {

@@ -49,7 +49,7 @@ use super::rooms::Rooms;
 use super::tokens::{Access, Tokens, TOKEN_EXPIRED, TOKEN_EXPIRED_REASON};
 use crate::engine::{
     Append, Arrival, Completion, Engine, Epoch, Event, Limits, MemoryEngine, Now, Outcome,
-    Position, Publish, Recovery, Refusal as StoreRefusal, Since, StreamId, Ticket,
+    Position, Publish, Recovery, Refusal as StoreRefusal, Replayed, Since, StreamId, Ticket,
 };
 use crate::protocol::frame::{self, OpCode};
 use crate::protocol::handshake::Request;
@@ -325,6 +325,27 @@ pub fn dedup(config: &AppConfig) -> Dedup {
         config.offline_ttl,
         config.dedup_max_bytes,
     )
+}
+
+/// Queues replayed messages (a welcome's backlog, a room join's replay) on `conn` in order,
+/// each with its msg_id: the first whatever --max-outbound says, so a connection always makes
+/// progress, the rest while they fit. Returns how many were queued; fewer than all means the
+/// queue is full and the caller closes the connection rather than let live traffic overtake
+/// the rest.
+fn queue_replay(conn: ConnId, messages: &[Replayed], tx: &mut impl Transport) -> usize {
+    for (i, m) in messages.iter().enumerate() {
+        let text = envelope::with_msg_id(&m.body, MsgId(m.position.0));
+        let frame = tx.encode_shared(OpCode::Text, &text);
+        let sent = if i == 0 {
+            tx.send_shared_unbounded(conn, &frame)
+        } else {
+            tx.send_shared(conn, &frame)
+        };
+        if sent != Sent::Queued {
+            return i;
+        }
+    }
+    messages.len()
 }
 
 impl Hub {
@@ -836,20 +857,10 @@ impl Hub {
         );
         let welcome = tx.encode_shared(OpCode::Text, &welcome);
         tx.send_shared_unbounded(conn, &welcome);
+        let queued = queue_replay(conn, &recovery.messages, tx);
+        let stalled = queued < recovery.messages.len();
         let mut delivered = Vec::new();
-        let mut stalled = false;
-        for (i, m) in recovery.messages.iter().enumerate() {
-            let text = envelope::with_msg_id(&m.body, MsgId(m.position.0));
-            let frame = tx.encode_shared(OpCode::Text, &text);
-            let sent = if i == 0 {
-                tx.send_shared_unbounded(conn, &frame)
-            } else {
-                tx.send_shared(conn, &frame)
-            };
-            if sent != Sent::Queued {
-                stalled = true;
-                break;
-            }
+        for m in &recovery.messages[..queued] {
             if m.pending {
                 delivered.push(m.position);
             } else {
@@ -1338,23 +1349,15 @@ impl Hub {
         // whatever --max-outbound says, so a connection always makes progress; if the rest
         // does not fit, the connection is closed (1008) rather than let live traffic overtake
         // the replay, and it rejoins with `since` where it got to.
-        for (i, m) in recovery.messages.iter().enumerate() {
-            let text = envelope::with_msg_id(&m.body, MsgId(m.position.0));
-            let frame = tx.encode_shared(OpCode::Text, &text);
-            let sent = if i == 0 {
-                tx.send_shared_unbounded(conn, &frame)
-            } else {
-                tx.send_shared(conn, &frame)
-            };
-            if sent != Sent::Queued {
-                tx.close(
-                    conn,
-                    CloseCode::POLICY_VIOLATION,
-                    "room history replay exceeds --max-outbound",
-                );
-                return;
-            }
-            self.metrics.room_replayed += 1;
+        let queued = queue_replay(conn, &recovery.messages, tx);
+        self.metrics.room_replayed += queued as u64;
+        if queued < recovery.messages.len() {
+            tx.close(
+                conn,
+                CloseCode::POLICY_VIOLATION,
+                "room history replay exceeds --max-outbound",
+            );
+            return;
         }
         self.count_room_recovery(since.is_some(), recovery.recovered);
         let joined = envelope::joined(&room, recovery.recovered, last, &epoch);
