@@ -82,6 +82,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         let open = self.ingest_bytes(id, buf.bytes_mut());
         self.poller.recycle(buf);
+        if open {
+            self.pause_reading_if_full(id);
+        }
         if open && self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
             self.mark_dirty(id);
         }
@@ -127,6 +130,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         self.poller.recycle(buf);
         self.after_tls_read(id);
+        self.pause_reading_if_full(id);
         if self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
             self.mark_dirty(id);
         }

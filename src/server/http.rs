@@ -250,8 +250,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 continue;
             };
             if conn.exchange().read_paused && !conn.exchange().waiting {
-                conn.exchange_mut().read_paused = false;
-                self.on_readable(id);
+                self.resume_reading(id);
             }
         }
     }
