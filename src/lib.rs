@@ -6,7 +6,8 @@
 //!   `server::Handler` seam.
 //! * `engine`   — where streams live (each id's inbox): in memory, or durably in a data
 //!   directory; the hub submits work and polls completions (SPEC §13).
-//! * `server`   — the reactor: event loop, connection slab, accept, dispatch, timers, shutdown.
+//! * `server`   — the reactor: event loop, connection slab, accept, dispatch, timers, shutdown;
+//!   and (`server::workers`) what N reactors of `--workers N` share (SPEC §14).
 //! * `protocol` — pure code: HTTP upgrade handshake, RFC 6455 frame codec, close codes.
 //! * `poller`   — readiness notification (epoll/kqueue through mio; poll(2); select(2)).
 //! * `tls`      — rustls sessions over non-blocking sockets, and the certificates they use

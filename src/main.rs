@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
+use wsrelay::app::raw_bus;
+use wsrelay::app::workers::WorkerApp;
 use wsrelay::app::{self, App, AppConfig, Clock, RateLimit, SystemClock};
 use wsrelay::engine::{self, FileConfig, FileEngine, FsyncPolicy, Now, StoreFault};
 use wsrelay::poller::waker::{self, WakeReceiver};
@@ -14,7 +16,7 @@ use wsrelay::poller::waker::{self, WakeReceiver};
 use wsrelay::poller::UringPoller;
 use wsrelay::poller::{MioPoller, PollPoller, Poller, SelectPoller};
 use wsrelay::protocol::deflate::{CompressionConfig, CompressionMode};
-use wsrelay::server::{Config, Exit, Reactor, SlowConsumer};
+use wsrelay::server::{workers, Config, Exit, Reactor, SlowConsumer};
 use wsrelay::tls::ServerTls;
 
 #[derive(Parser)]
@@ -64,6 +66,13 @@ struct ServeArgs {
     /// I/O backend: readiness (epoll, poll, select) or completion (uring, Linux).
     #[arg(long, value_enum, default_value = "epoll")]
     poller: PollerKind,
+
+    /// Reactor threads (SPEC §14): N, or `auto` for the CPUs this process may use. Each has
+    /// its own poller, listener (SO_REUSEPORT, Linux only), connections and timers; raw rooms
+    /// (/r/) reach members on every worker through a bus. Above 1, /ws answers 501 and
+    /// --data-dir is refused until the bus carries them.
+    #[arg(long, default_value = "1", value_parser = parse_workers)]
+    workers: usize,
 
     /// Largest message or frame accepted (bytes; K/M/G suffixes are binary); larger closes 1009.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
@@ -437,6 +446,19 @@ fn parse_tick(text: &str) -> Result<Duration, String> {
     Ok(tick)
 }
 
+/// Parses a worker count: a number from 1 up, or `auto` (the CPUs this process may use).
+fn parse_workers(text: &str) -> Result<usize, String> {
+    if text == "auto" {
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    }
+    match text.parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a worker count (1 to 1024, or auto)"
+        )),
+    }
+}
+
 /// A duration of whole seconds, such as `--jwt-leeway` (a token's exp and nbf are in whole
 /// seconds, RFC 7519 §2, and the verifier counts the leeway in seconds): "500ms" or "1.5s" is
 /// refused rather than silently cut to the second below.
@@ -490,6 +512,9 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.workers > 1 {
+        return serve_workers(args, compression);
+    }
     let api_key = match args.api.key() {
         Ok(key) => key,
         Err(e) => {
@@ -592,6 +617,190 @@ fn run<P: Poller>(
         reactor.local_addr(),
         reactor.poller_name()
     );
+    reactor.run()
+}
+
+/// `--workers` above 1 (SPEC §14): one reactor per thread, each on its own `SO_REUSEPORT`
+/// listener, sharing only the process-wide connection count and the gauges
+/// (`server::workers`). Every worker hears SIGINT/SIGTERM through its own signal pipe and
+/// shuts down on its own; the process exits 0 once every worker has.
+fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
+    let workers = args.workers;
+    // What the bus does not carry yet is refused before anything listens, in one line.
+    if args.storage.data_dir.is_some() {
+        eprintln!(
+            "wsrelay: --data-dir is not supported with --workers above 1 yet (the bus between \
+             workers does not carry streams); use --workers 1"
+        );
+        return ExitCode::FAILURE;
+    }
+    if args.api.api_key.is_some() || args.api.api_key_file.is_some() {
+        eprintln!(
+            "wsrelay: the server API (--api-key) is not supported with --workers above 1 yet \
+             (the bus between workers does not carry ids and envelope rooms); use --workers 1"
+        );
+        return ExitCode::FAILURE;
+    }
+    let app_config = match args.relay.app_config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("wsrelay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let tls_files = args.tls_cert.zip(args.tls_key);
+    if let Some((cert, key)) = &tls_files {
+        // Checked once here, so a bad pair is one line, not one per worker.
+        if let Err(e) = ServerTls::load(cert, key) {
+            eprintln!("wsrelay: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let config = Config {
+        listen: args.listen,
+        max_message: args.max_message,
+        max_outbound: args.max_outbound,
+        slow_consumer: match args.slow_consumer {
+            SlowConsumerPolicy::Close => SlowConsumer::Close,
+            SlowConsumerPolicy::Drop => SlowConsumer::Drop,
+        },
+        max_connections: args.max_connections,
+        handshake_timeout: args.handshake_timeout,
+        close_timeout: args.close_timeout,
+        heartbeat_interval: args.heartbeat_interval,
+        heartbeat_timeout: args.heartbeat_timeout,
+        timer_tick: args.timer_tick,
+        shutdown_timeout: args.shutdown_timeout,
+        compression,
+        keep_alive_timeout: args.api.api_idle_timeout,
+    };
+    let listeners = match workers::reuseport_listeners(config.listen, workers) {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            eprintln!("wsrelay: cannot listen on {}: {e}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .unwrap_or(config.listen);
+    let shared = workers::Shared::new(workers, config.max_connections);
+    let buses = match raw_bus::build(&shared) {
+        Ok(buses) => buses,
+        Err(e) => {
+            eprintln!("wsrelay: cannot create the bus between workers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Each worker reports once when it is ready (or could not start), and once when it ends.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<&'static str, String>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, std::io::Result<Exit>)>();
+    for (index, (listener, (bus, wake))) in listeners.into_iter().zip(buses).enumerate() {
+        let start = WorkerStart {
+            index,
+            listener,
+            bus,
+            wake,
+            app: app_config.clone(),
+            config: config.clone(),
+            tls: tls_files.clone(),
+            slot: shared.slot(index),
+        };
+        let (ready, done) = (ready_tx.clone(), done_tx.clone());
+        let poller = args.poller;
+        let spawned = std::thread::Builder::new()
+            .name(format!("worker-{index}"))
+            .spawn(move || {
+                let result = match poller {
+                    PollerKind::Epoll => {
+                        MioPoller::new().and_then(|p| run_worker(p, start, &ready))
+                    }
+                    PollerKind::Poll => {
+                        PollPoller::new().and_then(|p| run_worker(p, start, &ready))
+                    }
+                    PollerKind::Select => {
+                        SelectPoller::new().and_then(|p| run_worker(p, start, &ready))
+                    }
+                    PollerKind::Uring => {
+                        UringPoller::new().and_then(|p| run_worker(p, start, &ready))
+                    }
+                };
+                if let Err(e) = &result {
+                    // Tells the main thread if the worker failed before it was ready.
+                    let _ = ready.send(Err(e.to_string()));
+                }
+                let _ = done.send((index, result));
+            });
+        if let Err(e) = spawned {
+            eprintln!("wsrelay: cannot start worker {index}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    drop((ready_tx, done_tx));
+    let mut poller_name = "";
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok(name)) => poller_name = name,
+            Ok(Err(e)) => {
+                eprintln!("wsrelay: {e}");
+                return ExitCode::FAILURE;
+            }
+            Err(_) => return ExitCode::FAILURE,
+        }
+    }
+    // The same first line as with one worker (scripts and tests read the address from it).
+    println!("wsrelay listening on {addr} (poller: {poller_name}, workers: {workers})");
+    let mut immediate = false;
+    for (index, result) in done_rx.iter() {
+        match result {
+            Ok(Exit::Graceful) => log::debug!("worker {index} finished"),
+            Ok(Exit::Immediate) => immediate = true,
+            // One worker's poller failed: the process cannot keep its promises; stop it all.
+            Err(e) => {
+                eprintln!("wsrelay: worker {index}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if immediate {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// What one worker thread is started with.
+struct WorkerStart {
+    index: usize,
+    listener: std::net::TcpListener,
+    /// This worker's end of the bus for raw rooms, and the waker other workers ring.
+    bus: raw_bus::BusEnds,
+    wake: WakeReceiver,
+    /// The app is built on the worker's thread: it holds `Rc`s, and never leaves that thread.
+    app: AppConfig,
+    config: Config,
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    slot: workers::WorkerSlot,
+}
+
+/// One worker: its reactor on its listener, until shutdown. Says on `ready` when it accepts.
+fn run_worker<P: Poller>(
+    poller: P,
+    start: WorkerStart,
+    ready: &std::sync::mpsc::Sender<Result<&'static str, String>>,
+) -> std::io::Result<Exit> {
+    let app = WorkerApp::new(App::new(start.app), start.bus);
+    let mut reactor = Reactor::on_listener(poller, app, start.config, start.listener)?;
+    if let Some((cert, key)) = start.tls {
+        let tls = ServerTls::load(&cert, &key)
+            .map_err(|e| std::io::Error::other(format!("worker {}: {e}", start.index)))?;
+        reactor.serve_tls(tls);
+    }
+    reactor.handle_signals()?;
+    reactor.watch_waker(start.wake)?;
+    reactor.join_workers(start.slot);
+    let _ = ready.send(Ok(reactor.poller_name()));
     reactor.run()
 }
 

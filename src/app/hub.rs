@@ -145,6 +145,16 @@ pub struct Session {
     grant: Option<Box<Grant>>,
 }
 
+impl Session {
+    /// The raw room (`/r/<room>`) this connection is a member of, if it is one.
+    pub fn raw_room(&self) -> Option<&Rc<str>> {
+        match &self.endpoint {
+            Endpoint::Raw(room) => Some(room),
+            _ => None,
+        }
+    }
+}
+
 /// Which endpoint an open connection belongs to.
 #[derive(Debug)]
 enum Endpoint {
@@ -236,7 +246,13 @@ pub struct Hub {
     /// ticket of the latest one. A `leave`, a newer `join` of the same room or the connection's
     /// close removes or replaces it, and the answer to a ticket no longer here is dropped.
     joining: HashMap<(ConnId, Rc<str>), Ticket>,
+    /// `--workers` above 1: told of every raw-room message relayed here, so that it reaches
+    /// the members on other workers (`app/raw_bus.rs`). `None` with one worker.
+    raw_outlet: Option<RawOutlet>,
 }
+
+/// Where a raw-room message relayed on this worker also goes: (room, opcode, payload).
+pub type RawOutlet = Box<dyn FnMut(&str, OpCode, &[u8])>;
 
 /// The `reason` of a message refused because too much is waiting for the engine.
 const STORE_BUSY: &str = "the server is busy storing messages; try again later";
@@ -352,7 +368,34 @@ impl Hub {
             history_page_max_bytes: config.history_page_max_bytes,
             joining: HashMap::new(),
             clock,
+            raw_outlet: None,
         }
+    }
+
+    /// `--workers` above 1: every raw-room message relayed here is also handed to `outlet`
+    /// (the bus to the other workers, `app/raw_bus.rs`).
+    pub fn set_raw_outlet(&mut self, outlet: RawOutlet) {
+        self.raw_outlet = Some(outlet);
+    }
+
+    /// A raw-room message relayed by another worker: to every member here, verbatim, the frame
+    /// encoded once for all of them (SPEC §14). Returns how many members it was queued for.
+    pub fn deliver_raw(
+        &mut self,
+        room: &str,
+        opcode: OpCode,
+        payload: &[u8],
+        tx: &mut impl Transport,
+    ) -> usize {
+        let frame = tx.encode_shared(opcode, payload);
+        let mut queued = 0;
+        for member in self.raw_rooms.members(room) {
+            if tx.send_shared(member, &frame) == Sent::Queued {
+                self.metrics.raw_deliveries += 1;
+                queued += 1;
+            }
+        }
+        queued
     }
 
     /// Is `--jwt-secret` configured (ids are verified) or are `?id=`s trusted?
@@ -1000,6 +1043,9 @@ impl Hub {
             if member != conn && tx.send_shared(member, &frame) == Sent::Queued {
                 self.metrics.raw_deliveries += 1;
             }
+        }
+        if let Some(outlet) = &mut self.raw_outlet {
+            outlet(room, opcode, payload);
         }
     }
 

@@ -14,6 +14,8 @@
 //! * `tokens.rs`: what each connection's token allows now, and when it expires (refresh and
 //!   expiry, SPEC §16);
 //! * `ratelimit.rs`: the per-connection token bucket;
+//! * `workers.rs`: the app of one of several workers (`--workers`), which refuses what the
+//!   bus between workers does not carry yet; `raw_bus.rs`: that bus, for raw rooms;
 //! * `clock.rs`: injectable time; `config.rs`: `AppConfig`; `metrics.rs`: the hub's counters.
 //!
 //! Does not: see sockets, descriptors or bytes of frames. It receives whole messages for
@@ -30,8 +32,10 @@ pub mod envelope;
 pub mod hub;
 pub mod metrics;
 pub mod ratelimit;
+pub mod raw_bus;
 pub mod rooms;
 pub mod tokens;
+pub mod workers;
 
 #[cfg(test)]
 mod tests;
@@ -82,6 +86,22 @@ impl App {
             hub: Hub::with_engine(config, Box::new(clock.clone()), engine),
             loop_clock: Some(clock),
         }
+    }
+
+    /// `--workers` above 1: see `Hub::set_raw_outlet`.
+    pub fn set_raw_outlet(&mut self, outlet: hub::RawOutlet) {
+        self.hub.set_raw_outlet(outlet);
+    }
+
+    /// `--workers` above 1: see `Hub::deliver_raw`.
+    pub fn deliver_raw(
+        &mut self,
+        room: &str,
+        opcode: OpCode,
+        payload: &[u8],
+        out: &mut Outbox<'_>,
+    ) -> usize {
+        self.hub.deliver_raw(room, opcode, payload, out)
     }
 
     /// Is `--jwt-secret` configured? Without it, `/ws` trusts the `?id=` each client claims.

@@ -94,6 +94,17 @@ pub fn json_response(
     build_response(status, connection, "application/json", extra_headers, body)
 }
 
+/// `response` as the answer to a HEAD request: its status line and headers only. The
+/// `Content-Length` stays (it tells what a GET would have got, RFC 7231 §4.3.2) while the body
+/// goes: RFC 7230 §3.3 says a HEAD answer ends at its head, so body bytes sent anyway would be
+/// read as the start of the next answer on a kept-alive connection.
+pub fn without_body(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(end + 4);
+    }
+    response
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -102,6 +113,16 @@ mod tests {
 
     fn request(head: &str) -> Request {
         parse_request(head.as_bytes()).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn a_head_answer_keeps_its_length_and_loses_its_body() {
+        let full = json_response(405, b"{\"status\":405}", true, &[]);
+        let head = without_body(full.clone());
+        assert!(head.ends_with(b"\r\n\r\n"));
+        assert_eq!(head.len(), full.len() - b"{\"status\":405}".len());
+        let text = String::from_utf8(head).unwrap();
+        assert!(text.contains("Content-Length: 14\r\n"), "{text}");
     }
 
     fn framing_of(head: &str, max: usize) -> Result<Framing, Refusal> {

@@ -76,6 +76,9 @@ pub enum Refusal {
     BadApiKey(&'static str),
     /// The path exists but not with this method; `allow` lists the methods it takes.
     MethodNotAllowedFor { allow: &'static str },
+    /// `--workers` above 1, and the endpoint needs what the bus between workers does not carry
+    /// yet (SPEC §14): rooms and ids would be split between workers. The path is named.
+    NotAcrossWorkers(&'static str),
 }
 
 impl Refusal {
@@ -102,6 +105,9 @@ impl Refusal {
             Refusal::NotWebSocket | Refusal::BadVersion => 426,
             Refusal::TooLarge | Refusal::TooManyHeaders => 431,
             Refusal::ServiceUnavailable => 503,
+            // RFC 7231 §6.6.2: the server does not support what the request needs (in this
+            // configuration); not 503, which would invite a retry that cannot succeed.
+            Refusal::NotAcrossWorkers(_) => 501,
         }
     }
 
@@ -141,6 +147,12 @@ impl Refusal {
             }
             Refusal::MethodNotAllowedFor { allow } => {
                 return Cow::Owned(format!("this endpoint takes {allow}"))
+            }
+            Refusal::NotAcrossWorkers(path) => {
+                return Cow::Owned(format!(
+                    "{path} is not served with --workers above 1 yet (/echo and /r/<room> are); \
+                     run the server with --workers 1"
+                ))
             }
         })
     }
@@ -313,6 +325,14 @@ mod tests {
             &plain(
                 "503 Service Unavailable",
                 "server is at its connection limit\n",
+            ),
+        );
+        check(
+            NotAcrossWorkers("/ws"),
+            &plain(
+                "501 Not Implemented",
+                "/ws is not served with --workers above 1 yet (/echo and /r/<room> are); \
+                 run the server with --workers 1\n",
             ),
         );
     }

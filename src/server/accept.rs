@@ -118,7 +118,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Takes a new socket into the slab with its handshake deadline, or refuses it.
     pub(super) fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
         self.metrics.accepted += 1;
-        let over_limit = self.conns.len() - self.rejecting >= self.config.max_connections;
+        // With `--workers`, the limit is the process's (SPEC §14): a place is taken in the
+        // shared count here and given back by `release_place` if the socket goes.
+        let over_limit = match &self.worker {
+            None => self.conns.len() - self.rejecting >= self.config.max_connections,
+            Some(worker) => !worker.try_admit(),
+        };
         if over_limit && self.rejecting >= MAX_REJECTING {
             // Too many even to answer: close at once (the client sees a reset or EOF).
             Metrics::bump(&mut self.metrics.rejected, "max_connections");
@@ -132,6 +137,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                     self.poller.name()
                 );
                 Metrics::bump(&mut self.metrics.rejected, "fd_limit");
+                self.release_place(over_limit);
                 return;
             }
         }
@@ -140,6 +146,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             Err(e) => {
                 warn!("cannot start TLS for {peer}: {e}");
                 Metrics::bump(&mut self.metrics.rejected, "tls_session");
+                self.release_place(over_limit);
                 return;
             }
         };
@@ -156,6 +163,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         {
             warn!("cannot watch connection from {peer}: {e}");
             Metrics::bump(&mut self.metrics.rejected, "register_failed");
+            self.release_place(over_limit);
             return;
         }
         let mut conn = Connection::new(id, stream, Stamp::at(self.started, self.now));
@@ -182,6 +190,15 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         // completion backend's receive, armed above, delivers it.)
         if !self.poller.completion_based() {
             self.on_readable(id);
+        }
+    }
+
+    /// A connection that took a place in the process-wide count (`--workers`, not admitted
+    /// over the limit) is gone: give the place back. Nothing to do with one worker, whose
+    /// count is the slab itself.
+    pub(super) fn release_place(&mut self, over_limit: bool) {
+        if let (false, Some(worker)) = (over_limit, &self.worker) {
+            worker.release();
         }
     }
 }

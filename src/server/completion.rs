@@ -249,6 +249,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             match result {
                 Ok(n) if n > 0 => {
                     self.metrics.bytes_out += n as u64;
+                    self.after_answers_flushed(id);
                     if offset + n < records.len() {
                         self.send_records(id, records, offset + n);
                     } else {
@@ -272,6 +273,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             Ok(n) => {
                 conn.outbound.sent(n, &mut self.outbound_pool);
                 self.metrics.bytes_out += n as u64;
+                // The client read answers: a connection paused on its unsent answers may go
+                // on (`MAX_QUEUED_ANSWER_BYTES`), as after a readiness flush.
+                self.after_answers_flushed(id);
                 // More queued, or all out: `submit_send` handles both.
                 self.submit_send(id);
             }

@@ -135,6 +135,15 @@ pub(crate) struct Exchange {
     /// Reading stopped while waiting: the client pipelined more than
     /// `http::MAX_PIPELINED_BYTES`. The answer resumes it.
     pub(super) read_paused: bool,
+    /// The request being answered is a HEAD: its answer goes out without a body.
+    pub(super) head_method: bool,
+    /// The client shut its sending side (EOF) with a request unanswered or requests buffered:
+    /// nothing more is read, what it sent is answered, and then the connection closes.
+    pub(super) peer_done: bool,
+    /// Bytes at the front of `Connection::request` already served: pipelined requests are
+    /// taken from this offset, and the buffer is compacted once per `http::on_request_bytes`
+    /// rather than shifted once per request.
+    pub(super) served: usize,
 }
 
 /// A request head parsed while its body is still arriving.
@@ -241,8 +250,40 @@ impl Connection {
             keep_alive: false,
             answered: 0,
             read_paused: false,
+            head_method: false,
+            peer_done: false,
+            served: 0,
         };
         self.exchange.as_deref().unwrap_or(&NONE)
+    }
+
+    /// The bytes of `request` not yet served (see `Exchange::served`).
+    pub(super) fn unserved(&self) -> &[u8] {
+        &self.request[self.exchange().served..]
+    }
+
+    /// Drops every buffered request byte, served or not; the buffer is freed (SPEC §2).
+    pub(super) fn clear_request(&mut self) {
+        self.request = Vec::new();
+        if let Some(exchange) = self.exchange.as_deref_mut() {
+            exchange.served = 0;
+        }
+    }
+
+    /// Removes the served bytes from the front of `request`, once for all the requests served
+    /// since the last time; an emptied buffer is freed (SPEC §2: an idle connection holds no
+    /// buffers).
+    pub(super) fn compact_request(&mut self) {
+        let Some(exchange) = self.exchange.as_deref_mut() else {
+            return;
+        };
+        if exchange.served > 0 {
+            self.request.drain(..exchange.served);
+            exchange.served = 0;
+            if self.request.is_empty() {
+                self.request = Vec::new();
+            }
+        }
     }
 
     /// The exchange to change, made on first use.

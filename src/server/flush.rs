@@ -86,10 +86,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         if conn.write_interest != want_write {
             conn.write_interest = want_write;
-            let interest = if want_write {
-                Interest::BOTH
-            } else {
-                Interest::READABLE
+            // A kept-alive HTTP connection whose reading is paused stays without read interest
+            // (`http::pause_reading`).
+            let interest = Interest {
+                readable: !conn.exchange().read_paused,
+                writable: want_write,
             };
             let fd = conn.stream.as_raw_fd();
             if let Err(e) = self.poller.reregister(fd, Token(id.token()), interest) {
@@ -98,6 +99,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 return;
             }
         }
+        self.after_answers_flushed(id);
         if !want_write {
             self.after_flush(id);
         }
@@ -119,6 +121,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         match conn.state() {
             State::Closed => self.close_now(id),
+            // The client has already shut its side (`Exchange::peer_done`): no EOF is left to
+            // wait for, and nothing it sent is unread.
+            State::HttpResponding { .. } if conn.exchange().peer_done => self.close_now(id),
             // Half-close: the client reads our response (or our Close) to its end and then
             // hangs up. Closing outright could reset the connection and lose the response if
             // the client is still sending (RFC 7230 §6.6).

@@ -16,17 +16,25 @@ use super::connection::{ConnId, Deadline, PendingRequest, Stamp, State};
 use super::handler::Answer;
 use super::metrics::{Gauges, Metrics};
 use super::{live, Handler, Reactor, Route, ServerEndpoint};
-use crate::poller::Poller;
+use crate::poller::{Interest, Poller, Token};
 use crate::protocol::deflate::{self, DeflateParams};
 use crate::protocol::handshake::{self, Request};
 use crate::protocol::http_exchange;
 use crate::protocol::Refusal;
-use log::debug;
+use log::{debug, warn};
+use std::os::fd::AsRawFd;
 
 /// Bytes of further requests a connection may have buffered while the app has not answered
 /// its current one; beyond it the connection is not read until the answer comes (the client's
 /// writes then wait in TCP's buffers). Pipelining within it costs the server no extra reads.
 pub(super) const MAX_PIPELINED_BYTES: usize = super::READ_BUDGET_BYTES;
+
+/// Bytes of answers a kept-alive connection may have queued and unsent (capped further by
+/// `--max-outbound`). At or over it, no further request is served and the connection is not
+/// read: a client that pipelines and never reads its answers would otherwise make the server
+/// hold every answer (docs/api.md, "Connections and limits"). Serving and reading resume from
+/// the flush path once the client has read the queue down to half of it.
+pub(super) const MAX_QUEUED_ANSWER_BYTES: usize = 256 << 10;
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Serves the requests in `request`, in order, as they complete: an upgrade, a refusal,
@@ -35,6 +43,16 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// answered the last one (answers go out in request order; `resume_requests` comes back).
     /// Returns false if the connection was closed.
     pub(super) fn on_request_bytes(&mut self, id: ConnId) -> bool {
+        let open = self.serve_requests(id);
+        if let Some(conn) = self.conn_mut(id) {
+            conn.compact_request();
+        }
+        open
+    }
+
+    /// The loop of `on_request_bytes`: requests are taken from `Exchange::served` on.
+    fn serve_requests(&mut self, id: ConnId) -> bool {
+        let answers_bound = self.answers_bound();
         loop {
             let Some(conn) = self.conn_mut(id) else {
                 return false;
@@ -42,19 +60,28 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             if conn.state() != State::Handshaking || conn.exchange().waiting {
                 return true;
             }
+            if conn.outbound.queued_bytes() >= answers_bound {
+                // The client is not reading its answers: serve nothing more, read nothing
+                // more, until it does (`MAX_QUEUED_ANSWER_BYTES`; the flush path resumes).
+                if !conn.exchange().read_paused {
+                    self.metrics.http_output_pauses += 1;
+                    self.pause_reading(id);
+                }
+                return self.conn_mut(id).is_some();
+            }
             if let Some(pending) = conn.exchange_mut().pending.take() {
                 let needed = pending.head_len + pending.framing.as_ref().map_or(0, |f| f.body_len);
-                if conn.request.len() < needed {
+                if conn.unserved().len() < needed {
                     conn.exchange_mut().pending = Some(pending);
                     return true;
                 }
                 self.hand_to_app(id, *pending);
                 continue;
             }
-            if conn.request.is_empty() {
+            if conn.unserved().is_empty() {
                 return true;
             }
-            let (request, head_len) = match handshake::parse_request(&conn.request) {
+            let (request, head_len) = match handshake::parse_request(conn.unserved()) {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) => return true,
                 Err(refusal) => {
@@ -165,22 +192,23 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         } = pending;
         let body = match &framing {
             Ok(framing) => {
-                let body = conn.request[head_len..head_len + framing.body_len].to_vec();
-                conn.request.drain(..head_len + framing.body_len);
-                if conn.request.is_empty() {
+                let body = conn.unserved()[head_len..head_len + framing.body_len].to_vec();
+                conn.exchange_mut().served += head_len + framing.body_len;
+                if conn.unserved().is_empty() {
                     // SPEC §2: an idle connection holds no buffers.
-                    conn.request = Vec::new();
+                    conn.clear_request();
                 }
                 Ok(body)
             }
             // The bytes behind this head cannot be delimited: nothing more is read from them,
             // and the connection closes after the answer (`http_exchange`, invariant).
             Err(refusal) => {
-                conn.request = Vec::new();
+                conn.clear_request();
                 Err(refusal.clone())
             }
         };
         conn.exchange_mut().waiting = true;
+        conn.exchange_mut().head_method = request.method == "HEAD";
         conn.exchange_mut().keep_alive =
             framing.as_ref().is_ok_and(|f| f.keep_alive) && !shutting_down;
         conn.cancel_deadline(&mut self.timers);
@@ -215,6 +243,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 ),
                 Answer::Refused(refusal) => (refusal.status(), refusal.api_response(keep_alive)),
             };
+            let response = if conn.exchange().head_method {
+                http_exchange::without_body(response)
+            } else {
+                response
+            };
             if !keep_alive {
                 self.respond(id, status, response);
                 continue;
@@ -224,7 +257,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
                     out.extend_from_slice(&response)
                 });
-            if conn.request.is_empty() {
+            if conn.unserved().is_empty() {
                 conn.set_deadline(&mut self.timers, idle_deadline, Deadline::KeepAlive);
             } else {
                 // The next request has begun (or several are pipelined): it has the request
@@ -232,16 +265,18 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 let deadline = self.now + self.config.handshake_timeout;
                 conn.set_deadline(&mut self.timers, deadline, Deadline::Handshake);
             }
-            if !conn.request.is_empty() || conn.exchange().read_paused {
+            if !conn.unserved().is_empty() || conn.exchange().read_paused {
                 self.http_resume.push(id);
             }
             self.mark_dirty(id);
         }
     }
 
-    /// Serves the requests that waited behind an answer (see `apply_answers`), and reads again
-    /// a connection whose reading was paused while it waited.
+    /// Serves the requests that waited behind an answer (see `apply_answers`) or behind unsent
+    /// answers (see `after_answers_flushed`), and reads again a connection whose reading was
+    /// paused meanwhile.
     pub(super) fn resume_requests(&mut self) {
+        let answers_bound = self.answers_bound();
         while let Some(id) = self.http_resume.pop() {
             if !self.on_request_bytes(id) {
                 continue;
@@ -249,9 +284,119 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let Some(conn) = self.conn_mut(id) else {
                 continue;
             };
-            if conn.exchange().read_paused && !conn.exchange().waiting {
-                self.resume_reading(id);
+            let exchange = conn.exchange();
+            if exchange.peer_done {
+                if !exchange.waiting && conn.outbound.queued_bytes() < answers_bound {
+                    // Everything the half-closed client sent is answered.
+                    self.finish_half_closed(id);
+                }
+                continue;
             }
+            if exchange.read_paused
+                && !exchange.waiting
+                && conn.outbound.queued_bytes() < answers_bound
+            {
+                conn.exchange_mut().read_paused = false;
+                // A readiness reactor reads now (an edge-triggered poller would not report
+                // the bytes that waited); a completion backend's resumed receive brings them.
+                if self.set_read_interest(id, true) && !self.poller.completion_based() {
+                    self.on_readable(id);
+                }
+            }
+        }
+    }
+
+    /// A half-closed client (`Exchange::peer_done`) has all its answers queued: they are
+    /// flushed, then the connection closes (`flush::after_flush`), like after a
+    /// `Connection: close` answer. Bytes of an incomplete request left behind are dropped.
+    fn finish_half_closed(&mut self, id: ConnId) {
+        let deadline = self.now + self.config.close_timeout;
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        if !conn.responding(false) {
+            return;
+        }
+        conn.clear_request();
+        conn.set_deadline(&mut self.timers, deadline, Deadline::Close);
+        self.mark_dirty(id);
+    }
+
+    /// The bound on a connection's unsent answers (`MAX_QUEUED_ANSWER_BYTES`).
+    pub(super) fn answers_bound(&self) -> usize {
+        MAX_QUEUED_ANSWER_BYTES.min(self.config.max_outbound)
+    }
+
+    /// Stops reading a kept-alive connection (`Exchange::read_paused`) until `resume_requests`.
+    /// Its read interest goes too: a level-triggered poller would otherwise report the socket
+    /// readable on every loop iteration while it waits, a busy loop (docs/pollers.md).
+    pub(super) fn pause_reading(&mut self, id: ConnId) {
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        conn.exchange_mut().read_paused = true;
+        self.set_read_interest(id, false);
+    }
+
+    /// Registers the connection for readable readiness or not, keeping its writable interest.
+    /// Returns false if the poller refused and the connection was closed.
+    fn set_read_interest(&mut self, id: ConnId, readable: bool) -> bool {
+        let Some(conn) = live(&mut self.conns, id) else {
+            return false;
+        };
+        if self.poller.completion_based() {
+            return self.set_receiving(id, readable);
+        }
+        let interest = Interest {
+            readable,
+            writable: conn.write_interest,
+        };
+        let fd = conn.stream.as_raw_fd();
+        if let Err(e) = self.poller.reregister(fd, Token(id.token()), interest) {
+            warn!("{id:?} reregister failed: {e}");
+            self.close_now(id);
+            return false;
+        }
+        true
+    }
+
+    /// `set_read_interest` on a completion backend: there is no read interest to drop, since
+    /// the backend receives by itself; its receive is paused or resumed instead
+    /// (docs/pollers.md, "Pausing a receive"). Returns false if the poller refused and the
+    /// connection was closed.
+    fn set_receiving(&mut self, id: ConnId, receiving: bool) -> bool {
+        let Some(conn) = live(&mut self.conns, id) else {
+            return false;
+        };
+        let fd = conn.stream.as_raw_fd();
+        let result = if receiving {
+            self.poller.resume_receive(fd, Token(id.token()))
+        } else {
+            self.poller.pause_receive(fd)
+        };
+        if let Err(e) = result {
+            // Left as it is, the connection would hear nothing more (or too much).
+            warn!("{id:?} pausing or resuming the receive failed: {e}");
+            self.close_now(id);
+            return false;
+        }
+        true
+    }
+
+    /// The flush path's part in `MAX_QUEUED_ANSWER_BYTES`: once a paused connection's client
+    /// has read its answers down to half the bound, serving and reading resume (in
+    /// `resume_requests`; half, so that one answer read does not flip it back and forth).
+    pub(super) fn after_answers_flushed(&mut self, id: ConnId) {
+        let answers_bound = self.answers_bound();
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        let exchange = conn.exchange();
+        if exchange.read_paused
+            && !exchange.waiting
+            && conn.outbound.queued_bytes() <= answers_bound / 2
+        {
+            self.http_resume.push(id);
         }
     }
 
@@ -305,8 +450,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         conn.last_activity = Stamp::at(self.started, self.now);
         conn.set_deadline(&mut self.timers, heartbeat, Deadline::Heartbeat);
-        let mut pipelined = conn.request.split_off(head_len);
-        conn.request = Vec::new();
+        let mut pipelined = conn.request.split_off(conn.exchange().served + head_len);
+        conn.clear_request();
         self.metrics.upgrades += 1;
         debug!("{id:?} upgraded");
 
@@ -348,7 +493,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             .push_owned_with(response.len(), &mut self.outbound_pool, |out| {
                 out.extend_from_slice(&response)
             });
-        conn.request = Vec::new();
+        conn.clear_request();
         conn.set_deadline(&mut self.timers, deadline, Deadline::Close);
         self.mark_dirty(id);
         debug!("{id:?} answered HTTP {status}");
@@ -372,6 +517,26 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             ("uptime_ms", self.started.elapsed().as_millis() as u64),
         ];
         self.handler.stats(&mut fields);
+        // With `--workers`, the reactor's counters become the whole process's (SPEC §14: the
+        // demo page shows the server, not the worker that happened to answer); the app's
+        // figures stay this worker's (docs/operations.md, "Workers").
+        if let Some(worker) = &self.worker {
+            worker.publish(self.conns.len(), &self.metrics);
+            let total = worker.totals();
+            for (name, value) in fields.iter_mut() {
+                match *name {
+                    "connections" => *value = total.connections,
+                    "accepted" => *value = total.accepted,
+                    "messages_in" => *value = total.messages_in,
+                    "messages_out" => *value = total.messages_out,
+                    "bytes_in" => *value = total.bytes_in,
+                    "bytes_out" => *value = total.bytes_out,
+                    _ => {}
+                }
+            }
+            fields.push(("workers", worker.shared().workers() as u64));
+            fields.push(("worker", worker.index() as u64));
+        }
         let mut json = format!("{{\"poller\":\"{}\"", self.poller.name());
         for (name, value) in fields {
             json.push_str(&format!(",\"{name}\":{value}"));
@@ -387,7 +552,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             ("http", 0),
             ("closing", 0),
         ];
+        let mut http_queued_bytes = 0;
         for (_, conn) in &self.conns {
+            if conn.state() == State::Handshaking {
+                http_queued_bytes += conn.outbound.queued_bytes();
+            }
             let name = conn.state().name();
             if let Some(entry) = counts.iter_mut().find(|(n, _)| *n == name) {
                 entry.1 += 1;
@@ -396,10 +565,15 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let mut text = self.metrics.render(&Gauges {
             poller: self.poller.name(),
             connections: &counts,
+            http_queued_bytes,
         });
         self.compressor.metrics.render(&mut text);
         self.render_tls_metrics(&mut text);
         self.handler.render_metrics(&mut text);
+        if let Some(worker) = &self.worker {
+            worker.publish(self.conns.len(), &self.metrics);
+            worker.render_metrics(&mut text);
+        }
         text
     }
 }

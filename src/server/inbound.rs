@@ -10,10 +10,9 @@ use super::connection::{ConnId, Deadline, Stamp, State};
 use super::http::MAX_PIPELINED_BYTES;
 use super::tls::read_socket;
 use super::{live, Handler, Reactor, READ_BUDGET_BYTES};
-use crate::poller::{Poller, Token};
-use log::{debug, warn};
+use crate::poller::Poller;
+use log::debug;
 use std::io;
-use std::os::fd::AsRawFd;
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Reads the connection until `WouldBlock` or until its read budget is spent; then it goes
@@ -40,10 +39,15 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             let Some(conn) = live(&mut self.conns, id) else {
                 return;
             };
+            if conn.exchange().read_paused {
+                // Paused (see below, and `http::MAX_QUEUED_ANSWER_BYTES`): an event that came
+                // before the pause, or the ready list, finds nothing to do.
+                break;
+            }
             if conn.exchange().waiting && conn.request.len() >= MAX_PIPELINED_BYTES {
                 // Enough requests wait behind the one the app is answering: leave the rest in
-                // TCP's buffers until the answer (`resume_requests` reads again). A level-
-                // triggered poller keeps reporting the socket meanwhile (docs/api.md, "Limits").
+                // TCP's buffers until the answer (`resume_requests` reads again).
+                self.metrics.http_read_pauses += 1;
                 self.pause_reading(id);
                 break;
             }
@@ -105,60 +109,18 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
     }
 
-    /// Stops reading `id` because enough pipelined requests wait behind an answer (see
-    /// `read_input`; `resume_reading` undoes it). A readiness reactor simply does not read; a
-    /// completion backend receives by itself, so its receive is paused through the poller
-    /// (docs/pollers.md, "Pausing a receive").
-    pub(super) fn pause_reading(&mut self, id: ConnId) {
-        let Some(conn) = live(&mut self.conns, id) else {
-            return;
-        };
-        if conn.exchange().read_paused {
-            return;
-        }
-        conn.exchange_mut().read_paused = true;
-        self.metrics.http_read_pauses += 1;
-        if !self.poller.completion_based() {
-            return;
-        }
-        let fd = conn.stream.as_raw_fd();
-        if let Err(e) = self.poller.pause_receive(fd) {
-            warn!("{id:?}: pausing the receive failed: {e}");
-        }
-    }
-
-    /// The completion path's pause point: after received bytes were taken in (they are kept
-    /// even past the bound; the pause stops the next ones), pause if the bound is reached.
+    /// The completion path's pause point for `MAX_PIPELINED_BYTES` (`read_input` is the
+    /// readiness one): a completion backend has already received the bytes, which are kept
+    /// even past the bound; pausing (through `Poller::pause_receive`, see
+    /// `http::pause_reading`) stops the next ones.
     pub(super) fn pause_reading_if_full(&mut self, id: ConnId) {
-        let full = self.conn_mut(id).is_some_and(|conn| {
-            conn.exchange().waiting && conn.request.len() >= MAX_PIPELINED_BYTES
-        });
-        if full {
-            self.pause_reading(id);
-        }
-    }
-
-    /// Reads again a connection paused by `pause_reading`: a readiness reactor reads now (an
-    /// edge-triggered poller would not report the bytes that waited); a completion backend
-    /// arms its receive again, whose completions bring them.
-    pub(super) fn resume_reading(&mut self, id: ConnId) {
-        let Some(conn) = live(&mut self.conns, id) else {
+        let Some(conn) = self.conn_mut(id) else {
             return;
         };
-        if !conn.exchange().read_paused {
-            return;
-        }
-        conn.exchange_mut().read_paused = false;
-        if !self.poller.completion_based() {
-            self.on_readable(id);
-            return;
-        }
-        let fd = conn.stream.as_raw_fd();
-        if let Err(e) = self.poller.resume_receive(fd, Token(id.token())) {
-            // The connection would hear nothing more: end it instead of letting it hang.
-            warn!("{id:?}: resuming the receive failed: {e}");
-            self.metrics.abnormal_closes += 1;
-            self.close_now(id);
+        let exchange = conn.exchange();
+        if !exchange.read_paused && exchange.waiting && conn.request.len() >= MAX_PIPELINED_BYTES {
+            self.metrics.http_read_pauses += 1;
+            self.pause_reading(id);
         }
     }
 
@@ -169,6 +131,18 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
+        let exchange = conn.exchange();
+        if conn.state() == State::Handshaking
+            && (exchange.waiting || (exchange.read_paused && !conn.request.is_empty()))
+        {
+            // A client may send its last request and shut its sending side (RFC 7230 §6.6):
+            // what it asked is answered first, even when the answer comes in a later callback
+            // (the file engine's fsync). Not read again: the stream is at its end, and a
+            // level-triggered poller would report it on every iteration.
+            conn.exchange_mut().peer_done = true;
+            self.pause_reading(id);
+            return;
+        }
         match conn.state() {
             // The peer hung up after our response or our Close: the expected ending.
             State::HttpResponding { .. } | State::Closing | State::Closed | State::Failing => {}

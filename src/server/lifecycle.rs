@@ -176,6 +176,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let mut conn = self.conns.remove(id.slot as usize);
         if conn.state() == (State::HttpResponding { over_limit: true }) {
             self.rejecting -= 1;
+        } else {
+            self.release_place(false);
         }
         conn.cancel_deadline(&mut self.timers);
         // Deregister before the descriptor is closed, so that no event for it (or for a new

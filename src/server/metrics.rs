@@ -51,6 +51,9 @@ pub struct Metrics {
     /// Socket reads ended by a short read instead of a `WouldBlock` (edge-triggered epoll only,
     /// `Poller::short_read_drains`).
     pub reads_stopped_short: u64,
+    /// Times a kept-alive HTTP connection stopped being served and read: its unsent answers
+    /// reached the bound (`http::MAX_QUEUED_ANSWER_BYTES`), the client not reading them.
+    pub http_output_pauses: u64,
 }
 
 /// Values derived at render time rather than counted.
@@ -58,6 +61,8 @@ pub struct Gauges<'a> {
     pub poller: &'a str,
     /// (state name, number of connections in it).
     pub connections: &'a [(&'static str, usize)],
+    /// Bytes queued on connections still reading requests (kept-alive API connections).
+    pub http_queued_bytes: usize,
 }
 
 impl Metrics {
@@ -219,6 +224,17 @@ impl Metrics {
             self.http_read_pauses,
         );
         w.counter(
+            "wsrelay_http_output_pauses_total",
+            "Times an HTTP connection was not served or read while its unsent answers were at the bound.",
+            self.http_output_pauses,
+        );
+        w.family(
+            "wsrelay_http_queued_bytes",
+            "gauge",
+            "Bytes of HTTP answers queued on connections that read requests, not yet sent.",
+        );
+        w.sample("wsrelay_http_queued_bytes", &[], gauges.http_queued_bytes);
+        w.counter(
             "wsrelay_loop_iterations_total",
             "Event loop iterations.",
             self.loop_iterations,
@@ -370,6 +386,7 @@ mod tests {
         let text = m.render(&Gauges {
             poller: "epoll",
             connections: &[("open", 2)],
+            http_queued_bytes: 0,
         });
         assert!(text.contains("# TYPE wsrelay_accepted_total counter\nwsrelay_accepted_total 3\n"));
         assert!(text.contains("wsrelay_closes_sent_total{code=\"1002\"} 1\n"));

@@ -43,6 +43,7 @@ mod signals;
 mod tests;
 mod tls;
 mod websocket;
+pub mod workers;
 
 pub use config::Config;
 pub use connection::ConnId;
@@ -199,6 +200,10 @@ pub struct Reactor<P: Poller, H: Handler> {
     now: Instant,
     /// When the reactor was created (uptime in /stats.json; the epoch of connections' `Stamp`s).
     started: Instant,
+    /// `--workers` above 1: this reactor's handle on what the workers share (the process-wide
+    /// connection count and the gauges, `workers.rs`). `None` for the one reactor of
+    /// `--workers 1`, which then shares nothing.
+    worker: Option<workers::WorkerSlot>,
 }
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
@@ -206,8 +211,32 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     ///
     /// # Errors
     /// The address is taken or invalid, or the poller refuses the listener.
-    pub fn bind(mut poller: P, handler: H, mut config: Config) -> io::Result<Reactor<P, H>> {
+    pub fn bind(poller: P, handler: H, config: Config) -> io::Result<Reactor<P, H>> {
         let listener = TcpListener::bind(config.listen)?;
+        Reactor::with_listener(poller, handler, config, listener)
+    }
+
+    /// Like `bind`, on a listening socket bound already (`--workers`: one of the
+    /// `SO_REUSEPORT` listeners, `workers.rs`). `config.listen` is not used.
+    ///
+    /// # Errors
+    /// The socket cannot be made non-blocking, or the poller refuses it.
+    pub fn on_listener(
+        poller: P,
+        handler: H,
+        config: Config,
+        listener: std::net::TcpListener,
+    ) -> io::Result<Reactor<P, H>> {
+        listener.set_nonblocking(true)?;
+        Reactor::with_listener(poller, handler, config, TcpListener::from_std(listener))
+    }
+
+    fn with_listener(
+        mut poller: P,
+        handler: H,
+        mut config: Config,
+        listener: TcpListener,
+    ) -> io::Result<Reactor<P, H>> {
         if let Some(limit) = poller.fd_limit() {
             // Descriptors below the listener's are taken by stdio, the poller and the listener
             // itself; every connection needs one more, below the backend's limit.
@@ -264,7 +293,17 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             metrics: Metrics::default(),
             now,
             started: now,
+            worker: None,
         })
+    }
+
+    /// Makes this reactor one of several workers (SPEC §14): `--max-connections` is then
+    /// checked against every worker's connections, and /metrics and /stats.json report the
+    /// whole process. Call before `run`.
+    pub fn join_workers(&mut self, slot: workers::WorkerSlot) {
+        slot.cap(self.config.max_connections);
+        slot.publish(self.conns.len(), &self.metrics);
+        self.worker = Some(slot);
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -351,8 +390,20 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         // 4b. Serve HTTP requests that waited behind an answer the app gave in this iteration.
         self.resume_requests();
 
+        // With `--workers`: what the other workers read for /metrics (a few relaxed stores
+        // into this worker's own cache line, never per message). Before the flush, so that a
+        // client that has seen a reply finds its message counted in the process totals, and
+        // after it, for the bytes it wrote.
+        if let Some(worker) = &self.worker {
+            worker.publish(self.conns.len(), &self.metrics);
+        }
+
         // 5. Flush every connection that had bytes queued in this iteration.
         self.flush_dirty();
+
+        if let Some(worker) = &self.worker {
+            worker.publish(self.conns.len(), &self.metrics);
+        }
 
         if self.shutting_down && self.conns.is_empty() {
             info!("all connections closed; exiting");
@@ -364,7 +415,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Step 1: fills `events` with what is ready.
     fn wait(&mut self, events: &mut Vec<Event>) -> io::Result<()> {
         self.now = Instant::now();
-        let mut timeout = if self.ready.is_empty() {
+        // Connections a flush in the last iteration resumed (`http::after_answers_flushed`)
+        // are served in this one, without waiting.
+        let mut timeout = if self.ready.is_empty() && self.http_resume.is_empty() {
             self.timers.next_timeout(self.now)
         } else {
             Some(Duration::ZERO)

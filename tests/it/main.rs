@@ -27,3 +27,4 @@ mod hostile;
 mod offline;
 mod rooms;
 mod tokens;
+mod workers;

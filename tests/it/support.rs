@@ -95,9 +95,15 @@ impl Server {
     }
 
     fn spawn(command: &mut Command, poller: &str, listen: &str, extra: &[&str]) -> Server {
+        // TEST_WORKERS=N runs every server of the suite with --workers N (unless the test
+        // chose its own), to see which cases hold across workers (docs/operations.md).
+        let workers = std::env::var("TEST_WORKERS")
+            .ok()
+            .filter(|_| !extra.contains(&"--workers"));
         let mut child = command
             .args(["serve", "--listen", listen, "--poller", poller])
             .args(extra)
+            .args(workers.iter().flat_map(|n| ["--workers", n.as_str()]))
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "wsrelay=warn".into()),
