@@ -199,6 +199,32 @@ pub trait Poller {
         drop(fd);
     }
 
+    /// Stops receiving on the connection `fd` (watched with `watch_connection`) until
+    /// `resume_receive`: the reactor holds enough of its input (docs/pollers.md, "Pausing a
+    /// receive"). Readiness: nothing to do, the reactor honours a pause by not reading.
+    /// Completion: the standing receive is cancelled; bytes it received before the
+    /// cancellation took effect are still reported, and must be kept. Pausing twice is one
+    /// pause.
+    ///
+    /// # Errors
+    /// The descriptor is not watched, or the submission failed.
+    fn pause_receive(&mut self, fd: RawFd) -> io::Result<()> {
+        let _ = fd;
+        Ok(())
+    }
+
+    /// Receives again on a connection paused with `pause_receive`, reporting as `token`.
+    /// Readiness: nothing to do (the reactor reads again itself). Completion: the receive is
+    /// armed again (once the cancelled one has reported its end). Resuming a connection that is
+    /// not paused does nothing.
+    ///
+    /// # Errors
+    /// As `pause_receive`.
+    fn resume_receive(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        let _ = (fd, token);
+        Ok(())
+    }
+
     /// Completion only: reaps what has completed by now, without waiting: completions for
     /// `take_completions`, and readiness events kept for the next `wait` to report. Used where a
     /// readiness caller would read a socket directly to be sure it has nothing (a Pong

@@ -16,6 +16,8 @@
 //!   to an idle connection, and no `recv(2)` ever returns `EAGAIN`.
 //! * **Send** is a `sendmsg` whose iovecs point into the reactor's outbound queue; the reactor
 //!   keeps those bytes alive (and unmoved) until the `Sent` completion (`send`'s contract).
+//! * **Pausing a receive** (`pause_receive`) cancels the connection's receive by its key, so
+//!   its sends go on; `resume_receive` arms it again, once the cancelled one has reported.
 //! * **Other descriptors** (the signal pipes, the engine's waker) go through the `Poller`
 //!   surface as before: `register` arms a multishot poll, which comes back as readiness events.
 //! * **One system call per loop iteration**: everything queued since the last wait is submitted
@@ -108,10 +110,15 @@ struct FdOps {
     watched: bool,
     /// `close` was called while operations were in flight: closed when the last one reports.
     closing: Option<OwnedFd>,
+    /// The key of the connection's multishot receive while one is in flight (what
+    /// `pause_receive` cancels).
+    recv: Option<u32>,
+    /// Between `pause_receive` and `resume_receive`: a receive that ends is not armed again.
+    recv_paused: bool,
 }
 
 /// `FdOps` by descriptor number: descriptors are small dense integers, so a vector indexed by
-/// them is the cheapest map (it grows to the highest descriptor seen; 12 bytes each).
+/// them is the cheapest map (it grows to the highest descriptor seen; 20 bytes each).
 #[derive(Default)]
 struct FdTable {
     slots: Vec<FdOps>,
@@ -274,6 +281,11 @@ impl UringPoller {
     /// submitted first (one extra system call, only when more than `RING_ENTRIES` operations
     /// are queued in one iteration).
     fn push(&mut self, entry: squeue::Entry, op: Op) -> io::Result<()> {
+        self.push_keyed(entry, op).map(drop)
+    }
+
+    /// `push`, returning the operation's key (its `user_data`, which a cancellation names).
+    fn push_keyed(&mut self, entry: squeue::Entry, op: Op) -> io::Result<usize> {
         let counts = !matches!(op.kind, OpKind::Cancel);
         let fd = op.fd;
         let key = self.ops.insert(op);
@@ -292,7 +304,7 @@ impl UringPoller {
         if counts {
             self.fds.entry(fd).in_flight += 1;
         }
-        Ok(())
+        Ok(key)
     }
 
     fn arm_poll(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
@@ -319,7 +331,9 @@ impl UringPoller {
     fn arm_recv(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
         let entry = opcode::RecvMulti::new(Fd(fd), BUFFER_GROUP).build();
         let kind = OpKind::Recv;
-        self.push(entry, Op { kind, fd, token })
+        let key = self.push_keyed(entry, Op { kind, fd, token })?;
+        self.fds.entry(fd).recv = u32::try_from(key).ok();
+        Ok(())
     }
 
     /// Whether multishot operations on `fd` that end should be armed again.
@@ -437,8 +451,16 @@ impl UringPoller {
                         .push(Completion::ReceiveFailed(token, error));
                 }
                 if !more {
+                    // A cancelled receive that is still the descriptor's receive, on a
+                    // descriptor still watched, was cancelled by `pause_receive` (`deregister`
+                    // stops the watching first): it is armed again if the receiving was
+                    // resumed meanwhile.
+                    let (current, paused) = match self.fds.get_mut(fd) {
+                        Some(ops) => (ops.recv == u32::try_from(key).ok(), ops.recv_paused),
+                        None => (false, false),
+                    };
                     self.finish(key);
-                    if again && self.rearm(fd) {
+                    if (again || (cancelled && current)) && self.rearm(fd) && !paused {
                         self.rearm_or_log(fd, |p| p.arm_recv(fd, token));
                     }
                 }
@@ -469,6 +491,7 @@ impl UringPoller {
     /// holding a `close` back.
     fn finish(&mut self, key: usize) {
         let op = self.ops.remove(key);
+        let was_recv = matches!(op.kind, OpKind::Recv);
         match op.kind {
             OpKind::Cancel => return,
             OpKind::Send { msg } if self.spare_sends.len() < SPARE_SENDS => {
@@ -479,6 +502,9 @@ impl UringPoller {
         let Some(ops) = self.fds.get_mut(op.fd) else {
             return;
         };
+        if was_recv && ops.recv == u32::try_from(key).ok() {
+            ops.recv = None;
+        }
         ops.in_flight -= 1;
         if ops.in_flight == 0 && !ops.watched {
             // Dropping the entry drops (closes) a descriptor waiting in `closing`.
@@ -516,6 +542,7 @@ impl Poller for UringPoller {
             ));
         };
         ops.watched = false;
+        ops.recv_paused = false;
         if ops.in_flight == 0 {
             // Its operations have all ended (an EOF, a failed accept): nothing to cancel.
             self.fds.remove(fd);
@@ -609,6 +636,55 @@ impl Poller for UringPoller {
                 drop(fd);
             }
         }
+    }
+
+    /// Cancels the multishot receive by its key, so sends on the descriptor go on. Bytes the
+    /// receive completed before the cancellation takes effect are still reported, as usual.
+    fn pause_receive(&mut self, fd: RawFd) -> io::Result<()> {
+        let Some(ops) = self.fds.get_mut(fd).filter(|ops| ops.watched) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("descriptor {fd} is not watched"),
+            ));
+        };
+        if ops.recv_paused {
+            return Ok(());
+        }
+        ops.recv_paused = true;
+        // No receive in flight (it ended with an EOF or an error): nothing to cancel. The key
+        // is still the receive's: a key is reused only after its last completion is reaped,
+        // which takes a wait, and that wait submits this cancellation first.
+        let Some(key) = ops.recv else {
+            return Ok(());
+        };
+        let entry = opcode::AsyncCancel::new(u64::from(key)).build();
+        let kind = OpKind::Cancel;
+        self.push(
+            entry,
+            Op {
+                kind,
+                fd,
+                token: Token(0),
+            },
+        )
+    }
+
+    fn resume_receive(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        let Some(ops) = self.fds.get_mut(fd).filter(|ops| ops.watched) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("descriptor {fd} is not watched"),
+            ));
+        };
+        if !ops.recv_paused {
+            return Ok(());
+        }
+        ops.recv_paused = false;
+        if ops.recv.is_some() {
+            // The cancelled receive has not reported its end yet; it is armed again then.
+            return Ok(());
+        }
+        self.arm_recv(fd, token)
     }
 
     fn collect_now(&mut self) -> io::Result<()> {

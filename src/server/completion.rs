@@ -82,6 +82,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         let open = self.ingest_bytes(id, buf.bytes_mut());
         self.poller.recycle(buf);
+        if open {
+            self.pause_reading_if_full(id);
+        }
         if open && self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
             self.mark_dirty(id);
         }
@@ -127,6 +130,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         self.poller.recycle(buf);
         self.after_tls_read(id);
+        self.pause_reading_if_full(id);
         if self.conn_mut(id).is_some_and(|c| !c.outbound.is_empty()) {
             self.mark_dirty(id);
         }
@@ -245,6 +249,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             match result {
                 Ok(n) if n > 0 => {
                     self.metrics.bytes_out += n as u64;
+                    self.after_answers_flushed(id);
                     if offset + n < records.len() {
                         self.send_records(id, records, offset + n);
                     } else {
@@ -268,6 +273,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             Ok(n) => {
                 conn.outbound.sent(n, &mut self.outbound_pool);
                 self.metrics.bytes_out += n as u64;
+                // The client read answers: a connection paused on its unsent answers may go
+                // on (`MAX_QUEUED_ANSWER_BYTES`), as after a readiness flush.
+                self.after_answers_flushed(id);
                 // More queued, or all out: `submit_send` handles both.
                 self.submit_send(id);
             }

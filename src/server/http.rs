@@ -297,7 +297,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 && conn.outbound.queued_bytes() < answers_bound
             {
                 conn.exchange_mut().read_paused = false;
-                if self.set_read_interest(id, true) {
+                // A readiness reactor reads now (an edge-triggered poller would not report
+                // the bytes that waited); a completion backend's resumed receive brings them.
+                if self.set_read_interest(id, true) && !self.poller.completion_based() {
                     self.on_readable(id);
                 }
             }
@@ -342,6 +344,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let Some(conn) = live(&mut self.conns, id) else {
             return false;
         };
+        if self.poller.completion_based() {
+            return self.set_receiving(id, readable);
+        }
         let interest = Interest {
             readable,
             writable: conn.write_interest,
@@ -349,6 +354,29 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         let fd = conn.stream.as_raw_fd();
         if let Err(e) = self.poller.reregister(fd, Token(id.token()), interest) {
             warn!("{id:?} reregister failed: {e}");
+            self.close_now(id);
+            return false;
+        }
+        true
+    }
+
+    /// `set_read_interest` on a completion backend: there is no read interest to drop, since
+    /// the backend receives by itself; its receive is paused or resumed instead
+    /// (docs/pollers.md, "Pausing a receive"). Returns false if the poller refused and the
+    /// connection was closed.
+    fn set_receiving(&mut self, id: ConnId, receiving: bool) -> bool {
+        let Some(conn) = live(&mut self.conns, id) else {
+            return false;
+        };
+        let fd = conn.stream.as_raw_fd();
+        let result = if receiving {
+            self.poller.resume_receive(fd, Token(id.token()))
+        } else {
+            self.poller.pause_receive(fd)
+        };
+        if let Err(e) = result {
+            // Left as it is, the connection would hear nothing more (or too much).
+            warn!("{id:?} pausing or resuming the receive failed: {e}");
             self.close_now(id);
             return false;
         }

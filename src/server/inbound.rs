@@ -109,6 +109,21 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
     }
 
+    /// The completion path's pause point for `MAX_PIPELINED_BYTES` (`read_input` is the
+    /// readiness one): a completion backend has already received the bytes, which are kept
+    /// even past the bound; pausing (through `Poller::pause_receive`, see
+    /// `http::pause_reading`) stops the next ones.
+    pub(super) fn pause_reading_if_full(&mut self, id: ConnId) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let exchange = conn.exchange();
+        if !exchange.read_paused && exchange.waiting && conn.request.len() >= MAX_PIPELINED_BYTES {
+            self.metrics.http_read_pauses += 1;
+            self.pause_reading(id);
+        }
+    }
+
     /// The peer hung up (or shut its sending side).
     pub(super) fn on_eof(&mut self, id: ConnId) {
         // A TLS client that gave up on its handshake counts in the TLS stats as well.

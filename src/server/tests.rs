@@ -521,3 +521,145 @@ fn spares_released<P: Poller>(backend: P) {
         "not before the idle spell"
     );
 }
+
+/// An API app that holds the first request until its timer fires (as the file engine holds a
+/// publish until its fsync), then answers every request at once.
+struct Held {
+    first: Option<ConnId>,
+    released: bool,
+}
+
+impl Handler for Held {
+    type Session = ();
+
+    fn route(&mut self, _: ConnId, _: &Request) -> Route<()> {
+        Route::Api {
+            max_body: 64 * 1024,
+        }
+    }
+
+    fn on_open(&mut self, _: ConnId, _: &mut (), _: &mut Outbox<'_>) {}
+
+    fn on_message(&mut self, _: ConnId, _: &mut (), _: OpCode, _: &[u8], _: &mut Outbox<'_>) {}
+
+    fn on_close(&mut self, _: ConnId, _: (), _: &mut Outbox<'_>) {}
+
+    fn on_request(
+        &mut self,
+        conn: ConnId,
+        _: &Request,
+        _: Result<&[u8], crate::protocol::Refusal>,
+        out: &mut Outbox<'_>,
+    ) {
+        if self.released {
+            out.respond(conn, 200, b"{}".to_vec());
+        } else {
+            self.first = Some(conn);
+            out.wake_at(Instant::now() + Duration::from_millis(100));
+        }
+    }
+
+    fn on_timer(&mut self, out: &mut Outbox<'_>) {
+        self.released = true;
+        if let Some(conn) = self.first.take() {
+            out.respond(conn, 200, b"{}".to_vec());
+        }
+    }
+}
+
+/// A completion backend receives by itself: while an answer is pending and the pipelined
+/// requests reach `MAX_PIPELINED_BYTES`, its receive is paused, so the buffer stops growing
+/// although the client keeps writing (on the readiness pollers the reactor simply does not
+/// read; `api::*::pipelining_beyond_the_buffer_waits_for_the_answers` covers them end to end).
+/// After the answer every request is answered.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_paused_uring_receive_bounds_the_pipelined_bytes() {
+    let backend = match crate::poller::UringPoller::new() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skipped on uring: {e}");
+            return;
+        }
+    };
+    let config = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        timer_tick: Duration::from_millis(5),
+        ..Config::default()
+    };
+    let app = Held {
+        first: None,
+        released: false,
+    };
+    let mut r = Reactor::bind(backend, app, config).unwrap();
+    const N: usize = 1500;
+    const CHUNK: usize = 16 * 1024;
+    let body = "x".repeat(1000);
+    let request = format!(
+        "POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let bytes = request.repeat(N).into_bytes();
+    let mut client = StdStream::connect(r.local_addr()).unwrap();
+    client.set_nonblocking(true).unwrap();
+    let mut written = 0;
+    let write_some = |client: &mut StdStream, written: &mut usize| {
+        let end = (*written + CHUNK).min(bytes.len());
+        match client.write(&bytes[*written..end]) {
+            Ok(n) => *written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let paused = |r: &mut Reactor<crate::poller::UringPoller, Held>| {
+        r.conns.iter().any(|(_, c)| c.exchange().read_paused)
+    };
+    // Small writes, each reaped without a turn (no timer fires, so the first request stays
+    // unanswered), until the reactor pauses the connection.
+    let start = Instant::now();
+    while !paused(&mut r) {
+        assert!(start.elapsed() < DEADLINE, "never paused");
+        write_some(&mut client, &mut written);
+        r.collect_completions();
+    }
+    assert_eq!(r.metrics.http_read_pauses, 1);
+    // The client goes on writing; whatever the receive completed before its cancellation took
+    // effect is kept, and then nothing more.
+    let mut most = 0;
+    for _ in 0..50 {
+        write_some(&mut client, &mut written);
+        r.collect_completions();
+        let (_, conn) = r.conns.iter().next().expect("the connection");
+        most = most.max(conn.request.len());
+    }
+    assert!(
+        most <= http::MAX_PIPELINED_BYTES + 4 * CHUNK,
+        "{most} bytes buffered while paused"
+    );
+    assert!(
+        written > most + 8 * CHUNK,
+        "the client wrote only {written}"
+    );
+    // The answer resumes the receive: every request is answered.
+    let mut answers = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let count = |answers: &[u8]| {
+        answers
+            .windows(15)
+            .filter(|w| w == b"HTTP/1.1 200 OK")
+            .count()
+    };
+    let start = Instant::now();
+    while count(&answers) < N {
+        assert!(start.elapsed() < DEADLINE, "{} answers", count(&answers));
+        write_some(&mut client, &mut written);
+        assert_eq!(r.turn().unwrap(), None);
+        match client.read(&mut buf) {
+            Ok(0) => panic!("closed after {} answers", count(&answers)),
+            Ok(n) => answers.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(r.metrics.http_read_pauses, 1);
+}
