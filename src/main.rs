@@ -515,6 +515,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     if args.workers > 1 {
         return serve_workers(args, compression);
     }
+    let config = reactor_config(&args, compression);
     let api_key = match args.api.key() {
         Ok(key) => key,
         Err(e) => {
@@ -547,7 +548,6 @@ fn serve(args: ServeArgs) -> ExitCode {
             "no --jwt-secret: /ws trusts the ?id= each client claims (anyone can be anyone)"
         );
     }
-    let config = reactor_config(&args, compression);
     // Loaded before anything listens, so a bad pair is reported in words at once.
     let tls = match args.tls_cert.zip(args.tls_key) {
         Some((cert, key)) => match ServerTls::load(&cert, &key) {
@@ -646,6 +646,7 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    let config = reactor_config(&args, compression);
     let app_config = match args.relay.app_config() {
         Ok(config) => config,
         Err(e) => {
@@ -661,7 +662,6 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let config = reactor_config(&args, compression);
     let listeners = match workers::reuseport_listeners(config.listen, workers) {
         Ok(listeners) => listeners,
         Err(e) => {
