@@ -286,6 +286,12 @@ impl Connection {
         }
     }
 
+    /// The request head waiting for its body, if any. Reads without making the exchange: every
+    /// request head passes here, and a connection that upgrades must not pay for one.
+    pub(super) fn take_pending(&mut self) -> Option<Box<PendingRequest>> {
+        self.exchange.as_mut().and_then(|e| e.pending.take())
+    }
+
     /// The exchange to change, made on first use.
     pub(super) fn exchange_mut(&mut self) -> &mut Exchange {
         self.exchange.get_or_insert_with(Box::default)

@@ -69,7 +69,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 }
                 return self.conn_mut(id).is_some();
             }
-            if let Some(pending) = conn.exchange_mut().pending.take() {
+            if let Some(pending) = conn.take_pending() {
                 let needed = pending.head_len + pending.framing.as_ref().map_or(0, |f| f.body_len);
                 if conn.unserved().len() < needed {
                     conn.exchange_mut().pending = Some(pending);
