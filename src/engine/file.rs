@@ -599,6 +599,36 @@ impl FileEngine {
         }
     }
 
+    /// The outcome of a message the log promised to keep (a direct message, or a room message
+    /// with history on): stored once its write succeeded (and counted against its segment), or
+    /// rejected (SPEC §13: acks never lie) and taken back out of the index (`unappend`) it was
+    /// never written to, with its client id remembered as rejected.
+    #[allow(clippy::too_many_arguments)]
+    fn settle_kept(
+        &mut self,
+        ok: bool,
+        position: Position,
+        written: Option<(&Result<(), String>, u64)>,
+        sender: &str,
+        client_id: Option<&str>,
+        error: impl FnOnce() -> String,
+        unappend: impl FnOnce(&mut MemoryEngine),
+    ) -> Outcome {
+        self.durable_through = self.durable_through.max(position);
+        if ok {
+            let segment = written.map_or(0, |(_, s)| s);
+            if let Some(cost) = self.mem.set_segment(position, segment) {
+                self.usage.entry(segment).or_default().live += cost as u64;
+            }
+            Outcome::Stored { position }
+        } else {
+            unappend(&mut self.mem);
+            self.mem
+                .remember(sender, client_id, position, AckStatus::Rejected);
+            Outcome::Rejected(Refusal::Store(error()))
+        }
+    }
+
     /// Completes one piece of work. `written` is the storage thread's answer for work that went
     /// to it (the result, and the segment its records are in).
     fn finish(&mut self, waiting: Waiting, written: Option<(&Result<(), String>, u64)>) {
@@ -618,46 +648,35 @@ impl FileEngine {
                 position,
                 sender,
                 client_id,
-            } => {
-                self.durable_through = self.durable_through.max(position);
-                if ok {
-                    let segment = written.map_or(0, |(_, s)| s);
-                    if let Some(cost) = self.mem.set_segment(position, segment) {
-                        self.usage.entry(segment).or_default().live += cost as u64;
-                    }
-                    Outcome::Stored { position }
-                } else {
-                    self.mem.streams.unappend(&stream, position);
-                    let rejected = AckStatus::Rejected;
-                    self.mem
-                        .remember(&sender, client_id.as_deref(), position, rejected);
-                    Outcome::Rejected(Refusal::Store(error()))
-                }
-            }
+            } => self.settle_kept(
+                ok,
+                position,
+                written,
+                &sender,
+                client_id.as_deref(),
+                error,
+                |mem| {
+                    mem.streams.unappend(&stream, position);
+                },
+            ),
+            // Room history is on: the message is content the log promised to keep, settled as a
+            // direct message is.
             Work::Publish {
                 position,
                 kept: Some(stream),
                 sender,
                 client_id,
-            } => {
-                self.durable_through = self.durable_through.max(position);
-                if ok {
-                    let segment = written.map_or(0, |(_, s)| s);
-                    if let Some(cost) = self.mem.set_segment(position, segment) {
-                        self.usage.entry(segment).or_default().live += cost as u64;
-                    }
-                    Outcome::Stored { position }
-                } else {
-                    // Room history is on: the message is content the log promised to keep,
-                    // so, as for a direct message, it is rejected (SPEC §13: acks never lie)
-                    // and leaves the history it was never written to.
-                    self.mem.rooms.unappend(&stream, position);
-                    let rejected = AckStatus::Rejected;
-                    self.mem
-                        .remember(&sender, client_id.as_deref(), position, rejected);
-                    Outcome::Rejected(Refusal::Store(error()))
-                }
-            }
+            } => self.settle_kept(
+                ok,
+                position,
+                written,
+                &sender,
+                client_id.as_deref(),
+                error,
+                |mem| {
+                    mem.rooms.unappend(&stream, position);
+                },
+            ),
             Work::Publish { position, .. } => {
                 self.durable_through = self.durable_through.max(position);
                 if !ok {
