@@ -42,6 +42,7 @@ mod signals;
 #[cfg(test)]
 mod tests;
 mod tls;
+pub mod totals;
 mod websocket;
 pub mod workers;
 
