@@ -17,7 +17,8 @@
 //! too high, so they are listed as `Same` and the answering worker's value is given. Every gauge
 //! a multi-worker server renders is listed in `RULES` with its decision (the integration test
 //! `workers::every_gauge_has_a_merge_rule` fails on one that is not), so a new gauge cannot be
-//! summed by accident; one left unlisted sums. docs/operations.md ("Workers") has the table
+//! summed by accident; one left unlisted sums. The file engine's families are not listed:
+//! `--data-dir` is refused with several workers. docs/operations.md ("Workers") has the table
 //! with the reasons.
 
 use std::collections::HashMap;
