@@ -118,6 +118,14 @@ pub fn build(shared: &Arc<Shared>) -> io::Result<Vec<(BusEnds, WakeReceiver)>> {
         .collect())
 }
 
+impl BusEnds {
+    /// Every worker's waker, by index: the workers' engine bus (`engine/bus/`) rings the same
+    /// ones, so one wake-up serves both.
+    pub fn wakers(&self) -> Vec<Waker> {
+        self.doors.iter().map(|d| d.waker.clone()).collect()
+    }
+}
+
 /// One worker's side of the bus, on its thread.
 pub struct RawBus {
     ends: BusEnds,

@@ -28,3 +28,4 @@ mod offline;
 mod rooms;
 mod tokens;
 mod workers;
+mod workers_ws;
