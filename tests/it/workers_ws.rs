@@ -128,6 +128,13 @@ fn id_homed(worker: usize, prefix: &str) -> String {
         .unwrap()
 }
 
+/// Notes the engine bus carried, over both directions.
+fn bus_notes(server: &Server) -> f64 {
+    let m = server.metrics();
+    m.get("wsrelay_engine_bus_sent_total{from=\"0\",to=\"1\"}")
+        + m.get("wsrelay_engine_bus_sent_total{from=\"1\",to=\"0\"}")
+}
+
 /// The next message that is not a presence event (presence does not cross workers yet).
 fn next_message(c: &mut Client) -> Value {
     loop {
@@ -280,6 +287,7 @@ fn a_room_across_workers_gets_each_message_once_in_order(poller: &str) {
                 c
             })
             .collect();
+        let notes_before = bus_notes(&server);
         for seq in 0..PER_SENDER {
             for (p, c) in members.iter_mut().enumerate().take(2) {
                 c.send(json!({"type": "publish", "room": room, "payload": {"p": p, "seq": seq}, "id": format!("{p}-{seq}")}));
@@ -304,6 +312,14 @@ fn a_room_across_workers_gets_each_message_once_in_order(poller: &str) {
                 got += 1;
             }
         }
+        // What crossed: a message sent on the room's home worker is one note (to the other
+        // worker, which has members); one sent on the other worker is a request and a reply
+        // (the home's own members hear it without a note). Never one per member.
+        assert_eq!(
+            bus_notes(&server) - notes_before,
+            (PER_SENDER * 3) as f64,
+            "room homed at worker {room_home}"
+        );
         // Nothing more: a last message from member 2 is the next thing everyone else reads.
         members[2].send(json!({"type": "publish", "room": room, "payload": "end"}));
         for (i, c) in members.iter_mut().enumerate() {
