@@ -198,6 +198,30 @@ fn direct_messages_and_acks_between_workers(poller: &str) {
     assert!(sent > 0.0, "the bus carried it");
 }
 
+/// `--offline-max 0`: nothing is retained, a direct message only takes a position at the
+/// recipient's home; one to an id online on the other worker is delivered there and acked
+/// `delivered`, one to an id online nowhere is `rejected`.
+fn without_an_offline_queue_direct_messages_still_cross(poller: &str) {
+    let server = Server::start(poller, &["--workers", "2", "--offline-max", "0"]);
+    let mut placement = Placement::new();
+    for b_home in [0, 1] {
+        let b_id = id_homed(b_home, "bob");
+        let mut a = placement.id(&server, 0, "alice");
+        let ack = a.send_acked(&b_id, json!("nobody"), &format!("{b_id}-0"));
+        assert_eq!(ack["status"], "rejected", "{ack}");
+        let mut b = placement.id(&server, 1, &b_id);
+        for i in 1..4 {
+            let ack = a.send_acked(&b_id, json!(i), &format!("{b_id}-{i}"));
+            assert_eq!(ack["status"], "delivered", "{ack}");
+            let m = b.expect("message");
+            assert_eq!(m["payload"], json!(i));
+            assert_eq!(m["msg_id"], ack["msg_id"]);
+        }
+        placement.close(&server, 1, b);
+        placement.close(&server, 0, a);
+    }
+}
+
 /// B is offline; A, on the other worker, sends 20: queued. B connects (on either worker) and
 /// gets all 20 in order before anything live; then `since` recovers after a reset.
 fn offline_delivery_and_since_across_workers(poller: &str) {
@@ -335,6 +359,7 @@ fn a_room_across_workers_gets_each_message_once_in_order(poller: &str) {
 
 poller_tests!(
     direct_messages_and_acks_between_workers,
+    without_an_offline_queue_direct_messages_still_cross,
     offline_delivery_and_since_across_workers,
     a_resent_client_id_is_one_message_across_workers,
     a_room_across_workers_gets_each_message_once_in_order,
