@@ -357,7 +357,74 @@ fn a_room_across_workers_gets_each_message_once_in_order(poller: &str) {
     }
 }
 
+/// Room history across workers: a member that comes back on a worker where the room has no
+/// other member, and joins with `since` while the room keeps getting messages from a sender on
+/// the other worker, sees every
+/// message after its `since` exactly once, in order, replayed then live: nothing stored between
+/// its recovery at the room's home and its `joined` is lost or doubled. (That window is a few
+/// microseconds here and rarely hit; `engine::bus::tests::a_room_recovery_subscribes_*` puts a
+/// message in it deterministically.)
+fn a_join_with_since_across_workers_misses_nothing_while_the_room_is_busy(poller: &str) {
+    let server = Server::start(poller, &["--workers", "2", "--room-history", "1000"]);
+    let mut placement = Placement::new();
+    const BUSY: u64 = 300;
+    for room_home in [0, 1] {
+        let room = room_homed(room_home, "busy");
+        let mut a = placement.id(&server, 0, "alice");
+        a.join(&room, "alice");
+        let mut b = placement.id(&server, 1, "bob");
+        b.join(&room, "bob");
+        for i in 0..3 {
+            a.send(json!({"type": "publish", "room": room, "payload": i}));
+        }
+        let seen: Vec<Value> = (0..3).map(|_| next_message(&mut b)).collect();
+        let since = seen[2]["msg_id"].clone();
+        placement.close(&server, 1, b);
+        for i in 3..10 {
+            a.send(json!({"type": "publish", "room": room, "payload": i}));
+        }
+        // Bob comes back (worker 1 holds no member now) while alice keeps publishing from her
+        // own thread on worker 0.
+        let mut b = placement.id(&server, 1, "bob");
+        let sender = {
+            let room = room.clone();
+            std::thread::spawn(move || {
+                for i in 10..BUSY {
+                    a.send(json!({"type": "publish", "room": room, "payload": i}));
+                }
+                let mut acks = 0;
+                while acks < BUSY {
+                    if next_message(&mut a)["type"] == "ack" {
+                        acks += 1;
+                    }
+                }
+                a
+            })
+        };
+        b.send(json!({"type": "join", "room": room, "since": since}));
+        let mut next = 3;
+        let mut joined = None;
+        while next < BUSY {
+            let m = next_message(&mut b);
+            match m["type"].as_str() {
+                Some("joined") => joined = Some(m),
+                Some("message") => {
+                    assert_eq!(m["payload"], next, "once each, in order: {m}");
+                    next += 1;
+                }
+                _ => panic!("unexpected: {m}"),
+            }
+        }
+        let joined = joined.expect("joined before the last message");
+        assert_eq!(joined["recovered"], true, "{joined}");
+        let a = sender.join().unwrap();
+        placement.close(&server, 1, b);
+        placement.close(&server, 0, a);
+    }
+}
+
 poller_tests!(
+    a_join_with_since_across_workers_misses_nothing_while_the_room_is_busy,
     direct_messages_and_acks_between_workers,
     without_an_offline_queue_direct_messages_still_cross,
     offline_delivery_and_since_across_workers,
