@@ -339,3 +339,35 @@ fn a_room_recovery_subscribes_until_the_hub_has_joined_or_not() {
     p.settle();
     assert_eq!(p.engines[1].rooms.get(&*room).map(Vec::len), Some(1));
 }
+
+#[test]
+fn arrivals_for_a_worker_that_does_not_keep_up_are_dropped_and_counted() {
+    let mut p = pair();
+    let room = homed(0, StreamId::room);
+    p.engines[1].joined(&room);
+    p.settle();
+    // Worker 1 never polls: its queue fills with arrived messages, then they are dropped.
+    let extra = 10;
+    for _ in 0..ARRIVED_LIMIT + extra {
+        p.publish(0, &room);
+    }
+    let mut out = Vec::new();
+    p.engines[0].poll(&mut out);
+    assert_eq!(
+        completed(&out).len() as u64,
+        ARRIVED_LIMIT + extra,
+        "every sender is answered"
+    );
+    assert_eq!(p.engines[0].dropped[1], extra);
+    assert_eq!(
+        p.engines[0].link.fabric.depth[1].load(Ordering::Relaxed),
+        ARRIVED_LIMIT
+    );
+    // What did cross arrives, in order, once worker 1 polls; the queue is empty again.
+    let mut one = Vec::new();
+    p.engines[1].poll(&mut one);
+    let got = arrived(&one);
+    assert_eq!(got.len() as u64, ARRIVED_LIMIT);
+    assert!(got.windows(2).all(|w| w[0].1 < w[1].1));
+    assert_eq!(p.engines[0].link.fabric.depth[1].load(Ordering::Relaxed), 0);
+}
