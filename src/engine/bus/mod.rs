@@ -246,17 +246,18 @@ impl BusEngine {
     /// `--offline-max 0`, where the hub publishes it with `keep: false`) an inbox.
     fn delivery_stream(job: &Job) -> Option<StreamId> {
         match job {
-            Job::Append(a) => Some(a.stream.clone()),
-            Job::Publish(p) if p.keep => Some(StreamId::Room(Rc::clone(&p.room))),
-            Job::Publish(p) => Some(StreamId::Inbox(Rc::clone(&p.room))),
+            Job::Append(_) | Job::Publish(_) => Some(Self::stream_of(job)),
             Job::Recover(..) | Job::History(..) => None,
         }
     }
 
+    /// The stream `job` is for, whose home does it.
     fn stream_of(job: &Job) -> StreamId {
         match job {
+            Job::Append(a) => a.stream.clone(),
+            Job::Publish(p) if p.keep => StreamId::Room(Rc::clone(&p.room)),
+            Job::Publish(p) => StreamId::Inbox(Rc::clone(&p.room)),
             Job::Recover(stream, _) | Job::History(stream, _) => stream.clone(),
-            _ => Self::delivery_stream(job).expect("append and publish have one"),
         }
     }
 
@@ -505,16 +506,15 @@ impl BusEngine {
             let Some(next) = self.order.front() else {
                 return;
             };
-            let ready = matches!(
-                self.sources[next.home].front(),
-                Some(Event::Completed(c)) if c.ticket == next.ticket
-            );
-            if !ready {
-                return;
+            let source = &mut self.sources[next.home];
+            match source.front() {
+                Some(Event::Completed(c)) if c.ticket == next.ticket => {}
+                _ => return,
             }
-            let next = self.order.pop_front().expect("front above");
-            let Some(Event::Completed(completion)) = self.sources[next.home].pop_front() else {
-                unreachable!("front above");
+            let (Some(Event::Completed(completion)), Some(next)) =
+                (source.pop_front(), self.order.pop_front())
+            else {
+                return;
             };
             if next.has_client_id {
                 if let Outcome::Stored { position }
