@@ -28,7 +28,9 @@
 //! (to the room's home). So a room message costs at most one bus message per other worker with
 //! members, plus the request and reply when its room is homed elsewhere. A direct message to an
 //! id online on another worker than the sender's is answered `StoredOnlineElsewhere`, which the
-//! hub acks `delivered` (docs/protocol.md, "Acks").
+//! hub acks `delivered` (docs/protocol.md, "Acks"). `delivered` reports (not urgent) are
+//! batched per home for one pass of the hub: sent at the next `poll`, or before any other note
+//! to that home, so the home still sees them in the order of the calls.
 //!
 //! # Order
 //!
@@ -175,6 +177,8 @@ pub struct BusEngine {
     /// Homes of the duplicate windows of the completions the last `poll` handed out, by
     /// position: `acked` follows them (the hub calls it while acting on that completion).
     acked_homes: HashMap<Position, usize>,
+    /// `delivered` reports for streams homed at each worker, not sent yet.
+    delivered: Vec<Vec<(Stream, Vec<Position>)>>,
     /// Notes this worker sent to each worker, and `Arrived` notes it dropped for each.
     sent: Vec<u64>,
     dropped: Vec<u64>,
@@ -209,6 +213,7 @@ impl BusEngine {
             sources: (0..workers).map(|_| VecDeque::new()).collect(),
             order: VecDeque::new(),
             acked_homes: HashMap::new(),
+            delivered: (0..workers).map(|_| Vec::new()).collect(),
             sent: vec![0; workers],
             dropped: vec![0; workers],
             received: 0,
@@ -228,8 +233,27 @@ impl BusEngine {
         home(stream, self.workers())
     }
 
-    /// Puts `note` on worker `to`'s queue and rings it.
+    /// Puts `note` on worker `to`'s queue (after the `delivered` reports waiting for it) and
+    /// rings it.
     fn send(&mut self, to: usize, note: Note) {
+        if !self.delivered[to].is_empty() {
+            let reports = std::mem::take(&mut self.delivered[to]);
+            self.push(to, Note::Delivered(reports));
+        }
+        self.push(to, note);
+    }
+
+    /// Sends the `delivered` reports waiting for every worker.
+    fn flush_delivered(&mut self) {
+        for to in 0..self.workers() {
+            if !self.delivered[to].is_empty() {
+                let reports = std::mem::take(&mut self.delivered[to]);
+                self.push(to, Note::Delivered(reports));
+            }
+        }
+    }
+
+    fn push(&mut self, to: usize, note: Note) {
         let depth = &self.link.fabric.depth[to];
         depth.fetch_add(1, Ordering::Relaxed);
         let (door, wake) = &self.link.doors[to];
@@ -477,8 +501,10 @@ impl BusEngine {
                     position,
                     body,
                 } => self.sources[from].push_back(Note::arrival(&stream, position, &body)),
-                Note::Delivered { stream, positions } => {
-                    self.local.delivered(&stream.local(), &positions);
+                Note::Delivered(reports) => {
+                    for (stream, positions) in reports {
+                        self.local.delivered(&stream.local(), &positions);
+                    }
                 }
                 Note::Acked {
                     sender,
@@ -636,11 +662,9 @@ impl Engine for BusEngine {
         if home == self.me() {
             self.local.delivered(stream, positions);
         } else {
-            let note = Note::Delivered {
-                stream: Stream::of(stream),
-                positions: positions.to_vec(),
-            };
-            self.send(home, note);
+            // Not urgent: batched per home, sent before anything else goes there (so the
+            // home's order is the one of the calls) or at the next `poll`.
+            self.delivered[home].push((Stream::of(stream), positions.to_vec()));
         }
     }
 
@@ -721,6 +745,7 @@ impl Engine for BusEngine {
 
     fn poll(&mut self, out: &mut Vec<Event>) {
         self.acked_homes.clear();
+        self.flush_delivered();
         self.settle_rooms();
         self.receive();
         self.release(out);

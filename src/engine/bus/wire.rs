@@ -240,11 +240,9 @@ pub(super) enum Note {
         position: Position,
         body: Arc<[u8]>,
     },
-    /// `Engine::delivered`, for a stream homed at the receiver.
-    Delivered {
-        stream: Stream,
-        positions: Vec<Position>,
-    },
+    /// `Engine::delivered`, for streams homed at the receiver: the reports of one pass of the
+    /// sender's hub, batched (see `BusEngine::delivered`).
+    Delivered(Vec<(Stream, Vec<Position>)>),
     /// `Engine::acked`, for a duplicate window kept at the receiver.
     Acked {
         sender: Arc<str>,
