@@ -423,7 +423,37 @@ fn a_join_with_since_across_workers_misses_nothing_while_the_room_is_busy(poller
     }
 }
 
+/// SPEC §2, §14: SIGTERM with `/ws` clients on both workers, in a room together and messages
+/// crossing between them: every connection is told 1001, and the process exits 0 (no worker
+/// waits on another that has already ended).
+fn sigterm_with_ws_clients_on_both_workers(poller: &str) {
+    let mut server = Server::start(poller, &["--workers", "2", "--shutdown-timeout", "8s"]);
+    let mut placement = Placement::new();
+    let room = room_homed(1, "all");
+    let mut clients: Vec<Client> = (0..6)
+        .map(|i| {
+            let me = format!("u{i}");
+            let mut c = placement.id(&server, i % 2, &me);
+            c.join(&room, &me);
+            c
+        })
+        .collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(json!({"type": "publish", "room": room, "payload": i}));
+        let to = format!("u{}", (i + 1) % 6);
+        c.send(json!({"type": "send", "to": to, "payload": i}));
+    }
+    server.signal("TERM");
+    for (i, c) in clients.iter_mut().enumerate() {
+        let code = close_code(&mut c.ws);
+        assert_eq!(u16::from(code), 1001, "client {i}");
+    }
+    drop(clients);
+    assert_eq!(server.wait_exit(DEADLINE), Some(0));
+}
+
 poller_tests!(
+    sigterm_with_ws_clients_on_both_workers,
     a_join_with_since_across_workers_misses_nothing_while_the_room_is_busy,
     direct_messages_and_acks_between_workers,
     without_an_offline_queue_direct_messages_still_cross,
