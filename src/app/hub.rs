@@ -703,6 +703,7 @@ impl Hub {
                 for room in self.rooms.leave_all(conn) {
                     let (id, info) = (&peer.id, info.as_deref());
                     self.presence(&room, id, info, PresenceEvent::Leave, None, tx);
+                    self.room_left(&room);
                 }
                 if let Some(devices) = self.online.get_mut(&peer.id) {
                     devices.retain(|&d| d != conn);
@@ -779,7 +780,12 @@ impl Hub {
                     to,
                     body,
                     retained,
-                } => self.stored_send(conn, &sender, client_id, to, &body, retained, position, tx),
+                } => {
+                    let elsewhere = false;
+                    self.stored_send(
+                        conn, &sender, client_id, to, &body, retained, position, elsewhere, tx,
+                    )
+                }
                 Work::Publish {
                     conn,
                     client_id,
@@ -789,6 +795,23 @@ impl Hub {
                 } => self.stored_publish(conn, &sender, client_id, &room, &body, position, tx),
                 Work::Recover { .. } | Work::Join { .. } | Work::History { .. } => {}
             },
+            // Stored, and the recipient had a live connection on another node (SPEC §15).
+            (
+                Work::Send {
+                    conn,
+                    sender,
+                    client_id,
+                    to,
+                    body,
+                    retained,
+                },
+                Outcome::StoredOnlineElsewhere { position },
+            ) => {
+                let elsewhere = true;
+                self.stored_send(
+                    conn, &sender, client_id, to, &body, retained, position, elsewhere, tx,
+                )
+            }
             (work, Outcome::Duplicate { position, status }) => {
                 if let Work::Send {
                     conn, client_id, ..
@@ -886,7 +909,9 @@ impl Hub {
     }
 
     /// A direct message is stored (or, with `--offline-max 0`, has its position): deliver it
-    /// to the recipient's greeted connections, and ack what happened.
+    /// to the recipient's greeted connections, and ack what happened. `elsewhere`: the
+    /// recipient had a live connection on another node (SPEC §15), which delivers it there and
+    /// reports it delivered itself: the ack says `delivered` (docs/protocol.md).
     #[allow(clippy::too_many_arguments)]
     fn stored_send(
         &mut self,
@@ -897,6 +922,7 @@ impl Hub {
         body: &[u8],
         retained: bool,
         position: Position,
+        elsewhere: bool,
         tx: &mut impl Transport,
     ) {
         let msg_id = MsgId(position.0);
@@ -904,7 +930,8 @@ impl Hub {
         self.metrics.direct_messages += 1;
         let (delivered, dropped) = self.deliver_live(&to, &frame, tx);
         let stream = StreamId::Inbox(to);
-        let (status, reason) = if delivered {
+        let remote_only = elsewhere && !delivered && !dropped;
+        let (status, reason) = if delivered || remote_only {
             (AckStatus::Delivered, None)
         } else if dropped || !retained {
             // Not delivered, and it must not wait as pending. Dropped: the recipient is online
@@ -921,7 +948,7 @@ impl Hub {
             self.metrics.offline_queued += 1;
             (AckStatus::Queued, None)
         };
-        if retained && status != AckStatus::Queued {
+        if retained && status != AckStatus::Queued && !remote_only {
             self.engine.delivered(&stream, &[position]);
         }
         if status == AckStatus::Rejected {
@@ -1289,6 +1316,7 @@ impl Hub {
             self.presence(room, &peer.id, info, PresenceEvent::Join, Some(conn), tx);
         } else {
             self.rooms.join(conn, room);
+            self.room_joined(room);
             self.presence(room, &peer.id, info, PresenceEvent::Join, None, tx);
             self.count_room_recovery(since.is_some(), false);
         }
@@ -1343,6 +1371,7 @@ impl Hub {
                 return self.error(conn, EnvelopeError::TooManyRooms, tx);
             }
             self.rooms.join(conn, &room);
+            self.room_joined(&room);
             self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
         }
         // As for a welcome's backlog (`recovered`): the first replayed message is queued
@@ -1373,6 +1402,21 @@ impl Hub {
                 &mut self.metrics.room_recoveries_incomplete
             };
             *counter += 1;
+        }
+    }
+
+    /// Tells the engine when this hub holds its first member of `room` (an engine shared with
+    /// other nodes subscribes to it, SPEC §15).
+    fn room_joined(&mut self, room: &str) {
+        if self.rooms.members(room).nth(1).is_none() {
+            self.engine.joined(room);
+        }
+    }
+
+    /// Tells the engine when this hub holds no member of `room` any more.
+    fn room_left(&mut self, room: &str) {
+        if self.rooms.members(room).next().is_none() {
+            self.engine.left(room);
         }
     }
 
@@ -1457,6 +1501,7 @@ impl Hub {
         if self.rooms.is_member(conn, room) {
             self.presence(room, id, info, PresenceEvent::Leave, None, tx);
             self.rooms.leave(conn, room);
+            self.room_left(room);
         } else {
             self.presence(room, id, info, PresenceEvent::Leave, Some(conn), tx);
         }
@@ -1581,6 +1626,7 @@ impl Hub {
                     tx,
                 );
                 self.rooms.leave(conn, &room);
+                self.room_left(&room);
             }
         }
         // Joins and `history` requests still with the engine are judged by the new token
@@ -1695,6 +1741,11 @@ impl Hub {
             ("auth_required", u64::from(self.authenticates())),
             ("token_connections", self.tokens.len() as u64),
         ]);
+    }
+
+    /// Why the relay is degraded (the engine cannot reach its store), for /healthz.
+    pub fn health(&self) -> Option<String> {
+        self.engine.health()
     }
 
     /// Appends the hub's metrics (Prometheus text).
