@@ -240,6 +240,22 @@ impl Seen {
         true
     }
 
+    /// `first_time` for a message of a stream: an id's inbox (`room` None) or a room. msg_ids
+    /// are ordered within one stream, and with the Redis engine (SPEC §15) they are positions
+    /// per stream: a room's msg_id may equal one of the inbox, so the two are told apart, and
+    /// only the inbox's move the `?since=` (which names a position in the inbox).
+    pub fn first_time_in(&mut self, room: Option<&str>, msg_id: &str) -> bool {
+        match room {
+            None => self.first_time(msg_id),
+            Some(room) => {
+                let last = self.last.take();
+                let first = self.first_time(&format!("{room}\n{msg_id}"));
+                self.last = last;
+                first
+            }
+        }
+    }
+
     /// A message of `room` arrived (after `first_time` said it is new): the room's `since`.
     pub fn room_message(&mut self, room: &str, msg_id: &str) {
         match self.rooms.get_mut(room) {
@@ -476,6 +492,17 @@ mod tests {
         seen.welcome(Some("20"), None);
         assert_eq!(seen.since(), Some("11"));
         assert_eq!(seen.epoch(), Some("00000000000000bb"));
+    }
+
+    #[test]
+    fn room_msg_ids_are_their_own_and_do_not_move_since() {
+        let mut seen = Seen::new(10);
+        assert!(seen.first_time_in(None, "7"));
+        assert!(seen.first_time_in(Some("lobby"), "7"), "another stream's 7");
+        assert!(!seen.first_time_in(Some("lobby"), "7"));
+        assert!(seen.first_time_in(Some("lobby"), "90"));
+        assert_eq!(seen.since(), Some("7"), "since names the inbox");
+        assert!(!seen.first_time_in(None, "7"));
     }
 
     #[test]

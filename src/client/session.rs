@@ -868,7 +868,7 @@ impl Session {
                 timestamp_ms,
             } => {
                 if let Some(msg_id) = msg_id {
-                    if !self.seen.first_time(&msg_id) {
+                    if !self.seen.first_time_in(room.as_deref(), &msg_id) {
                         return; // a copy we already showed (recovery or re-send)
                     }
                     if let Some(room) = &room {

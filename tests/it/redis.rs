@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 /// A node on `redis` with the given extra flags.
 fn node(poller: &str, redis: &RedisServer, extra: &[&str]) -> Server {
     let url = redis.url();
-    let mut args = vec!["--redis", url.as_str()];
+    // `--workers 1` explicitly: TEST_WORKERS must not turn these into the refused combination.
+    let mut args = vec!["--redis", url.as_str(), "--workers", "1"];
     args.extend_from_slice(extra);
     Server::start(poller, &args)
 }

@@ -61,6 +61,8 @@ pub struct Feed {
     pub wanted: bool,
     /// The subscription has taken effect on the current PUB/SUB connection.
     pub subscribed: bool,
+    /// It took effect on some connection before (a new confirmation is a resubscription).
+    pub was_subscribed: bool,
     /// `recover`s of this stream whose answer has not gone to the hub yet.
     pub recovering: usize,
     last: Option<Position>,
@@ -76,6 +78,7 @@ impl Feed {
             stream,
             wanted: false,
             subscribed: false,
+            was_subscribed: false,
             recovering: 0,
             last: None,
             epoch: None,

@@ -469,10 +469,13 @@ impl RedisEngine {
                     return;
                 };
                 feed.subscribed = true;
-                if feed.knows_position() {
-                    // A subscription renewed after a reconnect: whatever was published while
-                    // there was none is re-read before anything newer goes out (SPEC §15).
+                if std::mem::replace(&mut feed.was_subscribed, true) {
                     self.counters.resubscribes += 1;
+                }
+                if feed.knows_position() {
+                    // A subscription renewed after a reconnect, or one that took effect after
+                    // a recovery read the stream: whatever was published while there was none
+                    // is re-read before anything newer goes out (SPEC §15).
                     self.fill(&channel);
                 }
             }
