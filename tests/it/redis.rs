@@ -367,6 +367,9 @@ fn a_killed_pubsub_connection_is_noticed_resubscribed_and_its_gap_recovered(poll
     let mut a = Client::as_id(&n1, "alice");
     assert_eq!(a.send_acked("bob", json!(0), "m0")["status"], "delivered");
     assert_eq!(b.expect("message")["payload"], 0);
+    // CLIENT KILL TYPE pubsub matches connections with a subscription in effect.
+    wait_metric_at_least(&n1, "wsrelay_redis_subscribed_channels", 1.0);
+    wait_metric_at_least(&n2, "wsrelay_redis_subscribed_channels", 1.0);
     let fills = metric(&n2, "wsrelay_redis_fills_total");
     assert!(
         redis.kill_pubsub() >= 2,
@@ -392,6 +395,28 @@ fn a_killed_pubsub_connection_is_noticed_resubscribed_and_its_gap_recovered(poll
     wait_metric_at_least(&n2, "wsrelay_redis_resubscribes_total", 1.0);
     // The resubscription re-read bob's inbox after the last position node 2 had seen.
     assert!(metric(&n2, "wsrelay_redis_fills_total") > fills);
+}
+
+fn a_silent_pubsub_connection_is_probed_and_reported(poller: &str) {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let n1 = node(poller, &redis, &[]);
+    let _b = Client::as_id(&n1, "bob");
+    // Subscribed, then idle: nothing is waiting for an answer when Redis freezes.
+    wait_metric_at_least(&n1, "wsrelay_redis_subscribed_channels", 1.0);
+    assert_eq!(n1.get("/healthz").status, 200);
+    // Frozen, Redis keeps every socket open and answers nothing: only the idle probe (a PING
+    // that must be answered in time) can notice.
+    redis.pause();
+    let health = wait_health(&n1, 503);
+    redis.resume();
+    assert!(health.contains("redis pubsub connection down"), "{health}");
+    assert!(health.contains("PING"), "{health}");
+    wait_health(&n1, 200);
+    wait_metric_at_least(&n1, "wsrelay_redis_reconnects_total{link=\"pubsub\"}", 1.0);
+    assert_eq!(metric(&n1, "wsrelay_redis_up{link=\"pubsub\"}"), 1.0);
 }
 
 fn a_node_killed_with_sigkill_its_clients_resume_elsewhere_with_since(poller: &str) {
@@ -458,4 +483,5 @@ poller_tests!(
     redis_restarted_mid_conversation_recovers_the_gap,
     a_killed_pubsub_connection_is_noticed_resubscribed_and_its_gap_recovered,
     a_node_killed_with_sigkill_its_clients_resume_elsewhere_with_since,
+    a_silent_pubsub_connection_is_probed_and_reported,
 );

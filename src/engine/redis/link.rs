@@ -328,7 +328,13 @@ fn run_pubsub<T>(
     let mut channels: HashSet<String> = HashSet::new();
     let mut backoff = Backoff::new();
     loop {
-        let ended = match connect(url) {
+        // A frozen server still accepts TCP connections (the kernel does): only an answer
+        // proves the connection up.
+        let answered = connect(url).and_then(|mut con| {
+            redis::cmd("PING").query::<String>(&mut con)?;
+            Ok(con)
+        });
+        let ended = match answered {
             Ok(mut con) => {
                 backoff = Backoff::new();
                 let _ = out.send(Input::State {
