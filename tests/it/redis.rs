@@ -306,6 +306,8 @@ fn redis_down_rejects_sends_keeps_local_rooms_and_loses_nothing_acked(poller: &s
     assert!(metric(&n1, "wsrelay_redis_rejected_unreachable_total") >= 1.0);
     assert!(metric(&n1, "wsrelay_redis_local_only_total") >= 1.0);
     redis.restart();
+    // Healthy again by itself, before anyone sends (the engine probes a link that is down).
+    wait_health(&n1, 200);
     // The retry of the rejected message is a new message once Redis is back.
     let start = Instant::now();
     let retried = loop {
@@ -316,7 +318,6 @@ fn redis_down_rejects_sends_keeps_local_rooms_and_loses_nothing_acked(poller: &s
         assert!(start.elapsed() < DEADLINE, "still {ack}");
         std::thread::sleep(Duration::from_millis(50)); // a client's retry delay
     };
-    wait_health(&n1, 200);
     let (mut b, welcome) = Client::connect(&n2, "/ws?id=bob");
     assert_eq!(welcome["recovered"], true);
     for id in &queued {

@@ -46,6 +46,8 @@ pub const ROOM_BUFFER_TTL_MS: u64 = 60_000;
 /// refreshes: a node killed with SIGKILL stops counting after the TTL.
 pub const ONLINE_TTL_MS: u64 = 15_000;
 const ONLINE_REFRESH: Duration = Duration::from_secs(5);
+/// How often a command link that is down is given a PING to reconnect with.
+const COMMANDS_PROBE: Duration = Duration::from_millis(500);
 /// A failed re-read of a gap is tried again after this long.
 const FILL_RETRY: Duration = Duration::from_millis(200);
 /// Bound on the (sender, client id) -> stream map `acked` needs.
@@ -161,6 +163,8 @@ pub struct RedisEngine {
     local_next: Position,
     refreshed: Option<Instant>,
     fill_retry_at: Option<Instant>,
+    /// When the next PING may go to a command link that is down.
+    probed: Option<Instant>,
     commands_link: LinkState,
     pubsub_link: LinkState,
     counters: Counters,
@@ -208,6 +212,7 @@ impl RedisEngine {
             local_next: Position(0),
             refreshed: None,
             fill_retry_at: None,
+            probed: None,
             commands_link: LinkState::default(),
             pubsub_link: LinkState::default(),
             counters: Counters::default(),
@@ -1012,6 +1017,16 @@ impl Engine for RedisEngine {
 
     fn maintain(&mut self, _now: Now) {
         let now = Instant::now();
+        let commands_down = matches!(self.commands_link.up, Some(Err(_)));
+        if commands_down && self.outstanding == 0 && self.probed.is_none_or(|t| now >= t) {
+            // The command thread reconnects when it has work; with none (no traffic), a PING
+            // gives it some, so the link (and /healthz) comes back without waiting for a send.
+            self.probed = Some(now + COMMANDS_PROBE);
+            self.send(Job::Plain {
+                cmd: redis::cmd("PING"),
+                tag: Tag::Fire,
+            });
+        }
         if self
             .refreshed
             .is_none_or(|t| now.duration_since(t) >= ONLINE_REFRESH)
