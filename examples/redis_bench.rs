@@ -210,13 +210,11 @@ fn main() {
                 let Some(m) = next(&mut ws) else { continue };
                 match m["type"].as_str() {
                     Some("ack") => in_flight = in_flight.saturating_sub(1),
-                    Some("message") => {
-                        if measuring.load(Ordering::Relaxed) {
-                            received.fetch_add(1, Ordering::Relaxed);
-                            let t = m["payload"]["t"].as_u64().unwrap_or(0);
-                            let lat = now_us().saturating_sub(t);
-                            seen.lock().unwrap().latencies_us.push(lat);
-                        }
+                    Some("message") if measuring.load(Ordering::Relaxed) => {
+                        received.fetch_add(1, Ordering::Relaxed);
+                        let t = m["payload"]["t"].as_u64().unwrap_or(0);
+                        let lat = now_us().saturating_sub(t);
+                        seen.lock().unwrap().latencies_us.push(lat);
                     }
                     _ => {}
                 }
