@@ -200,6 +200,8 @@ pub struct Seen {
     /// Per room joined: the newest room msg_id received (or the `joined`'s `last_msg_id`),
     /// sent as `since` when the room is joined again after a reconnect (SPEC §16).
     rooms: HashMap<String, String>,
+    /// Per room joined: the epoch its `joined` named.
+    room_epochs: HashMap<String, String>,
     /// The epoch of the relay's history `last` belongs to (the welcome's `epoch`), passed
     /// back with `?since=` so the relay can tell a position from another history (SPEC §13).
     epoch: Option<String>,
@@ -214,6 +216,7 @@ impl Seen {
             capacity: capacity.max(1),
             last: None,
             rooms: HashMap::new(),
+            room_epochs: HashMap::new(),
             epoch: None,
         }
     }
@@ -278,15 +281,31 @@ impl Seen {
         }
     }
 
+    /// A `joined` answer's epoch: the history the room's `since` belongs to (with the Redis
+    /// engine, each room has its own; the local engines answer the welcome's).
+    pub fn room_epoch(&mut self, room: &str, epoch: Option<String>) {
+        match epoch {
+            Some(epoch) => {
+                self.room_epochs.insert(room.to_string(), epoch);
+            }
+            None => {
+                self.room_epochs.remove(room);
+            }
+        }
+    }
+
     /// We left `room`: a later join starts afresh.
     pub fn left(&mut self, room: &str) {
         self.rooms.remove(room);
+        self.room_epochs.remove(room);
     }
 
-    /// The `since` for joining `room` again, and the epoch it belongs to.
+    /// The `since` for joining `room` again, and the epoch it belongs to (the room's own when
+    /// its `joined` named one, else the welcome's).
     pub fn room_since(&self, room: &str) -> Option<(&str, Option<&str>)> {
         let since = self.rooms.get(room)?;
-        Some((since.as_str(), self.epoch.as_deref()))
+        let epoch = self.room_epochs.get(room).or(self.epoch.as_ref());
+        Some((since.as_str(), epoch.map(String::as_str)))
     }
 
     /// The welcome's `last_msg_id`: the newest message the relay retains for us. Before we have
@@ -492,6 +511,28 @@ mod tests {
         seen.welcome(Some("20"), None);
         assert_eq!(seen.since(), Some("11"));
         assert_eq!(seen.epoch(), Some("00000000000000bb"));
+    }
+
+    #[test]
+    fn a_room_rejoins_with_its_own_epoch_when_it_has_one() {
+        let mut seen = Seen::new(10);
+        seen.welcome(Some("5"), Some("00000000000000aa"));
+        seen.joined("lobby", Some("40"));
+        assert_eq!(
+            seen.room_since("lobby"),
+            Some(("40", Some("00000000000000aa")))
+        );
+        seen.room_epoch("lobby", Some("00000000000000bb".into()));
+        assert_eq!(
+            seen.room_since("lobby"),
+            Some(("40", Some("00000000000000bb")))
+        );
+        seen.left("lobby");
+        seen.joined("lobby", Some("41"));
+        assert_eq!(
+            seen.room_since("lobby"),
+            Some(("41", Some("00000000000000aa")))
+        );
     }
 
     #[test]

@@ -928,8 +928,10 @@ impl Session {
                 room,
                 recovered,
                 last_msg_id,
+                epoch,
             } => {
                 self.seen.joined(&room, last_msg_id.as_deref());
+                self.seen.room_epoch(&room, epoch);
                 if !recovered {
                     // SPEC §13: never a silent partial recovery (the relay replayed what it
                     // still had, before this answer).
