@@ -398,6 +398,70 @@ fn a_killed_pubsub_connection_is_noticed_resubscribed_and_its_gap_recovered(poll
     assert!(metric(&n2, "wsrelay_redis_fills_total") > fills);
 }
 
+fn a_message_lost_on_pubsub_is_re_read_before_the_next_one(poller: &str) {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (n1, n2) = (node(poller, &redis, &[]), node(poller, &redis, &[]));
+    let mut b = Client::as_id(&n2, "bob");
+    let mut a = Client::as_id(&n1, "alice");
+    let first = a.send_acked("bob", json!("first"), "m0");
+    assert_eq!(b.expect("message")["payload"], "first");
+    // A message stored as a node's script would store it, whose PUBLISH never reached node 2
+    // (what a dropped PUB/SUB connection or a failover loses): the next position, in the
+    // stream, with no publication.
+    let lost = msg_id(&first) + 1;
+    let stream = "{wsrelay:i:bob}:s";
+    let body = match redis.cli(&["XRANGE", stream, "-", "+"]) {
+        redis::Value::Array(entries) => match &entries[0] {
+            redis::Value::Array(entry) => match &entry[1] {
+                redis::Value::Array(fields) => match &fields[3] {
+                    redis::Value::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    let body = body.replace(r#""payload":"first""#, r#""payload":"lost""#);
+    assert!(body.contains("lost"), "{body}");
+    let id = format!("{lost}-0");
+    // (Counted from here: the first message may itself have come from a re-read, when bob's
+    // recovery ran before node 2's subscription took effect.)
+    let detected = metric(&n2, "wsrelay_redis_gaps_detected_total");
+    let recovered = metric(&n2, "wsrelay_redis_gaps_recovered_total");
+    redis.cli(&["XADD", stream, &id, "n", "00000000000000aa", "b", &body]);
+    redis.cli(&["HSET", "{wsrelay:i:bob}:m", "top", &lost.to_string()]);
+    // The next message shows the gap: node 2 re-reads it and hands it out first.
+    let next = a.send_acked("bob", json!("next"), "m2");
+    assert_eq!(msg_id(&next), lost + 1);
+    let m = b.expect("message");
+    assert_eq!((m["payload"].as_str(), msg_id(&m)), (Some("lost"), lost));
+    let m = b.expect("message");
+    assert_eq!(
+        (m["payload"].as_str(), msg_id(&m)),
+        (Some("next"), lost + 1)
+    );
+    assert_eq!(
+        metric(&n2, "wsrelay_redis_gaps_detected_total"),
+        detected + 1.0
+    );
+    assert_eq!(
+        metric(&n2, "wsrelay_redis_gaps_recovered_total"),
+        recovered + 1.0
+    );
+    assert!(metric(&n2, "wsrelay_redis_messages_recovered_total") >= 1.0);
+    let marker = a.send_acked("bob", json!("marker"), "marker");
+    assert_eq!(
+        b.expect("message")["payload"],
+        "marker",
+        "{marker}: a duplicate"
+    );
+}
+
 fn a_silent_pubsub_connection_is_probed_and_reported(poller: &str) {
     if !redis_available() {
         return;
@@ -485,4 +549,5 @@ poller_tests!(
     a_killed_pubsub_connection_is_noticed_resubscribed_and_its_gap_recovered,
     a_node_killed_with_sigkill_its_clients_resume_elsewhere_with_since,
     a_silent_pubsub_connection_is_probed_and_reported,
+    a_message_lost_on_pubsub_is_re_read_before_the_next_one,
 );

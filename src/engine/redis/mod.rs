@@ -568,10 +568,12 @@ impl RedisEngine {
                     Ok(reply) => {
                         let (steps, outcome) = feed.filled(&reply, self.node);
                         self.counters.messages_recovered += outcome.recovered;
-                        if outcome.complete {
-                            self.counters.gaps_recovered += 1;
-                        } else {
+                        // A re-read that found nothing missing (a resubscribe with nothing
+                        // published meanwhile) recovered no gap.
+                        if !outcome.complete {
                             self.counters.gaps_unrecoverable += 1;
+                        } else if outcome.recovered > 0 {
+                            self.counters.gaps_recovered += 1;
                         }
                         steps
                     }
@@ -1114,7 +1116,7 @@ impl Engine for RedisEngine {
             ("wsrelay_redis_own_echoes_total", "This node's own publications heard back on PUB/SUB (not delivered twice).", c.own_echoes),
             ("wsrelay_redis_duplicates_dropped_total", "Published messages dropped because their position was already handed out.", c.duplicates_dropped),
             ("wsrelay_redis_gaps_detected_total", "Positions missing on PUB/SUB (a message lost between Redis and this node).", c.gaps_detected),
-            ("wsrelay_redis_gaps_recovered_total", "Re-reads of a stream that found every missing message.", c.gaps_recovered),
+            ("wsrelay_redis_gaps_recovered_total", "Re-reads of a stream that found missing messages, all of them still there.", c.gaps_recovered),
             ("wsrelay_redis_gaps_unrecoverable_total", "Re-reads that found messages already trimmed or a new epoch.", c.gaps_unrecoverable),
             ("wsrelay_redis_messages_recovered_total", "Messages re-read from a stream after a gap or a reconnect.", c.messages_recovered),
             ("wsrelay_redis_epoch_changes_total", "Streams found under a new epoch (their keys expired or Redis lost them).", c.epoch_changes),
