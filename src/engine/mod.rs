@@ -187,6 +187,11 @@ pub enum Event {
     /// `joined`). The hub delivers it to those connections. The local engines never produce one:
     /// in a single process the hub that submitted a message delivers it itself.
     Arrived(Arrival),
+    /// Messages of this stream were lost on their way to this node and could not be read back
+    /// (trimmed from the stream before a re-read, SPEC §15): the hub closes its connections
+    /// that follow the stream (an id's, a room's members) so they reconnect with `since` and
+    /// learn from `recovered: false` what is missing. The local engines never produce one.
+    Interrupted(StreamId),
 }
 
 /// One finished piece of work.

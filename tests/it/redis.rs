@@ -240,7 +240,21 @@ fn fifty_messages_for_an_offline_id_reach_it_on_another_node_before_live_traffic
     assert_eq!(live["status"], "delivered", "{live}");
     let m = b.expect("message");
     assert_eq!(m["payload"], "live");
-    // Delivered from the recovery: nothing is pending any more, whichever node bob uses next.
+    // Delivered from the recovery and live: nothing is pending any more, whichever node bob
+    // uses next, once node 3 has recorded it (asynchronously: a connection opening elsewhere
+    // in that moment may get a message again, which clients drop by msg_id).
+    let start = Instant::now();
+    loop {
+        let delivered: u64 = match redis.cli(&["HGET", "{wsrelay:i:bob}:m", "delivered"]) {
+            redis::Value::BulkString(b) => String::from_utf8(b).unwrap().parse().unwrap(),
+            other => panic!("{other:?}"),
+        };
+        if delivered >= msg_id(&live) {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "delivery never recorded");
+        std::thread::sleep(Duration::from_millis(10)); // poll interval, not a synchronisation
+    }
     drop(b);
     let (mut b2, welcome) = Client::connect(&nodes[1], "/ws?id=bob");
     assert_eq!(welcome["recovered"], true);
@@ -462,6 +476,36 @@ fn a_message_lost_on_pubsub_is_re_read_before_the_next_one(poller: &str) {
     );
 }
 
+fn a_message_lost_for_good_closes_its_followers_to_reconnect_with_since(poller: &str) {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (n1, n2) = (node(poller, &redis, &[]), node(poller, &redis, &[]));
+    let (mut b, welcome) = Client::connect(&n2, "/ws?id=bob");
+    let epoch = welcome["epoch"].as_str().unwrap().to_string();
+    let mut a = Client::as_id(&n1, "alice");
+    let first = a.send_acked("bob", json!("first"), "m0");
+    assert_eq!(b.expect("message")["payload"], "first");
+    // A position taken, its message neither published to node 2 nor in the stream any more
+    // (trimmed before node 2 could re-read it): lost for good.
+    let lost = msg_id(&first) + 1;
+    redis.cli(&["HSET", "{wsrelay:i:bob}:m", "top", &lost.to_string()]);
+    let next = a.send_acked("bob", json!("next"), "m2");
+    // Node 2 must not skip it silently: bob is told to reconnect (1012) ...
+    assert_eq!(u16::from(close_code(&mut b.ws)), 1012);
+    wait_metric_at_least(&n2, "wsrelay_redis_interruptions_total", 1.0);
+    // ... and his `since` recovery says that something is missing, with what is there.
+    let path = format!("/ws?id=bob&since={}&epoch={epoch}", msg_id(&first));
+    let (mut b, welcome) = Client::connect(&n2, &path);
+    assert_eq!(welcome["recovered"], false, "{welcome}");
+    let m = b.expect("message");
+    assert_eq!(
+        (m["payload"].as_str(), msg_id(&m)),
+        (Some("next"), msg_id(&next))
+    );
+}
+
 fn a_silent_pubsub_connection_is_probed_and_reported(poller: &str) {
     if !redis_available() {
         return;
@@ -550,4 +594,5 @@ poller_tests!(
     a_node_killed_with_sigkill_its_clients_resume_elsewhere_with_since,
     a_silent_pubsub_connection_is_probed_and_reported,
     a_message_lost_on_pubsub_is_re_read_before_the_next_one,
+    a_message_lost_for_good_closes_its_followers_to_reconnect_with_since,
 );

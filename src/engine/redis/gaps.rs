@@ -46,6 +46,8 @@ pub struct FillOutcome {
     pub recovered: u64,
     /// Every missing message was still in the stream.
     pub complete: bool,
+    /// The stream has a new epoch (what the old one held after `last` is gone with it).
+    pub epoch_changed: bool,
 }
 
 struct Held {
@@ -180,20 +182,24 @@ impl Feed {
         let mut outcome = FillOutcome {
             recovered: 0,
             complete: true,
+            epoch_changed: false,
         };
         let from = if self.epoch.is_some_and(|e| e != reply.epoch) {
             // The script returned everything the new epoch holds; what the old one had after
             // `last` is gone.
             steps.push(Step::EpochChanged);
             outcome.complete = false;
+            outcome.epoch_changed = true;
             None
         } else {
             self.last
         };
         if let Some(from) = from {
-            let next = from.0 + 1;
-            let trimmed = reply.top > from && reply.first.is_none_or(|f| f.0 > next);
-            outcome.complete = !trimmed;
+            // Positions are contiguous: every one up to the top must be in the reply (one
+            // trimmed away, or never kept, is missing for good).
+            let missing = reply.top.0.saturating_sub(from.0);
+            let there = reply.entries.iter().filter(|e| e.position > from).count() as u64;
+            outcome.complete = there >= missing;
         }
         for e in &reply.entries {
             if from.is_some_and(|f| e.position <= f) {
@@ -319,7 +325,8 @@ mod tests {
             outcome,
             FillOutcome {
                 recovered: 3,
-                complete: true
+                complete: true,
+                epoch_changed: false,
             }
         );
         assert_eq!(emitted(&arrive(&mut f, 15, OTHER)), [15]);

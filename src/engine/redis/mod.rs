@@ -135,6 +135,7 @@ struct Counters {
     epoch_changes: u64,
     fills: u64,
     resubscribes: u64,
+    interruptions: u64,
 }
 
 pub struct RedisEngine {
@@ -572,6 +573,14 @@ impl RedisEngine {
                         // published meanwhile) recovered no gap.
                         if !outcome.complete {
                             self.counters.gaps_unrecoverable += 1;
+                        }
+                        if !outcome.complete && !outcome.epoch_changed {
+                            // SPEC §15: what cannot be re-read must not be skipped silently:
+                            // the connections following the stream here reconnect with
+                            // `since`, and their `recovered: false` says what is missing.
+                            self.counters.interruptions += 1;
+                            let stream = feed.stream.clone();
+                            self.out.push_back(Event::Interrupted(stream));
                         } else if outcome.recovered > 0 {
                             self.counters.gaps_recovered += 1;
                         }
@@ -801,9 +810,11 @@ fn recovery(reply: &ReadReply, since: Option<Since>, inbox: bool) -> Recovery {
         Some(s) => {
             let same_epoch = s.epoch.is_none_or(|e| e == reply.epoch);
             let in_history = s.position >= reply.base && s.position <= reply.top;
-            // Nothing after `since` was trimmed: it is the newest, or the next one is retained.
-            let complete = s.position == reply.top
-                || reply.first.is_some_and(|first| first.0 <= s.position.0 + 1);
+            // Positions are contiguous: every one after `since` up to the top is in the answer
+            // (a position trimmed away, or never kept, is missing).
+            let after = reply.entries.iter().filter(|e| e.position > s.position);
+            let complete =
+                s.position <= reply.top && after.count() as u64 == reply.top.0 - s.position.0;
             same_epoch && in_history && complete
         }
     };
@@ -828,8 +839,7 @@ fn history_page(reply: &ReadReply) -> Recovery {
         })
         .collect();
     // Every message of this epoch is still there, and all of them fit the page.
-    let nothing_lost =
-        reply.top == reply.base || reply.first.is_some_and(|f| f.0 == reply.base.0 + 1);
+    let nothing_lost = reply.retained == reply.top.0.saturating_sub(reply.base.0);
     let recovered = nothing_lost && messages.len() as u64 == reply.retained;
     Recovery {
         epoch: reply.epoch,
@@ -1107,7 +1117,7 @@ impl Engine for RedisEngine {
             w.sample("wsrelay_redis_state_changes_total", &labels, s.changes);
             w.sample("wsrelay_redis_reconnects_total", &labels, s.reconnects);
         }
-        let counters: [(&str, &str, u64); 14] = [
+        let counters: [(&str, &str, u64); 15] = [
             ("wsrelay_redis_commands_total", "Commands sent to Redis (scripts included).", c.commands),
             ("wsrelay_redis_errors_total", "Commands Redis answered with an error.", c.errors),
             ("wsrelay_redis_rejected_unreachable_total", "Sends and publishes acked rejected because Redis was unreachable.", c.rejected_unreachable),
@@ -1122,6 +1132,11 @@ impl Engine for RedisEngine {
             ("wsrelay_redis_epoch_changes_total", "Streams found under a new epoch (their keys expired or Redis lost them).", c.epoch_changes),
             ("wsrelay_redis_fills_total", "Re-reads of a stream (after a gap, a resubscribe, or a recovery that raced its subscription).", c.fills),
             ("wsrelay_redis_resubscribes_total", "Subscriptions renewed after a PUB/SUB reconnect.", c.resubscribes),
+            (
+                "wsrelay_redis_interruptions_total",
+                "Streams whose missing messages could not be re-read: their connections here were closed (1012) to reconnect with since.",
+                c.interruptions,
+            ),
         ];
         for (name, help, value) in counters {
             w.counter(name, help, value);
