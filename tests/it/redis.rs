@@ -580,6 +580,20 @@ fn redis_with_data_dir_or_workers_is_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--redis"), "{err}");
     }
+    // A prefix that would break the hash tag, and a URL that is not one, are refused at start.
+    for extra in [
+        &["--redis", "redis://127.0.0.1:1", "--redis-prefix", "a}b"][..],
+        &["--redis", "not a url"][..],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--poller", poller])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--redis"), "{err}");
+    }
 }
 
 poller_tests!(

@@ -185,6 +185,18 @@ impl RedisEngine {
     pub fn start(config: RedisConfig, wake: Wake) -> Result<RedisEngine, String> {
         redis::Client::open(config.url.as_str())
             .map_err(|e| format!("--redis {}: {e}", config.url))?;
+        // The prefix goes inside each stream's hash tag: a brace would end the tag early (and
+        // make channel names ambiguous), whitespace would not survive a log line.
+        if config.prefix.is_empty()
+            || config
+                .prefix
+                .contains(|c: char| c == '{' || c == '}' || c.is_whitespace())
+        {
+            return Err(format!(
+                "--redis-prefix {:?}: must be non-empty, without braces or whitespace",
+                config.prefix
+            ));
+        }
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (subs_tx, subs_rx) = mpsc::channel();
         let (in_tx, in_rx) = mpsc::channel();
