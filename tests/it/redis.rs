@@ -208,6 +208,49 @@ fn a_room_without_history_spans_nodes_once_subscribed(poller: &str) {
     assert_eq!(got["alice"], (0..10).collect::<Vec<u64>>());
 }
 
+fn a_member_rejoins_a_room_on_another_node_with_since_and_misses_nothing(poller: &str) {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let flags = ["--room-history", "50"];
+    let (n1, n2) = (node(poller, &redis, &flags), node(poller, &redis, &flags));
+    let mut a = Client::as_id(&n1, "alice");
+    a.join("lobby", "alice");
+    let mut b = Client::as_id(&n1, "bob");
+    b.send(json!({"type": "join", "room": "lobby"}));
+    assert_eq!(b.expect("presence")["id"], "bob");
+    let joined = b.expect("joined");
+    // The room's own epoch (with --redis every stream has one).
+    let epoch = joined["epoch"].as_str().unwrap().to_string();
+    assert_eq!(a.expect("presence")["id"], "bob");
+    a.send(json!({"type": "publish", "room": "lobby", "payload": "seen", "id": "p0"}));
+    assert_eq!(a.expect("ack")["status"], "delivered");
+    let seen = msg_id(&b.expect("message"));
+    drop(b);
+    assert_eq!(a.expect("presence")["event"], "leave");
+    for n in 1..=3 {
+        let id = format!("p{n}");
+        a.send(json!({"type": "publish", "room": "lobby", "payload": n, "id": id}));
+        assert_eq!(a.expect("ack")["status"], "delivered");
+    }
+    // bob comes back through the other node and asks for what followed `seen`.
+    let mut b = Client::as_id(&n2, "bob");
+    let since = seen.to_string();
+    b.send(json!({"type": "join", "room": "lobby", "since": since, "epoch": epoch}));
+    assert_eq!(b.expect("presence")["id"], "bob");
+    let replay: Vec<Value> = (0..3)
+        .map(|_| b.expect("message")["payload"].clone())
+        .collect();
+    assert_eq!(replay, [json!(1), json!(2), json!(3)]);
+    let joined = b.expect("joined");
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(joined["epoch"], epoch.as_str());
+    // Live from here on, once.
+    a.send(json!({"type": "publish", "room": "lobby", "payload": "live", "id": "p4"}));
+    assert_eq!(b.expect("message")["payload"], "live");
+}
+
 fn fifty_messages_for_an_offline_id_reach_it_on_another_node_before_live_traffic(poller: &str) {
     if !redis_available() {
         return;
@@ -609,4 +652,5 @@ poller_tests!(
     a_silent_pubsub_connection_is_probed_and_reported,
     a_message_lost_on_pubsub_is_re_read_before_the_next_one,
     a_message_lost_for_good_closes_its_followers_to_reconnect_with_since,
+    a_member_rejoins_a_room_on_another_node_with_since_and_misses_nothing,
 );
