@@ -254,6 +254,10 @@ pub struct Hub {
 /// Where a raw-room message relayed on this worker also goes: (room, opcode, payload).
 pub type RawOutlet = Box<dyn FnMut(&str, OpCode, &[u8])>;
 
+/// The close code for connections whose stream lost messages on the way to this node (1012,
+/// "service restart" in the IANA registry: the client reconnects).
+const STREAM_INTERRUPTED: CloseCode = CloseCode(1012);
+
 /// The `reason` of a message refused because too much is waiting for the engine.
 const STORE_BUSY: &str = "the server is busy storing messages; try again later";
 
@@ -739,6 +743,7 @@ impl Hub {
                 match event {
                     Event::Completed(c) => self.completed(c, tx),
                     Event::Arrived(a) => self.arrived(a, tx),
+                    Event::Interrupted(stream) => self.interrupted(&stream, tx),
                 }
             }
             self.events = events;
@@ -1059,6 +1064,21 @@ impl Hub {
                     }
                 }
             }
+        }
+    }
+
+    /// Messages of `stream` were lost before they reached this node and cannot be read back
+    /// (SPEC §15): rather than skip them silently, close the connections that follow it with
+    /// 1012 ("service restart": reconnect), so they come back with `since` and learn from
+    /// `recovered: false` what is missing (docs/scaling.md, "Faults").
+    fn interrupted(&mut self, stream: &StreamId, tx: &mut impl Transport) {
+        let conns: Vec<ConnId> = match stream {
+            StreamId::Inbox(id) => self.online.get(id).cloned().unwrap_or_default(),
+            StreamId::Room(room) => self.rooms.members(room).collect(),
+        };
+        let reason = "messages were lost between nodes; reconnect with since";
+        for conn in conns {
+            tx.close(conn, STREAM_INTERRUPTED, reason);
         }
     }
 
@@ -1741,6 +1761,11 @@ impl Hub {
             ("auth_required", u64::from(self.authenticates())),
             ("token_connections", self.tokens.len() as u64),
         ]);
+    }
+
+    /// Why the relay is degraded (the engine cannot reach its store), for /healthz.
+    pub fn health(&self) -> Option<String> {
+        self.engine.health()
     }
 
     /// Appends the hub's metrics (Prometheus text).

@@ -106,4 +106,8 @@ impl Handler for WorkerApp {
     fn stats(&self, out: &mut Vec<(&'static str, u64)>) {
         self.app.stats(out);
     }
+
+    fn health(&self) -> Option<String> {
+        self.app.health()
+    }
 }

@@ -11,7 +11,9 @@
 //! * `streams.rs`: `Streams`, the in-memory index of retained messages both engines share;
 //! * `journal.rs`: the log's on-disk format (records, segments, recovery from a torn tail);
 //! * `storage.rs`: the file engine's storage thread (group commit, rotation, compaction);
-//! * `histogram.rs`: fixed-bucket histograms for /metrics.
+//! * `histogram.rs`: fixed-bucket histograms for /metrics;
+//! * `redis/`: `RedisEngine`, streams and fan-out shared by several nodes through Redis
+//!   (`--redis`, SPEC §15; docs/scaling.md).
 //!
 //! Does not: decide routing, acks or presence rules (the hub does), see connections, or know the
 //! JSON envelope: a message is an opaque `body` the hub renders into frames.
@@ -44,11 +46,13 @@ pub mod file;
 pub mod histogram;
 pub mod journal;
 pub mod memory;
+pub mod redis;
 mod storage;
 pub mod streams;
 
 pub use file::{FileConfig, FileEngine, FsyncPolicy, OpenError, StoreFault};
 pub use memory::MemoryEngine;
+pub use redis::{RedisConfig, RedisEngine};
 pub use streams::Limits;
 
 use crate::app::envelope::AckStatus;
@@ -186,6 +190,11 @@ pub enum Event {
     /// `joined`). The hub delivers it to those connections. The local engines never produce one:
     /// in a single process the hub that submitted a message delivers it itself.
     Arrived(Arrival),
+    /// Messages of this stream were lost on their way to this node and could not be read back
+    /// (trimmed from the stream before a re-read, SPEC §15): the hub closes its connections
+    /// that follow the stream (an id's, a room's members) so they reconnect with `since` and
+    /// learn from `recovered: false` what is missing. The local engines never produce one.
+    Interrupted(StreamId),
 }
 
 /// One finished piece of work.
@@ -278,7 +287,7 @@ impl Refusal {
 /// `Ticket`; each ticket gets exactly one `Completion`. Completions of one engine come out in
 /// the order the work was submitted.
 pub trait Engine {
-    /// "memory" or "file", for logs and /metrics.
+    /// "memory", "file" or "redis", for logs and /metrics.
     fn kind(&self) -> &'static str;
 
     /// The epoch of this engine's streams (what a `since` is judged against, SPEC §13).
@@ -338,6 +347,11 @@ pub trait Engine {
 
     /// Appends the engine's metrics (Prometheus text).
     fn render_metrics(&self, out: &mut String);
+
+    /// Why the engine is degraded (a store it cannot reach), for /healthz; None when healthy.
+    fn health(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A snapshot of an engine's retained messages and duplicate windows.

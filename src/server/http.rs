@@ -408,10 +408,23 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.start_scrape(id, endpoint);
             return;
         }
+        // A degraded app (an engine that cannot reach its store, SPEC §15) answers 503, so a
+        // load balancer's health check sends new clients to healthy nodes.
+        let health = match endpoint {
+            ServerEndpoint::Health => self.handler.health(),
+            _ => None,
+        };
+        let status = if health.is_some() { 503 } else { 200 };
         let response = match endpoint {
-            ServerEndpoint::Health => {
-                handshake::http_response(200, "text/plain; charset=utf-8", &[], b"ok\n")
-            }
+            ServerEndpoint::Health => match health {
+                None => handshake::http_response(200, "text/plain; charset=utf-8", &[], b"ok\n"),
+                Some(why) => handshake::http_response(
+                    503,
+                    "text/plain; charset=utf-8",
+                    &[("Cache-Control", "no-store")],
+                    format!("degraded: {why}\n").as_bytes(),
+                ),
+            },
             ServerEndpoint::Stats => handshake::http_response(
                 200,
                 "application/json",
@@ -425,7 +438,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 self.render_metrics().as_bytes(),
             ),
         };
-        self.respond(id, 200, response);
+        self.respond(id, status, response);
     }
 
     /// Completes the upgrade: queues the 101 response, tells the app, and processes frames that

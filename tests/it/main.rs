@@ -29,3 +29,6 @@ mod rooms;
 mod tokens;
 mod workers;
 mod workers_ws;
+
+mod redis;
+mod redis_server;

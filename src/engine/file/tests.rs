@@ -76,6 +76,7 @@ fn completions(e: &mut FileEngine) -> Vec<Completion> {
         .map(|event| match event {
             Event::Completed(c) => c,
             Event::Arrived(a) => panic!("a local engine produced {a:?}"),
+            Event::Interrupted(s) => panic!("a local engine interrupted {s:?}"),
         })
         .collect()
 }
