@@ -51,9 +51,12 @@
 //! Requests, replies and notices are never dropped: requests are bounded by each hub's
 //! in-flight bytes (`--max-in-flight-bytes`), replies and notices by requests and connection
 //! changes. An `Arrived` for a worker whose queue holds `ARRIVED_LIMIT` notes or more is
-//! dropped and counted (`wsrelay_engine_bus_dropped_total`), as `--slow-consumer drop` does for
-//! one member: a direct message stays pending at its home (delivered at the id's next
-//! welcome), a room message is lost for that worker's members.
+//! dropped and counted (`wsrelay_engine_bus_dropped_total`), and that worker is told once per
+//! stream (`Interrupted`, not bounded, at most one per stream until its queue is down to half
+//! the limit): its hub closes the connections following the stream, which reconnect with
+//! `since` and recover what they missed (a direct message is still pending at its home; a room
+//! message is in the room's history if it keeps one, else `recovered: false` says it is gone).
+//! Memory stays bounded, and no reader misses a message without being told.
 
 mod wire;
 
@@ -67,7 +70,7 @@ use crate::app::envelope::AckStatus;
 use crate::server::metrics::Writer;
 use log::warn;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -179,6 +182,9 @@ pub struct BusEngine {
     acked_homes: HashMap<Position, usize>,
     /// `delivered` reports for streams homed at each worker, not sent yet.
     delivered: Vec<Vec<(Stream, Vec<Position>)>>,
+    /// Streams homed here whose messages for each worker were dropped and that worker told
+    /// (`Interrupted`), until its queue is down to half `ARRIVED_LIMIT` again.
+    interrupted: Vec<HashSet<StreamId>>,
     /// Notes this worker sent to each worker, and `Arrived` notes it dropped for each.
     sent: Vec<u64>,
     dropped: Vec<u64>,
@@ -214,6 +220,7 @@ impl BusEngine {
             order: VecDeque::new(),
             acked_homes: HashMap::new(),
             delivered: (0..workers).map(|_| Vec::new()).collect(),
+            interrupted: (0..workers).map(|_| HashSet::new()).collect(),
             sent: vec![0; workers],
             dropped: vec![0; workers],
             received: 0,
@@ -407,9 +414,17 @@ impl BusEngine {
                 self.sources[me].push_back(event);
                 continue;
             }
-            if self.link.fabric.depth[to].load(Ordering::Relaxed) >= ARRIVED_LIMIT {
+            let depth = self.link.fabric.depth[to].load(Ordering::Relaxed);
+            if depth >= ARRIVED_LIMIT {
                 self.dropped[to] += 1;
+                if self.interrupted[to].insert(stream.clone()) {
+                    let stream = wire_stream.clone();
+                    self.send(to, Note::Interrupted { from: me, stream });
+                }
                 continue;
+            }
+            if depth <= ARRIVED_LIMIT / 2 && !self.interrupted[to].is_empty() {
+                self.interrupted[to].clear();
             }
             let note = Note::Arrived {
                 from: me,
@@ -501,6 +516,9 @@ impl BusEngine {
                     position,
                     body,
                 } => self.sources[from].push_back(Note::arrival(&stream, position, &body)),
+                Note::Interrupted { from, stream } => {
+                    self.sources[from].push_back(Event::Interrupted(stream.local()));
+                }
                 Note::Delivered(reports) => {
                     for (stream, positions) in reports {
                         self.local.delivered(&stream.local(), &positions);
@@ -525,7 +543,10 @@ impl BusEngine {
     fn release(&mut self, out: &mut Vec<Event>) {
         loop {
             for source in &mut self.sources {
-                while matches!(source.front(), Some(Event::Arrived(_))) {
+                while matches!(
+                    source.front(),
+                    Some(Event::Arrived(_) | Event::Interrupted(_))
+                ) {
                     out.extend(source.pop_front());
                 }
             }
@@ -593,7 +614,7 @@ impl BusEngine {
         w.family(
             "wsrelay_engine_bus_dropped_total",
             "counter",
-            "Arrived messages not sent to a worker whose engine queue was full, by pair of workers.",
+            "Arrived messages not sent to a worker whose engine queue was full (its connections following the stream are closed to recover), by pair of workers.",
         );
         for (to, n) in self.dropped.iter().enumerate() {
             if to != self.me() {

@@ -240,6 +240,10 @@ pub(super) enum Note {
         position: Position,
         body: Arc<[u8]>,
     },
+    /// Messages of `stream` for the receiver were dropped at their home (`from`), whose queue
+    /// to it was full: the receiver's hub closes the connections that follow the stream, so
+    /// they reconnect with `since` (`Event::Interrupted`).
+    Interrupted { from: usize, stream: Stream },
     /// `Engine::delivered`, for streams homed at the receiver: the reports of one pass of the
     /// sender's hub, batched (see `BusEngine::delivered`).
     Delivered(Vec<(Stream, Vec<Position>)>),
