@@ -213,6 +213,12 @@ fn build_report(
                     Traffic::Connect => None,
                     _ => stats::rss_per_connection(before.rss_kib, start.rss_kib, tally.opened),
                 },
+                anon_before_kib: before.anon_kib,
+                anon_after_kib: start.anon_kib,
+                anon_per_connection_bytes: match traffic {
+                    Traffic::Connect => None,
+                    _ => stats::rss_per_connection(before.anon_kib, start.anon_kib, tally.opened),
+                },
                 cpu_us_per_message: messages.and_then(|m| stats::cpu_us_per(cpu_secs, m)),
                 messages_per_cpu_sec: messages.and_then(|m| stats::per_cpu_sec(m, cpu_secs)),
                 cpu_us_per_connection: match traffic {

@@ -1,8 +1,8 @@
 //! What the load generator learns about the server process from Linux's /proc: CPU time used
 //! and resident memory.
 //!
-//! Owns: parsing `/proc/PID/stat` (utime + stime) and `/proc/PID/status` (VmRSS), and reading
-//! both at once as a `Sample`.
+//! Owns: parsing `/proc/PID/stat` (utime + stime) and `/proc/PID/status` (VmRSS, RssAnon), and
+//! reading both at once as a `Sample`.
 //! Does not: decide when to sample (`coordinator.rs` and `multi.rs` sample at the edges of
 //! the measured window) or compute per-message figures (`stats.rs`).
 //!
@@ -24,6 +24,11 @@ pub struct Sample {
     pub user_ticks: u64,
     /// Resident set size, in KiB.
     pub rss_kib: u64,
+    /// The anonymous part of `rss_kib` (heap and private mappings), in KiB: memory the process
+    /// allocated. The rest is mostly pages of its executable and libraries, read from their
+    /// files the first time code in them runs, and paid once however many connections there
+    /// are (docs/benchmarks.md, "What an idle connection costs, and what RSS also counts").
+    pub anon_kib: u64,
 }
 
 impl Sample {
@@ -54,6 +59,7 @@ pub fn sample(pid: u32) -> io::Result<Sample> {
         cpu_ticks: user_ticks.saturating_add(sys_ticks),
         user_ticks,
         rss_kib: parse_vm_rss_kib(&status).ok_or_else(|| malformed("status"))?,
+        anon_kib: parse_status_kib(&status, "RssAnon:").ok_or_else(|| malformed("status"))?,
     })
 }
 
@@ -78,8 +84,15 @@ pub fn parse_user_sys_ticks(stat: &str) -> Option<(u64, u64)> {
 
 /// The VmRSS line of /proc/PID/status (`VmRSS: 12345 kB`, a tab after the colon), in KiB.
 pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut words = line.trim_start_matches("VmRSS:").split_ascii_whitespace();
+    parse_status_kib(status, "VmRSS:")
+}
+
+/// The line of /proc/PID/status that starts with `key` (`VmRSS:`, `RssAnon:`; the value in
+/// kB after a tab), in KiB. `None` if the line is missing or not in kB: a figure that cannot
+/// be read is an error, never 0.
+pub fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let mut words = line[key.len()..].split_ascii_whitespace();
     let value: u64 = words.next()?.parse().ok()?;
     match words.next() {
         Some("kB") => Some(value),
@@ -144,16 +157,36 @@ mod tests {
     }
 
     #[test]
+    fn rss_anon() {
+        let status = "VmRSS:	    4321 kB
+RssAnon:	    1200 kB
+RssFile:	    3121 kB
+";
+        assert_eq!(parse_status_kib(status, "RssAnon:"), Some(1200));
+        assert_eq!(parse_status_kib(status, "RssFile:"), Some(3121));
+        assert_eq!(
+            parse_status_kib(
+                "VmRSS:	 12 kB
+",
+                "RssAnon:"
+            ),
+            None
+        );
+    }
+
+    #[test]
     fn cpu_seconds_between_samples() {
         let a = Sample {
             cpu_ticks: 100,
             user_ticks: 40,
             rss_kib: 0,
+            anon_kib: 0,
         };
         let b = Sample {
             cpu_ticks: 350,
             user_ticks: 90,
             rss_kib: 0,
+            anon_kib: 0,
         };
         assert_eq!(b.cpu_secs_since(&a), 2.5);
         assert_eq!(b.user_secs_since(&a), 0.5);
@@ -164,5 +197,6 @@ mod tests {
     fn reads_this_process() {
         let s = sample(std::process::id()).expect("our own /proc entry");
         assert!(s.rss_kib > 0);
+        assert!(s.anon_kib > 0 && s.anon_kib <= s.rss_kib, "{s:?}");
     }
 }

@@ -66,6 +66,12 @@ others cover only the measured window that follows the warm-up. Latencies are in
   server.rss_before_kib           server VmRSS before the first connection
   server.rss_after_kib            server VmRSS at the start of the window (all connections open)
   server.rss_per_connection_bytes (rss_after - rss_before) / opened; null in connect mode
+  server.anon_before_kib          the anonymous part of rss_before_kib (RssAnon: heap and
+                                  private mappings; the rest is mostly code read from files)
+  server.anon_after_kib           the anonymous part of rss_after_kib
+  server.anon_per_connection_bytes (anon_after - anon_before) / opened: the memory allocated
+                                  per connection, without the code pages the first connections
+                                  bring in once; null in connect mode
   server.cpu_us_per_message       server CPU per message received in the window (broadcast:
                                   per delivery); null in idle and connect mode
   server.messages_per_cpu_sec     messages (deliveries) received per server CPU-second; null
@@ -120,6 +126,9 @@ pub struct ServerFigures {
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
     pub rss_per_connection_bytes: Option<f64>,
+    pub anon_before_kib: u64,
+    pub anon_after_kib: u64,
+    pub anon_per_connection_bytes: Option<f64>,
     pub cpu_us_per_message: Option<f64>,
     pub messages_per_cpu_sec: Option<f64>,
     pub cpu_us_per_connection: Option<f64>,
@@ -200,6 +209,9 @@ impl Report {
             if let Some(bytes) = s.rss_per_connection_bytes {
                 let _ = write!(t, " ({bytes:.0} bytes per connection)");
             }
+            if let Some(bytes) = s.anon_per_connection_bytes {
+                let _ = write!(t, ", anonymous {bytes:.0} bytes per connection");
+            }
             t.push('\n');
         }
         let e = &self.errors;
@@ -270,6 +282,9 @@ mod tests {
                 rss_before_kib: 1,
                 rss_after_kib: 2,
                 rss_per_connection_bytes: Some(102.4),
+                anon_before_kib: 1,
+                anon_after_kib: 2,
+                anon_per_connection_bytes: Some(102.4),
                 cpu_us_per_message: Some(1.0),
                 messages_per_cpu_sec: Some(1.0),
                 cpu_us_per_connection: Some(1.0),

@@ -30,6 +30,14 @@
 //! cancels everything on the descriptor, and `close` keeps the descriptor open until the last of
 //! its operations has reported; only then is it closed. Completions for a closed connection that
 //! arrive meanwhile carry its old token, whose generation no longer matches (`ConnId`).
+//!
+//! The cancellation names the operation by its key when the connection's receive is all that
+//! is in flight (the usual case), and cancels "everything on this descriptor" only otherwise (a
+//! send still in flight, a poll, the accept). The kernel finds an operation by key in one hash
+//! bucket, but by descriptor only by walking every operation armed on the ring, twice (once to
+//! cancel, once more to find there is nothing left): with 8,000 connections closing at once
+//! that was 8,000 walks over 8,000 receives, the loop fell seconds behind, and the clients gave
+//! up waiting for our FIN (docs/pollers.md, "Closing thousands of connections at once").
 
 use super::completion::{BufPool, Completion, RecvBuf};
 use super::{check_open, Event, Interest, Poller, Token};
@@ -237,6 +245,10 @@ pub struct UringPoller {
     /// header lent to the kernel must not move when this vector grows.
     #[allow(clippy::vec_box)]
     spare_sends: Vec<Box<SendMsg>>,
+    /// Cancellations of everything on a descriptor submitted so far (the costly kind, see
+    /// "Closing safely"): the tests check that a plain close does not use one.
+    #[cfg(test)]
+    descriptor_cancels: usize,
 }
 
 impl UringPoller {
@@ -246,8 +258,14 @@ impl UringPoller {
     /// io_uring is unavailable: the kernel is older than 6.0, or it refuses (`io_uring_disabled`
     /// set, a seccomp filter, a container runtime). The message says which, in one line.
     pub fn new() -> io::Result<UringPoller> {
+        UringPoller::with_ring_entries(RING_ENTRIES)
+    }
+
+    /// `new` with a submission queue of `entries` (tests use a small one, so that a burst
+    /// overflows it).
+    fn with_ring_entries(entries: u32) -> io::Result<UringPoller> {
         check_kernel()?;
-        let ring = build_ring().map_err(|e| unavailable(&e))?;
+        let ring = build_ring(entries).map_err(|e| unavailable(&e))?;
         let pool = Rc::new(BufPool::new(usize::from(RECV_BUFFERS), RECV_BUFFER_BYTES));
         let mut buf_ring = BufRing::new(RECV_BUFFERS)?;
         // SAFETY: the ring memory is a mapping that lives in `buf_ring`, which this poller
@@ -274,6 +292,8 @@ impl UringPoller {
             reaped: Vec::with_capacity(1024),
             pending_events: Vec::new(),
             spare_sends: Vec::new(),
+            #[cfg(test)]
+            descriptor_cancels: 0,
         })
     }
 
@@ -548,7 +568,18 @@ impl Poller for UringPoller {
             self.fds.remove(fd);
             return Ok(());
         }
-        let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build();
+        // By key when the receive is the only operation left (module doc, "Closing safely":
+        // cancelling by descriptor costs the kernel a walk over every armed operation).
+        let entry = match ops.recv {
+            Some(key) if ops.in_flight == 1 => opcode::AsyncCancel::new(u64::from(key)).build(),
+            _ => {
+                #[cfg(test)]
+                {
+                    self.descriptor_cancels += 1;
+                }
+                opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build()
+            }
+        };
         let kind = OpKind::Cancel;
         self.push(
             entry,
@@ -723,8 +754,7 @@ fn check_kernel() -> io::Result<()> {
 /// The ring, with the flags that make one `io_uring_enter` per iteration do all the work:
 /// completions are produced only when we wait (`DEFER_TASKRUN`, 6.1+, for one thread:
 /// `SINGLE_ISSUER`). A kernel without them gets a plain ring.
-fn build_ring() -> io::Result<IoUring> {
-    let mut entries = RING_ENTRIES;
+fn build_ring(mut entries: u32) -> io::Result<IoUring> {
     loop {
         let tuned = IoUring::builder()
             .setup_cqsize(entries * 4)
@@ -759,4 +789,154 @@ fn unavailable(error: &io::Error) -> io::Error {
         io::ErrorKind::Unsupported,
         format!("io_uring unavailable: {why}: {error}"),
     )
+}
+
+/// The close path under load, with the ring's internals in view (the behaviour on every
+/// backend is in `poller/tests.rs`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::time::Instant;
+
+    /// Upper bound for anything we expect to happen; a deadline, not a measurement.
+    const DEADLINE: Duration = Duration::from_secs(10);
+    const SLICE: Duration = Duration::from_millis(100);
+
+    /// A ring with a 16-entry submission queue, or `None` (and one line saying why) where the
+    /// kernel refuses io_uring.
+    fn small_ring() -> Option<UringPoller> {
+        match UringPoller::with_ring_entries(16) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("skipped on uring: {e}");
+                None
+            }
+        }
+    }
+
+    /// `count` clients of a listener the ring accepts on, and the ring's side of each, watched
+    /// for receiving as `Token(100 + i)`.
+    fn connected(p: &mut UringPoller, count: usize) -> (TcpListener, Vec<(TcpStream, OwnedFd)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        p.watch_listener(listener.as_raw_fd(), Token(1)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients: Vec<TcpStream> = (0..count)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let start = Instant::now();
+        let (mut events, mut done, mut accepted) = (Vec::new(), Vec::new(), Vec::new());
+        while accepted.len() < count {
+            assert!(start.elapsed() < DEADLINE, "{} accepted", accepted.len());
+            p.wait(&mut events, Some(SLICE)).unwrap();
+            p.take_completions(&mut done);
+            for c in done.drain(..) {
+                match c {
+                    Completion::Accepted(fd) => accepted.push(fd),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        for (i, fd) in accepted.iter().enumerate() {
+            p.watch_connection(fd.as_raw_fd(), Token(100 + i)).unwrap();
+        }
+        for client in &clients {
+            client.set_nonblocking(true).unwrap();
+        }
+        (listener, clients.into_iter().zip(accepted).collect())
+    }
+
+    /// Waits (bounded) until every client has read the end of its stream, reading and
+    /// dropping whatever comes before it; completions that arrive meanwhile are dropped.
+    fn wait_for_every_end(p: &mut UringPoller, clients: &mut [TcpStream]) {
+        let mut ended = vec![false; clients.len()];
+        let (mut events, mut done) = (Vec::new(), Vec::new());
+        let mut buf = vec![0u8; 64 * 1024];
+        let start = Instant::now();
+        while ended.contains(&false) {
+            let left = ended.iter().filter(|e| !**e).count();
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{left} clients never saw the end"
+            );
+            p.wait(&mut events, Some(SLICE)).unwrap();
+            p.take_completions(&mut done);
+            done.clear();
+            for (client, ended) in clients.iter_mut().zip(ended.iter_mut()) {
+                while !*ended {
+                    match client.read(&mut buf) {
+                        Ok(0) => *ended = true,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Four times more connections close in one loop iteration than the submission queue
+    /// holds (the queue is submitted early when full). Each one's receive is cancelled by its
+    /// key, never by descriptor (a walk over every armed operation in the kernel, per close),
+    /// every client sees the end of its stream, and nothing is left in flight but the accept.
+    #[test]
+    fn a_burst_of_closes_cancels_each_receive_by_key() {
+        let Some(mut p) = small_ring() else { return };
+        let _guard = super::super::tests::fd_hungry_lock();
+        let (_listener, pairs) = connected(&mut p, 64);
+        let mut clients = Vec::new();
+        for (client, fd) in pairs {
+            p.deregister(fd.as_raw_fd()).unwrap();
+            p.close(fd);
+            clients.push(client);
+        }
+        assert_eq!(p.descriptor_cancels, 0, "cancelled by descriptor");
+        wait_for_every_end(&mut p, &mut clients);
+        assert_eq!(p.ops.len(), 1, "operations left besides the accept");
+    }
+
+    /// A connection closed while a send waits for room in its socket (the client reads
+    /// nothing): the send is cancelled too, so the descriptor closes and the client, once it
+    /// has read what did go out, sees the end of its stream.
+    #[test]
+    fn a_close_with_a_send_in_flight_cancels_the_send_too() {
+        let Some(mut p) = small_ring() else { return };
+        let (_listener, mut pairs) = connected(&mut p, 1);
+        let (client, fd) = pairs.pop().unwrap();
+        let raw = fd.as_raw_fd();
+        // More than the socket buffers on both sides hold, so a send stays in flight.
+        let payload = vec![7u8; 32 << 20];
+        let mut offset = 0;
+        let (mut events, mut done) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < DEADLINE, "every send completed at once");
+            assert!(offset < payload.len(), "the sockets took the whole payload");
+            // SAFETY: `payload` outlives the send: it lives until the end of the test, after
+            // the descriptor is closed, which happens only once the send has reported.
+            unsafe {
+                p.send(raw, Token(100), &[IoSlice::new(&payload[offset..])])
+                    .unwrap();
+            }
+            p.wait(&mut events, Some(Duration::ZERO)).unwrap();
+            p.take_completions(&mut done);
+            match done.pop() {
+                Some(Completion::Sent(Token(100), Ok(n))) => offset += n,
+                None => break, // waiting for room
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        p.deregister(raw).unwrap();
+        p.close(fd);
+        assert_eq!(
+            p.descriptor_cancels, 1,
+            "the send was not cancelled with the receive"
+        );
+        wait_for_every_end(&mut p, &mut [client]);
+        assert_eq!(p.ops.len(), 1, "operations left besides the accept");
+        drop(payload);
+    }
 }

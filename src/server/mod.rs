@@ -34,6 +34,7 @@ pub mod config;
 mod connection;
 mod flush;
 pub mod handler;
+mod heap;
 mod http;
 mod inbound;
 mod lifecycle;
@@ -452,6 +453,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         self.metrics.poll_wait += self.now - before;
         if spares && events.is_empty() && self.now - before >= SPARES_KEPT_IDLE {
             self.outbound_pool.release_spares();
+            // What the burst freed in the middle of the heap goes back too (`heap.rs`).
+            heap::give_back_free_pages();
         }
         self.metrics.poll_wakeups += 1;
         self.metrics.poll_events += events.len() as u64;

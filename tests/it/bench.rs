@@ -199,6 +199,13 @@ fn idle_counts_match(poller: &str, processes: usize) {
     // The server closed each connection after the close handshake: none is left open.
     assert_eq!(server.metric("wsrelay_connections{state=\"open\"}"), 0.0);
     assert!(r["server"]["rss_per_connection_bytes"].is_number());
+    // The anonymous part of the RSS is read too, and is a part of it.
+    assert!(u(&r, "server.anon_before_kib") > 0, "{r}");
+    assert!(
+        u(&r, "server.anon_after_kib") <= u(&r, "server.rss_after_kib"),
+        "{r}"
+    );
+    assert!(r["server"]["anon_per_connection_bytes"].is_number());
     assert!(r["server"]["cpu_us_per_message"].is_null());
     assert_documented("idle", &r);
 }
@@ -233,6 +240,7 @@ fn bench_connect_counts_match_the_server(poller: &str) {
         assert!(u(&r, "latency_us.count") <= opened);
     }
     assert!(r["server"]["rss_per_connection_bytes"].is_null());
+    assert!(r["server"]["anon_per_connection_bytes"].is_null());
     assert_documented("connect", &r);
 }
 
