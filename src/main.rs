@@ -681,15 +681,16 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
     }
     if args.storage.data_dir.is_some() {
         eprintln!(
-            "wsrelay: --data-dir is not supported with --workers above 1 yet (the bus between \
-             workers does not carry streams); use --workers 1"
+            "wsrelay: --data-dir is not supported with --workers above 1 yet (the workers' \
+             engine bus keeps streams in memory only); use --workers 1"
         );
         return ExitCode::FAILURE;
     }
     if args.api.api_key.is_some() || args.api.api_key_file.is_some() {
         eprintln!(
             "wsrelay: the server API (--api-key) is not supported with --workers above 1 yet \
-             (the bus between workers does not carry ids and envelope rooms); use --workers 1"
+             (its presence, rooms and ids endpoints would see one worker's connections only); \
+             use --workers 1"
         );
         return ExitCode::FAILURE;
     }
