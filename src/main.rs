@@ -69,8 +69,8 @@ struct ServeArgs {
 
     /// Reactor threads (SPEC §14): N, or `auto` for the CPUs this process may use. Each has
     /// its own poller, listener (SO_REUSEPORT, Linux only), connections and timers; raw rooms
-    /// (/r/) reach members on every worker through a bus. Above 1, /ws answers 501 and
-    /// --data-dir is refused until the bus carries them.
+    /// (/r/) reach members on every worker through a bus, and /ws through the engine bus
+    /// (each id and room has a home worker). Above 1, --data-dir and --api-key are refused.
     #[arg(long, default_value = "1", value_parser = parse_workers)]
     workers: usize,
 
@@ -681,15 +681,16 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
     }
     if args.storage.data_dir.is_some() {
         eprintln!(
-            "wsrelay: --data-dir is not supported with --workers above 1 yet (the bus between \
-             workers does not carry streams); use --workers 1"
+            "wsrelay: --data-dir is not supported with --workers above 1 yet (the workers' \
+             engine bus keeps streams in memory only); use --workers 1"
         );
         return ExitCode::FAILURE;
     }
     if args.api.api_key.is_some() || args.api.api_key_file.is_some() {
         eprintln!(
             "wsrelay: the server API (--api-key) is not supported with --workers above 1 yet \
-             (the bus between workers does not carry ids and envelope rooms); use --workers 1"
+             (its presence, rooms and ids endpoints would see one worker's connections only); \
+             use --workers 1"
         );
         return ExitCode::FAILURE;
     }
@@ -728,15 +729,32 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The workers' engine bus (`/ws`, SPEC §14) rings the same wakers as the raw bus.
+    let wakes: Vec<engine::Wake> = buses
+        .first()
+        .map(|(ends, _)| ends.wakers())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|w| std::sync::Arc::new(move || w.wake()) as engine::Wake)
+        .collect();
+    let now = Now {
+        instant: SystemClock.now(),
+        unix_ms: SystemClock.unix_ms(),
+    };
+    let engine_links = engine::bus::links(wakes, now);
     // Each worker reports once when it is ready (or could not start), and once when it ends.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<&'static str, String>>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, std::io::Result<Exit>)>();
-    for (index, (listener, (bus, wake))) in listeners.into_iter().zip(buses).enumerate() {
+    let ends = buses.into_iter().zip(engine_links);
+    for (index, (listener, ((bus, wake), engine_link))) in
+        listeners.into_iter().zip(ends).enumerate()
+    {
         let start = WorkerStart {
             index,
             listener,
             bus,
             wake,
+            engine_link,
             app: app_config.clone(),
             config: config.clone(),
             tls: tls_files.clone(),
@@ -812,6 +830,8 @@ struct WorkerStart {
     /// This worker's end of the bus for raw rooms, and the waker other workers ring.
     bus: raw_bus::BusEnds,
     wake: WakeReceiver,
+    /// This worker's end of the engine bus (`/ws`: its streams' homes, SPEC §14).
+    engine_link: engine::bus::Link,
     /// The app is built on the worker's thread: it holds `Rc`s, and never leaves that thread.
     app: AppConfig,
     config: Config,
@@ -825,7 +845,18 @@ fn run_worker<P: Poller>(
     start: WorkerStart,
     ready: &std::sync::mpsc::Sender<Result<&'static str, String>>,
 ) -> std::io::Result<Exit> {
-    let app = WorkerApp::new(App::new(start.app), start.bus);
+    let now = Now {
+        instant: SystemClock.now(),
+        unix_ms: SystemClock.unix_ms(),
+    };
+    let engine = engine::bus::BusEngine::new(
+        start.engine_link,
+        app::limits(&start.app),
+        app::room_history_limits(&start.app),
+        app::dedup(&start.app),
+        now,
+    );
+    let app = WorkerApp::new(App::with_engine(start.app, Box::new(engine)), start.bus);
     let mut reactor = Reactor::on_listener(poller, app, start.config, start.listener)?;
     if let Some((cert, key)) = start.tls {
         let tls = ServerTls::load(&cert, &key)

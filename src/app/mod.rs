@@ -14,8 +14,8 @@
 //! * `tokens.rs`: what each connection's token allows now, and when it expires (refresh and
 //!   expiry, SPEC §16);
 //! * `ratelimit.rs`: the per-connection token bucket;
-//! * `workers.rs`: the app of one of several workers (`--workers`), which refuses what the
-//!   bus between workers does not carry yet; `raw_bus.rs`: that bus, for raw rooms;
+//! * `workers.rs`: the app of one of several workers (`--workers`), on the workers' engine bus
+//!   (`engine/bus/`) for `/ws`; `raw_bus.rs`: the bus between workers for raw rooms;
 //! * `clock.rs`: injectable time; `config.rs`: `AppConfig`; `metrics.rs`: the hub's counters.
 //!
 //! Does not: see sockets, descriptors or bytes of frames. It receives whole messages for

@@ -5,7 +5,7 @@
 //! worker knows of the others: which rooms have members where (`remote`), and how many
 //! members each room has here (`local`).
 //! Does not: know who the members are (the hub's `Rooms` does, on each worker), route
-//! anything for `/ws` (not carried yet: refused with 501, `app/workers.rs`), or see sockets.
+//! anything for `/ws` (the workers' engine bus does, `engine/bus/`), or see sockets.
 //!
 //! # What crosses, and how often
 //!
@@ -116,6 +116,14 @@ pub fn build(shared: &Arc<Shared>) -> io::Result<Vec<(BusEnds, WakeReceiver)>> {
             (ends, wake_rx)
         })
         .collect())
+}
+
+impl BusEnds {
+    /// Every worker's waker, by index: the workers' engine bus (`engine/bus/`) rings the same
+    /// ones, so one wake-up serves both.
+    pub fn wakers(&self) -> Vec<Waker> {
+        self.doors.iter().map(|d| d.waker.clone()).collect()
+    }
 }
 
 /// One worker's side of the bus, on its thread.

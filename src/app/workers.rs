@@ -3,11 +3,10 @@
 //! Owns: `WorkerApp`, the `App` of one worker plus its end of the bus for raw rooms
 //! (`raw_bus.rs`): it tells the bus when a raw room gains its first member here or loses its
 //! last, hands it every raw-room message relayed here, and delivers what other workers relayed.
-//! It refuses (HTTP 501, saying why) `/ws`, whose guarantees (ids, direct messages, presence,
-//! offline queues, acks) the bus does not carry yet: a client is told plainly that `/ws` needs
-//! `--workers 1`, instead of getting ids silently split in N (docs/operations.md, "Workers").
-//! Everything else is the `App`'s own answer.
-//! Does not: carry anything itself (`raw_bus.rs` does), or know room members (the hub does).
+//! `/ws` is the `App`'s own, on the workers' engine bus (`engine/bus/`), which the hub reaches
+//! through the engine seam like any engine: its streams' homes answer through the same waker.
+//! Does not: carry anything itself (`raw_bus.rs` and `engine/bus/` do), or know room members
+//! (the hub does).
 
 use super::raw_bus::{BusEnds, RawBus};
 use super::{App, Session};
@@ -19,7 +18,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Instant;
 
-/// One worker's app: the `App` and its end of the bus, minus what the bus does not carry yet.
+/// One worker's app: the `App` (on its `BusEngine`) and its end of the bus for raw rooms.
 pub struct WorkerApp {
     app: App,
     /// Shared with the hub's raw outlet (a closure that publishes on it). Never borrowed across
@@ -38,11 +37,6 @@ impl WorkerApp {
     }
 }
 
-/// The path's refusal, if it needs what the bus between workers does not carry yet.
-fn needs_the_bus(path: &str) -> Option<Refusal> {
-    (path == "/ws").then_some(Refusal::NotAcrossWorkers("/ws"))
-}
-
 // Every method of `Handler` is forwarded, the defaulted ones included: a default left in place
 // here would silently replace the `App`'s own behaviour (its clock, its wake-ups).
 impl Handler for WorkerApp {
@@ -53,11 +47,7 @@ impl Handler for WorkerApp {
     }
 
     fn route(&mut self, conn: ConnId, request: &Request) -> Route<Session> {
-        // Only a GET can reach an endpoint; other methods get the App's 405 as before.
-        match needs_the_bus(&request.path) {
-            Some(refusal) if request.method == "GET" => Route::Refuse(refusal),
-            _ => self.app.route(conn, request),
-        }
+        self.app.route(conn, request)
     }
 
     /// Not reached while `--api-key` is refused with several workers (the API is then off,
@@ -98,10 +88,11 @@ impl Handler for WorkerApp {
         }
     }
 
-    /// The worker's waker: the bus has something (no engine wakes a worker: `--data-dir` is
-    /// refused with several workers).
+    /// The worker's waker: the raw bus has something, or the engine bus (other workers'
+    /// requests and answers, which the hub takes as it polls its engine), or both.
     fn on_wake(&mut self, out: &mut Outbox<'_>) {
         self.bus.borrow_mut().receive(&mut self.app, out);
+        self.app.on_wake(out);
     }
 
     fn on_timer(&mut self, out: &mut Outbox<'_>) {
@@ -118,26 +109,5 @@ impl Handler for WorkerApp {
 
     fn health(&self) -> Option<String> {
         self.app.health()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::needs_the_bus;
-
-    #[test]
-    fn only_the_envelope_endpoint_is_refused() {
-        assert!(needs_the_bus("/ws").is_some());
-        for path in [
-            "/echo",
-            "/r/lobby",
-            "/",
-            "/metrics",
-            "/stats.json",
-            "/healthz",
-            "/wsx",
-        ] {
-            assert!(needs_the_bus(path).is_none(), "{path}");
-        }
     }
 }

@@ -18,6 +18,8 @@ use crate::app::envelope::{AckStatus, MsgId};
 use crate::server::metrics::Writer;
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Room history off: a room index that keeps nothing.
 const HISTORY_OFF: Limits = Limits {
@@ -37,6 +39,11 @@ pub struct MemoryEngine {
     pub(super) rooms: Streams,
     pub(super) dedup: Dedup,
     pub(super) ready: VecDeque<Completion>,
+    /// With several workers (SPEC §14, `bus/`): the one position counter of the process, which
+    /// every worker's engine draws from, so that positions stay unique across all streams
+    /// (clients dedup by msg_id) and a `since` from any stream is judged against one high-water
+    /// mark. `next` is then unused. None: this engine's own counter (one worker).
+    shared: Option<Arc<AtomicU64>>,
 }
 
 /// What admitting a piece of work decided, before any durability.
@@ -62,7 +69,7 @@ impl MemoryEngine {
     /// from before the restart gets `recovered: false` even when the client sends no epoch.
     pub fn new(limits: Limits, dedup: Dedup, now: Now) -> Self {
         let mut streams = Streams::new(limits);
-        let first = now.unix_ms.saturating_mul(1000);
+        let first = first_position(now).0;
         streams.forget_through(Position(first.saturating_sub(1)));
         let mut rooms = Streams::new(HISTORY_OFF);
         rooms.forget_through(streams.forgotten_through());
@@ -125,7 +132,27 @@ impl MemoryEngine {
             rooms,
             dedup,
             ready: VecDeque::new(),
+            shared: None,
         }
+    }
+
+    /// One worker's engine among several (SPEC §14): every worker's engine has the same
+    /// `epoch` and draws positions from the same `counter`, which started at `first` (the
+    /// process's `first_position`: everything below it is from an earlier run, as in `new`).
+    pub(super) fn for_worker(
+        limits: Limits,
+        dedup: Dedup,
+        epoch: Epoch,
+        (counter, first): (Arc<AtomicU64>, Position),
+        now: Now,
+    ) -> Self {
+        let mut streams = Streams::new(limits);
+        streams.forget_through(Position(first.0.saturating_sub(1)));
+        let mut rooms = Streams::new(HISTORY_OFF);
+        rooms.forget_through(streams.forgotten_through());
+        let mut engine = MemoryEngine::resume(epoch, Position(0), streams, rooms, dedup, now);
+        engine.shared = Some(counter);
+        engine
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -134,13 +161,30 @@ impl MemoryEngine {
 
     /// The highest position handed out so far.
     pub(super) fn high_water(&self) -> Position {
-        Position(self.next.0.saturating_sub(1))
+        let next = match &self.shared {
+            Some(counter) => counter.load(Ordering::Relaxed),
+            None => self.next.0,
+        };
+        Position(next.saturating_sub(1))
     }
 
     fn allocate(&mut self) -> Position {
+        if let Some(counter) = &self.shared {
+            return Position(counter.fetch_add(1, Ordering::Relaxed));
+        }
         let p = self.next;
         self.next.0 += 1;
         p
+    }
+
+    /// The position an append would take. A shared counter hands it out at once (another
+    /// worker could otherwise take it): a refused append then leaves a gap, which is allowed
+    /// (positions are unique and increasing, not contiguous).
+    fn next_for_append(&mut self) -> Position {
+        match self.shared {
+            Some(_) => self.allocate(),
+            None => self.next,
+        }
     }
 
     /// Decides an append: duplicate, refused, or stored in the index (pending) at a new position.
@@ -149,13 +193,15 @@ impl MemoryEngine {
         if let Some(admit) = self.seen(&a.sender, a.client_id.as_ref()) {
             return admit;
         }
-        let position = self.next;
+        let position = self.next_for_append();
         match self
             .streams
             .append(&a.stream, position, Rc::clone(&a.body), now.unix_ms, gone)
         {
             Ok(()) => {
-                self.allocate();
+                if self.shared.is_none() {
+                    self.allocate();
+                }
                 self.remember(
                     &a.sender,
                     a.client_id.as_deref(),
@@ -410,6 +456,11 @@ impl MemoryEngine {
             );
         }
     }
+}
+
+/// Where a fresh run's positions start: the Unix time in ms x 1000 (see `MemoryEngine::new`).
+pub(super) fn first_position(now: Now) -> Position {
+    Position(now.unix_ms.saturating_mul(1000))
 }
 
 impl Engine for MemoryEngine {

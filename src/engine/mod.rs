@@ -6,6 +6,8 @@
 //! * `memory.rs`: `MemoryEngine`, everything in this process's memory (the default);
 //! * `file.rs`: `FileEngine`, the memory engine's index made durable by an append-only log
 //!   written by a storage thread with group commit (`--data-dir`);
+//! * `bus/`: `BusEngine`, one per worker with `--workers` above 1 (SPEC §14): each stream has a
+//!   home worker whose memory engine holds it, and the others reach it over queues;
 //! * `streams.rs`: `Streams`, the in-memory index of retained messages both engines share;
 //! * `journal.rs`: the log's on-disk format (records, segments, recovery from a torn tail);
 //! * `storage.rs`: the file engine's storage thread (group commit, rotation, compaction);
@@ -39,6 +41,7 @@
 //! docs/architecture.md ("The engine seam") argues why Redis (SPEC §15) and the workers' bus
 //! (SPEC §14) fit behind this trait without changing the hub.
 
+pub mod bus;
 pub mod file;
 pub mod histogram;
 pub mod journal;

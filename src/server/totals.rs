@@ -59,6 +59,9 @@ pub const RULES: &[(&str, Merge)] = &[
     ("wsrelay_room_history_rooms", Merge::Sum),
     ("wsrelay_room_history_messages", Merge::Sum),
     ("wsrelay_room_history_bytes", Merge::Sum),
+    // The workers' engine bus (`/ws`): each worker states its own queue, by its own label.
+    ("wsrelay_engine_bus_depth", Merge::Sum),
+    ("wsrelay_engine_bus_held", Merge::Sum),
     // Facts about the process, stated alike by every worker.
     ("wsrelay_poller_info", Merge::Same),
     ("wsrelay_engine_info", Merge::Same),

@@ -8,8 +8,8 @@
 //! per worker on the same port).
 //! Does not: run a loop (each worker is an ordinary `Reactor` on its own thread, started by the
 //! command line), carry messages between workers (the bus for raw rooms is the app's,
-//! `app/raw_bus.rs`; what it does not carry yet is refused, `app/workers.rs`), or decide
-//! anything about connections.
+//! `app/raw_bus.rs`; for `/ws` the engine's, `engine/bus/`), or decide anything about
+//! connections.
 //!
 //! # Why nothing is shared on the hot path
 //!

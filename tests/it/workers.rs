@@ -3,8 +3,8 @@
 //! show it before anything else is checked (a test whose connections all landed on one worker
 //! would prove nothing about the others).
 //!
-//! What the bus between workers does not carry yet is refused, and that is tested too: /ws
-//! answers 501, --data-dir does not start.
+//! What the bus between workers does not carry yet is refused, and that is tested too:
+//! --data-dir does not start. `/ws` across workers is tested in `workers_ws.rs`.
 //!
 //! /metrics and /stats.json are the process's totals whichever worker answers: every scrape is
 //! checked against the work the test did, on every worker (src/server/scrape.rs has the
@@ -299,20 +299,6 @@ fn raw_room_across_every_worker(poller: &str) {
     wait_for_remote_rooms(&server, workers, 0.0);
 }
 
-/// Until the bus carries it, /ws is refused in words: 501.
-fn ws_is_refused_until_the_bus_carries_it(poller: &str) {
-    let server = Server::start(poller, &["--workers", "2"]);
-    let r = server.http(
-        "GET /ws?id=alice HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    );
-    assert_eq!(r.status, 501);
-    assert!(r.body_text().contains("--workers 1"), "{}", r.body_text());
-    // The rest is served as with one worker.
-    assert_eq!(server.get("/healthz").status, 200);
-    assert_eq!(server.get("/").status, 200);
-}
-
 /// The families every worker renders for itself (the per-worker section, rendered once by the
 /// answering worker from the shared gauges, is not merged).
 fn merged_families(text: &str) -> Vec<(String, String)> {
@@ -381,7 +367,7 @@ fn every_scrape_is_the_process_totals(poller: &str) {
             m.get(&format!("wsrelay_poller_info{{poller=\"{poller}\"}}")),
             1.0
         );
-        assert_eq!(m.get("wsrelay_engine_info{kind=\"memory\"}"), 1.0);
+        assert_eq!(m.get("wsrelay_engine_info{kind=\"bus\"}"), 1.0);
         assert_eq!(m.get("wsrelay_workers_missing"), 0.0, "{from}");
     }
     // The same for the demo page's counters, on both workers.
@@ -414,7 +400,6 @@ poller_tests!(
     echo_on_every_worker,
     sigterm_closes_every_connection_on_every_worker_with_1001,
     max_connections_counts_every_worker,
-    ws_is_refused_until_the_bus_carries_it,
     raw_room_across_every_worker,
     a_second_signal_ends_every_worker_at_once,
     tls_on_every_worker,

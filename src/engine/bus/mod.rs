@@ -1,0 +1,791 @@
+//! The workers' engine bus (`--workers` above 1, SPEC §14): every worker's hub talks to a
+//! `BusEngine`, and every stream has one *home* worker whose memory engine holds it.
+//!
+//! Owns: `BusEngine` (one per worker: its own memory engine for the streams homed here, its
+//! end of the bus, the routing, the order of completions), `Fabric` (what the workers' engines
+//! share: the epoch, the position counter, the queue depths) and `links` (the queues, made on
+//! the main thread and moved into the workers).
+//! Does not: see connections or frames (the hub delivers `Stored` and `Arrived` itself), decide
+//! acks (the hub does, from `Outcome`), or carry raw rooms (`app/raw_bus.rs` does).
+//!
+//! # Homes
+//!
+//! A stream's home is `hash(stream) % workers` (an id's inbox and a room of the same name are
+//! two streams and may have two homes). The home's memory engine gives the stream's messages
+//! their positions, keeps its retained messages, its pending flags and the duplicate windows
+//! of the messages sent to it, exactly as the one engine of a single worker does. Work for a
+//! stream homed here is done at once; for a stream homed elsewhere it is a `Request` on the
+//! home's queue, and the answer a `Reply` on ours. Every worker's engine has the same epoch and
+//! draws positions from one counter of the process (an atomic add per stored message), so a
+//! msg_id is unique across all streams and a `since` is judged the same wherever it lands.
+//!
+//! # Who hears a stored message
+//!
+//! The worker that submitted it delivers it to its own connections on `Stored`, as with one
+//! worker. The home also sends it, once, as `Arrived`, to every *other* worker that holds a
+//! connection of the id (for an inbox) or a member of the room: workers say so with `Online`
+//! (to every worker: each keeps alive the duplicate windows it holds for the id) and `Joined`
+//! (to the room's home). So a room message costs at most one bus message per other worker with
+//! members, plus the request and reply when its room is homed elsewhere. A direct message to an
+//! id online on another worker than the sender's is answered `StoredOnlineElsewhere`, which the
+//! hub acks `delivered` (docs/protocol.md, "Acks"). `delivered` reports (not urgent) are
+//! batched per home for one pass of the hub: sent at the next `poll`, or before any other note
+//! to that home, so the home still sees them in the order of the calls.
+//!
+//! # Order
+//!
+//! Each worker has one queue (a multi-producer FIFO): what one worker sends to another arrives
+//! in the order it was sent, and a message sent after another was received by its sender (a
+//! `Joined` before the member's `joined` reply, then a publish it prompted) arrives after it.
+//! A stream's events all come from its home, so each worker sees a stream's messages in
+//! position order. Completions come out of `poll` in submission order (the seam's rule): a
+//! completion whose earlier tickets are still out is held, and with it whatever its home sent
+//! after it (an `Arrived` must not overtake the recovery it follows).
+//!
+//! A worker asking for a room's recovery (`join` with `since`) subscribes to the room first,
+//! so that nothing stored between the recovery and the hub's `joined` is missed; if the hub
+//! does not join after all, the subscription is dropped at the next `poll`.
+//!
+//! # Bounds
+//!
+//! Requests, replies and notices are never dropped: requests are bounded by each hub's
+//! in-flight bytes (`--max-in-flight-bytes`), replies and notices by requests and connection
+//! changes. An `Arrived` for a worker whose queue holds `ARRIVED_LIMIT` notes or more is
+//! dropped and counted (`wsrelay_engine_bus_dropped_total`), and that worker is told once per
+//! stream (`Interrupted`, not bounded, at most one per stream until its queue is down to half
+//! the limit): its hub closes the connections following the stream, which reconnect with
+//! `since` and recover what they missed (a direct message is still pending at its home; a room
+//! message is in the room's history if it keeps one, else `recovered: false` says it is gone).
+//! Memory stays bounded, and no reader misses a message without being told.
+
+mod wire;
+
+use super::memory::MemoryEngine;
+use super::{
+    Append, Completion, Engine, Epoch, Event, Now, Outcome, Position, Publish, Since, Stats,
+    StreamId, Ticket, Wake,
+};
+use crate::app::dedup::Dedup;
+use crate::app::envelope::AckStatus;
+use crate::server::metrics::Writer;
+use log::warn;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use wire::{Answer, Job, Note, Stream, Work};
+
+/// Notes waiting in a worker's queue beyond which `Arrived` notes for it are dropped.
+pub const ARRIVED_LIMIT: u64 = 64 * 1024;
+
+/// What the workers' engines share.
+#[derive(Debug)]
+pub struct Fabric {
+    epoch: Epoch,
+    /// The next position, for every worker's engine (`MemoryEngine::for_worker`), and the
+    /// first one (what each engine's index counts as from an earlier run is below it).
+    positions: Arc<AtomicU64>,
+    first: Position,
+    /// Notes waiting in each worker's queue: raised by the sender before it sends, lowered by
+    /// the receiver as it takes them.
+    depth: Box<[AtomicU64]>,
+}
+
+/// One worker's ends of the bus, made on the main thread and moved into the worker.
+pub struct Link {
+    index: usize,
+    inbox: Receiver<Note>,
+    /// Every worker's queue and wake-up, by index (this one's never used).
+    doors: Vec<(Sender<Note>, Wake)>,
+    fabric: Arc<Fabric>,
+}
+
+/// The links of `wakes.len()` workers, by index; `wakes[i]` rings worker i's reactor.
+pub fn links(wakes: Vec<Wake>, now: Now) -> Vec<Link> {
+    let workers = wakes.len();
+    let first = super::memory::first_position(now);
+    let fabric = Arc::new(Fabric {
+        epoch: Epoch::random(),
+        positions: Arc::new(AtomicU64::new(first.0)),
+        first,
+        depth: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let mut doors = Vec::with_capacity(workers);
+    let mut inboxes = Vec::with_capacity(workers);
+    for wake in wakes {
+        let (tx, rx) = mpsc::channel();
+        doors.push((tx, wake));
+        inboxes.push(rx);
+    }
+    inboxes
+        .into_iter()
+        .enumerate()
+        .map(|(index, inbox)| Link {
+            index,
+            inbox,
+            doors: doors.clone(),
+            fabric: Arc::clone(&fabric),
+        })
+        .collect()
+}
+
+/// The home of `stream` among `workers`. `DefaultHasher::new()` has fixed keys, so every
+/// worker computes the same home.
+pub fn home(stream: &StreamId, workers: usize) -> usize {
+    let mut h = DefaultHasher::new();
+    stream.hash(&mut h);
+    (h.finish() % workers as u64) as usize
+}
+
+/// A room this worker holds members of, or is recovering for a join.
+#[derive(Debug, Default)]
+struct RoomSub {
+    /// The hub said `joined` (and not `left` since).
+    hub: bool,
+    /// Recoveries asked for and not yet settled.
+    recovering: u32,
+}
+
+/// One submitted piece of work, until its completion leaves `poll`.
+#[derive(Debug)]
+struct Submitted {
+    ticket: Ticket,
+    home: usize,
+    /// Its client id's duplicate window is at `home` (where `acked` must go).
+    has_client_id: bool,
+    /// A room recovery: settle its subscription once the hub acted on it.
+    room: Option<Rc<str>>,
+}
+
+/// One worker's engine: see the module doc.
+pub struct BusEngine {
+    link: Link,
+    /// The streams homed here.
+    local: MemoryEngine,
+    /// Ids with a connection on some worker, and which workers (kept by every worker).
+    ids: HashMap<Rc<str>, Vec<usize>>,
+    /// Rooms homed here with members on some worker, and which workers.
+    rooms: HashMap<Rc<str>, Vec<usize>>,
+    /// This worker's own room subscriptions (sent to each room's home).
+    subs: HashMap<Rc<str>, RoomSub>,
+    /// Room recoveries whose completion left `poll`: settled at the next `poll`.
+    settle: Vec<Rc<str>>,
+    /// Events by the worker they came from (this one's own included), in arrival order.
+    sources: Vec<VecDeque<Event>>,
+    /// Work submitted whose completion has not left `poll` yet, oldest first.
+    order: VecDeque<Submitted>,
+    /// Homes of the duplicate windows of the completions the last `poll` handed out, by
+    /// position: `acked` follows them (the hub calls it while acting on that completion).
+    acked_homes: HashMap<Position, usize>,
+    /// `delivered` reports for streams homed at each worker, not sent yet.
+    delivered: Vec<Vec<(Stream, Vec<Position>)>>,
+    /// Streams homed here whose messages for each worker were dropped and that worker told
+    /// (`Interrupted`), until its queue is down to half `ARRIVED_LIMIT` again.
+    interrupted: Vec<HashSet<StreamId>>,
+    /// Notes this worker sent to each worker, and `Arrived` notes it dropped for each.
+    sent: Vec<u64>,
+    dropped: Vec<u64>,
+    received: u64,
+}
+
+impl BusEngine {
+    /// Worker `link.index`'s engine, with the memory engine's bounds.
+    pub fn new(
+        link: Link,
+        limits: super::Limits,
+        room_history: super::Limits,
+        dedup: Dedup,
+        now: Now,
+    ) -> BusEngine {
+        let fabric = &link.fabric;
+        let local = MemoryEngine::for_worker(
+            limits,
+            dedup,
+            fabric.epoch,
+            (Arc::clone(&fabric.positions), fabric.first),
+            now,
+        )
+        .with_room_history(room_history);
+        let workers = link.doors.len();
+        BusEngine {
+            local,
+            ids: HashMap::new(),
+            rooms: HashMap::new(),
+            subs: HashMap::new(),
+            settle: Vec::new(),
+            sources: (0..workers).map(|_| VecDeque::new()).collect(),
+            order: VecDeque::new(),
+            acked_homes: HashMap::new(),
+            delivered: (0..workers).map(|_| Vec::new()).collect(),
+            interrupted: (0..workers).map(|_| HashSet::new()).collect(),
+            sent: vec![0; workers],
+            dropped: vec![0; workers],
+            received: 0,
+            link,
+        }
+    }
+
+    fn me(&self) -> usize {
+        self.link.index
+    }
+
+    fn workers(&self) -> usize {
+        self.link.doors.len()
+    }
+
+    fn home_of(&self, stream: &StreamId) -> usize {
+        home(stream, self.workers())
+    }
+
+    /// Puts `note` on worker `to`'s queue (after the `delivered` reports waiting for it) and
+    /// rings it.
+    fn send(&mut self, to: usize, note: Note) {
+        if !self.delivered[to].is_empty() {
+            let reports = std::mem::take(&mut self.delivered[to]);
+            self.push(to, Note::Delivered(reports));
+        }
+        self.push(to, note);
+    }
+
+    /// Sends the `delivered` reports waiting for every worker.
+    fn flush_delivered(&mut self) {
+        for to in 0..self.workers() {
+            if !self.delivered[to].is_empty() {
+                let reports = std::mem::take(&mut self.delivered[to]);
+                self.push(to, Note::Delivered(reports));
+            }
+        }
+    }
+
+    fn push(&mut self, to: usize, note: Note) {
+        let depth = &self.link.fabric.depth[to];
+        depth.fetch_add(1, Ordering::Relaxed);
+        let (door, wake) = &self.link.doors[to];
+        if door.send(note).is_ok() {
+            self.sent[to] += 1;
+            wake();
+        } else {
+            // That worker has ended (shutdown): nothing left to tell it.
+            depth.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Where a message's readers are: a room, or (a direct message, also under
+    /// `--offline-max 0`, where the hub publishes it with `keep: false`) an inbox.
+    fn delivery_stream(job: &Job) -> Option<StreamId> {
+        match job {
+            Job::Append(_) | Job::Publish(_) => Some(Self::stream_of(job)),
+            Job::Recover(..) | Job::History(..) => None,
+        }
+    }
+
+    /// The stream `job` is for, whose home does it.
+    fn stream_of(job: &Job) -> StreamId {
+        match job {
+            Job::Append(a) => a.stream.clone(),
+            Job::Publish(p) if p.keep => StreamId::Room(Rc::clone(&p.room)),
+            Job::Publish(p) => StreamId::Inbox(Rc::clone(&p.room)),
+            Job::Recover(stream, _) | Job::History(stream, _) => stream.clone(),
+        }
+    }
+
+    /// Takes `job` for the stream's home, here or over the bus.
+    fn submit(&mut self, ticket: Ticket, job: Job, now: Now) {
+        let home = self.home_of(&Self::stream_of(&job));
+        let has_client_id = match &job {
+            Job::Append(a) => a.client_id.is_some(),
+            Job::Publish(p) => p.client_id.is_some(),
+            _ => false,
+        };
+        let room = match &job {
+            Job::Recover(StreamId::Room(room), _) => Some(Rc::clone(room)),
+            _ => None,
+        };
+        if let Some(room) = &room {
+            // Hear the room from before its recovery (module doc, "Order").
+            let sub = self.subs.entry(Rc::clone(room)).or_default();
+            sub.recovering += 1;
+            if sub.recovering == 1 && !sub.hub {
+                self.subscribe(room, true);
+            }
+        }
+        self.order.push_back(Submitted {
+            ticket,
+            home,
+            has_client_id,
+            room,
+        });
+        if home == self.me() {
+            let me = self.me();
+            self.serve(me, ticket, job, now);
+        } else {
+            let from = self.me();
+            let work = Work::of(&job);
+            self.send(
+                home,
+                Note::Request {
+                    from,
+                    ticket,
+                    work,
+                    now,
+                },
+            );
+        }
+    }
+
+    /// Does `job` (for a stream homed here) for worker `from` on the local engine, tells every
+    /// other worker holding the stream's readers, and answers `from`.
+    fn serve(&mut self, from: usize, ticket: Ticket, job: Job, now: Now) {
+        let delivery = Self::delivery_stream(&job);
+        let body = match &job {
+            Job::Append(a) => Some(Rc::clone(&a.body)),
+            Job::Publish(p) => Some(Rc::clone(&p.body)),
+            _ => None,
+        };
+        match job {
+            Job::Append(a) => self.local.append(ticket, a, now),
+            Job::Publish(p) => self.local.publish(ticket, p, now),
+            Job::Recover(stream, since) => self.local.recover(ticket, &stream, since, now),
+            Job::History(stream, limit) => self.local.history(ticket, &stream, limit, now),
+        }
+        let mut done = Vec::with_capacity(1);
+        self.local.poll(&mut done);
+        // The memory engine completes at once, with exactly this one completion.
+        let Some(Event::Completed(Completion { mut outcome, .. })) = done.pop() else {
+            warn!("the memory engine did not complete {ticket:?} at once");
+            return;
+        };
+        if let (Some(stream), Some(body), Outcome::Stored { position }) = (delivery, body, &outcome)
+        {
+            let position = *position;
+            let elsewhere = self.fan_out(from, &stream, position, &body);
+            if elsewhere && matches!(stream, StreamId::Inbox(_)) {
+                outcome = Outcome::StoredOnlineElsewhere { position };
+            }
+        }
+        if from == self.me() {
+            let me = self.me();
+            self.sources[me].push_back(Event::Completed(Completion { ticket, outcome }));
+        } else {
+            let me = self.me();
+            let answer = Answer::of(outcome);
+            self.send(
+                from,
+                Note::Reply {
+                    from: me,
+                    ticket,
+                    answer,
+                },
+            );
+        }
+    }
+
+    /// Sends a message stored here to every worker but `from` that holds its readers; returns
+    /// whether there was any.
+    fn fan_out(
+        &mut self,
+        from: usize,
+        stream: &StreamId,
+        position: Position,
+        body: &Rc<[u8]>,
+    ) -> bool {
+        let holders = match stream {
+            StreamId::Inbox(id) => self.ids.get(id),
+            StreamId::Room(room) => self.rooms.get(room),
+        };
+        let targets: Vec<usize> = holders
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&w| w != from)
+            .collect();
+        if targets.is_empty() {
+            return false;
+        }
+        let me = self.me();
+        let shared: Arc<[u8]> = Arc::from(&**body);
+        let wire_stream = Stream::of(stream);
+        for to in targets {
+            if to == me {
+                let event = Note::arrival(&wire_stream, position, &shared);
+                self.sources[me].push_back(event);
+                continue;
+            }
+            let depth = self.link.fabric.depth[to].load(Ordering::Relaxed);
+            if depth >= ARRIVED_LIMIT {
+                self.dropped[to] += 1;
+                if self.interrupted[to].insert(stream.clone()) {
+                    let stream = wire_stream.clone();
+                    self.send(to, Note::Interrupted { from: me, stream });
+                }
+                continue;
+            }
+            if depth <= ARRIVED_LIMIT / 2 && !self.interrupted[to].is_empty() {
+                self.interrupted[to].clear();
+            }
+            let note = Note::Arrived {
+                from: me,
+                stream: wire_stream.clone(),
+                position,
+                body: Arc::clone(&shared),
+            };
+            self.send(to, note);
+        }
+        true
+    }
+
+    /// Tells `room`'s home that this worker holds members of it (or no longer does).
+    fn subscribe(&mut self, room: &Rc<str>, joined: bool) {
+        let home = self.home_of(&StreamId::Room(Rc::clone(room)));
+        let me = self.me();
+        if home == me {
+            self.holder(me, room, joined);
+            return;
+        }
+        let room = Arc::from(&**room);
+        let note = if joined {
+            Note::Joined { from: me, room }
+        } else {
+            Note::Left { from: me, room }
+        };
+        self.send(home, note);
+    }
+
+    /// Worker `from` holds members of `room` (homed here), or no longer does.
+    fn holder(&mut self, from: usize, room: &str, joined: bool) {
+        if joined {
+            let workers = self.rooms.entry(Rc::from(room)).or_default();
+            if !workers.contains(&from) {
+                workers.push(from);
+            }
+        } else if let Some(workers) = self.rooms.get_mut(room) {
+            workers.retain(|&w| w != from);
+            if workers.is_empty() {
+                self.rooms.remove(room);
+            }
+        }
+    }
+
+    /// Worker `from` holds a connection of `id`.
+    fn id_online(&mut self, from: usize, id: &str) {
+        let workers = self.ids.entry(Rc::from(id)).or_default();
+        if workers.is_empty() {
+            self.local.online(id);
+        }
+        if !workers.contains(&from) {
+            workers.push(from);
+        }
+    }
+
+    /// Worker `from` no longer holds any connection of `id`.
+    fn id_offline(&mut self, from: usize, id: &str, now: Now) {
+        let Some(workers) = self.ids.get_mut(id) else {
+            return;
+        };
+        workers.retain(|&w| w != from);
+        if workers.is_empty() {
+            if let Some((id, _)) = self.ids.remove_entry(id) {
+                self.local.offline(&id, now);
+            }
+        }
+    }
+
+    /// Takes every note waiting in this worker's queue.
+    fn receive(&mut self) {
+        while let Ok(note) = self.link.inbox.try_recv() {
+            self.link.fabric.depth[self.me()].fetch_sub(1, Ordering::Relaxed);
+            self.received += 1;
+            match note {
+                Note::Request {
+                    from,
+                    ticket,
+                    work,
+                    now,
+                } => self.serve(from, ticket, work.into_job(), now),
+                Note::Reply {
+                    from,
+                    ticket,
+                    answer,
+                } => self.sources[from].push_back(Note::completion(ticket, answer)),
+                Note::Arrived {
+                    from,
+                    stream,
+                    position,
+                    body,
+                } => self.sources[from].push_back(Note::arrival(&stream, position, &body)),
+                Note::Interrupted { from, stream } => {
+                    self.sources[from].push_back(Event::Interrupted(stream.local()));
+                }
+                Note::Delivered(reports) => {
+                    for (stream, positions) in reports {
+                        self.local.delivered(&stream.local(), &positions);
+                    }
+                }
+                Note::Acked {
+                    sender,
+                    client_id,
+                    position,
+                    status,
+                } => self.local.acked(&sender, &client_id, position, status),
+                Note::Online { from, id } => self.id_online(from, &id),
+                Note::Offline { from, id, now } => self.id_offline(from, &id, now),
+                Note::Joined { from, room } => self.holder(from, &room, true),
+                Note::Left { from, room } => self.holder(from, &room, false),
+            }
+        }
+    }
+
+    /// Moves what may leave into `out`: from each source, everything up to its first
+    /// completion that is not the oldest outstanding one (module doc, "Order").
+    fn release(&mut self, out: &mut Vec<Event>) {
+        loop {
+            for source in &mut self.sources {
+                while matches!(
+                    source.front(),
+                    Some(Event::Arrived(_) | Event::Interrupted(_))
+                ) {
+                    out.extend(source.pop_front());
+                }
+            }
+            let Some(next) = self.order.front() else {
+                return;
+            };
+            let source = &mut self.sources[next.home];
+            match source.front() {
+                Some(Event::Completed(c)) if c.ticket == next.ticket => {}
+                _ => return,
+            }
+            let (Some(Event::Completed(completion)), Some(next)) =
+                (source.pop_front(), self.order.pop_front())
+            else {
+                return;
+            };
+            if next.has_client_id {
+                if let Outcome::Stored { position }
+                | Outcome::StoredOnlineElsewhere { position }
+                | Outcome::Duplicate { position, .. } = &completion.outcome
+                {
+                    self.acked_homes.insert(*position, next.home);
+                }
+            }
+            if let Some(room) = next.room {
+                self.settle.push(room);
+            }
+            out.push(Event::Completed(completion));
+        }
+    }
+
+    /// Room recoveries the hub has acted on: a room it did not join after all is dropped.
+    fn settle_rooms(&mut self) {
+        for room in std::mem::take(&mut self.settle) {
+            let Some(sub) = self.subs.get_mut(&room) else {
+                continue;
+            };
+            sub.recovering = sub.recovering.saturating_sub(1);
+            if sub.recovering == 0 && !sub.hub {
+                self.subs.remove(&room);
+                self.subscribe(&room, false);
+            }
+        }
+    }
+
+    /// The bus's own figures (Prometheus text).
+    fn render_bus(&self, out: &mut String) {
+        let me = self.me().to_string();
+        let mut w = Writer::new(out);
+        w.family(
+            "wsrelay_engine_bus_sent_total",
+            "counter",
+            "Notes this worker's engine put on another worker's queue (requests, replies, arrived messages, notices), by pair of workers (SPEC §14).",
+        );
+        for (to, n) in self.sent.iter().enumerate() {
+            if to != self.me() {
+                let to = to.to_string();
+                w.sample(
+                    "wsrelay_engine_bus_sent_total",
+                    &[("from", &me), ("to", &to)],
+                    n,
+                );
+            }
+        }
+        w.family(
+            "wsrelay_engine_bus_dropped_total",
+            "counter",
+            "Arrived messages not sent to a worker whose engine queue was full (its connections following the stream are closed to recover), by pair of workers.",
+        );
+        for (to, n) in self.dropped.iter().enumerate() {
+            if to != self.me() {
+                let to = to.to_string();
+                w.sample(
+                    "wsrelay_engine_bus_dropped_total",
+                    &[("from", &me), ("to", &to)],
+                    n,
+                );
+            }
+        }
+        w.family(
+            "wsrelay_engine_bus_received_total",
+            "counter",
+            "Notes this worker's engine took off its queue.",
+        );
+        w.sample(
+            "wsrelay_engine_bus_received_total",
+            &[("worker", &me)],
+            self.received,
+        );
+        w.family(
+            "wsrelay_engine_bus_depth",
+            "gauge",
+            "Notes waiting in this worker's engine queue.",
+        );
+        let depth = self.link.fabric.depth[self.me()].load(Ordering::Relaxed);
+        w.sample("wsrelay_engine_bus_depth", &[("worker", &me)], depth);
+        w.family(
+            "wsrelay_engine_bus_held",
+            "gauge",
+            "Events this worker's engine holds back until earlier completions are in.",
+        );
+        let held: usize = self.sources.iter().map(VecDeque::len).sum();
+        w.sample("wsrelay_engine_bus_held", &[("worker", &me)], held);
+    }
+}
+
+impl Engine for BusEngine {
+    fn kind(&self) -> &'static str {
+        "bus"
+    }
+
+    fn epoch(&self) -> Epoch {
+        self.link.fabric.epoch
+    }
+
+    fn append(&mut self, ticket: Ticket, append: Append, now: Now) {
+        self.submit(ticket, Job::Append(append), now);
+    }
+
+    fn publish(&mut self, ticket: Ticket, publish: Publish, now: Now) {
+        self.submit(ticket, Job::Publish(publish), now);
+    }
+
+    fn recover(&mut self, ticket: Ticket, stream: &StreamId, since: Option<Since>, now: Now) {
+        self.submit(ticket, Job::Recover(stream.clone(), since), now);
+    }
+
+    fn history(&mut self, ticket: Ticket, stream: &StreamId, limit: usize, now: Now) {
+        self.submit(ticket, Job::History(stream.clone(), limit), now);
+    }
+
+    fn delivered(&mut self, stream: &StreamId, positions: &[Position]) {
+        let home = self.home_of(stream);
+        if home == self.me() {
+            self.local.delivered(stream, positions);
+        } else {
+            // Not urgent: batched per home, sent before anything else goes there (so the
+            // home's order is the one of the calls) or at the next `poll`.
+            self.delivered[home].push((Stream::of(stream), positions.to_vec()));
+        }
+    }
+
+    fn acked(&mut self, sender: &str, client_id: &str, position: Position, status: AckStatus) {
+        let Some(&home) = self.acked_homes.get(&position) else {
+            warn!("acked {position} without a completion just before it: not recorded");
+            return;
+        };
+        if home == self.me() {
+            self.local.acked(sender, client_id, position, status);
+        } else {
+            let note = Note::Acked {
+                sender: Arc::from(sender),
+                client_id: Arc::from(client_id),
+                position,
+                status,
+            };
+            self.send(home, note);
+        }
+    }
+
+    /// The hub calls it for every connection of `id`; the other workers hear of the first.
+    fn online(&mut self, id: &str) {
+        let me = self.me();
+        if self.ids.get(id).is_some_and(|w| w.contains(&me)) {
+            return;
+        }
+        self.id_online(me, id);
+        for to in (0..self.workers()).filter(|&w| w != me) {
+            self.send(
+                to,
+                Note::Online {
+                    from: me,
+                    id: Arc::from(id),
+                },
+            );
+        }
+    }
+
+    fn offline(&mut self, id: &Rc<str>, now: Now) {
+        let me = self.me();
+        self.id_offline(me, id, now);
+        for to in (0..self.workers()).filter(|&w| w != me) {
+            self.send(
+                to,
+                Note::Offline {
+                    from: me,
+                    id: Arc::from(&**id),
+                    now,
+                },
+            );
+        }
+    }
+
+    fn joined(&mut self, room: &str) {
+        let sub = self.subs.entry(Rc::from(room)).or_default();
+        let new = !sub.hub && sub.recovering == 0;
+        sub.hub = true;
+        if new {
+            self.subscribe(&Rc::from(room), true);
+        }
+    }
+
+    fn left(&mut self, room: &str) {
+        let Some(sub) = self.subs.get_mut(room) else {
+            return;
+        };
+        sub.hub = false;
+        if sub.recovering == 0 {
+            self.subs.remove(room);
+            self.subscribe(&Rc::from(room), false);
+        }
+    }
+
+    fn maintain(&mut self, now: Now) {
+        self.local.maintain(now);
+    }
+
+    fn poll(&mut self, out: &mut Vec<Event>) {
+        self.acked_homes.clear();
+        self.flush_delivered();
+        self.settle_rooms();
+        self.receive();
+        self.release(out);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.order.len()
+    }
+
+    /// The streams homed here: summed over the workers, the process's.
+    fn stats(&self, now_ms: u64) -> Stats {
+        self.local.stats(now_ms)
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.local.render_index(self.kind(), self.in_flight(), out);
+        self.render_bus(out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

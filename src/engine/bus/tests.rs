@@ -1,0 +1,383 @@
+//! Two workers' bus engines in one thread: the queues are real, the wake-ups count.
+
+use super::*;
+use crate::engine::Limits;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant};
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix_ms: 1_000_000,
+    }
+}
+
+struct Pair {
+    engines: Vec<BusEngine>,
+    wakes: Vec<Arc<AtomicUsize>>,
+    next_ticket: u64,
+}
+
+fn pair() -> Pair {
+    let wakes: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let rings = wakes
+        .iter()
+        .map(|n| {
+            let n = Arc::clone(n);
+            Arc::new(move || {
+                n.fetch_add(1, Ordering::Relaxed);
+            }) as Wake
+        })
+        .collect();
+    let limits = Limits {
+        per_stream: 100,
+        ttl_ms: 60_000,
+        max_bytes: 1 << 20,
+    };
+    let history = Limits {
+        per_stream: 10,
+        ttl_ms: 60_000,
+        max_bytes: 1 << 20,
+    };
+    let engines = links(rings, now())
+        .into_iter()
+        .map(|link| {
+            let dedup = Dedup::new(16, Duration::from_secs(60), 1 << 20);
+            BusEngine::new(link, limits, history, dedup, now())
+        })
+        .collect();
+    Pair {
+        engines,
+        wakes,
+        next_ticket: 0,
+    }
+}
+
+/// A name whose stream (`make(name)`) is homed at `worker` of 2.
+fn homed(worker: usize, make: fn(&str) -> StreamId) -> String {
+    (0..)
+        .map(|i| format!("n{i}"))
+        .find(|name| home(&make(name), 2) == worker)
+        .expect("some name hashes to each worker")
+}
+
+impl Pair {
+    fn ticket(&mut self) -> Ticket {
+        self.next_ticket += 1;
+        Ticket(self.next_ticket)
+    }
+
+    fn append(&mut self, on: usize, to: &str, client_id: Option<&str>) -> Ticket {
+        let ticket = self.ticket();
+        let append = Append {
+            stream: StreamId::inbox(to),
+            sender: Rc::from("alice"),
+            client_id: client_id.map(Rc::from),
+            body: Rc::from(&b"{\"hi\":1}"[..]),
+        };
+        self.engines[on].append(ticket, append, now());
+        ticket
+    }
+
+    fn publish(&mut self, on: usize, room: &str) -> Ticket {
+        let ticket = self.ticket();
+        let publish = Publish {
+            room: Rc::from(room),
+            sender: Rc::from("alice"),
+            client_id: None,
+            body: Rc::from(&b"{}"[..]),
+            keep: true,
+        };
+        self.engines[on].publish(ticket, publish, now());
+        ticket
+    }
+
+    /// Polls both engines until neither has anything more; what each handed out, in order.
+    fn settle(&mut self) -> [Vec<Event>; 2] {
+        let mut out: [Vec<Event>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..4 {
+            for (i, e) in self.engines.iter_mut().enumerate() {
+                e.poll(&mut out[i]);
+            }
+        }
+        out
+    }
+}
+
+fn completed(events: &[Event]) -> Vec<(Ticket, &Outcome)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Completed(c) => Some((c.ticket, &c.outcome)),
+            Event::Arrived(_) | Event::Interrupted(_) => None,
+        })
+        .collect()
+}
+
+fn arrived(events: &[Event]) -> Vec<(&StreamId, Position)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Arrived(a) => Some((&a.stream, a.position)),
+            Event::Completed(_) | Event::Interrupted(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_direct_message_homed_elsewhere_completes_after_its_home_answers() {
+    let mut p = pair();
+    let bob = homed(1, StreamId::inbox);
+    let t = p.append(0, &bob, None);
+    let mut early = Vec::new();
+    p.engines[0].poll(&mut early);
+    assert!(early.is_empty(), "not before the home answered");
+    assert_eq!(p.engines[0].in_flight(), 1);
+    assert!(p.wakes[1].load(Ordering::Relaxed) >= 1, "the home was rung");
+    let [zero, one] = p.settle();
+    assert!(
+        one.is_empty(),
+        "bob is online nowhere: nothing arrives at his home"
+    );
+    let done = completed(&zero);
+    assert_eq!(done.len(), 1);
+    assert!(matches!(done[0], (ticket, Outcome::Stored { .. }) if ticket == t));
+    assert_eq!(p.engines[0].in_flight(), 0);
+    assert_eq!(
+        p.engines[1].stats(0).pending,
+        1,
+        "held, pending, at its home"
+    );
+}
+
+#[test]
+fn a_recipient_online_on_another_worker_gets_it_as_arrived_and_the_sender_hears_so() {
+    let mut p = pair();
+    // Bob's inbox is homed at 0, bob is online at 1, alice sends from 0.
+    let bob = homed(0, StreamId::inbox);
+    p.engines[1].online(&bob);
+    p.settle();
+    let t = p.append(0, &bob, None);
+    let [zero, one] = p.settle();
+    let done = completed(&zero);
+    assert!(
+        matches!(done[..], [(ticket, Outcome::StoredOnlineElsewhere { .. })] if ticket == t),
+        "{done:?}"
+    );
+    let got = arrived(&one);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, &StreamId::inbox(&bob));
+    // Worker 1's hub delivered it: the home hears and bob's inbox has nothing pending.
+    p.engines[1].delivered(&StreamId::inbox(&bob), &[got[0].1]);
+    p.settle();
+    assert_eq!(p.engines[0].stats(0).pending, 0);
+}
+
+#[test]
+fn completions_leave_in_submission_order_whatever_their_homes() {
+    let mut p = pair();
+    let far = homed(1, StreamId::inbox);
+    let near = homed(0, StreamId::inbox);
+    let first = p.append(0, &far, None);
+    let second = p.append(0, &near, None);
+    let mut out = Vec::new();
+    p.engines[0].poll(&mut out);
+    assert!(
+        out.is_empty(),
+        "the local answer waits for the earlier remote one"
+    );
+    let [zero, _] = p.settle();
+    let tickets: Vec<Ticket> = completed(&zero).iter().map(|(t, _)| *t).collect();
+    assert_eq!(tickets, [first, second]);
+}
+
+#[test]
+fn a_room_message_reaches_each_other_worker_with_members_once() {
+    let mut p = pair();
+    for home_worker in [0, 1] {
+        let room = homed(home_worker, StreamId::room);
+        p.engines[0].joined(&room);
+        p.engines[1].joined(&room);
+        p.settle();
+        let mut positions = Vec::new();
+        for sender in [0, 1, 1, 0] {
+            p.publish(sender, &room);
+            let out = p.settle();
+            // The sender completes; the other worker gets it once, as arrived.
+            let done = completed(&out[sender]);
+            assert_eq!(done.len(), 1);
+            let Outcome::Stored { position } = done[0].1 else {
+                panic!("{done:?}")
+            };
+            assert!(arrived(&out[sender]).is_empty(), "never back to the sender");
+            let other = arrived(&out[1 - sender]);
+            assert_eq!(other, [(&StreamId::room(&room), *position)]);
+            positions.push(*position);
+        }
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        // Worker 1 leaves: worker 0's messages no longer cross.
+        p.engines[1].left(&room);
+        p.settle();
+        let sent_before = p.engines[0].sent[1];
+        p.publish(0, &room);
+        let [_, one] = p.settle();
+        assert!(one.is_empty());
+        if home_worker == 0 {
+            assert_eq!(p.engines[0].sent[1], sent_before, "no note for worker 1");
+        }
+        p.engines[0].left(&room);
+        p.settle();
+    }
+}
+
+#[test]
+fn a_resent_client_id_is_a_duplicate_from_any_worker() {
+    let mut p = pair();
+    let bob = homed(1, StreamId::inbox);
+    p.append(0, &bob, Some("c1"));
+    let [zero, _] = p.settle();
+    let Outcome::Stored { position } = completed(&zero)[0].1 else {
+        panic!()
+    };
+    let first = *position;
+    // The same sender, reconnected to the other worker, sends it again.
+    p.append(1, &bob, Some("c1"));
+    let [_, one] = p.settle();
+    assert!(
+        matches!(
+            completed(&one)[..],
+            [(_, Outcome::Duplicate { position, status: AckStatus::Queued })] if *position == first
+        ),
+        "{one:?}"
+    );
+    assert_eq!(p.engines[1].stats(0).messages, 1, "stored once");
+}
+
+#[test]
+fn an_ack_after_a_remote_completion_reaches_the_window_at_the_home() {
+    let mut p = pair();
+    let room = homed(1, StreamId::room);
+    let ticket = p.ticket();
+    let publish = Publish {
+        room: Rc::from(&*room),
+        sender: Rc::from("alice"),
+        client_id: Some(Rc::from("c9")),
+        body: Rc::from(&b"{}"[..]),
+        keep: true,
+    };
+    p.engines[0].publish(ticket, publish.clone(), now());
+    // As the hub does: poll, and while acting on the completion, ack it otherwise.
+    let mut out = Vec::new();
+    p.engines[1].poll(&mut Vec::new());
+    p.engines[0].poll(&mut out);
+    let Outcome::Stored { position } = completed(&out)[0].1 else {
+        panic!("{out:?}")
+    };
+    p.engines[0].acked("alice", "c9", *position, AckStatus::Partial);
+    p.settle();
+    let again = p.ticket();
+    p.engines[0].publish(again, publish, now());
+    let [zero, _] = p.settle();
+    assert!(
+        matches!(
+            completed(&zero)[..],
+            [(
+                _,
+                Outcome::Duplicate {
+                    status: AckStatus::Partial,
+                    ..
+                }
+            )]
+        ),
+        "{zero:?}"
+    );
+}
+
+#[test]
+fn an_arrival_never_overtakes_the_recovery_it_follows() {
+    let mut p = pair();
+    // Worker 0 has one answer outstanding from worker 1's home, then asks worker 1 for bob's
+    // recovery; worker 1 then stores a message for bob, online at 0.
+    let slow = homed(1, StreamId::room);
+    let bob = homed(1, StreamId::inbox);
+    p.publish(0, &slow);
+    p.engines[0].online(&bob);
+    let t = p.ticket();
+    p.engines[0].recover(t, &StreamId::inbox(&bob), None, now());
+    p.engines[1].poll(&mut Vec::new());
+    p.append(1, &bob, None);
+    let [zero, _] = p.settle();
+    let kinds: Vec<&str> = zero
+        .iter()
+        .map(|e| match e {
+            Event::Completed(c) if c.ticket == t => "recovered",
+            Event::Completed(_) => "published",
+            Event::Arrived(_) => "arrived",
+            Event::Interrupted(_) => "interrupted",
+        })
+        .collect();
+    assert_eq!(kinds, ["published", "recovered", "arrived"]);
+}
+
+#[test]
+fn a_room_recovery_subscribes_until_the_hub_has_joined_or_not() {
+    let mut p = pair();
+    let room = homed(1, StreamId::room);
+    let t = p.ticket();
+    p.engines[0].recover(t, &StreamId::room(&room), None, now());
+    p.engines[1].poll(&mut Vec::new());
+    let mut out = Vec::new();
+    p.engines[0].poll(&mut out);
+    assert_eq!(completed(&out).len(), 1, "the recovery");
+    // Stored after the recovery, before the hub's `joined`: still heard at worker 0.
+    p.publish(1, &room);
+    let [zero, _] = p.settle();
+    assert_eq!(arrived(&zero).len(), 1);
+    // The hub did not join: that poll dropped the subscription.
+    assert!(!p.engines[1].rooms.contains_key(&*room));
+    // It joins now: subscribed again.
+    p.engines[0].joined(&room);
+    p.settle();
+    assert_eq!(p.engines[1].rooms.get(&*room).map(Vec::len), Some(1));
+}
+
+#[test]
+fn arrivals_for_a_worker_that_does_not_keep_up_are_dropped_and_counted() {
+    let mut p = pair();
+    let room = homed(0, StreamId::room);
+    p.engines[1].joined(&room);
+    p.settle();
+    // Worker 1 never polls: its queue fills with arrived messages, then they are dropped.
+    let extra = 10;
+    for _ in 0..ARRIVED_LIMIT + extra {
+        p.publish(0, &room);
+    }
+    let mut out = Vec::new();
+    p.engines[0].poll(&mut out);
+    assert_eq!(
+        completed(&out).len() as u64,
+        ARRIVED_LIMIT + extra,
+        "every sender is answered"
+    );
+    assert_eq!(p.engines[0].dropped[1], extra);
+    // One notice for the stream, however many were dropped.
+    let depth = |p: &Pair| p.engines[0].link.fabric.depth[1].load(Ordering::Relaxed);
+    assert_eq!(depth(&p), ARRIVED_LIMIT + 1);
+    // What did cross arrives, in order, then the notice; the queue is empty again.
+    let mut one = Vec::new();
+    p.engines[1].poll(&mut one);
+    let got = arrived(&one);
+    assert_eq!(got.len() as u64, ARRIVED_LIMIT);
+    assert!(got.windows(2).all(|w| w[0].1 < w[1].1));
+    assert!(
+        matches!(one.last(), Some(Event::Interrupted(s)) if *s == StreamId::room(&room)),
+        "the hub is told, to close the members so they recover"
+    );
+    assert_eq!(one.len() as u64, ARRIVED_LIMIT + 1);
+    assert_eq!(depth(&p), 0);
+    // Once the queue has room, messages cross again, and a new overflow is told again.
+    p.publish(0, &room);
+    let [_, one] = p.settle();
+    assert_eq!(arrived(&one).len(), 1);
+    assert!(p.engines[0].interrupted[1].is_empty());
+}
