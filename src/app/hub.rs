@@ -48,8 +48,9 @@ use super::ratelimit::{RateLimit, TokenBucket};
 use super::rooms::Rooms;
 use super::tokens::{Access, Tokens, TOKEN_EXPIRED, TOKEN_EXPIRED_REASON};
 use crate::engine::{
-    Append, Arrival, Completion, Engine, Epoch, Event, Limits, MemoryEngine, Now, Outcome,
-    Position, Publish, Recovery, Refusal as StoreRefusal, Replayed, Since, StreamId, Ticket,
+    Append, Arrival, Completion, Engine, Epoch, Event, Limits, LocalMember, MemoryEngine, Now,
+    Outcome, Position, PresenceChange, Publish, Recovery, Refusal as StoreRefusal, Replayed, Since,
+    StreamId, Ticket,
 };
 use crate::protocol::frame::{self, OpCode};
 use crate::protocol::handshake::Request;
@@ -346,6 +347,23 @@ fn queue_replay(conn: ConnId, messages: &[Replayed], tx: &mut impl Transport) ->
         }
     }
     messages.len()
+}
+
+/// How the engine names a connection of this hub in presence (`LocalMember::conn`): its
+/// `ConnId` packed, unique on this node for the node's life (slot and generation).
+fn member_conn(conn: ConnId) -> u64 {
+    (u64::from(conn.generation) << 32) | u64::from(conn.slot)
+}
+
+/// The `info` of a member on another node as shown to clients, and whether it had to be
+/// dropped: it crossed the network as text, so it is checked to be JSON (else `null`) rather
+/// than trusted into a frame.
+fn remote_info(info: Option<&str>) -> (Option<&RawValue>, bool) {
+    match info.map(serde_json::from_str::<&RawValue>) {
+        None => (None, false),
+        Some(Ok(raw)) => (Some(raw), false),
+        Some(Err(_)) => (None, true),
+    }
 }
 
 impl Hub {
@@ -700,6 +718,11 @@ impl Hub {
                 if !self.joining.is_empty() {
                     self.joining.retain(|(c, _), _| *c != conn);
                 }
+                // Every room it was in leaves it on the other nodes too, also the rooms it
+                // was the last local member of (which `leave_all` does not name).
+                for room in self.rooms.names_of(conn) {
+                    self.engine.member_left(&room, member_conn(conn));
+                }
                 for room in self.rooms.leave_all(conn) {
                     let (id, info) = (&peer.id, info.as_deref());
                     self.presence(&room, id, info, PresenceEvent::Leave, None, tx);
@@ -738,6 +761,7 @@ impl Hub {
                 match event {
                     Event::Completed(c) => self.completed(c, tx),
                     Event::Arrived(a) => self.arrived(a, tx),
+                    Event::Presence(change) => self.remote_presence(change, tx),
                 }
             }
             self.events = events;
@@ -1290,6 +1314,7 @@ impl Hub {
         } else {
             self.rooms.join(conn, room);
             self.presence(room, &peer.id, info, PresenceEvent::Join, None, tx);
+            self.member_joined(conn, room, &peer.id, info);
             self.count_room_recovery(since.is_some(), false);
         }
         let recovered = member || since.is_none();
@@ -1344,6 +1369,7 @@ impl Hub {
             }
             self.rooms.join(conn, &room);
             self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
+            self.member_joined(conn, &room, &peer.id, info);
         }
         // As for a welcome's backlog (`recovered`): the first replayed message is queued
         // whatever --max-outbound says, so a connection always makes progress; if the rest
@@ -1457,6 +1483,7 @@ impl Hub {
         if self.rooms.is_member(conn, room) {
             self.presence(room, id, info, PresenceEvent::Leave, None, tx);
             self.rooms.leave(conn, room);
+            self.engine.member_left(room, member_conn(conn));
         } else {
             self.presence(room, id, info, PresenceEvent::Leave, Some(conn), tx);
         }
@@ -1469,6 +1496,10 @@ impl Hub {
         if !self.tokens.may_join(conn, room) {
             return self.error(conn, EnvelopeError::Forbidden, tx);
         }
+        // Members on other nodes come from the engine's replica (SPEC §15; none with a local
+        // engine), listed like local ones.
+        let remote = self.engine.remote_members(room);
+        let mut bad_info = 0;
         let mut members: Vec<Member<'_>> = self
             .rooms
             .members(room)
@@ -1477,6 +1508,14 @@ impl Hub {
                 let info = self.tokens.get(member).and_then(|a| a.info.as_deref());
                 Some(Member { id, info })
             })
+            .chain(remote.iter().map(|member| {
+                let (info, bad) = remote_info(member.info.as_deref());
+                bad_info += u64::from(bad);
+                Member {
+                    id: &member.id,
+                    info,
+                }
+            }))
             .collect();
         // Sorted by id; devices of one id by their info, so the answer does not depend on the
         // order the room keeps.
@@ -1485,6 +1524,40 @@ impl Hub {
             (a.id, ai).cmp(&(b.id, bi))
         });
         tx.send(conn, OpCode::Text, &envelope::members(room, &members));
+        self.metrics.presence_remote_bad_info += bad_info;
+    }
+
+    /// This hub's connection became a member of `room`: the engine shares it with other nodes
+    /// (a no-op for the local engines).
+    fn member_joined(&mut self, conn: ConnId, room: &str, id: &str, info: Option<&RawValue>) {
+        let member = LocalMember {
+            conn: member_conn(conn),
+            id,
+            info: info.map(RawValue::get),
+        };
+        self.engine.member_joined(room, member);
+    }
+
+    /// A connection on another node joined or left `room` (SPEC §15): this hub's members of
+    /// the room hear it as they hear a local one. The engine never reports this hub's own
+    /// changes, so nothing is announced twice.
+    fn remote_presence(&mut self, change: PresenceChange, tx: &mut impl Transport) {
+        self.metrics.presence_remote_changes += 1;
+        let member = &change.member;
+        let (info, bad) = remote_info(member.info.as_deref());
+        self.metrics.presence_remote_bad_info += u64::from(bad);
+        if bad {
+            debug!(
+                "presence of {} from {}: info is not JSON",
+                member.id, member.key
+            );
+        }
+        let event = if change.joined {
+            PresenceEvent::Join
+        } else {
+            PresenceEvent::Leave
+        };
+        self.presence(&change.room, &member.id, info, event, None, tx);
     }
 
     /// Sends a presence event to `only`, or else to every member of `room`. `info` is the
@@ -1581,6 +1654,7 @@ impl Hub {
                     tx,
                 );
                 self.rooms.leave(conn, &room);
+                self.engine.member_left(&room, member_conn(conn));
             }
         }
         // Joins and `history` requests still with the engine are judged by the new token

@@ -9,7 +9,8 @@
 //! * `streams.rs`: `Streams`, the in-memory index of retained messages both engines share;
 //! * `journal.rs`: the log's on-disk format (records, segments, recovery from a torn tail);
 //! * `storage.rs`: the file engine's storage thread (group commit, rotation, compaction);
-//! * `histogram.rs`: fixed-bucket histograms for /metrics.
+//! * `histogram.rs`: fixed-bucket histograms for /metrics;
+//! * `presence.rs`: the values presence crosses the seam with (members on other nodes).
 //!
 //! Does not: decide routing, acks or presence rules (the hub does), see connections, or know the
 //! JSON envelope: a message is an opaque `body` the hub renders into frames.
@@ -41,11 +42,13 @@ pub mod file;
 pub mod histogram;
 pub mod journal;
 pub mod memory;
+pub mod presence;
 mod storage;
 pub mod streams;
 
 pub use file::{FileConfig, FileEngine, FsyncPolicy, OpenError, StoreFault};
 pub use memory::MemoryEngine;
+pub use presence::{LocalMember, Member, MemberKey, PresenceChange};
 pub use streams::Limits;
 
 use crate::app::envelope::AckStatus;
@@ -183,6 +186,10 @@ pub enum Event {
     /// `joined`). The hub delivers it to those connections. The local engines never produce one:
     /// in a single process the hub that submitted a message delivers it itself.
     Arrived(Arrival),
+    /// A connection on another node joined or left a room this hub holds members of (SPEC §15):
+    /// the hub tells its members of the room. Never this hub's own changes (it announced them
+    /// itself), and never from the local engines, where every member is this hub's.
+    Presence(PresenceChange),
 }
 
 /// One finished piece of work.
@@ -330,6 +337,23 @@ pub trait Engine {
 
     /// Appends the engine's metrics (Prometheus text).
     fn render_metrics(&self, out: &mut String);
+
+    /// A connection of this hub became a member of `room` (presence is per connection, SPEC
+    /// §6). An engine that shares rooms with other nodes records it where they see it and
+    /// tells them (`Event::Presence` there); the local engines ignore it.
+    fn member_joined(&mut self, _room: &str, _member: LocalMember<'_>) {}
+
+    /// The connection `conn` (as in `LocalMember::conn`) of this hub is no longer a member of
+    /// `room`: it left, its token stopped allowing the room, or it closed.
+    fn member_left(&mut self, _room: &str, _conn: u64) {}
+
+    /// The members of `room` connected to other nodes, answered at once from the engine's own
+    /// replica (the hub's `members` answer is synchronous), in no particular order. Empty for
+    /// the local engines, and for a room this hub holds no member of (an engine need keep no
+    /// replica of rooms it does not follow).
+    fn remote_members(&self, _room: &str) -> Vec<Member> {
+        Vec::new()
+    }
 }
 
 /// A snapshot of an engine's retained messages and duplicate windows.
