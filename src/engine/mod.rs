@@ -10,7 +10,9 @@
 //! * `journal.rs`: the log's on-disk format (records, segments, recovery from a torn tail);
 //! * `storage.rs`: the file engine's storage thread (group commit, rotation, compaction);
 //! * `histogram.rs`: fixed-bucket histograms for /metrics;
-//! * `presence.rs`: the values presence crosses the seam with (members on other nodes).
+//! * `presence.rs`: the values presence crosses the seam with (members on other nodes);
+//! * `roster.rs`: `Roster`, the replica of other nodes' members an engine that shares rooms
+//!   keeps, and the presence changes it reports.
 //!
 //! Does not: decide routing, acks or presence rules (the hub does), see connections, or know the
 //! JSON envelope: a message is an opaque `body` the hub renders into frames.
@@ -43,6 +45,7 @@ pub mod histogram;
 pub mod journal;
 pub mod memory;
 pub mod presence;
+pub mod roster;
 mod storage;
 pub mod streams;
 

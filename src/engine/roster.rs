@@ -1,0 +1,325 @@
+//! The roster: an engine's replica of who is in the rooms it follows on other nodes (SPEC §15).
+//!
+//! Owns: `Roster`, the members on other nodes of each room this node follows, kept current from
+//! two sources a shared store gives (a Redis engine: a room's presence hash read whole, and the
+//! join/leave records published on the room's channel), and the `PresenceChange`s the hub must
+//! hear when the replica changes.
+//! Does not: talk to the store (the engine does), decide who hears a change (the hub does), or
+//! hold this node's own members (the hub knows them; the roster ignores this node's records).
+//!
+//! # Snapshots, records and versions
+//!
+//! The store keeps a **version** per room, bumped by every change to the room's members, and
+//! hands it out with both sources: a snapshot carries the version it was read at, each record
+//! the version its change made. That puts the two in one order whatever order they arrive in
+//! (a snapshot comes back on the command connection, records on the PUB/SUB one):
+//!
+//! * while a room's snapshot is being read, records are held;
+//! * the snapshot replaces the replica; held records it already contains (version at or below
+//!   the snapshot's) are dropped, newer ones are applied in version order;
+//! * after that, a record whose version is not the next one means records were lost (PUB/SUB
+//!   is at-most-once): it is applied, and the room is marked for a new snapshot (`stale`).
+//!
+//! A room's first snapshot announces nothing: like a local joiner, the first member here learns
+//! who was there with `members`. Every later snapshot (after a gap, or a PUB/SUB reconnect)
+//! announces the difference as joins and leaves, so members here hear what they missed.
+
+use super::presence::{Member, MemberKey, PresenceChange};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+/// A change to a room's members as the shared store reports it (a record on the room's
+/// channel).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The room's version after this change.
+    pub version: u64,
+    pub member: Member,
+    pub joined: bool,
+}
+
+/// What the roster holds for one room.
+#[derive(Debug, Default)]
+struct Room {
+    /// The members on other nodes.
+    members: BTreeMap<MemberKey, Member>,
+    /// The version `members` is at; `None` until the first snapshot.
+    version: Option<u64>,
+    /// A snapshot has been asked for and not come back yet: records wait in `held`.
+    loading: bool,
+    held: Vec<Record>,
+    /// Records were lost since the last snapshot: a new one is needed.
+    stale: bool,
+}
+
+/// The replica of the rooms one node follows. See the module doc.
+#[derive(Debug)]
+pub struct Roster {
+    /// This node's name: records about its own members are not kept or announced.
+    node: Rc<str>,
+    rooms: HashMap<Rc<str>, Room>,
+}
+
+impl Roster {
+    pub fn new(node: Rc<str>) -> Roster {
+        Roster {
+            node,
+            rooms: HashMap::new(),
+        }
+    }
+
+    /// Starts following `room`, or asks for a new snapshot of a room followed already (after a
+    /// PUB/SUB reconnect, or when `stale`): records wait until `loaded`. The engine then reads
+    /// the snapshot.
+    pub fn load(&mut self, room: &str) {
+        let state = self.rooms.entry(Rc::from(room)).or_default();
+        state.loading = true;
+        state.stale = false;
+    }
+
+    /// Stops following `room`: its replica is dropped, nothing is announced (nobody here is
+    /// left to hear it).
+    pub fn unfollow(&mut self, room: &str) {
+        self.rooms.remove(room);
+    }
+
+    pub fn follows(&self, room: &str) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    /// The rooms that lost records and need a new snapshot; each is reported once per `load`.
+    pub fn stale(&self) -> impl Iterator<Item = &str> + '_ {
+        self.rooms
+            .iter()
+            .filter(|(_, r)| r.stale && !r.loading)
+            .map(|(name, _)| &**name)
+    }
+
+    /// A snapshot of `room` read at `version`: every member, this node's own included (they
+    /// are skipped). Ignored for a room not followed or not loading (unfollowed meanwhile, or
+    /// an answer to an older `load` that a newer one replaced).
+    pub fn loaded(
+        &mut self,
+        room: &str,
+        version: u64,
+        members: Vec<Member>,
+        out: &mut Vec<PresenceChange>,
+    ) {
+        let node = Rc::clone(&self.node);
+        let Some((name, state)) = self.room_mut(room) else {
+            return;
+        };
+        if !state.loading {
+            return;
+        }
+        let fresh: BTreeMap<MemberKey, Member> = members
+            .into_iter()
+            .filter(|m| m.key.node != node)
+            .map(|m| (m.key.clone(), m))
+            .collect();
+        if state.version.is_some() {
+            // A later snapshot: what changed while records were lost is announced.
+            for (key, member) in &state.members {
+                if !fresh.contains_key(key) {
+                    out.push(change(&name, member.clone(), false));
+                }
+            }
+            for (key, member) in &fresh {
+                if !state.members.contains_key(key) {
+                    out.push(change(&name, member.clone(), true));
+                }
+            }
+        }
+        state.members = fresh;
+        state.version = Some(version);
+        state.loading = false;
+        let mut held = std::mem::take(&mut state.held);
+        held.sort_by_key(|r| r.version);
+        for record in held {
+            self.record(room, record, out);
+        }
+    }
+
+    /// A record of a change in `room`, applied now or held until the snapshot.
+    pub fn record(&mut self, room: &str, record: Record, out: &mut Vec<PresenceChange>) {
+        let node = Rc::clone(&self.node);
+        let Some((name, state)) = self.room_mut(room) else {
+            return; // not followed (any more)
+        };
+        if state.loading {
+            state.held.push(record);
+            return;
+        }
+        let Some(version) = state.version else {
+            return;
+        };
+        if record.version <= version {
+            return; // already in the snapshot, or heard twice
+        }
+        if record.version != version + 1 {
+            state.stale = true; // records in between were lost
+        }
+        state.version = Some(record.version);
+        if record.member.key.node == node {
+            return; // this node's own change: the hub announced it
+        }
+        let key = record.member.key.clone();
+        let changed = if record.joined {
+            state.members.insert(key, record.member.clone()).is_none()
+        } else {
+            state.members.remove(&key).is_some()
+        };
+        if changed {
+            out.push(change(&name, record.member, record.joined));
+        }
+    }
+
+    /// A followed room's name (shared with the changes it makes) and state.
+    fn room_mut(&mut self, room: &str) -> Option<(Rc<str>, &mut Room)> {
+        let name = Rc::clone(self.rooms.get_key_value(room)?.0);
+        self.rooms.get_mut(room).map(|state| (name, state))
+    }
+
+    /// The members of `room` on other nodes, in key order (empty if not followed).
+    pub fn members(&self, room: &str) -> Vec<Member> {
+        self.rooms
+            .get(room)
+            .map(|r| r.members.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+fn change(room: &Rc<str>, member: Member, joined: bool) -> PresenceChange {
+    PresenceChange {
+        room: Rc::clone(room),
+        member,
+        joined,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(node: &str, conn: u64, id: &str) -> Member {
+        Member {
+            key: MemberKey {
+                node: Rc::from(node),
+                conn,
+            },
+            id: Rc::from(id),
+            info: None,
+        }
+    }
+
+    fn record(version: u64, m: &Member, joined: bool) -> Record {
+        Record {
+            version,
+            member: m.clone(),
+            joined,
+        }
+    }
+
+    /// (id, joined) of each change, in order.
+    fn said(out: &mut Vec<PresenceChange>) -> Vec<(String, bool)> {
+        out.drain(..)
+            .map(|c| (c.member.id.to_string(), c.joined))
+            .collect()
+    }
+
+    fn ids(roster: &Roster, room: &str) -> Vec<String> {
+        roster
+            .members(room)
+            .iter()
+            .map(|m| m.id.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_first_snapshot_announces_nothing_and_records_after_it_do() {
+        let mut r = Roster::new(Rc::from("me"));
+        let mut out = Vec::new();
+        let (bob, own) = (member("n2", 1, "bob"), member("me", 7, "alice"));
+        r.load("lobby");
+        r.loaded("lobby", 4, vec![bob.clone(), own.clone()], &mut out);
+        assert_eq!(said(&mut out), vec![]);
+        assert_eq!(
+            ids(&r, "lobby"),
+            vec!["bob"],
+            "this node's own are not kept"
+        );
+
+        let carol = member("n3", 1, "carol");
+        r.record("lobby", record(5, &carol, true), &mut out);
+        r.record("lobby", record(6, &own, false), &mut out);
+        r.record("lobby", record(7, &bob, false), &mut out);
+        assert_eq!(
+            said(&mut out),
+            vec![("carol".into(), true), ("bob".into(), false)]
+        );
+        assert_eq!(ids(&r, "lobby"), vec!["carol"]);
+        assert_eq!(r.stale().count(), 0);
+        // Heard twice (a record at or below the version): nothing happens.
+        r.record("lobby", record(5, &carol, true), &mut out);
+        assert_eq!(said(&mut out), vec![]);
+    }
+
+    #[test]
+    fn records_that_arrive_before_the_snapshot_are_held_and_merged_by_version() {
+        let mut r = Roster::new(Rc::from("me"));
+        let mut out = Vec::new();
+        let (bob, carol) = (member("n2", 1, "bob"), member("n3", 1, "carol"));
+        r.load("lobby");
+        // PUB/SUB is faster than the snapshot: v3 (bob joins) is in it, v4 (carol) is not.
+        r.record("lobby", record(4, &carol, true), &mut out);
+        r.record("lobby", record(3, &bob, true), &mut out);
+        assert_eq!(said(&mut out), vec![], "held");
+        r.loaded("lobby", 3, vec![bob.clone()], &mut out);
+        assert_eq!(said(&mut out), vec![("carol".into(), true)]);
+        assert_eq!(ids(&r, "lobby"), vec!["bob", "carol"]);
+        assert_eq!(r.stale().count(), 0);
+    }
+
+    #[test]
+    fn a_lost_record_makes_the_room_stale_and_the_next_snapshot_announces_the_difference() {
+        let mut r = Roster::new(Rc::from("me"));
+        let mut out = Vec::new();
+        let (bob, carol, dave) = (
+            member("n2", 1, "bob"),
+            member("n3", 1, "carol"),
+            member("n3", 2, "dave"),
+        );
+        r.load("lobby");
+        r.loaded("lobby", 1, vec![bob.clone()], &mut out);
+        // v2 (carol joins) and v3 (bob leaves) were lost; v4 (dave joins) arrives.
+        r.record("lobby", record(4, &dave, true), &mut out);
+        assert_eq!(said(&mut out), vec![("dave".into(), true)]);
+        assert_eq!(r.stale().collect::<Vec<_>>(), vec!["lobby"]);
+        r.load("lobby");
+        assert_eq!(r.stale().count(), 0, "asked for once");
+        r.loaded("lobby", 4, vec![carol.clone(), dave.clone()], &mut out);
+        let mut changes = said(&mut out);
+        changes.sort();
+        assert_eq!(changes, vec![("bob".into(), false), ("carol".into(), true)]);
+        assert_eq!(ids(&r, "lobby"), vec!["carol", "dave"]);
+    }
+
+    #[test]
+    fn an_unfollowed_room_forgets_and_ignores_late_answers() {
+        let mut r = Roster::new(Rc::from("me"));
+        let mut out = Vec::new();
+        let bob = member("n2", 1, "bob");
+        r.load("lobby");
+        r.unfollow("lobby");
+        r.loaded("lobby", 1, vec![bob.clone()], &mut out);
+        r.record("lobby", record(2, &bob, false), &mut out);
+        assert_eq!(said(&mut out), vec![]);
+        assert!(!r.follows("lobby"));
+        assert!(r.members("lobby").is_empty());
+        // A snapshot nobody asked for (no `load` pending) changes nothing either.
+        r.load("news");
+        r.loaded("news", 1, vec![], &mut out);
+        r.loaded("news", 9, vec![bob], &mut out);
+        assert!(r.members("news").is_empty());
+    }
+}
