@@ -1643,7 +1643,16 @@ impl Hub {
         let exp_secs = grant.exp_ms / 1000;
         let access = Access::new(grant, self.leeway_ms());
         let info = access.info.clone();
+        // A new `info` changes what `members` shows, here and (through the engine) on other
+        // nodes, without a presence event: every room is told to the engine again, also a
+        // room the new token leaves, whose leave elsewhere then shows the info it shows here.
+        let old_info = self.tokens.info(conn);
+        let info_changed =
+            old_info.as_deref().map(RawValue::get) != info.as_deref().map(RawValue::get);
         for room in self.rooms.names_of(conn) {
+            if info_changed {
+                self.member_joined(conn, &room, &peer.id, info.as_deref());
+            }
             if !access.may_join(&room) {
                 self.presence(
                     &room,

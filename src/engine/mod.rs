@@ -343,7 +343,9 @@ pub trait Engine {
 
     /// A connection of this hub became a member of `room` (presence is per connection, SPEC
     /// §6). An engine that shares rooms with other nodes records it where they see it and
-    /// tells them (`Event::Presence` there); the local engines ignore it.
+    /// tells them (`Event::Presence` there); the local engines ignore it. Called again for a
+    /// member already recorded when its `info` changed (a token refresh): an update, which
+    /// the other nodes show in `members` but do not announce.
     fn member_joined(&mut self, _room: &str, _member: LocalMember<'_>) {}
 
     /// The connection `conn` (as in `LocalMember::conn`) of this hub is no longer a member of

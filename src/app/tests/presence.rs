@@ -32,13 +32,17 @@ impl Cluster {
     fn change(&mut self, room: &str, member: Member, joined: bool) {
         let room: Rc<str> = Rc::from(room);
         let members = self.rooms.entry(Rc::clone(&room)).or_default();
-        if joined {
-            members.insert(member.key.clone(), member.clone());
+        let changed = if joined {
+            // A member recorded again is an update (its info), announced to nobody.
+            members.insert(member.key.clone(), member.clone()).is_none()
         } else {
-            members.remove(&member.key);
-        }
+            members.remove(&member.key).is_some()
+        };
         if members.is_empty() {
             self.rooms.remove(&room);
+        }
+        if !changed {
+            return;
         }
         let nodes: HashSet<Rc<str>> = self
             .rooms
@@ -449,6 +453,19 @@ fn token_info_and_a_refresh_that_leaves_a_room_cross_nodes() {
     let mut joined = presence("lobby", "ann", "join");
     joined["info"] = info.clone();
     assert_eq!(n2.woken(b), vec![joined]);
+
+    // A refresh with a new info: shown in `members` on the other node, announced nowhere.
+    let renamed = json!({"name": "Ann B."});
+    let same_rooms = json!({"sub": "ann", "exp": exp, "rooms": ["lobby", "news"],
+        "info": renamed});
+    n1.say(a, json!({"type": "refresh", "token": token(same_rooms)}));
+    assert_eq!(n1.inbox(a)[0]["type"], "refreshed");
+    assert_eq!(n2.woken(b), NOTHING);
+    n2.say(b, json!({"type": "members", "room": "lobby"}));
+    assert_eq!(
+        n2.inbox(b)[0]["members"][0],
+        json!({"id": "ann", "info": renamed})
+    );
 
     let narrower = json!({"sub": "ann", "exp": exp, "rooms": ["news"], "info": info});
     n1.say(a, json!({"type": "refresh", "token": token(narrower)}));
