@@ -14,15 +14,19 @@
 //! the version its change made. That puts the two in one order whatever order they arrive in
 //! (a snapshot comes back on the command connection, records on the PUB/SUB one):
 //!
-//! * while a room's snapshot is being read, records are held;
-//! * the snapshot replaces the replica; held records it already contains (version at or below
-//!   the snapshot's) are dropped, newer ones are applied in version order;
+//! * while snapshots of a room are being read (one or more: `load` counts them), records are
+//!   held;
+//! * a snapshot at least as new as the replica replaces it (an older one, overtaken by
+//!   records, is dropped); held records it already contains (version at or below the
+//!   snapshot's) are dropped, and once no snapshot is outstanding the newer ones are applied in
+//!   version order;
 //! * after that, a record whose version is not the next one means records were lost (PUB/SUB
 //!   is at-most-once): it is applied, and the room is marked for a new snapshot (`stale`).
 //!
 //! A room's first snapshot announces nothing: like a local joiner, the first member here learns
-//! who was there with `members`. Every later snapshot (after a gap, or a PUB/SUB reconnect)
-//! announces the difference as joins and leaves, so members here hear what they missed.
+//! who was there with `members`. Every later snapshot (after a gap, once the subscription is
+//! known to be in effect, after a PUB/SUB reconnect, the periodic one) announces the
+//! difference as joins and leaves, so members here hear what they missed.
 
 use super::presence::{Member, MemberKey, PresenceChange};
 use std::collections::{BTreeMap, HashMap};
@@ -45,11 +49,44 @@ struct Room {
     members: BTreeMap<MemberKey, Member>,
     /// The version `members` is at; `None` until the first snapshot.
     version: Option<u64>,
-    /// A snapshot has been asked for and not come back yet: records wait in `held`.
-    loading: bool,
+    /// Snapshots asked for and not come back yet: while any is, records wait in `held`.
+    loading: u32,
     held: Vec<Record>,
     /// Records were lost since the last snapshot: a new one is needed.
     stale: bool,
+}
+
+impl Room {
+    /// Replaces the replica with a snapshot at `version` (this node's own members skipped),
+    /// announcing the difference unless it is the first.
+    fn apply(
+        &mut self,
+        name: &Rc<str>,
+        version: u64,
+        members: Vec<Member>,
+        node: &str,
+        out: &mut Vec<PresenceChange>,
+    ) {
+        let fresh: BTreeMap<MemberKey, Member> = members
+            .into_iter()
+            .filter(|m| &*m.key.node != node)
+            .map(|m| (m.key.clone(), m))
+            .collect();
+        if self.version.is_some() {
+            for (key, member) in &self.members {
+                if !fresh.contains_key(key) {
+                    out.push(change(name, member.clone(), false));
+                }
+            }
+            for (key, member) in &fresh {
+                if !self.members.contains_key(key) {
+                    out.push(change(name, member.clone(), true));
+                }
+            }
+        }
+        self.members = fresh;
+        self.version = Some(version);
+    }
 }
 
 /// The replica of the rooms one node follows. See the module doc.
@@ -73,7 +110,7 @@ impl Roster {
     /// the snapshot.
     pub fn load(&mut self, room: &str) {
         let state = self.rooms.entry(Rc::from(room)).or_default();
-        state.loading = true;
+        state.loading += 1;
         state.stale = false;
     }
 
@@ -91,13 +128,13 @@ impl Roster {
     pub fn stale(&self) -> impl Iterator<Item = &str> + '_ {
         self.rooms
             .iter()
-            .filter(|(_, r)| r.stale && !r.loading)
+            .filter(|(_, r)| r.stale && r.loading == 0)
             .map(|(name, _)| &**name)
     }
 
     /// A snapshot of `room` read at `version`: every member, this node's own included (they
-    /// are skipped). Ignored for a room not followed or not loading (unfollowed meanwhile, or
-    /// an answer to an older `load` that a newer one replaced).
+    /// are skipped). Ignored for a room not followed or with no snapshot outstanding
+    /// (unfollowed meanwhile), and when older than the replica (records overtook it).
     pub fn loaded(
         &mut self,
         room: &str,
@@ -109,31 +146,22 @@ impl Roster {
         let Some((name, state)) = self.room_mut(room) else {
             return;
         };
-        if !state.loading {
+        if state.loading == 0 {
             return;
         }
-        let fresh: BTreeMap<MemberKey, Member> = members
-            .into_iter()
-            .filter(|m| m.key.node != node)
-            .map(|m| (m.key.clone(), m))
-            .collect();
-        if state.version.is_some() {
-            // A later snapshot: what changed while records were lost is announced.
-            for (key, member) in &state.members {
-                if !fresh.contains_key(key) {
-                    out.push(change(&name, member.clone(), false));
-                }
-            }
-            for (key, member) in &fresh {
-                if !state.members.contains_key(key) {
-                    out.push(change(&name, member.clone(), true));
-                }
-            }
+        state.loading -= 1;
+        if state.version.is_none_or(|v| v <= version) {
+            state.apply(&name, version, members, &node, out);
         }
-        state.members = fresh;
-        state.version = Some(version);
-        state.loading = false;
-        let mut held = std::mem::take(&mut state.held);
+        let now_at = state.version.unwrap_or(0);
+        let mut held: Vec<Record> = std::mem::take(&mut state.held)
+            .into_iter()
+            .filter(|r| r.version > now_at)
+            .collect();
+        if state.loading > 0 {
+            state.held = held; // the next snapshot may hold them already
+            return;
+        }
         held.sort_by_key(|r| r.version);
         for record in held {
             self.record(room, record, out);
@@ -146,7 +174,7 @@ impl Roster {
         let Some((name, state)) = self.room_mut(room) else {
             return; // not followed (any more)
         };
-        if state.loading {
+        if state.loading > 0 {
             state.held.push(record);
             return;
         }
@@ -302,6 +330,38 @@ mod tests {
         changes.sort();
         assert_eq!(changes, vec![("bob".into(), false), ("carol".into(), true)]);
         assert_eq!(ids(&r, "lobby"), vec!["carol", "dave"]);
+    }
+
+    #[test]
+    fn with_two_snapshots_outstanding_records_wait_for_both_and_the_second_tells_the_gap() {
+        // The first member's join brings a snapshot; another follows once the subscription is
+        // in effect. Whatever was published in between is told by the second.
+        let mut r = Roster::new(Rc::from("me"));
+        let mut out = Vec::new();
+        let (bob, carol, dave) = (
+            member("n2", 1, "bob"),
+            member("n3", 1, "carol"),
+            member("n3", 2, "dave"),
+        );
+        r.load("lobby");
+        r.load("lobby");
+        r.record("lobby", record(7, &dave, true), &mut out);
+        r.loaded("lobby", 4, vec![bob.clone()], &mut out);
+        assert_eq!(
+            said(&mut out),
+            vec![],
+            "the first announces nothing; v7 still held"
+        );
+        assert_eq!(ids(&r, "lobby"), vec!["bob"]);
+        // v5 (carol joined) was published before the subscription took effect: lost on
+        // PUB/SUB, in the second snapshot.
+        r.loaded("lobby", 6, vec![bob.clone(), carol.clone()], &mut out);
+        assert_eq!(
+            said(&mut out),
+            vec![("carol".into(), true), ("dave".into(), true)]
+        );
+        assert_eq!(r.stale().count(), 0, "v7 follows v6");
+        assert_eq!(ids(&r, "lobby"), vec!["bob", "carol", "dave"]);
     }
 
     #[test]
