@@ -168,6 +168,28 @@ impl Roster {
         }
     }
 
+    /// A snapshot of `room` could not be read (the store was unreachable): the room is stale
+    /// (`stale` names it for another try), and once no other snapshot is outstanding the held
+    /// records are applied, if a replica exists to apply them to.
+    pub fn load_failed(&mut self, room: &str, out: &mut Vec<PresenceChange>) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if state.loading == 0 {
+            return;
+        }
+        state.loading -= 1;
+        state.stale = true;
+        if state.loading > 0 {
+            return;
+        }
+        let mut held = std::mem::take(&mut state.held);
+        held.sort_by_key(|r| r.version);
+        for record in held {
+            self.record(room, record, out);
+        }
+    }
+
     /// A record of a change in `room`, applied now or held until the snapshot.
     pub fn record(&mut self, room: &str, record: Record, out: &mut Vec<PresenceChange>) {
         let node = Rc::clone(&self.node);
@@ -362,6 +384,27 @@ mod tests {
         );
         assert_eq!(r.stale().count(), 0, "v7 follows v6");
         assert_eq!(ids(&r, "lobby"), vec!["bob", "carol", "dave"]);
+    }
+
+    #[test]
+    fn a_failed_snapshot_leaves_the_room_stale_and_lets_records_through() {
+        let mut r = Roster::new(Rc::from("me"));
+        let mut out = Vec::new();
+        let (bob, carol) = (member("n2", 1, "bob"), member("n3", 1, "carol"));
+        r.load("lobby");
+        r.load_failed("lobby", &mut out);
+        assert_eq!(r.stale().collect::<Vec<_>>(), vec!["lobby"]);
+        // No replica yet: a record cannot be placed, so it waits for the next snapshot.
+        r.load("lobby");
+        r.loaded("lobby", 3, vec![bob.clone()], &mut out);
+        assert_eq!(said(&mut out), vec![]);
+        // With a replica, a failed reload lets the held records through, and asks again.
+        r.load("lobby");
+        r.record("lobby", record(4, &carol, true), &mut out);
+        r.load_failed("lobby", &mut out);
+        assert_eq!(said(&mut out), vec![("carol".into(), true)]);
+        assert_eq!(r.stale().collect::<Vec<_>>(), vec!["lobby"]);
+        assert_eq!(ids(&r, "lobby"), vec!["bob", "carol"]);
     }
 
     #[test]
