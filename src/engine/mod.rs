@@ -191,7 +191,9 @@ pub enum Event {
     Arrived(Arrival),
     /// A connection on another node joined or left a room this hub holds members of (SPEC §15):
     /// the hub tells its members of the room. Never this hub's own changes (it announced them
-    /// itself), and never from the local engines, where every member is this hub's.
+    /// itself), and never from the local engines, where every member is this hub's. When this
+    /// hub's first member of a room joins, the members already on other nodes come as joins
+    /// too, once the engine knows them (`engine/roster.rs` says why).
     Presence(PresenceChange),
 }
 

@@ -23,10 +23,16 @@
 //! * after that, a record whose version is not the next one means records were lost (PUB/SUB
 //!   is at-most-once): it is applied, and the room is marked for a new snapshot (`stale`).
 //!
-//! A room's first snapshot announces nothing: like a local joiner, the first member here learns
-//! who was there with `members`. Every later snapshot (after a gap, once the subscription is
-//! known to be in effect, after a PUB/SUB reconnect, the periodic one) announces the
-//! difference as joins and leaves, so members here hear what they missed.
+//! Every snapshot announces its difference to the replica as joins and leaves: a later one
+//! (after a gap, once the subscription is known to be in effect, after a PUB/SUB reconnect)
+//! so that members here hear what they missed, and the first one too, as joins of everyone on
+//! other nodes. The node's first member of the room had its join confirmed at once, before its
+//! node could know who was there, or which of them joined before it (Redis may even record a
+//! join made later elsewhere first). A client applies a `members` answer as the room's state
+//! and the events after it on top (docs/protocol.md), so a join of someone it already listed
+//! changes nothing for it, and one it could not list yet reaches it: no member is missed. Only
+//! the first member on a node can hear such a join; later ones learn who is there from
+//! `members`, as on one node.
 
 use super::presence::{Member, MemberKey, PresenceChange};
 use std::collections::{BTreeMap, HashMap};
@@ -58,7 +64,7 @@ struct Room {
 
 impl Room {
     /// Replaces the replica with a snapshot at `version` (this node's own members skipped),
-    /// announcing the difference unless it is the first.
+    /// announcing the difference (the first: everyone in it).
     fn apply(
         &mut self,
         name: &Rc<str>,
@@ -72,16 +78,14 @@ impl Room {
             .filter(|m| &*m.key.node != node)
             .map(|m| (m.key.clone(), m))
             .collect();
-        if self.version.is_some() {
-            for (key, member) in &self.members {
-                if !fresh.contains_key(key) {
-                    out.push(change(name, member.clone(), false));
-                }
+        for (key, member) in &self.members {
+            if !fresh.contains_key(key) {
+                out.push(change(name, member.clone(), false));
             }
-            for (key, member) in &fresh {
-                if !self.members.contains_key(key) {
-                    out.push(change(name, member.clone(), true));
-                }
+        }
+        for (key, member) in &fresh {
+            if !self.members.contains_key(key) {
+                out.push(change(name, member.clone(), true));
             }
         }
         self.members = fresh;
@@ -286,13 +290,13 @@ mod tests {
     }
 
     #[test]
-    fn the_first_snapshot_announces_nothing_and_records_after_it_do() {
+    fn the_first_snapshot_announces_the_others_and_records_after_it_do() {
         let mut r = Roster::new(Rc::from("me"));
         let mut out = Vec::new();
         let (bob, own) = (member("n2", 1, "bob"), member("me", 7, "alice"));
         r.load("lobby");
         r.loaded("lobby", 4, vec![bob.clone(), own.clone()], &mut out);
-        assert_eq!(said(&mut out), vec![]);
+        assert_eq!(said(&mut out), vec![("bob".into(), true)]);
         assert_eq!(
             ids(&r, "lobby"),
             vec!["bob"],
@@ -325,7 +329,11 @@ mod tests {
         r.record("lobby", record(3, &bob, true), &mut out);
         assert_eq!(said(&mut out), vec![], "held");
         r.loaded("lobby", 3, vec![bob.clone()], &mut out);
-        assert_eq!(said(&mut out), vec![("carol".into(), true)]);
+        // bob from the snapshot (the first announces everyone), carol from her record.
+        assert_eq!(
+            said(&mut out),
+            vec![("bob".into(), true), ("carol".into(), true)]
+        );
         assert_eq!(ids(&r, "lobby"), vec!["bob", "carol"]);
         assert_eq!(r.stale().count(), 0);
     }
@@ -341,6 +349,7 @@ mod tests {
         );
         r.load("lobby");
         r.loaded("lobby", 1, vec![bob.clone()], &mut out);
+        assert_eq!(said(&mut out), vec![("bob".into(), true)]);
         // v2 (carol joins) and v3 (bob leaves) were lost; v4 (dave joins) arrives.
         r.record("lobby", record(4, &dave, true), &mut out);
         assert_eq!(said(&mut out), vec![("dave".into(), true)]);
@@ -369,11 +378,7 @@ mod tests {
         r.load("lobby");
         r.record("lobby", record(7, &dave, true), &mut out);
         r.loaded("lobby", 4, vec![bob.clone()], &mut out);
-        assert_eq!(
-            said(&mut out),
-            vec![],
-            "the first announces nothing; v7 still held"
-        );
+        assert_eq!(said(&mut out), vec![("bob".into(), true)], "v7 still held");
         assert_eq!(ids(&r, "lobby"), vec!["bob"]);
         // v5 (carol joined) was published before the subscription took effect: lost on
         // PUB/SUB, in the second snapshot.
@@ -397,7 +402,7 @@ mod tests {
         // No replica yet: a record cannot be placed, so it waits for the next snapshot.
         r.load("lobby");
         r.loaded("lobby", 3, vec![bob.clone()], &mut out);
-        assert_eq!(said(&mut out), vec![]);
+        assert_eq!(said(&mut out), vec![("bob".into(), true)]);
         // With a replica, a failed reload lets the held records through, and asks again.
         r.load("lobby");
         r.record("lobby", record(4, &carol, true), &mut out);
