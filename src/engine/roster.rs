@@ -35,7 +35,7 @@
 //! `members`, as on one node.
 
 use super::presence::{Member, MemberKey, PresenceChange};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 
 /// A change to a room's members as the shared store reports it (a record on the room's
@@ -58,8 +58,6 @@ struct Room {
     /// Snapshots asked for and not come back yet: while any is, records wait in `held`.
     loading: u32,
     held: Vec<Record>,
-    /// Records were lost since the last snapshot: a new one is needed.
-    stale: bool,
 }
 
 impl Room {
@@ -99,6 +97,10 @@ pub struct Roster {
     /// This node's name: records about its own members are not kept or announced.
     node: Rc<str>,
     rooms: HashMap<Rc<str>, Room>,
+    /// Rooms that lost records (or whose snapshot failed) since their last snapshot: a new one
+    /// is needed. A set of its own, so that asking (at every engine `maintain`, which runs on
+    /// every call into the hub) costs nothing when no room needs one.
+    stale: HashSet<Rc<str>>,
 }
 
 impl Roster {
@@ -106,6 +108,7 @@ impl Roster {
         Roster {
             node,
             rooms: HashMap::new(),
+            stale: HashSet::new(),
         }
     }
 
@@ -115,13 +118,14 @@ impl Roster {
     pub fn load(&mut self, room: &str) {
         let state = self.rooms.entry(Rc::from(room)).or_default();
         state.loading += 1;
-        state.stale = false;
+        self.stale.remove(room);
     }
 
     /// Stops following `room`: its replica is dropped, nothing is announced (nobody here is
     /// left to hear it).
     pub fn unfollow(&mut self, room: &str) {
         self.rooms.remove(room);
+        self.stale.remove(room);
     }
 
     pub fn follows(&self, room: &str) -> bool {
@@ -130,10 +134,10 @@ impl Roster {
 
     /// The rooms that lost records and need a new snapshot; each is reported once per `load`.
     pub fn stale(&self) -> impl Iterator<Item = &str> + '_ {
-        self.rooms
+        self.stale
             .iter()
-            .filter(|(_, r)| r.stale && r.loading == 0)
-            .map(|(name, _)| &**name)
+            .filter(|name| self.rooms.get(&***name).is_some_and(|r| r.loading == 0))
+            .map(|name| &**name)
     }
 
     /// A snapshot of `room` read at `version`: every member, this node's own included (they
@@ -176,17 +180,21 @@ impl Roster {
     /// (`stale` names it for another try), and once no other snapshot is outstanding the held
     /// records are applied, if a replica exists to apply them to.
     pub fn load_failed(&mut self, room: &str, out: &mut Vec<PresenceChange>) {
-        let Some(state) = self.rooms.get_mut(room) else {
+        let Some((name, state)) = self.room_mut(room) else {
             return;
         };
         if state.loading == 0 {
             return;
         }
         state.loading -= 1;
-        state.stale = true;
-        if state.loading > 0 {
+        let more = state.loading > 0;
+        self.stale.insert(name);
+        if more {
             return;
         }
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
         let mut held = std::mem::take(&mut state.held);
         held.sort_by_key(|r| r.version);
         for record in held {
@@ -210,21 +218,22 @@ impl Roster {
         if record.version <= version {
             return; // already in the snapshot, or heard twice
         }
-        if record.version != version + 1 {
-            state.stale = true; // records in between were lost
-        }
+        let gap = record.version != version + 1; // records in between were lost
         state.version = Some(record.version);
-        if record.member.key.node == node {
-            return; // this node's own change: the hub announced it
+        // This node's own change is not kept or announced: the hub announced it.
+        if record.member.key.node != node {
+            let key = record.member.key.clone();
+            let changed = if record.joined {
+                state.members.insert(key, record.member.clone()).is_none()
+            } else {
+                state.members.remove(&key).is_some()
+            };
+            if changed {
+                out.push(change(&name, record.member, record.joined));
+            }
         }
-        let key = record.member.key.clone();
-        let changed = if record.joined {
-            state.members.insert(key, record.member.clone()).is_none()
-        } else {
-            state.members.remove(&key).is_some()
-        };
-        if changed {
-            out.push(change(&name, record.member, record.joined));
+        if gap {
+            self.stale.insert(name);
         }
     }
 
@@ -354,6 +363,13 @@ mod tests {
         r.record("lobby", record(4, &dave, true), &mut out);
         assert_eq!(said(&mut out), vec![("dave".into(), true)]);
         assert_eq!(r.stale().collect::<Vec<_>>(), vec!["lobby"]);
+        // Also when the record after the gap is this node's own.
+        let mut r2 = Roster::new(Rc::from("me"));
+        r2.load("news");
+        r2.loaded("news", 1, vec![], &mut out);
+        r2.record("news", record(3, &member("me", 1, "alice"), true), &mut out);
+        assert_eq!(r2.stale().collect::<Vec<_>>(), vec!["news"]);
+        assert_eq!(said(&mut out), vec![]);
         r.load("lobby");
         assert_eq!(r.stale().count(), 0, "asked for once");
         r.loaded("lobby", 4, vec![carol.clone(), dave.clone()], &mut out);
