@@ -241,6 +241,22 @@ struct StorageArgs {
     /// this file exists.
     #[arg(long, value_name = "FILE", hide = true, requires = "data_dir")]
     fail_writes_while_exists: Option<std::path::PathBuf>,
+
+    /// Share rooms, ids, inboxes and room history with every node on this Redis server
+    /// (redis://HOST:PORT[/DB]; SPEC §15, docs/scaling.md): the Redis engine. Streams then live
+    /// as long as Redis keeps them (its own persistence settings).
+    #[arg(long, value_name = "URL", conflicts_with = "data_dir")]
+    redis: Option<String>,
+
+    /// The start of every Redis key and channel, so that several deployments can share one
+    /// Redis server.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "wsrelay",
+        requires = "redis"
+    )]
+    redis_prefix: String,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -266,6 +282,9 @@ fn build_app(
     config: AppConfig,
     storage: StorageArgs,
 ) -> Result<(App, Option<WakeReceiver>), String> {
+    if let Some(url) = storage.redis {
+        return build_redis_app(config, url, storage.redis_prefix);
+    }
     let Some(dir) = storage.data_dir else {
         return Ok((App::new(config), None));
     };
@@ -290,6 +309,25 @@ fn build_app(
     };
     let engine = FileEngine::open(file, std::sync::Arc::new(move || waker.wake()), now)
         .map_err(|e| e.to_string())?;
+    Ok((App::with_engine(config, Box::new(engine)), Some(receiver)))
+}
+
+/// The app on the Redis engine (`--redis`, SPEC §15): its threads answer through the waker.
+fn build_redis_app(
+    config: AppConfig,
+    url: String,
+    prefix: String,
+) -> Result<(App, Option<WakeReceiver>), String> {
+    let (receiver, waker) =
+        waker::pair().map_err(|e| format!("cannot create the engine's waker: {e}"))?;
+    let redis = engine::RedisConfig {
+        url,
+        prefix,
+        limits: app::limits(&config),
+        room_history: app::room_history_limits(&config),
+        dedup_ttl_ms: u64::try_from(config.offline_ttl.as_millis()).unwrap_or(u64::MAX),
+    };
+    let engine = engine::RedisEngine::start(redis, std::sync::Arc::new(move || waker.wake()))?;
     Ok((App::with_engine(config, Box::new(engine)), Some(receiver)))
 }
 
@@ -632,6 +670,15 @@ fn run<P: Poller>(
 fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
     let workers = args.workers;
     // What the bus does not carry yet is refused before anything listens, in one line.
+    if args.storage.redis.is_some() {
+        // Exit 2 like clap's own refusals (`--redis` with `--data-dir`).
+        eprintln!(
+            "wsrelay: --redis is not supported with --workers above 1 yet (each worker would be \
+             a node of its own); run one process per core, each with --redis, behind the load \
+             balancer"
+        );
+        return ExitCode::from(2);
+    }
     if args.storage.data_dir.is_some() {
         eprintln!(
             "wsrelay: --data-dir is not supported with --workers above 1 yet (the bus between \

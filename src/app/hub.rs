@@ -255,6 +255,10 @@ pub struct Hub {
 /// Where a raw-room message relayed on this worker also goes: (room, opcode, payload).
 pub type RawOutlet = Box<dyn FnMut(&str, OpCode, &[u8])>;
 
+/// The close code for connections whose stream lost messages on the way to this node (1012,
+/// "service restart" in the IANA registry: the client reconnects).
+const STREAM_INTERRUPTED: CloseCode = CloseCode(1012);
+
 /// The `reason` of a message refused because too much is waiting for the engine.
 const STORE_BUSY: &str = "the server is busy storing messages; try again later";
 
@@ -718,14 +722,19 @@ impl Hub {
                 if !self.joining.is_empty() {
                     self.joining.retain(|(c, _), _| *c != conn);
                 }
-                // Every room it was in leaves it on the other nodes too, also the rooms it
-                // was the last local member of (which `leave_all` does not name).
-                for room in self.rooms.names_of(conn) {
-                    self.engine.member_left(&room, member_conn(conn));
+                // Every room it was in, also those it was the last member of here (which
+                // `leave_all` does not name: nobody here is left to tell), is left on the other
+                // nodes, and one with no member here any more is no longer followed.
+                let rooms = self.rooms.names_of(conn);
+                for room in &rooms {
+                    self.engine.member_left(room, member_conn(conn));
                 }
                 for room in self.rooms.leave_all(conn) {
                     let (id, info) = (&peer.id, info.as_deref());
                     self.presence(&room, id, info, PresenceEvent::Leave, None, tx);
+                }
+                for room in &rooms {
+                    self.room_left(room);
                 }
                 if let Some(devices) = self.online.get_mut(&peer.id) {
                     devices.retain(|&d| d != conn);
@@ -762,6 +771,7 @@ impl Hub {
                     Event::Completed(c) => self.completed(c, tx),
                     Event::Arrived(a) => self.arrived(a, tx),
                     Event::Presence(change) => self.remote_presence(change, tx),
+                    Event::Interrupted(stream) => self.interrupted(&stream, tx),
                 }
             }
             self.events = events;
@@ -803,7 +813,12 @@ impl Hub {
                     to,
                     body,
                     retained,
-                } => self.stored_send(conn, &sender, client_id, to, &body, retained, position, tx),
+                } => {
+                    let elsewhere = false;
+                    self.stored_send(
+                        conn, &sender, client_id, to, &body, retained, position, elsewhere, tx,
+                    )
+                }
                 Work::Publish {
                     conn,
                     client_id,
@@ -813,6 +828,23 @@ impl Hub {
                 } => self.stored_publish(conn, &sender, client_id, &room, &body, position, tx),
                 Work::Recover { .. } | Work::Join { .. } | Work::History { .. } => {}
             },
+            // Stored, and the recipient had a live connection on another node (SPEC §15).
+            (
+                Work::Send {
+                    conn,
+                    sender,
+                    client_id,
+                    to,
+                    body,
+                    retained,
+                },
+                Outcome::StoredOnlineElsewhere { position },
+            ) => {
+                let elsewhere = true;
+                self.stored_send(
+                    conn, &sender, client_id, to, &body, retained, position, elsewhere, tx,
+                )
+            }
             (work, Outcome::Duplicate { position, status }) => {
                 if let Work::Send {
                     conn, client_id, ..
@@ -910,7 +942,9 @@ impl Hub {
     }
 
     /// A direct message is stored (or, with `--offline-max 0`, has its position): deliver it
-    /// to the recipient's greeted connections, and ack what happened.
+    /// to the recipient's greeted connections, and ack what happened. `elsewhere`: the
+    /// recipient had a live connection on another node (SPEC §15), which delivers it there and
+    /// reports it delivered itself: the ack says `delivered` (docs/protocol.md).
     #[allow(clippy::too_many_arguments)]
     fn stored_send(
         &mut self,
@@ -921,6 +955,7 @@ impl Hub {
         body: &[u8],
         retained: bool,
         position: Position,
+        elsewhere: bool,
         tx: &mut impl Transport,
     ) {
         let msg_id = MsgId(position.0);
@@ -928,7 +963,8 @@ impl Hub {
         self.metrics.direct_messages += 1;
         let (delivered, dropped) = self.deliver_live(&to, &frame, tx);
         let stream = StreamId::Inbox(to);
-        let (status, reason) = if delivered {
+        let remote_only = elsewhere && !delivered && !dropped;
+        let (status, reason) = if delivered || remote_only {
             (AckStatus::Delivered, None)
         } else if dropped || !retained {
             // Not delivered, and it must not wait as pending. Dropped: the recipient is online
@@ -945,7 +981,7 @@ impl Hub {
             self.metrics.offline_queued += 1;
             (AckStatus::Queued, None)
         };
-        if retained && status != AckStatus::Queued {
+        if retained && status != AckStatus::Queued && !remote_only {
             self.engine.delivered(&stream, &[position]);
         }
         if status == AckStatus::Rejected {
@@ -1056,6 +1092,21 @@ impl Hub {
                     }
                 }
             }
+        }
+    }
+
+    /// Messages of `stream` were lost before they reached this node and cannot be read back
+    /// (SPEC §15): rather than skip them silently, close the connections that follow it with
+    /// 1012 ("service restart": reconnect), so they come back with `since` and learn from
+    /// `recovered: false` what is missing (docs/scaling.md, "Faults").
+    fn interrupted(&mut self, stream: &StreamId, tx: &mut impl Transport) {
+        let conns: Vec<ConnId> = match stream {
+            StreamId::Inbox(id) => self.online.get(id).cloned().unwrap_or_default(),
+            StreamId::Room(room) => self.rooms.members(room).collect(),
+        };
+        let reason = "messages were lost between nodes; reconnect with since";
+        for conn in conns {
+            tx.close(conn, STREAM_INTERRUPTED, reason);
         }
     }
 
@@ -1313,6 +1364,7 @@ impl Hub {
             self.presence(room, &peer.id, info, PresenceEvent::Join, Some(conn), tx);
         } else {
             self.rooms.join(conn, room);
+            self.room_joined(room);
             self.presence(room, &peer.id, info, PresenceEvent::Join, None, tx);
             self.member_joined(conn, room, &peer.id, info);
             self.count_room_recovery(since.is_some(), false);
@@ -1368,6 +1420,7 @@ impl Hub {
                 return self.error(conn, EnvelopeError::TooManyRooms, tx);
             }
             self.rooms.join(conn, &room);
+            self.room_joined(&room);
             self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
             self.member_joined(conn, &room, &peer.id, info);
         }
@@ -1399,6 +1452,21 @@ impl Hub {
                 &mut self.metrics.room_recoveries_incomplete
             };
             *counter += 1;
+        }
+    }
+
+    /// Tells the engine when this hub holds its first member of `room` (an engine shared with
+    /// other nodes subscribes to it, SPEC §15).
+    fn room_joined(&mut self, room: &str) {
+        if self.rooms.members(room).nth(1).is_none() {
+            self.engine.joined(room);
+        }
+    }
+
+    /// Tells the engine when this hub holds no member of `room` any more.
+    fn room_left(&mut self, room: &str) {
+        if self.rooms.members(room).next().is_none() {
+            self.engine.left(room);
         }
     }
 
@@ -1484,6 +1552,7 @@ impl Hub {
             self.presence(room, id, info, PresenceEvent::Leave, None, tx);
             self.rooms.leave(conn, room);
             self.engine.member_left(room, member_conn(conn));
+            self.room_left(room);
         } else {
             self.presence(room, id, info, PresenceEvent::Leave, Some(conn), tx);
         }
@@ -1664,6 +1733,7 @@ impl Hub {
                 );
                 self.rooms.leave(conn, &room);
                 self.engine.member_left(&room, member_conn(conn));
+                self.room_left(&room);
             }
         }
         // Joins and `history` requests still with the engine are judged by the new token
@@ -1778,6 +1848,11 @@ impl Hub {
             ("auth_required", u64::from(self.authenticates())),
             ("token_connections", self.tokens.len() as u64),
         ]);
+    }
+
+    /// Why the relay is degraded (the engine cannot reach its store), for /healthz.
+    pub fn health(&self) -> Option<String> {
+        self.engine.health()
     }
 
     /// Appends the hub's metrics (Prometheus text).

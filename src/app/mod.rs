@@ -176,4 +176,8 @@ impl Handler for App {
     fn stats(&self, out: &mut Vec<(&'static str, u64)>) {
         self.hub.stats(out);
     }
+
+    fn health(&self) -> Option<String> {
+        self.hub.health()
+    }
 }

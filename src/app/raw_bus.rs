@@ -93,6 +93,8 @@ pub fn build(shared: &Arc<Shared>) -> io::Result<Vec<(BusEnds, WakeReceiver)>> {
         let (relay_tx, relay_rx) = mpsc::sync_channel(BUS_CAPACITY);
         let (membership_tx, membership_rx) = mpsc::channel();
         let (wake_rx, waker) = waker::pair()?;
+        // The same waker brings the worker the scrapes of /metrics (`server/scrape.rs`).
+        shared.set_waker(doors.len(), waker.clone());
         doors.push(Door {
             relay: relay_tx,
             membership: membership_tx,

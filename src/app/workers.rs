@@ -115,6 +115,10 @@ impl Handler for WorkerApp {
     fn stats(&self, out: &mut Vec<(&'static str, u64)>) {
         self.app.stats(out);
     }
+
+    fn health(&self) -> Option<String> {
+        self.app.health()
+    }
 }
 
 #[cfg(test)]

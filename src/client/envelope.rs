@@ -91,6 +91,9 @@ pub enum ServerEnvelope {
         /// False when messages after our `since` may be missing.
         recovered: bool,
         last_msg_id: Option<String>,
+        /// The epoch of the room's history. With the Redis engine (SPEC §15) every stream has
+        /// its own, so a rejoin's `since` is judged against the room's, not the welcome's.
+        epoch: Option<String>,
     },
 }
 
@@ -149,6 +152,7 @@ pub fn parse(text: &str) -> Result<ServerEnvelope, String> {
             room: text_field("room").unwrap_or_default(),
             recovered: value.get("recovered").and_then(Value::as_bool) != Some(false),
             last_msg_id: id_field("last_msg_id"),
+            epoch: text_field("epoch"),
         },
         _ => ServerEnvelope::Other(value),
     })
@@ -353,9 +357,9 @@ mod tests {
             ("presence", r#"{"type":"presence","room":"lobby","id":"bob","event":"join"}"#,
                 Ok(Presence { room: "lobby".into(), id: "bob".into(), event: "join".into() })),
             ("joined", r#"{"type":"joined","room":"lobby","recovered":false,"last_msg_id":"12","epoch":"00000000000000ff"}"#,
-                Ok(Joined { room: "lobby".into(), recovered: false, last_msg_id: Some("12".into()) })),
+                Ok(Joined { room: "lobby".into(), recovered: false, last_msg_id: Some("12".into()), epoch: Some("00000000000000ff".into()) })),
             ("joined, nothing kept", r#"{"type":"joined","room":"lobby","recovered":true,"last_msg_id":null}"#,
-                Ok(Joined { room: "lobby".into(), recovered: true, last_msg_id: None })),
+                Ok(Joined { room: "lobby".into(), recovered: true, last_msg_id: None, epoch: None })),
             ("error", r#"{"type":"error","code":"invalid_room","message":"no"}"#,
                 Ok(Error { code: "invalid_room".into(), message: "no".into() })),
             ("unknown type", r#"{"type":"stats","n":1}"#, Ok(Other(json!({"type":"stats","n":1})))),

@@ -200,6 +200,8 @@ pub struct Seen {
     /// Per room joined: the newest room msg_id received (or the `joined`'s `last_msg_id`),
     /// sent as `since` when the room is joined again after a reconnect (SPEC §16).
     rooms: HashMap<String, String>,
+    /// Per room joined: the epoch its `joined` named.
+    room_epochs: HashMap<String, String>,
     /// The epoch of the relay's history `last` belongs to (the welcome's `epoch`), passed
     /// back with `?since=` so the relay can tell a position from another history (SPEC §13).
     epoch: Option<String>,
@@ -214,6 +216,7 @@ impl Seen {
             capacity: capacity.max(1),
             last: None,
             rooms: HashMap::new(),
+            room_epochs: HashMap::new(),
             epoch: None,
         }
     }
@@ -240,6 +243,22 @@ impl Seen {
         true
     }
 
+    /// `first_time` for a message of a stream: an id's inbox (`room` None) or a room. msg_ids
+    /// are ordered within one stream, and with the Redis engine (SPEC §15) they are positions
+    /// per stream: a room's msg_id may equal one of the inbox, so the two are told apart, and
+    /// only the inbox's move the `?since=` (which names a position in the inbox).
+    pub fn first_time_in(&mut self, room: Option<&str>, msg_id: &str) -> bool {
+        match room {
+            None => self.first_time(msg_id),
+            Some(room) => {
+                let last = self.last.take();
+                let first = self.first_time(&format!("{room}\n{msg_id}"));
+                self.last = last;
+                first
+            }
+        }
+    }
+
     /// A message of `room` arrived (after `first_time` said it is new): the room's `since`.
     pub fn room_message(&mut self, room: &str, msg_id: &str) {
         match self.rooms.get_mut(room) {
@@ -262,15 +281,31 @@ impl Seen {
         }
     }
 
+    /// A `joined` answer's epoch: the history the room's `since` belongs to (with the Redis
+    /// engine, each room has its own; the local engines answer the welcome's).
+    pub fn room_epoch(&mut self, room: &str, epoch: Option<String>) {
+        match epoch {
+            Some(epoch) => {
+                self.room_epochs.insert(room.to_string(), epoch);
+            }
+            None => {
+                self.room_epochs.remove(room);
+            }
+        }
+    }
+
     /// We left `room`: a later join starts afresh.
     pub fn left(&mut self, room: &str) {
         self.rooms.remove(room);
+        self.room_epochs.remove(room);
     }
 
-    /// The `since` for joining `room` again, and the epoch it belongs to.
+    /// The `since` for joining `room` again, and the epoch it belongs to (the room's own when
+    /// its `joined` named one, else the welcome's).
     pub fn room_since(&self, room: &str) -> Option<(&str, Option<&str>)> {
         let since = self.rooms.get(room)?;
-        Some((since.as_str(), self.epoch.as_deref()))
+        let epoch = self.room_epochs.get(room).or(self.epoch.as_ref());
+        Some((since.as_str(), epoch.map(String::as_str)))
     }
 
     /// The welcome's `last_msg_id`: the newest message the relay retains for us. Before we have
@@ -476,6 +511,39 @@ mod tests {
         seen.welcome(Some("20"), None);
         assert_eq!(seen.since(), Some("11"));
         assert_eq!(seen.epoch(), Some("00000000000000bb"));
+    }
+
+    #[test]
+    fn a_room_rejoins_with_its_own_epoch_when_it_has_one() {
+        let mut seen = Seen::new(10);
+        seen.welcome(Some("5"), Some("00000000000000aa"));
+        seen.joined("lobby", Some("40"));
+        assert_eq!(
+            seen.room_since("lobby"),
+            Some(("40", Some("00000000000000aa")))
+        );
+        seen.room_epoch("lobby", Some("00000000000000bb".into()));
+        assert_eq!(
+            seen.room_since("lobby"),
+            Some(("40", Some("00000000000000bb")))
+        );
+        seen.left("lobby");
+        seen.joined("lobby", Some("41"));
+        assert_eq!(
+            seen.room_since("lobby"),
+            Some(("41", Some("00000000000000aa")))
+        );
+    }
+
+    #[test]
+    fn room_msg_ids_are_their_own_and_do_not_move_since() {
+        let mut seen = Seen::new(10);
+        assert!(seen.first_time_in(None, "7"));
+        assert!(seen.first_time_in(Some("lobby"), "7"), "another stream's 7");
+        assert!(!seen.first_time_in(Some("lobby"), "7"));
+        assert!(seen.first_time_in(Some("lobby"), "90"));
+        assert_eq!(seen.since(), Some("7"), "since names the inbox");
+        assert!(!seen.first_time_in(None, "7"));
     }
 
     #[test]

@@ -868,7 +868,7 @@ impl Session {
                 timestamp_ms,
             } => {
                 if let Some(msg_id) = msg_id {
-                    if !self.seen.first_time(&msg_id) {
+                    if !self.seen.first_time_in(room.as_deref(), &msg_id) {
                         return; // a copy we already showed (recovery or re-send)
                     }
                     if let Some(room) = &room {
@@ -928,8 +928,10 @@ impl Session {
                 room,
                 recovered,
                 last_msg_id,
+                epoch,
             } => {
                 self.seen.joined(&room, last_msg_id.as_deref());
+                self.seen.room_epoch(&room, epoch);
                 if !recovered {
                     // SPEC §13: never a silent partial recovery (the relay replayed what it
                     // still had, before this answer).

@@ -12,7 +12,9 @@
 //! * `histogram.rs`: fixed-bucket histograms for /metrics;
 //! * `presence.rs`: the values presence crosses the seam with (members on other nodes);
 //! * `roster.rs`: `Roster`, the replica of other nodes' members an engine that shares rooms
-//!   keeps, and the presence changes it reports.
+//!   keeps, and the presence changes it reports;
+//! * `redis/`: `RedisEngine`, streams and fan-out shared by several nodes through Redis
+//!   (`--redis`, SPEC §15; docs/scaling.md).
 //!
 //! Does not: decide routing, acks or presence rules (the hub does), see connections, or know the
 //! JSON envelope: a message is an opaque `body` the hub renders into frames.
@@ -45,6 +47,7 @@ pub mod histogram;
 pub mod journal;
 pub mod memory;
 pub mod presence;
+pub mod redis;
 pub mod roster;
 mod storage;
 pub mod streams;
@@ -52,6 +55,7 @@ pub mod streams;
 pub use file::{FileConfig, FileEngine, FsyncPolicy, OpenError, StoreFault};
 pub use memory::MemoryEngine;
 pub use presence::{LocalMember, Member, MemberKey, PresenceChange};
+pub use redis::{RedisConfig, RedisEngine};
 pub use streams::Limits;
 
 use crate::app::envelope::AckStatus;
@@ -195,6 +199,11 @@ pub enum Event {
     /// hub's first member of a room joins, the members already on other nodes come as joins
     /// too, once the engine knows them (`engine/roster.rs` says why).
     Presence(PresenceChange),
+    /// Messages of this stream were lost on their way to this node and could not be read back
+    /// (trimmed from the stream before a re-read, SPEC §15): the hub closes its connections
+    /// that follow the stream (an id's, a room's members) so they reconnect with `since` and
+    /// learn from `recovered: false` what is missing. The local engines never produce one.
+    Interrupted(StreamId),
 }
 
 /// One finished piece of work.
@@ -226,6 +235,11 @@ pub enum Outcome {
     Rejected(Refusal),
     /// The answer to `recover`.
     Recovered(Recovery),
+    /// `Stored`, and the recipient (an id) had a live connection on another node when it was
+    /// stored (the Redis engine, SPEC §15): a direct message is acked `delivered` even when no
+    /// connection on this node took it (docs/protocol.md, "Acks across nodes"). The local
+    /// engines never answer it.
+    StoredOnlineElsewhere { position: Position },
 }
 
 /// What a connecting client gets before live traffic (`recover`: an id's welcome, a room's
@@ -282,7 +296,7 @@ impl Refusal {
 /// `Ticket`; each ticket gets exactly one `Completion`. Completions of one engine come out in
 /// the order the work was submitted.
 pub trait Engine {
-    /// "memory" or "file", for logs and /metrics.
+    /// "memory", "file" or "redis", for logs and /metrics.
     fn kind(&self) -> &'static str;
 
     /// The epoch of this engine's streams (what a `since` is judged against, SPEC §13).
@@ -360,6 +374,11 @@ pub trait Engine {
     /// replica of rooms it does not follow).
     fn remote_members(&self, _room: &str) -> Vec<Member> {
         Vec::new()
+    }
+
+    /// Why the engine is degraded (a store it cannot reach), for /healthz; None when healthy.
+    fn health(&self) -> Option<String> {
+        None
     }
 }
 

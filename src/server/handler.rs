@@ -121,6 +121,12 @@ pub trait Handler {
 
     /// Adds the app's live figures (rooms, ids online, ...) to /stats.json.
     fn stats(&self, _out: &mut Vec<(&'static str, u64)>) {}
+
+    /// Why the app is degraded (its engine cannot reach its store), for /healthz: None is
+    /// healthy (200 `ok`); otherwise 503 with the reason (docs/operations.md).
+    fn health(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What the slow-consumer policy does when a connection's queue is over `--max-outbound`.

@@ -401,11 +401,30 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     /// Answers one of the reactor's own endpoints; only the reactor holds what they report.
+    /// With `--workers` above 1, /metrics and /stats.json report the whole process: the answer
+    /// waits for the other workers' figures (`scrape.rs`).
     fn serve(&mut self, id: ConnId, endpoint: ServerEndpoint) {
+        if self.worker.is_some() && endpoint != ServerEndpoint::Health {
+            self.start_scrape(id, endpoint);
+            return;
+        }
+        // A degraded app (an engine that cannot reach its store, SPEC §15) answers 503, so a
+        // load balancer's health check sends new clients to healthy nodes.
+        let health = match endpoint {
+            ServerEndpoint::Health => self.handler.health(),
+            _ => None,
+        };
+        let status = if health.is_some() { 503 } else { 200 };
         let response = match endpoint {
-            ServerEndpoint::Health => {
-                handshake::http_response(200, "text/plain; charset=utf-8", &[], b"ok\n")
-            }
+            ServerEndpoint::Health => match health {
+                None => handshake::http_response(200, "text/plain; charset=utf-8", &[], b"ok\n"),
+                Some(why) => handshake::http_response(
+                    503,
+                    "text/plain; charset=utf-8",
+                    &[("Cache-Control", "no-store")],
+                    format!("degraded: {why}\n").as_bytes(),
+                ),
+            },
             ServerEndpoint::Stats => handshake::http_response(
                 200,
                 "application/json",
@@ -419,7 +438,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 self.render_metrics().as_bytes(),
             ),
         };
-        self.respond(id, 200, response);
+        self.respond(id, status, response);
     }
 
     /// Completes the upgrade: queues the 101 response, tells the app, and processes frames that
@@ -474,7 +493,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
 
     /// Queues a complete HTTP response; the connection closes once it is sent and the client
     /// has hung up (or `--close-timeout` passes).
-    fn respond(&mut self, id: ConnId, status: u16, response: Vec<u8>) {
+    pub(super) fn respond(&mut self, id: ConnId, status: u16, response: Vec<u8>) {
         self.answer(id, status, response, false);
     }
 
@@ -502,6 +521,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// The live counters of the demo page (SPEC §8) as one flat JSON object of numbers (and
     /// the poller's name).
     fn render_stats(&self) -> String {
+        self.stats_json(&self.local_stats())
+    }
+
+    /// This reactor's fields of /stats.json: its counters and the app's figures. With
+    /// `--workers`, each worker's become the process's (`scrape.rs`, `totals::merge_stats`).
+    pub(super) fn local_stats(&self) -> Vec<(&'static str, u64)> {
         let open = self
             .conns
             .iter()
@@ -517,26 +542,11 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             ("uptime_ms", self.started.elapsed().as_millis() as u64),
         ];
         self.handler.stats(&mut fields);
-        // With `--workers`, the reactor's counters become the whole process's (SPEC §14: the
-        // demo page shows the server, not the worker that happened to answer); the app's
-        // figures stay this worker's (docs/operations.md, "Workers").
-        if let Some(worker) = &self.worker {
-            worker.publish(self.conns.len(), &self.metrics);
-            let total = worker.totals();
-            for (name, value) in fields.iter_mut() {
-                match *name {
-                    "connections" => *value = total.connections,
-                    "accepted" => *value = total.accepted,
-                    "messages_in" => *value = total.messages_in,
-                    "messages_out" => *value = total.messages_out,
-                    "bytes_in" => *value = total.bytes_in,
-                    "bytes_out" => *value = total.bytes_out,
-                    _ => {}
-                }
-            }
-            fields.push(("workers", worker.shared().workers() as u64));
-            fields.push(("worker", worker.index() as u64));
-        }
+        fields
+    }
+
+    /// `fields` as the JSON object of /stats.json, after the poller's name.
+    pub(super) fn stats_json(&self, fields: &[(&'static str, u64)]) -> String {
         let mut json = format!("{{\"poller\":\"{}\"", self.poller.name());
         for (name, value) in fields {
             json.push_str(&format!(",\"{name}\":{value}"));
@@ -546,6 +556,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     fn render_metrics(&self) -> String {
+        self.render_local_metrics()
+    }
+
+    /// Every family of this reactor (its counters, compression, TLS) and of its app, in the
+    /// Prometheus text format. With `--workers`, each worker's become the process's
+    /// (`scrape.rs`, `totals::merge_metrics`), and the per-worker section is added once.
+    pub(super) fn render_local_metrics(&self) -> String {
         let mut counts = [
             ("handshaking", 0usize),
             ("open", 0),
@@ -570,10 +587,6 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         self.compressor.metrics.render(&mut text);
         self.render_tls_metrics(&mut text);
         self.handler.render_metrics(&mut text);
-        if let Some(worker) = &self.worker {
-            worker.publish(self.conns.len(), &self.metrics);
-            worker.render_metrics(&mut text);
-        }
         text
     }
 }

@@ -17,6 +17,8 @@
 //! - `lifecycle.rs`: deadlines, closing a connection (gracefully or not), signals and shutdown;
 //! - `compression.rs`: permessage-deflate's codecs per reactor and per connection;
 //! - `tls.rs`: the TLS session inside the one read and the one write, its counters, SIGHUP;
+//! - `scrape.rs`: with `--workers`, /metrics and /stats.json gathered from every worker
+//!   (`totals.rs` merges them; `workers.rs` is what the workers share);
 //! - `completion.rs`: the same reads and writes on a completion backend (`--poller uring`):
 //!   finished receives and sends instead of readiness (`Poller::completion_based`);
 //! - `connection.rs`: one connection's state machine; `outbound.rs`: its queue; `handler.rs`:
@@ -38,10 +40,12 @@ mod lifecycle;
 pub mod metrics;
 pub mod outbound;
 mod reader_slot;
+mod scrape;
 mod signals;
 #[cfg(test)]
 mod tests;
 mod tls;
+pub mod totals;
 mod websocket;
 pub mod workers;
 
@@ -106,6 +110,10 @@ pub(crate) enum TimerEvent {
     ShutdownDeadline,
     /// The time the app asked for with `Outbox::wake_at`: call `Handler::on_timer`.
     App,
+    /// A scrape of the whole process (`--workers`) has waited `scrape::SCRAPE_DEADLINE` for
+    /// the other workers: answer with what has come (`scrape.rs`). A `u32`, not a `u64`: a
+    /// wider id would grow every timer node, and each idle connection has one.
+    Scrape(u32),
 }
 
 pub struct Reactor<P: Poller, H: Handler> {
@@ -204,6 +212,9 @@ pub struct Reactor<P: Poller, H: Handler> {
     /// connection count and the gauges, `workers.rs`). `None` for the one reactor of
     /// `--workers 1`, which then shares nothing.
     worker: Option<workers::WorkerSlot>,
+    /// `--workers` above 1: the process-wide /metrics and /stats.json this worker is gathering
+    /// from the others (`scrape.rs`).
+    scrapes: scrape::Scrapes,
 }
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
@@ -294,6 +305,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             now,
             started: now,
             worker: None,
+            scrapes: scrape::Scrapes::default(),
         })
     }
 
@@ -503,6 +515,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 TimerEvent::AcceptRetry => self.resume_accepting(),
                 TimerEvent::ShutdownDeadline => self.shutdown_deadline_passed(),
                 TimerEvent::App => self.on_app_timer(),
+                TimerEvent::Scrape(id) => self.scrape_deadline(id),
             }
         }
         self.expired = expired;

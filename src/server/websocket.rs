@@ -145,6 +145,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         if let Some(waker) = self.waker.as_mut() {
             waker.drain();
         }
+        // With `--workers`, the same waker brings other workers' scrape messages (`scrape.rs`).
+        self.take_scrape_messages();
         self.with_outbox(|app, _, out| app.on_wake(out));
     }
 

@@ -1,9 +1,11 @@
 //! Several reactors in one process: `--workers N` (SPEC §14).
 //!
 //! Owns: what the workers share, and nothing else: `Shared` (the process-wide connection count
-//! that `--max-connections` is checked against, and one `WorkerGauges` per worker, which
-//! /metrics and /stats.json sum into process totals), `WorkerSlot` (one worker's handle on
-//! them), and `reuseport_listeners` (one listening socket per worker on the same port).
+//! that `--max-connections` is checked against, one `WorkerGauges` per worker, which the
+//! per-worker section of /metrics is rendered from, and one scrape queue per worker, through
+//! which a worker answering /metrics or /stats.json gathers the others' figures, `scrape.rs`),
+//! `WorkerSlot` (one worker's handle on them), and `reuseport_listeners` (one listening socket
+//! per worker on the same port).
 //! Does not: run a loop (each worker is an ordinary `Reactor` on its own thread, started by the
 //! command line), carry messages between workers (the bus for raw rooms is the app's,
 //! `app/raw_bus.rs`; what it does not carry yet is refused, `app/workers.rs`), or decide
@@ -29,10 +31,12 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use super::handler::ServerEndpoint;
 use super::metrics::Metrics;
+use crate::poller::waker::Waker;
 
 /// What every worker of one process shares.
 #[derive(Debug)]
@@ -44,6 +48,49 @@ pub struct Shared {
     open: AtomicUsize,
     /// One per worker, by index.
     gauges: Box<[WorkerGauges]>,
+    /// One per worker, by index: what other workers ask of it for /metrics and /stats.json,
+    /// and what they answer to its own questions (`scrape.rs`).
+    inboxes: Box<[ScrapeInbox]>,
+}
+
+/// One worker's queue of scrape messages. Used only while a scrape is answered (never per
+/// message), so a lock is the plain choice; `pending` lets the worker's every other wake-up
+/// skip the lock.
+#[derive(Debug, Default)]
+struct ScrapeInbox {
+    queue: Mutex<Vec<ScrapeMessage>>,
+    /// Set with every message queued, cleared by the worker as it takes them.
+    pending: AtomicBool,
+    /// The worker's waker (the one the bus between workers rings too, `app/raw_bus.rs`), set
+    /// once when the bus is built. A worker without one is still asked; it just does not
+    /// answer before the deadline, and the scrape says so.
+    waker: OnceLock<Waker>,
+}
+
+/// What crosses between workers for a process-wide /metrics or /stats.json (`scrape.rs`).
+#[derive(Debug)]
+pub enum ScrapeMessage {
+    /// Worker `from` is answering its scrape number `id` and asks for this worker's figures.
+    Ask {
+        from: usize,
+        id: u32,
+        endpoint: ServerEndpoint,
+    },
+    /// Worker `from`'s figures, for scrape `id` of the worker they are posted to.
+    Figures {
+        from: usize,
+        id: u32,
+        figures: Figures,
+    },
+}
+
+/// One worker's own figures for one endpoint.
+#[derive(Debug)]
+pub enum Figures {
+    /// Its /metrics families (Prometheus text), without the per-worker section.
+    Metrics(String),
+    /// Its /stats.json fields.
+    Stats(Vec<(&'static str, u64)>),
 }
 
 /// One worker's figures, read by whichever worker answers /metrics or /stats.json. Written by
@@ -115,7 +162,18 @@ impl Shared {
             max_connections: AtomicUsize::new(max_connections),
             open: AtomicUsize::new(0),
             gauges: (0..workers).map(|_| WorkerGauges::default()).collect(),
+            inboxes: (0..workers).map(|_| ScrapeInbox::default()).collect(),
         })
+    }
+
+    /// Gives worker `index`'s waker to the others, so that a scrape can wake it (the bus
+    /// between workers calls this once per worker as it builds the wakers, `app/raw_bus.rs`).
+    /// A second call for the same worker changes nothing.
+    ///
+    /// # Panics
+    /// `index` is not below `workers()`.
+    pub fn set_waker(&self, index: usize, waker: Waker) {
+        let _ = self.inboxes[index].waker.set(waker);
     }
 
     /// How many workers share this.
@@ -210,6 +268,35 @@ impl WorkerSlot {
         self.shared.open.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Queues `message` for worker `to` and wakes it. Never blocks on anything but the lock of
+    /// that worker's queue, which is held for a push or a take only.
+    ///
+    /// # Panics
+    /// `to` is not below `workers()`.
+    pub fn post(&self, to: usize, message: ScrapeMessage) {
+        let inbox = &self.shared.inboxes[to];
+        {
+            // A worker that panicked while holding the lock left a queue that is still whole.
+            let mut queue = inbox.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            queue.push(message);
+            inbox.pending.store(true, Ordering::Release);
+        }
+        if let Some(waker) = inbox.waker.get() {
+            waker.wake();
+        }
+    }
+
+    /// Takes every scrape message waiting for this worker (after its waker was drained, in
+    /// that order, as `poller/waker.rs` explains). Costs one atomic swap when there is none.
+    pub fn take_messages(&self) -> Vec<ScrapeMessage> {
+        let inbox = &self.shared.inboxes[self.index];
+        if !inbox.pending.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        let mut queue = inbox.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        std::mem::take(&mut *queue)
+    }
+
     /// Publishes this worker's figures (once per loop iteration, and before rendering).
     pub fn publish(&self, connections: usize, metrics: &Metrics) {
         let g = &self.shared.gauges[self.index];
@@ -233,9 +320,10 @@ impl WorkerSlot {
         total
     }
 
-    /// Appends the per-worker gauges and the process totals (Prometheus text). The other
-    /// families of /metrics are the answering worker's own (`wsrelay_worker_answering` says
-    /// which); docs/operations.md explains how to read them.
+    /// Appends the per-worker gauges and the process totals (Prometheus text), read from what
+    /// every worker last published. The other families of /metrics are the workers' own,
+    /// merged into process totals by the answering worker (`scrape.rs`, `totals.rs`);
+    /// docs/operations.md explains how to read them.
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;
         let snapshots = self.shared.snapshots();
@@ -321,7 +409,7 @@ impl WorkerSlot {
         gauge(
             "wsrelay_worker_answering",
             "gauge",
-            "The worker that answered this scrape; the families without a worker label are its own.",
+            "The worker that answered this scrape, after gathering every other worker's figures.",
             self.index as u64,
         );
         gauge(

@@ -28,3 +28,6 @@ mod offline;
 mod rooms;
 mod tokens;
 mod workers;
+
+mod redis;
+mod redis_server;

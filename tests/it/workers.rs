@@ -5,6 +5,10 @@
 //!
 //! What the bus between workers does not carry yet is refused, and that is tested too: /ws
 //! answers 501, --data-dir does not start.
+//!
+//! /metrics and /stats.json are the process's totals whichever worker answers: every scrape is
+//! checked against the work the test did, on every worker (src/server/scrape.rs has the
+//! deterministic cases: a chosen answering worker, a worker that never answers).
 
 use crate::poller_tests;
 use crate::support::*;
@@ -249,6 +253,14 @@ fn raw_room_across_every_worker(poller: &str) {
     }
     let messages = (n * per_sender) as f64;
     let metrics = server.metrics();
+    // The hub's counters are the process's: every message relayed once, by its sender's
+    // worker; every copy queued once, by its member's worker.
+    assert_eq!(metrics.get("wsrelay_raw_messages_total"), messages);
+    assert_eq!(
+        metrics.get("wsrelay_raw_deliveries_total"),
+        messages * (n - 1) as f64
+    );
+    assert_eq!(metrics.get("wsrelay_room_members{kind=\"raw\"}"), n as f64);
     let bus_sent: f64 = (0..workers)
         .map(|i| metrics.get(&format!("wsrelay_worker_bus_sent_total{{worker=\"{i}\"}}")))
         .sum();
@@ -301,7 +313,104 @@ fn ws_is_refused_until_the_bus_carries_it(poller: &str) {
     assert_eq!(server.get("/").status, 200);
 }
 
+/// The families every worker renders for itself (the per-worker section, rendered once by the
+/// answering worker from the shared gauges, is not merged).
+fn merged_families(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(name, _)| {
+            !name.starts_with("wsrelay_worker") && !name.starts_with("wsrelay_process_")
+        })
+        .map(|(name, kind)| (name.to_string(), kind.to_string()))
+        .collect()
+}
+
+/// SPEC §9, §14: /metrics and /stats.json are the process's totals, whichever worker answers.
+/// Connections on both workers do a known amount of work (client i echoes i + 1 messages);
+/// then every scrape, on whichever worker the kernel hands it, counts all of it, and states
+/// the facts of the process once. Scraped until each worker has answered several times.
+fn every_scrape_is_the_process_totals(poller: &str) {
+    let workers = 2;
+    let server = Server::start(poller, &["--workers", "2"]);
+    let mut clients: Vec<_> = (0..workers * PER_WORKER)
+        .map(|_| server.ws("/echo"))
+        .collect();
+    wait_for_spread(&server, workers, (clients.len() + 1) as f64);
+    let mut sent = 0;
+    for (i, ws) in clients.iter_mut().enumerate() {
+        for k in 0..=i {
+            ws.send(Message::text(format!("{i}:{k}"))).unwrap();
+            sent += 1;
+        }
+        for k in 0..=i {
+            assert_eq!(ws.read().unwrap(), Message::text(format!("{i}:{k}")));
+        }
+    }
+    let (sent, conns) = (sent as f64, clients.len() as f64);
+    let mut answered = [0usize; 2];
+    let start = Instant::now();
+    while answered.iter().any(|n| *n < 3) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "scrapes answered by worker {answered:?}: the kernel kept one worker out"
+        );
+        let m = server.metrics();
+        let by = m.get("wsrelay_worker_answering") as usize;
+        answered[by] += 1;
+        let from = format!("(answered by worker {by})");
+        assert_eq!(m.get("wsrelay_messages_in_total"), sent, "{from}");
+        assert_eq!(m.get("wsrelay_messages_out_total"), sent, "{from}");
+        assert_eq!(m.get("wsrelay_upgrades_total"), conns, "{from}");
+        assert_eq!(
+            m.get("wsrelay_connections{state=\"open\"}"),
+            conns,
+            "{from}"
+        );
+        // The totals agree with the per-worker figures (published by each worker itself).
+        let per_worker: f64 = (0..workers)
+            .map(|i| {
+                m.get(&format!(
+                    "wsrelay_worker_messages_in_total{{worker=\"{i}\"}}"
+                ))
+            })
+            .sum();
+        assert_eq!(per_worker, sent, "{from}");
+        // Facts of the process are stated once, not once per worker.
+        assert_eq!(
+            m.get(&format!("wsrelay_poller_info{{poller=\"{poller}\"}}")),
+            1.0
+        );
+        assert_eq!(m.get("wsrelay_engine_info{kind=\"memory\"}"), 1.0);
+        assert_eq!(m.get("wsrelay_workers_missing"), 0.0, "{from}");
+    }
+    // The same for the demo page's counters, on both workers.
+    let mut answered = [0usize; 2];
+    let start = Instant::now();
+    while answered.iter().any(|n| *n < 2) {
+        assert!(start.elapsed() < DEADLINE, "stats answered by {answered:?}");
+        let stats = server.get("/stats.json").body_text();
+        let field = |name: &str| -> u64 {
+            let key = format!("\"{name}\":");
+            let at = stats
+                .find(&key)
+                .unwrap_or_else(|| panic!("no {name} in {stats}"));
+            let digits: String = stats[at + key.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().unwrap()
+        };
+        answered[field("worker") as usize] += 1;
+        assert_eq!(field("messages_in") as f64, sent, "{stats}");
+        assert_eq!(field("connections") as f64, conns, "{stats}");
+        assert_eq!(field("workers"), 2, "{stats}");
+        assert_eq!(field("workers_missing"), 0, "{stats}");
+    }
+}
+
 poller_tests!(
+    every_scrape_is_the_process_totals,
     echo_on_every_worker,
     sigterm_closes_every_connection_on_every_worker_with_1001,
     max_connections_counts_every_worker,
@@ -375,5 +484,38 @@ fn worker_counts() {
     } else {
         // One CPU: `auto` is one worker, the single-threaded server (no worker families).
         assert_eq!(workers.family("wsrelay_connections").len(), 4);
+    }
+}
+
+/// Every gauge a worker renders has a merge decision (`totals::RULES`): summed as a share of
+/// the process, or stated once as a fact of it. A new gauge without one fails here, instead of
+/// being summed by accident. TLS adds its families.
+#[test]
+fn every_gauge_has_a_merge_rule() {
+    use crate::tls_support::{tls_get, tls_server, TestCa};
+    use wsrelay::server::totals;
+    let server = Server::start("epoll", &["--workers", "2"]);
+    let plain = server.get("/metrics").body_text();
+    let ca = TestCa::new();
+    let secure = tls_server("epoll", &ca, &["--workers", "2"]);
+    let tls = tls_get(&secure, &ca, "/metrics").body_text();
+    assert!(tls.contains("# TYPE wsrelay_tls_certificate_not_after_seconds gauge"));
+    let mut gauges = 0;
+    for text in [&plain, &tls] {
+        for (name, kind) in merged_families(text) {
+            if kind == "gauge" {
+                gauges += 1;
+                assert!(totals::listed(&name), "{name} has no rule in totals::RULES");
+            }
+        }
+    }
+    assert!(gauges > 20, "only {gauges} gauges found");
+    // Each family once in the merged text, whatever the number of workers.
+    for (name, _) in merged_families(&tls) {
+        assert_eq!(
+            tls.matches(&format!("# TYPE {name} ")).count(),
+            1,
+            "{name} printed twice"
+        );
     }
 }

@@ -9,7 +9,7 @@ use super::*;
 use crate::engine::{Event, LocalMember, Member, MemberKey, MemoryEngine, PresenceChange};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// What the nodes share: every room's members by key, and the changes each node has not polled
 /// yet. A node hears a change iff it holds a member of the room (as a node subscribes to a
@@ -18,6 +18,9 @@ use std::collections::{BTreeMap, VecDeque};
 struct Cluster {
     rooms: BTreeMap<Rc<str>, BTreeMap<MemberKey, Member>>,
     waiting: HashMap<Rc<str>, VecDeque<PresenceChange>>,
+    /// The rooms each node said it follows (`Engine::joined`, until `left`): where a shared
+    /// engine subscribes.
+    following: HashMap<Rc<str>, BTreeSet<String>>,
 }
 
 impl Cluster {
@@ -150,6 +153,16 @@ impl crate::engine::Engine for Clustered {
             info: member.info.map(Rc::from),
         };
         self.cluster.borrow_mut().change(room, member, true);
+    }
+    fn joined(&mut self, room: &str) {
+        let mut cluster = self.cluster.borrow_mut();
+        let following = cluster.following.entry(Rc::clone(&self.node)).or_default();
+        assert!(following.insert(room.to_string()), "{room} followed twice");
+    }
+    fn left(&mut self, room: &str) {
+        let mut cluster = self.cluster.borrow_mut();
+        let following = cluster.following.entry(Rc::clone(&self.node)).or_default();
+        assert!(following.remove(room), "{room} left without being followed");
     }
     fn member_left(&mut self, room: &str, conn: u64) {
         let key = self.key(conn);
@@ -286,6 +299,34 @@ fn joins_and_leaves_reach_the_other_nodes_and_never_come_back() {
     assert_eq!(n2.member_ids(b, "lobby"), vec!["bob"]);
     assert_eq!(n1.metric("wsrelay_presence_remote_changes_total"), 3.0);
     assert_eq!(n2.metric("wsrelay_presence_remote_changes_total"), 1.0);
+}
+
+/// The rooms `node` follows (subscribes to, with a shared engine).
+fn following(c: &Rc<RefCell<Cluster>>, node: &str) -> Vec<String> {
+    let cluster = c.borrow();
+    let rooms = cluster.following.get(node);
+    rooms.map_or_else(Vec::new, |r| r.iter().cloned().collect())
+}
+
+#[test]
+fn a_node_follows_a_room_while_it_holds_a_member_however_the_last_one_goes() {
+    let c = cluster();
+    let mut n1 = Harness::clustered(&c, "n1", AppConfig::default());
+    let (a1, a2) = (n1.greeted("/ws?id=alice"), n1.greeted("/ws?id=alice"));
+    n1.join(a1, "lobby");
+    n1.join(a2, "lobby");
+    assert_eq!(n1.inbox(a1), vec![presence("lobby", "alice", "join")]);
+    n1.join(a1, "news");
+    n1.join(a1, "games");
+    assert_eq!(following(&c, "n1"), vec!["games", "lobby", "news"]);
+    n1.say(a1, json!({"type": "leave", "room": "games"}));
+    assert_eq!(following(&c, "n1"), vec!["lobby", "news"]);
+    // a1 closes: lobby keeps a2; news had only a1, and no member is left to be told of it.
+    n1.disconnect(a1);
+    assert_eq!(following(&c, "n1"), vec!["lobby"]);
+    n1.disconnect(a2);
+    assert_eq!(following(&c, "n1"), Vec::<String>::new());
+    assert!(c.borrow().rooms.is_empty(), "every member left everywhere");
 }
 
 #[test]

@@ -77,6 +77,7 @@ fn completions(e: &mut FileEngine) -> Vec<Completion> {
             Event::Completed(c) => c,
             Event::Arrived(a) => panic!("a local engine produced {a:?}"),
             Event::Presence(p) => panic!("a local engine produced {p:?}"),
+            Event::Interrupted(s) => panic!("a local engine interrupted {s:?}"),
         })
         .collect()
 }
