@@ -30,4 +30,5 @@ mod tokens;
 mod workers;
 
 mod redis;
+mod redis_presence;
 mod redis_server;
