@@ -121,15 +121,20 @@ fn joins_leaves_and_members_cross_three_nodes(poller: &str) {
         presence("lobby", "alice", "join"),
         presence("lobby", "bob", "join"),
     );
+    // c1, the room's first member on node 3, hears c2 and everyone its node found there.
     expect_presence(&mut c1, &[carol.clone(), alice.clone(), bob.clone()]);
-    expect_presence(&mut c2, &[alice, bob]);
     for x in [&mut a, &mut b] {
         expect_presence(x, &[carol.clone(), carol.clone()]);
     }
     let everyone = ["alice", "bob", "carol", "carol"];
-    for x in [&mut a, &mut b, &mut c1, &mut c2] {
+    for x in [&mut a, &mut b, &mut c1] {
         assert_eq!(members_become(x, "lobby", &everyone), Vec::<Value>::new());
     }
+    // c2 hears those joins too only if it was a member before its node knew them; either way
+    // once, and its `members` lists everyone.
+    let mut seen = members_become(&mut c2, "lobby", &everyone);
+    seen.sort_by_key(|v| v.to_string());
+    assert!(seen.is_empty() || seen == [alice, bob], "{seen:?}");
 
     // A leave, and a close, reach the other nodes once; nobody hears its own twice.
     b.send(json!({"type": "leave", "room": "lobby"}));
@@ -193,9 +198,22 @@ fn a_killed_nodes_members_leave_within_the_ttl_and_live_ones_stay(poller: &str) 
             Vec::<Value>::new()
         );
     }
-    let expired = n1.metric("wsrelay_redis_presence_expired_total")
-        + n3.metric("wsrelay_redis_presence_expired_total");
-    assert_eq!(expired, 2.0, "each dead member removed once, by one node");
+    // The pruning node counts when its script's reply comes back, which may be after the
+    // leaves it published reached the clients.
+    let expired = || {
+        n1.metric("wsrelay_redis_presence_expired_total")
+            + n3.metric("wsrelay_redis_presence_expired_total")
+    };
+    let start = Instant::now();
+    while expired() < 2.0 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "expired members counted: {}",
+            expired()
+        );
+        std::thread::sleep(Duration::from_millis(20)); // poll interval, not a synchronisation
+    }
+    assert_eq!(expired(), 2.0, "each dead member removed once, by one node");
 }
 
 fn a_change_missed_while_pubsub_was_down_is_told_after_the_resubscribe(poller: &str) {
