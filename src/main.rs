@@ -257,6 +257,29 @@ struct StorageArgs {
         requires = "redis"
     )]
     redis_prefix: String,
+
+    /// How long a room member stays listed after its node stopped refreshing it (a node killed
+    /// with SIGKILL: its members leave within this; SPEC §15). Each node refreshes its members
+    /// every third of it. At least 3s.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = presence_ttl,
+        requires = "redis"
+    )]
+    redis_presence_ttl: Duration,
+}
+
+/// `--redis-presence-ttl`: a duration of at least 3 s (refreshes run every third of it, on the
+/// Redis engine's 1 s tick).
+fn presence_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    let min = Duration::from_millis(engine::redis::presence::MIN_TTL_MS);
+    if ttl < min {
+        return Err(format!("must be at least {}s", min.as_secs()));
+    }
+    Ok(ttl)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -283,7 +306,8 @@ fn build_app(
     storage: StorageArgs,
 ) -> Result<(App, Option<WakeReceiver>), String> {
     if let Some(url) = storage.redis {
-        return build_redis_app(config, url, storage.redis_prefix);
+        let ttl = storage.redis_presence_ttl;
+        return build_redis_app(config, url, storage.redis_prefix, ttl);
     }
     let Some(dir) = storage.data_dir else {
         return Ok((App::new(config), None));
@@ -317,6 +341,7 @@ fn build_redis_app(
     config: AppConfig,
     url: String,
     prefix: String,
+    presence_ttl: Duration,
 ) -> Result<(App, Option<WakeReceiver>), String> {
     let (receiver, waker) =
         waker::pair().map_err(|e| format!("cannot create the engine's waker: {e}"))?;
@@ -326,6 +351,7 @@ fn build_redis_app(
         limits: app::limits(&config),
         room_history: app::room_history_limits(&config),
         dedup_ttl_ms: u64::try_from(config.offline_ttl.as_millis()).unwrap_or(u64::MAX),
+        presence_ttl_ms: u64::try_from(presence_ttl.as_millis()).unwrap_or(u64::MAX),
     };
     let engine = engine::RedisEngine::start(redis, std::sync::Arc::new(move || waker.wake()))?;
     Ok((App::with_engine(config, Box::new(engine)), Some(receiver)))

@@ -48,8 +48,9 @@ use super::ratelimit::{RateLimit, TokenBucket};
 use super::rooms::Rooms;
 use super::tokens::{Access, Tokens, TOKEN_EXPIRED, TOKEN_EXPIRED_REASON};
 use crate::engine::{
-    Append, Arrival, Completion, Engine, Epoch, Event, Limits, MemoryEngine, Now, Outcome,
-    Position, Publish, Recovery, Refusal as StoreRefusal, Replayed, Since, StreamId, Ticket,
+    Append, Arrival, Completion, Engine, Epoch, Event, Limits, LocalMember, MemoryEngine, Now,
+    Outcome, Position, PresenceChange, Publish, Recovery, Refusal as StoreRefusal, Replayed, Since,
+    StreamId, Ticket,
 };
 use crate::protocol::frame::{self, OpCode};
 use crate::protocol::handshake::Request;
@@ -350,6 +351,23 @@ fn queue_replay(conn: ConnId, messages: &[Replayed], tx: &mut impl Transport) ->
         }
     }
     messages.len()
+}
+
+/// How the engine names a connection of this hub in presence (`LocalMember::conn`): its
+/// `ConnId` packed, unique on this node for the node's life (slot and generation).
+fn member_conn(conn: ConnId) -> u64 {
+    (u64::from(conn.generation) << 32) | u64::from(conn.slot)
+}
+
+/// The `info` of a member on another node as shown to clients, and whether it had to be
+/// dropped: it crossed the network as text, so it is checked to be JSON (else `null`) rather
+/// than trusted into a frame.
+fn remote_info(info: Option<&str>) -> (Option<&RawValue>, bool) {
+    match info.map(serde_json::from_str::<&RawValue>) {
+        None => (None, false),
+        Some(Ok(raw)) => (Some(raw), false),
+        Some(Err(_)) => (None, true),
+    }
 }
 
 impl Hub {
@@ -704,10 +722,19 @@ impl Hub {
                 if !self.joining.is_empty() {
                     self.joining.retain(|(c, _), _| *c != conn);
                 }
+                // Every room it was in, also those it was the last member of here (which
+                // `leave_all` does not name: nobody here is left to tell), is left on the other
+                // nodes, and one with no member here any more is no longer followed.
+                let rooms = self.rooms.names_of(conn);
+                for room in &rooms {
+                    self.engine.member_left(room, member_conn(conn));
+                }
                 for room in self.rooms.leave_all(conn) {
                     let (id, info) = (&peer.id, info.as_deref());
                     self.presence(&room, id, info, PresenceEvent::Leave, None, tx);
-                    self.room_left(&room);
+                }
+                for room in &rooms {
+                    self.room_left(room);
                 }
                 if let Some(devices) = self.online.get_mut(&peer.id) {
                     devices.retain(|&d| d != conn);
@@ -743,6 +770,7 @@ impl Hub {
                 match event {
                     Event::Completed(c) => self.completed(c, tx),
                     Event::Arrived(a) => self.arrived(a, tx),
+                    Event::Presence(change) => self.remote_presence(change, tx),
                     Event::Interrupted(stream) => self.interrupted(&stream, tx),
                 }
             }
@@ -1338,6 +1366,7 @@ impl Hub {
             self.rooms.join(conn, room);
             self.room_joined(room);
             self.presence(room, &peer.id, info, PresenceEvent::Join, None, tx);
+            self.member_joined(conn, room, &peer.id, info);
             self.count_room_recovery(since.is_some(), false);
         }
         let recovered = member || since.is_none();
@@ -1393,6 +1422,7 @@ impl Hub {
             self.rooms.join(conn, &room);
             self.room_joined(&room);
             self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
+            self.member_joined(conn, &room, &peer.id, info);
         }
         // As for a welcome's backlog (`recovered`): the first replayed message is queued
         // whatever --max-outbound says, so a connection always makes progress; if the rest
@@ -1521,6 +1551,7 @@ impl Hub {
         if self.rooms.is_member(conn, room) {
             self.presence(room, id, info, PresenceEvent::Leave, None, tx);
             self.rooms.leave(conn, room);
+            self.engine.member_left(room, member_conn(conn));
             self.room_left(room);
         } else {
             self.presence(room, id, info, PresenceEvent::Leave, Some(conn), tx);
@@ -1534,6 +1565,10 @@ impl Hub {
         if !self.tokens.may_join(conn, room) {
             return self.error(conn, EnvelopeError::Forbidden, tx);
         }
+        // Members on other nodes come from the engine's replica (SPEC §15; none with a local
+        // engine), listed like local ones.
+        let remote = self.engine.remote_members(room);
+        let mut bad_info = 0;
         let mut members: Vec<Member<'_>> = self
             .rooms
             .members(room)
@@ -1542,6 +1577,14 @@ impl Hub {
                 let info = self.tokens.get(member).and_then(|a| a.info.as_deref());
                 Some(Member { id, info })
             })
+            .chain(remote.iter().map(|member| {
+                let (info, bad) = remote_info(member.info.as_deref());
+                bad_info += u64::from(bad);
+                Member {
+                    id: &member.id,
+                    info,
+                }
+            }))
             .collect();
         // Sorted by id; devices of one id by their info, so the answer does not depend on the
         // order the room keeps.
@@ -1550,6 +1593,40 @@ impl Hub {
             (a.id, ai).cmp(&(b.id, bi))
         });
         tx.send(conn, OpCode::Text, &envelope::members(room, &members));
+        self.metrics.presence_remote_bad_info += bad_info;
+    }
+
+    /// This hub's connection became a member of `room`: the engine shares it with other nodes
+    /// (a no-op for the local engines).
+    fn member_joined(&mut self, conn: ConnId, room: &str, id: &str, info: Option<&RawValue>) {
+        let member = LocalMember {
+            conn: member_conn(conn),
+            id,
+            info: info.map(RawValue::get),
+        };
+        self.engine.member_joined(room, member);
+    }
+
+    /// A connection on another node joined or left `room` (SPEC §15): this hub's members of
+    /// the room hear it as they hear a local one. The engine never reports this hub's own
+    /// changes, so nothing is announced twice.
+    fn remote_presence(&mut self, change: PresenceChange, tx: &mut impl Transport) {
+        self.metrics.presence_remote_changes += 1;
+        let member = &change.member;
+        let (info, bad) = remote_info(member.info.as_deref());
+        self.metrics.presence_remote_bad_info += u64::from(bad);
+        if bad {
+            debug!(
+                "presence of {} from {}: info is not JSON",
+                member.id, member.key
+            );
+        }
+        let event = if change.joined {
+            PresenceEvent::Join
+        } else {
+            PresenceEvent::Leave
+        };
+        self.presence(&change.room, &member.id, info, event, None, tx);
     }
 
     /// Sends a presence event to `only`, or else to every member of `room`. `info` is the
@@ -1635,7 +1712,16 @@ impl Hub {
         let exp_secs = grant.exp_ms / 1000;
         let access = Access::new(grant, self.leeway_ms());
         let info = access.info.clone();
+        // A new `info` changes what `members` shows, here and (through the engine) on other
+        // nodes, without a presence event: every room is told to the engine again, also a
+        // room the new token leaves, whose leave elsewhere then shows the info it shows here.
+        let old_info = self.tokens.info(conn);
+        let info_changed =
+            old_info.as_deref().map(RawValue::get) != info.as_deref().map(RawValue::get);
         for room in self.rooms.names_of(conn) {
+            if info_changed {
+                self.member_joined(conn, &room, &peer.id, info.as_deref());
+            }
             if !access.may_join(&room) {
                 self.presence(
                     &room,
@@ -1646,6 +1732,7 @@ impl Hub {
                     tx,
                 );
                 self.rooms.leave(conn, &room);
+                self.engine.member_left(&room, member_conn(conn));
                 self.room_left(&room);
             }
         }

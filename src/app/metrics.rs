@@ -68,6 +68,10 @@ pub struct HubMetrics {
     /// Publishes refused by the token's `publish` claim (envelope: acked `rejected`; raw room:
     /// closed 1008).
     pub token_publish_refusals: u64,
+    /// Joins and leaves made on other nodes that the engine reported (SPEC §15), and those
+    /// whose `info` was not JSON (shown as `null`).
+    pub presence_remote_changes: u64,
+    pub presence_remote_bad_info: u64,
 }
 
 /// Values derived from the hub's state at render time.
@@ -166,6 +170,16 @@ impl HubMetrics {
             "wsrelay_presence_deliveries_total",
             "Presence events queued for room members.",
             self.presence_deliveries,
+        );
+        w.counter(
+            "wsrelay_presence_remote_changes_total",
+            "Joins and leaves made on other nodes, reported by the engine (SPEC §15).",
+            self.presence_remote_changes,
+        );
+        w.counter(
+            "wsrelay_presence_remote_bad_info_total",
+            "Presence from other nodes whose info was not JSON (shown as null).",
+            self.presence_remote_bad_info,
         );
 
         w.counter(

@@ -1683,3 +1683,4 @@ fn a_session_stays_small() {
 }
 
 mod history;
+mod presence;

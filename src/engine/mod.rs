@@ -12,6 +12,9 @@
 //! * `journal.rs`: the log's on-disk format (records, segments, recovery from a torn tail);
 //! * `storage.rs`: the file engine's storage thread (group commit, rotation, compaction);
 //! * `histogram.rs`: fixed-bucket histograms for /metrics;
+//! * `presence.rs`: the values presence crosses the seam with (members on other nodes);
+//! * `roster.rs`: `Roster`, the replica of other nodes' members an engine that shares rooms
+//!   keeps, and the presence changes it reports;
 //! * `redis/`: `RedisEngine`, streams and fan-out shared by several nodes through Redis
 //!   (`--redis`, SPEC §15; docs/scaling.md).
 //!
@@ -46,12 +49,15 @@ pub mod file;
 pub mod histogram;
 pub mod journal;
 pub mod memory;
+pub mod presence;
 pub mod redis;
+pub mod roster;
 mod storage;
 pub mod streams;
 
 pub use file::{FileConfig, FileEngine, FsyncPolicy, OpenError, StoreFault};
 pub use memory::MemoryEngine;
+pub use presence::{LocalMember, Member, MemberKey, PresenceChange};
 pub use redis::{RedisConfig, RedisEngine};
 pub use streams::Limits;
 
@@ -190,6 +196,12 @@ pub enum Event {
     /// `joined`). The hub delivers it to those connections. The local engines never produce one:
     /// in a single process the hub that submitted a message delivers it itself.
     Arrived(Arrival),
+    /// A connection on another node joined or left a room this hub holds members of (SPEC §15):
+    /// the hub tells its members of the room. Never this hub's own changes (it announced them
+    /// itself), and never from the local engines, where every member is this hub's. When this
+    /// hub's first member of a room joins, the members already on other nodes come as joins
+    /// too, once the engine knows them (`engine/roster.rs` says why).
+    Presence(PresenceChange),
     /// Messages of this stream were lost on their way to this node and could not be read back
     /// (trimmed from the stream before a re-read, SPEC §15): the hub closes its connections
     /// that follow the stream (an id's, a room's members) so they reconnect with `since` and
@@ -347,6 +359,25 @@ pub trait Engine {
 
     /// Appends the engine's metrics (Prometheus text).
     fn render_metrics(&self, out: &mut String);
+
+    /// A connection of this hub became a member of `room` (presence is per connection, SPEC
+    /// §6). An engine that shares rooms with other nodes records it where they see it and
+    /// tells them (`Event::Presence` there); the local engines ignore it. Called again for a
+    /// member already recorded when its `info` changed (a token refresh): an update, which
+    /// the other nodes show in `members` but do not announce.
+    fn member_joined(&mut self, _room: &str, _member: LocalMember<'_>) {}
+
+    /// The connection `conn` (as in `LocalMember::conn`) of this hub is no longer a member of
+    /// `room`: it left, its token stopped allowing the room, or it closed.
+    fn member_left(&mut self, _room: &str, _conn: u64) {}
+
+    /// The members of `room` connected to other nodes, answered at once from the engine's own
+    /// replica (the hub's `members` answer is synchronous), in no particular order. Empty for
+    /// the local engines, and for a room this hub holds no member of (an engine need keep no
+    /// replica of rooms it does not follow).
+    fn remote_members(&self, _room: &str) -> Vec<Member> {
+        Vec::new()
+    }
 
     /// Why the engine is degraded (a store it cannot reach), for /healthz; None when healthy.
     fn health(&self) -> Option<String> {

@@ -31,4 +31,5 @@ mod workers;
 mod workers_ws;
 
 mod redis;
+mod redis_presence;
 mod redis_server;

@@ -68,7 +68,7 @@ fn settle(e: &mut FileEngine) -> Vec<Completion> {
     completions(e)
 }
 
-/// What is ready now; the local engines produce no `Arrived`.
+/// What is ready now; the local engines produce no `Arrived` and no `Presence`.
 fn completions(e: &mut FileEngine) -> Vec<Completion> {
     let mut out = Vec::new();
     e.poll(&mut out);
@@ -76,6 +76,7 @@ fn completions(e: &mut FileEngine) -> Vec<Completion> {
         .map(|event| match event {
             Event::Completed(c) => c,
             Event::Arrived(a) => panic!("a local engine produced {a:?}"),
+            Event::Presence(p) => panic!("a local engine produced {p:?}"),
             Event::Interrupted(s) => panic!("a local engine interrupted {s:?}"),
         })
         .collect()

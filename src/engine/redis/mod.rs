@@ -18,6 +18,7 @@
 mod gaps;
 pub mod keys;
 mod link;
+pub mod presence;
 pub mod script;
 
 use self::gaps::{Feed, Step};
@@ -26,8 +27,8 @@ use self::link::{Failure, Input, Job, Link, Subscription};
 use self::script::{status_letter, AppendReply, ReadReply, Script};
 use super::histogram::Histogram;
 use super::{
-    Append, Completion, Engine, Epoch, Event, Now, Outcome, Position, Publish, Recovery, Refusal,
-    Replayed, Since, Stats, StreamId, Ticket, Wake,
+    Append, Completion, Engine, Epoch, Event, LocalMember, Member, Now, Outcome, Position, Publish,
+    Recovery, Refusal, Replayed, Since, Stats, StreamId, Ticket, Wake,
 };
 use crate::app::envelope::AckStatus;
 use crate::server::metrics::Writer;
@@ -65,6 +66,9 @@ pub struct RedisConfig {
     pub room_history: super::Limits,
     /// How long a client id is remembered (ms).
     pub dedup_ttl_ms: u64,
+    /// `--redis-presence-ttl`: how long a member stays listed after its node stopped
+    /// refreshing it (ms; at least `presence::MIN_TTL_MS`).
+    pub presence_ttl_ms: u64,
 }
 
 /// What a reply is for; it travels to the command thread and back.
@@ -94,6 +98,8 @@ enum Tag {
     Fill {
         channel: String,
     },
+    /// A presence script (`presence.rs`).
+    Presence(presence::Reply),
 }
 
 /// A completion waiting for its turn (completions leave in submission order).
@@ -171,6 +177,8 @@ pub struct RedisEngine {
     counters: Counters,
     round_trip: Histogram,
     batch_jobs: Histogram,
+    /// This node's members in Redis and its replica of the others' (`presence.rs`).
+    presence: presence::Presence,
 }
 
 const ROUND_TRIP_BOUNDS: &[f64] = &[
@@ -205,6 +213,8 @@ impl RedisEngine {
             .map_err(thread)?;
         link::spawn_pubsub(config.url.clone(), subs_rx, in_tx, wake).map_err(thread)?;
         let node = fastrand::u64(1..);
+        let presence =
+            presence::Presence::new(&config.prefix, &node_text(node), config.presence_ttl_ms);
         Ok(RedisEngine {
             node_text: node_text(node),
             node,
@@ -231,6 +241,7 @@ impl RedisEngine {
             counters: Counters::default(),
             round_trip: Histogram::new(ROUND_TRIP_BOUNDS),
             batch_jobs: Histogram::new(BATCH_BOUNDS),
+            presence,
         })
     }
 
@@ -248,6 +259,16 @@ impl RedisEngine {
         self.counters.commands += 1;
         // The thread only stops when this engine is dropped, so a send cannot fail meanwhile.
         let _ = self.jobs.send(job);
+    }
+
+    /// Sends a presence script (`presence.rs`); its reply goes back to `Presence::replied`.
+    fn presence_call(&mut self, call: presence::Call) {
+        self.send(Job::Script {
+            script: call.script,
+            keys: call.keys,
+            args: call.args,
+            tag: Tag::Presence(call.reply),
+        });
     }
 
     fn seq(&mut self) -> u64 {
@@ -483,6 +504,10 @@ impl RedisEngine {
             }
             Input::State { link, up } => self.state(link, up),
             Input::Subscribed(channel) => {
+                // A room's presence records published before this were lost to this node.
+                if let Some(call) = self.presence.subscribed(&channel) {
+                    self.presence_call(call);
+                }
                 let Some(feed) = self.feeds.get_mut(&channel) else {
                     return;
                 };
@@ -501,6 +526,9 @@ impl RedisEngine {
                 let Ok(channel) = String::from_utf8(channel) else {
                     return;
                 };
+                if self.presence.heard(&channel, &payload) {
+                    return; // a presence record, not a message
+                }
                 let Some(published) = Published::parse(&payload) else {
                     warn!("redis: a message on {channel} that no wsrelay node published");
                     return;
@@ -524,6 +552,13 @@ impl RedisEngine {
         }
         match tag {
             Tag::Fire => {}
+            Tag::Presence(reply) => {
+                let result = match &result {
+                    Ok(value) => Ok(value),
+                    Err(Failure::Unreachable(why) | Failure::Server(why)) => Err(why.clone()),
+                };
+                self.presence.replied(reply, result);
+            }
             Tag::Append {
                 seq,
                 ticket,
@@ -1039,8 +1074,26 @@ impl Engine for RedisEngine {
         self.prune();
     }
 
+    fn member_joined(&mut self, room: &str, member: LocalMember<'_>) {
+        let call = self.presence.joined(room, member);
+        self.presence_call(call);
+    }
+
+    fn member_left(&mut self, room: &str, conn: u64) {
+        if let Some(call) = self.presence.left(room, conn) {
+            self.presence_call(call);
+        }
+    }
+
+    fn remote_members(&self, room: &str) -> Vec<Member> {
+        self.presence.members(room)
+    }
+
     fn maintain(&mut self, _now: Now) {
         let now = Instant::now();
+        for call in self.presence.due(now) {
+            self.presence_call(call);
+        }
         let commands_down = matches!(self.commands_link.up, Some(Err(_)));
         if commands_down && self.outstanding == 0 && self.probed.is_none_or(|t| now >= t) {
             // The command thread reconnects when it has work; with none (no traffic), a PING
@@ -1083,6 +1136,7 @@ impl Engine for RedisEngine {
         self.release();
         self.flush_delivered();
         out.extend(self.out.drain(..));
+        self.presence.drain(out);
     }
 
     fn in_flight(&self) -> usize {
@@ -1178,6 +1232,7 @@ impl Engine for RedisEngine {
             "wsrelay_redis_pipeline_commands",
             "Commands per pipeline sent to Redis.",
         );
+        self.presence.render_metrics(out);
     }
 
     fn health(&self) -> Option<String> {

@@ -21,6 +21,11 @@ pub enum Script {
     Append = 0,
     Read = 1,
     Delivered = 2,
+    /// Presence (`presence.rs`): a member recorded, removed, refreshed; a room pruned or read.
+    PresenceJoin = 3,
+    PresenceLeave = 4,
+    PresenceRefresh = 5,
+    PresenceSnapshot = 6,
 }
 
 /// Append (a direct message or a room message) to a stream.
@@ -123,7 +128,15 @@ return 1
 "#;
 
 /// The scripts, indexed by `Script`.
-pub const SOURCES: [&str; 3] = [APPEND, READ, DELIVERED];
+pub const SOURCES: [&str; 7] = [
+    APPEND,
+    READ,
+    DELIVERED,
+    super::presence::JOIN,
+    super::presence::LEAVE,
+    super::presence::REFRESH,
+    super::presence::SNAPSHOT,
+];
 
 /// A reply that does not have the shape the script returns: a bug, or not our script.
 #[derive(Debug, PartialEq, Eq)]
