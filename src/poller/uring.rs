@@ -82,8 +82,9 @@ enum OpKind {
     /// A connection's multishot receive.
     Recv,
     /// A send. The header and iovecs live here, at a stable heap address, until the kernel
-    /// reports; the bytes they point to are the caller's to keep alive (`send`).
-    Send { msg: Box<SendMsg> },
+    /// reports; the bytes they point to are the caller's to keep alive (`send`). `None` for a
+    /// send of one buffer, which is a plain `send` with nothing to keep but the bytes.
+    Send { msg: Option<Box<SendMsg>> },
     /// A cancellation (it acts on the others; it counts toward no descriptor).
     Cancel,
 }
@@ -514,7 +515,7 @@ impl UringPoller {
         let was_recv = matches!(op.kind, OpKind::Recv);
         match op.kind {
             OpKind::Cancel => return,
-            OpKind::Send { msg } if self.spare_sends.len() < SPARE_SENDS => {
+            OpKind::Send { msg: Some(msg) } if self.spare_sends.len() < SPARE_SENDS => {
                 self.spare_sends.push(msg);
             }
             _ => {}
@@ -627,6 +628,16 @@ impl Poller for UringPoller {
     }
 
     unsafe fn send(&mut self, fd: RawFd, token: Token, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        // One buffer (the usual case: a batch of replies encoded into one chunk) goes as a plain
+        // `send`: the kernel then has no header and iovec array to copy in and check.
+        if let [buf] = bufs {
+            let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+            let entry = opcode::Send::new(Fd(fd), buf.as_ptr(), len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build();
+            let kind = OpKind::Send { msg: None };
+            return self.push(entry, Op { kind, fd, token });
+        }
         // A header from a finished send when there is one: two allocations fewer per send.
         let mut msg = self.spare_sends.pop().unwrap_or_else(|| {
             Box::new(SendMsg {
@@ -645,7 +656,7 @@ impl Poller for UringPoller {
         let entry = opcode::SendMsg::new(Fd(fd), &msg.header)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build();
-        let kind = OpKind::Send { msg };
+        let kind = OpKind::Send { msg: Some(msg) };
         self.push(entry, Op { kind, fd, token })
     }
 

@@ -32,6 +32,7 @@
 use super::compression::Negotiated;
 use super::outbound::Outbound;
 use super::reader_slot::ReaderSlot;
+use super::request_buf::RequestBuf;
 use super::TimerEvent;
 use crate::timer::{TimerHandle, TimerWheel};
 use crate::tls::TlsSession;
@@ -164,9 +165,10 @@ pub(super) struct Connection {
     pub(super) tls: Option<Box<TlsSession>>,
     /// Changed only by the transition methods below.
     state: State,
-    /// The request head received so far, while handshaking. Empty, and unallocated, after.
+    /// The request head received so far, while handshaking. Empty, and unallocated, after
+    /// (one pointer: `RequestBuf`).
     /// On a kept-alive API connection: the bytes of requests not yet served (pipelined ones).
-    pub(super) request: Vec<u8>,
+    pub(super) request: RequestBuf,
     /// HTTP requests to the app on this connection (keep-alive, bodies, waiting for answers).
     /// Boxed, and only once the connection carries an app request: most connections upgrade
     /// and never need it, and every byte here is paid by every idle connection.
@@ -226,7 +228,7 @@ impl Connection {
             stream,
             tls: None,
             state: State::Handshaking,
-            request: Vec::new(),
+            request: RequestBuf::default(),
             exchange: None,
             reader: ReaderSlot::default(),
             outbound: Outbound::default(),
@@ -264,7 +266,7 @@ impl Connection {
 
     /// Drops every buffered request byte, served or not; the buffer is freed (SPEC §2).
     pub(super) fn clear_request(&mut self) {
-        self.request = Vec::new();
+        self.request.free();
         if let Some(exchange) = self.exchange.as_deref_mut() {
             exchange.served = 0;
         }
@@ -278,11 +280,9 @@ impl Connection {
             return;
         };
         if exchange.served > 0 {
-            self.request.drain(..exchange.served);
+            // An emptied buffer is freed (`drain_front`).
+            self.request.drain_front(exchange.served);
             exchange.served = 0;
-            if self.request.is_empty() {
-                self.request = Vec::new();
-            }
         }
     }
 
@@ -478,11 +478,11 @@ mod tests {
             size_of::<Outbound>(),
             size_of::<ReaderSlot>(),
             size_of::<Option<(TimerHandle, Deadline)>>(),
-            size_of::<Vec<u8>>(),
+            size_of::<RequestBuf>(),
         );
         assert!(
-            size <= 168,
-            "size_of::<Connection>() grew to {size} bytes (bound: 168)"
+            size <= 152,
+            "size_of::<Connection>() grew to {size} bytes (bound: 152)"
         );
         // An idle connection holds its reader as one pointer (`reader_slot.rs`).
         assert_eq!(size_of::<ReaderSlot>(), size_of::<usize>());

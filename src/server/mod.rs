@@ -41,6 +41,7 @@ mod lifecycle;
 pub mod metrics;
 pub mod outbound;
 mod reader_slot;
+mod request_buf;
 mod scrape;
 mod signals;
 #[cfg(test)]
