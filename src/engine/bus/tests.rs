@@ -109,7 +109,7 @@ fn completed(events: &[Event]) -> Vec<(Ticket, &Outcome)> {
         .iter()
         .filter_map(|e| match e {
             Event::Completed(c) => Some((c.ticket, &c.outcome)),
-            Event::Arrived(_) | Event::Interrupted(_) => None,
+            Event::Arrived(_) | Event::Interrupted(_) | Event::Presence(_) => None,
         })
         .collect()
 }
@@ -119,7 +119,7 @@ fn arrived(events: &[Event]) -> Vec<(&StreamId, Position)> {
         .iter()
         .filter_map(|e| match e {
             Event::Arrived(a) => Some((&a.stream, a.position)),
-            Event::Completed(_) | Event::Interrupted(_) => None,
+            Event::Completed(_) | Event::Interrupted(_) | Event::Presence(_) => None,
         })
         .collect()
 }
@@ -314,6 +314,7 @@ fn an_arrival_never_overtakes_the_recovery_it_follows() {
             Event::Completed(_) => "published",
             Event::Arrived(_) => "arrived",
             Event::Interrupted(_) => "interrupted",
+            Event::Presence(_) => "presence",
         })
         .collect();
     assert_eq!(kinds, ["published", "recovered", "arrived"]);
