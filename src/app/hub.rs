@@ -1322,6 +1322,12 @@ impl Hub {
     /// before the answer is in the replay and every later one reaches the new member live,
     /// none twice and none missed. Replayed messages include the joiner's own (after a
     /// reconnect, a client wants its side of the conversation too; clients dedup by msg_id).
+    ///
+    /// With history off the join takes the same path when the engine shares rooms with other
+    /// nodes or workers (`Engine::shares_rooms`): their messages reach this node through a
+    /// subscription, and the engine's answer is what orders the first join against it, so the
+    /// joiner misses nothing published after its `joined` (docs/scaling.md). It replays
+    /// nothing. A local engine has no such window: that join is immediate.
     fn join(
         &mut self,
         conn: ConnId,
@@ -1339,7 +1345,7 @@ impl Hub {
         if !member && self.rooms.rooms_of(conn) >= MAX_ROOMS_PER_CONNECTION {
             return self.error(conn, EnvelopeError::TooManyRooms, tx);
         }
-        if self.room_history > 0 {
+        if self.room_history > 0 || self.engine.shares_rooms() {
             let room: Rc<str> = Rc::from(room);
             let stream = StreamId::Room(Rc::clone(&room));
             let ticket = self.ticket();
@@ -1383,8 +1389,8 @@ impl Hub {
         tx.send_shared_unbounded(conn, &frame);
     }
 
-    /// The engine answered a `join` (room history on): membership starts now, then the
-    /// replay, then `joined` (see `join`).
+    /// The engine answered a `join`: membership starts now, then the replay (history on),
+    /// then `joined` (see `join`).
     #[allow(clippy::too_many_arguments)]
     fn joined(
         &mut self,
@@ -1411,7 +1417,8 @@ impl Hub {
         let info = info.as_deref();
         let epoch = recovery.epoch.to_string();
         let last = recovery.last.map(|p| MsgId(p.0));
-        if self.rooms.is_member(conn, &room) {
+        let member = self.rooms.is_member(conn, &room);
+        if member {
             // Joining again: only the joiner hears its presence event; the replay below still
             // runs (see `join`).
             self.presence(&room, &peer.id, info, PresenceEvent::Join, Some(conn), tx);
@@ -1423,6 +1430,18 @@ impl Hub {
             self.room_joined(&room);
             self.presence(&room, &peer.id, info, PresenceEvent::Join, None, tx);
             self.member_joined(conn, &room, &peer.id, info);
+        }
+        if self.room_history == 0 {
+            // History off (an engine that shares rooms, see `join`): the answer only ordered
+            // the join; nothing is replayed, and the `joined` is the one of an immediate join:
+            // a `since` cannot be served (SPEC §13: history off -> recovered false).
+            if !member {
+                self.count_room_recovery(since.is_some(), false);
+            }
+            let recovered = member || since.is_none();
+            let epoch = self.engine_epoch();
+            self.send_joined(conn, &envelope::joined(&room, recovered, None, &epoch), tx);
+            return;
         }
         // As for a welcome's backlog (`recovered`): the first replayed message is queued
         // whatever --max-outbound says, so a connection always makes progress; if the rest

@@ -344,6 +344,14 @@ pub trait Engine {
     fn joined(&mut self, _room: &str) {}
     fn left(&mut self, _room: &str) {}
 
+    /// Whether rooms are shared with other nodes or workers, which reach this hub through a
+    /// subscription: then even a room without history has a first join that must be ordered
+    /// against the stream (the hub waits for `recover`, docs/scaling.md), and `recover` of a
+    /// room without history answers no messages, only the stream's position.
+    fn shares_rooms(&self) -> bool {
+        false
+    }
+
     /// Applies TTLs and bounds, and (file engine) reclaims disk space. Cheap when nothing is due.
     fn maintain(&mut self, now: Now);
 

@@ -235,6 +235,96 @@ fn a_room_without_history_spans_nodes_once_subscribed(poller: &str) {
     assert_eq!(got["alice"], (0..10).collect::<Vec<u64>>());
 }
 
+/// A node's first join of a room without history, while another node publishes to it in a
+/// tight loop: every message published after the joiner read its `joined` reaches it, with no
+/// hole (the join waits for the engine's read of the stream's top, and the subscription re-reads
+/// from there once it takes effect; docs/scaling.md).
+fn a_first_join_without_history_misses_nothing_published_after_joined(poller: &str) {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (n1, n2) = (node(poller, &redis, &[]), node(poller, &redis, &[]));
+    let mut publisher = Client::as_id(&n2, "pub");
+    publisher.join("lobby", "pub");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = std::sync::Arc::clone(&stop);
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counting = std::sync::Arc::clone(&published);
+    // Each publish paced by its ack; `sent[n]` is when publish n left the client.
+    let publishing = std::thread::spawn(move || {
+        let mut sent = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !stopping.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the joiner never finished");
+            let n = sent.len() as u64;
+            sent.push(Instant::now());
+            publisher.send(json!({"type": "publish", "room": "lobby", "payload": {"n": n}, "id": format!("p{n}")}));
+            loop {
+                let m = publisher.recv();
+                if m["type"] == "ack" {
+                    assert_eq!(m["id"], format!("p{n}"), "{m}");
+                    break;
+                }
+                assert_eq!(m["type"], "presence", "{m}");
+            }
+            counting.store(n + 1, std::sync::atomic::Ordering::Release);
+        }
+        publisher.send(json!({"type": "publish", "room": "lobby", "payload": {"last": true}}));
+        sent
+    });
+    // Let the publisher get going, so the join lands in the middle of the stream.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while published.load(std::sync::atomic::Ordering::Acquire) < 20 {
+        assert!(Instant::now() < deadline, "the publisher did not start");
+        std::thread::yield_now();
+    }
+    let mut joiner = Client::as_id(&n1, "joiner");
+    joiner.send(json!({"type": "join", "room": "lobby"}));
+    let mut got = Vec::new();
+    let joined_at = loop {
+        let m = joiner.recv();
+        match m["type"].as_str() {
+            Some("joined") => break Instant::now(),
+            Some("presence") => continue,
+            Some("message") => got.push(m["payload"]["n"].as_u64().unwrap()),
+            _ => panic!("{m}"),
+        }
+    };
+    assert!(got.is_empty(), "a message before `joined`: {got:?}");
+    // Receive a good run of messages after `joined`, then stop the publisher.
+    while got.len() < 200 {
+        let m = joiner.recv();
+        if m["type"] == "message" {
+            got.push(m["payload"]["n"].as_u64().unwrap());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let rest = room_messages(&mut joiner, &["pub"]);
+    got.extend(rest.get("pub").into_iter().flatten());
+    let sent = publishing.join().expect("the publisher");
+    // The first publish that left after `joined` was read must have reached the joiner, and
+    // everything after it, in order, once.
+    let first_after = sent
+        .iter()
+        .position(|&t| t > joined_at)
+        .expect("publishes after joined") as u64;
+    let start = got
+        .iter()
+        .position(|&n| n >= first_after)
+        .expect("some arrived");
+    assert!(
+        got[0] <= first_after && got[start] == first_after,
+        "a hole after joined: first received {}, first published after joined {first_after}",
+        got[0]
+    );
+    let want: Vec<u64> = (got[0]..sent.len() as u64).collect();
+    assert_eq!(
+        got, want,
+        "every message after the first one received, once, in order"
+    );
+}
+
 fn a_member_rejoins_a_room_on_another_node_with_since_and_misses_nothing(poller: &str) {
     if !redis_available() {
         return;
@@ -679,6 +769,7 @@ poller_tests!(
     a_on_node_1_and_b_on_node_2_chat_with_acks,
     a_room_across_three_nodes_gets_every_message_once_in_order_never_its_own,
     a_room_without_history_spans_nodes_once_subscribed,
+    a_first_join_without_history_misses_nothing_published_after_joined,
     fifty_messages_for_an_offline_id_reach_it_on_another_node_before_live_traffic,
     a_client_id_resent_through_another_node_is_not_delivered_twice,
     redis_down_rejects_sends_keeps_local_rooms_and_loses_nothing_acked,

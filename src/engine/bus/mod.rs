@@ -740,6 +740,12 @@ impl Engine for BusEngine {
         }
     }
 
+    /// A room's home worker keeps no history when it is off, so its `recover` answers no
+    /// messages; the subscription starts with the recovery (`submit`).
+    fn shares_rooms(&self) -> bool {
+        true
+    }
+
     fn joined(&mut self, room: &str) {
         let sub = self.subs.entry(Rc::from(room)).or_default();
         let new = !sub.hub && sub.recovering == 0;

@@ -19,6 +19,11 @@ struct Pair {
 }
 
 fn pair() -> Pair {
+    pair_with_history(10)
+}
+
+/// Two workers whose rooms keep `history` messages (0: room history off).
+fn pair_with_history(history: usize) -> Pair {
     let wakes: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let rings = wakes
         .iter()
@@ -35,7 +40,7 @@ fn pair() -> Pair {
         max_bytes: 1 << 20,
     };
     let history = Limits {
-        per_stream: 10,
+        per_stream: history,
         ttl_ms: 60_000,
         max_bytes: 1 << 20,
     };
@@ -318,6 +323,37 @@ fn an_arrival_never_overtakes_the_recovery_it_follows() {
         })
         .collect();
     assert_eq!(kinds, ["published", "recovered", "arrived"]);
+}
+
+#[test]
+fn a_room_without_history_recovers_no_message_and_is_heard_from_its_recovery_on() {
+    // The hub's first join of a room without history waits for this recovery
+    // (`Engine::shares_rooms`): it must replay nothing, and what is stored after it must
+    // arrive.
+    let mut p = pair_with_history(0);
+    assert!(p.engines[0].shares_rooms());
+    let room = homed(1, StreamId::room);
+    p.publish(1, &room);
+    p.settle();
+    let t = p.ticket();
+    p.engines[0].recover(t, &StreamId::room(&room), None, now());
+    p.engines[1].poll(&mut Vec::new());
+    // As the hub does: `joined` while handling the completion, in the poll that brought it.
+    let mut zero = Vec::new();
+    p.engines[0].poll(&mut zero);
+    let done = completed(&zero);
+    let [(ticket, Outcome::Recovered(recovery))] = &done[..] else {
+        panic!("the recovery alone: {done:?}");
+    };
+    assert_eq!(*ticket, t);
+    assert!(
+        recovery.messages.is_empty(),
+        "history off: nothing replayed"
+    );
+    p.engines[0].joined(&room);
+    p.publish(1, &room);
+    let [zero, _] = p.settle();
+    assert_eq!(arrived(&zero).len(), 1, "stored after the recovery: heard");
 }
 
 #[test]

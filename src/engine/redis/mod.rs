@@ -212,10 +212,21 @@ impl RedisEngine {
         link::spawn_commands(config.url.clone(), jobs_rx, in_tx.clone(), wake.clone())
             .map_err(thread)?;
         link::spawn_pubsub(config.url.clone(), subs_rx, in_tx, wake).map_err(thread)?;
+        Ok(RedisEngine::with_links(config, jobs_tx, subs_tx, in_rx))
+    }
+
+    /// The engine over the channels to its connection threads (or, in unit tests, to the test
+    /// standing in for them).
+    fn with_links(
+        config: RedisConfig,
+        jobs_tx: Sender<Job<Tag>>,
+        subs_tx: Sender<Subscription>,
+        in_rx: Receiver<Input<Tag>>,
+    ) -> RedisEngine {
         let node = fastrand::u64(1..);
         let presence =
             presence::Presence::new(&config.prefix, &node_text(node), config.presence_ttl_ms);
-        Ok(RedisEngine {
+        RedisEngine {
             node_text: node_text(node),
             node,
             epoch: Epoch::random(),
@@ -242,7 +253,7 @@ impl RedisEngine {
             round_trip: Histogram::new(ROUND_TRIP_BOUNDS),
             batch_jobs: Histogram::new(BATCH_BOUNDS),
             presence,
-        })
+        }
     }
 
     /// This node's id, as written into every message it publishes.
@@ -359,6 +370,7 @@ impl RedisEngine {
             ReadMode::Pending => ("pending", Position(0), None, 0),
             ReadMode::Since(s) => ("since", s.position, s.epoch, 0),
             ReadMode::Tail(n) => ("tail", Position(0), None, n),
+            ReadMode::Top => ("top", Position(0), None, 0),
         };
         let limits = self.limits(stream);
         let now_ms = unix_ms();
@@ -816,6 +828,9 @@ enum ReadMode {
     Pending,
     Since(Since),
     Tail(usize),
+    /// No entries, only the stream's state: where a room without history stands when a node's
+    /// first member joins it (its feed re-reads from there once subscribed).
+    Top,
 }
 
 fn unix_ms() -> u64 {
@@ -978,7 +993,14 @@ impl Engine for RedisEngine {
         feed.recovering += 1;
         let subscribed = feed.subscribed;
         let seq = self.seq();
-        let mode = since.map_or(ReadMode::Pending, ReadMode::Since);
+        let mode = match stream {
+            // A room without history replays nothing (SPEC §13), not even the recovery
+            // buffer kept for the nodes' re-reads; the read only fixes the feed's position, so
+            // what is published before the subscription takes effect is re-read then
+            // (`Input::Subscribed`) and reaches the joiner after its `joined`.
+            StreamId::Room(_) if !self.keeps_history() => ReadMode::Top,
+            _ => since.map_or(ReadMode::Pending, ReadMode::Since),
+        };
         let tag = Tag::Read {
             seq,
             ticket,
@@ -1057,6 +1079,10 @@ impl Engine for RedisEngine {
         }
         self.prune();
         self.online_mark(id, false);
+    }
+
+    fn shares_rooms(&self) -> bool {
+        true
     }
 
     fn joined(&mut self, room: &str) {
@@ -1319,6 +1345,156 @@ mod tests {
         assert!(room.messages.iter().all(|m| !m.pending), "rooms never pend");
         let fresh = reply(100, 100, 100, None, &[]);
         assert_eq!(recovery(&fresh, None, true).last, None);
+    }
+
+    /// An engine whose connection threads are this test: it sees the jobs and subscriptions
+    /// the engine sends and answers with inputs of its own.
+    struct Detached {
+        engine: RedisEngine,
+        jobs: Receiver<Job<Tag>>,
+        subscriptions: Receiver<Subscription>,
+        inputs: Sender<Input<Tag>>,
+    }
+
+    fn detached(room_history: usize) -> Detached {
+        let limits = super::super::Limits {
+            per_stream: 100,
+            ttl_ms: 60_000,
+            max_bytes: 1 << 20,
+        };
+        let config = RedisConfig {
+            url: "redis://127.0.0.1:1".into(),
+            prefix: "t".into(),
+            limits,
+            room_history: super::super::Limits {
+                per_stream: room_history,
+                ..limits
+            },
+            dedup_ttl_ms: 60_000,
+            presence_ttl_ms: 60_000,
+        };
+        let (jobs_tx, jobs) = mpsc::channel();
+        let (subs_tx, subscriptions) = mpsc::channel();
+        let (inputs, in_rx) = mpsc::channel();
+        Detached {
+            engine: RedisEngine::with_links(config, jobs_tx, subs_tx, in_rx),
+            jobs,
+            subscriptions,
+            inputs,
+        }
+    }
+
+    fn bulk(s: &str) -> redis::Value {
+        redis::Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    /// What the read script answers: `top`, and `entries` (position, body) from `node`.
+    fn read_value(epoch: Epoch, top: u64, node: u64, entries: &[(u64, &str)]) -> redis::Value {
+        let entries = entries
+            .iter()
+            .map(|&(p, body)| {
+                redis::Value::Array(vec![
+                    bulk(&format!("{p}-0")),
+                    redis::Value::Array(vec![
+                        bulk("n"),
+                        bulk(&node_text(node)),
+                        bulk("b"),
+                        bulk(body),
+                    ]),
+                ])
+            })
+            .collect();
+        redis::Value::Array(vec![
+            bulk(&epoch.to_string()),
+            bulk(&top.to_string()),
+            bulk("100"),
+            bulk("100"),
+            bulk(""),
+            redis::Value::Array(entries),
+            redis::Value::Int(0),
+        ])
+    }
+
+    /// The next job the engine sent: a read script's mode and position, and its tag.
+    fn next_read(d: &Detached) -> (String, String, Tag) {
+        loop {
+            match d.jobs.try_recv().expect("a read was sent") {
+                Job::Script {
+                    script: Script::Read,
+                    args,
+                    tag,
+                    ..
+                } => {
+                    let text = |i: usize| String::from_utf8(args[i].clone()).unwrap();
+                    return (text(3), text(4), tag);
+                }
+                _ => continue, // presence and other scripts
+            }
+        }
+    }
+
+    fn polled(d: &mut Detached) -> Vec<Event> {
+        let mut out = Vec::new();
+        d.engine.poll(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_room_without_history_recovers_no_message_and_re_reads_what_its_subscription_missed() {
+        let mut d = detached(0);
+        let room = StreamId::room("lobby");
+        let now = Now {
+            instant: Instant::now(),
+            unix_ms: unix_ms(),
+        };
+        // A node's first join of the room: the recovery follows the channel (subscribes)...
+        d.engine.recover(Ticket(1), &room, None, now);
+        let Ok(Subscription::Subscribe(channel)) = d.subscriptions.try_recv() else {
+            panic!("the room's channel is subscribed with the recovery");
+        };
+        // ...and reads only the stream's top: the recovery buffer (101..=103) is not replayed.
+        let (mode, _, tag) = next_read(&d);
+        assert_eq!(mode, "top");
+        let epoch = Epoch(7);
+        let result = Ok(read_value(epoch, 103, 2, &[]));
+        d.inputs.send(Input::Reply { tag, result }).unwrap();
+        let events = polled(&mut d);
+        let [Event::Completed(Completion {
+            ticket: Ticket(1),
+            outcome: Outcome::Recovered(recovery),
+        })] = &events[..]
+        else {
+            panic!("the recovery completes alone: {events:?}");
+        };
+        assert!(recovery.messages.is_empty(), "nothing replayed");
+        d.engine.joined("lobby");
+        // 104 was stored after the read and published before the subscription took effect:
+        // this node never hears it. When the subscription is confirmed, the feed re-reads
+        // after the top the recovery saw, and 104 goes out, then what is heard live.
+        d.inputs.send(Input::Subscribed(channel.clone())).unwrap();
+        assert!(polled(&mut d).is_empty());
+        let (mode, position, tag) = next_read(&d);
+        assert_eq!((mode.as_str(), position.as_str()), ("since", "103"));
+        let result = Ok(read_value(epoch, 104, 2, &[(104, "missed")]));
+        d.inputs.send(Input::Reply { tag, result }).unwrap();
+        let live = format!("{} {epoch} 105\nlive", node_text(2));
+        d.inputs
+            .send(Input::Message {
+                channel: channel.into_bytes(),
+                payload: live.into_bytes(),
+            })
+            .unwrap();
+        let arrived: Vec<(u64, Vec<u8>)> = polled(&mut d)
+            .into_iter()
+            .map(|e| match e {
+                Event::Arrived(a) => (a.position.0, a.body.to_vec()),
+                other => panic!("only arrivals: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            arrived,
+            [(104, b"missed".to_vec()), (105, b"live".to_vec())]
+        );
     }
 
     #[test]

@@ -88,7 +88,8 @@ return {'ok', id, epoch, elsewhere}
 ///
 /// KEYS: 1 stream, 2 meta. ARGV: 1 the epoch if the stream is new, 2 its base, 3 TTL ms,
 /// 4 mode (`since`: after ARGV[5] unless ARGV[6] names another epoch, then everything;
-/// `pending`: after the delivered watermark; `tail`: the newest ARGV[7]), 5 position,
+/// `pending`: after the delivered watermark; `tail`: the newest ARGV[7]; `top`: none, only
+/// the state), 5 position,
 /// 6 the epoch the position belongs to ('' unknown), 7 count.
 /// Replies `{epoch, top, base, delivered, first retained id or '', entries, retained count}`;
 /// entries are `{id, {field, value, ...}}` oldest first, except `tail` (newest first).
@@ -105,6 +106,8 @@ local state = redis.call('HMGET', meta, 'top', 'base', 'delivered')
 local entries
 if ARGV[4] == 'tail' then
   entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[7])
+elseif ARGV[4] == 'top' then
+  entries = {}
 elseif ARGV[4] == 'pending' then
   entries = redis.call('XRANGE', KEYS[1], '(' .. state[3] .. '-0', '+')
 elseif ARGV[6] ~= '' and ARGV[6] ~= epoch then
