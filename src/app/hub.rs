@@ -789,6 +789,9 @@ impl Hub {
         if let Work::Send { body, .. } | Work::Publish { body, .. } = &work {
             self.in_flight_bytes = self.in_flight_bytes.saturating_sub(body.len());
         }
+        // The recipient had a live connection on another node (SPEC §15): the ack may say
+        // `delivered` although no connection here took the message.
+        let elsewhere = matches!(completion.outcome, Outcome::StoredOnlineElsewhere { .. });
         match (work, completion.outcome) {
             (Work::Recover { conn, peer }, Outcome::Recovered(recovery)) => {
                 self.recovered(conn, &peer, recovery, tx)
@@ -805,45 +808,27 @@ impl Hub {
             (Work::History { conn, room }, Outcome::Recovered(page)) => {
                 self.history_page(conn, &room, page, tx)
             }
-            (work, Outcome::Stored { position }) => match work {
-                Work::Send {
-                    conn,
-                    sender,
-                    client_id,
-                    to,
-                    body,
-                    retained,
-                } => {
-                    let elsewhere = false;
-                    self.stored_send(
+            (work, Outcome::Stored { position } | Outcome::StoredOnlineElsewhere { position }) => {
+                match work {
+                    Work::Send {
+                        conn,
+                        sender,
+                        client_id,
+                        to,
+                        body,
+                        retained,
+                    } => self.stored_send(
                         conn, &sender, client_id, to, &body, retained, position, elsewhere, tx,
-                    )
+                    ),
+                    Work::Publish {
+                        conn,
+                        client_id,
+                        sender,
+                        room,
+                        body,
+                    } => self.stored_publish(conn, &sender, client_id, &room, &body, position, tx),
+                    Work::Recover { .. } | Work::Join { .. } | Work::History { .. } => {}
                 }
-                Work::Publish {
-                    conn,
-                    client_id,
-                    sender,
-                    room,
-                    body,
-                } => self.stored_publish(conn, &sender, client_id, &room, &body, position, tx),
-                Work::Recover { .. } | Work::Join { .. } | Work::History { .. } => {}
-            },
-            // Stored, and the recipient had a live connection on another node (SPEC §15).
-            (
-                Work::Send {
-                    conn,
-                    sender,
-                    client_id,
-                    to,
-                    body,
-                    retained,
-                },
-                Outcome::StoredOnlineElsewhere { position },
-            ) => {
-                let elsewhere = true;
-                self.stored_send(
-                    conn, &sender, client_id, to, &body, retained, position, elsewhere, tx,
-                )
             }
             (work, Outcome::Duplicate { position, status }) => {
                 if let Work::Send {
