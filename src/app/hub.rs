@@ -250,6 +250,9 @@ pub struct Hub {
     /// `--workers` above 1: told of every raw-room message relayed here, so that it reaches
     /// the members on other workers (`app/raw_bus.rs`). `None` with one worker.
     raw_outlet: Option<RawOutlet>,
+    /// Connections over the rate limit that still had work with the engine, with their close:
+    /// closed once that work has completed (`close_after_work`). Empty nearly always.
+    closing: HashMap<ConnId, (CloseCode, &'static str)>,
 }
 
 /// Where a raw-room message relayed on this worker also goes: (room, opcode, payload).
@@ -303,6 +306,19 @@ enum Work {
     },
     /// A `history` request of `conn` for `room`.
     History { conn: ConnId, room: Rc<str> },
+}
+
+impl Work {
+    /// The connection the work is for (the server API's request, for its publishes).
+    fn conn(&self) -> ConnId {
+        match self {
+            Work::Send { conn, .. }
+            | Work::Publish { conn, .. }
+            | Work::Recover { conn, .. }
+            | Work::Join { conn, .. }
+            | Work::History { conn, .. } => *conn,
+        }
+    }
 }
 
 /// The engine's retention bounds from the relay's flags.
@@ -412,6 +428,7 @@ impl Hub {
             joining: HashMap::new(),
             clock,
             raw_outlet: None,
+            closing: HashMap::new(),
         }
     }
 
@@ -653,6 +670,11 @@ impl Hub {
         // (docs/benchmarks.md, "User-space cost per message"). The engine is swept by every
         // other call into the hub, and nothing it holds can be due to a raw message.
         let raw = !matches!(session.endpoint, Endpoint::Envelope(_));
+        if !self.closing.is_empty() && self.closing.contains_key(&conn) {
+            // Over the rate limit, waiting for its acks before the Close: what it sends now
+            // would have come after the Close had there been nothing to wait for.
+            return;
+        }
         let swept = (!raw).then(|| self.sweep().instant);
         if let Some(bucket) = &mut session.bucket {
             // The clock only when a rate limit needs it.
@@ -660,7 +682,8 @@ impl Hub {
             if !bucket.take(now) {
                 self.metrics.rate_limited += 1;
                 debug!("{conn:?} exceeded the rate limit; closing 1008");
-                tx.close(conn, CloseCode::POLICY_VIOLATION, "rate limit exceeded");
+                let reason = "rate limit exceeded";
+                self.close_after_work(conn, CloseCode::POLICY_VIOLATION, reason, tx);
                 return;
             }
         }
@@ -719,6 +742,7 @@ impl Hub {
             Endpoint::Envelope(peer) => {
                 self.names.remove(&conn);
                 self.recovering.remove(&conn);
+                self.closing.remove(&conn);
                 if !self.joining.is_empty() {
                     self.joining.retain(|(c, _), _| *c != conn);
                 }
@@ -764,6 +788,9 @@ impl Hub {
             self.engine.poll(&mut events);
             if events.is_empty() {
                 self.events = events;
+                if !self.closing.is_empty() {
+                    self.close_when_settled(tx);
+                }
                 return;
             }
             for event in events.drain(..) {
@@ -775,6 +802,46 @@ impl Hub {
                 }
             }
             self.events = events;
+        }
+    }
+
+    /// Closes `conn` once the engine has completed everything it submitted, at once if
+    /// nothing is out. A client over the rate limit gets the acks of the messages it sent
+    /// within it, then the Close (docs/protocol.md, "Rate limit"): with an engine that
+    /// completes later (the file engine, the workers' bus, Redis) the acks would otherwise be
+    /// lost behind a Close sent first, and the client would resend messages already stored.
+    fn close_after_work(
+        &mut self,
+        conn: ConnId,
+        code: CloseCode,
+        reason: &'static str,
+        tx: &mut impl Transport,
+    ) {
+        if self.has_work(conn) {
+            self.closing.insert(conn, (code, reason));
+        } else {
+            tx.close(conn, code, reason);
+        }
+    }
+
+    /// Whether work `conn` submitted is still with the engine. A scan: only for the rare
+    /// connection that is closing.
+    fn has_work(&self, conn: ConnId) -> bool {
+        self.waiting.values().any(|work| work.conn() == conn)
+    }
+
+    /// Closes the `closing` connections whose work has all completed.
+    fn close_when_settled(&mut self, tx: &mut impl Transport) {
+        let settled: Vec<ConnId> = self
+            .closing
+            .keys()
+            .copied()
+            .filter(|&conn| !self.has_work(conn))
+            .collect();
+        for conn in settled {
+            if let Some((code, reason)) = self.closing.remove(&conn) {
+                tx.close(conn, code, reason);
+            }
         }
     }
 

@@ -851,6 +851,44 @@ fn rate_limit_closes_with_1008() {
     assert_eq!(h.metric("wsrelay_rate_limited_total"), 1.0);
 }
 
+/// With an engine that completes later, the messages sent within the limit are acked before
+/// the Close (docs/protocol.md, "Rate limit"), and what comes after the limit is not handled.
+#[test]
+fn a_rate_limit_close_waits_for_the_acks_of_what_was_within_it() {
+    let (mut h, held) = Harness::deferred_with(AppConfig {
+        rate_limit: Some(RateLimit {
+            per_second: 1.0,
+            burst: 2.0,
+        }),
+        ..AppConfig::default()
+    });
+    let a = h.connect("/ws?id=alice");
+    h.inbox(a);
+    held.set(true);
+    h.say(a, send("bob", json!(1), "c1"));
+    h.say(a, send("bob", json!(2), "c2"));
+    h.say(a, send("bob", json!(3), "c3"));
+    assert!(
+        h.tx.closes.is_empty(),
+        "not before the acks: {:?}",
+        h.tx.closes
+    );
+    h.say(a, send("bob", json!(4), "c4"));
+    held.set(false);
+    h.hub.wake(&mut h.tx);
+    let ids: Vec<Value> = h.inbox(a).iter().map(|m| m["id"].clone()).collect();
+    assert_eq!(ids, vec![json!("c1"), json!("c2")]);
+    assert_eq!(
+        h.tx.closes,
+        vec![(a, CloseCode::POLICY_VIOLATION, "rate limit exceeded")]
+    );
+    assert_eq!(h.metric("wsrelay_rate_limited_total"), 1.0);
+    // Once closed, the connection is gone like any other.
+    h.disconnect(a);
+    h.hub.wake(&mut h.tx);
+    assert_eq!(h.tx.closes.len(), 1);
+}
+
 #[test]
 fn bad_input_gets_an_error_and_the_connection_stays_usable() {
     let mut h = Harness::plain();
