@@ -70,7 +70,8 @@ struct ServeArgs {
     /// Reactor threads (SPEC §14): N, or `auto` for the CPUs this process may use. Each has
     /// its own poller, listener (SO_REUSEPORT, Linux only), connections and timers; raw rooms
     /// (/r/) reach members on every worker through a bus, and /ws through the engine bus
-    /// (each id and room has a home worker). Above 1, --data-dir and --api-key are refused.
+    /// (each id and room has a home worker); the server API answers for every worker. Above 1,
+    /// --data-dir is refused.
     #[arg(long, default_value = "1", value_parser = parse_workers)]
     workers: usize,
 
@@ -712,16 +713,21 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    if args.api.api_key.is_some() || args.api.api_key_file.is_some() {
-        eprintln!(
-            "wsrelay: the server API (--api-key) is not supported with --workers above 1 yet \
-             (its presence, rooms and ids endpoints would see one worker's connections only); \
-             use --workers 1"
-        );
-        return ExitCode::FAILURE;
-    }
     let config = reactor_config(&args, compression);
-    let app_config = match args.relay.app_config() {
+    let (api_max_body, max_message) = (args.api.api_max_body, args.max_message);
+    // The same app settings as one reactor's (`serve`), the server API's included.
+    let app_config = args.api.key().and_then(|api_key| {
+        args.relay
+            .app_config()
+            .map(|config| AppConfig {
+                api_key,
+                api_max_body,
+                history_page_max_bytes: max_message,
+                ..config
+            })
+            .and_then(|config| check_room_history(config, max_message))
+    });
+    let app_config = match app_config {
         Ok(config) => config,
         Err(e) => {
             eprintln!("wsrelay: {e}");
@@ -768,6 +774,15 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
         unix_ms: SystemClock.unix_ms(),
     };
     let engine_links = engine::bus::links(wakes, now);
+    // The server API's questions about connections (presence, rooms, ids, disconnect) are
+    // asked of every worker, on the same wakers (`app/gather.rs`).
+    let mut api_links = app::gather::links(
+        buses
+            .first()
+            .map(|(ends, _)| ends.wakers())
+            .unwrap_or_default(),
+    )
+    .into_iter();
     // Each worker reports once when it is ready (or could not start), and once when it ends.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<&'static str, String>>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, std::io::Result<Exit>)>();
@@ -781,6 +796,7 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
             bus,
             wake,
             engine_link,
+            api_link: api_links.next(),
             app: app_config.clone(),
             config: config.clone(),
             tls: tls_files.clone(),
@@ -858,6 +874,8 @@ struct WorkerStart {
     wake: WakeReceiver,
     /// This worker's end of the engine bus (`/ws`: its streams' homes, SPEC §14).
     engine_link: engine::bus::Link,
+    /// This worker's end of the server API's queues (`app/gather.rs`).
+    api_link: Option<app::gather::Link>,
     /// The app is built on the worker's thread: it holds `Rc`s, and never leaves that thread.
     app: AppConfig,
     config: Config,
@@ -882,7 +900,14 @@ fn run_worker<P: Poller>(
         app::dedup(&start.app),
         now,
     );
-    let app = WorkerApp::new(App::with_engine(start.app, Box::new(engine)), start.bus);
+    let api_link = start
+        .api_link
+        .ok_or_else(|| std::io::Error::other("no server API link for this worker"))?;
+    let app = WorkerApp::new(
+        App::with_engine(start.app, Box::new(engine)),
+        start.bus,
+        api_link,
+    );
     let mut reactor = Reactor::on_listener(poller, app, start.config, start.listener)?;
     if let Some((cert, key)) = start.tls {
         let tls = ServerTls::load(&cert, &key)

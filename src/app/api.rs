@@ -3,11 +3,14 @@
 //!
 //! Owns: the API's key check (constant time), its endpoints (publish, disconnect, presence,
 //! rooms, ids), the validation of their JSON with a reason for every refusal, what a publish
-//! answers once the engine completed it, and `wsrelay_api_requests_total`.
+//! answers once the engine completed it, the questions about connections (`Query`: presence,
+//! rooms, ids, disconnect) with each hub's part of their answer and how the parts merge, and
+//! `wsrelay_api_requests_total`.
 //! Does not: read bodies, keep connections alive or order answers (the reactor's `http.rs`
 //! does, for every `Route::Api` request), or deliver messages itself: a publish goes through the
 //! hub's own `send`/`publish`, the path a client's message takes (engine, ticket, completion),
-//! so a member cannot tell an API message from a client's but by its `from`.
+//! so a member cannot tell an API message from a client's but by its `from`. Nor does it ask
+//! other workers for their parts (`gather.rs` does, with `--workers` above 1).
 //!
 //! docs/api.md tells every endpoint with its statuses; this file follows it.
 
@@ -21,7 +24,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sha1::{Digest, Sha1};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::rc::Rc;
 use subtle::ConstantTimeEq;
 
@@ -152,6 +155,132 @@ struct DisconnectBody {
     reason: Option<String>,
 }
 
+/// A question about the connections of the whole process (presence, rooms, ids, and the
+/// disconnect, which acts on them). Each hub answers it for its own connections (`Part`);
+/// with `--workers` above 1 every worker is asked (`app/gather.rs`), so the types cross
+/// threads: they own their strings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Query {
+    /// `GET /api/presence?room=`.
+    Presence { room: String },
+    /// `GET /api/rooms`.
+    Rooms,
+    /// `GET /api/ids/<id>`.
+    Id { id: String },
+    /// `POST /api/disconnect`: close the id's connections with this code and reason.
+    Disconnect {
+        id: String,
+        code: u16,
+        reason: String,
+    },
+}
+
+/// One hub's answer to a `Query`: about its own connections only.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Part {
+    /// The ids in the room here, sorted.
+    Presence(Vec<Member>),
+    /// The rooms with members here.
+    Rooms(Vec<RoomPart>),
+    /// The id's connections here (for a disconnect: the ones just closed).
+    Connections(usize),
+}
+
+/// One id in a room, on one hub.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Member {
+    pub id: String,
+    /// Its connections in the room.
+    pub connections: usize,
+    /// Its presence metadata (`info`), if one of those connections' tokens has one.
+    pub info: Option<Value>,
+}
+
+/// One room, on one hub: its distinct ids (a set, so that an id on two workers is counted
+/// once in the process's answer) and its connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomPart {
+    pub room: String,
+    pub ids: BTreeSet<String>,
+    pub connections: usize,
+}
+
+impl Query {
+    fn endpoint(&self) -> Endpoint {
+        match self {
+            Query::Presence { .. } => Endpoint::Presence,
+            Query::Rooms => Endpoint::Rooms,
+            Query::Id { .. } => Endpoint::Ids,
+            Query::Disconnect { .. } => Endpoint::Disconnect,
+        }
+    }
+
+    /// The answer (docs/api.md) from every hub's part, merged: an id with connections on
+    /// several workers is one entry with their sum, and its `info` is the first part's that
+    /// has one (the answering worker's own part comes first, then the others by index). A part
+    /// of another kind than the question's is a bug and is left out.
+    pub fn answer(&self, parts: Vec<Part>) -> Value {
+        match self {
+            Query::Presence { room } => {
+                let mut members: BTreeMap<String, (usize, Option<Value>)> = BTreeMap::new();
+                for part in parts {
+                    let Part::Presence(part) = part else { continue };
+                    for member in part {
+                        let entry = members.entry(member.id).or_default();
+                        entry.0 += member.connections;
+                        if entry.1.is_none() {
+                            entry.1 = member.info;
+                        }
+                    }
+                }
+                let members: Vec<Value> = members
+                    .into_iter()
+                    .map(|(id, (connections, info))| {
+                        json!({ "id": id, "connections": connections, "info": info })
+                    })
+                    .collect();
+                json!({ "room": room, "members": members })
+            }
+            Query::Rooms => {
+                let mut rooms: BTreeMap<String, (BTreeSet<String>, usize)> = BTreeMap::new();
+                for part in parts {
+                    let Part::Rooms(part) = part else { continue };
+                    for room in part {
+                        let entry = rooms.entry(room.room).or_default();
+                        entry.0.extend(room.ids);
+                        entry.1 += room.connections;
+                    }
+                }
+                let rooms: Vec<Value> = rooms
+                    .into_iter()
+                    .map(|(room, (ids, connections))| {
+                        json!({ "room": room, "members": ids.len(), "connections": connections })
+                    })
+                    .collect();
+                json!({ "rooms": rooms })
+            }
+            Query::Id { id } => {
+                let connections = connections(parts);
+                json!({ "id": id, "online": connections > 0, "connections": connections })
+            }
+            Query::Disconnect { id, .. } => {
+                json!({ "id": id, "disconnected": connections(parts) })
+            }
+        }
+    }
+}
+
+/// The connections counted in every part.
+fn connections(parts: Vec<Part>) -> usize {
+    parts
+        .into_iter()
+        .map(|part| match part {
+            Part::Connections(n) => n,
+            Part::Presence(_) | Part::Rooms(_) => 0,
+        })
+        .sum()
+}
+
 impl Hub {
     /// The route of an `/api/...` request, or `None` for any other path.
     pub fn route_api<S>(&self, request: &Request) -> Option<Route<S>> {
@@ -169,7 +298,8 @@ impl Hub {
     }
 
     /// Handles one API request (`Handler::on_request`): every request is answered, now or,
-    /// for a publish, when the engine completes it (`api_acked`).
+    /// for a publish, when the engine completes it (`api_acked`). A question about the
+    /// connections (`Query`) is answered from this hub's own: the process's, with one worker.
     pub fn api_request(
         &mut self,
         conn: ConnId,
@@ -177,22 +307,92 @@ impl Hub {
         body: Result<&[u8], Refusal>,
         out: &mut Outbox<'_>,
     ) {
+        if let Some(query) = self.api_take(conn, request, body, out) {
+            let part = self.api_part(&query, out);
+            self.api_answer_parts(conn, &query, vec![part], out);
+        }
+    }
+
+    /// `api_request` for one of several workers (`--workers`, `app/gather.rs`): answers or
+    /// refuses the request, or submits its publish, like `api_request`; but a valid question
+    /// about the connections is handed back unanswered, for the caller to ask every worker
+    /// (`api_part` on each) and answer with all their parts (`api_answer_parts`).
+    pub fn api_take(
+        &mut self,
+        conn: ConnId,
+        request: &Request,
+        body: Result<&[u8], Refusal>,
+        out: &mut Outbox<'_>,
+    ) -> Option<Query> {
         self.sweep();
         let endpoint = Endpoint::of(&request.path);
-        match self.api_checked(conn, endpoint, request, body, out) {
-            Ok(Some(json)) => self.api_answer(conn, endpoint, 200, &json, out),
-            // The answer comes with the engine's completion.
-            Ok(None) => {}
+        let query = match self.api_checked(conn, endpoint, request, body, out) {
+            Ok(query) => query,
             Err(refusal) => {
                 self.api_count(endpoint, refusal.status());
                 out.refuse(conn, refusal);
+                None
+            }
+        };
+        self.pump(out);
+        query
+    }
+
+    /// This hub's part of the answer to `query`: its own connections. For a disconnect, it
+    /// also closes them.
+    pub fn api_part(&mut self, query: &Query, out: &mut Outbox<'_>) -> Part {
+        match query {
+            Query::Presence { room } => Part::Presence(self.presence_part(room)),
+            Query::Rooms => Part::Rooms(self.rooms_part()),
+            Query::Id { id } => Part::Connections(self.online.get(id.as_str()).map_or(0, Vec::len)),
+            Query::Disconnect { id, code, reason } => {
+                let devices = self.online.get(id.as_str()).cloned().unwrap_or_default();
+                for &device in &devices {
+                    out.close_with_reason(device, CloseCode(*code), reason.clone());
+                }
+                Part::Connections(devices.len())
             }
         }
-        self.pump(out);
+    }
+
+    /// Answers `query` on `conn` with every worker's part merged (`Query::answer`); the
+    /// answering worker's own part comes first.
+    pub fn api_answer_parts(
+        &mut self,
+        conn: ConnId,
+        query: &Query,
+        parts: Vec<Part>,
+        out: &mut Outbox<'_>,
+    ) {
+        let json = query.answer(parts);
+        self.api_answer(conn, query.endpoint(), 200, &json, out);
+    }
+
+    /// Refuses `query` on `conn`: workers `missing` did not give their parts in time, and a
+    /// partial answer would read as a whole one (docs/api.md, "With several workers").
+    pub fn api_unanswered(
+        &mut self,
+        conn: ConnId,
+        query: &Query,
+        missing: &[usize],
+        waited: std::time::Duration,
+        out: &mut Outbox<'_>,
+    ) {
+        let mut why = format!(
+            "worker(s) {missing:?} of this server did not answer within {waited:?}; \
+             the answer would leave out their connections; try again"
+        );
+        if let Query::Disconnect { .. } = query {
+            why.push_str(" (the other workers closed the id's connections they held)");
+        }
+        let refusal = Refusal::WorkersUnanswered(why.into());
+        self.api_count(query.endpoint(), refusal.status());
+        out.refuse(conn, refusal);
     }
 
     /// The checks every request passes, in order: its framing, the key, the path, the method;
-    /// then the endpoint. `Ok(None)`: a publish went to the engine.
+    /// then the endpoint. `Ok(None)`: a publish went to the engine; `Ok(Some)`: a valid
+    /// question about the connections, to be answered.
     fn api_checked(
         &mut self,
         conn: ConnId,
@@ -200,7 +400,7 @@ impl Hub {
         request: &Request,
         body: Result<&[u8], Refusal>,
         out: &mut Outbox<'_>,
-    ) -> Result<Option<Value>, Refusal> {
+    ) -> Result<Option<Query>, Refusal> {
         let body = body?;
         self.api_authorized(request)?;
         if endpoint == Endpoint::Unknown {
@@ -212,10 +412,10 @@ impl Hub {
         }
         match endpoint {
             Endpoint::Publish => self.api_publish(conn, body, out).map(|()| None),
-            Endpoint::Disconnect => self.api_disconnect(body, out).map(Some),
-            Endpoint::Presence => self.api_presence(request).map(Some),
-            Endpoint::Rooms => Ok(Some(self.api_rooms())),
-            Endpoint::Ids => self.api_id(request).map(Some),
+            Endpoint::Disconnect => disconnect_query(body).map(Some),
+            Endpoint::Presence => presence_query(request).map(Some),
+            Endpoint::Rooms => Ok(Some(Query::Rooms)),
+            Endpoint::Ids => id_query(request).map(Some),
             Endpoint::Unknown => Err(Refusal::NotFound),
         }
     }
@@ -302,41 +502,12 @@ impl Hub {
         tx.respond(conn, 200, json.to_string().into_bytes());
     }
 
-    /// Closes every `/ws` connection of an id with the code asked for (SPEC §16).
-    fn api_disconnect(&mut self, body: &[u8], out: &mut Outbox<'_>) -> Result<Value, Refusal> {
-        let parsed: DisconnectBody = serde_json::from_slice(body).map_err(bad_json)?;
-        envelope::validate_id(&parsed.id).map_err(|e| bad(format!("id: {}", e.message())))?;
-        let code = parsed.code.unwrap_or(CloseCode::NORMAL.0);
-        // RFC 6455 §7.4: 1000 is a normal close; 3000-4999 are for libraries and applications.
-        // The other codes say things about the protocol that the server's own closes say.
-        if !(code == 1000 || (3000..=4999).contains(&code)) {
-            return Err(bad("code must be 1000 or in 3000-4999"));
-        }
-        let reason = parsed.reason.unwrap_or_default();
-        if reason.len() > 123 {
-            return Err(bad("reason must be at most 123 bytes (RFC 6455 §5.5)"));
-        }
-        let devices = self
-            .online
-            .get(parsed.id.as_str())
-            .cloned()
-            .unwrap_or_default();
-        for &device in &devices {
-            out.close_with_reason(device, CloseCode(code), reason.clone());
-        }
-        Ok(json!({ "id": parsed.id, "disconnected": devices.len() }))
-    }
-
-    /// Who is in a room: each id once, with how many of its connections are in it and the
-    /// presence metadata of its token (`info`, SPEC §16; null without one: the first of its
-    /// connections in the room that has one speaks for the id, as in `members`).
-    fn api_presence(&self, request: &Request) -> Result<Value, Refusal> {
-        let room = request
-            .query_param("room")
-            .ok_or_else(|| bad("?room=<room> is required"))?;
-        envelope::validate_room(&room).map_err(|e| bad(format!("room: {}", e.message())))?;
+    /// Who is in a room on this hub: each id once, with how many of its connections are in
+    /// it and the presence metadata of its token (`info`, SPEC §16; null without one: the
+    /// first of its connections in the room that has one speaks for the id, as in `members`).
+    fn presence_part(&self, room: &str) -> Vec<Member> {
         let mut members: BTreeMap<&str, (usize, Option<Value>)> = BTreeMap::new();
-        for conn in self.rooms.members(&room) {
+        for conn in self.rooms.members(room) {
             if let Some(id) = self.names.get(&conn) {
                 let entry = members.entry(id).or_default();
                 entry.0 += 1;
@@ -348,43 +519,37 @@ impl Hub {
                 }
             }
         }
-        let members: Vec<Value> = members
+        members
             .into_iter()
-            .map(|(id, (connections, info))| {
-                json!({ "id": id, "connections": connections, "info": info })
+            .map(|(id, (connections, info))| Member {
+                id: id.to_string(),
+                connections,
+                info,
             })
-            .collect();
-        Ok(json!({ "room": room, "members": members }))
+            .collect()
     }
 
-    /// Every room of `/ws` clients (raw `/r/` rooms are another namespace and have no ids),
-    /// with its distinct ids and its connections, by name.
-    fn api_rooms(&self) -> Value {
-        let mut rooms: Vec<Value> = Vec::new();
-        let mut names: Vec<&str> = self.rooms.names().collect();
-        names.sort_unstable();
-        for name in names {
-            let mut ids = HashSet::new();
-            let mut connections = 0usize;
-            for conn in self.rooms.members(name) {
-                connections += 1;
-                if let Some(id) = self.names.get(&conn) {
-                    ids.insert(Rc::clone(id));
+    /// Every room of `/ws` clients on this hub (raw `/r/` rooms are another namespace and
+    /// have no ids), with its distinct ids and its connections.
+    fn rooms_part(&self) -> Vec<RoomPart> {
+        self.rooms
+            .names()
+            .map(|name| {
+                let mut ids = BTreeSet::new();
+                let mut connections = 0usize;
+                for conn in self.rooms.members(name) {
+                    connections += 1;
+                    if let Some(id) = self.names.get(&conn) {
+                        ids.insert(id.to_string());
+                    }
                 }
-            }
-            rooms.push(json!({ "room": name, "members": ids.len(), "connections": connections }));
-        }
-        json!({ "rooms": rooms })
-    }
-
-    /// `GET /api/ids/<id>` (the id percent-encoded as a path segment).
-    fn api_id(&self, request: &Request) -> Result<Value, Refusal> {
-        let raw = request.path.strip_prefix("/api/ids/").unwrap_or_default();
-        // `+` is a literal plus in a path (only a query turns it into a space).
-        let id = percent_decode(&raw.replace('+', "%2B"));
-        envelope::validate_id(&id).map_err(|e| bad(format!("id: {}", e.message())))?;
-        let connections = self.online.get(id.as_str()).map_or(0, Vec::len);
-        Ok(json!({ "id": id, "online": connections > 0, "connections": connections }))
+                RoomPart {
+                    room: name.to_string(),
+                    ids,
+                    connections,
+                }
+            })
+            .collect()
     }
 
     fn api_answer(
@@ -406,6 +571,46 @@ impl Hub {
             .entry((endpoint.name(), status))
             .or_default() += 1;
     }
+}
+
+/// `POST /api/disconnect`: closes every `/ws` connection of an id with the code asked for
+/// (SPEC §16).
+fn disconnect_query(body: &[u8]) -> Result<Query, Refusal> {
+    let parsed: DisconnectBody = serde_json::from_slice(body).map_err(bad_json)?;
+    envelope::validate_id(&parsed.id).map_err(|e| bad(format!("id: {}", e.message())))?;
+    let code = parsed.code.unwrap_or(CloseCode::NORMAL.0);
+    // RFC 6455 §7.4: 1000 is a normal close; 3000-4999 are for libraries and applications.
+    // The other codes say things about the protocol that the server's own closes say.
+    if !(code == 1000 || (3000..=4999).contains(&code)) {
+        return Err(bad("code must be 1000 or in 3000-4999"));
+    }
+    let reason = parsed.reason.unwrap_or_default();
+    if reason.len() > 123 {
+        return Err(bad("reason must be at most 123 bytes (RFC 6455 §5.5)"));
+    }
+    Ok(Query::Disconnect {
+        id: parsed.id,
+        code,
+        reason,
+    })
+}
+
+/// `GET /api/presence?room=<room>`.
+fn presence_query(request: &Request) -> Result<Query, Refusal> {
+    let room = request
+        .query_param("room")
+        .ok_or_else(|| bad("?room=<room> is required"))?;
+    envelope::validate_room(&room).map_err(|e| bad(format!("room: {}", e.message())))?;
+    Ok(Query::Presence { room })
+}
+
+/// `GET /api/ids/<id>` (the id percent-encoded as a path segment).
+fn id_query(request: &Request) -> Result<Query, Refusal> {
+    let raw = request.path.strip_prefix("/api/ids/").unwrap_or_default();
+    // `+` is a literal plus in a path (only a query turns it into a space).
+    let id = percent_decode(&raw.replace('+', "%2B"));
+    envelope::validate_id(&id).map_err(|e| bad(format!("id: {}", e.message())))?;
+    Ok(Query::Id { id })
 }
 
 fn bad(reason: impl Into<String>) -> Refusal {
@@ -440,5 +645,94 @@ mod tests {
         let e = serde_json::from_slice::<PublishBody<'_>>(br#"{"room":"a","payload":1,"x":2}"#);
         let reason = bad_json(e.err().unwrap()).reason().into_owned();
         assert!(reason.contains("unknown field `x`"), "{reason}");
+    }
+
+    fn member(id: &str, connections: usize, info: Option<Value>) -> Member {
+        Member {
+            id: id.to_string(),
+            connections,
+            info,
+        }
+    }
+
+    /// An id on two workers is one member with the sum of its connections; its info is the
+    /// first part's that has one.
+    #[test]
+    fn presence_parts_merge_by_id() {
+        let query = Query::Presence {
+            room: "lobby".to_string(),
+        };
+        let answer = query.answer(vec![
+            Part::Presence(vec![member("bob", 1, None), member("carol", 2, None)]),
+            Part::Presence(vec![
+                member("alice", 1, Some(json!({"name": "Alice"}))),
+                member("bob", 2, Some(json!({"name": "Bob"}))),
+            ]),
+            Part::Presence(vec![member("bob", 1, Some(json!({"name": "Bobby"})))]),
+        ]);
+        assert_eq!(
+            answer,
+            json!({"room": "lobby", "members": [
+                {"id": "alice", "connections": 1, "info": {"name": "Alice"}},
+                {"id": "bob", "connections": 4, "info": {"name": "Bob"}},
+                {"id": "carol", "connections": 2, "info": null},
+            ]})
+        );
+    }
+
+    /// A room on two workers is one room: its ids counted once, its connections summed.
+    #[test]
+    fn room_parts_merge_by_name() {
+        let room = |name: &str, ids: &[&str], connections| RoomPart {
+            room: name.to_string(),
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            connections,
+        };
+        let answer = Query::Rooms.answer(vec![
+            Part::Rooms(vec![
+                room("lobby", &["a", "b"], 3),
+                room("games", &["a"], 1),
+            ]),
+            Part::Rooms(vec![room("lobby", &["b", "c"], 2)]),
+            Part::Rooms(Vec::new()),
+        ]);
+        assert_eq!(
+            answer,
+            json!({"rooms": [
+                {"room": "games", "members": 1, "connections": 1},
+                {"room": "lobby", "members": 3, "connections": 5},
+            ]})
+        );
+    }
+
+    #[test]
+    fn connection_parts_sum() {
+        let id = Query::Id {
+            id: "bob".to_string(),
+        };
+        let parts = || {
+            vec![
+                Part::Connections(2),
+                Part::Connections(0),
+                Part::Connections(1),
+            ]
+        };
+        assert_eq!(
+            id.answer(parts()),
+            json!({"id": "bob", "online": true, "connections": 3})
+        );
+        assert_eq!(
+            id.answer(vec![Part::Connections(0)]),
+            json!({"id": "bob", "online": false, "connections": 0})
+        );
+        let disconnect = Query::Disconnect {
+            id: "bob".to_string(),
+            code: 1000,
+            reason: String::new(),
+        };
+        assert_eq!(
+            disconnect.answer(parts()),
+            json!({"id": "bob", "disconnected": 3})
+        );
     }
 }

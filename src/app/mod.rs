@@ -9,7 +9,8 @@
 //! * `dedup.rs`: duplicate suppression by client message id, within `--dedup-max-bytes` (the
 //!   engine keeps the windows, and the file engine makes them survive a restart);
 //! * `demo/`: the demo page served at `/` (SPEC §8);
-//! * `api.rs`: the server API for backends (`/api/...`, SPEC §16);
+//! * `api.rs`: the server API for backends (`/api/...`, SPEC §16); `gather.rs`: its questions
+//!   about connections asked of every worker (`--workers`);
 //! * `auth.rs`: JWT, token sources, the Origin allow-list;
 //! * `tokens.rs`: what each connection's token allows now, and when it expires (refresh and
 //!   expiry, SPEC §16);
@@ -29,6 +30,7 @@ pub mod config;
 pub mod dedup;
 pub mod demo;
 pub mod envelope;
+pub mod gather;
 pub mod hub;
 pub mod metrics;
 pub mod ratelimit;
@@ -102,6 +104,40 @@ impl App {
         out: &mut Outbox<'_>,
     ) -> usize {
         self.hub.deliver_raw(room, opcode, payload, out)
+    }
+
+    /// `--workers` above 1: see `Hub::api_take`.
+    pub fn api_take(
+        &mut self,
+        conn: ConnId,
+        request: &Request,
+        body: Result<&[u8], Refusal>,
+        out: &mut Outbox<'_>,
+    ) -> Option<api::Query> {
+        self.hub.api_take(conn, request, body, out)
+    }
+
+    /// `--workers` above 1: see `Hub::api_part`.
+    pub fn api_part(&mut self, query: &api::Query, out: &mut Outbox<'_>) -> api::Part {
+        self.hub.api_part(query, out)
+    }
+
+    /// `--workers` above 1: answers a gathered question (`Hub::api_answer_parts`), or refuses
+    /// one that some worker did not answer in time (`Hub::api_unanswered`).
+    pub fn api_settled(&mut self, settled: gather::Settled, out: &mut Outbox<'_>) {
+        match settled {
+            gather::Settled::Complete { conn, query, parts } => {
+                self.hub.api_answer_parts(conn, &query, parts, out);
+            }
+            gather::Settled::Unanswered {
+                conn,
+                query,
+                missing,
+            } => {
+                let waited = gather::GATHER_DEADLINE;
+                self.hub.api_unanswered(conn, &query, &missing, waited, out);
+            }
+        }
     }
 
     /// Is `--jwt-secret` configured? Without it, `/ws` trusts the `?id=` each client claims.

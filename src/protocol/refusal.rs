@@ -79,6 +79,11 @@ pub enum Refusal {
     /// `--workers` above 1, and the endpoint needs what the bus between workers does not carry
     /// yet (SPEC §14): rooms and ids would be split between workers. The path is named.
     NotAcrossWorkers(&'static str),
+    /// `--workers` above 1: the answer needs every worker's part and some did not give it in
+    /// time (the server API's process-wide questions, `app/gather.rs`). The text names them.
+    /// Answered with `Retry-After: 1`: a worker late by a second is busy or stuck, and the
+    /// question can simply be asked again.
+    WorkersUnanswered(Cow<'static, str>),
 }
 
 impl Refusal {
@@ -108,6 +113,7 @@ impl Refusal {
             // RFC 7231 §6.6.2: the server does not support what the request needs (in this
             // configuration); not 503, which would invite a retry that cannot succeed.
             Refusal::NotAcrossWorkers(_) => 501,
+            Refusal::WorkersUnanswered(_) => 503,
         }
     }
 
@@ -154,6 +160,7 @@ impl Refusal {
                      run the server with --workers 1"
                 ))
             }
+            Refusal::WorkersUnanswered(why) => why,
         })
     }
 
@@ -183,6 +190,8 @@ impl Refusal {
                     ("Sec-WebSocket-Version", WEBSOCKET_VERSION),
                 ],
             ),
+            // RFC 7231 §7.1.3: when to ask again.
+            Refusal::WorkersUnanswered(_) => ("close", &[("Retry-After", "1")]),
             _ => ("close", &[]),
         };
         let content_type = "text/plain; charset=utf-8";
@@ -203,6 +212,7 @@ impl Refusal {
                 &allow
             }
             Refusal::Unauthorized(_) | Refusal::BadApiKey(_) => &[("WWW-Authenticate", "Bearer")],
+            Refusal::WorkersUnanswered(_) => &[("Retry-After", "1")],
             _ => &[],
         };
         super::http_exchange::json_response(
@@ -376,6 +386,17 @@ mod tests {
         let got = text(Refusal::BadRequest("missing field `room`".into()), true);
         assert!(got.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{got}");
         assert!(got.contains("missing field `room`"), "{got}");
+        let got = text(
+            Refusal::WorkersUnanswered("worker 1 did not answer".into()),
+            true,
+        );
+        assert!(
+            got.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{got}"
+        );
+        assert!(got.contains("\r\nRetry-After: 1\r\n"), "{got}");
+        assert!(got.contains("\r\nConnection: keep-alive\r\n"), "{got}");
+        assert!(got.contains("worker 1 did not answer"), "{got}");
         // The plain form carries the same challenge and Allow headers.
         let plain = String::from_utf8(Refusal::MethodNotAllowedFor { allow: "GET" }.response());
         assert!(plain.unwrap().contains("\r\nAllow: GET\r\n"));

@@ -372,8 +372,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     }
 
     /// One iteration of the loop (SPEC §2; docs/architecture.md tells the same steps). Returns
-    /// `Some` when the loop is over.
-    fn turn(&mut self) -> io::Result<Option<Exit>> {
+    /// `Some` when the loop is over. Visible in the crate so that the app's tests can drive a
+    /// reactor on a thread of their own and stop it (`app/workers.rs`).
+    pub(crate) fn turn(&mut self) -> io::Result<Option<Exit>> {
         self.metrics.loop_iterations += 1;
 
         // 1. Wait for readiness: no longer than until the next timer is due, and not at all if

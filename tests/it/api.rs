@@ -28,7 +28,7 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
             k.eq_ignore_ascii_case(name).then(|| v.trim())
@@ -44,8 +44,13 @@ pub(crate) struct Api {
 
 impl Api {
     pub(crate) fn connect(server: &Server) -> Api {
+        Api::on(server.tcp())
+    }
+
+    /// On a connection the test opened itself (on a chosen worker, `workers_api.rs`).
+    pub(crate) fn on(tcp: TcpStream) -> Api {
         Api {
-            reader: BufReader::new(server.tcp()),
+            reader: BufReader::new(tcp),
         }
     }
 
@@ -67,7 +72,7 @@ impl Api {
         self.answer()
     }
 
-    fn publish(&mut self, body: Value) -> Answer {
+    pub(crate) fn publish(&mut self, body: Value) -> Answer {
         self.call("POST", "/api/publish", &body.to_string())
     }
 

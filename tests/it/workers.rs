@@ -434,23 +434,6 @@ fn data_dir_with_several_workers_does_not_start() {
     assert!(out.stdout.is_empty(), "it must not have listened");
 }
 
-/// The server API needs ids and envelope rooms on the bus too: refused the same way.
-#[test]
-fn api_key_with_several_workers_does_not_start() {
-    let out = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"])
-        .args(["--api-key", "k"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--api-key") && stderr.contains("--workers 1"),
-        "{stderr}"
-    );
-    assert!(out.stdout.is_empty(), "it must not have listened");
-}
-
 /// `--workers 0` and nonsense are refused by the flag parser; `auto` starts.
 #[test]
 fn worker_counts() {

@@ -15,19 +15,19 @@ use std::time::{Duration, Instant};
 use wsrelay::engine::bus::home;
 use wsrelay::engine::StreamId;
 
-const WORKERS: usize = 2;
+pub(crate) const WORKERS: usize = 2;
 
 fn msg_id(v: &Value) -> u64 {
     v["msg_id"].as_str().unwrap().parse().unwrap()
 }
 
 /// The connections this test holds on each worker, so that a new one can be told apart.
-struct Placement {
+pub(crate) struct Placement {
     held: Vec<f64>,
 }
 
 impl Placement {
-    fn new() -> Placement {
+    pub(crate) fn new() -> Placement {
         Placement {
             held: vec![0.0; WORKERS],
         }
@@ -74,7 +74,7 @@ impl Placement {
     }
 
     /// A TCP connection (before any request) held by `worker`.
-    fn tcp_on(&mut self, server: &Server, worker: usize) -> TcpStream {
+    pub(crate) fn tcp_on(&mut self, server: &Server, worker: usize) -> TcpStream {
         for _ in 0..64 {
             let tcp = server.tcp();
             let w = self.locate(server);
@@ -90,7 +90,7 @@ impl Placement {
     }
 
     /// A `/ws` client on `worker` (its welcome read).
-    fn client(&mut self, server: &Server, worker: usize, path: &str) -> (Client, Value) {
+    pub(crate) fn client(&mut self, server: &Server, worker: usize, path: &str) -> (Client, Value) {
         let tcp = self.tcp_on(server, worker);
         let (ws, response) = tungstenite::client(server.url(path), tcp).expect("handshake");
         assert_eq!(response.status(), 101);
@@ -99,12 +99,12 @@ impl Placement {
         (client, welcome)
     }
 
-    fn id(&mut self, server: &Server, worker: usize, id: &str) -> Client {
+    pub(crate) fn id(&mut self, server: &Server, worker: usize, id: &str) -> Client {
         self.client(server, worker, &format!("/ws?id={id}")).0
     }
 
     /// A client on `worker` closed: waits until the server has let it go.
-    fn close(&mut self, server: &Server, worker: usize, mut client: Client) {
+    pub(crate) fn close(&mut self, server: &Server, worker: usize, mut client: Client) {
         client.ws.close(None).unwrap();
         while client.ws.read().is_ok() {}
         self.held[worker] -= 1.0;
@@ -113,7 +113,7 @@ impl Placement {
 }
 
 /// A room name homed at `worker`.
-fn room_homed(worker: usize, prefix: &str) -> String {
+pub(crate) fn room_homed(worker: usize, prefix: &str) -> String {
     (0..)
         .map(|i| format!("{prefix}{i}"))
         .find(|name| home(&StreamId::room(name), WORKERS) == worker)
@@ -121,7 +121,7 @@ fn room_homed(worker: usize, prefix: &str) -> String {
 }
 
 /// An id whose inbox is homed at `worker`.
-fn id_homed(worker: usize, prefix: &str) -> String {
+pub(crate) fn id_homed(worker: usize, prefix: &str) -> String {
     (0..)
         .map(|i| format!("{prefix}{i}"))
         .find(|name| home(&StreamId::inbox(name), WORKERS) == worker)
