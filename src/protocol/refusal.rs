@@ -76,9 +76,6 @@ pub enum Refusal {
     BadApiKey(&'static str),
     /// The path exists but not with this method; `allow` lists the methods it takes.
     MethodNotAllowedFor { allow: &'static str },
-    /// `--workers` above 1, and the endpoint needs what the bus between workers does not carry
-    /// yet (SPEC §14): rooms and ids would be split between workers. The path is named.
-    NotAcrossWorkers(&'static str),
     /// `--workers` above 1: the answer needs every worker's part and some did not give it in
     /// time (the server API's process-wide questions, `app/gather.rs`). The text names them.
     /// Answered with `Retry-After: 1`: a worker late by a second is busy or stuck, and the
@@ -112,7 +109,6 @@ impl Refusal {
             Refusal::ServiceUnavailable => 503,
             // RFC 7231 §6.6.2: the server does not support what the request needs (in this
             // configuration); not 503, which would invite a retry that cannot succeed.
-            Refusal::NotAcrossWorkers(_) => 501,
             Refusal::WorkersUnanswered(_) => 503,
         }
     }
@@ -153,12 +149,6 @@ impl Refusal {
             }
             Refusal::MethodNotAllowedFor { allow } => {
                 return Cow::Owned(format!("this endpoint takes {allow}"))
-            }
-            Refusal::NotAcrossWorkers(path) => {
-                return Cow::Owned(format!(
-                    "{path} is not served with --workers above 1 yet (/echo and /r/<room> are); \
-                     run the server with --workers 1"
-                ))
             }
             Refusal::WorkersUnanswered(why) => why,
         })
@@ -335,14 +325,6 @@ mod tests {
             &plain(
                 "503 Service Unavailable",
                 "server is at its connection limit\n",
-            ),
-        );
-        check(
-            NotAcrossWorkers("/ws"),
-            &plain(
-                "501 Not Implemented",
-                "/ws is not served with --workers above 1 yet (/echo and /r/<room> are); \
-                 run the server with --workers 1\n",
             ),
         );
     }
