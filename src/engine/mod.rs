@@ -202,8 +202,8 @@ pub enum Event {
     /// changes (it announced them itself), and never from the local engines, where every
     /// member is this hub's. When this hub's first member of a room joins, the members already
     /// on other nodes come as joins too, once the engine knows them (`engine/roster.rs` says
-    /// why); the workers' bus knows them before the join is confirmed, when no member here
-    /// hears them.
+    /// why). The workers' bus knows them before the join is confirmed, and tells none of
+    /// them: it reports changes only for rooms this hub has members of.
     Presence(PresenceChange),
     /// Messages of this stream were lost on their way to this node and could not be read back
     /// (trimmed from the stream before a re-read, SPEC §15): the hub closes its connections

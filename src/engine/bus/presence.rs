@@ -37,7 +37,8 @@
 //! The bus is FIFO per worker and never drops a presence note, so a holder gets its snapshot
 //! before the records that follow it, and every record once. The first join of a room on a
 //! worker sends `Joined` and then the room's `recover` to the home (the hub waits for it), so
-//! the snapshot is in the roster before the hub's first member joins: like a member on one
+//! the snapshot is in the roster before the hub's first member joins, and tells the hub
+//! nothing (changes reach the hub only while it has members of the room): like a member on one
 //! node, a joiner hears the joins made after its own, and learns who was there before from
 //! `members`. The roster's rules would keep this right in any order, and a view the roster
 //! finds stale (never on this bus) is read again with a new `Joined`. Changes reach the hub
@@ -336,7 +337,12 @@ impl BusEngine {
                 self.presence.roster.record(room, record, &mut changes);
             }
         }
-        self.sources[from].extend(changes.into_iter().map(Event::Presence));
+        // Told to the hub only while it has members of the room here: a snapshot that comes
+        // before its first member's join is confirmed (the usual order, see the module doc)
+        // would be told to nobody.
+        if self.subs.get(room).is_some_and(|sub| sub.hub) {
+            self.sources[from].extend(changes.into_iter().map(Event::Presence));
+        }
     }
 
     /// `Engine::member_joined`: the member goes to the room's home.
