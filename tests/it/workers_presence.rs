@@ -214,8 +214,10 @@ fn members_lists_every_device_on_every_worker_with_its_info(poller: &str) {
         assert_eq!(answer["members"], everyone, "{answer}");
         assert_eq!(ids(&answer), ["alice", "bob", "bob", "carol"]);
     }
-    // Bob online on two workers is one id online: 3, not 4.
-    assert_eq!(server.metric("wsrelay_ids_online"), 3.0);
+    // Bob online on two workers is one id online: 3, not 4, in /metrics and /stats.json.
+    server.wait_for_metric("wsrelay_ids_online", 3.0);
+    let stats: Value = serde_json::from_str(&server.get("/stats.json").body_text()).unwrap();
+    assert_eq!(stats["ids_online"], 3, "{stats}");
 
     // The laptop's token is refreshed with a new info: worker 0 lists it, nobody hears it.
     laptop.send(json!({"type": "refresh", "token": token("bob", json!({"device": "tablet"}))}));
