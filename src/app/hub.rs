@@ -1908,7 +1908,7 @@ impl Hub {
                 "room_members",
                 (self.rooms.member_count() + self.raw_rooms.member_count()) as u64,
             ),
-            ("ids_online", self.online.len() as u64),
+            ("ids_online", self.ids_online() as u64),
             ("direct_messages", m.direct_messages),
             ("publish_messages", m.publish_messages + m.raw_messages),
             (
@@ -1919,6 +1919,13 @@ impl Hub {
             ("auth_required", u64::from(self.authenticates())),
             ("token_connections", self.tokens.len() as u64),
         ]);
+    }
+
+    /// The ids this hub reports online: its own, or its share of the process's when the engine
+    /// shares ids with other workers (`Engine::ids_online`), so that /metrics and /stats.json
+    /// count each id once over the workers.
+    fn ids_online(&self) -> usize {
+        self.engine.ids_online().unwrap_or(self.online.len())
     }
 
     /// Why the relay is degraded (the engine cannot reach its store), for /healthz.
@@ -1934,7 +1941,7 @@ impl Hub {
             raw_members: self.raw_rooms.member_count(),
             rooms: self.rooms.room_count(),
             room_members: self.rooms.member_count(),
-            ids_online: self.online.len(),
+            ids_online: self.ids_online(),
             retained_messages: e.messages,
             retained_bytes: e.bytes,
             offline_pending: e.pending,

@@ -7,7 +7,8 @@
 //! * `file.rs`: `FileEngine`, the memory engine's index made durable by an append-only log
 //!   written by a storage thread with group commit (`--data-dir`);
 //! * `bus/`: `BusEngine`, one per worker with `--workers` above 1 (SPEC §14): each stream has a
-//!   home worker whose memory engine holds it, and the others reach it over queues;
+//!   home worker whose memory engine holds it (and, for a room, its members on every worker),
+//!   and the others reach it over queues;
 //! * `streams.rs`: `Streams`, the in-memory index of retained messages both engines share;
 //! * `journal.rs`: the log's on-disk format (records, segments, recovery from a torn tail);
 //! * `storage.rs`: the file engine's storage thread (group commit, rotation, compaction);
@@ -196,11 +197,13 @@ pub enum Event {
     /// `joined`). The hub delivers it to those connections. The local engines never produce one:
     /// in a single process the hub that submitted a message delivers it itself.
     Arrived(Arrival),
-    /// A connection on another node joined or left a room this hub holds members of (SPEC §15):
-    /// the hub tells its members of the room. Never this hub's own changes (it announced them
-    /// itself), and never from the local engines, where every member is this hub's. When this
-    /// hub's first member of a room joins, the members already on other nodes come as joins
-    /// too, once the engine knows them (`engine/roster.rs` says why).
+    /// A connection on another node (SPEC §15) or worker (SPEC §14) joined or left a room this
+    /// hub holds members of: the hub tells its members of the room. Never this hub's own
+    /// changes (it announced them itself), and never from the local engines, where every
+    /// member is this hub's. When this hub's first member of a room joins, the members already
+    /// on other nodes come as joins too, once the engine knows them (`engine/roster.rs` says
+    /// why). The workers' bus knows them before the join is confirmed, and tells none of
+    /// them: it reports changes only for rooms this hub has members of.
     Presence(PresenceChange),
     /// Messages of this stream were lost on their way to this node and could not be read back
     /// (trimmed from the stream before a re-read, SPEC §15): the hub closes its connections
@@ -385,6 +388,15 @@ pub trait Engine {
     /// replica of rooms it does not follow).
     fn remote_members(&self, _room: &str) -> Vec<Member> {
         Vec::new()
+    }
+
+    /// What this hub reports as `wsrelay_ids_online`, when the engine shares ids with other
+    /// workers of this process (the workers' bus): its share of the ids online anywhere in the
+    /// process, so that the workers' figures add up to the process's with each id once
+    /// (`server/totals.rs`). None: the hub counts its own ids (one worker, or nodes, which are
+    /// processes of their own).
+    fn ids_online(&self) -> Option<usize> {
+        None
     }
 
     /// Why the engine is degraded (a store it cannot reach), for /healthz; None when healthy.

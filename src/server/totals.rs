@@ -43,6 +43,8 @@ pub const RULES: &[(&str, Merge)] = &[
     // two workers is a room on each, and counts twice in `wsrelay_rooms` (docs/operations.md).
     ("wsrelay_rooms", Merge::Sum),
     ("wsrelay_room_members", Merge::Sum),
+    // With the engine bus each worker counts the ids online anywhere whose inbox is homed at it
+    // (`Engine::ids_online`): an id connected on two workers is one share, counted once.
     ("wsrelay_ids_online", Merge::Sum),
     ("wsrelay_offline_pending", Merge::Sum),
     ("wsrelay_retained_messages", Merge::Sum),
@@ -62,6 +64,8 @@ pub const RULES: &[(&str, Merge)] = &[
     // The workers' engine bus (`/ws`): each worker states its own queue, by its own label.
     ("wsrelay_engine_bus_depth", Merge::Sum),
     ("wsrelay_engine_bus_held", Merge::Sum),
+    // Members of the rooms homed at each worker: every envelope room member once.
+    ("wsrelay_engine_bus_presence_members", Merge::Sum),
     // Facts about the process, stated alike by every worker.
     ("wsrelay_poller_info", Merge::Same),
     ("wsrelay_engine_info", Merge::Same),

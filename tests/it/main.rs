@@ -29,6 +29,7 @@ mod rooms;
 mod tokens;
 mod workers;
 mod workers_api;
+mod workers_presence;
 mod workers_ws;
 
 mod redis;

@@ -28,18 +28,23 @@ pub(crate) struct Placement {
 
 impl Placement {
     pub(crate) fn new() -> Placement {
+        Placement::for_workers(WORKERS)
+    }
+
+    /// For a server with `workers` workers.
+    pub(crate) fn for_workers(workers: usize) -> Placement {
         Placement {
-            held: vec![0.0; WORKERS],
+            held: vec![0.0; workers],
         }
     }
 
     /// Per-worker connection gauges once the process total is `total` (a scrape counts itself).
-    fn gauges_at(server: &Server, total: f64) -> Vec<f64> {
+    fn gauges_at(&self, server: &Server, total: f64) -> Vec<f64> {
         let start = Instant::now();
         loop {
             let m = server.metrics();
             if m.get("wsrelay_process_connections") == total {
-                return (0..WORKERS)
+                return (0..self.held.len())
                     .map(|i| m.get(&format!("wsrelay_worker_connections{{worker=\"{i}\"}}")))
                     .collect();
             }
@@ -58,9 +63,9 @@ impl Placement {
     /// The worker that took the one connection opened beyond `held`: the one whose gauge rose
     /// by 2 (the scrape landed there too), or the only one that rose in every reading.
     fn locate(&self, server: &Server) -> usize {
-        let mut candidates: Vec<usize> = (0..WORKERS).collect();
+        let mut candidates: Vec<usize> = (0..self.held.len()).collect();
         loop {
-            let gauges = Self::gauges_at(server, self.held() + 2.0);
+            let gauges = self.gauges_at(server, self.held() + 2.0);
             let rise: Vec<f64> = gauges.iter().zip(&self.held).map(|(g, h)| g - h).collect();
             if let Some(w) = rise.iter().position(|&r| r == 2.0) {
                 return w;
@@ -84,7 +89,7 @@ impl Placement {
             }
             drop(tcp);
             // Gone from the gauges before the next one is told apart.
-            Self::gauges_at(server, self.held() + 1.0);
+            self.gauges_at(server, self.held() + 1.0);
         }
         panic!("64 connections and none on worker {worker}");
     }
@@ -108,7 +113,20 @@ impl Placement {
         client.ws.close(None).unwrap();
         while client.ws.read().is_ok() {}
         self.held[worker] -= 1.0;
-        Self::gauges_at(server, self.held() + 1.0);
+        self.gauges_at(server, self.held() + 1.0);
+    }
+
+    /// A client on `worker` vanished: its socket is shut without a close frame (a crashed
+    /// client), and this waits until the server has let it go.
+    pub(crate) fn vanish(&mut self, server: &Server, worker: usize, client: Client) {
+        client
+            .ws
+            .get_ref()
+            .shutdown(std::net::Shutdown::Both)
+            .unwrap();
+        drop(client);
+        self.held[worker] -= 1.0;
+        self.gauges_at(server, self.held() + 1.0);
     }
 }
 
@@ -135,7 +153,7 @@ fn bus_notes(server: &Server) -> f64 {
         + m.get("wsrelay_engine_bus_sent_total{from=\"1\",to=\"0\"}")
 }
 
-/// The next message that is not a presence event (presence does not cross workers yet).
+/// The next message that is not a presence event.
 fn next_message(c: &mut Client) -> Value {
     loop {
         let m = c.recv();
@@ -311,6 +329,20 @@ fn a_room_across_workers_gets_each_message_once_in_order(poller: &str) {
                 c
             })
             .collect();
+        // Presence crosses too: once each member has heard the joins made after its own, the
+        // bus carries nothing more for them, and what it carries from here is the messages.
+        for (i, c) in members.iter_mut().enumerate() {
+            let mut joins: Vec<String> = (0..workers.len() - 1 - i)
+                .map(|_| {
+                    let m = c.expect("presence");
+                    assert_eq!(m["event"], "join", "{m}");
+                    m["id"].as_str().unwrap().to_string()
+                })
+                .collect();
+            joins.sort();
+            let later: Vec<String> = (i + 1..workers.len()).map(|j| format!("m{j}")).collect();
+            assert_eq!(joins, later, "member {i}");
+        }
         let notes_before = bus_notes(&server);
         for seq in 0..PER_SENDER {
             for (p, c) in members.iter_mut().enumerate().take(2) {

@@ -4,7 +4,8 @@
 //! Owns: `BusEngine` (one per worker: its own memory engine for the streams homed here, its
 //! end of the bus, the routing, the order of completions), `Fabric` (what the workers' engines
 //! share: the epoch, the position counter, the queue depths) and `links` (the queues, made on
-//! the main thread and moved into the workers).
+//! the main thread and moved into the workers). `presence.rs` holds the rooms' members across
+//! workers, `wire.rs` what crosses.
 //! Does not: see connections or frames (the hub delivers `Stored` and `Arrived` itself), decide
 //! acks (the hub does, from `Outcome`), or carry raw rooms (`app/raw_bus.rs` does).
 //!
@@ -46,6 +47,23 @@
 //! so that nothing stored between the recovery and the hub's `joined` is missed; if the hub
 //! does not join after all, the subscription is dropped at the next `poll`.
 //!
+//! # Presence
+//!
+//! A room's home also keeps the room's members on every worker (SPEC §6): each worker sends it
+//! its hub's `member_joined`/`member_left` (also a new `info` after a token refresh), and the
+//! home tells each change once to every other worker holding the room (the same holders as the
+//! room's messages, from `Joined`), numbered in that worker's view of the room. A worker that
+//! starts holding a room gets a snapshot of the other workers' members first (its `Joined`
+//! precedes the recovery its hub's join waits for), and keeps them in a `Roster`, the replica
+//! the Redis engine keeps too: `remote_members` answers from it at once, and its changes reach
+//! the hub as `Event::Presence`, behind whatever their home sent before. A worker that stops
+//! holding a room (`Left`) takes its members still listed out, told as leaves. Presence notes
+//! are never dropped: they are bounded by member changes. `presence.rs` has the details.
+//!
+//! Every worker knows every id online in the process (`Online`), and counts those whose inbox
+//! is homed at it (`Engine::ids_online`): summed over the workers, `wsrelay_ids_online`
+//! counts an id connected on two workers once.
+//!
 //! # Bounds
 //!
 //! Requests, replies and notices are never dropped: requests are bounded by each hub's
@@ -58,17 +76,19 @@
 //! message is in the room's history if it keeps one, else `recovered: false` says it is gone).
 //! Memory stays bounded, and no reader misses a message without being told.
 
+mod presence;
 mod wire;
 
 use super::memory::MemoryEngine;
 use super::{
-    Append, Completion, Engine, Epoch, Event, Now, Outcome, Position, Publish, Since, Stats,
-    StreamId, Ticket, Wake,
+    Append, Completion, Engine, Epoch, Event, LocalMember, Member, Now, Outcome, Position, Publish,
+    Since, Stats, StreamId, Ticket, Wake,
 };
 use crate::app::dedup::Dedup;
 use crate::app::envelope::AckStatus;
 use crate::server::metrics::Writer;
 use log::warn;
+use presence::Tell;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -189,6 +209,12 @@ pub struct BusEngine {
     sent: Vec<u64>,
     dropped: Vec<u64>,
     received: u64,
+    /// Members of the rooms homed here, and the replica of the other workers' members of the
+    /// rooms this worker holds (`presence.rs`).
+    presence: presence::Presence,
+    /// Ids online on some worker whose inbox is homed here: this worker's share of the
+    /// process's `wsrelay_ids_online` (`Engine::ids_online`).
+    ids_homed_here: usize,
 }
 
 impl BusEngine {
@@ -224,6 +250,8 @@ impl BusEngine {
             sent: vec![0; workers],
             dropped: vec![0; workers],
             received: 0,
+            presence: presence::Presence::new(link.index, workers),
+            ids_homed_here: 0,
             link,
         }
     }
@@ -439,6 +467,8 @@ impl BusEngine {
 
     /// Tells `room`'s home that this worker holds members of it (or no longer does).
     fn subscribe(&mut self, room: &Rc<str>, joined: bool) {
+        // The roster follows the room while this worker holds it (`presence.rs`).
+        self.follow_presence(room, joined);
         let home = self.home_of(&StreamId::Room(Rc::clone(room)));
         let me = self.me();
         if home == me {
@@ -467,13 +497,16 @@ impl BusEngine {
                 self.rooms.remove(room);
             }
         }
+        self.presence_holder(from, room, joined);
     }
 
     /// Worker `from` holds a connection of `id`.
     fn id_online(&mut self, from: usize, id: &str) {
+        let homed_here = self.home_of(&StreamId::inbox(id)) == self.me();
         let workers = self.ids.entry(Rc::from(id)).or_default();
         if workers.is_empty() {
             self.local.online(id);
+            self.ids_homed_here += usize::from(homed_here);
         }
         if !workers.contains(&from) {
             workers.push(from);
@@ -489,6 +522,9 @@ impl BusEngine {
         if workers.is_empty() {
             if let Some((id, _)) = self.ids.remove_entry(id) {
                 self.local.offline(&id, now);
+                if self.home_of(&StreamId::Inbox(Rc::clone(&id))) == self.me() {
+                    self.ids_homed_here -= 1;
+                }
             }
         }
     }
@@ -534,6 +570,28 @@ impl BusEngine {
                 Note::Offline { from, id, now } => self.id_offline(from, &id, now),
                 Note::Joined { from, room } => self.holder(from, &room, true),
                 Note::Left { from, room } => self.holder(from, &room, false),
+                Note::MemberJoined { room, member } => self.presence_joined(&room, member),
+                Note::MemberLeft { from, room, conn } => self.presence_left(&room, from, conn),
+                Note::Snapshot {
+                    from,
+                    room,
+                    version,
+                    members,
+                } => self.apply_presence(from, &room, Tell::Snapshot { version, members }),
+                Note::Presence {
+                    from,
+                    room,
+                    version,
+                    member,
+                    joined,
+                } => {
+                    let record = Tell::Record {
+                        version,
+                        member,
+                        joined,
+                    };
+                    self.apply_presence(from, &room, record);
+                }
             }
         }
     }
@@ -545,7 +603,7 @@ impl BusEngine {
             for source in &mut self.sources {
                 while matches!(
                     source.front(),
-                    Some(Event::Arrived(_) | Event::Interrupted(_))
+                    Some(Event::Arrived(_) | Event::Interrupted(_) | Event::Presence(_))
                 ) {
                     out.extend(source.pop_front());
                 }
@@ -775,6 +833,7 @@ impl Engine for BusEngine {
         self.flush_delivered();
         self.settle_rooms();
         self.receive();
+        self.reload_stale_rooms();
         self.release(out);
     }
 
@@ -790,6 +849,28 @@ impl Engine for BusEngine {
     fn render_metrics(&self, out: &mut String) {
         self.local.render_index(self.kind(), self.in_flight(), out);
         self.render_bus(out);
+        self.render_presence(out);
+    }
+
+    /// Tells the room's home (`presence.rs`).
+    fn member_joined(&mut self, room: &str, member: LocalMember<'_>) {
+        self.local_member_joined(room, member);
+    }
+
+    fn member_left(&mut self, room: &str, conn: u64) {
+        self.local_member_left(room, conn);
+    }
+
+    /// From this worker's roster of the rooms it holds (`presence.rs`).
+    fn remote_members(&self, room: &str) -> Vec<Member> {
+        self.members_elsewhere(room)
+    }
+
+    /// The ids online on any worker whose inbox is homed here: every worker knows every id
+    /// online in the process (`Online`), and each counts its share, so the workers' figures
+    /// add up to the process's with each id once.
+    fn ids_online(&self) -> Option<usize> {
+        Some(self.ids_homed_here)
     }
 }
 

@@ -418,3 +418,325 @@ fn arrivals_for_a_worker_that_does_not_keep_up_are_dropped_and_counted() {
     assert_eq!(arrived(&one).len(), 1);
     assert!(p.engines[0].interrupted[1].is_empty());
 }
+
+// ----- presence across workers (`presence.rs`) ----------------------------------------------
+
+use super::presence::{Home, Tell};
+use super::wire::RoomMember;
+use crate::engine::{LocalMember, PresenceChange};
+
+fn seat(worker: usize, conn: u64, id: &str, info: Option<&str>) -> RoomMember {
+    RoomMember {
+        worker,
+        conn,
+        id: Arc::from(id),
+        info: info.map(Arc::from),
+    }
+}
+
+fn snapshot(version: u64, members: &[&RoomMember]) -> Tell {
+    Tell::Snapshot {
+        version,
+        members: members.iter().map(|&m| m.clone()).collect(),
+    }
+}
+
+fn record(version: u64, member: &RoomMember, joined: bool) -> Tell {
+    Tell::Record {
+        version,
+        member: member.clone(),
+        joined,
+    }
+}
+
+#[test]
+fn the_home_numbers_each_holders_view_and_never_tells_a_worker_its_own_change() {
+    let mut home = Home::default();
+    let mut out = Vec::new();
+    for worker in 0..3 {
+        home.follow("lobby", worker, &mut out);
+    }
+    // Each view starts above every version given out before it.
+    assert_eq!(
+        std::mem::take(&mut out),
+        [
+            (0, snapshot(1, &[])),
+            (1, snapshot(2, &[])),
+            (2, snapshot(3, &[]))
+        ]
+    );
+    let bob = seat(1, 7, "bob", None);
+    home.joined("lobby", bob.clone(), &mut out);
+    // Once to each other holder, each in its own view's next version; none to worker 1.
+    assert_eq!(
+        std::mem::take(&mut out),
+        [(0, record(2, &bob, true)), (2, record(4, &bob, true))]
+    );
+    let alice = seat(0, 3, "alice", None);
+    home.joined("lobby", alice.clone(), &mut out);
+    assert_eq!(
+        std::mem::take(&mut out),
+        [(1, record(3, &alice, true)), (2, record(5, &alice, true))]
+    );
+    // A new info (a token refresh) is told like a join; the rosters only take the info.
+    let bob_named = seat(1, 7, "bob", Some(r#"{"name":"Bob"}"#));
+    home.joined("lobby", bob_named.clone(), &mut out);
+    assert_eq!(
+        std::mem::take(&mut out),
+        [
+            (0, record(3, &bob_named, true)),
+            (2, record(6, &bob_named, true))
+        ]
+    );
+    // A new holder's snapshot lists every other worker's members, as they are now, at a
+    // version above every one given out (6).
+    home.follow("lobby", 3, &mut out);
+    assert_eq!(
+        std::mem::take(&mut out),
+        [(3, snapshot(7, &[&alice, &bob_named]))]
+    );
+    assert_eq!(home.members(), 2);
+    home.left("lobby", 1, 7, &mut out);
+    assert_eq!(
+        std::mem::take(&mut out),
+        [
+            (0, record(4, &bob_named, false)),
+            (2, record(7, &bob_named, false)),
+            (3, record(8, &bob_named, false))
+        ]
+    );
+    // A leave told twice changes nothing and is told to nobody.
+    home.left("lobby", 1, 7, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(home.members(), 1);
+}
+
+#[test]
+fn a_holder_that_stops_takes_its_members_out_and_its_next_view_starts_above_the_old() {
+    let mut home = Home::default();
+    let mut out = Vec::new();
+    home.follow("lobby", 0, &mut out);
+    home.follow("lobby", 1, &mut out);
+    let (b1, b2) = (seat(1, 1, "bob", None), seat(1, 2, "bob", None));
+    home.joined("lobby", b1.clone(), &mut out);
+    home.joined("lobby", b2.clone(), &mut out);
+    out.clear();
+    // Worker 1 stops holding the room with two members still listed: both leave, told to 0.
+    home.unfollow("lobby", 1, &mut out);
+    assert_eq!(
+        std::mem::take(&mut out),
+        [(0, record(4, &b1, false)), (0, record(5, &b2, false))]
+    );
+    assert_eq!(home.members(), 0);
+    // Its next view starts above every version it could still have on its way (5).
+    home.follow("lobby", 1, &mut out);
+    assert_eq!(std::mem::take(&mut out), [(1, snapshot(6, &[]))]);
+    // A room with neither members nor holders is forgotten; its next view still starts higher.
+    home.unfollow("lobby", 0, &mut out);
+    home.unfollow("lobby", 1, &mut out);
+    home.follow("lobby", 0, &mut out);
+    assert_eq!(std::mem::take(&mut out), [(0, snapshot(7, &[]))]);
+}
+
+/// `n` workers' engines, rooms without history.
+fn cluster(n: usize) -> Vec<BusEngine> {
+    let rings = (0..n).map(|_| Arc::new(|| {}) as Wake).collect();
+    let limits = Limits {
+        per_stream: 100,
+        ttl_ms: 60_000,
+        max_bytes: 1 << 20,
+    };
+    let history = Limits {
+        per_stream: 0,
+        ..limits
+    };
+    links(rings, now())
+        .into_iter()
+        .map(|link| {
+            let dedup = Dedup::new(16, Duration::from_secs(60), 1 << 20);
+            BusEngine::new(link, limits, history, dedup, now())
+        })
+        .collect()
+}
+
+/// Polls every engine until none has anything more: the presence changes each handed out.
+fn settle_presence(engines: &mut [BusEngine]) -> Vec<Vec<PresenceChange>> {
+    let mut out: Vec<Vec<PresenceChange>> = engines.iter().map(|_| Vec::new()).collect();
+    for _ in 0..4 {
+        for (i, e) in engines.iter_mut().enumerate() {
+            let mut events = Vec::new();
+            e.poll(&mut events);
+            out[i].extend(events.into_iter().filter_map(|e| match e {
+                Event::Presence(change) => Some(change),
+                _ => None,
+            }));
+        }
+    }
+    out
+}
+
+/// (id, joined) of each change.
+fn heard(changes: &[PresenceChange]) -> Vec<(String, bool)> {
+    changes
+        .iter()
+        .map(|c| (c.member.id.to_string(), c.joined))
+        .collect()
+}
+
+fn listed(engine: &BusEngine, room: &str) -> Vec<(String, u64)> {
+    let mut ids: Vec<(String, u64)> = engine
+        .remote_members(room)
+        .iter()
+        .map(|m| (m.id.to_string(), m.key.conn))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// As the hub does for its first member of a room: `joined`, then `member_joined`.
+fn member_joins(engine: &mut BusEngine, room: &str, conn: u64, id: &str) {
+    engine.joined(room);
+    engine.member_joined(
+        room,
+        LocalMember {
+            conn,
+            id,
+            info: None,
+        },
+    );
+}
+
+/// As the hub joins its first member of a room: the room's recovery, and in the poll that
+/// hands out its answer, `joined` and `member_joined`. Then every engine is settled; returns
+/// the presence changes each handed out meanwhile.
+fn first_join(
+    engines: &mut [BusEngine],
+    on: usize,
+    room: &str,
+    conn: u64,
+    id: &str,
+) -> Vec<Vec<PresenceChange>> {
+    let ticket = Ticket(1_000 + conn + 100 * on as u64);
+    engines[on].recover(ticket, &StreamId::room(room), None, now());
+    let mut heard: Vec<Vec<PresenceChange>> = engines.iter().map(|_| Vec::new()).collect();
+    let mut answered = false;
+    for _ in 0..4 {
+        for (i, e) in engines.iter_mut().enumerate() {
+            let mut events = Vec::new();
+            e.poll(&mut events);
+            for event in events {
+                match event {
+                    Event::Presence(change) => heard[i].push(change),
+                    Event::Completed(c) if i == on && c.ticket == ticket => {
+                        answered = true;
+                        e.joined(room);
+                        let member = LocalMember {
+                            conn,
+                            id,
+                            info: None,
+                        };
+                        e.member_joined(room, member);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert!(answered, "the recovery was answered");
+    for (i, more) in settle_presence(engines).into_iter().enumerate() {
+        heard[i].extend(more);
+    }
+    heard
+}
+
+#[test]
+fn a_change_on_one_worker_reaches_every_other_holder_once_wherever_the_room_is_homed() {
+    for room_home in 0..3 {
+        let mut engines = cluster(3);
+        let room = (0..)
+            .map(|i| format!("r{i}"))
+            .find(|r| home(&StreamId::room(r), 3) == room_home)
+            .unwrap();
+        // Alice on worker 0 first: nobody else holds the room, nobody hears it.
+        let heard_now = first_join(&mut engines, 0, &room, 1, "alice");
+        assert!(heard_now.iter().all(Vec::is_empty), "{heard_now:?}");
+        // Bob joins on worker 1: worker 0 hears it once. Worker 1's hub told its own, and its
+        // snapshot (alice) came before its member's join was confirmed: it hears nothing, as a
+        // joiner on one worker hears no earlier join, but it lists alice.
+        let heard_now = first_join(&mut engines, 1, &room, 1, "bob");
+        assert_eq!(heard(&heard_now[0]), [("bob".into(), true)]);
+        assert!(heard_now[1].is_empty() && heard_now[2].is_empty());
+        assert_eq!(listed(&engines[1], &room), [("alice".into(), 1)]);
+        // Bob's second device, on worker 2: two connections of one id, two members.
+        let heard_now = first_join(&mut engines, 2, &room, 1, "bob");
+        assert_eq!(heard(&heard_now[0]), [("bob".into(), true)]);
+        assert_eq!(heard(&heard_now[1]), [("bob".into(), true)]);
+        assert!(heard_now[2].is_empty());
+        assert_eq!(
+            listed(&engines[0], &room),
+            [("bob".into(), 1), ("bob".into(), 1)]
+        );
+        assert_eq!(
+            listed(&engines[1], &room),
+            [("alice".into(), 1), ("bob".into(), 1)]
+        );
+        assert_eq!(
+            listed(&engines[2], &room),
+            [("alice".into(), 1), ("bob".into(), 1)]
+        );
+        // Bob's device on worker 1 closes (as the hub does: `member_left`, then `left`).
+        engines[1].member_left(&room, 1);
+        engines[1].left(&room);
+        let heard_now = settle_presence(&mut engines);
+        assert_eq!(heard(&heard_now[0]), [("bob".into(), false)]);
+        assert_eq!(heard(&heard_now[2]), [("bob".into(), false)]);
+        assert!(heard_now[1].is_empty(), "it holds the room no more");
+        assert!(listed(&engines[1], &room).is_empty());
+        assert_eq!(listed(&engines[0], &room), [("bob".into(), 1)]);
+        // Told once per other holder and change: alice's join (to nobody), bob's (to 0), bob's
+        // second device (to 0 and 1), bob's leave (to 0 and 2).
+        let records: u64 = engines.iter().map(|e| e.presence_records()).sum();
+        assert_eq!(records, 5, "room homed at {room_home}");
+        assert_eq!(engines[room_home].presence_members(), 2);
+    }
+}
+
+#[test]
+fn a_worker_that_holds_a_room_again_ignores_what_was_told_to_its_old_view() {
+    let mut engines = cluster(3);
+    let room = (0..)
+        .map(|i| format!("r{i}"))
+        .find(|r| home(&StreamId::room(r), 3) == 2)
+        .unwrap();
+    engines[1].joined(&room);
+    settle_presence(&mut engines);
+    // Alice joins on worker 0 and leaves again; the home tells worker 1 both, but worker 1
+    // does not read its queue before its hub leaves the room and joins it again.
+    member_joins(&mut engines[0], &room, 1, "alice");
+    engines[0].member_left(&room, 1);
+    engines[0].left(&room);
+    engines[2].poll(&mut Vec::new());
+    engines[1].left(&room);
+    engines[1].joined(&room);
+    let heard_now = settle_presence(&mut engines);
+    // Both records were for the old view: the new one starts from a snapshot that is newer.
+    assert!(heard_now[1].is_empty(), "{:?}", heard(&heard_now[1]));
+    assert!(listed(&engines[1], &room).is_empty());
+}
+
+#[test]
+fn each_id_online_counts_once_at_its_inboxs_home() {
+    let mut engines = cluster(3);
+    for (on, id) in [(0, "x"), (1, "x"), (2, "x"), (1, "y"), (2, "z")] {
+        engines[on].online(id);
+    }
+    settle_presence(&mut engines);
+    let total =
+        |engines: &[BusEngine]| -> usize { engines.iter().map(|e| e.ids_online().unwrap()).sum() };
+    assert_eq!(total(&engines), 3);
+    for engine in &mut engines {
+        engine.offline(&Rc::from("x"), now());
+    }
+    settle_presence(&mut engines);
+    assert_eq!(total(&engines), 2);
+}

@@ -264,6 +264,44 @@ pub(super) enum Note {
     Joined { from: usize, room: Arc<str> },
     /// Worker `from` no longer holds any member of `room`.
     Left { from: usize, room: Arc<str> },
+    /// A connection on the sender (`member.worker`) became a member of `room` (homed at the
+    /// receiver), or its `info` changed (a token refresh): `Engine::member_joined`
+    /// (`presence.rs`).
+    MemberJoined { room: Arc<str>, member: RoomMember },
+    /// The connection `conn` on worker `from` is no longer a member of `room` (homed at the
+    /// receiver): `Engine::member_left`.
+    MemberLeft {
+        from: usize,
+        room: Arc<str>,
+        conn: u64,
+    },
+    /// The members of `room` on every worker but the receiver, at `version` of the receiver's
+    /// view of the room: the home's (`from`) answer to the receiver's `Joined`.
+    Snapshot {
+        from: usize,
+        room: Arc<str>,
+        version: u64,
+        members: Vec<RoomMember>,
+    },
+    /// A change to `room`'s members made on another worker than the receiver, numbered
+    /// `version` in the receiver's view by the room's home (`from`).
+    Presence {
+        from: usize,
+        room: Arc<str>,
+        version: u64,
+        member: RoomMember,
+        joined: bool,
+    },
+}
+
+/// A member of a room (one connection) as it crosses: the worker it is connected to, its
+/// number there (`LocalMember::conn`), its id and its token's `info` (JSON text).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct RoomMember {
+    pub(super) worker: usize,
+    pub(super) conn: u64,
+    pub(super) id: Arc<str>,
+    pub(super) info: Option<Arc<str>>,
 }
 
 impl Note {
