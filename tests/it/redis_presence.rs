@@ -19,7 +19,16 @@ const TTL: &str = "3s";
 
 fn node(poller: &str, redis: &RedisServer) -> Server {
     let url = redis.url();
-    Server::start(poller, &["--redis", &url, "--redis-presence-ttl", TTL])
+    // `--workers 1` explicitly: TEST_WORKERS must not turn these into the refused combination.
+    let args = [
+        "--redis",
+        &url,
+        "--redis-presence-ttl",
+        TTL,
+        "--workers",
+        "1",
+    ];
+    Server::start(poller, &args)
 }
 
 /// Polls /metrics until `sample` is at least `min` (bounded by `DEADLINE`; a missing sample
