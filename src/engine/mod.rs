@@ -9,6 +9,8 @@
 //! * `bus/`: `BusEngine`, one per worker with `--workers` above 1 (SPEC §14): each stream has a
 //!   home worker whose memory engine holds it, and the others reach it over queues;
 //! * `streams.rs`: `Streams`, the in-memory index of retained messages both engines share;
+//! * `data_dir.rs`: the data directory's layout with several workers (a log per worker, and
+//!   the marker of how many wrote it);
 //! * `journal.rs`: the log's on-disk format (records, segments, recovery from a torn tail);
 //! * `storage.rs`: the file engine's storage thread (group commit, rotation, compaction);
 //! * `histogram.rs`: fixed-bucket histograms for /metrics;
@@ -45,6 +47,7 @@
 //! (SPEC §14) fit behind this trait without changing the hub.
 
 pub mod bus;
+pub mod data_dir;
 pub mod file;
 pub mod histogram;
 pub mod journal;

@@ -28,6 +28,7 @@ mod offline;
 mod rooms;
 mod tokens;
 mod workers;
+mod workers_durable;
 mod workers_ws;
 
 mod redis;
