@@ -246,7 +246,8 @@ fn another_number_of_workers_is_refused(poller: &str) {
     drop(server);
 
     let single = dir.path().join("single");
-    let mut one = Server::start(poller, &["--data-dir", single.to_str().unwrap()]);
+    let args = ["--workers", "1", "--data-dir", single.to_str().unwrap()];
+    let mut one = Server::start(poller, &args);
     let mut a = Client::as_id(&one, "alice");
     assert_eq!(a.send_acked("bob", json!(1), "x")["status"], "queued");
     drop(a);
