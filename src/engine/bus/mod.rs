@@ -13,11 +13,12 @@
 //! # Homes
 //!
 //! A stream's home is `hash(stream) % workers` (an id's inbox and a room of the same name are
-//! two streams and may have two homes). The home's memory engine gives the stream's messages
-//! their positions, keeps its retained messages, its pending flags and the duplicate windows
-//! of the messages sent to it, exactly as the one engine of a single worker does. Work for a
-//! stream homed here is done at once; for a stream homed elsewhere it is a `Request` on the
-//! home's queue, and the answer a `Reply` on ours. Every worker's engine has the same epoch and
+//! two streams and may have two homes). The home's local engine (memory, or a file engine with
+//! `--data-dir`) gives the stream's messages their positions, keeps its retained messages, its
+//! pending flags and the duplicate windows of the messages sent to it, exactly as the one
+//! engine of a single worker does. Work for a stream homed here goes to the local engine
+//! directly; for a stream homed elsewhere it is a `Request` on the home's queue, and the answer
+//! a `Reply` on ours. Every worker's engine has the same epoch and
 //! draws positions from one counter of the process (an atomic add per stored message), so a
 //! msg_id is unique across all streams and a `since` is judged the same wherever it lands.
 //!
