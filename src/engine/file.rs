@@ -143,7 +143,7 @@ impl fmt::Display for OpenError {
                 expected,
             } => write!(
                 f,
-                "data dir: {} belongs to another store (epoch {found}, not {expected} as its sibling workers' directories); move it away to start without it",
+                "data dir: {} belongs to another store (epoch {found}, not {expected} as the directory's WORKERS marker says); move it away to start without it",
                 dir.display()
             ),
             OpenError::Workers {

@@ -84,6 +84,15 @@ fn refused(poller: &str, args: &[&str]) -> (Option<i32>, String) {
     (status.code(), stderr)
 }
 
+/// Copies the files of `from` (no subdirectories) into a new directory `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
 /// Reads `n` messages, which must be `payloads` with the acked msg_ids `acks`, in order.
 fn expect_messages(b: &mut Client, acks: &[Value], payloads: std::ops::Range<usize>) {
     for i in payloads {
@@ -244,6 +253,20 @@ fn another_number_of_workers_is_refused(poller: &str) {
     let (mut b, _) = Client::connect(&server, "/ws?id=bob");
     assert_eq!(b.expect("message")["payload"], 1);
     drop(server);
+
+    // A worker's log from another store (another epoch) is refused, naming its directory.
+    let other = dir.path().join("other");
+    drop(start(poller, &other, &[]));
+    std::fs::remove_dir_all(data.join("worker-1")).unwrap();
+    copy_dir(&other.join("worker-1"), &data.join("worker-1"));
+    let args = ["--workers", "2", "--data-dir", data.to_str().unwrap()];
+    let (code, stderr) = refused(poller, &args);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    assert!(
+        stderr.contains("worker-1 belongs to another store"),
+        "{stderr}"
+    );
 
     let single = dir.path().join("single");
     let args = ["--workers", "1", "--data-dir", single.to_str().unwrap()];
