@@ -64,6 +64,9 @@ fn refused(poller: &str, args: &[&str]) -> (Option<i32>, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
         .args(["serve", "--listen", "127.0.0.1:0", "--poller", poller])
         .args(args)
+        // Without the other workers' start-up info lines (a worker that read its log logs
+        // what it holds while another refuses): only the refusal is on stderr.
+        .env("RUST_LOG", "wsrelay=warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
