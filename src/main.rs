@@ -71,7 +71,9 @@ struct ServeArgs {
     /// its own poller, listener (SO_REUSEPORT, Linux only), connections and timers; raw rooms
     /// (/r/) reach members on every worker through a bus, and /ws through the engine bus
     /// (each id and room has a home worker); the server API answers for every worker. Above 1,
-    /// --data-dir is refused.
+    /// --data-dir keeps each worker's home streams in DIR/worker-<i>: the directory must then
+    /// always be started with the same N (another N is refused, naming the one it was written
+    /// with).
     #[arg(long, default_value = "1", value_parser = parse_workers)]
     workers: usize,
 
@@ -230,6 +232,7 @@ struct StorageArgs {
     /// Keep offline queues, retained messages, duplicate windows and msg_ids in this directory
     /// (the file engine), so that they survive a restart and kill -9. Created if missing; one
     /// server per directory. Without it, everything is in memory and a restart forgets it.
+    /// The number of --workers is part of the data: restart with the same one.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
 
@@ -310,24 +313,14 @@ fn build_app(
         let ttl = storage.redis_presence_ttl;
         return build_redis_app(config, url, storage.redis_prefix, ttl);
     }
-    let Some(dir) = storage.data_dir else {
+    let Some(dir) = storage.data_dir.clone() else {
         return Ok((App::new(config), None));
     };
+    // A directory written by several workers holds its streams in their directories.
+    engine::data_dir::check_single(&dir).map_err(|e| e.to_string())?;
     let (receiver, waker) =
         waker::pair().map_err(|e| format!("cannot create the engine's waker: {e}"))?;
-    let file = FileConfig {
-        dir,
-        fsync: storage.fsync.policy(),
-        segment_bytes: engine::file::SEGMENT_BYTES,
-        limits: app::limits(&config),
-        room_history: app::room_history_limits(&config),
-        dedup_window: config.dedup_window,
-        dedup_idle: config.offline_ttl,
-        dedup_max_bytes: config.dedup_max_bytes,
-        fault: storage
-            .fail_writes_while_exists
-            .map_or(StoreFault::Off, StoreFault::WhileFileExists),
-    };
+    let file = file_config(&config, &storage, dir);
     let now = Now {
         instant: SystemClock.now(),
         unix_ms: SystemClock.unix_ms(),
@@ -335,6 +328,25 @@ fn build_app(
     let engine = FileEngine::open(file, std::sync::Arc::new(move || waker.wake()), now)
         .map_err(|e| e.to_string())?;
     Ok((App::with_engine(config, Box::new(engine)), Some(receiver)))
+}
+
+/// The file engine's settings for `dir` from the flags (one worker's, or each worker's own
+/// directory with `--workers`).
+fn file_config(config: &AppConfig, storage: &StorageArgs, dir: std::path::PathBuf) -> FileConfig {
+    FileConfig {
+        dir,
+        fsync: storage.fsync.policy(),
+        segment_bytes: engine::file::SEGMENT_BYTES,
+        limits: app::limits(config),
+        room_history: app::room_history_limits(config),
+        dedup_window: config.dedup_window,
+        dedup_idle: config.offline_ttl,
+        dedup_max_bytes: config.dedup_max_bytes,
+        fault: storage
+            .fail_writes_while_exists
+            .clone()
+            .map_or(StoreFault::Off, StoreFault::WhileFileExists),
+    }
 }
 
 /// The app on the Redis engine (`--redis`, SPEC §15): its threads answer through the waker.
@@ -706,13 +718,6 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    if args.storage.data_dir.is_some() {
-        eprintln!(
-            "wsrelay: --data-dir is not supported with --workers above 1 yet (the workers' \
-             engine bus keeps streams in memory only); use --workers 1"
-        );
-        return ExitCode::FAILURE;
-    }
     let config = reactor_config(&args, compression);
     let (api_max_body, max_message) = (args.api.api_max_body, args.max_message);
     // The same app settings as one reactor's (`serve`), the server API's included.
@@ -733,6 +738,21 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
             eprintln!("wsrelay: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    // `--data-dir`: a log per worker, under one lock held until the process ends, and the
+    // marker that ties the directory to this number of workers (`engine/data_dir.rs`).
+    let store = match &args.storage.data_dir {
+        Some(dir) => match engine::data_dir::WorkersDir::open(dir, workers) {
+            Ok(layout) => {
+                let file = file_config(&app_config, &args.storage, dir.clone());
+                Some((layout, file))
+            }
+            Err(e) => {
+                eprintln!("wsrelay: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
     };
     let tls_files = args.tls_cert.zip(args.tls_key);
     if let Some((cert, key)) = &tls_files {
@@ -773,7 +793,15 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
         instant: SystemClock.now(),
         unix_ms: SystemClock.unix_ms(),
     };
-    let engine_links = engine::bus::links(wakes, now);
+    let engine_links = match &store {
+        Some((layout, _)) => engine::bus::links_with_epoch(wakes, now, layout.epoch()),
+        None => engine::bus::links(wakes, now),
+    };
+    // With logs, no worker serves before every worker has read its own: only then is the
+    // shared position counter above every position they hold.
+    let gate = store
+        .as_ref()
+        .map(|_| std::sync::Arc::new(std::sync::Barrier::new(workers)));
     // The server API's questions about connections (presence, rooms, ids, disconnect) are
     // asked of every worker, on the same wakers (`app/gather.rs`).
     let mut api_links = app::gather::links(
@@ -797,6 +825,11 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
             wake,
             engine_link,
             api_link: api_links.next(),
+            store: store.as_ref().map(|(layout, file)| FileConfig {
+                dir: layout.worker(index),
+                ..file.clone()
+            }),
+            gate: gate.clone(),
             app: app_config.clone(),
             config: config.clone(),
             tls: tls_files.clone(),
@@ -876,6 +909,9 @@ struct WorkerStart {
     engine_link: engine::bus::Link,
     /// This worker's end of the server API's queues (`app/gather.rs`).
     api_link: Option<app::gather::Link>,
+    /// `--data-dir`: this worker's log, and the gate every worker passes once its log is read.
+    store: Option<FileConfig>,
+    gate: Option<std::sync::Arc<std::sync::Barrier>>,
     /// The app is built on the worker's thread: it holds `Rc`s, and never leaves that thread.
     app: AppConfig,
     config: Config,
@@ -893,13 +929,22 @@ fn run_worker<P: Poller>(
         instant: SystemClock.now(),
         unix_ms: SystemClock.unix_ms(),
     };
-    let engine = engine::bus::BusEngine::new(
-        start.engine_link,
-        app::limits(&start.app),
-        app::room_history_limits(&start.app),
-        app::dedup(&start.app),
-        now,
-    );
+    let engine = match start.store {
+        Some(file) => engine::bus::BusEngine::with_file(start.engine_link, file, now)
+            .map_err(|e| std::io::Error::other(format!("worker {}: {e}", start.index)))?,
+        None => engine::bus::BusEngine::new(
+            start.engine_link,
+            app::limits(&start.app),
+            app::room_history_limits(&start.app),
+            app::dedup(&start.app),
+            now,
+        ),
+    };
+    if let Some(gate) = &start.gate {
+        // A worker that cannot read its log never comes: the main thread then reports it and
+        // ends the process, these waiting ones with it.
+        gate.wait();
+    }
     let api_link = start
         .api_link
         .ok_or_else(|| std::io::Error::other("no server API link for this worker"))?;

@@ -53,7 +53,9 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -97,6 +99,21 @@ pub enum OpenError {
         offset: usize,
         problem: &'static str,
     },
+    /// A worker's directory holds the log of another store than its siblings (SPEC §14: every
+    /// worker's log has the process's one epoch, the one `WORKERS` records).
+    Epoch {
+        dir: PathBuf,
+        found: Epoch,
+        expected: Epoch,
+    },
+    /// The directory was written by another number of workers (`--workers`; 1: today's
+    /// single-worker layout): each stream lives in its home worker's directory, and the home
+    /// depends on the number (`data_dir.rs`).
+    Workers {
+        dir: PathBuf,
+        written: usize,
+        asked: usize,
+    },
 }
 
 impl fmt::Display for OpenError {
@@ -119,6 +136,24 @@ impl fmt::Display for OpenError {
                 f,
                 "data dir: {} is damaged at byte {offset} ({problem}); move it away to start without it",
                 path.display()
+            ),
+            OpenError::Epoch {
+                dir,
+                found,
+                expected,
+            } => write!(
+                f,
+                "data dir: {} belongs to another store (epoch {found}, not {expected} as the directory's WORKERS marker says); move it away to start without it",
+                dir.display()
+            ),
+            OpenError::Workers {
+                dir,
+                written,
+                asked,
+            } => write!(
+                f,
+                "data dir {} was written with --workers {written}, not {asked} (each stream lives in its home worker's files); start with --workers {written}",
+                dir.display()
             ),
         }
     }
@@ -208,6 +243,8 @@ struct Stats {
     startup_records: u64,
     startup_seconds: f64,
     torn_bytes: u64,
+    /// Why the last write failed, while writes fail (for /healthz).
+    last_error: String,
 }
 
 pub struct FileEngine {
@@ -245,6 +282,31 @@ impl FileEngine {
     /// See `OpenError`: another process holds the directory, it cannot be used, or an older
     /// segment is damaged. A torn tail of the newest segment is not an error: it is cut off.
     pub fn open(config: FileConfig, wake: Wake, now: Now) -> Result<FileEngine, OpenError> {
+        FileEngine::open_with(config, wake, now, None)
+    }
+
+    /// One worker's engine among several (SPEC §14, `bus::BusEngine::with_file`): as `open`,
+    /// but the log's epoch must be `epoch` (a fresh log takes it), and positions come from the
+    /// process's `counter`, which this raises above everything the log holds.
+    ///
+    /// # Errors
+    /// As `open`, and `OpenError::Epoch` when the log is another store's.
+    pub fn open_worker(
+        config: FileConfig,
+        wake: Wake,
+        now: Now,
+        epoch: Epoch,
+        counter: Arc<AtomicU64>,
+    ) -> Result<FileEngine, OpenError> {
+        FileEngine::open_with(config, wake, now, Some((epoch, counter)))
+    }
+
+    fn open_with(
+        config: FileConfig,
+        wake: Wake,
+        now: Now,
+        shared: Option<(Epoch, Arc<AtomicU64>)>,
+    ) -> Result<FileEngine, OpenError> {
         let started = Instant::now();
         let dir = config.dir.clone();
         fs::create_dir_all(&dir).map_err(access(&dir))?;
@@ -310,7 +372,17 @@ impl FileEngine {
         } = loader;
         // No header read: no segment, or only one torn before its header was whole.
         let fresh = epoch.is_none();
-        let epoch = epoch.unwrap_or_else(Epoch::random);
+        let expected = shared.as_ref().map(|(epoch, _)| *epoch);
+        if let (Some(found), Some(expected)) = (epoch, expected) {
+            if found != expected {
+                return Err(OpenError::Epoch {
+                    dir,
+                    found,
+                    expected,
+                });
+            }
+        }
+        let epoch = epoch.or(expected).unwrap_or_else(Epoch::random);
         if fresh {
             // A fresh store has no history: every position below its first one belongs to
             // something else (another store, an earlier one that was deleted), so a `since`
@@ -333,6 +405,9 @@ impl FileEngine {
         // With room history off now, whatever history the log holds goes (counted).
         rooms.enforce(now.unix_ms, &mut gone);
         let mut mem = MemoryEngine::resume(epoch, high_water, streams, rooms, dedup, now);
+        if let Some((_, counter)) = shared {
+            mem.share_positions(counter);
+        }
         for sender in &senders {
             mem.dedup.idle(sender, now.instant);
         }
@@ -402,6 +477,7 @@ impl FileEngine {
                 startup_records: records,
                 startup_seconds: started.elapsed().as_secs_f64(),
                 torn_bytes,
+                last_error: String::new(),
             },
             _lock: lock,
         };
@@ -563,6 +639,10 @@ impl FileEngine {
         }
         if failing {
             self.stats.errors += done.ops as u64;
+        }
+        match &done.result {
+            Err(e) => self.stats.last_error.clone_from(e),
+            Ok(()) => self.stats.last_error.clear(),
         }
         if let Some((segment, retry_at_ms)) = done.declined {
             if let Some(u) = self.usage.get_mut(&segment) {
@@ -948,6 +1028,19 @@ impl Engine for FileEngine {
         self.queue.iter().filter(|w| w.ticket.is_some()).count()
     }
 
+    /// Degraded while writes fail (disk full, I/O error): sends are rejected then, so a load
+    /// balancer should send clients elsewhere. It clears with the first write that works
+    /// again (an idle server finds out at its next write).
+    fn health(&self) -> Option<String> {
+        self.stats.failing.then(|| {
+            format!(
+                "writes to the data dir {} fail ({})",
+                self.dir.display(),
+                self.stats.last_error
+            )
+        })
+    }
+
     fn render_metrics(&self, out: &mut String) {
         self.mem.render_index(self.kind(), self.in_flight(), out);
         let s = &self.stats;
@@ -1054,7 +1147,7 @@ impl Drop for FileEngine {
 
 /// Takes the directory's lock file (`flock`, released by the OS when the process dies, so a
 /// crashed server never leaves a stale lock behind).
-fn lock(dir: &Path) -> Result<File, OpenError> {
+pub(super) fn lock(dir: &Path) -> Result<File, OpenError> {
     let path = dir.join("LOCK");
     let file = OpenOptions::new()
         .create(true)

@@ -155,6 +155,15 @@ impl MemoryEngine {
         engine
     }
 
+    /// Makes this engine (the file engine's index, after reading a worker's log) draw its
+    /// positions from the process's `counter` (SPEC §14), raising the counter first to this
+    /// engine's next position, so that no position of its log is handed out again. The caller
+    /// lets no worker allocate before every worker's engine has done this (`bus::with_file`).
+    pub(super) fn share_positions(&mut self, counter: Arc<AtomicU64>) {
+        counter.fetch_max(self.next.0, Ordering::Relaxed);
+        self.shared = Some(counter);
+    }
+
     pub fn epoch(&self) -> Epoch {
         self.epoch
     }

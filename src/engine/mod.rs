@@ -10,6 +10,8 @@
 //!   home worker whose memory engine holds it (and, for a room, its members on every worker),
 //!   and the others reach it over queues;
 //! * `streams.rs`: `Streams`, the in-memory index of retained messages both engines share;
+//! * `data_dir.rs`: the data directory's layout with several workers (a log per worker, and
+//!   the marker of how many wrote it);
 //! * `journal.rs`: the log's on-disk format (records, segments, recovery from a torn tail);
 //! * `storage.rs`: the file engine's storage thread (group commit, rotation, compaction);
 //! * `histogram.rs`: fixed-bucket histograms for /metrics;
@@ -46,6 +48,7 @@
 //! (SPEC §14) fit behind this trait without changing the hub.
 
 pub mod bus;
+pub mod data_dir;
 pub mod file;
 pub mod histogram;
 pub mod journal;

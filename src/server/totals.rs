@@ -17,9 +17,10 @@
 //! too high, so they are listed as `Same` and the answering worker's value is given. Every gauge
 //! a multi-worker server renders is listed in `RULES` with its decision (the integration test
 //! `workers::every_gauge_has_a_merge_rule` fails on one that is not), so a new gauge cannot be
-//! summed by accident; one left unlisted sums. The file engine's families are not listed:
-//! `--data-dir` is refused with several workers. docs/operations.md ("Workers") has the table
-//! with the reasons.
+//! summed by accident; one left unlisted sums. A few are neither: a state the process is in
+//! only if every worker is (`Min`: the file engine's writes work) or a time the workers spent
+//! side by side (`Max`: reading their logs at start-up). docs/operations.md ("Workers") has
+//! the table with the reasons.
 
 use std::collections::HashMap;
 use std::fmt::{self, Write};
@@ -31,6 +32,11 @@ pub enum Merge {
     Sum,
     /// The same fact on every worker: the answering worker's value, as it stated it.
     Same,
+    /// The smallest value: a 0/1 state that holds for the process only if it holds on every
+    /// worker.
+    Min,
+    /// The largest value: a duration the workers spent at once, each on its own part.
+    Max,
 }
 
 /// Every gauge family (and the one counter) that a worker renders, and how it merges. Counters
@@ -66,6 +72,16 @@ pub const RULES: &[(&str, Merge)] = &[
     ("wsrelay_engine_bus_held", Merge::Sum),
     // Members of the rooms homed at each worker: every envelope room member once.
     ("wsrelay_engine_bus_presence_members", Merge::Sum),
+    // The file engine with workers (`--data-dir`): a log per worker, each its share.
+    ("wsrelay_engine_disk_bytes", Merge::Sum),
+    ("wsrelay_engine_segments", Merge::Sum),
+    ("wsrelay_engine_startup_records", Merge::Sum),
+    ("wsrelay_engine_torn_tail_bytes", Merge::Sum),
+    ("wsrelay_engine_fsync_policy", Merge::Same),
+    // Writes work for the process only if they work on every worker's log.
+    ("wsrelay_engine_store_ok", Merge::Min),
+    // The workers read their logs at the same time: the start-up took the longest.
+    ("wsrelay_engine_startup_seconds", Merge::Max),
     // Facts about the process, stated alike by every worker.
     ("wsrelay_poller_info", Merge::Same),
     ("wsrelay_engine_info", Merge::Same),
@@ -199,10 +215,14 @@ pub fn merge_metrics<'a>(texts: impl IntoIterator<Item = &'a str>) -> String {
             let merge = family.merge.unwrap_or(Merge::Sum);
             match family.index.get(series) {
                 Some(&at) => {
-                    if merge == Merge::Sum {
-                        let sum = family.samples[at].1.add(value);
-                        family.samples[at].1 = sum;
-                    }
+                    let old = family.samples[at].1;
+                    family.samples[at].1 = match merge {
+                        Merge::Sum => old.add(value),
+                        Merge::Same => old,
+                        Merge::Min if value.as_f64() < old.as_f64() => value,
+                        Merge::Max if value.as_f64() > old.as_f64() => value,
+                        Merge::Min | Merge::Max => old,
+                    };
                 }
                 None => {
                     family
@@ -342,6 +362,25 @@ wsrelay_fsync_seconds_count 3
                 < at("wsrelay_closes_sent_total{code=\"1008\"}")
         );
         assert_eq!(text.lines().count(), WORKER_0.lines().count() + 1);
+    }
+
+    #[test]
+    fn a_state_of_every_worker_is_the_least_and_a_time_side_by_side_the_longest() {
+        let worker = |ok: u8, secs: &str| {
+            format!(
+                "# TYPE wsrelay_engine_store_ok gauge\nwsrelay_engine_store_ok {ok}\n\
+                 # TYPE wsrelay_engine_startup_seconds gauge\nwsrelay_engine_startup_seconds {secs}\n"
+            )
+        };
+        let (w0, w1) = (worker(1, "0.5"), worker(0, "1.25"));
+        for texts in [[&w0, &w1], [&w1, &w0]] {
+            let text = merge_metrics(texts.map(String::as_str));
+            assert!(text.contains("wsrelay_engine_store_ok 0\n"), "{text}");
+            assert!(
+                text.contains("wsrelay_engine_startup_seconds 1.25\n"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -324,7 +324,16 @@ fn a_failing_store_rejects_sends_and_live_traffic_goes_on(poller: &str) {
     let mut echo = server.ws("/echo");
     echo.send(Message::text("ping")).unwrap();
     assert_eq!(echo.read().unwrap(), Message::text("ping"));
-    assert_eq!(server.get("/healthz").status, 200);
+    // A load balancer should send clients elsewhere while sends are rejected here.
+    let health = server.get("/healthz");
+    assert_eq!(health.status, 503);
+    assert!(
+        health
+            .body_text()
+            .starts_with("degraded: writes to the data dir"),
+        "{}",
+        health.body_text()
+    );
 
     std::fs::remove_file(&switch).unwrap();
     // The same client id again: a retry of a rejected message is a new message.
@@ -332,6 +341,7 @@ fn a_failing_store_rejects_sends_and_live_traffic_goes_on(poller: &str) {
     assert_eq!(ack["status"], "delivered", "{ack}");
     assert_eq!(b.expect("message")["payload"], "kept");
     assert_eq!(required_metric(&server, "wsrelay_engine_store_ok"), 1.0);
+    assert_eq!(server.get("/healthz").status, 200, "healthy again");
     assert_eq!(
         required_metric(&server, "wsrelay_engine_store_state_changes_total"),
         2.0

@@ -30,6 +30,7 @@ mod tokens;
 mod workers;
 mod workers_api;
 mod workers_presence;
+mod workers_durable;
 mod workers_ws;
 
 mod redis;

@@ -3,8 +3,9 @@
 //! show it before anything else is checked (a test whose connections all landed on one worker
 //! would prove nothing about the others).
 //!
-//! What the bus between workers does not carry yet is refused, and that is tested too:
-//! --data-dir does not start. `/ws` across workers is tested in `workers_ws.rs`.
+//! What the bus between workers does not carry yet is refused, and that is tested too.
+//! `/ws` across workers is tested in `workers_ws.rs`, with `--data-dir` in
+//! `workers_durable.rs`.
 //!
 //! /metrics and /stats.json are the process's totals whichever worker answers: every scrape is
 //! checked against the work the test did, on every worker (src/server/scrape.rs has the
@@ -413,25 +414,6 @@ fn one_worker_is_the_single_reactor() {
     assert!(text.contains("wsrelay_messages_in_total"));
     assert!(!text.contains("wsrelay_worker"), "{text}");
     assert!(!text.contains("wsrelay_process_"), "{text}");
-}
-
-/// --data-dir needs the bus to carry streams: refused before anything listens, in one line.
-#[test]
-fn data_dir_with_several_workers_does_not_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--data-dir") && stderr.contains("--workers 1"),
-        "{stderr}"
-    );
-    assert!(out.stdout.is_empty(), "it must not have listened");
 }
 
 /// `--workers 0` and nonsense are refused by the flag parser; `auto` starts.

@@ -1,24 +1,42 @@
 //! The workers' engine bus (`--workers` above 1, SPEC §14): every worker's hub talks to a
 //! `BusEngine`, and every stream has one *home* worker whose memory engine holds it.
 //!
-//! Owns: `BusEngine` (one per worker: its own memory engine for the streams homed here, its
-//! end of the bus, the routing, the order of completions), `Fabric` (what the workers' engines
-//! share: the epoch, the position counter, the queue depths) and `links` (the queues, made on
-//! the main thread and moved into the workers). `presence.rs` holds the rooms' members across
-//! workers, `wire.rs` what crosses.
+//! Owns: `BusEngine` (one per worker: its own local engine for the streams homed here, a
+//! memory engine or with `--data-dir` a file engine, its end of the bus, the routing, the
+//! order of completions), `Fabric` (what the workers' engines share: the epoch, the position
+//! counter, the queue depths, the stores' health) and `links` (the queues, made on the main
+//! thread and moved into the workers). `presence.rs` holds the rooms' members across workers,
+//! `wire.rs` what crosses.
 //! Does not: see connections or frames (the hub delivers `Stored` and `Arrived` itself), decide
-//! acks (the hub does, from `Outcome`), or carry raw rooms (`app/raw_bus.rs` does).
+//! acks (the hub does, from `Outcome`), carry raw rooms (`app/raw_bus.rs` does), or lay out the
+//! data directory (`engine/data_dir.rs`).
 //!
 //! # Homes
 //!
 //! A stream's home is `hash(stream) % workers` (an id's inbox and a room of the same name are
-//! two streams and may have two homes). The home's memory engine gives the stream's messages
-//! their positions, keeps its retained messages, its pending flags and the duplicate windows
-//! of the messages sent to it, exactly as the one engine of a single worker does. Work for a
-//! stream homed here is done at once; for a stream homed elsewhere it is a `Request` on the
-//! home's queue, and the answer a `Reply` on ours. Every worker's engine has the same epoch and
+//! two streams and may have two homes). The home's local engine (memory, or a file engine with
+//! `--data-dir`) gives the stream's messages their positions, keeps its retained messages, its
+//! pending flags and the duplicate windows of the messages sent to it, exactly as the one
+//! engine of a single worker does. Work for a stream homed here goes to the local engine
+//! directly; for a stream homed elsewhere it is a `Request` on the home's queue, and the answer
+//! a `Reply` on ours. Every worker's engine has the same epoch and
 //! draws positions from one counter of the process (an atomic add per stored message), so a
 //! msg_id is unique across all streams and a `since` is judged the same wherever it lands.
+//!
+//! # Durable homes
+//!
+//! With `--data-dir`, each worker's home streams live in a file engine of its own (its own
+//! directory, log and storage thread; `with_file`), which completes later, after the fsync.
+//! The home then keeps what it must do with each completion (`Serving`: who asked, with which
+//! ticket, and the message to fan out) and does it when the completion comes out of the local
+//! engine's `poll`, in the order the local engine completes (the order of submission). So a
+//! message reaches other workers as `Arrived`, and its sender's worker as a reply, only once
+//! it is on disk, exactly as with one worker (SPEC §13, "acks never lie"); a recovery served
+//! after it includes it, one served before does not. The storage thread rings the worker's
+//! reactor through the same waker as the bus. The memory engine takes the same path; its
+//! completions are there at the next `poll`. Every worker's log has the process's epoch, and
+//! every log's positions are below the shared counter before any worker serves (the caller
+//! opens all engines first, `with_file`).
 //!
 //! # Who hears a stored message
 //!
@@ -84,6 +102,7 @@ use super::{
     Append, Completion, Engine, Epoch, Event, LocalMember, Member, Now, Outcome, Position, Publish,
     Since, Stats, StreamId, Ticket, Wake,
 };
+use super::{FileConfig, FileEngine, OpenError};
 use crate::app::dedup::Dedup;
 use crate::app::envelope::AckStatus;
 use crate::server::metrics::Writer;
@@ -95,7 +114,7 @@ use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use wire::{Answer, Job, Note, Stream, Work};
 
 /// Notes waiting in a worker's queue beyond which `Arrived` notes for it are dropped.
@@ -112,6 +131,9 @@ pub struct Fabric {
     /// Notes waiting in each worker's queue: raised by the sender before it sends, lowered by
     /// the receiver as it takes them.
     depth: Box<[AtomicU64]>,
+    /// Why each worker's local store is degraded (a file engine whose writes fail), so that
+    /// /healthz of every worker says so (`Engine::health`). Written only on a change.
+    faults: Box<[Mutex<Option<String>>]>,
 }
 
 /// One worker's ends of the bus, made on the main thread and moved into the worker.
@@ -125,13 +147,19 @@ pub struct Link {
 
 /// The links of `wakes.len()` workers, by index; `wakes[i]` rings worker i's reactor.
 pub fn links(wakes: Vec<Wake>, now: Now) -> Vec<Link> {
+    links_with_epoch(wakes, now, Epoch::random())
+}
+
+/// As `links`, for workers whose streams have `epoch` (their logs', `data_dir::WorkersDir`).
+pub fn links_with_epoch(wakes: Vec<Wake>, now: Now, epoch: Epoch) -> Vec<Link> {
     let workers = wakes.len();
     let first = super::memory::first_position(now);
     let fabric = Arc::new(Fabric {
-        epoch: Epoch::random(),
+        epoch,
         positions: Arc::new(AtomicU64::new(first.0)),
         first,
         depth: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        faults: (0..workers).map(|_| Mutex::new(None)).collect(),
     });
     let mut doors = Vec::with_capacity(workers);
     let mut inboxes = Vec::with_capacity(workers);
@@ -169,6 +197,44 @@ struct RoomSub {
     recovering: u32,
 }
 
+/// Where a worker's home streams live. One per worker, made once: the size difference of the
+/// variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Local {
+    /// In memory (the default): gone at a restart.
+    Memory(MemoryEngine),
+    /// In the worker's own log (`--data-dir`).
+    File(FileEngine),
+}
+
+impl Local {
+    fn engine(&mut self) -> &mut dyn Engine {
+        match self {
+            Local::Memory(e) => e,
+            Local::File(e) => e,
+        }
+    }
+
+    fn get(&self) -> &dyn Engine {
+        match self {
+            Local::Memory(e) => e,
+            Local::File(e) => e,
+        }
+    }
+}
+
+/// Work the local engine is doing for a worker (this one included): what to do with its
+/// completion (module doc, "Durable homes").
+#[derive(Debug)]
+struct Serving {
+    /// The ticket the local engine knows it by (the requesters' tickets may collide).
+    local: Ticket,
+    from: usize,
+    ticket: Ticket,
+    /// A message's readers and body, to fan out once it is stored.
+    delivery: Option<(StreamId, Rc<[u8]>)>,
+}
+
 /// One submitted piece of work, until its completion leaves `poll`.
 #[derive(Debug)]
 struct Submitted {
@@ -184,7 +250,12 @@ struct Submitted {
 pub struct BusEngine {
     link: Link,
     /// The streams homed here.
-    local: MemoryEngine,
+    local: Local,
+    /// Work on `local`, oldest first, and the last local ticket handed out.
+    serving: VecDeque<Serving>,
+    next_local: u64,
+    /// What this worker last published in `Fabric::faults`.
+    fault: Option<String>,
     /// Ids with a connection on some worker, and which workers (kept by every worker).
     ids: HashMap<Rc<str>, Vec<usize>>,
     /// Rooms homed here with members on some worker, and which workers.
@@ -235,9 +306,39 @@ impl BusEngine {
             now,
         )
         .with_room_history(room_history);
+        BusEngine::on(link, Local::Memory(local))
+    }
+
+    /// Worker `link.index`'s engine with its home streams in a file engine over
+    /// `config.dir` (`data_dir::WorkersDir::worker`): reads that log, which must have the
+    /// link's epoch (or none yet), raises the shared position counter above it, and rings this
+    /// worker's reactor from the storage thread.
+    ///
+    /// Every worker's engine must be open before any worker submits work: only then is the
+    /// counter above every log's positions (the caller waits for all, e.g. on a barrier).
+    ///
+    /// # Errors
+    /// `FileEngine::open_worker`'s: the log cannot be used, or is another store's.
+    pub fn with_file(link: Link, config: FileConfig, now: Now) -> Result<BusEngine, OpenError> {
+        let wake = Arc::clone(&link.doors[link.index].1);
+        let fabric = &link.fabric;
+        let file = FileEngine::open_worker(
+            config,
+            wake,
+            now,
+            fabric.epoch,
+            Arc::clone(&fabric.positions),
+        )?;
+        Ok(BusEngine::on(link, Local::File(file)))
+    }
+
+    fn on(link: Link, local: Local) -> BusEngine {
         let workers = link.doors.len();
         BusEngine {
             local,
+            serving: VecDeque::new(),
+            next_local: 0,
+            fault: None,
             ids: HashMap::new(),
             rooms: HashMap::new(),
             subs: HashMap::new(),
@@ -364,30 +465,70 @@ impl BusEngine {
         }
     }
 
-    /// Does `job` (for a stream homed here) for worker `from` on the local engine, tells every
-    /// other worker holding the stream's readers, and answers `from`.
+    /// Submits `job` (for a stream homed here) for worker `from` to the local engine; its
+    /// completion is acted on (`answer`) when the local engine hands it out (`drain_local`).
     fn serve(&mut self, from: usize, ticket: Ticket, job: Job, now: Now) {
-        let delivery = Self::delivery_stream(&job);
         let body = match &job {
             Job::Append(a) => Some(Rc::clone(&a.body)),
             Job::Publish(p) => Some(Rc::clone(&p.body)),
             _ => None,
         };
+        let delivery = Self::delivery_stream(&job).zip(body);
+        self.next_local += 1;
+        let local = Ticket(self.next_local);
+        self.serving.push_back(Serving {
+            local,
+            from,
+            ticket,
+            delivery,
+        });
+        let engine = self.local.engine();
         match job {
-            Job::Append(a) => self.local.append(ticket, a, now),
-            Job::Publish(p) => self.local.publish(ticket, p, now),
-            Job::Recover(stream, since) => self.local.recover(ticket, &stream, since, now),
-            Job::History(stream, limit) => self.local.history(ticket, &stream, limit, now),
+            Job::Append(a) => engine.append(local, a, now),
+            Job::Publish(p) => engine.publish(local, p, now),
+            Job::Recover(stream, since) => engine.recover(local, &stream, since, now),
+            Job::History(stream, limit) => engine.history(local, &stream, limit, now),
         }
-        let mut done = Vec::with_capacity(1);
-        self.local.poll(&mut done);
-        // The memory engine completes at once, with exactly this one completion.
-        let Some(Event::Completed(Completion { mut outcome, .. })) = done.pop() else {
-            warn!("the memory engine did not complete {ticket:?} at once");
-            return;
-        };
-        if let (Some(stream), Some(body), Outcome::Stored { position }) = (delivery, body, &outcome)
-        {
+    }
+
+    /// Acts on every completion the local engine has, in its order (that of submission).
+    fn drain_local(&mut self) {
+        let mut done = Vec::new();
+        self.local.engine().poll(&mut done);
+        // Before any answer leaves: a worker that hears of a rejected message finds the
+        // store degraded on /healthz.
+        self.publish_fault();
+        for event in done {
+            let Event::Completed(Completion { ticket, outcome }) = event else {
+                // The local engines share nothing, so they never produce anything else.
+                warn!("the local engine produced an event that is not a completion: dropped");
+                continue;
+            };
+            // In order, so this is the oldest; searched anyway, so that a mismatch costs one
+            // warning rather than every later answer.
+            let Some(at) = self.serving.iter().position(|s| s.local == ticket) else {
+                warn!("the local engine completed {ticket:?}, which nobody is waiting for");
+                continue;
+            };
+            if at != 0 {
+                warn!("the local engine completed {ticket:?} out of submission order");
+            }
+            if let Some(serving) = self.serving.remove(at) {
+                self.answer(serving, outcome);
+            }
+        }
+    }
+
+    /// A message stored here goes to every other worker holding the stream's readers; then the
+    /// worker that asked gets its answer.
+    fn answer(&mut self, serving: Serving, mut outcome: Outcome) {
+        let Serving {
+            from,
+            ticket,
+            delivery,
+            ..
+        } = serving;
+        if let (Some((stream, body)), Outcome::Stored { position }) = (delivery, &outcome) {
             let position = *position;
             let elsewhere = self.fan_out(from, &stream, position, &body);
             if elsewhere && matches!(stream, StreamId::Inbox(_)) {
@@ -505,7 +646,7 @@ impl BusEngine {
         let homed_here = self.home_of(&StreamId::inbox(id)) == self.me();
         let workers = self.ids.entry(Rc::from(id)).or_default();
         if workers.is_empty() {
-            self.local.online(id);
+            self.local.engine().online(id);
             self.ids_homed_here += usize::from(homed_here);
         }
         if !workers.contains(&from) {
@@ -521,7 +662,7 @@ impl BusEngine {
         workers.retain(|&w| w != from);
         if workers.is_empty() {
             if let Some((id, _)) = self.ids.remove_entry(id) {
-                self.local.offline(&id, now);
+                self.local.engine().offline(&id, now);
                 if self.home_of(&StreamId::Inbox(Rc::clone(&id))) == self.me() {
                     self.ids_homed_here -= 1;
                 }
@@ -557,7 +698,7 @@ impl BusEngine {
                 }
                 Note::Delivered(reports) => {
                     for (stream, positions) in reports {
-                        self.local.delivered(&stream.local(), &positions);
+                        self.local.engine().delivered(&stream.local(), &positions);
                     }
                 }
                 Note::Acked {
@@ -565,7 +706,10 @@ impl BusEngine {
                     client_id,
                     position,
                     status,
-                } => self.local.acked(&sender, &client_id, position, status),
+                } => self
+                    .local
+                    .engine()
+                    .acked(&sender, &client_id, position, status),
                 Note::Online { from, id } => self.id_online(from, &id),
                 Note::Offline { from, id, now } => self.id_offline(from, &id, now),
                 Note::Joined { from, room } => self.holder(from, &room, true),
@@ -647,6 +791,17 @@ impl BusEngine {
                 self.subs.remove(&room);
                 self.subscribe(&room, false);
             }
+        }
+    }
+
+    /// Tells the other workers (`Fabric::faults`) when this worker's store became degraded or
+    /// healthy again.
+    fn publish_fault(&mut self) {
+        let fault = self.local.get().health();
+        if fault != self.fault {
+            let slot = &self.link.fabric.faults[self.me()];
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = fault.clone();
+            self.fault = fault;
         }
     }
 
@@ -739,7 +894,7 @@ impl Engine for BusEngine {
     fn delivered(&mut self, stream: &StreamId, positions: &[Position]) {
         let home = self.home_of(stream);
         if home == self.me() {
-            self.local.delivered(stream, positions);
+            self.local.engine().delivered(stream, positions);
         } else {
             // Not urgent: batched per home, sent before anything else goes there (so the
             // home's order is the one of the calls) or at the next `poll`.
@@ -753,7 +908,9 @@ impl Engine for BusEngine {
             return;
         };
         if home == self.me() {
-            self.local.acked(sender, client_id, position, status);
+            self.local
+                .engine()
+                .acked(sender, client_id, position, status);
         } else {
             let note = Note::Acked {
                 sender: Arc::from(sender),
@@ -825,7 +982,7 @@ impl Engine for BusEngine {
     }
 
     fn maintain(&mut self, now: Now) {
-        self.local.maintain(now);
+        self.local.engine().maintain(now);
     }
 
     fn poll(&mut self, out: &mut Vec<Event>) {
@@ -834,6 +991,9 @@ impl Engine for BusEngine {
         self.settle_rooms();
         self.receive();
         self.reload_stale_rooms();
+        // Last, so that what the requests just received submitted goes to the disk together
+        // (the file engine's `poll` sends it as one op).
+        self.drain_local();
         self.release(out);
     }
 
@@ -843,11 +1003,16 @@ impl Engine for BusEngine {
 
     /// The streams homed here: summed over the workers, the process's.
     fn stats(&self, now_ms: u64) -> Stats {
-        self.local.stats(now_ms)
+        self.local.get().stats(now_ms)
     }
 
     fn render_metrics(&self, out: &mut String) {
-        self.local.render_index(self.kind(), self.in_flight(), out);
+        match &self.local {
+            Local::Memory(local) => local.render_index(self.kind(), self.in_flight(), out),
+            // The file engine's own families (its kind "file", its disk, its fsyncs): summed
+            // over the workers like the rest (`server/totals.rs`).
+            Local::File(local) => local.render_metrics(out),
+        }
         self.render_bus(out);
         self.render_presence(out);
     }
@@ -871,6 +1036,24 @@ impl Engine for BusEngine {
     /// add up to the process's with each id once.
     fn ids_online(&self) -> Option<usize> {
         Some(self.ids_homed_here)
+    }
+
+    /// Degraded when any worker's store is: a client may land on any worker, and its messages
+    /// may be homed at the failing one.
+    fn health(&self) -> Option<String> {
+        if let Some(why) = self.local.get().health() {
+            return Some(format!("worker {}: {why}", self.me()));
+        }
+        self.link
+            .fabric
+            .faults
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != self.me())
+            .find_map(|(i, fault)| {
+                let fault = fault.lock().unwrap_or_else(PoisonError::into_inner);
+                fault.as_ref().map(|why| format!("worker {i}: {why}"))
+            })
     }
 }
 

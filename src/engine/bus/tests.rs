@@ -366,8 +366,10 @@ fn a_room_recovery_subscribes_until_the_hub_has_joined_or_not() {
     let mut out = Vec::new();
     p.engines[0].poll(&mut out);
     assert_eq!(completed(&out).len(), 1, "the recovery");
-    // Stored after the recovery, before the hub's `joined`: still heard at worker 0.
+    // Stored after the recovery, before the hub's `joined`: still heard at worker 0. (The
+    // home acts on its local engine's completion at its next poll: that one stores it.)
     p.publish(1, &room);
+    p.engines[1].poll(&mut Vec::new());
     let [zero, _] = p.settle();
     assert_eq!(arrived(&zero).len(), 1);
     // The hub did not join: that poll dropped the subscription.
@@ -418,6 +420,7 @@ fn arrivals_for_a_worker_that_does_not_keep_up_are_dropped_and_counted() {
     assert_eq!(arrived(&one).len(), 1);
     assert!(p.engines[0].interrupted[1].is_empty());
 }
+
 
 // ----- presence across workers (`presence.rs`) ----------------------------------------------
 
@@ -739,4 +742,241 @@ fn each_id_online_counts_once_at_its_inboxs_home() {
     }
     settle_presence(&mut engines);
     assert_eq!(total(&engines), 2);
+}
+
+// ----- homes with a file engine (`--data-dir`): the local engine completes later -----------
+
+mod durable {
+    use super::*;
+    use crate::engine::{FsyncPolicy, Refusal, StoreFault};
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+
+    /// Two workers whose homes keep their streams in `dir/worker-<i>`, with `epoch`.
+    fn file_pair(dir: &Path, epoch: Epoch, fault: &StoreFault) -> Pair {
+        let wakes: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let rings = wakes
+            .iter()
+            .map(|n| {
+                let n = Arc::clone(n);
+                Arc::new(move || {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }) as Wake
+            })
+            .collect();
+        let engines = links_with_epoch(rings, now(), epoch)
+            .into_iter()
+            .enumerate()
+            .map(|(i, link)| {
+                let config = FileConfig {
+                    dir: dir.join(format!("worker-{i}")),
+                    fsync: FsyncPolicy::Batch,
+                    segment_bytes: crate::engine::file::SEGMENT_BYTES,
+                    limits: Limits {
+                        per_stream: 100,
+                        ttl_ms: 60_000,
+                        max_bytes: 1 << 20,
+                    },
+                    room_history: Limits {
+                        per_stream: 10,
+                        ttl_ms: 60_000,
+                        max_bytes: 1 << 20,
+                    },
+                    dedup_window: 16,
+                    dedup_idle: Duration::from_secs(60),
+                    dedup_max_bytes: 1 << 20,
+                    fault: fault.clone(),
+                };
+                BusEngine::with_file(link, config, now()).expect("open the worker's log")
+            })
+            .collect();
+        Pair {
+            engines,
+            wakes,
+            next_ticket: 0,
+        }
+    }
+
+    impl Pair {
+        /// Polls both engines until `done` holds of what each handed out so far, waiting for
+        /// the storage threads' wake-ups in between; fails the test after a deadline.
+        fn until(&mut self, done: impl Fn(&[Vec<Event>; 2]) -> bool) -> [Vec<Event>; 2] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut out: [Vec<Event>; 2] = [Vec::new(), Vec::new()];
+            loop {
+                let rung: usize = self.wakes.iter().map(|w| w.load(Ordering::Relaxed)).sum();
+                for (i, e) in self.engines.iter_mut().enumerate() {
+                    e.poll(&mut out[i]);
+                }
+                if done(&out) {
+                    return out;
+                }
+                // Nothing more until a storage thread (or the other worker) rings.
+                while rung
+                    == self
+                        .wakes
+                        .iter()
+                        .map(|w| w.load(Ordering::Relaxed))
+                        .sum::<usize>()
+                {
+                    assert!(Instant::now() < deadline, "never done: {out:?}");
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    fn stored(outcome: &Outcome) -> Position {
+        match outcome {
+            Outcome::Stored { position } | Outcome::StoredOnlineElsewhere { position } => *position,
+            other => panic!("not stored: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_file_home_answers_and_fans_out_only_once_the_message_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = Epoch(0x1234);
+        let mut p = file_pair(dir.path(), epoch, &StoreFault::Off);
+        let bob = homed(1, StreamId::inbox);
+        p.engines[0].online(&bob);
+        p.settle();
+        // From the other worker, and (once the home took that request) from the home itself.
+        let t1 = p.append(0, &bob, Some("c1"));
+        let mut one = Vec::new();
+        p.engines[1].poll(&mut one);
+        let t2 = p.append(1, &bob, Some("c2"));
+        let [zero, more] = p.settle();
+        one.extend(more);
+        assert!(
+            zero.is_empty() && one.is_empty(),
+            "nothing before the fsync: {zero:?} {one:?}"
+        );
+        assert_eq!(p.engines[1].serving.len(), 2, "the home waits for its log");
+        let [zero, one] = p.until(|[zero, one]| completed(zero).len() == 1 && !one.is_empty());
+        let first = completed(&zero);
+        assert_eq!(first[0].0, t1);
+        assert!(
+            matches!(first[0].1, Outcome::Stored { .. }),
+            "bob's connection is on the sender's worker, which delivers it itself"
+        );
+        let p1 = stored(first[0].1);
+        let second = completed(&one);
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].0, t2);
+        assert!(
+            matches!(second[0].1, Outcome::StoredOnlineElsewhere { .. }),
+            "{second:?}"
+        );
+        let p2 = stored(second[0].1);
+        assert!(p1 < p2, "positions in the order of submission");
+        assert_eq!(
+            arrived(&zero),
+            [(&StreamId::inbox(&bob), p2)],
+            "the home's own message reaches bob's worker, once on disk"
+        );
+        assert!(p.engines[1].serving.is_empty());
+        drop(p);
+
+        // A restart with the same number of workers: both messages are in the home's log,
+        // pending, and new positions come after them whichever worker's log hands them out.
+        let mut p = file_pair(dir.path(), epoch, &StoreFault::Off);
+        let t = p.ticket();
+        p.engines[0].recover(t, &StreamId::inbox(&bob), None, now());
+        let [zero, _] = p.until(|[zero, _]| !zero.is_empty());
+        let done = completed(&zero);
+        let [(ticket, Outcome::Recovered(recovery))] = &done[..] else {
+            panic!("the recovery alone: {done:?}");
+        };
+        assert_eq!(*ticket, t);
+        assert_eq!(recovery.epoch, epoch);
+        let positions: Vec<Position> = recovery.messages.iter().map(|m| m.position).collect();
+        assert_eq!(positions, [p1, p2]);
+        assert!(recovery.messages.iter().all(|m| m.pending));
+        let near = homed(0, StreamId::inbox);
+        let t3 = p.append(0, &near, None);
+        let [zero, _] = p.until(|[zero, _]| !zero.is_empty());
+        let done = completed(&zero);
+        assert_eq!(done[0].0, t3);
+        assert!(
+            stored(done[0].1) > p2,
+            "worker 0's counter starts above worker 1's log"
+        );
+        // The duplicate window of a message sent to bob is in his home's log.
+        let again = p.append(1, &bob, Some("c2"));
+        let [_, one] = p.until(|[_, one]| !one.is_empty());
+        let done = completed(&one);
+        assert!(
+            matches!(done[..], [(t, Outcome::Duplicate { position, .. })] if t == again && *position == p2),
+            "{done:?}"
+        );
+    }
+
+    #[test]
+    fn a_worker_log_of_another_epoch_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = file_pair(dir.path(), Epoch(1), &StoreFault::Off);
+        let bob = homed(0, StreamId::inbox);
+        p.append(0, &bob, None);
+        p.until(|[zero, _]| !zero.is_empty());
+        drop(p);
+        let link = links_with_epoch(vec![Arc::new(|| ()) as Wake], now(), Epoch(2))
+            .pop()
+            .unwrap();
+        let config = FileConfig {
+            dir: dir.path().join("worker-0"),
+            fsync: FsyncPolicy::Batch,
+            segment_bytes: crate::engine::file::SEGMENT_BYTES,
+            limits: Limits {
+                per_stream: 100,
+                ttl_ms: 60_000,
+                max_bytes: 1 << 20,
+            },
+            room_history: Limits {
+                per_stream: 0,
+                ttl_ms: 0,
+                max_bytes: 0,
+            },
+            dedup_window: 16,
+            dedup_idle: Duration::from_secs(60),
+            dedup_max_bytes: 1 << 20,
+            fault: StoreFault::Off,
+        };
+        let Err(err) = BusEngine::with_file(link, config, now()) else {
+            panic!("opened a log of another epoch");
+        };
+        assert!(matches!(err, OpenError::Epoch { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_failing_store_on_one_worker_degrades_the_health_of_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut p = file_pair(dir.path(), Epoch(7), &StoreFault::Flag(Arc::clone(&flag)));
+        let bob = homed(1, StreamId::inbox);
+        // Each log's first batch is written (worker 0's log then has nothing to write below).
+        p.append(0, &homed(0, StreamId::inbox), None);
+        p.append(1, &bob, None);
+        p.until(|[zero, one]| !zero.is_empty() && !one.is_empty());
+        assert!(p.engines[0].health().is_none() && p.engines[1].health().is_none());
+        flag.store(true, Ordering::Relaxed);
+        p.append(0, &bob, None);
+        let [zero, _] = p.until(|[zero, _]| !zero.is_empty());
+        assert!(matches!(
+            completed(&zero)[..],
+            [(_, Outcome::Rejected(Refusal::Store(_)))]
+        ));
+        for e in &p.engines {
+            let why = e.health().expect("degraded");
+            assert!(why.starts_with("worker 1: writes to the data dir"), "{why}");
+        }
+        flag.store(false, Ordering::Relaxed);
+        p.append(0, &bob, None);
+        let [zero, _] = p.until(|[zero, _]| !zero.is_empty());
+        assert!(matches!(
+            completed(&zero)[..],
+            [(_, Outcome::Stored { .. })]
+        ));
+        assert!(p.engines[0].health().is_none() && p.engines[1].health().is_none());
+    }
 }
