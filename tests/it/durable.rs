@@ -205,8 +205,13 @@ fn a_since_beyond_retention_or_from_another_epoch_is_not_recovered(poller: &str)
         1.0
     );
 
+    // The memory engine (with TEST_WORKERS, the engine bus over a memory engine per worker).
+    let kind = match std::env::var("TEST_WORKERS").as_deref() {
+        Ok(n) if n != "1" => "bus",
+        _ => "memory",
+    };
     assert_eq!(
-        required_metric(&server, "wsrelay_engine_info{kind=\"memory\"}"),
+        required_metric(&server, &format!("wsrelay_engine_info{{kind=\"{kind}\"}}")),
         1.0
     );
     // Another epoch: the memory engine after a restart has a new one.
@@ -328,9 +333,9 @@ fn a_failing_store_rejects_sends_and_live_traffic_goes_on(poller: &str) {
     let health = server.get("/healthz");
     assert_eq!(health.status, 503);
     assert!(
-        health
-            .body_text()
-            .starts_with("degraded: writes to the data dir"),
+        // With workers, the line names the worker first ("degraded: worker 1: writes ...").
+        health.body_text().starts_with("degraded: ")
+            && health.body_text().contains("writes to the data dir"),
         "{}",
         health.body_text()
     );
@@ -350,9 +355,13 @@ fn a_failing_store_rejects_sends_and_live_traffic_goes_on(poller: &str) {
 
 /// `wsrelay serve` that must refuse to start: its exit code and what it printed.
 fn refused(poller: &str, args: &[&str]) -> (Option<i32>, String) {
+    // As many workers as the servers of the suite (`Server::start`), so that a directory made
+    // by one of them is refused for the reason the test means, not for its worker count.
+    let workers = std::env::var("TEST_WORKERS").ok();
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
         .args(["serve", "--listen", "127.0.0.1:0", "--poller", poller])
         .args(args)
+        .args(workers.iter().flat_map(|n| ["--workers", n.as_str()]))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -29,8 +29,8 @@ mod rooms;
 mod tokens;
 mod workers;
 mod workers_api;
-mod workers_presence;
 mod workers_durable;
+mod workers_presence;
 mod workers_ws;
 
 mod redis;
