@@ -121,6 +121,18 @@ impl Roster {
         self.stale.remove(room);
     }
 
+    /// A snapshot of `room` is coming that was not asked for with `load` (the workers' bus
+    /// sends one in place of records it held back from a full queue): it is taken like one
+    /// asked for, if `room` is followed and no snapshot is being read already (that one will
+    /// do; a record the older one lacks then shows as a gap, and the room is read again).
+    pub fn expect_snapshot(&mut self, room: &str) {
+        if let Some(state) = self.rooms.get_mut(room) {
+            if state.loading == 0 {
+                state.loading = 1;
+            }
+        }
+    }
+
     /// Stops following `room`: its replica is dropped, nothing is announced (nobody here is
     /// left to hear it).
     pub fn unfollow(&mut self, room: &str) {

@@ -92,7 +92,9 @@
 //! the limit): its hub closes the connections following the stream, which reconnect with
 //! `since` and recover what they missed (a direct message is still pending at its home; a room
 //! message is in the room's history if it keeps one, else `recovered: false` says it is gone).
-//! Memory stays bounded, and no reader misses a message without being told.
+//! Memory stays bounded, and no reader misses a message without being told. A presence record
+//! for a worker whose queue is that full is not sent either: that worker is owed one snapshot
+//! of the room, sent once its queue is down to half (`presence.rs`, "Bounds").
 
 mod presence;
 mod wire;
@@ -991,6 +993,7 @@ impl Engine for BusEngine {
         self.settle_rooms();
         self.receive();
         self.reload_stale_rooms();
+        self.pay_owed_snapshots();
         // Last, so that what the requests just received submitted goes to the disk together
         // (the file engine's `poll` sends it as one op).
         self.drain_local();

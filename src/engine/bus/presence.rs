@@ -32,9 +32,19 @@
 //! again discards whatever record of its old view was still on its way (the roster keeps only
 //! records newer than its snapshot).
 //!
+//! # Bounds
+//!
+//! A record is not sent to a holder whose engine queue holds `ARRIVED_LIMIT` notes or more
+//! (the limit arrived messages have, `mod.rs`): a client joining and leaving in a loop must not
+//! grow a lagging worker's queue without bound. The view still moves on, and the holder is
+//! owed one snapshot of the room (at most one per room and holder, whatever the number of
+//! changes), sent once its queue is down to half the limit; until then its later records are
+//! not sent either. Its roster applies the snapshot as the difference to what it had, so its
+//! hub hears the joins and leaves it missed, later but complete, in one batch.
+//!
 //! # Order
 //!
-//! The bus is FIFO per worker and never drops a presence note, so a holder gets its snapshot
+//! The bus is FIFO per worker and never drops a presence note it sends, so a holder gets its snapshot
 //! before the records that follow it, and every record once. The first join of a room on a
 //! worker sends `Joined` and then the room's `recover` to the home (the hub waits for it), so
 //! the snapshot is in the roster before the hub's first member joins, and tells the hub
@@ -45,14 +55,15 @@
 //! behind whatever their home sent earlier (`BusEngine::sources`), like the room's messages.
 
 use super::wire::{Note, RoomMember};
-use super::BusEngine;
+use super::{BusEngine, ARRIVED_LIMIT};
 use crate::engine::presence::{LocalMember, Member, MemberKey};
 use crate::engine::roster::{Record, Roster};
 use crate::engine::{Event, StreamId};
 use crate::server::metrics::Writer;
 use log::warn;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// What a room's home tells one holder.
@@ -166,6 +177,13 @@ impl Home {
         }
     }
 
+    /// Whether `worker` holds `room` (has a view of it).
+    fn holds(&self, room: &str, worker: usize) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|r| r.views.contains_key(&worker))
+    }
+
     /// Members of the rooms homed here, on every worker.
     pub(super) fn members(&self) -> usize {
         self.rooms.values().map(|r| r.members.len()).sum()
@@ -215,6 +233,11 @@ pub(super) struct Presence {
     roster: Roster,
     /// Each worker's name in a `MemberKey` (`worker0`, ...), shared by the members listed.
     names: Vec<Rc<str>>,
+    /// Views of rooms homed here whose records were not sent because the holder's queue was
+    /// full (module doc, "Bounds"): each owed one snapshot once that queue is down to half.
+    owed: HashSet<(Rc<str>, usize)>,
+    /// Records folded into such a snapshot instead of sent, for /metrics.
+    pub(super) deferred: u64,
 }
 
 impl Presence {
@@ -226,6 +249,8 @@ impl Presence {
             home: Home::default(),
             roster: Roster::new(Rc::clone(&names[me])),
             names,
+            owed: HashSet::new(),
+            deferred: 0,
         }
     }
 
@@ -277,13 +302,23 @@ impl BusEngine {
         self.tell(room, out);
     }
 
-    /// Sends what the home tells each holder (this worker's own applied at once).
+    /// Sends what the home tells each holder (this worker's own applied at once). A record for
+    /// a holder whose queue is full, or that is owed a snapshot already, is not sent: the
+    /// snapshot it is owed carries it (module doc, "Bounds").
     fn tell(&mut self, room: &str, out: Vec<(usize, Tell)>) {
         let me = self.me();
         for (to, tell) in out {
             if to == me {
                 self.apply_presence(me, room, tell);
                 continue;
+            }
+            if matches!(tell, Tell::Record { .. }) {
+                let owed = self.presence.owed.contains(&(Rc::from(room), to));
+                if owed || self.link.fabric.depth[to].load(Ordering::Relaxed) >= ARRIVED_LIMIT {
+                    self.presence.owed.insert((Rc::from(room), to));
+                    self.presence.deferred += 1;
+                    continue;
+                }
             }
             let room = Arc::from(room);
             let note = match tell {
@@ -315,6 +350,8 @@ impl BusEngine {
         let mut changes = Vec::new();
         match tell {
             Tell::Snapshot { version, members } => {
+                // Asked for (`follow_presence`), or owed after records held back ("Bounds").
+                self.presence.roster.expect_snapshot(room);
                 let members = members
                     .into_iter()
                     .map(|m| self.presence.member(m))
@@ -380,6 +417,31 @@ impl BusEngine {
         );
     }
 
+    /// Sends the snapshots owed to holders whose queue is down to half `ARRIVED_LIMIT` again: a
+    /// snapshot of the view as it is now, at its version, which the holder's roster applies as
+    /// the difference to what it had (the joins and leaves it missed reach its hub).
+    pub(super) fn pay_owed_snapshots(&mut self) {
+        if self.presence.owed.is_empty() {
+            return;
+        }
+        let depth = &self.link.fabric.depth;
+        let due: Vec<(Rc<str>, usize)> = self
+            .presence
+            .owed
+            .iter()
+            .filter(|(_, to)| depth[*to].load(Ordering::Relaxed) <= ARRIVED_LIMIT / 2)
+            .cloned()
+            .collect();
+        for (room, to) in due {
+            self.presence.owed.remove(&(Rc::clone(&room), to));
+            let mut out = Vec::new();
+            if self.presence.home.holds(&room, to) {
+                self.presence.home.follow(&room, to, &mut out);
+            }
+            self.tell(&room, out);
+        }
+    }
+
     /// Rooms whose view the roster found stale are read again: a new snapshot of the view, asked
     /// for like the first (see the module doc, "Order").
     pub(super) fn reload_stale_rooms(&mut self) {
@@ -428,6 +490,16 @@ impl BusEngine {
             "wsrelay_engine_bus_presence_records_total",
             &[("worker", &me)],
             self.presence_records(),
+        );
+        w.family(
+            "wsrelay_engine_bus_presence_deferred_total",
+            "counter",
+            "Of those, records not sent because the holder's engine queue was full: folded into one snapshot of the room sent once the queue is down to half.",
+        );
+        w.sample(
+            "wsrelay_engine_bus_presence_deferred_total",
+            &[("worker", &me)],
+            self.presence.deferred,
         );
     }
 }

@@ -726,6 +726,52 @@ fn a_worker_that_holds_a_room_again_ignores_what_was_told_to_its_old_view() {
     assert!(listed(&engines[1], &room).is_empty());
 }
 
+/// A holder whose queue is full is not sent records (a client joining and leaving in a loop must
+/// not grow it without bound): it is owed one snapshot, sent once its queue is down to half,
+/// and its hub then hears what changed, complete.
+#[test]
+fn records_for_a_holder_whose_queue_is_full_are_folded_into_one_snapshot() {
+    let mut engines = cluster(2);
+    let room = (0..)
+        .map(|i| format!("r{i}"))
+        .find(|r| home(&StreamId::room(r), 2) == 0)
+        .unwrap();
+    first_join(&mut engines, 1, &room, 1, "bob");
+    let depth = |e: &BusEngine| e.link.fabric.depth[1].load(Ordering::Relaxed);
+    let full = |e: &BusEngine| e.link.fabric.depth[1].store(ARRIVED_LIMIT, Ordering::Relaxed);
+    // Worker 1's queue is full (as if it lagged): alice joins and leaves ten times, then carol
+    // joins, on the home worker. Nothing is sent to worker 1.
+    full(&engines[0]);
+    for _ in 0..10 {
+        member_joins(&mut engines[0], &room, 1, "alice");
+        engines[0].member_left(&room, 1);
+    }
+    member_joins(&mut engines[0], &room, 2, "carol");
+    engines[0].poll(&mut Vec::new());
+    assert_eq!(
+        depth(&engines[0]),
+        ARRIVED_LIMIT,
+        "no presence note was queued"
+    );
+    assert_eq!(engines[0].presence.deferred, 21);
+    // Still full at the home's next poll: still nothing.
+    engines[0].poll(&mut Vec::new());
+    assert_eq!(depth(&engines[0]), ARRIVED_LIMIT);
+    // Down to half: one snapshot, and worker 1's hub hears the net change (carol joined).
+    engines[0].link.fabric.depth[1].store(ARRIVED_LIMIT / 2, Ordering::Relaxed);
+    engines[0].poll(&mut Vec::new());
+    assert_eq!(depth(&engines[0]), ARRIVED_LIMIT / 2 + 1, "one snapshot");
+    engines[0].link.fabric.depth[1].store(1, Ordering::Relaxed);
+    let heard_now = settle_presence(&mut engines);
+    assert_eq!(heard(&heard_now[1]), [("carol".into(), true)]);
+    assert_eq!(listed(&engines[1], &room), [("carol".into(), 2)]);
+    // Records flow again afterwards, in the view's next versions.
+    engines[0].member_left(&room, 2);
+    let heard_now = settle_presence(&mut engines);
+    assert_eq!(heard(&heard_now[1]), [("carol".into(), false)]);
+    assert!(listed(&engines[1], &room).is_empty());
+}
+
 #[test]
 fn each_id_online_counts_once_at_its_inboxs_home() {
     let mut engines = cluster(3);
