@@ -250,9 +250,18 @@ pub struct Hub {
     /// `--workers` above 1: told of every raw-room message relayed here, so that it reaches
     /// the members on other workers (`app/raw_bus.rs`). `None` with one worker.
     raw_outlet: Option<RawOutlet>,
-    /// Connections over the rate limit that still had work with the engine, with their close:
-    /// closed once that work has completed (`close_after_work`). Empty nearly always.
-    closing: HashMap<ConnId, (CloseCode, &'static str)>,
+    /// Connections over the rate limit that still had work with the engine: closed once that
+    /// work has completed (`close_after_work`). Empty nearly always.
+    closing: HashMap<ConnId, Closing>,
+}
+
+/// A connection to close once its work with the engine has completed.
+#[derive(Debug)]
+struct Closing {
+    code: CloseCode,
+    reason: &'static str,
+    /// Its tickets still in `waiting`.
+    work: usize,
 }
 
 /// Where a raw-room message relayed on this worker also goes: (room, opcode, payload).
@@ -650,7 +659,7 @@ impl Hub {
                 let stream = StreamId::Inbox(Rc::clone(&peer.id));
                 self.engine.recover(ticket, &stream, peer.since, now);
                 let peer = Peer::clone(peer);
-                self.waiting.insert(ticket, Work::Recover { conn, peer });
+                self.wait_for(ticket, Work::Recover { conn, peer });
             }
         }
         self.pump(tx);
@@ -788,9 +797,6 @@ impl Hub {
             self.engine.poll(&mut events);
             if events.is_empty() {
                 self.events = events;
-                if !self.closing.is_empty() {
-                    self.close_when_settled(tx);
-                }
                 return;
             }
             for event in events.drain(..) {
@@ -817,30 +823,38 @@ impl Hub {
         reason: &'static str,
         tx: &mut impl Transport,
     ) {
-        if self.has_work(conn) {
-            self.closing.insert(conn, (code, reason));
-        } else {
+        // One scan per connection that goes over its limit (it is closed then): from here on
+        // `wait_for` and `completed` keep the count.
+        let work = self.waiting.values().filter(|w| w.conn() == conn).count();
+        if work == 0 {
             tx.close(conn, code, reason);
+        } else {
+            let closing = Closing { code, reason, work };
+            self.closing.insert(conn, closing);
         }
     }
 
-    /// Whether work `conn` submitted is still with the engine. A scan: only for the rare
-    /// connection that is closing.
-    fn has_work(&self, conn: ConnId) -> bool {
-        self.waiting.values().any(|work| work.conn() == conn)
+    /// Remembers what `ticket` is for until the engine completes it.
+    fn wait_for(&mut self, ticket: Ticket, work: Work) {
+        if !self.closing.is_empty() {
+            // Held messages of a closing connection submitted after its welcome.
+            if let Some(closing) = self.closing.get_mut(&work.conn()) {
+                closing.work += 1;
+            }
+        }
+        self.waiting.insert(ticket, work);
     }
 
-    /// Closes the `closing` connections whose work has all completed.
-    fn close_when_settled(&mut self, tx: &mut impl Transport) {
-        let settled: Vec<ConnId> = self
-            .closing
-            .keys()
-            .copied()
-            .filter(|&conn| !self.has_work(conn))
-            .collect();
-        for conn in settled {
-            if let Some((code, reason)) = self.closing.remove(&conn) {
-                tx.close(conn, code, reason);
+    /// `conn`'s work with `ticket` has completed and been acted on: a closing connection with
+    /// nothing more out is closed now, after its ack.
+    fn settle_closing(&mut self, conn: ConnId, tx: &mut impl Transport) {
+        let Some(closing) = self.closing.get_mut(&conn) else {
+            return;
+        };
+        closing.work = closing.work.saturating_sub(1);
+        if closing.work == 0 {
+            if let Some(closing) = self.closing.remove(&conn) {
+                tx.close(conn, closing.code, closing.reason);
             }
         }
     }
@@ -853,6 +867,15 @@ impl Hub {
             );
             return;
         };
+        let conn = work.conn();
+        self.act_on(work, completion, tx);
+        if !self.closing.is_empty() {
+            self.settle_closing(conn, tx);
+        }
+    }
+
+    /// What a completion means for the work it completes: deliveries, acks, a welcome.
+    fn act_on(&mut self, work: Work, completion: Completion, tx: &mut impl Transport) {
         if let Work::Send { body, .. } | Work::Publish { body, .. } = &work {
             self.in_flight_bytes = self.in_flight_bytes.saturating_sub(body.len());
         }
@@ -1284,7 +1307,7 @@ impl Hub {
             retained: self.retains,
         };
         self.in_flight_bytes += work_bytes(&work);
-        self.waiting.insert(ticket, work);
+        self.wait_for(ticket, work);
     }
 
     /// Refuses a message when `--max-in-flight-bytes` are already waiting for the engine (a
@@ -1359,7 +1382,7 @@ impl Hub {
             body,
         };
         self.in_flight_bytes += work_bytes(&work);
-        self.waiting.insert(ticket, work);
+        self.wait_for(ticket, work);
     }
 
     /// Joins a room and tells every member, the joiner included (its presence event), then
@@ -1413,7 +1436,7 @@ impl Hub {
                 room,
                 since,
             };
-            self.waiting.insert(ticket, work);
+            self.wait_for(ticket, work);
             return;
         }
         // History off: nothing to replay, so the join is immediate; a `since` cannot be
@@ -1562,7 +1585,7 @@ impl Hub {
         let ticket = self.ticket();
         let stream = StreamId::Room(Rc::clone(&room));
         self.engine.history(ticket, &stream, limit, self.now());
-        self.waiting.insert(ticket, Work::History { conn, room });
+        self.wait_for(ticket, Work::History { conn, room });
     }
 
     /// The engine's page for a `history` request: one reply, oldest first.
