@@ -383,7 +383,10 @@ impl Hub {
              the answer would leave out their connections; try again"
         );
         if let Query::Disconnect { .. } = query {
-            why.push_str(" (the other workers closed the id's connections they held)");
+            why.push_str(
+                " (the other workers closed the id's connections they held, and a late one \
+                 still closes its own when it gets to the question)",
+            );
         }
         let refusal = Refusal::WorkersUnanswered(why.into());
         self.api_count(query.endpoint(), refusal.status());

@@ -107,8 +107,8 @@ impl Refusal {
             Refusal::NotWebSocket | Refusal::BadVersion => 426,
             Refusal::TooLarge | Refusal::TooManyHeaders => 431,
             Refusal::ServiceUnavailable => 503,
-            // RFC 7231 §6.6.2: the server does not support what the request needs (in this
-            // configuration); not 503, which would invite a retry that cannot succeed.
+            // RFC 7231 §6.6.4: a worker is too busy (or stuck) to give its part now; the same
+            // question asked again (`Retry-After: 1`) normally succeeds.
             Refusal::WorkersUnanswered(_) => 503,
         }
     }

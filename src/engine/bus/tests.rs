@@ -879,7 +879,7 @@ mod durable {
     }
 
     #[test]
-    fn a_file_home_answers_and_fans_out_only_once_the_message_is_on_disk() {
+    fn a_file_home_answers_and_fans_out_in_submission_order_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let epoch = Epoch(0x1234);
         let mut p = file_pair(dir.path(), epoch, &StoreFault::Off);
