@@ -1,8 +1,8 @@
 //! The server API with `--workers 2` (SPEC §14, §16; docs/api.md, "With several workers"):
 //! every endpoint answers for the whole process whichever worker its connection lands on.
-//! Clients and API connections are placed on chosen workers through the per-worker gauges
-//! (`Placement`, workers_ws.rs), so "bob on worker 0, asked on worker 1" is checked, never
-//! assumed; rooms and ids are chosen by their home worker where it matters.
+//! Clients and API connections are placed on chosen workers through the per-worker accept
+//! counters (`Placement`, workers_ws.rs), so "bob on worker 0, asked on worker 1" is checked,
+//! never assumed; rooms and ids are chosen by their home worker where it matters.
 
 use crate::api::{Api, KEY};
 use crate::poller_tests;

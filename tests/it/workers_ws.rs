@@ -1,7 +1,7 @@
 //! `/ws` with `--workers 2` (SPEC §14): the envelope relay over the workers' engine bus
 //! (src/engine/bus/). Each client is placed on a chosen worker: a connection is opened, the
-//! per-worker gauges of /metrics say which worker took it, and one on the wrong worker is
-//! closed and another opened (the kernel spreads by a hash of the ports). So "A on worker 0,
+//! per-worker accept counters of /metrics say which worker took it, and one on the wrong
+//! worker is closed and another opened (the kernel spreads by a hash of the ports). So "A on worker 0,
 //! B on worker 1" is checked, never assumed. Rooms are chosen by their home worker
 //! (`wsrelay::engine::bus::home`), so both a room homed with its sender and one homed away
 //! are exercised.
@@ -21,9 +21,18 @@ fn msg_id(v: &Value) -> u64 {
     v["msg_id"].as_str().unwrap().parse().unwrap()
 }
 
-/// The connections this test holds on each worker, so that a new one can be told apart.
+/// The connections this test holds on each worker, to wait until the server has let one go.
+/// Where a new connection lands is read from the accept counters (`locate`).
 pub(crate) struct Placement {
     held: Vec<f64>,
+}
+
+/// One reading of every worker's `wsrelay_worker_accepted_total`, and the worker that answered
+/// it: that worker accepted the scrape's own connection, and published its figures just before
+/// rendering them, so its count includes that connection.
+struct Accepts {
+    counts: Vec<f64>,
+    answering: usize,
 }
 
 impl Placement {
@@ -38,19 +47,19 @@ impl Placement {
         }
     }
 
-    /// Per-worker connection gauges once the process total is `total` (a scrape counts itself).
-    fn gauges_at(&self, server: &Server, total: f64) -> Vec<f64> {
+    /// Waits until the process holds `total` connections (a scrape counts itself): the ones
+    /// closed are gone. A worker's gauge may lag by one loop iteration, but only for what it
+    /// opened or closed in it, and this test opens nothing meanwhile: a total never reads low.
+    fn connections_become(&self, server: &Server, total: f64) {
         let start = Instant::now();
         loop {
-            let m = server.metrics();
-            if m.get("wsrelay_process_connections") == total {
-                return (0..self.held.len())
-                    .map(|i| m.get(&format!("wsrelay_worker_connections{{worker=\"{i}\"}}")))
-                    .collect();
+            let now = server.metric("wsrelay_process_connections");
+            if now == total {
+                return;
             }
             assert!(
                 start.elapsed() < DEADLINE,
-                "process connections never {total}"
+                "process connections {now}, never {total}"
             );
             std::thread::sleep(Duration::from_millis(10)); // poll interval for /metrics
         }
@@ -60,38 +69,70 @@ impl Placement {
         self.held.iter().sum()
     }
 
-    /// The worker that took the one connection opened beyond `held`: the one whose gauge rose
-    /// by 2 (the scrape landed there too), or the only one that rose in every reading.
-    fn locate(&self, server: &Server) -> usize {
-        let mut candidates: Vec<usize> = (0..self.held.len()).collect();
+    fn accepts(&self, server: &Server) -> Accepts {
+        let m = server.metrics();
+        let counts = (0..self.held.len())
+            .map(|i| m.get(&format!("wsrelay_worker_accepted_total{{worker=\"{i}\"}}")))
+            .collect();
+        let answering = m.get("wsrelay_worker_answering") as usize;
+        Accepts { counts, answering }
+    }
+
+    /// The worker that accepted the one connection opened after `before` was read.
+    ///
+    /// Accept counters only rise, so each worker's rise since `before` is the scrapes it
+    /// answered since (each reading names its answering worker) plus, on exactly one worker,
+    /// the connection. A worker that is not answering shows what it published at the end of
+    /// its last loop iteration, so the connection may not show yet: read until it does.
+    ///
+    /// The connection gauges cannot tell this: a worker that is not answering may still count
+    /// the previous scrape's connection, closed in the iteration that is answering, while the
+    /// new connection, accepted in it too, does not show yet. The process total then reads as
+    /// expected with the connection seemingly on another worker.
+    fn locate(&self, server: &Server, before: &Accepts) -> usize {
+        let start = Instant::now();
+        let mut scrapes = vec![0.0; self.held.len()];
+        let mut seen = Vec::new();
         loop {
-            let gauges = self.gauges_at(server, self.held() + 2.0);
-            let rise: Vec<f64> = gauges.iter().zip(&self.held).map(|(g, h)| g - h).collect();
-            if let Some(w) = rise.iter().position(|&r| r == 2.0) {
-                return w;
+            let now = self.accepts(server);
+            scrapes[now.answering] += 1.0;
+            let rise: Vec<f64> = (0..self.held.len())
+                .map(|w| now.counts[w] - before.counts[w] - scrapes[w])
+                .collect();
+            let total: f64 = rise.iter().sum();
+            if total == 1.0 {
+                if let Some(w) = rise.iter().position(|&r| r == 1.0) {
+                    return w;
+                }
             }
-            candidates.retain(|&w| rise[w] >= 1.0);
-            if let [w] = candidates[..] {
-                return w;
-            }
-            assert!(!candidates.is_empty(), "no worker took it: {rise:?}");
+            seen.push(rise);
+            assert!(
+                total == 0.0,
+                "accepts rose by {seen:?} beyond this test's scrapes: a connection it did not open"
+            );
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the new connection was never accepted: {seen:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10)); // poll interval for /metrics
         }
     }
 
-    /// A TCP connection (before any request) held by `worker`.
+    /// A TCP connection (before any request) held by `worker`. One accepted by another worker
+    /// is closed and another opened: the kernel spreads them by a hash of the ports.
     pub(crate) fn tcp_on(&mut self, server: &Server, worker: usize) -> TcpStream {
+        let mut landed = Vec::new();
         for _ in 0..64 {
+            let before = self.accepts(server);
             let tcp = server.tcp();
-            let w = self.locate(server);
+            let w = self.locate(server, &before);
             if w == worker {
                 self.held[w] += 1.0;
                 return tcp;
             }
-            drop(tcp);
-            // Gone from the gauges before the next one is told apart.
-            self.gauges_at(server, self.held() + 1.0);
+            landed.push(w);
         }
-        panic!("64 connections and none on worker {worker}");
+        panic!("64 connections and none on worker {worker}: they landed on {landed:?}");
     }
 
     /// A `/ws` client on `worker` (its welcome read).
@@ -113,7 +154,7 @@ impl Placement {
         client.ws.close(None).unwrap();
         while client.ws.read().is_ok() {}
         self.held[worker] -= 1.0;
-        self.gauges_at(server, self.held() + 1.0);
+        self.connections_become(server, self.held() + 1.0);
     }
 
     /// A client on `worker` vanished: its socket is shut without a close frame (a crashed
@@ -126,7 +167,7 @@ impl Placement {
             .unwrap();
         drop(client);
         self.held[worker] -= 1.0;
-        self.gauges_at(server, self.held() + 1.0);
+        self.connections_become(server, self.held() + 1.0);
     }
 }
 
