@@ -98,8 +98,10 @@
 //! once a report made room, or submitted to be refused `Full` once nothing is on its way (every
 //! worker acted, or the id went offline everywhere), as with one worker. A hand-off held back
 //! behind an earlier answer counts as acted on (`Handled` says what was received): waiting for
-//! it could wait on a request parked itself. This worker's own hub acts between two `poll`s, so
-//! at each `poll` everything handed to it before is acted on.
+//! it could wait on a request parked itself. A worker's `Offline` for the id counts too (its
+//! reports came before it). This worker's own hub acts between two `poll`s, so at each `poll`
+//! everything handed to it before is acted on. Cost: at most one `Handled` per pass of a
+//! worker and home, only after direct messages to ids the worker holds; none for rooms.
 //!
 //! # Bounds
 //!
@@ -323,6 +325,10 @@ pub struct BusEngine {
     /// stored), and the newest it was told this worker acted on (`Handled`).
     handed_here: Vec<Position>,
     handled_told: Vec<Position>,
+    /// This worker's direct messages homed elsewhere, not answered yet, with their recipient:
+    /// a `Reply` saying one is stored is a hand-off to this worker when it holds the recipient
+    /// (its hub delivers it there; a room message's reply is never one).
+    appends_away: HashMap<Ticket, Rc<str>>,
 }
 
 impl BusEngine {
@@ -393,6 +399,7 @@ impl BusEngine {
             parking: parking::Parking::new(workers),
             handed_here: vec![Position(0); workers],
             handled_told: vec![Position(0); workers],
+            appends_away: HashMap::new(),
             link,
         }
     }
@@ -491,6 +498,13 @@ impl BusEngine {
             let me = self.me();
             self.serve(me, ticket, job, now);
         } else {
+            if let Job::Append(Append {
+                stream: StreamId::Inbox(id),
+                ..
+            }) = &job
+            {
+                self.appends_away.insert(ticket, Rc::clone(id));
+            }
             let from = self.me();
             let work = Work::of(&job);
             self.send(
@@ -795,6 +809,9 @@ impl BusEngine {
 
     /// Worker `from` no longer holds any connection of `id`.
     fn id_offline(&mut self, from: usize, id: &str, now: Now) {
+        // It reported what it delivered before it said so: no report of the id's messages
+        // handed to it can come any more (module doc, "Bursts").
+        self.parking.forget(from, &StreamId::inbox(id));
         let Some(workers) = self.ids.get_mut(id) else {
             return;
         };
@@ -826,7 +843,16 @@ impl BusEngine {
                     ticket,
                     answer,
                 } => {
-                    if let Answer::Stored(p) | Answer::StoredOnlineElsewhere(p) = &answer {
+                    // A home that thought this worker held the id when it did not any more
+                    // forgets the hand-off at this worker's `Offline`.
+                    let me = self.me();
+                    let handed = self
+                        .appends_away
+                        .remove(&ticket)
+                        .is_some_and(|id| self.ids.get(&id).is_some_and(|w| w.contains(&me)));
+                    if let (true, Answer::Stored(p) | Answer::StoredOnlineElsewhere(p)) =
+                        (handed, &answer)
+                    {
                         self.handed_here[from] = self.handed_here[from].max(*p);
                     }
                     self.sources[from].push_back(Note::completion(ticket, answer));

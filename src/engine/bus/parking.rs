@@ -79,6 +79,22 @@ impl Parking {
         }
     }
 
+    /// `worker` will report no delivery of `stream` any more (it no longer holds the id): its
+    /// hand-offs of it are acknowledged.
+    pub(super) fn forget(&mut self, worker: usize, stream: &StreamId) {
+        let before = self.handed[worker].len();
+        self.handed[worker].retain(|(_, s)| s != stream);
+        let gone = before - self.handed[worker].len();
+        if gone > 0 {
+            if let Some(n) = self.awaiting.get_mut(stream) {
+                *n = n.saturating_sub(gone);
+                if *n == 0 {
+                    self.awaiting.remove(stream);
+                }
+            }
+        }
+    }
+
     /// Whether `worker` has messages handed to it and not acknowledged.
     pub(super) fn handed_to(&self, worker: usize) -> bool {
         !self.handed[worker].is_empty()

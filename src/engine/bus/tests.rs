@@ -598,6 +598,35 @@ fn a_burst_to_an_online_id_whose_worker_takes_none_is_refused_full_once_it_has_a
     );
 }
 
+#[test]
+fn a_worker_that_lets_the_id_go_reports_nothing_more_and_is_not_waited_for() {
+    // Bob is online at the home (0, whose connection takes nothing: still recovering, say)
+    // and at 1, which leaves before it polled: its `Offline` follows any report it had, so
+    // the rest is refused at once, without waiting for worker 1 to act on what it was handed.
+    let mut p = pair_with(3, 10);
+    let bob = homed(0, StreamId::inbox);
+    p.engines[0].online(&bob);
+    p.engines[1].online(&bob);
+    p.settle();
+    let to_bob: Vec<Ticket> = (0..5).map(|_| p.append(0, &bob, None)).collect();
+    let mut zero = Vec::new();
+    p.engines[0].poll(&mut zero);
+    assert_eq!(completed(&zero).len(), 3);
+    p.engines[1].offline(&Rc::from(bob.as_str()), now());
+    for _ in 0..3 {
+        p.engines[0].poll(&mut zero);
+    }
+    let done = completed(&zero);
+    let tickets: Vec<Ticket> = done.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tickets, to_bob);
+    assert!(
+        done[3..]
+            .iter()
+            .all(|(_, o)| matches!(o, Outcome::Rejected(crate::engine::Refusal::Full))),
+        "{done:?}"
+    );
+}
+
 // ----- presence across workers (`presence.rs`) ----------------------------------------------
 
 use super::presence::{Home, Tell};
