@@ -109,12 +109,13 @@
 //! in-flight bytes (`--max-in-flight-bytes`), replies and notices by requests and connection
 //! changes. A parked request is a request not answered yet, still counted in its hub's
 //! in-flight bytes; the hand-offs kept for `Handled` are what the workers have not acted on
-//! yet (one pass each). An `Arrived` for a worker whose queue holds `ARRIVED_LIMIT` notes or more is
-//! dropped and counted (`wsrelay_engine_bus_dropped_total`), and that worker is told once per
-//! stream (`Interrupted`, not bounded, at most one per stream until its queue is down to half
-//! the limit): its hub closes the connections following the stream, which reconnect with
-//! `since` and recover what they missed (a direct message is still pending at its home; a room
-//! message is in the room's history if it keeps one, else `recovered: false` says it is gone).
+//! yet (one pass each). An `Arrived` for a worker whose queue holds `ARRIVED_LIMIT` notes or
+//! more is dropped and counted (`wsrelay_engine_bus_dropped_total`), and that worker is told
+//! once per stream (`Interrupted`, not bounded, at most one per stream until its queue is down
+//! to half the limit): its hub closes the connections following the stream, which reconnect
+//! with `since` and recover what they missed (a direct message is still pending at its home; a
+//! room message is in the room's history if it keeps one, else `recovered: false` says it is
+//! gone).
 //! Memory stays bounded, and no reader misses a message without being told.
 
 mod parking;
