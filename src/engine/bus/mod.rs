@@ -89,8 +89,8 @@
 //! an online id's inbox in one pass than its bound (`--offline-max`) would refuse the rest
 //! `Full` although the recipient takes them all. The home keeps, per worker, the direct
 //! messages it handed it (`Arrived`, or the `Reply` to its own request when it holds the id)
-//! until that worker's `Handled` (sent at its next `poll`, after its `delivered` reports) says
-//! its hub acted on them. A direct message its inbox would refuse `Full` (the local engine says
+//! until that worker's `Handled` (sent at its next `poll`, carrying its `delivered` reports of
+//! the pass, or after them) says its hub acted on them. A direct message its inbox would refuse `Full` (the local engine says
 //! so before it is submitted, `would_refuse_full`) while the id is online and a message of the
 //! inbox is being stored here or handed and not acted on is held back (`parking.rs`), with
 //! every later request of the same worker (its answers keep their order, "Order") and every
@@ -100,8 +100,9 @@
 //! behind an earlier answer counts as acted on (`Handled` says what was received): waiting for
 //! it could wait on a request parked itself. A worker's `Offline` for the id counts too (its
 //! reports came before it). This worker's own hub acts between two `poll`s, so at each `poll`
-//! everything handed to it before is acted on. Cost: at most one `Handled` per pass of a
-//! worker and home, only after direct messages to ids the worker holds; none for rooms.
+//! everything handed to it before is acted on. Cost: a `Handled` takes the place of the
+//! pass's `Delivered` note to that home, so a note more only for a pass that delivered none of
+//! what it was handed; only after direct messages to ids the worker holds, none for rooms.
 //!
 //! # Bounds
 //!
@@ -427,16 +428,6 @@ impl BusEngine {
         self.push(to, note);
     }
 
-    /// Sends the `delivered` reports waiting for every worker.
-    fn flush_delivered(&mut self) {
-        for to in 0..self.workers() {
-            if !self.delivered[to].is_empty() {
-                let reports = std::mem::take(&mut self.delivered[to]);
-                self.push(to, Note::Delivered(reports));
-            }
-        }
-    }
-
     fn push(&mut self, to: usize, note: Note) {
         let depth = &self.link.fabric.depth[to];
         depth.fetch_add(1, Ordering::Relaxed);
@@ -583,22 +574,32 @@ impl BusEngine {
         }
     }
 
-    /// Tells each home which of the direct messages it handed this worker the hub has acted
-    /// on: everything received before this `poll` (its `delivered` reports were just sent).
-    /// This worker's own hand-offs were all made in earlier `poll`s, so all are acted on.
-    fn tell_handled(&mut self) {
+    /// Sends the `delivered` reports waiting for every worker, and tells each home which of
+    /// the direct messages it handed this worker the hub has acted on: everything received
+    /// before this `poll`. Both in one note where there are both (`Handled` after the reports
+    /// it carries). This worker's own hand-offs were all made in earlier `poll`s, so all are
+    /// acted on.
+    fn report(&mut self) {
         let me = self.me();
         self.parking.acknowledged(me, Position(u64::MAX));
         for home in (0..self.workers()).filter(|&w| w != me) {
+            let reports = std::mem::take(&mut self.delivered[home]);
             let through = self.handed_here[home];
             if through > self.handled_told[home] {
                 self.handled_told[home] = through;
-                self.send(home, Note::Handled { from: me, through });
+                let note = Note::Handled {
+                    from: me,
+                    through,
+                    reports,
+                };
+                self.push(home, note);
+            } else if !reports.is_empty() {
+                self.push(home, Note::Delivered(reports));
             }
         }
     }
 
-    /// Whether the next `poll` has a `Handled` to tell (`tell_handled`).
+    /// Whether the next `poll` has a `Handled` to tell (`report`).
     fn owes_handled(&self) -> bool {
         let me = self.me();
         self.parking.handed_to(me)
@@ -912,7 +913,16 @@ impl BusEngine {
                     };
                     self.apply_presence(from, &room, record);
                 }
-                Note::Handled { from, through } => self.parking.acknowledged(from, through),
+                Note::Handled {
+                    from,
+                    through,
+                    reports,
+                } => {
+                    for (stream, positions) in reports {
+                        self.local.engine().delivered(&stream.local(), &positions);
+                    }
+                    self.parking.acknowledged(from, through);
+                }
             }
         }
     }
@@ -1183,8 +1193,7 @@ impl Engine for BusEngine {
 
     fn poll(&mut self, out: &mut Vec<Event>) {
         self.acked_homes.clear();
-        self.flush_delivered();
-        self.tell_handled();
+        self.report();
         self.settle_rooms();
         self.receive();
         self.reload_stale_rooms();
