@@ -98,7 +98,9 @@
 //! once a report made room, or submitted to be refused `Full` once nothing is on its way (every
 //! worker acted, or the id went offline everywhere), as with one worker. A hand-off held back
 //! behind an earlier answer counts as acted on (`Handled` says what was received): waiting for
-//! it could wait on a request parked itself. A worker's `Offline` for the id counts too (its
+//! it could wait on a request parked itself. Under sustained pipelining such hand-offs are
+//! common, and part of a burst still meets `Full` (docs/architecture.md, "A burst to an online
+//! id", has the figures and what is left). A worker's `Offline` for the id counts too (its
 //! reports came before it). This worker's own hub acts between two `poll`s, so at each `poll`
 //! everything handed to it before is acted on. Cost: a `Handled` takes the place of the
 //! pass's `Delivered` note to that home, so a note more only for a pass that delivered none of
