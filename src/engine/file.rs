@@ -285,6 +285,11 @@ impl FileEngine {
         FileEngine::open_with(config, wake, now, None)
     }
 
+    /// `MemoryEngine::would_refuse_full`, from this engine's index (what `append` decides by).
+    pub(super) fn would_refuse_full(&self, a: &Append) -> bool {
+        self.mem.would_refuse_full(a)
+    }
+
     /// One worker's engine among several (SPEC §14, `bus::BusEngine::with_file`): as `open`,
     /// but the log's epoch must be `epoch` (a fresh log takes it), and positions come from the
     /// process's `counter`, which this raises above everything the log holds.

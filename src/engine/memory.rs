@@ -247,6 +247,14 @@ impl MemoryEngine {
         Admit::Stored(position)
     }
 
+    /// Whether `admit_append` would refuse `a` now because its stream's oldest messages are
+    /// still pending (`Refusal::Full`): not a duplicate, and the stream's bound says so. The
+    /// workers' bus asks before it submits a direct message (`bus` module doc, "Bursts").
+    pub(super) fn would_refuse_full(&self, a: &Append) -> bool {
+        self.seen(&a.sender, a.client_id.as_ref()).is_none()
+            && self.streams.refusal(&a.stream, a.body.len()) == Some(Refused::Full)
+    }
+
     fn seen(&self, sender: &Rc<str>, client_id: Option<&Rc<str>>) -> Option<Admit> {
         let client_id = client_id?;
         let recorded = self.dedup.check(sender, client_id)?;

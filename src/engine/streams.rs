@@ -248,22 +248,10 @@ impl Streams {
         now_ms: u64,
         gone: &mut Vec<Gone>,
     ) -> Result<(), Refused> {
-        if self.limits.per_stream == 0 {
-            return Err(Refused::Disabled);
+        if let Some(refused) = self.refusal(stream, body.len()) {
+            return Err(refused);
         }
         let cost = body.len() + OVERHEAD_BYTES;
-        if cost > self.limits.max_bytes {
-            return Err(Refused::TooLarge);
-        }
-        let len = self.streams.get(stream).map_or(0, |s| s.entries.len());
-        let front_pending = self
-            .streams
-            .get(stream)
-            .and_then(|s| s.entries.front())
-            .is_some_and(|e| e.pending);
-        if len >= self.limits.per_stream && front_pending {
-            return Err(Refused::Full);
-        }
         while self.bytes + cost > self.limits.max_bytes {
             if !self.remove_oldest(Why::Global, gone) {
                 break;
@@ -285,6 +273,22 @@ impl Streams {
             },
         );
         Ok(())
+    }
+
+    /// Why a new pending message of `len` bytes would be refused in `stream` now, if it would
+    /// (what `append` checks before it changes anything). The workers' bus asks before it
+    /// submits a direct message (`bus` module doc, "Bursts").
+    pub fn refusal(&self, stream: &StreamId, len: usize) -> Option<Refused> {
+        if self.limits.per_stream == 0 {
+            return Some(Refused::Disabled);
+        }
+        if len + OVERHEAD_BYTES > self.limits.max_bytes {
+            return Some(Refused::TooLarge);
+        }
+        let entries = self.streams.get(stream).map(|s| &s.entries);
+        let len = entries.map_or(0, VecDeque::len);
+        let front_pending = entries.and_then(VecDeque::front).is_some_and(|e| e.pending);
+        (len >= self.limits.per_stream && front_pending).then_some(Refused::Full)
     }
 
     /// Puts back a message read from the log at start-up, wherever it belongs in its stream (a

@@ -70,6 +70,8 @@ pub const RULES: &[(&str, Merge)] = &[
     // The workers' engine bus (`/ws`): each worker states its own queue, by its own label.
     ("wsrelay_engine_bus_depth", Merge::Sum),
     ("wsrelay_engine_bus_held", Merge::Sum),
+    // Direct messages each home holds back until deliveries are reported: its own share.
+    ("wsrelay_engine_bus_parked", Merge::Sum),
     // Members of the rooms homed at each worker: every envelope room member once.
     ("wsrelay_engine_bus_presence_members", Merge::Sum),
     // The file engine with workers (`--data-dir`): a log per worker, each its share.

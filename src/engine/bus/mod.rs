@@ -82,20 +82,47 @@
 //! is homed at it (`Engine::ids_online`): summed over the workers, `wsrelay_ids_online`
 //! counts an id connected on two workers once.
 //!
+//! # Bursts
+//!
+//! One worker's hub marks a direct message delivered as it hands it over; across workers the
+//! `delivered` report reaches the home one pass later. So a home that takes more requests for
+//! an online id's inbox in one pass than its bound (`--offline-max`) would refuse the rest
+//! `Full` although the recipient takes them all. The home keeps, per worker, the direct
+//! messages it handed it (`Arrived`, or the `Reply` to its own request when it holds the id)
+//! until that worker's `Handled` (sent at its next `poll`, carrying its `delivered` reports of
+//! the pass, or after them) says its hub acted on them. A direct message its inbox would
+//! refuse `Full` (the local engine says so before it is submitted, `would_refuse_full`) while the id is online and a message of the
+//! inbox is being stored here or handed and not acted on is held back (`parking.rs`), with
+//! every later request of the same worker (its answers keep their order, "Order") and every
+//! later direct message for that inbox. Each `poll` serves what may go, oldest first: stored
+//! once a report made room, or submitted to be refused `Full` once nothing is on its way (every
+//! worker acted, or the id went offline everywhere), as with one worker. A hand-off held back
+//! behind an earlier answer counts as acted on (`Handled` says what was received): waiting for
+//! it could wait on a request parked itself. Under sustained pipelining such hand-offs are
+//! common, and part of a burst still meets `Full` (docs/architecture.md, "A burst to an online
+//! id", has the figures and what is left). A worker's `Offline` for the id counts too (its
+//! reports came before it). This worker's own hub acts between two `poll`s, so at each `poll`
+//! everything handed to it before is acted on. Cost: a `Handled` takes the place of the
+//! pass's `Delivered` note to that home, so a note more only for a pass that delivered none of
+//! what it was handed; only after direct messages to ids the worker holds, none for rooms.
+//!
 //! # Bounds
 //!
 //! Requests, replies and notices are never dropped: requests are bounded by each hub's
 //! in-flight bytes (`--max-in-flight-bytes`), replies and notices by requests and connection
-//! changes. An `Arrived` for a worker whose queue holds `ARRIVED_LIMIT` notes or more is
-//! dropped and counted (`wsrelay_engine_bus_dropped_total`), and that worker is told once per
-//! stream (`Interrupted`, not bounded, at most one per stream until its queue is down to half
-//! the limit): its hub closes the connections following the stream, which reconnect with
-//! `since` and recover what they missed (a direct message is still pending at its home; a room
-//! message is in the room's history if it keeps one, else `recovered: false` says it is gone).
-//! Memory stays bounded, and no reader misses a message without being told. A presence record
-//! for a worker whose queue is that full is not sent either: that worker is owed one snapshot
-//! of the room, sent once its queue is down to half (`presence.rs`, "Bounds").
+//! changes. A parked request is a request not answered yet, still counted in its hub's
+//! in-flight bytes; the hand-offs kept for `Handled` are what the workers have not acted on
+//! yet (one pass each). An `Arrived` for a worker whose queue holds `ARRIVED_LIMIT` notes or
+//! more is dropped and counted (`wsrelay_engine_bus_dropped_total`), and that worker is told
+//! once per stream (`Interrupted`, not bounded, at most one per stream until its queue is down
+//! to half the limit): its hub closes the connections following the stream, which reconnect
+//! with `since` and recover what they missed (a direct message is still pending at its home; a
+//! room message is in the room's history if it keeps one, else `recovered: false` says it is
+//! gone). Memory stays bounded, and no reader misses a message without being told. A presence
+//! record for a worker whose queue is that full is not sent either: that worker is owed one
+//! snapshot of the room, sent once its queue is down to half (`presence.rs`, "Bounds").
 
+mod parking;
 mod presence;
 mod wire;
 
@@ -223,6 +250,14 @@ impl Local {
             Local::File(e) => e,
         }
     }
+
+    /// Whether appending `a` now would be refused `Full` (module doc, "Bursts").
+    fn would_refuse_full(&self, a: &Append) -> bool {
+        match self {
+            Local::Memory(e) => e.would_refuse_full(a),
+            Local::File(e) => e.would_refuse_full(a),
+        }
+    }
 }
 
 /// Work the local engine is doing for a worker (this one included): what to do with its
@@ -288,6 +323,17 @@ pub struct BusEngine {
     /// Ids online on some worker whose inbox is homed here: this worker's share of the
     /// process's `wsrelay_ids_online` (`Engine::ids_online`).
     ids_homed_here: usize,
+    /// Direct messages held back while deliveries to their recipient are being reported, and
+    /// the hand-offs those reports may still come for (module doc, "Bursts").
+    parking: parking::Parking,
+    /// The newest direct message each home handed this worker (`Arrived`, or a `Reply` saying
+    /// stored), and the newest it was told this worker acted on (`Handled`).
+    handed_here: Vec<Position>,
+    handled_told: Vec<Position>,
+    /// This worker's direct messages homed elsewhere, not answered yet, with their recipient:
+    /// a `Reply` saying one is stored is a hand-off to this worker when it holds the recipient
+    /// (its hub delivers it there; a room message's reply is never one).
+    appends_away: HashMap<Ticket, Rc<str>>,
 }
 
 impl BusEngine {
@@ -355,6 +401,10 @@ impl BusEngine {
             received: 0,
             presence: presence::Presence::new(link.index, workers),
             ids_homed_here: 0,
+            parking: parking::Parking::new(workers),
+            handed_here: vec![Position(0); workers],
+            handled_told: vec![Position(0); workers],
+            appends_away: HashMap::new(),
             link,
         }
     }
@@ -379,16 +429,6 @@ impl BusEngine {
             self.push(to, Note::Delivered(reports));
         }
         self.push(to, note);
-    }
-
-    /// Sends the `delivered` reports waiting for every worker.
-    fn flush_delivered(&mut self) {
-        for to in 0..self.workers() {
-            if !self.delivered[to].is_empty() {
-                let reports = std::mem::take(&mut self.delivered[to]);
-                self.push(to, Note::Delivered(reports));
-            }
-        }
     }
 
     fn push(&mut self, to: usize, note: Note) {
@@ -453,6 +493,13 @@ impl BusEngine {
             let me = self.me();
             self.serve(me, ticket, job, now);
         } else {
+            if let Job::Append(Append {
+                stream: StreamId::Inbox(id),
+                ..
+            }) = &job
+            {
+                self.appends_away.insert(ticket, Rc::clone(id));
+            }
             let from = self.me();
             let work = Work::of(&job);
             self.send(
@@ -467,9 +514,104 @@ impl BusEngine {
         }
     }
 
+    /// Takes `job` (for a stream homed here) for worker `from`: submits it (`serve_now`), or
+    /// holds it back (module doc, "Bursts").
+    fn serve(&mut self, from: usize, ticket: Ticket, job: Job, now: Now) {
+        if self.parking.behind(from, &job) || self.must_wait(&job) {
+            self.parking.park(from, ticket, job, now);
+        } else {
+            self.serve_now(from, ticket, job, now);
+        }
+    }
+
+    /// Whether `job` is a direct message its stream would refuse `Full` now, while its
+    /// recipient is online and some of the stream's messages are still on their way to it:
+    /// being stored here, or handed to a worker that has not acted on them yet. That worker's
+    /// `delivered` reports may still make room (module doc, "Bursts").
+    fn must_wait(&self, job: &Job) -> bool {
+        let Job::Append(a) = job else {
+            return false;
+        };
+        let StreamId::Inbox(id) = &a.stream else {
+            return false;
+        };
+        self.ids.contains_key(id)
+            && self.local.would_refuse_full(a)
+            && (self.parking.awaiting(&a.stream) || self.storing(&a.stream))
+    }
+
+    /// Whether a message of `stream` is with the local engine, not answered yet (a scan: only
+    /// asked of a stream that is full).
+    fn storing(&self, stream: &StreamId) -> bool {
+        self.serving
+            .iter()
+            .any(|s| s.delivery.as_ref().is_some_and(|(d, _)| d == stream))
+    }
+
+    /// Serves the held-back requests that may go now, oldest first: those no report can make
+    /// room for any more are submitted too, and refused `Full` by the local engine. Returns
+    /// whether it served any.
+    fn unpark(&mut self) -> bool {
+        let mut served = false;
+        loop {
+            let next = self
+                .parking
+                .fronts()
+                .filter(|(_, parked)| !self.must_wait(&parked.job))
+                .min_by_key(|(_, parked)| parked.seq)
+                .map(|(from, _)| from);
+            let Some((from, parked)) = next.and_then(|from| Some((from, self.parking.take(from)?)))
+            else {
+                return served;
+            };
+            self.serve_now(from, parked.ticket, parked.job, parked.now);
+            served = true;
+        }
+    }
+
+    /// Rings this worker's reactor when something held back may go now (this hub reported a
+    /// delivery, or an id went offline here, outside a `poll`): its next `poll` serves it.
+    fn nudge(&self) {
+        if !self.parking.is_empty() {
+            (self.link.doors[self.me()].1)();
+        }
+    }
+
+    /// Sends the `delivered` reports waiting for every worker, and tells each home which of
+    /// the direct messages it handed this worker the hub has acted on: everything received
+    /// before this `poll`. Both in one note where there are both (`Handled` after the reports
+    /// it carries). This worker's own hand-offs were all made in earlier `poll`s, so all are
+    /// acted on.
+    fn report(&mut self) {
+        let me = self.me();
+        self.parking.acknowledged(me, Position(u64::MAX));
+        for home in (0..self.workers()).filter(|&w| w != me) {
+            let reports = std::mem::take(&mut self.delivered[home]);
+            let through = self.handed_here[home];
+            if through > self.handled_told[home] {
+                self.handled_told[home] = through;
+                let note = Note::Handled {
+                    from: me,
+                    through,
+                    reports,
+                };
+                self.push(home, note);
+            } else if !reports.is_empty() {
+                self.push(home, Note::Delivered(reports));
+            }
+        }
+    }
+
+    /// Whether the next `poll` has a `Handled` to tell (`report`).
+    fn owes_handled(&self) -> bool {
+        let me = self.me();
+        self.parking.handed_to(me)
+            || (0..self.workers()).any(|h| h != me && self.handed_here[h] > self.handled_told[h])
+    }
+
     /// Submits `job` (for a stream homed here) for worker `from` to the local engine; its
     /// completion is acted on (`answer`) when the local engine hands it out (`drain_local`).
-    fn serve(&mut self, from: usize, ticket: Ticket, job: Job, now: Now) {
+    fn serve_now(&mut self, from: usize, ticket: Ticket, job: Job, now: Now) {
         let body = match &job {
             Job::Append(a) => Some(Rc::clone(&a.body)),
             Job::Publish(p) => Some(Rc::clone(&p.body)),
@@ -532,6 +674,13 @@ impl BusEngine {
         } = serving;
         if let (Some((stream, body)), Outcome::Stored { position }) = (delivery, &outcome) {
             let position = *position;
+            if let StreamId::Inbox(id) = &stream {
+                // The answer is a hand-off too: the asking worker's hub delivers the message
+                // to the recipient's connections there (module doc, "Bursts").
+                if self.ids.get(id).is_some_and(|w| w.contains(&from)) {
+                    self.parking.handed(from, &stream, position);
+                }
+            }
             let elsewhere = self.fan_out(from, &stream, position, &body);
             if elsewhere && matches!(stream, StreamId::Inbox(_)) {
                 outcome = Outcome::StoredOnlineElsewhere { position };
@@ -579,10 +728,14 @@ impl BusEngine {
         let me = self.me();
         let shared: Arc<[u8]> = Arc::from(&**body);
         let wire_stream = Stream::of(stream);
+        let inbox = matches!(stream, StreamId::Inbox(_));
         for to in targets {
             if to == me {
                 let event = Note::arrival(&wire_stream, position, &shared);
                 self.sources[me].push_back(event);
+                if inbox {
+                    self.parking.handed(me, stream, position);
+                }
                 continue;
             }
             let depth = self.link.fabric.depth[to].load(Ordering::Relaxed);
@@ -604,6 +757,9 @@ impl BusEngine {
                 body: Arc::clone(&shared),
             };
             self.send(to, note);
+            if inbox {
+                self.parking.handed(to, stream, position);
+            }
         }
         true
     }
@@ -658,6 +814,9 @@ impl BusEngine {
 
     /// Worker `from` no longer holds any connection of `id`.
     fn id_offline(&mut self, from: usize, id: &str, now: Now) {
+        // It reported what it delivered before it said so: no report of the id's messages
+        // handed to it can come any more (module doc, "Bursts").
+        self.parking.forget(from, &StreamId::inbox(id));
         let Some(workers) = self.ids.get_mut(id) else {
             return;
         };
@@ -688,13 +847,32 @@ impl BusEngine {
                     from,
                     ticket,
                     answer,
-                } => self.sources[from].push_back(Note::completion(ticket, answer)),
+                } => {
+                    // A home that thought this worker held the id when it did not any more
+                    // forgets the hand-off at this worker's `Offline`.
+                    let me = self.me();
+                    let handed = self
+                        .appends_away
+                        .remove(&ticket)
+                        .is_some_and(|id| self.ids.get(&id).is_some_and(|w| w.contains(&me)));
+                    if let (true, Answer::Stored(p) | Answer::StoredOnlineElsewhere(p)) =
+                        (handed, &answer)
+                    {
+                        self.handed_here[from] = self.handed_here[from].max(*p);
+                    }
+                    self.sources[from].push_back(Note::completion(ticket, answer));
+                }
                 Note::Arrived {
                     from,
                     stream,
                     position,
                     body,
-                } => self.sources[from].push_back(Note::arrival(&stream, position, &body)),
+                } => {
+                    if let Stream::Inbox(_) = &stream {
+                        self.handed_here[from] = self.handed_here[from].max(position);
+                    }
+                    self.sources[from].push_back(Note::arrival(&stream, position, &body));
+                }
                 Note::Interrupted { from, stream } => {
                     self.sources[from].push_back(Event::Interrupted(stream.local()));
                 }
@@ -737,6 +915,16 @@ impl BusEngine {
                         joined,
                     };
                     self.apply_presence(from, &room, record);
+                }
+                Note::Handled {
+                    from,
+                    through,
+                    reports,
+                } => {
+                    for (stream, positions) in reports {
+                        self.local.engine().delivered(&stream.local(), &positions);
+                    }
+                    self.parking.acknowledged(from, through);
                 }
             }
         }
@@ -865,6 +1053,23 @@ impl BusEngine {
         );
         let held: usize = self.sources.iter().map(VecDeque::len).sum();
         w.sample("wsrelay_engine_bus_held", &[("worker", &me)], held);
+        w.family(
+            "wsrelay_engine_bus_parked",
+            "gauge",
+            "Direct messages (and the requests of the same worker behind them) this worker, as their inbox's home, holds back while deliveries to the online recipient are still being reported.",
+        );
+        let parked = self.parking.parked();
+        w.sample("wsrelay_engine_bus_parked", &[("worker", &me)], parked);
+        w.family(
+            "wsrelay_engine_bus_parked_total",
+            "counter",
+            "Requests this worker, as a home, held back until deliveries to an online recipient were reported (a burst beyond --offline-max within one pass).",
+        );
+        w.sample(
+            "wsrelay_engine_bus_parked_total",
+            &[("worker", &me)],
+            self.parking.parked_total,
+        );
     }
 }
 
@@ -897,6 +1102,7 @@ impl Engine for BusEngine {
         let home = self.home_of(stream);
         if home == self.me() {
             self.local.engine().delivered(stream, positions);
+            self.nudge();
         } else {
             // Not urgent: batched per home, sent before anything else goes there (so the
             // home's order is the one of the calls) or at the next `poll`.
@@ -945,6 +1151,7 @@ impl Engine for BusEngine {
     fn offline(&mut self, id: &Rc<str>, now: Now) {
         let me = self.me();
         self.id_offline(me, id, now);
+        self.nudge();
         for to in (0..self.workers()).filter(|&w| w != me) {
             self.send(
                 to,
@@ -989,15 +1196,28 @@ impl Engine for BusEngine {
 
     fn poll(&mut self, out: &mut Vec<Event>) {
         self.acked_homes.clear();
-        self.flush_delivered();
+        self.report();
         self.settle_rooms();
         self.receive();
         self.reload_stale_rooms();
-        self.pay_owed_snapshots();
+        // After the reports just received (and this hub's own, made since the last `poll`).
+        self.unpark();
         // Last, so that what the requests just received submitted goes to the disk together
-        // (the file engine's `poll` sends it as one op).
-        self.drain_local();
+        // (the file engine's `poll` sends it as one op). A held-back message may go once the
+        // messages of its stream being stored are answered: until none goes any more.
+        loop {
+            self.drain_local();
+            if !self.unpark() {
+                break;
+            }
+        }
+        let before = out.len();
         self.release(out);
+        if out.len() == before && self.owes_handled() {
+            // Nothing for the hub, so it may not poll again soon: the homes waiting for this
+            // worker's `Handled` (held-back messages may) hear at the next `poll`, now.
+            (self.link.doors[self.me()].1)();
+        }
     }
 
     fn in_flight(&self) -> usize {

@@ -24,6 +24,11 @@ fn pair() -> Pair {
 
 /// Two workers whose rooms keep `history` messages (0: room history off).
 fn pair_with_history(history: usize) -> Pair {
+    pair_with(100, history)
+}
+
+/// Two workers whose inboxes keep `per_stream` messages and rooms `history`.
+fn pair_with(per_stream: usize, history: usize) -> Pair {
     let wakes: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let rings = wakes
         .iter()
@@ -35,7 +40,7 @@ fn pair_with_history(history: usize) -> Pair {
         })
         .collect();
     let limits = Limits {
-        per_stream: 100,
+        per_stream,
         ttl_ms: 60_000,
         max_bytes: 1 << 20,
     };
@@ -419,6 +424,207 @@ fn arrivals_for_a_worker_that_does_not_keep_up_are_dropped_and_counted() {
     let [_, one] = p.settle();
     assert_eq!(arrived(&one).len(), 1);
     assert!(p.engines[0].interrupted[1].is_empty());
+}
+
+// ----- bursts to an online id beyond its inbox's bound (`parking.rs`) ---------------------
+
+/// A name other than `not` whose inbox is homed at `worker` of 2.
+fn another_homed(worker: usize, not: &str) -> String {
+    (0..)
+        .map(|i| format!("m{i}"))
+        .find(|name| name != not && home(&StreamId::inbox(name), 2) == worker)
+        .expect("some name hashes to each worker")
+}
+
+/// Polls both engines `rounds` times, acting as their hubs do on direct messages to `id`: a
+/// worker in `takes` (where `id`'s connections take what they are given) delivers what arrives
+/// for it, and what it stored itself (`sent`: the tickets of its appends to `id`), and reports
+/// it delivered. What each engine handed out, in order.
+fn settle_delivering(
+    p: &mut Pair,
+    id: &str,
+    takes: &[usize],
+    sent: &[Ticket],
+    rounds: usize,
+) -> [Vec<Event>; 2] {
+    let stream = StreamId::inbox(id);
+    let mut out: [Vec<Event>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (i, engine) in p.engines.iter_mut().enumerate() {
+            let mut events = Vec::new();
+            engine.poll(&mut events);
+            if takes.contains(&i) {
+                for event in &events {
+                    let position = match event {
+                        Event::Arrived(a) if a.stream == stream => a.position,
+                        Event::Completed(Completion {
+                            ticket,
+                            outcome:
+                                Outcome::Stored { position }
+                                | Outcome::StoredOnlineElsewhere { position },
+                        }) if sent.contains(ticket) => *position,
+                        _ => continue,
+                    };
+                    engine.delivered(&stream, &[position]);
+                }
+            }
+            out[i].extend(events);
+        }
+    }
+    out
+}
+
+fn metric(engine: &BusEngine, sample: &str) -> f64 {
+    let mut text = String::new();
+    engine.render_metrics(&mut text);
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
+}
+
+#[test]
+fn a_burst_beyond_the_bound_to_an_id_online_elsewhere_is_all_stored_in_order() {
+    // Bob's inbox is homed at 0 and keeps 3; bob is online at 1. Alice sends 6 to him in one
+    // pass, then one to carol (offline, also homed at 0), from the home and from bob's worker.
+    for sender in [0, 1] {
+        let mut p = pair_with(3, 10);
+        let bob = homed(0, StreamId::inbox);
+        let carol = another_homed(0, &bob);
+        p.engines[1].online(&bob);
+        p.settle();
+        let to_bob: Vec<Ticket> = (0..6).map(|_| p.append(sender, &bob, None)).collect();
+        let to_carol = p.append(sender, &carol, None);
+        let out = settle_delivering(&mut p, &bob, &[1], &to_bob, 12);
+
+        let done = completed(&out[sender]);
+        let tickets: Vec<Ticket> = done.iter().map(|(t, _)| *t).collect();
+        let mut expected = to_bob.clone();
+        expected.push(to_carol);
+        assert_eq!(tickets, expected, "sender {sender}: every answer, in order");
+        let positions: Vec<Position> = done
+            .iter()
+            .map(|(_, outcome)| match outcome {
+                Outcome::Stored { position } | Outcome::StoredOnlineElsewhere { position } => {
+                    *position
+                }
+                other => panic!("sender {sender}: not stored: {other:?}"),
+            })
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        if sender == 0 {
+            // Each reached bob's worker once, in order.
+            let got: Vec<Position> = arrived(&out[1]).iter().map(|(_, p)| *p).collect();
+            assert_eq!(got, positions[..6]);
+        } else {
+            assert!(
+                arrived(&out[1]).is_empty(),
+                "bob's worker stored them itself"
+            );
+        }
+        assert!(arrived(&out[0]).is_empty());
+        assert_eq!(
+            metric(
+                &p.engines[0],
+                "wsrelay_engine_bus_parked_total{worker=\"0\"}"
+            ),
+            4.0,
+            "the last 3 for bob, and carol's behind them"
+        );
+        assert_eq!(
+            metric(&p.engines[0], "wsrelay_engine_bus_parked{worker=\"0\"}"),
+            0.0
+        );
+        // Bob's inbox holds the last 3, delivered; carol's message waits for her.
+        assert_eq!(p.engines[0].stats(0).messages, 4);
+        assert_eq!(p.engines[0].stats(0).pending, 1);
+    }
+}
+
+#[test]
+fn a_burst_to_an_id_that_goes_offline_meanwhile_is_refused_full_as_with_one_worker() {
+    let mut p = pair_with(3, 10);
+    let bob = homed(0, StreamId::inbox);
+    p.engines[1].online(&bob);
+    p.settle();
+    let to_bob: Vec<Ticket> = (0..6).map(|_| p.append(0, &bob, None)).collect();
+    let mut zero = Vec::new();
+    p.engines[0].poll(&mut zero);
+    assert_eq!(completed(&zero).len(), 3, "the rest wait for bob's worker");
+    // Bob leaves before his worker took anything: his inbox really is full.
+    p.engines[1].offline(&Rc::from(bob.as_str()), now());
+    let [more, _] = p.settle();
+    zero.extend(more);
+    let done = completed(&zero);
+    let tickets: Vec<Ticket> = done.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tickets, to_bob);
+    for (_, outcome) in &done[..3] {
+        assert!(
+            matches!(outcome, Outcome::StoredOnlineElsewhere { .. }),
+            "{outcome:?}"
+        );
+    }
+    for (_, outcome) in &done[3..] {
+        assert!(
+            matches!(outcome, Outcome::Rejected(crate::engine::Refusal::Full)),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(p.engines[0].stats(0).pending, 3);
+}
+
+#[test]
+fn a_burst_to_an_online_id_whose_worker_takes_none_is_refused_full_once_it_has_acted() {
+    // Bob is online at 1, but his connection there takes nothing (still recovering, say): no
+    // report comes, and once worker 1 has acted on what it was handed the rest is refused,
+    // rather than waiting for ever.
+    let mut p = pair_with(3, 10);
+    let bob = homed(0, StreamId::inbox);
+    p.engines[1].online(&bob);
+    p.settle();
+    let to_bob: Vec<Ticket> = (0..5).map(|_| p.append(0, &bob, None)).collect();
+    let out = settle_delivering(&mut p, &bob, &[], &to_bob, 6);
+    let done = completed(&out[0]);
+    assert_eq!(done.len(), 5);
+    assert!(
+        done[3..]
+            .iter()
+            .all(|(_, o)| matches!(o, Outcome::Rejected(crate::engine::Refusal::Full))),
+        "{done:?}"
+    );
+    assert_eq!(arrived(&out[1]).len(), 3);
+    assert_eq!(
+        metric(&p.engines[0], "wsrelay_engine_bus_parked{worker=\"0\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn a_worker_that_lets_the_id_go_reports_nothing_more_and_is_not_waited_for() {
+    // Bob is online at the home (0, whose connection takes nothing: still recovering, say)
+    // and at 1, which leaves before it polled: its `Offline` follows any report it had, so
+    // the rest is refused at once, without waiting for worker 1 to act on what it was handed.
+    let mut p = pair_with(3, 10);
+    let bob = homed(0, StreamId::inbox);
+    p.engines[0].online(&bob);
+    p.engines[1].online(&bob);
+    p.settle();
+    let to_bob: Vec<Ticket> = (0..5).map(|_| p.append(0, &bob, None)).collect();
+    let mut zero = Vec::new();
+    p.engines[0].poll(&mut zero);
+    assert_eq!(completed(&zero).len(), 3);
+    p.engines[1].offline(&Rc::from(bob.as_str()), now());
+    for _ in 0..3 {
+        p.engines[0].poll(&mut zero);
+    }
+    let done = completed(&zero);
+    let tickets: Vec<Ticket> = done.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tickets, to_bob);
+    assert!(
+        done[3..]
+            .iter()
+            .all(|(_, o)| matches!(o, Outcome::Rejected(crate::engine::Refusal::Full))),
+        "{done:?}"
+    );
 }
 
 // ----- presence across workers (`presence.rs`) ----------------------------------------------

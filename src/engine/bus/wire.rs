@@ -292,6 +292,15 @@ pub(super) enum Note {
         member: RoomMember,
         joined: bool,
     },
+    /// Worker `from`'s hub has acted on every direct message the receiver (their inbox's
+    /// home) handed it up to `through`, as `Arrived` or as a `Reply` (or holds it back behind
+    /// an earlier answer): its `delivered` reports for them came before, or are `reports`
+    /// (those of its last pass, as `Delivered` carries them: one note rather than two).
+    Handled {
+        from: usize,
+        through: Position,
+        reports: Vec<(Stream, Vec<Position>)>,
+    },
 }
 
 /// A member of a room (one connection) as it crosses: the worker it is connected to, its
