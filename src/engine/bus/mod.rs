@@ -1200,6 +1200,7 @@ impl Engine for BusEngine {
         self.settle_rooms();
         self.receive();
         self.reload_stale_rooms();
+        self.pay_owed_snapshots();
         // After the reports just received (and this hub's own, made since the last `poll`).
         self.unpark();
         // Last, so that what the requests just received submitted goes to the disk together
