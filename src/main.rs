@@ -593,25 +593,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         return serve_workers(args, compression);
     }
     let config = reactor_config(&args, compression);
-    let api_key = match args.api.key() {
-        Ok(key) => key,
-        Err(e) => {
-            eprintln!("wsrelay: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let api_max_body = args.api.api_max_body;
-    let max_message = args.max_message;
-    let built = args
-        .relay
-        .app_config()
-        .map(|config| AppConfig {
-            api_key,
-            api_max_body,
-            history_page_max_bytes: max_message,
-            ..config
-        })
-        .and_then(|config| check_room_history(config, max_message))
+    let built = app_config(args.relay, &args.api, args.max_message)
         .and_then(|config| build_app(config, args.storage));
     let (app, waker) = match built {
         Ok(built) => built,
@@ -652,6 +634,21 @@ fn serve(args: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The app's settings from the command line, the server API's included: the same for one
+/// reactor and for each worker (two copies once left the workers without the API key).
+fn app_config(relay: RelayArgs, api: &ApiArgs, max_message: usize) -> Result<AppConfig, String> {
+    let api_key = api.key()?;
+    let api_max_body = api.api_max_body;
+    let config = relay.app_config()?;
+    let config = AppConfig {
+        api_key,
+        api_max_body,
+        history_page_max_bytes: max_message,
+        ..config
+    };
+    check_room_history(config, max_message)
 }
 
 /// The reactor's settings from the command line: the same for one reactor and for each worker.
@@ -719,20 +716,7 @@ fn serve_workers(args: ServeArgs, compression: CompressionConfig) -> ExitCode {
         return ExitCode::from(2);
     }
     let config = reactor_config(&args, compression);
-    let (api_max_body, max_message) = (args.api.api_max_body, args.max_message);
-    // The same app settings as one reactor's (`serve`), the server API's included.
-    let app_config = args.api.key().and_then(|api_key| {
-        args.relay
-            .app_config()
-            .map(|config| AppConfig {
-                api_key,
-                api_max_body,
-                history_page_max_bytes: max_message,
-                ..config
-            })
-            .and_then(|config| check_room_history(config, max_message))
-    });
-    let app_config = match app_config {
+    let app_config = match app_config(args.relay, &args.api, args.max_message) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("wsrelay: {e}");
