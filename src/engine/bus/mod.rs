@@ -91,9 +91,9 @@
 //! messages it handed it (`Arrived`, or the `Reply` to its own request when it holds the id)
 //! until that worker's `Handled` (sent at its next `poll`, carrying its `delivered` reports of
 //! the pass, or after them) says its hub acted on them. A direct message its inbox would
-//! refuse `Full` (the local engine says so before it is submitted, `would_refuse_full`) while the id is online and a message of the
-//! inbox is being stored here or handed and not acted on is held back (`parking.rs`), with
-//! every later request of the same worker (its answers keep their order, "Order") and every
+//! refuse `Full` (the local engine says so before it is submitted, `would_refuse_full`) while
+//! the id is online and a message of the inbox is being stored here or handed and not acted on
+//! is held back (`parking.rs`), with every later request of the same worker (its answers keep their order, "Order") and every
 //! later direct message for that inbox. Each `poll` serves what may go, oldest first: stored
 //! once a report made room, or submitted to be refused `Full` once nothing is on its way (every
 //! worker acted, or the id went offline everywhere), as with one worker. A hand-off held back

@@ -70,12 +70,7 @@ impl Parking {
             let Some((_, stream)) = handed.pop_front() else {
                 break;
             };
-            if let Some(n) = self.awaiting.get_mut(&stream) {
-                *n -= 1;
-                if *n == 0 {
-                    self.awaiting.remove(&stream);
-                }
-            }
+            lower(&mut self.awaiting, &stream, 1);
         }
     }
 
@@ -85,14 +80,7 @@ impl Parking {
         let before = self.handed[worker].len();
         self.handed[worker].retain(|(_, s)| s != stream);
         let gone = before - self.handed[worker].len();
-        if gone > 0 {
-            if let Some(n) = self.awaiting.get_mut(stream) {
-                *n = n.saturating_sub(gone);
-                if *n == 0 {
-                    self.awaiting.remove(stream);
-                }
-            }
-        }
+        lower(&mut self.awaiting, stream, gone);
     }
 
     /// Whether `worker` has messages handed to it and not acknowledged.
@@ -151,13 +139,19 @@ impl Parking {
     pub(super) fn take(&mut self, from: usize) -> Option<Parked> {
         let parked = self.queues[from].pop_front()?;
         if let Job::Append(a) = &parked.job {
-            if let Some(n) = self.parked_for.get_mut(&a.stream) {
-                *n -= 1;
-                if *n == 0 {
-                    self.parked_for.remove(&a.stream);
-                }
-            }
+            lower(&mut self.parked_for, &a.stream, 1);
         }
         Some(parked)
+    }
+}
+
+/// Lowers `stream`'s count by `by`, and forgets a count that reaches 0 (the maps hold only
+/// streams with something counted).
+fn lower(counts: &mut HashMap<StreamId, usize>, stream: &StreamId, by: usize) {
+    if let Some(n) = counts.get_mut(stream) {
+        *n = n.saturating_sub(by);
+        if *n == 0 {
+            counts.remove(stream);
+        }
     }
 }
