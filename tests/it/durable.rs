@@ -10,8 +10,6 @@ use crate::relay_support::*;
 use crate::support::*;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
 use tungstenite::Message;
 
 fn msg_id(v: &Value) -> u64 {
@@ -353,41 +351,12 @@ fn a_failing_store_rejects_sends_and_live_traffic_goes_on(poller: &str) {
     );
 }
 
-/// `wsrelay serve` that must refuse to start: its exit code and what it printed.
-fn refused(poller: &str, args: &[&str]) -> (Option<i32>, String) {
-    // As many workers as the servers of the suite (`Server::start`), so that a directory made
-    // by one of them is refused for the reason the test means, not for its worker count.
-    let workers = std::env::var("TEST_WORKERS").ok();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--poller", poller])
-        .args(args)
-        .args(workers.iter().flat_map(|n| ["--workers", n.as_str()]))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("wsrelay {args:?} did not refuse to start");
-        }
-        std::thread::sleep(Duration::from_millis(10)); // poll interval for try_wait
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    (status.code(), stderr)
-}
-
 fn a_data_dir_in_use_or_unusable_is_refused_and_a_new_one_created(poller: &str) {
     let dir = tempfile::tempdir().unwrap();
     let fresh = dir.path().join("new/data");
     let first = start_file(poller, &fresh, &[]);
     assert!(fresh.join("LOCK").exists(), "created");
-    let (code, stderr) = refused(poller, &["--data-dir", fresh.to_str().unwrap()]);
+    let (code, stderr) = refused_to_start(poller, &["--data-dir", fresh.to_str().unwrap()]);
     assert_eq!(code, Some(1));
     assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
     assert!(stderr.contains("in use by another process"), "{stderr}");
@@ -395,7 +364,7 @@ fn a_data_dir_in_use_or_unusable_is_refused_and_a_new_one_created(poller: &str) 
 
     let plain = dir.path().join("plain");
     std::fs::write(&plain, "not a directory").unwrap();
-    let (code, stderr) = refused(poller, &["--data-dir", plain.to_str().unwrap()]);
+    let (code, stderr) = refused_to_start(poller, &["--data-dir", plain.to_str().unwrap()]);
     assert_eq!(code, Some(1));
     assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
     assert!(stderr.contains("data dir: cannot use"), "{stderr}");

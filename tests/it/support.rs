@@ -516,3 +516,41 @@ pub fn expect_eof(s: &mut TcpStream) {
     assert_eq!(ending, Ending::Eof, "the server reset the connection");
     assert!(rest.is_empty(), "unexpected bytes before EOF: {rest:?}");
 }
+
+/// `wsrelay serve` with `args` that must refuse to start: its exit code and what it printed on
+/// stderr (its warnings only, so that a refusal is the one line there). Like `Server::start`,
+/// it runs TEST_WORKERS workers unless `args` choose their count, so that a data directory made
+/// by a server of the suite is refused for the reason the test means.
+pub fn refused_to_start(poller: &str, args: &[&str]) -> (Option<i32>, String) {
+    let workers = std::env::var("TEST_WORKERS")
+        .ok()
+        .filter(|_| !args.contains(&"--workers"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--poller", poller])
+        .args(args)
+        .args(workers.iter().flat_map(|n| ["--workers", n.as_str()]))
+        .env("RUST_LOG", "wsrelay=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wsrelay");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("wsrelay {args:?} did not refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(10)); // poll interval for try_wait
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
+}

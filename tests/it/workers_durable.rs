@@ -9,8 +9,6 @@ use crate::relay_support::*;
 use crate::support::*;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 use wsrelay::engine::bus::home;
 use wsrelay::engine::StreamId;
 use wsrelay::server::totals;
@@ -57,34 +55,6 @@ fn bus_notes(server: &Server) -> f64 {
     let m = server.metrics();
     m.get("wsrelay_engine_bus_sent_total{from=\"0\",to=\"1\"}")
         + m.get("wsrelay_engine_bus_sent_total{from=\"1\",to=\"0\"}")
-}
-
-/// `wsrelay serve` that must refuse to start: its exit code and what it printed.
-fn refused(poller: &str, args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--poller", poller])
-        .args(args)
-        // Without the other workers' start-up info lines (a worker that read its log logs
-        // what it holds while another refuses): only the refusal is on stderr.
-        .env("RUST_LOG", "wsrelay=warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("wsrelay {args:?} did not refuse to start");
-        }
-        std::thread::sleep(Duration::from_millis(10)); // poll interval for try_wait
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    (status.code(), stderr)
 }
 
 /// Copies the files of `from` (no subdirectories) into a new directory `to`.
@@ -233,7 +203,7 @@ fn another_number_of_workers_is_refused(poller: &str) {
     let mut server = start(poller, &data, &[]);
     let mut a = Client::as_id(&server, "alice");
     assert_eq!(a.send_acked("bob", json!(1), "x")["status"], "queued");
-    let (code, stderr) = refused(
+    let (code, stderr) = refused_to_start(
         poller,
         &["--workers", "2", "--data-dir", data.to_str().unwrap()],
     );
@@ -243,7 +213,7 @@ fn another_number_of_workers_is_refused(poller: &str) {
     kill_9(&mut server);
     for other in ["3", "1"] {
         let args = ["--workers", other, "--data-dir", data.to_str().unwrap()];
-        let (code, stderr) = refused(poller, &args);
+        let (code, stderr) = refused_to_start(poller, &args);
         assert_eq!(code, Some(1), "{stderr}");
         assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
         assert!(
@@ -263,7 +233,7 @@ fn another_number_of_workers_is_refused(poller: &str) {
     std::fs::remove_dir_all(data.join("worker-1")).unwrap();
     copy_dir(&other.join("worker-1"), &data.join("worker-1"));
     let args = ["--workers", "2", "--data-dir", data.to_str().unwrap()];
-    let (code, stderr) = refused(poller, &args);
+    let (code, stderr) = refused_to_start(poller, &args);
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
     assert!(
@@ -279,7 +249,7 @@ fn another_number_of_workers_is_refused(poller: &str) {
     drop(a);
     kill_9(&mut one);
     let args = ["--workers", "2", "--data-dir", single.to_str().unwrap()];
-    let (code, stderr) = refused(poller, &args);
+    let (code, stderr) = refused_to_start(poller, &args);
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
     assert!(
