@@ -313,11 +313,7 @@ impl WorkerSlot {
 
     /// The process totals: every worker's figures summed.
     pub fn totals(&self) -> Snapshot {
-        let mut total = Snapshot::default();
-        for s in self.shared.snapshots() {
-            total.add(&s);
-        }
-        total
+        sum(&self.shared.snapshots())
     }
 
     /// Appends the per-worker gauges and the process totals (Prometheus text), read from what
@@ -394,7 +390,8 @@ impl WorkerSlot {
             "(raw room, other worker with members there) pairs each worker knows of.",
             &|s| s.bus_remote_rooms,
         );
-        let total = self.totals();
+        // From the same reading as the per-worker lines, so that the totals are their sums.
+        let total = sum(&snapshots);
         let mut gauge = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -495,6 +492,15 @@ pub fn reuseport_listeners(_addr: SocketAddr, _count: usize) -> io::Result<Vec<T
         io::ErrorKind::Unsupported,
         "--workers above 1 needs Linux (SO_REUSEPORT balancing); use --workers 1",
     ))
+}
+
+/// The process's totals of the workers' published figures.
+fn sum(snapshots: &[Snapshot]) -> Snapshot {
+    let mut total = Snapshot::default();
+    for s in snapshots {
+        total.add(s);
+    }
+    total
 }
 
 #[cfg(test)]
