@@ -128,6 +128,12 @@ impl Outbox {
         Ok(())
     }
 
+    /// Keeps `out` until the connection just made is greeted (`on_connect`), whatever the
+    /// limit: the limit bounds lines typed while disconnected, and this wait is short.
+    pub fn hold(&mut self, out: Outgoing) {
+        self.queued.push_back(out);
+    }
+
     /// Everything to write on a new connection, in order: a join for every room we were in,
     /// every un-acked message (same client ids) in the order typed, then the queued lines. The
     /// queued lines are recorded as written.

@@ -126,6 +126,14 @@ struct Up {
     /// With `--token-cmd` on `/ws`: when to fetch a new token and send it as a `refresh`.
     /// `None` while a fetch is running (its result arrives as `Input::Token`).
     refresh_due: Option<Instant>,
+    /// On `/ws`: the relay's welcome has arrived. Until then nothing is written (lines are
+    /// queued): the relay holds only a few hundred messages from a connection it has not
+    /// greeted yet (SPEC §13, the welcome waits for the recovery). Raw endpoints have no
+    /// welcome and start greeted.
+    greeted: bool,
+    /// Lines queued while no connection was up, when this one came up (for the message
+    /// that says they are sent now; lines read while waiting for the welcome are not those).
+    typed_while_down: usize,
 }
 
 enum Link {
@@ -343,19 +351,11 @@ impl Session {
                     ping_count: 0,
                     close_due: None,
                     refresh_due: self.refresh_due(now),
+                    greeted: self.settings.endpoint == Endpoint::Raw,
+                    typed_while_down: self.outbox.queued(),
                 }));
-                let (unacked, queued) = (self.outbox.unacked(), self.outbox.queued());
-                if unacked > 0 {
-                    eprintln!("wsrelay client: re-sending {unacked} un-acked message(s)");
-                }
-                if queued > 0 {
-                    eprintln!("wsrelay client: sending {queued} line(s) typed while disconnected");
-                }
-                for out in self.outbox.on_connect() {
-                    if !matches!(self.link, Link::Up(_)) {
-                        break;
-                    }
-                    self.write(&out);
+                if self.settings.endpoint == Endpoint::Raw {
+                    self.send_what_waited();
                 }
             }
             Err(e) if e.is_final() => {
@@ -373,6 +373,29 @@ impl Session {
                 }
                 self.schedule_reconnect();
             }
+        }
+    }
+
+    /// Writes what the new connection owes: the rooms to join again, the un-acked messages
+    /// and the lines queued meanwhile (`Outbox::on_connect`). Once the connection may take
+    /// them: at once on a raw endpoint, after the welcome on `/ws`.
+    fn send_what_waited(&mut self) {
+        let unacked = self.outbox.unacked();
+        let queued = match &self.link {
+            Link::Up(up) => up.typed_while_down,
+            Link::Down { .. } => 0,
+        };
+        if unacked > 0 {
+            eprintln!("wsrelay client: re-sending {unacked} un-acked message(s)");
+        }
+        if queued > 0 {
+            eprintln!("wsrelay client: sending {queued} line(s) typed while disconnected");
+        }
+        for out in self.outbox.on_connect() {
+            if !matches!(self.link, Link::Up(_)) {
+                break;
+            }
+            self.write(&out);
         }
     }
 
@@ -673,12 +696,24 @@ impl Session {
         self.submit(out);
     }
 
-    /// Writes `out` now, or queues it until the next connection.
+    /// Writes `out` now, or queues it until the connection is up and greeted.
     fn submit(&mut self, out: Outgoing) {
-        if matches!(&self.link, Link::Up(up) if up.close_due.is_none()) {
-            let out = self.outbox.send_now(out);
-            self.write(&out);
-        } else if let Err(overflow) = self.outbox.queue(out) {
+        match &self.link {
+            Link::Up(up) if up.close_due.is_none() && up.greeted => {
+                let out = self.outbox.send_now(out);
+                self.write(&out);
+                return;
+            }
+            // Connected, the welcome still to come: a short wait, not a disconnection, so
+            // the line is kept whatever the queue's limit (that bounds lines typed while
+            // disconnected; these were read already).
+            Link::Up(up) if up.close_due.is_none() => {
+                self.outbox.hold(out);
+                return;
+            }
+            _ => {}
+        }
+        if let Err(overflow) = self.outbox.queue(out) {
             eprintln!(
                 "wsrelay client: not connected and {} lines are already queued; \
                  dropped a line for {}",
@@ -842,6 +877,10 @@ impl Session {
                 recovered,
             } => {
                 self.seen.welcome(last_msg_id.as_deref(), epoch.as_deref());
+                let first = match &mut self.link {
+                    Link::Up(up) => !std::mem::replace(&mut up.greeted, true),
+                    Link::Down { .. } => false,
+                };
                 let url = match &self.link {
                     Link::Up(up) => self.target_text(up.target),
                     Link::Down { .. } => String::new(),
@@ -856,6 +895,9 @@ impl Session {
                     eprintln!(
                         "wsrelay client: some messages sent to you while you were away may be missing (the relay restarted without its history, or they outlived its retention)"
                     );
+                }
+                if first {
+                    self.send_what_waited();
                 }
                 None
             }

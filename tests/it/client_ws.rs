@@ -61,6 +61,45 @@ fn script_mode_delivers_to_a_second_client() {
     );
 }
 
+/// Piped input that is all there before the connection is up: the client holds it until the
+/// relay's welcome, then sends it. The relay keeps at most 256 messages from a connection it
+/// has not greeted yet and closes it with 1008 past that (the welcome can wait for a store or
+/// for Redis), so a client that wrote first would lose its connection and re-send. The debug
+/// log shows every frame written; none may come before the welcome's "connected ... as".
+#[test]
+fn piped_input_waits_for_the_welcome() {
+    const LINES: usize = 600;
+    let server = Server::start("epoll", &[]);
+    let url = server.url("/ws");
+    let mut bob = ClientProcess::start(&["--id", "bob", "--json", &url]);
+    bob.stderr_until("connected to");
+
+    let mut alice =
+        ClientProcess::start_logging(&["--id", "alice", "--to", "bob", &url], "wsrelay=debug");
+    for i in 0..LINES {
+        alice.send_line(&format!("line {i}"));
+    }
+    alice.close_stdin();
+    assert_eq!(alice.wait_exit(), 0, "{}", alice.log());
+    let welcome = alice.log.iter().position(|l| l.contains("as alice"));
+    let first_write = alice.log.iter().position(|l| l.contains("client: wrote"));
+    match (welcome, first_write) {
+        (Some(welcome), Some(write)) => assert!(
+            welcome < write,
+            "a frame was written before the welcome:\n{}",
+            alice.log()
+        ),
+        _ => panic!("no welcome or no write in the log:\n{}", alice.log()),
+    }
+
+    let got: Vec<Value> = messages_until(&mut bob, &format!("line {}", LINES - 1))
+        .into_iter()
+        .map(|m| m["payload"].clone())
+        .collect();
+    let want: Vec<Value> = (0..LINES).map(|i| json!(format!("line {i}"))).collect();
+    assert_eq!(got, want);
+}
+
 /// `--room` joins the room; `#room text` publishes; members see `from -> #room: text`.
 #[test]
 fn rooms_by_flag_and_by_prefix() {
