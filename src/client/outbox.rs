@@ -63,6 +63,13 @@ impl Outgoing {
     }
 }
 
+/// How many messages may wait for their acks at once. A window, as in TCP: a piped file is sent
+/// as fast as the relay acks it, never faster. Without it a burst outran a relay whose acks wait
+/// for a store (`--data-dir`, Redis): the messages on their way to an online recipient count
+/// against its per-id bound (`--offline-max`) until the store has them, and the rest of the
+/// burst was refused as if the recipient's queue were full. Well under the default bound (1000).
+pub const WINDOW: usize = 64;
+
 /// A line could not be queued: the queue already holds its limit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Overflow(pub Outgoing);
@@ -77,7 +84,8 @@ pub struct Outbox {
     next_seq: u64,
     /// The key of the next message recorded in `unacked` (the order it was first written).
     next_order: u64,
-    /// Typed while disconnected, never written; at most `limit`.
+    /// Not written yet: typed while disconnected (at most `limit`), or waiting for the welcome
+    /// or for room in the window (`hold`), in the order typed.
     queued: VecDeque<Outgoing>,
     limit: usize,
     /// Written, not acked yet, by sequence number: re-sent in the order they were typed.
@@ -128,23 +136,38 @@ impl Outbox {
         Ok(())
     }
 
-    /// Keeps `out` until the connection just made is greeted (`on_connect`), whatever the
-    /// limit: the limit bounds lines typed while disconnected, and this wait is short.
+    /// Whether `out` may be written now on a connection that takes writes: nothing typed
+    /// before it is still waiting (order), and a message finds room in the window.
+    pub fn may_write(&self, out: &Outgoing) -> bool {
+        self.queued.is_empty() && (out.client_id().is_none() || self.unacked.len() < WINDOW)
+    }
+
+    /// Keeps `out` until the connection is greeted or the window has room (`release`), whatever
+    /// the limit: the limit bounds lines typed while disconnected; these wait on a live
+    /// connection, for its welcome or its acks.
     pub fn hold(&mut self, out: Outgoing) {
         self.queued.push_back(out);
     }
 
-    /// Everything to write on a new connection, in order: a join for every room we were in,
-    /// every un-acked message (same client ids) in the order typed, then the queued lines. The
-    /// queued lines are recorded as written.
+    /// What to write first on a new connection, in order: a join for every room we were in,
+    /// then every un-acked message (same client ids) in the order typed. The queued lines
+    /// follow through `release`.
     pub fn on_connect(&mut self) -> Vec<Outgoing> {
         let mut out: Vec<Outgoing> = self.rooms.iter().cloned().map(Outgoing::Join).collect();
         out.extend(self.unacked.values().cloned());
-        while let Some(next) = self.queued.pop_front() {
-            self.record_written(&next);
-            out.push(next);
-        }
         out
+    }
+
+    /// The next queued line that may be written now, recorded as written: the oldest, if it is
+    /// not a message or the window has room for one.
+    pub fn release(&mut self) -> Option<Outgoing> {
+        let next = self.queued.front()?;
+        if next.client_id().is_some() && self.unacked.len() >= WINDOW {
+            return None;
+        }
+        let next = self.queued.pop_front()?;
+        self.record_written(&next);
+        Some(next)
     }
 
     /// Adds a room to join on every connection from now on (`--room`).
@@ -429,6 +452,14 @@ mod tests {
         assert!(o.is_settled());
     }
 
+    /// What a new connection writes while nothing is acked: `on_connect`, then what
+    /// `release` lets go.
+    fn connect(o: &mut Outbox) -> Vec<Outgoing> {
+        let mut out = o.on_connect();
+        out.extend(std::iter::from_fn(|| o.release()));
+        out
+    }
+
     /// After a reconnect: rooms first, then un-acked messages with their original ids in the
     /// order typed, then what was typed while disconnected.
     #[test]
@@ -448,17 +479,17 @@ mod tests {
         assert_eq!(o.queue(d), Ok(()));
         assert_eq!(o.queue(Outgoing::Leave("lobby".into())), Ok(()));
         assert_eq!(
-            ids(&o.on_connect()),
+            ids(&connect(&mut o)),
             ["join dev", "join lobby", "t-1", "t-3", "t-4", "leave lobby"]
         );
         assert_eq!(o.queued(), 0);
         // Still not acked: the next connection sends them again, with the same ids, and the
         // room left is not joined again.
-        assert_eq!(ids(&o.on_connect()), ["join dev", "t-1", "t-3", "t-4"]);
+        assert_eq!(ids(&connect(&mut o)), ["join dev", "t-1", "t-3", "t-4"]);
         for id in ["t-1", "t-3", "t-4"] {
             assert!(o.ack(id).is_some(), "{id}");
         }
-        assert_eq!(ids(&o.on_connect()), ["join dev"]);
+        assert_eq!(ids(&connect(&mut o)), ["join dev"]);
         assert!(o.is_settled());
     }
 
@@ -471,8 +502,34 @@ mod tests {
             o.queue(Outgoing::Raw("3".into())),
             Err(Overflow(Outgoing::Raw("3".into())))
         );
-        assert_eq!(ids(&o.on_connect()), ["raw 1", "raw 2"]);
+        assert_eq!(ids(&connect(&mut o)), ["raw 1", "raw 2"]);
         assert_eq!(o.queue(Outgoing::Raw("4".into())), Ok(()));
+    }
+
+    /// At most `WINDOW` messages un-acked: the next waits for an ack, and so does everything
+    /// typed after it (a join behind a held message is not written before it); lines that
+    /// are not messages pass when nothing waits ahead of them.
+    #[test]
+    fn the_window_holds_messages_until_acks_make_room() {
+        let mut o = Outbox::new("t".into(), 10);
+        for i in 0..WINDOW {
+            let m = send(&mut o, "bob", &i.to_string());
+            assert!(o.may_write(&m), "message {i}");
+            o.send_now(m);
+        }
+        let join = Outgoing::Join("lobby".into());
+        assert!(o.may_write(&join), "not a message, nothing held");
+        let over = send(&mut o, "bob", "over");
+        assert!(!o.may_write(&over));
+        o.hold(over.clone());
+        assert!(!o.may_write(&join), "behind a held message");
+        o.hold(join.clone());
+        assert_eq!(o.release(), None, "the window is full");
+        assert!(o.ack("t-1").is_some());
+        assert_eq!(o.release(), Some(over));
+        assert_eq!(o.release(), Some(join));
+        assert_eq!(o.release(), None);
+        assert_eq!(o.unacked(), WINDOW);
     }
 
     #[test]

@@ -393,8 +393,20 @@ impl Session {
         }
         for out in self.outbox.on_connect() {
             if !matches!(self.link, Link::Up(_)) {
-                break;
+                return;
             }
+            self.write(&out);
+        }
+        self.release();
+    }
+
+    /// Writes the queued lines the window lets go (all of them on a raw endpoint, which has
+    /// no acks), while the connection stays up.
+    fn release(&mut self) {
+        while matches!(&self.link, Link::Up(up) if up.greeted && up.close_due.is_none()) {
+            let Some(out) = self.outbox.release() else {
+                return;
+            };
             self.write(&out);
         }
     }
@@ -699,14 +711,14 @@ impl Session {
     /// Writes `out` now, or queues it until the connection is up and greeted.
     fn submit(&mut self, out: Outgoing) {
         match &self.link {
-            Link::Up(up) if up.close_due.is_none() && up.greeted => {
+            Link::Up(up) if up.close_due.is_none() && up.greeted && self.outbox.may_write(&out) => {
                 let out = self.outbox.send_now(out);
                 self.write(&out);
                 return;
             }
-            // Connected, the welcome still to come: a short wait, not a disconnection, so
-            // the line is kept whatever the queue's limit (that bounds lines typed while
-            // disconnected; these were read already).
+            // Connected, and the welcome or room in the window still to come: a wait, not a
+            // disconnection, so the line is kept whatever the queue's limit (that bounds lines
+            // typed while disconnected; these were read already).
             Link::Up(up) if up.close_due.is_none() => {
                 self.outbox.hold(out);
                 return;
@@ -939,6 +951,8 @@ impl Session {
                         envelope::printable(reason.as_deref().unwrap_or("no reason given"))
                     );
                 }
+                // A place in the window is free.
+                self.release();
                 interactive
                     .then(|| envelope::render_ack(&clock(None), &sent, &status, reason.as_deref()))
             }

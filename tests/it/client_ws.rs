@@ -100,6 +100,37 @@ fn piped_input_waits_for_the_welcome() {
     assert_eq!(got, want);
 }
 
+/// A piped file to an online recipient through `--data-dir`, whose acks wait for the disk: the
+/// client keeps at most a window of messages un-acked, so it never has more on their way than
+/// the recipient's bound (`--offline-max`, here 100) and none is refused as if the recipient's
+/// queue were full; all arrive, once, in order, and the client exits 0 (a rejection would make
+/// it exit 1).
+#[test]
+fn a_piped_file_is_paced_by_the_acks() {
+    const LINES: usize = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let server = Server::start("epoll", &["--data-dir", data_dir, "--offline-max", "100"]);
+    let url = server.url("/ws");
+    let mut bob = ClientProcess::start(&["--id", "bob", "--json", &url]);
+    bob.stderr_until("connected to");
+
+    let mut alice = ClientProcess::start(&["--id", "alice", "--to", "bob", &url]);
+    for i in 0..LINES {
+        alice.send_line(&format!("line {i}"));
+    }
+    alice.close_stdin();
+    assert_eq!(alice.wait_exit(), 0, "{}", alice.log());
+    assert!(!alice.log().contains("rejected"), "{}", alice.log());
+
+    let got: Vec<Value> = messages_until(&mut bob, &format!("line {}", LINES - 1))
+        .into_iter()
+        .map(|m| m["payload"].clone())
+        .collect();
+    let want: Vec<Value> = (0..LINES).map(|i| json!(format!("line {i}"))).collect();
+    assert_eq!(got, want);
+}
+
 /// `--room` joins the room; `#room text` publishes; members see `from -> #room: text`.
 #[test]
 fn rooms_by_flag_and_by_prefix() {
