@@ -60,13 +60,15 @@ const FEW_IOVECS: usize = 64;
 /// cap keeps an idle server's stock small while covering rooms of hundreds at full speed.
 const MAX_SPARE_RING_BYTES: usize = 4 * 1024 * 1024;
 
-/// The most empty `Owned` chunk buffers (of `OWNED_CHUNK_BYTES` each) the pool keeps: 1 MiB.
+/// The most empty `Owned` chunk buffers (of `OWNED_CHUNK_BYTES` each) the pool keeps: 4 MiB.
 /// Without them every flush freed its reply buffers and the next read allocated them again,
 /// and glibc, seeing the top of the heap freed and refilled, returned it to the kernel and took
-/// it back a few hundred times a second (`brk`, docs/benchmarks.md, "Allocator churn"). 256
-/// covers a loop iteration's worth of echo replies for 256 connections; beyond that buffers go
-/// back to the allocator as before.
-const MAX_SPARE_OWNED_CHUNKS: usize = 256;
+/// it back a few hundred times a second (`brk`, docs/benchmarks.md, "Allocator churn"). Replies
+/// are flushed at the end of the loop iteration, so an iteration holds one buffer per connection
+/// it answered: 1,024 covers a thousand busy connections (with 256, echo with 1,000 connections
+/// still allocated and freed a buffer for 70% of its messages). The stock is given back once the
+/// loop has been idle for a moment (`release_spares`), so only a busy server holds it.
+const MAX_SPARE_OWNED_CHUNKS: usize = 1024;
 /// Chunks up to this size are copied into the scratch buffer at flush time instead of getting an
 /// iovec each. Measured in a 1,000-member room (docs/benchmarks.md, "Broadcast vs
 /// tokio-tungstenite"): with 64-byte messages, gathering cut the server's CPU per delivery by a
