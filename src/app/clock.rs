@@ -36,8 +36,9 @@ impl Clock for SystemClock {
     }
 }
 
-/// The system clock as the reactor read it at the start of this loop iteration (SPEC §2: one
-/// clock read per iteration, shared by the timers and the hub).
+/// The system clock as the reactor read it at the start of this loop iteration, after its wait
+/// (SPEC §2: the timers and the hub share that one reading; the reactor's only other read is
+/// before the wait, for its timeout; none is per message).
 ///
 /// Why: reading the clock costs a `clock_gettime` each time (a vDSO call, but still the largest
 /// user-space item in a profile of the echo benchmark when the hub read it per message). Within

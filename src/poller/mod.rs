@@ -237,6 +237,19 @@ pub trait Poller {
     }
 }
 
+/// Tests: the kernel refused io_uring (`e`). A uring test then says so in one line and passes
+/// without running, since the other pollers still cover the behaviour; unless
+/// `WSRELAY_REQUIRE_URING=1` (CI, on a machine known to have it), where a refusal fails the
+/// test, so that a run cannot go green with no uring coverage at all.
+#[cfg(test)]
+pub(crate) fn uring_refused(e: &io::Error) {
+    assert!(
+        std::env::var("WSRELAY_REQUIRE_URING").as_deref() != Ok("1"),
+        "io_uring is required (WSRELAY_REQUIRE_URING=1) but: {e}"
+    );
+    eprintln!("skipped on uring: {e}");
+}
+
 /// Fails with the OS error (EBADF) if `fd` is not an open descriptor. poll(2) would accept a bad
 /// one and report POLLNVAL on every wait, and for select(2) one bad descriptor in the sets makes
 /// the *whole* call fail with EBADF; checking at `register` gives the caller the answer epoll

@@ -335,7 +335,7 @@ mod completion {
         match UringPoller::new() {
             Ok(p) => Some(p),
             Err(e) => {
-                eprintln!("skipped on uring: {e}");
+                crate::poller::uring_refused(&e);
                 None
             }
         }

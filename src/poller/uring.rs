@@ -376,6 +376,52 @@ impl UringPoller {
         Ok(())
     }
 
+    /// The one system call of the iteration: submits what was queued, waits for the first
+    /// completion (or the timeout), and reaps what the kernel posted, readiness into `events`
+    /// (appended to what it holds).
+    fn enter(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        let submitter = self.ring.submitter();
+        let result = match timeout {
+            None => submitter.submit_and_wait(1),
+            Some(timeout) => {
+                let timespec = Timespec::from(timeout);
+                submitter.submit_with_args(1, &SubmitArgs::new().timespec(&timespec))
+            }
+        };
+        match result {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The completion queue overflowed: reaping below makes room.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            // The kernel could not allocate for a request just now (EAGAIN; ENOMEM on older
+            // kernels): what it did not take stays queued for the next iteration's enter,
+            // and what completed is reaped below. Not a reason to stop the server.
+            // Logged at debug: it can repeat every iteration while memory is short.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) => {
+                log::debug!("io_uring: the kernel is short of memory for requests ({e})");
+            }
+            Err(e) => return Err(e),
+        }
+        self.reap(events);
+        Ok(())
+    }
+
+    /// After `watch`: if arming failed, the descriptor is not watched after all. Left marked,
+    /// its number (which the caller now closes, and `accept` hands out again first) would be
+    /// refused as "already watched" for every connection that gets it.
+    fn unwatch_if_failed(&mut self, fd: RawFd, armed: io::Result<()>) -> io::Result<()> {
+        if armed.is_err() {
+            if let Some(ops) = self.fds.get_mut(fd) {
+                ops.watched = false;
+                if ops.in_flight == 0 {
+                    self.fds.remove(fd);
+                }
+            }
+        }
+        armed
+    }
+
     /// Takes every completion the kernel has posted: readiness of polled descriptors into
     /// `events`, the rest into `self.completions`.
     fn reap(&mut self, events: &mut Vec<Event>) {
@@ -545,7 +591,8 @@ impl Poller for UringPoller {
 
     fn register(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
         self.watch(fd)?;
-        self.arm_poll(fd, token, interest)
+        let armed = self.arm_poll(fd, token, interest);
+        self.unwatch_if_failed(fd, armed)
     }
 
     fn reregister(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
@@ -595,36 +642,25 @@ impl Poller for UringPoller {
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         events.clear();
         events.append(&mut self.pending_events);
-        let submitter = self.ring.submitter();
-        // The one system call of the iteration: submits what was queued and waits for the
-        // first completion (or the timeout).
-        let result = match timeout {
-            None => submitter.submit_and_wait(1),
-            Some(timeout) => {
-                let timespec = Timespec::from(timeout);
-                submitter.submit_with_args(1, &SubmitArgs::new().timespec(&timespec))
-            }
+        // Events `collect_now` reaped earlier in the iteration are due now: the wait only
+        // looks for more, it does not sleep on top of them.
+        let timeout = if events.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
         };
-        match result {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // The completion queue overflowed: reaping below makes room.
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => return Err(e),
-        }
-        self.reap(events);
-        Ok(())
+        self.enter(events, timeout)
     }
-
     fn watch_listener(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
         self.watch(fd)?;
-        self.arm_accept(fd, token)
+        let armed = self.arm_accept(fd, token);
+        self.unwatch_if_failed(fd, armed)
     }
 
     fn watch_connection(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
         self.watch(fd)?;
-        self.arm_recv(fd, token)
+        let armed = self.arm_recv(fd, token);
+        self.unwatch_if_failed(fd, armed)
     }
 
     unsafe fn send(&mut self, fd: RawFd, token: Token, bufs: &[IoSlice<'_>]) -> io::Result<()> {
@@ -730,10 +766,12 @@ impl Poller for UringPoller {
     }
 
     fn collect_now(&mut self) -> io::Result<()> {
+        // Added to what earlier calls in this iteration collected: the next `wait` reports
+        // them all (a second call must not drop the first one's events).
         let mut events = std::mem::take(&mut self.pending_events);
-        self.wait(&mut events, Some(Duration::ZERO))?;
+        let result = self.enter(&mut events, Some(Duration::ZERO));
         self.pending_events = events;
-        Ok(())
+        result
     }
 }
 
@@ -822,7 +860,7 @@ mod tests {
         match UringPoller::with_ring_entries(16) {
             Ok(p) => Some(p),
             Err(e) => {
-                eprintln!("skipped on uring: {e}");
+                crate::poller::uring_refused(&e);
                 None
             }
         }
@@ -893,6 +931,60 @@ mod tests {
     /// holds (the queue is submitted early when full). Each one's receive is cancelled by its
     /// key, never by descriptor (a walk over every armed operation in the kernel, per close),
     /// every client sees the end of its stream, and nothing is left in flight but the accept.
+    /// A readable socket pair end registered as `token`, made readable at once.
+    fn readable_pair(p: &mut UringPoller, token: Token) -> std::os::unix::net::UnixStream {
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let interest = Interest {
+            readable: true,
+            writable: false,
+        };
+        p.register(ours.as_raw_fd(), token, interest).unwrap();
+        std::io::Write::write_all(&mut theirs, b"x").unwrap();
+        // Kept open: the read end's events are what the test looks at.
+        std::mem::forget(theirs);
+        ours
+    }
+
+    /// The Pong deadline collects completions once per connection it judges, so several
+    /// `collect_now`s can run in one iteration: what the first reaped (here the readiness of a
+    /// waker-like descriptor) must still reach the next `wait`, and that wait must not sleep
+    /// while it has events to report.
+    #[test]
+    fn events_collected_early_survive_a_second_collect_and_do_not_wait() {
+        let Some(mut p) = small_ring() else { return };
+        let _ours = readable_pair(&mut p, Token(7));
+        let start = Instant::now();
+        while p.pending_events.is_empty() {
+            assert!(start.elapsed() < DEADLINE, "the readiness never came");
+            p.collect_now().unwrap();
+        }
+        p.collect_now().unwrap();
+        let mut events = Vec::new();
+        let waited = Instant::now();
+        p.wait(&mut events, Some(DEADLINE)).unwrap();
+        assert!(
+            events.iter().any(|e| e.token == Token(7) && e.readable),
+            "{events:?}"
+        );
+        assert!(
+            waited.elapsed() < DEADLINE / 2,
+            "wait slept with events to report"
+        );
+    }
+
+    /// A descriptor whose arming failed is not left marked as watched (its number comes back
+    /// with the next accept).
+    #[test]
+    fn a_failed_arm_leaves_the_descriptor_unwatched() {
+        let Some(mut p) = small_ring() else { return };
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = ours.as_raw_fd();
+        p.watch(fd).unwrap();
+        let failed = Err(io::Error::from_raw_os_error(libc::EBUSY));
+        assert!(p.unwatch_if_failed(fd, failed).is_err());
+        p.watch(fd).expect("watched again after the failed arm");
+    }
+
     #[test]
     fn a_burst_of_closes_cancels_each_receive_by_key() {
         let Some(mut p) = small_ring() else { return };

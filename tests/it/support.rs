@@ -39,7 +39,9 @@ macro_rules! poller_tests {
 
 /// Whether this machine can run `--poller uring` (Linux 6.0+ with io_uring allowed). Where it
 /// cannot, says so in one line (per test) and the uring variant of the test passes without
-/// running: the other pollers still cover the behaviour.
+/// running: the other pollers still cover the behaviour. With `WSRELAY_REQUIRE_URING=1` (CI,
+/// on a machine known to have io_uring) it fails the test instead, so that a run cannot go
+/// green with no uring coverage at all.
 pub fn uring_available() -> bool {
     #[cfg(target_os = "linux")]
     let result = wsrelay::poller::UringPoller::new().map(drop);
@@ -48,6 +50,10 @@ pub fn uring_available() -> bool {
     match result {
         Ok(()) => true,
         Err(e) => {
+            assert!(
+                std::env::var("WSRELAY_REQUIRE_URING").as_deref() != Ok("1"),
+                "io_uring is required (WSRELAY_REQUIRE_URING=1) but: {e}"
+            );
             eprintln!("skipped on uring: {e}");
             false
         }
