@@ -155,13 +155,21 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             return;
         }
         let fd = conn.stream.as_raw_fd();
-        let mut slices: Vec<IoSlice<'_>> = Vec::new();
-        conn.outbound.pin_for_send(&mut slices, MAX_SEND_IOVECS);
-        // SAFETY: the slices point into the chunks `pin_for_send` pinned: nothing is appended
-        // to them and they stay in the queue until `Outbound::sent`, called when this send
-        // completes (`on_sent`). If the connection closes first, `release_socket` keeps its
-        // queue in `orphans` until that same completion.
-        let submitted = unsafe { self.poller.send(fd, Token(id.token()), &slices) };
+        let token = Token(id.token());
+        // SAFETY (both sends): the slices point into the chunks `pin_single`/`pin_for_send`
+        // pinned: nothing is appended to them and they stay in the queue until
+        // `Outbound::sent`, called when this send completes (`on_sent`). If the connection
+        // closes first, `release_socket` keeps its queue in `orphans` until that same
+        // completion.
+        let submitted = match conn.outbound.pin_single() {
+            // The usual case, one chunk: no vector allocated per send.
+            Some(bytes) => unsafe { self.poller.send(fd, token, &[IoSlice::new(bytes)]) },
+            None => {
+                let mut slices: Vec<IoSlice<'_>> = Vec::new();
+                conn.outbound.pin_for_send(&mut slices, MAX_SEND_IOVECS);
+                unsafe { self.poller.send(fd, token, &slices) }
+            }
+        };
         match submitted {
             Ok(()) => conn.write_interest = true,
             Err(e) => {
@@ -221,7 +229,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         match submitted {
             Ok(()) => {
                 conn.write_interest = true;
-                self.tls_sends.push((id, records, offset));
+                self.tls_sends.insert(id, (records, offset));
             }
             Err(e) => {
                 warn!("{id:?} send not submitted: {e}");
@@ -234,17 +242,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// A send finished: its bytes leave the queue; the rest (and whatever was queued meanwhile)
     /// goes in the next send, or, once all is out, what waited for the flush happens.
     fn on_sent(&mut self, id: ConnId, result: io::Result<usize>) {
-        let tls_send = self
-            .tls_sends
-            .iter()
-            .position(|(sender, _, _)| *sender == id)
-            .map(|i| self.tls_sends.swap_remove(i));
+        let tls_send = self.tls_sends.remove(&id);
         let Some(conn) = live(&mut self.conns, id) else {
             // Closed while the send was in flight: its bytes may be freed now.
-            self.orphans.retain(|(orphan, _)| *orphan != id);
+            self.orphans.remove(&id);
             return;
         };
-        if let Some((_, records, offset)) = tls_send {
+        if let Some((records, offset)) = tls_send {
             conn.write_interest = false;
             match result {
                 Ok(n) if n > 0 => {
@@ -294,7 +298,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     pub(super) fn release_socket(&mut self, mut conn: Connection) {
         if self.poller.completion_based() && conn.write_interest {
             self.orphans
-                .push((conn.id, std::mem::take(&mut conn.outbound)));
+                .insert(conn.id, std::mem::take(&mut conn.outbound));
         }
         self.poller.close(OwnedFd::from(conn.stream));
     }

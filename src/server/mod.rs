@@ -67,6 +67,7 @@ use metrics::Metrics;
 use mio::net::TcpListener;
 use outbound::{Outbound, OutboundPool};
 use slab::Slab;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -174,11 +175,12 @@ pub struct Reactor<P: Poller, H: Handler> {
     /// The completions of one wait (completion backends only); kept so its storage is reused.
     completions: Vec<Completion>,
     /// Completion backends: the queues of connections closed while a send was still lent
-    /// their bytes, kept until that send completes (`completion.rs`).
-    orphans: Vec<(ConnId, Outbound)>,
+    /// their bytes, kept until that send completes (`completion.rs`). A map: a send completes
+    /// per connection, and thousands may be closed with sends in flight at once.
+    orphans: HashMap<ConnId, Outbound>,
     /// Completion backends, TLS: the records each send in flight was lent, and from where
-    /// (`completion.rs`).
-    tls_sends: Vec<(ConnId, Vec<u8>, usize)>,
+    /// (`completion.rs`); at most one per connection.
+    tls_sends: HashMap<ConnId, (Vec<u8>, usize)>,
     /// Every deadline: per connection, the accept retry, the shutdown deadline.
     timers: TimerWheel<TimerEvent>,
     /// The timers one `expire` handed back; kept so its storage is reused.
@@ -290,8 +292,8 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             http_resume: Vec::new(),
             events: Vec::with_capacity(1024),
             completions: Vec::new(),
-            orphans: Vec::new(),
-            tls_sends: Vec::new(),
+            orphans: HashMap::new(),
+            tls_sends: HashMap::new(),
             timers: TimerWheel::new(config.timer_tick, DEFAULT_SLOTS, now),
             expired: Vec::new(),
             app_timer: None,

@@ -210,6 +210,17 @@ impl Outbound {
         lent
     }
 
+    /// Completion I/O: `pin_for_send` for the usual queue of one chunk (a read's replies are
+    /// encoded into one), without a vector to collect the slices in: the bytes to lend, or
+    /// `None` (nothing pinned) when the queue holds more or fewer chunks than one.
+    pub fn pin_single(&mut self) -> Option<&[u8]> {
+        if self.chunks.len() != 1 {
+            return None;
+        }
+        self.pinned = 1;
+        self.pending().next()
+    }
+
     /// Completion I/O: the send that `pin_for_send` lent the queue to took `written` bytes.
     /// They leave the queue and the chunks are unpinned; an emptied queue puts its ring in
     /// `pool`, as `flush` does.
@@ -697,6 +708,31 @@ mod tests {
         assert_eq!(&bytes[8001..], b"!");
         drop(rest);
         q.sent(8002, &mut pool);
+        assert!(q.is_empty());
+    }
+
+    /// The one-chunk send pins as `pin_for_send` does: later replies go into a new chunk, and
+    /// a queue of two chunks is not taken by it.
+    #[test]
+    fn a_single_pinned_chunk_is_not_appended_to() {
+        let mut pool = OutboundPool::default();
+        let mut q = Outbound::default();
+        assert_eq!(q.pin_single(), None, "an empty queue lends nothing");
+        q.push_owned_with(3, &mut pool, |v| v.extend_from_slice(b"abc"));
+        let lent = q.pin_single().map(|b| (b.as_ptr(), b.len()));
+        assert_eq!(lent.map(|(_, len)| len), Some(3));
+        q.push_owned_with(1, &mut pool, |v| v.push(b'!'));
+        assert_eq!(
+            q.pin_single(),
+            None,
+            "two chunks: the reply did not join the pinned one"
+        );
+        let mut again = Vec::new();
+        q.pin_for_send(&mut again, 1024);
+        assert_eq!(again.len(), 2);
+        assert_eq!(Some((again[0].as_ptr(), again[0].len())), lent);
+        drop(again);
+        q.sent(4, &mut pool);
         assert!(q.is_empty());
     }
 }
