@@ -173,6 +173,18 @@ impl Outbound {
     /// Any I/O error other than `WouldBlock`/`Interrupted`; the caller closes the connection.
     pub fn flush(&mut self, sink: &mut impl Write, pool: &mut OutboundPool) -> io::Result<Flush> {
         while !self.chunks.is_empty() {
+            if self.chunks.len() == 1 {
+                // The usual case (a read's replies are encoded into one chunk): a plain write,
+                // without building the iovec array `write_some` fills.
+                match sink.write(&self.chunks[0].as_slice()[self.head_offset..]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => self.consume(n, pool),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
             let gathered = self.gather_head(&mut pool.scratch);
             // The gathered copy replaces the chunks it holds with one iovec.
             let iovecs = self.chunks.len() - gathered + usize::from(gathered > 0);
