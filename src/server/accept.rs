@@ -5,7 +5,7 @@
 //! Does not: read what a new connection sends (`inbound.rs`, called at once from `admit`) or
 //! answer it (`http.rs`).
 
-use super::connection::{ConnId, Connection, Deadline, Stamp};
+use super::connection::{ConnId, Connection, Deadline};
 use super::metrics::Metrics;
 use super::{Handler, Reactor, TimerEvent, LISTENER};
 use crate::poller::{Poller, Token};
@@ -166,7 +166,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.release_place(over_limit);
             return;
         }
-        let mut conn = Connection::new(id, stream, Stamp::at(self.started, self.now));
+        let mut conn = Connection::new(id, stream, self.now_stamp);
         conn.tls = tls;
         conn.set_deadline(
             &mut self.timers,

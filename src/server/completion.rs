@@ -15,7 +15,7 @@
 //! buffer" and the reactor gives the buffer back when done. On this path `write_interest` means
 //! "a send is in flight" (the completion equivalent of "waiting for the socket to take more").
 
-use super::connection::{ConnId, Connection, Deadline, Stamp};
+use super::connection::{ConnId, Connection, Deadline};
 use super::{live, Handler, Reactor, LISTENER};
 use crate::poller::{Completion, Poller, RecvBuf, Token};
 use log::{debug, warn};
@@ -71,7 +71,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         };
         self.metrics.bytes_in += buf.len() as u64;
         // Any bytes count as activity (SPEC §5), as in `on_readable`.
-        conn.last_activity = Stamp::at(self.started, self.now);
+        conn.last_activity = self.now_stamp;
         if conn.awaiting_pong() {
             let next = self.now + self.config.heartbeat_interval;
             conn.set_deadline(&mut self.timers, next, Deadline::Heartbeat);

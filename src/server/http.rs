@@ -12,7 +12,7 @@
 //! included (docs/architecture.md, "Routing").
 
 use super::compression::Negotiated;
-use super::connection::{ConnId, Deadline, PendingRequest, Stamp, State};
+use super::connection::{ConnId, Deadline, PendingRequest, State};
 use super::handler::Answer;
 use super::metrics::{Gauges, Metrics};
 use super::{live, Handler, Reactor, Route, ServerEndpoint};
@@ -467,7 +467,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             conn.deflate = Some(Negotiated::new(&params));
             conn.reader.allow_rsv1();
         }
-        conn.last_activity = Stamp::at(self.started, self.now);
+        conn.last_activity = self.now_stamp;
         conn.set_deadline(&mut self.timers, heartbeat, Deadline::Heartbeat);
         let mut pipelined = conn.request.split_off(conn.exchange().served + head_len);
         conn.clear_request();

@@ -6,7 +6,7 @@
 //! Does not: parse anything itself, or drive TLS: a connection's TLS session sits inside
 //! `tls::read_socket`, which reads like a socket.
 
-use super::connection::{ConnId, Deadline, Stamp, State};
+use super::connection::{ConnId, Deadline, State};
 use super::http::MAX_PIPELINED_BYTES;
 use super::tls::read_socket;
 use super::{live, Handler, Reactor, READ_BUDGET_BYTES};
@@ -70,7 +70,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.metrics.bytes_in += n as u64;
             // Any bytes count as activity, not only whole frames: a large frame still arriving
             // proves the peer alive (SPEC §5).
-            conn.last_activity = Stamp::at(self.started, self.now);
+            conn.last_activity = self.now_stamp;
             if conn.awaiting_pong() {
                 // The peer is alive: the pong deadline gives way to the next heartbeat.
                 let next = self.now + self.config.heartbeat_interval;

@@ -61,7 +61,7 @@ use crate::protocol::CloseCode;
 use crate::timer::{TimerHandle, TimerWheel, DEFAULT_SLOTS};
 use crate::tls::ServerTls;
 use compression::Compressor;
-use connection::{Connection, Deadline};
+use connection::{Connection, Deadline, Stamp};
 use log::{info, trace};
 use metrics::Metrics;
 use mio::net::TcpListener;
@@ -212,6 +212,9 @@ pub struct Reactor<P: Poller, H: Handler> {
     now: Instant,
     /// When the reactor was created (uptime in /stats.json; the epoch of connections' `Stamp`s).
     started: Instant,
+    /// `now` as a connection's `Stamp` (its last activity), computed once per iteration with
+    /// `now`: every read stamps its connection, and the subtraction is not free.
+    now_stamp: Stamp,
     /// `--workers` above 1: this reactor's handle on what the workers share (the process-wide
     /// connection count and the gauges, `workers.rs`). `None` for the one reactor of
     /// `--workers 1`, which then shares nothing.
@@ -308,6 +311,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             metrics: Metrics::default(),
             now,
             started: now,
+            now_stamp: Stamp::at(now, now),
             worker: None,
             scrapes: scrape::Scrapes::default(),
         })
@@ -452,6 +456,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         // trust it alone: the Pong deadline reads its connection before dropping it
         // (`on_pong_deadline`, SPEC §5).
         self.now = Instant::now();
+        self.now_stamp = Stamp::at(self.started, self.now);
         // The app reads this same instant for the whole iteration (`Handler::set_now`).
         self.handler.set_now(self.now);
         self.metrics.poll_wait += self.now - before;
