@@ -61,6 +61,29 @@ fn script_mode_delivers_to_a_second_client() {
     );
 }
 
+/// bob (online, `--json`) and alice, whose stdin is `lines` numbered lines to bob, written
+/// before her connection is up and then closed. Returns alice once she exited 0 (all acked),
+/// after checking that bob got every line once, in order.
+fn pipe_lines_to_bob(server: &Server, lines: usize, alice_log: &str) -> ClientProcess {
+    let url = server.url("/ws");
+    let mut bob = ClientProcess::start(&["--id", "bob", "--json", &url]);
+    bob.stderr_until("connected to");
+    let mut alice =
+        ClientProcess::start_logging(&["--id", "alice", "--to", "bob", &url], alice_log);
+    for i in 0..lines {
+        alice.send_line(&format!("line {i}"));
+    }
+    alice.close_stdin();
+    assert_eq!(alice.wait_exit(), 0, "{}", alice.log());
+    let got: Vec<Value> = messages_until(&mut bob, &format!("line {}", lines - 1))
+        .into_iter()
+        .map(|m| m["payload"].clone())
+        .collect();
+    let want: Vec<Value> = (0..lines).map(|i| json!(format!("line {i}"))).collect();
+    assert_eq!(got, want);
+    alice
+}
+
 /// Piped input that is all there before the connection is up: the client holds it until the
 /// relay's welcome, then sends it. The relay keeps at most 256 messages from a connection it
 /// has not greeted yet and closes it with 1008 past that (the welcome can wait for a store or
@@ -68,19 +91,8 @@ fn script_mode_delivers_to_a_second_client() {
 /// log shows every frame written; none may come before the welcome's "connected ... as".
 #[test]
 fn piped_input_waits_for_the_welcome() {
-    const LINES: usize = 600;
     let server = Server::start("epoll", &[]);
-    let url = server.url("/ws");
-    let mut bob = ClientProcess::start(&["--id", "bob", "--json", &url]);
-    bob.stderr_until("connected to");
-
-    let mut alice =
-        ClientProcess::start_logging(&["--id", "alice", "--to", "bob", &url], "wsrelay=debug");
-    for i in 0..LINES {
-        alice.send_line(&format!("line {i}"));
-    }
-    alice.close_stdin();
-    assert_eq!(alice.wait_exit(), 0, "{}", alice.log());
+    let alice = pipe_lines_to_bob(&server, 600, "wsrelay=debug");
     let welcome = alice.log.iter().position(|l| l.contains("as alice"));
     let first_write = alice.log.iter().position(|l| l.contains("client: wrote"));
     match (welcome, first_write) {
@@ -91,44 +103,20 @@ fn piped_input_waits_for_the_welcome() {
         ),
         _ => panic!("no welcome or no write in the log:\n{}", alice.log()),
     }
-
-    let got: Vec<Value> = messages_until(&mut bob, &format!("line {}", LINES - 1))
-        .into_iter()
-        .map(|m| m["payload"].clone())
-        .collect();
-    let want: Vec<Value> = (0..LINES).map(|i| json!(format!("line {i}"))).collect();
-    assert_eq!(got, want);
 }
 
 /// A piped file to an online recipient through `--data-dir`, whose acks wait for the disk: the
 /// client keeps at most a window of messages un-acked, so it never has more on their way than
 /// the recipient's bound (`--offline-max`, here 100) and none is refused as if the recipient's
-/// queue were full; all arrive, once, in order, and the client exits 0 (a rejection would make
+/// queue were full: all arrive, once, in order, and the client exits 0 (a rejection would make
 /// it exit 1).
 #[test]
 fn a_piped_file_is_paced_by_the_acks() {
-    const LINES: usize = 3000;
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().to_str().unwrap();
     let server = Server::start("epoll", &["--data-dir", data_dir, "--offline-max", "100"]);
-    let url = server.url("/ws");
-    let mut bob = ClientProcess::start(&["--id", "bob", "--json", &url]);
-    bob.stderr_until("connected to");
-
-    let mut alice = ClientProcess::start(&["--id", "alice", "--to", "bob", &url]);
-    for i in 0..LINES {
-        alice.send_line(&format!("line {i}"));
-    }
-    alice.close_stdin();
-    assert_eq!(alice.wait_exit(), 0, "{}", alice.log());
+    let alice = pipe_lines_to_bob(&server, 3000, "wsrelay=info");
     assert!(!alice.log().contains("rejected"), "{}", alice.log());
-
-    let got: Vec<Value> = messages_until(&mut bob, &format!("line {}", LINES - 1))
-        .into_iter()
-        .map(|m| m["payload"].clone())
-        .collect();
-    let want: Vec<Value> = (0..LINES).map(|i| json!(format!("line {i}"))).collect();
-    assert_eq!(got, want);
 }
 
 /// `--room` joins the room; `#room text` publishes; members see `from -> #room: text`.
