@@ -20,6 +20,8 @@
 //!   its sends go on; `resume_receive` arms it again, once the cancelled one has reported.
 //! * **Other descriptors** (the signal pipes, the engine's waker) go through the `Poller`
 //!   surface as before: `register` arms a multishot poll, which comes back as readiness events.
+//! * **Idle memory**: the receive pool's pages that a burst touched go back to the kernel once
+//!   the loop has been idle a moment (`release_idle_memory`), if nothing can be using them.
 //! * **One system call per loop iteration**: everything queued since the last wait is submitted
 //!   by the wait itself (`io_uring_enter` with both "submit" and "wait for one").
 //!
@@ -68,6 +70,10 @@ const SPARE_SENDS: usize = 1024;
 
 /// The id of our one group of provided buffers.
 const BUFFER_GROUP: u16 = 0;
+
+/// IORING_SETUP_DEFER_TASKRUN, from the kernel's `include/uapi/linux/io_uring.h` (the crate
+/// sets it, but has no accessor to read it back).
+const SETUP_DEFER_TASKRUN: u32 = 1 << 13;
 
 /// The oldest kernel with everything used here: multishot receive (6.0); multishot accept,
 /// provided-buffer rings and cancel-by-descriptor came in 5.19.
@@ -246,6 +252,16 @@ pub struct UringPoller {
     /// header lent to the kernel must not move when this vector grows.
     #[allow(clippy::vec_box)]
     spare_sends: Vec<Box<SendMsg>>,
+    /// Receive buffers lent to the reactor (`Completion::Received`) and not yet recycled.
+    lent: usize,
+    /// A receive has filled a buffer since the pool's pages were last given back: some of its
+    /// pages are resident (`holds_idle_memory`).
+    pool_touched: bool,
+    /// The ring was set up with DEFER_TASKRUN: the kernel fills receive buffers only inside
+    /// our `io_uring_enter` calls, which is what makes giving the pool's pages back safe.
+    defers_task_work: bool,
+    /// Completions the last reap took (none: the last wait saw nothing happen).
+    last_reaped: usize,
     /// Cancellations of everything on a descriptor submitted so far (the costly kind, see
     /// "Closing safely"): the tests check that a plain close does not use one.
     #[cfg(test)]
@@ -267,6 +283,7 @@ impl UringPoller {
     fn with_ring_entries(entries: u32) -> io::Result<UringPoller> {
         check_kernel()?;
         let ring = build_ring(entries).map_err(|e| unavailable(&e))?;
+        let defers_task_work = defers_task_work(&ring);
         let pool = Rc::new(BufPool::new(usize::from(RECV_BUFFERS), RECV_BUFFER_BYTES));
         let mut buf_ring = BufRing::new(RECV_BUFFERS)?;
         // SAFETY: the ring memory is a mapping that lives in `buf_ring`, which this poller
@@ -293,6 +310,10 @@ impl UringPoller {
             reaped: Vec::with_capacity(1024),
             pending_events: Vec::new(),
             spare_sends: Vec::new(),
+            lent: 0,
+            pool_touched: false,
+            defers_task_work,
+            last_reaped: 0,
             #[cfg(test)]
             descriptor_cancels: 0,
         })
@@ -381,6 +402,7 @@ impl UringPoller {
     fn reap(&mut self, events: &mut Vec<Event>) {
         let mut reaped = std::mem::take(&mut self.reaped);
         reaped.extend(self.ring.completion());
+        self.last_reaped = reaped.len();
         for cqe in reaped.drain(..) {
             self.complete(&cqe, events);
         }
@@ -455,6 +477,8 @@ impl UringPoller {
                         Some(id) => {
                             let buf = RecvBuf::new(Rc::clone(&self.pool), id, res as usize);
                             self.completions.push(Completion::Received(token, buf));
+                            self.lent += 1;
+                            self.pool_touched = true;
                         }
                         None => log::error!("a receive completed without naming its buffer"),
                     }
@@ -665,6 +689,7 @@ impl Poller for UringPoller {
     }
 
     fn recycle(&mut self, buf: RecvBuf) {
+        self.lent -= 1;
         let id = buf.id();
         self.buf_ring.push(self.pool.addr(id), self.pool.size(), id);
     }
@@ -735,6 +760,44 @@ impl Poller for UringPoller {
         self.pending_events = events;
         Ok(())
     }
+
+    /// The receive pool's pages that receives have touched since they were last given back.
+    /// The kernel takes buffers in ring order, so after a few hundred receives every buffer
+    /// has at least its first page resident (1 MiB with 256 buffers, up to the whole pool
+    /// after large messages), however few connections remain: a cost of the burst, not of
+    /// the connections (docs/pollers.md, "What an idle connection costs on uring").
+    fn holds_idle_memory(&self) -> bool {
+        self.pool_touched && self.defers_task_work
+    }
+
+    /// Gives the pool's pages back, if it is certain that no buffer is in use: none is lent to
+    /// the reactor, and the kernel is filling none. The second needs DEFER_TASKRUN: then the
+    /// kernel receives into a buffer only inside our `io_uring_enter`, and reports it in the
+    /// same call; so after a wait that reported nothing, with nothing left in the completion
+    /// queue, no buffer holds bytes we have not seen. (Without DEFER_TASKRUN, receives complete
+    /// at any interrupt of this thread, and the pages are kept.)
+    fn release_idle_memory(&mut self) {
+        let quiet = self.last_reaped == 0 && self.ring.completion().is_empty();
+        if !(self.holds_idle_memory() && quiet && self.lent == 0) {
+            return;
+        }
+        // SAFETY: no buffer is in use, as established above; the next receive is filled
+        // inside the next `io_uring_enter`, after this call.
+        match unsafe { self.pool.release_pages() } {
+            Ok(()) => self.pool_touched = false,
+            Err(e) => log::warn!("io_uring: giving the receive buffers' pages back failed: {e}"),
+        }
+    }
+}
+
+/// Whether `ring` was set up with DEFER_TASKRUN (`build_ring` asks for it where the kernel has
+/// it, 6.1+).
+fn defers_task_work(ring: &IoUring) -> bool {
+    let params: *const io_uring::Parameters = ring.params();
+    // SAFETY: `Parameters` is a transparent wrapper over the kernel's `io_uring_params` (the
+    // crate documents it), a `repr(C)` struct whose third `u32` is `flags`.
+    let flags = unsafe { *params.cast::<u32>().add(2) };
+    flags & SETUP_DEFER_TASKRUN != 0
 }
 
 /// Refuses kernels older than `MIN_KERNEL` with a line that says so.
@@ -807,7 +870,7 @@ fn unavailable(error: &io::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
     use std::time::Instant;
@@ -907,6 +970,122 @@ mod tests {
         assert_eq!(p.descriptor_cancels, 0, "cancelled by descriptor");
         wait_for_every_end(&mut p, &mut clients);
         assert_eq!(p.ops.len(), 1, "operations left besides the accept");
+    }
+
+    /// Bytes written by `client` until they all have arrived, each receive buffer recycled.
+    fn round_trip(p: &mut UringPoller, client: &mut TcpStream, message: &[u8]) {
+        client.write_all(message).unwrap();
+        let mut got = Vec::new();
+        let (mut events, mut done) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        while got.len() < message.len() {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{} bytes of {}",
+                got.len(),
+                message.len()
+            );
+            p.wait(&mut events, Some(SLICE)).unwrap();
+            p.take_completions(&mut done);
+            for c in done.drain(..) {
+                match c {
+                    Completion::Received(_, mut buf) => {
+                        got.extend_from_slice(buf.bytes_mut());
+                        p.recycle(buf);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert_eq!(got, message);
+    }
+
+    /// A wait that finds nothing to do (the idle spell before `release_idle_memory`).
+    fn quiet_wait(p: &mut UringPoller) {
+        let mut events = Vec::new();
+        p.wait(&mut events, Some(Duration::from_millis(20)))
+            .unwrap();
+        assert!(events.is_empty() && p.completions.is_empty(), "not quiet");
+    }
+
+    /// After more receives than there are buffers, the kernel has touched a page of every
+    /// buffer. Once the loop is quiet, those pages go back to the kernel, and not before: not
+    /// while a buffer is lent to the reactor, not right after a wait that reported something.
+    /// Receiving then works as before, into fresh pages.
+    #[test]
+    fn the_receive_buffers_pages_go_back_once_idle() {
+        let Some(mut p) = small_ring() else { return };
+        if !p.defers_task_work {
+            eprintln!("skipped on uring: the ring has no DEFER_TASKRUN (kernel before 6.1)");
+            return;
+        }
+        let (_listener, mut pairs) = connected(&mut p, 1);
+        let (mut client, _fd) = pairs.pop().unwrap();
+        client.set_nonblocking(false).unwrap();
+        let message: Vec<u8> = (0..200u8).collect();
+        assert!(!p.holds_idle_memory(), "nothing received yet");
+        for _ in 0..usize::from(RECV_BUFFERS) + 8 {
+            round_trip(&mut p, &mut client, &message);
+        }
+        let touched = p.pool.resident_pages();
+        assert!(
+            touched >= usize::from(RECV_BUFFERS) - 1,
+            "{touched} pages resident after going round {RECV_BUFFERS} buffers"
+        );
+        assert!(p.holds_idle_memory());
+
+        // Right after a wait that reported a receive (its buffer already back): kept.
+        client.write_all(&message).unwrap();
+        let (mut events, mut done) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        while p.completions.is_empty() {
+            assert!(start.elapsed() < DEADLINE, "nothing received");
+            p.wait(&mut events, Some(SLICE)).unwrap();
+        }
+        p.take_completions(&mut done);
+        for c in done.drain(..) {
+            let Completion::Received(_, buf) = c else {
+                panic!("unexpected {c:?}")
+            };
+            p.recycle(buf);
+        }
+        p.release_idle_memory();
+        assert_eq!(
+            p.pool.resident_pages(),
+            touched,
+            "released after a busy wait"
+        );
+        // A buffer lent to the reactor, even after a quiet wait: kept, bytes intact.
+        client.write_all(&message).unwrap();
+        let start = Instant::now();
+        while p.completions.is_empty() {
+            assert!(start.elapsed() < DEADLINE, "nothing received");
+            p.wait(&mut events, Some(SLICE)).unwrap();
+        }
+        p.take_completions(&mut done);
+        let Some(Completion::Received(_, mut lent)) = done.pop() else {
+            panic!("no receive")
+        };
+        assert!(done.is_empty(), "the message came in two receives");
+        quiet_wait(&mut p);
+        p.release_idle_memory();
+        assert_eq!(
+            p.pool.resident_pages(),
+            touched,
+            "released with a buffer lent"
+        );
+        assert_eq!(lent.bytes_mut(), &message[..]);
+        p.recycle(lent);
+        // Quiet, nothing lent: given back.
+        quiet_wait(&mut p);
+        p.release_idle_memory();
+        assert_eq!(p.pool.resident_pages(), 0, "pages left after the release");
+        assert!(!p.holds_idle_memory());
+
+        for _ in 0..8 {
+            round_trip(&mut p, &mut client, &message);
+        }
+        assert!(p.holds_idle_memory());
     }
 
     /// A connection closed while a send waits for room in its socket (the client reads
