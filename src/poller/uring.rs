@@ -13,7 +13,10 @@
 //! * **Receive** is one multishot receive per connection, with *provided buffers*: the kernel
 //!   picks a free buffer from a ring we registered, fills it, and the completion names it. The
 //!   reactor parses the bytes in place and gives the buffer back (`recycle`). No buffer is tied
-//!   to an idle connection, and no `recv(2)` ever returns `EAGAIN`.
+//!   to an idle connection, and no `recv(2)` ever returns `EAGAIN`. The receive is the one
+//!   operation every connection keeps in flight, so it is not in the table of operations: its
+//!   `user_data` names its descriptor (`recv_key`), and what it needs to know lives in that
+//!   descriptor's `FdOps` (docs/pollers.md, "What an idle connection costs on uring").
 //! * **Send** is a `sendmsg` whose iovecs point into the reactor's outbound queue; the reactor
 //!   keeps those bytes alive (and unmoved) until the `Sent` completion (`send`'s contract).
 //! * **Pausing a receive** (`pause_receive`) cancels the connection's receive by its key, so
@@ -47,7 +50,7 @@ use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use slab::Slab;
 use std::io::{self, IoSlice};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -68,6 +71,9 @@ const RECV_BUFFER_BYTES: usize = 16 * 1024;
 /// Send headers kept for reuse: about one per connection with a send in flight at once.
 const SPARE_SENDS: usize = 1024;
 
+/// Marks a receive's `user_data` (`recv_key`); the table's keys are far below it.
+const RECV_KEY: u64 = 1 << 63;
+
 /// The id of our one group of provided buffers.
 const BUFFER_GROUP: u16 = 0;
 
@@ -85,8 +91,6 @@ enum OpKind {
     Poll(Interest),
     /// The listener's multishot accept.
     Accept,
-    /// A connection's multishot receive.
-    Recv,
     /// A send. The header and iovecs live here, at a stable heap address, until the kernel
     /// reports; the bytes they point to are the caller's to keep alive (`send`). `None` for a
     /// send of one buffer, which is a plain `send` with nothing to keep but the bytes.
@@ -100,7 +104,6 @@ enum OpKind {
 enum Kind {
     Poll(Interest),
     Accept,
-    Recv,
     Send,
     Cancel,
 }
@@ -116,27 +119,46 @@ struct Op {
     token: Token,
 }
 
-/// Per descriptor that is watched, or still has operations in flight.
+/// Per descriptor that is watched, or still has operations in flight. One per connection, so
+/// kept at 16 bytes (`what_an_idle_connection_holds`).
 #[derive(Default)]
 struct FdOps {
-    in_flight: u32,
+    /// The token the receive reports as (`Token.0`; the receive has no entry in `ops`).
+    recv_token: usize,
+    /// Operations in flight on the descriptor: a receive, a send, a poll or an accept, and
+    /// those being cancelled. A handful, never thousands.
+    in_flight: u16,
+    /// Counts the receives armed on this descriptor; part of a receive's key, so that the
+    /// completions of one cancelled by `deregister` are told from those of the next one if
+    /// the descriptor is watched again before the cancelled one has ended.
+    recv_seq: u16,
     /// Between `register`/`watch_*` and `deregister`: multishot operations that end are armed
     /// again only while this holds.
     watched: bool,
-    /// `close` was called while operations were in flight: closed when the last one reports.
-    closing: Option<OwnedFd>,
-    /// The key of the connection's multishot receive while one is in flight (what
-    /// `pause_receive` cancels).
-    recv: Option<u32>,
+    /// `close` was called while operations were in flight: the descriptor (this entry's
+    /// index; its `OwnedFd` was turned into the number) is closed when the last one reports.
+    closing: bool,
+    /// A multishot receive is in flight (the one `pause_receive` cancels).
+    recv: bool,
     /// Between `pause_receive` and `resume_receive`: a receive that ends is not armed again.
     recv_paused: bool,
 }
 
 /// `FdOps` by descriptor number: descriptors are small dense integers, so a vector indexed by
-/// them is the cheapest map (it grows to the highest descriptor seen; 20 bytes each).
+/// them is the cheapest map (it grows to the highest descriptor seen; 16 bytes each).
 #[derive(Default)]
 struct FdTable {
     slots: Vec<FdOps>,
+}
+
+impl Drop for FdTable {
+    /// Closes the descriptors still waiting for their operations (the poller is dropped; its
+    /// ring, dropped first, has ended them all).
+    fn drop(&mut self) {
+        for fd in 0..self.slots.len() {
+            self.remove(fd as RawFd);
+        }
+    }
 }
 
 impl FdTable {
@@ -159,10 +181,21 @@ impl FdTable {
         self.slots.get_mut(usize::try_from(fd).ok()?)
     }
 
-    /// Forgets `fd`; a descriptor waiting in `closing` is closed.
+    /// Forgets `fd`; a descriptor waiting in `closing` is closed. The count of receives goes
+    /// on, so that a receive's key is not used again for the next socket with this number.
     fn remove(&mut self, fd: RawFd) {
-        if let Some(ops) = self.get_mut(fd) {
-            *ops = FdOps::default();
+        let Some(ops) = self.get_mut(fd) else {
+            return;
+        };
+        let closing = ops.closing;
+        *ops = FdOps {
+            recv_seq: ops.recv_seq,
+            ..FdOps::default()
+        };
+        if closing {
+            // SAFETY: `close` turned this descriptor's `OwnedFd` into the number and set
+            // `closing`; nothing else owns it, and `closing` is now clear, so it is closed once.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
 }
@@ -323,30 +356,33 @@ impl UringPoller {
     /// submitted first (one extra system call, only when more than `RING_ENTRIES` operations
     /// are queued in one iteration).
     fn push(&mut self, entry: squeue::Entry, op: Op) -> io::Result<()> {
-        self.push_keyed(entry, op).map(drop)
-    }
-
-    /// `push`, returning the operation's key (its `user_data`, which a cancellation names).
-    fn push_keyed(&mut self, entry: squeue::Entry, op: Op) -> io::Result<usize> {
         let counts = !matches!(op.kind, OpKind::Cancel);
         let fd = op.fd;
         let key = self.ops.insert(op);
-        let entry = entry.user_data(key as u64);
-        loop {
-            // SAFETY: what the entry points to (a send's header and iovecs) lives in
-            // `self.ops[key]` until its completion is reaped.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                break;
-            }
-            if let Err(e) = self.ring.submit() {
-                self.ops.remove(key);
-                return Err(e);
-            }
+        // SAFETY: what the entry points to (a send's header and iovecs) lives in
+        // `self.ops[key]` until its completion is reaped.
+        if let Err(e) = unsafe { self.submit_entry(&entry.user_data(key as u64)) } {
+            self.ops.remove(key);
+            return Err(e);
         }
         if counts {
             self.fds.entry(fd).in_flight += 1;
         }
-        Ok(key)
+        Ok(())
+    }
+
+    /// Puts `entry` in the submission queue, submitting the queue first if it is full.
+    ///
+    /// # Safety
+    /// What the entry points to stays valid until its completion is reaped.
+    unsafe fn submit_entry(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: passed on to the caller.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
     }
 
     fn arm_poll(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
@@ -370,11 +406,22 @@ impl UringPoller {
         self.push(entry, Op { kind, fd, token })
     }
 
+    /// Arms the connection's multishot receive. It takes no entry in `ops`: 10,000 idle
+    /// connections are 10,000 receives in flight, and their key (`recv_key`) and `FdOps`
+    /// already say all a completion needs.
     fn arm_recv(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
-        let entry = opcode::RecvMulti::new(Fd(fd), BUFFER_GROUP).build();
-        let kind = OpKind::Recv;
-        let key = self.push_keyed(entry, Op { kind, fd, token })?;
-        self.fds.entry(fd).recv = u32::try_from(key).ok();
+        let ops = self.fds.entry(fd);
+        let seq = ops.recv_seq.wrapping_add(1);
+        let entry = opcode::RecvMulti::new(Fd(fd), BUFFER_GROUP)
+            .build()
+            .user_data(recv_key(fd, seq));
+        // SAFETY: a receive points to nothing of ours (the kernel picks a provided buffer).
+        unsafe { self.submit_entry(&entry) }?;
+        let ops = self.fds.entry(fd);
+        ops.recv_seq = seq;
+        ops.recv = true;
+        ops.recv_token = token.0;
+        ops.in_flight += 1;
         Ok(())
     }
 
@@ -411,6 +458,10 @@ impl UringPoller {
 
     /// What one completion means.
     fn complete(&mut self, cqe: &cqueue::Entry, events: &mut Vec<Event>) {
+        if cqe.user_data() & RECV_KEY != 0 {
+            self.complete_recv(cqe);
+            return;
+        }
         let key = cqe.user_data() as usize;
         let res = cqe.result();
         let more = cqueue::more(cqe.flags());
@@ -421,7 +472,6 @@ impl UringPoller {
         let kind = match &op.kind {
             OpKind::Poll(interest) => Kind::Poll(*interest),
             OpKind::Accept => Kind::Accept,
-            OpKind::Recv => Kind::Recv,
             OpKind::Send { .. } => Kind::Send,
             OpKind::Cancel => Kind::Cancel,
         };
@@ -471,46 +521,6 @@ impl UringPoller {
                 }
                 return;
             }
-            Kind::Recv => {
-                if res > 0 {
-                    match cqueue::buffer_select(cqe.flags()) {
-                        Some(id) => {
-                            let buf = RecvBuf::new(Rc::clone(&self.pool), id, res as usize);
-                            self.completions.push(Completion::Received(token, buf));
-                            self.lent += 1;
-                            self.pool_touched = true;
-                        }
-                        None => log::error!("a receive completed without naming its buffer"),
-                    }
-                    again = true;
-                } else if res == 0 {
-                    self.completions.push(Completion::Eof(token));
-                } else if res == -libc::ENOBUFS {
-                    // Every buffer was out at once: the receive stopped, with nothing lost
-                    // (the bytes wait in the socket). The reactor returns the buffers it holds
-                    // before the next submission, so re-arming now is enough.
-                    again = true;
-                } else if !cancelled {
-                    let error = io::Error::from_raw_os_error(-res);
-                    self.completions
-                        .push(Completion::ReceiveFailed(token, error));
-                }
-                if !more {
-                    // A cancelled receive that is still the descriptor's receive, on a
-                    // descriptor still watched, was cancelled by `pause_receive` (`deregister`
-                    // stops the watching first): it is armed again if the receiving was
-                    // resumed meanwhile.
-                    let (current, paused) = match self.fds.get_mut(fd) {
-                        Some(ops) => (ops.recv == u32::try_from(key).ok(), ops.recv_paused),
-                        None => (false, false),
-                    };
-                    self.finish(key);
-                    if (again || (cancelled && current)) && self.rearm(fd) && !paused {
-                        self.rearm_or_log(fd, |p| p.arm_recv(fd, token));
-                    }
-                }
-                return;
-            }
             Kind::Send => {
                 let result = if res >= 0 {
                     Ok(res as usize)
@@ -522,6 +532,65 @@ impl UringPoller {
             Kind::Cancel => {}
         }
         self.finish(key);
+    }
+
+    /// What a receive's completion means. A receive has no entry in `ops`: its key names its
+    /// descriptor, whose `FdOps` holds the rest.
+    fn complete_recv(&mut self, cqe: &cqueue::Entry) {
+        let (fd, seq) = recv_key_parts(cqe.user_data());
+        let res = cqe.result();
+        let more = cqueue::more(cqe.flags());
+        let Some(ops) = self.fds.get_mut(fd) else {
+            log::error!("a receive completed on descriptor {fd}, which has none in flight");
+            return;
+        };
+        // The descriptor's receive, or one that `deregister` cancelled before the descriptor
+        // was watched again: what that one received is not reported (it was asked for by a
+        // watch that has ended), its buffer goes straight back.
+        let current = ops.recv && ops.recv_seq == seq;
+        let (token, paused) = (Token(ops.recv_token), ops.recv_paused);
+        let cancelled = res == -libc::ECANCELED;
+        // Whether the receive, if it ended here, is armed again.
+        let mut again = false;
+        if res > 0 {
+            match cqueue::buffer_select(cqe.flags()) {
+                Some(id) if current => {
+                    let buf = RecvBuf::new(Rc::clone(&self.pool), id, res as usize);
+                    self.completions.push(Completion::Received(token, buf));
+                    self.lent += 1;
+                    self.pool_touched = true;
+                }
+                Some(id) => self.buf_ring.push(self.pool.addr(id), self.pool.size(), id),
+                None => log::error!("a receive completed without naming its buffer"),
+            }
+            again = true;
+        } else if res == 0 {
+            if current {
+                self.completions.push(Completion::Eof(token));
+            }
+        } else if res == -libc::ENOBUFS {
+            // Every buffer was out at once: the receive stopped, with nothing lost (the bytes
+            // wait in the socket). The reactor returns the buffers it holds before the next
+            // submission, so re-arming now is enough.
+            again = true;
+        } else if !cancelled && current {
+            let error = io::Error::from_raw_os_error(-res);
+            self.completions
+                .push(Completion::ReceiveFailed(token, error));
+        }
+        if more {
+            return;
+        }
+        if current {
+            ops.recv = false;
+        }
+        self.op_ended(fd);
+        // A cancelled receive that was the descriptor's receive, on a descriptor still watched,
+        // was cancelled by `pause_receive` (`deregister` stops the watching first): it is armed
+        // again if the receiving was resumed meanwhile.
+        if current && (again || cancelled) && self.rearm(fd) && !paused {
+            self.rearm_or_log(fd, |p| p.arm_recv(fd, token));
+        }
     }
 
     /// Re-arms a multishot operation; if even that fails (the ring is broken), the descriptor
@@ -536,7 +605,6 @@ impl UringPoller {
     /// holding a `close` back.
     fn finish(&mut self, key: usize) {
         let op = self.ops.remove(key);
-        let was_recv = matches!(op.kind, OpKind::Recv);
         match op.kind {
             OpKind::Cancel => return,
             OpKind::Send { msg: Some(msg) } if self.spare_sends.len() < SPARE_SENDS => {
@@ -544,16 +612,19 @@ impl UringPoller {
             }
             _ => {}
         }
-        let Some(ops) = self.fds.get_mut(op.fd) else {
+        self.op_ended(op.fd);
+    }
+
+    /// One of the operations counted on `fd` is over; if it was the last, on a descriptor no
+    /// longer watched, the descriptor is forgotten (and closed, if `close` waited for it).
+    fn op_ended(&mut self, fd: RawFd) {
+        let Some(ops) = self.fds.get_mut(fd) else {
             return;
         };
-        if was_recv && ops.recv == u32::try_from(key).ok() {
-            ops.recv = None;
-        }
         ops.in_flight -= 1;
         if ops.in_flight == 0 && !ops.watched {
             // Dropping the entry drops (closes) a descriptor waiting in `closing`.
-            self.fds.remove(op.fd);
+            self.fds.remove(fd);
         }
     }
 }
@@ -595,15 +666,14 @@ impl Poller for UringPoller {
         }
         // By key when the receive is the only operation left (module doc, "Closing safely":
         // cancelling by descriptor costs the kernel a walk over every armed operation).
-        let entry = match ops.recv {
-            Some(key) if ops.in_flight == 1 => opcode::AsyncCancel::new(u64::from(key)).build(),
-            _ => {
-                #[cfg(test)]
-                {
-                    self.descriptor_cancels += 1;
-                }
-                opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build()
+        let entry = if ops.recv && ops.in_flight == 1 {
+            opcode::AsyncCancel::new(recv_key(fd, ops.recv_seq)).build()
+        } else {
+            #[cfg(test)]
+            {
+                self.descriptor_cancels += 1;
             }
+            opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build()
         };
         let kind = OpKind::Cancel;
         self.push(
@@ -697,7 +767,11 @@ impl Poller for UringPoller {
     fn close(&mut self, fd: OwnedFd) {
         use std::os::fd::AsRawFd;
         match self.fds.get_mut(fd.as_raw_fd()) {
-            Some(ops) if ops.in_flight > 0 => ops.closing = Some(fd),
+            Some(ops) if ops.in_flight > 0 => {
+                ops.closing = true;
+                // Closed by `FdTable::remove` when the last operation reports.
+                let _ = fd.into_raw_fd();
+            }
             _ => {
                 self.fds.remove(fd.as_raw_fd());
                 drop(fd);
@@ -718,13 +792,13 @@ impl Poller for UringPoller {
             return Ok(());
         }
         ops.recv_paused = true;
-        // No receive in flight (it ended with an EOF or an error): nothing to cancel. The key
-        // is still the receive's: a key is reused only after its last completion is reaped,
-        // which takes a wait, and that wait submits this cancellation first.
-        let Some(key) = ops.recv else {
+        // No receive in flight (it ended with an EOF or an error): nothing to cancel. If it has
+        // ended but its last completion is not reaped yet, the cancellation finds nothing; its
+        // key names no other operation (the next receive has the next `recv_seq`).
+        if !ops.recv {
             return Ok(());
-        };
-        let entry = opcode::AsyncCancel::new(u64::from(key)).build();
+        }
+        let entry = opcode::AsyncCancel::new(recv_key(fd, ops.recv_seq)).build();
         let kind = OpKind::Cancel;
         self.push(
             entry,
@@ -747,7 +821,7 @@ impl Poller for UringPoller {
             return Ok(());
         }
         ops.recv_paused = false;
-        if ops.recv.is_some() {
+        if ops.recv {
             // The cancelled receive has not reported its end yet; it is armed again then.
             return Ok(());
         }
@@ -788,6 +862,17 @@ impl Poller for UringPoller {
             Err(e) => log::warn!("io_uring: giving the receive buffers' pages back failed: {e}"),
         }
     }
+}
+
+/// The `user_data` of the receive number `seq` on `fd`: `RECV_KEY`, `seq` in bits 32-47, the
+/// descriptor in bits 0-31.
+fn recv_key(fd: RawFd, seq: u16) -> u64 {
+    RECV_KEY | u64::from(seq) << 32 | u64::from(fd as u32)
+}
+
+/// The descriptor and the `seq` of a receive's `user_data` (`recv_key`).
+fn recv_key_parts(key: u64) -> (RawFd, u16) {
+    (key as u32 as RawFd, (key >> 32) as u16)
 }
 
 /// Whether `ring` was set up with DEFER_TASKRUN (`build_ring` asks for it where the kernel has
@@ -961,6 +1046,11 @@ mod tests {
         let Some(mut p) = small_ring() else { return };
         let _guard = super::super::tests::fd_hungry_lock();
         let (_listener, pairs) = connected(&mut p, 64);
+        assert_eq!(
+            p.ops.len(),
+            1,
+            "the standing receives hold entries in the table"
+        );
         let mut clients = Vec::new();
         for (client, fd) in pairs {
             p.deregister(fd.as_raw_fd()).unwrap();
@@ -970,6 +1060,72 @@ mod tests {
         assert_eq!(p.descriptor_cancels, 0, "cancelled by descriptor");
         wait_for_every_end(&mut p, &mut clients);
         assert_eq!(p.ops.len(), 1, "operations left besides the accept");
+    }
+
+    /// What the backend keeps per connection while it is idle: its descriptor's `FdOps` (in a
+    /// vector indexed by descriptor) and nothing in the table of operations (the standing
+    /// receive has its key, `recv_key`). Printed, and bounded so that growth is a decision
+    /// (docs/pollers.md, "What an idle connection costs on uring").
+    #[test]
+    fn what_an_idle_connection_holds() {
+        let fd_ops = std::mem::size_of::<FdOps>();
+        let op = std::mem::size_of::<Op>();
+        println!("FdOps {fd_ops} bytes; an operation in the table {op} bytes (not per connection)");
+        assert!(fd_ops <= 16, "FdOps grew to {fd_ops} bytes");
+        for (fd, seq) in [(0, 0), (7, u16::MAX), (i32::MAX, 12345)] {
+            let key = recv_key(fd, seq);
+            assert!(key & RECV_KEY != 0, "not marked as a receive");
+            assert_eq!(recv_key_parts(key), (fd, seq));
+        }
+    }
+
+    /// A descriptor watched again right after `deregister`, before its cancelled receive has
+    /// ended: the two receives have the same descriptor, and their keys differ by `recv_seq`.
+    /// Bytes the old receive takes before its cancellation are dropped (the watch that asked
+    /// for them has ended); the new one reports under the new token, and the old one's end
+    /// leaves it in flight.
+    #[test]
+    fn a_receive_cancelled_by_deregister_is_told_from_the_next_one() {
+        let Some(mut p) = small_ring() else { return };
+        let (_listener, mut pairs) = connected(&mut p, 1);
+        let (mut client, fd) = pairs.pop().unwrap();
+        let raw = fd.as_raw_fd();
+        p.deregister(raw).unwrap();
+        p.watch_connection(raw, Token(200)).unwrap();
+        assert_eq!(
+            p.fds.get_mut(raw).unwrap().in_flight,
+            2,
+            "both receives in flight"
+        );
+        // Either receive may take these, depending on the order the kernel runs things in.
+        client.write_all(b"early").unwrap();
+        let mut got = Vec::new();
+        let (mut events, mut done) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        let mut wrote_late = false;
+        while !got.ends_with(b"hello") {
+            assert!(start.elapsed() < DEADLINE, "got {got:?}");
+            p.wait(&mut events, Some(SLICE)).unwrap();
+            p.take_completions(&mut done);
+            for c in done.drain(..) {
+                match c {
+                    Completion::Received(Token(200), mut buf) => {
+                        got.extend_from_slice(buf.bytes_mut());
+                        p.recycle(buf);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let ops = p.fds.get_mut(raw).unwrap();
+            if ops.in_flight == 1 && !wrote_late {
+                // The old receive has ended; the new one goes on.
+                assert!(ops.recv && ops.watched, "the new receive is not in flight");
+                client.write_all(b"hello").unwrap();
+                wrote_late = true;
+            }
+        }
+        assert!(got == b"hello" || got == b"earlyhello", "got {got:?}");
+        drop(fd);
     }
 
     /// Bytes written by `client` until they all have arrived, each receive buffer recycled.
