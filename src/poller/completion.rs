@@ -62,6 +62,59 @@ impl BufPool {
         self.size
     }
 
+    /// Gives the pool's whole pages back to the kernel (`madvise(MADV_DONTNEED)`): they stop
+    /// counting in the process's memory, and read as zeros when next touched, which the kernel
+    /// does as it receives into them. The pages at either end, shared with whatever the
+    /// allocator put beside the pool, are kept.
+    ///
+    /// # Safety
+    /// No buffer may be in use while this runs, neither being filled by the kernel nor lent to
+    /// the program as a `RecvBuf`: what they hold would be lost.
+    #[cfg(target_os = "linux")]
+    pub(super) unsafe fn release_pages(&self) -> io::Result<()> {
+        let (first, end) = self.whole_pages()?;
+        if end <= first {
+            return Ok(());
+        }
+        // SAFETY: [first, end) lies inside the pool's allocation, which lives as long as
+        // `self`; the caller promises nothing reads or writes it meanwhile. MADV_DONTNEED on
+        // private anonymous memory only replaces its pages with zero-filled ones.
+        let done =
+            unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) };
+        if done != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The addresses of the first and past the last whole page inside the pool.
+    #[cfg(target_os = "linux")]
+    fn whole_pages(&self) -> io::Result<(usize, usize)> {
+        // SAFETY: sysconf takes no pointer.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| io::Error::last_os_error())?;
+        let start = self.memory.as_ptr() as usize;
+        Ok((
+            start.next_multiple_of(page),
+            (start + self.memory.len()) / page * page,
+        ))
+    }
+
+    /// How many of the pool's whole pages are resident (`mincore`), for the tests.
+    #[cfg(all(test, target_os = "linux"))]
+    pub(super) fn resident_pages(&self) -> usize {
+        let (first, end) = self.whole_pages().unwrap();
+        // SAFETY: sysconf takes no pointer.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let mut map = vec![0u8; (end - first) / page];
+        // SAFETY: [first, end) is mapped (it lies inside the pool), and `map` has one byte per
+        // page of it, which is what mincore fills.
+        let done =
+            unsafe { libc::mincore(first as *mut libc::c_void, end - first, map.as_mut_ptr()) };
+        assert_eq!(done, 0, "mincore: {}", io::Error::last_os_error());
+        map.iter().filter(|page| *page & 1 != 0).count()
+    }
+
     /// Where buffer `id` starts.
     pub(super) fn addr(&self, id: u16) -> *mut u8 {
         let offset = usize::from(id) * self.size;

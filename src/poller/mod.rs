@@ -235,6 +235,17 @@ pub trait Poller {
     fn collect_now(&mut self) -> io::Result<()> {
         Ok(())
     }
+
+    /// Whether the backend holds memory that a burst made resident and that it can give back
+    /// once the loop is idle (`release_idle_memory`). The reactor then wakes after a short idle
+    /// spell to call it. Readiness: nothing (it reads into the reactor's own buffer).
+    fn holds_idle_memory(&self) -> bool {
+        false
+    }
+
+    /// Gives back what `holds_idle_memory` reports, if it can be done safely now; called when
+    /// the last `wait` has found nothing to do for a while. Readiness: nothing to do.
+    fn release_idle_memory(&mut self) {}
 }
 
 /// Tests: the kernel refused io_uring (`e`). A uring test then says so in one line and passes

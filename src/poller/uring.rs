@@ -13,13 +13,18 @@
 //! * **Receive** is one multishot receive per connection, with *provided buffers*: the kernel
 //!   picks a free buffer from a ring we registered, fills it, and the completion names it. The
 //!   reactor parses the bytes in place and gives the buffer back (`recycle`). No buffer is tied
-//!   to an idle connection, and no `recv(2)` ever returns `EAGAIN`.
+//!   to an idle connection, and no `recv(2)` ever returns `EAGAIN`. The receive is the one
+//!   operation every connection keeps in flight, so it is not in the table of operations: its
+//!   `user_data` names its descriptor (`recv_key`), and what it needs to know lives in that
+//!   descriptor's `FdOps` (docs/pollers.md, "What an idle connection costs on uring").
 //! * **Send** is a `sendmsg` whose iovecs point into the reactor's outbound queue; the reactor
 //!   keeps those bytes alive (and unmoved) until the `Sent` completion (`send`'s contract).
 //! * **Pausing a receive** (`pause_receive`) cancels the connection's receive by its key, so
 //!   its sends go on; `resume_receive` arms it again, once the cancelled one has reported.
 //! * **Other descriptors** (the signal pipes, the engine's waker) go through the `Poller`
 //!   surface as before: `register` arms a multishot poll, which comes back as readiness events.
+//! * **Idle memory**: the receive pool's pages that a burst touched go back to the kernel once
+//!   the loop has been idle a moment (`release_idle_memory`), if nothing can be using them.
 //! * **One system call per loop iteration**: everything queued since the last wait is submitted
 //!   by the wait itself (`io_uring_enter` with both "submit" and "wait for one").
 //!
@@ -45,7 +50,7 @@ use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use slab::Slab;
 use std::io::{self, IoSlice};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -66,8 +71,15 @@ const RECV_BUFFER_BYTES: usize = 16 * 1024;
 /// Send headers kept for reuse: about one per connection with a send in flight at once.
 const SPARE_SENDS: usize = 1024;
 
+/// Marks a receive's `user_data` (`recv_key`); the table's keys are far below it.
+const RECV_KEY: u64 = 1 << 63;
+
 /// The id of our one group of provided buffers.
 const BUFFER_GROUP: u16 = 0;
+
+/// IORING_SETUP_DEFER_TASKRUN, from the kernel's `include/uapi/linux/io_uring.h` (the crate
+/// sets it, but has no accessor to read it back).
+const SETUP_DEFER_TASKRUN: u32 = 1 << 13;
 
 /// The oldest kernel with everything used here: multishot receive (6.0); multishot accept,
 /// provided-buffer rings and cancel-by-descriptor came in 5.19.
@@ -79,8 +91,6 @@ enum OpKind {
     Poll(Interest),
     /// The listener's multishot accept.
     Accept,
-    /// A connection's multishot receive.
-    Recv,
     /// A send. The header and iovecs live here, at a stable heap address, until the kernel
     /// reports; the bytes they point to are the caller's to keep alive (`send`). `None` for a
     /// send of one buffer, which is a plain `send` with nothing to keep but the bytes.
@@ -94,7 +104,6 @@ enum OpKind {
 enum Kind {
     Poll(Interest),
     Accept,
-    Recv,
     Send,
     Cancel,
 }
@@ -110,27 +119,46 @@ struct Op {
     token: Token,
 }
 
-/// Per descriptor that is watched, or still has operations in flight.
+/// Per descriptor that is watched, or still has operations in flight. One per connection, so
+/// kept at 16 bytes (`what_an_idle_connection_holds`).
 #[derive(Default)]
 struct FdOps {
-    in_flight: u32,
+    /// The token the receive reports as (`Token.0`; the receive has no entry in `ops`).
+    recv_token: usize,
+    /// Operations in flight on the descriptor: a receive, a send, a poll or an accept, and
+    /// those being cancelled. A handful, never thousands.
+    in_flight: u16,
+    /// Counts the receives armed on this descriptor; part of a receive's key, so that the
+    /// completions of one cancelled by `deregister` are told from those of the next one if
+    /// the descriptor is watched again before the cancelled one has ended.
+    recv_seq: u16,
     /// Between `register`/`watch_*` and `deregister`: multishot operations that end are armed
     /// again only while this holds.
     watched: bool,
-    /// `close` was called while operations were in flight: closed when the last one reports.
-    closing: Option<OwnedFd>,
-    /// The key of the connection's multishot receive while one is in flight (what
-    /// `pause_receive` cancels).
-    recv: Option<u32>,
+    /// `close` was called while operations were in flight: the descriptor (this entry's
+    /// index; its `OwnedFd` was turned into the number) is closed when the last one reports.
+    closing: bool,
+    /// A multishot receive is in flight (the one `pause_receive` cancels).
+    recv: bool,
     /// Between `pause_receive` and `resume_receive`: a receive that ends is not armed again.
     recv_paused: bool,
 }
 
 /// `FdOps` by descriptor number: descriptors are small dense integers, so a vector indexed by
-/// them is the cheapest map (it grows to the highest descriptor seen; 20 bytes each).
+/// them is the cheapest map (it grows to the highest descriptor seen; 16 bytes each).
 #[derive(Default)]
 struct FdTable {
     slots: Vec<FdOps>,
+}
+
+impl Drop for FdTable {
+    /// Closes the descriptors still waiting for their operations (the poller is dropped; its
+    /// ring, dropped first, has ended them all).
+    fn drop(&mut self) {
+        for fd in 0..self.slots.len() {
+            self.remove(fd as RawFd);
+        }
+    }
 }
 
 impl FdTable {
@@ -153,10 +181,21 @@ impl FdTable {
         self.slots.get_mut(usize::try_from(fd).ok()?)
     }
 
-    /// Forgets `fd`; a descriptor waiting in `closing` is closed.
+    /// Forgets `fd`; a descriptor waiting in `closing` is closed. The count of receives goes
+    /// on, so that a receive's key is not used again for the next socket with this number.
     fn remove(&mut self, fd: RawFd) {
-        if let Some(ops) = self.get_mut(fd) {
-            *ops = FdOps::default();
+        let Some(ops) = self.get_mut(fd) else {
+            return;
+        };
+        let closing = ops.closing;
+        *ops = FdOps {
+            recv_seq: ops.recv_seq,
+            ..FdOps::default()
+        };
+        if closing {
+            // SAFETY: `close` turned this descriptor's `OwnedFd` into the number and set
+            // `closing`; nothing else owns it, and `closing` is now clear, so it is closed once.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
 }
@@ -246,6 +285,16 @@ pub struct UringPoller {
     /// header lent to the kernel must not move when this vector grows.
     #[allow(clippy::vec_box)]
     spare_sends: Vec<Box<SendMsg>>,
+    /// Receive buffers lent to the reactor (`Completion::Received`) and not yet recycled.
+    lent: usize,
+    /// A receive has filled a buffer since the pool's pages were last given back: some of its
+    /// pages are resident (`holds_idle_memory`).
+    pool_touched: bool,
+    /// The ring was set up with DEFER_TASKRUN: the kernel fills receive buffers only inside
+    /// our `io_uring_enter` calls, which is what makes giving the pool's pages back safe.
+    defers_task_work: bool,
+    /// Completions the last reap took (none: the last wait saw nothing happen).
+    last_reaped: usize,
     /// Cancellations of everything on a descriptor submitted so far (the costly kind, see
     /// "Closing safely"): the tests check that a plain close does not use one.
     #[cfg(test)]
@@ -267,6 +316,7 @@ impl UringPoller {
     fn with_ring_entries(entries: u32) -> io::Result<UringPoller> {
         check_kernel()?;
         let ring = build_ring(entries).map_err(|e| unavailable(&e))?;
+        let defers_task_work = defers_task_work(&ring);
         let pool = Rc::new(BufPool::new(usize::from(RECV_BUFFERS), RECV_BUFFER_BYTES));
         let mut buf_ring = BufRing::new(RECV_BUFFERS)?;
         // SAFETY: the ring memory is a mapping that lives in `buf_ring`, which this poller
@@ -293,6 +343,10 @@ impl UringPoller {
             reaped: Vec::with_capacity(1024),
             pending_events: Vec::new(),
             spare_sends: Vec::new(),
+            lent: 0,
+            pool_touched: false,
+            defers_task_work,
+            last_reaped: 0,
             #[cfg(test)]
             descriptor_cancels: 0,
         })
@@ -302,30 +356,33 @@ impl UringPoller {
     /// submitted first (one extra system call, only when more than `RING_ENTRIES` operations
     /// are queued in one iteration).
     fn push(&mut self, entry: squeue::Entry, op: Op) -> io::Result<()> {
-        self.push_keyed(entry, op).map(drop)
-    }
-
-    /// `push`, returning the operation's key (its `user_data`, which a cancellation names).
-    fn push_keyed(&mut self, entry: squeue::Entry, op: Op) -> io::Result<usize> {
         let counts = !matches!(op.kind, OpKind::Cancel);
         let fd = op.fd;
         let key = self.ops.insert(op);
-        let entry = entry.user_data(key as u64);
-        loop {
-            // SAFETY: what the entry points to (a send's header and iovecs) lives in
-            // `self.ops[key]` until its completion is reaped.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                break;
-            }
-            if let Err(e) = self.ring.submit() {
-                self.ops.remove(key);
-                return Err(e);
-            }
+        // SAFETY: what the entry points to (a send's header and iovecs) lives in
+        // `self.ops[key]` until its completion is reaped.
+        if let Err(e) = unsafe { self.submit_entry(&entry.user_data(key as u64)) } {
+            self.ops.remove(key);
+            return Err(e);
         }
         if counts {
             self.fds.entry(fd).in_flight += 1;
         }
-        Ok(key)
+        Ok(())
+    }
+
+    /// Puts `entry` in the submission queue, submitting the queue first if it is full.
+    ///
+    /// # Safety
+    /// What the entry points to stays valid until its completion is reaped.
+    unsafe fn submit_entry(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: passed on to the caller.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
     }
 
     fn arm_poll(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
@@ -349,11 +406,22 @@ impl UringPoller {
         self.push(entry, Op { kind, fd, token })
     }
 
+    /// Arms the connection's multishot receive. It takes no entry in `ops`: 10,000 idle
+    /// connections are 10,000 receives in flight, and their key (`recv_key`) and `FdOps`
+    /// already say all a completion needs.
     fn arm_recv(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
-        let entry = opcode::RecvMulti::new(Fd(fd), BUFFER_GROUP).build();
-        let kind = OpKind::Recv;
-        let key = self.push_keyed(entry, Op { kind, fd, token })?;
-        self.fds.entry(fd).recv = u32::try_from(key).ok();
+        let ops = self.fds.entry(fd);
+        let seq = ops.recv_seq.wrapping_add(1);
+        let entry = opcode::RecvMulti::new(Fd(fd), BUFFER_GROUP)
+            .build()
+            .user_data(recv_key(fd, seq));
+        // SAFETY: a receive points to nothing of ours (the kernel picks a provided buffer).
+        unsafe { self.submit_entry(&entry) }?;
+        let ops = self.fds.entry(fd);
+        ops.recv_seq = seq;
+        ops.recv = true;
+        ops.recv_token = token.0;
+        ops.in_flight += 1;
         Ok(())
     }
 
@@ -427,6 +495,7 @@ impl UringPoller {
     fn reap(&mut self, events: &mut Vec<Event>) {
         let mut reaped = std::mem::take(&mut self.reaped);
         reaped.extend(self.ring.completion());
+        self.last_reaped = reaped.len();
         for cqe in reaped.drain(..) {
             self.complete(&cqe, events);
         }
@@ -435,6 +504,10 @@ impl UringPoller {
 
     /// What one completion means.
     fn complete(&mut self, cqe: &cqueue::Entry, events: &mut Vec<Event>) {
+        if cqe.user_data() & RECV_KEY != 0 {
+            self.complete_recv(cqe);
+            return;
+        }
         let key = cqe.user_data() as usize;
         let res = cqe.result();
         let more = cqueue::more(cqe.flags());
@@ -445,7 +518,6 @@ impl UringPoller {
         let kind = match &op.kind {
             OpKind::Poll(interest) => Kind::Poll(*interest),
             OpKind::Accept => Kind::Accept,
-            OpKind::Recv => Kind::Recv,
             OpKind::Send { .. } => Kind::Send,
             OpKind::Cancel => Kind::Cancel,
         };
@@ -495,44 +567,6 @@ impl UringPoller {
                 }
                 return;
             }
-            Kind::Recv => {
-                if res > 0 {
-                    match cqueue::buffer_select(cqe.flags()) {
-                        Some(id) => {
-                            let buf = RecvBuf::new(Rc::clone(&self.pool), id, res as usize);
-                            self.completions.push(Completion::Received(token, buf));
-                        }
-                        None => log::error!("a receive completed without naming its buffer"),
-                    }
-                    again = true;
-                } else if res == 0 {
-                    self.completions.push(Completion::Eof(token));
-                } else if res == -libc::ENOBUFS {
-                    // Every buffer was out at once: the receive stopped, with nothing lost
-                    // (the bytes wait in the socket). The reactor returns the buffers it holds
-                    // before the next submission, so re-arming now is enough.
-                    again = true;
-                } else if !cancelled {
-                    let error = io::Error::from_raw_os_error(-res);
-                    self.completions
-                        .push(Completion::ReceiveFailed(token, error));
-                }
-                if !more {
-                    // A cancelled receive that is still the descriptor's receive, on a
-                    // descriptor still watched, was cancelled by `pause_receive` (`deregister`
-                    // stops the watching first): it is armed again if the receiving was
-                    // resumed meanwhile.
-                    let (current, paused) = match self.fds.get_mut(fd) {
-                        Some(ops) => (ops.recv == u32::try_from(key).ok(), ops.recv_paused),
-                        None => (false, false),
-                    };
-                    self.finish(key);
-                    if (again || (cancelled && current)) && self.rearm(fd) && !paused {
-                        self.rearm_or_log(fd, |p| p.arm_recv(fd, token));
-                    }
-                }
-                return;
-            }
             Kind::Send => {
                 let result = if res >= 0 {
                     Ok(res as usize)
@@ -544,6 +578,65 @@ impl UringPoller {
             Kind::Cancel => {}
         }
         self.finish(key);
+    }
+
+    /// What a receive's completion means. A receive has no entry in `ops`: its key names its
+    /// descriptor, whose `FdOps` holds the rest.
+    fn complete_recv(&mut self, cqe: &cqueue::Entry) {
+        let (fd, seq) = recv_key_parts(cqe.user_data());
+        let res = cqe.result();
+        let more = cqueue::more(cqe.flags());
+        let Some(ops) = self.fds.get_mut(fd) else {
+            log::error!("a receive completed on descriptor {fd}, which has none in flight");
+            return;
+        };
+        // The descriptor's receive, or one that `deregister` cancelled before the descriptor
+        // was watched again: what that one received is not reported (it was asked for by a
+        // watch that has ended), its buffer goes straight back.
+        let current = ops.recv && ops.recv_seq == seq;
+        let (token, paused) = (Token(ops.recv_token), ops.recv_paused);
+        let cancelled = res == -libc::ECANCELED;
+        // Whether the receive, if it ended here, is armed again.
+        let mut again = false;
+        if res > 0 {
+            match cqueue::buffer_select(cqe.flags()) {
+                Some(id) if current => {
+                    let buf = RecvBuf::new(Rc::clone(&self.pool), id, res as usize);
+                    self.completions.push(Completion::Received(token, buf));
+                    self.lent += 1;
+                    self.pool_touched = true;
+                }
+                Some(id) => self.buf_ring.push(self.pool.addr(id), self.pool.size(), id),
+                None => log::error!("a receive completed without naming its buffer"),
+            }
+            again = true;
+        } else if res == 0 {
+            if current {
+                self.completions.push(Completion::Eof(token));
+            }
+        } else if res == -libc::ENOBUFS {
+            // Every buffer was out at once: the receive stopped, with nothing lost (the bytes
+            // wait in the socket). The reactor returns the buffers it holds before the next
+            // submission, so re-arming now is enough.
+            again = true;
+        } else if !cancelled && current {
+            let error = io::Error::from_raw_os_error(-res);
+            self.completions
+                .push(Completion::ReceiveFailed(token, error));
+        }
+        if more {
+            return;
+        }
+        if current {
+            ops.recv = false;
+        }
+        self.op_ended(fd);
+        // A cancelled receive that was the descriptor's receive, on a descriptor still watched,
+        // was cancelled by `pause_receive` (`deregister` stops the watching first): it is armed
+        // again if the receiving was resumed meanwhile.
+        if current && (again || cancelled) && self.rearm(fd) && !paused {
+            self.rearm_or_log(fd, |p| p.arm_recv(fd, token));
+        }
     }
 
     /// Re-arms a multishot operation; if even that fails (the ring is broken), the descriptor
@@ -558,7 +651,6 @@ impl UringPoller {
     /// holding a `close` back.
     fn finish(&mut self, key: usize) {
         let op = self.ops.remove(key);
-        let was_recv = matches!(op.kind, OpKind::Recv);
         match op.kind {
             OpKind::Cancel => return,
             OpKind::Send { msg: Some(msg) } if self.spare_sends.len() < SPARE_SENDS => {
@@ -566,16 +658,19 @@ impl UringPoller {
             }
             _ => {}
         }
-        let Some(ops) = self.fds.get_mut(op.fd) else {
+        self.op_ended(op.fd);
+    }
+
+    /// One of the operations counted on `fd` is over; if it was the last, on a descriptor no
+    /// longer watched, the descriptor is forgotten (and closed, if `close` waited for it).
+    fn op_ended(&mut self, fd: RawFd) {
+        let Some(ops) = self.fds.get_mut(fd) else {
             return;
         };
-        if was_recv && ops.recv == u32::try_from(key).ok() {
-            ops.recv = None;
-        }
         ops.in_flight -= 1;
         if ops.in_flight == 0 && !ops.watched {
             // Dropping the entry drops (closes) a descriptor waiting in `closing`.
-            self.fds.remove(op.fd);
+            self.fds.remove(fd);
         }
     }
 }
@@ -618,15 +713,14 @@ impl Poller for UringPoller {
         }
         // By key when the receive is the only operation left (module doc, "Closing safely":
         // cancelling by descriptor costs the kernel a walk over every armed operation).
-        let entry = match ops.recv {
-            Some(key) if ops.in_flight == 1 => opcode::AsyncCancel::new(u64::from(key)).build(),
-            _ => {
-                #[cfg(test)]
-                {
-                    self.descriptor_cancels += 1;
-                }
-                opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build()
+        let entry = if ops.recv && ops.in_flight == 1 {
+            opcode::AsyncCancel::new(recv_key(fd, ops.recv_seq)).build()
+        } else {
+            #[cfg(test)]
+            {
+                self.descriptor_cancels += 1;
             }
+            opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build()
         };
         let kind = OpKind::Cancel;
         self.push(
@@ -701,6 +795,7 @@ impl Poller for UringPoller {
     }
 
     fn recycle(&mut self, buf: RecvBuf) {
+        self.lent -= 1;
         let id = buf.id();
         self.buf_ring.push(self.pool.addr(id), self.pool.size(), id);
     }
@@ -708,7 +803,11 @@ impl Poller for UringPoller {
     fn close(&mut self, fd: OwnedFd) {
         use std::os::fd::AsRawFd;
         match self.fds.get_mut(fd.as_raw_fd()) {
-            Some(ops) if ops.in_flight > 0 => ops.closing = Some(fd),
+            Some(ops) if ops.in_flight > 0 => {
+                ops.closing = true;
+                // Closed by `FdTable::remove` when the last operation reports.
+                let _ = fd.into_raw_fd();
+            }
             _ => {
                 self.fds.remove(fd.as_raw_fd());
                 drop(fd);
@@ -729,13 +828,13 @@ impl Poller for UringPoller {
             return Ok(());
         }
         ops.recv_paused = true;
-        // No receive in flight (it ended with an EOF or an error): nothing to cancel. The key
-        // is still the receive's: a key is reused only after its last completion is reaped,
-        // which takes a wait, and that wait submits this cancellation first.
-        let Some(key) = ops.recv else {
+        // No receive in flight (it ended with an EOF or an error): nothing to cancel. If it has
+        // ended but its last completion is not reaped yet, the cancellation finds nothing; its
+        // key names no other operation (the next receive has the next `recv_seq`).
+        if !ops.recv {
             return Ok(());
-        };
-        let entry = opcode::AsyncCancel::new(u64::from(key)).build();
+        }
+        let entry = opcode::AsyncCancel::new(recv_key(fd, ops.recv_seq)).build();
         let kind = OpKind::Cancel;
         self.push(
             entry,
@@ -758,7 +857,7 @@ impl Poller for UringPoller {
             return Ok(());
         }
         ops.recv_paused = false;
-        if ops.recv.is_some() {
+        if ops.recv {
             // The cancelled receive has not reported its end yet; it is armed again then.
             return Ok(());
         }
@@ -773,6 +872,55 @@ impl Poller for UringPoller {
         self.pending_events = events;
         result
     }
+
+    /// The receive pool's pages that receives have touched since they were last given back.
+    /// The kernel takes buffers in ring order, so after a few hundred receives every buffer
+    /// has at least its first page resident (1 MiB with 256 buffers, up to the whole pool
+    /// after large messages), however few connections remain: a cost of the burst, not of
+    /// the connections (docs/pollers.md, "What an idle connection costs on uring").
+    fn holds_idle_memory(&self) -> bool {
+        self.pool_touched && self.defers_task_work
+    }
+
+    /// Gives the pool's pages back, if it is certain that no buffer is in use: none is lent to
+    /// the reactor, and the kernel is filling none. The second needs DEFER_TASKRUN: then the
+    /// kernel receives into a buffer only inside our `io_uring_enter`, and reports it in the
+    /// same call; so after a wait that reported nothing, with nothing left in the completion
+    /// queue, no buffer holds bytes we have not seen. (Without DEFER_TASKRUN, receives complete
+    /// at any interrupt of this thread, and the pages are kept.)
+    fn release_idle_memory(&mut self) {
+        let quiet = self.last_reaped == 0 && self.ring.completion().is_empty();
+        if !(self.holds_idle_memory() && quiet && self.lent == 0) {
+            return;
+        }
+        // SAFETY: no buffer is in use, as established above; the next receive is filled
+        // inside the next `io_uring_enter`, after this call.
+        match unsafe { self.pool.release_pages() } {
+            Ok(()) => self.pool_touched = false,
+            Err(e) => log::warn!("io_uring: giving the receive buffers' pages back failed: {e}"),
+        }
+    }
+}
+
+/// The `user_data` of the receive number `seq` on `fd`: `RECV_KEY`, `seq` in bits 32-47, the
+/// descriptor in bits 0-31.
+fn recv_key(fd: RawFd, seq: u16) -> u64 {
+    RECV_KEY | u64::from(seq) << 32 | u64::from(fd as u32)
+}
+
+/// The descriptor and the `seq` of a receive's `user_data` (`recv_key`).
+fn recv_key_parts(key: u64) -> (RawFd, u16) {
+    (key as u32 as RawFd, (key >> 32) as u16)
+}
+
+/// Whether `ring` was set up with DEFER_TASKRUN (`build_ring` asks for it where the kernel has
+/// it, 6.1+).
+fn defers_task_work(ring: &IoUring) -> bool {
+    let params: *const io_uring::Parameters = ring.params();
+    // SAFETY: `Parameters` is a transparent wrapper over the kernel's `io_uring_params` (the
+    // crate documents it), a `repr(C)` struct whose third `u32` is `flags`.
+    let flags = unsafe { *params.cast::<u32>().add(2) };
+    flags & SETUP_DEFER_TASKRUN != 0
 }
 
 /// Refuses kernels older than `MIN_KERNEL` with a line that says so.
@@ -845,7 +993,7 @@ fn unavailable(error: &io::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
     use std::time::Instant;
@@ -990,6 +1138,11 @@ mod tests {
         let Some(mut p) = small_ring() else { return };
         let _guard = super::super::tests::fd_hungry_lock();
         let (_listener, pairs) = connected(&mut p, 64);
+        assert_eq!(
+            p.ops.len(),
+            1,
+            "the standing receives hold entries in the table"
+        );
         let mut clients = Vec::new();
         for (client, fd) in pairs {
             p.deregister(fd.as_raw_fd()).unwrap();
@@ -999,6 +1152,188 @@ mod tests {
         assert_eq!(p.descriptor_cancels, 0, "cancelled by descriptor");
         wait_for_every_end(&mut p, &mut clients);
         assert_eq!(p.ops.len(), 1, "operations left besides the accept");
+    }
+
+    /// What the backend keeps per connection while it is idle: its descriptor's `FdOps` (in a
+    /// vector indexed by descriptor) and nothing in the table of operations (the standing
+    /// receive has its key, `recv_key`). Printed, and bounded so that growth is a decision
+    /// (docs/pollers.md, "What an idle connection costs on uring").
+    #[test]
+    fn what_an_idle_connection_holds() {
+        let fd_ops = std::mem::size_of::<FdOps>();
+        let op = std::mem::size_of::<Op>();
+        println!("FdOps {fd_ops} bytes; an operation in the table {op} bytes (not per connection)");
+        assert!(fd_ops <= 16, "FdOps grew to {fd_ops} bytes");
+        for (fd, seq) in [(0, 0), (7, u16::MAX), (i32::MAX, 12345)] {
+            let key = recv_key(fd, seq);
+            assert!(key & RECV_KEY != 0, "not marked as a receive");
+            assert_eq!(recv_key_parts(key), (fd, seq));
+        }
+    }
+
+    /// A descriptor watched again right after `deregister`, before its cancelled receive has
+    /// ended: the two receives have the same descriptor, and their keys differ by `recv_seq`.
+    /// Bytes the old receive takes before its cancellation are dropped (the watch that asked
+    /// for them has ended); the new one reports under the new token, and the old one's end
+    /// leaves it in flight.
+    #[test]
+    fn a_receive_cancelled_by_deregister_is_told_from_the_next_one() {
+        let Some(mut p) = small_ring() else { return };
+        let (_listener, mut pairs) = connected(&mut p, 1);
+        let (mut client, fd) = pairs.pop().unwrap();
+        let raw = fd.as_raw_fd();
+        p.deregister(raw).unwrap();
+        p.watch_connection(raw, Token(200)).unwrap();
+        assert_eq!(
+            p.fds.get_mut(raw).unwrap().in_flight,
+            2,
+            "both receives in flight"
+        );
+        // Either receive may take these, depending on the order the kernel runs things in.
+        client.write_all(b"early").unwrap();
+        let mut got = Vec::new();
+        let (mut events, mut done) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        let mut wrote_late = false;
+        while !got.ends_with(b"hello") {
+            assert!(start.elapsed() < DEADLINE, "got {got:?}");
+            p.wait(&mut events, Some(SLICE)).unwrap();
+            p.take_completions(&mut done);
+            for c in done.drain(..) {
+                match c {
+                    Completion::Received(Token(200), mut buf) => {
+                        got.extend_from_slice(buf.bytes_mut());
+                        p.recycle(buf);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let ops = p.fds.get_mut(raw).unwrap();
+            if ops.in_flight == 1 && !wrote_late {
+                // The old receive has ended; the new one goes on.
+                assert!(ops.recv && ops.watched, "the new receive is not in flight");
+                client.write_all(b"hello").unwrap();
+                wrote_late = true;
+            }
+        }
+        assert!(got == b"hello" || got == b"earlyhello", "got {got:?}");
+        drop(fd);
+    }
+
+    /// Bytes written by `client` until they all have arrived, each receive buffer recycled.
+    fn round_trip(p: &mut UringPoller, client: &mut TcpStream, message: &[u8]) {
+        client.write_all(message).unwrap();
+        let mut got = Vec::new();
+        let (mut events, mut done) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        while got.len() < message.len() {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{} bytes of {}",
+                got.len(),
+                message.len()
+            );
+            p.wait(&mut events, Some(SLICE)).unwrap();
+            p.take_completions(&mut done);
+            for c in done.drain(..) {
+                match c {
+                    Completion::Received(_, mut buf) => {
+                        got.extend_from_slice(buf.bytes_mut());
+                        p.recycle(buf);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert_eq!(got, message);
+    }
+
+    /// A wait that finds nothing to do (the idle spell before `release_idle_memory`).
+    fn quiet_wait(p: &mut UringPoller) {
+        let mut events = Vec::new();
+        p.wait(&mut events, Some(Duration::from_millis(20)))
+            .unwrap();
+        assert!(events.is_empty() && p.completions.is_empty(), "not quiet");
+    }
+
+    /// After more receives than there are buffers, the kernel has touched a page of every
+    /// buffer. Once the loop is quiet, those pages go back to the kernel, and not before: not
+    /// while a buffer is lent to the reactor, not right after a wait that reported something.
+    /// Receiving then works as before, into fresh pages.
+    #[test]
+    fn the_receive_buffers_pages_go_back_once_idle() {
+        let Some(mut p) = small_ring() else { return };
+        if !p.defers_task_work {
+            eprintln!("skipped on uring: the ring has no DEFER_TASKRUN (kernel before 6.1)");
+            return;
+        }
+        let (_listener, mut pairs) = connected(&mut p, 1);
+        let (mut client, _fd) = pairs.pop().unwrap();
+        client.set_nonblocking(false).unwrap();
+        let message: Vec<u8> = (0..200u8).collect();
+        assert!(!p.holds_idle_memory(), "nothing received yet");
+        for _ in 0..usize::from(RECV_BUFFERS) + 8 {
+            round_trip(&mut p, &mut client, &message);
+        }
+        let touched = p.pool.resident_pages();
+        assert!(
+            touched >= usize::from(RECV_BUFFERS) - 1,
+            "{touched} pages resident after going round {RECV_BUFFERS} buffers"
+        );
+        assert!(p.holds_idle_memory());
+
+        // Right after a wait that reported a receive (its buffer already back): kept.
+        client.write_all(&message).unwrap();
+        let (mut events, mut done) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        while p.completions.is_empty() {
+            assert!(start.elapsed() < DEADLINE, "nothing received");
+            p.wait(&mut events, Some(SLICE)).unwrap();
+        }
+        p.take_completions(&mut done);
+        for c in done.drain(..) {
+            let Completion::Received(_, buf) = c else {
+                panic!("unexpected {c:?}")
+            };
+            p.recycle(buf);
+        }
+        p.release_idle_memory();
+        assert_eq!(
+            p.pool.resident_pages(),
+            touched,
+            "released after a busy wait"
+        );
+        // A buffer lent to the reactor, even after a quiet wait: kept, bytes intact.
+        client.write_all(&message).unwrap();
+        let start = Instant::now();
+        while p.completions.is_empty() {
+            assert!(start.elapsed() < DEADLINE, "nothing received");
+            p.wait(&mut events, Some(SLICE)).unwrap();
+        }
+        p.take_completions(&mut done);
+        let Some(Completion::Received(_, mut lent)) = done.pop() else {
+            panic!("no receive")
+        };
+        assert!(done.is_empty(), "the message came in two receives");
+        quiet_wait(&mut p);
+        p.release_idle_memory();
+        assert_eq!(
+            p.pool.resident_pages(),
+            touched,
+            "released with a buffer lent"
+        );
+        assert_eq!(lent.bytes_mut(), &message[..]);
+        p.recycle(lent);
+        // Quiet, nothing lent: given back.
+        quiet_wait(&mut p);
+        p.release_idle_memory();
+        assert_eq!(p.pool.resident_pages(), 0, "pages left after the release");
+        assert!(!p.holds_idle_memory());
+
+        for _ in 0..8 {
+            round_trip(&mut p, &mut client, &message);
+        }
+        assert!(p.holds_idle_memory());
     }
 
     /// A connection closed while a send waits for room in its socket (the client reads

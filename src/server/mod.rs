@@ -444,7 +444,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             Some(Duration::ZERO)
         };
         let spares = self.outbound_pool.has_spares();
-        if spares {
+        // The io_uring backend's receive buffers that the burst touched (`Poller::holds_idle_memory`).
+        let poller_memory = self.poller.holds_idle_memory();
+        if spares || poller_memory {
             // Wake up after a short idle spell to release them (see `SPARES_KEPT_IDLE`).
             timeout = Some(timeout.map_or(SPARES_KEPT_IDLE, |t| t.min(SPARES_KEPT_IDLE)));
         }
@@ -464,6 +466,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.outbound_pool.release_spares();
             // What the burst freed in the middle of the heap goes back too (`heap.rs`).
             heap::give_back_free_pages();
+        }
+        if poller_memory && events.is_empty() && self.now - before >= SPARES_KEPT_IDLE {
+            self.poller.release_idle_memory();
         }
         self.metrics.poll_wakeups += 1;
         self.metrics.poll_events += events.len() as u64;
