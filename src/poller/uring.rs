@@ -1075,10 +1075,6 @@ mod tests {
         }
     }
 
-    /// Four times more connections close in one loop iteration than the submission queue
-    /// holds (the queue is submitted early when full). Each one's receive is cancelled by its
-    /// key, never by descriptor (a walk over every armed operation in the kernel, per close),
-    /// every client sees the end of its stream, and nothing is left in flight but the accept.
     /// A readable socket pair end registered as `token`, made readable at once.
     fn readable_pair(p: &mut UringPoller, token: Token) -> std::os::unix::net::UnixStream {
         let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -1133,6 +1129,10 @@ mod tests {
         p.watch(fd).expect("watched again after the failed arm");
     }
 
+    /// Four times more connections close in one loop iteration than the submission queue
+    /// holds (the queue is submitted early when full). Each one's receive is cancelled by its
+    /// key, never by descriptor (a walk over every armed operation in the kernel, per close),
+    /// every client sees the end of its stream, and nothing is left in flight but the accept.
     #[test]
     fn a_burst_of_closes_cancels_each_receive_by_key() {
         let Some(mut p) = small_ring() else { return };
