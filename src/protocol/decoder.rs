@@ -18,6 +18,14 @@
 //! known; the next read completes it from the front of the new bytes and goes on parsing the rest
 //! in place. After our Close, a frame that is only skipped is not copied at all.
 //!
+//! The fast path within it: most frames a server receives are one small message each, a whole
+//! Text or Binary frame with FIN. While the reader is Open and holds nothing (no partial frame,
+//! no fragmented message), `next_event` first tries `frame::decode_simple_data_frame` on the
+//! next bytes, which recognises exactly that shape in a few steps and unmasks it, and hands the
+//! payload out at once (after the UTF-8 check of a text message). Everything else, and every
+//! error, goes through the general path (`next_frame`, the `Assembler`), which gives the same
+//! events for those frames too: the tests and the fuzz target check the two against each other.
+//!
 //! Phases, each entered by one method or event:
 //!
 //! ```text
@@ -44,6 +52,7 @@ use super::close::CloseCode;
 use super::error::ProtocolError;
 use super::frame::{self, decode_frame_with, decode_header_with, FrameHeader, OpCode, Role};
 use super::message::{completes_event, Assembler, Event};
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// An `Event` that owns its bytes.
@@ -144,6 +153,12 @@ pub struct FrameReader {
     /// reads, never copied.
     skip: usize,
     phase: Phase,
+    /// Tests and the fuzz target turn the fast path off, to compare it with the general path.
+    #[cfg(any(test, fuzzing))]
+    general_path_only: bool,
+    /// Frames the fast path read, for the tests to see that it was taken.
+    #[cfg(test)]
+    fast_frames: usize,
 }
 
 impl FrameReader {
@@ -159,6 +174,10 @@ impl FrameReader {
             tail_consumed: false,
             skip: 0,
             phase: Phase::Open,
+            #[cfg(any(test, fuzzing))]
+            general_path_only: false,
+            #[cfg(test)]
+            fast_frames: 0,
         }
     }
 
@@ -227,6 +246,32 @@ impl FrameReader {
     ) -> Result<Option<Event<'a>>, ProtocolError> {
         if self.tail_consumed {
             self.release_tail();
+        }
+        if self.takes_fast_path() {
+            let start = input.used;
+            let rest = input.bytes.get_mut(start..).unwrap_or_default();
+            // Within `max_message`: a longer frame is refused by the general path.
+            if let Some(frame) = frame::decode_simple_data_frame(rest, self.role, self.max_message)
+            {
+                let payload = start + frame.payload.start..start + frame.payload.end;
+                // RFC 6455 §8.1: text is valid UTF-8 (checked as `Assembler::single` does).
+                if frame.opcode == OpCode::Text {
+                    let text = input.bytes.get(payload.clone()).unwrap_or_default();
+                    if std::str::from_utf8(text).is_err() {
+                        return Err(self.fail(ProtocolError::InvalidUtf8, input));
+                    }
+                }
+                input.used = payload.end;
+                #[cfg(test)]
+                {
+                    self.fast_frames += 1;
+                }
+                return Ok(Some(Event::Message {
+                    opcode: frame.opcode,
+                    data: Cow::Borrowed(input.bytes.get(payload).unwrap_or_default()),
+                    compressed: false,
+                }));
+            }
         }
         loop {
             match self.phase {
@@ -300,6 +345,21 @@ impl FrameReader {
                 }
             };
         }
+    }
+
+    /// May the next frame be tried on the fast path (see the module doc)? Only while Open with
+    /// nothing held: no partial frame, nothing to skip, no fragmented message (a data frame
+    /// would then be an error). The whole budget (`max_message`) is then available.
+    #[inline]
+    fn takes_fast_path(&self) -> bool {
+        #[cfg(any(test, fuzzing))]
+        if self.general_path_only {
+            return false;
+        }
+        matches!(self.phase, Phase::Open)
+            && self.tail.is_empty()
+            && self.skip == 0
+            && !self.assembler.in_message()
     }
 
     /// What is left of the message budget: the largest payload the next data frame may carry,
@@ -528,7 +588,8 @@ pub mod fuzz {
     /// The first two bytes choose the set-up (`Setup::from_byte`) and the seed of the split
     /// points; the rest is the byte stream. Checked:
     /// 1. nothing panics;
-    /// 2. the stream fed in pieces gives the same events and the same final error as fed whole;
+    /// 2. the stream fed in pieces gives the same events and the same final error as fed whole,
+    ///    and so does the stream fed whole to a reader without the fast path;
     /// 3. memory stays bounded: what the reader holds between reads is within its limits;
     /// 4. every event, encoded again as a client would send it (masked, a data message split in
     ///    two fragments) and read by a server, comes back the same.
@@ -541,6 +602,8 @@ pub mod fuzz {
         let pieces = split_points(stream, *seed);
         let split = read_all(setup, &pieces);
         assert_eq!(whole, split, "fed whole vs fed in {} pieces", pieces.len());
+        let general = read_all_general(setup, &[stream]);
+        assert_eq!(whole, general, "with the fast path vs without");
 
         let key = [*seed, 0xA5, 0x5A, seed.wrapping_mul(31)];
         let server = Setup {
@@ -559,7 +622,21 @@ pub mod fuzz {
     /// Every event a reader gives for `pieces` fed one read at a time, and the error it ended
     /// with.
     pub fn read_all(setup: Setup, pieces: &[&[u8]]) -> Outcome {
+        read_with(
+            FrameReader::new(setup.role, setup.max_message),
+            setup,
+            pieces,
+        )
+    }
+
+    /// `read_all` with the fast path turned off: the general path alone, the fast path's oracle.
+    pub fn read_all_general(setup: Setup, pieces: &[&[u8]]) -> Outcome {
         let mut reader = FrameReader::new(setup.role, setup.max_message);
+        reader.general_path_only = true;
+        read_with(reader, setup, pieces)
+    }
+
+    fn read_with(mut reader: FrameReader, setup: Setup, pieces: &[&[u8]]) -> Outcome {
         if setup.rsv1_allowed {
             reader.allow_rsv1();
         }
@@ -650,7 +727,7 @@ pub mod fuzz {
 #[cfg(test)]
 #[allow(clippy::panic)]
 mod tests {
-    use super::fuzz::{check as fuzz_check, read_all, Outcome, Setup};
+    use super::fuzz::{check as fuzz_check, read_all, read_all_general, Outcome, Setup};
     use super::*;
     use proptest::prelude::*;
     use std::borrow::Cow;
@@ -775,8 +852,111 @@ mod tests {
         assert!(!reader.is_at_rest(), "awaiting the peer's Close");
     }
 
+    /// `pieces` read one by one give `want`, with the fast path and without it.
     fn check(name: &str, setup: Setup, pieces: &[&[u8]], want: &Outcome) {
         assert_eq!(&read_all(setup, pieces), want, "{name}");
+        assert_eq!(
+            &read_all_general(setup, pieces),
+            want,
+            "{name}, general path"
+        );
+    }
+
+    /// Reads `wire` in one read; returns the outcome and how many frames the fast path took.
+    fn read_counting(setup: Setup, wire: &[u8]) -> (Outcome, usize) {
+        let mut reader = FrameReader::new(setup.role, setup.max_message);
+        let mut bytes = wire.to_vec();
+        let mut input = Input::new(&mut bytes);
+        let mut events = Vec::new();
+        loop {
+            match reader.next_event(&mut input) {
+                Ok(Some(event)) => events.push((OwnedEvent::from(event), false)),
+                Ok(None) => return ((events, None), reader.fast_frames),
+                Err(e) => return ((events, Some(e)), reader.fast_frames),
+            }
+        }
+    }
+
+    /// The fast path takes whole one-frame Text and Binary messages of every length with a 7-
+    /// or 16-bit length field (125, 126 and 65,535 bytes at the edges), in both roles, with
+    /// control frames and a fragmented message between them (which it leaves to the general
+    /// path, as it does a 64-bit length, 65,536 bytes); the events are the same either way
+    /// and at every cut of the stream into two reads (a frame split across reads is completed
+    /// by the general path, and the next whole one is fast again).
+    #[test]
+    fn the_fast_path_takes_whole_simple_frames_and_agrees_with_the_general_path() {
+        for len in [0usize, 1, 125, 126, 127, 1000, 65535, 65536] {
+            for (setup, mask) in [(server(), KEY), (client(), None)] {
+                let data: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+                let mut wire = Vec::new();
+                frame::encode_into(&mut wire, true, OpCode::Text, &data, mask);
+                frame::encode_into(&mut wire, true, OpCode::Ping, b"p", mask);
+                frame::encode_into(&mut wire, true, OpCode::Binary, &data, mask);
+                frame::encode_into(&mut wire, false, OpCode::Binary, b"fr", mask);
+                frame::encode_into(&mut wire, true, OpCode::Pong, b"", mask);
+                frame::encode_into(&mut wire, true, OpCode::Continuation, b"ag", mask);
+                frame::encode_into(&mut wire, true, OpCode::Text, &data, mask);
+                let events = vec![
+                    msg(OpCode::Text, &data),
+                    plain(OwnedEvent::Ping(b"p".to_vec())),
+                    msg(OpCode::Binary, &data),
+                    plain(OwnedEvent::Pong(vec![])),
+                    msg(OpCode::Binary, b"frag"),
+                    msg(OpCode::Text, &data),
+                ];
+                let want = (events, None);
+                let (outcome, fast) = read_counting(setup, &wire);
+                assert_eq!(outcome, want, "{len}");
+                let expected_fast = if len < 65536 { 3 } else { 0 };
+                assert_eq!(fast, expected_fast, "frames on the fast path, {len}");
+                let step = if len > 200 { 997 } else { 1 };
+                for cut in (0..=wire.len()).step_by(step) {
+                    let pieces: &[&[u8]] = &[&wire[..cut], &wire[cut..]];
+                    check(&format!("{len} cut at {cut}"), setup, pieces, &want);
+                }
+            }
+        }
+    }
+
+    /// What the fast path must not accept is refused as the general path refuses it, with
+    /// the same error (and so close code), after the same events.
+    #[test]
+    fn the_fast_path_refuses_nothing_the_general_path_would_take() {
+        let small = Setup {
+            max_message: 64,
+            ..server()
+        };
+        let mut fragment = frame::encode(false, OpCode::Text, b"a", KEY);
+        fragment.extend(frame::encode(true, OpCode::Binary, b"b", KEY));
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Setup, Vec<u8>, ProtocolError, u16)> = vec![
+            ("invalid UTF-8", server(), frame::encode(true, OpCode::Text, b"\xC3(", KEY), ProtocolError::InvalidUtf8, 1007),
+            ("unmasked client frame", server(), frame::encode(true, OpCode::Binary, b"x", None), ProtocolError::UnmaskedFrame, 1002),
+            ("masked server frame", client(), frame::encode(true, OpCode::Binary, b"x", KEY), ProtocolError::MaskedFrame, 1002),
+            ("over max_message", small, frame::encode(true, OpCode::Binary, &[7; 65], KEY), ProtocolError::MessageTooBig, 1009),
+            ("RSV1 not negotiated", server(), with_rsv1(frame::encode(true, OpCode::Text, b"x", KEY)), ProtocolError::ReservedBits, 1002),
+            ("data frame inside a fragmented message", server(), fragment, ProtocolError::InterleavedMessage, 1002),
+        ];
+        for (name, setup, bad, error, code) in cases {
+            // A good frame before the bad one and after it, as the role receives them.
+            let mask = if setup.role == Role::Server {
+                KEY
+            } else {
+                None
+            };
+            let ok = frame::encode(true, OpCode::Binary, b"ok", mask);
+            let wire = [ok.clone(), bad, ok].concat();
+            let want = (vec![msg(OpCode::Binary, b"ok")], Some(error));
+            let (outcome, _) = read_counting(setup, &wire);
+            assert_eq!(outcome, want, "{name}");
+            assert_eq!(error.close_code().0, code, "{name}");
+            check(name, setup, &[&wire], &want);
+        }
+        // The edge of the limit: exactly `max_message` is taken, on the fast path.
+        let at_limit = frame::encode(true, OpCode::Binary, &[7; 64], KEY);
+        let (outcome, fast) = read_counting(small, &at_limit);
+        assert_eq!(outcome, (vec![msg(OpCode::Binary, &[7; 64])], None));
+        assert_eq!(fast, 1);
     }
 
     /// Every way of cutting `wire` into two or three reads gives `want`; so does one byte per
