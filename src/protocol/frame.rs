@@ -149,20 +149,25 @@ impl FrameHeader {
 
     /// Appends the header's wire bytes to `out`, always in the shortest length encoding (so a
     /// header decoded from a non-minimal encoding is emitted shorter than it arrived).
+    #[inline]
     pub fn emit(&self, out: &mut Vec<u8>) {
         let fin_bit = if self.fin { FIN_BIT } else { 0 };
         let rsv1_bit = if self.rsv1 { RSV1_BIT } else { 0 };
         let mask_bit = if self.mask.is_some() { MASK_BIT } else { 0 };
-        out.push(fin_bit | rsv1_bit | self.opcode.as_u8());
+        let first = fin_bit | rsv1_bit | self.opcode.as_u8();
         // RFC 6455 §5.2: lengths up to 125 fit in 7 bits; 126 announces a 16-bit length and 127
         // a 64-bit one, both in network byte order.
+        // Each length appends its bytes in one slice of a fixed size, which compiles to one
+        // capacity check and a store or two: a `push` per byte checked the capacity for each,
+        // and this runs once per message sent (docs/benchmarks.md, "A fast path for whole small
+        // frames").
         if let Ok(len7 @ 0..=125) = u8::try_from(self.payload_len) {
-            out.push(mask_bit | len7);
+            out.extend_from_slice(&[first, mask_bit | len7]);
         } else if let Ok(len16) = u16::try_from(self.payload_len) {
-            out.push(mask_bit | LEN7_16BIT);
-            out.extend_from_slice(&len16.to_be_bytes());
+            let [high, low] = len16.to_be_bytes();
+            out.extend_from_slice(&[first, mask_bit | LEN7_16BIT, high, low]);
         } else {
-            out.push(mask_bit | LEN7_64BIT);
+            out.extend_from_slice(&[first, mask_bit | LEN7_64BIT]);
             out.extend_from_slice(&self.payload_len.to_be_bytes());
         }
         if let Some(key) = self.mask {
