@@ -123,6 +123,7 @@ impl Outbound {
 
     /// Appends bytes produced by `write` for this connection alone, coalescing small writes. An
     /// empty queue takes a ring from `pool`, as `push_shared` does.
+    #[inline]
     pub fn push_owned_with(
         &mut self,
         len_hint: usize,
