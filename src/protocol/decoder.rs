@@ -240,13 +240,15 @@ impl FrameReader {
     /// Any error of `frame::decode_header_with` or `message::Assembler` (`InvalidUtf8` as soon
     /// as a partial text frame shows it). The reader is then Failed: the rest of `input` is not
     /// read, and every later call returns the same error.
+    ///
+    /// Inlined, and only the fast path (see the module doc) is here: the general path is a
+    /// function of its own (`next_event_general`), so that a frame on the fast path does not
+    /// pay for setting up the larger function (its saved registers and stack frame).
+    #[inline]
     pub fn next_event<'a>(
         &'a mut self,
         input: &'a mut Input<'_>,
     ) -> Result<Option<Event<'a>>, ProtocolError> {
-        if self.tail_consumed {
-            self.release_tail();
-        }
         if self.takes_fast_path() {
             let start = input.used;
             let rest = input.bytes.get_mut(start..).unwrap_or_default();
@@ -272,6 +274,18 @@ impl FrameReader {
                     compressed: false,
                 }));
             }
+        }
+        self.next_event_general(input)
+    }
+
+    /// `next_event` for any frame: the fast path's shape too (its oracle in the tests), and
+    /// every other frame, partial frame, phase and error.
+    fn next_event_general<'a>(
+        &'a mut self,
+        input: &'a mut Input<'_>,
+    ) -> Result<Option<Event<'a>>, ProtocolError> {
+        if self.tail_consumed {
+            self.release_tail();
         }
         loop {
             match self.phase {
@@ -348,8 +362,9 @@ impl FrameReader {
     }
 
     /// May the next frame be tried on the fast path (see the module doc)? Only while Open with
-    /// nothing held: no partial frame, nothing to skip, no fragmented message (a data frame
-    /// would then be an error). The whole budget (`max_message`) is then available.
+    /// nothing held: no partial frame (nor the last event's frame in `tail`, which the general
+    /// path frees), nothing to skip, no fragmented message (a data frame would then be an
+    /// error). The whole budget (`max_message`) is then available.
     #[inline]
     fn takes_fast_path(&self) -> bool {
         #[cfg(any(test, fuzzing))]
