@@ -249,33 +249,70 @@ impl FrameReader {
         &'a mut self,
         input: &'a mut Input<'_>,
     ) -> Result<Option<Event<'a>>, ProtocolError> {
-        if self.takes_fast_path() {
-            let start = input.used;
-            let rest = input.bytes.get_mut(start..).unwrap_or_default();
-            // Within `max_message`: a longer frame is refused by the general path.
-            if let Some(frame) = frame::decode_simple_data_frame(rest, self.role, self.max_message)
-            {
-                let payload = start + frame.payload.start..start + frame.payload.end;
-                // RFC 6455 §8.1: text is valid UTF-8 (checked as `Assembler::single` does).
-                if frame.opcode == OpCode::Text {
-                    let text = input.bytes.get(payload.clone()).unwrap_or_default();
-                    if std::str::from_utf8(text).is_err() {
-                        return Err(self.fail(ProtocolError::InvalidUtf8, input));
-                    }
-                }
-                input.used = payload.end;
-                #[cfg(test)]
-                {
-                    self.fast_frames += 1;
-                }
-                return Ok(Some(Event::Message {
-                    opcode: frame.opcode,
-                    data: Cow::Borrowed(input.bytes.get(payload).unwrap_or_default()),
-                    compressed: false,
-                }));
+        match self.take_whole_message(input) {
+            Some(Ok((opcode, payload))) => Ok(Some(Event::Message {
+                opcode,
+                data: Cow::Borrowed(input.bytes.get(payload).unwrap_or_default()),
+                compressed: false,
+            })),
+            Some(Err(e)) => Err(e),
+            None => self.next_event_general(input),
+        }
+    }
+
+    /// The fast path alone: the next event if it is a whole one-frame message (Text or Binary,
+    /// not compressed) that the fast path takes, as `(opcode, payload)`; `Ok(None)` if the next
+    /// frame needs `next_event` (any other frame, or one not fully arrived), or if `input` is
+    /// used up. For a caller that handles such messages in a run (the server hands them to the
+    /// app in one call) and leaves everything else to `next_event`.
+    ///
+    /// # Errors
+    /// `InvalidUtf8` for a text message that is not UTF-8; the reader is then Failed, as after
+    /// the same error from `next_event`.
+    #[inline]
+    pub fn next_whole_message<'a>(
+        &'a mut self,
+        input: &'a mut Input<'_>,
+    ) -> Result<Option<(OpCode, &'a [u8])>, ProtocolError> {
+        match self.take_whole_message(input) {
+            Some(Ok((opcode, payload))) => {
+                Ok(Some((opcode, input.bytes.get(payload).unwrap_or_default())))
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    /// The fast path (see the module doc): if the reader may take it and the next frame has its
+    /// shape, the frame is consumed, unmasked and its text checked, and where its payload lies
+    /// in `input` is returned. `None`: nothing was consumed, the general path decides. Returns
+    /// a position rather than a slice, so that no borrow outlives it on the `None` path.
+    #[inline]
+    fn take_whole_message(
+        &mut self,
+        input: &mut Input<'_>,
+    ) -> Option<Result<(OpCode, Range<usize>), ProtocolError>> {
+        if !self.takes_fast_path() {
+            return None;
+        }
+        let start = input.used;
+        let rest = input.bytes.get_mut(start..).unwrap_or_default();
+        // Within `max_message`: a longer frame is refused by the general path.
+        let frame = frame::decode_simple_data_frame(rest, self.role, self.max_message)?;
+        let payload = start + frame.payload.start..start + frame.payload.end;
+        // RFC 6455 §8.1: text is valid UTF-8 (checked as `Assembler::single` does).
+        if frame.opcode == OpCode::Text {
+            let text = input.bytes.get(payload.clone()).unwrap_or_default();
+            if std::str::from_utf8(text).is_err() {
+                return Some(Err(self.fail(ProtocolError::InvalidUtf8, input)));
             }
         }
-        self.next_event_general(input)
+        input.used = payload.end;
+        #[cfg(test)]
+        {
+            self.fast_frames += 1;
+        }
+        Some(Ok((frame.opcode, payload)))
     }
 
     /// `next_event` for any frame: the fast path's shape too (its oracle in the tests), and
@@ -604,7 +641,8 @@ pub mod fuzz {
     /// points; the rest is the byte stream. Checked:
     /// 1. nothing panics;
     /// 2. the stream fed in pieces gives the same events and the same final error as fed whole,
-    ///    and so does the stream fed whole to a reader without the fast path;
+    ///    and so does the stream fed whole to a reader without the fast path, and fed in pieces
+    ///    to a reader asked for whole messages first (`next_whole_message`, as the server does);
     /// 3. memory stays bounded: what the reader holds between reads is within its limits;
     /// 4. every event, encoded again as a client would send it (masked, a data message split in
     ///    two fragments) and read by a server, comes back the same.
@@ -619,6 +657,8 @@ pub mod fuzz {
         assert_eq!(whole, split, "fed whole vs fed in {} pieces", pieces.len());
         let general = read_all_general(setup, &[stream]);
         assert_eq!(whole, general, "with the fast path vs without");
+        let runs = read_in_runs(setup, &pieces);
+        assert_eq!(whole, runs, "next_event alone vs whole messages first");
 
         let key = [*seed, 0xA5, 0x5A, seed.wrapping_mul(31)];
         let server = Setup {
@@ -649,6 +689,54 @@ pub mod fuzz {
         let mut reader = FrameReader::new(setup.role, setup.max_message);
         reader.general_path_only = true;
         read_with(reader, setup, pieces)
+    }
+
+    /// `read_all` as the server reads: in each read, the whole one-frame messages in a row
+    /// with `next_whole_message`, then one event with `next_event`, and again.
+    pub fn read_in_runs(setup: Setup, pieces: &[&[u8]]) -> Outcome {
+        let mut reader = FrameReader::new(setup.role, setup.max_message);
+        if setup.rsv1_allowed {
+            reader.allow_rsv1();
+        }
+        let mut events = Vec::new();
+        for piece in pieces {
+            let mut bytes = piece.to_vec();
+            let mut input = Input::new(&mut bytes);
+            loop {
+                loop {
+                    match reader.next_whole_message(&mut input) {
+                        Ok(Some((opcode, data))) => {
+                            let data = data.to_vec();
+                            events.push((OwnedEvent::Message { opcode, data }, false));
+                            if setup.await_close_after_first {
+                                reader.await_close();
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return (events, Some(e)),
+                    }
+                }
+                match reader.next_event(&mut input) {
+                    Ok(Some(event)) => {
+                        let compressed = matches!(
+                            event,
+                            Event::Message {
+                                compressed: true,
+                                ..
+                            }
+                        );
+                        events.push((OwnedEvent::from(event), compressed));
+                        if setup.await_close_after_first {
+                            reader.await_close();
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return (events, Some(e)),
+                }
+            }
+            assert!(input.is_empty(), "Ok(None) with input left");
+        }
+        (events, None)
     }
 
     fn read_with(mut reader: FrameReader, setup: Setup, pieces: &[&[u8]]) -> Outcome {
@@ -742,7 +830,9 @@ pub mod fuzz {
 #[cfg(test)]
 #[allow(clippy::panic)]
 mod tests {
-    use super::fuzz::{check as fuzz_check, read_all, read_all_general, Outcome, Setup};
+    use super::fuzz::{
+        check as fuzz_check, read_all, read_all_general, read_in_runs, Outcome, Setup,
+    };
     use super::*;
     use proptest::prelude::*;
     use std::borrow::Cow;
@@ -867,14 +957,13 @@ mod tests {
         assert!(!reader.is_at_rest(), "awaiting the peer's Close");
     }
 
-    /// `pieces` read one by one give `want`, with the fast path and without it.
+    /// `pieces` read one by one give `want`, with the fast path and without it, and read as
+    /// the server does (whole messages in runs, then `next_event`).
     fn check(name: &str, setup: Setup, pieces: &[&[u8]], want: &Outcome) {
         assert_eq!(&read_all(setup, pieces), want, "{name}");
-        assert_eq!(
-            &read_all_general(setup, pieces),
-            want,
-            "{name}, general path"
-        );
+        let general = read_all_general(setup, pieces);
+        assert_eq!(&general, want, "{name}, general path");
+        assert_eq!(&read_in_runs(setup, pieces), want, "{name}, in runs");
     }
 
     /// Reads `wire` in one read; returns the outcome and how many frames the fast path took.
