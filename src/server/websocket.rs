@@ -43,6 +43,10 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             };
             match conn.state() {
                 State::Open => match self.deliver_whole_messages(id, &mut reader, &mut input) {
+                    // The read ended with the run (the usual case): nothing is left to look at.
+                    // A reader handed nothing more has nothing to change (nor would our Close:
+                    // the next read finds the state and tells the reader, as below).
+                    Ok(true) if input.is_empty() => break,
                     // The app may have closed the connection: its state is looked at again.
                     Ok(true) => continue,
                     // The next frame (if any) is not a whole one-frame message.
