@@ -25,6 +25,8 @@
 //! payload out at once (after the UTF-8 check of a text message). Everything else, and every
 //! error, goes through the general path (`next_frame`, the `Assembler`), which gives the same
 //! events for those frames too: the tests and the fuzz target check the two against each other.
+//! `next_whole_message` offers the fast path alone, for a caller that handles a run of such
+//! messages at once (the server hands them to the app in one call).
 //!
 //! Phases, each entered by one method or event:
 //!
