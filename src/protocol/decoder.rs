@@ -18,6 +18,16 @@
 //! known; the next read completes it from the front of the new bytes and goes on parsing the rest
 //! in place. After our Close, a frame that is only skipped is not copied at all.
 //!
+//! The fast path within it: most frames a server receives are one small message each, a whole
+//! Text or Binary frame with FIN. While the reader is Open and holds nothing (no partial frame,
+//! no fragmented message), `next_event` first tries `frame::decode_simple_data_frame` on the
+//! next bytes, which recognises exactly that shape in a few steps and unmasks it, and hands the
+//! payload out at once (after the UTF-8 check of a text message). Everything else, and every
+//! error, goes through the general path (`next_frame`, the `Assembler`), which gives the same
+//! events for those frames too: the tests and the fuzz target check the two against each other.
+//! `next_whole_message` offers the fast path alone, for a caller that handles a run of such
+//! messages at once (the server hands them to the app in one call).
+//!
 //! Phases, each entered by one method or event:
 //!
 //! ```text
@@ -44,6 +54,7 @@ use super::close::CloseCode;
 use super::error::ProtocolError;
 use super::frame::{self, decode_frame_with, decode_header_with, FrameHeader, OpCode, Role};
 use super::message::{completes_event, Assembler, Event};
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// An `Event` that owns its bytes.
@@ -144,6 +155,12 @@ pub struct FrameReader {
     /// reads, never copied.
     skip: usize,
     phase: Phase,
+    /// Tests and the fuzz target turn the fast path off, to compare it with the general path.
+    #[cfg(any(test, fuzzing))]
+    general_path_only: bool,
+    /// Frames the fast path read, for the tests to see that it was taken.
+    #[cfg(test)]
+    fast_frames: usize,
 }
 
 impl FrameReader {
@@ -159,6 +176,10 @@ impl FrameReader {
             tail_consumed: false,
             skip: 0,
             phase: Phase::Open,
+            #[cfg(any(test, fuzzing))]
+            general_path_only: false,
+            #[cfg(test)]
+            fast_frames: 0,
         }
     }
 
@@ -221,7 +242,84 @@ impl FrameReader {
     /// Any error of `frame::decode_header_with` or `message::Assembler` (`InvalidUtf8` as soon
     /// as a partial text frame shows it). The reader is then Failed: the rest of `input` is not
     /// read, and every later call returns the same error.
+    ///
+    /// Inlined, and only the fast path (see the module doc) is here: the general path is a
+    /// function of its own (`next_event_general`), so that a frame on the fast path does not
+    /// pay for setting up the larger function (its saved registers and stack frame).
+    #[inline]
     pub fn next_event<'a>(
+        &'a mut self,
+        input: &'a mut Input<'_>,
+    ) -> Result<Option<Event<'a>>, ProtocolError> {
+        match self.take_whole_message(input) {
+            Some(Ok((opcode, payload))) => Ok(Some(Event::Message {
+                opcode,
+                data: Cow::Borrowed(input.bytes.get(payload).unwrap_or_default()),
+                compressed: false,
+            })),
+            Some(Err(e)) => Err(e),
+            None => self.next_event_general(input),
+        }
+    }
+
+    /// The fast path alone: the next event if it is a whole one-frame message (Text or Binary,
+    /// not compressed) that the fast path takes, as `(opcode, payload)`; `Ok(None)` if the next
+    /// frame needs `next_event` (any other frame, or one not fully arrived), or if `input` is
+    /// used up. For a caller that handles such messages in a run (the server hands them to the
+    /// app in one call) and leaves everything else to `next_event`.
+    ///
+    /// # Errors
+    /// `InvalidUtf8` for a text message that is not UTF-8; the reader is then Failed, as after
+    /// the same error from `next_event`.
+    #[inline]
+    pub fn next_whole_message<'a>(
+        &'a mut self,
+        input: &'a mut Input<'_>,
+    ) -> Result<Option<(OpCode, &'a [u8])>, ProtocolError> {
+        match self.take_whole_message(input) {
+            Some(Ok((opcode, payload))) => {
+                Ok(Some((opcode, input.bytes.get(payload).unwrap_or_default())))
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    /// The fast path (see the module doc): if the reader may take it and the next frame has its
+    /// shape, the frame is consumed, unmasked and its text checked, and where its payload lies
+    /// in `input` is returned. `None`: nothing was consumed, the general path decides. Returns
+    /// a position rather than a slice, so that no borrow outlives it on the `None` path.
+    #[inline]
+    fn take_whole_message(
+        &mut self,
+        input: &mut Input<'_>,
+    ) -> Option<Result<(OpCode, Range<usize>), ProtocolError>> {
+        if !self.takes_fast_path() {
+            return None;
+        }
+        let start = input.used;
+        let rest = input.bytes.get_mut(start..).unwrap_or_default();
+        // Within `max_message`: a longer frame is refused by the general path.
+        let frame = frame::decode_simple_data_frame(rest, self.role, self.max_message)?;
+        let payload = start + frame.payload.start..start + frame.payload.end;
+        // RFC 6455 §8.1: text is valid UTF-8 (checked as `Assembler::single` does).
+        if frame.opcode == OpCode::Text {
+            let text = input.bytes.get(payload.clone()).unwrap_or_default();
+            if std::str::from_utf8(text).is_err() {
+                return Some(Err(self.fail(ProtocolError::InvalidUtf8, input)));
+            }
+        }
+        input.used = payload.end;
+        #[cfg(test)]
+        {
+            self.fast_frames += 1;
+        }
+        Some(Ok((frame.opcode, payload)))
+    }
+
+    /// `next_event` for any frame: the fast path's shape too (its oracle in the tests), and
+    /// every other frame, partial frame, phase and error.
+    fn next_event_general<'a>(
         &'a mut self,
         input: &'a mut Input<'_>,
     ) -> Result<Option<Event<'a>>, ProtocolError> {
@@ -300,6 +398,22 @@ impl FrameReader {
                 }
             };
         }
+    }
+
+    /// May the next frame be tried on the fast path (see the module doc)? Only while Open with
+    /// nothing held: no partial frame (nor the last event's frame in `tail`, which the general
+    /// path frees), nothing to skip, no fragmented message (a data frame would then be an
+    /// error). The whole budget (`max_message`) is then available.
+    #[inline]
+    fn takes_fast_path(&self) -> bool {
+        #[cfg(any(test, fuzzing))]
+        if self.general_path_only {
+            return false;
+        }
+        matches!(self.phase, Phase::Open)
+            && self.tail.is_empty()
+            && self.skip == 0
+            && !self.assembler.in_message()
     }
 
     /// What is left of the message budget: the largest payload the next data frame may carry,
@@ -528,7 +642,9 @@ pub mod fuzz {
     /// The first two bytes choose the set-up (`Setup::from_byte`) and the seed of the split
     /// points; the rest is the byte stream. Checked:
     /// 1. nothing panics;
-    /// 2. the stream fed in pieces gives the same events and the same final error as fed whole;
+    /// 2. the stream fed in pieces gives the same events and the same final error as fed whole,
+    ///    and so does the stream fed whole to a reader without the fast path, and fed in pieces
+    ///    to a reader asked for whole messages first (`next_whole_message`, as the server does);
     /// 3. memory stays bounded: what the reader holds between reads is within its limits;
     /// 4. every event, encoded again as a client would send it (masked, a data message split in
     ///    two fragments) and read by a server, comes back the same.
@@ -541,6 +657,10 @@ pub mod fuzz {
         let pieces = split_points(stream, *seed);
         let split = read_all(setup, &pieces);
         assert_eq!(whole, split, "fed whole vs fed in {} pieces", pieces.len());
+        let general = read_all_general(setup, &[stream]);
+        assert_eq!(whole, general, "with the fast path vs without");
+        let runs = read_in_runs(setup, &pieces);
+        assert_eq!(whole, runs, "next_event alone vs whole messages first");
 
         let key = [*seed, 0xA5, 0x5A, seed.wrapping_mul(31)];
         let server = Setup {
@@ -559,7 +679,69 @@ pub mod fuzz {
     /// Every event a reader gives for `pieces` fed one read at a time, and the error it ended
     /// with.
     pub fn read_all(setup: Setup, pieces: &[&[u8]]) -> Outcome {
+        read_with(
+            FrameReader::new(setup.role, setup.max_message),
+            setup,
+            pieces,
+        )
+    }
+
+    /// `read_all` with the fast path turned off: the general path alone, the fast path's oracle.
+    pub fn read_all_general(setup: Setup, pieces: &[&[u8]]) -> Outcome {
         let mut reader = FrameReader::new(setup.role, setup.max_message);
+        reader.general_path_only = true;
+        read_with(reader, setup, pieces)
+    }
+
+    /// `read_all` as the server reads: in each read, the whole one-frame messages in a row
+    /// with `next_whole_message`, then one event with `next_event`, and again.
+    pub fn read_in_runs(setup: Setup, pieces: &[&[u8]]) -> Outcome {
+        let mut reader = FrameReader::new(setup.role, setup.max_message);
+        if setup.rsv1_allowed {
+            reader.allow_rsv1();
+        }
+        let mut events = Vec::new();
+        for piece in pieces {
+            let mut bytes = piece.to_vec();
+            let mut input = Input::new(&mut bytes);
+            loop {
+                loop {
+                    match reader.next_whole_message(&mut input) {
+                        Ok(Some((opcode, data))) => {
+                            let data = data.to_vec();
+                            events.push((OwnedEvent::Message { opcode, data }, false));
+                            if setup.await_close_after_first {
+                                reader.await_close();
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return (events, Some(e)),
+                    }
+                }
+                match reader.next_event(&mut input) {
+                    Ok(Some(event)) => {
+                        let compressed = matches!(
+                            event,
+                            Event::Message {
+                                compressed: true,
+                                ..
+                            }
+                        );
+                        events.push((OwnedEvent::from(event), compressed));
+                        if setup.await_close_after_first {
+                            reader.await_close();
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return (events, Some(e)),
+                }
+            }
+            assert!(input.is_empty(), "Ok(None) with input left");
+        }
+        (events, None)
+    }
+
+    fn read_with(mut reader: FrameReader, setup: Setup, pieces: &[&[u8]]) -> Outcome {
         if setup.rsv1_allowed {
             reader.allow_rsv1();
         }
@@ -650,7 +832,9 @@ pub mod fuzz {
 #[cfg(test)]
 #[allow(clippy::panic)]
 mod tests {
-    use super::fuzz::{check as fuzz_check, read_all, Outcome, Setup};
+    use super::fuzz::{
+        check as fuzz_check, read_all, read_all_general, read_in_runs, Outcome, Setup,
+    };
     use super::*;
     use proptest::prelude::*;
     use std::borrow::Cow;
@@ -775,8 +959,110 @@ mod tests {
         assert!(!reader.is_at_rest(), "awaiting the peer's Close");
     }
 
+    /// `pieces` read one by one give `want`, with the fast path and without it, and read as
+    /// the server does (whole messages in runs, then `next_event`).
     fn check(name: &str, setup: Setup, pieces: &[&[u8]], want: &Outcome) {
         assert_eq!(&read_all(setup, pieces), want, "{name}");
+        let general = read_all_general(setup, pieces);
+        assert_eq!(&general, want, "{name}, general path");
+        assert_eq!(&read_in_runs(setup, pieces), want, "{name}, in runs");
+    }
+
+    /// Reads `wire` in one read; returns the outcome and how many frames the fast path took.
+    fn read_counting(setup: Setup, wire: &[u8]) -> (Outcome, usize) {
+        let mut reader = FrameReader::new(setup.role, setup.max_message);
+        let mut bytes = wire.to_vec();
+        let mut input = Input::new(&mut bytes);
+        let mut events = Vec::new();
+        loop {
+            match reader.next_event(&mut input) {
+                Ok(Some(event)) => events.push((OwnedEvent::from(event), false)),
+                Ok(None) => return ((events, None), reader.fast_frames),
+                Err(e) => return ((events, Some(e)), reader.fast_frames),
+            }
+        }
+    }
+
+    /// The fast path takes whole one-frame Text and Binary messages of every length with a 7-
+    /// or 16-bit length field (125, 126 and 65,535 bytes at the edges), in both roles, with
+    /// control frames and a fragmented message between them (which it leaves to the general
+    /// path, as it does a 64-bit length, 65,536 bytes); the events are the same either way
+    /// and at every cut of the stream into two reads (a frame split across reads is completed
+    /// by the general path, and the next whole one is fast again).
+    #[test]
+    fn the_fast_path_takes_whole_simple_frames_and_agrees_with_the_general_path() {
+        for len in [0usize, 1, 125, 126, 127, 1000, 65535, 65536] {
+            for (setup, mask) in [(server(), KEY), (client(), None)] {
+                let data: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+                let mut wire = Vec::new();
+                frame::encode_into(&mut wire, true, OpCode::Text, &data, mask);
+                frame::encode_into(&mut wire, true, OpCode::Ping, b"p", mask);
+                frame::encode_into(&mut wire, true, OpCode::Binary, &data, mask);
+                frame::encode_into(&mut wire, false, OpCode::Binary, b"fr", mask);
+                frame::encode_into(&mut wire, true, OpCode::Pong, b"", mask);
+                frame::encode_into(&mut wire, true, OpCode::Continuation, b"ag", mask);
+                frame::encode_into(&mut wire, true, OpCode::Text, &data, mask);
+                let events = vec![
+                    msg(OpCode::Text, &data),
+                    plain(OwnedEvent::Ping(b"p".to_vec())),
+                    msg(OpCode::Binary, &data),
+                    plain(OwnedEvent::Pong(vec![])),
+                    msg(OpCode::Binary, b"frag"),
+                    msg(OpCode::Text, &data),
+                ];
+                let want = (events, None);
+                let (outcome, fast) = read_counting(setup, &wire);
+                assert_eq!(outcome, want, "{len}");
+                let expected_fast = if len < 65536 { 3 } else { 0 };
+                assert_eq!(fast, expected_fast, "frames on the fast path, {len}");
+                let step = if len > 200 { 997 } else { 1 };
+                for cut in (0..=wire.len()).step_by(step) {
+                    let pieces: &[&[u8]] = &[&wire[..cut], &wire[cut..]];
+                    check(&format!("{len} cut at {cut}"), setup, pieces, &want);
+                }
+            }
+        }
+    }
+
+    /// What the fast path must not accept is refused as the general path refuses it, with
+    /// the same error (and so close code), after the same events.
+    #[test]
+    fn the_fast_path_refuses_nothing_the_general_path_would_take() {
+        let small = Setup {
+            max_message: 64,
+            ..server()
+        };
+        let mut fragment = frame::encode(false, OpCode::Text, b"a", KEY);
+        fragment.extend(frame::encode(true, OpCode::Binary, b"b", KEY));
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Setup, Vec<u8>, ProtocolError, u16)> = vec![
+            ("invalid UTF-8", server(), frame::encode(true, OpCode::Text, b"\xC3(", KEY), ProtocolError::InvalidUtf8, 1007),
+            ("unmasked client frame", server(), frame::encode(true, OpCode::Binary, b"x", None), ProtocolError::UnmaskedFrame, 1002),
+            ("masked server frame", client(), frame::encode(true, OpCode::Binary, b"x", KEY), ProtocolError::MaskedFrame, 1002),
+            ("over max_message", small, frame::encode(true, OpCode::Binary, &[7; 65], KEY), ProtocolError::MessageTooBig, 1009),
+            ("RSV1 not negotiated", server(), with_rsv1(frame::encode(true, OpCode::Text, b"x", KEY)), ProtocolError::ReservedBits, 1002),
+            ("data frame inside a fragmented message", server(), fragment, ProtocolError::InterleavedMessage, 1002),
+        ];
+        for (name, setup, bad, error, code) in cases {
+            // A good frame before the bad one and after it, as the role receives them.
+            let mask = if setup.role == Role::Server {
+                KEY
+            } else {
+                None
+            };
+            let ok = frame::encode(true, OpCode::Binary, b"ok", mask);
+            let wire = [ok.clone(), bad, ok].concat();
+            let want = (vec![msg(OpCode::Binary, b"ok")], Some(error));
+            let (outcome, _) = read_counting(setup, &wire);
+            assert_eq!(outcome, want, "{name}");
+            assert_eq!(error.close_code().0, code, "{name}");
+            check(name, setup, &[&wire], &want);
+        }
+        // The edge of the limit: exactly `max_message` is taken, on the fast path.
+        let at_limit = frame::encode(true, OpCode::Binary, &[7; 64], KEY);
+        let (outcome, fast) = read_counting(small, &at_limit);
+        assert_eq!(outcome, (vec![msg(OpCode::Binary, &[7; 64])], None));
+        assert_eq!(fast, 1);
     }
 
     /// Every way of cutting `wire` into two or three reads gives `want`; so does one byte per

@@ -149,20 +149,25 @@ impl FrameHeader {
 
     /// Appends the header's wire bytes to `out`, always in the shortest length encoding (so a
     /// header decoded from a non-minimal encoding is emitted shorter than it arrived).
+    #[inline]
     pub fn emit(&self, out: &mut Vec<u8>) {
         let fin_bit = if self.fin { FIN_BIT } else { 0 };
         let rsv1_bit = if self.rsv1 { RSV1_BIT } else { 0 };
         let mask_bit = if self.mask.is_some() { MASK_BIT } else { 0 };
-        out.push(fin_bit | rsv1_bit | self.opcode.as_u8());
+        let first = fin_bit | rsv1_bit | self.opcode.as_u8();
         // RFC 6455 §5.2: lengths up to 125 fit in 7 bits; 126 announces a 16-bit length and 127
         // a 64-bit one, both in network byte order.
+        // Each length appends its bytes in one slice of a fixed size, which compiles to one
+        // capacity check and a store or two: a `push` per byte checked the capacity for each,
+        // and this runs once per message sent (docs/benchmarks.md, "A fast path for whole small
+        // frames").
         if let Ok(len7 @ 0..=125) = u8::try_from(self.payload_len) {
-            out.push(mask_bit | len7);
+            out.extend_from_slice(&[first, mask_bit | len7]);
         } else if let Ok(len16) = u16::try_from(self.payload_len) {
-            out.push(mask_bit | LEN7_16BIT);
-            out.extend_from_slice(&len16.to_be_bytes());
+            let [high, low] = len16.to_be_bytes();
+            out.extend_from_slice(&[first, mask_bit | LEN7_16BIT, high, low]);
         } else {
-            out.push(mask_bit | LEN7_64BIT);
+            out.extend_from_slice(&[first, mask_bit | LEN7_64BIT]);
             out.extend_from_slice(&self.payload_len.to_be_bytes());
         }
         if let Some(key) = self.mask {
@@ -350,6 +355,67 @@ pub fn decode_frame_with(
         payload,
         len,
     }))
+}
+
+/// A frame found by `decode_simple_data_frame`: a whole one-frame Text or Binary message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimpleFrame {
+    /// `Text` or `Binary`.
+    pub opcode: OpCode,
+    /// Where the (now unmasked) payload lies in the buffer; the frame ends where it ends.
+    pub payload: std::ops::Range<usize>,
+}
+
+/// The common case of `decode_frame_with`, decided in a few steps: a whole Text or Binary frame
+/// with FIN, no reserved bit, masked as `role` requires, a 7- or 16-bit length of at most
+/// `max_payload`, all of it in `buf`. Its payload is unmasked in place, as `decode_frame_with`
+/// does.
+///
+/// Why it exists: nearly every frame a server receives is such a frame, one small message that
+/// arrived whole in one read, and the general decoder spends most of its steps on what such a
+/// frame never needs (control frames, fragments, 64-bit lengths, a frame cut by the end of a
+/// read). `None` means only "not this shape": nothing is modified, and the caller decodes the
+/// frame the general way, which accepts it, waits for more bytes or refuses it with its close
+/// code. So this function decides no rule of its own: for every `buf` it accepts,
+/// `decode_frame_with` gives the same frame (tested on random bytes).
+#[inline]
+pub fn decode_simple_data_frame(
+    buf: &mut [u8],
+    role: Role,
+    max_payload: usize,
+) -> Option<SimpleFrame> {
+    let (&first, &second) = (buf.first()?, buf.get(1)?);
+    // FIN set, RSV1-3 clear, a data opcode: anything else goes the general way.
+    let opcode = match first {
+        0x81 => OpCode::Text,
+        0x82 => OpCode::Binary,
+        _ => return None,
+    };
+    let masked = second & MASK_BIT != 0;
+    if masked != (role == Role::Server) {
+        return None; // RFC 6455 §5.1: refused by the general decode
+    }
+    let (payload_len, len_end) = match second & LEN7_BITS {
+        LEN7_16BIT => (usize::from(u16::from_be_bytes(read_array(buf, 2)?)), 4),
+        LEN7_64BIT => return None,
+        len7 => (usize::from(len7), 2),
+    };
+    if payload_len > max_payload {
+        return None;
+    }
+    let start = if masked { len_end + 4 } else { len_end };
+    let end = start + payload_len;
+    if end > buf.len() {
+        return None;
+    }
+    if masked {
+        let key = read_array::<4>(buf, len_end)?;
+        unmask(buf.get_mut(start..end)?, key);
+    }
+    Some(SimpleFrame {
+        opcode,
+        payload: start..end,
+    })
 }
 
 /// Bytes of the header `encode` writes for a payload of `payload_len` bytes: 2, plus 2 or 8 for an
@@ -830,6 +896,66 @@ mod tests {
         }
     }
 
+    /// The fast decode takes exactly the frames of its shape, and leaves every other one (and a
+    /// frame one byte short) to the general decode, modifying nothing.
+    #[test]
+    fn simple_data_frames_and_what_is_left_to_the_general_decode() {
+        for len in [0usize, 1, 125, 126, 127, 1024, 65535, 65536] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            for (mask, role) in [(Some(KEY), Role::Server), (None, Role::Client)] {
+                for opcode in [OpCode::Text, OpCode::Binary] {
+                    let bytes = encode(true, opcode, &payload, mask);
+                    let mut buf = bytes.clone();
+                    buf.push(0xEE); // the next frame's first byte is not touched
+                    let simple = decode_simple_data_frame(&mut buf, role, 1 << 20);
+                    if len > 65535 {
+                        assert_eq!(simple, None, "64-bit length {len}");
+                        assert_eq!(&buf[..bytes.len()], &bytes[..]);
+                        continue;
+                    }
+                    let start = bytes.len() - len;
+                    let want = SimpleFrame {
+                        opcode,
+                        payload: start..bytes.len(),
+                    };
+                    assert_eq!(simple, Some(want), "{len}");
+                    assert_eq!(&buf[start..bytes.len()], &payload[..], "{len} unmasked");
+                    assert_eq!(buf[bytes.len()], 0xEE);
+                    let mut short = bytes[..bytes.len() - 1].to_vec();
+                    assert_eq!(decode_simple_data_frame(&mut short, role, 1 << 20), None);
+                    assert_eq!(short, &bytes[..bytes.len() - 1], "nothing modified");
+                    if len > 0 {
+                        let mut over = bytes.clone();
+                        assert_eq!(decode_simple_data_frame(&mut over, role, len - 1), None);
+                    }
+                }
+            }
+        }
+        let mut rsv1 = encode(true, OpCode::Text, b"x", Some(KEY));
+        rsv1[0] |= RSV1_BIT;
+        #[rustfmt::skip]
+        let others: Vec<(&str, Vec<u8>, Role)> = vec![
+            ("not final", encode(false, OpCode::Text, b"x", Some(KEY)), Role::Server),
+            ("continuation", encode(true, OpCode::Continuation, b"x", Some(KEY)), Role::Server),
+            ("ping", encode(true, OpCode::Ping, b"x", Some(KEY)), Role::Server),
+            ("close", encode(true, OpCode::Close, b"", Some(KEY)), Role::Server),
+            ("rsv1", rsv1, Role::Server),
+            ("unmasked to a server", encode(true, OpCode::Text, b"x", None), Role::Server),
+            ("masked to a client", encode(true, OpCode::Text, b"x", Some(KEY)), Role::Client),
+            ("one byte", vec![0x81], Role::Client),
+            ("empty", vec![], Role::Client),
+        ];
+        for (name, bytes, role) in others {
+            let mut buf = bytes.clone();
+            assert_eq!(
+                decode_simple_data_frame(&mut buf, role, 1 << 20),
+                None,
+                "{name}"
+            );
+            assert_eq!(buf, bytes, "{name}: nothing modified");
+        }
+    }
+
     fn frame_fields() -> impl Strategy<Value = (bool, OpCode, Vec<u8>)> {
         let data = (
             any::<bool>(),
@@ -876,6 +1002,40 @@ mod tests {
             prop_assert_eq!(frame.len, frame_len);
             prop_assert_eq!(&buf[frame.payload], &payload[..]);
             prop_assert_eq!(&buf[frame_len..], &trailing[..]);
+        }
+
+        /// On any bytes (random ones, and random ones behind a header of the simple shape),
+        /// whatever the fast decode accepts the general decode decodes the same way: same
+        /// opcode, FIN, no RSV1, same payload, same bytes after unmasking.
+        #[test]
+        fn the_simple_decode_agrees_with_the_general_one(
+            head in prop_oneof![
+                Just(vec![]),
+                (prop_oneof![Just(0x81u8), Just(0x82)], any::<u8>())
+                    .prop_map(|(first, second)| vec![first, second]),
+            ],
+            rest in proptest::collection::vec(any::<u8>(), 0..200),
+            server in any::<bool>(),
+            max in prop_oneof![Just(1usize << 20), 0usize..200],
+            rsv1_allowed in any::<bool>(),
+        ) {
+            let role = if server { Role::Server } else { Role::Client };
+            let original = [head, rest].concat();
+            let mut fast = original.clone();
+            let mut general = original.clone();
+            match decode_simple_data_frame(&mut fast, role, max) {
+                None => prop_assert_eq!(&fast, &original),
+                Some(simple) => {
+                    let frame = decode_frame_with(&mut general, role, max as u64, rsv1_allowed);
+                    let Ok(Some(frame)) = frame else {
+                        panic!("{frame:?}")
+                    };
+                    prop_assert!(frame.header.fin && !frame.header.rsv1);
+                    prop_assert_eq!(frame.header.opcode, simple.opcode);
+                    prop_assert_eq!(frame.payload, simple.payload);
+                    prop_assert_eq!(&fast, &general);
+                }
+            }
         }
     }
 }

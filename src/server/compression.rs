@@ -183,10 +183,13 @@ impl Compressor {
 
     /// Forgets the shared frames compressed so far (after each app callback): the cache only
     /// has to span one fan-out, and it must not keep frames alive. Inlined: it runs after every app callback, once per message, and is nearly always a
-    /// no-op (nothing compressed).
+    /// no-op (nothing compressed). Checked for emptiness first: `clear` on an empty vector
+    /// still called the loop that drops its elements, 12 instructions per message on /echo.
     #[inline]
     pub fn end_of_callback(&mut self) {
-        self.cache.clear();
+        if !self.cache.is_empty() {
+            self.cache.clear();
+        }
     }
 
     /// Compresses `payload` into `out` with the connection's compressor (its own, or the shared

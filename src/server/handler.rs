@@ -284,6 +284,13 @@ impl Outbox<'_> {
         })
     }
 
+    /// Has the app asked, during this callback, for something the reactor applies only after
+    /// it (a close, an answer to a request)? Then the reactor ends the callback before handing
+    /// the app another message (`websocket::deliver_whole_messages`).
+    pub(super) fn asked_for_more_than_frames(&self) -> bool {
+        !self.closes.is_empty() || !self.requests.is_empty()
+    }
+
     /// Asks the reactor to close `conn` with `code` once the callback returns.
     pub fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
         self.closes.push((conn, code, reason));

@@ -11,7 +11,7 @@ use super::handler::Outbox;
 use super::metrics::Metrics;
 use super::{live, Handler, Reactor, TimerEvent};
 use crate::poller::Poller;
-use crate::protocol::decoder::Input;
+use crate::protocol::decoder::{FrameReader, Input};
 use crate::protocol::error::ProtocolError;
 use crate::protocol::frame::{self, OpCode};
 use crate::protocol::message::Event;
@@ -42,7 +42,20 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 return; // closed: the reader goes with it
             };
             match conn.state() {
-                State::Open => {}
+                State::Open => match self.deliver_whole_messages(id, &mut reader, &mut input) {
+                    // The read ended with the run (the usual case): nothing is left to look at.
+                    // A reader handed nothing more has nothing to change (nor would our Close:
+                    // the next read finds the state and tells the reader, as below).
+                    Ok(true) if input.is_empty() => break,
+                    // The app may have closed the connection: its state is looked at again.
+                    Ok(true) => continue,
+                    // The next frame (if any) is not a whole one-frame message.
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.protocol_error(id, e);
+                        break;
+                    }
+                },
                 State::Closing => reader.await_close(),
                 State::Handshaking | State::HttpResponding { .. } | State::Closed => break,
                 State::Failing => break,
@@ -58,6 +71,55 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         if let Some(conn) = self.conn_mut(id) {
             conn.reader.put(reader);
+        }
+    }
+
+    /// Hands the whole one-frame messages at the front of `input` (the reader's fast path,
+    /// `FrameReader::next_whole_message`) to the app in one callback, however many arrived in
+    /// a row: the set-up of a call into the app (`call_app`, its `Outbox`) is paid once per
+    /// run instead of once per message, which on a batched echo was a tenth of the server's
+    /// instructions (docs/benchmarks.md, "A fast path for whole small frames").
+    ///
+    /// The run stops before the next message as soon as the app asked for something the
+    /// reactor applies after a callback (a close, an answer to a request): the next message
+    /// then sees its effect (the connection closing) exactly as when every message had a
+    /// callback of its own. Whatever is not such a message is left to `next_event`. Returns
+    /// whether a message was delivered.
+    fn deliver_whole_messages(
+        &mut self,
+        id: ConnId,
+        reader: &mut FrameReader,
+        input: &mut Input<'_>,
+    ) -> Result<bool, ProtocolError> {
+        let mut delivered = false;
+        let mut failed = None;
+        self.call_app(id, |app, slot, out| {
+            // No session: the connection is not open for the app, and `next_event` consumes
+            // the messages (handing them to nobody).
+            let Some(session) = slot.as_mut() else {
+                return;
+            };
+            loop {
+                match reader.next_whole_message(input) {
+                    Ok(Some((opcode, message))) => {
+                        out.metrics.messages_in += 1;
+                        delivered = true;
+                        app.on_message(id, session, opcode, message, out);
+                        if out.asked_for_more_than_frames() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(delivered),
         }
     }
 

@@ -86,7 +86,77 @@ fn thousand_concurrent_connections(poller: &str) {
     assert_eq!(server.metric("wsrelay_messages_in_total"), 1000.0);
 }
 
+/// Many messages in one read are handed to the app in runs (docs/benchmarks.md, "A fast path
+/// for whole small frames"); a run ends at anything that is not a whole one-frame message. In
+/// one write: binary and text messages, a Ping between them, a fragmented message, more
+/// messages, then text that is not UTF-8 and a message behind it. Everything before the bad
+/// frame comes back in order, the Pong in its place, then Close 1007, and the message after
+/// the bad frame is never echoed.
+fn a_run_of_messages_in_one_read_keeps_its_order_and_stops_at_a_bad_frame(poller: &str) {
+    let server = Server::start(poller, &[]);
+    let mut s = raw_upgrade(&server, "/echo");
+    let mut bytes = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..20 {
+        let payload = format!("binary {i}").into_bytes();
+        bytes.extend(client_frame(0x82, &payload));
+        want.push((0x82, payload));
+    }
+    bytes.extend(client_frame(0x89, b"between"));
+    want.push((0x8a, b"between".to_vec()));
+    for i in 0..20 {
+        let payload = format!("text {i} \u{20ac}").into_bytes();
+        bytes.extend(client_frame(0x81, &payload));
+        want.push((0x81, payload));
+    }
+    bytes.extend(client_frame(0x01, b"frag"));
+    bytes.extend(client_frame(0x80, b"ment"));
+    want.push((0x81, b"fragment".to_vec()));
+    for size in [125, 126, 1000] {
+        let payload = vec![b'z'; size];
+        bytes.extend(client_frame(0x82, &payload));
+        want.push((0x82, payload));
+    }
+    bytes.extend(client_frame(0x81, &[b'o', b'k', 0xC3, b'(']));
+    bytes.extend(client_frame(0x82, b"after the bad frame"));
+    s.write_all(&bytes).unwrap();
+    for (i, expected) in want.iter().enumerate() {
+        assert_eq!(&read_server_frame(&mut s), expected, "frame {i}");
+    }
+    let (b0, payload) = read_server_frame(&mut s);
+    assert_eq!(b0, 0x88, "Close, not the message after the bad frame");
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1007);
+    assert_eq!(server.metric("wsrelay_messages_in_total"), 44.0);
+}
+
+/// SPEC §6: `--rate` applies to /echo too. A burst in one read goes to the app as a run; the
+/// limit's close ends the run, so the messages behind it are not handed to the app at all:
+/// five echoes, Close 1008, and the limit counted once (the app would count every message it
+/// was handed past the limit).
+fn the_rate_limit_ends_a_run_of_echoes(poller: &str) {
+    let server = Server::start(poller, &["--rate", "1", "--burst", "5"]);
+    let mut s = raw_upgrade(&server, "/echo");
+    let mut bytes = Vec::new();
+    for i in 0..12 {
+        bytes.extend(client_frame(0x82, format!("m{i}").as_bytes()));
+    }
+    s.write_all(&bytes).unwrap();
+    for i in 0..5 {
+        assert_eq!(
+            read_server_frame(&mut s),
+            (0x82, format!("m{i}").into_bytes())
+        );
+    }
+    let (b0, payload) = read_server_frame(&mut s);
+    assert_eq!(b0, 0x88);
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1008);
+    assert_eq!(server.metric("wsrelay_rate_limited_total"), 1.0);
+    assert_eq!(server.metric("wsrelay_messages_in_total"), 6.0);
+}
+
 poller_tests!(
+    a_run_of_messages_in_one_read_keeps_its_order_and_stops_at_a_bad_frame,
+    the_rate_limit_ends_a_run_of_echoes,
     echo_text_and_binary_of_every_size,
     utf8_text_round_trips,
     fragmented_message_with_ping_between,
