@@ -59,6 +59,10 @@ impl Poller for MioPoller {
         cfg!(any(target_os = "linux", target_os = "android"))
     }
 
+    fn close_stops_watching(&self) -> bool {
+        true
+    }
+
     fn register(&mut self, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
         self.poll
             .registry()

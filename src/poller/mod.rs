@@ -110,6 +110,16 @@ pub trait Poller {
         false
     }
 
+    /// Whether closing a watched descriptor also stops the watching, so that `deregister` just
+    /// before the close is a system call that changes nothing: epoll forgets a descriptor when
+    /// its file is closed, and kqueue its events (we never duplicate a socket's descriptor, so
+    /// the close is the file's last). The reactor then skips it, one `epoll_ctl` fewer per
+    /// connection. poll(2) and select(2) keep their own tables, and io_uring must cancel what
+    /// is in flight: they say false (the default).
+    fn close_stops_watching(&self) -> bool {
+        false
+    }
+
     /// Start watching `fd` for `interest`, reporting it as `token`.
     ///
     /// # Errors

@@ -175,6 +175,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         );
         entry.insert(conn);
         trace!("{peer} connected as {id:?}");
+        // No read here even if the request is already waiting: every backend reports it at
+        // the next wait. Edge-triggered epoll and kqueue check a descriptor's readiness when it
+        // is registered, poll and select are level-triggered, and a completion backend's
+        // receive, armed above, delivers it. Reading at once saved a wait only when the
+        // request had arrived before the accept, and cost a read that found nothing
+        // (`EAGAIN`) for every client that had not sent it yet.
         if over_limit {
             // Over the limit: answer 503 (SPEC §2) through the normal response path, which
             // waits for the client to hang up so that the answer is not lost to a reset. Such
@@ -184,12 +190,6 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             self.rejecting += 1;
             let refusal = Refusal::ServiceUnavailable;
             self.answer(id, refusal.status(), refusal.response(), true);
-            return;
-        }
-        // Data may already be waiting; edge-triggered backends only report new arrivals. (A
-        // completion backend's receive, armed above, delivers it.)
-        if !self.poller.completion_based() {
-            self.on_readable(id);
         }
     }
 

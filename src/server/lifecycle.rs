@@ -181,8 +181,12 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
         }
         conn.cancel_deadline(&mut self.timers);
         // Deregister before the descriptor is closed, so that no event for it (or for a new
-        // socket that reuses its number) can follow.
-        let _ = self.poller.deregister(conn.stream.as_raw_fd());
+        // socket that reuses its number) can follow; epoll and kqueue do that themselves at
+        // the close (`Poller::close_stops_watching`). Events of this iteration already
+        // collected for it carry its `ConnId`, which no longer matches the slot.
+        if !self.poller.close_stops_watching() {
+            let _ = self.poller.deregister(conn.stream.as_raw_fd());
+        }
         // The peer's address is asked of the socket only here (a connection does not keep it:
         // 32 bytes per connection for a log line), and only when the line is logged.
         if log::log_enabled!(log::Level::Debug) {
