@@ -683,6 +683,7 @@ pub mod fuzz {
             FrameReader::new(setup.role, setup.max_message),
             setup,
             pieces,
+            false,
         )
     }
 
@@ -690,58 +691,32 @@ pub mod fuzz {
     pub fn read_all_general(setup: Setup, pieces: &[&[u8]]) -> Outcome {
         let mut reader = FrameReader::new(setup.role, setup.max_message);
         reader.general_path_only = true;
-        read_with(reader, setup, pieces)
+        read_with(reader, setup, pieces, false)
     }
 
     /// `read_all` as the server reads: in each read, the whole one-frame messages in a row
     /// with `next_whole_message`, then one event with `next_event`, and again.
     pub fn read_in_runs(setup: Setup, pieces: &[&[u8]]) -> Outcome {
-        let mut reader = FrameReader::new(setup.role, setup.max_message);
-        if setup.rsv1_allowed {
-            reader.allow_rsv1();
-        }
-        let mut events = Vec::new();
-        for piece in pieces {
-            let mut bytes = piece.to_vec();
-            let mut input = Input::new(&mut bytes);
-            loop {
-                loop {
-                    match reader.next_whole_message(&mut input) {
-                        Ok(Some((opcode, data))) => {
-                            let data = data.to_vec();
-                            events.push((OwnedEvent::Message { opcode, data }, false));
-                            if setup.await_close_after_first {
-                                reader.await_close();
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => return (events, Some(e)),
-                    }
-                }
-                match reader.next_event(&mut input) {
-                    Ok(Some(event)) => {
-                        let compressed = matches!(
-                            event,
-                            Event::Message {
-                                compressed: true,
-                                ..
-                            }
-                        );
-                        events.push((OwnedEvent::from(event), compressed));
-                        if setup.await_close_after_first {
-                            reader.await_close();
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => return (events, Some(e)),
-                }
-            }
-            assert!(input.is_empty(), "Ok(None) with input left");
-        }
-        (events, None)
+        let reader = FrameReader::new(setup.role, setup.max_message);
+        read_with(reader, setup, pieces, true)
     }
 
-    fn read_with(mut reader: FrameReader, setup: Setup, pieces: &[&[u8]]) -> Outcome {
+    /// An event read, kept, and whether it was a compressed message.
+    fn owned(event: Event<'_>) -> (OwnedEvent, bool) {
+        let compressed = matches!(
+            event,
+            Event::Message {
+                compressed: true,
+                ..
+            }
+        );
+        (OwnedEvent::from(event), compressed)
+    }
+
+    /// The readers above: each piece is one read; with `runs`, the whole one-frame messages
+    /// in a row are taken with `next_whole_message` before each `next_event`, as the server
+    /// does.
+    fn read_with(mut reader: FrameReader, setup: Setup, pieces: &[&[u8]], runs: bool) -> Outcome {
         if setup.rsv1_allowed {
             reader.allow_rsv1();
         }
@@ -750,16 +725,24 @@ pub mod fuzz {
             let mut bytes = piece.to_vec();
             let mut input = Input::new(&mut bytes);
             loop {
+                if runs {
+                    loop {
+                        match reader.next_whole_message(&mut input) {
+                            Ok(Some((opcode, data))) => {
+                                let data = data.to_vec();
+                                events.push((OwnedEvent::Message { opcode, data }, false));
+                                if setup.await_close_after_first {
+                                    reader.await_close();
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => return (events, Some(e)),
+                        }
+                    }
+                }
                 match reader.next_event(&mut input) {
                     Ok(Some(event)) => {
-                        let compressed = matches!(
-                            event,
-                            Event::Message {
-                                compressed: true,
-                                ..
-                            }
-                        );
-                        events.push((OwnedEvent::from(event), compressed));
+                        events.push(owned(event));
                         if setup.await_close_after_first {
                             reader.await_close();
                         }
