@@ -12,14 +12,6 @@ use serde_json::{json, Value};
 use std::path::Path;
 use tungstenite::Message;
 
-fn msg_id(v: &Value) -> u64 {
-    v["msg_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no msg_id in {v}"))
-        .parse()
-        .unwrap()
-}
-
 /// A server on `dir` with the file engine.
 fn start_file(poller: &str, dir: &Path, extra: &[&str]) -> Server {
     let mut args = vec!["--data-dir", dir.to_str().unwrap()];

@@ -403,27 +403,16 @@ fn the_client_rejoins_its_rooms_with_since_and_says_when_messages_may_be_missing
 /// A history byte bound that cannot hold the largest message is refused at start, in words.
 #[test]
 fn a_room_history_byte_bound_below_max_message_is_refused() {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--room-history", "10"])
-        .args(["--room-history-max-bytes", "1M", "--max-message", "1M"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("the server started with a history bound below --max-message");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10)); // poll interval for try_wait
-    };
-    assert_eq!(status.code(), Some(1));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let args = [
+        "--room-history",
+        "10",
+        "--room-history-max-bytes",
+        "1M",
+        "--max-message",
+        "1M",
+    ];
+    let (code, stderr) = refused_to_start("epoll", &args);
+    assert_eq!(code, Some(1));
     assert!(
         stderr.contains(
             "--room-history-max-bytes (1048576) must be at least the larger of --max-message"

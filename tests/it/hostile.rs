@@ -14,10 +14,6 @@ use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tungstenite::protocol::frame::coding::CloseCode;
 
-fn msg_id(v: &Value) -> u64 {
-    v["msg_id"].as_str().expect("a msg_id").parse().unwrap()
-}
-
 // ----- a large message must not lock its recipient out --------------------------------------
 
 /// `--max-outbound` below `--max-message`: a direct message bigger than what the limit leaves

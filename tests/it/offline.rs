@@ -6,10 +6,6 @@ use crate::relay_support::*;
 use crate::support::*;
 use serde_json::{json, Value};
 
-fn msg_id(v: &Value) -> u64 {
-    v["msg_id"].as_str().unwrap().parse().unwrap()
-}
-
 fn ten_queued_then_one_live_arrive_in_order(poller: &str) {
     let server = Server::start(poller, &[]);
     let mut a = Client::as_id(&server, "alice");

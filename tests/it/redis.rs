@@ -22,14 +22,6 @@ fn node(poller: &str, redis: &RedisServer, extra: &[&str]) -> Server {
     Server::start(poller, &args)
 }
 
-fn msg_id(v: &Value) -> u64 {
-    v["msg_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no msg_id in {v}"))
-        .parse()
-        .unwrap()
-}
-
 /// One sample of /metrics, which must be there: a missing metric fails the test.
 fn metric(server: &Server, sample: &str) -> f64 {
     server.metric(sample)

@@ -60,6 +60,15 @@ pub fn uring_available() -> bool {
     }
 }
 
+/// The `msg_id` of a message or ack envelope, as a number (msg_ids are decimal strings).
+pub fn msg_id(v: &serde_json::Value) -> u64 {
+    v["msg_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no msg_id in {v}"))
+        .parse()
+        .unwrap()
+}
+
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,

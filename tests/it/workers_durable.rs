@@ -15,14 +15,6 @@ use wsrelay::server::totals;
 
 const WORKERS: usize = 2;
 
-fn msg_id(v: &Value) -> u64 {
-    v["msg_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no msg_id in {v}"))
-        .parse()
-        .unwrap()
-}
-
 /// A name whose stream (`make(name)`) is homed at `worker`.
 fn homed(worker: usize, prefix: &str, make: fn(&str) -> StreamId) -> String {
     (0..)

@@ -17,10 +17,6 @@ use wsrelay::engine::StreamId;
 
 pub(crate) const WORKERS: usize = 2;
 
-fn msg_id(v: &Value) -> u64 {
-    v["msg_id"].as_str().unwrap().parse().unwrap()
-}
-
 /// The connections this test holds on each worker, to wait until the server has let one go.
 /// Where a new connection lands is read from the accept counters (`locate`).
 pub(crate) struct Placement {
