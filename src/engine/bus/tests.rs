@@ -27,8 +27,8 @@ fn pair_with_history(history: usize) -> Pair {
     pair_with(100, history)
 }
 
-/// Two workers whose inboxes keep `per_stream` messages and rooms `history`.
-fn pair_with(per_stream: usize, history: usize) -> Pair {
+/// A wake-up for each of two workers that counts how often it was rung, and the counters.
+fn counted_wakes() -> (Vec<Arc<AtomicUsize>>, Vec<Wake>) {
     let wakes: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let rings = wakes
         .iter()
@@ -39,6 +39,12 @@ fn pair_with(per_stream: usize, history: usize) -> Pair {
             }) as Wake
         })
         .collect();
+    (wakes, rings)
+}
+
+/// Two workers whose inboxes keep `per_stream` messages and rooms `history`.
+fn pair_with(per_stream: usize, history: usize) -> Pair {
+    let (wakes, rings) = counted_wakes();
     let limits = Limits {
         per_stream,
         ttl_ms: 60_000,
@@ -436,6 +442,18 @@ fn another_homed(worker: usize, not: &str) -> String {
         .expect("some name hashes to each worker")
 }
 
+/// Two workers whose inboxes hold 3 messages each, and bob, whose inbox is homed at worker 0,
+/// online at each worker of `online_at` (settled: every worker knows).
+fn bob_online_at(online_at: &[usize]) -> (Pair, String) {
+    let mut p = pair_with(3, 10);
+    let bob = homed(0, StreamId::inbox);
+    for &worker in online_at {
+        p.engines[worker].online(&bob);
+    }
+    p.settle();
+    (p, bob)
+}
+
 /// Polls both engines `rounds` times, acting as their hubs do on direct messages to `id`: a
 /// worker in `takes` (where `id`'s connections take what they are given) delivers what arrives
 /// for it, and what it stored itself (`sent`: the tickets of its appends to `id`), and reports
@@ -542,10 +560,7 @@ fn a_burst_beyond_the_bound_to_an_id_online_elsewhere_is_all_stored_in_order() {
 
 #[test]
 fn a_burst_to_an_id_that_goes_offline_meanwhile_is_refused_full_as_with_one_worker() {
-    let mut p = pair_with(3, 10);
-    let bob = homed(0, StreamId::inbox);
-    p.engines[1].online(&bob);
-    p.settle();
+    let (mut p, bob) = bob_online_at(&[1]);
     let to_bob: Vec<Ticket> = (0..6).map(|_| p.append(0, &bob, None)).collect();
     let mut zero = Vec::new();
     p.engines[0].poll(&mut zero);
@@ -577,10 +592,7 @@ fn a_burst_to_an_online_id_whose_worker_takes_none_is_refused_full_once_it_has_a
     // Bob is online at 1, but his connection there takes nothing (still recovering, say): no
     // report comes, and once worker 1 has acted on what it was handed the rest is refused,
     // rather than waiting for ever.
-    let mut p = pair_with(3, 10);
-    let bob = homed(0, StreamId::inbox);
-    p.engines[1].online(&bob);
-    p.settle();
+    let (mut p, bob) = bob_online_at(&[1]);
     let to_bob: Vec<Ticket> = (0..5).map(|_| p.append(0, &bob, None)).collect();
     let out = settle_delivering(&mut p, &bob, &[], &to_bob, 6);
     let done = completed(&out[0]);
@@ -603,11 +615,7 @@ fn a_worker_that_lets_the_id_go_reports_nothing_more_and_is_not_waited_for() {
     // Bob is online at the home (0, whose connection takes nothing: still recovering, say)
     // and at 1, which leaves before it polled: its `Offline` follows any report it had, so
     // the rest is refused at once, without waiting for worker 1 to act on what it was handed.
-    let mut p = pair_with(3, 10);
-    let bob = homed(0, StreamId::inbox);
-    p.engines[0].online(&bob);
-    p.engines[1].online(&bob);
-    p.settle();
+    let (mut p, bob) = bob_online_at(&[0, 1]);
     let to_bob: Vec<Ticket> = (0..5).map(|_| p.append(0, &bob, None)).collect();
     let mut zero = Vec::new();
     p.engines[0].poll(&mut zero);
@@ -1005,16 +1013,7 @@ mod durable {
 
     /// Two workers whose homes keep their streams in `dir/worker-<i>`, with `epoch`.
     fn file_pair(dir: &Path, epoch: Epoch, fault: &StoreFault) -> Pair {
-        let wakes: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
-        let rings = wakes
-            .iter()
-            .map(|n| {
-                let n = Arc::clone(n);
-                Arc::new(move || {
-                    n.fetch_add(1, Ordering::Relaxed);
-                }) as Wake
-            })
-            .collect();
+        let (wakes, rings) = counted_wakes();
         let engines = links_with_epoch(rings, now(), epoch)
             .into_iter()
             .enumerate()
