@@ -262,6 +262,14 @@ impl FrameReader {
         }
     }
 
+    /// Whether `next_whole_message` can take the next frame, by its first byte alone (a whole
+    /// uncompressed Text or Binary frame, the reader at rest): a cheap look before the server
+    /// sets up a run for it. `false` is certain; `true` may still end in `Ok(None)`.
+    #[inline]
+    pub fn may_take_whole_message(&self, input: &Input<'_>) -> bool {
+        self.takes_fast_path() && matches!(input.bytes.get(input.used), Some(0x81 | 0x82))
+    }
+
     /// The fast path alone: the next event if it is a whole one-frame message (Text or Binary,
     /// not compressed) that the fast path takes, as `(opcode, payload)`; `Ok(None)` if the next
     /// frame needs `next_event` (any other frame, or one not fully arrived), or if `input` is

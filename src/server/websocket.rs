@@ -42,20 +42,26 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 return; // closed: the reader goes with it
             };
             match conn.state() {
-                State::Open => match self.deliver_whole_messages(id, &mut reader, &mut input) {
-                    // The read ended with the run (the usual case): nothing is left to look at.
-                    // A reader handed nothing more has nothing to change (nor would our Close:
-                    // the next read finds the state and tells the reader, as below).
-                    Ok(true) if input.is_empty() => break,
-                    // The app may have closed the connection: its state is looked at again.
-                    Ok(true) => continue,
-                    // The next frame (if any) is not a whole one-frame message.
-                    Ok(false) => {}
-                    Err(e) => {
-                        self.protocol_error(id, e);
-                        break;
+                // A run only where the next frame can start one: a compressed message, a
+                // control frame or a fragment would otherwise pay a call into the app that
+                // hands it nothing, before `next_event` takes it.
+                State::Open if reader.may_take_whole_message(&input) => {
+                    match self.deliver_whole_messages(id, &mut reader, &mut input) {
+                        // The read ended with the run (the usual case): nothing is left to look at.
+                        // A reader handed nothing more has nothing to change (nor would our Close:
+                        // the next read finds the state and tells the reader, as below).
+                        Ok(true) if input.is_empty() => break,
+                        // The app may have closed the connection: its state is looked at again.
+                        Ok(true) => continue,
+                        // The next frame (if any) is not a whole one-frame message.
+                        Ok(false) => {}
+                        Err(e) => {
+                            self.protocol_error(id, e);
+                            break;
+                        }
                     }
-                },
+                }
+                State::Open => {}
                 State::Closing => reader.await_close(),
                 State::Handshaking | State::HttpResponding { .. } | State::Closed => break,
                 State::Failing => break,
