@@ -15,7 +15,7 @@ use super::multi::{self, Part};
 use super::plan::{self, auto_processes, processes_for, Setup, SPARE_FDS};
 use super::report::{ChildExtra, Report, ServerFigures};
 use super::worker::{self, Shared, Traffic, Worker};
-use super::{procfs, stats};
+use super::{prime, procfs, stats};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -42,6 +42,14 @@ pub(super) struct Run {
     pub(super) at_end: Option<procfs::Sample>,
 }
 
+/// The server before the first connection of the run (`--server-pid`).
+struct Baseline {
+    before: procfs::Sample,
+    /// Idle mode: the server before the priming connections, and how many there were.
+    cold: Option<procfs::Sample>,
+    primed: u64,
+}
+
 pub(super) fn execute(mode: &Mode) -> Result<Report, String> {
     let common = mode.common();
     let part = common.child.unwrap_or(Part::WHOLE);
@@ -56,11 +64,36 @@ pub(super) fn execute(mode: &Mode) -> Result<Report, String> {
         Role::Child => 1,
         Role::Whole => processes_for(common.processes, setup.connections, setup.units),
     };
-    let before = match pid {
-        Some(pid) => Some(
-            procfs::sample(pid)
-                .map_err(|e| format!("cannot read /proc/{pid} (--server-pid): {e}"))?,
-        ),
+    // Idle mode measures memory per held connection: the server is primed first (`prime.rs`),
+    // and sampled before and after the priming.
+    let prime_count = match mode {
+        Mode::Idle(a) => a.prime,
+        _ => 0,
+    };
+    let baseline = match pid {
+        Some(pid) => {
+            let sample = || {
+                procfs::sample(pid)
+                    .map_err(|e| format!("cannot read /proc/{pid} (--server-pid): {e}"))
+            };
+            let cold = match (prime_count, setup.plans.first()) {
+                (1.., Some(first)) => {
+                    let cold = sample()?;
+                    prime::prime(first, prime_count)?;
+                    Some(cold)
+                }
+                _ => None,
+            };
+            Some(Baseline {
+                before: sample()?,
+                cold,
+                primed: if cold.is_some() {
+                    prime_count as u64
+                } else {
+                    0
+                },
+            })
+        }
         None => None,
     };
     let (traffic, connections) = (setup.traffic, setup.connections);
@@ -77,7 +110,7 @@ pub(super) fn execute(mode: &Mode) -> Result<Report, String> {
         }),
         Role::Whole => None,
     };
-    let mut report = build_report(mode, traffic, connections, processes, run, pid, before);
+    let mut report = build_report(mode, traffic, connections, processes, run, pid, baseline);
     report.child = child;
     Ok(report)
 }
@@ -183,7 +216,7 @@ fn build_report(
     processes: usize,
     run: Run,
     pid: Option<u32>,
-    before: Option<procfs::Sample>,
+    baseline: Option<Baseline>,
 ) -> Report {
     let common = mode.common();
     let window = common.duration;
@@ -194,8 +227,9 @@ fn build_report(
         at_start,
         at_end,
     } = run;
-    let server = match (pid, before, at_start, at_end) {
-        (Some(pid), Some(before), Some(start), Some(end)) => {
+    let server = match (pid, baseline, at_start, at_end) {
+        (Some(pid), Some(baseline), Some(start), Some(end)) => {
+            let before = baseline.before;
             let cpu_secs = end.cpu_secs_since(&start);
             let user_secs = end.user_secs_since(&start);
             let messages = match traffic {
@@ -219,6 +253,11 @@ fn build_report(
                     Traffic::Connect => None,
                     _ => stats::rss_per_connection(before.anon_kib, start.anon_kib, tally.opened),
                 },
+                primed: baseline.primed,
+                rss_cold_kib: baseline.cold.map(|c| c.rss_kib),
+                rss_cold_per_connection_bytes: baseline.cold.and_then(|c| {
+                    stats::rss_per_connection(c.rss_kib, start.rss_kib, tally.opened)
+                }),
                 cpu_us_per_message: messages.and_then(|m| stats::cpu_us_per(cpu_secs, m)),
                 messages_per_cpu_sec: messages.and_then(|m| stats::per_cpu_sec(m, cpu_secs)),
                 cpu_us_per_connection: match traffic {

@@ -198,6 +198,12 @@ pub struct IdleArgs {
     /// to the URL's query. Without it every connection uses the URL as given (one id's devices).
     #[arg(long)]
     pub unique_ids: bool,
+    /// With --server-pid: connections opened, upgraded and closed one at a time before the
+    /// server's memory is sampled, so the code pages and first pool blocks that the first
+    /// connections bring in are not counted per held connection (0: measure from cold; the
+    /// report has both figures).
+    #[arg(long, default_value_t = super::prime::DEFAULT_PRIME)]
+    pub prime: usize,
 }
 
 #[derive(clap::Args, Debug)]

@@ -18,6 +18,7 @@
 //! * `stats.rs`       payload stamps, per-thread tallies, latency summary, report math;
 //! * `report.rs`      the `Report`, its JSON field documentation and its text form;
 //! * `procfs.rs`      the server's CPU time and RSS from /proc;
+//! * `prime.rs`       idle mode: a few connections through the server before its baseline;
 //! * `target.rs`      loopback check, `--source-addrs`, room names.
 //!
 //! A run: every thread opens its connections; when all threads are ready the coordinator
@@ -33,6 +34,7 @@ pub mod coordinator;
 pub mod flags;
 pub mod multi;
 pub mod plan;
+pub mod prime;
 pub mod procfs;
 pub mod report;
 pub mod stats;

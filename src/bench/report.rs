@@ -63,7 +63,8 @@ others cover only the measured window that follows the warm-up. Latencies are in
   server.cpu_secs                 user+system CPU the server used during the window
   server.user_secs                the user-space part of cpu_secs (utime)
   server.sys_secs                 the kernel's part of cpu_secs (stime)
-  server.rss_before_kib           server VmRSS before the first connection
+  server.rss_before_kib           server VmRSS before the first connection (idle: after the
+                                  priming connections, see server.primed)
   server.rss_after_kib            server VmRSS at the start of the window (all connections open)
   server.rss_per_connection_bytes (rss_after - rss_before) / opened; null in connect mode
   server.anon_before_kib          the anonymous part of rss_before_kib (RssAnon: heap and
@@ -72,6 +73,15 @@ others cover only the measured window that follows the warm-up. Latencies are in
   server.anon_per_connection_bytes (anon_after - anon_before) / opened: the memory allocated
                                   per connection, without the code pages the first connections
                                   bring in once; null in connect mode
+  server.primed                   idle: connections opened, upgraded and closed one at a
+                                  time before rss_before was read (--prime), so what the first
+                                  connections bring in once (code pages, first pool blocks) is
+                                  not counted per connection; 0 in the other modes
+  server.rss_cold_kib             idle with --prime > 0: server VmRSS before the priming; null
+                                  otherwise
+  server.rss_cold_per_connection_bytes (rss_after - rss_cold) / opened: the per-connection
+                                  figure from a cold server, one-time costs included; null
+                                  without rss_cold_kib
   server.cpu_us_per_message       server CPU per message received in the window (broadcast:
                                   per delivery); null in idle and connect mode
   server.messages_per_cpu_sec     messages (deliveries) received per server CPU-second; null
@@ -129,6 +139,9 @@ pub struct ServerFigures {
     pub anon_before_kib: u64,
     pub anon_after_kib: u64,
     pub anon_per_connection_bytes: Option<f64>,
+    pub primed: u64,
+    pub rss_cold_kib: Option<u64>,
+    pub rss_cold_per_connection_bytes: Option<f64>,
     pub cpu_us_per_message: Option<f64>,
     pub messages_per_cpu_sec: Option<f64>,
     pub cpu_us_per_connection: Option<f64>,
@@ -212,6 +225,13 @@ impl Report {
             if let Some(bytes) = s.anon_per_connection_bytes {
                 let _ = write!(t, ", anonymous {bytes:.0} bytes per connection");
             }
+            if let Some(bytes) = s.rss_cold_per_connection_bytes {
+                let _ = write!(
+                    t,
+                    ", {bytes:.0} bytes per connection counted from before the {} priming connections",
+                    s.primed
+                );
+            }
             t.push('\n');
         }
         let e = &self.errors;
@@ -285,6 +305,9 @@ mod tests {
                 anon_before_kib: 1,
                 anon_after_kib: 2,
                 anon_per_connection_bytes: Some(102.4),
+                primed: 0,
+                rss_cold_kib: None,
+                rss_cold_per_connection_bytes: None,
                 cpu_us_per_message: Some(1.0),
                 messages_per_cpu_sec: Some(1.0),
                 cpu_us_per_connection: Some(1.0),

@@ -164,16 +164,18 @@ fn echo_counts_match(poller: &str, processes: usize) {
 }
 
 fn bench_idle_counts_match_the_server(poller: &str) {
-    idle_counts_match(poller, 1);
+    idle_counts_match(poller, 1, None);
 }
 
 /// An idle run of 10 connections in `processes` bench processes, checked against /metrics.
-fn idle_counts_match(poller: &str, processes: usize) {
+/// `prime`: the `--prime` flag, or `None` for its default.
+fn idle_counts_match(poller: &str, processes: usize, prime: Option<u64>) {
     let server = Server::start(poller, &[]);
     let pid = server.pid().to_string();
     let url = server.url("/echo");
     let processes_arg = processes.to_string();
-    let (code, r) = bench(&[
+    let prime_arg = prime.map(|n| n.to_string());
+    let mut args = vec![
         "idle",
         &url,
         "--connections",
@@ -182,7 +184,11 @@ fn idle_counts_match(poller: &str, processes: usize) {
         &pid,
         "--processes",
         &processes_arg,
-    ]);
+    ];
+    if let Some(n) = &prime_arg {
+        args.extend(["--prime", n]);
+    }
+    let (code, r) = bench(&args);
     assert_eq!(code, 0, "{r}");
     assert_eq!(u(&r, "processes"), processes as u64);
     assert_eq!(u(&r, "errors.total"), 0, "{r}");
@@ -190,11 +196,16 @@ fn idle_counts_match(poller: &str, processes: usize) {
     assert_eq!(u(&r, "clean_closes"), 10);
     assert_eq!(u(&r, "sent_total"), 0);
     assert!(r["latency_us"].is_null());
-    assert_eq!(server.metric("wsrelay_upgrades_total"), 10.0);
+    // Before its baseline the bench primed the server with connections of its own, each
+    // upgraded and closed cleanly (16 unless --prime says otherwise); the report says how many.
+    let primed = prime.unwrap_or(16);
+    assert_eq!(u(&r, "server.primed"), primed, "{r}");
+    let upgrades = 10.0 + primed as f64;
+    assert_eq!(server.metric("wsrelay_upgrades_total"), upgrades);
     assert_eq!(server.metric("wsrelay_messages_in_total"), 0.0);
     assert_eq!(
         server.metric("wsrelay_closes_received_total{code=\"1000\"}"),
-        10.0
+        upgrades
     );
     // The server closed each connection after the close handshake: none is left open.
     assert_eq!(server.metric("wsrelay_connections{state=\"open\"}"), 0.0);
@@ -206,8 +217,28 @@ fn idle_counts_match(poller: &str, processes: usize) {
         "{r}"
     );
     assert!(r["server"]["anon_per_connection_bytes"].is_number());
+    // The sample before the priming is kept, with the per-connection figure counted from it;
+    // without priming there is no such sample.
+    if primed > 0 {
+        assert!(u(&r, "server.rss_cold_kib") > 0, "{r}");
+        assert!(
+            r["server"]["rss_cold_per_connection_bytes"].is_number(),
+            "{r}"
+        );
+    } else {
+        assert!(r["server"]["rss_cold_kib"].is_null(), "{r}");
+        assert!(
+            r["server"]["rss_cold_per_connection_bytes"].is_null(),
+            "{r}"
+        );
+    }
     assert!(r["server"]["cpu_us_per_message"].is_null());
     assert_documented("idle", &r);
+}
+
+#[test]
+fn bench_idle_without_priming_reads_the_server_cold() {
+    idle_counts_match("epoll", 1, Some(0));
 }
 
 fn bench_connect_counts_match_the_server(poller: &str) {
@@ -251,7 +282,7 @@ fn bench_echo_in_two_processes_counts_match_the_server() {
 
 #[test]
 fn bench_idle_in_two_processes_counts_match_the_server() {
-    idle_counts_match("epoll", 2);
+    idle_counts_match("epoll", 2, Some(3));
 }
 
 poller_tests!(
