@@ -150,7 +150,9 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
                 return;
             }
         };
-        let _ = stream.set_nodelay(true);
+        if !self.nodelay_inherited {
+            let _ = stream.set_nodelay(true);
+        }
         let entry = self.conns.vacant_entry();
         let id = ConnId {
             slot: entry.key() as u32,

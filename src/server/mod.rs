@@ -133,6 +133,9 @@ pub struct Reactor<P: Poller, H: Handler> {
     /// Whether the listener is registered with the poller (it is paused on descriptor
     /// exhaustion, see `accept_all`).
     listening: bool,
+    /// Whether accepted sockets come with `TCP_NODELAY` already (`with_listener`), or `admit`
+    /// must set it on each.
+    nodelay_inherited: bool,
     /// Every connection, by slot; `ConnId` adds a generation so stale ids miss.
     conns: Slab<Connection>,
     /// How many connections in the slab were admitted only to be refused with 503 (they do
@@ -270,6 +273,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             }
         }
         let local_addr = listener.local_addr()?;
+        // Every reply should leave at once (Nagle off). Linux copies a listener's socket
+        // options into each connection it accepts, so setting it here once saves a system call
+        // per connection; elsewhere `admit` sets it on each connection.
+        let nodelay_inherited = cfg!(target_os = "linux")
+            && socket2::SockRef::from(&listener)
+                .set_tcp_nodelay(true)
+                .is_ok();
         poller.watch_listener(listener.as_raw_fd(), LISTENER)?;
         let now = Instant::now();
         Ok(Reactor {
@@ -278,6 +288,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             listener: Some(listener),
             local_addr,
             listening: true,
+            nodelay_inherited,
             conns: Slab::new(),
             rejecting: 0,
             sessions: Vec::new(),

@@ -210,6 +210,29 @@ fn one_budget_per_iteration<P: Poller>(backend: P) {
     assert!(r.conn_mut(id).is_some(), "{poller}: the connection is open");
 }
 
+/// Replies leave at once: every accepted connection has Nagle's algorithm off, on Linux by
+/// inheriting `TCP_NODELAY` from the listener (no system call per connection), elsewhere set on
+/// each. Fails if the inheritance the reactor relies on does not hold.
+#[test]
+fn accepted_connections_have_nagle_off() {
+    nagle_off(MioPoller::new().unwrap());
+    nagle_off(PollPoller::new().unwrap());
+    nagle_off(SelectPoller::new().unwrap());
+    #[cfg(target_os = "linux")]
+    match crate::poller::UringPoller::new() {
+        Ok(p) => nagle_off(p),
+        Err(e) => crate::poller::uring_refused(&e),
+    }
+}
+
+fn nagle_off<P: Poller>(backend: P) {
+    let mut r = bind(backend, Config::default());
+    let poller = r.poller_name();
+    let (_client, id) = open_client(&mut r);
+    let conn = r.conn_mut(id).unwrap();
+    assert!(conn.stream.nodelay().unwrap(), "{poller}: Nagle is on");
+}
+
 /// SPEC §5: when the Pong deadline fires, a Pong that is waiting unread (the wait did not report
 /// it, although it reported something else) is read first, and the connection is kept; a
 /// connection that sent nothing is still dropped as half-open.
