@@ -520,13 +520,30 @@ pub(super) fn build_response(
 /// Appends `name: value\r\n`, or nothing when the pair is not a valid header field
 /// (RFC 7230 §3.2: the name is a token, the value has no control characters but tab).
 fn push_header(head: &mut String, name: &str, value: &str) {
-    let value_ok = value.chars().all(|c| c == '\t' || !c.is_control());
-    if is_token(name) && value_ok {
+    if is_token(name) && !has_control(value) {
         head.push_str(name);
         head.push_str(": ");
         head.push_str(value);
         head.push_str("\r\n");
     }
+}
+
+/// Does `value` hold a control character other than tab (`char::is_control`: U+0000-U+001F,
+/// U+007F-U+009F)? Checked on the bytes, without decoding UTF-8.
+fn has_control(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    // C0 controls and DEL are single bytes. `fold` rather than `any`: without an early exit the
+    // compiler checks many bytes per instruction, and the values we write are short and clean.
+    let c0_or_del = bytes.iter().fold(false, |found, &byte| {
+        found | ((byte < 0x20) & (byte != b'\t')) | (byte == 0x7f)
+    });
+    // A C1 control is the two bytes 0xC2 0x80-0x9F (0xC2 only ever starts a character, so the
+    // pair cannot straddle two), which only text that is not ASCII can hold.
+    let c1 = !value.is_ascii()
+        && bytes
+            .windows(2)
+            .any(|pair| matches!(pair, [0xc2, 0x80..=0x9f]));
+    c0_or_del || c1
 }
 
 /// RFC 7230 §3.2.6: token = 1*tchar, the visible ASCII characters except the delimiters.
@@ -1168,6 +1185,41 @@ mod tests {
             "HTTP/1.1 299 \r\nContent-Type: text/plain\r\nContent-Length: 0\r\n\
              Connection: close\r\n\r\n",
         );
+    }
+
+    /// A header value is written unless it holds a control character other than tab, exactly
+    /// as `char::is_control` defines them, C1 controls (two bytes in UTF-8) included.
+    #[test]
+    fn header_values_with_control_characters_are_left_out() {
+        fn check(name: &str, value: &str, written: bool) {
+            let mut head = String::new();
+            push_header(&mut head, "X", value);
+            let expected = if written {
+                format!("X: {value}\r\n")
+            } else {
+                String::new()
+            };
+            assert_eq!(head, expected, "{name}");
+        }
+        check("plain", "abc", true);
+        check("tab", "a\tb", true);
+        check("empty", "", true);
+        check("CR", "a\rb", false);
+        check("NUL", "\0", false);
+        check("DEL", "a\u{7f}", false);
+        check("C1 NEL", "a\u{85}b", false);
+        check("C1 first", "\u{80}", false);
+        check("C1 last", "\u{9f}", false);
+        check("no-break space (0xC2 0xA0)", "a\u{a0}b", true);
+        check("Latin letter (0xC3 0xA9)", "caf\u{e9}", true);
+        check("CJK", "\u{65e5}\u{672c}", true);
+        check("U+FFFD", "\u{fffd}", true);
+        // Every character, between two letters, against the definition itself.
+        for c in (0..=0x10_ffff).filter_map(char::from_u32) {
+            let value = format!("a{c}b");
+            let expected = c == '\t' || !c.is_control();
+            assert_eq!(!has_control(&value), expected, "U+{:04X}", u32::from(c));
+        }
     }
 
     /// What `parse_request` should say about a buffer.
