@@ -143,10 +143,12 @@ impl Request {
     /// RFC 7230 §3.2.2: repeated headers are equivalent to one header with the values joined by
     /// commas; §7: list elements are separated by commas with optional whitespace. Tokens such as
     /// `Upgrade` and `websocket` are case-insensitive (RFC 7230 §6.1, §6.7; RFC 6455 §4.2.1).
+    ///
+    /// Runs on bytes (a comma and OWS are ASCII): every upgrade asks this three times.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
         self.headers(name)
-            .flat_map(|value| value.split(','))
-            .any(|element| trim_ows(element).eq_ignore_ascii_case(token))
+            .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+            .any(|element| trim_ows_bytes(element).eq_ignore_ascii_case(token.as_bytes()))
     }
 
     /// The percent-decoded value of the first `key=value` pair of the query whose decoded key is
