@@ -493,7 +493,9 @@ fn single_header<'a>(req: &'a Request, name: &'a str) -> Result<Option<&'a str>,
 /// RFC 6455 §4.1 item 7: the key is a random 16-byte value, base64-encoded (so 24 characters
 /// with `==` padding). Checking the length first bounds the decode.
 fn is_valid_key(key: &str) -> bool {
-    key.len() == 24 && BASE64.decode(key).is_ok_and(|bytes| bytes.len() == 16)
+    // 24 characters decode to at most 18 bytes: a buffer on the stack, no allocation.
+    let mut decoded = [0; 18];
+    key.len() == 24 && BASE64.decode_slice(key, &mut decoded) == Ok(16)
 }
 
 /// Writes a response head and body; `http_response` is this with `Connection: close`, and
@@ -1606,6 +1608,24 @@ mod tests {
                     .collect();
                 prop_assert_eq!(kept, owned);
             }
+        }
+
+        /// The key check decodes into a buffer on the stack; it accepts exactly the keys a
+        /// decode into a `Vec` of 16 bytes accepts: the base64 of 15 to 18 bytes (20 or 24
+        /// characters, padded or not), maybe with one character replaced by one from the
+        /// alphabet, padding or a stray.
+        #[test]
+        fn key_check_matches_a_plain_decode(
+            nonce in proptest::collection::vec(any::<u8>(), 15..=18),
+            replace in proptest::option::of((0..24_usize, "[A-Za-z0-9+/=_ -]")),
+        ) {
+            let mut key = BASE64.encode(nonce);
+            if let Some((at, with)) = replace {
+                let at = at % key.len();
+                key.replace_range(at..=at, &with);
+            }
+            let plain = key.len() == 24 && BASE64.decode(&key).is_ok_and(|bytes| bytes.len() == 16);
+            prop_assert_eq!(is_valid_key(&key), plain);
         }
 
         /// Near-valid requests reach deeper than random bytes: mutate one byte of a real one.
