@@ -417,9 +417,11 @@ pub fn upgrade_response_with_extensions(
     extensions: Option<&str>,
 ) -> Vec<u8> {
     let mut head = String::with_capacity(200);
-    head.push_str("HTTP/1.1 101 Switching Protocols\r\n");
-    push_header(&mut head, "Upgrade", "websocket");
-    push_header(&mut head, "Connection", "Upgrade");
+    // The lines that never change are one constant; the values that come from elsewhere go
+    // through push_header's checks.
+    head.push_str(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+    );
     push_header(&mut head, "Sec-WebSocket-Accept", accept);
     if let Some(protocol) = protocol.filter(|p| is_token(p)) {
         push_header(&mut head, "Sec-WebSocket-Protocol", protocol);
