@@ -284,7 +284,7 @@ fn connections(parts: Vec<Part>) -> usize {
 impl Hub {
     /// The route of an `/api/...` request, or `None` for any other path.
     pub fn route_api<S>(&self, request: &Request) -> Option<Route<S>> {
-        let path = request.path.as_str();
+        let path = request.path();
         if path != "/api" && !path.starts_with("/api/") {
             return None;
         }
@@ -325,7 +325,7 @@ impl Hub {
         out: &mut Outbox<'_>,
     ) -> Option<Query> {
         self.sweep();
-        let endpoint = Endpoint::of(&request.path);
+        let endpoint = Endpoint::of(request.path());
         let query = match self.api_checked(conn, endpoint, request, body, out) {
             Ok(query) => query,
             Err(refusal) => {
@@ -409,7 +409,7 @@ impl Hub {
         if endpoint == Endpoint::Unknown {
             return Err(Refusal::NotFound);
         }
-        if request.method != endpoint.method() {
+        if request.method() != endpoint.method() {
             let allow = endpoint.method();
             return Err(Refusal::MethodNotAllowedFor { allow });
         }
@@ -609,7 +609,7 @@ fn presence_query(request: &Request) -> Result<Query, Refusal> {
 
 /// `GET /api/ids/<id>` (the id percent-encoded as a path segment).
 fn id_query(request: &Request) -> Result<Query, Refusal> {
-    let raw = request.path.strip_prefix("/api/ids/").unwrap_or_default();
+    let raw = request.path().strip_prefix("/api/ids/").unwrap_or_default();
     // `+` is a literal plus in a path (only a query turns it into a space).
     let id = percent_decode(&raw.replace('+', "%2B"));
     envelope::validate_id(&id).map_err(|e| bad(format!("id: {}", e.message())))?;

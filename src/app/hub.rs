@@ -481,10 +481,10 @@ impl Hub {
         self.sweep();
         // Every resource of this server is read with GET; a WebSocket upgrade is a GET too
         // (RFC 6455 §4.1).
-        if request.method != "GET" {
+        if request.method() != "GET" {
             return Route::Refuse(Refusal::MethodNotAllowed);
         }
-        let path = request.path.as_str();
+        let path = request.path();
         let wanted = match path {
             "/healthz" => return Route::Server(ServerEndpoint::Health),
             "/stats.json" => return Route::Server(ServerEndpoint::Stats),
@@ -625,7 +625,7 @@ impl Hub {
         };
         verified.map(Some).map_err(|e| {
             HubMetrics::bump(&mut self.metrics.auth_failures, e.label());
-            debug!("401 for {}: {}", request.path, e.label());
+            debug!("401 for {}: {}", request.path(), e.label());
             Refusal::Unauthorized(e.label())
         })
     }

@@ -470,8 +470,8 @@ mod tests {
         let request = upgrade_request("127.0.0.1:8080", "/r/bench-3?x=1", &key);
         let (parsed, len) = parse_request(&request).unwrap().unwrap();
         assert_eq!(len, request.len());
-        assert_eq!(parsed.path, "/r/bench-3");
-        assert_eq!(parsed.query.as_deref(), Some("x=1"));
+        assert_eq!(parsed.path(), "/r/bench-3");
+        assert_eq!(parsed.query(), Some("x=1"));
         assert_eq!(parsed.header("host"), Some("127.0.0.1:8080"));
         let upgrade = validate_upgrade(&parsed).unwrap();
         let mut response = handshake::upgrade_response(&upgrade.accept, None);

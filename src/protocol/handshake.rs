@@ -46,37 +46,96 @@ pub const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// The only WebSocket version this server speaks (RFC 6455 §4.1, §11.6).
 pub(super) const WEBSOCKET_VERSION: &str = "13";
 
-/// A parsed HTTP request head. Owns its strings so the caller may drop the input buffer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A parsed HTTP request head. Owns its text so the caller may drop the input buffer.
+///
+/// Every string of the request (method, path, query, then each header's name and value) is
+/// stored back to back in one `String`, and the request keeps where each of them lies in it: a
+/// head then costs two allocations (the text and the list of header fields), not two per header.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Request {
-    /// The method exactly as sent; RFC 7230 §3.1.1: methods are case-sensitive (`get` is not GET).
-    pub method: String,
-    /// The path of the request target, not percent-decoded. For an absolute-form target
-    /// (`GET http://host/chat HTTP/1.1`, RFC 7230 §5.3.2) this is the path part (`/chat`).
-    pub path: String,
-    /// What followed the first `?` of the target, not percent-decoded; see `query_param`.
-    pub query: Option<String>,
+    /// The request's strings one after the other, in the order above. Header values are stored
+    /// without surrounding whitespace, with U+FFFD in place of bytes that are not UTF-8.
+    text: String,
+    /// See `method()`.
+    method: Span,
+    /// See `path()`.
+    path: Span,
+    /// See `query()`.
+    query: Option<Span>,
     /// The `x` of `HTTP/1.x`: 0 or 1.
     minor_version: u8,
-    /// Header fields in arrival order, names as sent, values without surrounding whitespace.
-    headers: Vec<(String, String)>,
+    /// Header fields in arrival order.
+    fields: Vec<Field>,
+}
+
+/// Where one string of a `Request` lies in its `text`: the bytes `start..end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+/// One header field of a `Request`: where its name and its value lie in the text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Field {
+    name: Span,
+    value: Span,
 }
 
 impl Request {
+    /// The method exactly as sent; RFC 7230 §3.1.1: methods are case-sensitive (`get` is not GET).
+    pub fn method(&self) -> &str {
+        self.str(self.method)
+    }
+
+    /// The path of the request target, not percent-decoded. For an absolute-form target
+    /// (`GET http://host/chat HTTP/1.1`, RFC 7230 §5.3.2) this is the path part (`/chat`).
+    pub fn path(&self) -> &str {
+        self.str(self.path)
+    }
+
+    /// What followed the first `?` of the target, not percent-decoded; see `query_param`.
+    pub fn query(&self) -> Option<&str> {
+        self.query.map(|span| self.str(span))
+    }
+
     /// The value of the first header called `name` (compared case-insensitively, RFC 7230 §3.2).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
+        let field = self
+            .fields
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .find(|field| self.is_named(field, name))?;
+        Some(self.str(field.value))
     }
 
     /// The values of every header called `name`, in arrival order.
     pub fn headers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers
+        self.fields
             .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .filter(move |field| self.is_named(field, name))
+            .map(|field| self.str(field.value))
+    }
+
+    /// Is `field` called `name`? Compared as bytes: names are ASCII tokens, and a lookup scans
+    /// every field, so this runs several times per field of every handshake.
+    fn is_named(&self, field: &Field, name: &str) -> bool {
+        let text = self.text.as_bytes();
+        text.get(field.name.start..field.name.end)
+            .is_some_and(|field_name| field_name.eq_ignore_ascii_case(name.as_bytes()))
+    }
+
+    /// Every header field as (name as sent, value without surrounding whitespace), in arrival
+    /// order.
+    fn fields(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.fields
+            .iter()
+            .map(|field| (self.str(field.name), self.str(field.value)))
+    }
+
+    /// The string at `span` of the text. Every span was made by `build_request` around a whole
+    /// string it appended, so it lies on character boundaries; the `""` is never reached.
+    fn str(&self, span: Span) -> &str {
+        self.text.get(span.start..span.end).unwrap_or_default()
     }
 
     /// Does any `name` header list `token` among its comma-separated elements?
@@ -84,10 +143,12 @@ impl Request {
     /// RFC 7230 §3.2.2: repeated headers are equivalent to one header with the values joined by
     /// commas; §7: list elements are separated by commas with optional whitespace. Tokens such as
     /// `Upgrade` and `websocket` are case-insensitive (RFC 7230 §6.1, §6.7; RFC 6455 §4.2.1).
+    ///
+    /// Runs on bytes (a comma and OWS are ASCII): every upgrade asks this three times.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
         self.headers(name)
-            .flat_map(|value| value.split(','))
-            .any(|element| trim_ows(element).eq_ignore_ascii_case(token))
+            .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+            .any(|element| trim_ows_bytes(element).eq_ignore_ascii_case(token.as_bytes()))
     }
 
     /// The percent-decoded value of the first `key=value` pair of the query whose decoded key is
@@ -97,8 +158,7 @@ impl Request {
     /// `%` not followed by two hex digits is kept as it is, and bytes that do not form UTF-8 become
     /// U+FFFD.
     pub fn query_param(&self, key: &str) -> Option<String> {
-        let query = self.query.as_deref()?;
-        query
+        self.query()?
             .split('&')
             .filter(|pair| !pair.is_empty())
             .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
@@ -118,6 +178,84 @@ impl Request {
     pub fn minor_version(&self) -> u8 {
         self.minor_version
     }
+}
+
+/// Shows the strings, not the spans: what a test failure or a log line needs.
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method())
+            .field("path", &self.path())
+            .field("query", &self.query())
+            .field("minor_version", &self.minor_version)
+            .field("headers", &self.fields().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// How `build_request` turns header values into text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Values {
+    /// As they are: the whole text is checked to be UTF-8 once, at the end.
+    AsSent,
+    /// Bytes that are not UTF-8 (RFC 7230 §3.2.6 obs-text) become U+FFFD, as
+    /// `String::from_utf8_lossy` decides.
+    Lossy,
+}
+
+/// Builds a `Request` from httparse's parts: each string is appended to the text and its span
+/// kept. With `Values::AsSent`, `None` if a value is not UTF-8.
+///
+/// One UTF-8 check of the whole text costs less than one per value; heads with obs-text are
+/// rare, and only they are built a second time, `Lossy`.
+fn build_request(
+    (method, path, query): (&str, &str, Option<&str>),
+    minor_version: u8,
+    headers: &[httparse::Header<'_>],
+    values: Values,
+) -> Option<Request> {
+    let total = method.len()
+        + path.len()
+        + query.map_or(0, str::len)
+        + headers
+            .iter()
+            .map(|h| h.name.len() + h.value.len())
+            .sum::<usize>();
+    let mut text = Vec::with_capacity(total);
+    let mut push = |bytes: &[u8]| {
+        let start = text.len();
+        text.extend_from_slice(bytes);
+        Span {
+            start,
+            end: text.len(),
+        }
+    };
+    let method = push(method.as_bytes());
+    let path = push(path.as_bytes());
+    let query = query.map(|query| push(query.as_bytes()));
+    let fields = headers
+        .iter()
+        .map(|h| {
+            // Trimming the bytes before a lossy conversion gives what trimming after it would:
+            // spaces and tabs are ASCII, and U+FFFD never replaces an ASCII byte.
+            let value = trim_ows_bytes(h.value);
+            Field {
+                name: push(h.name.as_bytes()),
+                value: match values {
+                    Values::AsSent => push(value),
+                    Values::Lossy => push(String::from_utf8_lossy(value).as_bytes()),
+                },
+            }
+        })
+        .collect();
+    Some(Request {
+        text: String::from_utf8(text).ok()?,
+        method,
+        path,
+        query,
+        minor_version,
+        fields,
+    })
 }
 
 /// Parses the request head at the start of `buf`.
@@ -161,21 +299,11 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
         return Err(Refusal::Malformed);
     };
     let (path, query) = split_target(target);
-    let headers = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            let value = String::from_utf8_lossy(h.value);
-            (h.name.to_string(), trim_ows(&value).to_string())
-        })
-        .collect();
-    let request = Request {
-        method: method.to_string(),
-        path,
-        query,
-        minor_version,
-        headers,
-    };
+    let parts = (method, path, query);
+    // A lossy build is always UTF-8; the Malformed is never reached, as with the None above.
+    let request = build_request(parts, minor_version, parsed.headers, Values::AsSent)
+        .or_else(|| build_request(parts, minor_version, parsed.headers, Values::Lossy))
+        .ok_or(Refusal::Malformed)?;
     Ok(Some((request, head_len)))
 }
 
@@ -210,7 +338,7 @@ pub struct Upgrade {
 pub fn validate_upgrade(req: &Request) -> Result<Upgrade, Refusal> {
     // RFC 6455 §4.1 item 2: "The method of the request MUST be GET, and the HTTP version MUST be
     // at least 1.1."
-    if req.method != "GET" {
+    if req.method() != "GET" {
         return Err(Refusal::MethodNotAllowed);
     }
     if req.minor_version < 1 {
@@ -289,9 +417,11 @@ pub fn upgrade_response_with_extensions(
     extensions: Option<&str>,
 ) -> Vec<u8> {
     let mut head = String::with_capacity(200);
-    head.push_str("HTTP/1.1 101 Switching Protocols\r\n");
-    push_header(&mut head, "Upgrade", "websocket");
-    push_header(&mut head, "Connection", "Upgrade");
+    // The lines that never change are one constant; the values that come from elsewhere go
+    // through push_header's checks.
+    head.push_str(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+    );
     push_header(&mut head, "Sec-WebSocket-Accept", accept);
     if let Some(protocol) = protocol.filter(|p| is_token(p)) {
         push_header(&mut head, "Sec-WebSocket-Protocol", protocol);
@@ -365,7 +495,9 @@ fn single_header<'a>(req: &'a Request, name: &'a str) -> Result<Option<&'a str>,
 /// RFC 6455 §4.1 item 7: the key is a random 16-byte value, base64-encoded (so 24 characters
 /// with `==` padding). Checking the length first bounds the decode.
 fn is_valid_key(key: &str) -> bool {
-    key.len() == 24 && BASE64.decode(key).is_ok_and(|bytes| bytes.len() == 16)
+    // 24 characters decode to at most 18 bytes: a buffer on the stack, no allocation.
+    let mut decoded = [0; 18];
+    key.len() == 24 && BASE64.decode_slice(key, &mut decoded) == Ok(16)
 }
 
 /// Writes a response head and body; `http_response` is this with `Connection: close`, and
@@ -394,13 +526,30 @@ pub(super) fn build_response(
 /// Appends `name: value\r\n`, or nothing when the pair is not a valid header field
 /// (RFC 7230 §3.2: the name is a token, the value has no control characters but tab).
 fn push_header(head: &mut String, name: &str, value: &str) {
-    let value_ok = value.chars().all(|c| c == '\t' || !c.is_control());
-    if is_token(name) && value_ok {
+    if is_token(name) && !has_control(value) {
         head.push_str(name);
         head.push_str(": ");
         head.push_str(value);
         head.push_str("\r\n");
     }
+}
+
+/// Does `value` hold a control character other than tab (`char::is_control`: U+0000-U+001F,
+/// U+007F-U+009F)? Checked on the bytes, without decoding UTF-8.
+fn has_control(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    // C0 controls and DEL are single bytes. `fold` rather than `any`: without an early exit the
+    // compiler checks many bytes per instruction, and the values we write are short and clean.
+    let c0_or_del = bytes.iter().fold(false, |found, &byte| {
+        found | ((byte < 0x20) & (byte != b'\t')) | (byte == 0x7f)
+    });
+    // A C1 control is the two bytes 0xC2 0x80-0x9F (0xC2 only ever starts a character, so the
+    // pair cannot straddle two), which only text that is not ASCII can hold.
+    let c1 = !value.is_ascii()
+        && bytes
+            .windows(2)
+            .any(|pair| matches!(pair, [0xc2, 0x80..=0x9f]));
+    c0_or_del || c1
 }
 
 /// RFC 7230 §3.2.6: token = 1*tchar, the visible ASCII characters except the delimiters.
@@ -414,12 +563,23 @@ fn trim_ows(s: &str) -> &str {
     s.trim_matches([' ', '\t'])
 }
 
+/// `trim_ows` on bytes.
+fn trim_ows_bytes(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = bytes {
+        bytes = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = bytes {
+        bytes = rest;
+    }
+    bytes
+}
+
 /// Splits a request target into path and query.
 ///
 /// Origin-form (`/chat?x=1`) is what clients send; RFC 7230 §5.3.2 also requires servers to accept
 /// absolute-form (`http://host/chat?x=1`), whose scheme and authority are dropped here.
 /// Asterisk-form (`*`) and anything else stay as they are and simply match no route.
-fn split_target(target: &str) -> (String, Option<String>) {
+fn split_target(target: &str) -> (&str, Option<&str>) {
     let origin_form = match target.split_once("://") {
         Some((_scheme, rest)) if !target.starts_with('/') => {
             let path_start = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -428,12 +588,12 @@ fn split_target(target: &str) -> (String, Option<String>) {
         _ => target,
     };
     let (path, query) = match origin_form.split_once('?') {
-        Some((path, query)) => (path, Some(query.to_string())),
+        Some((path, query)) => (path, Some(query)),
         None => (origin_form, None),
     };
     // RFC 7230 §5.3.1: an empty path in absolute-form means "/".
     let path = if path.is_empty() { "/" } else { path };
-    (path.to_string(), query)
+    (path, query)
 }
 
 /// Decodes `%XX` escapes and `+` (application/x-www-form-urlencoded, as browsers send queries).
@@ -745,9 +905,9 @@ mod tests {
     fn browser_request_upgrades() {
         let (req, n) = parse_complete(BROWSER.as_bytes());
         assert_eq!(n, BROWSER.len());
-        assert_eq!(req.method, "GET");
-        assert_eq!(req.path, "/ws");
-        assert_eq!(req.query.as_deref(), Some("id=alice"));
+        assert_eq!(req.method(), "GET");
+        assert_eq!(req.path(), "/ws");
+        assert_eq!(req.query(), Some("id=alice"));
         assert_eq!(req.header("ORIGIN"), Some("http://localhost:8080"));
         let upgrade = validate_upgrade(&req).unwrap();
         assert_eq!(upgrade.accept, SAMPLE_ACCEPT);
@@ -1033,6 +1193,41 @@ mod tests {
         );
     }
 
+    /// A header value is written unless it holds a control character other than tab, exactly
+    /// as `char::is_control` defines them, C1 controls (two bytes in UTF-8) included.
+    #[test]
+    fn header_values_with_control_characters_are_left_out() {
+        fn check(name: &str, value: &str, written: bool) {
+            let mut head = String::new();
+            push_header(&mut head, "X", value);
+            let expected = if written {
+                format!("X: {value}\r\n")
+            } else {
+                String::new()
+            };
+            assert_eq!(head, expected, "{name}");
+        }
+        check("plain", "abc", true);
+        check("tab", "a\tb", true);
+        check("empty", "", true);
+        check("CR", "a\rb", false);
+        check("NUL", "\0", false);
+        check("DEL", "a\u{7f}", false);
+        check("C1 NEL", "a\u{85}b", false);
+        check("C1 first", "\u{80}", false);
+        check("C1 last", "\u{9f}", false);
+        check("no-break space (0xC2 0xA0)", "a\u{a0}b", true);
+        check("Latin letter (0xC3 0xA9)", "caf\u{e9}", true);
+        check("CJK", "\u{65e5}\u{672c}", true);
+        check("U+FFFD", "\u{fffd}", true);
+        // Every character, between two letters, against the definition itself.
+        for c in (0..=0x10_ffff).filter_map(char::from_u32) {
+            let value = format!("a{c}b");
+            let expected = c == '\t' || !c.is_control();
+            assert_eq!(!has_control(&value), expected, "U+{:04X}", u32::from(c));
+        }
+    }
+
     /// What `parse_request` should say about a buffer.
     #[derive(Debug, PartialEq)]
     enum Parsed {
@@ -1197,6 +1392,29 @@ mod tests {
         check("absent", "Cookie", &[]);
     }
 
+    /// RFC 7230 §3.2.6 obs-text: bytes that are not UTF-8 become U+FFFD, one per bad sequence
+    /// as `String::from_utf8_lossy` decides, and the value is still trimmed of spaces and tabs.
+    #[test]
+    fn header_values_that_are_not_utf8() {
+        fn check(name: &str, line: &[u8], expected: &str) {
+            let mut request = b"GET / HTTP/1.1\r\nHost: h\r\n".to_vec();
+            request.extend_from_slice(line);
+            request.extend_from_slice(b"\r\n\r\n");
+            let (req, _) = parse_complete(&request);
+            assert_eq!(req.header("x"), Some(expected), "{name}");
+            assert_eq!(
+                req.header("host"),
+                Some("h"),
+                "{name}: the next field is intact"
+            );
+        }
+        check("Latin-1 byte", b"X: caf\xe9", "caf\u{FFFD}");
+        check("UTF-8 kept", "X: caf\u{e9}".as_bytes(), "caf\u{e9}");
+        check("trimmed around", b"X: \t\xff\xfe \t", "\u{FFFD}\u{FFFD}");
+        check("truncated sequence", b"X: a\xe2\x82 b", "a\u{FFFD} b");
+        check("truncated at the end", b"X: a\xe2\x82  ", "a\u{FFFD}");
+    }
+
     #[test]
     fn token_lists() {
         fn check(name: &str, header_lines: &[&str], token: &str, expected: bool) {
@@ -1239,7 +1457,7 @@ mod tests {
         fn check(name: &str, target: &str, path: &str, key: &str, expected: Option<&str>) {
             let request = head(&format!("GET {target} HTTP/1.1"), &["Host: h"]);
             let (req, _) = parse_complete(request.as_bytes());
-            assert_eq!(req.path, path, "{name}");
+            assert_eq!(req.path(), path, "{name}");
             assert_eq!(req.query_param(key).as_deref(), expected, "{name}");
         }
         check("no query", "/ws", "/ws", "id", None);
@@ -1357,6 +1575,59 @@ mod tests {
                 prop_assert!(n <= data.len());
             }
             fuzz_check(&data);
+        }
+
+        /// The request keeps exactly the strings a plain owned parse gives (httparse's fields,
+        /// values lossily decoded and then trimmed), whatever bytes two mutations put in.
+        #[test]
+        fn strings_match_an_owned_parse(
+            mutations in proptest::collection::vec((0..BROWSER.len(), any::<u8>()), 2),
+        ) {
+            let mut data = BROWSER.as_bytes().to_vec();
+            for (at, byte) in mutations {
+                data[at] = byte;
+            }
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Request::new(&mut slots);
+            if let (Ok(httparse::Status::Complete(_)), Ok(Some((req, _)))) =
+                (parsed.parse(&data), parse_request(&data))
+            {
+                let (path, query) = split_target(parsed.path.unwrap());
+                prop_assert_eq!(req.method(), parsed.method.unwrap());
+                prop_assert_eq!(req.path(), path);
+                prop_assert_eq!(req.query(), query);
+                let owned: Vec<(String, String)> = parsed
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        let value = String::from_utf8_lossy(h.value);
+                        (h.name.to_string(), trim_ows(&value).to_string())
+                    })
+                    .collect();
+                let kept: Vec<(String, String)> = req
+                    .fields()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect();
+                prop_assert_eq!(kept, owned);
+            }
+        }
+
+        /// The key check decodes into a buffer on the stack; it accepts exactly the keys a
+        /// decode into a `Vec` of 16 bytes accepts: the base64 of 15 to 18 bytes (20 or 24
+        /// characters, padded or not), maybe with one character replaced by one from the
+        /// alphabet, padding or a stray.
+        #[test]
+        fn key_check_matches_a_plain_decode(
+            nonce in proptest::collection::vec(any::<u8>(), 15..=18),
+            replace in proptest::option::of((0..24_usize, "[A-Za-z0-9+/=_ -]")),
+        ) {
+            let mut key = BASE64.encode(nonce);
+            if let Some((at, with)) = replace {
+                let at = at % key.len();
+                key.replace_range(at..=at, &with);
+            }
+            let plain = key.len() == 24 && BASE64.decode(&key).is_ok_and(|bytes| bytes.len() == 16);
+            prop_assert_eq!(is_valid_key(&key), plain);
         }
 
         /// Near-valid requests reach deeper than random bytes: mutate one byte of a real one.

@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(&buf[head_len..head_len + f.body_len], "{\"a\":1}");
         let rest = &buf.as_bytes()[head_len + f.body_len..];
         let (next, next_len) = parse_request(rest).unwrap().unwrap();
-        assert_eq!(next.path, "/api/rooms");
+        assert_eq!(next.path(), "/api/rooms");
         assert_eq!(next_len, rest.len());
     }
 

@@ -208,7 +208,7 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             }
         };
         conn.exchange_mut().waiting = true;
-        conn.exchange_mut().head_method = request.method == "HEAD";
+        conn.exchange_mut().head_method = request.method() == "HEAD";
         conn.exchange_mut().keep_alive =
             framing.as_ref().is_ok_and(|f| f.keep_alive) && !shutting_down;
         conn.cancel_deadline(&mut self.timers);

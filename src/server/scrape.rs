@@ -329,7 +329,7 @@ mod tests {
         type Session = ();
 
         fn route(&mut self, _: ConnId, request: &Request) -> crate::server::Route<()> {
-            match request.path.as_str() {
+            match request.path() {
                 "/metrics" => Route::Server(ServerEndpoint::Metrics),
                 "/stats.json" => Route::Server(ServerEndpoint::Stats),
                 _ => Route::Upgrade {
