@@ -1,7 +1,8 @@
 //! New connections: accepting them, admitting or refusing each, and the listener's pause (on
 //! descriptor exhaustion) and close (at shutdown).
 //!
-//! Owns: `accept_all`, `admit`, the listener's registration.
+//! Owns: `listen` (the listening socket and the options its connections inherit),
+//! `accept_all`, `admit`, the listener's registration.
 //! Does not: read what a new connection sends (`inbound.rs`, called at once from `admit`) or
 //! answer it (`http.rs`).
 
@@ -23,6 +24,32 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Connections admitted beyond `--max-connections` only to be told 503 (and then closed). Past
 /// this many at once, excess sockets are closed without an answer.
 const MAX_REJECTING: usize = 64;
+
+/// A non-blocking listening socket on `addr`, with `SO_REUSEADDR` (a restarted server may rebind
+/// at once, as std's `TcpListener::bind` allows) and, with `reuse_port`, `SO_REUSEPORT` (one of
+/// the `--workers` listeners).
+///
+/// `TCP_NODELAY` is set before `listen`: every reply should leave at once, and Linux copies a
+/// listener's options into each connection when its TCP handshake completes (not at `accept`),
+/// so set here it reaches every connection, also those that queue while the server is still
+/// starting; set after `listen` it would miss those. `Reactor::with_listener` relies on it.
+///
+/// # Errors
+/// The address is taken or invalid.
+pub fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        #[cfg(unix)]
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
 
 impl<P: Poller, H: Handler> Reactor<P, H> {
     /// Accepts until `WouldBlock` (edge-triggered backends report a listener once per burst).

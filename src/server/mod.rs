@@ -233,12 +233,13 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
     /// # Errors
     /// The address is taken or invalid, or the poller refuses the listener.
     pub fn bind(poller: P, handler: H, config: Config) -> io::Result<Reactor<P, H>> {
-        let listener = TcpListener::bind(config.listen)?;
-        Reactor::with_listener(poller, handler, config, listener)
+        let listener = accept::listen(config.listen, false)?;
+        Reactor::with_listener(poller, handler, config, TcpListener::from_std(listener))
     }
 
     /// Like `bind`, on a listening socket bound already (`--workers`: one of the
-    /// `SO_REUSEPORT` listeners, `workers.rs`). `config.listen` is not used.
+    /// `SO_REUSEPORT` listeners, `workers.rs`). `config.listen` is not used. A listener with
+    /// `TCP_NODELAY` is taken to have had it before `listen`, as `accept::listen` sets it.
     ///
     /// # Errors
     /// The socket cannot be made non-blocking, or the poller refuses it.
@@ -273,13 +274,14 @@ impl<P: Poller, H: Handler> Reactor<P, H> {
             }
         }
         let local_addr = listener.local_addr()?;
-        // Every reply should leave at once (Nagle off). Linux copies a listener's socket
-        // options into each connection it accepts, so setting it here once saves a system call
-        // per connection; elsewhere `admit` sets it on each connection.
+        // Every reply should leave at once (Nagle off). A listener that has `TCP_NODELAY`
+        // already had it set before `listen` (`accept::listen`, which made every listener the
+        // server uses): on Linux its connections inherit it, which saves a system call per
+        // connection. Otherwise `admit` sets it on each connection.
         let nodelay_inherited = cfg!(target_os = "linux")
             && socket2::SockRef::from(&listener)
-                .set_tcp_nodelay(true)
-                .is_ok();
+                .tcp_nodelay()
+                .unwrap_or(false);
         poller.watch_listener(listener.as_raw_fd(), LISTENER)?;
         let now = Instant::now();
         Ok(Reactor {

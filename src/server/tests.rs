@@ -233,6 +233,36 @@ fn nagle_off<P: Poller>(backend: P) {
     assert!(conn.stream.nodelay().unwrap(), "{poller}: Nagle is on");
 }
 
+/// Also a connection whose TCP handshake completed before the reactor existed (a client that
+/// reconnects while the server starts: Linux copies the listener's options at that moment, not
+/// at `accept`), on a listener made by `accept::listen` and on one without `TCP_NODELAY`.
+#[test]
+fn a_connection_queued_before_the_reactor_runs_has_nagle_off() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let ours = accept::listen(addr, false).unwrap();
+    let plain = std::net::TcpListener::bind(addr).unwrap();
+    for (kind, listener) in [("accept::listen", ours), ("a plain listener", plain)] {
+        let mut early = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        // `connect` has returned: the handshake is complete and the connection is queued.
+        let poller = Hiding {
+            inner: MioPoller::new().unwrap(),
+            hidden: None,
+        };
+        let mut r = Reactor::on_listener(poller, Sink, Config::default(), listener).unwrap();
+        early
+            .write_all(
+                b"GET /x HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .unwrap();
+        turn_until(&mut r, "the early connection is admitted", |r| {
+            r.conns.len() == 1
+        });
+        let (_, conn) = r.conns.iter().next().unwrap();
+        assert!(conn.stream.nodelay().unwrap(), "{kind}: Nagle is on");
+    }
+}
+
 /// SPEC §5: when the Pong deadline fires, a Pong that is waiting unread (the wait did not report
 /// it, although it reported something else) is read first, and the connection is kept; a
 /// connection that sent nothing is still dropped as half-open.

@@ -462,22 +462,10 @@ impl WorkerSlot {
 /// The address is taken (by a socket without `SO_REUSEPORT`, or another user's), or invalid.
 #[cfg(target_os = "linux")]
 pub fn reuseport_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
-    use socket2::{Domain, Protocol, Socket, Type};
     let mut listeners = Vec::with_capacity(count);
     let mut bound = addr;
     for _ in 0..count {
-        let socket = Socket::new(
-            Domain::for_address(bound),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )?;
-        // As std's TcpListener::bind does: a restarted server may rebind at once.
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&bound.into())?;
-        socket.listen(1024)?;
-        let listener: TcpListener = socket.into();
+        let listener = super::accept::listen(bound, true)?;
         bound = listener.local_addr()?;
         listeners.push(listener);
     }
