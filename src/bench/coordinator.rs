@@ -76,16 +76,16 @@ pub(super) fn execute(mode: &Mode) -> Result<Report, String> {
                 procfs::sample(pid)
                     .map_err(|e| format!("cannot read /proc/{pid} (--server-pid): {e}"))
             };
-            let cold = match (prime_count, setup.plans.first()) {
+            let (cold, before) = match (prime_count, setup.plans.first()) {
                 (1.., Some(first)) => {
                     let cold = sample()?;
                     prime::prime(first, prime_count)?;
-                    Some(cold)
+                    (Some(cold), prime::settled(sample)?)
                 }
-                _ => None,
+                _ => (None, sample()?),
             };
             Some(Baseline {
-                before: sample()?,
+                before,
                 cold,
                 primed: if cold.is_some() {
                     prime_count as u64

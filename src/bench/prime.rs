@@ -1,8 +1,10 @@
 //! Priming (idle mode): a few connections opened, upgraded and closed one at a time before the
 //! server's memory is first sampled.
 //!
-//! Owns: that short sequence of connections, each with its own deadline.
-//! Does not: sample the server (`coordinator.rs`) or count anything into the report's tallies.
+//! Owns: that short sequence of connections, each with its own deadline, and `settled`, the
+//! wait for the server's memory to stop changing after them.
+//! Does not: read /proc itself (`procfs.rs`, handed in by `coordinator.rs`) or count anything
+//! into the report's tallies.
 //!
 //! Why: the first connections a server accepts run code that its start-up did not (the accept,
 //! the request parser, the upgrade, the close), and the kernel maps the executable's pages for
@@ -14,9 +16,19 @@
 //! as well (docs/benchmarks.md, "What an idle connection costs").
 
 use super::client::{Client, Codec, Dial, State, Step};
+use super::procfs::Sample;
 use super::worker::Plan;
 use mio::{Events, Interest, Poll, Token};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How far apart two samples of the server must agree for its memory to count as settled:
+/// longer than a server takes to give back what a burst left (wsrelay frees its pools' spares
+/// and trims its heap after 250 ms idle, docs/benchmarks.md, "What an idle connection costs").
+const SETTLE_STEP: Duration = Duration::from_millis(400);
+
+/// At most this long waiting for the server's memory to settle; past it the last sample is
+/// the baseline (a server whose memory keeps moving while idle gives a noisy figure anyway).
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
 /// How many connections idle mode primes the server with unless `--prime` says otherwise: a
 /// handful is enough for every path a held connection takes to have run once.
@@ -83,4 +95,98 @@ pub fn prime(plan: &Plan, count: usize) -> Result<(), String> {
         // Dropping `client` closes the socket, which also takes it off the poller.
     }
     Ok(())
+}
+
+/// The server's memory once it stopped changing after the priming: samples `SETTLE_STEP` apart
+/// until two agree (RSS and its anonymous part), at most `SETTLE_LIMIT`.
+///
+/// Why wait: right after the last priming connection closed the server still holds what those
+/// connections left behind and gives back when it goes idle (buffer spares, a receive pool's
+/// pages, free heap). Sampled at once, that memory would be in the baseline and gone by the
+/// time all connections are open, and every held connection would look cheaper by its share
+/// (about 128 KiB among 10,000 on uring in the first version of this: 10 bytes each).
+///
+/// # Errors
+/// Reading the server's /proc failed.
+pub fn settled(sample: impl FnMut() -> Result<Sample, String>) -> Result<Sample, String> {
+    settle(sample, SETTLE_STEP, SETTLE_LIMIT)
+}
+
+fn settle(
+    mut sample: impl FnMut() -> Result<Sample, String>,
+    step: Duration,
+    limit: Duration,
+) -> Result<Sample, String> {
+    let start = Instant::now();
+    let mut last = sample()?;
+    loop {
+        std::thread::sleep(step);
+        let now = sample()?;
+        let same = now.rss_kib == last.rss_kib && now.anon_kib == last.anon_kib;
+        if same || start.elapsed() >= limit {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(rss_kib: u64, anon_kib: u64) -> Sample {
+        Sample {
+            cpu_ticks: 0,
+            user_ticks: 0,
+            rss_kib,
+            anon_kib,
+        }
+    }
+
+    /// Samples from a script; past its end, the last one again and again.
+    fn script(samples: &[Sample]) -> impl FnMut() -> Result<Sample, String> + '_ {
+        let mut i = 0;
+        move || {
+            let s = samples[i.min(samples.len() - 1)];
+            i += 1;
+            Ok(s)
+        }
+    }
+
+    #[test]
+    fn the_baseline_is_taken_once_memory_stops_changing() {
+        // The server gives back the priming's leftovers (RSS, then the anonymous part), then
+        // holds still: the baseline is the settled figure, not the first one.
+        let samples = [
+            at(9000, 5000),
+            at(8900, 5000),
+            at(8900, 4900),
+            at(8900, 4900),
+        ];
+        let limit = Duration::from_secs(60);
+        let got = settle(script(&samples), Duration::from_millis(1), limit).unwrap();
+        assert_eq!(got, at(8900, 4900));
+    }
+
+    #[test]
+    fn memory_that_never_settles_gives_the_last_sample_at_the_limit() {
+        let mut rss = 1000;
+        let moving = || {
+            rss += 4;
+            Ok(at(rss, rss))
+        };
+        let start = Instant::now();
+        let got = settle(moving, Duration::from_millis(1), Duration::from_millis(30)).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        assert!(got.rss_kib > 1004, "{got:?}");
+    }
+
+    #[test]
+    fn a_failed_read_is_an_error() {
+        let failing = || Err("gone".to_string());
+        assert_eq!(
+            settle(failing, Duration::from_millis(1), Duration::from_secs(1)),
+            Err("gone".to_string())
+        );
+    }
 }

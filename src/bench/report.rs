@@ -64,7 +64,8 @@ others cover only the measured window that follows the warm-up. Latencies are in
   server.user_secs                the user-space part of cpu_secs (utime)
   server.sys_secs                 the kernel's part of cpu_secs (stime)
   server.rss_before_kib           server VmRSS before the first connection (idle: after the
-                                  priming connections, see server.primed)
+                                  priming connections, see server.primed, once two samples
+                                  400 ms apart agree, at most 5 s)
   server.rss_after_kib            server VmRSS at the start of the window (all connections open)
   server.rss_per_connection_bytes (rss_after - rss_before) / opened; null in connect mode
   server.anon_before_kib          the anonymous part of rss_before_kib (RssAnon: heap and

@@ -236,9 +236,31 @@ fn idle_counts_match(poller: &str, processes: usize, prime: Option<u64>) {
     assert_documented("idle", &r);
 }
 
+fn bench_idle_without_priming_reads_the_server_cold(poller: &str) {
+    idle_counts_match(poller, 1, Some(0));
+}
+
+/// A server that refuses the priming connections gets no idle run measured against a
+/// baseline that means nothing: the bench stops at once (exit 2, no report) and says which
+/// priming connection failed and why.
 #[test]
-fn bench_idle_without_priming_reads_the_server_cold() {
-    idle_counts_match("epoll", 1, Some(0));
+fn a_refused_priming_stops_the_idle_run_with_the_reason() {
+    let server = Server::start("epoll", &[]);
+    let output = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["bench", "idle", &server.url("/no-such-endpoint")])
+        .args(["--connections", "2", "--duration", "1s", "--warmup", "0s"])
+        .args(["--server-pid", &server.pid().to_string(), "--json"])
+        .output()
+        .expect("run wsrelay bench");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("priming connection 1 of 16") && stderr.contains("HTTP 404 instead of 101"),
+        "{stderr}"
+    );
+    // Nothing of the run itself was opened.
+    assert_eq!(server.metric("wsrelay_upgrades_total"), 0.0);
 }
 
 fn bench_connect_counts_match_the_server(poller: &str) {
@@ -289,6 +311,7 @@ poller_tests!(
     bench_broadcast_counts_match_the_server,
     bench_echo_counts_match_the_server,
     bench_idle_counts_match_the_server,
+    bench_idle_without_priming_reads_the_server_cold,
     bench_connect_counts_match_the_server,
 );
 
@@ -331,6 +354,35 @@ fn bench_echo_over_wss_counts_match_the_server() {
         m.get("wsrelay_tls_handshake_failures_total{reason=\"certificate\"}"),
         0.0
     );
+}
+
+/// Idle over `wss://`: the priming connections go through TLS as the held ones do, and the
+/// server counts both.
+#[test]
+fn bench_idle_over_wss_primes_the_server() {
+    use crate::tls_support::{tls_metrics, tls_server, TestCa};
+    let ca = TestCa::new();
+    let server = tls_server("epoll", &ca, &[]);
+    let url = format!("wss://localhost:{}/echo", server.addr.port());
+    let pid = server.pid().to_string();
+    let ca_path = ca.ca.to_str().unwrap();
+    let (code, r) = bench(
+        &["idle", &url, "--ca", ca_path, "--connections", "5"]
+            .into_iter()
+            .chain(["--server-pid", &pid, "--prime", "4"])
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(u(&r, "errors.total"), 0, "{r}");
+    assert_eq!(u(&r, "opened"), 5);
+    assert_eq!(u(&r, "server.primed"), 4, "{r}");
+    assert!(
+        r["server"]["rss_cold_per_connection_bytes"].is_number(),
+        "{r}"
+    );
+    let m = tls_metrics(&server, &ca);
+    assert_eq!(m.get("wsrelay_upgrades_total"), 9.0);
+    assert_eq!(m.get("wsrelay_closes_received_total{code=\"1000\"}"), 9.0);
 }
 
 /// `wsrelay bench --compression` over `wss://`: permessage-deflate sits above TLS (SPEC §17,
