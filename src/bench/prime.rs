@@ -123,7 +123,16 @@ fn settle(
         std::thread::sleep(step);
         let now = sample()?;
         let same = now.rss_kib == last.rss_kib && now.anon_kib == last.anon_kib;
-        if same || start.elapsed() >= limit {
+        if same {
+            return Ok(now);
+        }
+        if start.elapsed() >= limit {
+            eprintln!(
+                "wsrelay bench: the server's memory was still changing {:.1} s after the \
+                 priming; the baseline is the last sample (RSS {} KiB)",
+                limit.as_secs_f64(),
+                now.rss_kib
+            );
             return Ok(now);
         }
         last = now;

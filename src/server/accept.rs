@@ -33,6 +33,9 @@ const MAX_REJECTING: usize = 64;
 /// listener's options into each connection when its TCP handshake completes (not at `accept`),
 /// so set here it reaches every connection, also those that queue while the server is still
 /// starting; set after `listen` it would miss those. `Reactor::with_listener` relies on it.
+/// The backlog is 1,024 (mio's and std's `bind` ask 128): clients that arrive while the
+/// listener is paused (descriptors exhausted, see `on_accept_error`) wait there, within the
+/// kernel's `net.core.somaxconn`.
 ///
 /// # Errors
 /// The address is taken or invalid.
@@ -41,8 +44,14 @@ pub fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpLis
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if reuse_port {
-        #[cfg(unix)]
+        // Only Linux balances connections over `SO_REUSEPORT` listeners (`workers.rs`).
+        #[cfg(target_os = "linux")]
         socket.set_reuse_port(true)?;
+        #[cfg(not(target_os = "linux"))]
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "SO_REUSEPORT listeners need Linux",
+        ));
     }
     socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;

@@ -228,6 +228,8 @@ fn accepted_connections_have_nagle_off() {
 fn nagle_off<P: Poller>(backend: P) {
     let mut r = bind(backend, Config::default());
     let poller = r.poller_name();
+    // On Linux through the listener: no `setsockopt` per connection.
+    assert_eq!(r.nodelay_inherited, cfg!(target_os = "linux"), "{poller}");
     let (_client, id) = open_client(&mut r);
     let conn = r.conn_mut(id).unwrap();
     assert!(conn.stream.nodelay().unwrap(), "{poller}: Nagle is on");
@@ -238,6 +240,17 @@ fn nagle_off<P: Poller>(backend: P) {
 /// at `accept`), on a listener made by `accept::listen` and on one without `TCP_NODELAY`.
 #[test]
 fn a_connection_queued_before_the_reactor_runs_has_nagle_off() {
+    queued_nagle_off(MioPoller::new);
+    queued_nagle_off(PollPoller::new);
+    queued_nagle_off(SelectPoller::new);
+    #[cfg(target_os = "linux")]
+    match crate::poller::UringPoller::new() {
+        Ok(_) => queued_nagle_off(crate::poller::UringPoller::new),
+        Err(e) => crate::poller::uring_refused(&e),
+    }
+}
+
+fn queued_nagle_off<P: Poller>(make: fn() -> io::Result<P>) {
     let addr = SocketAddr::from(([127, 0, 0, 1], 0));
     let ours = accept::listen(addr, false).unwrap();
     let plain = std::net::TcpListener::bind(addr).unwrap();
@@ -245,10 +258,11 @@ fn a_connection_queued_before_the_reactor_runs_has_nagle_off() {
         let mut early = StdStream::connect(listener.local_addr().unwrap()).unwrap();
         // `connect` has returned: the handshake is complete and the connection is queued.
         let poller = Hiding {
-            inner: MioPoller::new().unwrap(),
+            inner: make().unwrap(),
             hidden: None,
         };
         let mut r = Reactor::on_listener(poller, Sink, Config::default(), listener).unwrap();
+        let poller = r.poller_name();
         early
             .write_all(
                 b"GET /x HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -259,7 +273,10 @@ fn a_connection_queued_before_the_reactor_runs_has_nagle_off() {
             r.conns.len() == 1
         });
         let (_, conn) = r.conns.iter().next().unwrap();
-        assert!(conn.stream.nodelay().unwrap(), "{kind}: Nagle is on");
+        assert!(
+            conn.stream.nodelay().unwrap(),
+            "{poller}, {kind}: Nagle is on"
+        );
     }
 }
 
